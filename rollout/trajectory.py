@@ -1,0 +1,77 @@
+"""The record of one generated response: everything the learner needs, as token ids and tensors.
+
+A Trajectory crosses actor boundaries (rollout -> reward -> store -> learner), so it holds no text that would
+have to be re-tokenized and no reference to a model. Tensors are 1-D CPU tensors of the response length.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# A response token that has not been decoded yet has no step; never stored in a finished trajectory.
+UNDECODED = -1
+
+
+@dataclass
+class Trajectory:
+    prompt_ids: torch.Tensor  # (P,) long: the prompt exactly as the model saw it (no padding)
+    response_ids: torch.Tensor  # (L,) long: every decoded position, whole blocks (tokens after EOS included)
+    step_map: torch.Tensor  # (L,) long: global denoising step (0-based) at which each token was unmasked
+    logprobs: torch.Tensor  # (L,) float: log-prob of the token under the distribution it was sampled from
+    confidence: torch.Tensor  # (L,) float: the score the remasking policy ranked the token by
+    valid_length: int  # tokens up to and including the first EOS (== L when no EOS)
+    nfe: int  # forward passes spent on this request
+    finish_reason: str  # "eos" | "length" | "error: ..."
+    block_size: int  # decoding block (response blocks start at response position 0)
+    sampling: dict[str, Any] = field(default_factory=dict)  # temperature, top_k, top_p, remasking, steps, seed...
+    policy_version: int = 0
+    request_id: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # reward, reasons, advantages... filled downstream
+
+    @property
+    def response_length(self) -> int:
+        return int(self.response_ids.numel())
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.step_map.max().item()) + 1 if self.step_map.numel() else 0
+
+    def state_before_step(self, step: int, mask_token_id: int) -> torch.Tensor:
+        """Response as the decoder saw it just before `step`: tokens unmasked at `step` or later are masks.
+
+        Positions of blocks not reached yet are masks too (their steps are all later), which is exactly the
+        canvas a full-attention decoder saw; a block decoder never saw them at all.
+        """
+        state = self.response_ids.clone()
+        state[self.step_map >= step] = mask_token_id
+        return state
+
+    def block_local_steps(self) -> torch.Tensor:
+        """For each token, the index j of the denoising step within its own block that unmasked it.
+
+        TraceRL's pass j trains, in every block at once, the tokens of that block's j-th step. With dynamic
+        decoding blocks take different numbers of steps, so j is the rank of the token's step among the distinct
+        steps of its block.
+        """
+        local = torch.empty_like(self.step_map)
+        for start in range(0, self.response_length, self.block_size):
+            steps = self.step_map[start:start + self.block_size]
+            distinct = torch.unique(steps)  # sorted ascending
+            local[start:start + self.block_size] = torch.searchsorted(distinct, steps)
+        return local
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field that breaks the contract."""
+        n = self.response_length
+        for name in ("step_map", "logprobs", "confidence"):
+            value = getattr(self, name)
+            if value.shape != (n,):
+                raise ValueError(f"trajectory.{name}: shape {tuple(value.shape)} != response shape ({n},)")
+        if n and int(self.step_map.min()) < 0:
+            raise ValueError("trajectory.step_map: a response token was never unmasked")
+        if not 0 <= self.valid_length <= n:
+            raise ValueError(f"trajectory.valid_length: {self.valid_length} outside [0, {n}]")
+        if self.block_size < 1:
+            raise ValueError(f"trajectory.block_size: {self.block_size} < 1")
