@@ -1,0 +1,198 @@
+"""Load and save diffusion policies from local checkpoint directories (never from a hub).
+
+Formats:
+- diffrl / plain HF (Qwen2, Qwen3, Llama causal LMs): transformers' own classes, plus `diffrl.json` beside
+  config.json recording the diffusion spec (kind, mask id, block size).
+- SDAR / TraDo (`model_type: sdar`): the weights are Qwen3's, name for name, so they load onto
+  `Qwen3ForCausalLM` without `trust_remote_code`. Saving writes `model_type: sdar` and the original config back,
+  with any code files (`*.py`) the source directory had, so the original tooling loads what we save.
+- LLaDA / Dream with their own modelling code: loaded through `trust_remote_code` from the local directory, only
+  when the recipe allows it (`model.trust_remote_code: true`).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from rollout.models.policy import DiffusionPolicy
+from rollout.models.spec import KINDS, DiffusionSpec, ModelLoadError, default_spec_fields
+
+SIDECAR = "diffrl.json"
+MASK_TOKEN_NAMES = ("<|MASK|>", "<|mask|>", "<mask>", "[MASK]", "<|mdm_mask|>")
+_MODEL_TYPE_KIND = {"sdar": "sdar", "llada": "llada", "dream": "dream"}
+_BLOCK_MODEL_TYPES = ("qwen2", "qwen3", "llama")
+
+
+def read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: {what} not found")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"{path}: malformed JSON ({err.__class__.__name__}: {err})") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object")
+    return data
+
+
+def detect_kind(config: dict, sidecar: dict, requested: str | None, path: Path) -> str:
+    if requested and requested != "auto":
+        if requested not in KINDS:
+            raise ModelLoadError(f"model.kind: unknown kind {requested!r} (expected one of {', '.join(KINDS)})")
+        return requested
+    if "kind" in sidecar:
+        return sidecar["kind"]
+    model_type = str(config.get("model_type", "")).lower()
+    if model_type in _MODEL_TYPE_KIND:
+        return _MODEL_TYPE_KIND[model_type]
+    if model_type in _BLOCK_MODEL_TYPES:
+        return "block"
+    raise ModelLoadError(
+        f"{path / 'config.json'}: model_type {model_type!r} is not a known diffusion LM; set model.kind"
+    )
+
+
+def find_mask_token_id(tokenizer, config: dict, sidecar: dict, path: Path) -> int:
+    for source in (sidecar, config):
+        if source.get("mask_token_id") is not None:
+            return int(source["mask_token_id"])
+    if getattr(tokenizer, "mask_token_id", None) is not None:
+        return int(tokenizer.mask_token_id)
+    vocab = tokenizer.get_vocab()
+    for name in MASK_TOKEN_NAMES:
+        if name in vocab:
+            return int(vocab[name])
+    raise ModelLoadError(f"{path}: tokenizer has no mask token (looked for {', '.join(MASK_TOKEN_NAMES)})")
+
+
+def _check_weights(path: Path) -> None:
+    if not (list(path.glob("*.safetensors")) or list(path.glob("pytorch_model*.bin"))):
+        raise ModelLoadError(f"{path}: no weights (*.safetensors or pytorch_model*.bin)")
+
+
+def _load_tokenizer(path: Path, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        raise ModelLoadError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"{path}: tokenizer failed to load ({err.__class__.__name__}: {err})") from None
+
+
+def _build_model(path: Path, kind: str, config: dict, dtype: torch.dtype, trust_remote_code: bool):
+    import transformers
+
+    has_own_code = "auto_map" in config and kind in ("llada", "dream")
+    try:
+        if kind == "sdar":
+            qwen3_fields = {k: v for k, v in config.items() if k not in ("auto_map", "architectures", "model_type")}
+            qwen3_config = transformers.Qwen3Config(**qwen3_fields)
+            qwen3_config._attn_implementation = "sdpa"
+            return transformers.Qwen3ForCausalLM.from_pretrained(str(path), config=qwen3_config, dtype=dtype), False
+        if has_own_code:
+            if not trust_remote_code:
+                raise ModelLoadError(
+                    f"{path / 'config.json'}: the model ships its own code (auto_map); "
+                    "set model.trust_remote_code=true to run it"
+                )
+            auto = transformers.AutoModelForCausalLM if "AutoModelForCausalLM" in config["auto_map"] \
+                else transformers.AutoModel
+            return auto.from_pretrained(str(path), dtype=dtype, trust_remote_code=True), True
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, attn_implementation="sdpa"
+        ), False
+    except (OSError, KeyError, RuntimeError) as err:
+        raise ModelLoadError(f"{path}: weights failed to load ({err.__class__.__name__}: {err})") from None
+
+
+def load_policy(
+    path: str | Path,
+    *,
+    kind: str | None = None,
+    block_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+) -> DiffusionPolicy:
+    """Load a policy from a local directory; every failure is a one-line ModelLoadError naming the file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"{path}: checkpoint directory not found")
+    config = read_json(path / "config.json", "config.json")
+    sidecar = read_json(path / SIDECAR, SIDECAR) if (path / SIDECAR).exists() else {}
+    _check_weights(path)
+    kind = detect_kind(config, sidecar, kind, path)
+    tokenizer = _load_tokenizer(path, trust_remote_code)
+    fields = default_spec_fields(kind)
+    fields.update({k: sidecar[k] for k in ("attention", "logits_shift", "block_size") if k in sidecar})
+    if block_size is not None:
+        fields["block_size"] = block_size
+    eos = sidecar.get("eos_token_id", tokenizer.eos_token_id if tokenizer.eos_token_id is not None
+                      else config.get("eos_token_id"))
+    if isinstance(eos, list):
+        eos = eos[0]
+    if eos is None:
+        raise ModelLoadError(f"{path}: neither the tokenizer nor config.json names an eos token")
+    pad = sidecar.get("pad_token_id", tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos)
+    spec = DiffusionSpec(
+        kind=kind, mask_token_id=find_mask_token_id(tokenizer, config, sidecar, path),
+        pad_token_id=int(pad), eos_token_id=int(eos), **fields,
+    )
+    vocab_size = int(config.get("vocab_size", 0))
+    if vocab_size and spec.mask_token_id >= vocab_size:
+        raise ModelLoadError(f"{path / 'config.json'}: mask token id {spec.mask_token_id} >= vocab_size {vocab_size}")
+    model, remote = _build_model(path, kind, config, dtype, trust_remote_code)
+    model.to(device)
+    model.eval()
+    source = {"format": kind, "config": config, "dir": str(path), "remote_code": remote}
+    return DiffusionPolicy(model, tokenizer, spec, source)
+
+
+def save_policy(policy: DiffusionPolicy, out_dir: str | Path) -> Path:
+    """Write an HF directory (safetensors, config, tokenizer, diffrl.json); LoRA adapters are merged in.
+
+    SDAR-format policies are written back as SDAR (model_type, auto_map and code files preserved).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lm = policy.causal_lm
+    peft = policy.model if hasattr(policy.model, "merge_adapter") else None
+    if peft is not None:
+        peft.merge_adapter()
+    try:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in lm.state_dict().items() if "lora_" not in k}
+        state = {_strip_peft_prefix(k): v for k, v in state.items()}
+        lm.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
+    finally:
+        if peft is not None:
+            peft.unmerge_adapter()
+    policy.tokenizer.save_pretrained(str(out_dir))
+    if policy.source.get("format") == "sdar":
+        _write_sdar_config(policy, out_dir)
+    sidecar = policy.spec.to_dict()
+    (out_dir / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
+    return out_dir
+
+
+def _strip_peft_prefix(name: str) -> str:
+    # PEFT renames wrapped linears' weights to `<name>.base_layer.weight`; the saved checkpoint uses plain names.
+    return name.replace(".base_layer.", ".")
+
+
+def _write_sdar_config(policy: DiffusionPolicy, out_dir: Path) -> None:
+    config = dict(policy.source.get("config") or {})
+    current = policy.causal_lm.config.to_dict()
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size"):
+        config[key] = current[key]
+    config["model_type"] = "sdar"
+    config.setdefault("architectures", ["SDARForCausalLM"])
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    src = policy.source.get("dir")
+    if src and Path(src).resolve() != out_dir.resolve():
+        for code in Path(src).glob("*.py"):
+            shutil.copy2(code, out_dir / code.name)

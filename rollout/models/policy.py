@@ -1,0 +1,262 @@
+"""DiffusionPolicy: a Hugging Face model driven as a diffusion LM (block-causal or full attention).
+
+The adapter owns the two forwards everything else is built on:
+- `forward`: raw model call with explicit position ids and an additive 4D mask, optional KV cache, logits
+  computed only at the positions asked for (the full-vocabulary projection is most of a small model's cost);
+- `score_responses`: log p(response token | noisy state) for a batch, through the training layout
+  `[prompt | clean response | noisy response]` for block models or `[prompt | noisy response]` for full-attention
+  models, in one forward pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rollout.models.masks import PAD_BLOCK, attention_bias, prompt_block_ids, response_block_ids
+from rollout.models.spec import DiffusionSpec
+
+# Rows of the vocabulary projection computed at once: bounds the (rows x vocab) logits buffer.
+LOGIT_CHUNK_ROWS = 2048
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor | None  # (B, K, V) at `logits_at` (or every position when logits_at is None)
+    hidden: torch.Tensor | None  # (B, Q, H) last hidden states, when asked for
+    past_key_values: object | None
+
+
+@dataclass
+class ResponseScores:
+    logprobs: torch.Tensor  # (B, Lmax) log p(response[i] | state); 0 where not scored
+    valid: torch.Tensor  # (B, Lmax) bool: positions that were scored
+    entropy: torch.Tensor | None = None  # (B, Lmax) entropy of the predictive distribution
+    hidden: torch.Tensor | None = None  # (B, Lmax, H) last hidden state at each response (noisy) position
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # (B, T)
+    position_ids: torch.Tensor  # (B, T)
+    attn_bias: torch.Tensor  # (B, 1, T, T)
+    target_pos: torch.Tensor  # (B, Lmax) index of the hidden state whose logits predict response token i
+    response_pos: torch.Tensor  # (B, Lmax) index of response token i's own (noisy) input position
+
+
+class DiffusionPolicy:
+    """A HF causal-LM-shaped model plus its diffusion spec and tokenizer."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, spec: DiffusionSpec, source: dict | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.spec = spec
+        # How the checkpoint was laid out on disk (format, original config, code files), so saving round-trips.
+        self.source = dict(source or {})
+
+    # ----------------------------------------------------------------------------------------------- modules
+    @property
+    def causal_lm(self) -> torch.nn.Module:
+        """The transformers model under any PEFT wrapper."""
+        model = self.model
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        return model
+
+    @property
+    def native(self) -> bool:
+        """True when the trunk and head are separable (transformers' own classes), so logits can be sparse."""
+        lm = self.causal_lm
+        return hasattr(lm, "model") and hasattr(lm, "lm_head") and not self.source.get("remote_code", False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.causal_lm.config.hidden_size)
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.causal_lm.get_output_embeddings()(hidden)
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attn_bias: torch.Tensor,
+        *,
+        past_key_values=None,
+        use_cache: bool = False,
+        logits_at: torch.Tensor | None = None,
+        return_hidden: bool = False,
+        compute_logits: bool = True,
+    ) -> ForwardOutput:
+        """One forward pass. `attn_bias` is (B, 1, Q, past + Q); `logits_at` (B, K) indexes the Q positions."""
+        attn_bias = attn_bias.to(dtype=self.dtype)
+        if self.native:
+            out = self.causal_lm.model(
+                input_ids=input_ids, attention_mask=attn_bias, position_ids=position_ids,
+                past_key_values=past_key_values, use_cache=use_cache,
+            )
+            hidden = out.last_hidden_state
+            cache = out.past_key_values if use_cache else None
+            logits = None
+            if compute_logits:
+                selected = hidden if logits_at is None else _gather_rows(hidden, logits_at)
+                logits = self.logits_from_hidden(selected)
+            return ForwardOutput(logits, hidden if return_hidden else None, cache)
+        # Remote-code models (LLaDA, Dream): whole-sequence logits, then select.
+        out = self.model(
+            input_ids=input_ids, attention_mask=attn_bias, position_ids=position_ids,
+            past_key_values=past_key_values, use_cache=use_cache, output_hidden_states=return_hidden,
+        )
+        logits = out.logits if logits_at is None else _gather_rows(out.logits, logits_at)
+        hidden = out.hidden_states[-1] if return_hidden else None
+        return ForwardOutput(logits, hidden, getattr(out, "past_key_values", None) if use_cache else None)
+
+    # ------------------------------------------------------------------------------------------ train layout
+    def pack(
+        self, prompts: list[torch.Tensor], responses: list[torch.Tensor], noisy: list[torch.Tensor]
+    ) -> PackedBatch:
+        """Lay a batch out for scoring: `[prompt | clean | noisy]` (block) or `[prompt | noisy]` (full), right-padded.
+
+        `responses` are the clean tokens (block models condition on their earlier blocks); `noisy` has the same
+        length with some positions replaced by the mask token. Prompts may themselves contain mask tokens (d1).
+        """
+        if not (len(prompts) == len(responses) == len(noisy)):
+            raise ValueError("pack: prompts, responses and noisy must have the same batch size")
+        spec, rows = self.spec, []
+        for prompt, clean, corrupted in zip(prompts, responses, noisy):
+            if clean.shape != corrupted.shape:
+                raise ValueError(f"pack: noisy response shape {tuple(corrupted.shape)} != {tuple(clean.shape)}")
+            rows.append(_layout_row(prompt, clean, corrupted, spec))
+        width = max(r["ids"].numel() for r in rows)
+        max_len = max(c.numel() for c in responses)
+        bsz = len(rows)
+        input_ids = torch.full((bsz, width), spec.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros((bsz, width), dtype=torch.long)
+        blocks = torch.full((bsz, width), PAD_BLOCK, dtype=torch.long)
+        noisy_flag = torch.zeros((bsz, width), dtype=torch.bool)
+        key_valid = torch.zeros((bsz, width), dtype=torch.bool)
+        target_pos = torch.zeros((bsz, max_len), dtype=torch.long)
+        response_pos = torch.zeros((bsz, max_len), dtype=torch.long)
+        for b, row in enumerate(rows):
+            n = row["ids"].numel()
+            input_ids[b, :n] = row["ids"]
+            position_ids[b, :n] = row["pos"]
+            blocks[b, :n] = row["block"]
+            noisy_flag[b, :n] = row["noisy"]
+            key_valid[b, :n] = True
+            length = row["response_pos"].numel()
+            response_pos[b, :length] = row["response_pos"]
+            target_pos[b, :length] = row["response_pos"] - (1 if spec.logits_shift else 0)
+        bias = attention_bias(
+            blocks, blocks, key_valid, q_noisy=noisy_flag, k_noisy=noisy_flag, full=not spec.is_block
+        )
+        device = self.device
+        return PackedBatch(
+            input_ids.to(device), position_ids.to(device), bias.to(device),
+            target_pos.to(device), response_pos.to(device),
+        )
+
+    def score_responses(
+        self,
+        prompts: list[torch.Tensor],
+        responses: list[torch.Tensor],
+        noisy: list[torch.Tensor],
+        *,
+        score_mask: list[torch.Tensor] | None = None,
+        temperature: float = 1.0,
+        return_entropy: bool = False,
+        return_hidden: bool = False,
+    ) -> ResponseScores:
+        """log p(responses[b][i] | state) at every response position i where score_mask (default: all) holds.
+
+        The full-vocabulary projection runs only on scored positions, in chunks.
+        """
+        packed = self.pack(prompts, responses, noisy)
+        bsz, max_len = packed.target_pos.shape
+        device = self.device
+        valid = torch.zeros((bsz, max_len), dtype=torch.bool, device=device)
+        targets = torch.zeros((bsz, max_len), dtype=torch.long, device=device)
+        for b, clean in enumerate(responses):
+            n = clean.numel()
+            targets[b, :n] = clean.to(device)
+            valid[b, :n] = True if score_mask is None else score_mask[b].to(device).bool()
+        out = self.forward(
+            packed.input_ids, packed.position_ids, packed.attn_bias,
+            return_hidden=True, compute_logits=False,
+        )
+        rows, cols = valid.nonzero(as_tuple=True)
+        hidden_rows = out.hidden[rows, packed.target_pos[rows, cols]]
+        logp_rows, ent_rows = token_logprobs(
+            self, hidden_rows, targets[rows, cols], temperature=temperature, with_entropy=return_entropy
+        )
+        logprobs = torch.zeros((bsz, max_len), dtype=logp_rows.dtype, device=device)
+        logprobs = logprobs.index_put((rows, cols), logp_rows)
+        entropy = None
+        if return_entropy:
+            entropy = torch.zeros_like(logprobs).index_put((rows, cols), ent_rows)
+        hidden = None
+        if return_hidden:
+            index = packed.response_pos[:, :, None].expand(-1, -1, out.hidden.shape[-1])
+            hidden = torch.gather(out.hidden, 1, index)
+        return ResponseScores(logprobs, valid, entropy, hidden)
+
+
+def token_logprobs(
+    policy: DiffusionPolicy,
+    hidden_rows: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log-softmax of the vocabulary projection of (N, H) hidden rows, gathered at (N,) targets, chunked."""
+    logps, ents = [], []
+    for start in range(0, hidden_rows.shape[0], LOGIT_CHUNK_ROWS):
+        logits = policy.logits_from_hidden(hidden_rows[start:start + LOGIT_CHUNK_ROWS]).float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        logp_all = F.log_softmax(logits, dim=-1)
+        logps.append(logp_all.gather(-1, targets[start:start + LOGIT_CHUNK_ROWS, None]).squeeze(-1))
+        if with_entropy:
+            ents.append(-(logp_all.exp() * logp_all).sum(-1))
+    if not logps:
+        empty = hidden_rows.new_zeros((0,), dtype=torch.float32)
+        return empty, (empty if with_entropy else None)
+    return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, T, D) gathered at index (B, K) along T -> (B, K, D)."""
+    return torch.gather(x, 1, index[:, :, None].expand(-1, -1, x.shape[-1]))
+
+
+def _layout_row(prompt: torch.Tensor, clean: torch.Tensor, noisy: torch.Tensor, spec: DiffusionSpec) -> dict:
+    prompt, clean, noisy = prompt.long().cpu(), clean.long().cpu(), noisy.long().cpu()
+    p, length = prompt.numel(), clean.numel()
+    resp_pos = torch.arange(p, p + length)
+    if not spec.is_block:
+        return {
+            "ids": torch.cat([prompt, noisy]),
+            "pos": torch.arange(p + length),
+            "block": torch.zeros(p + length, dtype=torch.long),
+            "noisy": torch.zeros(p + length, dtype=torch.bool),
+            "response_pos": resp_pos,
+        }
+    resp_blocks = response_block_ids(length, spec.block_size)
+    return {
+        "ids": torch.cat([prompt, clean, noisy]),
+        "pos": torch.cat([torch.arange(p), resp_pos, resp_pos]),
+        "block": torch.cat([prompt_block_ids(p, spec.block_size), resp_blocks, resp_blocks]),
+        "noisy": torch.cat([torch.zeros(p + length, dtype=torch.bool), torch.ones(length, dtype=torch.bool)]),
+        "response_pos": torch.arange(p + length, p + 2 * length),
+    }

