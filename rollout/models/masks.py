@@ -71,3 +71,16 @@ def attention_bias(
     bias = torch.zeros(allowed.shape, dtype=dtype, device=q_block.device)
     bias.masked_fill_(~allowed, torch.finfo(dtype).min)
     return bias[:, None, :, :]
+
+
+def sequence_block_ids(prompt_len: int, response_len: int, block_size: int) -> torch.Tensor:
+    """Block ids of `prompt + response` laid out as one sequence (decoding's layout, no padding)."""
+    return torch.cat([prompt_block_ids(prompt_len, block_size), response_block_ids(response_len, block_size)])
+
+
+def sequence_bias(prompt_len: int, response_len: int, block_size: int, *, full: bool = False,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(1, 1, T, T) mask for one unpadded `prompt + response` sequence."""
+    blocks = sequence_block_ids(prompt_len, response_len, block_size)[None]
+    valid = torch.ones_like(blocks, dtype=torch.bool)
+    return attention_bias(blocks, blocks, valid, full=full, dtype=dtype)

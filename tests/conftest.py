@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny offline models built once per test session."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tests never reach a hub, never report usage, and keep Ray on loopback.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory):
+    """Paths of tiny random checkpoints, one per kind: block, sdar, llada, dream."""
+    from rollout.models.tiny import make_tiny_policy
+
+    _quiet_transformers()
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {kind: make_tiny_policy(kind, root / kind, seed=1) for kind in ("block", "sdar", "llada", "dream")}
+
+
+@pytest.fixture(scope="session")
+def tiny_policies(tiny_model_dirs):
+    """Loaded tiny policies (shared: tests must not modify their weights)."""
+    from rollout.models.loading import load_policy
+
+    return {kind: load_policy(path) for kind, path in tiny_model_dirs.items()}
