@@ -1,0 +1,1 @@
+"""Likelihood estimators, registered by name in `rl.estimators.base.ESTIMATORS`."""

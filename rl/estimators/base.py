@@ -1,0 +1,75 @@
+"""What every likelihood estimator takes and returns.
+
+An estimator turns a batch of (prompt, response) pairs into log-likelihood estimates under a policy:
+per token (`token_logp`, for token-level losses) and per sequence (`seq_logp`, for GDPO/SPG), plus the bookkeeping
+losses need. Randomness comes only from per-sample generators seeded from (base seed, sample key, inner
+iteration), so the old, reference and current policies of one sample see the same masks whatever the batch shape.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rl.registry import Registry
+
+ESTIMATORS = Registry("estimator")
+
+
+@dataclass
+class EstimatorInput:
+    prompts: list[torch.Tensor]  # (P_b,) long each
+    responses: list[torch.Tensor]  # (L_b,) long each: whole decoded blocks
+    sample_keys: list[str]  # stable identity of each sample (e.g. request id): seeds its masks
+    valid_lengths: list[int] | None = None  # tokens that count (through the first EOS); default: all
+    step_maps: list[torch.Tensor] | None = None  # (L_b,) decoding step per token (trajectory estimator)
+    block_size: int | None = None  # the rollout's block size (trajectory estimator); default: policy's
+
+    def __len__(self) -> int:
+        return len(self.responses)
+
+    def length(self, b: int) -> int:
+        return int(self.responses[b].numel())
+
+    def valid_length(self, b: int) -> int:
+        return self.length(b) if self.valid_lengths is None else int(self.valid_lengths[b])
+
+    def select(self, index: list[int]) -> "EstimatorInput":
+        pick = lambda xs: None if xs is None else [xs[i] for i in index]  # noqa: E731
+        return EstimatorInput(pick(self.prompts), pick(self.responses), pick(self.sample_keys),
+                              pick(self.valid_lengths), pick(self.step_maps), self.block_size)
+
+
+@dataclass
+class Estimate:
+    token_logp: torch.Tensor  # (B, Lmax) per-token contribution; sums over tokens to seq_logp
+    seq_logp: torch.Tensor  # (B,) sequence log-likelihood estimate (an ELBO for the ELBO estimators)
+    token_mask: torch.Tensor  # (B, Lmax) bool: tokens counted by losses
+    forwards: int  # model forward passes spent on the batch
+    step_ids: torch.Tensor | None = None  # (B, Lmax) step group of each token (trajectory estimator)
+    entropy: torch.Tensor | None = None  # (B, Lmax) predictive entropy where scored
+    hidden: torch.Tensor | None = None  # (B, Lmax, H) hidden state at each noisy response position
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def sample_generator(seed: int, key: str, inner_iter: int = 0, salt: str = "") -> torch.Generator:
+    """A generator owned by one sample: a stable hash (never Python's salted hash()) of its identity."""
+    digest = hashlib.sha256(f"{seed}|{key}|{inner_iter}|{salt}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def padded(rows: list[torch.Tensor], width: int, fill=0, dtype=None) -> torch.Tensor:
+    out = torch.full((len(rows), width), fill, dtype=dtype or rows[0].dtype)
+    for b, row in enumerate(rows):
+        out[b, : row.numel()] = row
+    return out
+
+
+def token_mask_of(inp: EstimatorInput, device=None) -> torch.Tensor:
+    width = max(inp.length(b) for b in range(len(inp)))
+    mask = torch.zeros((len(inp), width), dtype=torch.bool, device=device)
+    for b in range(len(inp)):
+        mask[b, : inp.valid_length(b)] = True
+    return mask

@@ -1,0 +1,90 @@
+"""Trajectory likelihood (TraceRL, CJ-GRPO): log p of each token at the step it was actually decoded.
+
+The state before a step is the response with every token decoded at that step or later masked. `shrink` s merges
+s consecutive steps: their tokens are all scored from the state before the first of them.
+
+Block models: step j of every block is scored in the same forward pass, because in the training layout each noisy
+block sees only the prompt, the clean earlier blocks and itself, exactly the context it had while being decoded.
+A response therefore costs ceil(steps_per_block / s) forwards, however many blocks it has; the j used is the
+rank of the token's step among its block's distinct steps (`Trajectory.block_local_steps`), so dynamic decoding
+that takes fewer steps in some blocks needs no special case.
+
+Full-attention models: the state before global step s masks the whole rest of the canvas, so each group of s
+global steps is one forward; samples are batched per group.
+"""
+from __future__ import annotations
+
+import torch
+
+from rl.estimators.base import ESTIMATORS, Estimate, EstimatorInput, padded, token_mask_of
+
+
+def block_local_steps(step_map: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Rank of each token's step among the distinct steps of its block."""
+    local = torch.empty_like(step_map)
+    for start in range(0, step_map.numel(), block_size):
+        steps = step_map[start:start + block_size]
+        local[start:start + block_size] = torch.searchsorted(torch.unique(steps), steps)
+    return local
+
+
+def step_groups(inp: EstimatorInput, block_model: bool, block_size: int, shrink: int) -> list[torch.Tensor]:
+    """Per sample, the forward-pass group of each token: tokens of group g are scored in pass g."""
+    if inp.step_maps is None:
+        raise ValueError("estimator 'trajectory' needs step maps (rollout trajectories), none were given")
+    groups = []
+    for b, step_map in enumerate(inp.step_maps):
+        step_map = step_map.long().cpu()
+        if step_map.numel() != inp.length(b):
+            raise ValueError(f"trajectory estimator: sample {b} step map length {step_map.numel()} "
+                             f"!= response length {inp.length(b)}")
+        steps = block_local_steps(step_map, block_size) if block_model else step_map - step_map.min()
+        groups.append(steps // shrink)
+    return groups
+
+
+@ESTIMATORS.register("trajectory", shrink=1)
+def trajectory_estimator(policy, inp: EstimatorInput, *, seed: int = 0, inner_iter: int = 0, shrink: int = 1,
+                         temperature: float = 1.0, return_entropy: bool = False,
+                         return_hidden: bool = False) -> Estimate:
+    del seed, inner_iter  # deterministic: the masks are the recorded trajectory itself
+    if shrink < 1:
+        raise ValueError(f"estimator.shrink: must be >= 1, got {shrink}")
+    spec = policy.spec
+    block_size = inp.block_size or spec.block_size
+    groups = step_groups(inp, spec.is_block, block_size, shrink)
+    width = max(inp.length(b) for b in range(len(inp)))
+    device = policy.device
+    token_logp = torch.zeros((len(inp), width), device=device)
+    entropy = torch.zeros_like(token_logp) if return_entropy else None
+    hidden = torch.zeros((len(inp), width, policy.hidden_size), device=device) if return_hidden else None
+    num_groups = max(int(g.max()) + 1 for g in groups)
+    forwards = 0
+    for g in range(num_groups):
+        members = [b for b in range(len(inp)) if bool((groups[b] == g).any())]
+        noisy, score = [], []
+        for b in members:
+            state = inp.responses[b].clone()
+            state[groups[b] >= g] = spec.mask_token_id
+            noisy.append(state)
+            score.append(groups[b] == g)
+        out = policy.score_responses(
+            [inp.prompts[b] for b in members], [inp.responses[b] for b in members], noisy,
+            score_mask=score, temperature=temperature, return_entropy=return_entropy, return_hidden=return_hidden,
+        )
+        forwards += 1
+        rows = torch.tensor(members, device=device)
+        n = out.logprobs.shape[1]
+        # Each token is scored in exactly one pass, so adding the passes assembles the full map.
+        token_logp[rows, :n] = token_logp[rows, :n] + out.logprobs
+        if return_entropy:
+            entropy[rows, :n] = entropy[rows, :n] + out.entropy
+        if return_hidden:
+            sel = out.valid[:, :, None]
+            hidden[rows, :n] = torch.where(sel, out.hidden, hidden[rows, :n])
+    mask = token_mask_of(inp, device)
+    step_ids = padded([g.to(torch.long) for g in groups], width, fill=-1).to(device)
+    return Estimate(
+        token_logp=token_logp, seq_logp=(token_logp * mask).sum(-1), token_mask=mask, forwards=forwards,
+        step_ids=step_ids, entropy=entropy, hidden=hidden,
+    )
