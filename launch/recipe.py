@@ -1,0 +1,511 @@
+"""The recipe: one YAML file validated into frozen, typed sections before anything heavy starts.
+
+    recipe = load_recipe("recipes/tiny-tracerl.yaml", ["rollout.block_size=8"])
+    recipe.rollout.block_size, recipe.algorithm.name, recipe.estimator.name, recipe.to_yaml()
+
+Every section forbids unknown keys. `algorithm` and `estimator` are unions discriminated by `name`: each algorithm
+is its own class carrying only its parameters, with its authors' published defaults (shared/ALGORITHMS.md).
+A field left at None that has a published or derived default (learner.lr, rollout.samples_per_prompt,
+estimator, output_dir...) is filled in during validation, so a validated Recipe is concrete and `to_dict()`
+reloads to an equal Recipe. Those defaults and the checks rejecting impossible combinations live in launch/recipe_rules.py.
+Failures raise RecipeError with one line naming the file and key path. Only pydantic and yaml are imported:
+no Ray, torch or transformers.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, Literal, Sequence, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from launch import recipe_rules
+from launch.recipe_rules import (
+    BLOCK_CAUSAL_KINDS,
+    ESTIMATORS_FOR,
+    FULL_ATTENTION_KINDS,
+    GENERIC_DEFAULTS,
+    PUBLISHED_DEFAULTS,
+    TINY_KINDS,
+)
+from launch.recipe_io import (
+    RecipeError,
+    apply_override,
+    deep_merge,
+    format_validation_error,
+    normalize_tagged,
+    origin_of,
+    read_chain,
+)
+
+__all__ = [
+    "RecipeError", "Recipe", "load_recipe", "recipe_from_dict", "save_recipe", "check_paths", "resolve_kind",
+    "BLOCK_CAUSAL_KINDS", "FULL_ATTENTION_KINDS", "TINY_KINDS", "ESTIMATORS_FOR", "PUBLISHED_DEFAULTS",
+    "GENERIC_DEFAULTS",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Fraction = Annotated[float, Field(ge=0, le=1)]
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
+# ------------------------------------------------------------------------------------------------------ model
+class LoraConfig(_Section):
+    r: int = Field(128, ge=1)  # d1: r 128 / alpha 64 on all projections
+    alpha: float = Field(64.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ModelConfig(_Section):
+    path: str | None = Field(None, min_length=1)  # a local HF checkpoint directory (checked by check_paths)
+    tiny: Literal["qwen3-block", "sdar", "llada", "dream"] | None = None  # a tiny random model built offline
+    tiny_vocab: Literal["small", "qwen"] | None = None  # tiny models only; None -> "small"
+    kind: Literal["auto", "block", "sdar", "llada", "dream"] = "auto"  # auto: from tiny, else from config.json
+    block_size: int | None = Field(None, ge=1)  # block-causal: training block; full attention: semi-AR block
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    trust_remote_code: bool = False
+    lora: LoraConfig | None = None
+    gradient_checkpointing: bool = False  # HF per-layer checkpointing of the policy (any learner backend)
+
+    @property
+    def declared_kind(self) -> str | None:
+        """The model kind known without reading the checkpoint; None until resolve_kind() for `auto` paths."""
+        if self.kind != "auto":
+            return self.kind
+        return TINY_KINDS[self.tiny] if self.tiny else None
+
+
+# ---------------------------------------------------------------------------------------------------- rollout
+class EoserConfig(_Section):
+    """CJ-GRPO's EOS early rejection: scale the confidence of EOS candidates by gamma(step)."""
+
+    gamma_min: float | None = Field(None, ge=0, le=1)  # None -> 0.4 (linear) or 0.01 (ass), as published
+    schedule: Literal["linear", "ass"] | None = None  # None -> "ass" when rollout.ass, else "linear"
+
+
+class RolloutConfig(_Section):
+    block_size: int | None = Field(None, ge=1)  # None: model.block_size, else the kind's (block 4, llada/dream 32)
+    steps_per_block: int | None = Field(None, ge=1)  # None (and no steps): one token per step
+    steps: int | None = Field(None, ge=1)  # total denoising steps, split evenly over blocks (LLaDA/Dream style)
+    remasking: Literal["sequential", "low_confidence_static", "low_confidence_dynamic", "entropy_bounded",
+                       "random"] = "low_confidence_static"
+    threshold: float | None = None  # dynamic: confidence in (0, 1] (None -> 0.9); entropy_bounded: entropy bound
+    min_tokens_per_step: int = Field(1, ge=1)
+    temperature: float | None = Field(None, ge=0)  # None -> the algorithm's published value, else 1.0
+    top_k: int | None = Field(None, ge=1)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(256, ge=1)
+    samples_per_prompt: int | None = Field(None, ge=1)  # G; None -> the algorithm's published value, else 8
+    cache: Literal["none", "prefix", "dual", "kv"] = "none"  # kv: exact, block-causal only; prefix/dual: Fast-dLLM
+    eoser: EoserConfig | None = None
+    ass: bool = False  # CJ-GRPO's ascending step-size schedule: log2(max_tokens) steps
+    num_workers: int = Field(1, ge=1)  # RolloutWorker actors
+    batch_size: int = Field(16, ge=1)  # requests decoded together by one worker
+    engine: Literal["torch", "sglang", "vllm"] = "torch"
+
+
+# -------------------------------------------------------------------------------------------------- algorithm
+class FilterConfig(_Section):
+    """Which groups to drop before the loss: keep groups with accuracy_lo <= accuracy <= accuracy_hi."""
+
+    drop_zero_variance: bool = False
+    accuracy_lo: Fraction | None = None
+    accuracy_hi: Fraction | None = None
+
+
+class ValueModelConfig(_Section):
+    """TraceRL's value model (published: value lr 5e-6, clip 0.2, gamma = lambda = 1)."""
+
+    lr: float = Field(5e-6, gt=0)
+    clip: float = Field(0.2, gt=0)
+    gamma: Fraction = 1.0
+    lam: Fraction = 1.0
+    path: str | None = Field(None, min_length=1)  # trunk to start from; None: a copy of the policy
+
+
+AdvantageKind = Literal["mean_centered", "zscore"]
+LossAgg = Literal["token_mean", "seq_mean_token_sum", "fixed_length"]
+
+
+class _GroupRelative(_Section):
+    name: str  # declared first so that dumps read `name` first; each algorithm narrows it to its Literal
+    advantage: AdvantageKind = "mean_centered"  # A = R - mean(R) (d1, GDPO, CJ-GRPO, wd1, SPG)
+    filter: FilterConfig = FilterConfig()
+
+
+class _ClippedPolicyGradient(_GroupRelative):
+    clip_eps_low: float = Field(0.5, gt=0)  # ratio clipped to [1 - low, 1 + high]
+    clip_eps_high: float = Field(0.5, gt=0)
+    beta: float = Field(0.04, ge=0)  # KL coefficient
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_reference: Literal["ref", "old"] = "ref"  # old: KL to the rollout policy (no reference model needed)
+    ratio_clamp: float | None = Field(None, gt=0)  # clamp of the log-ratio before exp (TraceRL: 10)
+
+
+class DiffuGRPO(_ClippedPolicyGradient):
+    """d1: token-level clipped ratio on one-step log-probs. eps 0.5, beta 0.04 (k3 to the reference)."""
+
+    name: Literal["diffu_grpo"] = "diffu_grpo"
+    loss_agg: LossAgg = "token_mean"  # d1 divides by the group's total token count
+
+
+class GDPO(_ClippedPolicyGradient):
+    """Sequence-level ratio exp((ELBO_theta - ELBO_old) / L) on an SDMC ELBO. eps 0.5, beta 0."""
+
+    name: Literal["gdpo"] = "gdpo"
+    beta: float = Field(0.0, ge=0)
+
+
+class CJGRPO(_ClippedPolicyGradient):
+    """Ratio per denoising step along the recorded trajectory; per-step token mean, then mean over steps.
+
+    ALGORITHMS.md lists no loss hyperparameters of its own; it builds on d1, whose eps 0.5 / beta 0.04 are kept.
+    """
+
+    name: Literal["cj_grpo"] = "cj_grpo"
+
+
+class TraceRL(_ClippedPolicyGradient):
+    """Token-level PPO clip along the trajectory. eps 0.2, beta 0.01 k3 against the OLD policy, log-ratio clamped
+    to +-10, z-scored advantages, groups with accuracy outside [0.2, 0.8] dropped."""
+
+    name: Literal["tracerl"] = "tracerl"
+    clip_eps_low: float = Field(0.2, gt=0)
+    clip_eps_high: float = Field(0.2, gt=0)
+    beta: float = Field(0.01, ge=0)
+    kl_reference: Literal["ref", "old"] = "old"
+    ratio_clamp: float | None = Field(10.0, gt=0)
+    advantage: AdvantageKind = "zscore"
+    filter: FilterConfig = FilterConfig(accuracy_lo=0.2, accuracy_hi=0.8)
+    loss_agg: LossAgg = "token_mean"
+    value_model: ValueModelConfig | None = None
+
+
+class CoupledGRPO(_ClippedPolicyGradient):
+    """DiffuCoder: token-level clip + beta k3 on the coupled estimator. eps 0.5, beta 0.01.
+
+    ALGORITHMS.md gives no advantage normalisation; z-score is that of TRL's GRPO, which DiffuCoder builds on.
+    """
+
+    name: Literal["coupled_grpo"] = "coupled_grpo"
+    beta: float = Field(0.01, ge=0)
+    advantage: AdvantageKind = "zscore"
+    loss_agg: LossAgg = "token_mean"
+
+
+class WD1(_GroupRelative):
+    """Ratio-free: -sum softmax(A) log pi + sum softmax(-A) log pi on one-step log-probs."""
+
+    name: Literal["wd1"] = "wd1"
+
+
+class SPG(_GroupRelative):
+    """-A log pi_seq with an ELBO for A > 0 and an EUBO (beta_e 1.5) for A <= 0; mix = weight of the EUBO."""
+
+    name: Literal["spg"] = "spg"
+    beta_e: float = Field(1.5, gt=0)
+    mix: Fraction = 0.5
+
+
+class RandomMaskGRPO(_ClippedPolicyGradient):
+    """UniGRPO-style token-level clip on random-mask log-probs. No published loss defaults in ALGORITHMS.md:
+    PPO's eps 0.2 and no KL (so no reference model) unless the recipe says otherwise."""
+
+    name: Literal["random_mask_grpo"] = "random_mask_grpo"
+    clip_eps_low: float = Field(0.2, gt=0)
+    clip_eps_high: float = Field(0.2, gt=0)
+    beta: float = Field(0.0, ge=0)
+    loss_agg: LossAgg = "token_mean"
+
+
+AlgorithmConfig = Annotated[
+    Union[DiffuGRPO, GDPO, CJGRPO, TraceRL, CoupledGRPO, WD1, SPG, RandomMaskGRPO], Field(discriminator="name")
+]
+
+
+# -------------------------------------------------------------------------------------------------- estimator
+class OneStepEstimator(_Section):
+    name: Literal["one_step"] = "one_step"
+    p_mask: float = Field(0.15, ge=0, lt=1)  # prompt-token masking probability (d1)
+    reseed_per_update: bool = True  # d1 draws a new mask seed per inner iteration
+
+
+class MCElboEstimator(_Section):
+    name: Literal["mc_elbo"] = "mc_elbo"
+    mc_num: int = Field(128, ge=1)  # LLaDA's evaluation value; lower it for training
+    stratified: bool = True  # masked-token counts l stratified across the MC batch
+
+
+class SDMCEstimator(_Section):
+    name: Literal["sdmc"] = "sdmc"
+    quadrature: Literal["gauss-1", "gauss-2", "gauss-3", "gauss-4", "gauss-5", "simpson"] = "gauss-3"  # GDPO
+
+
+class CoupledEstimator(_Section):
+    name: Literal["coupled"] = "coupled"
+    t_min: Fraction = 0.2  # t ~ U(t_min, t_max) (DiffuCoder)
+    t_max: Fraction = 0.8
+    full_mask_view: bool = True  # the fully masked third view
+
+
+class BlockElboEstimator(_Section):
+    name: Literal["block_elbo"] = "block_elbo"
+    mc_num: int = Field(1, ge=1)  # noisy copies per sample
+    t_min: Fraction = 0.0
+    t_max: Fraction = 1.0
+
+
+class TrajectoryEstimator(_Section):
+    name: Literal["trajectory"] = "trajectory"
+    shrink: int | None = Field(None, ge=1)  # merge s consecutive steps; None -> 1 (block models), 8 (full attention)
+
+
+class RandomMaskEstimator(_Section):
+    name: Literal["random_mask"] = "random_mask"
+    t_min: Fraction = 0.1  # mask ratio ~ U[0.1, 0.9] (dLLM-RL)
+    t_max: Fraction = 0.9
+    mc_num: int = Field(1, ge=1)  # masks per sample
+
+
+EstimatorConfig = Annotated[
+    Union[OneStepEstimator, MCElboEstimator, SDMCEstimator, CoupledEstimator, BlockElboEstimator,
+          TrajectoryEstimator, RandomMaskEstimator],
+    Field(discriminator="name"),
+]
+
+
+# ------------------------------------------------------------------------------------------- reward and data
+_REGISTERED = re.compile(r"^[A-Za-z_][\w-]*$")
+_MODULE_FN = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+_FILE_FN = re.compile(r"^[^:]+\.py:[A-Za-z_]\w*$")
+
+
+class RewardSpec(_Section):
+    fn: str  # registered name (`math`), `module.path:func` or `path/to/file.py:func`; resolved by rewards/
+    weight: float = Field(1.0, allow_inf_nan=False)
+    kwargs: dict[str, Any] = {}
+
+    @field_validator("fn")
+    @classmethod
+    def _fn_syntax(cls, fn: str) -> str:
+        if not (_REGISTERED.match(fn) or _MODULE_FN.match(fn) or _FILE_FN.match(fn)):
+            raise ValueError(f"{fn!r} is not a registered name, 'module.path:func' or 'file.py:func'")
+        return fn
+
+    @property
+    def file(self) -> str | None:
+        """The Python file of a `file.py:func` reward, else None."""
+        return self.fn.rsplit(":", 1)[0] if _FILE_FN.match(self.fn) else None
+
+
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+class DataConfig(_Section):
+    train: str | None = None  # .jsonl / .json / .parquet
+    task: Literal["arithmetic", "countdown", "sudoku"] | None = None  # generated toy task instead of a file
+    task_kwargs: dict[str, Any] = {}  # passed to the toy task generator
+    eval: str | None = None
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    chat_template: bool = True
+    max_prompt_tokens: int = Field(512, ge=1)
+    shuffle: bool = True
+    num_prompts_per_step: int = Field(8, ge=1)
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _data_file(cls, path: str | None) -> str | None:
+        if path is not None and not path.endswith(_DATA_SUFFIXES):
+            raise ValueError(f"{path!r} is not a {', '.join(_DATA_SUFFIXES)} file")
+        return path
+
+
+# --------------------------------------------------------------------------------- learner, resources, trainer
+class LearnerConfig(_Section):
+    optimizer: Literal["adamw"] = "adamw"
+    lr: float | None = Field(None, gt=0)  # None here and below -> the algorithm's published value, else generic
+    betas: tuple[Beta, Beta] | None = None
+    weight_decay: float | None = Field(None, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    grad_clip: float | None = Field(None, ge=0)  # 0: no clipping
+    micro_batch_size: int = Field(1, ge=1)
+    grad_accum: int | None = Field(None, ge=1)
+    mu: int | None = Field(None, ge=1)  # inner updates per rollout batch
+    num_workers: int = Field(1, ge=1)  # Learner actors (data parallel; > 1 needs deepspeed)
+    backend: Literal["torch", "deepspeed"] = "torch"
+    zero_stage: Literal[0, 2, 3] = 0  # DeepSpeed ZeRO stage
+    bf16: bool = False  # mixed precision in the learner
+    activation_checkpointing: bool = False  # DeepSpeed activation checkpointing (torch: model.gradient_checkpointing)
+    reference_model: bool | None = None  # None -> needed by the algorithm (beta > 0 with kl_reference "ref")
+
+
+class ResourcesConfig(_Section):
+    rollout_workers: int | None = Field(None, ge=1)  # None -> rollout.num_workers (they must agree)
+    learner_workers: int | None = Field(None, ge=1)  # None -> learner.num_workers
+    gpus_per_worker: float = Field(1.0, ge=0)  # 0: CPU
+    placement: Literal["colocated", "split"] = "split"
+    cpus_per_worker: int = Field(1, ge=1)
+
+
+class TrainerConfig(_Section):
+    total_steps: int = Field(100, ge=1)
+    mode: Literal["sync", "async"] = "sync"
+    max_staleness: int = Field(1, ge=0)  # async: how many policy versions a rollout may lag
+    checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
+    keep_last: int = Field(3, ge=1)
+    eval_every: int = Field(0, ge=0)  # 0: never
+    log: list[Literal["jsonl", "tensorboard", "wandb"]] = ["jsonl"]
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, min_length=1)  # None: a local cluster on 127.0.0.1
+    num_cpus: int | None = Field(None, ge=1)  # local cluster only
+    object_store_mb: int | None = Field(None, ge=64)  # local cluster only; None -> the launcher's cap
+
+
+# ----------------------------------------------------------------------------------------------------- recipe
+class Recipe(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    seed: int = Field(0, ge=0)
+    output_dir: str | None = None  # None -> runs/<name>
+    model: ModelConfig
+    rollout: RolloutConfig = RolloutConfig()
+    algorithm: AlgorithmConfig
+    estimator: EstimatorConfig | None = None  # None -> the algorithm's default (ESTIMATORS_FOR[name][0])
+    reward: list[RewardSpec] = Field(min_length=1)
+    data: DataConfig
+    learner: LearnerConfig = LearnerConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _complete_and_check(cls, data: Any, handler: Any) -> "Recipe":
+        # Two passes: validate, compute the defaults that depend on other sections from the typed result, validate
+        # the completed mapping again; then the cross-section checks see concrete values only.
+        if isinstance(data, dict):
+            data = _with_estimator_name(normalize_tagged(data))
+        recipe = handler(data)
+        fills = recipe_rules.derived_defaults(recipe)
+        if fills:
+            recipe = handler(deep_merge(recipe.model_dump(), fills))
+        problems = recipe_rules.problems(recipe)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise ValueError(problems[0] + more)
+        return recipe
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain mapping (JSON types only) that recipe_from_dict() turns back into an equal Recipe."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+
+def _with_estimator_name(data: dict) -> dict:
+    """Fill the estimator's `name` from the algorithm (the union needs its tag before validating anything)."""
+    algorithm = data.get("algorithm")
+    name = algorithm.get("name") if isinstance(algorithm, dict) else None
+    default = ESTIMATORS_FOR.get(name, (None,))[0] if isinstance(name, str) else None
+    estimator = data.get("estimator")
+    if default is None or (estimator is not None and not isinstance(estimator, dict)):
+        return data
+    if estimator is None or "name" not in estimator:
+        return {**data, "estimator": {**(estimator or {}), "name": default}}
+    return data
+
+
+# ------------------------------------------------------------------------------------------- loading, saving
+def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
+    """Validate a mapping; failures raise RecipeError("<source>: key.path: what is wrong")."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        message, _ = format_validation_error(exc, Recipe)
+        raise RecipeError(f"{source}: {message}") from None
+
+
+def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a recipe file, its `extends` chain (deep-merged, base first) and dotted `key=value` overrides.
+
+    The recipe's name defaults to the file's stem. Errors name the file that sets the offending key.
+    """
+    chain = read_chain(path)
+    merged: dict = {}
+    for _, data in chain:
+        merged = deep_merge(merged, data)
+    for override in overrides:
+        merged = apply_override(merged, override)
+    merged.setdefault("name", Path(path).stem)
+    try:
+        return Recipe.model_validate(merged)
+    except ValidationError as exc:
+        message, key_path = format_validation_error(exc, Recipe)
+        raise RecipeError(f"{origin_of(key_path, chain)}: {message}") from None
+
+
+def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
+    """Write the validated recipe as YAML, atomically (a resume must never read half a recipe)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(recipe.to_yaml())
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def resolve_kind(recipe: Recipe, kind: str, block_size: int | None = None) -> Recipe:
+    """The recipe with model.kind (and model.block_size, if unset) taken from the checkpoint, re-validated so that
+    kind-dependent defaults are filled and kind-dependent checks run. The launcher calls this after reading
+    config.json, e.g. resolve_kind(recipe, spec.kind, spec.block_size) with the loaded DiffusionSpec."""
+    if recipe.model.kind not in ("auto", kind):
+        raise RecipeError(f"recipe {recipe.name!r}: model.kind: recipe says {recipe.model.kind!r} "
+                          f"but the checkpoint is {kind!r}")
+    data = recipe.to_dict()
+    data["model"]["kind"] = kind
+    if block_size is not None and data["model"]["block_size"] is None:
+        data["model"]["block_size"] = block_size
+    if data == recipe.to_dict():
+        return recipe
+    return recipe_from_dict(data, source=f"recipe {recipe.name!r}")
+
+
+def check_paths(recipe: Recipe, base_dir: str | os.PathLike | None = None) -> None:
+    """Raise RecipeError naming the first field whose local path does not exist (relative to base_dir, default
+    the working directory). Kept out of validation so recipes with placeholder paths validate anywhere."""
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    wanted: list[tuple[str, str | None, bool]] = [  # (field, path, is a directory)
+        ("model.path", recipe.model.path, True),
+        ("data.train", recipe.data.train, False),
+        ("data.eval", recipe.data.eval, False),
+    ]
+    value_model = getattr(recipe.algorithm, "value_model", None)
+    if value_model is not None:
+        wanted.append(("algorithm.value_model.path", value_model.path, True))
+    wanted += [(f"reward.{i}.fn", spec.file, False) for i, spec in enumerate(recipe.reward)]
+    missing = []
+    for field, value, is_dir in wanted:
+        if value is None:
+            continue
+        full = base / Path(value).expanduser()
+        if not (full.is_dir() if is_dir else full.is_file()):
+            missing.append(f"{field}: {value}: no such {'directory' if is_dir else 'file'}")
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise RecipeError(f"recipe {recipe.name!r}: {missing[0]}{more}")

@@ -1,0 +1,276 @@
+"""How recipe sections relate: defaults that depend on other sections, and impossible combinations.
+
+derived_defaults() fills the fields a recipe left at None from the algorithm's published values and from the other
+sections. A check takes a Recipe whose sections are typed and whose derived defaults are filled, and returns None
+or one line "key.path: what is wrong" naming the key to change. Recipe validation (launch/recipe.py) runs them
+all and reports the first. Kind-dependent checks run only when the model kind is known (tiny models, an explicit
+`model.kind`, or after resolve_kind()).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from rollout.models.spec import default_spec_fields  # light: dataclasses only; the model layer's block defaults
+
+if TYPE_CHECKING:
+    from launch.recipe import Recipe
+
+BLOCK_CAUSAL_KINDS = frozenset({"block", "sdar"})  # TraDo/SDAR, Qwen converted to block diffusion
+FULL_ATTENTION_KINDS = frozenset({"llada", "dream"})
+TINY_KINDS = {"qwen3-block": "block", "sdar": "sdar", "llada": "llada", "dream": "dream"}
+
+# Estimators each algorithm can train with; the first is its default (filled in when the recipe omits it).
+ESTIMATORS_FOR: dict[str, tuple[str, ...]] = {
+    "diffu_grpo": ("one_step", "coupled", "random_mask"),
+    "gdpo": ("sdmc", "mc_elbo", "block_elbo"),
+    "cj_grpo": ("trajectory",),
+    "tracerl": ("trajectory",),
+    "coupled_grpo": ("coupled", "one_step", "random_mask"),
+    "wd1": ("one_step", "coupled", "random_mask"),
+    "spg": ("block_elbo", "mc_elbo", "sdmc"),
+    "random_mask_grpo": ("random_mask", "one_step", "coupled"),
+}
+# Why an algorithm is restricted to those estimators: said in the error.
+_ESTIMATOR_NEED = {
+    "gdpo": "a sequence-level ELBO", "spg": "a sequence-level ELBO", "cj_grpo": "the recorded decoding trajectory",
+    "tracerl": "the recorded decoding trajectory",
+}
+
+# Learner/rollout values published with each algorithm (ALGORITHMS.md), used where the recipe leaves None.
+PUBLISHED_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "diffu_grpo": {"learner": {"lr": 3e-6, "betas": (0.9, 0.99), "weight_decay": 0.1, "grad_clip": 0.2, "mu": 12},
+                   "rollout": {"samples_per_prompt": 6, "temperature": 0.9}},
+    "gdpo": {"learner": {"lr": 3e-7, "mu": 12}, "rollout": {"samples_per_prompt": 6}},
+    "tracerl": {"learner": {"lr": 1e-6, "grad_accum": 32}, "rollout": {"samples_per_prompt": 16, "temperature": 1.0}},
+    "coupled_grpo": {"learner": {"lr": 1e-6, "mu": 2}, "rollout": {"samples_per_prompt": 10}},
+    "spg": {"learner": {"mu": 4}},
+}
+GENERIC_DEFAULTS: dict[str, dict[str, Any]] = {
+    "learner": {"lr": 1e-6, "betas": (0.9, 0.999), "weight_decay": 0.0, "grad_clip": 1.0, "mu": 1, "grad_accum": 1},
+    "rollout": {"samples_per_prompt": 8, "temperature": 1.0},
+}
+
+
+def derived_defaults(r: Recipe) -> dict[str, Any]:
+    """Values for the fields left at None whose default depends on other sections (only those, nothing else)."""
+    fills: dict[str, dict[str, Any]] = {"model": {}, "rollout": {}, "learner": {}, "estimator": {}, "resources": {}}
+    top: dict[str, Any] = {}
+    if r.output_dir is None:
+        top["output_dir"] = f"runs/{r.name}"
+    if r.model.tiny is not None and r.model.tiny_vocab is None:
+        fills["model"]["tiny_vocab"] = "small"
+    if r.model.tiny is not None and r.model.kind == "auto":
+        fills["model"]["kind"] = TINY_KINDS[r.model.tiny]
+    published = PUBLISHED_DEFAULTS.get(r.algorithm.name, {})
+    for section in ("learner", "rollout"):
+        current = getattr(r, section)
+        for key, generic in GENERIC_DEFAULTS[section].items():
+            if getattr(current, key) is None:
+                fills[section][key] = published.get(section, {}).get(key, generic)
+    kind = r.model.declared_kind
+    if r.rollout.block_size is None and (r.model.block_size is not None or kind is not None):
+        # The model's block (block-causal: its training block; full attention: the semi-autoregressive one).
+        fills["rollout"]["block_size"] = r.model.block_size or default_spec_fields(kind)["block_size"]
+    if r.rollout.threshold is None and r.rollout.remasking == "low_confidence_dynamic":
+        fills["rollout"]["threshold"] = 0.9  # TraDo's dynamic decoding threshold
+    eoser = r.rollout.eoser
+    if eoser is not None and (eoser.schedule is None or eoser.gamma_min is None):
+        schedule = eoser.schedule or ("ass" if r.rollout.ass else "linear")
+        gamma_min = eoser.gamma_min if eoser.gamma_min is not None else (0.01 if schedule == "ass" else 0.4)
+        fills["rollout"]["eoser"] = {"schedule": schedule, "gamma_min": gamma_min}  # CJ-GRPO's published g_min
+    if getattr(r.estimator, "shrink", 0) is None and kind is not None:
+        fills["estimator"]["shrink"] = 1 if kind in BLOCK_CAUSAL_KINDS else 8  # TraceRL: block models / LLaDA
+    if r.learner.reference_model is None:
+        beta = getattr(r.algorithm, "beta", 0.0)
+        fills["learner"]["reference_model"] = beta > 0 and getattr(r.algorithm, "kl_reference", "old") == "ref"
+    if r.resources.rollout_workers is None:
+        fills["resources"]["rollout_workers"] = r.rollout.num_workers
+    if r.resources.learner_workers is None:
+        fills["resources"]["learner_workers"] = r.learner.num_workers
+    top.update({k: v for k, v in fills.items() if v})
+    return top
+
+
+Check = Callable[["Recipe"], "str | None"]
+
+
+# ------------------------------------------------------------------------------------------------------ model
+def _model_source(r: Recipe) -> str | None:
+    if (r.model.path is None) == (r.model.tiny is None):
+        return "model.path: set exactly one of model.path (a checkpoint directory) and model.tiny"
+    if r.model.tiny is None and r.model.tiny_vocab is not None:
+        return "model.tiny_vocab: only for tiny models (model.tiny)"
+    return None
+
+
+def _tiny_kind(r: Recipe) -> str | None:
+    if r.model.tiny and r.model.kind not in ("auto", TINY_KINDS[r.model.tiny]):
+        return f"model.kind: {r.model.kind!r} contradicts model.tiny {r.model.tiny!r} ({TINY_KINDS[r.model.tiny]!r})"
+    return None
+
+
+def _model_block(r: Recipe) -> str | None:
+    kind, block = r.model.declared_kind, r.model.block_size
+    if block is not None and kind in BLOCK_CAUSAL_KINDS and r.rollout.block_size != block:
+        return (f"rollout.block_size: {r.rollout.block_size} != model.block_size {block} "
+                "(a block-causal model decodes with the block it was trained with)")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- rollout
+def _max_tokens_blocks(r: Recipe) -> str | None:
+    block = r.rollout.block_size
+    if block is not None and r.rollout.max_tokens % block:
+        return f"rollout.max_tokens: {r.rollout.max_tokens} is not a multiple of rollout.block_size {block}"
+    return None
+
+
+def _steps(r: Recipe) -> str | None:
+    ro, block = r.rollout, r.rollout.block_size
+    if ro.steps is not None and ro.steps_per_block is not None:
+        return "rollout.steps: set either rollout.steps (total) or rollout.steps_per_block, not both"
+    if ro.ass and (ro.steps is not None or ro.steps_per_block is not None):
+        return "rollout.ass: the ASS schedule fixes the steps (log2 max_tokens); remove rollout.steps/steps_per_block"
+    if ro.steps_per_block is not None and block is not None and ro.steps_per_block > block:
+        return f"rollout.steps_per_block: {ro.steps_per_block} > block size {block} (a step unmasks >= 1 token)"
+    if ro.steps is not None and ro.steps > ro.max_tokens:
+        return f"rollout.steps: {ro.steps} > rollout.max_tokens {ro.max_tokens} (a step unmasks >= 1 token)"
+    if ro.steps is not None and block is not None and ro.steps % (ro.max_tokens // block):
+        return f"rollout.steps: {ro.steps} is not divisible by the number of blocks {ro.max_tokens // block}"
+    if block is not None and ro.min_tokens_per_step > block:
+        return f"rollout.min_tokens_per_step: {ro.min_tokens_per_step} > block size {block}"
+    return None
+
+
+def _threshold(r: Recipe) -> str | None:
+    ro = r.rollout
+    if ro.remasking == "low_confidence_dynamic" and not 0 < ro.threshold <= 1:
+        return f"rollout.threshold: {ro.threshold} outside (0, 1] (a confidence, for low_confidence_dynamic)"
+    if ro.remasking == "entropy_bounded" and (ro.threshold is None or ro.threshold <= 0):
+        return "rollout.threshold: entropy_bounded remasking needs a positive entropy bound"
+    if ro.threshold is not None and ro.remasking not in ("low_confidence_dynamic", "entropy_bounded"):
+        return f"rollout.threshold: unused by {ro.remasking!r} remasking (low_confidence_dynamic, entropy_bounded)"
+    return None
+
+
+def _full_attention_decoding(r: Recipe) -> str | None:
+    kind, ro = r.model.declared_kind, r.rollout
+    if kind in BLOCK_CAUSAL_KINDS and ro.eoser is not None:
+        return f"rollout.eoser: EOS early rejection needs a full-attention model, not a block-causal {kind!r} one"
+    if kind in BLOCK_CAUSAL_KINDS and ro.ass:
+        return f"rollout.ass: the ASS schedule needs a full-attention model, not a block-causal {kind!r} one"
+    if ro.ass and ro.block_size not in (None, ro.max_tokens):
+        return (f"rollout.block_size: {ro.block_size}, but ASS decodes the whole response as one block "
+                f"(set it to rollout.max_tokens {ro.max_tokens})")
+    if ro.eoser is not None and ro.eoser.schedule == "ass" and not ro.ass:
+        return "rollout.eoser.schedule: 'ass' follows the ASS step schedule; set rollout.ass: true or use 'linear'"
+    if kind in FULL_ATTENTION_KINDS and ro.cache == "kv":
+        return f"rollout.cache: an exact 'kv' cache needs block-causal attention; a {kind} model uses prefix or dual"
+    return None
+
+
+# -------------------------------------------------------------------------------------- algorithm, estimator
+def _group_size(r: Recipe) -> str | None:
+    if not hasattr(r.algorithm, "advantage") or getattr(r.algorithm, "value_model", None) is not None:
+        return None  # the value model gives advantages without a group
+    g = r.rollout.samples_per_prompt
+    if g < 2:
+        return f"rollout.samples_per_prompt: {g} < 2: {r.algorithm.name}'s group-relative advantage needs a group"
+    if r.rollout.temperature == 0 and r.rollout.remasking != "random":
+        return "rollout.temperature: 0 makes every sample of a group identical (zero advantage); use > 0"
+    return None
+
+
+def _estimator(r: Recipe) -> str | None:
+    allowed = ESTIMATORS_FOR[r.algorithm.name]
+    if r.estimator.name not in allowed:
+        need = _ESTIMATOR_NEED.get(r.algorithm.name, "token-level log-probs")
+        return (f"estimator.name: {r.algorithm.name} needs {need}: one of {', '.join(allowed)}, "
+                f"not {r.estimator.name!r}")
+    t_min, t_max = getattr(r.estimator, "t_min", 0.0), getattr(r.estimator, "t_max", 1.0)
+    if t_min >= t_max:
+        return f"estimator.t_min: {t_min} >= estimator.t_max {t_max}"
+    return None
+
+
+def _filter(r: Recipe) -> str | None:
+    f = getattr(r.algorithm, "filter", None)
+    if f is not None and f.accuracy_lo is not None and f.accuracy_hi is not None and f.accuracy_lo > f.accuracy_hi:
+        return f"algorithm.filter.accuracy_lo: {f.accuracy_lo} > algorithm.filter.accuracy_hi {f.accuracy_hi}"
+    return None
+
+
+def _reference_model(r: Recipe) -> str | None:
+    beta = getattr(r.algorithm, "beta", 0.0)
+    if beta > 0 and getattr(r.algorithm, "kl_reference", "old") == "ref" and not r.learner.reference_model:
+        return (f"learner.reference_model: false, but algorithm.beta {beta} > 0 with kl_reference 'ref' needs it "
+                "(or set algorithm.kl_reference: old)")
+    return None
+
+
+# ----------------------------------------------------------------------------------------- learner, workers
+def _backend(r: Recipe) -> str | None:
+    ln = r.learner
+    if ln.backend == "torch" and ln.zero_stage != 0:
+        return f"learner.zero_stage: ZeRO stage {ln.zero_stage} needs learner.backend: deepspeed"
+    if ln.backend == "torch" and ln.activation_checkpointing:
+        return "learner.activation_checkpointing: DeepSpeed only; with backend torch use model.gradient_checkpointing"
+    if ln.backend == "torch" and r.resources.learner_workers > 1:
+        return (f"resources.learner_workers: {r.resources.learner_workers} learners need learner.backend: "
+                "deepspeed (torch is a single process)")
+    return None
+
+
+def _workers_agree(r: Recipe) -> str | None:
+    if r.resources.rollout_workers != r.rollout.num_workers:
+        return (f"resources.rollout_workers: {r.resources.rollout_workers} != rollout.num_workers "
+                f"{r.rollout.num_workers} (set one)")
+    if r.resources.learner_workers != r.learner.num_workers:
+        return (f"resources.learner_workers: {r.resources.learner_workers} != learner.num_workers "
+                f"{r.learner.num_workers} (set one)")
+    return None
+
+
+def _prompts_split(r: Recipe) -> str | None:
+    n, workers = r.data.num_prompts_per_step, r.rollout.num_workers
+    if n % workers:
+        return f"data.num_prompts_per_step: {n} is not divisible by {workers} rollout workers"
+    return None
+
+
+# ------------------------------------------------------------------------------------------ data, trainer, ray
+def _data_source(r: Recipe) -> str | None:
+    if (r.data.train is None) == (r.data.task is None):
+        return "data.train: set exactly one of data.train (a file) and data.task (a generated toy task)"
+    if r.data.task_kwargs and r.data.task is None:
+        return "data.task_kwargs: only for a generated toy task (data.task)"
+    return None
+
+
+def _trainer(r: Recipe) -> str | None:
+    t = r.trainer
+    if t.mode == "async" and t.max_staleness < 1:
+        return f"trainer.max_staleness: {t.max_staleness} < 1 in async mode (use trainer.mode: sync for on-policy)"
+    if t.eval_every and r.data.eval is None and r.data.task is None:
+        return "trainer.eval_every: no evaluation data (set data.eval)"
+    return None
+
+
+def _ray(r: Recipe) -> str | None:
+    if r.ray.address is not None:
+        for key in ("num_cpus", "object_store_mb"):
+            if getattr(r.ray, key) is not None:
+                return f"ray.{key}: only for a local cluster, but ray.address is set"
+    return None
+
+
+CHECKS: tuple[Check, ...] = (
+    _model_source, _tiny_kind, _model_block, _max_tokens_blocks, _steps, _threshold, _full_attention_decoding,
+    _group_size, _estimator, _filter, _reference_model, _backend, _workers_agree, _prompts_split, _data_source,
+    _trainer, _ray,
+)
+
+
+def problems(recipe: Recipe) -> list[str]:
+    """Every failed check's message, in the order of CHECKS."""
+    return [msg for check in CHECKS if (msg := check(recipe)) is not None]
