@@ -1,0 +1,53 @@
+"""GDPO: sequence-level clipped objective on ELBO estimates (SDMC).
+
+r_i = exp((ELBO_theta(y_i) - ELBO_old(y_i)) / L_i), l_i = -min(r_i A_i, clip(r_i) A_i) [+ beta k3 on the
+length-normalised sequence log-ratio to ref or old]; default aggregation: mean over sequences, -(1/G) sum_g.
+"""
+from __future__ import annotations
+
+import torch
+
+from rl.algorithms.core import (LOSSES, LossConfig, Metrics, PolicyBatch, PolicyEstimates, aggregate,
+                                clipped_surrogate, common_metrics, counted_mask, finish, kl_penalty, masked_stats,
+                                normalizer_of, ratio_metrics, require, safe)
+
+
+@LOSSES.register("gdpo", clip_eps_low=0.5, beta=0.0, kl_target="ref", kl_estimator="k3",
+                 loss_agg="seq_mean_token_mean")
+def gdpo_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossConfig) -> tuple[torch.Tensor, Metrics]:
+    name = "gdpo"
+    mask = counted_mask(batch, est)
+    b = mask.shape[0]
+    seq = require(est, "seq_logp", (b,), name)
+    old = require(est, "seq_old_logp", (b,), name) if est.seq_old_logp is not None else seq
+    adv = require(batch, "advantages", (b,), name).detach().to(seq.dtype)
+    lengths = batch.lengths if batch.lengths is not None else mask.sum(1)
+    if lengths.shape != (b,):
+        raise ValueError(f"batch.lengths shape {tuple(lengths.shape)} != ({b},)")
+    scale = lengths.to(seq.dtype).clamp(min=1) if config.length_normalize else torch.ones_like(seq)
+    rows = mask.any(1)
+
+    log_ratio = safe((seq - old.detach()) / scale, rows)
+    if config.log_ratio_clamp is not None:
+        log_ratio = log_ratio.clamp(-config.log_ratio_clamp, config.log_ratio_clamp)
+    ratio = torch.exp(log_ratio)
+    pg_seq = safe(clipped_surrogate(ratio, adv, config.clip_eps_low, config.eps_high), rows)
+
+    norm = normalizer_of(batch, mask, config)
+    per_token = pg_seq[:, None].expand(mask.shape)
+    pg_loss = aggregate(per_token, mask, config.loss_agg, norm, step_ids=batch.step_ids)
+    kl_loss, kl_seq = None, None
+    if config.beta != 0:
+        target = est.seq_ref_logp if config.kl_target == "ref" else old
+        if target is None:
+            raise ValueError("loss 'gdpo' with kl_target='ref' needs estimates.seq_ref_logp")
+        kl_seq = safe(kl_penalty(seq / scale, target.detach() / scale, config.kl_estimator, config.kl_clamp), rows)
+        kl_loss = config.beta * aggregate(kl_seq[:, None].expand(mask.shape), mask, config.loss_agg, norm,
+                                          step_ids=batch.step_ids)
+
+    metrics = common_metrics(batch, est, mask, adv)
+    metrics.update(ratio_metrics(ratio, adv, rows, config))
+    metrics["elbo_per_token"] = masked_stats(seq / scale, rows)[0]
+    if kl_seq is not None:
+        metrics["kl"] = masked_stats(kl_seq, rows)[0]
+    return finish({"pg_loss": pg_loss, "kl_loss": kl_loss, "value_loss": None}, metrics)
