@@ -14,6 +14,19 @@ import torch
 UNDECODED = -1
 
 
+def block_local_steps(step_map: torch.Tensor, block_size: int) -> torch.Tensor:
+    """For each token, the index j of the denoising step within its own block that unmasked it.
+
+    TraceRL's pass j trains, in every block at once, the tokens of that block's j-th step. With dynamic decoding
+    blocks take different numbers of steps, so j is the rank of the token's step among its block's distinct steps.
+    """
+    local = torch.empty_like(step_map)
+    for start in range(0, step_map.numel(), block_size):
+        steps = step_map[start:start + block_size]
+        local[start:start + block_size] = torch.searchsorted(torch.unique(steps), steps)
+    return local
+
+
 @dataclass
 class Trajectory:
     prompt_ids: torch.Tensor  # (P,) long: the prompt exactly as the model saw it (no padding)
@@ -49,18 +62,7 @@ class Trajectory:
         return state
 
     def block_local_steps(self) -> torch.Tensor:
-        """For each token, the index j of the denoising step within its own block that unmasked it.
-
-        TraceRL's pass j trains, in every block at once, the tokens of that block's j-th step. With dynamic
-        decoding blocks take different numbers of steps, so j is the rank of the token's step among the distinct
-        steps of its block.
-        """
-        local = torch.empty_like(self.step_map)
-        for start in range(0, self.response_length, self.block_size):
-            steps = self.step_map[start:start + self.block_size]
-            distinct = torch.unique(steps)  # sorted ascending
-            local[start:start + self.block_size] = torch.searchsorted(distinct, steps)
-        return local
+        return block_local_steps(self.step_map, self.block_size)
 
     def validate(self) -> None:
         """Raise ValueError naming the first field that breaks the contract."""

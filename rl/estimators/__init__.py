@@ -1,1 +1,9 @@
-"""Likelihood estimators, registered by name in `rl.estimators.base.ESTIMATORS`."""
+"""Likelihood estimators, registered by name: `get_estimator("sdmc")(policy, inp, seed=..., inner_iter=...)`."""
+
+
+def get_estimator(name: str):
+    """The registered estimator `name` (importing the modules registers them; they load no model)."""
+    from rl.estimators import elbo, trajectory  # noqa: F401  (registration side effect)
+    from rl.estimators.base import ESTIMATORS
+
+    return ESTIMATORS.get(name)

@@ -3,11 +3,11 @@
 An estimator turns a batch of (prompt, response) pairs into log-likelihood estimates under a policy:
 per token (`token_logp`, for token-level losses) and per sequence (`seq_logp`, for GDPO/SPG), plus the bookkeeping
 losses need. Randomness comes only from per-sample generators seeded from (base seed, sample key, inner
-iteration), so the old, reference and current policies of one sample see the same masks whatever the batch shape.
+iteration) by `rl.masking.sample_generator`, so the old, reference and current policies of one sample see the
+same masks whatever the batch shape.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,12 +52,6 @@ class Estimate:
     entropy: torch.Tensor | None = None  # (B, Lmax) predictive entropy where scored
     hidden: torch.Tensor | None = None  # (B, Lmax, H) hidden state at each noisy response position
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def sample_generator(seed: int, key: str, inner_iter: int = 0, salt: str = "") -> torch.Generator:
-    """A generator owned by one sample: a stable hash (never Python's salted hash()) of its identity."""
-    digest = hashlib.sha256(f"{seed}|{key}|{inner_iter}|{salt}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
 def padded(rows: list[torch.Tensor], width: int, fill=0, dtype=None) -> torch.Tensor:

@@ -17,15 +17,7 @@ from __future__ import annotations
 import torch
 
 from rl.estimators.base import ESTIMATORS, Estimate, EstimatorInput, padded, token_mask_of
-
-
-def block_local_steps(step_map: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Rank of each token's step among the distinct steps of its block."""
-    local = torch.empty_like(step_map)
-    for start in range(0, step_map.numel(), block_size):
-        steps = step_map[start:start + block_size]
-        local[start:start + block_size] = torch.searchsorted(torch.unique(steps), steps)
-    return local
+from rollout.trajectory import block_local_steps
 
 
 def step_groups(inp: EstimatorInput, block_model: bool, block_size: int, shrink: int) -> list[torch.Tensor]:
@@ -86,5 +78,5 @@ def trajectory_estimator(policy, inp: EstimatorInput, *, seed: int = 0, inner_it
     step_ids = padded([g.to(torch.long) for g in groups], width, fill=-1).to(device)
     return Estimate(
         token_logp=token_logp, seq_logp=(token_logp * mask).sum(-1), token_mask=mask, forwards=forwards,
-        step_ids=step_ids, entropy=entropy, hidden=hidden,
+        step_ids=step_ids, entropy=entropy, hidden=hidden, extra={"token_elbo": token_logp},
     )

@@ -1,0 +1,122 @@
+"""Mask-sampling likelihood estimators: one_step (d1), mc_elbo (LLaDA), sdmc (GDPO), coupled (DiffuCoder),
+block_elbo (BD3-LM/SDAR), random_mask (UniGRPO).
+
+Each draws K masked copies of every response with the sampler of the same name in `rl.masking` (per-sample
+generators: common random numbers), scores the masked positions of all B*K copies in batched forward passes, and
+combines them with the sampler's token weights:
+- `seq_logp`   = sum_k sum_i w_ki log p_ki: the ELBO estimate (the sum of one-step log-probs for one_step);
+- `token_elbo` = the per-token terms of that sum;
+- `token_logp` = the plain log-prob of each token averaged over the copies that masked it, for token-level ratios.
+Masks cover the whole decoded response (what the model generated, trailing EOS padding included); `token_mask`
+limits token-level losses to tokens through the first EOS.
+"""
+from __future__ import annotations
+
+import torch
+
+from rl.estimators.base import ESTIMATORS, Estimate, EstimatorInput, token_mask_of
+from rl.masking import MaskDraw, draw_masks
+
+# Masked copies scored per forward call: bounds activation memory on long responses.
+MAX_ROWS_PER_FORWARD = 64
+
+
+def score_draws(policy, inp: EstimatorInput, draws: list[MaskDraw], *, temperature: float = 1.0,
+                return_entropy: bool = False, return_hidden: bool = False,
+                max_rows: int = MAX_ROWS_PER_FORWARD) -> Estimate:
+    """Score every masked copy of every sample and combine them with the draws' weights."""
+    mask_id = policy.spec.mask_token_id
+    rows = []  # (sample, copy k)
+    for b, draw in enumerate(draws):
+        rows.extend((b, k) for k in range(draw.num_forwards))
+    width = max(inp.length(b) for b in range(len(inp)))
+    device = policy.device
+    bsz = len(inp)
+    elbo_terms = torch.zeros((bsz, width), device=device)
+    plain_sum = torch.zeros((bsz, width), device=device)
+    times_masked = torch.zeros((bsz, width), device=device)
+    entropy = torch.zeros((bsz, width), device=device) if return_entropy else None
+    hidden = torch.zeros((bsz, width, policy.hidden_size), device=device) if return_hidden else None
+    for start in range(0, len(rows), max_rows):
+        chunk = rows[start:start + max_rows]
+        prompts, clean, noisy, score = [], [], [], []
+        for b, k in chunk:
+            draw, response, prompt = draws[b], inp.responses[b], inp.prompts[b]
+            masks = draw.masks[k]
+            noisy.append(torch.where(masks, torch.full_like(response, mask_id), response))
+            if draw.prompt_masks is not None and draw.prompt_masks.shape[1]:
+                prompt = torch.where(draw.prompt_masks[k], torch.full_like(prompt, mask_id), prompt)
+            prompts.append(prompt)
+            clean.append(response)
+            score.append(masks)
+        out = policy.score_responses(prompts, clean, noisy, score_mask=score, temperature=temperature,
+                                     return_entropy=return_entropy, return_hidden=return_hidden)
+        for row, (b, k) in enumerate(chunk):
+            n = inp.length(b)
+            weights = draws[b].token_weights[k].to(device)
+            masked = draws[b].masks[k].to(device)
+            logp = out.logprobs[row, :n]
+            elbo_terms[b, :n] = elbo_terms[b, :n] + weights * logp
+            plain_sum[b, :n] = plain_sum[b, :n] + torch.where(masked, logp, torch.zeros_like(logp))
+            times_masked[b, :n] = times_masked[b, :n] + masked
+            if return_entropy:
+                entropy[b, :n] = entropy[b, :n] + torch.where(masked, out.entropy[row, :n], 0.0)
+            if return_hidden:
+                hidden[b, :n] = torch.where(masked[:, None], out.hidden[row, :n], hidden[b, :n])
+    seen = times_masked > 0
+    token_logp = plain_sum / times_masked.clamp(min=1)
+    if return_entropy:
+        entropy = entropy / times_masked.clamp(min=1)
+    return Estimate(
+        token_logp=token_logp, seq_logp=elbo_terms.sum(-1), token_mask=token_mask_of(inp, device) & seen,
+        forwards=max(d.num_forwards for d in draws), entropy=entropy, hidden=hidden,
+        extra={"token_elbo": elbo_terms},
+    )
+
+
+def _estimate(sampler: str, policy, inp: EstimatorInput, seed: int, inner_iter: int, options: dict,
+              temperature: float, return_entropy: bool, return_hidden: bool) -> Estimate:
+    lengths = [inp.length(b) for b in range(len(inp))]
+    draws = draw_masks(sampler, lengths, inp.sample_keys, base_seed=seed, inner_iter=inner_iter, **options)
+    return score_draws(policy, inp, draws, temperature=temperature, return_entropy=return_entropy,
+                       return_hidden=return_hidden)
+
+
+def _register(name: str, **defaults):
+    """Register a sampler-backed estimator: its keyword options go to the sampler of the same name."""
+
+    def estimator(policy, inp: EstimatorInput, *, seed: int = 0, inner_iter: int = 0, temperature: float = 1.0,
+                  return_entropy: bool = False, return_hidden: bool = False, **options) -> Estimate:
+        if name == "block_elbo":
+            if not policy.spec.is_block:
+                raise ValueError("estimator 'block_elbo' needs a block-diffusion model (model attention is full)")
+            options.setdefault("block_size", inp.block_size or policy.spec.block_size)
+        if name == "one_step":
+            # d1 masks prompt tokens too; each sample's prompt gets its own draw from the same generator.
+            return _one_step(policy, inp, seed, inner_iter, options, temperature, return_entropy, return_hidden)
+        return _estimate(name, policy, inp, seed, inner_iter, {**defaults, **options}, temperature,
+                         return_entropy, return_hidden)
+
+    estimator.__name__ = f"{name}_estimator"
+    estimator.__doc__ = f"Mask-sampling estimator backed by `rl.masking.{name}`."
+    ESTIMATORS.register(name, **defaults)(estimator)
+    return estimator
+
+
+def _one_step(policy, inp, seed, inner_iter, options, temperature, return_entropy, return_hidden) -> Estimate:
+    from rl.masking import MASK_SAMPLERS, sample_generator
+
+    sampler = MASK_SAMPLERS.get("one_step")
+    p_mask = options.get("p_mask", 0.15)
+    draws = [sampler(inp.length(b), sample_generator(seed, inp.sample_keys[b], inner_iter),
+                     prompt_length=inp.prompts[b].numel(), p_mask=p_mask) for b in range(len(inp))]
+    return score_draws(policy, inp, draws, temperature=temperature, return_entropy=return_entropy,
+                       return_hidden=return_hidden)
+
+
+one_step_estimator = _register("one_step", p_mask=0.15)
+mc_elbo_estimator = _register("mc_elbo", num_samples=4)
+sdmc_estimator = _register("sdmc", rule="gauss", nodes=3)
+coupled_estimator = _register("coupled", num_pairs=1, t_min=0.2, t_max=0.8)
+block_elbo_estimator = _register("block_elbo", num_samples=1)
+random_mask_estimator = _register("random_mask", num_samples=2, t_min=0.1, t_max=0.9)
