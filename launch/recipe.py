@@ -7,30 +7,23 @@ Every section forbids unknown keys. `algorithm` and `estimator` are unions discr
 is its own class carrying only its parameters, with its authors' published defaults (shared/ALGORITHMS.md).
 A field left at None that has a published or derived default (learner.lr, rollout.samples_per_prompt,
 estimator, output_dir...) is filled in during validation, so a validated Recipe is concrete and `to_dict()`
-reloads to an equal Recipe. Those defaults and the checks rejecting impossible combinations live in launch/recipe_rules.py.
-Failures raise RecipeError with one line naming the file and key path. Only pydantic and yaml are imported:
-no Ray, torch or transformers.
+reloads to an equal Recipe. Those defaults and the checks rejecting impossible combinations live in
+launch/recipe_rules.py. Failures raise RecipeError with one line naming the file and key path. Only pydantic, yaml
+and the model layer's light spec module are imported: no Ray, torch or transformers.
 """
 from __future__ import annotations
 
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Sequence, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from launch import recipe_rules
-from launch.recipe_rules import (
-    BLOCK_CAUSAL_KINDS,
-    ESTIMATORS_FOR,
-    FULL_ATTENTION_KINDS,
-    GENERIC_DEFAULTS,
-    PUBLISHED_DEFAULTS,
-    TINY_KINDS,
-)
 from launch.recipe_io import (
     RecipeError,
     apply_override,
@@ -40,11 +33,29 @@ from launch.recipe_io import (
     origin_of,
     read_chain,
 )
+from launch.recipe_rules import (
+    BLOCK_CAUSAL_KINDS,
+    ESTIMATORS_FOR,
+    FULL_ATTENTION_KINDS,
+    GENERIC_DEFAULTS,
+    PUBLISHED_DEFAULTS,
+    TINY_KINDS,
+)
 
 __all__ = [
-    "RecipeError", "Recipe", "load_recipe", "recipe_from_dict", "save_recipe", "check_paths", "resolve_kind",
-    "BLOCK_CAUSAL_KINDS", "FULL_ATTENTION_KINDS", "TINY_KINDS", "ESTIMATORS_FOR", "PUBLISHED_DEFAULTS",
+    "BLOCK_CAUSAL_KINDS",
+    "ESTIMATORS_FOR",
+    "FULL_ATTENTION_KINDS",
     "GENERIC_DEFAULTS",
+    "PUBLISHED_DEFAULTS",
+    "TINY_KINDS",
+    "Recipe",
+    "RecipeError",
+    "check_paths",
+    "load_recipe",
+    "recipe_from_dict",
+    "resolve_kind",
+    "save_recipe",
 ]
 
 
@@ -121,6 +132,13 @@ class FilterConfig(_Section):
     accuracy_hi: Fraction | None = None
 
 
+class TraceRLFilter(FilterConfig):
+    """TraceRL's filter as class defaults, so that a recipe setting one bound keeps the other."""
+
+    accuracy_lo: Fraction | None = 0.2
+    accuracy_hi: Fraction | None = 0.8
+
+
 class ValueModelConfig(_Section):
     """TraceRL's value model (published: value lr 5e-6, clip 0.2, gamma = lambda = 1)."""
 
@@ -184,7 +202,7 @@ class TraceRL(_ClippedPolicyGradient):
     kl_reference: Literal["ref", "old"] = "old"
     ratio_clamp: float | None = Field(10.0, gt=0)
     advantage: AdvantageKind = "zscore"
-    filter: FilterConfig = FilterConfig(accuracy_lo=0.2, accuracy_hi=0.8)
+    filter: TraceRLFilter = TraceRLFilter()
     loss_agg: LossAgg = "token_mean"
     value_model: ValueModelConfig | None = None
 
@@ -227,7 +245,7 @@ class RandomMaskGRPO(_ClippedPolicyGradient):
 
 
 AlgorithmConfig = Annotated[
-    Union[DiffuGRPO, GDPO, CJGRPO, TraceRL, CoupledGRPO, WD1, SPG, RandomMaskGRPO], Field(discriminator="name")
+    DiffuGRPO | GDPO | CJGRPO | TraceRL | CoupledGRPO | WD1 | SPG | RandomMaskGRPO, Field(discriminator="name")
 ]
 
 
@@ -276,8 +294,8 @@ class RandomMaskEstimator(_Section):
 
 
 EstimatorConfig = Annotated[
-    Union[OneStepEstimator, MCElboEstimator, SDMCEstimator, CoupledEstimator, BlockElboEstimator,
-          TrajectoryEstimator, RandomMaskEstimator],
+    OneStepEstimator | MCElboEstimator | SDMCEstimator | CoupledEstimator | BlockElboEstimator
+    | TrajectoryEstimator | RandomMaskEstimator,
     Field(discriminator="name"),
 ]
 
@@ -391,7 +409,7 @@ class Recipe(_Section):
 
     @model_validator(mode="wrap")
     @classmethod
-    def _complete_and_check(cls, data: Any, handler: Any) -> "Recipe":
+    def _complete_and_check(cls, data: Any, handler: Any) -> Recipe:
         # Two passes: validate, compute the defaults that depend on other sections from the typed result, validate
         # the completed mapping again; then the cross-section checks see concrete values only.
         if isinstance(data, dict):

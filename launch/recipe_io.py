@@ -10,8 +10,9 @@ import difflib
 import re
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Literal, Union
+from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -58,7 +59,7 @@ _RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 def parse_yaml(text: str, source: str) -> Any:
     """YAML text -> Python objects; errors become one line naming `source` and the line."""
     try:
-        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_RecipeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
@@ -242,7 +243,7 @@ def _suggest(word: str, options: Iterable[str]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
-def _key_hint(key: str, walk: "_Walk") -> str:
+def _key_hint(key: str, walk: _Walk) -> str:
     hint = _suggest(key, walk.holder.model_fields if walk.holder is not None else ())
     if hint or not walk.siblings:
         return hint

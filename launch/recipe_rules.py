@@ -8,7 +8,8 @@ all and reports the first. Kind-dependent checks run only when the model kind is
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from rollout.models.spec import default_spec_fields  # light: dataclasses only; the model layer's block defaults
 
@@ -68,9 +69,9 @@ def derived_defaults(r: Recipe) -> dict[str, Any]:
             if getattr(current, key) is None:
                 fills[section][key] = published.get(section, {}).get(key, generic)
     kind = r.model.declared_kind
-    if r.rollout.block_size is None and (r.model.block_size is not None or kind is not None):
-        # The model's block (block-causal: its training block; full attention: the semi-autoregressive one).
-        fills["rollout"]["block_size"] = r.model.block_size or default_spec_fields(kind)["block_size"]
+    block = _default_decode_block(r, kind)
+    if r.rollout.block_size is None and block is not None:
+        fills["rollout"]["block_size"] = block
     if r.rollout.threshold is None and r.rollout.remasking == "low_confidence_dynamic":
         fills["rollout"]["threshold"] = 0.9  # TraDo's dynamic decoding threshold
     eoser = r.rollout.eoser
@@ -89,6 +90,19 @@ def derived_defaults(r: Recipe) -> dict[str, Any]:
         fills["resources"]["learner_workers"] = r.learner.num_workers
     top.update({k: v for k, v in fills.items() if v})
     return top
+
+
+def _default_decode_block(r: Recipe, kind: str | None) -> int | None:
+    """The decoding block when the recipe gives none: the model's (block-causal: its training block; full
+    attention: its semi-autoregressive block, at most the response), or the whole response under ASS."""
+    if r.rollout.ass:
+        return r.rollout.max_tokens
+    if r.model.block_size is not None:
+        return r.model.block_size
+    if kind is None:
+        return None
+    block = default_spec_fields(kind)["block_size"]
+    return block if kind in BLOCK_CAUSAL_KINDS else min(block, r.rollout.max_tokens)
 
 
 Check = Callable[["Recipe"], "str | None"]
@@ -215,19 +229,18 @@ def _backend(r: Recipe) -> str | None:
         return f"learner.zero_stage: ZeRO stage {ln.zero_stage} needs learner.backend: deepspeed"
     if ln.backend == "torch" and ln.activation_checkpointing:
         return "learner.activation_checkpointing: DeepSpeed only; with backend torch use model.gradient_checkpointing"
-    if ln.backend == "torch" and r.resources.learner_workers > 1:
-        return (f"resources.learner_workers: {r.resources.learner_workers} learners need learner.backend: "
-                "deepspeed (torch is a single process)")
+    if ln.backend == "torch" and ln.num_workers > 1:
+        return f"learner.num_workers: {ln.num_workers} learners need learner.backend: deepspeed (torch is one process)"
     return None
 
 
 def _workers_agree(r: Recipe) -> str | None:
     if r.resources.rollout_workers != r.rollout.num_workers:
         return (f"resources.rollout_workers: {r.resources.rollout_workers} != rollout.num_workers "
-                f"{r.rollout.num_workers} (set one)")
+                f"{r.rollout.num_workers} (setting rollout.num_workers is enough)")
     if r.resources.learner_workers != r.learner.num_workers:
         return (f"resources.learner_workers: {r.resources.learner_workers} != learner.num_workers "
-                f"{r.learner.num_workers} (set one)")
+                f"{r.learner.num_workers} (setting learner.num_workers is enough)")
     return None
 
 
@@ -266,7 +279,7 @@ def _ray(r: Recipe) -> str | None:
 
 CHECKS: tuple[Check, ...] = (
     _model_source, _tiny_kind, _model_block, _max_tokens_blocks, _steps, _threshold, _full_attention_decoding,
-    _group_size, _estimator, _filter, _reference_model, _backend, _workers_agree, _prompts_split, _data_source,
+    _group_size, _estimator, _filter, _reference_model, _workers_agree, _backend, _prompts_split, _data_source,
     _trainer, _ray,
 )
 

@@ -1,0 +1,67 @@
+"""Every shipped recipe validates and says what its comments say."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from launch.recipe import load_recipe
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+EXPECTED = {
+    "tracerl-trado-math.yaml", "tracerl-trado-math-value.yaml", "tracerl-sdar.yaml", "diffu-grpo-llada-gsm8k.yaml",
+    "gdpo-llada-gauss3.yaml", "cj-grpo-llada-eoser-ass.yaml", "coupled-grpo-dream-code.yaml", "tiny-base.yaml",
+    "tiny-tracerl.yaml", "tiny-diffu-grpo.yaml", "tiny-gdpo.yaml",
+}
+
+
+def test_the_expected_recipes_exist():
+    assert EXPECTED <= {p.name for p in RECIPES.glob("*.yaml")}
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in RECIPES.glob("*.yaml")))
+def test_recipe_validates(name):
+    recipe = load_recipe(RECIPES / name)
+    assert recipe.name == Path(name).stem or name == "tiny-base.yaml"
+
+
+def test_trado_recipe_has_the_published_setup():
+    r = load_recipe(RECIPES / "tracerl-trado-math.yaml")
+    assert (r.model.kind, r.rollout.block_size, r.rollout.steps_per_block) == ("sdar", 4, 4)
+    assert (r.rollout.remasking, r.rollout.threshold, r.rollout.temperature) == ("low_confidence_dynamic", 0.9, 1.0)
+    assert (r.data.num_prompts_per_step, r.rollout.samples_per_prompt, r.rollout.max_tokens) == (64, 16, 2000)
+    assert (r.learner.lr, r.learner.grad_accum, r.trainer.total_steps) == (1e-6, 32, 80)
+    assert (r.algorithm.name, r.algorithm.clip_eps_low, r.algorithm.beta, r.estimator.name) == \
+        ("tracerl", 0.2, 0.01, "trajectory")
+    assert r.algorithm.value_model is None
+    value = load_recipe(RECIPES / "tracerl-trado-math-value.yaml")
+    assert (value.algorithm.value_model.lr, value.algorithm.value_model.clip) == (5e-6, 0.2)
+    assert value.model_copy(update={"name": r.name, "output_dir": r.output_dir, "algorithm": r.algorithm}) == r
+
+
+def test_llada_recipes_have_the_published_setup():
+    d1 = load_recipe(RECIPES / "diffu-grpo-llada-gsm8k.yaml")
+    assert (d1.learner.lr, d1.learner.betas, d1.learner.weight_decay, d1.learner.grad_clip, d1.learner.mu) == \
+        (3e-6, (0.9, 0.99), 0.1, 0.2, 12)
+    assert (d1.rollout.samples_per_prompt, d1.rollout.max_tokens, d1.rollout.block_size, d1.rollout.steps,
+            d1.rollout.temperature) == (6, 256, 32, 128, 0.9)
+    assert (d1.model.lora.r, d1.model.lora.alpha, d1.estimator.name) == (128, 64, "one_step")
+    gdpo = load_recipe(RECIPES / "gdpo-llada-gauss3.yaml")
+    assert (gdpo.learner.lr, gdpo.algorithm.beta, gdpo.estimator.quadrature, gdpo.learner.reference_model) == \
+        (3e-7, 0.0, "gauss-3", False)
+    cj = load_recipe(RECIPES / "cj-grpo-llada-eoser-ass.yaml")
+    assert (cj.rollout.ass, cj.rollout.eoser.gamma_min, cj.rollout.eoser.schedule, cj.rollout.steps) == \
+        (True, 0.01, "ass", None)
+    assert (cj.algorithm.name, cj.estimator.name) == ("cj_grpo", "trajectory")
+
+
+def test_coupled_and_tiny_recipes():
+    coupled = load_recipe(RECIPES / "coupled-grpo-dream-code.yaml")
+    assert (coupled.algorithm.beta, coupled.rollout.samples_per_prompt, coupled.learner.mu, coupled.learner.lr) == \
+        (0.01, 10, 2, 1e-6)
+    assert (coupled.estimator.t_min, coupled.estimator.t_max, coupled.reward[0].fn) == (0.2, 0.8, "code")
+    for name, algorithm in [("tiny-tracerl", "tracerl"), ("tiny-diffu-grpo", "diffu_grpo"), ("tiny-gdpo", "gdpo")]:
+        tiny = load_recipe(RECIPES / f"{name}.yaml")
+        assert tiny.algorithm.name == algorithm and tiny.model.tiny is not None
+        assert tiny.resources.gpus_per_worker == 0 and tiny.trainer.total_steps <= 3
+        assert tiny.data.task == "arithmetic"
