@@ -112,11 +112,30 @@ class DiffusionPolicy:
                 selected = hidden if logits_at is None else _gather_rows(hidden, logits_at)
                 logits = self.logits_from_hidden(selected)
             return ForwardOutput(logits, hidden if return_hidden else None, cache)
-        # Remote-code models (LLaDA, Dream): whole-sequence logits, then select.
-        out = self.model(
-            input_ids=input_ids, attention_mask=attn_bias, position_ids=position_ids,
-            past_key_values=past_key_values, use_cache=use_cache, output_hidden_states=return_hidden,
-        )
+        return self._remote_forward(input_ids, position_ids, attn_bias, past_key_values, use_cache, logits_at,
+                                    return_hidden)
+
+    def _remote_forward(self, input_ids, position_ids, attn_bias, past_key_values, use_cache, logits_at,
+                        return_hidden) -> ForwardOutput:
+        """Models with their own code (LLaDA, Dream) are full-attention and take at most a 2D padding mask.
+
+        Only keyword arguments their forward declares are passed (LLaDA's has no position_ids), and the mask is
+        reduced to key validity, dropped entirely when nothing is padded.
+        """
+        if self.spec.is_block:
+            raise ValueError("model: block-causal decoding needs transformers' own classes, not remote code")
+        accepted = _forward_params(self.model)
+        key_valid = (attn_bias[:, 0] == 0).any(dim=1)
+        kwargs = {"input_ids": input_ids}
+        if not bool(key_valid.all()):
+            kwargs["attention_mask"] = key_valid.long()
+        if "position_ids" in accepted:
+            kwargs["position_ids"] = position_ids
+        if use_cache or past_key_values is not None:
+            kwargs.update(past_key_values=past_key_values, use_cache=use_cache)
+        if return_hidden:
+            kwargs["output_hidden_states"] = True
+        out = self.model(**kwargs)
         logits = out.logits if logits_at is None else _gather_rows(out.logits, logits_at)
         hidden = out.hidden_states[-1] if return_hidden else None
         return ForwardOutput(logits, hidden, getattr(out, "past_key_values", None) if use_cache else None)
@@ -190,15 +209,21 @@ class DiffusionPolicy:
             n = clean.numel()
             targets[b, :n] = clean.to(device)
             valid[b, :n] = True if score_mask is None else score_mask[b].to(device).bool()
+        native = self.native
         out = self.forward(
             packed.input_ids, packed.position_ids, packed.attn_bias,
-            return_hidden=True, compute_logits=False,
+            return_hidden=native or return_hidden, compute_logits=not native,
         )
         rows, cols = valid.nonzero(as_tuple=True)
-        hidden_rows = out.hidden[rows, packed.target_pos[rows, cols]]
-        logp_rows, ent_rows = token_logprobs(
-            self, hidden_rows, targets[rows, cols], temperature=temperature, with_entropy=return_entropy
-        )
+        if native:
+            # Project only the hidden states of scored positions onto the vocabulary.
+            source = out.hidden[rows, packed.target_pos[rows, cols]]
+            logp_rows, ent_rows = token_logprobs(self, source, targets[rows, cols], temperature=temperature,
+                                                 with_entropy=return_entropy)
+        else:
+            logits = out.logits[rows, packed.target_pos[rows, cols]]
+            logp_rows, ent_rows = token_logprobs(self, logits, targets[rows, cols], temperature=temperature,
+                                                 with_entropy=return_entropy, are_logits=True)
         logprobs = torch.zeros((bsz, max_len), dtype=logp_rows.dtype, device=device)
         logprobs = logprobs.index_put((rows, cols), logp_rows)
         entropy = None
@@ -218,11 +243,14 @@ def token_logprobs(
     *,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    are_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log-softmax of the vocabulary projection of (N, H) hidden rows, gathered at (N,) targets, chunked."""
+    """log-softmax of the vocabulary projection of (N, H) hidden rows (or of (N, V) logits when `are_logits`),
+    gathered at (N,) targets, chunked so the (rows x vocab) buffer stays bounded."""
     logps, ents = [], []
     for start in range(0, hidden_rows.shape[0], LOGIT_CHUNK_ROWS):
-        logits = policy.logits_from_hidden(hidden_rows[start:start + LOGIT_CHUNK_ROWS]).float()
+        chunk = hidden_rows[start:start + LOGIT_CHUNK_ROWS]
+        logits = (chunk if are_logits else policy.logits_from_hidden(chunk)).float()
         if temperature != 1.0:
             logits = logits / temperature
         logp_all = F.log_softmax(logits, dim=-1)
@@ -233,6 +261,12 @@ def token_logprobs(
         empty = hidden_rows.new_zeros((0,), dtype=torch.float32)
         return empty, (empty if with_entropy else None)
     return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
+
+
+def _forward_params(model) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(model.forward).parameters)
 
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

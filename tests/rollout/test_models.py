@@ -239,3 +239,34 @@ def test_bad_checkpoints_fail_with_one_line_naming_the_file(tiny_model_dirs, tmp
     text = str(err.value)
     assert message in text and "\n" not in text
     assert str(broken) in text
+
+
+@pytest.mark.parametrize("kind", ["llada", "dream"])
+def test_remote_code_checkpoints_need_permission_and_match_native(tmp_path, kind):
+    from rollout.models.tiny_remote import make_tiny_remote_code_policy
+
+    path = make_tiny_remote_code_policy(kind, tmp_path / kind)
+    with pytest.raises(ModelLoadError, match="trust_remote_code"):
+        load_policy(path)
+    remote = load_policy(path, trust_remote_code=True)
+    assert not remote.native and remote.spec.kind == kind
+    assert remote.spec.logits_shift == (kind == "dream")
+    # The same weights driven natively through our own full-attention mask.
+    native_dir = tmp_path / "native"
+    shutil.copytree(path, native_dir)
+    cfg = json.loads((native_dir / "config.json").read_text())
+    for key in ("auto_map", "architectures"):
+        cfg.pop(key)
+    cfg["model_type"] = "llama"
+    (native_dir / "config.json").write_text(json.dumps(cfg))
+    (native_dir / "diffrl.json").write_text(json.dumps({"kind": kind}))
+    native = load_policy(native_dir)
+    assert native.native
+    prompts = [_random_ids(native, 4, seed=20), _random_ids(native, 2, seed=21)]
+    responses = [_random_ids(native, 6, seed=22), _random_ids(native, 3, seed=23)]
+    noisy = [torch.where(torch.arange(r.numel()) % 2 == 0, native.spec.mask_token_id, r) for r in responses]
+    with torch.no_grad():
+        a = remote.score_responses(prompts, responses, noisy, return_entropy=True)
+        b = native.score_responses(prompts, responses, noisy, return_entropy=True)
+    assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+    assert torch.allclose(a.entropy, b.entropy, atol=1e-5)
