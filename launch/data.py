@@ -1,0 +1,261 @@
+"""Prompt data for RL: a file (jsonl / json / parquet read through `datasets`) or a generated toy task, encoded
+once with the policy's tokenizer, and served in a deterministic order that a cursor can resume exactly.
+
+    prompts = load_prompts(recipe.data, tokenizer, split="train", seed=recipe.seed)
+    sampler = PromptSampler(len(prompts), seed=recipe.seed, shuffle=recipe.data.shuffle)
+    batch = [prompts[i] for i in sampler.take(recipe.data.num_prompts_per_step)]
+    sampler.state_dict()  # {"position": ..., ...}: saved in every checkpoint
+
+Order: epoch e visits the rows in the permutation drawn from numpy's PCG64 seeded with (seed, e): it depends on
+nothing but the seed, the epoch and the number of rows, so a resumed run sees exactly the prompts the
+uninterrupted run would have, across epoch boundaries too.
+
+Bad input fails here, before anything starts, with one line naming the file, the row and the field
+(`DataError`). The arithmetic toy task ("12+34=" -> "46") and its verifier are deliberately minimal: the full toy
+task suite (issue 7) replaces them behind `make_task`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DataError", "Prompt", "PromptSampler", "load_prompts", "read_rows", "encode_prompt",
+           "ArithmeticTask", "make_task", "arithmetic_reward"]
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used; the message is one line naming the file (or task), row and field."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+@dataclass(frozen=True)
+class Prompt:
+    index: int  # row index in its source: stable across runs and resumes, used in request ids and the store
+    prompt_ids: tuple[int, ...]  # token ids exactly as the model sees them (chat template applied)
+    text: str  # the raw prompt (before the chat template)
+    answer: str  # ground truth handed to the reward
+    meta: dict[str, Any] = field(default_factory=dict)  # other columns of the row (e.g. tests for code rewards)
+
+
+# ------------------------------------------------------------------------------------------------ sampling order
+class PromptSampler:
+    """Deterministic, resumable order over `num_rows` rows: a fresh permutation per epoch, a single cursor."""
+
+    def __init__(self, num_rows: int, *, seed: int, shuffle: bool = True):
+        if num_rows < 1:
+            raise DataError("data: no prompts to sample from")
+        self.num_rows, self.seed, self.shuffle = int(num_rows), int(seed), bool(shuffle)
+        self.position = 0  # prompts handed out so far, over all epochs
+        self._epoch, self._order = -1, np.arange(0)
+
+    @property
+    def epoch(self) -> int:
+        return self.position // self.num_rows
+
+    def _order_of(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            if self.shuffle:
+                self._order = np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(self.num_rows)
+            else:
+                self._order = np.arange(self.num_rows)
+            self._epoch = epoch
+        return self._order
+
+    def take(self, k: int) -> list[int]:
+        """The next k row indices (crossing into the next epoch when this one runs out)."""
+        out = []
+        for _ in range(k):
+            epoch, offset = divmod(self.position, self.num_rows)
+            out.append(int(self._order_of(epoch)[offset]))
+            self.position += 1
+        return out
+
+    def state_dict(self) -> dict[str, int | bool]:
+        return {"position": self.position, "num_rows": self.num_rows, "seed": self.seed, "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("num_rows", "seed", "shuffle"):
+            if key in state and state[key] != getattr(self, key):
+                raise DataError(f"data cursor: checkpoint has {key}={state[key]!r} but the data now has "
+                                f"{getattr(self, key)!r} (the dataset or seed changed since the checkpoint)")
+        self.position = int(state["position"])
+
+
+# ------------------------------------------------------------------------------------------------------- files
+_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def read_rows(path: str | Path, prompt_field: str, answer_field: str, *, where: str = "data.train") -> list[dict]:
+    """All rows of a data file as dicts, checked: every row has a non-empty prompt and an answer."""
+    path = Path(path)
+    fmt = _FORMATS.get(path.suffix)
+    if fmt is None:
+        raise DataError(f"{where}: {path}: unsupported file type {path.suffix!r} (.jsonl, .json, .parquet)")
+    if not path.is_file():
+        raise DataError(f"{where}: {path}: no such file")
+    import datasets
+
+    datasets.disable_progress_bars()
+    quiet = logging.getLogger("datasets")  # it logs the parse error itself; ours is the one line the user sees
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        table = datasets.load_dataset(fmt, data_files=str(path), split="train", keep_in_memory=True)
+    except (ValueError, OSError, TypeError, KeyError, datasets.exceptions.DatasetGenerationError) as err:
+        cause = err.__cause__ or err
+        raise DataError(f"{where}: {path}: cannot read ({type(cause).__name__}: {cause})") from None
+    finally:
+        quiet.setLevel(level)
+    columns = set(table.column_names)
+    for name, wanted in (("prompt_field", prompt_field), ("answer_field", answer_field)):
+        if wanted not in columns:
+            raise DataError(f"{where}: {path}: no column {wanted!r} (data.{name}; columns: "
+                            f"{', '.join(sorted(columns)) or 'none'})")
+    rows = table.to_list()
+    if not rows:
+        raise DataError(f"{where}: {path}: no rows")
+    for i, row in enumerate(rows):
+        prompt, answer = row.get(prompt_field), row.get(answer_field)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataError(f"{where}: {path}: row {i}: field {prompt_field!r} is missing or not a non-empty string")
+        if answer is None or (isinstance(answer, str) and not answer.strip()):
+            raise DataError(f"{where}: {path}: row {i}: no answer (field {answer_field!r} missing or empty)")
+    return rows
+
+
+def _answer_text(answer: Any) -> str:
+    if isinstance(answer, str):
+        return answer
+    if isinstance(answer, float) and answer.is_integer():
+        return str(int(answer))
+    if isinstance(answer, (int, float)):
+        return str(answer)
+    return json.dumps(answer)  # lists / dicts (e.g. test cases): the reward parses them
+
+
+def encode_prompt(tokenizer, text: str, *, chat_template: bool) -> list[int]:
+    """Prompt token ids: the user turn under the tokenizer's chat template (with the generation prompt), or the
+    raw text. No special tokens are added beyond the template's own."""
+    if chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError("data.chat_template: true, but the model's tokenizer has no chat template "
+                            "(set data.chat_template: false)")
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                 add_generation_prompt=True)
+        return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def load_prompts(data_cfg, tokenizer, *, split: str = "train", seed: int = 0) -> list[Prompt]:
+    """The prompts of `split` ("train" or "eval") from the recipe's data section, encoded with `tokenizer`.
+
+    Prompts longer than data.max_prompt_tokens are left out (counted in a warning); none left is an error.
+    """
+    if data_cfg.task is not None:
+        task = make_task(data_cfg.task, seed=seed, **data_cfg.task_kwargs)
+        items = task.items(split)
+        where = f"data.task {data_cfg.task!r}"
+    else:
+        path = data_cfg.train if split == "train" else data_cfg.eval
+        if path is None:
+            raise DataError(f"data.{split}: no {split} file set")
+        rows = read_rows(path, data_cfg.prompt_field, data_cfg.answer_field, where=f"data.{split}")
+        items = [(row[data_cfg.prompt_field], _answer_text(row[data_cfg.answer_field]),
+                  {k: v for k, v in row.items() if k not in (data_cfg.prompt_field, data_cfg.answer_field)})
+                 for row in rows]
+        where = f"data.{split}: {path}"
+    prompts, too_long = [], 0
+    for index, (text, answer, meta) in enumerate(items):
+        ids = encode_prompt(tokenizer, text, chat_template=data_cfg.chat_template)
+        if len(ids) > data_cfg.max_prompt_tokens:
+            too_long += 1
+            continue
+        prompts.append(Prompt(index, tuple(ids), text, answer, meta))
+    if too_long:
+        log.warning("%s: %d of %d prompts longer than data.max_prompt_tokens=%d left out", where, too_long,
+                    len(items), data_cfg.max_prompt_tokens)
+    if not prompts:
+        raise DataError(f"{where}: every prompt is longer than data.max_prompt_tokens={data_cfg.max_prompt_tokens}")
+    return prompts
+
+
+# ---------------------------------------------------------------------------------------------- the toy task
+class ArithmeticTask:
+    """Additions of two non-negative integers with `digits` digits: prompt "12+34=", answer "46".
+
+    All digit pairs are enumerated and shuffled once from the seed; the first `num_eval` are the held-out split,
+    the next `num_train` the training split (disjoint by construction).
+    """
+
+    def __init__(self, *, seed: int = 0, digits: int = 2, num_train: int = 2000, num_eval: int = 100):
+        if not 1 <= digits <= 3:
+            raise DataError(f"data.task_kwargs.digits: {digits} outside 1..3")
+        pairs = (10 ** digits) ** 2
+        if num_train < 1 or num_eval < 0 or num_train + num_eval > pairs:
+            raise DataError(f"data.task_kwargs: num_train {num_train} + num_eval {num_eval} must be in 1..{pairs} "
+                            f"for {digits}-digit additions")
+        order = np.random.Generator(np.random.PCG64([seed, 7919])).permutation(pairs)
+        base = 10 ** digits
+        self._eval = [(int(p) // base, int(p) % base) for p in order[:num_eval]]
+        self._train = [(int(p) // base, int(p) % base) for p in order[num_eval:num_eval + num_train]]
+
+    def items(self, split: str) -> list[tuple[str, str, dict]]:
+        pairs = self._train if split == "train" else self._eval
+        if not pairs:
+            raise DataError(f"data.task_kwargs.num_eval: the arithmetic task has no {split} items")
+        return [(f"{a}+{b}=", str(a + b), {}) for a, b in pairs]
+
+
+def make_task(name: str, *, seed: int, **kwargs):
+    """A generated toy task by name (the seam the full toy-task suite plugs into)."""
+    if name == "arithmetic":
+        try:
+            return ArithmeticTask(seed=seed, **kwargs)
+        except TypeError as err:
+            raise DataError(f"data.task_kwargs: {err}") from None
+    raise DataError(f"data.task: {name!r} is not available yet (only 'arithmetic')")
+
+
+_INT = re.compile(r"-?\d+")
+
+
+def arithmetic_reward(response: str, answer: str, partial_credit: bool = True, **_: Any) -> dict[str, Any]:
+    """Verifier of the arithmetic task: 1.0 when the first integer in the response equals the answer.
+
+    With partial_credit a wrong number earns 0.5 x the fraction of the answer's digits it has right (aligned on
+    the right), so a tiny random model still gets a graded signal; correctness (score 1.0) is unchanged.
+    """
+    from rewards.result import make_result
+
+    found = _INT.search(response)
+    if found is None:
+        return make_result(0.0, "no_answer")
+    given = found.group(0)
+    if given == answer.strip():
+        return make_result(1.0, "correct")
+    if not partial_credit:
+        return make_result(0.0, "wrong")
+    want = answer.strip()
+    same = sum(1 for a, b in zip(reversed(given), reversed(want)) if a == b)
+    return make_result(0.5 * same / max(len(want), len(given)), "wrong", digits_right=same)
+
+
+def shard(items: Sequence[Any], parts: int) -> list[list[Any]]:
+    """Split into `parts` contiguous, nearly equal chunks (order kept)."""
+    size, rest = divmod(len(items), parts)
+    out, start = [], 0
+    for p in range(parts):
+        end = start + size + (1 if p < rest else 0)
+        out.append(list(items[start:end]))
+        start = end
+    return out

@@ -1,0 +1,71 @@
+"""Starting (or joining) Ray for a run.
+
+    with ray_session(recipe.ray):
+        ...  # ray.* available
+
+- Inside a Ray job (`diffrl submit`: RAY_ADDRESS is set) or with `ray.address` in the recipe: connect to it.
+- Otherwise: a private local cluster bound to 127.0.0.1 only (no dashboard, object store capped), stopped on
+  exit. It uses token authentication with a fresh random token held in this process's environment (inherited
+  by the cluster's processes), so nothing is written to ~/.ray and nothing on the machine can submit to it.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+LOCAL_IP = "127.0.0.1"
+DEFAULT_OBJECT_STORE_MB = 200
+QUIET_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+def _local_env() -> None:
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    if "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
+
+
+@contextlib.contextmanager
+def ray_session(ray_cfg=None, *, num_cpus: int | None = None) -> Iterator[bool]:
+    """Yield True when this call started a local cluster (and will stop it), False when it joined one."""
+    import ray
+
+    if ray.is_initialized():
+        yield False
+        return
+    address = getattr(ray_cfg, "address", None) or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("joining the Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+        try:
+            yield False
+        finally:
+            ray.shutdown()
+        return
+    _local_env()
+    cpus = num_cpus or getattr(ray_cfg, "num_cpus", None) or os.cpu_count() or 1
+    store_mb = getattr(ray_cfg, "object_store_mb", None) or DEFAULT_OBJECT_STORE_MB
+    ray.init(
+        num_cpus=cpus,
+        include_dashboard=False,
+        object_store_memory=store_mb * 1024 * 1024,
+        _node_ip_address=LOCAL_IP,
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level=logging.WARNING,
+    )
+    try:
+        yield True
+    finally:
+        ray.shutdown()

@@ -1,0 +1,307 @@
+"""Checkpoints: everything a run needs to continue exactly, written atomically, the last K kept.
+
+    runs/NAME/checkpoints/
+        step_000004/
+            policy/            HF directory (save_policy: safetensors, config, tokenizer; TraDo/SDAR format kept)
+            value_model/       the value model's HF directory, when the algorithm has one
+            learner.pt         learner state: optimizer, scheduler, counters (torch.save; tensors and plain types)
+            rng.json           RNG states: python, numpy, torch globals and every generator the driver owns
+            state.json         step, weight version, data cursor, store cursor, driver counters
+            recipe.yaml        the validated recipe the run was started with
+            manifest.json      written last: format, step, every file's size and the SHA-256 of the small ones
+        latest                 "step_000004": a pointer file, replaced atomically
+
+    path = save_checkpoint(ckpt_root, step, writers={...}, state={...}, rng=..., recipe_yaml=..., keep_last=3)
+    ckpt = load_checkpoint(resolve_checkpoint(run_dir))  # -> Checkpoint (validated against its manifest)
+
+A checkpoint is assembled in a hidden temp directory and renamed into place in one step, so a crash leaves either
+the previous set of checkpoints or the new one, never half of one. A checkpoint that fails its manifest (missing or
+truncated file, bad JSON) raises CheckpointError with one line naming the file.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+__all__ = ["CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint", "resolve_checkpoint",
+           "list_checkpoints", "capture_rng", "restore_rng", "FORMAT"]
+
+FORMAT = 1
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_HASH_LIMIT = 64 * 1024 * 1024  # files up to this size are hashed; larger ones (weights) are checked by size
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; one line naming the file."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    state: dict[str, Any]  # state.json: version, data cursor, store cursor, driver counters
+    rng: dict[str, Any]  # rng.json (restore with restore_rng)
+    recipe_yaml: str
+
+    @property
+    def policy_dir(self) -> Path:
+        return self.path / "policy"
+
+    @property
+    def value_model_dir(self) -> Path | None:
+        path = self.path / "value_model"
+        return path if path.is_dir() else None
+
+    def learner_state(self, map_location: str = "cpu") -> dict[str, Any] | None:
+        path = self.path / "learner.pt"
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except (RuntimeError, EOFError, OSError, ValueError) as err:
+            raise CheckpointError(f"{path}: unreadable learner state ({type(err).__name__}: {err})") from None
+
+
+# ------------------------------------------------------------------------------------------------------- RNG
+def _torch_state(gen: torch.Generator) -> dict[str, Any]:
+    return {"type": "torch", "device": str(gen.device), "state": base64.b64encode(
+        gen.get_state().numpy().tobytes()).decode()}
+
+
+def _encode(obj: Any) -> dict[str, Any]:
+    if isinstance(obj, torch.Generator):
+        return _torch_state(obj)
+    if isinstance(obj, np.random.Generator):
+        return {"type": "numpy", "state": obj.bit_generator.state}
+    if isinstance(obj, random.Random):
+        version, internal, gauss = obj.getstate()
+        return {"type": "python", "state": [version, list(internal), gauss]}
+    raise CheckpointError(f"rng: cannot checkpoint a {type(obj).__name__} (torch/numpy Generator, random.Random)")
+
+
+def capture_rng(generators: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """JSON-able RNG states: the process-global python/numpy/torch ones and each named generator."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    out = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        "generators": {name: _encode(gen) for name, gen in (generators or {}).items()},
+    }
+    return out
+
+
+def restore_rng(state: Mapping[str, Any], generators: Mapping[str, Any] | None = None) -> None:
+    """Put every captured state back: globals, then each named generator (which must exist on both sides)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    saved = state.get("generators", {})
+    generators = dict(generators or {})
+    if set(saved) != set(generators):
+        raise CheckpointError(f"rng.json: generators {sorted(saved)} != the run's {sorted(generators)}")
+    for key, gen in generators.items():
+        entry = saved[key]
+        if isinstance(gen, torch.Generator):
+            gen.set_state(torch.frombuffer(bytearray(base64.b64decode(entry["state"])), dtype=torch.uint8))
+        elif isinstance(gen, np.random.Generator):
+            gen.bit_generator.state = entry["state"]
+        elif isinstance(gen, random.Random):
+            v, internal, g = entry["state"]
+            gen.setstate((v, tuple(internal), g))
+
+
+# ------------------------------------------------------------------------------------------------------ save
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manifest(root: Path) -> dict[str, dict[str, Any]]:
+    files = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = str(path.relative_to(root))
+        if rel == "manifest.json":
+            continue
+        size = path.stat().st_size
+        files[rel] = {"size": size, **({"sha256": _sha256(path)} if size <= _HASH_LIMIT else {})}
+    return files
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in [*sorted(root.rglob("*")), root]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def save_checkpoint(
+    ckpt_root: str | os.PathLike,
+    step: int,
+    *,
+    writers: Mapping[str, Callable[[Path], Any]],
+    state: Mapping[str, Any],
+    rng: Mapping[str, Any],
+    recipe_yaml: str,
+    learner_state: Mapping[str, Any] | None = None,
+    keep_last: int = 3,
+) -> Path:
+    """Write checkpoint `step` under ckpt_root and point `latest` at it; returns its path.
+
+    writers: {"policy": fn(dir), "value_model": fn(dir)}: each writes an HF directory into the folder it is given.
+    state: JSON-able (version, data and store cursors, counters). rng: from capture_rng().
+    """
+    root = Path(ckpt_root)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # a crash while writing: never a checkpoint
+        shutil.rmtree(stale, ignore_errors=False)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        for name, write in writers.items():
+            (tmp / name).mkdir()
+            write(tmp / name)
+        if learner_state is not None:
+            torch.save(dict(learner_state), tmp / "learner.pt")
+        _write_json(tmp / "rng.json", dict(rng))
+        _write_json(tmp / "state.json", {"step": int(step), **dict(state)})
+        (tmp / "recipe.yaml").write_text(recipe_yaml)
+        _write_json(tmp / "manifest.json", {"format": FORMAT, "step": int(step), "time": time.time(),
+                                             "files": _manifest(tmp)})
+        _fsync_tree(tmp)
+        if final.exists():  # a replayed step after resuming from an older checkpoint: replace it
+            old = root / f".tmp-old-{final.name}-{os.getpid()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_pointer(root, final.name)
+    _prune(root, keep_last, keep=final.name)
+    return final
+
+
+def _write_pointer(root: Path, name: str) -> None:
+    tmp = root / f".latest.{os.getpid()}.tmp"
+    tmp.write_text(name + "\n")
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, root / "latest")
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(ckpt_root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint directories, oldest first."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def _prune(root: Path, keep_last: int, keep: str) -> None:
+    steps = list_checkpoints(root)
+    for path in steps[:-keep_last] if keep_last > 0 else []:
+        if path.name != keep:
+            shutil.rmtree(path)
+
+
+# ------------------------------------------------------------------------------------------------------ load
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A run directory, its checkpoints/ folder or one checkpoint -> the checkpoint directory to load."""
+    path = Path(path)
+    if (path / "manifest.json").exists() or _STEP_DIR.match(path.name):
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    pointer = root / "latest"
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        if not _STEP_DIR.match(name):
+            raise CheckpointError(f"{pointer}: corrupt pointer {name[:40]!r}")
+        if not (root / name).is_dir():
+            raise CheckpointError(f"{pointer}: points at {name}, which does not exist")
+        return root / name
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such run or checkpoint directory")
+    raise CheckpointError(f"{path}: no checkpoint yet (no {root / 'latest'})")
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (corrupt or incomplete checkpoint)")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: corrupt JSON ({err})") from None
+
+
+def verify_checkpoint(path: Path, *, hashes: bool = True) -> dict[str, Any]:
+    """Check every file against the manifest; returns the manifest."""
+    manifest = _read_json(path / "manifest.json")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "files" not in manifest:
+        raise CheckpointError(f"{path / 'manifest.json'}: not a diffrl checkpoint manifest (format {FORMAT})")
+    for rel, info in manifest["files"].items():
+        file = path / rel
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (corrupt checkpoint)")
+        size = file.stat().st_size
+        if size != info["size"]:
+            raise CheckpointError(f"{file}: {size} bytes, manifest says {info['size']} (corrupt checkpoint)")
+        if hashes and "sha256" in info and _sha256(file) != info["sha256"]:
+            raise CheckpointError(f"{file}: SHA-256 differs from the manifest (corrupt checkpoint)")
+    return manifest
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Validate a checkpoint directory against its manifest and read its small files."""
+    path = resolve_checkpoint(path)
+    manifest = verify_checkpoint(path)
+    state = _read_json(path / "state.json")
+    rng = _read_json(path / "rng.json")
+    for key in ("step", "data", "store"):
+        if key not in state:
+            raise CheckpointError(f"{path / 'state.json'}: no {key!r} entry")
+    if int(state["step"]) != int(manifest["step"]):
+        raise CheckpointError(f"{path / 'state.json'}: step {state['step']} != manifest step {manifest['step']}")
+    if not (path / "policy" / "config.json").is_file():
+        raise CheckpointError(f"{path / 'policy'}: no policy (config.json missing)")
+    return Checkpoint(path, int(state["step"]), state, rng, (path / "recipe.yaml").read_text())

@@ -1,0 +1,116 @@
+"""Checkpoints: atomic write, `latest` pointer, keep-last-K, manifest validation, RNG round trip, policy format."""
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from rl.checkpoint import (CheckpointError, capture_rng, list_checkpoints, load_checkpoint, resolve_checkpoint,
+                           restore_rng, save_checkpoint)
+
+
+def _fake_policy(folder):
+    (folder / "config.json").write_text('{"model_type": "qwen3"}')
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 8)
+
+
+def _save(root, step, keep_last=3, **kw):
+    return save_checkpoint(
+        root, step, writers={"policy": _fake_policy}, state={"version": step, "data": {"position": step * 4},
+                                                             "store": {"files": [], "rows": 0}},
+        rng=capture_rng(), recipe_yaml="name: x\n", learner_state={"optimizer": {"lr": torch.tensor(0.5)}},
+        keep_last=keep_last, **kw)
+
+
+def test_save_load_latest_and_keep_last(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    for step in (1, 2, 3, 4):
+        _save(root, step, keep_last=2)
+    assert [p.name for p in list_checkpoints(root)] == ["step_000003", "step_000004"]
+    assert (root / "latest").read_text().strip() == "step_000004"
+    ckpt = load_checkpoint(tmp_path / "run")  # a run dir resolves through `latest`
+    assert ckpt.step == 4 and ckpt.state["data"] == {"position": 16} and ckpt.recipe_yaml == "name: x\n"
+    assert ckpt.learner_state()["optimizer"]["lr"].item() == 0.5
+    assert load_checkpoint(root / "step_000003").step == 3
+    assert not list(root.glob(".tmp-*"))
+
+
+def test_failed_write_leaves_previous_checkpoint_intact(tmp_path):
+    root = tmp_path / "checkpoints"
+    _save(root, 1)
+
+    def broken(folder):
+        (folder / "config.json").write_text("{}")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(root, 2, writers={"policy": broken}, state={"data": {}, "store": {}}, rng=capture_rng(),
+                        recipe_yaml="")
+    assert [p.name for p in list_checkpoints(root)] == ["step_000001"]
+    assert resolve_checkpoint(root).name == "step_000001"
+    assert not list(root.glob(".tmp-*"))
+
+
+def test_rewriting_a_step_replaces_it(tmp_path):
+    root = tmp_path / "checkpoints"
+    _save(root, 2)
+    _save(root, 2)
+    assert [p.name for p in list_checkpoints(root)] == ["step_000002"]
+    assert load_checkpoint(root).step == 2
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: (p / "policy" / "model.safetensors").write_bytes(b"short"), "model.safetensors: 5 bytes"),
+    (lambda p: (p / "policy" / "model.safetensors").write_bytes(bytes(2048)), "SHA-256 differs"),
+    (lambda p: (p / "state.json").unlink(), "state.json: missing"),
+    (lambda p: (p / "manifest.json").write_text("{not json"), "manifest.json: corrupt JSON"),
+    (lambda p: (p.parent / "latest").write_text("../../etc"), "latest: corrupt pointer"),
+    (lambda p: (p.parent / "latest").write_text("step_000099"), "points at step_000099"),
+])
+def test_corrupt_checkpoints_fail_with_one_line_naming_the_file(tmp_path, damage, message):
+    path = _save(tmp_path / "checkpoints", 1)
+    damage(path)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_checkpoint(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_checkpoint_messages(tmp_path):
+    with pytest.raises(CheckpointError, match="no such run"):
+        resolve_checkpoint(tmp_path / "nope")
+    (tmp_path / "run").mkdir()
+    with pytest.raises(CheckpointError, match="no checkpoint yet"):
+        resolve_checkpoint(tmp_path / "run")
+
+
+def test_rng_round_trip_is_exact(tmp_path):
+    gens = {"torch": torch.Generator().manual_seed(3), "numpy": np.random.default_rng(4), "py": random.Random(5)}
+    torch.rand(3, generator=gens["torch"])
+    state = json.loads(json.dumps(capture_rng(gens)))  # through JSON, as on disk
+    expected = (torch.rand(4, generator=gens["torch"]), gens["numpy"].random(3), gens["py"].random(),
+                torch.rand(2), np.random.rand(2), random.random())
+    fresh = {"torch": torch.Generator(), "numpy": np.random.default_rng(0), "py": random.Random(0)}
+    restore_rng(state, fresh)
+    again = (torch.rand(4, generator=fresh["torch"]), fresh["numpy"].random(3), fresh["py"].random(),
+             torch.rand(2), np.random.rand(2), random.random())
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1])
+    assert expected[2] == again[2] and torch.equal(expected[3], again[3])
+    assert np.array_equal(expected[4], again[4]) and expected[5] == again[5]
+    with pytest.raises(CheckpointError, match="generators"):
+        restore_rng(state, {"torch": torch.Generator()})
+
+
+def test_sdar_policy_saved_in_sdar_format(tmp_path, tiny_model_dirs):
+    from rollout.models.loading import load_policy, save_policy
+
+    policy = load_policy(tiny_model_dirs["sdar"])
+    path = save_checkpoint(tmp_path, 1, writers={"policy": lambda d: save_policy(policy, d)},
+                           state={"data": {}, "store": {}}, rng=capture_rng(), recipe_yaml="")
+    ckpt = load_checkpoint(path)
+    assert json.loads((ckpt.policy_dir / "config.json").read_text())["model_type"] == "sdar"
+    reloaded = load_policy(ckpt.policy_dir)
+    for (name, a), (_, b) in zip(policy.model.state_dict().items(), reloaded.model.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -1,0 +1,84 @@
+"""TrajectoryStore: append-only Parquet per add, readable with `datasets`, bounded memory, resumable cursor."""
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from rl.store import StoreError, TrajectoryStore, read_store
+from rollout.trajectory import Trajectory
+
+
+def _traj(version: int, i: int, length: int = 4) -> Trajectory:
+    t = Trajectory(
+        prompt_ids=torch.tensor([5, 6, 7]), response_ids=torch.arange(length) + 10,
+        step_map=torch.arange(length) // 2, logprobs=torch.full((length,), -0.5), confidence=torch.ones(length),
+        valid_length=length - 1, nfe=2, finish_reason="eos", block_size=2, sampling={"temperature": 1.0, "seed": i},
+        policy_version=version, request_id=f"v{version}-r{i}",
+    )
+    t.extra.update(reward=float(i % 2), reason="correct" if i % 2 else "wrong", advantage=0.25,
+                   response_text=f"text {i}", prompt_index=i // 2, sample_index=i % 2,
+                   reward_metrics={"digits_right": 1.0})
+    return t
+
+
+def test_rows_round_trip_through_datasets(tmp_path):
+    store = TrajectoryStore(tmp_path / "store")
+    store.add(1, [_traj(0, i) for i in range(4)])
+    store.add(2, [_traj(1, i) for i in range(2)])
+    files = sorted(p.name for p in (tmp_path / "store").iterdir())
+    assert files == ["step_000001.parquet", "step_000002.parquet"]
+    ds = read_store(tmp_path / "store")
+    assert ds.num_rows == 6
+    row = ds[1]
+    assert row["step"] == 1 and row["version"] == 0 and row["request_id"] == "v0-r1"
+    assert row["prompt_ids"] == [5, 6, 7] and row["response_ids"] == [10, 11, 12, 13]
+    assert row["step_map"] == [0, 0, 1, 1] and row["logprobs"] == [-0.5] * 4
+    assert row["reward"] == 1.0 and row["reason"] == "correct" and row["response_text"] == "text 1"
+    assert row["advantage"] == 0.25 and row["prompt_index"] == 0 and row["sample_index"] == 1
+    assert ds[5]["version"] == 1 and ds[5]["step"] == 2
+
+
+def test_memory_is_bounded_by_version(tmp_path):
+    store = TrajectoryStore(tmp_path, max_items=5)
+    for version in range(4):
+        store.add(version + 1, [_traj(version, i) for i in range(2)])
+    assert store.versions() == [2, 3]  # oldest versions evicted, newest kept
+    assert len(store.get()) == 4 and len(store.get(version=3)) == 2 and store.get(version=0) == []
+    assert [t.policy_version for t in store.get(min_version=3)] == [3, 3]
+    assert store.summary()["rows"] == 8  # everything is still on disk
+
+
+def test_same_step_twice_gets_a_part_file_and_reads_in_order(tmp_path):
+    store = TrajectoryStore(tmp_path)
+    store.add(3, [_traj(0, 0)])
+    store.add(3, [_traj(0, 1)])
+    assert [p.name for p in store.files()] == ["step_000003.parquet", "step_000003-1.parquet"]
+    assert read_store(tmp_path)["request_id"] == ["v0-r0", "v0-r1"]
+
+
+def test_cursor_rewind_moves_later_files_aside(tmp_path):
+    store = TrajectoryStore(tmp_path)
+    store.add(1, [_traj(0, 0)])
+    cursor = store.state_dict()
+    store.add(2, [_traj(1, 0)])
+    # A new process (resume) opens the same directory and rewinds to the checkpoint's cursor.
+    reopened = TrajectoryStore(tmp_path)
+    assert reopened.summary()["rows"] == 2
+    moved = reopened.load_state_dict(cursor)
+    assert moved == ["step_000002.parquet"]
+    assert (tmp_path / "superseded" / "step_000002.parquet").is_file()
+    reopened.add(2, [_traj(1, 1)])
+    assert read_store(tmp_path)["request_id"] == ["v0-r0", "v1-r1"]
+    with pytest.raises(StoreError, match="step_000009.parquet"):
+        reopened.load_state_dict({"files": ["step_000009.parquet"]})
+
+
+def test_write_is_atomic_and_stale_temp_files_are_cleaned(tmp_path):
+    (tmp_path / ".step_000001.parquet.tmp").write_bytes(b"half a file")
+    store = TrajectoryStore(tmp_path)
+    assert not (tmp_path / ".step_000001.parquet.tmp").exists()
+    name = store.add(1, [_traj(0, 0)])
+    assert pq.read_metadata(tmp_path / name).num_rows == 1
+    assert not list(tmp_path.glob(".*"))
+
