@@ -158,6 +158,11 @@ class _GroupRelative(_Section):
     advantage: AdvantageKind = "mean_centered"  # A = R - mean(R) (d1, GDPO, CJ-GRPO, wd1, SPG)
     filter: FilterConfig = FilterConfig()
 
+    def loss_params(self) -> dict[str, Any]:
+        """The loss's own parameters, named as rl.algorithms.LossConfig names them (advantage, filter and the
+        value model are not part of the loss)."""
+        return self.model_dump(exclude={"name", "advantage", "filter", "value_model"})
+
 
 class _ClippedPolicyGradient(_GroupRelative):
     clip_eps_low: float = Field(0.5, gt=0)  # ratio clipped to [1 - low, 1 + high]

@@ -161,6 +161,17 @@ def test_published_defaults_name_real_fields():
             assert set(values) <= set(fields[section])
 
 
+@pytest.mark.parametrize("algorithm", ["diffu_grpo", "gdpo", "cj_grpo", "tracerl", "coupled_grpo", "wd1", "spg",
+                                       "random_mask_grpo"])
+def test_loss_params_are_loss_config_fields(algorithm):
+    from dataclasses import fields
+
+    from rl.algorithms.core import LossConfig
+
+    recipe = recipe_from_dict(_base(model={"tiny": "llada"}, algorithm=algorithm))
+    assert set(recipe.algorithm.loss_params()) <= {f.name for f in fields(LossConfig)}
+
+
 def test_recipe_is_frozen():
     recipe = recipe_from_dict(_base())
     with pytest.raises(pydantic.ValidationError):
