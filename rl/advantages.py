@@ -4,8 +4,8 @@ A batch holds B responses in groups (the G responses to one prompt). Groups are 
 (contiguous groups: sample i belongs to group i // G) or as `group_ids` (B,) of any labels, which also allows
 groups of unequal size (e.g. after a failed generation). Everything is vectorised with scatter over groups.
 
-- "group_mean":   A_i = R_i - mean_g(R)                     (d1, GDPO, CJ-GRPO, wd1, SPG)
-- "group_zscore": A_i = (R_i - mean_g(R)) / (std_g(R) + eps), population std (TraceRL)
+- "mean_centered": A_i = R_i - mean_g(R)                     (d1, GDPO, CJ-GRPO, wd1, SPG)
+- "zscore":        A_i = (R_i - mean_g(R)) / (std_g(R) + eps), population std (TraceRL)
 Filters (options, none hard-coded): drop groups whose rewards have zero variance; drop groups whose accuracy
 (fraction of correct responses) is outside [lo, hi] (TraceRL: 0.2, 0.8). Dropped samples get advantage 0 and
 keep=False; the learner removes them (or zeroes their token mask) before computing loss normalisers.
@@ -59,42 +59,44 @@ def group_stats(rewards: torch.Tensor, idx: torch.Tensor, n: int) -> tuple[torch
 
 
 def group_advantages(rewards: torch.Tensor, *, group_size: int | None = None, group_ids: torch.Tensor | None = None,
-                     norm: str = "mean", eps: float = 1e-6, drop_zero_std: bool = False,
-                     accuracy_range: tuple[float, float] | None = None, correct: torch.Tensor | None = None,
+                     norm: str = "mean_centered", eps: float = 1e-6, drop_zero_variance: bool = False,
+                     accuracy_lo: float | None = None, accuracy_hi: float | None = None,
+                     correct: torch.Tensor | None = None,
                      success_threshold: float = 0.5, zero_std_tol: float = 1e-8) -> AdvantageResult:
     """Group-relative advantages, a keep mask and metrics.
 
-    norm: "mean" (R - mean), "zscore" ((R - mean) / (std + eps), population std) or "none" (R itself).
-    accuracy_range: (lo, hi), keep groups with lo <= accuracy <= hi; a response is correct where `correct` is
-      True, or (when `correct` is None) where reward >= success_threshold.
-    drop_zero_std: drop groups whose reward std <= zero_std_tol (they carry no group-relative signal).
+    norm: "mean_centered" (R - mean), "zscore" ((R - mean) / (std + eps), population std) or "none" (R itself).
+    accuracy_lo / accuracy_hi: keep groups with lo <= accuracy <= hi (either may be None); a response is correct
+      where `correct` is True, or (when `correct` is None) where reward >= success_threshold.
+    drop_zero_variance: drop groups whose reward std <= zero_std_tol (they carry no group-relative signal).
     """
     idx, n = group_index(rewards, group_size, group_ids)
     count, mean, std = group_stats(rewards, idx, n)
     r = rewards.detach().to(torch.float64)
-    if norm == "mean":
+    if norm == "mean_centered":
         adv = r - mean[idx]
     elif norm == "zscore":
         adv = (r - mean[idx]) / (std[idx] + eps)
     elif norm == "none":
         adv = r.clone()
     else:
-        raise ValueError(f"advantages: unknown norm '{norm}' (mean | zscore | none)")
+        raise ValueError(f"advantages: unknown norm '{norm}' (mean_centered | zscore | none)")
 
     keep_group = torch.ones(n, dtype=torch.bool, device=rewards.device)
     zero_std = std <= zero_std_tol
-    if drop_zero_std:
+    if drop_zero_variance:
         keep_group &= ~zero_std
     if correct is None:
         correct = r >= success_threshold
     elif correct.shape != rewards.shape:
         raise ValueError(f"advantages: correct shape {tuple(correct.shape)} != rewards {tuple(rewards.shape)}")
     accuracy = _group_sum(correct.to(torch.float64), idx, n) / count.clamp(min=1)
-    if accuracy_range is not None:
-        lo, hi = accuracy_range
-        if not lo <= hi:
-            raise ValueError(f"advantages: accuracy_range ({lo}, {hi}) has lo > hi")
-        keep_group &= (accuracy >= lo) & (accuracy <= hi)
+    if accuracy_lo is not None and accuracy_hi is not None and accuracy_lo > accuracy_hi:
+        raise ValueError(f"advantages: accuracy_lo {accuracy_lo} > accuracy_hi {accuracy_hi}")
+    if accuracy_lo is not None:
+        keep_group &= accuracy >= accuracy_lo
+    if accuracy_hi is not None:
+        keep_group &= accuracy <= accuracy_hi
     keep = keep_group[idx]
     adv = torch.where(keep, adv, torch.zeros_like(adv)).to(torch.float32)
 
@@ -116,13 +118,13 @@ def group_advantages(rewards: torch.Tensor, *, group_size: int | None = None, gr
     return AdvantageResult(adv, keep, idx, {k: v.detach() for k, v in metrics.items()})
 
 
-@ADVANTAGES.register("group_mean")
-def group_mean(rewards: torch.Tensor, **options) -> AdvantageResult:
-    return group_advantages(rewards, norm="mean", **options)
+@ADVANTAGES.register("mean_centered")
+def mean_centered(rewards: torch.Tensor, **options) -> AdvantageResult:
+    return group_advantages(rewards, norm="mean_centered", **options)
 
 
-@ADVANTAGES.register("group_zscore")
-def group_zscore(rewards: torch.Tensor, **options) -> AdvantageResult:
+@ADVANTAGES.register("zscore")
+def zscore(rewards: torch.Tensor, **options) -> AdvantageResult:
     return group_advantages(rewards, norm="zscore", **options)
 
 

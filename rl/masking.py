@@ -15,6 +15,7 @@ length); what the estimator does with positions beyond it is the model adapter's
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -112,13 +113,19 @@ def mc_elbo(length: int, generator: torch.Generator, *, num_samples: int = 1, st
 def quadrature(rule: str, nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Nodes t_n in (0, 1] and weights (summing to 1) of the SDMC rule: Gauss-Legendre t_n = (x_n + 1)/2, w_n/2;
     "simpson": t = (0.1, 0.5, 1.0), w = (1/6, 4/6, 1/6) (the t = 0 node moved to 0.1, as GDPO does)."""
+    t, w = _quadrature(rule, nodes)
+    return torch.tensor(t, dtype=_F64), torch.tensor(w, dtype=_F64)
+
+
+@functools.lru_cache(maxsize=None)
+def _quadrature(rule: str, nodes: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if rule == "gauss":
         if not 1 <= nodes <= 5:
             raise ValueError(f"sdmc: gauss nodes {nodes} outside 1..5")
         x, w = np.polynomial.legendre.leggauss(nodes)
-        return torch.tensor((x + 1) / 2, dtype=_F64), torch.tensor(w / 2, dtype=_F64)
+        return tuple(((x + 1) / 2).tolist()), tuple((w / 2).tolist())
     if rule == "simpson":
-        return torch.tensor([0.1, 0.5, 1.0], dtype=_F64), torch.tensor([1 / 6, 4 / 6, 1 / 6], dtype=_F64)
+        return (0.1, 0.5, 1.0), (1 / 6, 4 / 6, 1 / 6)
     raise ValueError(f"sdmc: unknown rule '{rule}' (gauss | simpson)")
 
 
@@ -129,7 +136,8 @@ def sdmc(length: int, generator: torch.Generator, *, rule: str = "gauss", nodes:
 
     count="fixed" (GDPO): max(1, int(t_n L)) tokens masked uniformly without replacement; token weight
       (w_n / repeats) / t_n with weighting="time" (published), or (w_n / repeats) * L / m_n with weighting="count"
-      (then the estimate is exact whenever token log-probs do not depend on the mask).
+      (then the weights sum to L and the estimate is unbiased whenever token log-probs do not depend on the mask;
+      with 1/t_n it is off by the factor int(t_n L) / (t_n L)).
     count="bernoulli": each token masked with probability t_n, weight (w_n / repeats) / t_n. The Bernoulli
       integrand is a polynomial of degree L-1 in t, so gauss-n is then unbiased for the exact ELBO when L <= 2n.
     """

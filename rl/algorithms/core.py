@@ -71,28 +71,28 @@ class PolicyEstimates:
 class LossConfig:
     clip_eps_low: float = 0.2  # ratio clipped to [1 - low, 1 + high]
     clip_eps_high: float | None = None  # None: same as low
-    log_ratio_clamp: float | None = None  # clamp log(pi/pi_old) to [-c, c] before exp (TraceRL: 10)
+    ratio_clamp: float | None = None  # clamp of log(pi/pi_old) to [-c, c] before exp (TraceRL: 10)
     beta: float = 0.0  # KL coefficient
-    kl_target: str = "ref"  # "ref" | "old": the policy the KL penalty is measured against
+    kl_reference: str = "ref"  # "ref" | "old": the policy the KL penalty is measured against
     kl_estimator: str = "k3"  # k1: log(pi/t); k2: 0.5 log(pi/t)^2; k3: t/pi - log(t/pi) - 1
     kl_clamp: float | None = None  # clamp the per-token KL estimate to [-c, c]
     loss_agg: str = "token_mean"  # see AGG_MODES
     fixed_length: int | None = None  # per-sequence normaliser of loss_agg="fixed_length"
     length_normalize: bool = True  # GDPO: divide ELBO differences by L; SPG: per-token ELBO / EUBO
-    spg_beta: float = 1.5  # SPG EUBO exponent beta_E
-    spg_negative: str = "eubo"  # SPG surrogate for A <= 0: eubo | mix | elbo | zero
-    spg_mix_weight: float = 0.5  # SPG "mix": w * EUBO + (1 - w) * ELBO
+    beta_e: float = 1.5  # SPG EUBO exponent beta_E
+    mix: float = 0.5  # SPG, A <= 0: mix * EUBO + (1 - mix) * ELBO (1: pure EUBO, 0: ELBO)
     value_coef: float = 0.0  # weight of the clipped value loss (shared trunk); 0 = separate value model
     value_clip: float | None = 0.2
 
     def __post_init__(self) -> None:
-        checks = {"loss_agg": AGG_MODES, "kl_estimator": KL_ESTIMATORS, "kl_target": ("ref", "old"),
-                  "spg_negative": ("eubo", "mix", "elbo", "zero")}
+        checks = {"loss_agg": AGG_MODES, "kl_estimator": KL_ESTIMATORS, "kl_reference": ("ref", "old")}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"loss config: {name}={getattr(self, name)!r} not in {allowed}")
         if self.loss_agg == "fixed_length" and not (self.fixed_length and self.fixed_length > 0):
             raise ValueError("loss config: loss_agg='fixed_length' needs fixed_length > 0")
+        if not 0.0 <= self.mix <= 1.0 or self.beta_e <= 0:
+            raise ValueError(f"loss config: need 0 <= mix <= 1 and beta_e > 0, got mix={self.mix}, beta_e={self.beta_e}")
         if self.clip_eps_low < 0 or (self.clip_eps_high is not None and self.clip_eps_high < 0):
             raise ValueError("loss config: clip_eps_low / clip_eps_high must be >= 0")
 
@@ -230,7 +230,7 @@ def kl_term(est: PolicyEstimates, mask: torch.Tensor, config: LossConfig, loss: 
     if config.beta == 0:
         return None
     logp = require(est, "logp", mask.shape, loss)
-    if config.kl_target == "ref":
+    if config.kl_reference == "ref":
         target = require(est, "ref_logp", mask.shape, loss)
     else:
         target = est.old_logp if est.old_logp is not None else logp.detach()

@@ -23,8 +23,8 @@ def token_ppo_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossConfig,
     old = require(est, "old_logp", mask.shape, name) if est.old_logp is not None else logp
     adv = token_advantages(batch.advantages.detach(), mask.shape).to(logp.dtype)
     log_ratio = safe(logp - old.detach(), mask)
-    if config.log_ratio_clamp is not None:
-        log_ratio = log_ratio.clamp(-config.log_ratio_clamp, config.log_ratio_clamp)
+    if config.ratio_clamp is not None:
+        log_ratio = log_ratio.clamp(-config.ratio_clamp, config.ratio_clamp)
     ratio = torch.exp(log_ratio)
     pg = safe(clipped_surrogate(ratio, adv, config.clip_eps_low, config.eps_high), mask)
 
@@ -63,18 +63,18 @@ def policy_gradient_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossC
 LOSSES.register("policy_gradient")(policy_gradient_loss)
 LOSSES.register("token_ppo")(token_ppo_loss)
 # d1: one-step estimator; eps 0.5, beta 0.04 (k3 to the reference), |o_i|-normalised token sum.
-LOSSES.register("diffu_grpo", clip_eps_low=0.5, beta=0.04, kl_target="ref", kl_estimator="k3",
+LOSSES.register("diffu_grpo", clip_eps_low=0.5, beta=0.04, kl_reference="ref", kl_estimator="k3",
                 loss_agg="token_mean")(partial(token_ppo_loss, name="diffu_grpo"))
 # DiffuCoder: coupled estimator; eps 0.5, beta 0.01.
-LOSSES.register("coupled_grpo", clip_eps_low=0.5, beta=0.01, kl_target="ref", kl_estimator="k3",
+LOSSES.register("coupled_grpo", clip_eps_low=0.5, beta=0.01, kl_reference="ref", kl_estimator="k3",
                 loss_agg="token_mean")(partial(token_ppo_loss, name="coupled_grpo"))
 # UniGRPO / dLLM-RL random masking: loss on the tokens the estimator masked (estimates.observed_mask).
 # eps 0.2, beta 0 are this project's defaults, not published figures.
 LOSSES.register("random_mask_grpo", clip_eps_low=0.2, beta=0.0, loss_agg="token_mean")(
     partial(token_ppo_loss, name="random_mask_grpo"))
 # TraceRL: trajectory estimator; rho = exp(clamp(., -10, 10)), eps 0.2, beta 0.01 k3 against the old policy.
-LOSSES.register("tracerl", clip_eps_low=0.2, beta=0.01, kl_target="old", kl_estimator="k3", log_ratio_clamp=10.0,
+LOSSES.register("tracerl", clip_eps_low=0.2, beta=0.01, kl_reference="old", kl_estimator="k3", ratio_clamp=10.0,
                 loss_agg="token_mean")(partial(token_ppo_loss, name="tracerl"))
 # CJ-GRPO: per-step token mean, mean over steps, mean over samples; eps / beta inherited from d1 (its codebase).
-LOSSES.register("cj_grpo", clip_eps_low=0.5, beta=0.04, kl_target="ref", kl_estimator="k3",
+LOSSES.register("cj_grpo", clip_eps_low=0.5, beta=0.04, kl_reference="ref", kl_estimator="k3",
                 loss_agg="seq_mean_step_mean")(partial(token_ppo_loss, name="cj_grpo"))

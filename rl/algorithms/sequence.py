@@ -12,7 +12,7 @@ from rl.algorithms.core import (LOSSES, LossConfig, Metrics, PolicyBatch, Policy
                                 normalizer_of, ratio_metrics, require, safe)
 
 
-@LOSSES.register("gdpo", clip_eps_low=0.5, beta=0.0, kl_target="ref", kl_estimator="k3",
+@LOSSES.register("gdpo", clip_eps_low=0.5, beta=0.0, kl_reference="ref", kl_estimator="k3",
                  loss_agg="seq_mean_token_mean")
 def gdpo_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossConfig) -> tuple[torch.Tensor, Metrics]:
     name = "gdpo"
@@ -28,8 +28,8 @@ def gdpo_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossConfig) -> t
     rows = mask.any(1)
 
     log_ratio = safe((seq - old.detach()) / scale, rows)
-    if config.log_ratio_clamp is not None:
-        log_ratio = log_ratio.clamp(-config.log_ratio_clamp, config.log_ratio_clamp)
+    if config.ratio_clamp is not None:
+        log_ratio = log_ratio.clamp(-config.ratio_clamp, config.ratio_clamp)
     ratio = torch.exp(log_ratio)
     pg_seq = safe(clipped_surrogate(ratio, adv, config.clip_eps_low, config.eps_high), rows)
 
@@ -38,9 +38,9 @@ def gdpo_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossConfig) -> t
     pg_loss = aggregate(per_token, mask, config.loss_agg, norm, step_ids=batch.step_ids)
     kl_loss, kl_seq = None, None
     if config.beta != 0:
-        target = est.seq_ref_logp if config.kl_target == "ref" else old
+        target = est.seq_ref_logp if config.kl_reference == "ref" else old
         if target is None:
-            raise ValueError("loss 'gdpo' with kl_target='ref' needs estimates.seq_ref_logp")
+            raise ValueError("loss 'gdpo' with kl_reference='ref' needs estimates.seq_ref_logp")
         kl_seq = safe(kl_penalty(seq / scale, target.detach() / scale, config.kl_estimator, config.kl_clamp), rows)
         kl_loss = config.beta * aggregate(kl_seq[:, None].expand(mask.shape), mask, config.loss_agg, norm,
                                           step_ids=batch.step_ids)

@@ -1,12 +1,12 @@
 """SPG (sandwiched policy gradient): -A_i * s_i with s_i the ELBO (a lower bound of log pi) when A_i > 0 and,
-when A_i <= 0, the EUBO upper bound (or a mix), from K masked forwards of the same sample.
+when A_i <= 0, the EUBO upper bound mixed with the ELBO, from K masked forwards of the same sample.
 
 With token weights w_kj (MaskDraw.token_weights, e.g. 1/(K t_k) on masked tokens) and log-probs lp_kj:
   ELBO_i = sum_kj w_kj lp_kj                           (/ n_i counted tokens when length_normalize)
   EUBO_i = sum_j (1/beta_E) log sum_k w_kj exp(beta_E lp_kj)   over tokens masked in some forward
                                                        (/ their number when length_normalize)
-  s_i = ELBO_i if A_i > 0 else {eubo: EUBO_i, mix: w EUBO_i + (1 - w) ELBO_i, elbo: ELBO_i, zero: 0}
-Defaults follow the released code: length-normalised bounds, beta_E 1.5, loss weighted by length (token_mean).
+  s_i = ELBO_i if A_i > 0 else mix * EUBO_i + (1 - mix) * ELBO_i     (mix = 1: SPG w/ EUBO; 0.5: SPG w/ mixture)
+As in the released code: length-normalised bounds, beta_E 1.5, loss weighted by length (token_mean).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def spg_bounds(mc_logp: torch.Tensor, mc_weights: torch.Tensor, mask: torch.Tens
     return elbo, eubo
 
 
-@LOSSES.register("spg", beta=0.0, spg_beta=1.5, spg_negative="eubo", spg_mix_weight=0.5, length_normalize=True,
+@LOSSES.register("spg", beta=0.0, beta_e=1.5, mix=0.5, length_normalize=True,
                  loss_agg="token_mean")
 def spg_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossConfig) -> tuple[torch.Tensor, Metrics]:
     name = "spg"
@@ -49,9 +49,8 @@ def spg_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossConfig) -> tu
     mc_weights = require(est, "mc_weights", mc_logp.shape, name)
     adv = require(batch, "advantages", (b,), name).detach().to(mc_logp.dtype)
 
-    elbo, eubo = spg_bounds(mc_logp, mc_weights, mask, config.spg_beta, config.length_normalize)
-    negative = {"eubo": eubo, "mix": config.spg_mix_weight * eubo + (1 - config.spg_mix_weight) * elbo,
-                "elbo": elbo, "zero": torch.zeros_like(elbo)}[config.spg_negative]
+    elbo, eubo = spg_bounds(mc_logp, mc_weights, mask, config.beta_e, config.length_normalize)
+    negative = config.mix * eubo + (1 - config.mix) * elbo
     positive = adv > 0
     surrogate = torch.where(positive, elbo, negative)
     rows = mask.any(1)
