@@ -1,0 +1,94 @@
+"""Full-attention decoding (LLaDA, Dream): semi-autoregressive blocks over a masked canvas.
+
+The canvas is `[prompt | max_tokens masks]` (left-padded to a common width; rows of one call share max_tokens),
+every position attends to every valid position, and the response is decoded block by block (blocks of
+spec.block_size), each block in its own denoising steps. Rows move through the blocks in lock step: a row that
+finishes a block early (dynamic remasking) waits, which never changes its own result (rows do not interact).
+
+KV-cache modes (Fast-dLLM):
+- "none": every step recomputes the whole canvas: exact, the reference;
+- "prefix": each block's first step recomputes the whole canvas and keeps the KV of everything before the block;
+  later steps of the block recompute only the block and the canvas after it;
+- "dual": the first step also keeps the KV after the block; later steps recompute only the block.
+With full attention a token's KV depends on the whole canvas, so the cached KV goes stale as the block fills in:
+both cache modes are approximations, exact only when each block takes a single step.
+Dream (`logits_shift`) predicts token i from position i-1, so recomputed windows start one position early.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from rollout.decoding.kv_cache import RaggedKVCache
+from rollout.decoding.state import Row, forward_at
+from rollout.models.masks import attention_bias
+
+CACHE_MODES = ("none", "prefix", "dual")
+
+
+def decode_full(policy, rows: list[Row], cache_mode: str = "none",
+                on_step: Callable[[int], None] | None = None) -> None:
+    """Decode `rows` (all with the same max_tokens) to the end of the canvas, in place."""
+    if cache_mode not in CACHE_MODES:
+        raise ValueError(f"kv_cache: unknown full-attention cache mode {cache_mode!r} (expected {CACHE_MODES})")
+    lengths = {r.params.max_tokens for r in rows}
+    if len(lengths) != 1:
+        raise ValueError("decode_full: rows of one call must share max_tokens (the canvas length)")
+    spec, device = policy.spec, policy.device
+    bs, shift = spec.block_size, int(spec.logits_shift)
+    length = lengths.pop()
+    width_prompt = max(r.prompt_len for r in rows)
+    width = width_prompt + length
+    ids = torch.full((len(rows), width), spec.pad_token_id, dtype=torch.long, device=device)
+    pos = torch.zeros_like(ids)
+    valid = torch.zeros_like(ids, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        pad = width_prompt - row.prompt_len
+        ids[i, pad:width_prompt] = row.prompt
+        pos[i, pad:] = torch.arange(width - pad, device=device)
+        valid[i, pad:] = True
+    full_bias = attention_bias(pos, pos, valid, full=True)
+    cache = None
+    if cache_mode != "none":
+        cache = RaggedKVCache.for_model(policy.causal_lm.config, len(rows), width, policy.dtype, device)
+    for block in range(length // bs):
+        start = width_prompt + block * bs  # canvas column of the block's first token
+        window = {"none": (0, width), "prefix": (start - shift, width), "dual": (start - shift, start + bs)}
+        first = True
+        while True:
+            todo = [i for i, r in enumerate(rows) if not r.block_done]
+            if not todo:
+                break
+            for i in todo:
+                ids[i, start:start + bs] = rows[i].tokens[rows[i].block_start:rows[i].block_end]
+            lo, hi = (0, width) if first else window[cache_mode]
+            if cache_mode == "none":
+                # Without a cache rows are independent: forward only those still decoding this block.
+                sel = torch.tensor(todo, device=device)
+                batch_ids, batch_pos, bias = ids[sel], pos[sel], full_bias[sel]
+                slot_of = {i: k for k, i in enumerate(todo)}
+            else:
+                cache.prepare(torch.full((len(rows),), lo, device=device), hi - lo, view_len=width)
+                batch_ids, batch_pos = ids[:, lo:hi], pos[:, lo:hi]
+                bias = full_bias[:, :, lo:hi, :]
+                slot_of = {i: i for i in todo}
+            masked = [rows[i].block_masked() for i in todo]
+            q_rows = torch.cat([torch.full_like(m, slot_of[i]) for i, m in zip(todo, masked)])
+            # Column of response position j is width_prompt + j; its logits come from shift columns earlier.
+            q_cols = torch.cat([m + width_prompt - shift - lo for m in masked])
+            logits = forward_at(policy, batch_ids, batch_pos, bias, q_rows, q_cols, cache)
+            unmasked = 0
+            for i, m, row_logits in zip(todo, masked, torch.split(logits, [m.numel() for m in masked])):
+                rows[i].nfe += 1
+                unmasked += rows[i].denoise(row_logits, m)
+            if on_step is not None:
+                on_step(unmasked)
+            first = False
+        for i, row in enumerate(rows):
+            ids[i, start:start + bs] = row.tokens[row.block_start:row.block_end]
+            if row.block + 1 < row.num_blocks:
+                row.next_block()
+    for row in rows:
+        has_eos = bool((row.tokens == spec.eos_token_id).any())
+        row.finish_reason = "eos" if has_eos else "length"

@@ -1,0 +1,51 @@
+"""Uncached block decoding: every step recomputes the whole visible sequence from scratch.
+
+The decoder sees `[prompt | clean blocks < b | current state of block b]` with the block-causal mask, exactly what
+the cached decoder's KV represents, so the two must agree token for token. It exists to test the cached decoder
+and as the benchmark's baseline; it is never the fast path.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from rollout.decoding.state import Row, forward_at
+from rollout.models.masks import PAD_BLOCK, attention_bias, prompt_block_ids, response_block_ids
+
+
+def decode_blocks_uncached(policy, rows: list[Row], on_step: Callable[[int], None] | None = None) -> None:
+    spec = policy.spec
+    bs, device = spec.block_size, policy.device
+    rows = list(rows)
+    while rows:
+        width = max(r.prompt_len + r.block_end for r in rows)
+        ids = torch.full((len(rows), width), spec.pad_token_id, dtype=torch.long, device=device)
+        pos = torch.zeros_like(ids)
+        block = torch.full_like(ids, PAD_BLOCK)
+        valid = torch.zeros_like(ids, dtype=torch.bool)
+        masked, q_rows, q_cols = [], [], []
+        for i, row in enumerate(rows):
+            p, end = row.prompt_len, row.block_end
+            start = width - p - end  # left padding
+            ids[i, start:start + p] = row.prompt
+            ids[i, start + p:] = row.tokens[:end]
+            pos[i, start:] = torch.arange(p + end, device=device)
+            block[i, start:start + p] = prompt_block_ids(p, bs).to(device)
+            block[i, start + p:] = response_block_ids(end, bs).to(device)
+            valid[i, start:] = True
+            m = row.block_masked()
+            masked.append(m)
+            q_rows.append(torch.full_like(m, i))
+            q_cols.append(m + start + p)
+        bias = attention_bias(block, block, valid)
+        logits = forward_at(policy, ids, pos, bias, torch.cat(q_rows), torch.cat(q_cols))
+        unmasked = 0
+        for row, m, row_logits in zip(rows, masked, torch.split(logits, [m.numel() for m in masked])):
+            row.nfe += 1
+            unmasked += row.denoise(row_logits, m)
+            if row.block_done and not row.finish_if_done():
+                row.next_block()
+        if on_step is not None:
+            on_step(unmasked)
+        rows = [r for r in rows if r.finish_reason is None]

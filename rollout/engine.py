@@ -1,0 +1,238 @@
+"""The rollout engine interface (generate / update_weights / release) and its torch implementation.
+
+A `RolloutEngine` turns `GenerationRequest`s (token ids, sampling params, a seed each) into `Trajectory`s, takes
+new weights in buckets with a version, and can give its memory back between rollouts. `TorchEngine` runs the
+diffrl decoders on any torch device; `VLLMEngine` (rollout/vllm_engine.py) serves autoregressive policies; an
+SGLang backend would implement the same three methods (see `SGLangEngine`).
+
+Bad input never fails a batch: each request that cannot be decoded comes back as a Trajectory whose
+finish_reason is "error: <one line>" and whose response is empty; the others decode normally.
+"""
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from itertools import chain
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rollout.decoding import decode
+from rollout.decoding.state import Row, check_request, error_trajectory
+from rollout.sampling import GenerationRequest, SamplingParams
+from rollout.trajectory import Trajectory
+
+__all__ = ["RolloutEngine", "TorchEngine", "SGLangEngine", "GenerationRequest", "SamplingParams", "make_engine",
+           "iter_buckets"]
+
+DEFAULT_BUCKET_BYTES = 256 * 1024 * 1024
+
+
+class RolloutEngine(abc.ABC):
+    """generate(requests) -> trajectories; update_weights(weights, version); release()."""
+
+    policy_version: int = 0
+
+    @abc.abstractmethod
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Trajectory]:
+        """One Trajectory per request, in order."""
+
+    @abc.abstractmethod
+    def update_weights(self, weights, version: int, *, final: bool = True) -> None:
+        """Load weights given as a mapping, (name, tensor) pairs or an iterable of mappings (buckets).
+
+        Several calls with final=False stream one update bucket by bucket (e.g. one Ray call per bucket); the call
+        with final=True checks that every parameter arrived and sets the policy version.
+        """
+
+    @abc.abstractmethod
+    def release(self) -> None:
+        """Free memory held for generation (device caches, offloaded weights); the next generate restores it."""
+
+
+def iter_buckets(weights, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Iterator[dict[str, torch.Tensor]]:
+    """Normalise the accepted weight formats into dict buckets of at most ~bucket_bytes (one tensor may exceed)."""
+    if isinstance(weights, Mapping):
+        weights = iter(weights.items())
+    iterator = iter(weights)
+    first = next(iterator, None)
+    if first is None:
+        return
+    if isinstance(first, Mapping):  # already bucketed by the sender
+        for bucket in chain([first], iterator):
+            yield dict(bucket)
+        return
+    bucket, size = {}, 0
+    for name, tensor in chain([first], iterator):
+        bucket[name] = tensor
+        size += tensor.numel() * tensor.element_size()
+        if size >= bucket_bytes:
+            yield bucket
+            bucket, size = {}, 0
+    if bucket:
+        yield bucket
+
+
+class TorchEngine(RolloutEngine):
+    """diffrl's own decoders on a DiffusionPolicy (CPU or GPU).
+
+    kv_cache: "auto" (cached block decoding for block models, exact no-cache decoding for full attention),
+    "none" (uncached reference), "block" (cached block decoding), "prefix" / "dual" (Fast-dLLM, full attention).
+    """
+
+    def __init__(self, policy, *, kv_cache: str = "auto", max_batch_size: int = 64, progress: bool = False,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+        if max_batch_size < 1:
+            raise ValueError(f"engine.max_batch_size must be >= 1, got {max_batch_size}")
+        self.policy = policy
+        self.kv_cache = _resolve_cache(policy.spec, kv_cache)
+        self.max_batch_size = max_batch_size
+        self.progress = progress
+        self.bucket_bytes = bucket_bytes
+        self.policy_version = 0
+        self._device = policy.device
+        self._received: set[str] = set()
+        config = policy.causal_lm.config
+        self.max_positions = getattr(config, "max_position_embeddings", None)
+        self.vocab_size = int(getattr(config, "vocab_size", 0) or policy.logits_from_hidden(
+            torch.zeros(1, policy.hidden_size, device=policy.device, dtype=policy.dtype)).shape[-1])
+
+    @classmethod
+    def from_dir(cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 kind: str | None = None, block_size: int | None = None, trust_remote_code: bool = False,
+                 **options) -> "TorchEngine":
+        from rollout.models.loading import load_policy
+
+        policy = load_policy(path, kind=kind, block_size=block_size, dtype=dtype, device=device,
+                             trust_remote_code=trust_remote_code)
+        return cls(policy, **options)
+
+    # --------------------------------------------------------------------------------------------- generate
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Trajectory]:
+        self._restore()
+        spec = self.policy.spec
+        results: list[Trajectory | None] = [None] * len(requests)
+        valid: list[int] = []
+        for i, request in enumerate(requests):
+            problem = check_request(request, spec, self.max_positions, self.vocab_size)
+            if problem is None:
+                valid.append(i)
+            else:
+                results[i] = error_trajectory(request, problem, spec.block_size, self.policy_version)
+        total = sum(requests[i].sampling.max_tokens for i in valid)
+        bar = _progress_bar(total, self.progress)
+        # Same canvas length together (full attention needs it), short prompts together (less padding).
+        valid.sort(key=lambda i: (requests[i].sampling.max_tokens, requests[i].prompt_ids.numel()))
+        try:
+            for group in _groups(valid, requests, self.max_batch_size, same_length=not spec.is_block):
+                rows = [Row(i, requests[i], spec, self._device) for i in group]
+                with torch.inference_mode():
+                    decode(self.policy, rows, self.kv_cache, on_step=bar.update if bar else None)
+                for row in rows:
+                    results[row.index] = row.trajectory(self.policy_version, self.kv_cache)
+        finally:
+            if bar is not None:
+                bar.close()
+        return results  # type: ignore[return-value]
+
+    # --------------------------------------------------------------------------------------------- weights
+    def update_weights(self, weights, version: int, *, final: bool = True, strict: bool = True) -> None:
+        model = self.policy.causal_lm
+        state = model.state_dict()
+        for bucket in iter_buckets(weights, self.bucket_bytes):
+            for name, tensor in bucket.items():
+                if name not in state:
+                    raise ValueError(f"update_weights: unknown parameter {name!r} (not in the rollout model)")
+                if tuple(tensor.shape) != tuple(state[name].shape):
+                    raise ValueError(f"update_weights: {name!r} has shape {tuple(tensor.shape)}, "
+                                     f"the rollout model expects {tuple(state[name].shape)}")
+            with torch.no_grad():
+                model.load_state_dict(bucket, strict=False)
+            self._received.update(bucket)
+        if not final:
+            return
+        # Tied weights appear once among parameters but twice in the state dict: require the former only.
+        missing = sorted({name for name, _ in model.named_parameters()} - self._received)
+        self._received = set()
+        if strict and missing:
+            raise ValueError(f"update_weights: {len(missing)} parameters never arrived (first: {missing[0]!r}); "
+                             f"policy version stays {self.policy_version}")
+        self.policy_version = int(version)
+
+    # --------------------------------------------------------------------------------------------- memory
+    def release(self) -> None:
+        """Generation keeps no state between calls; on an accelerator the weights move to host memory."""
+        if self._device.type != "cpu":
+            self.policy.model.to("cpu")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _restore(self) -> None:
+        if self.policy.device != self._device:
+            self.policy.model.to(self._device)
+
+
+class SGLangEngine(RolloutEngine):
+    """Seam for an SGLang backend (paged KV cache, CUDA graphs): not implemented in diffrl yet.
+
+    An implementation would launch `sglang.Engine` on the model directory, map GenerationRequest to SGLang's
+    sampling params (seed per request), rebuild Trajectories from the returned token ids and per-step logprobs,
+    and implement update_weights with SGLang's `update_weights_from_tensor` in the same buckets.
+    """
+
+    def __init__(self, *args, **kwargs):
+        raise NotImplementedError("engine 'sglang' is not implemented yet; use engine 'torch' (diffusion policies) "
+                                  "or 'vllm' (autoregressive policies)")
+
+    def generate(self, requests):  # pragma: no cover - never constructed
+        raise NotImplementedError
+
+    def update_weights(self, weights, version, *, final=True):  # pragma: no cover
+        raise NotImplementedError
+
+    def release(self):  # pragma: no cover
+        raise NotImplementedError
+
+
+def make_engine(name: str, model_dir: str | Path, **options) -> RolloutEngine:
+    """Registry of engine backends by name: "torch", "vllm", "sglang"."""
+    if name == "torch":
+        return TorchEngine.from_dir(model_dir, **options)
+    if name == "vllm":
+        from rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model_dir, **options)
+    if name == "sglang":
+        return SGLangEngine(model_dir, **options)
+    raise ValueError(f"rollout.engine: unknown engine {name!r} (expected torch, vllm or sglang)")
+
+
+def _resolve_cache(spec, kv_cache: str) -> str:
+    allowed = ("block", "none") if spec.is_block else ("none", "prefix", "dual")
+    if kv_cache == "auto":
+        return "block" if spec.is_block else "none"
+    if kv_cache not in allowed:
+        raise ValueError(f"engine.kv_cache: {kv_cache!r} does not apply to {spec.attention} attention "
+                         f"(expected auto or one of {allowed})")
+    return kv_cache
+
+
+def _groups(indices: list[int], requests, size: int, same_length: bool) -> Iterator[list[int]]:
+    group: list[int] = []
+    for i in indices:
+        if group and (len(group) == size or (same_length and requests[i].sampling.max_tokens
+                                             != requests[group[0]].sampling.max_tokens)):
+            yield group
+            group = []
+        group.append(i)
+    if group:
+        yield group
+
+
+def _progress_bar(total: int, enabled: bool) -> Callable | None:
+    if not enabled or total == 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="rollout", unit="tok")
