@@ -29,7 +29,7 @@ from launch.recipe_io import (
     apply_override,
     deep_merge,
     format_validation_error,
-    normalize_tagged,
+    normalize_shorthands,
     origin_of,
     read_chain,
 )
@@ -418,7 +418,7 @@ class Recipe(_Section):
         # Two passes: validate, compute the defaults that depend on other sections from the typed result, validate
         # the completed mapping again; then the cross-section checks see concrete values only.
         if isinstance(data, dict):
-            data = _with_estimator_name(normalize_tagged(data))
+            data = _with_estimator_name(normalize_shorthands(data))
         recipe = handler(data)
         fills = recipe_rules.derived_defaults(recipe)
         if fills:

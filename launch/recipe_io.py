@@ -80,15 +80,21 @@ def read_recipe_file(path: Path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
-    return normalize_tagged(data)
+    return normalize_shorthands(data)
 
 
-def normalize_tagged(data: dict) -> dict:
-    """`algorithm: gdpo` is shorthand for `algorithm: {name: gdpo}` (same for estimator)."""
+def normalize_shorthands(data: dict) -> dict:
+    """Expand the short forms: `algorithm: gdpo` is `algorithm: {name: gdpo}` (same for estimator), and a single
+    reward, `reward: {fn: math}` or `reward: math`, is a one-element list."""
     out = dict(data)
     for key in TAGGED_SECTIONS:
         if isinstance(out.get(key), str):
             out[key] = {"name": out[key]}
+    reward = out.get("reward")
+    if isinstance(reward, str):
+        out["reward"] = [{"fn": reward}]
+    elif isinstance(reward, dict):
+        out["reward"] = [reward]
     return out
 
 

@@ -97,11 +97,9 @@ def _default_decode_block(r: Recipe, kind: str | None) -> int | None:
     attention: its semi-autoregressive block, at most the response), or the whole response under ASS."""
     if r.rollout.ass:
         return r.rollout.max_tokens
-    if r.model.block_size is not None:
-        return r.model.block_size
     if kind is None:
-        return None
-    block = default_spec_fields(kind)["block_size"]
+        return r.model.block_size
+    block = r.model.block_size or default_spec_fields(kind)["block_size"]
     return block if kind in BLOCK_CAUSAL_KINDS else min(block, r.rollout.max_tokens)
 
 

@@ -76,6 +76,15 @@ def test_null_in_child_replaces_a_mapping(tmp_path):
     assert load_recipe(child).rollout.eoser is None
 
 
+def test_shorthands_for_algorithm_estimator_and_a_single_reward(tmp_path):
+    data = {**BASE, "algorithm": "diffu_grpo", "estimator": "coupled", "model": {"tiny": "llada"},
+            "reward": {"fn": "my_pkg.rewards:score", "weight": 0.5}}
+    recipe = load_recipe(_write(tmp_path / "r.yaml", yaml.safe_dump(data)))
+    assert (recipe.algorithm.name, recipe.estimator.name) == ("diffu_grpo", "coupled")
+    assert [(r.fn, r.weight) for r in recipe.reward] == [("my_pkg.rewards:score", 0.5)]
+    assert recipe_from_dict({**data, "reward": "code"}).reward[0].fn == "code"
+
+
 def test_name_defaults_to_file_stem(tmp_path):
     data = {k: v for k, v in BASE.items() if k != "name"}
     assert load_recipe(_write(tmp_path / "my-run.yaml", yaml.safe_dump(data))).name == "my-run"
@@ -216,6 +225,8 @@ def test_resolve_kind_fills_and_checks_kind_dependent_values():
     with pytest.raises(RecipeError, match=r"model\.kind: recipe says 'llada' but the checkpoint is 'sdar'"):
         resolve_kind(llada, "sdar")
     assert resolve_kind(llada, "llada") is llada
+    short = recipe_from_dict(_base(model={"path": "/ckpt"}, algorithm="gdpo"))
+    assert resolve_kind(short, "llada", 32).rollout.block_size == 16  # the semi-AR block, at most the response
 
 
 def test_importing_the_recipe_layer_stays_light():
