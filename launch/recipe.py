@@ -43,18 +43,8 @@ from launch.recipe_rules import (
 )
 
 __all__ = [
-    "BLOCK_CAUSAL_KINDS",
-    "ESTIMATORS_FOR",
-    "FULL_ATTENTION_KINDS",
-    "GENERIC_DEFAULTS",
-    "PUBLISHED_DEFAULTS",
-    "TINY_KINDS",
-    "Recipe",
-    "RecipeError",
-    "check_paths",
-    "load_recipe",
-    "recipe_from_dict",
-    "resolve_kind",
+    "BLOCK_CAUSAL_KINDS", "ESTIMATORS_FOR", "FULL_ATTENTION_KINDS", "GENERIC_DEFAULTS", "PUBLISHED_DEFAULTS",
+    "TINY_KINDS", "Recipe", "RecipeError", "check_paths", "load_recipe", "recipe_from_dict", "resolve_kind",
     "save_recipe",
 ]
 
