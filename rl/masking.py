@@ -18,8 +18,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,7 +118,7 @@ def quadrature(rule: str, nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(t, dtype=_F64), torch.tensor(w, dtype=_F64)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _quadrature(rule: str, nodes: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if rule == "gauss":
         if not 1 <= nodes <= 5:

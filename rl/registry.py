@@ -5,7 +5,8 @@ itself, the caller merges them into its config (see `rl.algorithms.make_loss_con
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class Registry:

@@ -2,9 +2,19 @@
 
 Importing this package registers every loss; it imports only torch.
 """
-from rl.algorithms.core import (AGG_MODES, LOSSES, LossConfig, PolicyBatch, PolicyEstimates, aggregate,
-                                compute_loss, kl_penalty, loss_normalizer, make_loss_config)
 from rl.algorithms import ppo, sequence, spg, weighted  # noqa: F401  (registration)
+from rl.algorithms.core import (
+    AGG_MODES,
+    LOSSES,
+    LossConfig,
+    PolicyBatch,
+    PolicyEstimates,
+    aggregate,
+    compute_loss,
+    kl_penalty,
+    loss_normalizer,
+    make_loss_config,
+)
 
 __all__ = ["AGG_MODES", "LOSSES", "LossConfig", "PolicyBatch", "PolicyEstimates", "aggregate", "compute_loss",
            "kl_penalty", "loss_normalizer", "make_loss_config"]

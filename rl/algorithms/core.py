@@ -20,8 +20,9 @@ broadcast onto their counted tokens first, so `seq_mean_token_mean` is a plain m
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

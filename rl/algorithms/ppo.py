@@ -11,9 +11,26 @@ from functools import partial
 
 import torch
 
-from rl.algorithms.core import (LOSSES, LossConfig, Metrics, PolicyBatch, PolicyEstimates, aggregate,
-                                clipped_surrogate, common_metrics, counted_mask, finish, kl_term, masked_stats,
-                                normalizer_of, ratio_metrics, require, safe, token_advantages, value_term)
+from rl.algorithms.core import (
+    LOSSES,
+    LossConfig,
+    Metrics,
+    PolicyBatch,
+    PolicyEstimates,
+    aggregate,
+    clipped_surrogate,
+    common_metrics,
+    counted_mask,
+    finish,
+    kl_term,
+    masked_stats,
+    normalizer_of,
+    ratio_metrics,
+    require,
+    safe,
+    token_advantages,
+    value_term,
+)
 
 
 def token_ppo_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossConfig,

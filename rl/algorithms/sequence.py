@@ -7,9 +7,24 @@ from __future__ import annotations
 
 import torch
 
-from rl.algorithms.core import (LOSSES, LossConfig, Metrics, PolicyBatch, PolicyEstimates, aggregate,
-                                clipped_surrogate, common_metrics, counted_mask, finish, kl_penalty, masked_stats,
-                                normalizer_of, ratio_metrics, require, safe)
+from rl.algorithms.core import (
+    LOSSES,
+    LossConfig,
+    Metrics,
+    PolicyBatch,
+    PolicyEstimates,
+    aggregate,
+    clipped_surrogate,
+    common_metrics,
+    counted_mask,
+    finish,
+    kl_penalty,
+    masked_stats,
+    normalizer_of,
+    ratio_metrics,
+    require,
+    safe,
+)
 
 
 @LOSSES.register("gdpo", clip_eps_low=0.5, beta=0.0, kl_reference="ref", kl_estimator="k3",

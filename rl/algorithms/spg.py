@@ -12,8 +12,21 @@ from __future__ import annotations
 
 import torch
 
-from rl.algorithms.core import (LOSSES, LossConfig, Metrics, PolicyBatch, PolicyEstimates, aggregate,
-                                common_metrics, counted_mask, finish, masked_stats, normalizer_of, require, safe)
+from rl.algorithms.core import (
+    LOSSES,
+    LossConfig,
+    Metrics,
+    PolicyBatch,
+    PolicyEstimates,
+    aggregate,
+    common_metrics,
+    counted_mask,
+    finish,
+    masked_stats,
+    normalizer_of,
+    require,
+    safe,
+)
 
 
 def spg_bounds(mc_logp: torch.Tensor, mc_weights: torch.Tensor, mask: torch.Tensor, beta: float,

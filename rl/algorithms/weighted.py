@@ -9,9 +9,23 @@ from __future__ import annotations
 
 import torch
 
-from rl.algorithms.core import (LOSSES, LossConfig, Metrics, PolicyBatch, PolicyEstimates, aggregate,
-                                common_metrics, counted_mask, finish, kl_term, masked_stats, normalizer_of,
-                                require, safe, token_advantages)
+from rl.algorithms.core import (
+    LOSSES,
+    LossConfig,
+    Metrics,
+    PolicyBatch,
+    PolicyEstimates,
+    aggregate,
+    common_metrics,
+    counted_mask,
+    finish,
+    kl_term,
+    masked_stats,
+    normalizer_of,
+    require,
+    safe,
+    token_advantages,
+)
 
 
 @LOSSES.register("wd1", beta=0.0, loss_agg="seq_mean_token_mean")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rl.advantages import wd1_weights
-from rl.algorithms import (LOSSES, PolicyBatch, PolicyEstimates, compute_loss, loss_normalizer, make_loss_config)
+from rl.algorithms import LOSSES, PolicyBatch, PolicyEstimates, compute_loss, loss_normalizer, make_loss_config
 from rl.algorithms.spg import spg_bounds
 from rl.value import value_loss
 
@@ -306,7 +306,7 @@ def test_padding_with_infinite_logprobs_stays_finite():
 
 
 def test_observed_mask_restricts_random_mask_grpo():
-    logp, old, ref, adv, mask, _ = _inputs(seed=7)
+    logp, old, _ref, adv, mask, _ = _inputs(seed=7)
     observed = torch.rand(B, L, generator=torch.Generator().manual_seed(1)) < 0.5
     batch = PolicyBatch(advantages=adv, token_mask=mask)
     a, _ = compute_loss("random_mask_grpo", batch, PolicyEstimates(logp=logp, old_logp=old, observed_mask=observed))
@@ -316,7 +316,7 @@ def test_observed_mask_restricts_random_mask_grpo():
 
 
 def test_tracerl_ratio_clamp_and_value_term():
-    logp, old, ref, adv, mask, _ = _inputs(seed=8, token_adv=True)
+    logp, old, _ref, adv, mask, _ = _inputs(seed=8, token_adv=True)
     far = logp.detach() - 50.0  # log-ratio +50: exp would overflow float32; clamped to 10
     _, m = compute_loss("tracerl", PolicyBatch(advantages=adv, token_mask=mask), PolicyEstimates(logp=logp,
                                                                                                  old_logp=far))

@@ -8,9 +8,23 @@ import numpy as np
 import pytest
 import torch
 
-from rl.masking import (MASK_SAMPLERS, MaskDraw, block_elbo, block_random, coupled, draw_masks, exact_elbo_weights,
-                        mc_elbo, one_step, quadrature, random_mask, sample_generator, sample_seed, sdmc,
-                        trajectory_masks)
+from rl.masking import (
+    MASK_SAMPLERS,
+    MaskDraw,
+    block_elbo,
+    block_random,
+    coupled,
+    draw_masks,
+    exact_elbo_weights,
+    mc_elbo,
+    one_step,
+    quadrature,
+    random_mask,
+    sample_generator,
+    sample_seed,
+    sdmc,
+    trajectory_masks,
+)
 
 F64 = torch.float64
 
@@ -102,7 +116,7 @@ def test_trajectory_masks():
     inputs, targets = trajectory_masks(torch.tensor([0, 0, 3, 1, 3, 7]))
     assert targets.int().tolist() == [[1, 1, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0], [0, 0, 1, 0, 1, 0], [0, 0, 0, 0, 0, 1]]
     assert torch.equal(inputs, targets.flip(0).cumsum(0).flip(0).bool())  # masked: this step or later
-    inputs2, targets2 = trajectory_masks(torch.tensor([0, 0, 3, 1, 3, 7]), shrink=2)
+    _inputs2, targets2 = trajectory_masks(torch.tensor([0, 0, 3, 1, 3, 7]), shrink=2)
     assert targets2.int().tolist() == [[1, 1, 0, 1, 0, 0], [0, 0, 1, 0, 1, 1]]
 
 
@@ -190,7 +204,7 @@ def _block_exact(table: torch.Tensor, block_size: int, semi_ar: bool) -> float:
     for start in range(0, n, block_size):
         block = list(range(start, min(start + block_size, n)))
         later = set(range(block[-1] + 1, n)) if semi_ar else set()
-        total += _exact_elbo(table, block, context=lambda s: s | later)
+        total += _exact_elbo(table, block, context=lambda s, later=later: s | later)
     return total
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rl.value import (ValueHead, compact_steps, compute_value_targets, gather_positions, value_loss)
+from rl.value import ValueHead, compact_steps, compute_value_targets, gather_positions, value_loss
 
 
 def _naive_targets(values, step_ids, mask, rewards, gamma, lam, token_rewards=None):
