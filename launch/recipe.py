@@ -245,47 +245,68 @@ AlgorithmConfig = Annotated[
 
 
 # -------------------------------------------------------------------------------------------------- estimator
-class OneStepEstimator(_Section):
+class _EstimatorSection(_Section):
+    def params(self) -> dict[str, Any]:
+        """Keyword options of the rl estimator of the same name (`rl.estimators.get_estimator(name)`)."""
+        return self.model_dump(exclude={"name"})
+
+
+class OneStepEstimator(_EstimatorSection):
     name: Literal["one_step"] = "one_step"
     p_mask: float = Field(0.15, ge=0, lt=1)  # prompt-token masking probability (d1)
     reseed_per_update: bool = True  # d1 draws a new mask seed per inner iteration
 
+    def params(self) -> dict[str, Any]:
+        return {"p_mask": self.p_mask}  # reseeding is the learner's business (which inner_iter it passes)
 
-class MCElboEstimator(_Section):
+
+class MCElboEstimator(_EstimatorSection):
     name: Literal["mc_elbo"] = "mc_elbo"
     mc_num: int = Field(128, ge=1)  # LLaDA's evaluation value; lower it for training
     stratified: bool = True  # masked-token counts l stratified across the MC batch
 
+    def params(self) -> dict[str, Any]:
+        return {"num_samples": self.mc_num, "stratified": self.stratified}
 
-class SDMCEstimator(_Section):
+
+class SDMCEstimator(_EstimatorSection):
     name: Literal["sdmc"] = "sdmc"
     quadrature: Literal["gauss-1", "gauss-2", "gauss-3", "gauss-4", "gauss-5", "simpson"] = "gauss-3"  # GDPO
 
+    def params(self) -> dict[str, Any]:
+        if self.quadrature == "simpson":
+            return {"rule": "simpson", "nodes": 3}
+        return {"rule": "gauss", "nodes": int(self.quadrature.split("-")[1])}
 
-class CoupledEstimator(_Section):
+
+class CoupledEstimator(_EstimatorSection):
     name: Literal["coupled"] = "coupled"
     t_min: Fraction = 0.2  # t ~ U(t_min, t_max) (DiffuCoder)
     t_max: Fraction = 0.8
     full_mask_view: bool = True  # the fully masked third view
 
 
-class BlockElboEstimator(_Section):
+class BlockElboEstimator(_EstimatorSection):
     name: Literal["block_elbo"] = "block_elbo"
-    mc_num: int = Field(1, ge=1)  # noisy copies per sample
-    t_min: Fraction = 0.0
-    t_max: Fraction = 1.0
+    mc_num: int = Field(1, ge=1)  # noisy copies per sample (each one pass over every block)
+
+    def params(self) -> dict[str, Any]:
+        return {"num_samples": self.mc_num}
 
 
-class TrajectoryEstimator(_Section):
+class TrajectoryEstimator(_EstimatorSection):
     name: Literal["trajectory"] = "trajectory"
     shrink: int | None = Field(None, ge=1)  # merge s consecutive steps; None -> 1 (block models), 8 (full attention)
 
 
-class RandomMaskEstimator(_Section):
+class RandomMaskEstimator(_EstimatorSection):
     name: Literal["random_mask"] = "random_mask"
     t_min: Fraction = 0.1  # mask ratio ~ U[0.1, 0.9] (dLLM-RL)
     t_max: Fraction = 0.9
     mc_num: int = Field(1, ge=1)  # masks per sample
+
+    def params(self) -> dict[str, Any]:
+        return {"t_min": self.t_min, "t_max": self.t_max, "num_samples": self.mc_num}
 
 
 EstimatorConfig = Annotated[

@@ -94,6 +94,9 @@ def _register(name: str, **defaults):
         if name == "one_step":
             # d1 masks prompt tokens too; each sample's prompt gets its own draw from the same generator.
             return _one_step(policy, inp, seed, inner_iter, options, temperature, return_entropy, return_hidden)
+        if name == "coupled" and options.pop("full_mask_view", False):
+            return _coupled_with_full_view(policy, inp, seed, inner_iter, {**defaults, **options}, temperature,
+                                           return_entropy, return_hidden)
         return _estimate(name, policy, inp, seed, inner_iter, {**defaults, **options}, temperature,
                          return_entropy, return_hidden)
 
@@ -101,6 +104,26 @@ def _register(name: str, **defaults):
     estimator.__doc__ = f"Mask-sampling estimator backed by `rl.masking.{name}`."
     ESTIMATORS.register(name, **defaults)(estimator)
     return estimator
+
+
+def _coupled_with_full_view(policy, inp, seed, inner_iter, options, temperature, return_entropy,
+                            return_hidden) -> Estimate:
+    """DiffuCoder's three views: token log p = (log p_full + w log p_partial) / 2, w = 1/t or 1/(1-t).
+
+    The coupled sampler's weights are already w/2 (both partial views halved), so the fully masked view enters
+    with weight 1/2; the per-token value used for ratios is that same combination.
+    """
+    lengths = [inp.length(b) for b in range(len(inp))]
+    draws = draw_masks("coupled", lengths, inp.sample_keys, base_seed=seed, inner_iter=inner_iter, **options)
+    full = []
+    for draw, n in zip(draws, lengths):
+        masks = torch.cat([draw.masks, torch.ones(1, n, dtype=torch.bool)])
+        weights = torch.cat([draw.token_weights, torch.full((1, n), 0.5)])
+        full.append(MaskDraw(masks, weights, torch.cat([draw.t, torch.ones(1, dtype=draw.t.dtype)])))
+    est = score_draws(policy, inp, full, temperature=temperature, return_entropy=return_entropy,
+                      return_hidden=return_hidden)
+    est.token_logp = est.extra["token_elbo"]
+    return est
 
 
 def _one_step(policy, inp, seed, inner_iter, options, temperature, return_entropy, return_hidden) -> Estimate:

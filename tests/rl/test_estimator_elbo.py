@@ -209,3 +209,17 @@ def test_block_elbo_rejects_full_attention_models(tiny_policies):
     inp = EstimatorInput([torch.arange(10, 13)], [torch.arange(20, 24)], ["k"])
     with pytest.raises(ValueError, match="block_elbo"):
         get_estimator("block_elbo")(tiny_policies["llada"], inp)
+
+
+def test_coupled_full_view_adds_half_the_fully_masked_log_probs(tiny_policies):
+    policy = tiny_policies["llada"]
+    prompt, response = torch.arange(10, 15), torch.arange(20, 26)
+    inp = EstimatorInput([prompt], [response], ["k"])
+    with torch.no_grad():
+        pair = get_estimator("coupled")(policy, inp, seed=2)
+        three = get_estimator("coupled")(policy, inp, seed=2, full_mask_view=True)
+        full = policy.score_responses([prompt], [response], [torch.full_like(response, policy.spec.mask_token_id)])
+    expected = pair.extra["token_elbo"][0] + 0.5 * full.logprobs[0]
+    assert torch.allclose(three.token_logp[0], expected, atol=1e-5)
+    assert torch.allclose(three.seq_logp[0], expected.sum(), atol=1e-5)
+    assert three.forwards == 3
