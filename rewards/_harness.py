@@ -230,6 +230,9 @@ def _run_function(job, emit, clean_builtins):
     racing to replace `check`) does not change what the tests check."""
     _compile, _exec, _settimer, _real, _dict = compile, exec, signal.setitimer, signal.ITIMER_REAL, dict
     _Timeout, _describe_ = TestTimeout, _describe
+    # exception classes too: `except AssertionError` looks the name up at run time, in builtins the program can edit
+    _SyntaxError, _AssertionError, _SystemExit = SyntaxError, AssertionError, SystemExit
+    _MemoryError, _OSError, _BaseException = MemoryError, OSError, BaseException
     seconds = job["test_timeout_s"]
     namespace = {"__name__": "__candidate__", "__builtins__": builtins}
     stages = [(-2, job["program"]), (-1, job.get("setup") or "")] + list(enumerate(job["tests"]))
@@ -251,18 +254,20 @@ def _run_function(job, emit, clean_builtins):
                     _settimer(_real, 0)
             except _Timeout:
                 status, detail = "timeout", f"exceeded {seconds:g}s"
-            except SyntaxError as exc:
+            except _SyntaxError as exc:
                 status, detail = "syntax_error", _describe_(exc)
-            except AssertionError as exc:
+            except _AssertionError as exc:
                 status, detail = "wrong", _describe_(exc)
-            except SystemExit as exc:
+            except _SystemExit as exc:
                 status, detail = "exited", _describe_(exc)
-            except MemoryError:
+            except _MemoryError:
                 status, detail = "memory", "MemoryError"
-            except BaseException as exc:
-                status, detail = "error", _describe_(exc)
+            except _OSError as exc:  # EFBIG: a write past RLIMIT_FSIZE (Python ignores SIGXFSZ, so writes fail)
+                status, detail = ("output_limit" if exc.errno == 27 else "runtime_error"), _describe_(exc)
+            except _BaseException as exc:
+                status, detail = "runtime_error", _describe_(exc)
         if stage < 0:
-            if status != "ok":
+            if status != "ok" and failed is None:
                 failed = (status, ("program: " if stage == -2 else "test setup: ") + detail)
             continue
         emit(b"test %d %s %s" % (stage, status.encode(), detail.encode("utf-8", "replace")))
@@ -282,8 +287,10 @@ def _run_stdio(job, emit):
         status, detail = ("ok", "") if code == 0 else ("exited", f"exit code {code}")
     except MemoryError:
         status, detail, code = "memory", "MemoryError", 1
+    except OSError as exc:
+        status, detail, code = ("output_limit" if exc.errno == 27 else "runtime_error"), _describe(exc), 1
     except BaseException as exc:
-        status, detail, code = "error", _describe(exc), 1
+        status, detail, code = "runtime_error", _describe(exc), 1
     emit(b"test 0 %s %s" % (status.encode(), detail.encode("utf-8", "replace")))
     _flush()
     return code

@@ -218,8 +218,8 @@ def _explain(returncode: int, flags: list[str], iso: Isolation) -> tuple[str, st
     if "deadline" in flags:
         return "timeout", "total time limit"
     sig = _exit_signal(returncode, iso)
-    if sig == signal.SIGXCPU or sig == signal.SIGKILL:
-        return "timeout", f"CPU time limit ({signal.Signals(sig).name})"
+    if sig == signal.SIGXCPU:
+        return "timeout", "CPU time limit (SIGXCPU)"
     if sig == signal.SIGXFSZ:
         return "output_limit", "file size limit (SIGXFSZ)"
     if sig is not None:
@@ -271,6 +271,8 @@ def run_stdio(program: str, stdin: str | bytes, limits: Limits = Limits(), timeo
            "limits": limits.for_harness(wall)}
     lines, rc, stdout, stderr, took, flags = _launch(job, limits, wall, iso, python, data)
     status = _parse_tests(lines, 1, rc, flags, iso)[0]
+    if status[0] == "exited" and rc == 0 and not flags:  # os._exit(0) after printing: a normal end for stdio
+        status = ("ok", "")
     if status[0] == "ok" and rc != 0:  # the program itself called os._exit(N) with N != 0 after finishing
         status = ("exited", f"exit code {rc}")
     if len(stdout) > limits.max_output_bytes:
