@@ -1,0 +1,148 @@
+"""Countdown: reach a target with given numbers. Prompt `"3,5,7->22:"`, answer `"3*5+7"` (one solution).
+
+Generation: `num_numbers` numbers in 1..`max_number` (repeats allowed), combined in a random order by a random
+binary expression with `+ - *` (and `/` when `division` and the division is exact); kept when the value is an
+integer in 1..`max_target`. The problem's key is (sorted numbers, target), so no test problem reappears in
+training with its numbers reordered.
+
+Verifier (TinyZero / d1 rules): the response's equation, the text before any `=` on its first non-empty line, may
+contain only integers, `+ - * /`, parentheses and spaces; it must use exactly the reference's numbers, each once,
+and evaluate (exactly, in fractions) to the target. The reference is self-contained: a solution expression (its
+numbers and value give the problem) or a JSON object `{"numbers": [...], "target": N}` (a user's own file).
+`format_score` is paid for a well-formed equation on the right numbers that misses the target (default 0).
+"""
+from __future__ import annotations
+
+import ast
+import json
+import re
+from fractions import Fraction
+from typing import Any, Hashable
+
+import numpy as np
+
+from rl.tasks.base import Task, TaskError, check_int, result
+
+_ALLOWED = re.compile(r"^[\d+\-*/() ]+$")
+_NUMBER = re.compile(r"\d+")
+_BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+           ast.Div: lambda a, b: a / b}
+_SYMBOL = {"+": ast.Add, "-": ast.Sub, "*": ast.Mult, "/": ast.Div}
+MAX_EXPRESSION_CHARS = 200
+
+
+def evaluate(expression: str) -> Fraction | None:
+    """Exact value of an arithmetic expression of non-negative integers (no unary operators), or None when it is
+    malformed, uses anything else, or divides by zero. Parsed with `ast`, never `eval`."""
+    if len(expression) > MAX_EXPRESSION_CHARS or not _ALLOWED.match(expression):
+        return None
+    try:
+        tree = ast.parse(expression.strip(), mode="eval")
+    except SyntaxError:
+        return None
+
+    def value(node: ast.AST) -> Fraction:
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return Fraction(node.value)
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            return _BINOPS[type(node.op)](value(node.left), value(node.right))
+        raise ValueError("unsupported syntax")
+
+    try:
+        return value(tree.body)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def parse_reference(reference: Any) -> tuple[list[int], Fraction]:
+    """(numbers, target) from a solution expression or a `{"numbers": [...], "target": N}` object / JSON string."""
+    ref = reference
+    if isinstance(ref, str) and ref.strip().startswith("{"):
+        try:
+            ref = json.loads(ref)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"reference is not valid JSON ({err.msg})") from None
+    if isinstance(ref, dict):
+        numbers, target = ref.get("numbers", ref.get("nums")), ref.get("target")
+        if not isinstance(numbers, list) or not all(isinstance(n, int) for n in numbers) or not isinstance(target, int):
+            raise ValueError("reference object needs integer list 'numbers' and integer 'target'")
+        return sorted(numbers), Fraction(target)
+    expression = str(ref).strip()
+    target = evaluate(expression)
+    if target is None:
+        raise ValueError(f"reference {expression[:40]!r} is not an arithmetic expression")
+    return sorted(int(n) for n in _NUMBER.findall(expression)), target
+
+
+def _equation(response: str) -> str | None:
+    for line in response.splitlines():
+        if line.strip():
+            return line.split("=", 1)[0].strip() or None
+    return None
+
+
+def verify(response: str, reference: Any, *, format_score: float = 0.0, **_: Any) -> dict[str, Any]:
+    """1.0 for an equation using exactly the reference's numbers (each once) that evaluates to its target."""
+    try:
+        numbers, target = parse_reference(reference)
+    except ValueError as err:
+        return result(0.0, f"error: {err}")
+    equation = _equation(response)
+    if equation is None:
+        return result(0.0, "no_answer", correct=0.0)
+    value = evaluate(equation)
+    if value is None:
+        return result(0.0, "malformed", correct=0.0)
+    if sorted(int(n) for n in _NUMBER.findall(equation)) != numbers:
+        return result(0.0, "wrong_numbers", correct=0.0)
+    if value == target:
+        return result(1.0, "correct", correct=1.0)
+    return result(float(format_score), "wrong", correct=0.0)
+
+
+class CountdownTask(Task):
+    name = "countdown"
+    tag = 202
+    verify = staticmethod(verify)
+
+    def __init__(self, *, seed: int = 0, num_numbers: int = 3, max_number: int = 20, max_target: int = 100,
+                 division: bool = False, num_train: int = 2000, num_test: int = 200):
+        super().__init__(seed=seed, num_train=num_train, num_test=num_test)
+        self.num_numbers = check_int("num_numbers", num_numbers, 2, 6)
+        self.max_number = check_int("max_number", max_number, 1, 999)
+        self.max_target = check_int("max_target", max_target, 1)
+        if not isinstance(division, bool):
+            raise TaskError(f"data.task_kwargs.division: expected true or false, got {division!r}")
+        self.division = division
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "num_numbers": self.num_numbers, "max_number": self.max_number,
+                "max_target": self.max_target, "division": self.division}
+
+    def _combine(self, rng: np.random.Generator, terms: list[tuple[str, Fraction, int]]) -> tuple[str, Fraction]:
+        """Join the terms (text, value, precedence) into one expression by random binary merges."""
+        ops = "+-*/" if self.division else "+-*"
+        while len(terms) > 1:
+            i = int(rng.integers(len(terms) - 1))
+            (lt, lv, lp), (rt, rv, rp) = terms[i], terms[i + 1]
+            op = ops[int(rng.integers(len(ops)))]
+            if op == "/" and (rv == 0 or (lv / rv).denominator != 1):
+                op = "+"
+            prec = 1 if op in "+-" else 2
+            # Parenthesise a child that binds looser than this operator, and a right child of - or / at equal
+            # precedence (a-(b-c) is not a-b-c); the text then means exactly this tree.
+            left = f"({lt})" if lp < prec else lt
+            right = f"({rt})" if rp < prec or (rp == prec and op in "-/") else rt
+            value = _BINOPS[_SYMBOL[op]](lv, rv)
+            terms[i:i + 2] = [(f"{left}{op}{right}", value, prec)]
+        return terms[0][0], terms[0][1]
+
+    def draw(self, rng: np.random.Generator) -> tuple[Hashable, dict]:
+        while True:
+            numbers = [int(n) for n in rng.integers(1, self.max_number + 1, size=self.num_numbers)]
+            text, value = self._combine(rng, [(str(n), Fraction(n), 3) for n in numbers])
+            if value.denominator == 1 and 1 <= value <= self.max_target:
+                break
+        target = int(value)
+        shown = ",".join(str(numbers[i]) for i in rng.permutation(len(numbers)))  # not in the solution's order
+        return (tuple(sorted(numbers)), target), {"prompt": f"{shown}->{target}:", "answer": text}
