@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from rl.registry import Registry
+from rl.value import clipped_value_loss_per_token
 
 LOSSES = Registry("policy loss")
 
@@ -242,8 +243,6 @@ def value_term(batch: PolicyBatch, est: PolicyEstimates, mask: torch.Tensor, con
                normalizer: torch.Tensor) -> torch.Tensor | None:
     if config.value_coef == 0:
         return None
-    from rl.value import clipped_value_loss_per_token
-
     values = require(est, "values", mask.shape, loss)
     old = require(est, "old_values", mask.shape, loss)
     returns = require(batch, "returns", mask.shape, loss)

@@ -218,7 +218,8 @@ def _slice(obj, rows):
 
 
 @pytest.mark.parametrize("name", ALL_LOSSES)
-@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean", "seq_mean_step_mean", "fixed_length"])
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_sum", "seq_mean_token_mean", "seq_mean_step_mean",
+                                 "fixed_length"])
 def test_micro_batches_with_global_normalizer_equal_whole_batch(name, agg):
     logp, old, ref, adv, mask, steps = _inputs(seed=4)
     overrides = {"loss_agg": agg, "fixed_length": 12 if agg == "fixed_length" else None}
@@ -352,3 +353,24 @@ def test_config_and_registry_errors():
     assert (d.clip_eps_low, d.beta, d.kl_reference, d.loss_agg) == (0.5, 0.04, "ref", "token_mean")
     t = make_loss_config("tracerl")
     assert (t.clip_eps_low, t.beta, t.kl_reference, t.ratio_clamp) == (0.2, 0.01, "old", 10.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_losses_and_value_targets_run_on_cuda():
+    from rl.value import compute_value_targets
+
+    logp, old, ref, adv, mask, steps = _inputs(seed=10)
+    dev = torch.device("cuda")
+    leaf = logp.detach().to(dev).float().requires_grad_()
+    for name in ALL_LOSSES:
+        est = _estimates_for(name, leaf, old.to(dev).float(), ref.to(dev).float(), mask.to(dev))
+        if name == "spg":
+            est.mc_weights = est.mc_weights.to(dev).float()
+        batch = PolicyBatch(advantages=adv.to(dev).float(), token_mask=mask.to(dev), step_ids=steps.to(dev),
+                            rollout_logp=old.to(dev).float(), loss_normalizer=torch.tensor(40.0, device=dev))
+        loss, metrics = compute_loss(name, batch, est)
+        (grad,) = torch.autograd.grad(loss, leaf)
+        assert loss.device.type == "cuda" and torch.isfinite(grad).all(), name
+        assert all(v.device.type == "cuda" or v.dim() == 0 for v in metrics.values())
+    out = compute_value_targets(old.to(dev), steps.to(dev), mask.to(dev), adv.to(dev), gamma=0.9, lam=0.8)
+    assert out.advantages.device.type == "cuda"
