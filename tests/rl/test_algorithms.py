@@ -207,7 +207,8 @@ def _estimates_for(name, logp, old, ref, mask, k=3, seed=9):
     if name == "spg":
         g = torch.Generator().manual_seed(seed)
         w = torch.rand(B, k, L, generator=g, dtype=torch.float64) * (torch.rand(B, k, L, generator=g) < 0.6)
-        return PolicyEstimates(mc_logp=logp[:, None, :] + 0.1 * torch.arange(k, dtype=torch.float64)[None, :, None],
+        shift = 0.1 * torch.arange(k, dtype=logp.dtype, device=logp.device)[None, :, None]
+        return PolicyEstimates(mc_logp=logp[:, None, :] + shift,
                                mc_weights=w)
     return PolicyEstimates(logp=logp, old_logp=old, ref_logp=ref)
 
