@@ -87,6 +87,9 @@ class TorchEngine(RolloutEngine):
             raise ValueError(f"engine.max_batch_size must be >= 1, got {max_batch_size}")
         self.policy = policy
         self.kv_cache = _resolve_cache(policy.spec, kv_cache)
+        if self.kv_cache != "none" and not policy.native:
+            raise ValueError(f"engine.kv_cache: {self.kv_cache!r} needs a transformers-native model; a checkpoint "
+                             "with its own modelling code decodes with kv_cache='none'")
         self.max_batch_size = max_batch_size
         self.progress = progress
         self.bucket_bytes = bucket_bytes

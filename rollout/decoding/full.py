@@ -41,6 +41,7 @@ def decode_full(policy, rows: list[Row], cache_mode: str = "none",
     width_prompt = max(r.prompt_len for r in rows)
     width = width_prompt + length
     ids = torch.full((len(rows), width), spec.pad_token_id, dtype=torch.long, device=device)
+    ids[:, width_prompt:] = spec.mask_token_id  # the whole response starts masked, later blocks included
     pos = torch.zeros_like(ids)
     valid = torch.zeros_like(ids, dtype=torch.bool)
     for i, row in enumerate(rows):
