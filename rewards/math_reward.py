@@ -58,14 +58,19 @@ def _parse(answer: str) -> list:
     return parse("\\boxed{" + _strip_dollars(answer) + "}", extraction_config=config, parsing_timeout=None)
 
 
-def judge(gold: str, predicted: str, strict: bool = True) -> bool:
-    """math-verify equivalence of two extracted answers (gold first: verify is not symmetric)."""
-    from math_verify import verify
+def judge(gold: str, predicted: str, strict: bool = True) -> tuple[bool, bool]:
+    """(equivalent, gold parsed as math): math-verify on two extracted answers (gold first: verify is asymmetric).
 
+    A gold that does not parse as math is still compared as text (multiple-choice letters, words), and the caller
+    says so in the reason, so that a broken reference shows up in the logs instead of as a silent `wrong`."""
+    from math_verify import verify
+    from sympy import Basic, MatrixBase
+
+    if not gold.strip():
+        raise ValueError("the reference answer is empty")
     gold_parsed, pred_parsed = _parse(gold), _parse(predicted)
-    if not gold_parsed:
-        raise ValueError(f"reference answer {one_line(gold, 80)!r} does not parse")
-    return bool(verify(gold_parsed, pred_parsed, strict=strict, timeout_seconds=None))
+    as_math = any(isinstance(g, (Basic, MatrixBase)) for g in gold_parsed)
+    return bool(verify(gold_parsed, pred_parsed, strict=strict, timeout_seconds=None)), as_math
 
 
 def score_item(response: str, reference: Any, opts: dict[str, Any], length: int | None = None) -> dict[str, Any]:
@@ -79,8 +84,10 @@ def score_item(response: str, reference: Any, opts: dict[str, Any], length: int 
     metrics = {"has_answer": float(answer is not None), "format": float(shaped_ok), "length_penalty": penalty}
     if answer is None:
         return make_result(bonus + penalty, "no_answer", correct=0.0, **metrics)
-    correct = judge(gold_answer(reference), answer, strict=opts.get("strict", True))
+    correct, as_math = judge(gold_answer(reference), answer, strict=opts.get("strict", True))
     reason = "correct" if correct else f"wrong: got {one_line(answer, 60)!r} via {method}"
+    if not correct and not as_math:
+        reason += f"; reference {one_line(gold_answer(reference), 60)!r} is not math, compared as text"
     return make_result(float(correct) + bonus + penalty, reason, correct=float(correct), **metrics)
 
 
