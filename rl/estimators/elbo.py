@@ -6,7 +6,8 @@ generators: common random numbers), scores the masked positions of all B*K copie
 combines them with the sampler's token weights:
 - `seq_logp`   = sum_k sum_i w_ki log p_ki: the ELBO estimate (the sum of one-step log-probs for one_step);
 - `token_elbo` = the per-token terms of that sum;
-- `token_logp` = the plain log-prob of each token averaged over the copies that masked it, for token-level ratios.
+- `token_logp` = the plain log-prob of each token averaged over the copies that masked it, for token-level ratios;
+- `extra["mc_logp"]`, `extra["mc_weights"]` = the per-copy terms (B, K, L), for SPG's upper bound.
 Masks cover the whole decoded response (what the model generated, trailing EOS padding included); `token_mask`
 limits token-level losses to tokens through the first EOS.
 """
@@ -35,6 +36,10 @@ def score_draws(policy, inp: EstimatorInput, draws: list[MaskDraw], *, temperatu
     elbo_terms = torch.zeros((bsz, width), device=device)
     plain_sum = torch.zeros((bsz, width), device=device)
     times_masked = torch.zeros((bsz, width), device=device)
+    k_max = max(d.num_forwards for d in draws)
+    # Per-forward terms for losses that need more than the weighted sum (SPG's EUBO): (B, K, L).
+    mc_logp = torch.zeros((bsz, k_max, width), device=device)
+    mc_weights = torch.zeros((bsz, k_max, width), device=device)
     entropy = torch.zeros((bsz, width), device=device) if return_entropy else None
     hidden = torch.zeros((bsz, width, policy.hidden_size), device=device) if return_hidden else None
     for start in range(0, len(rows), max_rows):
@@ -57,6 +62,8 @@ def score_draws(policy, inp: EstimatorInput, draws: list[MaskDraw], *, temperatu
             masked = draws[b].masks[k].to(device)
             logp = out.logprobs[row, :n]
             elbo_terms[b, :n] = elbo_terms[b, :n] + weights * logp
+            mc_logp[b, k, :n] = torch.where(masked, logp, torch.zeros_like(logp))
+            mc_weights[b, k, :n] = weights
             plain_sum[b, :n] = plain_sum[b, :n] + torch.where(masked, logp, torch.zeros_like(logp))
             times_masked[b, :n] = times_masked[b, :n] + masked
             if return_entropy:
@@ -70,7 +77,7 @@ def score_draws(policy, inp: EstimatorInput, draws: list[MaskDraw], *, temperatu
     return Estimate(
         token_logp=token_logp, seq_logp=elbo_terms.sum(-1), token_mask=token_mask_of(inp, device) & seen,
         forwards=max(d.num_forwards for d in draws), entropy=entropy, hidden=hidden,
-        extra={"token_elbo": elbo_terms},
+        extra={"token_elbo": elbo_terms, "mc_logp": mc_logp, "mc_weights": mc_weights},
     )
 
 

@@ -223,3 +223,13 @@ def test_coupled_full_view_adds_half_the_fully_masked_log_probs(tiny_policies):
     assert torch.allclose(three.token_logp[0], expected, atol=1e-5)
     assert torch.allclose(three.seq_logp[0], expected.sum(), atol=1e-5)
     assert three.forwards == 3
+
+
+def test_per_copy_terms_reassemble_the_estimate(tiny_policies):
+    policy = tiny_policies["llada"]
+    inp = EstimatorInput([torch.arange(10, 14)] * 2, [torch.arange(20, 26), torch.arange(30, 34)], ["a", "b"])
+    with torch.no_grad():
+        est = get_estimator("mc_elbo")(policy, inp, seed=1, num_samples=3)
+    mc_logp, mc_weights = est.extra["mc_logp"], est.extra["mc_weights"]
+    assert mc_logp.shape == (2, 3, 6)
+    assert torch.allclose((mc_logp * mc_weights).sum((1, 2)), est.seq_logp, atol=1e-5)
