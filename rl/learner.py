@@ -1,0 +1,439 @@
+"""Learner: one RL update of a diffusion policy from a batch of scored trajectories (plain torch; no Ray).
+
+    learner = Learner(policy, LearnerConfig(algorithm="tracerl", estimator="trajectory", mu=1, ...))
+    metrics = learner.update(trajectories)          # extra["advantage"] on each trajectory (set by the driver)
+    for version, entries in learner.weight_buckets(64 << 20): engine.update_weights(entries, version, final=False)
+
+One update, top to bottom:
+1. Unpack the trajectories (sample key = request id) and plan inner iterations / minibatches / micro-batches
+   (`rl.learner_batch.plan_update`).
+2. Before any weight changes, under no_grad: OLD log-likelihoods for every inner iteration's mask seed (estimators
+   that reseed per inner iteration, as d1 does, get one old pass per iteration; the trajectory estimator is
+   deterministic, one pass serves all), REFERENCE log-likelihoods when the KL is measured against a reference
+   model (a frozen copy, or the same PEFT model with its adapters disabled when training LoRA), old values and
+   the value model's token advantages and returns (TraceRL), and `logp_mismatch` (rollout log-probs vs the
+   learner's, trajectory estimator). Old/ref passes run on exactly the micro-batches training will use, so the
+   first on-policy step sees ratio 1 bit for bit.
+3. The global loss normaliser of every minibatch (sum over all its samples on all ranks, `rl.algorithms`), so
+   micro-batching and data-parallel splits give the whole-batch gradient.
+4. mu inner iterations: per minibatch, micro-batch backward passes with gradient accumulation, then one optimizer
+   step (lr schedule, global-norm clipping). A non-finite loss or gradient skips the step: weights stay as they
+   were, `nan_skipped` counts it.
+
+Value model (TraceRL, `LearnerConfig.value`): a `rl.value.ValueHead` reading the hidden state of each token at its
+noisy position in the trajectory estimator's passes. trunk="shared" (default): the head sits on the policy's own
+trunk, so old values and values cost no extra forward, and the value loss (times `coef`) joins the policy loss
+(the trunk gets both gradients; the head has its own lr). trunk="separate": a copy of the policy (or the
+`value_policy` given) is the value trunk, trained with the value lr, at the cost of its own forwards.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from rl.algorithms import LOSSES, PolicyBatch, PolicyEstimates, loss_normalizer, make_loss_config
+from rl.estimators import get_estimator
+from rl.estimators.base import EstimatorInput, token_mask_of
+from rl.learner_batch import MetricLog, RolloutBatch, plan_update, rollout_batch, stack_rows
+from rl.masking import sample_seed
+from rl.optim import OptimConfig, param_groups
+from rl.value import ValueHead, compute_value_targets, value_loss
+from rl.weight_sync import Chunk, SyncStats, lora_weights, merged_weights, stream_weights
+from rollout.models.policy import DiffusionPolicy
+from rollout.trajectory import Trajectory
+
+DETERMINISTIC_ESTIMATORS = ("trajectory",)  # masks do not depend on (seed, inner_iter)
+STATE_FORMAT = 1
+
+
+@dataclass
+class ValueConfig:
+    lr: float = 5e-6  # TraceRL's value lr
+    clip: float | None = 0.2
+    gamma: float = 1.0
+    lam: float = 1.0
+    coef: float = 1.0  # weight of the value loss added to the policy loss
+    trunk: str = "shared"  # "shared" | "separate" (see module doc)
+    reward_key: str = "reward"  # trajectory.extra key of the outcome reward on the last step
+    returns: str = "mc"  # "mc" (TraceRL) | "gae"
+
+    def __post_init__(self) -> None:
+        if self.trunk not in ("shared", "separate"):
+            raise ValueError(f"value_model.trunk: {self.trunk!r} (shared | separate)")
+
+
+@dataclass
+class LearnerConfig:
+    algorithm: str = "tracerl"  # a loss in rl.algorithms.LOSSES
+    loss: dict[str, Any] = field(default_factory=dict)  # LossConfig overrides (published defaults otherwise)
+    estimator: str = "trajectory"  # an estimator in rl.estimators
+    estimator_params: dict[str, Any] = field(default_factory=dict)
+    reseed_per_inner: bool | None = None  # new masks each inner iteration (d1); None: unless deterministic
+    temperature: float = 1.0  # the rollout's sampling temperature: likelihoods are scored at it
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    grad_clip: float | None = 1.0  # global-norm clip; None or 0: none
+    micro_batch_size: int = 1  # samples per forward/backward on one worker
+    grad_accum: int | None = None  # micro-batches per optimizer step per worker; None: whole batch per step
+    mu: int = 1  # inner iterations over the batch
+    shuffle: bool = True  # reshuffle the batch each inner iteration (explicit generator)
+    reference_model: bool | None = None  # None: when the loss has beta > 0 and kl_reference == "ref"
+    bf16: bool = False  # torch: autocast bf16 (meant for GPU); deepspeed: bf16 weights, fp32 masters
+    activation_checkpointing: bool = False  # HF gradient checkpointing of the policy (and value trunk)
+    value: ValueConfig | None = None
+    log_mismatch: bool | None = None  # rollout vs learner logp gap; None: only when free (trajectory estimator)
+    entropy: bool = False  # compute per-token entropy (metric)
+    backend: str = "torch"  # torch | deepspeed
+    zero_stage: int = 2
+    seed: int = 0
+
+
+class Learner:
+    """Trains `policy` in place.
+
+    ref_policy: the frozen reference (default: a copy of `policy` as given; on resume pass the run's initial
+      checkpoint, not the trained policy). Not used when training LoRA (adapters off is the reference).
+    value_policy: trunk of a separate value model (default: a copy of `policy`)."""
+
+    def __init__(self, policy: DiffusionPolicy, config: LearnerConfig, *, ref_policy: DiffusionPolicy | None = None,
+                 value_policy: DiffusionPolicy | None = None):
+        self.policy, self.config = policy, config
+        self.loss_fn = LOSSES.get(config.algorithm)
+        self.loss_config = make_loss_config(config.algorithm, **config.loss)
+        self.estimator = get_estimator(config.estimator)
+        self.lora = hasattr(policy.model, "disable_adapter")
+        deterministic = config.estimator in DETERMINISTIC_ESTIMATORS
+        self.reseed = (not deterministic) if config.reseed_per_inner is None else config.reseed_per_inner
+        lc = self.loss_config
+        need_ref = config.reference_model if config.reference_model is not None else (
+            lc.beta > 0 and lc.kl_reference == "ref")
+        self.ref_policy = None
+        if need_ref and not self.lora:
+            if ref_policy is None:
+                frozen = copy.deepcopy(policy.model)
+                ref_policy = DiffusionPolicy(frozen, policy.tokenizer, policy.spec, policy.source)
+            ref_policy.model.requires_grad_(False).eval()
+            self.ref_policy = ref_policy
+        self.need_ref = bool(need_ref)
+        self.value_head = self.value_policy = None
+        modules = {"policy": policy.model}
+        groups = param_groups(policy.model.named_parameters(), lr=config.optim.lr,
+                              weight_decay=config.optim.weight_decay)
+        vc = config.value
+        if vc is not None:
+            if config.estimator != "trajectory":
+                raise ValueError("value model: needs the trajectory estimator (values are read along the trajectory)")
+            self.value_head = ValueHead(policy.hidden_size).to(policy.device)
+            modules["value_head"] = self.value_head
+            value_params = list(self.value_head.named_parameters())
+            if vc.trunk == "separate":
+                if value_policy is None:
+                    if self.lora:
+                        raise ValueError("value model: pass value_policy (a plain trunk) when training LoRA")
+                    value_policy = DiffusionPolicy(copy.deepcopy(policy.model), policy.tokenizer, policy.spec,
+                                                   policy.source)
+                value_policy.model.requires_grad_(True)
+                self.value_policy = value_policy
+                modules["value_trunk"] = value_policy.model
+                value_params += list(value_policy.model.named_parameters())
+            groups += param_groups(value_params, lr=vc.lr, weight_decay=config.optim.weight_decay, tag="value")
+        if config.activation_checkpointing:
+            for pol in (policy, self.value_policy):
+                if pol is not None:
+                    pol.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.module = torch.nn.ModuleDict(modules)
+        if config.backend == "torch":
+            from rl.learner_backend import TorchBackend
+
+            self.backend = TorchBackend(self.module, groups, config.optim, config.grad_clip)
+        elif config.backend == "deepspeed":
+            from rl.learner_backend import DeepSpeedBackend
+
+            self.backend = DeepSpeedBackend(self.module, groups, config.optim, config.grad_clip,
+                                            zero_stage=config.zero_stage, bf16=config.bf16)
+        else:
+            raise ValueError(f"learner.backend: {config.backend!r} (torch | deepspeed)")
+        self.updates = 0  # update() calls completed (the policy version after the initial one)
+        self.optimizer_steps = 0  # applied optimizer steps (the lr schedule's counter)
+        self.nan_skipped_total = 0
+        self._set_mode(train=False)
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return self.policy.device
+
+    def _set_mode(self, train: bool) -> None:
+        # Dropout stays off (eval) unless activation checkpointing needs train mode (HF only checkpoints then).
+        self.module.train(train and self.config.activation_checkpointing)
+
+    def _autocast(self):
+        if self.config.bf16 and self.config.backend == "torch":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _mask_iter(self, inner_iter: int) -> int:
+        return inner_iter if self.reseed else 0
+
+    def _estimate(self, policy: DiffusionPolicy, inp: EstimatorInput, inner_iter: int, *, hidden: bool = False,
+                  estimator=None, params=None, synced: bool = True):
+        """Run an estimator; under ZeRO-3 every rank then pads to the same number of forwards. Returns the
+        estimate and a zero-valued term the caller adds to its loss (it ties the padding forwards into backward)."""
+        fn = estimator or self.estimator
+        with self._autocast():
+            est = fn(policy, inp, seed=self._mask_seed, inner_iter=inner_iter, temperature=self.config.temperature,
+                     return_entropy=self.config.entropy, return_hidden=hidden,
+                     **(self.config.estimator_params if params is None else params))
+        pad = torch.zeros((), device=self.device)
+        if synced and self.backend.sync_forwards:
+            most = int(self.backend.all_reduce_max(torch.tensor([est.forwards], device=self.device)).item())
+            dummy = ([inp.prompts[0][:1]], [inp.responses[0][:1]], [inp.responses[0][:1]])
+            for _ in range(most - est.forwards):
+                pad = pad + 0.0 * policy.score_responses(*dummy).logprobs.sum()
+        return est, pad
+
+    def _reference(self):
+        if self.ref_policy is not None:
+            return self.ref_policy, False
+        return self.policy, True  # LoRA: the same model with adapters disabled (see _ref_context)
+
+    def _ref_context(self):
+        return self.policy.model.disable_adapter() if self.ref_policy is None else nullcontext()
+
+    # ------------------------------------------------------------------------------------------------ update
+    def update(self, trajectories: list[Trajectory]) -> dict[str, float]:
+        """One RL update (mu inner iterations) on a batch; returns metrics (see module doc and README of rl)."""
+        cfg, start = self.config, time.perf_counter()
+        vc = cfg.value
+        batch = rollout_batch(trajectories, need_advantage=vc is None,
+                              reward_key=vc.reward_key if vc else "reward")
+        if vc is not None and batch.rewards is None:
+            raise ValueError(f"value model: every trajectory needs extra[{vc.reward_key!r}]")
+        self._mask_seed = sample_seed(cfg.seed, "masks", self.updates)
+        plan = plan_update(len(batch), mu=cfg.mu, micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum,
+                           world_size=self.backend.world_size, rank=self.backend.rank, shuffle=cfg.shuffle,
+                           seed=sample_seed(cfg.seed, "shuffle", self.updates))
+        log = MetricLog()
+        counters = {"forwards": 0, "forwards_old": 0, "forwards_ref": 0}
+        self._set_mode(train=False)
+        with torch.no_grad():
+            self._before_training(batch, plan, counters, log)
+        norms, vnorms = self._normalizers(plan)
+        t_old = time.perf_counter() - start
+        steps = skipped = 0
+        grad_norms, lr = [], 0.0
+        self._set_mode(train=True)
+        for it, minibatches in enumerate(plan):
+            for m, micros in enumerate(minibatches):
+                norm = norms[it, m].item() / self.backend.grad_average
+                vnorm = vnorms[it, m].item() / self.backend.grad_average
+                for k, micro in enumerate(micros):
+                    dummy = not micro
+                    loss, metrics, fwd = self._micro_loss(batch, micro or [0], self._mask_iter(it), norm, vnorm)
+                    counters["forwards"] += fwd
+                    if dummy:
+                        loss = loss * 0.0  # a rank with no sample left still joins the collective backward
+                    else:
+                        log.add(metrics)
+                    self.backend.backward(loss, boundary=k == len(micros) - 1)
+                gnorm, applied, lr = self.backend.step(self.optimizer_steps)
+                if applied:
+                    steps += 1
+                    self.optimizer_steps += 1
+                    grad_norms.append(gnorm)
+                else:
+                    skipped += 1
+        self._set_mode(train=False)
+        self.updates += 1
+        self.nan_skipped_total += skipped
+        out = log.means()
+        out.update({
+            "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
+            "grad_norm_max": max(grad_norms) if grad_norms else float("nan"),
+            "lr": lr, "optimizer_steps": float(steps), "nan_skipped": float(skipped),
+            "nan_skipped_total": float(self.nan_skipped_total), "num_samples": float(len(batch)),
+            "time_s": time.perf_counter() - start, "time_old_s": t_old, "update": float(self.updates),
+            **{k: float(v) for k, v in counters.items()},
+        })
+        out["forwards"] += out["forwards_old"] + out["forwards_ref"]
+        out.update(self._mismatch)
+        return out
+
+    def _before_training(self, batch: RolloutBatch, plan, counters: dict, log: MetricLog) -> None:
+        """Old / ref log-likelihoods, old values and value targets, mismatch: all before any weight change."""
+        vc = self.config.value
+        shared_value = vc is not None and vc.trunk == "shared"
+        self._old: dict[tuple[int, int], tuple] = {}
+        self._ref: dict[tuple[int, int], tuple] = {}
+        self._value: dict[int, tuple] = {}
+        ref_policy, adapters_off = self._reference()
+        for it, minibatches in enumerate(plan):
+            key = self._mask_iter(it)
+            for micro in (mc for mb in minibatches for mc in mb if mc):
+                # Scored on the very micro-batches training uses; a sample already scored under this mask key
+                # (deterministic estimators, or a sample seen by this rank before) keeps its first result.
+                if all((key, i) in self._old for i in micro):
+                    continue
+                inp = batch.inp.select(micro)
+                est, _ = self._estimate(self.policy, inp, key, hidden=shared_value)
+                counters["forwards_old"] += est.forwards
+                counted = token_mask_of(inp, self.device) & est.token_mask
+                for r, i in enumerate(micro):
+                    n = inp.length(r)
+                    self._old.setdefault((key, i), (est.token_logp[r, :n].detach(), est.seq_logp[r].detach(),
+                                                    counted[r, :n].clone()))
+                if self.need_ref:
+                    with self._ref_context() if adapters_off else nullcontext():
+                        ref, _ = self._estimate(ref_policy, inp, key, synced=adapters_off)
+                    counters["forwards_ref"] += ref.forwards
+                    for r, i in enumerate(micro):
+                        self._ref.setdefault((key, i), (ref.token_logp[r, :inp.length(r)].detach(),
+                                                        ref.seq_logp[r].detach()))
+                if vc is not None and any(i not in self._value for i in micro):
+                    counters["forwards_old"] += self._value_targets(batch, micro, inp, est, log)
+        self._mismatch = self._logp_mismatch(batch, plan, counters)
+
+    def _values(self, inp: EstimatorInput, est) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """Per-token values (B, L) from the shared trunk's estimate or the separate trunk's own passes."""
+        if self.value_policy is None:
+            return self.value_head(est.hidden), 0, torch.zeros((), device=self.device)
+        vest, pad = self._estimate(self.value_policy, inp, 0, hidden=True)
+        return self.value_head(vest.hidden), vest.forwards, pad
+
+    def _value_targets(self, batch: RolloutBatch, micro: list[int], inp: EstimatorInput, est, log) -> int:
+        vc = self.config.value
+        values, fwd, _ = self._values(inp, est)
+        mask = token_mask_of(inp, self.device)
+        steps = stack_rows([inp.step_maps[r] for r in range(len(inp))], mask.shape[1], self.device, dtype=torch.long)
+        targets = compute_value_targets(values.detach(), steps, mask, batch.rewards[micro].to(self.device),
+                                        gamma=vc.gamma, lam=vc.lam, returns=vc.returns)
+        for r, i in enumerate(micro):
+            n = inp.length(r)
+            self._value.setdefault(i, (values[r, :n].detach(), targets.advantages[r, :n], targets.returns[r, :n]))
+        return fwd
+
+    def _logp_mismatch(self, batch: RolloutBatch, plan, counters: dict) -> dict[str, float]:
+        want = self.config.log_mismatch
+        free = self.config.estimator == "trajectory"
+        if want is False or (want is None and not free):
+            return {}
+        gaps, worst = [], 0.0
+        mine = sorted({i for mbs in plan for mb in mbs for mc in mb for i in mc})
+        for i in mine:
+            if free:
+                logp = self._old[(0, i)][0]
+            else:
+                inp = batch.inp.select([i])
+                est, _ = self._estimate(self.policy, inp, 0, estimator=get_estimator("trajectory"), params={})
+                counters["forwards_old"] += est.forwards
+                logp = est.token_logp[0, :inp.length(0)]
+            n = batch.inp.valid_length(i)
+            gap = (logp[:n].double().cpu() - batch.rollout_logp[i][:n].double()).abs()
+            gaps.append(gap)
+            worst = max(worst, float(gap.max())) if gap.numel() else worst
+        allgap = torch.cat(gaps) if gaps else torch.zeros(0, dtype=torch.float64)
+        total = self.backend.all_reduce_sum(torch.tensor([float(allgap.sum()), float(allgap.numel())],
+                                                         dtype=torch.float64, device=self.device))
+        worst = float(self.backend.all_reduce_max(torch.tensor([worst], dtype=torch.float64, device=self.device)))
+        return {"logp_mismatch": float(total[0] / total[1].clamp(min=1)), "logp_mismatch_max": worst}
+
+    def _normalizers(self, plan) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, M) global loss normalisers of every minibatch: policy (loss_agg) and value (counted tokens)."""
+        lc = self.loss_config
+        mu, m = len(plan), max(len(mbs) for mbs in plan)
+        local = torch.zeros((2, mu, m), dtype=torch.float64)
+        for it, minibatches in enumerate(plan):
+            key = self._mask_iter(it)
+            for j, micros in enumerate(minibatches):
+                for i in (i for mc in micros for i in mc):
+                    counted = self._old[(key, i)][2][None]
+                    local[0, it, j] += float(loss_normalizer(counted, lc.loss_agg, fixed_length=lc.fixed_length))
+                    local[1, it, j] += float(counted.sum())
+        total = self.backend.all_reduce_sum(local.to(self.device)).cpu()
+        return total[0], total[1]
+
+    def _micro_loss(self, batch: RolloutBatch, micro: list[int], key: int, norm: float, vnorm: float):
+        inp = batch.inp.select(micro)
+        vc = self.config.value
+        shared_value = vc is not None and vc.trunk == "shared"
+        est, pad = self._estimate(self.policy, inp, key, hidden=shared_value)
+        width, dev = est.token_logp.shape[1], self.device
+        mask = token_mask_of(inp, dev)
+        old = [self._old[(key, i)] for i in micro]
+        if vc is not None:
+            adv = stack_rows([self._value[i][1] for i in micro], width, dev)
+        elif all(batch.advantages[i].dim() == 0 for i in micro):
+            adv = torch.stack([batch.advantages[i] for i in micro]).to(dev)
+        else:
+            adv = stack_rows([batch.advantages[i] for i in micro], width, dev, dtype=torch.float32)
+        pb = PolicyBatch(advantages=adv, token_mask=mask, loss_normalizer=norm,
+                         step_ids=stack_rows([inp.step_maps[r] for r in range(len(inp))], width, dev,
+                                             dtype=torch.long))
+        pe = PolicyEstimates(logp=est.token_logp, old_logp=stack_rows([o[0] for o in old], width, dev),
+                             entropy=est.entropy, observed_mask=est.token_mask, seq_logp=est.seq_logp,
+                             seq_old_logp=torch.stack([o[1] for o in old]).to(dev))
+        if self.need_ref:
+            ref = [self._ref[(key, i)] for i in micro]
+            pe.ref_logp = stack_rows([r[0] for r in ref], width, dev)
+            pe.seq_ref_logp = torch.stack([r[1] for r in ref]).to(dev)
+        loss, metrics = self.loss_fn(pb, pe, self.loss_config)
+        loss = loss + pad
+        forwards = est.forwards
+        if vc is not None:
+            values, vfwd, vpad = self._values(inp, est)
+            forwards += vfwd
+            old_v = stack_rows([self._value[i][0] for i in micro], width, dev)
+            returns = stack_rows([self._value[i][2] for i in micro], width, dev)
+            counted = stack_rows([self._old[(key, i)][2] for i in micro], width, dev, fill=False, dtype=torch.bool)
+            vloss, vmetrics = value_loss(values, old_v, returns, counted, clip=vc.clip, normalizer=vnorm)
+            loss = loss + vc.coef * vloss + vpad
+            metrics.update(vmetrics)
+        return loss, metrics, forwards
+
+    # ------------------------------------------------------------------------------------------ weights / state
+    def named_weights(self, lora_delta: bool | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Plain-named weights for the rollout side: full merged weights, or (training LoRA, lora_delta None/True)
+        the adapter triples only (see rl.weight_sync). Under ZeRO-3 every rank must iterate this together."""
+        lora = self.lora if lora_delta is None else bool(lora_delta)
+        if lora and not self.lora:
+            raise ValueError("named_weights: lora_delta=True but the policy has no LoRA adapters")
+        with self.backend.gathered(self.policy.model.parameters()):
+            yield from (lora_weights(self.policy.causal_lm) if lora else merged_weights(self.policy.causal_lm))
+
+    def weight_buckets(self, bucket_bytes: int, *, version: int | None = None, lora_delta: bool | None = None,
+                       dtype: torch.dtype | None = None, split_large: bool = True,
+                       stats: SyncStats | None = None) -> Iterator[Chunk]:
+        """`(version, [(name, tensor), ...])` chunks of at most bucket_bytes (rl.weight_sync.stream_weights);
+        version defaults to the number of updates done."""
+        version = self.updates if version is None else version
+        return stream_weights(self.named_weights(lora_delta), version, bucket_bytes, dtype=dtype,
+                              split_large=split_large, stats=stats)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer (this rank's shard under ZeRO), counters and the value model: tensors and plain types only
+        (torch.load(weights_only=True) reads it). Policy weights are saved apart (save_policy)."""
+        state = {"format": STATE_FORMAT, "updates": self.updates, "optimizer_steps": self.optimizer_steps,
+                 "nan_skipped_total": self.nan_skipped_total, "backend": self.backend.state_dict()}
+        if self.value_head is not None:
+            state["value_head"] = {k: v.detach().cpu().clone() for k, v in self.value_head.state_dict().items()}
+        if self.value_policy is not None:
+            state["value_trunk"] = {k: v.detach().cpu().clone() for k, v in self.value_policy.model.state_dict().items()}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"learner state: format {state.get('format')!r}, expected {STATE_FORMAT}")
+        for key, module in (("value_head", self.value_head),
+                            ("value_trunk", self.value_policy.model if self.value_policy else None)):
+            if (key in state) != (module is not None):
+                raise ValueError(f"learner state: {key} {'missing' if module is not None else 'unexpected'}")
+            if module is not None:
+                module.load_state_dict(state[key])
+        self.backend.load_state_dict(state["backend"])
+        self.updates = int(state["updates"])
+        self.optimizer_steps = int(state["optimizer_steps"])
+        self.nan_skipped_total = int(state["nan_skipped_total"])

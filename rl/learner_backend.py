@@ -1,0 +1,208 @@
+"""How the learner applies gradients: plain torch (one process) or DeepSpeed ZeRO (N data-parallel ranks).
+
+Both backends expose the same small interface to `rl.learner.Learner`:
+    backward(loss, boundary)   accumulate one micro-batch (boundary=True on the last one of an optimizer step)
+    step(step_index) -> (grad_norm, applied)   schedule lr, clip, step; a non-finite loss/gradient skips the step
+    all_reduce_sum(tensor)     sum over ranks (identity with one process)
+    grad_average               how many ranks' gradients are averaged (the learner divides its loss normaliser by it)
+    sync_forwards              True when every rank must run the same number of forward passes (ZeRO-3)
+    gathered(params)           context in which ZeRO-3 partitioned params are whole (for weight sync)
+    state_dict() / load_state_dict()
+
+DeepSpeed is imported only when that backend is built. On CPU its shared-memory collective op (a C++ extension
+compiled on first use, ~80 s on 2 cores) is switched off: gloo does the collectives.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from typing import Any
+
+import torch
+
+from rl.optim import OptimConfig, apply_lr, clip_grads, make_optimizer
+
+
+class TorchBackend:
+    rank = 0
+    world_size = 1
+    grad_average = 1
+    sync_forwards = False
+
+    def __init__(self, module: torch.nn.Module, groups: list[dict], optim: OptimConfig, grad_clip: float | None):
+        self.module = module
+        self.optim_config = optim
+        self.grad_clip = grad_clip
+        self.optimizer = make_optimizer(groups, optim)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self._bad = False
+
+    def backward(self, loss: torch.Tensor, *, boundary: bool) -> None:
+        del boundary
+        if not bool(torch.isfinite(loss.detach())):
+            self._bad = True  # never let a NaN into the gradients; the step will be skipped
+            return
+        loss.backward()
+
+    def step(self, step_index: int) -> tuple[float, bool, float]:
+        """-> (grad norm before clipping, whether the step was applied, lr used)."""
+        lr = apply_lr(self.optimizer, step_index, self.optim_config)
+        norm = float(clip_grads(self.params, self.grad_clip)) if not self._bad else float("nan")
+        applied = not self._bad and bool(torch.isfinite(torch.tensor(norm)))
+        if applied:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._bad = False
+        return norm, applied, lr
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def gathered(self, params):
+        return contextlib.nullcontext()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+# ------------------------------------------------------------------------------------------- torch.distributed
+def free_port(host: str = "127.0.0.1") -> int:
+    """A currently free TCP port on the loopback interface (rank 0 picks it; the others are told)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def init_distributed(rank: int, world_size: int, port: int, host: str = "127.0.0.1",
+                     backend: str | None = None) -> None:
+    """Join the learner process group (gloo on CPU, nccl on GPU) at tcp://host:port; loopback by default."""
+    import torch.distributed as dist
+
+    os.environ.update({"MASTER_ADDR": host, "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0" if not torch.cuda.is_available() else
+                       os.environ.get("LOCAL_RANK", "0")})
+    if dist.is_initialized():
+        return
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=world_size)
+
+
+def _disable_cpu_shm_comm() -> None:
+    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory allreduce op when it creates its comm backend;
+    gloo does the same job here, so mark the op unavailable instead of compiling it in every fresh environment."""
+    import deepspeed.ops
+
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+class DeepSpeedBackend:
+    """ZeRO-2/3 data parallelism over the current torch.distributed group (init_distributed first)."""
+
+    def __init__(self, module: torch.nn.Module, groups: list[dict], optim: OptimConfig, grad_clip: float | None,
+                 *, zero_stage: int = 2, bf16: bool = False):
+        import deepspeed
+        import torch.distributed as dist
+
+        if zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"learner.zero_stage: {zero_stage} not in 0, 1, 2, 3")
+        _disable_cpu_shm_comm()
+        if not dist.is_initialized():  # one rank without a launcher: a world of one on loopback
+            init_distributed(0, 1, free_port())
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.grad_average = self.world_size  # DeepSpeed averages gradients over data-parallel ranks
+        self.sync_forwards = zero_stage == 3
+        self.zero_stage = zero_stage
+        self.optim_config = optim
+        config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,  # boundaries are set explicitly (set_gradient_accumulation_boundary)
+            "train_batch_size": self.world_size,
+            "gradient_clipping": float(grad_clip or 0.0),
+            "zero_optimization": {"stage": zero_stage, "overlap_comm": False, "contiguous_gradients": False},
+            "bf16": {"enabled": bool(bf16), "check_grad_overflow": True},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+        optimizer = make_optimizer(groups, optim)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+        self.module = self.engine.module
+
+    def backward(self, loss: torch.Tensor, *, boundary: bool) -> None:
+        # A non-finite loss still goes through backward (every rank must run the same reductions); its NaN
+        # gradients make the global norm invalid on all ranks and DeepSpeed skips the step and clears them.
+        self.engine.set_gradient_accumulation_boundary(boundary)
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self, step_index: int) -> tuple[float, bool, float]:
+        factor_lr = apply_lr(self.optimizer, step_index, self.optim_config)
+        skipped = self.engine.skipped_steps
+        self.engine.step()
+        applied = self.engine.skipped_steps == skipped
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        if not applied:
+            norm = float("nan")
+        return norm, applied, factor_lr
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        out = t.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        out = t.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+        return out
+
+    def gathered(self, params):
+        if self.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+
+    def _fp32_partitions(self) -> list[torch.Tensor]:
+        opt = self.optimizer
+        for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+            if hasattr(opt, attr):
+                return list(getattr(opt, attr))
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's optimizer shard: the client AdamW state over its flat partitions and the fp32 master
+        partitions (restorable with the same world size and ZeRO stage)."""
+        base = getattr(self.optimizer, "optimizer", self.optimizer)
+        return {"zero_stage": self.zero_stage, "world_size": self.world_size, "rank": self.rank,
+                "optimizer": base.state_dict(),
+                "fp32_partitions": [t.detach().clone().cpu() for t in self._fp32_partitions()]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, want in (("zero_stage", self.zero_stage), ("world_size", self.world_size), ("rank", self.rank)):
+            if state.get(key) != want:
+                raise ValueError(f"learner state: saved with {key}={state.get(key)}, this learner has {want}")
+        base = getattr(self.optimizer, "optimizer", self.optimizer)
+        base.load_state_dict(state["optimizer"])
+        parts = self._fp32_partitions()
+        if len(parts) != len(state["fp32_partitions"]):
+            raise ValueError("learner state: fp32 partition count differs from this learner's")
+        with torch.no_grad():
+            for dst, src in zip(parts, state["fp32_partitions"]):
+                dst.copy_(src.to(dst.device))
+        # The model weights themselves come from the checkpoint's HF directory (loaded before this learner was
+        # built); with bf16 they are the rounded masters, so nothing else needs refreshing.

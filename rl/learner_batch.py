@@ -1,0 +1,133 @@
+"""The learner's view of a rollout batch, and how one update is cut into inner iterations, minibatches, ranks and
+micro-batches (pure functions; no model).
+
+Plan of one update over B samples (`plan_update`): for each of the `mu` inner iterations the batch order is
+(optionally) shuffled with an explicit generator; the order is cut into global minibatches of
+`micro_batch_size * grad_accum * world_size` samples (the whole batch when grad_accum is None), one optimizer step
+each; rank r takes every world_size-th sample of a minibatch, starting at r, and cuts its share into micro-batches
+of `micro_batch_size`. Every rank gets the same number of micro-batches per minibatch (a rank with fewer samples
+gets empty ones, which it runs as zero-weight dummies), because data-parallel backends reduce gradients on every
+backward. Every rank computes the same plan from the same batch, so no rank needs to ask another what it holds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rl.estimators.base import EstimatorInput
+from rollout.trajectory import Trajectory
+
+
+@dataclass
+class RolloutBatch:
+    inp: EstimatorInput  # every sample of the update (sample key = request id)
+    advantages: list[torch.Tensor]  # per sample: 0-d (sequence advantage) or (L,) per-token
+    rewards: torch.Tensor | None  # (B,) float: extra[reward_key] (value model targets), when present everywhere
+    rollout_logp: list[torch.Tensor]  # (L,) log-probs recorded by the rollout engine
+    request_ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.inp)
+
+
+def rollout_batch(trajectories: list[Trajectory], *, need_advantage: bool = True,
+                  reward_key: str = "reward") -> RolloutBatch:
+    """Check and unpack trajectories; bad input fails with one line naming the trajectory and the field."""
+    if not trajectories:
+        raise ValueError("learner.update: empty batch")
+    prompts, responses, keys, valid, steps, advs, rewards, logps = [], [], [], [], [], [], [], []
+    seen: set[str] = set()
+    block_sizes = {int(t.block_size) for t in trajectories}
+    if len(block_sizes) > 1:
+        raise ValueError(f"learner.update: trajectories with different block sizes {sorted(block_sizes)}")
+    for i, traj in enumerate(trajectories):
+        rid = traj.request_id or f"#{i}"
+        traj.validate()
+        if traj.response_length == 0:
+            raise ValueError(f"trajectory {rid}: empty response (finish_reason {traj.finish_reason!r})")
+        if traj.request_id in seen:
+            raise ValueError(f"trajectory {rid}: duplicate request_id (it seeds the sample's masks)")
+        seen.add(traj.request_id)
+        adv = traj.extra.get("advantage")
+        if adv is None:
+            if need_advantage:
+                raise ValueError(f"trajectory {rid}: extra['advantage'] missing (the driver computes advantages)")
+            adv = 0.0
+        adv = torch.as_tensor(adv, dtype=torch.float32).detach().cpu()
+        if adv.dim() not in (0, 1) or (adv.dim() == 1 and adv.shape != (traj.response_length,)):
+            raise ValueError(f"trajectory {rid}: extra['advantage'] shape {tuple(adv.shape)} is neither () nor "
+                             f"({traj.response_length},)")
+        reward = traj.extra.get(reward_key)
+        rewards.append(None if reward is None else float(reward))
+        prompts.append(traj.prompt_ids.long())
+        responses.append(traj.response_ids.long())
+        keys.append(traj.request_id or f"#{i}")
+        valid.append(int(traj.valid_length))
+        steps.append(traj.step_map.long())
+        advs.append(adv)
+        logps.append(traj.logprobs.float())
+    inp = EstimatorInput(prompts, responses, keys, valid, steps, block_sizes.pop())
+    reward_t = None if any(r is None for r in rewards) else torch.tensor(rewards, dtype=torch.float32)
+    return RolloutBatch(inp, advs, reward_t, logps, keys)
+
+
+def plan_update(num_samples: int, *, mu: int, micro_batch_size: int, grad_accum: int | None, world_size: int = 1,
+                rank: int = 0, shuffle: bool = False, seed: int = 0) -> list[list[list[list[int]]]]:
+    """plan[inner_iter][minibatch] = this rank's micro-batches (lists of sample indices, possibly empty)."""
+    if mu < 1 or micro_batch_size < 1 or (grad_accum is not None and grad_accum < 1):
+        raise ValueError("learner: need mu >= 1, micro_batch_size >= 1, grad_accum >= 1 (or None)")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"learner: rank {rank} outside world of {world_size}")
+    mb_size = num_samples if grad_accum is None else micro_batch_size * grad_accum * world_size
+    plan = []
+    for it in range(mu):
+        if shuffle:
+            gen = torch.Generator().manual_seed(int(seed) + it)
+            order = torch.randperm(num_samples, generator=gen).tolist()
+        else:
+            order = list(range(num_samples))
+        minibatches = []
+        for start in range(0, num_samples, mb_size):
+            mb = order[start:start + mb_size]
+            share = mb[rank::world_size]
+            per_rank = -(-len(mb) // world_size)
+            count = -(-per_rank // micro_batch_size)
+            micros = [share[k * micro_batch_size:(k + 1) * micro_batch_size] for k in range(count)]
+            minibatches.append(micros)
+        plan.append(minibatches)
+    return plan
+
+
+def stack_rows(rows: list[torch.Tensor], width: int, device, fill: float = 0.0,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-sample 1-D rows (or 0-d scalars, broadcast) -> (B, width), right-padded with `fill`."""
+    dtype = dtype or rows[0].dtype
+    out = torch.full((len(rows), width), fill, dtype=dtype, device=device)
+    for b, row in enumerate(rows):
+        if row.dim() == 0:
+            out[b, :] = row.to(device=device, dtype=dtype)
+        else:
+            out[b, :row.numel()] = row.to(device=device, dtype=dtype)
+    return out
+
+
+class MetricLog:
+    """Running means of per-micro-batch metrics (non-finite values are counted apart, never averaged in)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.nonfinite = 0
+
+    def add(self, metrics: dict) -> None:
+        for name, value in metrics.items():
+            value = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+            if value != value or value in (float("inf"), float("-inf")):
+                self.nonfinite += 1
+                continue
+            self.sums[name] = self.sums.get(name, 0.0) + value
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {name: self.sums[name] / self.counts[name] for name in self.sums}
