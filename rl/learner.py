@@ -375,7 +375,8 @@ class Learner:
                                              dtype=torch.long))
         pe = PolicyEstimates(logp=est.token_logp, old_logp=stack_rows([o[0] for o in old], width, dev),
                              entropy=est.entropy, observed_mask=est.token_mask, seq_logp=est.seq_logp,
-                             seq_old_logp=torch.stack([o[1] for o in old]).to(dev))
+                             seq_old_logp=torch.stack([o[1] for o in old]).to(dev),
+                             mc_logp=est.extra.get("mc_logp"), mc_weights=est.extra.get("mc_weights"))
         if self.need_ref:
             ref = [self._ref[(key, i)] for i in micro]
             pe.ref_logp = stack_rows([r[0] for r in ref], width, dev)

@@ -1,0 +1,169 @@
+"""Thin Ray wrapper: a group of `LearnerWorker` actors, one `Learner` per rank.
+
+    group = LearnerGroup(partial(load_policy, "ckpt/"), config, num_workers=2)   # backend deepspeed for > 1
+    metrics = group.update(trajectories)            # every rank gets the whole batch (one object), takes its shard
+    for ref in group.weight_chunks(64 << 20):       # one Ray object per chunk: (version, [(name, tensor), ...])
+        for w in rollout_workers: w.update_weights.remote(ref, ...)
+    group.shutdown()
+
+Ranks join a torch.distributed group (gloo on CPU, nccl on GPU) at tcp://master_addr:port, the port picked free by
+rank 0 on its own machine; master_addr is 127.0.0.1 unless the driver names the rank-0 node's address (multi-node).
+Every rank computes the same plan from the same batch and keeps only its share (rl.learner_batch), and the loss
+normalisers are all-reduced, so N ranks give the single-process update. Building blocks are passed as functions
+(`policy_fn`, `ref_fn`, `value_fn`) so each actor loads its own copy where it runs; nothing here imports Ray
+until a group is made.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import torch
+
+from rl.learner import Learner, LearnerConfig
+
+# Metrics added over ranks; the rest are averaged over ranks except those every rank holds identically.
+SUM_METRICS = ("forwards", "forwards_old", "forwards_ref")
+RANK0_METRICS = ("lr", "optimizer_steps", "nan_skipped", "nan_skipped_total", "num_samples", "update", "grad_norm",
+                 "grad_norm_max", "logp_mismatch", "logp_mismatch_max")
+MAX_METRICS = ("time_s", "time_old_s")
+
+
+class LearnerWorker:
+    """One rank. Plain class: `LearnerGroup` turns it into a Ray actor; tests may drive it directly."""
+
+    def __init__(self, rank: int, world_size: int, policy_fn: Callable, config: LearnerConfig, *,
+                 ref_fn: Callable | None = None, value_fn: Callable | None = None, num_threads: int | None = None):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.rank, self.world_size = rank, world_size
+        self.policy_fn, self.config, self.ref_fn, self.value_fn = policy_fn, config, ref_fn, value_fn
+        self.learner: Learner | None = None
+
+    def free_port(self) -> int:
+        from rl.learner_backend import free_port
+
+        return free_port()
+
+    def setup(self, master_addr: str, port: int) -> int:
+        """Join the process group (when world_size > 1 or DeepSpeed) and build the Learner; returns the rank."""
+        if self.world_size > 1 or self.config.backend == "deepspeed":
+            from rl.learner_backend import init_distributed
+
+            init_distributed(self.rank, self.world_size, port, master_addr)
+        policy = self.policy_fn()
+        ref = self.ref_fn() if self.ref_fn else None
+        value = self.value_fn() if self.value_fn else None
+        self.learner = Learner(policy, self.config, ref_policy=ref, value_policy=value)
+        return self.rank
+
+    def update(self, trajectories) -> dict[str, float]:
+        return self.learner.update(trajectories)
+
+    def weight_chunks(self, bucket_bytes: int, kwargs: dict) -> Iterator:
+        """Rank 0 yields the chunks; the other ranks walk the same weights (ZeRO-3 gathers are collective)."""
+        chunks = self.learner.weight_buckets(bucket_bytes, **kwargs)
+        for chunk in chunks:
+            if self.rank == 0:
+                yield chunk
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.learner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.learner.load_state_dict(state)
+
+    def policy_state(self) -> dict[str, torch.Tensor]:
+        """Merged plain-named weights (rank 0 returns them; for tests and small models)."""
+        weights = {k: v.detach().cpu().clone() for k, v in self.learner.named_weights(lora_delta=False)}
+        return weights if self.rank == 0 else {}
+
+    def save_policy(self, out_dir: str) -> str | None:
+        from rollout.models.loading import save_policy
+
+        if getattr(self.learner.backend, "zero_stage", 0) == 3:
+            raise NotImplementedError("save_policy under ZeRO-3: gather with weight_chunks instead")
+        return str(save_policy(self.learner.policy, out_dir)) if self.rank == 0 else None
+
+
+def merge_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key in per_rank[0]:
+        values = [m[key] for m in per_rank if key in m]
+        if key in SUM_METRICS:
+            out[key] = float(sum(values))
+        elif key in RANK0_METRICS:
+            out[key] = float(per_rank[0][key])
+        elif key in MAX_METRICS:
+            out[key] = float(max(values))
+        else:
+            out[key] = float(sum(values) / len(values))
+    return out
+
+
+class LearnerGroup:
+    """N LearnerWorker actors (torch backend: N = 1; deepspeed: any N) driven as one learner."""
+
+    def __init__(self, policy_fn: Callable, config: LearnerConfig, *, num_workers: int = 1,
+                 ref_fn: Callable | None = None, value_fn: Callable | None = None, num_cpus_per_worker: float = 1,
+                 num_gpus_per_worker: float = 0, master_addr: str = "127.0.0.1", setup_timeout_s: float = 600):
+        import ray
+
+        if num_workers < 1:
+            raise ValueError(f"learner.num_workers must be >= 1, got {num_workers}")
+        if num_workers > 1 and config.backend != "deepspeed":
+            raise ValueError("learner.num_workers > 1 needs learner.backend 'deepspeed'")
+        actor = ray.remote(LearnerWorker)
+        threads = max(1, int(num_cpus_per_worker))
+        self.workers = [
+            actor.options(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker).remote(
+                rank, num_workers, policy_fn, config, ref_fn=ref_fn, value_fn=value_fn, num_threads=threads)
+            for rank in range(num_workers)
+        ]
+        port = ray.get(self.workers[0].free_port.remote())
+        ray.get([w.setup.remote(master_addr, port) for w in self.workers], timeout=setup_timeout_s)
+        self.config = config
+
+    def update(self, trajectories) -> dict[str, float]:
+        import ray
+
+        batch = ray.put(list(trajectories))
+        return merge_metrics(ray.get([w.update.remote(batch) for w in self.workers]))
+
+    def weight_chunks(self, bucket_bytes: int, **kwargs) -> Iterator:
+        """ObjectRefs of `(version, entries)` chunks, in order, as rank 0 produces them (a streaming generator)."""
+        streams = [w.weight_chunks.options(num_returns="streaming").remote(bucket_bytes, kwargs)
+                   for w in self.workers]
+        yield from streams[0]
+        for other in streams[1:]:  # the other ranks only took part in gathers; wait for them to finish
+            for _ in other:
+                pass
+
+    def state_dict(self) -> dict[str, Any]:
+        import ray
+
+        return {"world_size": len(self.workers), "ranks": ray.get([w.state_dict.remote() for w in self.workers])}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        import ray
+
+        if state.get("world_size") != len(self.workers):
+            raise ValueError(f"learner state: saved by {state.get('world_size')} workers, this group has "
+                             f"{len(self.workers)}")
+        ray.get([w.load_state_dict.remote(s) for w, s in zip(self.workers, state["ranks"])])
+
+    def policy_state(self) -> dict[str, torch.Tensor]:
+        import ray
+
+        return ray.get([w.policy_state.remote() for w in self.workers])[0]
+
+    def save_policy(self, out_dir: str) -> str:
+        import ray
+
+        return ray.get([w.save_policy.remote(out_dir) for w in self.workers])[0]
+
+    def shutdown(self) -> None:
+        import ray
+
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []
