@@ -162,7 +162,9 @@ def save_policy(policy: DiffusionPolicy, out_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     lm = policy.causal_lm
     peft = policy.model if hasattr(policy.model, "merge_adapter") else None
+    base = {}
     if peft is not None:
+        base = {n: p.detach().clone() for n, p in lm.named_parameters() if ".base_layer." in n}
         peft.merge_adapter()
     try:
         state = {k: v.detach().to("cpu").contiguous() for k, v in lm.state_dict().items() if "lora_" not in k}
@@ -171,6 +173,11 @@ def save_policy(policy: DiffusionPolicy, out_dir: str | Path) -> Path:
     finally:
         if peft is not None:
             peft.unmerge_adapter()
+            # unmerge subtracts the delta again, which is not exact in floating point: restore the base bit for bit
+            with torch.no_grad():
+                for n, p in lm.named_parameters():
+                    if n in base:
+                        p.copy_(base[n])
     policy.tokenizer.save_pretrained(str(out_dir))
     if policy.source.get("format") == "sdar":
         _write_sdar_config(policy, out_dir)
