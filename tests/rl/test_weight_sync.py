@@ -1,0 +1,133 @@
+"""Bucketed weight streaming: byte limits, exact round trips into a fresh policy and into TorchEngine, strict
+receiver checks, LoRA delta sync == PEFT's merged weights (repeatedly, without drift)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from rl.learner import Learner, LearnerConfig
+from rl.optim import OptimConfig
+from rl.weight_sync import SyncStats, WeightReceiver, chunk_weights, merged_weights, nbytes, stream_weights
+from rollout.models.loading import load_policy, save_policy
+from rollout.models.lora import apply_lora
+
+_spec = importlib.util.spec_from_file_location("_learner_tests", Path(__file__).with_name("test_learner.py"))
+_helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_helpers)
+
+
+def _perturbed(path, seed=0):
+    policy = load_policy(path)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    return policy
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in model.named_parameters()}
+
+
+@pytest.mark.parametrize("bucket_bytes", [20_000, 1 << 20])
+def test_buckets_respect_limit_and_round_trip_exactly(tiny_model_dirs, bucket_bytes):
+    src = _perturbed(tiny_model_dirs["block"])
+    learner = Learner(src, LearnerConfig())
+    stats = SyncStats()
+    chunks = list(learner.weight_buckets(bucket_bytes, version=7, stats=stats))
+    sizes = [sum(nbytes(t) for _, t in entries) for _, entries in chunks]
+    assert max(sizes) <= bucket_bytes and all(v == 7 for v, _ in chunks)
+    total = sum(nbytes(p) for p in src.model.parameters())
+    assert stats.bytes == total and stats.chunks == len(chunks)
+    if bucket_bytes == 20_000:
+        assert any("@" in name for _, entries in chunks for name, _ in entries)  # embeddings were row-sliced
+        assert len(chunks) >= total // bucket_bytes
+    dst = load_policy(tiny_model_dirs["block"])
+    receiver = WeightReceiver(dst.causal_lm)
+    for version, entries in chunks:
+        receiver.apply(entries, version)
+    got = receiver.finish(7)
+    assert receiver.version == 7 and got.bytes == total
+    want = _params(src.causal_lm)
+    for name, p in _params(dst.causal_lm).items():
+        assert torch.equal(p, want[name]), name
+
+
+def test_chunks_feed_torch_engine_update_weights(tiny_model_dirs):
+    from rollout.engine import TorchEngine
+
+    src = _perturbed(tiny_model_dirs["block"], seed=1)
+    engine = TorchEngine(load_policy(tiny_model_dirs["block"]))
+    learner = Learner(src, LearnerConfig())
+    # Whole tensors only (TorchEngine does not take row slices): oversized tensors travel alone.
+    for version, entries in learner.weight_buckets(20_000, version=3, split_large=False):
+        engine.update_weights(entries, version, final=False)
+    engine.update_weights([], 3, final=True)
+    assert engine.policy_version == 3
+    want = _params(src.causal_lm)
+    for name, p in _params(engine.policy.causal_lm).items():
+        assert torch.equal(p, want[name]), name
+
+
+def test_receiver_is_strict(tiny_model_dirs):
+    policy = load_policy(tiny_model_dirs["block"])
+    named = list(merged_weights(policy.causal_lm))
+    receiver = WeightReceiver(load_policy(tiny_model_dirs["block"]).causal_lm)
+    with pytest.raises(ValueError, match="unknown parameter 'nope'"):
+        receiver.apply([("nope", torch.zeros(1))], 1)
+    receiver = WeightReceiver(policy.causal_lm)
+    name, t = named[0]
+    with pytest.raises(ValueError, match="has shape"):
+        receiver.apply([(name, t.reshape(-1)[:-1])], 1)
+    receiver = WeightReceiver(policy.causal_lm)
+    receiver.apply(named[:-1], 1)
+    with pytest.raises(ValueError, match="1 parameters never arrived"):
+        receiver.finish(1)
+    assert receiver.version is None
+    receiver.apply(list(chunk_weights(named[:1], 1000))[0], 2)  # a slice only: the tensor is incomplete
+    with pytest.raises(ValueError, match="received only"):
+        receiver.finish(2)
+    with pytest.raises(ValueError, match="smaller than one row"):
+        list(chunk_weights(named, 8))
+    receiver.apply(named[:1], 3)
+    with pytest.raises(ValueError, match="inside the update to 3"):
+        receiver.apply(named[1:2], 4)
+
+
+def test_lora_delta_sync_reproduces_merged_weights(tiny_model_dirs, tmp_path):
+    policy = apply_lora(load_policy(tiny_model_dirs["block"]), r=4, alpha=8)
+    learner = Learner(policy, LearnerConfig(mu=1, optim=OptimConfig(lr=1e-2)))
+    rollout = load_policy(tiny_model_dirs["block"])
+    receiver = WeightReceiver(rollout.causal_lm)
+    full_bytes = sum(nbytes(p) for p in rollout.model.parameters())
+    for round_ in range(2):  # two syncs: the receiver merges onto the pristine base, no drift
+        learner.update(_helpers.make_trajectories(policy, 2, prefix=f"u{round_}"))
+        stats = SyncStats()
+        for version, entries in learner.weight_buckets(4096, stats=stats):
+            assert all(name.endswith((".lora_A", ".lora_B", ".lora_scaling")) for name, _ in entries)
+            receiver.apply(entries, version)
+        receiver.finish(learner.updates)
+        assert stats.bytes < full_bytes / 4
+        save_policy(policy, tmp_path / f"merged{round_}")  # PEFT's own merge
+        want = _params(load_policy(tmp_path / f"merged{round_}").causal_lm)
+        for name, p in _params(rollout.causal_lm).items():
+            assert torch.equal(p, want[name]), (round_, name)
+        assert any(not torch.equal(p, q) for p, q in zip(rollout.model.parameters(),
+                                                           load_policy(tiny_model_dirs["block"]).model.parameters()))
+    # The learner's full-weight view (lora_delta=False) is the same merge.
+    merged = dict(learner.named_weights(lora_delta=False))
+    for name, p in _params(rollout.causal_lm).items():
+        assert torch.equal(p, merged[name]), name
+
+
+def test_stream_weights_counts(tiny_model_dirs):
+    policy = load_policy(tiny_model_dirs["block"])
+    stats = SyncStats()
+    chunks = list(stream_weights(merged_weights(policy.causal_lm), 5, 1 << 16, dtype=torch.bfloat16, stats=stats))
+    assert all(t.dtype == torch.bfloat16 for _, e in chunks for _, t in e)
+    assert stats.bytes == sum(p.numel() * 2 for p in policy.model.parameters())
+    assert set(stats.metrics()) == {"weight_sync_bytes", "weight_sync_chunks", "weight_sync_seconds",
+                                    "weight_sync_bytes_per_s"}
