@@ -105,7 +105,9 @@ class LearnerGroup:
 
     def __init__(self, policy_fn: Callable, config: LearnerConfig, *, num_workers: int = 1,
                  ref_fn: Callable | None = None, value_fn: Callable | None = None, num_cpus_per_worker: float = 1,
-                 num_gpus_per_worker: float = 0, master_addr: str = "127.0.0.1", setup_timeout_s: float = 600):
+                 num_gpus_per_worker: float = 0, master_addr: str = "127.0.0.1", setup_timeout_s: float = 600,
+                 actor_options: list[dict] | None = None):
+        """actor_options: extra Ray actor options per rank (e.g. the driver's placement-group scheduling)."""
         import ray
 
         if num_workers < 1:
@@ -115,7 +117,8 @@ class LearnerGroup:
         actor = ray.remote(LearnerWorker)
         threads = max(1, int(num_cpus_per_worker))
         self.workers = [
-            actor.options(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker).remote(
+            actor.options(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker,
+                          **(actor_options[rank] if actor_options else {})).remote(
                 rank, num_workers, policy_fn, config, ref_fn=ref_fn, value_fn=value_fn, num_threads=threads)
             for rank in range(num_workers)
         ]
