@@ -97,18 +97,22 @@ def processed_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Te
 
 
 def sample_tokens(
-    logp: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+    logp: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row of (n, V) log-probs; return (tokens, their log-probs).
 
-    Inverse-CDF sampling with one uniform per row: the generator's consumption depends only on n, whatever V or
-    the values are, which keeps the request's random stream independent of everything else in the batch.
+    Inverse-CDF sampling with one uniform per row (drawn from `generator`, or given as (n, 1) `uniforms` when rows
+    of several requests are sampled together): a request's generator consumption depends only on its own number
+    of rows, whatever V or the values are, which keeps its random stream independent of the rest of the batch.
     """
     if params.greedy:
         tokens = logp.argmax(dim=-1)
     else:
         cdf = logp.exp().cumsum(dim=-1)
-        u = torch.rand(logp.shape[0], 1, generator=generator, device=logp.device, dtype=cdf.dtype)
+        u = uniforms if uniforms is not None else torch.rand(
+            logp.shape[0], 1, generator=generator, device=logp.device, dtype=torch.float32)
+        u = u.to(cdf.dtype)
         # The first index whose cdf exceeds u * total: never a filtered (zero-probability) token.
         tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
         tokens = tokens.clamp_(max=logp.shape[-1] - 1)

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from rollout.decoding.kv_cache import RaggedKVCache
-from rollout.decoding.state import Row, forward_at
+from rollout.decoding.state import Row, denoise_rows, forward_at
 from rollout.models.masks import PAD_BLOCK, attention_bias, prompt_block_ids
 
 
@@ -79,10 +79,9 @@ def decode_blocks_cached(policy, rows: list[Row], on_step: Callable[[int], None]
                 key_valid[i, start:start + c] = batch.valid[i, :c]
                 cache_len[i] = start + c
         first = False
-        unmasked = 0
-        for i, (row, row_logits) in enumerate(zip(rows, torch.split(logits, [m.numel() for m in masked]))):
+        unmasked = denoise_rows(rows, logits, masked)
+        for i, row in enumerate(rows):
             row.nfe += 1
-            unmasked += row.denoise(row_logits, masked[i])
             pending[i] = False
             if row.block_done and not row.finish_if_done():
                 row.next_block()

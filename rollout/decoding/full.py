@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from rollout.decoding.kv_cache import RaggedKVCache
-from rollout.decoding.state import Row, forward_at
+from rollout.decoding.state import Row, denoise_rows, forward_at
 from rollout.models.masks import attention_bias
 
 CACHE_MODES = ("none", "prefix", "dual")
@@ -79,10 +79,9 @@ def decode_full(policy, rows: list[Row], cache_mode: str = "none",
             # Column of response position j is width_prompt + j; its logits come from shift columns earlier.
             q_cols = torch.cat([m + width_prompt - shift - lo for m in masked])
             logits = forward_at(policy, batch_ids, batch_pos, bias, q_rows, q_cols, cache)
-            unmasked = 0
-            for i, m, row_logits in zip(todo, masked, torch.split(logits, [m.numel() for m in masked])):
+            unmasked = denoise_rows([rows[i] for i in todo], logits, masked)
+            for i in todo:
                 rows[i].nfe += 1
-                unmasked += rows[i].denoise(row_logits, m)
             if on_step is not None:
                 on_step(unmasked)
             first = False

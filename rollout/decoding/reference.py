@@ -10,15 +10,19 @@ from typing import Callable
 
 import torch
 
-from rollout.decoding.state import Row, forward_at
+from rollout.decoding.state import Row, denoise_rows, forward_at
 from rollout.models.masks import PAD_BLOCK, attention_bias, prompt_block_ids, response_block_ids
 
 
-def decode_blocks_uncached(policy, rows: list[Row], on_step: Callable[[int], None] | None = None) -> None:
+def decode_blocks_uncached(policy, rows: list[Row], on_step: Callable[[int], None] | None = None,
+                           max_forwards: int | None = None) -> None:
+    """Decode `rows` in place; `max_forwards` stops early (the benchmark times sampled stretches of a decode)."""
     spec = policy.spec
     bs, device = spec.block_size, policy.device
     rows = list(rows)
-    while rows:
+    forwards = 0
+    while rows and (max_forwards is None or forwards < max_forwards):
+        forwards += 1
         width = max(r.prompt_len + r.block_end for r in rows)
         ids = torch.full((len(rows), width), spec.pad_token_id, dtype=torch.long, device=device)
         pos = torch.zeros_like(ids)
@@ -40,10 +44,9 @@ def decode_blocks_uncached(policy, rows: list[Row], on_step: Callable[[int], Non
             q_cols.append(m + start + p)
         bias = attention_bias(block, block, valid)
         logits = forward_at(policy, ids, pos, bias, torch.cat(q_rows), torch.cat(q_cols))
-        unmasked = 0
-        for row, m, row_logits in zip(rows, masked, torch.split(logits, [m.numel() for m in masked])):
+        unmasked = denoise_rows(rows, logits, masked)
+        for row in rows:
             row.nfe += 1
-            unmasked += row.denoise(row_logits, m)
             if row.block_done and not row.finish_if_done():
                 row.next_block()
         if on_step is not None:

@@ -105,17 +105,20 @@ class Row:
         return bool(self.decoded[self.block_start:self.block_end].all())
 
     # ------------------------------------------------------------------------------------------ one step
-    def denoise(self, logits: torch.Tensor, positions: torch.Tensor) -> int:
-        """Sample every masked position of the block from (n, V) logits, unmask the policy's choice; return count."""
+    def draw_uniforms(self, n: int, device: torch.device) -> torch.Tensor | None:
+        if self.params.greedy:
+            return None
+        return torch.rand(n, 1, generator=self.generator, device=device, dtype=torch.float32)
+
+    def keep(self, positions: torch.Tensor, tokens: torch.Tensor, logp: torch.Tensor,
+             ent: torch.Tensor | None) -> int:
+        """Score the sampled tokens (EOSER), let the remasking policy choose, record what it keeps."""
         params = self.params
-        logp_all = processed_logprobs(logits, params)
-        tokens, logp = sample_tokens(logp_all, params, self.generator)
         confidence = logp.exp()
         if params.eoser_gamma_min is not None:
             gamma = eoser_gamma(min(self.step_in_block, len(self.schedule) - 1), len(self.schedule),
                                 params.eoser_gamma_min, ass=params.schedule == "ass")
             confidence = torch.where(tokens == self.spec.eos_token_id, confidence * gamma, confidence)
-        ent = entropy(logp_all) if self.remasking.needs_entropy else None
         count = self.schedule[self.step_in_block] if self.step_in_block < len(self.schedule) \
             else positions.numel()
         chosen = self.remasking.select(confidence, ent, count, self.generator)
@@ -160,6 +163,33 @@ class Row:
             sampling={**self.params.to_dict(), "seed": self.seed, "decoder": decoder},
             policy_version=version, request_id=self.request.request_id,
         )
+
+
+def denoise_rows(rows: list[Row], logits: torch.Tensor, positions: list[torch.Tensor]) -> int:
+    """One denoising step for several rows from their concatenated (sum n_i, V) logits; returns tokens unmasked.
+
+    Rows sharing sampling params are processed as one matrix (the vocabulary-wide work); each row still draws its
+    uniforms from its own generator, in its own order, so results do not depend on the batch.
+    """
+    counts = [p.numel() for p in positions]
+    chunks = torch.split(logits, counts)
+    groups: dict = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(row.params, []).append(i)
+    unmasked = 0
+    for params, members in groups.items():
+        group_logits = chunks[members[0]] if len(members) == 1 else torch.cat([chunks[i] for i in members])
+        logp_all = processed_logprobs(group_logits, params)
+        uniforms = None
+        if not params.greedy:
+            uniforms = torch.cat([rows[i].draw_uniforms(counts[i], logits.device) for i in members])
+        tokens, logp = sample_tokens(logp_all, params, uniforms=uniforms)
+        ent = entropy(logp_all) if rows[members[0]].remasking.needs_entropy else None
+        sizes = [counts[i] for i in members]
+        split_ent = torch.split(ent, sizes) if ent is not None else [None] * len(members)
+        for i, t, lp, e in zip(members, torch.split(tokens, sizes), torch.split(logp, sizes), split_ent):
+            unmasked += rows[i].keep(positions[i], t, lp, e)
+    return unmasked
 
 
 def forward_at(policy, input_ids: torch.Tensor, position_ids: torch.Tensor, attn_bias: torch.Tensor,
