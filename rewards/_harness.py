@@ -59,7 +59,10 @@ def _libc():
 
 def _mount(source, target, fstype, flags, data=None):
     ctypes, libc = _libc()
-    enc = lambda s: s.encode() if s is not None else None  # noqa: E731
+
+    def enc(text):
+        return text.encode() if text is not None else None
+
     if libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mount {target}: {os.strerror(err)}")

@@ -24,17 +24,25 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any
 
 from rewards.extract import extract_code
 from rewards.result import error_result, make_result, one_line
 from rewards.sandbox import Limits, SandboxError, run_function_tests, run_stdio
 
-__all__ = ["score_batch", "score_one", "normalize_reference", "outputs_match", "humaneval_reference",
-           "mbpp_reference"]
+__all__ = [
+    "humaneval_reference",
+    "mbpp_reference",
+    "normalize_reference",
+    "outputs_match",
+    "score_batch",
+    "score_one",
+]
 
 log = logging.getLogger(__name__)
+DEFAULT_LIMITS = Limits()
 
 
 # ------------------------------------------------------------------------------------------------ references
@@ -120,7 +128,7 @@ def _reason(outcomes: list[tuple[str, str]]) -> str:
 
 
 def score_one(response: str, reference: Any, *, extract: str = "auto", score_mode: str = "fraction",
-              limits: Limits = Limits(), max_tests: int | None = None,
+              limits: Limits = DEFAULT_LIMITS, max_tests: int | None = None,
               float_tol: float | None = None) -> dict[str, Any]:
     """One response, start to finish; every failure is a reason (see the module docstring)."""
     try:

@@ -9,13 +9,13 @@ Math methods, tried in the order a recipe lists them (default: boxed, then hash)
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
-__all__ = ["last_boxed", "after_hash", "last_number", "last_regex", "extract_answer", "extract_code", "METHODS"]
+__all__ = ["METHODS", "after_hash", "extract_answer", "extract_code", "last_boxed", "last_number", "last_regex"]
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?")
-_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
 def _balanced(text: str, start: int) -> str | None:
@@ -62,7 +62,7 @@ def last_number(text: str) -> str | None:
 
 
 def last_regex(text: str, pattern: str) -> str | None:
-    matches = list(re.finditer(pattern, text, flags=re.S))
+    matches = list(re.finditer(pattern, text, flags=re.DOTALL))
     if not matches:
         return None
     found = matches[-1].group(1) if matches[-1].re.groups else matches[-1].group(0)

@@ -18,14 +18,15 @@ import atexit
 import logging
 import os
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from rewards.extract import METHODS, after_hash, extract_answer, last_boxed
 from rewards.pool import TimeoutPool
 from rewards.result import error_result, make_result, one_line
 from rewards.shaping import format_ok, length_penalty
 
-__all__ = ["score_batch", "score_item", "judge", "gold_answer", "get_pool", "DEFAULT_EXTRACT"]
+__all__ = ["DEFAULT_EXTRACT", "get_pool", "gold_answer", "judge", "score_batch", "score_item"]
 
 DEFAULT_EXTRACT = ("boxed", "hash")
 # We switch math-verify's signal-based timeouts off on purpose (pool.py enforces ours); silence its warning saying so.

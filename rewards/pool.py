@@ -14,8 +14,8 @@ imports (~0.5 s for math-verify), paid only when a task is killed, which the sof
 """
 from __future__ import annotations
 
-import logging
 import importlib
+import logging
 import pickle
 import signal
 import socket
@@ -24,11 +24,12 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Any, Callable, Sequence
+from typing import Any
 
-__all__ = ["TimeoutPool", "Outcome", "SoftTimeout"]
+__all__ = ["Outcome", "SoftTimeout", "TimeoutPool"]
 
 log = logging.getLogger(__name__)
 # How long past the soft deadline the parent waits before SIGKILL: enough for a worker to unwind and reply.
@@ -192,7 +193,7 @@ class TimeoutPool:
             worker.kill()
         self._workers = []
 
-    def __enter__(self) -> "TimeoutPool":
+    def __enter__(self) -> TimeoutPool:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -23,11 +23,20 @@ import importlib.util
 import inspect
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-__all__ = ["reward", "register_reward", "registered_names", "load_fn", "kind_of", "is_async", "explicit_params",
-           "BUILTINS"]
+__all__ = [
+    "BUILTINS",
+    "explicit_params",
+    "is_async",
+    "kind_of",
+    "load_fn",
+    "register_reward",
+    "registered_names",
+    "reward",
+]
 
 # Built-ins are import paths, resolved on first use: importing this module must not import sympy.
 BUILTINS = {
@@ -127,7 +136,8 @@ def load_fn(fn: str, base_dir: str | Path | None = None) -> Callable:
 
 
 def is_async(fn: Callable) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+    # an instance with `async def __call__` counts too
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(type(fn), "__call__", None))
 
 
 def kind_of(fn: Callable) -> str:

@@ -14,7 +14,7 @@ import math
 from numbers import Real
 from typing import Any
 
-__all__ = ["RewardConfigError", "make_result", "error_result", "reason_category", "as_float", "one_line"]
+__all__ = ["RewardConfigError", "as_float", "error_result", "make_result", "one_line", "reason_category"]
 
 
 class RewardConfigError(ValueError):

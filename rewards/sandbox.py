@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Limits", "Isolation", "Run", "detect_isolation", "run_function_tests", "run_stdio", "SandboxError"]
+__all__ = ["Isolation", "Limits", "Run", "SandboxError", "detect_isolation", "run_function_tests", "run_stdio"]
 
 HARNESS = str(Path(__file__).with_name("_harness.py"))
 _NAMESPACES = ("--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc")
@@ -94,7 +94,7 @@ def _candidates() -> list[Isolation]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def detect_isolation(python: str = sys.executable) -> Isolation:
     """The strongest mode that actually runs a passing and a failing test here (probed once per process)."""
     reasons = []

@@ -19,12 +19,18 @@ import inspect
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from rewards.result import error_result, one_line, reason_category
 from rewards.specs import (
-    ITEM_FIELDS, RewardSpec, resolve_reward_specs, run_sync, to_result, validate_reward_specs,
+    ITEM_FIELDS,
+    RewardSpec,
+    resolve_reward_specs,
+    run_sync,
+    to_result,
+    validate_reward_specs,
 )
 
 __all__ = ["Scorer"]

@@ -19,8 +19,9 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from rewards.result import error_result, reason_category
 from rewards.scorer import Scorer

@@ -14,13 +14,13 @@ from typing import Any
 from rewards.extract import last_boxed
 from rewards.result import make_result
 
-__all__ = ["format_ok", "length_penalty", "format_reward", "length_penalty_reward"]
+__all__ = ["format_ok", "format_reward", "length_penalty", "length_penalty_reward"]
 
 
 def format_ok(response: str, pattern: str | None = None) -> bool:
     """True when the response is well-formed: matches `pattern` (re.search, DOTALL) or, without one, has a box."""
     if pattern:
-        return re.search(pattern, response, flags=re.S) is not None
+        return re.search(pattern, response, flags=re.DOTALL) is not None
     return last_boxed(response) is not None
 
 

@@ -14,16 +14,24 @@ import asyncio
 import difflib
 import inspect
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from rewards.registry import BUILTINS, explicit_params, is_async, kind_of, load_fn
 from rewards.result import RewardConfigError, as_float, one_line, reason_category
 
-__all__ = ["RewardSpec", "parse_specs", "resolve_reward_specs", "validate_reward_specs", "to_result",
-           "run_sync", "ITEM_FIELDS"]
+__all__ = [
+    "ITEM_FIELDS",
+    "RewardSpec",
+    "parse_specs",
+    "resolve_reward_specs",
+    "run_sync",
+    "to_result",
+    "validate_reward_specs",
+]
 
 ITEM_FIELDS = ("prompt", "response", "reference")
 _SPEC_KEYS = ("fn", "weight", "kwargs", "name")

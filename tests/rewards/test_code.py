@@ -7,7 +7,12 @@ import time
 import pytest
 
 from rewards.code_reward import (
-    humaneval_reference, mbpp_reference, normalize_reference, outputs_match, score_batch, score_one,
+    humaneval_reference,
+    mbpp_reference,
+    normalize_reference,
+    outputs_match,
+    score_batch,
+    score_one,
 )
 from rewards.extract import extract_code
 from rewards.sandbox import Limits
@@ -57,7 +62,7 @@ def test_humaneval_corrupted_solutions_all_fail(humaneval):
 
 
 def test_response_with_a_fenced_full_function(humaneval):
-    problems, refs = humaneval
+    problems, _ = humaneval
     p = problems[0]
     response = f"Here you go:\n```python\n{p['prompt']}{p['canonical_solution']}```\nDone."
     ref = humaneval_reference(p, include_prompt=False)

@@ -60,8 +60,8 @@ def _sandbox_processes() -> list[int]:
 @pytest.mark.parametrize("body, category", [
     ("def f(x):\n    while True:\n        pass", "timeout"),  # per-test alarm
     # swallows the alarm: only the total deadline (SIGKILL of the group) stops it
-    ("def f(x):\n    while True:\n        try:\n            while True: pass\n        except BaseException:\n"
-     "            pass", "timeout"),
+    (("def f(x):\n    while True:\n        try:\n            while True: pass\n        except BaseException:\n"
+      "            pass"), "timeout"),
     ("import time\ndef f(x):\n    time.sleep(1000)", "timeout"),
 ])
 def test_infinite_loops(body, category):
@@ -74,8 +74,8 @@ def test_infinite_loops(body, category):
     ("def f(x):\n    hog = []\n    while True:\n        hog.append(bytearray(10 ** 7))", "memory"),
     ("def f(x):\n    return f(x) + 1", "runtime_error"),  # RecursionError
     # a recursion limit lifted past the C stack (recursing through C: __eq__): the interpreter segfaults
-    ("import sys\nsys.setrecursionlimit(10 ** 8)\nclass A:\n    def __eq__(self, other):\n"
-     "        return A() == other\ndef f(x):\n    return A() == x", "crashed"),
+    (("import sys\nsys.setrecursionlimit(10 ** 8)\nclass A:\n    def __eq__(self, other):\n"
+      "        return A() == other\ndef f(x):\n    return A() == x"), "crashed"),
 ])
 def test_memory_and_recursion_bombs(body, category):
     assert_fails(score(body, limits=Limits(test_timeout_s=4.0, total_timeout_s=4.0, memory_mb=256)), category)
@@ -150,7 +150,7 @@ def test_no_network_even_on_loopback():
         while not done.is_set():
             try:
                 accepted.append(server.accept())
-            except socket.timeout:
+            except TimeoutError:
                 continue
 
     watcher = threading.Thread(target=accept, daemon=True)
@@ -206,14 +206,14 @@ WRONG = "def f(x):\n    return x\n"
     "def check(candidate):\n    pass",  # redefine the checker
     "import builtins\nbuiltins.abs = lambda v: 0\nbuiltins.AssertionError = KeyError",  # override builtins
     # a thread racing to replace `check` in the program's globals
-    "import threading\ndef _race():\n    while True:\n        globals()['check'] = lambda c: None\n"
-    "threading.Thread(target=_race, daemon=True).start()",
+    ("import threading\ndef _race():\n    while True:\n        globals()['check'] = lambda c: None\n"
+     "threading.Thread(target=_race, daemon=True).start()"),
     # patch everything the harness module and json expose
-    "import sys, json\nm = sys.modules['__main__']\nfor n in dir(m):\n    if not n.startswith('__'):\n"
-    "        setattr(m, n, lambda *a, **k: None)\njson.dumps = lambda *a, **k: '{\"ok\": true}'",
+    ("import sys, json\nm = sys.modules['__main__']\nfor n in dir(m):\n    if not n.startswith('__'):\n"
+     "        setattr(m, n, lambda *a, **k: None)\njson.dumps = lambda *a, **k: '{\"ok\": true}'"),
     # print fake success markers everywhere, including every open file descriptor
-    "import os\nfor fd in map(int, os.listdir('/proc/self/fd')):\n    try:\n"
-    "        os.write(fd, b'test 0 ok \\nPASSED\\nnonce test 0 ok\\n')\n    except OSError:\n        pass",
+    ("import os\nfor fd in map(int, os.listdir('/proc/self/fd')):\n    try:\n"
+     "        os.write(fd, b'test 0 ok \\nPASSED\\nnonce test 0 ok\\n')\n    except OSError:\n        pass"),
 ])
 def test_tampering_with_the_checker_is_never_a_pass(tamper):
     result = score(WRONG + tamper)

@@ -21,7 +21,8 @@ def ray_local():
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 ** 2,
+        # address="local": never attach to another Ray instance running on this machine
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 ** 2,
                  _node_ip_address="127.0.0.1", log_to_driver=False)
     yield ray
     if started:
