@@ -10,7 +10,7 @@ What holds, and who enforces it (`detect_isolation()` picks the strongest mode t
 | network | OS: empty network namespace | OS: empty network namespace | best effort: socket patched |
 | fork bomb | OS: own uid + RLIMIT_NPROC; PID namespace killed at the end | OS: PID namespace killed at the end; best effort: fork patched (no NPROC: the uid is shared) | best effort: fork patched, process group killed |
 | killing the parent / reading its environment | OS: PID namespace + private /proc + other uid; env scrubbed | OS: PID namespace + private /proc; env scrubbed | best effort: os.kill patched; env scrubbed (same uid may read /proc/PID/environ) |
-| writing outside the work dir | OS: other uid; every mount read-only; private tmpfs /tmp | OS: every mount read-only, capabilities dropped; private /tmp | not prevented beyond file permissions |
+| writing outside the work dir | OS: other uid; every mount read-only; private tmpfs /tmp | OS: every mount read-only, capabilities dropped; private /tmp | not prevented: the program has our uid (as root: everything) |
 | CPU, memory, file size, open files | OS: rlimits, hard == soft | OS: rlimits | OS: rlimits |
 | wall time | OS: the whole process group (and namespace) SIGKILLed at the deadline | same | same (a setsid escapee survives) |
 | output flooding | OS: stdout/stderr are files capped by RLIMIT_FSIZE; parent reads at most max_output_bytes | same | same |
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import secrets
 import select
@@ -38,6 +39,7 @@ from pathlib import Path
 
 __all__ = ["Isolation", "Limits", "Run", "SandboxError", "detect_isolation", "run_function_tests", "run_stdio"]
 
+log = logging.getLogger(__name__)
 HARNESS = str(Path(__file__).with_name("_harness.py"))
 _NAMESPACES = ("--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc")
 _RESULT_CAP = 256 * 1024  # bytes of result records read before the run counts as flooding its result channel
@@ -106,6 +108,9 @@ def detect_isolation(python: str = sys.executable) -> Isolation:
             reasons.append(f"{iso.mode}: {exc}")
             continue
         if [s for s, _ in ok.tests] == ["ok", "wrong"]:
+            if iso.mode == "none":
+                log.warning("code sandbox: no namespaces available (%s); programs run with this process's uid and "
+                            "only rlimits and best-effort Python patches confine them", "; ".join(reasons))
             return iso
         reasons.append(f"{iso.mode}: probe gave {ok.tests}")
     raise SandboxError("no sandbox mode works here: " + "; ".join(reasons))

@@ -14,6 +14,7 @@ import asyncio
 import difflib
 import inspect
 import re
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -51,8 +52,18 @@ class RewardSpec:
     extra_fields: frozenset[str] = field(default_factory=frozenset)  # item fields the function names explicitly
 
     def to_dict(self) -> dict[str, Any]:
-        """The plain spec again (what an actor on another process resolves for itself)."""
-        return {"fn": self.fn_name, "weight": self.weight, "kwargs": dict(self.kwargs), "name": self.name}
+        """The plain spec again, for an actor in another process to resolve for itself. A name registered with
+        register_reward() at run time is replaced by the function's import path, since the actor's registry
+        only has what its own imports registered."""
+        return {"fn": self._portable_fn(), "weight": self.weight, "kwargs": dict(self.kwargs), "name": self.name}
+
+    def _portable_fn(self) -> str:
+        if ":" in self.fn_name or self.fn_name in BUILTINS:
+            return self.fn_name
+        module, qualname = getattr(self.fn, "__module__", None), getattr(self.fn, "__qualname__", "")
+        if module and module != "__main__" and getattr(sys.modules.get(module), qualname, None) is self.fn:
+            return f"{module}:{qualname}"
+        return self.fn_name  # defined in a script or a function body: the actor must register it itself
 
 
 def parse_specs(specs: Any) -> list[dict[str, Any]]:

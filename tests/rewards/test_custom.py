@@ -138,6 +138,15 @@ def test_registry_decorator_and_extra_item_fields():
     assert reward(batch=True)(lambda prompts, responses, references: []).__diffrl_reward_kind__ == "batch"
 
 
+def test_registered_names_travel_to_other_processes_as_import_paths():
+    from rewards.shaping import format_reward
+
+    register_reward("test_only_fmt", format_reward)
+    spec = resolve_reward_specs([{"fn": "test_only_fmt"}, {"fn": "math"}])
+    assert [s.to_dict()["fn"] for s in spec] == ["rewards.shaping:format_reward", "math"]
+    assert spec[0].to_dict()["name"] == "test_only_fmt"
+
+
 def test_runtime_failures_are_error_reasons_never_silent_zeros(caplog):
     calls = {"n": 0}
 
