@@ -81,6 +81,17 @@ def test_memory_and_recursion_bombs(body, category):
     assert_fails(score(body, limits=Limits(test_timeout_s=4.0, total_timeout_s=4.0, memory_mb=256)), category)
 
 
+@pytest.mark.parametrize("body, category, detail", [
+    ("def f(x):\n    handles = [open('/dev/null') for _ in range(1000)]", "runtime_error", "Too many open files"),
+    ("def f(x):\n    with open('big.bin', 'wb') as out:\n        out.write(bytes(64 << 20))", "output_limit",
+     "File too large"),
+])
+def test_open_files_and_file_size_limits(body, category, detail):
+    result = score(body)
+    assert_fails(result, category)
+    assert detail in result["reason"]
+
+
 def test_fork_bomb_through_os_is_refused():
     result = score("import os\ndef f(x):\n    while True:\n        os.fork()")
     assert_fails(result, "runtime_error")
