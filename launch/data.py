@@ -11,14 +11,12 @@ nothing but the seed, the epoch and the number of rows, so a resumed run sees ex
 uninterrupted run would have, across epoch boundaries too.
 
 Bad input fails here, before anything starts, with one line naming the file, the row and the field
-(`DataError`). The arithmetic toy task ("12+34=" -> "46") and its verifier are deliberately minimal: the full toy
-task suite (issue 7) replaces them behind `make_task`.
+(`DataError`). Generated toy tasks (`data.task`) come from `rl.tasks` (arithmetic, countdown, sudoku).
 """
 from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,8 +25,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DataError", "Prompt", "PromptSampler", "load_prompts", "read_rows", "encode_prompt",
-           "ArithmeticTask", "make_task", "arithmetic_reward"]
+__all__ = ["DataError", "Prompt", "PromptSampler", "load_prompts", "read_rows", "encode_prompt", "shard",
+           "arithmetic_reward"]
 
 
 class DataError(ValueError):
@@ -162,8 +160,12 @@ def load_prompts(data_cfg, tokenizer, *, split: str = "train", seed: int = 0) ->
     Prompts longer than data.max_prompt_tokens are left out (counted in a warning); none left is an error.
     """
     if data_cfg.task is not None:
-        task = make_task(data_cfg.task, seed=seed, **data_cfg.task_kwargs)
-        items = task.items(split)
+        from rl.tasks import TaskError, make_task
+
+        try:
+            items = make_task(data_cfg.task, seed=seed, **data_cfg.task_kwargs).items(split)
+        except TaskError as err:
+            raise DataError(str(err)) from None
         where = f"data.task {data_cfg.task!r}"
     else:
         path = data_cfg.train if split == "train" else data_cfg.eval
@@ -189,65 +191,14 @@ def load_prompts(data_cfg, tokenizer, *, split: str = "train", seed: int = 0) ->
     return prompts
 
 
-# ---------------------------------------------------------------------------------------------- the toy task
-class ArithmeticTask:
-    """Additions of two non-negative integers with `digits` digits: prompt "12+34=", answer "46".
+def arithmetic_reward(prompt: str, response: str, reference: Any, *, partial_credit: bool = True,
+                      **kwargs: Any) -> dict[str, Any]:
+    """The arithmetic task's verifier (rl.tasks) with partial credit on by default, so a random-init tiny model
+    still gets a graded signal. Kept for recipes naming `launch.data:arithmetic_reward`; new recipes can name
+    `rl.tasks:arithmetic_reward` with `kwargs: {partial_credit: true}`."""
+    from rl.tasks import arithmetic_reward as verify
 
-    All digit pairs are enumerated and shuffled once from the seed; the first `num_eval` are the held-out split,
-    the next `num_train` the training split (disjoint by construction).
-    """
-
-    def __init__(self, *, seed: int = 0, digits: int = 2, num_train: int = 2000, num_eval: int = 100):
-        if not 1 <= digits <= 3:
-            raise DataError(f"data.task_kwargs.digits: {digits} outside 1..3")
-        pairs = (10 ** digits) ** 2
-        if num_train < 1 or num_eval < 0 or num_train + num_eval > pairs:
-            raise DataError(f"data.task_kwargs: num_train {num_train} + num_eval {num_eval} must be in 1..{pairs} "
-                            f"for {digits}-digit additions")
-        order = np.random.Generator(np.random.PCG64([seed, 7919])).permutation(pairs)
-        base = 10 ** digits
-        self._eval = [(int(p) // base, int(p) % base) for p in order[:num_eval]]
-        self._train = [(int(p) // base, int(p) % base) for p in order[num_eval:num_eval + num_train]]
-
-    def items(self, split: str) -> list[tuple[str, str, dict]]:
-        pairs = self._train if split == "train" else self._eval
-        if not pairs:
-            raise DataError(f"data.task_kwargs.num_eval: the arithmetic task has no {split} items")
-        return [(f"{a}+{b}=", str(a + b), {}) for a, b in pairs]
-
-
-def make_task(name: str, *, seed: int, **kwargs):
-    """A generated toy task by name (the seam the full toy-task suite plugs into)."""
-    if name == "arithmetic":
-        try:
-            return ArithmeticTask(seed=seed, **kwargs)
-        except TypeError as err:
-            raise DataError(f"data.task_kwargs: {err}") from None
-    raise DataError(f"data.task: {name!r} is not available yet (only 'arithmetic')")
-
-
-_INT = re.compile(r"-?\d+")
-
-
-def arithmetic_reward(response: str, answer: str, partial_credit: bool = True, **_: Any) -> dict[str, Any]:
-    """Verifier of the arithmetic task: 1.0 when the first integer in the response equals the answer.
-
-    With partial_credit a wrong number earns 0.5 x the fraction of the answer's digits it has right (aligned on
-    the right), so a tiny random model still gets a graded signal; correctness (score 1.0) is unchanged.
-    """
-    from rewards.result import make_result
-
-    found = _INT.search(response)
-    if found is None:
-        return make_result(0.0, "no_answer")
-    given = found.group(0)
-    if given == answer.strip():
-        return make_result(1.0, "correct")
-    if not partial_credit:
-        return make_result(0.0, "wrong")
-    want = answer.strip()
-    same = sum(1 for a, b in zip(reversed(given), reversed(want)) if a == b)
-    return make_result(0.5 * same / max(len(want), len(given)), "wrong", digits_right=same)
+    return verify(prompt, response, reference, partial_credit=partial_credit, **kwargs)
 
 
 def shard(items: Sequence[Any], parts: int) -> list[list[Any]]:

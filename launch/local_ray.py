@@ -39,12 +39,14 @@ def _local_env() -> None:
 @contextlib.contextmanager
 def ray_session(ray_cfg=None, *, num_cpus: int | None = None) -> Iterator[bool]:
     """Yield True when this call started a local cluster (and will stop it), False when it joined one."""
+    address = getattr(ray_cfg, "address", None) or os.environ.get("RAY_ADDRESS")
+    if not address:
+        _local_env()  # before Ray reads its config: the auth mode is fixed at its first use in this process
     import ray
 
     if ray.is_initialized():
         yield False
         return
-    address = getattr(ray_cfg, "address", None) or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining the Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
@@ -53,7 +55,6 @@ def ray_session(ray_cfg=None, *, num_cpus: int | None = None) -> Iterator[bool]:
         finally:
             ray.shutdown()
         return
-    _local_env()
     cpus = num_cpus or getattr(ray_cfg, "num_cpus", None) or os.cpu_count() or 1
     store_mb = getattr(ray_cfg, "object_store_mb", None) or DEFAULT_OBJECT_STORE_MB
     ray.init(

@@ -7,8 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from launch.data import (ArithmeticTask, DataError, PromptSampler, arithmetic_reward, encode_prompt, load_prompts,
-                         read_rows)
+from launch.data import DataError, PromptSampler, encode_prompt, load_prompts, read_rows
 from launch.recipe import DataConfig
 
 
@@ -93,24 +92,14 @@ def test_overlong_prompts_are_left_out(tmp_path, tokenizer):
         load_prompts(DataConfig(train=str(tmp_path / "d.jsonl"), max_prompt_tokens=2), tokenizer)
 
 
-def test_arithmetic_task_and_verifier(tokenizer):
-    task = ArithmeticTask(seed=3, digits=2, num_train=50, num_eval=20)
-    train, held_out = task.items("train"), task.items("eval")
-    assert len(train) == 50 and len(held_out) == 20 and not {p for p, _, _ in train} & {p for p, _, _ in held_out}
-    text, answer, _ = train[0]
-    a, b = text[:-1].split("+")
-    assert int(a) + int(b) == int(answer)
-    assert ArithmeticTask(seed=3, digits=2, num_train=50, num_eval=20).items("train") == train
-    prompts = load_prompts(DataConfig(task="arithmetic", task_kwargs={"num_train": 10, "num_eval": 5}), tokenizer,
-                           split="eval", seed=3)
-    assert len(prompts) == 5
-    assert arithmetic_reward("46<|endoftext|>", "46")["score"] == 1.0
-    assert arithmetic_reward("so 46", "46")["reason"] == "correct"
-    partial = arithmetic_reward("36", "46")
-    assert partial["reason"] == "wrong" and partial["score"] == 0.25
-    assert arithmetic_reward("36", "46", partial_credit=False)["score"] == 0.0
-    assert arithmetic_reward("no digits", "46") == {"score": 0.0, "reason": "no_answer", "metrics": {}}
-    with pytest.raises(DataError, match="digits"):
-        ArithmeticTask(digits=5)
-    with pytest.raises(DataError, match="countdown"):
-        load_prompts(DataConfig(task="countdown"), tokenizer)
+def test_generated_task_splits(tokenizer):
+    train = load_prompts(DataConfig(task="arithmetic", task_kwargs={"num_train": 10, "num_test": 5}), tokenizer,
+                         split="train", seed=3)
+    held_out = load_prompts(DataConfig(task="arithmetic", task_kwargs={"num_train": 10, "num_test": 5}), tokenizer,
+                            split="eval", seed=3)
+    assert len(train) == 10 and len(held_out) == 5
+    assert not {p.text for p in train} & {p.text for p in held_out}
+    a, b = train[0].text[:-1].split("+")
+    assert int(a) + int(b) == int(train[0].answer)
+    with pytest.raises(DataError, match="data.task_kwargs"):
+        load_prompts(DataConfig(task="arithmetic", task_kwargs={"bogus": 1}), tokenizer)

@@ -1,0 +1,218 @@
+"""The `diffrl` command.
+
+    diffrl train RECIPE [key=value ...]            run on a local Ray cluster (127.0.0.1), started and stopped here
+    diffrl submit RECIPE [key=value ...] --address http://HEAD:8265 [--follow]   run as a Ray job on a cluster
+    diffrl resume RUN_DIR [key=value ...]          continue from the run's latest checkpoint, exactly
+    diffrl eval CKPT --data FILE [--k N] [--decoding static|dynamic]   accuracy of a checkpoint on a data file
+    diffrl status [RUNS_DIR]                       runs under runs/: state, step, last metrics
+
+Bad input (recipe, data, checkpoint, reward) ends with one line `diffrl: error: ...` naming the field or file and
+exit status 2; a failed run exits 1. Heavy modules (torch, Ray) are imported only by the command that needs them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+EXIT_BAD_INPUT = 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "bad input": reported as one line, no traceback."""
+    from launch.data import DataError
+    from launch.recipe import RecipeError
+    from launch.submit import SubmitError
+    from rl.checkpoint import CheckpointError
+    from rl.store import StoreError
+
+    errors: list[type[BaseException]] = [RecipeError, DataError, CheckpointError, StoreError, SubmitError]
+    from rollout.models.spec import ModelLoadError
+
+    errors.append(ModelLoadError)
+    try:
+        from rewards.result import RewardConfigError
+    except ImportError:  # the rewards package is optional for `status`
+        pass
+    else:
+        errors.append(RewardConfigError)
+    from launch.driver_setup import SetupError
+
+    errors.append(SetupError)
+    return tuple(errors)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def _unwrap(err: BaseException) -> BaseException:
+    """The user error inside a Ray task error (raised in an actor), else err itself."""
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, BaseException) else err
+
+
+# ------------------------------------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> int:
+    from launch.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)  # before importing torch/Ray: a bad recipe fails at once
+    from launch.driver import run_training
+
+    result = run_training(recipe, progress=not args.quiet, recipe_dir=Path(args.recipe).resolve().parent)
+    return 0 if result.ok else 1
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from launch.driver import run_training
+    from launch.recipe import load_recipe
+    from rl.checkpoint import load_checkpoint
+
+    run_dir = Path(args.run_dir)
+    ckpt = load_checkpoint(run_dir)
+    overrides = [f"output_dir={run_dir}", *args.overrides]
+    recipe = load_recipe(ckpt.path / "recipe.yaml", overrides)
+    result = run_training(recipe, resume=ckpt, progress=not args.quiet)
+    return 0 if result.ok else 1
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from launch.recipe import check_paths, load_recipe
+    from launch.submit import submit
+
+    recipe = load_recipe(args.recipe, args.overrides)  # fail here, not on the cluster
+    check_paths(recipe)
+    if not Path(recipe.output_dir).is_absolute():
+        print(f"note: output_dir {recipe.output_dir!r} is relative: the run's files stay in the job's working "
+              "directory on the head node; set output_dir=/shared/path to keep them", file=sys.stderr)
+    job_id, status = submit(args.recipe, args.overrides, address=args.address, follow=args.follow,
+                            wait=args.wait, timeout_s=args.timeout)
+    print(job_id)
+    return 1 if status in ("FAILED", "STOPPED") else 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """A seam over the evaluation harness (launch/evaluate.py): resolve CKPT, then hand over."""
+    from launch.evaluate import run_eval
+
+    policy_dir = policy_dir_of(Path(args.checkpoint))
+    temperature = args.temperature if args.temperature is not None else (0.0 if args.k == 1 else 1.0)
+    run_eval(str(policy_dir), args.data, out=args.out, n=args.k, k=args.k, decoding=args.decoding,
+             temperature=temperature, max_tokens=args.max_tokens, limit=args.limit, seed=args.seed,
+             chat_template=False if args.no_chat_template else None, prompt_field=args.prompt_field,
+             answer_field=args.answer_field, progress=not args.quiet)
+    return 0
+
+
+def policy_dir_of(path: Path) -> Path:
+    """A run dir (its latest checkpoint), a checkpoint dir, or an HF policy directory -> the policy directory."""
+    from rl.checkpoint import resolve_checkpoint
+
+    if (path / "config.json").is_file():
+        return path
+    return resolve_checkpoint(path) / "policy"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from launch.metrics import read_metrics, summary_line
+
+    root = Path(args.runs_dir)
+    runs = sorted(p for p in root.iterdir() if p.is_dir() and (p / "recipe.yaml").is_file()) if root.is_dir() else []
+    if not runs:
+        print(f"no runs under {root}")
+        return 0
+    for run in runs:
+        info = {}
+        if (run / "run.json").is_file():
+            info = json.loads((run / "run.json").read_text())
+        rows = read_metrics(run / "metrics.jsonl")
+        last = rows[-1] if rows else {}
+        latest = run / "checkpoints" / "latest"
+        ckpt = latest.read_text().strip() if latest.is_file() else "-"
+        state = info.get("status", "?")
+        age = time.time() - float(info.get("updated", 0) or 0)
+        if state == "running" and age > 3600:
+            state = "stale (no update for over an hour)"
+        total = info.get("total_steps", "?")
+        print(f"{run.name}: {state}; step {last.get('step', 0)}/{total}; checkpoint {ckpt}")
+        if last:
+            print("  " + summary_line(int(last.get("step", 0)), total, last))
+        if info.get("error"):
+            print(f"  error: {info['error']}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffrl", description="RL post-training of diffusion language models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a recipe on a local Ray cluster (127.0.0.1)")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. trainer.total_steps=10")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("submit", help="run a recipe as a Ray job on a cluster")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://head:8265")
+    p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+    p.add_argument("--wait", action="store_true", help="wait for the job to end (without streaming logs)")
+    p.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("resume", help="continue a run from its latest checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("overrides", nargs="*", help="e.g. trainer.total_steps=20 to train further")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint (or HF policy directory) on a data file")
+    p.add_argument("checkpoint", help="a run dir, a checkpoint dir or a policy directory")
+    p.add_argument("--data", required=True, help=".jsonl / .json / .parquet file (or a toy task name)")
+    p.add_argument("--k", type=int, default=1, help="samples per prompt (pass@k and mean accuracy)")
+    p.add_argument("--decoding", choices=("static", "dynamic"), default="static")
+    p.add_argument("--max-tokens", type=int, default=None, help="response budget (default: the harness default)")
+    p.add_argument("--temperature", type=float, default=None, help="default: 0 (greedy) for k=1, else 1.0")
+    p.add_argument("--prompt-field", default=None, help="default: prompt (or the data's own convention)")
+    p.add_argument("--answer-field", default=None, help="default: answer")
+    p.add_argument("--no-chat-template", action="store_true")
+    p.add_argument("--limit", type=int, default=None, help="first N rows only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder for per-sample results and summary.json")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("status", help="runs, their step and last metrics")
+    p.add_argument("runs_dir", nargs="?", default="runs")
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("diffrl: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - user errors become one line; anything else is re-raised
+        cause = _unwrap(err)
+        if isinstance(cause, _user_errors()):
+            print(f"diffrl: error: {_one_line(cause)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

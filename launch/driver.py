@@ -1,0 +1,395 @@
+"""The RL driver: a single controller that owns the step counter. One step, top to bottom (`Driver.train_step`):
+
+    1. weights v_k  -> rollout workers          (skipped when they already hold v_k)
+    2. prompt batch -> n samples each            (seeded per request: the same prompts and samples after a resume)
+    3. responses    -> RewardService             (score, reason, metrics per response)
+    4. rewards      -> group advantages          (filters drop groups; dropped samples do not reach the learner)
+    5. scored batch -> TrajectoryStore           (Parquet, on disk before the learner runs)
+    6. batch        -> learner                   (mu inner iterations over minibatches; a NaN loss skips the step)
+    7. metrics, checkpoint every N steps, evaluation every M steps
+
+Policy version k = the weights after step k (version 0: the initial policy). In sync mode step k generates with
+version k-1 (on-policy). In async mode a producer thread runs steps 2-4 ahead of the learner: it may start the
+batch of step k once the learner reached version k-1-max_staleness, so every trajectory is at most max_staleness
+versions old when trained on (its version travels with it; `rollout/staleness` is logged). The async core is one
+lock (the learner's weights never change while they are being streamed) and one bounded queue.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from launch.data import Prompt, PromptSampler
+from launch.driver_roles import RolloutPool, make_learner, make_reward_service, sampling_params
+from launch.driver_setup import (RunContext, create_placement_group, host, placement_plan, prepare_run,
+                                 write_run_status)
+from launch.local_ray import ray_session
+from launch.metrics import MetricsLogger, plot_curves, rewind_metrics, summary_line
+from rl.advantages import group_advantages, wd1_weights
+from rl.checkpoint import Checkpoint, capture_rng, restore_rng, save_checkpoint
+from rl.masking import sample_seed
+from rl.store import store_actor
+from rollout.sampling import GenerationRequest
+from rollout.trajectory import Trajectory
+
+log = logging.getLogger(__name__)
+
+# Test hook: make the advantages of this step NaN, so the learner's loss is NaN and the step must be skipped.
+FAULT_NAN_STEP_ENV = "DIFFRL_FAULT_NAN_STEP"
+
+
+@dataclass
+class RunResult:
+    ok: bool
+    steps: int
+    run_dir: Path
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class Batch:
+    """One scored rollout batch on its way to the learner."""
+
+    version: int  # policy version that generated it
+    data_position: int  # prompt-stream position after its prompts (the data cursor once it is trained on)
+    prompts: list[Prompt]
+    trajectories: list[Trajectory]
+    metrics: dict
+
+
+def run_training(recipe, *, resume: Checkpoint | None = None, progress: bool = True,
+                 recipe_dir: Path | None = None) -> RunResult:
+    """Prepare the run (fails early on bad input), start or join Ray, train, record the outcome in run.json."""
+    ctx = prepare_run(recipe, resume=resume, recipe_dir=recipe_dir)
+    write_run_status(ctx.run_dir, status="running", pid=os.getpid(), host=host(), name=ctx.recipe.name,
+                     total_steps=ctx.recipe.trainer.total_steps, error=None)
+    try:
+        with ray_session(ctx.recipe.ray):
+            driver = Driver(ctx, resume=resume, progress=progress)
+            try:
+                result = driver.fit()
+            finally:
+                driver.close()
+    except BaseException as err:
+        write_run_status(ctx.run_dir, status="failed", error=" ".join(f"{type(err).__name__}: {err}".split())[:500])
+        raise
+    write_run_status(ctx.run_dir, status="finished", step=result.steps)
+    return result
+
+
+class Driver:
+    def __init__(self, ctx: RunContext, *, resume: Checkpoint | None = None, progress: bool = True):
+        import ray
+
+        self.ctx, self.recipe, self.progress = ctx, ctx.recipe, progress
+        r = self.recipe
+        plan = placement_plan(r)
+        self.group = create_placement_group(plan)
+        self.rollout = RolloutPool(r, ctx.init_policy_dir, self.group, plan)
+        self.learner = make_learner(r, ctx.init_policy_dir, ctx.base_policy_dir, self.group, plan)
+        cpus_free = ray.cluster_resources().get("CPU", 0) - sum(b.get("CPU", 0) for b in plan.bundles)
+        self.rewards = make_reward_service(ctx.reward_specs, ctx.recipe_dir, cpus_free)
+        self.store = store_actor(ctx.store_dir)
+        self.sampler = PromptSampler(len(ctx.prompts), seed=r.seed, shuffle=r.data.shuffle)
+        self.sampling = sampling_params(r)
+        self.step = 0  # steps completed == policy version of the learner's weights
+        self.counters = {"nan_skipped_steps": 0, "empty_steps": 0}
+        self._last_saved = 0
+        self.sampler_position = 0  # data cursor of the last batch trained on
+        if resume is not None:
+            self._restore(resume)
+        self.metrics = MetricsLogger(ctx.run_dir, backends=r.trainer.log, run_name=r.name, config=r.to_dict())
+        self._nan_step = int(os.environ.get(FAULT_NAN_STEP_ENV, "0") or 0)
+
+    # ============================================================================================ one RL step
+    def train_step(self, step: int) -> dict:
+        """Synchronous (on-policy) step: every stage in order."""
+        timings: dict[str, float] = {}
+        with _timed(timings, "sync"):
+            if self.rollout.version != self.step:  # 1. weights v_k to the rollout workers
+                self.rollout.sync(self.learner, self.step)
+        batch = self.make_batch(timings)  # 2-4. generate, score, advantages
+        return self.learn(step, batch, timings)  # 5-7. store, learner, metrics
+
+    def make_batch(self, timings: dict[str, float]) -> Batch:
+        """Steps 2-4: the next prompts, n samples each with the rollout's current weights, scored, advantages."""
+        r, n = self.recipe, self.recipe.rollout.samples_per_prompt
+        version, start = self.rollout.version, self.sampler.position
+        prompts = [self.ctx.prompts[i] for i in self.sampler.take(r.data.num_prompts_per_step)]
+        # 2. Each request has its own seed from (run seed, position in the prompt stream, sample): data order and
+        #    samples are a function of the stream position alone, whatever the step, worker or batch layout.
+        requests = [GenerationRequest(list(p.prompt_ids), self.sampling,
+                                      seed=sample_seed(r.seed, f"{start + k}:{j}", stream="rollout"),
+                                      request_id=f"d{start + k}-p{p.index}-s{j}")
+                    for k, p in enumerate(prompts) for j in range(n)]
+        with _timed(timings, "rollout"):
+            trajectories = self.rollout.generate(requests)
+        # 3. Score every response against its prompt's answer (failed generations get no reward call).
+        with _timed(timings, "reward"):
+            metrics = self.score(prompts, trajectories)
+        # 4. Group-relative advantages; filtered groups and failed generations are marked keep=False.
+        metrics.update(self.advantages(trajectories, n))
+        metrics.update(self.rollout.metrics())
+        return Batch(version, self.sampler.position, prompts, trajectories, metrics)
+
+    def learn(self, step: int, batch: Batch, timings: dict[str, float]) -> dict:
+        """Steps 5-7: persist, update the learner, log, checkpoint, evaluate."""
+        import ray
+
+        step_start = time.perf_counter() - sum(timings.values())
+        # 5. On disk before the learner runs: a crash from here on loses nothing that was scored.
+        ray.get(self.store.add.remote(step, batch.trajectories))
+        # 6. The learner trains on the kept samples; the weights after it are version `step`.
+        kept = [t for t in batch.trajectories if t.extra["keep"]]
+        if step == self._nan_step:
+            for t in kept:
+                t.extra["advantage"] = float("nan")
+        learner_metrics: dict[str, float] = {}
+        with _timed(timings, "learner"):
+            if kept:
+                learner_metrics = self.learner.update(kept)
+        if not kept:
+            self.counters["empty_steps"] += 1
+        elif learner_metrics.get("optimizer_steps", 1) == 0 and learner_metrics.get("nan_skipped", 0) > 0:
+            self.counters["nan_skipped_steps"] += 1  # every optimizer step skipped: the weights did not change
+            log.warning("step %d: non-finite loss, update skipped (last good weights kept)", step)
+        self.step = step
+        self.sampler_position = batch.data_position
+        # 7. Metrics, checkpoint, evaluation.
+        metrics = dict(batch.metrics)
+        metrics.update({f"learner/{k}": v for k, v in learner_metrics.items()})
+        metrics.update({f"time/{k}_s": v for k, v in timings.items()})
+        metrics.update({"version": step, "rollout/version": batch.version, "rollout/staleness": step - 1 - batch.version,
+                        "learner/skipped": int(bool(kept) and learner_metrics.get("optimizer_steps", 1) == 0),
+                        "learner/samples": len(kept), "data/epoch": batch.data_position // len(self.ctx.prompts),
+                        "rollout/restarts": self.rollout.restarts,
+                        **{f"counters/{k}": v for k, v in self.counters.items()}})
+        if self.recipe.trainer.eval_every and step % self.recipe.trainer.eval_every == 0:
+            metrics.update(self.evaluate())
+        if self._checkpoint_due(step):
+            with _timed(timings, "checkpoint"):
+                self.save(step, batch.data_position)
+            metrics["time/checkpoint_s"] = timings["checkpoint"]
+        metrics["time/step_s"] = time.perf_counter() - step_start
+        self.metrics.log(step, metrics)
+        return metrics
+
+    # ================================================================================================ stages
+    def score(self, prompts: list[Prompt], trajectories: list[Trajectory]) -> dict:
+        n = self.recipe.rollout.samples_per_prompt
+        tok = self.ctx.tokenizer
+        items, scored = [], []
+        for i, traj in enumerate(trajectories):
+            prompt = prompts[i // n]
+            text = tok.decode(traj.response_ids[:traj.valid_length].tolist(), skip_special_tokens=True)
+            traj.extra.update(prompt_index=prompt.index, sample_index=i % n, response_text=text)
+            if traj.finish_reason.startswith("error"):
+                traj.extra.update(reward=0.0, reason=traj.finish_reason, reward_metrics={})
+                continue
+            items.append({"prompt": prompt.text, "response": text, "reference": prompt.answer,
+                          "response_len": traj.valid_length})
+            scored.append(traj)
+        for traj, result in zip(scored, self.rewards.score(items) if items else []):
+            traj.extra.update(reward=float(result["score"]), reason=result["reason"], reward_metrics=result["metrics"])
+        rewards = torch.tensor([t.extra["reward"] for t in trajectories], dtype=torch.float64)
+        reasons: dict[str, int] = {}
+        for t in trajectories:
+            category = t.extra["reason"].split(":", 1)[0]
+            reasons[category] = reasons.get(category, 0) + 1
+        lengths = torch.tensor([float(t.valid_length) for t in trajectories])
+        return {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std(unbiased=False)),
+                "reward/accuracy": reasons.get("correct", 0) / len(trajectories),
+                "rollout/response_len": float(lengths.mean()), "rollout/errors": len(trajectories) - len(scored),
+                **{f"reward/reason/{k}": v for k, v in sorted(reasons.items())}}
+
+    def advantages(self, trajectories: list[Trajectory], n: int) -> dict:
+        alg = self.recipe.algorithm
+        usable = [i for i, t in enumerate(trajectories)
+                  if not t.finish_reason.startswith("error") and t.response_length > 0]
+        for t in trajectories:
+            t.extra.update(advantage=0.0, keep=False)
+        if not usable:
+            return {"adv/frac_samples_kept": 0.0}
+        rewards = torch.tensor([trajectories[i].extra["reward"] for i in usable], dtype=torch.float32)
+        groups = torch.tensor([i // n for i in usable])
+        correct = torch.tensor([trajectories[i].extra["reason"] == "correct" for i in usable])
+        flt = alg.filter
+        result = group_advantages(rewards, group_ids=groups, norm=alg.advantage, correct=correct,
+                                  drop_zero_variance=flt.drop_zero_variance, accuracy_lo=flt.accuracy_lo,
+                                  accuracy_hi=flt.accuracy_hi)
+        adv = result.advantages
+        if alg.name == "wd1":  # wd1 trains on signed softmax weights of the advantages (rl.advantages)
+            adv = torch.where(result.keep, wd1_weights(adv, result.group_ids), torch.zeros_like(adv))
+        for pos, i in enumerate(usable):
+            trajectories[i].extra.update(advantage=float(adv[pos]), keep=bool(result.keep[pos]))
+        return {f"adv/{k}": float(v) for k, v in result.metrics.items()}
+
+    def evaluate(self) -> dict:
+        """Greedy decoding of the held-out prompts with the current weights; accuracy and mean reward."""
+        prompts = self.ctx.eval_prompts
+        if self.recipe.trainer.mode == "sync" and self.rollout.version != self.step:
+            self.rollout.sync(self.learner, self.step)
+        greedy = sampling_params(self.recipe, greedy=True)
+        requests = [GenerationRequest(list(p.prompt_ids), greedy, seed=0, request_id=f"eval-p{p.index}")
+                    for p in prompts]
+        trajectories = self.rollout.generate(requests)
+        tok = self.ctx.tokenizer
+        items = [{"prompt": p.text, "response": tok.decode(t.response_ids[:t.valid_length].tolist(),
+                                                           skip_special_tokens=True),
+                  "reference": p.answer, "response_len": t.valid_length} for p, t in zip(prompts, trajectories)]
+        results = self.rewards.score(items)
+        correct = sum(r["reason"] == "correct" for r in results)
+        return {"eval/accuracy": correct / len(results), "eval/reward": sum(r["score"] for r in results) / len(results),
+                "eval/version": self.rollout.version, "eval/num_prompts": len(results)}
+
+    # ========================================================================================= the two loops
+    def fit(self) -> RunResult:
+        r = self.recipe
+        total = r.trainer.total_steps
+        bar = _bar(total, self.step, self.progress)
+        last: dict = {}
+        try:
+            if r.trainer.mode == "sync":
+                while self.step < total:
+                    last = self.train_step(self.step + 1)
+                    _report(bar, summary_line(self.step, total, last))
+            else:
+                last = self._fit_async(total, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        if self._last_saved != self.step:
+            self.save(self.step, self.sampler_position)
+        plot_curves(self.ctx.run_dir / "metrics.jsonl", self.ctx.run_dir / "curves.png")
+        return RunResult(True, self.step, self.ctx.run_dir, last)
+
+    def _fit_async(self, total: int, bar) -> dict:
+        """Producer thread: sync (under the lock) + steps 2-4; this thread: steps 5-7 (under the lock)."""
+        lock, stop = threading.Lock(), threading.Event()
+        staleness = self.recipe.trainer.max_staleness
+        ready: queue.Queue = queue.Queue(maxsize=staleness + 1)
+        first, failure = self.step + 1, []
+
+        def produce() -> None:
+            try:
+                for step in range(first, total + 1):
+                    while self.step < step - 1 - staleness:  # at most `staleness` versions ahead of the learner
+                        if stop.wait(0.05):
+                            return
+                    timings: dict[str, float] = {}
+                    with lock, _timed(timings, "sync"):
+                        if self.rollout.version != self.step:
+                            self.rollout.sync(self.learner, self.step)
+                    batch = self.make_batch(timings)
+                    while not stop.is_set():
+                        try:
+                            ready.put((batch, timings), timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+            except BaseException as err:  # the consumer re-raises it
+                failure.append(err)
+                ready.put(None)
+
+        producer = threading.Thread(target=produce, name="rollout-producer", daemon=True)
+        producer.start()
+        last: dict = {}
+        try:
+            while self.step < total:
+                item = ready.get()
+                if item is None:
+                    raise failure[0]
+                batch, timings = item
+                with lock:
+                    last = self.learn(self.step + 1, batch, timings)
+                _report(bar, summary_line(self.step, total, last))
+        finally:
+            stop.set()
+            producer.join(timeout=600)
+        return last
+
+    # ============================================================================================ checkpoints
+    def _checkpoint_due(self, step: int) -> bool:
+        every = self.recipe.trainer.checkpoint_every
+        return step == self.recipe.trainer.total_steps or (every > 0 and step % every == 0)
+
+    def save(self, step: int, data_position: int) -> Path:
+        import ray
+
+        data = {**self.sampler.state_dict(), "position": data_position}
+        state = {"version": step, "data": data, "store": ray.get(self.store.state_dict.remote()),
+                 "counters": dict(self.counters)}
+        path = save_checkpoint(
+            self.ctx.checkpoints, step, writers={"policy": lambda d: self.learner.save_policy(str(d))}, state=state,
+            rng=capture_rng(), recipe_yaml=self.recipe.to_yaml(), learner_state=self.learner.state_dict(),
+            keep_last=self.recipe.trainer.keep_last)
+        self._last_saved = step
+        write_run_status(self.ctx.run_dir, step=step, checkpoint=path.name)
+        return path
+
+    def _restore(self, ckpt: Checkpoint) -> None:
+        """Continue exactly: learner (optimizer, schedule, counters), data cursor, store cursor, RNG states. The
+        rollout workers were built from the checkpoint's policy; they are re-synced before the first generation."""
+        import ray
+
+        from rl.checkpoint import CheckpointError
+
+        state = ckpt.learner_state()
+        if state is None:
+            raise CheckpointError(f"{ckpt.path / 'learner.pt'}: missing (corrupt checkpoint)")
+        self.learner.load_state_dict(state)
+        self.sampler.load_state_dict(ckpt.state["data"])
+        ray.get(self.store.load_state_dict.remote(ckpt.state["store"]))
+        restore_rng(ckpt.rng, {})
+        self.step = self._last_saved = ckpt.step
+        self.sampler_position = self.sampler.position
+        self.counters.update(ckpt.state.get("counters", {}))
+        self.rollout.version = -1  # force the sync of version `step` before the first generation
+        moved = rewind_metrics(self.ctx.run_dir, ckpt.step)
+        log.info("resumed from %s (step %d; %d later metric rows moved aside)", ckpt.path, ckpt.step, moved)
+
+    def close(self) -> None:
+        """Stop every actor this driver started (a joined cluster keeps running)."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        self.metrics.close()
+        self.rewards.shutdown()
+        self.learner.shutdown()
+        self.rollout.shutdown()
+        ray.kill(self.store)
+        remove_placement_group(self.group)
+
+
+# ======================================================================================================= helpers
+@contextmanager
+def _timed(timings: dict[str, float], key: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+
+
+def _bar(total: int, done: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc="steps", unit="step", dynamic_ncols=True)
+
+
+def _report(bar, line: str) -> None:
+    if bar is not None:
+        bar.update(1)
+        bar.write(line)
+    else:
+        print(line, flush=True)

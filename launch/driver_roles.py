@@ -1,0 +1,261 @@
+"""The driver's view of its actors: how each role is built from the recipe, and the rollout pool that survives a
+worker dying mid-step.
+
+    pool = RolloutPool(recipe, policy_dir, group, plan)    # N RolloutWorker actors, restarted by Ray when they die
+    pool.sync(learner, version)                             # learner -> workers, bucket by bucket
+    trajectories = pool.generate(requests)                  # sharded; a dead worker is waited for, re-synced, retried
+    learner = make_learner(recipe, policy_dir, init_dir, group, plan)   # rl.learner_worker.LearnerGroup
+    rewards = make_reward_service(recipe, specs, base_dir, group_cpus)
+
+Recipe -> component configs (SamplingParams, engine options, rl.learner.LearnerConfig) are mapped here, once.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from typing import Any, Sequence
+
+import torch
+
+from launch.data import shard
+from launch.driver_setup import PlacementPlan, SetupError
+from launch.recipe import Recipe
+from rollout.sampling import GenerationRequest, SamplingParams
+from rollout.trajectory import Trajectory
+
+log = logging.getLogger(__name__)
+
+ROLLOUT_MAX_RESTARTS = 3  # Ray restarts a dead rollout worker this many times per run
+SYNC_BUCKET_BYTES = 64 * 1024 * 1024
+_CACHE = {"none": "none", "prefix": "prefix", "dual": "dual", "kv": "block"}
+
+
+# ------------------------------------------------------------------------------------------- recipe mappings
+def decode_block(recipe: Recipe) -> int:
+    """Tokens per decoding block (rollout.block_size is filled from the model during validation)."""
+    return recipe.rollout.block_size or recipe.model.block_size or recipe.rollout.max_tokens
+
+
+def sampling_params(recipe: Recipe, *, greedy: bool = False) -> SamplingParams:
+    ro = recipe.rollout
+    block = decode_block(recipe)
+    steps_per_block = ro.steps_per_block
+    if ro.steps is not None:
+        steps_per_block = ro.steps // max(1, ro.max_tokens // block)
+    extra: dict[str, Any] = {}
+    if ro.remasking == "low_confidence_dynamic":
+        extra["threshold"] = ro.threshold
+    elif ro.remasking == "entropy_bounded":
+        extra["entropy_bound"] = ro.threshold
+    return SamplingParams(
+        temperature=0.0 if greedy else ro.temperature, top_k=ro.top_k or 0, top_p=ro.top_p,
+        max_tokens=ro.max_tokens, remasking=ro.remasking, steps_per_block=steps_per_block,
+        min_tokens_per_step=ro.min_tokens_per_step, schedule="ass" if ro.ass else "uniform",
+        eoser_gamma_min=ro.eoser.gamma_min if ro.eoser is not None else None, **extra)
+
+
+def _dtype(recipe: Recipe) -> torch.dtype:
+    return getattr(torch, recipe.model.dtype)
+
+
+def engine_options(recipe: Recipe) -> dict[str, Any]:
+    return {"engine": recipe.rollout.engine, "kv_cache": _CACHE[recipe.rollout.cache],
+            "max_batch_size": recipe.rollout.batch_size, "kind": recipe.model.declared_kind,
+            "block_size": decode_block(recipe), "dtype": _dtype(recipe),
+            "trust_remote_code": recipe.model.trust_remote_code}
+
+
+def learner_config(recipe: Recipe):
+    from rl.learner import LearnerConfig, ValueConfig
+    from rl.optim import OptimConfig
+
+    alg, ln = recipe.algorithm, recipe.learner
+    optim = OptimConfig(lr=ln.lr, betas=tuple(ln.betas), weight_decay=ln.weight_decay, warmup_steps=ln.warmup_steps,
+                        schedule=ln.schedule,
+                        total_steps=recipe.trainer.total_steps * ln.mu if ln.schedule != "constant" else None)
+    vm = getattr(alg, "value_model", None)
+    value = None if vm is None else ValueConfig(lr=vm.lr, clip=vm.clip, gamma=vm.gamma, lam=vm.lam, trunk="separate")
+    reseed = getattr(recipe.estimator, "reseed_per_update", None)
+    return LearnerConfig(
+        algorithm=alg.name, loss=alg.loss_params(), estimator=recipe.estimator.name,
+        estimator_params=recipe.estimator.params(), reseed_per_inner=reseed, temperature=recipe.rollout.temperature or 1.0,
+        optim=optim, grad_clip=ln.grad_clip or None, micro_batch_size=ln.micro_batch_size, grad_accum=ln.grad_accum,
+        mu=ln.mu, reference_model=ln.reference_model, bf16=ln.bf16,
+        activation_checkpointing=recipe.model.gradient_checkpointing or ln.activation_checkpointing,
+        value=value, backend=ln.backend, zero_stage=ln.zero_stage or 2, seed=recipe.seed)
+
+
+def load_learner_policy(path: str, kind: str | None, block_size: int | None, dtype: str, trust_remote_code: bool,
+                        lora: dict | None, device: str | None = None):
+    """Module-level (picklable) policy factory run inside each learner actor."""
+    from rollout.models.loading import load_policy
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    policy = load_policy(path, kind=kind, block_size=block_size, dtype=getattr(torch, dtype), device=device,
+                         trust_remote_code=trust_remote_code)
+    if lora is not None:
+        from rollout.models.lora import apply_lora
+
+        policy = apply_lora(policy, r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
+                            target_modules=lora["target_modules"])
+    return policy
+
+
+def _policy_fn(recipe: Recipe, path) -> partial:
+    lora = recipe.model.lora.model_dump() if recipe.model.lora is not None else None
+    return partial(load_learner_policy, str(path), recipe.model.declared_kind, decode_block(recipe),
+                   recipe.model.dtype, recipe.model.trust_remote_code, lora)
+
+
+def _strategy(group, bundle: int):
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=bundle)
+
+
+# --------------------------------------------------------------------------------------------------- learner
+def make_learner(recipe: Recipe, policy_dir, init_dir, group, plan: PlacementPlan):
+    """The learner group on its bundles. The KL reference (when the loss needs one) is the run's initial policy,
+    also after a resume; a value model starts from algorithm.value_model.path or a copy of the policy."""
+    from rl.learner_worker import LearnerGroup
+
+    config = learner_config(recipe)
+    ref_fn = _policy_fn(recipe, init_dir) if config.reference_model else None
+    vm = getattr(recipe.algorithm, "value_model", None)
+    value_fn = _policy_fn(recipe, vm.path) if vm is not None and vm.path else None
+    res = plan.learner_resources
+    options = [{"scheduling_strategy": _strategy(group, b)} for b in plan.learner_bundles]
+    return LearnerGroup(_policy_fn(recipe, policy_dir), config, num_workers=len(plan.learner_bundles),
+                        ref_fn=ref_fn, value_fn=value_fn, num_cpus_per_worker=res["num_cpus"],
+                        num_gpus_per_worker=res["num_gpus"], actor_options=options)
+
+
+# ---------------------------------------------------------------------------------------------------- rewards
+def make_reward_service(specs: list[dict], base_dir, cpus_free: float):
+    """Reward workers outside the placement group: one CPU each when the cluster has CPUs left, else a zero-CPU
+    worker (the tiny CPU setup, where the group holds every core)."""
+    from rewards.service import RewardService
+
+    workers = int(min(2, cpus_free)) if cpus_free >= 1 else 1
+    return RewardService(specs, num_workers=workers, num_cpus_per_worker=1.0 if cpus_free >= 1 else 0.0,
+                         base_dir=base_dir)
+
+
+# ------------------------------------------------------------------------------------------------ rollout pool
+class RolloutPool:
+    """RolloutWorker actors; `version` is what every live worker holds. A worker that dies is restarted by Ray
+    (max_restarts) from the initial weights: the pool re-syncs it to the current version before retrying."""
+
+    def __init__(self, recipe: Recipe, policy_dir, group, plan: PlacementPlan):
+        import ray
+
+        from rollout.worker import RolloutWorker
+
+        res = plan.rollout_resources
+        actor = ray.remote(RolloutWorker)
+        options = engine_options(recipe)
+        self.workers = [
+            actor.options(num_cpus=res["num_cpus"], num_gpus=res["num_gpus"], max_restarts=ROLLOUT_MAX_RESTARTS,
+                          max_task_retries=0, scheduling_strategy=_strategy(group, b)).remote(str(policy_dir), **options)
+            for b in plan.rollout_bundles
+        ]
+        ray.get([w.ready.remote() for w in self.workers])
+        self.version = 0  # weights the workers were built with: the initial policy (or the resumed checkpoint's)
+        self._learner = None
+        self.restarts = 0
+
+    def sync(self, learner, version: int) -> float:
+        """Send the learner's weights (version `version`) to every worker; returns seconds spent."""
+        self._learner = learner
+        start = time.perf_counter()
+        self._send(learner, version, list(range(len(self.workers))))
+        self.version = version
+        return time.perf_counter() - start
+
+    def _send(self, learner, version: int, indices: list[int]) -> None:
+        import ray
+
+        calls = []
+        for ref in learner.weight_chunks(SYNC_BUCKET_BYTES, version=version, lora_delta=False, split_large=False):
+            calls += [self.workers[i].update_weights.remote(_Entries(ref), version, final=False) for i in indices]
+        got = ray.get([self.workers[i].update_weights.remote({}, version, final=True) for i in indices] + calls)
+        bad = [v for v in got[:len(indices)] if v != version]
+        if bad:
+            raise RuntimeError(f"weight sync: a rollout worker reports version {bad[0]} after syncing {version}")
+
+    def generate(self, requests: Sequence[GenerationRequest], max_attempts: int = ROLLOUT_MAX_RESTARTS + 1
+                 ) -> list[Trajectory]:
+        """Requests split evenly over the workers, results in request order."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        shards = shard(list(requests), len(self.workers))
+        pending = {i: self.workers[i].generate.remote(s) for i, s in enumerate(shards) if s}
+        results: dict[int, list[Trajectory]] = {}
+        attempts = dict.fromkeys(pending, 1)
+        while pending:
+            i, ref = next(iter(pending.items()))
+            try:
+                results[i] = ray.get(ref)
+                del pending[i]
+            except RayActorError as err:
+                if attempts[i] >= max_attempts:
+                    raise RuntimeError(f"rollout worker {i} died {attempts[i]} times in one step: "
+                                       f"{' '.join(str(err).split())[:200]}") from None
+                log.warning("rollout worker %d died (%s); waiting for Ray to restart it", i, type(err).__name__)
+                self.restarts += 1
+                self._revive(i)
+                attempts[i] += 1
+                pending[i] = self.workers[i].generate.remote(shards[i])
+        return [t for i in range(len(shards)) for t in results.get(i, [])]
+
+    def _revive(self, i: int, timeout_s: float = 300.0) -> None:
+        import ray
+        from ray.exceptions import RayActorError
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                ray.get(self.workers[i].ready.remote(), timeout=30)
+                break
+            except (RayActorError, ray.exceptions.GetTimeoutError):
+                if time.monotonic() > deadline:
+                    raise SetupError(f"rollout worker {i}: not back {timeout_s:.0f}s after dying") from None
+                time.sleep(0.5)
+        if self.version > 0 and self._learner is not None:  # it came back with the initial weights
+            self._send(self._learner, self.version, [i])
+
+    def metrics(self) -> dict[str, float]:
+        import ray
+
+        per_worker = ray.get([w.metrics.remote() for w in self.workers])
+        out: dict[str, float] = {}
+        for m in per_worker:
+            for key, value in m.items():
+                out[key] = out.get(key, 0.0) + float(value)
+        for key in ("rollout/tokens_per_forward", "rollout/nfe_mean"):
+            if key in out:
+                out[key] /= len(per_worker)
+        return out
+
+    def shutdown(self) -> None:
+        import ray
+
+        for w in self.workers:
+            ray.kill(w, no_restart=True)
+        self.workers = []
+
+
+class _Entries:
+    """A chunk ObjectRef passed inside a wrapper so Ray does not resolve it on the way in: the worker resolves it
+    itself (ray.get), so one object is shared by every worker instead of being copied into each call."""
+
+    def __init__(self, ref):
+        self.ref = ref
+
+    def __iter__(self):
+        import ray
+
+        version, entries = ray.get(self.ref)
+        return iter(entries)

@@ -1,0 +1,230 @@
+"""Everything the driver does once before step 1: the run directory, the initial policy, data, reward checks,
+and where each actor runs. Kept apart so that launch/driver.py reads as the RL step and nothing else.
+
+    ctx = prepare_run(recipe, resume=ckpt_or_None)   # fails early, one line per problem, nothing overwritten
+    plan = placement_plan(ctx.recipe)                 # bundles and which role sits in which bundle
+
+Run directory (recipe.output_dir, default runs/NAME):
+    recipe.yaml        the validated recipe with its paths made absolute (what `diffrl resume` reads)
+    run.json           state (running / finished / failed), step, pid, times, last error
+    model_init/        the tiny random model built offline (model.tiny), seeded by the recipe
+    metrics.jsonl  tensorboard/  curves.png
+    store/             scored trajectories, one Parquet file per step
+    checkpoints/       step_N/ ... and `latest`
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from launch.data import Prompt, load_prompts
+from launch.recipe import Recipe, RecipeError, check_paths, recipe_from_dict, resolve_kind, save_recipe
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SetupError", "RunContext", "prepare_run", "placement_plan", "PlacementPlan", "write_run_status",
+           "absolute_recipe"]
+
+
+class SetupError(ValueError):
+    """A run that cannot start (its directory, model or reward); one line naming the field or file."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+@dataclass
+class RunContext:
+    recipe: Recipe
+    run_dir: Path
+    init_policy_dir: Path  # weights of version 0 (or of the checkpoint being resumed)
+    tokenizer: Any
+    prompts: list[Prompt]
+    eval_prompts: list[Prompt]
+    base_policy_dir: Path  # the run's initial policy (the KL reference, also after a resume)
+    recipe_dir: Path | None = None  # folder of the recipe file (file-path rewards resolve against it)
+    reward_specs: list[dict] = field(default_factory=list)  # plain specs every RewardService actor resolves
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.run_dir / "store"
+
+
+# ------------------------------------------------------------------------------------------------ recipe paths
+def _absolute(value: str | None, bases: list[Path]) -> str | None:
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    for base in bases:
+        if (base / path).exists():
+            return str((base / path).resolve())
+    return str((bases[0] / path).resolve())
+
+
+def absolute_recipe(recipe: Recipe, recipe_dir: Path | None = None) -> Recipe:
+    """The recipe with every local path absolute (model, data, value model, reward files, output_dir), so the saved
+    copy means the same thing from any directory. Relative paths are taken from the working directory, reward
+    files also from the recipe's folder (rewards/ resolves them there)."""
+    cwd = Path.cwd()
+    data = recipe.to_dict()
+    data["model"]["path"] = _absolute(data["model"]["path"], [cwd])
+    data["data"]["train"] = _absolute(data["data"]["train"], [cwd])
+    data["data"]["eval"] = _absolute(data["data"]["eval"], [cwd])
+    data["output_dir"] = _absolute(data["output_dir"], [cwd])
+    value_model = data["algorithm"].get("value_model")
+    if value_model and value_model.get("path"):
+        value_model["path"] = _absolute(value_model["path"], [cwd])
+    for spec in data["reward"]:
+        where, sep, func = spec["fn"].rpartition(":")
+        if sep and where.endswith(".py"):
+            spec["fn"] = f"{_absolute(where, [cwd] + ([recipe_dir] if recipe_dir else []))}:{func}"
+    return recipe_from_dict(data, source=f"recipe {recipe.name!r}")
+
+
+# --------------------------------------------------------------------------------------------------- run.json
+def write_run_status(run_dir: Path, **fields: Any) -> None:
+    """Merge fields into run.json (atomic replace)."""
+    path = run_dir / "run.json"
+    current = json.loads(path.read_text()) if path.is_file() else {}
+    current.update(fields, updated=time.time())
+    tmp = path.with_name(f".run.json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------ preparation
+def _initial_model(recipe: Recipe, run_dir: Path) -> Path:
+    if recipe.model.tiny is None:
+        return Path(recipe.model.path)
+    from rollout.models.tiny import make_tiny_policy
+
+    target = run_dir / "model_init"
+    if not (target / "config.json").is_file():
+        tmp = run_dir / f".model_init.{os.getpid()}.tmp"
+        make_tiny_policy(recipe.model.tiny, tmp, vocab=recipe.model.tiny_vocab or "small", seed=recipe.seed,
+                         block_size=recipe.model.block_size)
+        os.replace(tmp, target)
+    return target
+
+
+def _resolved_kind(recipe: Recipe, model_dir: Path) -> Recipe:
+    """Fill model.kind (and the block size) from the checkpoint's config when the recipe says `auto`."""
+    from rollout.models.loading import SIDECAR, detect_kind, read_json
+    from rollout.models.spec import ModelLoadError, default_spec_fields
+
+    try:
+        config = read_json(model_dir / "config.json", "config.json")
+        sidecar = read_json(model_dir / SIDECAR, SIDECAR) if (model_dir / SIDECAR).exists() else {}
+        kind = detect_kind(config, sidecar, recipe.model.kind, model_dir)
+    except ModelLoadError as err:
+        raise SetupError(f"model.path: {err}") from None
+    block = sidecar.get("block_size", config.get("block_size", default_spec_fields(kind)["block_size"]))
+    return resolve_kind(recipe, kind, int(block) if block else None)
+
+
+def _check_run_dir(run_dir: Path, resuming: bool) -> None:
+    if resuming:
+        return
+    taken = [name for name in ("checkpoints", "store", "metrics.jsonl") if (run_dir / name).exists()]
+    if taken:
+        raise SetupError(f"output_dir: {run_dir} already holds a run ({taken[0]}); continue it with "
+                         f"`diffrl resume {run_dir}` or pick another name/output_dir")
+
+
+def prepare_run(recipe: Recipe, *, resume=None, recipe_dir: Path | None = None) -> RunContext:
+    """Validate everything that can be checked before Ray starts; build the tiny model; load the data."""
+    recipe = absolute_recipe(recipe, recipe_dir)
+    check_paths(recipe)
+    run_dir = Path(recipe.output_dir)
+    _check_run_dir(run_dir, resume is not None)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    init_dir = _initial_model(recipe, run_dir)
+    recipe = _resolved_kind(recipe, init_dir)
+    policy_dir = resume.policy_dir if resume is not None else init_dir
+    tokenizer = _tokenizer(policy_dir)
+    prompts = load_prompts(recipe.data, tokenizer, split="train", seed=recipe.seed)
+    eval_prompts: list[Prompt] = []
+    if recipe.trainer.eval_every:
+        eval_prompts = load_prompts(recipe.data, tokenizer, split="eval", seed=recipe.seed)
+    specs = _check_rewards(recipe, prompts[0], recipe_dir)
+    if resume is None:
+        save_recipe(recipe, run_dir / "recipe.yaml")
+    return RunContext(recipe, run_dir, policy_dir, tokenizer, prompts, eval_prompts, init_dir, recipe_dir, specs)
+
+
+def _tokenizer(policy_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(policy_dir))
+    except (OSError, ValueError) as err:
+        raise SetupError(f"model.path: {policy_dir}: tokenizer failed to load ({type(err).__name__}: "
+                         f"{' '.join(str(err).split())[:200]})") from None
+
+
+def _check_rewards(recipe: Recipe, sample: Prompt, recipe_dir: Path | None) -> list[dict]:
+    """Resolve every reward and call it once on a real row: a typo fails here, not after the first rollout."""
+    from rewards.specs import validate_reward_specs
+
+    specs = [{"fn": s.fn, "weight": s.weight, "kwargs": dict(s.kwargs)} for s in recipe.reward]
+    validate_reward_specs(specs, {"prompt": sample.text, "reference": sample.answer}, base_dir=recipe_dir)
+    return specs
+
+
+# ------------------------------------------------------------------------------------------------- placement
+@dataclass(frozen=True)
+class PlacementPlan:
+    """One placement group; bundle index per actor. Colocated: rollout worker i and learner i share bundle i
+    (each takes half of its CPU/GPU); split: rollout bundles first, then learner bundles."""
+
+    bundles: list[dict[str, float]]
+    rollout_bundles: list[int]
+    learner_bundles: list[int]
+    rollout_resources: dict[str, float]  # num_cpus / num_gpus of one rollout worker
+    learner_resources: dict[str, float]
+    strategy: str = "PACK"
+
+
+def placement_plan(recipe: Recipe) -> PlacementPlan:
+    res = recipe.resources
+    n_roll, n_learn = res.rollout_workers, res.learner_workers
+    cpu, gpu = float(res.cpus_per_worker), float(res.gpus_per_worker)
+    bundle = {"CPU": cpu, **({"GPU": gpu} if gpu else {})}
+    if res.placement == "colocated":
+        n = max(n_roll, n_learn)
+        share = {"num_cpus": cpu / 2, "num_gpus": gpu / 2}
+        return PlacementPlan([dict(bundle) for _ in range(n)], list(range(n_roll)), list(range(n_learn)),
+                             share, share)
+    whole = {"num_cpus": cpu, "num_gpus": gpu}
+    return PlacementPlan([dict(bundle) for _ in range(n_roll + n_learn)], list(range(n_roll)),
+                         list(range(n_roll, n_roll + n_learn)), whole, whole)
+
+
+def create_placement_group(plan: PlacementPlan, timeout_s: float = 120.0):
+    """Reserve the bundles (fails with one line when the cluster cannot hold them)."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    group = placement_group(plan.bundles, strategy=plan.strategy)
+    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+    if not ready:
+        total = {k: sum(b.get(k, 0) for b in plan.bundles) for k in ("CPU", "GPU")}
+        raise SetupError(f"resources: the cluster cannot place {len(plan.bundles)} bundles ({total['CPU']:g} CPU, "
+                         f"{total['GPU']:g} GPU) within {timeout_s:.0f}s; available: {ray.available_resources()}")
+    return group
+
+
+def host() -> str:
+    return socket.gethostname()

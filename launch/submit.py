@@ -1,0 +1,109 @@
+"""`diffrl submit`: run a recipe as a Ray job on a cluster through the Ray Jobs SDK.
+
+    job_id = submit(recipe_path, overrides, address="http://head:8265", follow=True)
+
+The project directory is the job's working_dir (runs/, .venv/, .git/ and caches excluded), so the cluster runs
+this checkout's code: the entrypoint is `python -m launch.cli train <recipe> <overrides>` inside it, which joins
+the cluster (RAY_ADDRESS is set inside a job) instead of starting one. The recipe is validated here first, so a
+bad recipe fails on the laptop, not on the cluster. Token authentication follows Ray's own conventions
+(RAY_AUTH_MODE=token with RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token).
+
+Paths in the recipe are read on the cluster: relative ones against the uploaded project, so data files must live
+in the project (or at an absolute path the cluster can see); set output_dir to shared storage to keep the run's
+outputs after the job ends.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+log = logging.getLogger(__name__)
+
+EXCLUDES = ["runs/", ".venv/", "venv/", ".git/", "**/__pycache__/", "*.egg-info/", ".pytest_cache/", "*.pyc"]
+FORWARDED_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                 "RAY_USAGE_STATS_ENABLED": "0"}
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+class SubmitError(ValueError):
+    """The job could not be submitted (bad address, recipe outside the project, authentication)."""
+
+
+def project_root() -> Path:
+    """This checkout: the directory holding pyproject.toml above the launch package."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").is_file():
+        raise SubmitError(f"{root}: not a diffrl checkout (no pyproject.toml); run submit from a source checkout")
+    return root
+
+
+def build_job(recipe_path: str | Path, overrides: Sequence[str], working_dir: Path) -> tuple[str, dict]:
+    """Entrypoint and runtime env for the recipe; the recipe must be inside working_dir (it is uploaded with it)."""
+    recipe = Path(recipe_path).resolve()
+    try:
+        relative = recipe.relative_to(working_dir)
+    except ValueError:
+        raise SubmitError(f"{recipe_path}: the recipe must be inside the project {working_dir} "
+                          "(it is uploaded with it as the job's working_dir)") from None
+    entrypoint = " ".join(["python", "-m", "launch.cli", "train", shlex.quote(relative.as_posix()),
+                           *(shlex.quote(o) for o in overrides)])
+    runtime_env = {"working_dir": str(working_dir), "excludes": list(EXCLUDES), "env_vars": dict(FORWARDED_ENV)}
+    return entrypoint, runtime_env
+
+
+def _client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise SubmitError(f"--address {address}: cannot reach the Ray dashboard ({' '.join(str(err).split())[:300]})"
+                          ) from None
+
+
+def submit(recipe_path: str | Path, overrides: Sequence[str], *, address: str, follow: bool = False,
+           wait: bool = False, working_dir: Path | None = None, timeout_s: float | None = None) -> tuple[str, str]:
+    """Submit the job; returns (job_id, status). With follow, streams its logs until it ends; with wait, polls."""
+    working_dir = working_dir or project_root()
+    entrypoint, runtime_env = build_job(recipe_path, overrides, working_dir)
+    client = _client(address)
+    try:
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                                   metadata={"diffrl_recipe": str(recipe_path)})
+    except RuntimeError as err:
+        raise SubmitError(f"--address {address}: submission refused ({' '.join(str(err).split())[:300]})") from None
+    print(f"submitted job {job_id} to {address}", flush=True)
+    if follow:
+        asyncio.run(_follow(client, job_id))
+    status = _status(client, job_id)
+    if follow or wait:
+        status = _wait(client, job_id, timeout_s)
+        print(f"job {job_id}: {status}", flush=True)
+    return job_id, status
+
+
+async def _follow(client, job_id: str) -> None:
+    async for lines in client.tail_job_logs(job_id):
+        sys.stdout.write(lines)
+        sys.stdout.flush()
+
+
+def _status(client, job_id: str) -> str:
+    status = client.get_job_status(job_id)
+    return str(getattr(status, "value", status))
+
+
+def _wait(client, job_id: str, timeout_s: float | None) -> str:
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        name = _status(client, job_id)
+        if name in TERMINAL:
+            return name
+        if deadline is not None and time.monotonic() > deadline:
+            return name
+        time.sleep(1.0)
