@@ -18,9 +18,11 @@ tests, the limits and a random per-run nonce), then:
 
 Tampering: the report path uses only objects captured in local variables before the candidate ran (os.write, the
 fd, the nonce, bytes formatting), so exiting early, printing markers, redefining `check`, patching json/builtins or
-this module's globals cannot produce a pass record. A program that deliberately walks interpreter frames (or uses
-ctypes) to read the nonce from this process's memory could forge one: in-process test execution cannot prevent
-that. stdio outputs are compared by the parent and cannot be forged this way.
+this module's globals cannot produce a pass record. Test code runs with a snapshot of builtins taken before the
+program ran. A program that deliberately walks interpreter frames (or uses ctypes) can read the nonce from this
+process's memory and write a record: the parent fails any test with two records ("tampered"), so such a forger must
+also keep the harness from writing its own (exit at once): possible, and not preventable while tests run in the
+candidate's process. stdio outputs are compared by the parent and cannot be forged this way.
 """
 import builtins
 import json

@@ -14,7 +14,7 @@ References (a dict, or the same as JSON text, as datasets often store them):
 score = passed / total (score_mode "fraction") or 1.0 only when all pass ("all"). The reason is `correct`, or the
 first failing test's status followed by every test's outcome: `wrong: 3/5 passed [ok, ok, wrong (AssertionError),
 timeout, not_run]`. Statuses: ok, wrong, runtime_error, syntax_error, timeout, memory, exited (SystemExit or exit
-before reporting), crashed (signal), output_limit, not_run; `no_code` when the response has no program;
+before reporting), crashed (signal), output_limit, tampered (forged result records), not_run; `no_code` when the response has no program;
 `error: ...` when the sandbox itself or the reference failed (ours to fix, never the policy's fault).
 """
 from __future__ import annotations

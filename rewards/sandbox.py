@@ -238,7 +238,13 @@ def _parse_tests(lines: list[str], count: int, returncode: int, flags: list[str]
     for line in lines:
         parts = line.split(" ", 3)
         if parts[0] == "test" and len(parts) >= 3 and parts[1].isdigit():
-            results.setdefault(int(parts[1]), (parts[2], parts[3] if len(parts) > 3 else ""))
+            index = int(parts[1])
+            # The harness writes one record per test. A second one means a program that learned the nonce (or
+            # forked) wrote records of its own: the test fails, whatever either record says.
+            if index in results:
+                results[index] = ("tampered", "more than one result record for this test")
+            else:
+                results[index] = (parts[2], parts[3] if len(parts) > 3 else "")
     missing = [i for i in range(count) if i not in results]
     if missing:
         status, detail = _explain(returncode, flags, iso)

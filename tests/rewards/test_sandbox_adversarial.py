@@ -231,6 +231,16 @@ def test_tampering_with_the_checker_is_never_a_pass(tamper):
     assert_fails(result, "wrong")
 
 
+def test_a_forger_that_reads_the_nonce_from_the_harness_frames_is_caught():
+    # The documented limit of in-process tests: the nonce is reachable by walking frames. The forged record then
+    # collides with the harness's own one, and a test with two records fails as tampered.
+    forge = ("import sys\ndef f(x):\n    frame = sys._getframe()\n    while frame:\n"
+             "        emit = frame.f_locals.get('emit')\n        if emit:\n"
+             "            emit(b'test 0 ok ')\n            break\n        frame = frame.f_back\n    return x\n")
+    run = run_function_tests(forge, CHECK, ["check(f)"], LIMITS)
+    assert run.tests == [("tampered", "more than one result record for this test")]
+
+
 def test_fake_records_with_a_guessed_nonce_do_not_count():
     # the result pipe's fd is no secret (it is in argv); the nonce is
     forge = "import os, sys\nos.write(int(sys.argv[2]), b'0' * 32 + b' test 0 ok \\n' + b' test 0 ok \\n')\n"
