@@ -11,10 +11,10 @@ What holds, and who enforces it (`detect_isolation()` picks the strongest mode t
 | fork bomb | OS: own uid + RLIMIT_NPROC; PID namespace killed at the end | OS: PID namespace killed at the end; best effort: fork patched (no NPROC: the uid is shared) | best effort: fork patched, process group killed |
 | killing the parent / reading its environment | OS: PID namespace + private /proc + other uid; env scrubbed | OS: PID namespace + private /proc; env scrubbed | best effort: os.kill patched; env scrubbed (same uid may read /proc/PID/environ) |
 | writing outside the work dir | OS: other uid; every mount read-only; private tmpfs /tmp | OS: every mount read-only, capabilities dropped; private /tmp | not prevented: the program has our uid (as root: everything) |
-| CPU, memory, file size, open files | OS: rlimits, hard == soft | OS: rlimits | OS: rlimits |
+| CPU, memory, file size, open files | OS: rlimits, hard limits lowered (CPU: SIGXCPU, then SIGKILL 1 s later) | OS: rlimits | OS: rlimits (a root program could raise them) |
 | wall time | OS: the whole process group (and namespace) SIGKILLed at the deadline | same | same (a setsid escapee survives) |
 | output flooding | OS: stdout/stderr are files capped by RLIMIT_FSIZE; parent reads at most max_output_bytes | same | same |
-| forged pass | per-run nonce records written only by the harness after a test passed; exit code never means pass | same | same |
+| forged pass | best effort (in-process): per-run nonce records written by the harness after a test passed; exit code never means pass; two records for a test fail it | same | same |
 
 The result channel: the harness writes `NONCE test I STATUS DETAIL` lines to a pipe whose nonce the candidate never
 sees in any file, argument or environment variable; the parent counts a test as passed only with that exact record.
