@@ -223,6 +223,21 @@ def format_table(summaries: Sequence[dict]) -> str:
     return "\n".join(text)
 
 
+def _task_params(checkpoint, data: str, task_kwargs: dict | None, task_seed: int | None) -> tuple[dict, int]:
+    """Generator parameters of a built-in toy task: the given ones, else those an SFT checkpoint trained with."""
+    if task_kwargs is not None and task_seed is not None:
+        return task_kwargs, task_seed
+    trained: dict = {}
+    if isinstance(checkpoint, (str, Path)) and (Path(checkpoint) / "sft.json").is_file():
+        recorded = json.loads((Path(checkpoint) / "sft.json").read_text()).get("data", {})
+        if recorded.get("task") == data:
+            trained = recorded
+            log.info("eval %s: task parameters %s, seed %s from %s/sft.json", data, recorded.get("task_kwargs"),
+                     recorded.get("task_seed"), checkpoint)
+    kwargs = task_kwargs if task_kwargs is not None else dict(trained.get("task_kwargs") or {})
+    return kwargs, task_seed if task_seed is not None else int(trained.get("task_seed", 0))
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w") as fh:
@@ -238,11 +253,14 @@ def run_eval(checkpoint, data: str | Sequence[str], *, out: str | None = None, n
              trust_remote_code: bool = False, kv_cache: str = "auto", batch_size: int = 32,
              limit: int | None = None, seed: int = 0, chat_template: bool | None = None,
              prompt_field: str | None = None, answer_field: str | None = None,
-             task_kwargs: dict | None = None, device: str = "cpu", dtype: str = "float32", workers: int = 2,
-             test_timeout_s: float = 5.0, progress: bool = True, print_table: bool = True) -> list[dict]:
+             task_kwargs: dict | None = None, task_seed: int | None = None, device: str = "cpu",
+             dtype: str = "float32", workers: int = 2, test_timeout_s: float = 5.0, progress: bool = True,
+             print_table: bool = True) -> list[dict]:
     """Evaluate `checkpoint` (a directory, or a loaded DiffusionPolicy) on each of `data`; return the summaries.
 
-    task_kwargs parameterise a built-in toy task's generator (its test split must match the one trained on).
+    task_kwargs / task_seed parameterise a built-in toy task's generator, whose test split must be the held-out
+    split of the training data: when not given, they are read from the checkpoint's `sft.json` if it trained on
+    that task (else the generator's defaults and seed 0). `seed` only seeds the sampling.
     chat_template None: use the tokenizer's chat template when it has one (as recipes' data.chat_template does).
     """
     import torch
@@ -260,8 +278,11 @@ def run_eval(checkpoint, data: str | Sequence[str], *, out: str | None = None, n
         if block_size is not None and block_size != policy.spec.block_size:
             raise ValueError("--block-size: pass a checkpoint directory to decode with another block size")
     # Load (and check) every dataset before any generation: bad input fails before minutes of decoding.
-    evalsets = [load_eval_set(d, limit=limit, prompt_field=prompt_field, answer_field=answer_field,
-                              task_kwargs=task_kwargs, seed=seed) for d in datasets]
+    evalsets = []
+    for d in datasets:
+        kwargs, t_seed = _task_params(checkpoint, d, task_kwargs, task_seed)
+        evalsets.append(load_eval_set(d, limit=limit, prompt_field=prompt_field, answer_field=answer_field,
+                                      task_kwargs=kwargs, seed=t_seed))
     responder = policy_responder(policy, max_tokens=max_tokens, chat_template=chat_template, seed=seed,
                                  batch_size=batch_size, kv_cache=kv_cache, progress=progress, decoding=decoding,
                                  temperature=temperature, top_p=top_p, top_k=top_k,

@@ -7,7 +7,7 @@
 | file with `task` + `prompt` + `answer` | files written by rl.tasks | task | the task's verifier |
 | file with `task_id`, `prompt`, `test`, `entry_point` | HumanEval | code | function tests, prompt as prefix |
 | file with `test_list` and `text` (or `prompt`) | MBPP | code | function tests (asserts) |
-| file with `question_content` / `input_output` / `public_test_cases` | LiveCodeBench, APPS | code | stdin/stdout tests |
+| file with `question_content` / `input_output` / `public_test_cases` | LiveCodeBench, APPS | code | stdin/stdout |
 | file with `problem` + `answer` | MATH500, AIME | math | rewards.math_reward (math-verify) |
 | file with `question` + `answer` (`... #### 72`) | GSM8K | math | idem; the gold answer is after `####` |
 | file with `prompt` + `answer` (or `prompt_field`/`answer_field`) | generic | math | idem |
@@ -116,7 +116,7 @@ def detect_shape(columns: set[str], first_row: dict) -> str:
 
 
 class _NoClasses(pickle.Unpickler):
-    def find_class(self, module: str, name: str):  # noqa: D102 - plain data only
+    def find_class(self, module: str, name: str):  # plain data only: no class is ever loaded
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
 
 

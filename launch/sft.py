@@ -122,8 +122,9 @@ def run_sft(out: str, *, model: str | None = None, tiny: str = "block", hidden_s
     summary: dict[str, Any] = {
         "model": model or f"tiny:{tiny}", "kind": policy.spec.kind, "block_size": policy.spec.block_size,
         "parameters": count_parameters(policy), "size": None if model else size,
-        "data": {"task": task, "task_kwargs": task_kwargs or {}, "file": data, "heldout_file": heldout_data,
-                 "train_examples": len(examples), "heldout_examples": len(heldout), "chat_template": chat_template},
+        "data": {"task": task, "task_kwargs": task_kwargs or {}, "task_seed": seed, "file": data,
+                 "heldout_file": heldout_data, "train_examples": len(examples), "heldout_examples": len(heldout),
+                 "chat_template": chat_template},
         "config": dataclasses.asdict(config),
         "objective": resolve_objective(policy, objective),
         "heldout_masked_ce_before": result.heldout_before, "heldout_masked_ce_after": result.heldout_after,
@@ -154,9 +155,9 @@ def _greedy_accuracy(policy, task, task_kwargs, heldout_data, eval_items, seed, 
         return None
     custom = task is None and (prompt_field, answer_field) != ("prompt", "answer")
     fields = {"prompt_field": prompt_field, "answer_field": answer_field} if custom else {}
-    summaries = run_eval(policy, source, limit=eval_items, seed=seed, task_kwargs=task_kwargs,
-                         chat_template=chat_template, decoding=decoding, progress=progress, print_table=False,
-                         **fields)
+    summaries = run_eval(policy, source, limit=eval_items, seed=seed, task_kwargs=task_kwargs or {},
+                         task_seed=seed, chat_template=chat_template, decoding=decoding, progress=progress,
+                         print_table=False, **fields)
     s = summaries[0]
     return {"items": s["items"], "accuracy": s["avg@1"], "decoding": decoding, "tokens_per_forward":
             s["tokens_per_forward"], "gen_wall_s": s["gen_wall_s"], "reasons": s["reasons"]}

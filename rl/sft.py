@@ -86,7 +86,8 @@ def resolve_objective(policy, objective: str) -> str:
     return objective
 
 
-def make_example(prompt_ids: Sequence[int], answer_ids: Sequence[int], spec, response_len: int | None = None) -> Example:
+def make_example(prompt_ids: Sequence[int], answer_ids: Sequence[int], spec,
+                 response_len: int | None = None) -> Example:
     """The SFT pair: answer + EOS, EOS-padded to a multiple of the block size, or to `response_len` if given."""
     response = list(answer_ids) + [spec.eos_token_id]
     if response_len is not None:

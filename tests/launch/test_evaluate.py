@@ -75,8 +75,9 @@ def _stub(answers):
 
 
 def test_shapes_are_detected_and_scored(tmp_path):
-    math500 = _jsonl(tmp_path / "math500.jsonl", [{"problem": "1+1?", "answer": "2", "unique_id": "a"},
-                                                  {"problem": "Half of 1?", "answer": "\\frac{1}{2}", "unique_id": "b"}])
+    math500 = _jsonl(tmp_path / "math500.jsonl", [
+        {"problem": "1+1?", "answer": "2", "unique_id": "a"},
+        {"problem": "Half of 1?", "answer": "\\frac{1}{2}", "unique_id": "b"}])
     gsm = _jsonl(tmp_path / "gsm8k.jsonl", [{"question": "3 apples + 4?", "answer": "3+4=7\n#### 7"}])
     mbpp = _jsonl(tmp_path / "mbpp.jsonl", [{"task_id": 11, "text": "Add two numbers.", "code": "",
                                              "test_list": ["assert add(1, 2) == 3", "assert add(0, 0) == 0"],

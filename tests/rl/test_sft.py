@@ -58,7 +58,7 @@ def test_batched_loss_equals_per_example_reference(tiny_policies, kind):
     draws = [draw_mask(objective, ex.response_ids.numel(), policy.spec.block_size, sample_generator(7, i))
              for i, ex in enumerate(examples)]
     if objective == "block":  # every block has at least one masked token: all blocks train in the one pass
-        for ex, d in zip(examples, draws):
+        for d in draws:
             assert d.masks[0].reshape(-1, policy.spec.block_size).any(dim=1).all()
     with torch.no_grad():
         loss, metrics = masked_loss(policy, examples, draws)

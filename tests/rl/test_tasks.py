@@ -6,8 +6,17 @@ import itertools
 import numpy as np
 import pytest
 
-from rl.tasks import (TASK_REWARDS, TASKS, TaskError, arithmetic_reward, countdown_reward, make_task,
-                      register_rewards, sudoku_reward, verify)
+from rl.tasks import (
+    TASK_REWARDS,
+    TASKS,
+    TaskError,
+    arithmetic_reward,
+    countdown_reward,
+    make_task,
+    register_rewards,
+    sudoku_reward,
+    verify,
+)
 from rl.tasks.countdown import evaluate, parse_reference
 from rl.tasks.sudoku import all_grids, count_solutions, is_valid_grid
 
