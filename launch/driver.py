@@ -93,7 +93,7 @@ class Driver:
         r = self.recipe
         plan = placement_plan(r)
         self.group = create_placement_group(plan)
-        self.rollout = RolloutPool(r, ctx.init_policy_dir, self.group, plan)
+        self.rollout = RolloutPool(r, ctx.base_policy_dir, self.group, plan)
         self.learner = make_learner(r, ctx.init_policy_dir, ctx.base_policy_dir, self.group, plan)
         cpus_free = ray.cluster_resources().get("CPU", 0) - sum(b.get("CPU", 0) for b in plan.bundles)
         self.rewards = make_reward_service(ctx.reward_specs, ctx.recipe_dir, cpus_free)
@@ -103,6 +103,7 @@ class Driver:
         self.step = 0  # steps completed == policy version of the learner's weights
         self.counters = {"nan_skipped_steps": 0, "empty_steps": 0}
         self._last_saved = 0
+        self._checkpoint_s = 0.0  # seconds the last checkpoint took (logged with the next step)
         self.sampler_position = 0  # data cursor of the last batch trained on
         if resume is not None:
             self._restore(resume)
@@ -174,12 +175,13 @@ class Driver:
                         **{f"counters/{k}": v for k, v in self.counters.items()}})
         if self.recipe.trainer.eval_every and step % self.recipe.trainer.eval_every == 0:
             metrics.update(self.evaluate())
-        if self._checkpoint_due(step):
-            with _timed(timings, "checkpoint"):
-                self.save(step, batch.data_position)
-            metrics["time/checkpoint_s"] = timings["checkpoint"]
         metrics["time/step_s"] = time.perf_counter() - step_start
-        self.metrics.log(step, metrics)
+        metrics["time/last_checkpoint_s"] = self._checkpoint_s
+        self.metrics.log(step, metrics)  # before the checkpoint: a checkpoint never points past the metrics
+        if self._checkpoint_due(step):
+            start = time.perf_counter()
+            self.save(step, batch.data_position)
+            self._checkpoint_s = time.perf_counter() - start
         return metrics
 
     # ================================================================================================ stages
@@ -336,8 +338,8 @@ class Driver:
         return path
 
     def _restore(self, ckpt: Checkpoint) -> None:
-        """Continue exactly: learner (optimizer, schedule, counters), data cursor, store cursor, RNG states. The
-        rollout workers were built from the checkpoint's policy; they are re-synced before the first generation."""
+        """Continue exactly: learner (weights, optimizer, schedule, counters), data cursor, store cursor, RNG states.
+        The rollout workers start from the initial policy and get the checkpoint's weights before generating."""
         import ray
 
         from rl.checkpoint import CheckpointError
@@ -352,7 +354,7 @@ class Driver:
         self.step = self._last_saved = ckpt.step
         self.sampler_position = self.sampler.position
         self.counters.update(ckpt.state.get("counters", {}))
-        self.rollout.version = -1  # force the sync of version `step` before the first generation
+        self.rollout.version = -1  # never equal to a step: version `step` is synced before the first generation
         moved = rewind_metrics(self.ctx.run_dir, ckpt.step)
         log.info("resumed from %s (step %d; %d later metric rows moved aside)", ckpt.path, ckpt.step, moved)
 

@@ -161,15 +161,28 @@ class RolloutPool:
             for b in plan.rollout_bundles
         ]
         ray.get([w.ready.remote() for w in self.workers])
-        self.version = 0  # weights the workers were built with: the initial policy (or the resumed checkpoint's)
+        self.version = 0  # the workers are built from the run's initial policy (a directory that is never pruned)
         self._learner = None
         self.restarts = 0
 
     def sync(self, learner, version: int) -> float:
-        """Send the learner's weights (version `version`) to every worker; returns seconds spent."""
+        """Send the learner's weights (version `version`) to every worker; returns seconds spent. A worker that
+        dies meanwhile is waited for and the whole sync repeated (a restarted worker holds the initial weights)."""
+        from ray.exceptions import RayActorError
+
         self._learner = learner
         start = time.perf_counter()
-        self._send(learner, version, list(range(len(self.workers))))
+        for attempt in range(ROLLOUT_MAX_RESTARTS + 1):
+            try:
+                self._send(learner, version, list(range(len(self.workers))))
+                break
+            except RayActorError as err:
+                if attempt == ROLLOUT_MAX_RESTARTS:
+                    raise RuntimeError(f"weight sync: rollout workers keep dying ({type(err).__name__})") from None
+                log.warning("a rollout worker died during weight sync; waiting for its restart")
+                self.restarts += 1
+                for i in range(len(self.workers)):
+                    self._wait_ready(i)
         self.version = version
         return time.perf_counter() - start
 
@@ -210,21 +223,24 @@ class RolloutPool:
                 pending[i] = self.workers[i].generate.remote(shards[i])
         return [t for i in range(len(shards)) for t in results.get(i, [])]
 
-    def _revive(self, i: int, timeout_s: float = 300.0) -> None:
+    def _revive(self, i: int) -> None:
+        self._wait_ready(i)
+        if self._learner is not None:  # it came back with the weights it was built from: bring it to `version`
+            self._send(self._learner, self.version, [i])
+
+    def _wait_ready(self, i: int, timeout_s: float = 300.0) -> None:
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import GetTimeoutError, RayActorError
 
         deadline = time.monotonic() + timeout_s
         while True:
             try:
                 ray.get(self.workers[i].ready.remote(), timeout=30)
-                break
-            except (RayActorError, ray.exceptions.GetTimeoutError):
+                return
+            except (RayActorError, GetTimeoutError):
                 if time.monotonic() > deadline:
                     raise SetupError(f"rollout worker {i}: not back {timeout_s:.0f}s after dying") from None
                 time.sleep(0.5)
-        if self.version > 0 and self._learner is not None:  # it came back with the initial weights
-            self._send(self._learner, self.version, [i])
 
     def metrics(self) -> dict[str, float]:
         import ray
