@@ -96,15 +96,21 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """A seam over the evaluation harness (launch/evaluate.py): resolve CKPT, then hand over."""
+    """A seam over the evaluation harness (launch/evaluate.py): resolve CKPT, take the run's own settings (toy-task
+    split, response budget) from the checkpoint's recipe when there is one, then hand over."""
     from launch.evaluate import run_eval
 
     policy_dir = policy_dir_of(Path(args.checkpoint))
+    trained = _recipe_of(policy_dir)
+    task_kwargs = task_seed = None
+    if trained and trained.get("data", {}).get("task") == args.data:  # the held-out split of the task trained on
+        task_kwargs, task_seed = trained["data"].get("task_kwargs") or {}, int(trained.get("seed", 0))
+    max_tokens = args.max_tokens or (trained or {}).get("rollout", {}).get("max_tokens")
     temperature = args.temperature if args.temperature is not None else (0.0 if args.k == 1 else 1.0)
     run_eval(str(policy_dir), args.data, out=args.out, n=args.k, k=args.k, decoding=args.decoding,
-             temperature=temperature, max_tokens=args.max_tokens, limit=args.limit, seed=args.seed,
+             temperature=temperature, max_tokens=max_tokens, limit=args.limit, seed=args.seed,
              chat_template=False if args.no_chat_template else None, prompt_field=args.prompt_field,
-             answer_field=args.answer_field, progress=not args.quiet)
+             answer_field=args.answer_field, task_kwargs=task_kwargs, task_seed=task_seed, progress=not args.quiet)
     return 0
 
 
@@ -115,6 +121,14 @@ def policy_dir_of(path: Path) -> Path:
     if (path / "config.json").is_file():
         return path
     return resolve_checkpoint(path) / "policy"
+
+
+def _recipe_of(policy_dir: Path) -> dict | None:
+    """The recipe saved beside a checkpoint's policy directory, as a plain mapping (None for a bare HF dir)."""
+    import yaml
+
+    path = policy_dir.parent / "recipe.yaml"
+    return yaml.safe_load(path.read_text()) if policy_dir.name == "policy" and path.is_file() else None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
