@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import pickle
 import signal
 import socket
@@ -122,6 +123,17 @@ class TimeoutPool:
     @property
     def size(self) -> int:
         return len(self._workers)
+
+    def worker_cpu_s(self) -> float:
+        """CPU seconds (user + system) used so far by the live workers, from /proc (benchmarks: per-core rates
+        that do not depend on what else the machine is running)."""
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for worker in self._workers:
+            with open(f"/proc/{worker.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14 and 15 of stat)
+        return total
 
     def map(self, fn: Callable, arg_list: Sequence[tuple], timeout_s: float) -> list[Outcome]:
         """Run fn(*args) for every args; results in input order. `fn` must be importable (module-level)."""
