@@ -227,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("diffrl: interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # noqa: BLE001 - user errors become one line; anything else is re-raised
+    except Exception as err:  # user errors become one line; anything else is re-raised with its traceback
         cause = _unwrap(err)
         if isinstance(cause, _user_errors()):
             print(f"diffrl: error: {_one_line(cause)}", file=sys.stderr)

@@ -168,7 +168,8 @@ class Driver:
         metrics = dict(batch.metrics)
         metrics.update({f"learner/{k}": v for k, v in learner_metrics.items()})
         metrics.update({f"time/{k}_s": v for k, v in timings.items()})
-        metrics.update({"version": step, "rollout/version": batch.version, "rollout/staleness": step - 1 - batch.version,
+        metrics.update({"version": step, "rollout/version": batch.version,
+                        "rollout/staleness": step - 1 - batch.version,
                         "learner/skipped": int(bool(kept) and learner_metrics.get("optimizer_steps", 1) == 0),
                         "learner/samples": len(kept), "data/epoch": batch.data_position // len(self.ctx.prompts),
                         "rollout/restarts": self.rollout.restarts,
@@ -199,7 +200,7 @@ class Driver:
             items.append({"prompt": prompt.text, "response": text, "reference": prompt.answer,
                           "response_len": traj.valid_length})
             scored.append(traj)
-        for traj, result in zip(scored, self.rewards.score(items) if items else []):
+        for traj, result in zip(scored, self.rewards.score(items) if items else [], strict=True):
             traj.extra.update(reward=float(result["score"]), reason=result["reason"], reward_metrics=result["metrics"])
         rewards = torch.tensor([t.extra["reward"] for t in trajectories], dtype=torch.float64)
         reasons: dict[str, int] = {}
@@ -246,7 +247,7 @@ class Driver:
         tok = self.ctx.tokenizer
         items = [{"prompt": p.text, "response": tok.decode(t.response_ids[:t.valid_length].tolist(),
                                                            skip_special_tokens=True),
-                  "reference": p.answer, "response_len": t.valid_length} for p, t in zip(prompts, trajectories)]
+                  "reference": p.answer, "response_len": t.valid_length} for p, t in zip(prompts, trajectories, strict=True)]
         results = self.rewards.score(items)
         correct = sum(r["reason"] == "correct" for r in results)
         return {"eval/accuracy": correct / len(results), "eval/reward": sum(r["score"] for r in results) / len(results),
@@ -297,7 +298,7 @@ class Driver:
                             break
                         except queue.Full:
                             continue
-            except BaseException as err:  # the consumer re-raises it
+            except BaseException as err:  # noqa: BLE001 - handed to the consumer thread, which re-raises it
                 failure.append(err)
                 ready.put(None)
 

@@ -79,7 +79,8 @@ def learner_config(recipe: Recipe):
     reseed = getattr(recipe.estimator, "reseed_per_update", None)
     return LearnerConfig(
         algorithm=alg.name, loss=alg.loss_params(), estimator=recipe.estimator.name,
-        estimator_params=recipe.estimator.params(), reseed_per_inner=reseed, temperature=recipe.rollout.temperature or 1.0,
+        estimator_params=recipe.estimator.params(), reseed_per_inner=reseed,
+        temperature=recipe.rollout.temperature or 1.0,  # greedy rollouts record untempered log-probs
         optim=optim, grad_clip=ln.grad_clip or None, micro_batch_size=ln.micro_batch_size, grad_accum=ln.grad_accum,
         mu=ln.mu, reference_model=ln.reference_model, bf16=ln.bf16,
         activation_checkpointing=recipe.model.gradient_checkpointing or ln.activation_checkpointing,
@@ -157,7 +158,8 @@ class RolloutPool:
         options = engine_options(recipe)
         self.workers = [
             actor.options(num_cpus=res["num_cpus"], num_gpus=res["num_gpus"], max_restarts=ROLLOUT_MAX_RESTARTS,
-                          max_task_retries=0, scheduling_strategy=_strategy(group, b)).remote(str(policy_dir), **options)
+                          max_task_retries=0, scheduling_strategy=_strategy(group, b)
+                          ).remote(str(policy_dir), **options)
             for b in plan.rollout_bundles
         ]
         ray.get([w.ready.remote() for w in self.workers])
@@ -273,5 +275,5 @@ class _Entries:
     def __iter__(self):
         import ray
 
-        version, entries = ray.get(self.ref)
+        _, entries = ray.get(self.ref)
         return iter(entries)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from launch.data import Prompt, load_prompts
-from launch.recipe import Recipe, RecipeError, check_paths, recipe_from_dict, resolve_kind, save_recipe
+from launch.recipe import Recipe, check_paths, recipe_from_dict, resolve_kind, save_recipe
 
 log = logging.getLogger(__name__)
 

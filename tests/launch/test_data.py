@@ -57,8 +57,9 @@ def test_jsonl_and_parquet_with_field_mapping_and_chat_template(tmp_path, tokeni
         assert [p.answer for p in prompts] == ["2", "5"] and [p.index for p in prompts] == [0, 1]
         text = tokenizer.decode(list(prompts[1].prompt_ids))
         assert text == "<|im_start|>user\n2+3=<|im_end|>\n<|im_start|>assistant\n"
-    assert prompts[0].meta == {} and load_prompts(
-        DataConfig(train=str(tmp_path / "d.jsonl"), prompt_field="q", answer_field="a"), tokenizer)[0].meta == {"id": "x"}
+    assert prompts[0].meta == {}  # parquet: no other columns
+    jsonl = load_prompts(DataConfig(train=str(tmp_path / "d.jsonl"), prompt_field="q", answer_field="a"), tokenizer)
+    assert jsonl[0].meta == {"id": "x"}
     raw = encode_prompt(tokenizer, "2+3=", chat_template=False)
     assert tokenizer.decode(raw) == "2+3="
 

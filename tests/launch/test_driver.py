@@ -1,6 +1,7 @@
 """End to end: `diffrl train` / `diffrl resume` as subprocesses on a local Ray cluster (127.0.0.1), tiny recipe.
 
-Run A trains 4 steps uninterrupted. Run B is the same recipe, but a rollout worker is killed (SIGKILL) while it
+Both start from a TraDo/SDAR-format checkpoint directory (a tiny one built offline). Run A trains 4 steps
+uninterrupted. Run B is the same recipe, but a rollout worker is killed (SIGKILL) while it
 generates and the driver itself is killed after the step-2 checkpoint; `diffrl resume` finishes it. Both inject a
 NaN loss at step 3. B must end with weights bitwise equal to A's. The prompt set holds 8 prompts and a step takes
 4, so the checkpoint B resumes from sits exactly on an epoch boundary.
@@ -63,16 +64,26 @@ def metrics(run: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def run_a(tmp_path_factory):
+def sdar_dir(tiny_model_dirs) -> Path:
+    return tiny_model_dirs["sdar"]
+
+
+def from_sdar(sdar: Path) -> list[str]:
+    return ["model.tiny=null", "model.tiny_vocab=null", f"model.path={sdar}"]
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory, sdar_dir):
     root = tmp_path_factory.mktemp("driver")
     run = root / "A"
-    done = diffrl("train", str(RECIPE), f"output_dir={run}", *OVERRIDES, "-q", cwd=root)
+    done = diffrl("train", str(RECIPE), f"output_dir={run}", *OVERRIDES, *from_sdar(sdar_dir),
+                  "trainer.log=[jsonl,tensorboard]", "-q", cwd=root)
     assert done.returncode == 0, done.stderr[-3000:]
-    return run, done
+    return run, done, sdar_dir
 
 
 def test_train_runs_steps_and_writes_everything(run_a):
-    run, done = run_a
+    run, done, sdar = run_a
     rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     # rewards were computed (every response has a reason; the digit reward gives a signal)
@@ -83,8 +94,10 @@ def test_train_runs_steps_and_writes_everything(run_a):
     # weights changed
     ckpts = run / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_000004"
-    initial = (run / "model_init" / "model.safetensors").read_bytes()
+    initial = (sdar / "model.safetensors").read_bytes()
     assert policy_bytes(ckpts / "step_000001") != initial
+    config = json.loads((ckpts / "step_000004" / "policy" / "config.json").read_text())
+    assert config["model_type"] == "sdar"  # saved in the format it came in
     assert policy_bytes(ckpts / "step_000004") != policy_bytes(ckpts / "step_000002")
     # store: one Parquet file per step, readable with `datasets`
     from rl.store import read_store
@@ -95,6 +108,7 @@ def test_train_runs_steps_and_writes_everything(run_a):
     assert len(ds[0]["response_ids"]) == len(ds[0]["step_map"]) == len(ds[0]["logprobs"])
     # outputs of a finished run
     assert (run / "curves.png").stat().st_size > 0
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
     assert "step 4/4" in done.stdout
     status = subprocess.run([sys.executable, "-m", "launch.cli", "status", str(run.parent)], capture_output=True,
@@ -103,7 +117,7 @@ def test_train_runs_steps_and_writes_everything(run_a):
 
 
 def test_nan_loss_skips_the_step_and_keeps_the_weights(run_a):
-    run, _ = run_a
+    run, _, _ = run_a
     row = metrics(run)[2]
     assert row["step"] == 3 and row["learner/nan_skipped"] > 0 and row["learner/skipped"] == 1
     assert row["counters/nan_skipped_steps"] == 1
@@ -124,11 +138,11 @@ def _descendants(pid: int):
 def test_killed_worker_and_driver_then_resume_is_bitwise_equal(run_a, tmp_path):
     import psutil
 
-    run_a_dir, _ = run_a
+    run_a_dir, _, sdar = run_a
     run = tmp_path / "B"
-    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "train", str(RECIPE), f"output_dir={run}",
-                             *OVERRIDES, "-q"], cwd=tmp_path, env=env(), text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    args = ["train", str(RECIPE), f"output_dir={run}", *OVERRIDES, *from_sdar(sdar), "-q"]
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=tmp_path, env=env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     killed_worker = None
     try:
         deadline = time.monotonic() + 240
