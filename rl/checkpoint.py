@@ -3,9 +3,9 @@
     runs/NAME/checkpoints/
         step_000004/
             policy/            HF directory (save_policy: safetensors, config, tokenizer; TraDo/SDAR format kept)
-            value_model/       the value model's HF directory, when the algorithm has one
-            learner.pt         learner state: optimizer, scheduler, counters (torch.save; tensors and plain types)
-            rng.json           RNG states: python, numpy, torch globals and every generator the driver owns
+            learner.pt         learner state: optimizer, lr-schedule counter, update counters and, when the algorithm
+                               has one, the value model (head and trunk) (torch.save; tensors and plain types)
+            rng.json           RNG states: python, numpy, torch globals and every generator the caller names
             state.json         step, weight version, data cursor, store cursor, driver counters
             recipe.yaml        the validated recipe the run was started with
             manifest.json      written last: format, step, every file's size and the SHA-256 of the small ones
@@ -179,7 +179,7 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step` under ckpt_root and point `latest` at it; returns its path.
 
-    writers: {"policy": fn(dir), "value_model": fn(dir)}: each writes an HF directory into the folder it is given.
+    writers: {"policy": fn(dir), ...}: each writes an HF directory into the folder of its name.
     state: JSON-able (version, data and store cursors, counters). rng: from capture_rng().
     """
     root = Path(ckpt_root)
