@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -148,9 +150,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         latest = run / "checkpoints" / "latest"
         ckpt = latest.read_text().strip() if latest.is_file() else "-"
         state = info.get("status", "?")
-        age = time.time() - float(info.get("updated", 0) or 0)
-        if state == "running" and age > 3600:
-            state = "stale (no update for over an hour)"
+        if state == "running" and info.get("host") == socket.gethostname() and not _alive(info.get("pid")):
+            state = f"died (process {info.get('pid')} is gone; `diffrl resume {run}` continues it)"
+        elif state == "running" and time.time() - float(info.get("updated", 0) or 0) > 3600:
+            state = "running? (no update for over an hour)"
         total = info.get("total_steps", "?")
         print(f"{run.name}: {state}; step {last.get('step', 0)}/{total}; checkpoint {ckpt}")
         if last:
@@ -158,6 +161,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         if info.get("error"):
             print(f"  error: {info['error']}")
     return 0
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 # --------------------------------------------------------------------------------------------------- parser

@@ -4,8 +4,10 @@ script to pin the exit status of the real command."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,9 +105,17 @@ def test_status_lists_runs(tmp_path, capsys, tiny_model_dirs):
     (run / "recipe.yaml").write_text("name: x\n")
     (run / "run.json").write_text(json.dumps({"status": "finished", "total_steps": 2, "updated": 0}))
     (run / "metrics.jsonl").write_text(json.dumps({"step": 2, "reward/mean": 0.5, "time/step_s": 1.0}) + "\n")
+    dead = tmp_path / "crashed"
+    dead.mkdir()
+    (dead / "recipe.yaml").write_text("name: y\n")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    (dead / "run.json").write_text(json.dumps({"status": "running", "pid": int(gone), "host": socket.gethostname(),
+                                               "total_steps": 5, "updated": time.time()}))
     assert main(["status", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "run: finished; step 2/2; checkpoint step_000002" in out and "reward 0.500" in out
+    assert f"crashed: died (process {gone} is gone; `diffrl resume {dead}` continues it); step 0/5" in out
 
 
 def test_console_script_exit_status(tmp_path):
