@@ -79,7 +79,8 @@ def run_training(recipe, *, resume: Checkpoint | None = None, progress: bool = T
             finally:
                 driver.close()
     except BaseException as err:
-        write_run_status(ctx.run_dir, status="failed", error=" ".join(f"{type(err).__name__}: {err}".split())[:500])
+        state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        write_run_status(ctx.run_dir, status=state, error=" ".join(f"{type(err).__name__}: {err}".split())[:500])
         raise
     write_run_status(ctx.run_dir, status="finished", step=result.steps)
     return result
