@@ -199,6 +199,7 @@ def evaluate(evalset: EvalSet, responder: Responder, *, n: int = 1,
         "tokens_per_forward": decoded / nfe if nfe else None,
         "nfe_per_sample": nfe / max(1, len(all_samples)),
         "gen_wall_s": gen_s, "tokens_per_s": decoded / gen_s if gen_s > 0 else None,
+        "generation_errors": sum(s.finish_reason.startswith("error") for s in all_samples),
         "reasons": dict(sorted(reasons.items())),
     }
     return summary, rows
@@ -296,6 +297,10 @@ def run_eval(checkpoint, data: str | Sequence[str], *, out: str | None = None, n
         summary.update(checkpoint=str(checkpoint) if isinstance(checkpoint, (str, Path)) else "<in memory>",
                        decoding=decoding, temperature=temperature, block_size=policy.spec.block_size, seed=seed)
         summaries.append(summary)
+        if summary["generation_errors"]:
+            first = next(r for row in rows for r in row["finish_reasons"] if r.startswith("error"))
+            log.warning("eval %s: %d samples failed to generate (first: %s)", evalset.name,
+                        summary["generation_errors"], first)
         if out_dir:
             _write_jsonl(out_dir / f"{evalset.name}.jsonl", rows)
     if out_dir:
