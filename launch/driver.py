@@ -114,12 +114,12 @@ class Driver:
     # ============================================================================================ one RL step
     def train_step(self, step: int) -> dict:
         """Synchronous (on-policy) step: every stage in order."""
-        timings: dict[str, float] = {}
+        started, timings = time.perf_counter(), {}
         with _timed(timings, "sync"):
             if self.rollout.version != self.step:  # 1. weights v_k to the rollout workers
                 self.rollout.sync(self.learner, self.step)
         batch = self.make_batch(timings)  # 2-4. generate, score, advantages
-        return self.learn(step, batch, timings)  # 5-7. store, learner, metrics
+        return self.learn(step, batch, timings, started)  # 5-7. store, learner, metrics
 
     def make_batch(self, timings: dict[str, float]) -> Batch:
         """Steps 2-4: the next prompts, n samples each with the rollout's current weights, scored, advantages."""
@@ -142,11 +142,11 @@ class Driver:
         metrics.update(self.rollout.metrics())
         return Batch(version, self.sampler.position, prompts, trajectories, metrics)
 
-    def learn(self, step: int, batch: Batch, timings: dict[str, float]) -> dict:
-        """Steps 5-7: persist, update the learner, log, checkpoint, evaluate."""
+    def learn(self, step: int, batch: Batch, timings: dict[str, float], started: float) -> dict:
+        """Steps 5-7: persist, update the learner, log, checkpoint, evaluate. `started`: when this step began (in
+        async mode, when the previous one ended: its rollout overlapped that step's update)."""
         import ray
 
-        step_start = time.perf_counter() - sum(timings.values())
         # 5. On disk before the learner runs: a crash from here on loses nothing that was scored.
         ray.get(self.store.add.remote(step, batch.trajectories))
         # 6. The learner trains on the kept samples; the weights after it are version `step`.
@@ -177,7 +177,7 @@ class Driver:
                         **{f"counters/{k}": v for k, v in self.counters.items()}})
         if self.recipe.trainer.eval_every and step % self.recipe.trainer.eval_every == 0:
             metrics.update(self.evaluate())
-        metrics["time/step_s"] = time.perf_counter() - step_start
+        metrics["time/step_s"] = time.perf_counter() - started
         metrics["time/last_checkpoint_s"] = self._checkpoint_s
         self.metrics.log(step, metrics)  # before the checkpoint: a checkpoint never points past the metrics
         if self._checkpoint_due(step):
@@ -276,47 +276,64 @@ class Driver:
         return RunResult(True, self.step, self.ctx.run_dir, last)
 
     def _fit_async(self, total: int, bar) -> dict:
-        """Producer thread: sync (under the lock) + steps 2-4; this thread: steps 5-7 (under the lock)."""
-        lock, stop = threading.Lock(), threading.Event()
+        """Producer thread: sync + steps 2-4 for the batch of step m, started once the learner reached version
+        m-1-max_staleness; this thread: steps 5-7. One condition variable guards the learner's weights (no update
+        while they stream to the rollout workers) and lets a producer whose gate an update just opened sync before
+        the next update, so its rollout overlaps that update with the newest weights."""
+        cv, stop = threading.Condition(), threading.Event()
         staleness = self.recipe.trainer.max_staleness
         ready: queue.Queue = queue.Queue(maxsize=staleness + 1)
-        first, failure = self.step + 1, []
+        first, failure, gate = self.step + 1, [], {"step": None}  # gate: the batch the producer waits to start
+
+        def may_start(step: int) -> bool:
+            return self.step >= step - 1 - staleness
+
+        def put(item) -> None:
+            while not stop.is_set():
+                try:
+                    return ready.put(item, timeout=0.1)
+                except queue.Full:
+                    continue
 
         def produce() -> None:
             try:
                 for step in range(first, total + 1):
-                    while self.step < step - 1 - staleness:  # at most `staleness` versions ahead of the learner
-                        if stop.wait(0.05):
-                            return
                     timings: dict[str, float] = {}
-                    with lock, _timed(timings, "sync"):
-                        if self.rollout.version != self.step:
-                            self.rollout.sync(self.learner, self.step)
-                    batch = self.make_batch(timings)
-                    while not stop.is_set():
-                        try:
-                            ready.put((batch, timings), timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
+                    with cv:
+                        gate["step"] = step
+                        cv.wait_for(lambda: stop.is_set() or may_start(step))
+                        gate["step"] = None
+                        cv.notify_all()
+                        if stop.is_set():
+                            return
+                        with _timed(timings, "sync"):
+                            if self.rollout.version != self.step:
+                                self.rollout.sync(self.learner, self.step)
+                    put((self.make_batch(timings), timings))
             except BaseException as err:  # noqa: BLE001 - handed to the consumer thread, which re-raises it
                 failure.append(err)
-                ready.put(None)
+                put(None)
 
         producer = threading.Thread(target=produce, name="rollout-producer", daemon=True)
         producer.start()
         last: dict = {}
         try:
             while self.step < total:
+                started = time.perf_counter()
                 item = ready.get()
                 if item is None:
                     raise failure[0]
                 batch, timings = item
-                with lock:
-                    last = self.learn(self.step + 1, batch, timings)
+                with cv:
+                    cv.wait_for(lambda: gate["step"] is None or not may_start(gate["step"]) or not producer.is_alive())
+                    timings["wait"] = time.perf_counter() - started  # waiting for the producer: rollout not hidden
+                    last = self.learn(self.step + 1, batch, timings, started)
+                    cv.notify_all()
                 _report(bar, summary_line(self.step, total, last))
         finally:
             stop.set()
+            with cv:
+                cv.notify_all()
             producer.join(timeout=600)
         return last
 
