@@ -151,6 +151,7 @@ def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.2), squeeze=False)
     for ax, (key, points) in zip(axes[0], series.items()):
@@ -158,6 +159,7 @@ def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike,
         ax.plot(steps, values, marker="o", markersize=3)
         ax.set_title(key)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.tight_layout()
     out = Path(out_png)
