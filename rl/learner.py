@@ -221,7 +221,7 @@ class Learner:
         counters = {"forwards": 0, "forwards_old": 0, "forwards_ref": 0}
         self._set_mode(train=False)
         with torch.no_grad():
-            self._before_training(batch, plan, counters, log)
+            self._before_training(batch, plan, counters)
         norms, vnorms = self._normalizers(plan)
         t_old = time.perf_counter() - start
         steps = skipped = 0
@@ -263,8 +263,12 @@ class Learner:
         out.update(self._mismatch)
         return out
 
-    def _before_training(self, batch: RolloutBatch, plan, counters: dict, log: MetricLog) -> None:
-        """Old / ref log-likelihoods, old values and value targets, mismatch: all before any weight change."""
+    def _before_training(self, batch: RolloutBatch, plan, counters: dict) -> None:
+        """Old / ref log-likelihoods, old values and value targets, mismatch: all before any weight change.
+
+        Walks the plan's micro-batch slots (the same number on every rank). A slot is scored when some sample in
+        it lacks a result under its mask key; under ZeRO-3 (collective forwards) every rank scores a slot any rank
+        needs, a rank with nothing to do there scoring sample 0 and discarding it."""
         vc = self.config.value
         shared_value = vc is not None and vc.trunk == "shared"
         self._old: dict[tuple[int, int], tuple] = {}
@@ -273,28 +277,36 @@ class Learner:
         ref_policy, adapters_off = self._reference()
         for it, minibatches in enumerate(plan):
             key = self._mask_iter(it)
-            for micro in (mc for mb in minibatches for mc in mb if mc):
-                # Scored on the very micro-batches training uses; a sample already scored under this mask key
-                # (deterministic estimators, or a sample seen by this rank before) keeps its first result.
-                if all((key, i) in self._old for i in micro):
+            for micro in (mc for mb in minibatches for mc in mb):
+                need = bool(micro) and (any((key, i) not in self._old for i in micro)
+                                        or (vc is not None and any(i not in self._value for i in micro)))
+                if self.backend.sync_forwards:
+                    if not bool(self.backend.all_reduce_max(torch.tensor([int(need)], device=self.device))):
+                        continue
+                elif not need:
                     continue
-                inp = batch.inp.select(micro)
+                run = micro if need else [0]
+                inp = batch.inp.select(run)
                 est, _ = self._estimate(self.policy, inp, key, hidden=shared_value)
+                ref = None
+                if self.need_ref:
+                    with self._ref_context() if adapters_off else nullcontext():
+                        ref, _ = self._estimate(ref_policy, inp, key, synced=adapters_off)
+                    counters["forwards_ref"] += ref.forwards
                 counters["forwards_old"] += est.forwards
+                if vc is not None:
+                    counters["forwards_old"] += self._value_targets(batch, run, inp, est, keep=need)
+                if not need:
+                    continue
+                # Scored on the very micro-batches training uses; a sample already scored under this mask key
+                # (deterministic estimators, or a sample this rank saw before) keeps its first result.
                 counted = token_mask_of(inp, self.device) & est.token_mask
                 for r, i in enumerate(micro):
                     n = inp.length(r)
                     self._old.setdefault((key, i), (est.token_logp[r, :n].detach(), est.seq_logp[r].detach(),
                                                     counted[r, :n].clone()))
-                if self.need_ref:
-                    with self._ref_context() if adapters_off else nullcontext():
-                        ref, _ = self._estimate(ref_policy, inp, key, synced=adapters_off)
-                    counters["forwards_ref"] += ref.forwards
-                    for r, i in enumerate(micro):
-                        self._ref.setdefault((key, i), (ref.token_logp[r, :inp.length(r)].detach(),
-                                                        ref.seq_logp[r].detach()))
-                if vc is not None and any(i not in self._value for i in micro):
-                    counters["forwards_old"] += self._value_targets(batch, micro, inp, est, log)
+                    if ref is not None:
+                        self._ref.setdefault((key, i), (ref.token_logp[r, :n].detach(), ref.seq_logp[r].detach()))
         self._mismatch = self._logp_mismatch(batch, plan, counters)
 
     def _values(self, inp: EstimatorInput, est) -> tuple[torch.Tensor, int, torch.Tensor]:
@@ -304,37 +316,41 @@ class Learner:
         vest, pad = self._estimate(self.value_policy, inp, 0, hidden=True)
         return self.value_head(vest.hidden), vest.forwards, pad
 
-    def _value_targets(self, batch: RolloutBatch, micro: list[int], inp: EstimatorInput, est, log) -> int:
+    def _value_targets(self, batch: RolloutBatch, micro: list[int], inp: EstimatorInput, est, *, keep: bool) -> int:
         vc = self.config.value
         values, fwd, _ = self._values(inp, est)
         mask = token_mask_of(inp, self.device)
         steps = stack_rows([inp.step_maps[r] for r in range(len(inp))], mask.shape[1], self.device, dtype=torch.long)
         targets = compute_value_targets(values.detach(), steps, mask, batch.rewards[micro].to(self.device),
                                         gamma=vc.gamma, lam=vc.lam, returns=vc.returns)
-        for r, i in enumerate(micro):
+        for r, i in enumerate(micro if keep else []):
             n = inp.length(r)
             self._value.setdefault(i, (values[r, :n].detach(), targets.advantages[r, :n], targets.returns[r, :n]))
         return fwd
 
     def _logp_mismatch(self, batch: RolloutBatch, plan, counters: dict) -> dict[str, float]:
+        """Mean / max |rollout logp - learner logp| over counted tokens, each sample once (inner iteration 0's
+        shares), trajectory estimator: the old pass itself when that is the estimator, else extra passes."""
         want = self.config.log_mismatch
         free = self.config.estimator == "trajectory"
         if want is False or (want is None and not free):
             return {}
         gaps, worst = [], 0.0
-        mine = sorted({i for mbs in plan for mb in mbs for mc in mb for i in mc})
-        for i in mine:
+        for micro in (mc for mb in plan[0] for mc in mb):
+            if not micro and not self.backend.sync_forwards:
+                continue
             if free:
-                logp = self._old[(0, i)][0]
+                rows = [self._old[(0, i)][0] for i in micro]
             else:
-                inp = batch.inp.select([i])
+                inp = batch.inp.select(micro or [0])
                 est, _ = self._estimate(self.policy, inp, 0, estimator=get_estimator("trajectory"), params={})
                 counters["forwards_old"] += est.forwards
-                logp = est.token_logp[0, :inp.length(0)]
-            n = batch.inp.valid_length(i)
-            gap = (logp[:n].double().cpu() - batch.rollout_logp[i][:n].double()).abs()
-            gaps.append(gap)
-            worst = max(worst, float(gap.max())) if gap.numel() else worst
+                rows = [est.token_logp[r, :inp.length(r)] for r in range(len(micro))]
+            for i, logp in zip(micro, rows):
+                n = batch.inp.valid_length(i)
+                gap = (logp[:n].double().cpu() - batch.rollout_logp[i][:n].double()).abs()
+                gaps.append(gap)
+                worst = max(worst, float(gap.max())) if gap.numel() else worst
         allgap = torch.cat(gaps) if gaps else torch.zeros(0, dtype=torch.float64)
         total = self.backend.all_reduce_sum(torch.tensor([float(allgap.sum()), float(allgap.numel())],
                                                          dtype=torch.float64, device=self.device))

@@ -15,6 +15,7 @@ compiled on first use, ~80 s on 2 cores) is switched off: gloo does the collecti
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import socket
 from typing import Any
@@ -186,23 +187,40 @@ class DeepSpeedBackend:
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's optimizer shard: the client AdamW state over its flat partitions and the fp32 master
-        partitions (restorable with the same world size and ZeRO stage)."""
+        partitions (restorable with the same world size and ZeRO stage). Tensors and plain types only."""
         base = getattr(self.optimizer, "optimizer", self.optimizer)
+        if self.zero_stage == 3:  # ZeRO-3 swaps its fp32 groups into the client optimizer only around (de)serialising
+            self.optimizer._set_fp32_optimizer_param_groups()
+            try:
+                opt_state = copy.deepcopy(base.state_dict())
+            finally:
+                self.optimizer._clear_fp32_optimizer_param_groups()
+        else:
+            opt_state = base.state_dict()
         return {"zero_stage": self.zero_stage, "world_size": self.world_size, "rank": self.rank,
-                "optimizer": base.state_dict(),
+                "optimizer": opt_state,
                 "fp32_partitions": [t.detach().clone().cpu() for t in self._fp32_partitions()]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, want in (("zero_stage", self.zero_stage), ("world_size", self.world_size), ("rank", self.rank)):
             if state.get(key) != want:
                 raise ValueError(f"learner state: saved with {key}={state.get(key)}, this learner has {want}")
-        base = getattr(self.optimizer, "optimizer", self.optimizer)
-        base.load_state_dict(state["optimizer"])
         parts = self._fp32_partitions()
         if len(parts) != len(state["fp32_partitions"]):
             raise ValueError("learner state: fp32 partition count differs from this learner's")
+        if self.zero_stage == 3:
+            # DeepSpeed's own loader also refreshes the partitioned model weights from the fp32 masters.
+            from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT
+
+            current = self.optimizer._rigid_state_dict()
+            current[OPTIMIZER_STATE_DICT] = state["optimizer"]
+            current[FP32_FLAT_GROUPS] = [t.to(p.device) for t, p in zip(state["fp32_partitions"], parts)]
+            self.optimizer._rigid_load_state_dict(current)
+            return
+        base = getattr(self.optimizer, "optimizer", self.optimizer)
+        base.load_state_dict(state["optimizer"])
         with torch.no_grad():
             for dst, src in zip(parts, state["fp32_partitions"]):
                 dst.copy_(src.to(dst.device))
-        # The model weights themselves come from the checkpoint's HF directory (loaded before this learner was
-        # built); with bf16 they are the rounded masters, so nothing else needs refreshing.
+        # ZeRO-1/2 keep whole model weights on every rank: they come from the checkpoint's HF directory (loaded
+        # before this learner was built); with bf16 they are the rounded masters, so nothing else needs refreshing.
