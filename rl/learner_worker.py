@@ -1,6 +1,7 @@
 """Thin Ray wrapper: a group of `LearnerWorker` actors, one `Learner` per rank.
 
     group = LearnerGroup(partial(load_policy, "ckpt/"), config, num_workers=2)   # backend deepspeed for > 1
+    group.state_dict() / group.load_state_dict(state) / group.save_policy(dir)   # checkpoints
     metrics = group.update(trajectories)            # every rank gets the whole batch (one object), takes its shard
     for ref in group.weight_chunks(64 << 20):       # one Ray object per chunk: (version, [(name, tensor), ...])
         for w in rollout_workers: w.update_weights.remote(ref, ...)
@@ -24,7 +25,8 @@ from rl.learner import Learner, LearnerConfig
 # Metrics added over ranks; the rest are averaged over ranks except those every rank holds identically.
 SUM_METRICS = ("forwards", "forwards_old", "forwards_ref")
 RANK0_METRICS = ("lr", "optimizer_steps", "nan_skipped", "nan_skipped_total", "num_samples", "update", "grad_norm",
-                 "grad_norm_max", "logp_mismatch", "logp_mismatch_max")
+                 "grad_norm_max", "logp_mismatch", "logp_mismatch_max", "weight_sync_bytes", "weight_sync_chunks",
+                 "weight_sync_seconds", "weight_sync_bytes_per_s")
 MAX_METRICS = ("time_s", "time_old_s")
 
 
@@ -57,14 +59,23 @@ class LearnerWorker:
         return self.rank
 
     def update(self, trajectories) -> dict[str, float]:
-        return self.learner.update(trajectories)
+        """Learner.update, plus the sender-side figures of the last weight sync (weight_sync_bytes, _chunks,
+        _seconds, _bytes_per_s: time spent producing chunks, CPU copies included) so the driver logs them."""
+        metrics = self.learner.update(trajectories)
+        metrics.update(self.last_sync)
+        return metrics
+
+    last_sync: dict[str, float] = {}
 
     def weight_chunks(self, bucket_bytes: int, kwargs: dict) -> Iterator:
         """Rank 0 yields the chunks; the other ranks walk the same weights (ZeRO-3 gathers are collective)."""
-        chunks = self.learner.weight_buckets(bucket_bytes, **kwargs)
-        for chunk in chunks:
+        from rl.weight_sync import SyncStats
+
+        stats = SyncStats()
+        for chunk in self.learner.weight_buckets(bucket_bytes, stats=stats, **kwargs):
             if self.rank == 0:
                 yield chunk
+        self.last_sync = stats.metrics()
 
     def state_dict(self) -> dict[str, Any]:
         return self.learner.state_dict()
@@ -78,11 +89,13 @@ class LearnerWorker:
         return weights if self.rank == 0 else {}
 
     def save_policy(self, out_dir: str) -> str | None:
+        """HF directory of the policy (LoRA merged), written by rank 0; under ZeRO-3 every rank takes part in
+        gathering the partitioned weights."""
         from rollout.models.loading import save_policy
 
-        if getattr(self.learner.backend, "zero_stage", 0) == 3:
-            raise NotImplementedError("save_policy under ZeRO-3: gather with weight_chunks instead")
-        return str(save_policy(self.learner.policy, out_dir)) if self.rank == 0 else None
+        policy = self.learner.policy
+        with self.learner.backend.gathered(policy.model.parameters()):
+            return str(save_policy(policy, out_dir)) if self.rank == 0 else None
 
 
 def merge_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
@@ -98,6 +111,34 @@ def merge_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
         else:
             out[key] = float(sum(values) / len(values))
     return out
+
+
+def push_weights(chunk_refs, receivers: list, *, apply: str = "apply_weight_chunk",
+                 finish: str = "finish_weight_update", max_inflight: int = 2) -> dict[str, float]:
+    """Stream chunk ObjectRefs to receiver actors and finish the update on each.
+
+    Receiver contract: `<apply>(chunk) -> (version, bytes)` with chunk = (version, [(name, tensor), ...]) (Ray
+    resolves the ref in the receiver's process: the driver never holds tensors), then `<finish>(version)`. At
+    most `max_inflight` chunks are outstanding per receiver, which bounds object-store use. For TorchEngine:
+    apply = `engine.update_weights(chunk[1], chunk[0], final=False)`, finish = `update_weights([], v, final=True)`.
+    """
+    import ray
+
+    pending: list = []
+    results: list = []
+    for ref in chunk_refs:
+        pending.append([getattr(r, apply).remote(ref) for r in receivers])
+        while len(pending) > max_inflight:
+            results.append(ray.get(pending.pop(0)))
+    results += [ray.get(calls) for calls in pending]
+    if not results:
+        raise ValueError("push_weights: the learner sent no weight chunks")
+    version = int(results[0][0][0])
+    if any(int(v) != version for per_chunk in results for v, _ in per_chunk):
+        raise ValueError("push_weights: chunks of different versions in one update")
+    ray.get([getattr(r, finish).remote(version) for r in receivers])
+    return {"version": float(version), "chunks": float(len(results)),
+            "bytes": float(sum(per_chunk[0][1] for per_chunk in results))}
 
 
 class LearnerGroup:

@@ -43,7 +43,7 @@ def _config(**overrides) -> LearnerConfig:
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.parametrize("zero_stage", [2, 3])
-def test_two_workers_zero_equal_single_process(local_ray, tiny_model_dirs, zero_stage):
+def test_two_workers_zero_equal_single_process(local_ray, tiny_model_dirs, zero_stage, tmp_path):
     from rl.learner_worker import LearnerGroup
 
     path = tiny_model_dirs["block"]
@@ -59,6 +59,8 @@ def test_two_workers_zero_equal_single_process(local_ray, tiny_model_dirs, zero_
         ds_weights = group.policy_state()  # ZeRO-3: gathered from the partitions on every rank
         chunks = [local_ray.get(ref) for ref in group.weight_chunks(1 << 16)]
         state = group.state_dict()
+        saved = load_policy(group.save_policy(str(tmp_path / "policy")))  # ZeRO-3: gathered for rank 0 to write
+        m_next = group.update(make_trajectories(single, 2, prefix="next"))
     finally:
         group.shutdown()
     assert m_ds["optimizer_steps"] == m_ref["optimizer_steps"] == 6 and m_ds["nan_skipped"] == 0
@@ -73,6 +75,8 @@ def test_two_workers_zero_equal_single_process(local_ray, tiny_model_dirs, zero_
         moved = max(moved, float((w.detach() - load_policy(path).causal_lm.state_dict()[name]).abs().max()))
     assert moved > 1e-3
     assert len(state["ranks"]) == 2 and state["ranks"][1]["backend"]["rank"] == 1
+    assert all(torch.equal(p.detach(), ds_weights[n]) for n, p in saved.causal_lm.named_parameters())
+    assert m_next["weight_sync_bytes"] == sum(t.numel() * 4 for t in ds_weights.values())
     streamed = {name: t for _, entries in chunks for name, t in entries}
     assert all(v == 1 for v, _ in chunks) and set(streamed) == set(ds_weights)
     assert all(torch.equal(streamed[n], ds_weights[n]) for n in streamed)

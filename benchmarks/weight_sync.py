@@ -1,0 +1,156 @@
+"""Weight sync throughput: bucketed streaming vs one call per parameter, learner actor -> rollout-side actor.
+
+    python benchmarks/weight_sync.py [--repeats 3] [--hidden 512] [--layers 8]
+
+A Qwen3-shaped policy (hidden 512, 8 layers, 8 heads, ffn 1536: ~27M parameters with the small tokenizer's
+vocabulary, ~110 MB in fp32) sits in a LearnerGroup (torch backend, one LearnerWorker actor). A receiver actor
+holds a fresh copy and applies chunks with rl.weight_sync.WeightReceiver. Measured end to end from the driver
+(chunking + CPU copies + object store + apply + the final completeness check), on a local Ray on 127.0.0.1:
+- bucketed: `LearnerGroup.weight_chunks(bucket)` streamed with `push_weights` (2 chunks in flight);
+- per-parameter, blocking: one chunk per tensor, each call awaited before the next (the naive loop);
+- per-parameter, pipelined: one chunk per tensor, 2 in flight (isolates per-call overhead from blocking);
+- in-process: chunk + apply with no Ray (the copy cost floor).
+Prints a markdown table (BENCHMARKS.md, "## Weight sync").
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+# Run as a script, this folder heads sys.path, and benchmarks/rollout.py would shadow the rollout package.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+
+class BenchReceiver:
+    """Rollout-side stand-in: a policy and a WeightReceiver (what an engine's update_weights does)."""
+
+    def __init__(self, path: str):
+        import torch
+
+        from rl.weight_sync import WeightReceiver
+        from rollout.models.loading import load_policy
+
+        torch.set_num_threads(1)
+        self.policy = load_policy(path)
+        self.receiver = WeightReceiver(self.policy.causal_lm)
+
+    def apply_weight_chunk(self, chunk):
+        version, entries = chunk
+        return version, self.receiver.apply(entries, version)
+
+    def finish_weight_update(self, version: int) -> float:
+        return self.receiver.finish(version).bytes
+
+
+def lora_policy(path: str, r: int):
+    from rollout.models.loading import load_policy
+    from rollout.models.lora import apply_lora
+
+    return apply_lora(load_policy(path), r=r, alpha=2 * r)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    import torch
+
+    from rl.learner import LearnerConfig
+    from rl.learner_worker import LearnerGroup, push_weights
+    from rl.weight_sync import WeightReceiver, chunk_weights, merged_weights
+    from rollout.models.loading import load_policy
+    from rollout.models.tiny import make_tiny_policy
+
+    tmp = tempfile.mkdtemp(prefix="wsync_")
+    path = make_tiny_policy("block", os.path.join(tmp, "model"), seed=0, hidden_size=args.hidden,
+                            num_layers=args.layers, num_heads=8, num_kv_heads=8, intermediate_size=3 * args.hidden)
+    local = load_policy(path)
+    n_params = sum(p.numel() for p in local.model.parameters())
+    n_tensors = sum(1 for _ in local.model.parameters())
+    total = sum(p.numel() * p.element_size() for p in local.model.parameters())
+
+    rows = []
+
+    def record(label: str, seconds: list[float], chunks: int) -> None:
+        best, med = min(seconds), statistics.median(seconds)
+        rows.append((label, chunks, med, total / med / 1e6, total / best / 1e6))
+
+    # In-process floor: chunk (CPU copies) + apply, no Ray.
+    torch.set_num_threads(1)
+    dst = load_policy(path)
+    for bucket in (32 << 20,):
+        times = []
+        for _ in range(args.repeats):
+            rec = WeightReceiver(dst.causal_lm)
+            t0 = time.perf_counter()
+            n = 0
+            for entries in chunk_weights(merged_weights(local.causal_lm), bucket):
+                rec.apply(entries, 1)
+                n += 1
+            rec.finish(1)
+            times.append(time.perf_counter() - t0)
+        record(f"in-process, {bucket >> 20} MiB buckets", times, n)
+    del dst
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    try:
+        group = LearnerGroup(partial(load_policy, path), LearnerConfig(), num_workers=1)
+        receiver = ray.remote(BenchReceiver).options(num_cpus=1).remote(str(path))
+        ray.get(receiver.__ray_ready__.remote())
+        cases = [("Ray, 32 MiB buckets, 2 in flight", 32 << 20, True, 2),
+                 ("Ray, 8 MiB buckets, 2 in flight", 8 << 20, True, 2),
+                 ("Ray, one call per parameter, blocking", 1, False, 0),
+                 ("Ray, one call per parameter, 2 in flight", 1, False, 2)]
+        for label, bucket, split, inflight in cases:
+            times, chunks = [], 0
+            for _ in range(args.repeats + 1):  # the first run warms the actors up and is discarded
+                t0 = time.perf_counter()
+                out = push_weights(group.weight_chunks(bucket, split_large=split), [receiver],
+                                   max_inflight=inflight)
+                times.append(time.perf_counter() - t0)
+                chunks = int(out["chunks"])
+                assert out["bytes"] == total
+            record(label, times[1:], chunks)
+        group.shutdown()
+        # LoRA (r 16, all projections): many small adapter tensors, the case where per-call overhead dominates.
+        group = LearnerGroup(partial(lora_policy, str(path), 16), LearnerConfig(), num_workers=1)
+        lora_bytes = 0
+        for label, bucket, inflight in (("Ray, LoRA r16 deltas, 8 MiB buckets", 8 << 20, 2),
+                                        ("Ray, LoRA r16 deltas, one call per tensor, blocking", 1, 0)):
+            times, chunks = [], 0
+            for _ in range(args.repeats + 1):
+                t0 = time.perf_counter()
+                out = push_weights(group.weight_chunks(bucket, split_large=False), [receiver], max_inflight=inflight)
+                times.append(time.perf_counter() - t0)
+                chunks, lora_bytes = int(out["chunks"]), out["bytes"]
+            times = times[1:]
+            rows.append((label, chunks, statistics.median(times), lora_bytes / statistics.median(times) / 1e6,
+                         lora_bytes / min(times) / 1e6))
+        group.shutdown()
+    finally:
+        ray.shutdown()
+
+    print(f"model: {n_params / 1e6:.1f}M parameters in {n_tensors} tensors, {total / 2**20:.0f} MiB fp32 "
+          f"(LoRA r16 deltas: {lora_bytes / 2**20:.1f} MiB); "
+          f"torch {torch.__version__}, ray {ray.__version__}, {os.cpu_count()} CPUs, repeats {args.repeats}\n")
+    print("| path | chunks | median s | MB/s (median) | MB/s (best) |")
+    print("|---|---|---|---|---|")
+    for label, chunks, med, rate_med, rate_best in rows:
+        print(f"| {label} | {chunks} | {med:.3f} | {rate_med:.0f} | {rate_best:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
