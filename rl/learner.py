@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -131,11 +132,10 @@ class Learner:
             modules["value_head"] = self.value_head
             value_params = list(self.value_head.named_parameters())
             if vc.trunk == "separate":
-                if value_policy is None:
-                    if self.lora:
-                        raise ValueError("value model: pass value_policy (a plain trunk) when training LoRA")
-                    value_policy = DiffusionPolicy(copy.deepcopy(policy.model), policy.tokenizer, policy.spec,
-                                                   policy.source)
+                if value_policy is None:  # a plain copy of the policy (LoRA merged away) is the trunk
+                    trunk = copy.deepcopy(policy.model)
+                    trunk = trunk.merge_and_unload() if self.lora else trunk
+                    value_policy = DiffusionPolicy(trunk, policy.tokenizer, policy.spec, policy.source)
                 value_policy.model.requires_grad_(True)
                 self.value_policy = value_policy
                 modules["value_trunk"] = value_policy.model

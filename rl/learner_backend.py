@@ -99,7 +99,6 @@ def _disable_cpu_shm_comm() -> None:
     """DeepSpeed's CPU accelerator JIT-compiles a shared-memory allreduce op when it creates its comm backend;
     gloo does the same job here, so mark the op unavailable instead of compiling it in every fresh environment."""
     import deepspeed.ops
-
     from deepspeed.accelerator import get_accelerator
 
     if get_accelerator().device_name() == "cpu":

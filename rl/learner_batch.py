@@ -11,6 +11,7 @@ backward. Every rank computes the same plan from the same batch, so no rank need
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -123,7 +124,7 @@ class MetricLog:
     def add(self, metrics: dict) -> None:
         for name, value in metrics.items():
             value = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
-            if value != value or value in (float("inf"), float("-inf")):
+            if not math.isfinite(value):
                 self.nonfinite += 1
                 continue
             self.sums[name] = self.sums.get(name, 0.0) + value

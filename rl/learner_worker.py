@@ -16,7 +16,8 @@ until a group is made.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -40,6 +41,7 @@ class LearnerWorker:
         self.rank, self.world_size = rank, world_size
         self.policy_fn, self.config, self.ref_fn, self.value_fn = policy_fn, config, ref_fn, value_fn
         self.learner: Learner | None = None
+        self.last_sync: dict[str, float] = {}
 
     def free_port(self) -> int:
         from rl.learner_backend import free_port
@@ -64,8 +66,6 @@ class LearnerWorker:
         metrics = self.learner.update(trajectories)
         metrics.update(self.last_sync)
         return metrics
-
-    last_sync: dict[str, float] = {}
 
     def weight_chunks(self, bucket_bytes: int, kwargs: dict) -> Iterator:
         """Rank 0 yields the chunks; the other ranks walk the same weights (ZeRO-3 gathers are collective)."""

@@ -10,8 +10,8 @@ d1 used); the value head / value trunk get their own group with their own learni
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 

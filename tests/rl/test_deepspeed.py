@@ -35,8 +35,8 @@ def local_ray():
 
 def _config(**overrides) -> LearnerConfig:
     # lr/eps small: AdamW's first steps are then ~ proportional to the gradient, so weights measure gradients.
-    base = dict(algorithm="tracerl", estimator="trajectory", mu=2, micro_batch_size=1, shuffle=True, grad_clip=1.0,
-                optim=OptimConfig(lr=1e2, eps=1e4, weight_decay=0.01), seed=3)
+    base = {"algorithm": "tracerl", "estimator": "trajectory", "mu": 2, "micro_batch_size": 1, "shuffle": True,
+            "grad_clip": 1.0, "optim": OptimConfig(lr=1e2, eps=1e4, weight_decay=0.01), "seed": 3}
     return LearnerConfig(**{**base, **overrides})
 
 

@@ -87,7 +87,7 @@ def test_receiver_is_strict(tiny_model_dirs):
     with pytest.raises(ValueError, match="1 parameters never arrived"):
         receiver.finish(1)
     assert receiver.version is None
-    receiver.apply(list(chunk_weights(named[:1], 1000))[0], 2)  # a slice only: the tensor is incomplete
+    receiver.apply(next(iter(chunk_weights(named[:1], 1000))), 2)  # a slice only: the tensor is incomplete
     with pytest.raises(ValueError, match="received only"):
         receiver.finish(2)
     with pytest.raises(ValueError, match="smaller than one row"):
