@@ -20,6 +20,13 @@ One update, top to bottom:
    step (lr schedule, global-norm clipping). A non-finite loss or gradient skips the step: weights stay as they
    were, `nan_skipped` counts it.
 
+Metrics of `update` (floats): the loss's own (means over micro-batches: loss, pg_loss, kl_loss, clipfrac*,
+ratio_*, approx_kl, kl, adv_*, num_tokens, num_seqs, entropy when asked, ...), value_loss / value_clipfrac /
+value_mean / return_mean / value_error (value model), logp_mismatch / logp_mismatch_max, grad_norm (mean over
+applied steps, before clipping) / grad_norm_max, lr (last step), optimizer_steps, nan_skipped (this update),
+nan_skipped_total, forwards (all passes) / forwards_old / forwards_ref, num_samples, time_s, time_old_s, update.
+Optimizer steps per update: mu * ceil(B / (micro_batch_size * grad_accum * world_size)) (mu when grad_accum is None).
+
 Value model (TraceRL, `LearnerConfig.value`): a `rl.value.ValueHead` reading the hidden state of each token at its
 noisy position in the trajectory estimator's passes. trunk="shared" (default): the head sits on the policy's own
 trunk, so old values and values cost no extra forward, and the value loss (times `coef`) joins the policy loss
@@ -206,7 +213,7 @@ class Learner:
 
     # ------------------------------------------------------------------------------------------------ update
     def update(self, trajectories: list[Trajectory]) -> dict[str, float]:
-        """One RL update (mu inner iterations) on a batch; returns metrics (see module doc and README of rl)."""
+        """One RL update (mu inner iterations) on a batch; returns metrics (listed in the module doc)."""
         cfg, start = self.config, time.perf_counter()
         vc = cfg.value
         batch = rollout_batch(trajectories, need_advantage=vc is None,
