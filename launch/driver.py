@@ -102,7 +102,7 @@ class Driver:
         self.sampler = PromptSampler(len(ctx.prompts), seed=r.seed, shuffle=r.data.shuffle)
         self.sampling = sampling_params(r)
         self.step = 0  # steps completed == policy version of the learner's weights
-        self.counters = {"nan_skipped_steps": 0, "empty_steps": 0}
+        self.counters = {"nan_skipped_steps": 0, "empty_steps": 0, "dropped_stale": 0}
         self._last_saved = 0
         self._checkpoint_s = 0.0  # seconds the last checkpoint took (logged with the next step)
         self.sampler_position = 0  # data cursor of the last batch trained on
@@ -151,6 +151,10 @@ class Driver:
         ray.get(self.store.add.remote(step, batch.trajectories))
         # 6. The learner trains on the kept samples; the weights after it are version `step`.
         kept = [t for t in batch.trajectories if t.extra["keep"]]
+        stale = [t for t in kept if t.policy_version < step - 1]
+        if stale and self.recipe.trainer.off_policy == "drop":
+            kept = [t for t in kept if t.policy_version >= step - 1]
+            self.counters["dropped_stale"] += len(stale)
         if step == self._nan_step:
             for t in kept:
                 t.extra["advantage"] = float("nan")

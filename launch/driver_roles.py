@@ -84,7 +84,8 @@ def learner_config(recipe: Recipe):
         optim=optim, grad_clip=ln.grad_clip or None, micro_batch_size=ln.micro_batch_size, grad_accum=ln.grad_accum,
         mu=ln.mu, reference_model=ln.reference_model, bf16=ln.bf16,
         activation_checkpointing=recipe.model.gradient_checkpointing or ln.activation_checkpointing,
-        value=value, backend=ln.backend, zero_stage=ln.zero_stage or 2, seed=recipe.seed)
+        value=value, backend=ln.backend, zero_stage=ln.zero_stage or 2, seed=recipe.seed,
+        old_logp="rollout" if recipe.trainer.off_policy == "behaviour" else "recompute")
 
 
 def load_learner_policy(path: str, kind: str | None, block_size: int | None, dtype: str, trust_remote_code: bool,

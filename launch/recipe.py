@@ -395,6 +395,10 @@ class TrainerConfig(_Section):
     total_steps: int = Field(100, ge=1)
     mode: Literal["sync", "async"] = "sync"
     max_staleness: int = Field(1, ge=0)  # async: how many policy versions a rollout may lag
+    # What the learner takes as pi_old for data from an older policy version: "recompute" (the learner's current
+    # weights: stale data treated as on-policy), "behaviour" (the rollout's recorded log-probs: a true importance
+    # ratio; trajectory estimator only), or "drop" (train only on data of the current version).
+    off_policy: Literal["recompute", "behaviour", "drop"] = "recompute"
     checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
     keep_last: int = Field(3, ge=1)
     eval_every: int = Field(0, ge=0)  # 0: never

@@ -260,6 +260,9 @@ def _data_source(r: Recipe) -> str | None:
 
 def _trainer(r: Recipe) -> str | None:
     t = r.trainer
+    if t.off_policy == "behaviour" and r.estimator.name != "trajectory":
+        return (f"trainer.off_policy: 'behaviour' needs estimator 'trajectory' (the rollout records trajectory "
+                f"log-probs), not {r.estimator.name!r}")
     if t.mode == "async" and t.max_staleness < 1:
         return f"trainer.max_staleness: {t.max_staleness} < 1 in async mode (use trainer.mode: sync for on-policy)"
     if t.eval_every and r.data.eval is None and r.data.task is None:

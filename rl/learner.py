@@ -94,6 +94,9 @@ class LearnerConfig:
     activation_checkpointing: bool = False  # HF gradient checkpointing of the policy (and value trunk)
     value: ValueConfig | None = None
     log_mismatch: bool | None = None  # rollout vs learner logp gap; None: only when free (trajectory estimator)
+    # pi_old: "recompute" (learner weights before the update) or "rollout" (the log-probs the rollout recorded, the
+    # behaviour policy's: correct importance ratios for stale asynchronous data; trajectory estimator only).
+    old_logp: str = "recompute"
     entropy: bool = False  # compute per-token entropy (metric)
     backend: str = "torch"  # torch | deepspeed
     zero_stage: int = 2
@@ -115,6 +118,11 @@ class Learner:
         self.estimator = get_estimator(config.estimator)
         self.lora = hasattr(policy.model, "disable_adapter")
         deterministic = config.estimator in DETERMINISTIC_ESTIMATORS
+        if config.old_logp not in ("recompute", "rollout"):
+            raise ValueError(f"learner.old_logp: unknown source {config.old_logp!r} (recompute | rollout)")
+        if config.old_logp == "rollout" and config.estimator != "trajectory":
+            raise ValueError("learner.old_logp: 'rollout' needs the trajectory estimator, whose log-probs are the "
+                             f"rollout's own quantities (got {config.estimator!r})")
         self.reseed = (not deterministic) if config.reseed_per_inner is None else config.reseed_per_inner
         lc = self.loss_config
         need_ref = config.reference_model if config.reference_model is not None else (
@@ -315,6 +323,14 @@ class Learner:
                     if ref is not None:
                         self._ref.setdefault((key, i), (ref.token_logp[r, :n].detach(), ref.seq_logp[r].detach()))
         self._mismatch = self._logp_mismatch(batch, plan, counters)
+        if self.config.old_logp == "rollout":
+            self._use_behaviour_logp(batch)
+
+    def _use_behaviour_logp(self, batch: RolloutBatch) -> None:
+        """pi_old := the behaviour policy's recorded log-probs (same tokens, same steps, same temperature)."""
+        for (key, i), (token_logp, _, counted) in list(self._old.items()):
+            recorded = batch.rollout_logp[i][: token_logp.numel()].to(token_logp)
+            self._old[(key, i)] = (recorded, (recorded * counted).sum(), counted)
 
     def _values(self, inp: EstimatorInput, est) -> tuple[torch.Tensor, int, torch.Tensor]:
         """Per-token values (B, L) from the shared trunk's estimate or the separate trunk's own passes."""

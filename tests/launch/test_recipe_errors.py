@@ -101,6 +101,9 @@ BAD = {
                       "algorithm.filter.accuracy_lo: 0.9 > algorithm.filter.accuracy_hi 0.8"),
     "estimator t range": (["algorithm=diffu_grpo", "estimator=coupled", "estimator.t_min=0.9"],
                           "estimator.t_min: 0.9 >= estimator.t_max 0.8"),
+    "behaviour log-probs without trajectories": (["algorithm=gdpo", "trainer.off_policy=behaviour"], (
+        "trainer.off_policy: 'behaviour' needs estimator 'trajectory' (the rollout records trajectory log-probs), "
+        "not 'sdmc'")),
     "remote ray with local knobs": (["ray.address=auto", "ray.num_cpus=4"],
                                     "ray.num_cpus: only for a local cluster, but ray.address is set"),
     "workers disagree": (["resources.rollout_workers=2"], ("resources.rollout_workers: 2 != rollout.num_workers 1 "
