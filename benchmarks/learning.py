@@ -1,8 +1,8 @@
 """Proof that it learns: RL algorithms from one SFT checkpoint, equal wall-clock budget each, held-out accuracy.
 
-1. SFT a tiny block-diffusion model on the arithmetic task (or reuse --sft CKPT) and a block-size-1 twin (the
+1. SFT a tiny block-diffusion model on a toy task (countdown by default; or reuse --sft CKPT) and a block-size-1 twin (the
    autoregressive baseline: one token per block, each predicted from the clean prefix).
-2. For each algorithm: the tiny-base recipe pointed at the SFT checkpoint, the task's binary verifier as reward,
+2. For each algorithm: the tiny-base recipe pointed at the SFT checkpoint, the task's verifier as reward,
    the driver run in-process step after step until --budget-min of wall clock is spent, then a checkpoint.
 3. Greedy held-out accuracy (the task's test split, never trained on) before and after, with static decoding
    (one token per forward) and dynamic decoding (threshold 0.9: tokens per forward > 1), reward curves (PNG).
@@ -28,9 +28,20 @@ REPO = Path(__file__).resolve().parents[1]
 # Run as a script, this folder comes first on sys.path, and benchmarks/rollout.py would shadow the rollout package.
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(REPO)
-TASK = "arithmetic"
-TASK_KWARGS = {"digits": 2, "num_train": 2000, "num_test": 200}
-SFT = dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, steps=400, batch_size=64, lr=1e-3)
+# Toy tasks the benchmark can run: generator parameters, the verifier as reward, the response budget, the SFT run.
+SETUPS = {
+    # Countdown: many equations reach a target, the SFT data shows one: the verifier rewards any, which RL can use.
+    # format_score pays 0.1 for a well-formed equation on the given numbers (TinyZero's shaping).
+    "countdown": {"task_kwargs": {"num_train": 5000, "num_test": 200}, "max_tokens": 16,
+                  "reward": {"fn": "rl.tasks:countdown_reward", "kwargs": {"format_score": 0.1}},
+                  "sft": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, steps=800, batch_size=64,
+                              lr=1e-3)},
+    # Arithmetic: partial credit (0.5 x fraction of digits right) densifies the signal; accuracy is exact match.
+    "arithmetic": {"task_kwargs": {"digits": 2, "num_train": 2000, "num_test": 200}, "max_tokens": 8,
+                   "reward": {"fn": "rl.tasks:arithmetic_reward", "kwargs": {"partial_credit": True}},
+                   "sft": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, steps=400, batch_size=64,
+                               lr=1e-3)},
+}
 
 _NO_FILTER = {"drop_zero_variance": True, "accuracy_lo": None, "accuracy_hi": None}
 # Per algorithm: recipe sections merged over tiny-base (block model, block 4, 4 steps per block, static decoding).
@@ -50,17 +61,21 @@ ALGOS: dict[str, dict] = {
 # The same batch, optimiser and decoding for every algorithm: what differs is the loss and its estimator.
 COMMON = {
     "rollout": {"block_size": 4, "steps_per_block": 4, "remasking": "low_confidence_static", "temperature": 1.0,
-                "max_tokens": 8, "samples_per_prompt": 8, "cache": "kv", "batch_size": 128},
-    "data": {"task": TASK, "task_kwargs": TASK_KWARGS, "chat_template": True, "num_prompts_per_step": 16},
-    # Partial credit (0.5 x fraction of digits right) densifies the signal; held-out accuracy is exact match.
-    "reward": [{"fn": "rl.tasks:arithmetic_reward", "kwargs": {"partial_credit": True}}],
-    "learner": {"lr": 5e-5, "grad_clip": 1.0, "micro_batch_size": 64, "grad_accum": 1, "mu": 1, "warmup_steps": 0,
+                "samples_per_prompt": 8, "cache": "kv", "batch_size": 128},
+    "data": {"chat_template": True, "num_prompts_per_step": 16},
+    "learner": {"lr": 1e-4, "grad_clip": 1.0, "micro_batch_size": 64, "grad_accum": 1, "mu": 4, "warmup_steps": 0,
                 "weight_decay": 0.0, "betas": [0.9, 0.999]},
     "trainer": {"total_steps": 100000, "checkpoint_every": 0, "keep_last": 1, "log": ["jsonl"], "eval_every": 0},
 }
 
 
-def build_recipe(name: str, sft_dir: Path, out_dir: Path, seed: int, overrides: dict):
+def task_sections(task: str) -> dict:
+    setup = SETUPS[task]
+    return {"data": {"task": task, "task_kwargs": setup["task_kwargs"]}, "reward": [setup["reward"]],
+            "rollout": {"max_tokens": setup["max_tokens"]}}
+
+
+def build_recipe(name: str, task: str, sft_dir: Path, out_dir: Path, seed: int, overrides: dict):
     from launch.recipe import recipe_from_dict
     from launch.recipe_io import deep_merge, read_chain
 
@@ -70,7 +85,7 @@ def build_recipe(name: str, sft_dir: Path, out_dir: Path, seed: int, overrides: 
     merged["model"] = {"path": str(sft_dir), "kind": "block", "dtype": "float32"}
     merged.pop("algorithm", None)
     merged.pop("estimator", None)
-    for section in (COMMON, ALGOS[name.split("@")[0]], overrides):
+    for section in (COMMON, task_sections(task), ALGOS[name.split("@")[0]], overrides):
         merged = deep_merge(merged, json.loads(json.dumps(section)))
     merged.update(name=name.replace("@", "-"), seed=seed, output_dir=str(out_dir))
     return recipe_from_dict(merged, source=f"learning benchmark {name}")
@@ -103,29 +118,33 @@ def run_rl(recipe, budget_s: float, log_every: int = 5) -> dict:
             "wall_s": curve[-1]["wall_s"] if curve else 0.0, "setup_s": start - setup_start}
 
 
-def heldout(policy_dir: str | Path, seed: int, limit: int) -> dict:
-    """Greedy accuracy on the task's test split, static (1 token per forward) and dynamic (threshold 0.9)."""
+def heldout(policy_dir: str | Path, task: str, seed: int, limit: int) -> dict:
+    """Greedy accuracy on the task's test split, static (1 token per forward) and dynamic (threshold 0.9), and the
+    rollout distribution's accuracy (temperature 1, 4 samples per problem)."""
     from launch.evaluate import run_eval
 
     out = {}
+    common = dict(task_kwargs=SETUPS[task]["task_kwargs"], task_seed=seed, limit=limit, progress=False,
+                  print_table=False, max_tokens=SETUPS[task]["max_tokens"])
     for decoding in ("static", "dynamic"):
-        s = run_eval(str(policy_dir), TASK, decoding=decoding, threshold=0.9, task_kwargs=TASK_KWARGS,
-                     task_seed=seed, limit=limit, progress=False, print_table=False)[0]
+        s = run_eval(str(policy_dir), task, decoding=decoding, threshold=0.9, **common)[0]
         out[decoding] = {"accuracy": s["avg@1"], "tokens_per_forward": s["tokens_per_forward"],
                          "gen_wall_s": s["gen_wall_s"]}
+    s = run_eval(str(policy_dir), task, n=4, k=(1, 4), temperature=1.0, **common)[0]
+    out["sampled"] = {"avg@4": s["avg@4"], "pass@4": s["pass@4"]}
     return out
 
 
-def make_sft(out: Path, seed: int, block_size: int) -> Path:
+def make_sft(out: Path, task: str, seed: int, block_size: int) -> Path:
     from launch.sft import run_sft
 
     if not (out / "sft.json").is_file():
-        run_sft(str(out), task=TASK, task_kwargs=TASK_KWARGS, block_size=block_size, seed=seed, progress=False,
-                overwrite=True, **SFT)
+        run_sft(str(out), task=task, task_kwargs=SETUPS[task]["task_kwargs"], block_size=block_size, seed=seed,
+                progress=False, overwrite=True, **SETUPS[task]["sft"])
     return out
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, task: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,34 +162,38 @@ def plot(results: dict, path: Path) -> None:
         ax.plot(xs, ys, label=name)
     ax.set_xlabel("wall-clock minutes of RL")
     ax.set_ylabel("rollout accuracy (moving average of 5 steps)")
-    ax.set_title(f"{TASK}: RL from one SFT checkpoint")
+    ax.set_title(f"{task}: RL from one SFT checkpoint")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def _row(name: str, steps: str, minutes: str, res: dict, before: float | None) -> str:
+    st, dy, sa = res["static"], res["dynamic"], res["sampled"]
+    gain = "-" if before is None else f"{100 * (st['accuracy'] - before):+.1f}"
+    return (f"| {name} | {steps} | {minutes} | {100 * st['accuracy']:.1f} | {100 * dy['accuracy']:.1f} "
+            f"({dy['tokens_per_forward']:.2f}) | {100 * sa['avg@4']:.1f} / {100 * sa['pass@4']:.1f} | {gain} |")
+
+
 def table(results: dict, sft: dict) -> str:
-    lines = ["| run | steps | RL wall min | held-out static | dynamic (tok/fwd) | gain static |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| run | RL steps | RL wall min | held-out greedy, static | dynamic (tokens/forward) | "
+             "T=1 avg@4 / pass@4 | gain (static) |", "|---|---|---|---|---|---|---|"]
     for name, base in sft.items():
-        lines.append(f"| SFT {name} | - | - | {100 * base['static']['accuracy']:.1f} | "
-                     f"{100 * base['dynamic']['accuracy']:.1f} ({base['dynamic']['tokens_per_forward']:.2f}) | - |")
+        lines.append(_row(f"SFT ({name})", "-", "-", base, None))
     for name, res in results.items():
         if "after" not in res:
-            lines.append(f"| {name} | failed: {res.get('error', '?')[:60]} | | | | |")
+            lines.append(f"| {name} | failed: {res.get('error', '?')[:80]} | | | | | |")
             continue
         before = sft["block1" if name.endswith("@block1") else "block4"]["static"]["accuracy"]
-        a = res["after"]
-        lines.append(f"| {name} | {res['steps']} | {res['wall_s'] / 60:.1f} | {100 * a['static']['accuracy']:.1f} | "
-                     f"{100 * a['dynamic']['accuracy']:.1f} ({a['dynamic']['tokens_per_forward']:.2f}) | "
-                     f"{100 * (a['static']['accuracy'] - before):+.1f} |")
+        lines.append(_row(name, str(res["steps"]), f"{res['wall_s'] / 60:.1f}", res["after"], before))
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench/learning")
+    parser.add_argument("--task", default="countdown", choices=sorted(SETUPS))
     parser.add_argument("--algos", default=",".join(ALGOS), help=f"comma list of {', '.join(ALGOS)}")
     parser.add_argument("--ar-algo", default="tracerl", help="algorithm for the block-size-1 baseline ('' = skip)")
     parser.add_argument("--budget-min", type=float, default=20.0, help="RL wall-clock minutes per algorithm")
@@ -196,14 +219,14 @@ def main() -> None:
         from launch.recipe_io import deep_merge
 
         overrides = deep_merge(overrides, json.loads(text))
-    sft_dirs = {"block4": Path(args.sft).resolve() if args.sft else make_sft(out / "sft", args.seed, 4)}
+    sft_dirs = {"block4": Path(args.sft).resolve() if args.sft else make_sft(out / "sft", args.task, args.seed, 4)}
     runs = [a for a in args.algos.split(",") if a]
     if args.ar_algo:
-        sft_dirs["block1"] = make_sft(out / "sft_block1", args.seed, 1)
+        sft_dirs["block1"] = make_sft(out / "sft_block1", args.task, args.seed, 1)
         runs.append(f"{args.ar_algo}@block1")
     results_path = out / "results.json"
     saved = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    sft_eval = saved.get("sft") or {k: heldout(d, args.seed, args.eval_items) for k, d in sft_dirs.items()}
+    sft_eval = saved.get("sft") or {k: heldout(d, args.task, args.seed, args.eval_items) for k, d in sft_dirs.items()}
     results = saved.get("runs", {})
     for name in runs:
         ar = name.endswith("@block1")
@@ -217,16 +240,17 @@ def main() -> None:
 
             shutil.rmtree(run_dir)
         try:
-            recipe = build_recipe(name, sft_dir, run_dir, args.seed, extra)
+            recipe = build_recipe(name, args.task, sft_dir, run_dir, args.seed, extra)
             res = run_rl(recipe, args.budget_min * 60)
-            res["after"] = heldout(res["policy"], args.seed, args.eval_items)
+            res["after"] = heldout(res["policy"], args.task, args.seed, args.eval_items)
         except Exception as err:  # noqa: BLE001 - one algorithm failing must not lose the others' results
             logging.exception("%s failed", name)
             res = {"error": " ".join(f"{type(err).__name__}: {err}".split())[:300]}
         results[name] = res
-        results_path.write_text(json.dumps({"sft": sft_eval, "runs": results, "budget_min": args.budget_min,
-                                            "sft_config": SFT, "task_kwargs": TASK_KWARGS}, indent=1) + "\n")
-        plot(results, out / "reward_curves.png")
+        results_path.write_text(json.dumps({"task": args.task, "setup": SETUPS[args.task], "sft": sft_eval,
+                                            "runs": results, "budget_min": args.budget_min, "common": COMMON},
+                                           indent=1) + "\n")
+        plot(results, args.task, out / "reward_curves.png")
         print(table({name: res}, sft_eval), flush=True)
     print(table(results, sft_eval))
 

@@ -174,3 +174,13 @@ def test_register_rewards_plugs_into_a_registry():
     register_rewards(table.register)
     assert table.names() == ["arithmetic", "countdown", "sudoku"]
     assert table.get("arithmetic")("1+1=", "2", "2")["score"] == 1.0
+
+
+def test_verifiers_load_through_the_rewards_registry():
+    from rewards.registry import kind_of, load_fn, register_reward
+
+    for name in TASK_REWARDS:
+        fn = load_fn(f"rl.tasks:{name}_reward")  # what a recipe's `fn: rl.tasks:<task>_reward` resolves to
+        assert fn is TASK_REWARDS[name] and kind_of(fn) == "single"
+    register_rewards(register_reward)  # the driver (or rewards' built-ins) can expose them as `fn: <task>`
+    assert load_fn("countdown")("", "3*5+7", "7+3*5")["score"] == 1.0
