@@ -32,7 +32,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from rl.checkpoint import CheckpointError
     from rl.store import StoreError
 
-    errors: list[type[BaseException]] = [RecipeError, DataError, CheckpointError, StoreError, SubmitError]
+    # FileExistsError: an output directory that would be overwritten (sft, eval) is refused, never clobbered.
+    errors: list[type[BaseException]] = [RecipeError, DataError, CheckpointError, StoreError, SubmitError,
+                                         FileExistsError]
     from rollout.models.spec import ModelLoadError
 
     errors.append(ModelLoadError)
@@ -113,6 +115,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
              temperature=temperature, max_tokens=max_tokens, limit=args.limit, seed=args.seed,
              chat_template=False if args.no_chat_template else None, prompt_field=args.prompt_field,
              answer_field=args.answer_field, task_kwargs=task_kwargs, task_seed=task_seed, progress=not args.quiet)
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    """Supervised fine-tuning to a starting checkpoint (launch/sft.py); prints its summary line."""
+    from launch.sft import run_sft
+
+    summary = run_sft(
+        args.out, model=args.model, tiny=args.tiny, hidden_size=args.hidden_size, num_layers=args.num_layers,
+        block_size=args.block_size, trust_remote_code=args.trust_remote_code,
+        task=None if args.data else args.task, data=args.data, heldout_data=args.heldout_data,
+        prompt_field=args.prompt_field, answer_field=args.answer_field, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed, eval_items=args.eval_items,
+        overwrite=args.overwrite, progress=not args.quiet,
+    )
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))}))
     return 0
 
 
@@ -215,6 +233,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for per-sample results and summary.json")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning to a starting checkpoint (diffusion masked CE)")
+    p.add_argument("out", help="checkpoint directory to write")
+    p.add_argument("--model", default=None, help="start from this checkpoint (default: a tiny model built offline)")
+    p.add_argument("--tiny", default="block", choices=("block", "sdar", "llada", "dream"))
+    p.add_argument("--hidden-size", type=int, default=192)
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--task", default="arithmetic", help="toy task (arithmetic | countdown | sudoku)")
+    p.add_argument("--data", default=None, help=".jsonl / .json / .parquet training file (instead of --task)")
+    p.add_argument("--heldout-data", default=None)
+    p.add_argument("--prompt-field", default="prompt")
+    p.add_argument("--answer-field", default="answer")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-items", type=int, default=0, help="greedy accuracy on this many held-out items after")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("status", help="runs, their step and last metrics")
     p.add_argument("runs_dir", nargs="?", default="runs")
