@@ -13,6 +13,18 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models gain nothing from a second intra-op thread, and on a shared 2-core box two threads per process
+    oversubscribe the cores (measured ~10x slower under load). Ray workers and subprocesses set their own."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _quiet_transformers() -> None:
     import transformers
 

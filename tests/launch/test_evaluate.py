@@ -10,19 +10,11 @@ import pickle
 import zlib
 
 import pytest
-import torch
 
 from launch.evaluate import Sample, evaluate, format_table, parse_ks, run_eval, sampling_params
 from launch.evaluate_data import EvalDataError, detect_shape, load_eval_set
 from rl.passk import avg_at_n, mean_pass_at_k, pass_at_k
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()  # tiny models: a second thread only oversubscribes a shared 2-core box
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------- pass@k

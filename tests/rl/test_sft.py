@@ -12,15 +12,6 @@ from rl.sft import SFTConfig, draw_mask, heldout_loss, make_example, masked_loss
 from rl.tasks import make_task
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from a second intra-op thread, and on a shared 2-core box two threads per process
-    # oversubscribe the cores (measured 10x slower under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _examples(policy, rows):
     from launch.sft import build_examples

@@ -11,14 +11,6 @@ from rollout.sampling import GenerationRequest, SamplingParams, processed_logpro
 LENGTHS = (3, 9, 14, 5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: OpenMP threads only add spin-wait contention on a shared 2-core box (10x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class Biased(DiffusionPolicy):
     """A tiny policy whose logits are scaled (confidence) and pushed towards EOS, and which logs batch sizes."""

@@ -13,14 +13,6 @@ from rollout.sampling import GenerationRequest, SamplingParams
 BLOCK = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: OpenMP threads only add spin-wait contention on a shared 2-core box.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def full_policies(tiny_model_dirs):

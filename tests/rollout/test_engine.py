@@ -12,13 +12,6 @@ from rollout.sampling import GenerationRequest, SamplingParams
 PARAMS = SamplingParams(temperature=1.0, max_tokens=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def other_weights(tmp_path_factory):
