@@ -11,7 +11,7 @@ finish_reason is "error: <one line>" and whose response is empty; the others dec
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from itertools import chain
 from pathlib import Path
 from typing import Callable
@@ -102,10 +102,15 @@ class TorchEngine(RolloutEngine):
             torch.zeros(1, policy.hidden_size, device=policy.device, dtype=policy.dtype)).shape[-1])
 
     @classmethod
-    def from_dir(cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 kind: str | None = None, block_size: int | None = None, trust_remote_code: bool = False,
-                 **options) -> "TorchEngine":
+    def from_dir(cls, path: str | Path, *, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | str = torch.float32, kind: str | None = None, block_size: int | None = None,
+                 trust_remote_code: bool = False, **options) -> "TorchEngine":
         from rollout.models.loading import load_policy
+
+        if isinstance(dtype, str):  # recipes and Ray calls name the dtype ("bfloat16")
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise ValueError(f"engine.dtype: unknown torch dtype {dtype!r}")
+            dtype = getattr(torch, dtype)
 
         policy = load_policy(path, kind=kind, block_size=block_size, dtype=dtype, device=device,
                              trust_remote_code=trust_remote_code)
