@@ -43,6 +43,36 @@ SETUPS = {
                                lr=1e-3)},
 }
 
+# --sft-sweep: starting points (size x steps) with their held-out greedy accuracy and training time.
+SFT_SWEEP = [
+    ("arithmetic", dict(hidden_size=128, num_layers=2, steps=400)),
+    ("arithmetic", dict(hidden_size=128, num_layers=2, steps=800)),
+    ("arithmetic", dict(hidden_size=256, num_layers=2, steps=400)),
+    ("arithmetic", dict(hidden_size=192, num_layers=4, steps=400)),
+    ("countdown", dict(hidden_size=128, num_layers=2, steps=800)),
+]
+
+
+def sft_sweep(out: Path, seed: int, eval_items: int) -> list[dict]:
+    from launch.sft import run_sft
+
+    rows = []
+    for task, size in SFT_SWEEP:
+        config = {**SETUPS[task]["sft"], **size}
+        name = f"{task}_h{config['hidden_size']}_l{config['num_layers']}_s{config['steps']}"
+        s = run_sft(str(out / "sft_sweep" / name), task=task, task_kwargs=SETUPS[task]["task_kwargs"], seed=seed,
+                    progress=False, overwrite=True, eval_items=eval_items, **config)
+        rows.append({"run": name, "parameters": s["parameters"], "train_s": s["train_wall_s"],
+                     "heldout_masked_ce": [s["heldout_masked_ce_before"], s["heldout_masked_ce_after"]],
+                     "greedy_accuracy": s["eval"]["accuracy"]})
+        print(f"| {task} | {config['hidden_size']} x {config['num_layers']} | {s['parameters'] / 1e6:.2f}M | "
+              f"{config['steps']} x {config['batch_size']} | {s['train_wall_s']:.0f} | "
+              f"{s['heldout_masked_ce_before']:.2f} -> {s['heldout_masked_ce_after']:.2f} | "
+              f"{100 * s['eval']['accuracy']:.1f} |", flush=True)
+    (out / "sft_sweep.json").write_text(json.dumps(rows, indent=1) + "\n")
+    return rows
+
+
 _NO_FILTER = {"drop_zero_variance": True, "accuracy_lo": None, "accuracy_hi": None}
 # Per algorithm: recipe sections merged over tiny-base (block model, block 4, 4 steps per block, static decoding).
 ALGOS: dict[str, dict] = {
@@ -63,7 +93,7 @@ COMMON = {
     "rollout": {"block_size": 4, "steps_per_block": 4, "remasking": "low_confidence_static", "temperature": 1.0,
                 "samples_per_prompt": 8, "cache": "kv", "batch_size": 128},
     "data": {"chat_template": True, "num_prompts_per_step": 16},
-    "learner": {"lr": 1e-4, "grad_clip": 1.0, "micro_batch_size": 64, "grad_accum": 1, "mu": 4, "warmup_steps": 0,
+    "learner": {"lr": 2e-5, "grad_clip": 1.0, "micro_batch_size": 64, "grad_accum": 1, "mu": 4, "warmup_steps": 0,
                 "weight_decay": 0.0, "betas": [0.9, 0.999]},
     "trainer": {"total_steps": 100000, "checkpoint_every": 0, "keep_last": 1, "log": ["jsonl"], "eval_every": 0},
 }
@@ -200,6 +230,7 @@ def main() -> None:
     parser.add_argument("--sft", default=None, help="reuse this SFT checkpoint (block 4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-items", type=int, default=200)
+    parser.add_argument("--sft-sweep", action="store_true", help="only the SFT starting-point table")
     parser.add_argument("--set", action="append", default=[], help="recipe override for every run, JSON: "
                         "'{\"learner\": {\"lr\": 1e-4}}'")
     args = parser.parse_args()
@@ -214,6 +245,11 @@ def main() -> None:
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if args.sft_sweep:
+        print("| task | hidden x layers | params | steps x batch | train s | held-out masked CE | greedy % |\n"
+              "|---|---|---|---|---|---|---|", flush=True)
+        sft_sweep(out, args.seed, args.eval_items)
+        return
     overrides: dict = {}
     for text in args.set:
         from launch.recipe_io import deep_merge
