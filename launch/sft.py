@@ -42,11 +42,17 @@ def _rows(task: str | None, task_kwargs: dict | None, data: str | None, heldout_
         made = make_task(task, seed=seed, **(task_kwargs or {}))
         return ([(r["prompt"], r["answer"]) for r in made.rows("train")],
                 [(r["prompt"], r["answer"]) for r in made.rows("test")])
-    from launch.data import _answer_text, read_rows
+    from launch.data import read_rows
+
+    def text(answer: Any) -> str:  # numbers as written (72, not 72.0); anything else as JSON
+        if isinstance(answer, float) and answer.is_integer():
+            return str(int(answer))
+        return answer if isinstance(answer, str) else json.dumps(answer) if isinstance(answer, (list, dict)) \
+            else str(answer)
 
     def pairs(path: str, where: str) -> list[tuple[str, str]]:
-        return [(r[prompt_field], _answer_text(r[answer_field]))
-                for r in read_rows(path, prompt_field, answer_field, where=where)]
+        return [(r[prompt_field], text(r[answer_field])) for r in read_rows(path, prompt_field, answer_field,
+                                                                             where=where)]
 
     return pairs(data, "sft.data"), (pairs(heldout_data, "sft.heldout_data") if heldout_data else [])
 

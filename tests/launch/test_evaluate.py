@@ -71,6 +71,8 @@ def test_shapes_are_detected_and_scored(tmp_path):
         {"problem": "1+1?", "answer": "2", "unique_id": "a"},
         {"problem": "Half of 1?", "answer": "\\frac{1}{2}", "unique_id": "b"}])
     gsm = _jsonl(tmp_path / "gsm8k.jsonl", [{"question": "3 apples + 4?", "answer": "3+4=7\n#### 7"}])
+    aime = _jsonl(tmp_path / "aime.jsonl", [{"ID": "2024-I-1", "Problem": "Find 6*7.", "Solution": "...",
+                                             "Answer": 42}])
     mbpp = _jsonl(tmp_path / "mbpp.jsonl", [{"task_id": 11, "text": "Add two numbers.", "code": "",
                                              "test_list": ["assert add(1, 2) == 3", "assert add(0, 0) == 0"],
                                              "test_setup_code": ""}])
@@ -83,8 +85,11 @@ def test_shapes_are_detected_and_scored(tmp_path):
         {"question_id": "q2", "question_content": "f", "starter_code": "class Solution: ...",
          "public_test_cases": json.dumps([{"input": "1", "output": "1", "testtype": "functional"}]),
          "private_test_cases": ""}])
-    shapes = {p: load_eval_set(p).shape for p in (math500, gsm, mbpp, lcb)}
-    assert list(shapes.values()) == ["math500", "gsm8k", "mbpp", "livecodebench"]
+    shapes = {p: load_eval_set(p).shape for p in (math500, gsm, aime, mbpp, lcb)}
+    assert list(shapes.values()) == ["math500", "gsm8k", "math500", "mbpp", "livecodebench"]
+    aime_set = load_eval_set(aime)
+    assert aime_set.items[0].id == "2024-I-1" and aime_set.items[0].reference == "42"
+    assert evaluate(aime_set, _stub(lambda item: "\\boxed{42}"), n=1)[0]["avg@1"] == 1.0
     lcb_set = load_eval_set(lcb)
     assert [i.id for i in lcb_set.items] == ["q1"] and len(lcb_set.items[0].reference["tests"]) == 2
 
