@@ -272,11 +272,14 @@ class MCElboEstimator(_EstimatorSection):
 class SDMCEstimator(_EstimatorSection):
     name: Literal["sdmc"] = "sdmc"
     quadrature: Literal["gauss-1", "gauss-2", "gauss-3", "gauss-4", "gauss-5", "simpson"] = "gauss-3"  # GDPO
+    # "time": GDPO's 1/t per node (published; biased at short lengths by int(tL) rounding, see BENCHMARKS.md);
+    # "count": L/m for the m tokens actually masked.
+    weighting: Literal["time", "count"] = "time"
 
     def params(self) -> dict[str, Any]:
-        if self.quadrature == "simpson":
-            return {"rule": "simpson", "nodes": 3}
-        return {"rule": "gauss", "nodes": int(self.quadrature.split("-")[1])}
+        rule = {"rule": "simpson", "nodes": 3} if self.quadrature == "simpson" else {
+            "rule": "gauss", "nodes": int(self.quadrature.split("-")[1])}
+        return {**rule, "weighting": self.weighting}
 
 
 class CoupledEstimator(_EstimatorSection):

@@ -12,7 +12,7 @@ CASES = [
     ("diffu_grpo", {"name": "one_step"}, "block"),
     ("gdpo", {"name": "mc_elbo", "mc_num": 2}, "llada"),
     ("gdpo", {"name": "sdmc", "quadrature": "simpson"}, "llada"),
-    ("gdpo", {"name": "sdmc", "quadrature": "gauss-2"}, "llada"),
+    ("gdpo", {"name": "sdmc", "quadrature": "gauss-2", "weighting": "count"}, "llada"),
     ("coupled_grpo", {"name": "coupled"}, "dream"),
     ("gdpo", {"name": "block_elbo", "mc_num": 2}, "block"),
     ("tracerl", {"name": "trajectory", "shrink": 2}, "block"),
