@@ -15,32 +15,17 @@ from rl.algorithms.core import (
     Metrics,
     PolicyBatch,
     PolicyEstimates,
-    aggregate,
-    common_metrics,
     counted_mask,
-    finish,
-    kl_term,
     masked_stats,
-    normalizer_of,
     require,
-    safe,
-    token_advantages,
 )
+from rl.algorithms.ppo import policy_gradient_loss
 
 
 @LOSSES.register("wd1", beta=0.0, loss_agg="seq_mean_token_mean")
 def wd1_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossConfig) -> tuple[torch.Tensor, Metrics]:
-    name = "wd1"
+    # With the signed weights in place of advantages, wd1 is exactly the plain -A * logp (+ beta KL) objective.
+    loss, metrics = policy_gradient_loss(batch, est, config, name="wd1")
     mask = counted_mask(batch, est)
-    logp = require(est, "logp", mask.shape, name)
-    w = token_advantages(batch.advantages.detach(), mask.shape).to(logp.dtype)
-    norm = normalizer_of(batch, mask, config)
-    pg_loss = aggregate(safe(-w * logp, mask), mask, config.loss_agg, norm, step_ids=batch.step_ids)
-    kl = kl_term(est, mask, config, name)
-    kl_loss = config.beta * aggregate(kl, mask, config.loss_agg, norm, step_ids=batch.step_ids) \
-        if kl is not None else None
-    metrics = common_metrics(batch, est, mask, batch.advantages)
-    metrics["logp_mean"] = masked_stats(logp, mask)[0]
-    if kl is not None:
-        metrics["kl"] = masked_stats(kl, mask)[0]
-    return finish({"pg_loss": pg_loss, "kl_loss": kl_loss, "value_loss": None}, metrics)
+    metrics["logp_mean"] = masked_stats(require(est, "logp", mask.shape, "wd1"), mask)[0].detach()
+    return loss, metrics
