@@ -6,6 +6,8 @@ P1: cached vs uncached block decoding, tokens/s, gen 256, block 4, batch 16 (goa
 P3: block diffusion vs the same model decoding autoregressively with HF `generate` and its KV cache, tokens/s at
     batch 1 and 16 (goal >= 1.5x), with tokens per forward: the dynamic threshold 0.9 (which a random model, being
     near-uniform, never passes: one token a step) and fixed k = 2 / 4 tokens per step.
+F1: the same weights as a full-attention model (LLaDA-style semi-AR blocks): exact no-cache decoding vs the
+    Fast-dLLM prefix and dual caches, tokens/s and token agreement with the exact decoder.
 P6: model FLOP utilisation of cached rollout (executed FLOPs of every forward / wall time) against this CPU's
     fp32 matmul peak measured in the same run (goal >= 30%), and a profile of where the time goes.
 
@@ -249,6 +251,31 @@ def bench_p3(policy, batches, prompt_len, gen, repeats):
     return results
 
 
+def bench_full_caches(model_dir: Path, batch: int, prompt_len: int, gen: int, block: int, steps_per_block: int,
+                      repeats: int) -> dict:
+    """F1: the same weights driven as a full-attention (LLaDA-style) model: no cache vs Fast-dLLM prefix / dual.
+
+    Greedy low-confidence decoding; agreement = fraction of response tokens equal to the exact decoder's.
+    """
+    import dataclasses
+
+    policy = load_policy(model_dir)
+    policy.spec = dataclasses.replace(policy.spec, kind="llada", attention="full", block_size=block)
+    params = SamplingParams(temperature=0, max_tokens=gen, remasking="low_confidence_static",
+                            steps_per_block=steps_per_block)
+    requests = _requests(batch, prompt_len, params)
+    out, results = {}, {}
+    for mode in ("none", "prefix", "dual"):
+        _log(f"F1 full attention, kv_cache={mode}")
+        out[mode], seconds = _timed(lambda: TorchEngine(policy, kv_cache=mode).generate(requests), repeats)
+        results[f"{mode} tok/s"] = _tokens(out[mode]) / seconds
+    for mode in ("prefix", "dual"):
+        same = sum(int((a.response_ids == b.response_ids).sum()) for a, b in zip(out["none"], out[mode]))
+        results[f"{mode} speedup"] = results[f"{mode} tok/s"] / results["none tok/s"]
+        results[f"{mode} agreement"] = same / _tokens(out["none"])
+    return results
+
+
 def profile_cached(policy, batch, prompt_len, gen, top: int = 12) -> str:
     params = SamplingParams(temperature=0, max_tokens=gen, remasking="low_confidence_static", steps_per_block=4,
                             stop_at_eos=False)
@@ -269,7 +296,7 @@ def profile_cached(policy, batch, prompt_len, gen, top: int = 12) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, under a minute")
-    parser.add_argument("--only", default="P1,P3,P6", help="comma-separated subset of P1,P3,P6")
+    parser.add_argument("--only", default="P1,P3,P6,F1", help="comma-separated subset of P1,P3,P6,F1")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
     parser.add_argument("--profile", action="store_true", help="print a profile of cached decoding (P6)")
     parser.add_argument("--repeats", type=int, help="best of this many runs per figure (default 2; quick 1)")
@@ -292,7 +319,8 @@ def main() -> None:
     figures: dict = {"threads": torch.get_num_threads(), "repeats": repeats,
                      "load_avg_1min_start": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as tmp:
-        policy = load_policy(build_model(Path(tmp) / "model", size))
+        model_dir = build_model(Path(tmp) / "model", size)
+        policy = load_policy(model_dir)
         figures["params_M"] = sum(p.numel() for p in policy.causal_lm.parameters()) / 1e6
         warm = SamplingParams(temperature=0, max_tokens=8, stop_at_eos=False)
         TorchEngine(policy).generate(_requests(2, 8, warm))
@@ -306,6 +334,10 @@ def main() -> None:
             figures["P6_mfu"] = figures["P1"]["cached_gflop_s"] / figures["matmul_peak_gflop_s"]
         if "P3" in only:
             figures["P3"] = bench_p3(policy, p3_batches, prompt_len, p3_gen, repeats)
+        if "F1" in only:
+            f1 = (4, 16, 32, 8, 4) if args.quick else (4, 64, 128, 32, 16)  # batch, prompt, gen, block, steps/block
+            figures["F1"] = bench_full_caches(model_dir, *f1, repeats)
+            figures["F1"]["shape"] = "batch {}, prompt {}, gen {}, block {}, {} steps per block".format(*f1)
         figures["load_avg_1min_end"] = os.getloadavg()[0]
         figures["runs_started_on_a_quiet_machine"] = f"{QUIET['gated']}/{QUIET['gated'] + QUIET['ungated']}"
         print(json.dumps(figures, indent=2))

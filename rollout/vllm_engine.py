@@ -1,8 +1,8 @@
 """vLLM behind the rollout engine interface, for autoregressive policies (the AR baseline; optional extra).
 
 An autoregressive response is a trajectory with one token per step: step_map = 0, 1, 2, ..., block_size 1, and
-the log-prob vLLM reports for each sampled token (after its temperature / top-k / top-p processing, with
-`logprobs_mode="processed_logprobs"` where the installed vLLM supports it). vLLM is imported lazily; installing
+the log-prob vLLM reports for each sampled token (pass `logprobs_mode="processed_logprobs"` as an LLM option,
+where the installed vLLM supports it, to get it after temperature / top-k / top-p like the torch engine). vLLM is imported lazily; installing
 it is `pip install diffrl[vllm]` and never part of CI.
 """
 from __future__ import annotations
@@ -67,7 +67,13 @@ class VLLMEngine(RolloutEngine):
 
     def update_weights(self, weights, version: int, *, final: bool = True) -> None:
         # vLLM's model runner loads weights itself (fused qkv and gate/up projections); hand it each bucket.
-        model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+        # This reaches the in-process model of vLLM's single-GPU executor; multi-process executors need an RPC.
+        try:
+            model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+        except AttributeError as err:
+            raise NotImplementedError(
+                "engine 'vllm': this vLLM version does not expose its model in-process; update weights through "
+                "its collective_rpc / weight-sync API instead") from err
         for bucket in iter_buckets(weights):
             model.load_weights(list(bucket.items()))
         if final:
