@@ -83,6 +83,16 @@ def test_sampled_cached_equals_uncached_when_rows_stop_at_different_blocks(tiny_
     assert sizes == sorted(sizes, reverse=True) and sizes[0] == len(prompts) and sizes[-1] < len(prompts)
 
 
+def test_rows_at_different_blocks_share_forwards_exactly(tiny_policies):
+    """Dynamic remasking on a confident model desynchronises rows: the ragged cache path must stay exact."""
+    policy = Biased(tiny_policies["block"], scale=30.0, eos_bonus=-5.0)
+    params = SamplingParams(temperature=1.0, max_tokens=24, remasking="low_confidence_dynamic", threshold=0.7)
+    prompts = _prompts(policy, (3, 9, 14, 5, 7, 2))
+    cached = _generate(policy, prompts, params)
+    assert len({t.nfe for t in cached}) > 1, "rows should need different numbers of steps"
+    _assert_same(cached, _generate(policy, prompts, params, kv_cache="none"), logprob_atol=1e-4)
+
+
 @pytest.mark.parametrize("steps,k", [(4, 1), (2, 2), (1, 4)])
 def test_static_unmasks_exactly_k_per_step(tiny_policies, steps, k):
     policy = tiny_policies["block"]
