@@ -74,6 +74,12 @@ def judge(gold: str, predicted: str, strict: bool = True) -> tuple[bool, bool]:
     return bool(verify(gold_parsed, pred_parsed, strict=strict, timeout_seconds=None)), as_math
 
 
+def warm_up() -> None:
+    """One judgement at worker start-up: math-verify builds its LaTeX parser lazily on first use (seconds on a
+    loaded machine), which must not be charged to the first real item's time limit."""
+    judge("\\frac{1}{2}", "0.5")
+
+
 def score_item(response: str, reference: Any, opts: dict[str, Any], length: int | None = None) -> dict[str, Any]:
     """One item, start to finish (runs inside a pool worker)."""
     extract = opts.get("extract", DEFAULT_EXTRACT)
@@ -97,7 +103,8 @@ def get_pool(workers: int) -> TimeoutPool:
     """The process's math pool of that size (created once, closed at exit): workers are slow to warm up."""
     with _POOLS_LOCK:
         if workers not in _POOLS:
-            _POOLS[workers] = TimeoutPool(workers, preload=("rewards.math_reward", "math_verify", "sympy"))
+            _POOLS[workers] = TimeoutPool(workers, preload=("rewards.math_reward", "math_verify", "sympy"),
+                                          warmup="rewards.math_reward:warm_up")
         return _POOLS[workers]
 
 

@@ -48,6 +48,10 @@ class Outcome:
     detail: str = ""
 
 
+READY = "ready"
+READY_LIMIT_S = 300.0  # an interpreter start plus imports; only a broken environment takes this long
+
+
 def _on_alarm(signum, frame):
     raise SoftTimeout()
 
@@ -80,26 +84,49 @@ def _worker_main(conn: Connection) -> None:
             conn.send(Outcome("error", detail=f"result not picklable: {exc}"))
 
 
-def _serve(fd: int, preload: Sequence[str]) -> None:
-    """Entry point of a worker process (see _Worker): import what tasks need, then answer tasks until EOF."""
+def _serve(fd: int, preload: Sequence[str], warmup: str | None = None) -> None:
+    """Entry point of a worker process (see _Worker): import what tasks need, run the warm-up, say "ready",
+    then answer tasks until EOF."""
     for module in preload:
         importlib.import_module(module)
-    _worker_main(Connection(fd))
+    if warmup:
+        module, _, name = warmup.partition(":")
+        getattr(importlib.import_module(module), name)()
+    conn = Connection(fd)
+    conn.send(READY)
+    _worker_main(conn)
 
 
 class _Worker:
     """A fresh interpreter (not a fork of the parent, not multiprocessing, which would re-import the parent's
     __main__ in every worker) talking pickled (fn, args, timeout) messages over a socketpair."""
 
-    def __init__(self, preload: Sequence[str]):
+    def __init__(self, preload: Sequence[str], warmup: str | None = None):
         parent_end, child_end = socket.socketpair()
-        code = f"from rewards.pool import _serve; _serve({child_end.fileno()}, {list(preload)!r})"
+        code = f"from rewards.pool import _serve; _serve({child_end.fileno()}, {list(preload)!r}, {warmup!r})"
         self.proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(child_end.fileno(),),
                                      stdin=subprocess.DEVNULL)
         child_end.close()
         self.conn = Connection(parent_end.detach())
         self.task: int | None = None
         self.deadline = 0.0
+        self.ready = False
+
+    def wait_ready(self) -> None:
+        """Block until start-up (imports, warm-up) is done: a task's time limit must measure the task alone, not
+        an interpreter start and lazily built parsers on a loaded machine."""
+        if self.ready:
+            return
+        if not self.conn.poll(READY_LIMIT_S):
+            raise RuntimeError(f"reward pool: worker pid {self.pid} not ready after {READY_LIMIT_S:g}s")
+        try:
+            message = self.conn.recv()
+        except (EOFError, OSError):
+            raise RuntimeError(f"reward pool: worker pid {self.pid} died while starting "
+                               f"(exit code {self.proc.wait(5)})") from None
+        if message != READY:
+            raise RuntimeError(f"reward pool: worker pid {self.pid} sent {message!r} instead of ready")
+        self.ready = True
 
     @property
     def pid(self) -> int:
@@ -112,12 +139,14 @@ class _Worker:
 
 
 class TimeoutPool:
-    def __init__(self, workers: int = 2, preload: Sequence[str] = ()):
+    def __init__(self, workers: int = 2, preload: Sequence[str] = (), warmup: str | None = None):
+        """`warmup`: "module:function" each worker calls once after `preload`, before its first task."""
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self._preload = tuple(preload)
+        self._warmup = warmup
         self._lock = threading.Lock()  # one map() at a time: workers are not shared between callers
-        self._workers = [_Worker(self._preload) for _ in range(workers)]
+        self._workers = [_Worker(self._preload, warmup) for _ in range(workers)]
         self.stats = {"tasks": 0, "timeouts": 0, "errors": 0, "killed": 0, "busy_s": 0.0}
 
     @property
@@ -170,10 +199,13 @@ class TimeoutPool:
         return outcomes  # type: ignore[return-value]
 
     def _start(self, slot: int, index: int, message: tuple) -> None:
+        self._workers[slot].wait_ready()
         try:
             self._workers[slot].conn.send(message)
         except (BrokenPipeError, ConnectionResetError):  # it died while idle (killed from outside): replace once
-            self._replace(slot).conn.send(message)
+            fresh = self._replace(slot)
+            fresh.wait_ready()
+            fresh.conn.send(message)
         worker = self._workers[slot]
         worker.task, worker.deadline = index, time.monotonic() + message[2] + HARD_GRACE_S
 
@@ -193,7 +225,7 @@ class TimeoutPool:
         old.kill()
         self.stats["killed"] += 1
         log.warning("reward pool: killed worker pid %s, starting a new one", old.pid)
-        self._workers[slot] = _Worker(self._preload)
+        self._workers[slot] = _Worker(self._preload, self._warmup)
         return self._workers[slot]
 
     def close(self) -> None:
