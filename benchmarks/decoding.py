@@ -11,8 +11,8 @@ F1: the same weights as a full-attention model (LLaDA-style semi-AR blocks): exa
 P6: model FLOP utilisation of cached rollout (executed FLOPs of every forward / wall time) against this CPU's
     fp32 matmul peak measured in the same run (goal >= 30%), and a profile of where the time goes.
 
-    python benchmarks/rollout.py --threads 1 --profile   # full run (~5 minutes; the figures in BENCHMARKS.md)
-    python benchmarks/rollout.py --quick                 # under a minute (smaller shapes: a smoke run)
+    python benchmarks/decoding.py --threads 1 --profile   # full run (~5 minutes; the figures in BENCHMARKS.md)
+    python benchmarks/decoding.py --quick                 # under a minute (smaller shapes: a smoke run)
 """
 from __future__ import annotations
 
@@ -24,18 +24,16 @@ import tempfile
 import time
 from pathlib import Path
 
-# Run as a script, this file's folder leads sys.path and its name would shadow the `rollout` package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import torch  # noqa: E402
+import torch
 
-from rollout.decoding.block import decode_blocks_cached  # noqa: E402
-from rollout.decoding.reference import decode_blocks_uncached  # noqa: E402
-from rollout.decoding.state import Row  # noqa: E402
-from rollout.engine import TorchEngine  # noqa: E402
-from rollout.models.loading import load_policy  # noqa: E402
-from rollout.models.tiny import make_tiny_policy  # noqa: E402
-from rollout.sampling import GenerationRequest, SamplingParams  # noqa: E402
+from rollout.decoding.block import decode_blocks_cached
+from rollout.decoding.reference import decode_blocks_uncached
+from rollout.decoding.state import Row
+from rollout.engine import TorchEngine
+from rollout.models.loading import load_policy
+from rollout.models.tiny import make_tiny_policy
+from rollout.sampling import GenerationRequest, SamplingParams
 
 SIZE = dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8, intermediate_size=1536, max_positions=2048)
 QUICK_SIZE = dict(SIZE, num_layers=4)

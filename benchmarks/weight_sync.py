@@ -17,15 +17,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from functools import partial
-from pathlib import Path
 
-# Run as a script, this folder heads sys.path, and benchmarks/rollout.py would shadow the rollout package.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 
 class BenchReceiver:
