@@ -141,6 +141,15 @@ def _read_records(fd: int, proc: subprocess.Popen, deadline: float) -> tuple[byt
                 flags.append("output_limit")
                 break
         elif proc.poll() is not None:  # exited; a stray child may still hold the pipe open (mode none)
+            # What it wrote just before exiting can land between the select above and this poll: drain it without
+            # blocking (a plain read could wait forever on that stray child).
+            while len(data) <= _RESULT_CAP and select.select([fd], [], [], 0)[0]:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                data += chunk
+            if len(data) > _RESULT_CAP:
+                flags.append("output_limit")
             break
     return bytes(data), flags
 
