@@ -4,8 +4,9 @@
 
 A Qwen3-shaped policy (hidden 512, 8 layers, 8 heads, ffn 1536: ~27M parameters with the small tokenizer's
 vocabulary, ~110 MB in fp32) sits in a LearnerGroup (torch backend, one LearnerWorker actor). A receiver actor
-holds a fresh copy and applies chunks with rl.weight_sync.WeightReceiver. Measured end to end from the driver
-(chunking + CPU copies + object store + apply + the final completeness check), on a local Ray on 127.0.0.1:
+holds a fresh copy and applies chunks with rollout.weight_receiver.WeightReceiver (what TorchEngine.update_weights
+uses). Measured end to end from the driver (chunking + CPU copies + object store + apply + the final completeness
+check), on a local Ray on 127.0.0.1:
 - bucketed: `LearnerGroup.weight_chunks(bucket)` streamed with `push_weights` (2 chunks in flight);
 - per-parameter, blocking: one chunk per tensor, each call awaited before the next (the naive loop);
 - per-parameter, pipelined: one chunk per tensor, 2 in flight (isolates per-call overhead from blocking);
@@ -29,8 +30,8 @@ class BenchReceiver:
     def __init__(self, path: str):
         import torch
 
-        from rl.weight_sync import WeightReceiver
         from rollout.models.loading import load_policy
+        from rollout.weight_receiver import WeightReceiver
 
         torch.set_num_threads(1)
         self.policy = load_policy(path)
@@ -64,9 +65,10 @@ def main() -> None:
 
     from rl.learner import LearnerConfig
     from rl.learner_worker import LearnerGroup, push_weights
-    from rl.weight_sync import WeightReceiver, chunk_weights, merged_weights
+    from rl.weight_sync import chunk_weights, merged_weights
     from rollout.models.loading import load_policy
     from rollout.models.tiny import make_tiny_policy
+    from rollout.weight_receiver import WeightReceiver
 
     tmp = tempfile.mkdtemp(prefix="wsync_")
     path = make_tiny_policy("block", os.path.join(tmp, "model"), seed=0, hidden_size=args.hidden,

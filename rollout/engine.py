@@ -22,9 +22,11 @@ from rollout.decoding import decode
 from rollout.decoding.state import Row, check_request, error_trajectory
 from rollout.sampling import GenerationRequest, SamplingParams
 from rollout.trajectory import Trajectory
+from rollout.weight_format import SyncStats
+from rollout.weight_receiver import WeightReceiver
 
 __all__ = ["RolloutEngine", "TorchEngine", "SGLangEngine", "GenerationRequest", "SamplingParams", "make_engine",
-           "iter_buckets"]
+           "iter_buckets", "iter_entries"]
 
 DEFAULT_BUCKET_BYTES = 256 * 1024 * 1024
 
@@ -40,7 +42,8 @@ class RolloutEngine(abc.ABC):
 
     @abc.abstractmethod
     def update_weights(self, weights, version: int, *, final: bool = True) -> None:
-        """Load weights given as a mapping, (name, tensor) pairs or an iterable of mappings (buckets).
+        """Load weights given as a mapping, (name, tensor) pairs or an iterable of mappings (buckets), named as
+        rollout/weight_format.py says (TorchEngine also takes its row slices and LoRA triples).
 
         Several calls with final=False stream one update bucket by bucket (e.g. one Ray call per bucket); the call
         with final=True checks that every parameter arrived and sets the policy version.
@@ -74,6 +77,18 @@ def iter_buckets(weights, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Iterator[
         yield bucket
 
 
+def iter_entries(weights) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of any accepted weight format, in order (duplicates kept: the receiver rejects them)."""
+    if isinstance(weights, Mapping):
+        yield from weights.items()
+        return
+    for item in weights:
+        if isinstance(item, Mapping):
+            yield from item.items()
+        else:
+            yield item
+
+
 class TorchEngine(RolloutEngine):
     """diffrl's own decoders on a DiffusionPolicy (CPU or GPU).
 
@@ -95,7 +110,8 @@ class TorchEngine(RolloutEngine):
         self.bucket_bytes = bucket_bytes
         self.policy_version = 0
         self._device = policy.device
-        self._received: set[str] = set()
+        self._receiver: WeightReceiver | None = None  # made at the first update_weights
+        self.sync_stats: SyncStats | None = None  # receiver-side figures of the last weight update
         config = policy.causal_lm.config
         self.max_positions = getattr(config, "max_position_embeddings", None)
         self.vocab_size = int(getattr(config, "vocab_size", 0) or policy.logits_from_hidden(
@@ -146,27 +162,14 @@ class TorchEngine(RolloutEngine):
 
     # --------------------------------------------------------------------------------------------- weights
     def update_weights(self, weights, version: int, *, final: bool = True, strict: bool = True) -> None:
-        model = self.policy.causal_lm
-        state = model.state_dict()
-        for bucket in iter_buckets(weights, self.bucket_bytes):
-            for name, tensor in bucket.items():
-                if name not in state:
-                    raise ValueError(f"update_weights: unknown parameter {name!r} (not in the rollout model)")
-                if tuple(tensor.shape) != tuple(state[name].shape):
-                    raise ValueError(f"update_weights: {name!r} has shape {tuple(tensor.shape)}, "
-                                     f"the rollout model expects {tuple(state[name].shape)}")
-            with torch.no_grad():
-                model.load_state_dict(bucket, strict=False)
-            self._received.update(bucket)
-        if not final:
-            return
-        # Tied weights appear once among parameters but twice in the state dict: require the former only.
-        missing = sorted({name for name, _ in model.named_parameters()} - self._received)
-        self._received = set()
-        if strict and missing:
-            raise ValueError(f"update_weights: {len(missing)} parameters never arrived (first: {missing[0]!r}); "
-                             f"policy version stays {self.policy_version}")
-        self.policy_version = int(version)
+        """Apply weights in the wire format of rollout/weight_format.py (full tensors, row slices, LoRA triples)
+        with a WeightReceiver kept for the engine's life (it holds the pristine base LoRA deltas merge onto)."""
+        if self._receiver is None:
+            self._receiver = WeightReceiver(self.policy.causal_lm)
+        self._receiver.apply(iter_entries(weights), version)
+        if final:
+            self.sync_stats = self._receiver.finish(version, strict=strict)
+            self.policy_version = int(version)
 
     # --------------------------------------------------------------------------------------------- memory
     def release(self) -> None:

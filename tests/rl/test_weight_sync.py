@@ -1,5 +1,6 @@
-"""Bucketed weight streaming: byte limits, exact round trips into a fresh policy and into TorchEngine, strict
-receiver checks, LoRA delta sync == PEFT's merged weights (repeatedly, without drift)."""
+"""Bucketed weight streaming: byte limits, exact round trips into a fresh policy and into TorchEngine (whole and
+row-sliced tensors), strict receiver checks, LoRA delta sync == PEFT's merged weights (repeatedly, without drift),
+end to end from a LoRA learner into the rollout engine. Receiver-only checks: tests/rollout/test_weight_receiver.py."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,9 +11,11 @@ import torch
 
 from rl.learner import Learner, LearnerConfig
 from rl.optim import OptimConfig
-from rl.weight_sync import SyncStats, WeightReceiver, chunk_weights, merged_weights, nbytes, stream_weights
+from rl.weight_sync import SyncStats, chunk_weights, merged_weights, nbytes, stream_weights
+from rollout.engine import TorchEngine
 from rollout.models.loading import load_policy, save_policy
 from rollout.models.lora import apply_lora
+from rollout.weight_receiver import WeightReceiver
 
 _spec = importlib.util.spec_from_file_location("_learner_tests", Path(__file__).with_name("test_learner.py"))
 _helpers = importlib.util.module_from_spec(_spec)
@@ -56,20 +59,52 @@ def test_buckets_respect_limit_and_round_trip_exactly(tiny_model_dirs, bucket_by
         assert torch.equal(p, want[name]), name
 
 
-def test_chunks_feed_torch_engine_update_weights(tiny_model_dirs):
-    from rollout.engine import TorchEngine
-
+@pytest.mark.parametrize("split_large", [True, False])
+def test_chunks_feed_torch_engine_update_weights(tiny_model_dirs, split_large):
     src = _perturbed(tiny_model_dirs["block"], seed=1)
     engine = TorchEngine(load_policy(tiny_model_dirs["block"]))
     learner = Learner(src, LearnerConfig())
-    # Whole tensors only (TorchEngine does not take row slices): oversized tensors travel alone.
-    for version, entries in learner.weight_buckets(20_000, version=3, split_large=False):
+    # split_large: tensors over the bucket arrive as row slices; otherwise oversized tensors travel alone.
+    chunks = list(learner.weight_buckets(20_000, version=3, split_large=split_large))
+    assert any("@" in name for _, entries in chunks for name, _ in entries) == split_large
+    for version, entries in chunks:
         engine.update_weights(entries, version, final=False)
     engine.update_weights([], 3, final=True)
     assert engine.policy_version == 3
     want = _params(src.causal_lm)
     for name, p in _params(engine.policy.causal_lm).items():
         assert torch.equal(p, want[name]), name
+
+
+def test_lora_run_rollout_engine_holds_the_learners_merged_weights(tiny_model_dirs, tmp_path):
+    """What the driver does for a LoRA run (LoRA deltas, large tensors sliced) into TorchEngine.update_weights:
+    after every sync the engine's weights are exactly the learner's merged weights, and it decodes exactly like
+    an engine built from the saved (PEFT-merged) policy."""
+    policy = apply_lora(load_policy(tiny_model_dirs["block"]), r=4, alpha=8)
+    learner = Learner(policy, LearnerConfig(mu=1, optim=OptimConfig(lr=1e-2)))
+    engine = TorchEngine.from_dir(tiny_model_dirs["block"])
+    options = {"lora_delta": True, "split_large": True}  # launch.driver_roles.sync_options of a LoRA run
+    for round_ in range(2):
+        learner.update(_helpers.make_trajectories(policy, 2, prefix=f"e{round_}"))
+        # a bucket smaller than the largest LoRA part: parts travel whole (oversized), never sliced
+        chunks = list(learner.weight_buckets(1024, **options))
+        names = [name for _, entries in chunks for name, _ in entries]
+        assert names and all(name.endswith((".lora_A", ".lora_B", ".lora_scaling")) for name in names)
+        for version, entries in chunks:
+            engine.update_weights(entries, version, final=False)
+        engine.update_weights([], learner.updates)
+        assert engine.policy_version == learner.updates == round_ + 1
+        merged = dict(learner.named_weights(lora_delta=False))
+        for name, p in _params(engine.policy.causal_lm).items():
+            assert torch.equal(p, merged[name]), (round_, name)
+    save_policy(policy, tmp_path / "merged")
+    from rollout.sampling import GenerationRequest, SamplingParams
+
+    requests = [GenerationRequest([11, 12, 13 + i], SamplingParams(temperature=1.0, max_tokens=8), seed=i)
+                for i in range(3)]
+    fresh = TorchEngine.from_dir(tmp_path / "merged").generate(requests)
+    for a, b in zip(engine.generate(requests), fresh, strict=True):
+        assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)
 
 
 def test_receiver_is_strict(tiny_model_dirs):
