@@ -20,14 +20,10 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# Run as a script, this folder comes first on sys.path, and benchmarks/rollout.py would shadow the rollout package.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(REPO)
 # Toy tasks the benchmark can run: generator parameters, the verifier as reward, the response budget, the SFT run.
 SETUPS = {
     # Countdown: many equations reach a target, the SFT data shows one: the verifier rewards any, which RL can use.
@@ -121,8 +117,26 @@ def build_recipe(name: str, task: str, sft_dir: Path, out_dir: Path, seed: int, 
     return recipe_from_dict(merged, source=f"learning benchmark {name}")
 
 
-def run_rl(recipe, budget_s: float, log_every: int = 5) -> dict:
-    """The driver, step after step, until the budget is spent; returns the curve and the final policy dir."""
+def tree_cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and every live descendant: the local Ray cluster's raylet, GCS
+    and worker processes (rollout, learner, reward actors) are all started below the driver. Unlike wall clock it
+    does not grow when other jobs share the machine, so budgets stay comparable across runs."""
+    import psutil
+
+    total = 0.0
+    me = psutil.Process()
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):  # exited between listing and reading: its time is lost
+            continue
+        total += times.user + times.system
+    return total
+
+
+def run_rl(recipe, budget_s: float, clock: str = "cpu", log_every: int = 5) -> dict:
+    """The driver, step after step, until `budget_s` seconds of `clock` (cpu: CPU seconds of the whole process
+    tree; wall: wall clock) are spent; returns the curve and the final policy dir."""
     from launch.driver import Driver
     from launch.driver_setup import prepare_run
     from launch.local_ray import ray_session
@@ -131,11 +145,14 @@ def run_rl(recipe, budget_s: float, log_every: int = 5) -> dict:
     curve, setup_start = [], time.perf_counter()
     with ray_session(ctx.recipe.ray):
         driver = Driver(ctx, progress=False)
-        start = time.perf_counter()  # the budget counts RL steps, not starting Ray and the actors
+        # The budget counts RL steps, not starting Ray and the actors.
+        start, cpu_start = time.perf_counter(), tree_cpu_seconds()
+        spent = (lambda: tree_cpu_seconds() - cpu_start) if clock == "cpu" else (lambda: time.perf_counter() - start)
         try:
-            while time.perf_counter() - start < budget_s:
+            while spent() < budget_s:
                 metrics = driver.train_step(driver.step + 1)
                 curve.append({"step": driver.step, "wall_s": time.perf_counter() - start,
+                              "cpu_s": tree_cpu_seconds() - cpu_start,
                               "reward": metrics.get("reward/mean"), "accuracy": metrics.get("reward/accuracy"),
                               "samples": metrics.get("learner/samples"), "step_s": metrics.get("time/step_s")})
                 if driver.step % log_every == 0:
@@ -145,7 +162,8 @@ def run_rl(recipe, budget_s: float, log_every: int = 5) -> dict:
         finally:
             driver.close()
     return {"curve": curve, "policy": str(path / "policy"), "steps": driver.step,
-            "wall_s": curve[-1]["wall_s"] if curve else 0.0, "setup_s": start - setup_start}
+            "wall_s": curve[-1]["wall_s"] if curve else 0.0, "cpu_s": curve[-1]["cpu_s"] if curve else 0.0,
+            "setup_s": start - setup_start}
 
 
 def heldout(policy_dir: str | Path, task: str, seed: int, limit: int) -> dict:
@@ -185,12 +203,12 @@ def plot(results: dict, task: str, path: Path) -> None:
         curve = res.get("curve") or []
         if not curve:
             continue
-        xs = [c["wall_s"] / 60 for c in curve]
+        xs = [c.get("cpu_s", c["wall_s"]) / 60 for c in curve]
         k = 5  # moving average over 5 steps: one step is 64 samples of 8 prompts
         ys = [sum(c["accuracy"] for c in curve[max(0, i - k + 1):i + 1]) / len(curve[max(0, i - k + 1):i + 1])
               for i in range(len(curve))]
         ax.plot(xs, ys, label=name)
-    ax.set_xlabel("wall-clock minutes of RL")
+    ax.set_xlabel("CPU-minutes of RL (whole process tree)")
     ax.set_ylabel("rollout accuracy (moving average of 5 steps)")
     ax.set_title(f"{task}: RL from one SFT checkpoint")
     ax.legend()
@@ -207,7 +225,7 @@ def _row(name: str, steps: str, minutes: str, res: dict, before: float | None) -
 
 
 def table(results: dict, sft: dict) -> str:
-    lines = ["| run | RL steps | RL wall min | held-out greedy, static | dynamic (tokens/forward) | "
+    lines = ["| run | RL steps | RL CPU min (wall) | held-out greedy, static | dynamic (tokens/forward) | "
              "T=1 avg@4 / pass@4 | gain (static) |", "|---|---|---|---|---|---|---|"]
     for name, base in sft.items():
         lines.append(_row(f"SFT ({name})", "-", "-", base, None))
@@ -216,7 +234,7 @@ def table(results: dict, sft: dict) -> str:
             lines.append(f"| {name} | failed: {res.get('error', '?')[:80]} | | | | | |")
             continue
         before = sft["block1" if name.endswith("@block1") else "block4"]["static"]["accuracy"]
-        lines.append(_row(name, str(res["steps"]), f"{res['wall_s'] / 60:.1f}", res["after"], before))
+        lines.append(_row(name, str(res["steps"]), f"{res.get('cpu_s', 0) / 60:.1f} ({res['wall_s'] / 60:.1f})", res["after"], before))
     return "\n".join(lines)
 
 
@@ -226,7 +244,9 @@ def main() -> None:
     parser.add_argument("--task", default="countdown", choices=sorted(SETUPS))
     parser.add_argument("--algos", default=",".join(ALGOS), help=f"comma list of {', '.join(ALGOS)}")
     parser.add_argument("--ar-algo", default="tracerl", help="algorithm for the block-size-1 baseline ('' = skip)")
-    parser.add_argument("--budget-min", type=float, default=20.0, help="RL wall-clock minutes per algorithm")
+    parser.add_argument("--budget-min", type=float, default=20.0, help="RL minutes per algorithm (see --clock)")
+    parser.add_argument("--clock", default="cpu", choices=("cpu", "wall"),
+                        help="cpu: CPU-minutes of the whole process tree (robust to a shared machine); wall: minutes")
     parser.add_argument("--sft", default=None, help="reuse this SFT checkpoint (block 4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-items", type=int, default=200)
@@ -277,14 +297,15 @@ def main() -> None:
             shutil.rmtree(run_dir)
         try:
             recipe = build_recipe(name, args.task, sft_dir, run_dir, args.seed, extra)
-            res = run_rl(recipe, args.budget_min * 60)
+            res = run_rl(recipe, args.budget_min * 60, args.clock)
             res["after"] = heldout(res["policy"], args.task, args.seed, args.eval_items)
         except Exception as err:  # noqa: BLE001 - one algorithm failing must not lose the others' results
             logging.exception("%s failed", name)
             res = {"error": " ".join(f"{type(err).__name__}: {err}".split())[:300]}
         results[name] = res
         results_path.write_text(json.dumps({"task": args.task, "setup": SETUPS[args.task], "sft": sft_eval,
-                                            "runs": results, "budget_min": args.budget_min, "common": COMMON},
+                                            "runs": results, "budget_min": args.budget_min, "clock": args.clock,
+                                            "common": COMMON, "overrides": overrides},
                                            indent=1) + "\n")
         plot(results, args.task, out / "reward_curves.png")
         print(table({name: res}, sft_eval), flush=True)

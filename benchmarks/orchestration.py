@@ -27,7 +27,6 @@ PARTS = ("sync", "rollout", "reward", "learner")
 
 
 def build_30m(out_dir: Path) -> Path:
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
     from rollout.models.tiny import make_tiny_policy
 
     return make_tiny_policy("block", out_dir, seed=0, **SIZE_30M)

@@ -1,7 +1,7 @@
 """Reward throughput, measured side by side in one run: prints the markdown table kept in BENCHMARKS.md (## Rewards).
 
-    python benchmarks/rewards.py            # ~1-2 minutes on 2 cores
-    python benchmarks/rewards.py --quick    # fewer repetitions, for a smoke check
+    python benchmarks/reward_services.py            # ~1-2 minutes on 2 cores
+    python benchmarks/reward_services.py --quick    # fewer repetitions, for a smoke check
 
 - math: math-verify judgements per second through the killable worker pool, 1 and 2 workers.
 - code: HumanEval canonical solutions executed per second (one sandbox per problem), 1 and 2 threads.
@@ -20,10 +20,6 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-# Run as a script, this file's folder comes first on sys.path and this file would shadow the `rewards` package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from rewards.code_reward import humaneval_reference
 from rewards.code_reward import score_batch as code_batch
