@@ -89,7 +89,7 @@ def learner_config(recipe: Recipe):
 
 
 def load_learner_policy(path: str, kind: str | None, block_size: int | None, dtype: str, trust_remote_code: bool,
-                        lora: dict | None, device: str | None = None):
+                        lora: dict | None, device: str | None = None, seed: int | None = None):
     """Module-level (picklable) policy factory run inside each learner actor."""
     from rollout.models.loading import load_policy
 
@@ -100,14 +100,14 @@ def load_learner_policy(path: str, kind: str | None, block_size: int | None, dty
         from rollout.models.lora import apply_lora
 
         policy = apply_lora(policy, r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
-                            target_modules=lora["target_modules"])
+                            target_modules=lora["target_modules"], seed=seed)
     return policy
 
 
 def _policy_fn(recipe: Recipe, path) -> partial:
     lora = recipe.model.lora.model_dump() if recipe.model.lora is not None else None
     return partial(load_learner_policy, str(path), recipe.model.declared_kind, decode_block(recipe),
-                   recipe.model.dtype, recipe.model.trust_remote_code, lora)
+                   recipe.model.dtype, recipe.model.trust_remote_code, lora, seed=recipe.seed)
 
 
 def _strategy(group, bundle: int):
@@ -119,9 +119,13 @@ def _strategy(group, bundle: int):
 # --------------------------------------------------------------------------------------------------- learner
 def make_learner(recipe: Recipe, policy_dir, init_dir, group, plan: PlacementPlan):
     """The learner group on its bundles. The KL reference (when the loss needs one) is the run's initial policy,
-    also after a resume; a value model starts from algorithm.value_model.path or a copy of the policy."""
+    also after a resume; a value model starts from algorithm.value_model.path or a copy of the policy. A LoRA
+    learner always starts from the initial policy, its frozen base (and the rollout workers' base for LoRA-delta
+    sync): on resume its adapters come from the checkpoint's learner state, not from the merged policy/ there."""
     from rl.learner_worker import LearnerGroup
 
+    if recipe.model.lora is not None:
+        policy_dir = init_dir
     config = learner_config(recipe)
     ref_fn = _policy_fn(recipe, init_dir) if config.reference_model else None
     vm = getattr(recipe.algorithm, "value_model", None)

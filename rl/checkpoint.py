@@ -3,8 +3,10 @@
     runs/NAME/checkpoints/
         step_000004/
             policy/            HF directory (save_policy: safetensors, config, tokenizer; TraDo/SDAR format kept)
-            learner.pt         learner state: optimizer, lr-schedule counter, update counters and, when the algorithm
-                               has one, the value model (head and trunk) (torch.save; tensors and plain types)
+            learner.pt         learner state: optimizer, lr-schedule counter, update counters, the value model (head
+                               and trunk) when the algorithm has one, the adapters when training LoRA (policy/ holds
+                               the merged weights; a LoRA run resumes on its initial policy plus these adapters)
+                               (torch.save; tensors and plain types)
             rng.json           RNG states: python, numpy, torch globals and every generator the caller names
             state.json         step, weight version, data cursor, store cursor, driver counters
             recipe.yaml        the validated recipe the run was started with

@@ -454,10 +454,14 @@ class Learner:
                               split_large=split_large, stats=stats)
 
     def state_dict(self) -> dict[str, Any]:
-        """Optimizer (this rank's shard under ZeRO), counters and the value model: tensors and plain types only
-        (torch.load(weights_only=True) reads it). Policy weights are saved apart (save_policy)."""
+        """Optimizer (this rank's shard under ZeRO), counters, the value model and, training LoRA, the adapters:
+        tensors and plain types only (torch.load(weights_only=True) reads it). Full policy weights are saved apart
+        (save_policy, LoRA merged). A LoRA learner resumes on its frozen base (the run's initial policy, never the
+        merged checkpoint) with these adapters: the same policy, reference (adapters off) and optimizer state."""
         state = {"format": STATE_FORMAT, "updates": self.updates, "optimizer_steps": self.optimizer_steps,
                  "nan_skipped_total": self.nan_skipped_total, "backend": self.backend.state_dict()}
+        if self.lora:
+            state["adapter"] = self._adapter_state()
         if self.value_head is not None:
             state["value_head"] = {k: v.detach().cpu().clone() for k, v in self.value_head.state_dict().items()}
         if self.value_policy is not None:
@@ -473,7 +477,34 @@ class Learner:
                 raise ValueError(f"learner state: {key} {'missing' if module is not None else 'unexpected'}")
             if module is not None:
                 module.load_state_dict(state[key])
-        self.backend.load_state_dict(state["backend"])
+        if ("adapter" in state) != self.lora:
+            raise ValueError(f"learner state: adapter {'missing' if self.lora else 'unexpected'} (the checkpoint "
+                             f"was {'not ' if self.lora else ''}written by a LoRA learner)")
+        if self.lora:
+            self._load_adapter(state["adapter"])
+        self.backend.load_state_dict(state["backend"])  # after the adapter: ZeRO-3 refreshes from its masters
         self.updates = int(state["updates"])
         self.optimizer_steps = int(state["optimizer_steps"])
         self.nan_skipped_total = int(state["nan_skipped_total"])
+
+    def _trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {name: p for name, p in self.policy.model.named_parameters() if p.requires_grad}
+
+    def _adapter_state(self) -> dict[str, torch.Tensor]:
+        """Every trainable policy tensor of a LoRA learner (the adapters, and modules PEFT trains whole)."""
+        params = self._trainable()
+        with self.backend.gathered(params.values()):
+            return {name: p.detach().cpu().clone() for name, p in params.items()}
+
+    def _load_adapter(self, saved: dict[str, torch.Tensor]) -> None:
+        params = self._trainable()
+        odd = sorted(set(params) ^ set(saved))
+        if odd:
+            where = "missing from the checkpoint" if odd[0] in params else "not in this LoRA model"
+            raise ValueError(f"learner state: adapter tensor {odd[0]!r} {where}")
+        with self.backend.gathered(params.values()), torch.no_grad():
+            for name, p in params.items():
+                if tuple(saved[name].shape) != tuple(p.shape):
+                    raise ValueError(f"learner state: adapter tensor {name!r} has shape {tuple(saved[name].shape)}, "
+                                     f"this LoRA model expects {tuple(p.shape)}")
+                p.copy_(saved[name].to(device=p.device, dtype=p.dtype))
