@@ -66,6 +66,14 @@ def engine_options(recipe: Recipe) -> dict[str, Any]:
             "trust_remote_code": recipe.model.trust_remote_code}
 
 
+def sync_options(*, lora: bool, engine: str) -> dict[str, bool]:
+    """How the learner streams weights to the rollout workers. TorchEngine takes the whole wire format (rollout/
+    weight_format.py): large tensors as row slices and, for a LoRA policy, only the adapters (merged on the rollout
+    side onto its copy of the base, the run's initial policy). Other engines load whole merged tensors."""
+    native = engine == "torch"
+    return {"lora_delta": native and lora, "split_large": native}
+
+
 def learner_config(recipe: Recipe):
     from rl.learner import LearnerConfig, ValueConfig
     from rl.optim import OptimConfig
@@ -168,6 +176,7 @@ class RolloutPool:
             for b in plan.rollout_bundles
         ]
         ray.get([w.ready.remote() for w in self.workers])
+        self.sync_options = sync_options(lora=recipe.model.lora is not None, engine=recipe.rollout.engine)
         self.version = 0  # the workers are built from the run's initial policy (a directory that is never pruned)
         self._learner = None
         self.restarts = 0
@@ -197,7 +206,7 @@ class RolloutPool:
         import ray
 
         calls = []
-        for ref in learner.weight_chunks(SYNC_BUCKET_BYTES, version=version, lora_delta=False, split_large=False):
+        for ref in learner.weight_chunks(SYNC_BUCKET_BYTES, version=version, **self.sync_options):
             calls += [self.workers[i].update_weights.remote(_Entries(ref), version, final=False) for i in indices]
         got = ray.get([self.workers[i].update_weights.remote({}, version, final=True) for i in indices] + calls)
         bad = [v for v in got[:len(indices)] if v != version]

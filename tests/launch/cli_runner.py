@@ -1,0 +1,42 @@
+"""Helpers of the end-to-end driver tests (tests/launch/test_driver_*.py): run the `diffrl` CLI as a subprocess in
+its own session on a local Ray (127.0.0.1; whatever it leaves behind in that session is killed afterwards), and
+read what a run wrote."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli_env(**extra: str) -> dict:
+    out = dict(os.environ)
+    out.update({"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                "TOKENIZERS_PARALLELISM": "false", **extra})
+    out.pop("RAY_ADDRESS", None)
+    return out
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=cwd, env=cli_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def policy_bytes(run: Path, step: int) -> bytes:
+    return (run / "checkpoints" / f"step_{step:06d}" / "policy" / "model.safetensors").read_bytes()
