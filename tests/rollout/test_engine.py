@@ -124,14 +124,3 @@ def test_engine_registry(tiny_model_dirs):
         make_engine("torch", tiny_model_dirs["block"], kv_cache="dual")
     assert isinstance(make_engine("torch", tiny_model_dirs["llada"], kv_cache="prefix"), TorchEngine)
 
-
-def test_vllm_engine_generates_autoregressive_trajectories(tmp_path):
-    pytest.importorskip("vllm")
-    from rollout.vllm_engine import VLLMEngine
-
-    path = make_tiny_policy("block", tmp_path / "ar", seed=3)
-    engine = VLLMEngine(path, dtype="float32", enforce_eager=True, gpu_memory_utilization=0.2)
-    out = engine.generate(_requests(2, SamplingParams(temperature=0, max_tokens=8)))
-    for traj in out:
-        traj.validate()
-        assert torch.equal(traj.step_map, torch.arange(traj.response_length))
