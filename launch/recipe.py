@@ -4,7 +4,8 @@
     recipe.rollout.block_size, recipe.algorithm.name, recipe.estimator.name, recipe.to_yaml()
 
 Every section forbids unknown keys. `algorithm` and `estimator` are unions discriminated by `name`: each algorithm
-is its own class carrying only its parameters, with its authors' published defaults (shared/ALGORITHMS.md).
+is its own class carrying only its parameters, with its authors' published defaults (shared/ALGORITHMS.md); those
+classes live in launch/recipe_sections.py.
 A field left at None that has a published or derived default (learner.lr, rollout.samples_per_prompt,
 estimator, output_dir...) is filled in during validation, so a validated Recipe is concrete and `to_dict()`
 reloads to an equal Recipe. Those defaults and the checks rejecting impossible combinations live in
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from launch import recipe_rules
 from launch.recipe_io import (
@@ -41,6 +42,7 @@ from launch.recipe_rules import (
     PUBLISHED_DEFAULTS,
     TINY_KINDS,
 )
+from launch.recipe_sections import AlgorithmConfig, EstimatorConfig, Section
 
 __all__ = [
     "BLOCK_CAUSAL_KINDS", "ESTIMATORS_FOR", "FULL_ATTENTION_KINDS", "GENERIC_DEFAULTS", "PUBLISHED_DEFAULTS",
@@ -49,23 +51,18 @@ __all__ = [
 ]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-Fraction = Annotated[float, Field(ge=0, le=1)]
 Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
 # ------------------------------------------------------------------------------------------------------ model
-class LoraConfig(_Section):
+class LoraConfig(Section):
     r: int = Field(128, ge=1)  # d1: r 128 / alpha 64 on all projections
     alpha: float = Field(64.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     path: str | None = Field(None, min_length=1)  # a local HF checkpoint directory (checked by check_paths)
     tiny: Literal["qwen3-block", "sdar", "llada", "dream"] | None = None  # a tiny random model built offline
     tiny_vocab: Literal["small", "qwen"] | None = None  # tiny models only; None -> "small"
@@ -85,14 +82,14 @@ class ModelConfig(_Section):
 
 
 # ---------------------------------------------------------------------------------------------------- rollout
-class EoserConfig(_Section):
+class EoserConfig(Section):
     """CJ-GRPO's EOS early rejection: scale the confidence of EOS candidates by gamma(step)."""
 
     gamma_min: float | None = Field(None, ge=0, le=1)  # None -> 0.4 (linear) or 0.01 (ass), as published
     schedule: Literal["linear", "ass"] | None = None  # None -> "ass" when rollout.ass, else "linear"
 
 
-class RolloutConfig(_Section):
+class RolloutConfig(Section):
     block_size: int | None = Field(None, ge=1)  # None: model.block_size, else the kind's (block 4, llada/dream 32)
     steps_per_block: int | None = Field(None, ge=1)  # None (and no steps): one token per step
     steps: int | None = Field(None, ge=1)  # total denoising steps, split evenly over blocks (LLaDA/Dream style)
@@ -113,219 +110,13 @@ class RolloutConfig(_Section):
     engine: Literal["torch", "sglang", "vllm"] = "torch"
 
 
-# -------------------------------------------------------------------------------------------------- algorithm
-class FilterConfig(_Section):
-    """Which groups to drop before the loss: keep groups with accuracy_lo <= accuracy <= accuracy_hi."""
-
-    drop_zero_variance: bool = False
-    accuracy_lo: Fraction | None = None
-    accuracy_hi: Fraction | None = None
-
-
-class TraceRLFilter(FilterConfig):
-    """TraceRL's filter as class defaults, so that a recipe setting one bound keeps the other."""
-
-    accuracy_lo: Fraction | None = 0.2
-    accuracy_hi: Fraction | None = 0.8
-
-
-class ValueModelConfig(_Section):
-    """TraceRL's value model (published: value lr 5e-6, clip 0.2, gamma = lambda = 1)."""
-
-    lr: float = Field(5e-6, gt=0)
-    clip: float = Field(0.2, gt=0)
-    gamma: Fraction = 1.0
-    lam: Fraction = 1.0
-    path: str | None = Field(None, min_length=1)  # trunk to start from; None: a copy of the policy
-
-
-AdvantageKind = Literal["mean_centered", "zscore"]
-LossAgg = Literal["token_mean", "seq_mean_token_sum", "fixed_length"]
-
-
-class _GroupRelative(_Section):
-    name: str  # declared first so that dumps read `name` first; each algorithm narrows it to its Literal
-    advantage: AdvantageKind = "mean_centered"  # A = R - mean(R) (d1, GDPO, CJ-GRPO, wd1, SPG)
-    filter: FilterConfig = FilterConfig()
-
-    def loss_params(self) -> dict[str, Any]:
-        """The loss's own parameters, named as rl.algorithms.LossConfig names them (advantage, filter and the
-        value model are not part of the loss)."""
-        return self.model_dump(exclude={"name", "advantage", "filter", "value_model"})
-
-
-class _ClippedPolicyGradient(_GroupRelative):
-    clip_eps_low: float = Field(0.5, gt=0)  # ratio clipped to [1 - low, 1 + high]
-    clip_eps_high: float = Field(0.5, gt=0)
-    beta: float = Field(0.04, ge=0)  # KL coefficient
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    kl_reference: Literal["ref", "old"] = "ref"  # old: KL to the rollout policy (no reference model needed)
-    ratio_clamp: float | None = Field(None, gt=0)  # clamp of the log-ratio before exp (TraceRL: 10)
-
-
-class DiffuGRPO(_ClippedPolicyGradient):
-    """d1: token-level clipped ratio on one-step log-probs. eps 0.5, beta 0.04 (k3 to the reference)."""
-
-    name: Literal["diffu_grpo"] = "diffu_grpo"
-    loss_agg: LossAgg = "token_mean"  # d1 divides by the group's total token count
-
-
-class GDPO(_ClippedPolicyGradient):
-    """Sequence-level ratio exp((ELBO_theta - ELBO_old) / L) on an SDMC ELBO. eps 0.5, beta 0."""
-
-    name: Literal["gdpo"] = "gdpo"
-    beta: float = Field(0.0, ge=0)
-
-
-class CJGRPO(_ClippedPolicyGradient):
-    """Ratio per denoising step along the recorded trajectory; per-step token mean, then mean over steps.
-
-    ALGORITHMS.md lists no loss hyperparameters of its own; it builds on d1, whose eps 0.5 / beta 0.04 are kept.
-    """
-
-    name: Literal["cj_grpo"] = "cj_grpo"
-
-
-class TraceRL(_ClippedPolicyGradient):
-    """Token-level PPO clip along the trajectory. eps 0.2, beta 0.01 k3 against the OLD policy, log-ratio clamped
-    to +-10, z-scored advantages, groups with accuracy outside [0.2, 0.8] dropped."""
-
-    name: Literal["tracerl"] = "tracerl"
-    clip_eps_low: float = Field(0.2, gt=0)
-    clip_eps_high: float = Field(0.2, gt=0)
-    beta: float = Field(0.01, ge=0)
-    kl_reference: Literal["ref", "old"] = "old"
-    ratio_clamp: float | None = Field(10.0, gt=0)
-    advantage: AdvantageKind = "zscore"
-    filter: TraceRLFilter = TraceRLFilter()
-    loss_agg: LossAgg = "token_mean"
-    value_model: ValueModelConfig | None = None
-
-
-class CoupledGRPO(_ClippedPolicyGradient):
-    """DiffuCoder: token-level clip + beta k3 on the coupled estimator. eps 0.5, beta 0.01.
-
-    ALGORITHMS.md gives no advantage normalisation; z-score is that of TRL's GRPO, which DiffuCoder builds on.
-    """
-
-    name: Literal["coupled_grpo"] = "coupled_grpo"
-    beta: float = Field(0.01, ge=0)
-    advantage: AdvantageKind = "zscore"
-    loss_agg: LossAgg = "token_mean"
-
-
-class WD1(_GroupRelative):
-    """Ratio-free: -sum softmax(A) log pi + sum softmax(-A) log pi on one-step log-probs."""
-
-    name: Literal["wd1"] = "wd1"
-
-
-class SPG(_GroupRelative):
-    """-A log pi_seq with an ELBO for A > 0 and an EUBO (beta_e 1.5) for A <= 0; mix = weight of the EUBO."""
-
-    name: Literal["spg"] = "spg"
-    beta_e: float = Field(1.5, gt=0)
-    mix: Fraction = 0.5
-
-
-class RandomMaskGRPO(_ClippedPolicyGradient):
-    """UniGRPO-style token-level clip on random-mask log-probs. No published loss defaults in ALGORITHMS.md:
-    PPO's eps 0.2 and no KL (so no reference model) unless the recipe says otherwise."""
-
-    name: Literal["random_mask_grpo"] = "random_mask_grpo"
-    clip_eps_low: float = Field(0.2, gt=0)
-    clip_eps_high: float = Field(0.2, gt=0)
-    beta: float = Field(0.0, ge=0)
-    loss_agg: LossAgg = "token_mean"
-
-
-AlgorithmConfig = Annotated[
-    DiffuGRPO | GDPO | CJGRPO | TraceRL | CoupledGRPO | WD1 | SPG | RandomMaskGRPO, Field(discriminator="name")
-]
-
-
-# -------------------------------------------------------------------------------------------------- estimator
-class _EstimatorSection(_Section):
-    def params(self) -> dict[str, Any]:
-        """Keyword options of the rl estimator of the same name (`rl.estimators.get_estimator(name)`)."""
-        return self.model_dump(exclude={"name"})
-
-
-class OneStepEstimator(_EstimatorSection):
-    name: Literal["one_step"] = "one_step"
-    p_mask: float = Field(0.15, ge=0, lt=1)  # prompt-token masking probability (d1)
-    reseed_per_update: bool = True  # d1 draws a new mask seed per inner iteration
-
-    def params(self) -> dict[str, Any]:
-        return {"p_mask": self.p_mask}  # reseeding is the learner's business (which inner_iter it passes)
-
-
-class MCElboEstimator(_EstimatorSection):
-    name: Literal["mc_elbo"] = "mc_elbo"
-    mc_num: int = Field(128, ge=1)  # LLaDA's evaluation value; lower it for training
-    stratified: bool = True  # masked-token counts l stratified across the MC batch
-
-    def params(self) -> dict[str, Any]:
-        return {"num_samples": self.mc_num, "stratified": self.stratified}
-
-
-class SDMCEstimator(_EstimatorSection):
-    name: Literal["sdmc"] = "sdmc"
-    quadrature: Literal["gauss-1", "gauss-2", "gauss-3", "gauss-4", "gauss-5", "simpson"] = "gauss-3"  # GDPO
-    # "time": GDPO's 1/t per node (published; biased at short lengths by int(tL) rounding, see BENCHMARKS.md);
-    # "count": L/m for the m tokens actually masked.
-    weighting: Literal["time", "count"] = "time"
-
-    def params(self) -> dict[str, Any]:
-        rule = {"rule": "simpson", "nodes": 3} if self.quadrature == "simpson" else {
-            "rule": "gauss", "nodes": int(self.quadrature.split("-")[1])}
-        return {**rule, "weighting": self.weighting}
-
-
-class CoupledEstimator(_EstimatorSection):
-    name: Literal["coupled"] = "coupled"
-    t_min: Fraction = 0.2  # t ~ U(t_min, t_max) (DiffuCoder)
-    t_max: Fraction = 0.8
-    full_mask_view: bool = True  # the fully masked third view
-
-
-class BlockElboEstimator(_EstimatorSection):
-    name: Literal["block_elbo"] = "block_elbo"
-    mc_num: int = Field(1, ge=1)  # noisy copies per sample (each one pass over every block)
-
-    def params(self) -> dict[str, Any]:
-        return {"num_samples": self.mc_num}
-
-
-class TrajectoryEstimator(_EstimatorSection):
-    name: Literal["trajectory"] = "trajectory"
-    shrink: int | None = Field(None, ge=1)  # merge s consecutive steps; None -> 1 (block models), 8 (full attention)
-
-
-class RandomMaskEstimator(_EstimatorSection):
-    name: Literal["random_mask"] = "random_mask"
-    t_min: Fraction = 0.1  # mask ratio ~ U[0.1, 0.9] (dLLM-RL)
-    t_max: Fraction = 0.9
-    mc_num: int = Field(1, ge=1)  # masks per sample
-
-    def params(self) -> dict[str, Any]:
-        return {"t_min": self.t_min, "t_max": self.t_max, "num_samples": self.mc_num}
-
-
-EstimatorConfig = Annotated[
-    OneStepEstimator | MCElboEstimator | SDMCEstimator | CoupledEstimator | BlockElboEstimator
-    | TrajectoryEstimator | RandomMaskEstimator,
-    Field(discriminator="name"),
-]
-
-
 # ------------------------------------------------------------------------------------------- reward and data
 _REGISTERED = re.compile(r"^[A-Za-z_][\w-]*$")
 _MODULE_FN = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 _FILE_FN = re.compile(r"^[^:]+\.py:[A-Za-z_]\w*$")
 
 
-class RewardSpec(_Section):
+class RewardSpec(Section):
     fn: str  # registered name (`math`), `module.path:func` or `path/to/file.py:func`; resolved by rewards/
     weight: float = Field(1.0, allow_inf_nan=False)
     kwargs: dict[str, Any] = {}
@@ -346,7 +137,7 @@ class RewardSpec(_Section):
 _DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     train: str | None = None  # .jsonl / .json / .parquet
     task: Literal["arithmetic", "countdown", "sudoku"] | None = None  # generated toy task instead of a file
     task_kwargs: dict[str, Any] = {}  # passed to the toy task generator
@@ -367,7 +158,7 @@ class DataConfig(_Section):
 
 
 # --------------------------------------------------------------------------------- learner, resources, trainer
-class LearnerConfig(_Section):
+class LearnerConfig(Section):
     optimizer: Literal["adamw"] = "adamw"
     lr: float | None = Field(None, gt=0)  # None here and below -> the algorithm's published value, else generic
     betas: tuple[Beta, Beta] | None = None
@@ -386,7 +177,7 @@ class LearnerConfig(_Section):
     reference_model: bool | None = None  # None -> needed by the algorithm (beta > 0 with kl_reference "ref")
 
 
-class ResourcesConfig(_Section):
+class ResourcesConfig(Section):
     rollout_workers: int | None = Field(None, ge=1)  # None -> rollout.num_workers (they must agree)
     learner_workers: int | None = Field(None, ge=1)  # None -> learner.num_workers
     gpus_per_worker: float = Field(1.0, ge=0)  # 0: CPU
@@ -394,7 +185,7 @@ class ResourcesConfig(_Section):
     cpus_per_worker: int = Field(1, ge=1)
 
 
-class TrainerConfig(_Section):
+class TrainerConfig(Section):
     total_steps: int = Field(100, ge=1)
     mode: Literal["sync", "async"] = "sync"
     max_staleness: int = Field(1, ge=0)  # async: how many policy versions a rollout may lag
@@ -408,14 +199,14 @@ class TrainerConfig(_Section):
     log: list[Literal["jsonl", "tensorboard", "wandb"]] = ["jsonl"]
 
 
-class RayConfig(_Section):
+class RayConfig(Section):
     address: str | None = Field(None, min_length=1)  # None: a local cluster on 127.0.0.1
     num_cpus: int | None = Field(None, ge=1)  # local cluster only
     object_store_mb: int | None = Field(None, ge=64)  # local cluster only; None -> the launcher's cap
 
 
 # ----------------------------------------------------------------------------------------------------- recipe
-class Recipe(_Section):
+class Recipe(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     seed: int = Field(0, ge=0)
     output_dir: str | None = None  # None -> runs/<name>
