@@ -25,8 +25,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DataError", "Prompt", "PromptSampler", "load_prompts", "read_rows", "encode_prompt", "shard",
-           "arithmetic_reward"]
+__all__ = ["DataError", "Prompt", "PromptSampler", "load_prompts", "read_rows", "encode_prompt", "shard"]
 
 
 class DataError(ValueError):
@@ -189,16 +188,6 @@ def load_prompts(data_cfg, tokenizer, *, split: str = "train", seed: int = 0) ->
     if not prompts:
         raise DataError(f"{where}: every prompt is longer than data.max_prompt_tokens={data_cfg.max_prompt_tokens}")
     return prompts
-
-
-def arithmetic_reward(prompt: str, response: str, reference: Any, *, partial_credit: bool = True,
-                      **kwargs: Any) -> dict[str, Any]:
-    """The arithmetic task's verifier (rl.tasks) with partial credit on by default, so a random-init tiny model
-    still gets a graded signal. Kept for recipes naming `launch.data:arithmetic_reward`; new recipes can name
-    `rl.tasks:arithmetic_reward` with `kwargs: {partial_credit: true}`."""
-    from rl.tasks import arithmetic_reward as verify
-
-    return verify(prompt, response, reference, partial_credit=partial_credit, **kwargs)
 
 
 def shard(items: Sequence[Any], parts: int) -> list[list[Any]]:

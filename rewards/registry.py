@@ -11,8 +11,9 @@ and becomes a logged metric. The kind (one item or batch) comes from the `@rewar
 present, else from the name (`score_batch`) or the first parameter (`prompts`). Item fields beyond prompt, response
 and reference (e.g. `response_len`) are passed only to functions that name them as parameters.
 
-`fn` in a recipe: a registered name (`math`, `code`, `format`, `length_penalty`, or one added with
-`register_reward`), `package.module:function`, or `path/to/file.py:function` (relative to the recipe's folder).
+`fn` in a recipe: a registered name (`math`, `code`, `format`, `length_penalty`, the toy tasks' `arithmetic`,
+`countdown`, `sudoku`, or one added with `register_reward`), `package.module:function`, or `path/to/file.py:function`
+(relative to the recipe's folder).
 """
 from __future__ import annotations
 
@@ -38,12 +39,16 @@ __all__ = [
     "reward",
 ]
 
-# Built-ins are import paths, resolved on first use: importing this module must not import sympy.
+# Built-ins are import paths, resolved on first use: importing this module must not import sympy. The toy tasks'
+# verifiers live with their generators in rl.tasks (numpy only), imported only when a recipe names one.
 BUILTINS = {
     "math": "rewards.math_reward:score_batch",
     "code": "rewards.code_reward:score_batch",
     "format": "rewards.shaping:format_reward",
     "length_penalty": "rewards.shaping:length_penalty_reward",
+    "arithmetic": "rl.tasks:arithmetic_reward",
+    "countdown": "rl.tasks:countdown_reward",
+    "sudoku": "rl.tasks:sudoku_reward",
 }
 _REGISTRY: dict[str, Callable] = {}
 _FILE_MODULES: dict[str, Any] = {}

@@ -13,9 +13,9 @@
 | countdown | `3,5,7->22:` | `3*5+7` (a solution) | equation on exactly those numbers, each once, equal to the target |
 | sudoku | `1030002040010300=` | `1432342121434321` | first 16 digits equal the (unique) solution |
 
-Recipes name a verifier as `reward: [{fn: "rl.tasks:arithmetic_reward"}]` (module path, works today) or by the
-registered name once rewards/ has a registry (`register_rewards` plugs these in). Importing this package imports
-numpy only.
+Recipes name a verifier by its task name, a rewards/ built-in (`reward: [{fn: arithmetic, kwargs: {partial_credit:
+true}}]`), or by module path (`rl.tasks:arithmetic_reward`); `register_rewards` plugs them into another registry.
+Importing this package imports numpy only.
 """
 from __future__ import annotations
 
@@ -56,21 +56,19 @@ def write_task(name: str, out_dir: str, *, seed: int = 0, **kwargs: Any) -> dict
 
 
 # ------------------------------------------------------------------------------------------------ rewards
-# Signature of rewards/ functions: fn(prompt, response, reference, **kwargs) -> {"score", "reason", "metrics"}.
-def arithmetic_reward(prompt: str, response: str, reference: Any, *, partial_credit: bool = False,
-                      **_: Any) -> dict[str, Any]:
+# Signature of rewards/ functions: fn(prompt, response, reference, **options) -> {"score", "reason", "metrics"}.
+# No catch-all **kwargs: an option a verifier does not take fails at recipe validation instead of being ignored.
+def arithmetic_reward(prompt: str, response: str, reference: Any, *, partial_credit: bool = False) -> dict[str, Any]:
     """Arithmetic verifier: 1.0 when the first integer of the response equals the reference (see arithmetic.py)."""
     return _arithmetic_verify(response, reference, partial_credit=partial_credit)
 
 
-def countdown_reward(prompt: str, response: str, reference: Any, *, format_score: float = 0.0,
-                     **_: Any) -> dict[str, Any]:
+def countdown_reward(prompt: str, response: str, reference: Any, *, format_score: float = 0.0) -> dict[str, Any]:
     """Countdown verifier: an equation on exactly the reference's numbers reaching its target (see countdown.py)."""
     return _countdown_verify(response, reference, format_score=format_score)
 
 
-def sudoku_reward(prompt: str, response: str, reference: Any, *, partial_credit: bool = False,
-                  **_: Any) -> dict[str, Any]:
+def sudoku_reward(prompt: str, response: str, reference: Any, *, partial_credit: bool = False) -> dict[str, Any]:
     """Sudoku verifier: the first 16 digits of the response are the solution (see sudoku.py)."""
     return _sudoku_verify(response, reference, partial_credit=partial_credit)
 

@@ -147,6 +147,17 @@ def test_registered_names_travel_to_other_processes_as_import_paths():
     assert spec[0].to_dict()["name"] == "test_only_fmt"
 
 
+def test_toy_task_verifiers_are_built_in_names_with_their_options():
+    specs = resolve_reward_specs([{"fn": "countdown"}, {"fn": "sudoku", "kwargs": {"partial_credit": True}}])
+    assert [s.to_dict()["fn"] for s in specs] == ["countdown", "sudoku"]  # names travel to other processes as is
+    validate_reward_specs([{"fn": "arithmetic", "kwargs": {"partial_credit": True}}], {"prompt": "1+2=", "reference": "3"})
+    out = Scorer([{"fn": "arithmetic", "kwargs": {"partial_credit": True}}]).score(
+        [{"prompt": "37+85=", "response": "132", "reference": "122"}])
+    assert out[0]["score"] == pytest.approx(0.5 * 2 / 3)  # partial credit: two of three digits
+    with pytest.raises(RewardConfigError, match=r"^reward\[0\]\.kwargs: 'arithmetic' has no parameter 'partial'"):
+        resolve_reward_specs([{"fn": "arithmetic", "kwargs": {"partial": True}}])
+
+
 def test_runtime_failures_are_error_reasons_never_silent_zeros(caplog):
     calls = {"n": 0}
 
