@@ -1,20 +1,21 @@
-"""Proof that it learns: RL algorithms from one SFT checkpoint, equal wall-clock budget each, held-out accuracy.
+"""Proof that it learns: RL algorithms from one SFT checkpoint, equal CPU budget each, held-out accuracy.
 
 1. SFT a tiny block-diffusion model on a toy task (countdown by default; or reuse --sft CKPT) and a block-size-1 twin (the
    autoregressive baseline: one token per block, each predicted from the clean prefix).
 2. For each algorithm: the tiny-base recipe pointed at the SFT checkpoint, the task's verifier as reward,
-   the driver run in-process step after step until --budget-min of wall clock is spent, then a checkpoint.
+   the driver run in-process step after step until --budget-min CPU-minutes are spent, then a checkpoint.
 3. Greedy held-out accuracy (the task's test split, never trained on) before and after, with static decoding
    (one token per forward) and dynamic decoding (threshold 0.9: tokens per forward > 1), reward curves (PNG).
 
-    python benchmarks/learning.py --out bench/learning                        # every algorithm, 20 min each
+    python benchmarks/learning.py --out bench/learning                        # every algorithm, 20 CPU-min each
     python benchmarks/learning.py --algos tracerl --budget-min 5 --out /tmp/l  # one algorithm, quick
     python benchmarks/learning.py --sft bench/learning/sft --algos gdpo ...    # reuse the SFT checkpoint
+    python benchmarks/learning.py --report /tmp/a /tmp/b --out /tmp/all       # merge runs made in parallel
 
-Budgets are wall clock on the machine as it is: on the shared 2-core box other processes slow every run, so
-compare algorithms from one invocation (run back to back), not across invocations.
-"""
-from __future__ import annotations
+Budgets are CPU seconds of the whole process tree (driver, local Ray, every actor) by default: other jobs on a
+shared machine slow a run's wall clock but not its CPU time, so invocations run side by side stay comparable
+(--clock wall for wall-clock budgets).
+"""from __future__ import annotations
 
 import argparse
 import json
@@ -85,11 +86,14 @@ ALGOS: dict[str, dict] = {
     "spg": {"algorithm": {"name": "spg"}, "estimator": {"name": "block_elbo"}},
 }
 # The same batch, optimiser and decoding for every algorithm: what differs is the loss and its estimator.
+# mu = 1 (one pass per rollout batch): under a CPU budget the learner dominates a step (TraceRL: ~0.4 CPU-s rollout,
+# ~2 CPU-s per learner pass), so fresh rollouts buy more than re-using a batch; 5 CPU-min of TraceRL on countdown
+# gave +5.0 (lr 5e-5) and +7.0 points (lr 1e-4) with mu = 1; mu = 4 at lr 2e-5 gave +10.5 in ~10 CPU-min.
 COMMON = {
     "rollout": {"block_size": 4, "steps_per_block": 4, "remasking": "low_confidence_static", "temperature": 1.0,
                 "samples_per_prompt": 8, "cache": "kv", "batch_size": 128},
     "data": {"chat_template": True, "num_prompts_per_step": 16},
-    "learner": {"lr": 2e-5, "grad_clip": 1.0, "micro_batch_size": 64, "grad_accum": 1, "mu": 4, "warmup_steps": 0,
+    "learner": {"lr": 1e-4, "grad_clip": 1.0, "micro_batch_size": 64, "grad_accum": 1, "mu": 1, "warmup_steps": 0,
                 "weight_decay": 0.0, "betas": [0.9, 0.999]},
     "trainer": {"total_steps": 100000, "checkpoint_every": 0, "keep_last": 1, "log": ["jsonl"], "eval_every": 0},
 }
@@ -238,6 +242,20 @@ def table(results: dict, sft: dict) -> str:
     return "\n".join(lines)
 
 
+def merge_results(dirs: list[Path]) -> dict:
+    """One results dict from several invocations; they must share the task and the SFT evaluation."""
+    merged: dict = {}
+    for d in dirs:
+        data = json.loads((d / "results.json").read_text())
+        if not merged:
+            merged = {**data, "runs": {}}
+        elif data["task"] != merged["task"] or any(merged["sft"].get(k, v) != v for k, v in data["sft"].items()):
+            raise SystemExit(f"{d / 'results.json'}: another task or SFT start than {dirs[0]}: not comparable")
+        merged["sft"].update(data["sft"])
+        merged["runs"].update(data["runs"])
+    return merged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench/learning")
@@ -248,9 +266,13 @@ def main() -> None:
     parser.add_argument("--clock", default="cpu", choices=("cpu", "wall"),
                         help="cpu: CPU-minutes of the whole process tree (robust to a shared machine); wall: minutes")
     parser.add_argument("--sft", default=None, help="reuse this SFT checkpoint (block 4)")
+    parser.add_argument("--sft-block1", default=None, help="reuse this SFT checkpoint (block 1, the AR baseline)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-items", type=int, default=200)
     parser.add_argument("--sft-sweep", action="store_true", help="only the SFT starting-point table")
+    parser.add_argument("--report", nargs="+", default=None, metavar="DIR",
+                        help="only merge the results.json of runs made in parallel (same task and SFT) into --out: "
+                             "one table, one plot")
     parser.add_argument("--set", action="append", default=[], help="recipe override for every run, JSON: "
                         "'{\"learner\": {\"lr\": 1e-4}}'")
     args = parser.parse_args()
@@ -265,6 +287,12 @@ def main() -> None:
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        merged = merge_results([Path(d) for d in args.report])
+        (out / "results.json").write_text(json.dumps(merged, indent=1) + "\n")
+        plot(merged["runs"], merged["task"], out / "reward_curves.png")
+        print(table(merged["runs"], merged["sft"]))
+        return
     if args.sft_sweep:
         print("| task | hidden x layers | params | steps x batch | train s | held-out masked CE | greedy % |\n"
               "|---|---|---|---|---|---|---|", flush=True)
@@ -278,7 +306,8 @@ def main() -> None:
     sft_dirs = {"block4": Path(args.sft).resolve() if args.sft else make_sft(out / "sft", args.task, args.seed, 4)}
     runs = [a for a in args.algos.split(",") if a]
     if args.ar_algo:
-        sft_dirs["block1"] = make_sft(out / "sft_block1", args.task, args.seed, 1)
+        sft_dirs["block1"] = (Path(args.sft_block1).resolve() if args.sft_block1
+                              else make_sft(out / "sft_block1", args.task, args.seed, 1))
         runs.append(f"{args.ar_algo}@block1")
     results_path = out / "results.json"
     saved = json.loads(results_path.read_text()) if results_path.is_file() else {}
