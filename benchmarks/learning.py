@@ -15,7 +15,8 @@
 Budgets are CPU seconds of the whole process tree (driver, local Ray, every actor) by default: other jobs on a
 shared machine slow a run's wall clock but not its CPU time, so invocations run side by side stay comparable
 (--clock wall for wall-clock budgets).
-"""from __future__ import annotations
+"""
+from __future__ import annotations
 
 import argparse
 import json
