@@ -39,6 +39,26 @@ class RemaskingPolicy:
                generator: torch.Generator | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def select_batch(self, confidence: torch.Tensor, entropy: torch.Tensor | None, masked: torch.Tensor,
+                     count: torch.Tensor, generators: list) -> torch.Tensor:
+        """`select` for several rows at once: (R, bs) confidence (-inf where not masked), entropy (+inf where not
+        masked) and `masked`, count (R,); returns the (R, bs) bool choice. The default loops over rows (for
+        policies that draw random numbers, which must come from each row's own generator in its own order)."""
+        chosen = torch.zeros_like(masked)
+        for i in range(masked.shape[0]):
+            cols = masked[i].nonzero().squeeze(-1)
+            ent = entropy[i, cols] if entropy is not None else None
+            chosen[i, cols[self.select(confidence[i, cols], ent, int(count[i]), generators[i])]] = True
+        return chosen
+
+
+def _rank(key: torch.Tensor, descending: bool) -> torch.Tensor:
+    """(R, n): each entry's place in its row's stable sort (ties: lower column first, as in a stable sort of the
+    row's masked entries alone, so a row's choice does not depend on the rest of the batch)."""
+    order = torch.sort(key, dim=1, descending=descending, stable=True).indices
+    places = torch.arange(key.shape[1], device=key.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, places)
+
 
 @register_remasking("sequential")
 class Sequential(RemaskingPolicy):
@@ -47,6 +67,9 @@ class Sequential(RemaskingPolicy):
     def select(self, confidence, entropy, count, generator):
         return torch.arange(min(count, confidence.numel()), device=confidence.device)
 
+    def select_batch(self, confidence, entropy, masked, count, generators):
+        return masked & (masked.cumsum(dim=1) <= count[:, None])
+
 
 @register_remasking("low_confidence_static")
 class LowConfidenceStatic(RemaskingPolicy):
@@ -54,6 +77,9 @@ class LowConfidenceStatic(RemaskingPolicy):
 
     def select(self, confidence, entropy, count, generator):
         return torch.topk(confidence, min(count, confidence.numel())).indices
+
+    def select_batch(self, confidence, entropy, masked, count, generators):
+        return masked & (_rank(confidence, descending=True) < count[:, None])
 
 
 @register_remasking("low_confidence_dynamic")
@@ -69,6 +95,12 @@ class LowConfidenceDynamic(RemaskingPolicy):
             return above
         return torch.topk(confidence, floor).indices
 
+    def select_batch(self, confidence, entropy, masked, count, generators):
+        above = masked & (confidence > self.params.threshold)
+        floor = masked.sum(dim=1).clamp(max=self.params.min_tokens_per_step)
+        fallback = masked & (_rank(confidence, descending=True) < floor[:, None])
+        return torch.where((above.sum(dim=1) >= floor)[:, None], above, fallback)
+
 
 @register_remasking("entropy_bounded")
 class EntropyBounded(RemaskingPolicy):
@@ -82,6 +114,14 @@ class EntropyBounded(RemaskingPolicy):
         within = int((entropy[order].cumsum(0) <= self.params.entropy_bound).sum())
         take = max(within, min(self.params.min_tokens_per_step, entropy.numel()))
         return order[:take]
+
+    def select_batch(self, confidence, entropy, masked, count, generators):
+        order = torch.sort(entropy, dim=1, stable=True).indices
+        # Unmasked entries sort last (+inf), so each row's cumulative sum over its masked entries is the same
+        # sequence of additions as `select`'s.
+        within = (entropy.gather(1, order).cumsum(dim=1) <= self.params.entropy_bound).sum(dim=1)
+        take = torch.maximum(within, masked.sum(dim=1).clamp(max=self.params.min_tokens_per_step))
+        return masked & (_rank(entropy, descending=False) < take[:, None])
 
 
 @register_remasking("random")

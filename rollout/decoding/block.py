@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from rollout.decoding.kv_cache import RaggedKVCache
-from rollout.decoding.state import Row, denoise_rows, forward_at
+from rollout.decoding.state import BlockView, Row, denoise_rows, forward_at, share_state
 from rollout.models.masks import PAD_BLOCK, attention_bias, prompt_block_ids
 
 
@@ -44,9 +44,10 @@ class _Batch:
 
 
 def decode_blocks_cached(policy, rows: list[Row], on_step: Callable[[int], None] | None = None) -> None:
-    """Decode `rows` to completion in place (each row ends with a finish_reason)."""
+    """Decode `rows` in place (each row ends with a finish_reason)."""
     spec = policy.spec
     bs, device = spec.block_size, policy.device
+    share_state(rows)
     width_prompt = max(r.prompt_len for r in rows)
     capacity = width_prompt + max(r.params.max_tokens for r in rows) + bs
     cache = RaggedKVCache.for_model(policy.causal_lm.config, len(rows), capacity, policy.dtype, device)
@@ -56,34 +57,35 @@ def decode_blocks_cached(policy, rows: list[Row], on_step: Callable[[int], None]
     pending = [False] * len(rows)  # row's previous block is complete but its clean KV is not in the cache yet
     first = True
     while rows:
+        view = BlockView(rows)
         if first:
             batch = _prefill_slots(rows, width_prompt, spec, device)
         else:
-            batch = _step_slots(rows, pending, spec, device)
+            batch = _step_slots(rows, view, pending, spec, device)
         width = batch.ids.shape[1]
         offsets = torch.tensor(cache_len, device=device)
-        view = cache.prepare(offsets, width)
+        view_len = cache.prepare(offsets, width)
         # Keys this forward sees: the committed columns plus its own slots written at each row's offset.
         cols = offsets[:, None] + torch.arange(width, device=device)
-        k_block = key_block[:, :view].clone().scatter_(1, cols, batch.block)
-        k_valid = key_valid[:, :view].clone().scatter_(1, cols, batch.valid)
+        k_block = key_block[:, :view_len].clone().scatter_(1, cols, batch.block)
+        k_valid = key_valid[:, :view_len].clone().scatter_(1, cols, batch.valid)
         bias = attention_bias(batch.block, k_block, k_valid)
-        masked = [r.block_masked() for r in rows]
-        q_rows = torch.cat([torch.full_like(m, i) for i, m in enumerate(masked)])
-        q_cols = torch.cat([m - r.block_start + batch.noisy_at[i] for i, (r, m) in enumerate(zip(rows, masked))])
-        logits = forward_at(policy, batch.ids, batch.pos, bias, q_rows, q_cols, cache)
-        for i, c in enumerate(batch.commit):
-            if c:
-                start = cache_len[i]
-                key_block[i, start:start + c] = batch.block[i, :c]
-                key_valid[i, start:start + c] = batch.valid[i, :c]
-                cache_len[i] = start + c
+        q_cols = view.q_col if batch.noisy_at is None else view.q_col + batch.noisy_at[view.q_row]
+        logits = forward_at(policy, batch.ids, batch.pos, bias, view.q_row, q_cols, cache)
+        if any(batch.commit):
+            # The leading `commit` slots of a row stay in the cache: their key columns become permanent.
+            commit = torch.tensor(batch.commit, device=device)
+            kept = torch.zeros_like(k_valid).scatter_(1, cols, torch.arange(width, device=device) < commit[:, None])
+            key_block[:, :view_len] = torch.where(kept, k_block, key_block[:, :view_len])
+            key_valid[:, :view_len] = torch.where(kept, k_valid, key_valid[:, :view_len])
+            cache_len = [n + c for n, c in zip(cache_len, batch.commit)]
         first = False
-        unmasked = denoise_rows(rows, logits, masked)
+        unmasked = denoise_rows(rows, logits, view)
+        done, has_eos = view.status()
         for i, row in enumerate(rows):
             row.nfe += 1
             pending[i] = False
-            if row.block_done and not row.finish_if_done():
+            if done[i] and not row.finish_if_done(has_eos[i]):
                 row.next_block()
                 pending[i] = True
         if on_step is not None:
@@ -99,32 +101,49 @@ def decode_blocks_cached(policy, rows: list[Row], on_step: Callable[[int], None]
             pending = [pending[i] for i in keep]
 
 
+class _Batch:
+    """Query slots of one forward: ids, positions, block ids, validity (R, width); `commit` (per row) leading
+    slots whose KV is kept (clean tokens); `noisy_at` (R,) slot of the current block's first position (None: 0)."""
+
+    def __init__(self, ids, pos, block, valid, commit: list[int], noisy_at: torch.Tensor | None):
+        self.ids, self.pos, self.block, self.valid = ids, pos, block, valid
+        self.commit, self.noisy_at = commit, noisy_at
+
+
 def _prefill_slots(rows: list[Row], width_prompt: int, spec, device) -> _Batch:
     """[left-padded prompt | block 0]: the prompt's KV is committed by the first denoising step."""
-    bs = spec.block_size
-    batch = _Batch(len(rows), width_prompt + bs, spec.pad_token_id, device)
+    bs, size, width = spec.block_size, len(rows), width_prompt + spec.block_size
+    ids = torch.full((size, width), spec.pad_token_id, dtype=torch.long, device=device)
+    pos = torch.zeros((size, width), dtype=torch.long, device=device)
+    block = torch.full((size, width), PAD_BLOCK, dtype=torch.long, device=device)
+    valid = torch.zeros((size, width), dtype=torch.bool, device=device)
     for i, row in enumerate(rows):
         p = row.prompt_len
-        batch.put(i, width_prompt - p, row.prompt, torch.arange(p, device=device),
-                  prompt_block_ids(p, bs).to(device))
-        batch.put(i, width_prompt, row.tokens[:bs], p + torch.arange(bs, device=device), 0)
-        batch.commit[i] = width_prompt
-        batch.noisy_at[i] = width_prompt
-    return batch
+        ids[i, width_prompt - p:width_prompt] = row.prompt
+        ids[i, width_prompt:] = row.tokens[:bs]
+        pos[i, width_prompt - p:] = torch.arange(p + bs, device=device)
+        block[i, width_prompt - p:width_prompt] = prompt_block_ids(p, bs).to(device)
+        block[i, width_prompt:] = 0
+        valid[i, width_prompt - p:] = True
+    return _Batch(ids, pos, block, valid, [width_prompt] * size,
+                  torch.full((size,), width_prompt, dtype=torch.long, device=device))
 
 
-def _step_slots(rows: list[Row], pending: list[bool], spec, device) -> _Batch:
-    """[clean block b-1 | noisy block b] for rows with a pending commit, [noisy block b | pad] for the others."""
+def _step_slots(rows: list[Row], view: BlockView, pending: list[bool], spec, device) -> _Batch:
+    """[clean block b-1 | noisy block b] for rows with a pending commit, [noisy block b | pad] for the others;
+    built for all rows at once from the shared canvas."""
     bs = spec.block_size
-    batch = _Batch(len(rows), bs * (2 if any(pending) else 1), spec.pad_token_id, device)
-    offsets = torch.arange(bs, device=device)
-    for i, row in enumerate(rows):
-        start, p = row.block_start, row.prompt_len
-        slot = 0
-        if pending[i]:
-            batch.put(i, 0, row.tokens[start - bs:start], p + start - bs + offsets, row.block - 1)
-            batch.commit[i] = bs
-            slot = bs
-        batch.put(i, slot, row.tokens[start:start + bs], p + start + offsets, row.block)
-        batch.noisy_at[i] = slot
-    return batch
+    noisy = view.gather("tokens")
+    pos = torch.tensor([r.prompt_len for r in rows], device=device)[:, None] + view.idx
+    block = torch.tensor([r.block for r in rows], device=device)[:, None].expand(-1, bs)
+    if not any(pending):
+        return _Batch(noisy, pos, block, torch.ones_like(noisy, dtype=torch.bool), [0] * len(rows), None)
+    pend = torch.tensor(pending, device=device)[:, None]
+    clean = view.shared.tokens[view.slots[:, None], (view.idx - bs).clamp(min=0)]
+    pad = torch.full_like(noisy, spec.pad_token_id)
+    ids = torch.cat([torch.where(pend, clean, noisy), torch.where(pend, noisy, pad)], dim=1)
+    pos = torch.cat([torch.where(pend, pos - bs, pos), torch.where(pend, pos, 0)], dim=1)
+    block = torch.cat([torch.where(pend, block - 1, block), torch.where(pend, block, PAD_BLOCK)], dim=1)
+    valid = torch.cat([torch.ones_like(pend).expand(-1, bs), pend.expand(-1, bs)], dim=1)
+    commit = [bs if p else 0 for p in pending]
+    return _Batch(ids, pos, block, valid, commit, pend[:, 0].long() * bs)

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from rollout.decoding.kv_cache import RaggedKVCache
-from rollout.decoding.state import Row, denoise_rows, forward_at
+from rollout.decoding.state import BlockView, Row, denoise_rows, forward_at
 from rollout.models.masks import attention_bias
 
 CACHE_MODES = ("none", "prefix", "dual")
@@ -74,12 +74,12 @@ def decode_full(policy, rows: list[Row], cache_mode: str = "none",
                 batch_ids, batch_pos = ids[:, lo:hi], pos[:, lo:hi]
                 bias = full_bias[:, :, lo:hi, :]
                 slot_of = {i: i for i in todo}
-            masked = [rows[i].block_masked() for i in todo]
-            q_rows = torch.cat([torch.full_like(m, slot_of[i]) for i, m in zip(todo, masked)])
+            view = BlockView([rows[i] for i in todo])
+            q_rows = torch.tensor([slot_of[i] for i in todo], device=device)[view.q_row]
             # Column of response position j is width_prompt + j; its logits come from shift columns earlier.
-            q_cols = torch.cat([m + width_prompt - shift - lo for m in masked])
+            q_cols = view.idx[view.q_row, view.q_col] + width_prompt - shift - lo
             logits = forward_at(policy, batch_ids, batch_pos, bias, q_rows, q_cols, cache)
-            unmasked = denoise_rows([rows[i] for i in todo], logits, masked)
+            unmasked = denoise_rows(view.rows, logits, view)
             for i in todo:
                 rows[i].nfe += 1
             if on_step is not None:

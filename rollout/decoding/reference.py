@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from rollout.decoding.state import Row, denoise_rows, forward_at
+from rollout.decoding.state import BlockView, Row, denoise_rows, forward_at
 from rollout.models.masks import PAD_BLOCK, attention_bias, prompt_block_ids, response_block_ids
 
 
@@ -28,7 +28,8 @@ def decode_blocks_uncached(policy, rows: list[Row], on_step: Callable[[int], Non
         pos = torch.zeros_like(ids)
         block = torch.full_like(ids, PAD_BLOCK)
         valid = torch.zeros_like(ids, dtype=torch.bool)
-        masked, q_rows, q_cols = [], [], []
+        view = BlockView(rows)
+        q_offset = []
         for i, row in enumerate(rows):
             p, end = row.prompt_len, row.block_end
             start = width - p - end  # left padding
@@ -38,16 +39,15 @@ def decode_blocks_uncached(policy, rows: list[Row], on_step: Callable[[int], Non
             block[i, start:start + p] = prompt_block_ids(p, bs).to(device)
             block[i, start + p:] = response_block_ids(end, bs).to(device)
             valid[i, start:] = True
-            m = row.block_masked()
-            masked.append(m)
-            q_rows.append(torch.full_like(m, i))
-            q_cols.append(m + start + p)
+            q_offset.append(start + p + row.block_start)
         bias = attention_bias(block, block, valid)
-        logits = forward_at(policy, ids, pos, bias, torch.cat(q_rows), torch.cat(q_cols))
-        unmasked = denoise_rows(rows, logits, masked)
-        for row in rows:
+        q_cols = view.q_col + torch.tensor(q_offset, device=device)[view.q_row]
+        logits = forward_at(policy, ids, pos, bias, view.q_row, q_cols)
+        unmasked = denoise_rows(rows, logits, view)
+        done, has_eos = view.status()
+        for i, row in enumerate(rows):
             row.nfe += 1
-            if row.block_done and not row.finish_if_done():
+            if done[i] and not row.finish_if_done(has_eos[i]):
                 row.next_block()
         if on_step is not None:
             on_step(unmasked)

@@ -1,7 +1,8 @@
 """Per-request decoding state, shared by every decoder: what to sample, what to keep, what to record.
 
-A decoder's job is only to produce logits for each request's still-masked positions of its current block; the
-`Row` takes it from there (sample, score, select, record step / log-prob / confidence) and finally becomes a
+A decoder's job is only to produce logits for each request's still-masked positions of its current block
+(`BlockView` says which, for all rows at once); `denoise_rows` takes it from there (sample, score, select, record
+step / log-prob / confidence, batched over rows that share sampling params) and each `Row` finally becomes a
 `Trajectory`. Keeping this in one place is what makes the cached and uncached decoders comparable token for token.
 """
 from __future__ import annotations
@@ -95,11 +96,6 @@ class Row:
     def num_blocks(self) -> int:
         return self.params.max_tokens // self.spec.block_size
 
-    def block_masked(self) -> torch.Tensor:
-        """Response positions of the current block still masked, ascending."""
-        start = self.block_start
-        return (~self.decoded[start:self.block_end]).nonzero().squeeze(-1) + start
-
     @property
     def block_done(self) -> bool:
         return bool(self.decoded[self.block_start:self.block_end].all())
@@ -110,36 +106,16 @@ class Row:
             return None
         return torch.rand(n, 1, generator=self.generator, device=device, dtype=torch.float32)
 
-    def keep(self, positions: torch.Tensor, tokens: torch.Tensor, logp: torch.Tensor,
-             ent: torch.Tensor | None) -> int:
-        """Score the sampled tokens (EOSER), let the remasking policy choose, record what it keeps."""
-        params = self.params
-        confidence = logp.exp()
-        if params.eoser_gamma_min is not None:
-            gamma = eoser_gamma(min(self.step_in_block, len(self.schedule) - 1), len(self.schedule),
-                                params.eoser_gamma_min, ass=params.schedule == "ass")
-            confidence = torch.where(tokens == self.spec.eos_token_id, confidence * gamma, confidence)
-        count = self.schedule[self.step_in_block] if self.step_in_block < len(self.schedule) \
-            else positions.numel()
-        chosen = self.remasking.select(confidence, ent, count, self.generator)
-        where = positions[chosen]
-        self.tokens[where] = tokens[chosen]
-        self.decoded[where] = True
-        self.step_map[where] = self.step
-        self.logprobs[where] = logp[chosen]
-        self.confidence[where] = confidence[chosen]
-        self.step += 1
-        self.step_in_block += 1
-        return int(chosen.numel())
-
     def next_block(self) -> None:
         self.block += 1
         self.step_in_block = 0
 
-    def finish_if_done(self) -> bool:
-        """After a completed block: stop on EOS (when asked) or when the budget is spent; else move on."""
-        if self.params.stop_at_eos and bool((self.tokens[self.block_start:self.block_end]
-                                             == self.spec.eos_token_id).any()):
+    def finish_if_done(self, has_eos: bool | None = None) -> bool:
+        """After a completed block: stop on EOS (when asked) or when the budget is spent; else move on.
+        `has_eos`: whether the block holds an EOS, when the caller already knows (BlockView.status)."""
+        if has_eos is None:
+            has_eos = bool((self.tokens[self.block_start:self.block_end] == self.spec.eos_token_id).any())
+        if self.params.stop_at_eos and has_eos:
             self.finish_reason = "eos"
         elif self.block + 1 >= self.num_blocks:
             self.finish_reason = "length"
@@ -165,30 +141,118 @@ class Row:
         )
 
 
-def denoise_rows(rows: list[Row], logits: torch.Tensor, positions: list[torch.Tensor]) -> int:
-    """One denoising step for several rows from their concatenated (sum n_i, V) logits; returns tokens unmasked.
+class SharedState:
+    """Every row's canvas and records as one (R, L) tensor per field; each Row's own tensors become views of its
+    row (`row.slot`), so the per-step work (which positions are masked, what to keep, the writes) is a handful of
+    batched ops instead of a dozen small ops per row, while Row.trajectory and the rest still see plain tensors."""
 
-    Rows sharing sampling params are processed as one matrix (the vocabulary-wide work); each row still draws its
-    uniforms from its own generator, in its own order, so results do not depend on the batch.
+    FIELDS = ("tokens", "decoded", "step_map", "logprobs", "confidence")
+
+    def __init__(self, rows: list[Row]):
+        length = max(r.params.max_tokens for r in rows)
+        for name in self.FIELDS:
+            first = getattr(rows[0], name)
+            buf = torch.zeros((len(rows), length), dtype=first.dtype, device=first.device)
+            for slot, row in enumerate(rows):
+                n = row.params.max_tokens
+                buf[slot, :n] = getattr(row, name)
+                setattr(row, name, buf[slot, :n])
+            setattr(self, name, buf)
+        for slot, row in enumerate(rows):
+            row.slot, row.shared = slot, self
+
+
+def share_state(rows: list[Row]) -> SharedState:
+    """The rows' SharedState, created (state copied in) unless they already share one."""
+    shared = getattr(rows[0], "shared", None)
+    if shared is None or any(getattr(r, "shared", None) is not shared for r in rows):
+        shared = SharedState(rows)
+    return shared
+
+
+class BlockView:
+    """The current block of each row, batched: `idx` (R, bs) its response positions, `masked` (R, bs) which are
+    still masked. Queries (logits) are ordered as `masked.nonzero()`: row by row, ascending positions."""
+
+    def __init__(self, rows: list[Row]):
+        self.rows = rows
+        self.shared = share_state(rows)
+        device = self.shared.tokens.device
+        bs = rows[0].spec.block_size
+        self.slots = torch.tensor([r.slot for r in rows], device=device)
+        self.starts = torch.tensor([r.block_start for r in rows], device=device)
+        self.idx = self.starts[:, None] + torch.arange(bs, device=device)
+        self.masked = ~self.shared.decoded[self.slots[:, None], self.idx]
+        self.q_row, self.q_col = self.masked.nonzero(as_tuple=True)  # query -> (row, column in block)
+
+    def gather(self, name: str) -> torch.Tensor:
+        """(R, bs) values of a SharedState field over each row's current block."""
+        return getattr(self.shared, name)[self.slots[:, None], self.idx]
+
+    def status(self) -> tuple[list[bool], list[bool]]:
+        """Per row: is its block fully decoded, does it hold an EOS (read after denoise_rows)."""
+        done = self.gather("decoded").all(dim=1)
+        eos = (self.gather("tokens") == self.rows[0].spec.eos_token_id).any(dim=1)
+        return done.tolist(), eos.tolist()
+
+
+def denoise_rows(rows: list[Row], logits: torch.Tensor, view: BlockView) -> int:
+    """One denoising step for `view.rows` (== rows) from their (sum n_i, V) logits; returns tokens unmasked.
+
+    Rows sharing sampling params are processed as one matrix (sampling, scoring, the remasking choice, the
+    writes); each row still draws its uniforms from its own generator, in its own order, so results do not
+    depend on the batch.
     """
-    counts = [p.numel() for p in positions]
-    chunks = torch.split(logits, counts)
+    masked, device = view.masked, logits.device
+    counts = masked.sum(dim=1).tolist()
     groups: dict = {}
     for i, row in enumerate(rows):
         groups.setdefault(row.params, []).append(i)
+    shared = view.shared
     unmasked = 0
     for params, members in groups.items():
-        group_logits = chunks[members[0]] if len(members) == 1 else torch.cat([chunks[i] for i in members])
-        logp_all = processed_logprobs(group_logits, params)
+        if len(groups) == 1:
+            g_logits, g_masked, g_slots, g_idx = logits, masked, view.slots, view.idx
+        else:
+            member_t = torch.tensor(members, device=device)
+            in_group = torch.zeros(len(rows), dtype=torch.bool, device=device)
+            in_group[member_t] = True
+            g_logits = logits[in_group[view.q_row]]
+            g_masked, g_slots, g_idx = masked[member_t], view.slots[member_t], view.idx[member_t]
+        g_rows = [rows[i] for i in members]
+        policy = g_rows[0].remasking
+        logp_all = processed_logprobs(g_logits, params)
         uniforms = None
         if not params.greedy:
-            uniforms = torch.cat([rows[i].draw_uniforms(counts[i], logits.device) for i in members])
+            uniforms = torch.cat([r.draw_uniforms(counts[i], device) for i, r in zip(members, g_rows)])
         tokens, logp = sample_tokens(logp_all, params, uniforms=uniforms)
-        ent = entropy(logp_all) if rows[members[0]].remasking.needs_entropy else None
-        sizes = [counts[i] for i in members]
-        split_ent = torch.split(ent, sizes) if ent is not None else [None] * len(members)
-        for i, t, lp, e in zip(members, torch.split(tokens, sizes), torch.split(logp, sizes), split_ent):
-            unmasked += rows[i].keep(positions[i], t, lp, e)
+        ent = entropy(logp_all) if policy.needs_entropy else None
+        confidence = logp.exp()
+        if params.eoser_gamma_min is not None:
+            gammas = torch.tensor([eoser_gamma(min(r.step_in_block, len(r.schedule) - 1), len(r.schedule),
+                                               params.eoser_gamma_min, ass=params.schedule == "ass")
+                                   for r in g_rows], dtype=confidence.dtype, device=device)
+            q_gamma = gammas[g_masked.nonzero(as_tuple=True)[0]]
+            confidence = torch.where(tokens == rows[0].spec.eos_token_id, confidence * q_gamma, confidence)
+        budget = torch.tensor([r.schedule[r.step_in_block] if r.step_in_block < len(r.schedule) else counts[i]
+                               for i, r in zip(members, g_rows)], device=device)
+        dense = lambda q, fill: torch.full(g_masked.shape, fill, dtype=q.dtype, device=device).masked_scatter_(
+            g_masked, q)
+        conf_d = dense(confidence, float("-inf"))
+        ent_d = dense(ent, float("inf")) if ent is not None else None
+        chosen = policy.select_batch(conf_d, ent_d, g_masked, budget, [r.generator for r in g_rows])
+        r_sel, c_sel = chosen.nonzero(as_tuple=True)
+        where = (g_slots[r_sel], g_idx[r_sel, c_sel])
+        shared.tokens[where] = dense(tokens, 0)[r_sel, c_sel]
+        shared.decoded[where] = True
+        steps = torch.tensor([r.step for r in g_rows], device=device)
+        shared.step_map[where] = steps[r_sel]
+        shared.logprobs[where] = dense(logp, 0.0)[r_sel, c_sel]
+        shared.confidence[where] = conf_d[r_sel, c_sel]
+        for r in g_rows:
+            r.step += 1
+            r.step_in_block += 1
+        unmasked += int(r_sel.numel())
     return unmasked
 
 
