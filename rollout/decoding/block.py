@@ -21,7 +21,7 @@ import torch
 
 from rollout.decoding.kv_cache import RaggedKVCache
 from rollout.decoding.state import BlockView, Row, denoise_rows, forward_at, share_state
-from rollout.models.masks import PAD_BLOCK, attention_bias, prompt_block_ids
+from rollout.models.masks import PAD_BLOCK, attention_bias
 
 
 class _Batch:
@@ -111,22 +111,29 @@ class _Batch:
 
 
 def _prefill_slots(rows: list[Row], width_prompt: int, spec, device) -> _Batch:
-    """[left-padded prompt | block 0]: the prompt's KV is committed by the first denoising step."""
+    """[left-padded prompt | block 0]: the prompt's KV is committed by the first denoising step. Built for all rows
+    at once: a prompt's layout depends only on its own length (positions count from its first token, block ids
+    from its end), so every column's position and block id is a function of (column, prompt length)."""
     bs, size, width = spec.block_size, len(rows), width_prompt + spec.block_size
+    lengths = torch.tensor([r.prompt_len for r in rows], device=device)
+    first = width_prompt - lengths  # column of each prompt's first token
+    col = torch.arange(width, device=device)
+    valid = col[None, :] >= first[:, None]
+    pos = (col[None, :] - first[:, None]).clamp(min=0)
+    block = torch.where(col < width_prompt, -((width_prompt - col + bs - 1) // bs), 0)
+    block = torch.where(valid, block[None, :], PAD_BLOCK)
     ids = torch.full((size, width), spec.pad_token_id, dtype=torch.long, device=device)
-    pos = torch.zeros((size, width), dtype=torch.long, device=device)
-    block = torch.full((size, width), PAD_BLOCK, dtype=torch.long, device=device)
-    valid = torch.zeros((size, width), dtype=torch.bool, device=device)
-    for i, row in enumerate(rows):
-        p = row.prompt_len
-        ids[i, width_prompt - p:width_prompt] = row.prompt
-        ids[i, width_prompt:] = row.tokens[:bs]
-        pos[i, width_prompt - p:] = torch.arange(p + bs, device=device)
-        block[i, width_prompt - p:width_prompt] = prompt_block_ids(p, bs).to(device)
-        block[i, width_prompt:] = 0
-        valid[i, width_prompt - p:] = True
+    ids[:, :width_prompt][valid[:, :width_prompt]] = torch.cat([r.prompt for r in rows])  # row-major = prompt order
+    ids[:, width_prompt:] = view_tokens_block0(rows, bs)
     return _Batch(ids, pos, block, valid, [width_prompt] * size,
                   torch.full((size,), width_prompt, dtype=torch.long, device=device))
+
+
+def view_tokens_block0(rows: list[Row], bs: int) -> torch.Tensor:
+    """(R, bs) first block of every row's canvas (one gather from the shared state)."""
+    shared = rows[0].shared
+    slots = torch.tensor([r.slot for r in rows], device=shared.tokens.device)
+    return shared.tokens[slots, :bs]
 
 
 def _step_slots(rows: list[Row], view: BlockView, pending: list[bool], spec, device) -> _Batch:

@@ -126,15 +126,18 @@ class Row:
         length = int(self.decoded.sum())
         if not bool(self.decoded[:length].all()):
             raise RuntimeError(f"request {self.request.request_id!r}: decoded positions are not a prefix")
-        response = self.tokens[:length].cpu()
+        # Copies, not views: the canvas may be a row of a batch-wide buffer (SharedState), which a trajectory must
+        # not keep alive or ship along when it is pickled.
+        own = lambda t: t[:length].to("cpu", copy=True)
+        response = own(self.tokens)
         eos = (response == self.spec.eos_token_id).nonzero()
         valid = int(eos[0]) + 1 if eos.numel() else length
         reason = self.finish_reason or "length"
         if reason == "length" and eos.numel():
             reason = "eos"
         return Trajectory(
-            prompt_ids=self.prompt.cpu(), response_ids=response, step_map=self.step_map[:length].cpu(),
-            logprobs=self.logprobs[:length].cpu(), confidence=self.confidence[:length].cpu(),
+            prompt_ids=self.prompt.cpu(), response_ids=response, step_map=own(self.step_map),
+            logprobs=own(self.logprobs), confidence=own(self.confidence),
             valid_length=valid, nfe=self.nfe, finish_reason=reason, block_size=self.spec.block_size,
             sampling={**self.params.to_dict(), "seed": self.seed, "decoder": decoder},
             policy_version=version, request_id=self.request.request_id,
