@@ -209,12 +209,12 @@ def plot(results: dict, task: str, path: Path) -> None:
         if not curve:
             continue
         xs = [c.get("cpu_s", c["wall_s"]) / 60 for c in curve]
-        k = 5  # moving average over 5 steps: one step is 64 samples of 8 prompts
+        k = 20  # moving average over 20 steps (one step: 16 prompts x 8 samples, too noisy alone)
         ys = [sum(c["accuracy"] for c in curve[max(0, i - k + 1):i + 1]) / len(curve[max(0, i - k + 1):i + 1])
               for i in range(len(curve))]
         ax.plot(xs, ys, label=name)
     ax.set_xlabel("CPU-minutes of RL (whole process tree)")
-    ax.set_ylabel("rollout accuracy (moving average of 5 steps)")
+    ax.set_ylabel("rollout accuracy, T=1 (moving average of 20 steps)")
     ax.set_title(f"{task}: RL from one SFT checkpoint")
     ax.legend()
     fig.tight_layout()
@@ -238,9 +238,14 @@ def table(results: dict, sft: dict) -> str:
         if "after" not in res:
             lines.append(f"| {name} | failed: {res.get('error', '?')[:80]} | | | | | |")
             continue
-        before = sft["block1" if name.endswith("@block1") else "block4"]["static"]["accuracy"]
+        before = sft["block1" if "@block1" in name else "block4"]["static"]["accuracy"]
         lines.append(_row(name, str(res["steps"]), f"{res.get('cpu_s', 0) / 60:.1f} ({res['wall_s'] / 60:.1f})", res["after"], before))
     return "\n".join(lines)
+
+
+def _scores(evaluation: dict) -> dict:
+    """An evaluation without its timings (which differ between identical evaluations)."""
+    return {mode: {k: v for k, v in figures.items() if not k.endswith("_s")} for mode, figures in evaluation.items()}
 
 
 def merge_results(dirs: list[Path]) -> dict:
@@ -250,10 +255,12 @@ def merge_results(dirs: list[Path]) -> dict:
         data = json.loads((d / "results.json").read_text())
         if not merged:
             merged = {**data, "runs": {}}
-        elif data["task"] != merged["task"] or any(merged["sft"].get(k, v) != v for k, v in data["sft"].items()):
+        elif data["task"] != merged["task"] or any(_scores(merged["sft"].get(k, v)) != _scores(v)
+                                                   for k, v in data["sft"].items()):
             raise SystemExit(f"{d / 'results.json'}: another task or SFT start than {dirs[0]}: not comparable")
         merged["sft"].update(data["sft"])
-        merged["runs"].update(data["runs"])
+        for name, res in data["runs"].items():  # the same algorithm from two invocations: keep both, by folder
+            merged["runs"][f"{name} ({d.name})" if name in merged["runs"] else name] = res
     return merged
 
 
@@ -332,6 +339,7 @@ def main() -> None:
         except Exception as err:  # noqa: BLE001 - one algorithm failing must not lose the others' results
             logging.exception("%s failed", name)
             res = {"error": " ".join(f"{type(err).__name__}: {err}".split())[:300]}
+        res["overrides"] = overrides  # kept per run: --report merges invocations made with different --set
         results[name] = res
         results_path.write_text(json.dumps({"task": args.task, "setup": SETUPS[args.task], "sft": sft_eval,
                                             "runs": results, "budget_min": args.budget_min, "clock": args.clock,
