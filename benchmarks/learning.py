@@ -203,8 +203,8 @@ def plot(results: dict, task: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, res in results.items():
+    fig, ax = plt.subplots(figsize=(11, 5))
+    for i, (name, res) in enumerate(results.items()):
         curve = res.get("curve") or []
         if not curve:
             continue
@@ -212,11 +212,11 @@ def plot(results: dict, task: str, path: Path) -> None:
         k = 20  # moving average over 20 steps (one step: 16 prompts x 8 samples, too noisy alone)
         ys = [sum(c["accuracy"] for c in curve[max(0, i - k + 1):i + 1]) / len(curve[max(0, i - k + 1):i + 1])
               for i in range(len(curve))]
-        ax.plot(xs, ys, label=name)
+        ax.plot(xs, ys, label=name, color=plt.cm.tab20(i % 20))  # tab10 would repeat colours past ten runs
     ax.set_xlabel("CPU-minutes of RL (whole process tree)")
     ax.set_ylabel("rollout accuracy, T=1 (moving average of 20 steps)")
     ax.set_title(f"{task}: RL from one SFT checkpoint")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
