@@ -90,6 +90,8 @@ ALGOS: dict[str, dict] = {
 # mu = 1 (one pass per rollout batch): under a CPU budget the learner dominates a step (TraceRL: ~0.4 CPU-s rollout,
 # ~2 CPU-s per learner pass), so fresh rollouts buy more than re-using a batch; 5 CPU-min of TraceRL on countdown
 # gave +5.0 (lr 5e-5) and +7.0 points (lr 1e-4) with mu = 1; mu = 4 at lr 2e-5 gave +10.5 in ~10 CPU-min.
+# wd1, SPG, CJ-GRPO and TraceRL + value model lose accuracy at 1e-4 and gain at 2e-5 (BENCHMARKS.md ## Learning):
+# run them with --set '{"learner": {"lr": 2e-5}}'.
 COMMON = {
     "rollout": {"block_size": 4, "steps_per_block": 4, "remasking": "low_confidence_static", "temperature": 1.0,
                 "samples_per_prompt": 8, "cache": "kv", "batch_size": 128},
