@@ -21,16 +21,20 @@ def cli_env(**extra: str) -> dict:
     return out
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=cwd, env=cli_env(), text=True,
+def kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:  # the session already ended
+        pass
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=cwd, env=env or cli_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_group(proc.pid)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 

@@ -8,8 +8,8 @@ NaN loss at step 3. B must end with weights bitwise equal to A's. The prompt set
 """
 from __future__ import annotations
 
+import importlib.util
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,8 +20,11 @@ import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-REPO = Path(__file__).resolve().parents[2]
-RECIPE = REPO / "recipes" / "tiny-tracerl.yaml"
+_spec = importlib.util.spec_from_file_location("_cli_runner", Path(__file__).with_name("cli_runner.py"))
+cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cli)
+
+RECIPE = cli.REPO / "recipes" / "tiny-tracerl.yaml"
 # The `format` built-in with a digit pattern: a dense signal for a random-init model (most groups mix 0 and 1),
 # so the learner sees non-zero advantages from step 1 on.
 OVERRIDES = ["trainer.total_steps=4", "trainer.checkpoint_every=1", "trainer.keep_last=10",
@@ -30,37 +33,15 @@ NAN_STEP = "3"
 
 
 def env() -> dict:
-    out = dict(os.environ)
-    out.update({"DIFFRL_FAULT_NAN_STEP": NAN_STEP, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
-                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TOKENIZERS_PARALLELISM": "false"})
-    out.pop("RAY_ADDRESS", None)
-    return out
+    return cli.cli_env(DIFFRL_FAULT_NAN_STEP=NAN_STEP)
 
 
 def diffrl(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run the CLI in its own session; whatever it leaves behind in that session is killed afterwards."""
-    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=cwd, env=env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        kill_group(proc.pid)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    return cli.run_cli(*args, cwd=cwd, timeout=timeout, env=env())
 
 
 def policy_bytes(ckpt: Path) -> bytes:
     return (ckpt / "policy" / "model.safetensors").read_bytes()
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +65,7 @@ def run_a(tmp_path_factory, sdar_dir):
 
 def test_train_runs_steps_and_writes_everything(run_a):
     run, done, sdar = run_a
-    rows = metrics(run)
+    rows = cli.metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     # rewards were computed (every response has a reason; the digit reward gives a signal)
     assert all(sum(v for k, v in r.items() if k.startswith("reward/reason/")) == 16 for r in rows)
@@ -118,7 +99,7 @@ def test_train_runs_steps_and_writes_everything(run_a):
 
 def test_nan_loss_skips_the_step_and_keeps_the_weights(run_a):
     run, _, _ = run_a
-    row = metrics(run)[2]
+    row = cli.metrics(run)[2]
     assert row["step"] == 3 and row["learner/nan_skipped"] > 0 and row["learner/skipped"] == 1
     assert row["counters/nan_skipped_steps"] == 1
     ckpts = run / "checkpoints"
@@ -166,18 +147,18 @@ def test_killed_worker_and_driver_then_resume_is_bitwise_equal(run_a, tmp_path):
         proc.wait(timeout=60)
         log = proc.stdout.read()
     finally:
-        kill_group(proc.pid)
+        cli.kill_group(proc.pid)
     assert killed_worker is not None, "never found the rollout worker: " + log[-2000:]
     assert proc.returncode == -signal.SIGKILL, log[-3000:]
-    before = metrics(run)
+    before = cli.metrics(run)
     assert [r["step"] for r in before][:2] == [1, 2] and before[1]["rollout/restarts"] >= 1
 
     done = diffrl("resume", str(run), "-q", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = metrics(run)
+    rows = cli.metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[2]["data/epoch"] == 1 and rows[2]["learner/skipped"] == 1
-    reference = metrics(run_a_dir)
+    reference = cli.metrics(run_a_dir)
     for key in ("reward/mean", "learner/loss", "rollout/response_len"):
         assert [r.get(key) for r in rows] == [r.get(key) for r in reference], key
     for step in (2, 3, 4):
