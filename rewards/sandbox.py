@@ -125,13 +125,15 @@ def _env(home: str) -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------- one process
 def _read_records(fd: int, proc: subprocess.Popen, deadline: float) -> tuple[bytes, list[str]]:
     """Everything the harness wrote until EOF, the process's exit or the deadline."""
-    data, flags = bytearray(), []
+    data, flags, exited = bytearray(), [], False
     while True:
         left = deadline - time.monotonic()
-        if left <= 0:
+        if left <= 0 and not exited:
             flags.append("deadline")
             break
-        ready, _, _ = select.select([fd], [], [], min(left, 0.05))
+        # After the exit only what is already buffered is read (select without waiting): a stray child may still hold
+        # the pipe open (mode none), and a blocking read could wait on it forever.
+        ready, _, _ = select.select([fd], [], [], 0 if exited else min(left, 0.05))
         if ready:
             chunk = os.read(fd, 65536)
             if not chunk:
@@ -140,17 +142,11 @@ def _read_records(fd: int, proc: subprocess.Popen, deadline: float) -> tuple[byt
             if len(data) > _RESULT_CAP:
                 flags.append("output_limit")
                 break
-        elif proc.poll() is not None:  # exited; a stray child may still hold the pipe open (mode none)
-            # What it wrote just before exiting can land between the select above and this poll: drain it without
-            # blocking (a plain read could wait forever on that stray child).
-            while len(data) <= _RESULT_CAP and select.select([fd], [], [], 0)[0]:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    break
-                data += chunk
-            if len(data) > _RESULT_CAP:
-                flags.append("output_limit")
+        elif exited:
             break
+        elif proc.poll() is not None:
+            # What it wrote just before exiting can land between the select above and this poll: drain once more.
+            exited = True
     return bytes(data), flags
 
 
