@@ -1,9 +1,15 @@
 """Remasking policies: which of the sampled positions of a block a denoising step keeps (unmasks).
 
 Each policy is a small class registered by name. `select` sees one request's masked positions of the current
-block (in position order) and returns the indices (into those positions) to unmask now; it never returns an empty
-selection while positions remain, so every step makes progress. Randomness comes only from the request's own
-generator.
+block (in position order) and returns the indices (into those positions) to unmask now. Fixed-count policies take
+the schedule's count (rollout/decoding/schedules.py); the others decide themselves and never return an empty
+selection while positions remain, except Dream's `origin`, whose last step transfers everything. Randomness comes
+only from the request's own generator.
+
+Dream's `diffusion_generate` algorithms: `maskgit_plus` is `low_confidence_static` (the most probable sampled
+tokens), `topk_margin` ranks by the top-1 minus top-2 probability, `entropy` by Dream's negative entropy, and
+`origin` transfers each masked token independently; all use the step schedule of the model family (Dream's for
+Dream checkpoints).
 """
 from __future__ import annotations
 
@@ -34,6 +40,13 @@ class RemaskingPolicy:
     name = "base"
     fixed_count = True  # unmasks exactly the schedule's count (else it decides itself)
     needs_entropy = False
+    needs_transfer_probability = False  # select_batch takes `probability` (R,): Dream's 1 - s/t per row
+    ranks_by_confidence = True  # the ranking key is the sampled token's probability (what EOSER rescales)
+
+    def selection_key(self, logp_all: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+        """(n,) score each masked position is ranked by (higher first), from the (n, V) log-probs of the sampling
+        distribution and the sampled tokens' probabilities; the default is the confidence itself."""
+        return confidence
 
     def select(self, confidence: torch.Tensor, entropy: torch.Tensor | None, count: int,
                generator: torch.Generator | None) -> torch.Tensor:
@@ -132,6 +145,55 @@ class RandomRemasking(RemaskingPolicy):
         n = confidence.numel()
         return torch.randperm(n, generator=generator, device=generator.device if generator is not None
                               else confidence.device)[:min(count, n)].to(confidence.device)
+
+
+@register_remasking("topk_margin")
+class TopkMargin(LowConfidenceStatic):
+    """Dream's `topk_margin`: the `count` positions with the largest top-1 minus top-2 probability."""
+
+    ranks_by_confidence = False
+
+    def selection_key(self, logp_all, confidence):
+        top2 = torch.topk(logp_all.exp(), 2, dim=-1).values
+        return top2[:, 0] - top2[:, 1]
+
+
+@register_remasking("entropy")
+class LowestEntropy(LowConfidenceStatic):
+    """Dream's `entropy`: the `count` positions of lowest entropy, scored as Dream does, sum p * log(p + 1e-10)
+    (the 1e-10 keeps log finite; over a large vocabulary it shifts the score by up to ~V * 1e-10, so it is kept
+    to rank near-ties as Dream does)."""
+
+    ranks_by_confidence = False
+
+    def selection_key(self, logp_all, confidence):
+        probs = logp_all.exp()
+        return (probs * torch.log(probs + 1e-10)).sum(dim=-1)
+
+
+@register_remasking("origin")
+class Origin(RemaskingPolicy):
+    """Dream's `origin`: each masked position is unmasked independently with probability 1 - s/t (Dream's step
+    schedule; 1 at the last step), one uniform per masked position, in position order, from the request's
+    generator. A step may unmask nothing; the last one unmasks everything left."""
+
+    fixed_count = False
+    needs_transfer_probability = True
+    ranks_by_confidence = False
+
+    def select(self, confidence, entropy, count, generator, probability: float = 1.0):
+        u = torch.rand(confidence.numel(), generator=generator,
+                       device=generator.device if generator is not None else confidence.device)
+        return (u.to(confidence.device) < probability).nonzero().squeeze(-1)
+
+    def select_batch(self, confidence, entropy, masked, count, generators, probability=None):
+        if probability is None:
+            raise ValueError("origin remasking needs each row's transfer probability")
+        chosen = torch.zeros_like(masked)
+        for i in range(masked.shape[0]):
+            cols = masked[i].nonzero().squeeze(-1)
+            chosen[i, cols[self.select(confidence[i, cols], None, 0, generators[i], float(probability[i]))]] = True
+        return chosen
 
 
 def make_remasking(params: SamplingParams) -> RemaskingPolicy:

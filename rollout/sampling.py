@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 
-SCHEDULES = ("uniform", "ass")
+SCHEDULES = ("uniform", "dream", "ass")
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,9 @@ class SamplingParams:
     threshold: float = 0.9  # low_confidence_dynamic: unmask every token whose confidence exceeds this
     min_tokens_per_step: int = 1  # dynamic / entropy policies: the floor that guarantees progress
     entropy_bound: float = 1.0  # entropy_bounded: unmask the lowest-entropy tokens while their sum stays below
-    schedule: str = "uniform"  # tokens per step in a block: "uniform" split or "ass" (2^i, CJ-GRPO)
+    # Tokens per step in a block: None = the model family's (DiffusionSpec.step_schedule: LLaDA's "uniform" split,
+    # Dream's "dream"), or "uniform", "dream", "ass" (2^i, CJ-GRPO); see rollout/decoding/schedules.py.
+    schedule: str | None = None
     eoser_gamma_min: float | None = None  # EOSER: scale EOS confidence by gamma(s) starting at this; None = off
     stop_at_eos: bool = True  # block decoding stops after the block that holds an EOS
 
@@ -48,7 +50,7 @@ class SamplingParams:
             problems.append(f"steps_per_block must be >= 1, got {self.steps_per_block}")
         if self.min_tokens_per_step < 1:
             problems.append(f"min_tokens_per_step must be >= 1, got {self.min_tokens_per_step}")
-        if self.schedule not in SCHEDULES:
+        if self.schedule is not None and self.schedule not in SCHEDULES:
             problems.append(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.eoser_gamma_min is not None and not 0 <= self.eoser_gamma_min <= 1:
             problems.append(f"eoser_gamma_min must be in [0, 1], got {self.eoser_gamma_min}")
@@ -56,6 +58,9 @@ class SamplingParams:
 
         if self.remasking not in REMASKING:
             problems.append(f"remasking must be one of {sorted(REMASKING)}, got {self.remasking!r}")
+        elif self.eoser_gamma_min is not None and not REMASKING[self.remasking].ranks_by_confidence:
+            problems.append(f"eoser_gamma_min rescales confidence, which {self.remasking!r} remasking does not "
+                            "rank by")
         if problems:
             raise ValueError("sampling." + problems[0])
 

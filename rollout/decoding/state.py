@@ -11,7 +11,7 @@ import secrets
 
 import torch
 
-from rollout.decoding.schedules import block_schedule, eoser_gamma
+from rollout.decoding.schedules import block_schedule, dream_transfer_probability, eoser_gamma
 from rollout.models.spec import DiffusionSpec
 from rollout.remasking import make_remasking
 from rollout.sampling import GenerationRequest, entropy, processed_logprobs, sample_tokens
@@ -72,7 +72,7 @@ class Row:
         self.step_map = torch.full((length,), UNDECODED, dtype=torch.long, device=device)
         self.logprobs = torch.zeros(length, dtype=torch.float32, device=device)
         self.confidence = torch.zeros(length, dtype=torch.float32, device=device)
-        self.schedule = block_schedule(self.params, spec.block_size)
+        self.schedule = block_schedule(self.params, spec.block_size, spec.step_schedule)
         self.block = 0
         self.step = 0  # global denoising step of this request
         self.step_in_block = 0
@@ -241,9 +241,13 @@ def denoise_rows(rows: list[Row], logits: torch.Tensor, view: BlockView) -> int:
                                for i, r in zip(members, g_rows)], device=device)
         dense = lambda q, fill: torch.full(g_masked.shape, fill, dtype=q.dtype, device=device).masked_scatter_(
             g_masked, q)
-        conf_d = dense(confidence, float("-inf"))
+        key_d = dense(policy.selection_key(logp_all, confidence), float("-inf"))
         ent_d = dense(ent, float("inf")) if ent is not None else None
-        chosen = policy.select_batch(conf_d, ent_d, g_masked, budget, [r.generator for r in g_rows])
+        extra = {}
+        if policy.needs_transfer_probability:  # Dream's origin: 1 - s/t of each row's step in its block
+            extra["probability"] = [dream_transfer_probability(r.step_in_block, r.params.steps_per_block
+                                                               or r.spec.block_size) for r in g_rows]
+        chosen = policy.select_batch(key_d, ent_d, g_masked, budget, [r.generator for r in g_rows], **extra)
         r_sel, c_sel = chosen.nonzero(as_tuple=True)
         where = (g_slots[r_sel], g_idx[r_sel, c_sel])
         shared.tokens[where] = dense(tokens, 0)[r_sel, c_sel]
@@ -251,7 +255,7 @@ def denoise_rows(rows: list[Row], logits: torch.Tensor, view: BlockView) -> int:
         steps = torch.tensor([r.step for r in g_rows], device=device)
         shared.step_map[where] = steps[r_sel]
         shared.logprobs[where] = dense(logp, 0.0)[r_sel, c_sel]
-        shared.confidence[where] = conf_d[r_sel, c_sel]
+        shared.confidence[where] = key_d[r_sel, c_sel]  # the score the token was ranked by
         for r in g_rows:
             r.step += 1
             r.step_in_block += 1

@@ -129,7 +129,8 @@ def load_policy(
     kind = detect_kind(config, sidecar, kind, path)
     tokenizer = _load_tokenizer(path, trust_remote_code)
     fields = default_spec_fields(kind)
-    fields.update({k: sidecar[k] for k in ("attention", "logits_shift", "block_size") if k in sidecar})
+    fields.update({k: sidecar[k] for k in ("attention", "logits_shift", "block_size", "step_schedule")
+                   if k in sidecar})
     if block_size is not None:
         fields["block_size"] = block_size
     eos = sidecar.get("eos_token_id", tokenizer.eos_token_id if tokenizer.eos_token_id is not None

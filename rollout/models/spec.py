@@ -10,6 +10,8 @@ Attention = Literal["block_causal", "full"]
 # model; "sdar" is a TraDo/SDAR checkpoint (Qwen3 weights, model_type "sdar"); "llada" and "dream" are
 # full-attention masked diffusion models, Dream predicting token i from position i-1.
 KINDS = ("block", "sdar", "llada", "dream")
+# Tokens unmasked per step, by family (rollout/decoding/schedules.py): LLaDA's even split, Dream's own schedule.
+STEP_SCHEDULES = {"block": "uniform", "sdar": "uniform", "llada": "uniform", "dream": "dream"}
 
 
 class ModelLoadError(ValueError):
@@ -25,10 +27,15 @@ class DiffusionSpec:
     block_size: int  # decoding/training block; for full-attention models the semi-autoregressive block
     attention: Attention
     logits_shift: bool  # True: logits at position i-1 predict token i (Dream)
+    step_schedule: str | None = None  # the family's tokens-per-step schedule; None: the kind's (STEP_SCHEDULES)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ModelLoadError(f"model.kind: unknown kind {self.kind!r} (expected one of {', '.join(KINDS)})")
+        if self.step_schedule is None:
+            object.__setattr__(self, "step_schedule", STEP_SCHEDULES[self.kind])
+        if self.step_schedule not in ("uniform", "dream", "ass"):
+            raise ModelLoadError(f"model.step_schedule: unknown schedule {self.step_schedule!r}")
         if self.block_size < 1:
             raise ModelLoadError(f"model.block_size: must be >= 1, got {self.block_size}")
         if self.attention not in ("block_causal", "full"):

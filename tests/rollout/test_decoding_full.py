@@ -75,7 +75,9 @@ def test_caches_agree_on_the_first_step_and_approximate_the_rest(full_policies, 
             first = x.step_map == 0  # the first step of the first block is a full forward in every mode
             assert torch.equal(first, y.step_map == 0)
             assert torch.equal(x.response_ids[first], y.response_ids[first])
-            assert torch.equal(torch.bincount(y.step_map), torch.full((12,), 2))
+            # Each family's own step schedule: LLaDA's even split, Dream's 1 - s/t counts (8 over 4 steps).
+            per_block = [2, 2, 2, 2] if kind == "llada" else [1, 2, 2, 3]
+            assert torch.bincount(y.step_map).tolist() == per_block * 3
         agree = sum(int((x.response_ids == y.response_ids).sum()) for x, y in zip(reference, cached))
         print(f"{kind} {mode}: {agree}/{24 * len(prompts)} tokens agree with the exact decoder (random weights)")
 
