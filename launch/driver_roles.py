@@ -51,7 +51,7 @@ def sampling_params(recipe: Recipe, *, greedy: bool = False) -> SamplingParams:
     return SamplingParams(
         temperature=0.0 if greedy else ro.temperature, top_k=ro.top_k or 0, top_p=ro.top_p,
         max_tokens=ro.max_tokens, remasking=ro.remasking, steps_per_block=steps_per_block,
-        min_tokens_per_step=ro.min_tokens_per_step, schedule="ass" if ro.ass else "uniform",
+        min_tokens_per_step=ro.min_tokens_per_step, schedule="ass" if ro.ass else None,  # None: the family's
         eoser_gamma_min=ro.eoser.gamma_min if ro.eoser is not None else None, **extra)
 
 

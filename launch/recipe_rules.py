@@ -174,6 +174,8 @@ def _full_attention_decoding(r: Recipe) -> str | None:
     if ro.ass and ro.block_size not in (None, ro.max_tokens):
         return (f"rollout.block_size: {ro.block_size}, but ASS decodes the whole response as one block "
                 f"(set it to rollout.max_tokens {ro.max_tokens})")
+    if ro.eoser is not None and ro.remasking in ("topk_margin", "entropy", "origin"):
+        return f"rollout.eoser: EOSER rescales confidence, which {ro.remasking!r} remasking does not rank by"
     if ro.eoser is not None and ro.eoser.schedule == "ass" and not ro.ass:
         return "rollout.eoser.schedule: 'ass' follows the ASS step schedule; set rollout.ass: true or use 'linear'"
     if kind in FULL_ATTENTION_KINDS and ro.cache == "kv":

@@ -24,6 +24,9 @@ SIDECAR = "diffrl.json"
 MASK_TOKEN_NAMES = ("<|MASK|>", "<|mask|>", "<mask>", "[MASK]", "<|mdm_mask|>")
 _MODEL_TYPE_KIND = {"sdar": "sdar", "llada": "llada", "dream": "dream"}
 _BLOCK_MODEL_TYPES = ("qwen2", "qwen3", "llama")
+# Checkpoints whose own tokenizer is Qwen2Tokenizer: TraDo/SDAR, Dream, and Qwen2/Qwen3 run as block models.
+QWEN_FAMILY_KINDS = ("sdar", "dream")
+QWEN_MODEL_TYPES = ("qwen2", "qwen3", "sdar", "dream")
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -129,6 +132,8 @@ def load_policy(
     kind = detect_kind(config, sidecar, kind, path)
     tokenizer = _load_tokenizer(path, trust_remote_code)
     fields = default_spec_fields(kind)
+    if kind == "sdar" and config.get("block_size") is not None:  # SDAR/TraDo configs carry their block size
+        fields["block_size"] = int(config["block_size"])
     fields.update({k: sidecar[k] for k in ("attention", "logits_shift", "block_size", "step_schedule")
                    if k in sidecar})
     if block_size is not None:
@@ -179,12 +184,65 @@ def save_policy(policy: DiffusionPolicy, out_dir: str | Path) -> Path:
                 for n, p in lm.named_parameters():
                     if n in base:
                         p.copy_(base[n])
-    policy.tokenizer.save_pretrained(str(out_dir))
+    model_type = str((policy.source.get("config") or {}).get("model_type", "")).lower()
+    qwen = policy.spec.kind in QWEN_FAMILY_KINDS or model_type in QWEN_MODEL_TYPES
+    save_tokenizer(policy.tokenizer, out_dir, qwen_family=qwen)
     if policy.source.get("format") == "sdar":
         _write_sdar_config(policy, out_dir)
     sidecar = policy.spec.to_dict()
     (out_dir / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
     return out_dir
+
+
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token")
+
+
+def _is_byte_level_bpe(tokenizer_json: dict) -> bool:
+    """Qwen2Tokenizer rebuilds a byte-level BPE from vocab and merges; only such a tokenizer may be named so."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    return (tokenizer_json.get("model") or {}).get("type") == "BPE" and any(
+        p.get("type") == "ByteLevel" for p in parts)
+
+
+def save_tokenizer(tokenizer, out_dir: str | Path, qwen_family: bool) -> None:
+    """save_pretrained, then the layout transformers 4.x loaders read as well as 5.x.
+
+    transformers 5 writes `tokenizer_class: TokenizersBackend` (a class 4.x does not have), no
+    special_tokens_map.json, no `added_tokens_decoder` and the chat template only in chat_template.jinja. The
+    original SDAR/TraDo tooling runs on 4.x, so: the class becomes `Qwen2Tokenizer` for a Qwen-family byte-level
+    BPE (what real Qwen/SDAR/TraDo checkpoints name), else `PreTrainedTokenizerFast`; every added token (the mask
+    token `<|MASK|>` included) is listed in `added_tokens_decoder`; the special tokens are written to both files.
+    """
+    out_dir = Path(out_dir)
+    tokenizer.save_pretrained(str(out_dir))
+    config_path = out_dir / "tokenizer_config.json"
+    config = read_json(config_path, "tokenizer_config.json")
+    tokenizer_json = read_json(out_dir / "tokenizer.json", "tokenizer.json")
+    config.pop("backend", None)
+    byte_bpe = _is_byte_level_bpe(tokenizer_json)
+    if qwen_family and byte_bpe:
+        config["tokenizer_class"] = "Qwen2Tokenizer"
+    elif config.get("tokenizer_class") in (None, "TokenizersBackend"):
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["added_tokens_decoder"] = {
+        str(token["id"]): {key: token[key] for key in ("content", "lstrip", "normalized", "rstrip", "single_word",
+                                                         "special")}
+        for token in sorted(tokenizer_json.get("added_tokens", []), key=lambda t: t["id"])
+    }
+    specials = {name: str(getattr(tokenizer, name)) for name in SPECIAL_TOKEN_NAMES
+                if getattr(tokenizer, name, None) is not None}
+    config.update(specials)
+    if byte_bpe:
+        config.setdefault("add_prefix_space", False)
+        config.setdefault("errors", "replace")
+    template = out_dir / "chat_template.jinja"
+    if "chat_template" not in config and template.is_file():
+        config["chat_template"] = template.read_text()
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    plain = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    special_map = {name: {"content": value, **plain} for name, value in specials.items()}
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2, ensure_ascii=False) + "\n")
 
 
 def _strip_peft_prefix(name: str) -> str:

