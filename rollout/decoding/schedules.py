@@ -94,9 +94,9 @@ def block_schedule(params: SamplingParams, block_len: int, family_default: str =
 
 
 def eoser_gamma(step: int, num_steps: int, gamma_min: float, *, ass: bool = False) -> float:
-    """gamma(s) for step s (0-based) of num_steps; 1.0 when there is a single step."""
-    if ass:
-        return gamma_min + (1.0 - gamma_min) * (2 ** (step + 1) - 1) / 2 ** num_steps
+    """gamma(s) for step s (0-based) of num_steps; 1.0 when there is a single step (both of CJ-GRPO's trainers)."""
     if num_steps <= 1:
         return 1.0
+    if ass:
+        return gamma_min + (1.0 - gamma_min) * (2 ** (step + 1) - 1) / 2 ** num_steps
     return gamma_min + (1.0 - gamma_min) * step / (num_steps - 1)

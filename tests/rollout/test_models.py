@@ -224,7 +224,12 @@ def test_bad_checkpoints_fail_with_one_line_naming_the_file(tiny_model_dirs, tmp
         (broken / "diffrl.json").write_text(json.dumps({"kind": "block"}))
         cfg = json.loads((broken / "tokenizer_config.json").read_text())
         cfg.pop("mask_token", None)
+        cfg["added_tokens_decoder"] = {i: t for i, t in cfg["added_tokens_decoder"].items()
+                                       if t["content"] != "<|mask|>"}
         (broken / "tokenizer_config.json").write_text(json.dumps(cfg))
+        special = json.loads((broken / "special_tokens_map.json").read_text())
+        special.pop("mask_token")
+        (broken / "special_tokens_map.json").write_text(json.dumps(special))
         tok = json.loads((broken / "tokenizer.json").read_text())
         tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] != "<|mask|>"]
         tok["model"]["vocab"].pop("<|mask|>")

@@ -1,6 +1,8 @@
 """Remasking policies and step schedules (uniform, ASS) and EOSER's gamma, against their formulas."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -74,3 +76,50 @@ def test_eoser_gamma_linear_and_ass():
     assert ass == pytest.approx([0.01 + 0.99 * (2 ** (s + 1) - 1) / 128 for s in range(7)])
     assert ass[0] == pytest.approx(0.01 + 0.99 / 128) and ass[-1] == pytest.approx(0.01 + 0.99 * 127 / 128)
     assert eoser_gamma(0, 1, 0.4) == 1.0
+    assert eoser_gamma(0, 1, 0.01, ass=True) == 1.0  # EOSER-ASS-RL: total_steps > 1, else the max factor
+
+
+def test_dream_schedule_follows_dreams_formula():
+    """Dream: t = linspace(1, 1e-3, S + 1); step i unmasks int(m_i * (1 - t_{i+1} / t_i)), the last step the rest.
+    By hand for 8 tokens over 4 steps: t = 1, .75025, .5005, .25075, .001 -> int(8 * .24975) = 1,
+    int(7 * .3329) = 2, int(5 * .4990) = 2, and the remaining 3."""
+    from rollout.decoding.schedules import dream_schedule, dream_transfer_probability
+
+    assert dream_schedule(8, 4) == [1, 2, 2, 3]
+    assert dream_schedule(32, 16) == [1] + [2] * 14 + [3]  # one fewer first, the remainder last
+    assert dream_schedule(16, 16) == [0] + [1] * 14 + [2]  # steps == length: the first step unmasks nothing
+    assert block_schedule(SamplingParams(steps_per_block=16), 16, "dream") == [1] * 14 + [2]  # zero steps dropped
+    assert block_schedule(SamplingParams(steps_per_block=4), 8, "dream") == [1, 2, 2, 3]
+    assert block_schedule(SamplingParams(steps_per_block=4, schedule="uniform"), 8, "dream") == [2, 2, 2, 2]
+    assert block_schedule(SamplingParams(steps_per_block=4), 8) == [2, 2, 2, 2]  # LLaDA's family default
+    for steps in (1, 3, 7, 64):
+        assert sum(dream_schedule(64, steps)) == 64
+    assert dream_transfer_probability(0, 4) == pytest.approx(0.24975, abs=1e-6)
+    assert dream_transfer_probability(2, 4) == pytest.approx(1 - 0.25075 / 0.5005, abs=1e-6)
+    assert dream_transfer_probability(3, 4) == 1.0
+
+
+def test_dream_scores_match_their_definitions():
+    logits = torch.randn(6, 11, generator=torch.Generator().manual_seed(3))
+    logp = torch.log_softmax(logits, dim=-1)
+    probs = logp.exp()
+    conf = probs.max(-1).values
+    margin = make_remasking(SamplingParams(remasking="topk_margin")).selection_key(logp, conf)
+    sorted_probs = probs.sort(dim=-1, descending=True).values
+    assert torch.allclose(margin, sorted_probs[:, 0] - sorted_probs[:, 1])
+    neg_entropy = make_remasking(SamplingParams(remasking="entropy")).selection_key(logp, conf)
+    naive = torch.tensor([sum(float(p) * math.log(float(p) + 1e-10) for p in row) for row in probs])
+    assert torch.allclose(neg_entropy, naive.float(), atol=1e-5)
+    assert torch.equal(make_remasking(SamplingParams()).selection_key(logp, conf), conf)
+
+
+def test_origin_transfers_each_position_with_probability_p():
+    policy = make_remasking(SamplingParams(remasking="origin"))
+    conf = torch.rand(40)
+    chosen = policy.select(conf, None, 0, torch.Generator().manual_seed(4), probability=0.3)
+    u = torch.rand(40, generator=torch.Generator().manual_seed(4))
+    assert chosen.tolist() == (u < 0.3).nonzero().squeeze(-1).tolist()
+    assert policy.select(conf, None, 0, torch.Generator().manual_seed(4), probability=1.0).tolist() == \
+        list(range(40))
+    with pytest.raises(ValueError, match="eoser_gamma_min"):
+        SamplingParams(remasking="origin", eoser_gamma_min=0.1)
