@@ -231,6 +231,8 @@ def denoise_rows(rows: list[Row], logits: torch.Tensor, view: BlockView) -> int:
         tokens, logp = sample_tokens(logp_all, params, uniforms=uniforms)
         ent = entropy(logp_all) if policy.needs_entropy else None
         confidence = logp.exp()
+        if g_rows[0].spec.confidence_source == "model" and not params.greedy:  # LLaDA: untempered probability
+            confidence = torch.log_softmax(g_logits.float(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1).exp()
         if params.eoser_gamma_min is not None:
             gammas = torch.tensor([eoser_gamma(min(r.step_in_block, len(r.schedule) - 1), len(r.schedule),
                                                params.eoser_gamma_min, ass=params.schedule == "ass")

@@ -134,8 +134,8 @@ def load_policy(
     fields = default_spec_fields(kind)
     if kind == "sdar" and config.get("block_size") is not None:  # SDAR/TraDo configs carry their block size
         fields["block_size"] = int(config["block_size"])
-    fields.update({k: sidecar[k] for k in ("attention", "logits_shift", "block_size", "step_schedule")
-                   if k in sidecar})
+    family = ("attention", "logits_shift", "block_size", "step_schedule", "confidence_source")
+    fields.update({k: sidecar[k] for k in family if k in sidecar})
     if block_size is not None:
         fields["block_size"] = block_size
     eos = sidecar.get("eos_token_id", tokenizer.eos_token_id if tokenizer.eos_token_id is not None

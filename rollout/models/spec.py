@@ -12,6 +12,10 @@ Attention = Literal["block_causal", "full"]
 KINDS = ("block", "sdar", "llada", "dream")
 # Tokens unmasked per step, by family (rollout/decoding/schedules.py): LLaDA's even split, Dream's own schedule.
 STEP_SCHEDULES = {"block": "uniform", "sdar": "uniform", "llada": "uniform", "dream": "dream"}
+# What a sampled token's confidence is, by family: "model", its probability under the untempered, unfiltered
+# model (LLaDA's generate, Fast-dLLM, CJ-GRPO's trainers), or "sampling", under the distribution it was sampled
+# from (Dream's _sample). Equal at temperature 1 without top-k/top-p, and when greedy.
+CONFIDENCE_SOURCES = {"block": "sampling", "sdar": "sampling", "llada": "model", "dream": "sampling"}
 
 
 class ModelLoadError(ValueError):
@@ -28,6 +32,7 @@ class DiffusionSpec:
     attention: Attention
     logits_shift: bool  # True: logits at position i-1 predict token i (Dream)
     step_schedule: str | None = None  # the family's tokens-per-step schedule; None: the kind's (STEP_SCHEDULES)
+    confidence_source: str | None = None  # "model" or "sampling"; None: the kind's (CONFIDENCE_SOURCES)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -36,6 +41,10 @@ class DiffusionSpec:
             object.__setattr__(self, "step_schedule", STEP_SCHEDULES[self.kind])
         if self.step_schedule not in ("uniform", "dream", "ass"):
             raise ModelLoadError(f"model.step_schedule: unknown schedule {self.step_schedule!r}")
+        if self.confidence_source is None:
+            object.__setattr__(self, "confidence_source", CONFIDENCE_SOURCES[self.kind])
+        if self.confidence_source not in ("model", "sampling"):
+            raise ModelLoadError(f"model.confidence_source: {self.confidence_source!r} is not 'model' or 'sampling'")
         if self.block_size < 1:
             raise ModelLoadError(f"model.block_size: must be >= 1, got {self.block_size}")
         if self.attention not in ("block_causal", "full"):

@@ -108,7 +108,11 @@ def naive_sample(policy, prompts, length, steps, alg, temperature=0.0, seeds=Non
                     tok, tok_logp = tok[take], tok_logp[take]
                 else:
                     full = torch.full((width,), float("-inf"))
-                    full[cols] = score(logp, tok_logp)
+                    if llada_block is None:
+                        full[cols] = score(logp, tok_logp)
+                    else:  # LLaDA ranks by the untempered model probability of the sampled token
+                        raw = torch.softmax(logits[b, cols], dim=-1)
+                        full[cols] = raw.gather(-1, tok[:, None]).squeeze(-1)
                     chosen = torch.topk(full, count).indices
                     where = {int(c): k for k, c in enumerate(cols)}
                     pick = torch.tensor([where[int(c)] for c in chosen], dtype=torch.long)
@@ -138,7 +142,7 @@ def _dense(steps: torch.Tensor) -> torch.Tensor:
 
 
 def _sharpened(path, block_size):
-    """The tiny Dream with its output layer scaled 10x: a random model's distributions are near-uniform (entropies
+    """The tiny model with its output layer scaled 10x: a random model's distributions are near-uniform (entropies
     within 4e-3 of each other, gaps down to 1e-5), so float rounding would decide rankings; scaled, they spread
     over 3.0-4.2 nats like a model that has learnt something, and a wrong rule cannot pass by luck."""
     policy = load_policy(path, block_size=block_size)
@@ -209,14 +213,18 @@ def test_recorded_logprobs_are_recomputed_by_the_learner_for_dreams_algorithms(d
             assert torch.allclose((scores.logprobs * scores.valid).sum(0), traj.logprobs, atol=1e-4), remasking
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.6])
 @pytest.mark.parametrize("length,block,steps", [(16, 8, 4), (24, 8, 3), (16, 16, 5)])
-def test_llada_decoding_equals_lladas_generate(tiny_model_dirs, length, block, steps):
-    """LLaDA's generate (greedy, low_confidence remasking): blocks, even split with the remainder first."""
-    policy = load_policy(tiny_model_dirs["llada"], block_size=block)
-    assert policy.spec.step_schedule == "uniform"
+def test_llada_decoding_equals_lladas_generate(tiny_model_dirs, length, block, steps, temperature):
+    """LLaDA's generate (low_confidence remasking): blocks, even split with the remainder first, ranked by the
+    untempered probability of the sampled token (LLaDA samples by Gumbel-max from the same tempered distribution;
+    the reference draws the uniforms as diffrl does)."""
+    policy = _sharpened(tiny_model_dirs["llada"], block)
+    assert (policy.spec.step_schedule, policy.spec.confidence_source) == ("uniform", "model")
     prompts = _prompts(policy, (3, 9, 5), seed=length)
-    ref = naive_sample(policy, prompts, length, steps, "maskgit_plus", llada_block=block)
-    for traj, (tokens, step, logp) in zip(_decode(policy, prompts, length, steps, "low_confidence_static"), ref):
+    ref = naive_sample(policy, prompts, length, steps, "maskgit_plus", temperature, [11, 12, 13], llada_block=block)
+    ours = _decode(policy, prompts, length, steps, "low_confidence_static", temperature, [11, 12, 13])
+    for traj, (tokens, step, logp) in zip(ours, ref):
         assert torch.equal(traj.response_ids, tokens)
         assert torch.equal(traj.step_map, step)
         assert torch.allclose(traj.logprobs, logp, atol=1e-5)
