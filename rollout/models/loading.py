@@ -256,6 +256,7 @@ def _write_sdar_config(policy: DiffusionPolicy, out_dir: Path) -> None:
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size"):
         config[key] = current[key]
     config["model_type"] = "sdar"
+    config["block_size"] = policy.spec.block_size  # SDAR configs record the block the weights decode with
     config.setdefault("architectures", ["SDARForCausalLM"])
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     src = policy.source.get("dir")

@@ -97,6 +97,14 @@ def test_small_tokenizer_keeps_spaces_and_newlines_after_loading(tiny_model_dirs
     assert len(ids) == len(text) and tokenizer.decode(ids) == text
 
 
+def test_a_saved_sdar_directory_records_its_block_size(tiny_model_dirs, tmp_path):
+    policy = load_policy(tiny_model_dirs["sdar"], block_size=8)
+    out = save_policy(policy, tmp_path / "b8")
+    assert json.loads((out / "config.json").read_text())["block_size"] == 8
+    (out / "diffrl.json").unlink()  # as the original tooling sees it: config.json alone
+    assert load_policy(out).spec.block_size == 8
+
+
 @pytest.mark.parametrize("kind", ["block", "sdar", "llada", "dream"])
 def test_tiny_helper_honours_every_size(tmp_path, kind):
     sizes = dict(hidden_size=48, num_layers=3, num_heads=3, num_kv_heads=1, intermediate_size=40,
