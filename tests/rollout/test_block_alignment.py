@@ -1,0 +1,211 @@
+"""Block alignment (rollout/models/masks.py): SDAR/TraDo count blocks from the sequence's first token.
+
+The reference here is a naive re-implementation of SDAR's block-diffusion `generate` (JetAstra/SDAR generate.py;
+TraDo's engine decodes the same way), written for obviousness: the whole sequence is recomputed at every step,
+blocks are counted from position 0 (position t is in block t // B), the mask is built from that rule alone, and
+the prompt's last partial block is completed by the first response tokens. Selection follows TraDo's engine
+(`jetengine_ext/engine/scheduler.py`) restricted to still-masked positions; see docs/FIDELITY.md for the two places
+where the originals can pick an already-unmasked position and diffrl (deliberately) does not.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from rollout.engine import TorchEngine
+from rollout.models.policy import DiffusionPolicy
+from rollout.sampling import GenerationRequest, SamplingParams
+
+B = 4
+PROMPT_LENGTHS = tuple(range(1, 13))
+MAX_TOKENS = 12
+
+
+class Sharp(DiffusionPolicy):
+    """The tiny SDAR policy with scaled logits (confident, so thresholds matter) and, optionally, another spec."""
+
+    def __init__(self, base: DiffusionPolicy, scale: float = 12.0, **spec_changes):
+        super().__init__(base.model, base.tokenizer, dataclasses.replace(base.spec, **spec_changes), base.source)
+        self.scale = scale
+
+    def logits_from_hidden(self, hidden):
+        return super().logits_from_hidden(hidden) * self.scale
+
+
+# ------------------------------------------------------------------------------------ the naive reference
+def _naive_logits(policy, seq: torch.Tensor) -> torch.Tensor:
+    """Logits of every position of `seq` (one unpadded sequence), blocks from position 0, block-causal."""
+    n = seq.numel()
+    block = torch.tensor([t // B for t in range(n)])
+    bias = torch.zeros(1, 1, n, n)
+    for q in range(n):
+        for k in range(n):
+            if block[k] > block[q]:
+                bias[0, 0, q, k] = torch.finfo(torch.float32).min
+    with torch.no_grad():
+        return policy.forward(seq[None], torch.arange(n)[None], bias).logits[0].float()
+
+
+def _uniform_counts(steps: int) -> list[int]:
+    base, extra = divmod(B, steps)
+    return [base + (1 if i < extra else 0) for i in range(steps)]
+
+
+def _select(name: str, params: SamplingParams, conf, ent, count: int, g) -> list[int]:
+    """Indices (into the masked positions, in position order) to unmask at this step."""
+    n = conf.numel()
+    if name == "sequential":
+        return list(range(min(count, n)))
+    if name == "low_confidence_static":
+        return torch.sort(conf, descending=True, stable=True).indices[:count].tolist()
+    if name == "low_confidence_dynamic":
+        above = [i for i in range(n) if conf[i] > params.threshold]
+        floor = min(params.min_tokens_per_step, n)
+        return above if len(above) >= floor else torch.sort(conf, descending=True, stable=True).indices[:floor].tolist()
+    if name == "entropy_bounded":
+        order = torch.sort(ent, stable=True).indices.tolist()
+        total, take = 0.0, 0
+        for i in order:
+            total += float(ent[i])
+            if total > params.entropy_bound:
+                break
+            take += 1
+        return order[:max(take, min(params.min_tokens_per_step, n))]
+    if name == "random":
+        return torch.randperm(n, generator=g)[:min(count, n)].tolist()
+    raise AssertionError(f"no naive reference for remasking {name!r}")
+
+
+def naive_sdar_generate(policy, prompt: torch.Tensor, params: SamplingParams, seed: int):
+    """SDAR's block_diffusion_generate, recomputing everything: returns (response, step_map, logprobs) over the
+    ceil((P + G) / B) * B - P positions it decodes."""
+    mask = policy.spec.mask_token_id
+    g = torch.Generator().manual_seed(seed)
+    p = prompt.numel()
+    total = -(-(p + params.max_tokens) // B) * B
+    x = torch.cat([prompt, torch.full((total - p,), mask)])
+    step_map = torch.full((total,), -1)
+    logprobs = torch.zeros(total)
+    counts = _uniform_counts(params.steps_per_block or B)
+    step = 0
+    for blk in range(p // B, total // B):
+        lo, hi = blk * B, (blk + 1) * B
+        for step_in_block in range(B + 1):
+            masked = [t for t in range(lo, hi) if x[t] == mask]
+            if not masked:
+                break
+            logits = _naive_logits(policy, x[:hi])[masked]
+            if params.temperature > 0:
+                logits = logits / params.temperature
+            logp = torch.log_softmax(logits, dim=-1)
+            if params.temperature > 0:  # inverse CDF, one uniform per masked position in order
+                u = torch.rand(len(masked), 1, generator=g)
+                cdf = logp.exp().cumsum(-1)
+                tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+            else:
+                tokens = logp.argmax(-1)
+            chosen_logp = logp.gather(-1, tokens[:, None]).squeeze(-1)
+            ent = -(logp.exp() * logp).sum(-1)
+            count = counts[step_in_block] if step_in_block < len(counts) else len(masked)
+            for i in _select(params.remasking, params, chosen_logp.exp(), ent, count, g):
+                x[masked[i]] = tokens[i]
+                step_map[masked[i]] = step
+                logprobs[masked[i]] = chosen_logp[i]
+            step += 1
+    return x[p:], step_map[p:], logprobs[p:]
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+CASES = [
+    SamplingParams(temperature=0.8, max_tokens=MAX_TOKENS, remasking="sequential", steps_per_block=2,
+                   stop_at_eos=False),
+    SamplingParams(temperature=0, max_tokens=MAX_TOKENS, remasking="low_confidence_static", steps_per_block=2,
+                   stop_at_eos=False),
+    SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, remasking="low_confidence_static", stop_at_eos=False),
+    SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, remasking="low_confidence_dynamic", threshold=0.5,
+                   stop_at_eos=False),
+    SamplingParams(temperature=0.7, max_tokens=MAX_TOKENS, remasking="entropy_bounded", entropy_bound=2.5,
+                   stop_at_eos=False),
+    SamplingParams(temperature=0.9, max_tokens=MAX_TOKENS, remasking="random", steps_per_block=2,
+                   stop_at_eos=False),
+]
+
+
+def _prompts(policy, lengths=PROMPT_LENGTHS):
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(10, len(policy.tokenizer), (n,), generator=g) for n in lengths]
+
+
+def _decode(policy, prompts, params, kv_cache, seeds):
+    requests = [GenerationRequest(p, params, seed=s, request_id=str(s)) for p, s in zip(prompts, seeds)]
+    out = TorchEngine(policy, kv_cache=kv_cache).generate(requests)
+    for t in out:
+        t.validate()
+    return out
+
+
+def _assert_matches_naive(traj, naive, prompt_len):
+    response, step_map, logprobs = naive
+    head = prompt_len % B
+    n = MAX_TOKENS - head  # diffrl stops at the last whole block within max_tokens
+    assert traj.response_length == n, (prompt_len, traj.response_length)
+    assert traj.response_ids.tolist() == response[:n].tolist(), prompt_len
+    assert traj.step_map.tolist() == step_map[:n].tolist(), prompt_len
+    assert torch.allclose(traj.logprobs, logprobs[:n], atol=1e-4), prompt_len
+
+
+def test_the_remasking_registry_is_covered():
+    from rollout.remasking import REMASKING
+
+    covered = {c.remasking for c in CASES}
+    sdar_traDo = {"sequential", "low_confidence_static", "low_confidence_dynamic", "entropy_bounded", "random"}
+    assert covered == sdar_traDo and covered <= set(REMASKING)
+
+
+@pytest.mark.parametrize("kv_cache", ["block", "none"])
+@pytest.mark.parametrize("params", CASES, ids=lambda p: f"{p.remasking}-T{p.temperature}-s{p.steps_per_block}")
+def test_absolute_alignment_decodes_as_sdar_generate(tiny_policies, params, kv_cache):
+    policy = Sharp(tiny_policies["sdar"])
+    assert policy.spec.block_alignment == "absolute" and policy.spec.block_size == B
+    prompts = _prompts(policy)
+    seeds = list(range(100, 100 + len(prompts)))
+    naive = [naive_sdar_generate(policy, p, params, s) for p, s in zip(prompts, seeds)]
+    # Mixed prompt lengths in one padded batch (every head 0..3 at once), then each prompt alone.
+    batch = _decode(policy, prompts, params, kv_cache, seeds)
+    for traj, ref, prompt in zip(batch, naive, prompts):
+        _assert_matches_naive(traj, ref, prompt.numel())
+    for prompt, seed, ref in zip(prompts, seeds, naive):
+        _assert_matches_naive(_decode(policy, [prompt], params, kv_cache, [seed])[0], ref, prompt.numel())
+    if params.remasking in ("low_confidence_dynamic", "entropy_bounded"):
+        several = sum(int(torch.bincount(t.step_map).max()) > 1 for t in batch)
+        assert several > 0, "the thresholds should unmask several tokens in some step"
+
+
+def test_response_alignment_does_not_decode_as_sdar_generate(tiny_policies):
+    """The check above can fail: decoding an SDAR model with blocks from the response start (diffrl's behaviour
+    before block alignment existed) differs from SDAR's generate for every prompt length not a multiple of B."""
+    params = SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, remasking="low_confidence_static",
+                            stop_at_eos=False)
+    absolute = Sharp(tiny_policies["sdar"])
+    response = Sharp(tiny_policies["sdar"], block_alignment="response")
+    prompts = _prompts(absolute)
+    differing = {}
+    for prompt, traj in zip(prompts, _decode(response, prompts, params, "block", [0] * len(prompts))):
+        ref, _, _ = naive_sdar_generate(absolute, prompt, params, 0)
+        n = MAX_TOKENS - B  # compare the tokens both produce
+        differing[prompt.numel()] = int((traj.response_ids[:n] != ref[:n]).sum())
+    assert all(differing[p] == 0 for p in PROMPT_LENGTHS if p % B == 0), differing
+    assert all(differing[p] > 0 for p in PROMPT_LENGTHS if p % B), differing
+    assert sum(differing.values()) >= 0.5 * (MAX_TOKENS - B) * sum(p % B > 0 for p in PROMPT_LENGTHS), differing
+
+
+def test_a_prompt_tail_holding_eos_does_not_stop_decoding(tiny_policies):
+    policy = Sharp(tiny_policies["sdar"])
+    eos = policy.spec.eos_token_id
+    prompt = torch.tensor([20, 21, 22, 23, 24, eos])  # head = 2 tokens, the EOS among them
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, remasking="low_confidence_static")
+    traj = _decode(policy, [prompt], params, "block", [0])[0]
+    if not bool((traj.response_ids == eos).any()):
+        assert traj.finish_reason == "length" and traj.response_length == MAX_TOKENS - 2
