@@ -10,6 +10,7 @@ where the originals can pick an already-unmasked position and diffrl (deliberate
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -209,3 +210,64 @@ def test_a_prompt_tail_holding_eos_does_not_stop_decoding(tiny_policies):
     traj = _decode(policy, [prompt], params, "block", [0])[0]
     if not bool((traj.response_ids == eos).any()):
         assert traj.finish_reason == "length" and traj.response_length == MAX_TOKENS - 2
+
+
+# ------------------------------------------------------------------------------------------ training layout
+def _true_block_of(t: int, prompt_len: int, alignment: str) -> int:
+    """The decoder's block of sequence position t, straight from each alignment's definition."""
+    if alignment == "absolute":
+        return t // B
+    if t < prompt_len:  # response alignment: prompt blocks counted backwards from the prompt's end
+        return -math.ceil((prompt_len - t) / B)
+    return (t - prompt_len) // B
+
+
+def _context_logprobs(policy, seq: torch.Tensor, prompt_len: int, alignment: str, rows: list[int],
+                      targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets | seq) at rows, one forward of `seq` alone with the naive block-causal mask."""
+    n = seq.numel()
+    bias = torch.zeros(1, 1, n, n)
+    for q in range(n):
+        for k in range(n):
+            if _true_block_of(k, prompt_len, alignment) > _true_block_of(q, prompt_len, alignment):
+                bias[0, 0, q, k] = torch.finfo(torch.float32).min
+    with torch.no_grad():
+        logits = policy.forward(seq[None], torch.arange(n)[None], bias).logits[0].float()
+    return torch.log_softmax(logits[rows], -1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("alignment", ["absolute", "response"])
+def test_training_layout_equals_each_blocks_true_context(tiny_policies, alignment):
+    """score_responses through `[prompt | clean | noisy canvas]` (one padded batch) == for every decoding block, a
+    separate forward of exactly what the decoder saw: the prompt, the clean earlier blocks, this block's noisy
+    state (under `absolute`, the first block holds the prompt's tail, unmasked, with the response's head)."""
+    policy = Sharp(tiny_policies["sdar"], scale=1.0, block_alignment=alignment)
+    mask = policy.spec.mask_token_id
+    g = torch.Generator().manual_seed(5)
+    cases = [(1, 7), (2, 10), (5, 11), (7, 5), (8, 8), (11, 13), (3, 1)]
+    prompts = [torch.randint(10, 100, (p,), generator=g) for p, _ in cases]
+    responses = [torch.randint(10, 100, (n,), generator=g) for _, n in cases]
+    noisy = [torch.where(torch.rand(n, generator=g) < 0.5, torch.full((n,), mask), r)
+             for r, (_, n) in zip(responses, cases)]
+    with torch.no_grad():
+        scores = policy.score_responses(prompts, responses, noisy)
+    checked_partial = 0
+    for b, (prompt, clean, corrupted) in enumerate(zip(prompts, responses, noisy)):
+        p, n = prompt.numel(), clean.numel()
+        # Response positions grouped by their true block; each group scored from its own context.
+        groups: dict[int, list[int]] = {}
+        for i in range(n):
+            groups.setdefault(_true_block_of(p + i, p, alignment), []).append(i)
+        for blk, members in groups.items():
+            block_positions = [t for t in range(p + n) if _true_block_of(t, p, alignment) == blk]
+            first, last = block_positions[0], block_positions[-1]
+            # The prompt, then the response: clean before this block, its noisy state inside it.
+            seq = torch.cat([prompt, torch.tensor([int(clean[i]) if p + i < first else int(corrupted[i])
+                                                   for i in range(last + 1 - p)], dtype=torch.long)])
+            rows = [p + i for i in members]
+            ref = _context_logprobs(policy, seq, p, alignment, rows, clean[members])
+            got = scores.logprobs[b, members]
+            assert (got - ref).abs().max().item() <= 1e-5, (alignment, p, n, blk)
+            checked_partial += int(first < p)
+    if alignment == "absolute":
+        assert checked_partial == sum(p % B > 0 for p, _ in cases)  # blocks holding a prompt tail were checked
