@@ -28,23 +28,11 @@ from __future__ import annotations
 
 import torch
 
+# The origin rule itself is plain integer arithmetic and lives in spec.py (importable without torch, for recipes).
+from rollout.models.spec import ALIGNMENTS, block_origin, check_alignment  # noqa: F401  (re-exported)
+
 # Block id given to padding positions; they are excluded through the key-validity mask, never by id.
 PAD_BLOCK = 2**30
-ALIGNMENTS = ("absolute", "response")
-
-
-def check_alignment(alignment: str) -> str:
-    if alignment not in ALIGNMENTS:
-        raise ValueError(f"model.block_alignment: unknown alignment {alignment!r} (expected one of "
-                         f"{', '.join(ALIGNMENTS)})")
-    return alignment
-
-
-def block_origin(prompt_len: int, block_size: int, alignment: str) -> int:
-    """Sequence position (from the first real token) where the first decoding block starts."""
-    if check_alignment(alignment) == "absolute":
-        return prompt_len // block_size * block_size
-    return prompt_len
 
 
 def block_ids(start: int, length: int, origin: int, block_size: int) -> torch.Tensor:

@@ -4,8 +4,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from rollout.models.masks import ALIGNMENTS, block_origin
-
 Attention = Literal["block_causal", "full"]
 
 # Model kinds diffrl knows how to drive. "block" is any HF causal LM (Qwen2/Qwen3/Llama) run as a block-diffusion
@@ -16,6 +14,25 @@ KINDS = ("block", "sdar", "llada", "dream")
 
 class ModelLoadError(ValueError):
     """A checkpoint directory, tokenizer or model setting is unusable; the message names the file or field."""
+
+
+# Block alignment (what it means: rollout/models/masks.py). Positions count from the first real token.
+ALIGNMENTS = ("absolute", "response")
+
+
+def check_alignment(alignment: str) -> str:
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"model.block_alignment: unknown alignment {alignment!r} (expected one of "
+                         f"{', '.join(ALIGNMENTS)})")
+    return alignment
+
+
+def block_origin(prompt_len: int, block_size: int, alignment: str) -> int:
+    """Sequence position where the first decoding block starts: `absolute` = the prompt length rounded down to a
+    multiple of the block (TraDo's `num_prefill_tokens`), `response` = the prompt length."""
+    if check_alignment(alignment) == "absolute":
+        return prompt_len // block_size * block_size
+    return prompt_len
 
 
 @dataclass(frozen=True)

@@ -271,3 +271,47 @@ def test_training_layout_equals_each_blocks_true_context(tiny_policies, alignmen
             checked_partial += int(first < p)
     if alignment == "absolute":
         assert checked_partial == sum(p % B > 0 for p, _ in cases)  # blocks holding a prompt tail were checked
+
+
+# ------------------------------------------------------------------------------- checkpoints and recipes
+def test_alignment_defaults_saves_and_restores(tiny_model_dirs, tmp_path):
+    from rollout.models.loading import load_policy, save_policy
+    from rollout.models.spec import ModelLoadError
+    from rollout.models.tiny import make_tiny_policy
+
+    sdar = load_policy(tiny_model_dirs["sdar"])
+    assert not (tiny_model_dirs["sdar"] / "diffrl.json").exists()  # an original-format directory
+    assert sdar.spec.block_alignment == "absolute"  # SDAR/TraDo: blocks from the sequence start
+    assert load_policy(tiny_model_dirs["block"]).spec.block_alignment == "response"
+    assert load_policy(tiny_model_dirs["llada"]).spec.block_alignment == "response"
+    # Saved with the checkpoint, restored on load; an explicit choice overrides the checkpoint's.
+    forced = load_policy(tiny_model_dirs["sdar"], block_alignment="response")
+    assert forced.spec.block_alignment == "response"
+    assert load_policy(save_policy(forced, tmp_path / "sdar_response")).spec.block_alignment == "response"
+    assert load_policy(save_policy(sdar, tmp_path / "sdar_absolute")).spec.block_alignment == "absolute"
+    block_abs = make_tiny_policy("block", tmp_path / "block_abs", block_alignment="absolute")
+    assert load_policy(block_abs).spec.block_alignment == "absolute"
+    assert load_policy(make_tiny_policy("sdar", tmp_path / "sdar_r", block_alignment="response")).spec \
+        .block_alignment == "response"
+    with pytest.raises(ModelLoadError, match="block_alignment"):
+        load_policy(tiny_model_dirs["llada"], block_alignment="absolute")
+    with pytest.raises(ModelLoadError, match="block_alignment"):
+        load_policy(tiny_model_dirs["sdar"], block_alignment="sequence")
+
+
+def test_the_recipe_selects_the_alignment():
+    from launch.driver_roles import _policy_fn, engine_options
+    from launch.recipe import RecipeError, recipe_from_dict
+
+    base = {"name": "t", "algorithm": "tracerl", "reward": [{"fn": "math"}], "data": {"task": "arithmetic"},
+            "rollout": {"max_tokens": 16}}
+    default = recipe_from_dict({**base, "model": {"tiny": "sdar"}})
+    assert default.model.block_alignment is None and "block_alignment" not in engine_options(default)
+    assert default.estimator.block_alignment == "model"
+    chosen = recipe_from_dict({**base, "model": {"tiny": "sdar", "block_alignment": "response"},
+                               "estimator": {"name": "trajectory", "block_alignment": "response"}})
+    assert engine_options(chosen)["block_alignment"] == "response"
+    assert _policy_fn(chosen, "/ckpt").keywords["block_alignment"] == "response"
+    assert chosen.estimator.params()["block_alignment"] == "response"
+    with pytest.raises(RecipeError, match="block_alignment"):
+        recipe_from_dict({**base, "model": {"tiny": "llada", "block_alignment": "absolute"}})
