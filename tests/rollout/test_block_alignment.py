@@ -27,12 +27,14 @@ MAX_TOKENS = 12
 class Sharp(DiffusionPolicy):
     """The tiny SDAR policy with scaled logits (confident, so thresholds matter) and, optionally, another spec."""
 
-    def __init__(self, base: DiffusionPolicy, scale: float = 12.0, **spec_changes):
+    def __init__(self, base: DiffusionPolicy, scale: float = 12.0, eos_bonus: float = 0.0, **spec_changes):
         super().__init__(base.model, base.tokenizer, dataclasses.replace(base.spec, **spec_changes), base.source)
-        self.scale = scale
+        self.scale, self.eos_bonus = scale, eos_bonus
 
     def logits_from_hidden(self, hidden):
-        return super().logits_from_hidden(hidden) * self.scale
+        logits = super().logits_from_hidden(hidden) * self.scale
+        logits[..., self.spec.eos_token_id] += self.eos_bonus
+        return logits
 
 
 # ------------------------------------------------------------------------------------ the naive reference
@@ -203,13 +205,15 @@ def test_response_alignment_does_not_decode_as_sdar_generate(tiny_policies):
 
 
 def test_a_prompt_tail_holding_eos_does_not_stop_decoding(tiny_policies):
-    policy = Sharp(tiny_policies["sdar"])
+    """SDAR's generate checks for EOS in the response only; the prompt's tail shares the first block with it."""
+    policy = Sharp(tiny_policies["sdar"], eos_bonus=-1e4)  # the response itself never holds an EOS
     eos = policy.spec.eos_token_id
     prompt = torch.tensor([20, 21, 22, 23, 24, eos])  # head = 2 tokens, the EOS among them
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, remasking="low_confidence_static")
-    traj = _decode(policy, [prompt], params, "block", [0])[0]
-    if not bool((traj.response_ids == eos).any()):
+    for kv_cache in ("block", "none"):
+        traj = _decode(policy, [prompt], params, kv_cache, [0])[0]
         assert traj.finish_reason == "length" and traj.response_length == MAX_TOKENS - 2
+        assert traj.valid_length == traj.response_length and not bool((traj.response_ids == eos).any())
 
 
 # ------------------------------------------------------------------------------------------ training layout
