@@ -17,6 +17,7 @@ import torch
 
 from rollout.engine import TorchEngine
 from rollout.models.policy import DiffusionPolicy
+from rollout.remasking import REMASKING
 from rollout.sampling import GenerationRequest, SamplingParams
 
 B = 4
@@ -56,7 +57,7 @@ def _uniform_counts(steps: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(steps)]
 
 
-def _select(name: str, params: SamplingParams, conf, ent, count: int, g) -> list[int]:
+def _select(name: str, params: SamplingParams, conf, ent, logp, count: int, g) -> list[int]:
     """Indices (into the masked positions, in position order) to unmask at this step."""
     n = conf.numel()
     if name == "sequential":
@@ -78,6 +79,15 @@ def _select(name: str, params: SamplingParams, conf, ent, count: int, g) -> list
         return order[:max(take, min(params.min_tokens_per_step, n))]
     if name == "random":
         return torch.randperm(n, generator=g)[:min(count, n)].tolist()
+    # Dream's fixed-count rules (Dream's `_sample`), if the registry has them: the largest top-1 minus top-2
+    # probability, or the lowest entropy scored as sum p log(p + 1e-10).
+    probs = logp.exp()
+    if name == "topk_margin":
+        top2 = torch.topk(probs, 2, dim=-1).values
+        return torch.sort(top2[:, 0] - top2[:, 1], descending=True, stable=True).indices[:count].tolist()
+    if name == "entropy":
+        key = (probs * torch.log(probs + 1e-10)).sum(-1)
+        return torch.sort(key, descending=True, stable=True).indices[:count].tolist()
     raise AssertionError(f"no naive reference for remasking {name!r}")
 
 
@@ -112,7 +122,7 @@ def naive_sdar_generate(policy, prompt: torch.Tensor, params: SamplingParams, se
             chosen_logp = logp.gather(-1, tokens[:, None]).squeeze(-1)
             ent = -(logp.exp() * logp).sum(-1)
             count = counts[step_in_block] if step_in_block < len(counts) else len(masked)
-            for i in _select(params.remasking, params, chosen_logp.exp(), ent, count, g):
+            for i in _select(params.remasking, params, chosen_logp.exp(), ent, logp, count, g):
                 x[masked[i]] = tokens[i]
                 step_map[masked[i]] = step
                 logprobs[masked[i]] = chosen_logp[i]
@@ -134,6 +144,13 @@ CASES = [
     SamplingParams(temperature=0.9, max_tokens=MAX_TOKENS, remasking="random", steps_per_block=2,
                    stop_at_eos=False),
 ]
+SDAR_TRADO = {"sequential", "low_confidence_static", "low_confidence_dynamic", "entropy_bounded", "random"}
+# Dream's fixed-count strategies decode block models too, when the registry has them. Dream's `origin` (transfer
+# with probability 1 - s/t along Dream's full-canvas schedule) has no block-decoding meaning and is left out.
+FULL_ATTENTION_ONLY = {"origin"}
+CASES += [SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, remasking=name, steps_per_block=2,
+                         stop_at_eos=False)
+          for name in sorted({"topk_margin", "entropy"} & set(REMASKING))]
 
 
 def _prompts(policy, lengths=PROMPT_LENGTHS):
@@ -160,11 +177,7 @@ def _assert_matches_naive(traj, naive, prompt_len):
 
 
 def test_the_remasking_registry_is_covered():
-    from rollout.remasking import REMASKING
-
-    covered = {c.remasking for c in CASES}
-    sdar_traDo = {"sequential", "low_confidence_static", "low_confidence_dynamic", "entropy_bounded", "random"}
-    assert covered == sdar_traDo and covered <= set(REMASKING)
+    assert {c.remasking for c in CASES} == set(REMASKING) - FULL_ATTENTION_ONLY and SDAR_TRADO <= set(REMASKING)
 
 
 @pytest.mark.parametrize("kv_cache", ["block", "none"])
