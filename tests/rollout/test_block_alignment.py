@@ -332,3 +332,14 @@ def test_the_recipe_selects_the_alignment():
     assert chosen.estimator.params()["block_alignment"] == "response"
     with pytest.raises(RecipeError, match="block_alignment"):
         recipe_from_dict({**base, "model": {"tiny": "llada", "block_alignment": "absolute"}})
+
+
+def test_block_local_steps_follow_the_first_blocks_head():
+    from rollout.trajectory import block_local_steps
+
+    steps = torch.tensor([0, 1, 2, 3, 3, 4, 5, 6])
+    # head 1: blocks are response positions [0, 3), [3, 7), [7, 8)
+    assert block_local_steps(steps, B, head=1).tolist() == [0, 1, 2, 0, 0, 1, 2, 0]
+    assert block_local_steps(steps, B).tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    with pytest.raises(ValueError, match="head"):
+        block_local_steps(steps, B, head=B)
