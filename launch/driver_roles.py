@@ -60,10 +60,13 @@ def _dtype(recipe: Recipe) -> torch.dtype:
 
 
 def engine_options(recipe: Recipe) -> dict[str, Any]:
-    return {"engine": recipe.rollout.engine, "kv_cache": _CACHE[recipe.rollout.cache],
-            "max_batch_size": recipe.rollout.batch_size, "kind": recipe.model.declared_kind,
-            "block_size": decode_block(recipe), "dtype": _dtype(recipe),
-            "trust_remote_code": recipe.model.trust_remote_code}
+    options = {"engine": recipe.rollout.engine, "kv_cache": _CACHE[recipe.rollout.cache],
+               "max_batch_size": recipe.rollout.batch_size, "kind": recipe.model.declared_kind,
+               "block_size": decode_block(recipe), "dtype": _dtype(recipe),
+               "trust_remote_code": recipe.model.trust_remote_code}
+    if recipe.model.block_alignment is not None:  # else the checkpoint's own (its diffrl.json, or its kind's)
+        options["block_alignment"] = recipe.model.block_alignment
+    return options
 
 
 def sync_options(*, lora: bool, engine: str) -> dict[str, bool]:
@@ -97,13 +100,14 @@ def learner_config(recipe: Recipe):
 
 
 def load_learner_policy(path: str, kind: str | None, block_size: int | None, dtype: str, trust_remote_code: bool,
-                        lora: dict | None, device: str | None = None, seed: int | None = None):
+                        lora: dict | None, device: str | None = None, seed: int | None = None,
+                        block_alignment: str | None = None):
     """Module-level (picklable) policy factory run inside each learner actor."""
     from rollout.models.loading import load_policy
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     policy = load_policy(path, kind=kind, block_size=block_size, dtype=getattr(torch, dtype), device=device,
-                         trust_remote_code=trust_remote_code)
+                         trust_remote_code=trust_remote_code, block_alignment=block_alignment)
     if lora is not None:
         from rollout.models.lora import apply_lora
 
@@ -115,7 +119,8 @@ def load_learner_policy(path: str, kind: str | None, block_size: int | None, dty
 def _policy_fn(recipe: Recipe, path) -> partial:
     lora = recipe.model.lora.model_dump() if recipe.model.lora is not None else None
     return partial(load_learner_policy, str(path), recipe.model.declared_kind, decode_block(recipe),
-                   recipe.model.dtype, recipe.model.trust_remote_code, lora, seed=recipe.seed)
+                   recipe.model.dtype, recipe.model.trust_remote_code, lora, seed=recipe.seed,
+                   block_alignment=recipe.model.block_alignment)
 
 
 def _strategy(group, bundle: int):

@@ -114,7 +114,7 @@ def _initial_model(recipe: Recipe, run_dir: Path) -> Path:
     if not (target / "config.json").is_file():
         tmp = run_dir / f".model_init.{os.getpid()}.tmp"
         make_tiny_policy(recipe.model.tiny, tmp, vocab=recipe.model.tiny_vocab or "small", seed=recipe.seed,
-                         block_size=recipe.model.block_size)
+                         block_size=recipe.model.block_size, block_alignment=recipe.model.block_alignment)
         os.replace(tmp, target)
     return target
 

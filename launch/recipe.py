@@ -68,6 +68,10 @@ class ModelConfig(Section):
     tiny_vocab: Literal["small", "qwen"] | None = None  # tiny models only; None -> "small"
     kind: Literal["auto", "block", "sdar", "llada", "dream"] = "auto"  # auto: from tiny, else from config.json
     block_size: int | None = Field(None, ge=1)  # block-causal: training block; full attention: semi-AR block
+    # Where blocks start (block-causal models; rollout/models/masks.py): None = the checkpoint's (diffrl.json), else
+    # the kind's: "absolute" (from the sequence start) for sdar, as SDAR/TraDo were trained and decode; "response"
+    # (from the response start) for diffrl's block models. Used by decoding and the training layout alike.
+    block_alignment: Literal["absolute", "response"] | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"
     trust_remote_code: bool = False
     lora: LoraConfig | None = None

@@ -121,6 +121,13 @@ def _tiny_kind(r: Recipe) -> str | None:
     return None
 
 
+def _model_alignment(r: Recipe) -> str | None:
+    if r.model.block_alignment == "absolute" and r.model.declared_kind in ("llada", "dream"):
+        return ("model.block_alignment: 'absolute' applies to block-causal models only (LLaDA/Dream decode "
+                "semi-autoregressive blocks from the response start)")
+    return None
+
+
 def _model_block(r: Recipe) -> str | None:
     kind, block = r.model.declared_kind, r.model.block_size
     if block is not None and kind in BLOCK_CAUSAL_KINDS and r.rollout.block_size != block:
@@ -281,7 +288,7 @@ def _ray(r: Recipe) -> str | None:
 
 
 CHECKS: tuple[Check, ...] = (
-    _model_source, _tiny_kind, _model_block, _max_tokens_blocks, _steps, _threshold, _full_attention_decoding,
+    _model_source, _tiny_kind, _model_alignment, _model_block, _max_tokens_blocks, _steps, _threshold, _full_attention_decoding,
     _group_size, _estimator, _filter, _reference_model, _workers_agree, _backend, _prompts_split, _data_source,
     _trainer, _ray,
 )

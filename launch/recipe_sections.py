@@ -207,6 +207,10 @@ class BlockElboEstimator(_EstimatorSection):
 class TrajectoryEstimator(_EstimatorSection):
     name: Literal["trajectory"] = "trajectory"
     shrink: int | None = Field(None, ge=1)  # merge s consecutive steps; None -> 1 (block models), 8 (full attention)
+    # Training blocks: "model" = the model's own alignment, the one the rollout decoded with (every rollout log-prob
+    # is recomputed exactly); "response" = TraceRL's released training code (blocks from the response start, a
+    # train/inference mismatch for SDAR/TraDo); "absolute" = from the sequence start.
+    block_alignment: Literal["model", "absolute", "response"] = "model"
 
 
 class RandomMaskEstimator(_EstimatorSection):

@@ -88,14 +88,18 @@ def resolve_objective(policy, objective: str) -> str:
 
 def make_example(prompt_ids: Sequence[int], answer_ids: Sequence[int], spec,
                  response_len: int | None = None) -> Example:
-    """The SFT pair: answer + EOS, EOS-padded to a multiple of the block size, or to `response_len` if given."""
+    """The SFT pair: answer + EOS, EOS-padded to the end of its last block, or to `response_len` if given.
+
+    Blocks follow the model's alignment: under `absolute` (SDAR/TraDo) the first block also holds the prompt's
+    tail (P mod B tokens), so the response is padded until prompt + response fills whole blocks."""
     response = list(answer_ids) + [spec.eos_token_id]
     if response_len is not None:
         if len(response) > response_len:
             raise ValueError(f"sft.response_len: an answer of {len(answer_ids)} tokens + EOS exceeds {response_len}")
         target = response_len
     else:
-        target = math.ceil(len(response) / spec.block_size) * spec.block_size
+        head = len(prompt_ids) - spec.block_origin(len(prompt_ids)) if spec.is_block else 0
+        target = math.ceil((head + len(response)) / spec.block_size) * spec.block_size - head
     response += [spec.eos_token_id] * (target - len(response))
     return Example(torch.tensor(list(prompt_ids), dtype=torch.long), torch.tensor(response, dtype=torch.long))
 

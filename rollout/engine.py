@@ -120,7 +120,8 @@ class TorchEngine(RolloutEngine):
     @classmethod
     def from_dir(cls, path: str | Path, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype | str = torch.float32, kind: str | None = None, block_size: int | None = None,
-                 trust_remote_code: bool = False, **options) -> "TorchEngine":
+                 block_alignment: str | None = None, trust_remote_code: bool = False,
+                 **options) -> "TorchEngine":
         from rollout.models.loading import load_policy
 
         if isinstance(dtype, str):  # recipes and Ray calls name the dtype ("bfloat16")
@@ -128,8 +129,8 @@ class TorchEngine(RolloutEngine):
                 raise ValueError(f"engine.dtype: unknown torch dtype {dtype!r}")
             dtype = getattr(torch, dtype)
 
-        policy = load_policy(path, kind=kind, block_size=block_size, dtype=dtype, device=device,
-                             trust_remote_code=trust_remote_code)
+        policy = load_policy(path, kind=kind, block_size=block_size, block_alignment=block_alignment, dtype=dtype,
+                             device=device, trust_remote_code=trust_remote_code)
         return cls(policy, **options)
 
     # --------------------------------------------------------------------------------------------- generate

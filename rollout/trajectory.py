@@ -14,16 +14,21 @@ import torch
 UNDECODED = -1
 
 
-def block_local_steps(step_map: torch.Tensor, block_size: int) -> torch.Tensor:
+def block_local_steps(step_map: torch.Tensor, block_size: int, head: int = 0) -> torch.Tensor:
     """For each token, the index j of the denoising step within its own block that unmasked it.
 
     TraceRL's pass j trains, in every block at once, the tokens of that block's j-th step. With dynamic decoding
     blocks take different numbers of steps, so j is the rank of the token's step among its block's distinct steps.
+    `head`: prompt tokens in the first block (`absolute` alignment, masks.py), so the first block holds only
+    block_size - head response tokens.
     """
+    if not 0 <= head < block_size:
+        raise ValueError(f"block_local_steps: head {head} outside [0, block size {block_size})")
     local = torch.empty_like(step_map)
-    for start in range(0, step_map.numel(), block_size):
-        steps = step_map[start:start + block_size]
-        local[start:start + block_size] = torch.searchsorted(torch.unique(steps), steps)
+    bounds = [0, *range(block_size - head if head else block_size, step_map.numel(), block_size), step_map.numel()]
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        steps = step_map[start:end]
+        local[start:end] = torch.searchsorted(torch.unique(steps), steps)
     return local
 
 
@@ -37,7 +42,7 @@ class Trajectory:
     valid_length: int  # tokens up to and including the first EOS (== L when no EOS)
     nfe: int  # forward passes spent on this request
     finish_reason: str  # "eos" | "length" | "error: ..."
-    block_size: int  # decoding block (response blocks start at response position 0)
+    block_size: int  # decoding block; where blocks start: sampling["block_alignment"] (rollout/models/masks.py)
     sampling: dict[str, Any] = field(default_factory=dict)  # temperature, top_k, top_p, remasking, steps, seed...
     policy_version: int = 0
     request_id: str = ""
@@ -61,8 +66,15 @@ class Trajectory:
         state[self.step_map >= step] = mask_token_id
         return state
 
+    @property
+    def block_head(self) -> int:
+        """Prompt tokens in the first decoding block (P mod B under `absolute` alignment, else 0)."""
+        if self.sampling.get("block_alignment") == "absolute":
+            return self.prompt_ids.numel() % self.block_size
+        return 0
+
     def block_local_steps(self) -> torch.Tensor:
-        return block_local_steps(self.step_map, self.block_size)
+        return block_local_steps(self.step_map, self.block_size, self.block_head)
 
     def validate(self) -> None:
         """Raise ValueError naming the first field that breaks the contract."""

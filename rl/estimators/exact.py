@@ -53,9 +53,12 @@ def exact_elbo(policy, prompt: torch.Tensor, response: torch.Tensor) -> float:
     length = response.numel()
     if not policy.spec.is_block:
         return _segment_elbo(masked_logps(policy, prompt, response, range(length)), length)
+    # The layout's blocks (rollout/models/masks.py): under `absolute` alignment the first one also holds the
+    # prompt's tail, so it has only size - head response tokens.
     total, size = 0.0, policy.spec.block_size
-    for start in range(0, length, size):
-        block = range(start, min(start + size, length))
+    head = prompt.numel() - policy.spec.block_origin(prompt.numel())
+    for start in range(-head, length, size):
+        block = range(max(start, 0), min(start + size, length))
         total += _segment_elbo(masked_logps(policy, prompt, response, block), len(block))
     return total
 

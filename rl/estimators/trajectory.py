@@ -11,17 +11,27 @@ that takes fewer steps in some blocks needs no special case.
 
 Full-attention models: the state before global step s masks the whole rest of the canvas, so each group of s
 global steps is one forward; samples are batched per group.
+
+Block alignment (rollout/models/masks.py): by default the training layout uses the model's own alignment, the one
+the rollout decoded with, so every recorded log-prob is recomputed exactly (for an `absolute` model the first block
+holds the prompt's tail). `block_alignment="response"` reproduces TraceRL's released training code instead, which
+cuts the response into blocks from its first token whatever the model decoded with (a train/inference mismatch for
+SDAR/TraDo whenever the prompt length is not a multiple of the block size).
 """
 from __future__ import annotations
 
 import torch
 
 from rl.estimators.base import ESTIMATORS, Estimate, EstimatorInput, padded, token_mask_of
+from rollout.models.masks import check_alignment
+from rollout.models.policy import alignment_origin
 from rollout.trajectory import block_local_steps
 
 
-def step_groups(inp: EstimatorInput, block_model: bool, block_size: int, shrink: int) -> list[torch.Tensor]:
-    """Per sample, the forward-pass group of each token: tokens of group g are scored in pass g."""
+def step_groups(inp: EstimatorInput, block_model: bool, block_size: int, shrink: int,
+                heads: list[int] | None = None) -> list[torch.Tensor]:
+    """Per sample, the forward-pass group of each token: tokens of group g are scored in pass g. `heads`: per
+    sample, the prompt tokens in the first training block (`absolute` alignment; default none)."""
     if inp.step_maps is None:
         raise ValueError("estimator 'trajectory' needs step maps (rollout trajectories), none were given")
     groups = []
@@ -30,7 +40,8 @@ def step_groups(inp: EstimatorInput, block_model: bool, block_size: int, shrink:
         if step_map.numel() != inp.length(b):
             raise ValueError(f"trajectory estimator: sample {b} step map length {step_map.numel()} "
                              f"!= response length {inp.length(b)}")
-        steps = block_local_steps(step_map, block_size) if block_model else step_map - step_map.min()
+        head = heads[b] if heads is not None else 0
+        steps = block_local_steps(step_map, block_size, head) if block_model else step_map - step_map.min()
         groups.append(steps // shrink)
     return groups
 
@@ -38,13 +49,20 @@ def step_groups(inp: EstimatorInput, block_model: bool, block_size: int, shrink:
 @ESTIMATORS.register("trajectory", shrink=1)
 def trajectory_estimator(policy, inp: EstimatorInput, *, seed: int = 0, inner_iter: int = 0, shrink: int = 1,
                          temperature: float = 1.0, return_entropy: bool = False,
-                         return_hidden: bool = False) -> Estimate:
+                         return_hidden: bool = False, block_alignment: str | None = None) -> Estimate:
     del seed, inner_iter  # deterministic: the masks are the recorded trajectory itself
     if shrink < 1:
         raise ValueError(f"estimator.shrink: must be >= 1, got {shrink}")
+    if block_alignment == "model":
+        block_alignment = None
+    if block_alignment is not None:
+        check_alignment(block_alignment)
     spec = policy.spec
     block_size = inp.block_size or spec.block_size
-    groups = step_groups(inp, spec.is_block, block_size, shrink)
+    heads = None
+    if spec.is_block:
+        heads = [p.numel() - alignment_origin(spec, p.numel(), block_alignment) for p in inp.prompts]
+    groups = step_groups(inp, spec.is_block, block_size, shrink, heads)
     width = max(inp.length(b) for b in range(len(inp)))
     device = policy.device
     token_logp = torch.zeros((len(inp), width), device=device)
@@ -63,6 +81,7 @@ def trajectory_estimator(policy, inp: EstimatorInput, *, seed: int = 0, inner_it
         out = policy.score_responses(
             [inp.prompts[b] for b in members], [inp.responses[b] for b in members], noisy,
             score_mask=score, temperature=temperature, return_entropy=return_entropy, return_hidden=return_hidden,
+            alignment=block_alignment if spec.is_block else None,
         )
         forwards += 1
         rows = torch.tensor(members, device=device)

@@ -1,8 +1,10 @@
 """Cached block-diffusion decoding (TraDo/SDAR and any block-causal policy).
 
 One forward per denoising step, over only the tokens that change:
-- the first forward is the prompt (left-padded; positions and prompt blocks from its own length, so padding never
-  changes its layout) fused with the first denoising step of block 0;
+- the first forward is the prompt up to its block origin (left-padded; positions and blocks from its own length,
+  so padding never changes its layout) fused with the first denoising step of block 0. Under `absolute` alignment
+  block 0 holds the prompt's tail (P mod B tokens, never masked) and the response's head: the tail is recomputed
+  with the block at every step and committed with it, as SDAR's generate and TraDo's engine do;
 - every later forward is the current block's noisy state, preceded, when a block has just been completed, by that
   block's clean tokens: committing block b (writing its clean KV) is fused into block b+1's first step. The clean
   tokens are written to the cache in place and kept; the noisy block's KV lands after them and is overwritten by
@@ -48,7 +50,7 @@ def decode_blocks_cached(policy, rows: list[Row], on_step: Callable[[int], None]
     spec = policy.spec
     bs, device = spec.block_size, policy.device
     share_state(rows)
-    width_prompt = max(r.prompt_len for r in rows)
+    width_prompt = max(r.origin for r in rows)
     capacity = width_prompt + max(r.params.max_tokens for r in rows) + bs
     cache = RaggedKVCache.for_model(policy.causal_lm.config, len(rows), capacity, policy.dtype, device)
     key_block = torch.full((len(rows), capacity), PAD_BLOCK, dtype=torch.long, device=device)
@@ -111,11 +113,12 @@ class _Batch:
 
 
 def _prefill_slots(rows: list[Row], width_prompt: int, spec, device) -> _Batch:
-    """[left-padded prompt | block 0]: the prompt's KV is committed by the first denoising step. Built for all rows
-    at once: a prompt's layout depends only on its own length (positions count from its first token, block ids
-    from its end), so every column's position and block id is a function of (column, prompt length)."""
+    """[left-padded prompt before its block origin | block 0]: that prefix's KV is committed by the first
+    denoising step. Built for all rows at once: a prompt's layout depends only on its own length (positions count
+    from its first token, block ids from its origin), so every column's position and block id is a function of
+    (column, origin)."""
     bs, size, width = spec.block_size, len(rows), width_prompt + spec.block_size
-    lengths = torch.tensor([r.prompt_len for r in rows], device=device)
+    lengths = torch.tensor([r.origin for r in rows], device=device)
     first = width_prompt - lengths  # column of each prompt's first token
     col = torch.arange(width, device=device)
     valid = col[None, :] >= first[:, None]
@@ -123,7 +126,8 @@ def _prefill_slots(rows: list[Row], width_prompt: int, spec, device) -> _Batch:
     block = torch.where(col < width_prompt, -((width_prompt - col + bs - 1) // bs), 0)
     block = torch.where(valid, block[None, :], PAD_BLOCK)
     ids = torch.full((size, width), spec.pad_token_id, dtype=torch.long, device=device)
-    ids[:, :width_prompt][valid[:, :width_prompt]] = torch.cat([r.prompt for r in rows])  # row-major = prompt order
+    # row-major = prompt order
+    ids[:, :width_prompt][valid[:, :width_prompt]] = torch.cat([r.prompt[:r.origin] for r in rows])
     ids[:, width_prompt:] = view_tokens_block0(rows, bs)
     return _Batch(ids, pos, block, valid, [width_prompt] * size,
                   torch.full((size,), width_prompt, dtype=torch.long, device=device))
@@ -141,7 +145,7 @@ def _step_slots(rows: list[Row], view: BlockView, pending: list[bool], spec, dev
     built for all rows at once from the shared canvas."""
     bs = spec.block_size
     noisy = view.gather("tokens")
-    pos = torch.tensor([r.prompt_len for r in rows], device=device)[:, None] + view.idx
+    pos = torch.tensor([r.origin for r in rows], device=device)[:, None] + view.idx
     block = torch.tensor([r.block for r in rows], device=device)[:, None].expand(-1, bs)
     if not any(pending):
         return _Batch(noisy, pos, block, torch.ones_like(noisy, dtype=torch.bool), [0] * len(rows), None)

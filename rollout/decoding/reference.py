@@ -1,7 +1,8 @@
 """Uncached block decoding: every step recomputes the whole visible sequence from scratch.
 
-The decoder sees `[prompt | clean blocks < b | current state of block b]` with the block-causal mask, exactly what
-the cached decoder's KV represents, so the two must agree token for token. It exists to test the cached decoder
+The decoder sees `[prompt before its block origin | clean canvas blocks < b | current state of block b]` with the
+block-causal mask (the canvas starts at the origin, masks.py), exactly what the cached decoder's KV represents, so
+the two must agree token for token. It exists to test the cached decoder
 and as the benchmark's baseline; it is never the fast path.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Callable
 import torch
 
 from rollout.decoding.state import BlockView, Row, denoise_rows, forward_at
-from rollout.models.masks import PAD_BLOCK, attention_bias, prompt_block_ids, response_block_ids
+from rollout.models.masks import PAD_BLOCK, attention_bias, block_ids
 
 
 def decode_blocks_uncached(policy, rows: list[Row], on_step: Callable[[int], None] | None = None,
@@ -23,7 +24,7 @@ def decode_blocks_uncached(policy, rows: list[Row], on_step: Callable[[int], Non
     forwards = 0
     while rows and (max_forwards is None or forwards < max_forwards):
         forwards += 1
-        width = max(r.prompt_len + r.block_end for r in rows)
+        width = max(r.origin + r.block_end for r in rows)
         ids = torch.full((len(rows), width), spec.pad_token_id, dtype=torch.long, device=device)
         pos = torch.zeros_like(ids)
         block = torch.full_like(ids, PAD_BLOCK)
@@ -31,13 +32,12 @@ def decode_blocks_uncached(policy, rows: list[Row], on_step: Callable[[int], Non
         view = BlockView(rows)
         q_offset = []
         for i, row in enumerate(rows):
-            p, end = row.prompt_len, row.block_end
+            p, end = row.origin, row.block_end
             start = width - p - end  # left padding
-            ids[i, start:start + p] = row.prompt
-            ids[i, start + p:] = row.tokens[:end]
+            ids[i, start:start + p] = row.prompt[:p]
+            ids[i, start + p:] = row.tokens[:end]  # the canvas: prompt tail (if any), then the response
             pos[i, start:] = torch.arange(p + end, device=device)
-            block[i, start:start + p] = prompt_block_ids(p, bs).to(device)
-            block[i, start + p:] = response_block_ids(end, bs).to(device)
+            block[i, start:] = block_ids(0, p + end, p, bs).to(device)
             valid[i, start:] = True
             q_offset.append(start + p + row.block_start)
         bias = attention_bias(block, block, valid)

@@ -66,9 +66,17 @@ class Row:
         self.generator.manual_seed(self.seed)
         self.remasking = make_remasking(self.params)
         self.prompt = request.prompt_ids.to(device=device, dtype=torch.long)
+        # The canvas starts at the block origin (masks.py): `head` prompt tokens (the prompt's tail, P mod B under
+        # `absolute` alignment, else none) share the first block with the response. They are decoded from the
+        # start (never masked or chosen) but are part of the block every forward computes. The canvas keeps
+        # max_tokens positions, so a response has max_tokens - head tokens and ends on a block boundary.
+        self.origin = spec.block_origin(int(self.prompt.numel())) if spec.is_block else int(self.prompt.numel())
+        self.head = int(self.prompt.numel()) - self.origin
         length = self.params.max_tokens
         self.tokens = torch.full((length,), spec.mask_token_id, dtype=torch.long, device=device)
+        self.tokens[:self.head] = self.prompt[self.origin:]
         self.decoded = torch.zeros(length, dtype=torch.bool, device=device)
+        self.decoded[:self.head] = True
         self.step_map = torch.full((length,), UNDECODED, dtype=torch.long, device=device)
         self.logprobs = torch.zeros(length, dtype=torch.float32, device=device)
         self.confidence = torch.zeros(length, dtype=torch.float32, device=device)
@@ -113,8 +121,9 @@ class Row:
     def finish_if_done(self, has_eos: bool | None = None) -> bool:
         """After a completed block: stop on EOS (when asked) or when the budget is spent; else move on.
         `has_eos`: whether the block holds an EOS, when the caller already knows (BlockView.status)."""
-        if has_eos is None:
-            has_eos = bool((self.tokens[self.block_start:self.block_end] == self.spec.eos_token_id).any())
+        if has_eos is None:  # the prompt's tail (head) is not response: an EOS there does not stop
+            start = max(self.block_start, self.head)
+            has_eos = bool((self.tokens[start:self.block_end] == self.spec.eos_token_id).any())
         if self.params.stop_at_eos and has_eos:
             self.finish_reason = "eos"
         elif self.block + 1 >= self.num_blocks:
@@ -128,10 +137,10 @@ class Row:
             raise RuntimeError(f"request {self.request.request_id!r}: decoded positions are not a prefix")
         # Copies, not views: the canvas may be a row of a batch-wide buffer (SharedState), which a trajectory must
         # not keep alive or ship along when it is pickled.
-        own = lambda t: t[:length].to("cpu", copy=True)
+        own = lambda t: t[self.head:length].to("cpu", copy=True)
         response = own(self.tokens)
         eos = (response == self.spec.eos_token_id).nonzero()
-        valid = int(eos[0]) + 1 if eos.numel() else length
+        valid = int(eos[0]) + 1 if eos.numel() else response.numel()
         reason = self.finish_reason or "length"
         if reason == "length" and eos.numel():
             reason = "eos"
@@ -139,7 +148,8 @@ class Row:
             prompt_ids=self.prompt.cpu(), response_ids=response, step_map=own(self.step_map),
             logprobs=own(self.logprobs), confidence=own(self.confidence),
             valid_length=valid, nfe=self.nfe, finish_reason=reason, block_size=self.spec.block_size,
-            sampling={**self.params.to_dict(), "seed": self.seed, "decoder": decoder},
+            sampling={**self.params.to_dict(), "seed": self.seed, "decoder": decoder,
+                      "block_alignment": self.spec.block_alignment},
             policy_version=version, request_id=self.request.request_id,
         )
 
@@ -187,6 +197,8 @@ class BlockView:
         self.idx = self.starts[:, None] + torch.arange(bs, device=device)
         self.masked = ~self.shared.decoded[self.slots[:, None], self.idx]
         self.q_row, self.q_col = self.masked.nonzero(as_tuple=True)  # query -> (row, column in block)
+        heads = torch.tensor([r.head for r in rows], device=device)
+        self.response = self.idx >= heads[:, None]  # (R, bs) canvas positions that are response, not prompt tail
 
     def gather(self, name: str) -> torch.Tensor:
         """(R, bs) values of a SharedState field over each row's current block."""
@@ -195,7 +207,7 @@ class BlockView:
     def status(self) -> tuple[list[bool], list[bool]]:
         """Per row: is its block fully decoded, does it hold an EOS (read after denoise_rows)."""
         done = self.gather("decoded").all(dim=1)
-        eos = (self.gather("tokens") == self.rows[0].spec.eos_token_id).any(dim=1)
+        eos = ((self.gather("tokens") == self.rows[0].spec.eos_token_id) & self.response).any(dim=1)
         return done.tolist(), eos.tolist()
 
 

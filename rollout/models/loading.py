@@ -118,11 +118,16 @@ def load_policy(
     *,
     kind: str | None = None,
     block_size: int | None = None,
+    block_alignment: str | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
 ) -> DiffusionPolicy:
-    """Load a policy from a local directory; every failure is a one-line ModelLoadError naming the file."""
+    """Load a policy from a local directory; every failure is a one-line ModelLoadError naming the file.
+
+    `block_size` / `block_alignment` override the checkpoint's (diffrl.json), else the kind's defaults: SDAR/TraDo
+    checkpoints count blocks from the sequence start (`absolute`), diffrl's generic block models from the response.
+    """
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"{path}: checkpoint directory not found")
@@ -134,10 +139,12 @@ def load_policy(
     fields = default_spec_fields(kind)
     if kind == "sdar" and config.get("block_size") is not None:  # SDAR/TraDo configs carry their block size
         fields["block_size"] = int(config["block_size"])
-    family = ("attention", "logits_shift", "block_size", "step_schedule", "confidence_source")
+    family = ("attention", "logits_shift", "block_size", "step_schedule", "confidence_source", "block_alignment")
     fields.update({k: sidecar[k] for k in family if k in sidecar})
     if block_size is not None:
         fields["block_size"] = block_size
+    if block_alignment is not None:
+        fields["block_alignment"] = block_alignment
     eos = sidecar.get("eos_token_id", tokenizer.eos_token_id if tokenizer.eos_token_id is not None
                       else config.get("eos_token_id"))
     if isinstance(eos, list):

@@ -1,16 +1,24 @@
 """Block alignment and attention masks: defined once here, used by decoding and training alike.
 
-Layout (block models). Response blocks start at the response's first token: response position i belongs to block
-i // B. The prompt is cut into blocks counted *backwards from its end*, so its last block ends exactly where the
-response starts and its first block may be short. Why: the layout then depends only on the prompt's own length,
-never on how much padding a batch adds, so a prompt decodes identically alone or in any batch; and every
-response block is whole, so decoding and the training layout cut the response at the same places.
+Block alignment is a property of the model (DiffusionSpec.block_alignment); positions count from the sequence's
+first REAL token, so left padding never changes the layout and a prompt decodes identically alone or in a batch.
+- `absolute` (SDAR / TraDo, as trained and as their own generate decodes): blocks are counted from the sequence
+  start, position t in block t // B. The prompt's last partial block (its `head`, P mod B tokens) is completed by
+  the first response tokens: the first decoding block holds the prompt's tail and the response's head. The tail is
+  never masked, but it is computed inside that block, bidirectionally with the block's masked tokens.
+- `response` (diffrl's generic block models, and TraceRL's training layout): response position i is in block
+  i // B; the prompt is cut into blocks counted *backwards from its end*, so its last block ends exactly where the
+  response starts (its first block may be short).
+Both are one formula: the first decoding block starts at the sequence position `block_origin` (P under `response`,
+P rounded down to a multiple of B under `absolute`), and position t belongs to block floor((t - origin) / B).
+Decoders and the training layout work on the *canvas* `[prompt tail | response]` that starts at the origin, so
+every decoding block is B canvas positions whatever the alignment.
 
-Block ids: prompt blocks get negative ids (-1 is the block just before the response), response blocks 0, 1, ...
+Block ids: blocks before the origin get negative ids (-1 is the block just before it), decoding blocks 0, 1, ...
 A query sees a key when the key's block is earlier, or the same block (bidirectional inside a block).
 
-The training layout `[prompt | clean response | noisy response]` adds a second copy of the response. A position is
-"noisy" when it belongs to that copy: a noisy query sees clean keys of strictly earlier blocks (and the prompt),
+The training layout `[prompt | clean response | noisy canvas]` adds a second, noisy copy of the canvas. A position
+is "noisy" when it belongs to that copy: a noisy query sees clean keys of strictly earlier blocks (and the prompt),
 and noisy keys only of its own block; clean queries never see noisy keys.
 
 Masks are additive float tensors (0 = attend, dtype-min = blocked) of shape (B, 1, Q, K): transformers honours
@@ -20,18 +28,25 @@ from __future__ import annotations
 
 import torch
 
+# The origin rule itself is plain integer arithmetic and lives in spec.py (importable without torch, for recipes).
+from rollout.models.spec import ALIGNMENTS, block_origin, check_alignment  # noqa: F401  (re-exported)
+
 # Block id given to padding positions; they are excluded through the key-validity mask, never by id.
 PAD_BLOCK = 2**30
 
 
-def prompt_block_ids(prompt_len: int, block_size: int) -> torch.Tensor:
-    """Negative block ids for a prompt, aligned so that the last prompt block ends at the response start."""
-    distance_to_end = torch.arange(prompt_len, 0, -1)  # prompt_len .. 1
-    return -((distance_to_end + block_size - 1) // block_size)
+def block_ids(start: int, length: int, origin: int, block_size: int) -> torch.Tensor:
+    """Block ids of sequence positions start .. start+length-1 when decoding block 0 starts at `origin`."""
+    return torch.div(torch.arange(start, start + length) - origin, block_size, rounding_mode="floor")
+
+
+def prompt_block_ids(prompt_len: int, block_size: int, alignment: str = "response") -> torch.Tensor:
+    """Block ids of a prompt's positions (its tail gets block 0 under `absolute` alignment)."""
+    return block_ids(0, prompt_len, block_origin(prompt_len, block_size, alignment), block_size)
 
 
 def response_block_ids(response_len: int, block_size: int, offset: int = 0) -> torch.Tensor:
-    """Block ids of response positions offset .. offset+response_len-1."""
+    """Block ids of canvas positions offset .. offset+response_len-1 (the canvas starts at the origin)."""
     return torch.arange(offset, offset + response_len) // block_size
 
 
@@ -73,14 +88,16 @@ def attention_bias(
     return bias[:, None, :, :]
 
 
-def sequence_block_ids(prompt_len: int, response_len: int, block_size: int) -> torch.Tensor:
+def sequence_block_ids(prompt_len: int, response_len: int, block_size: int,
+                       alignment: str = "response") -> torch.Tensor:
     """Block ids of `prompt + response` laid out as one sequence (decoding's layout, no padding)."""
-    return torch.cat([prompt_block_ids(prompt_len, block_size), response_block_ids(response_len, block_size)])
+    origin = block_origin(prompt_len, block_size, alignment)
+    return block_ids(0, prompt_len + response_len, origin, block_size)
 
 
 def sequence_bias(prompt_len: int, response_len: int, block_size: int, *, full: bool = False,
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                  alignment: str = "response", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(1, 1, T, T) mask for one unpadded `prompt + response` sequence."""
-    blocks = sequence_block_ids(prompt_len, response_len, block_size)[None]
+    blocks = sequence_block_ids(prompt_len, response_len, block_size, alignment)[None]
     valid = torch.ones_like(blocks, dtype=torch.bool)
     return attention_bias(blocks, blocks, valid, full=full, dtype=dtype)

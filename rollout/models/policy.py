@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rollout.models.masks import PAD_BLOCK, attention_bias, prompt_block_ids, response_block_ids
+from rollout.models.masks import PAD_BLOCK, attention_bias, block_ids, block_origin
 from rollout.models.spec import DiffusionSpec
 
 # Rows of the vocabulary projection computed at once: bounds the (rows x vocab) logits buffer.
@@ -142,12 +142,14 @@ class DiffusionPolicy:
 
     # ------------------------------------------------------------------------------------------ train layout
     def pack(
-        self, prompts: list[torch.Tensor], responses: list[torch.Tensor], noisy: list[torch.Tensor]
+        self, prompts: list[torch.Tensor], responses: list[torch.Tensor], noisy: list[torch.Tensor],
+        *, alignment: str | None = None,
     ) -> PackedBatch:
         """Lay a batch out for scoring: `[prompt | clean | noisy]` (block) or `[prompt | noisy]` (full), right-padded.
 
         `responses` are the clean tokens (block models condition on their earlier blocks); `noisy` has the same
         length with some positions replaced by the mask token. Prompts may themselves contain mask tokens (d1).
+        Blocks follow the model's alignment (spec.block_alignment) unless `alignment` names another.
         """
         if not (len(prompts) == len(responses) == len(noisy)):
             raise ValueError("pack: prompts, responses and noisy must have the same batch size")
@@ -155,7 +157,7 @@ class DiffusionPolicy:
         for prompt, clean, corrupted in zip(prompts, responses, noisy):
             if clean.shape != corrupted.shape:
                 raise ValueError(f"pack: noisy response shape {tuple(corrupted.shape)} != {tuple(clean.shape)}")
-            rows.append(_layout_row(prompt, clean, corrupted, spec))
+            rows.append(_layout_row(prompt, clean, corrupted, spec, alignment))
         width = max(r["ids"].numel() for r in rows)
         max_len = max(c.numel() for c in responses)
         bsz = len(rows)
@@ -195,12 +197,14 @@ class DiffusionPolicy:
         temperature: float = 1.0,
         return_entropy: bool = False,
         return_hidden: bool = False,
+        alignment: str | None = None,
     ) -> ResponseScores:
         """log p(responses[b][i] | state) at every response position i where score_mask (default: all) holds.
 
-        The full-vocabulary projection runs only on scored positions, in chunks.
+        The full-vocabulary projection runs only on scored positions, in chunks. `alignment` overrides the model's
+        block alignment (block models only; None: the model's own).
         """
-        packed = self.pack(prompts, responses, noisy)
+        packed = self.pack(prompts, responses, noisy, alignment=alignment)
         bsz, max_len = packed.target_pos.shape
         device = self.device
         valid = torch.zeros((bsz, max_len), dtype=torch.bool, device=device)
@@ -274,7 +278,8 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, index[:, :, None].expand(-1, -1, x.shape[-1]))
 
 
-def _layout_row(prompt: torch.Tensor, clean: torch.Tensor, noisy: torch.Tensor, spec: DiffusionSpec) -> dict:
+def _layout_row(prompt: torch.Tensor, clean: torch.Tensor, noisy: torch.Tensor, spec: DiffusionSpec,
+                alignment: str | None = None) -> dict:
     prompt, clean, noisy = prompt.long().cpu(), clean.long().cpu(), noisy.long().cpu()
     p, length = prompt.numel(), clean.numel()
     resp_pos = torch.arange(p, p + length)
@@ -286,11 +291,26 @@ def _layout_row(prompt: torch.Tensor, clean: torch.Tensor, noisy: torch.Tensor, 
             "noisy": torch.zeros(p + length, dtype=torch.bool),
             "response_pos": resp_pos,
         }
-    resp_blocks = response_block_ids(length, spec.block_size)
+    # `[prompt | clean response | noisy canvas]`. The noisy copy is the canvas (masks.py): under `absolute`
+    # alignment it starts with the prompt's tail, unmasked, because in decoding the tail is computed inside the
+    # first block, its hidden states seeing that block's noisy tokens; the prompt's own copy of the tail is the
+    # clean one (block 0, clean), which later blocks see, as they see the committed block in decoding.
+    origin = alignment_origin(spec, p, alignment)
+    head = p - origin
+    clean_blocks = block_ids(0, p + length, origin, spec.block_size)
+    canvas_pos = torch.arange(origin, p + length)
     return {
-        "ids": torch.cat([prompt, clean, noisy]),
-        "pos": torch.cat([torch.arange(p), resp_pos, resp_pos]),
-        "block": torch.cat([prompt_block_ids(p, spec.block_size), resp_blocks, resp_blocks]),
-        "noisy": torch.cat([torch.zeros(p + length, dtype=torch.bool), torch.ones(length, dtype=torch.bool)]),
-        "response_pos": torch.arange(p + length, p + 2 * length),
+        "ids": torch.cat([prompt, clean, prompt[origin:], noisy]),
+        "pos": torch.cat([torch.arange(p + length), canvas_pos]),
+        "block": torch.cat([clean_blocks, clean_blocks[origin:]]),
+        "noisy": torch.cat([torch.zeros(p + length, dtype=torch.bool), torch.ones(head + length, dtype=torch.bool)]),
+        "response_pos": torch.arange(p + length + head, p + 2 * length + head),
     }
+
+
+def alignment_origin(spec: DiffusionSpec, prompt_len: int, alignment: str | None) -> int:
+    """Where the first training/decoding block starts: the model's own alignment unless `alignment` overrides it
+    (the TraceRL loss's `response` option for an `absolute` model)."""
+    if alignment is None:
+        return spec.block_origin(prompt_len)
+    return block_origin(prompt_len, spec.block_size, alignment)

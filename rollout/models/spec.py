@@ -22,6 +22,25 @@ class ModelLoadError(ValueError):
     """A checkpoint directory, tokenizer or model setting is unusable; the message names the file or field."""
 
 
+# Block alignment (what it means: rollout/models/masks.py). Positions count from the first real token.
+ALIGNMENTS = ("absolute", "response")
+
+
+def check_alignment(alignment: str) -> str:
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"model.block_alignment: unknown alignment {alignment!r} (expected one of "
+                         f"{', '.join(ALIGNMENTS)})")
+    return alignment
+
+
+def block_origin(prompt_len: int, block_size: int, alignment: str) -> int:
+    """Sequence position where the first decoding block starts: `absolute` = the prompt length rounded down to a
+    multiple of the block (TraDo's `num_prefill_tokens`), `response` = the prompt length."""
+    if check_alignment(alignment) == "absolute":
+        return prompt_len // block_size * block_size
+    return prompt_len
+
+
 @dataclass(frozen=True)
 class DiffusionSpec:
     kind: str
@@ -33,6 +52,10 @@ class DiffusionSpec:
     logits_shift: bool  # True: logits at position i-1 predict token i (Dream)
     step_schedule: str | None = None  # the family's tokens-per-step schedule; None: the kind's (STEP_SCHEDULES)
     confidence_source: str | None = None  # "model" or "sampling"; None: the kind's (CONFIDENCE_SOURCES)
+    # Where blocks start (block-causal models; see masks.py): "absolute" = counted from the sequence's first token
+    # (SDAR/TraDo as trained), "response" = from the response start. Full-attention models: always "response"
+    # (LLaDA's and Dream's semi-autoregressive blocks start at the response).
+    block_alignment: str = "response"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -49,6 +72,12 @@ class DiffusionSpec:
             raise ModelLoadError(f"model.block_size: must be >= 1, got {self.block_size}")
         if self.attention not in ("block_causal", "full"):
             raise ModelLoadError(f"model.attention: unknown layout {self.attention!r}")
+        if self.block_alignment not in ALIGNMENTS:
+            raise ModelLoadError(f"model.block_alignment: unknown alignment {self.block_alignment!r} "
+                                 f"(expected one of {', '.join(ALIGNMENTS)})")
+        if self.attention == "full" and self.block_alignment != "response":
+            raise ModelLoadError("model.block_alignment: full-attention models decode blocks from the response "
+                                 "start ('response'); 'absolute' applies to block-causal models only")
         if self.mask_token_id in (self.pad_token_id, self.eos_token_id):
             raise ModelLoadError("tokenizer: the mask token must differ from the pad and eos tokens")
 
@@ -56,14 +85,20 @@ class DiffusionSpec:
     def is_block(self) -> bool:
         return self.attention == "block_causal"
 
+    def block_origin(self, prompt_len: int) -> int:
+        """Sequence position where the first decoding block starts (== prompt_len under `response`)."""
+        return block_origin(prompt_len, self.block_size, self.block_alignment)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def default_spec_fields(kind: str) -> dict:
     """Layout facts per kind: the published models' conventions."""
-    if kind in ("block", "sdar"):
-        return {"attention": "block_causal", "logits_shift": False, "block_size": 4}
+    if kind == "sdar":  # SDAR's training and generate, TraDo's engine: blocks from the sequence start
+        return {"attention": "block_causal", "logits_shift": False, "block_size": 4, "block_alignment": "absolute"}
+    if kind == "block":  # diffrl's own block models (from AR checkpoints): blocks from the response start
+        return {"attention": "block_causal", "logits_shift": False, "block_size": 4, "block_alignment": "response"}
     if kind == "llada":
         return {"attention": "full", "logits_shift": False, "block_size": 32}
     if kind == "dream":

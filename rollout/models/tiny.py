@@ -119,8 +119,10 @@ def make_tiny_policy(
     intermediate_size: int = 128,
     max_positions: int = 1024,
     block_size: int | None = None,
+    block_alignment: str | None = None,
 ) -> Path:
-    """Write a random-init tiny checkpoint of `kind` to `out_dir` and return its path."""
+    """Write a random-init tiny checkpoint of `kind` to `out_dir` and return its path. `block_alignment` (None:
+    the kind's, `absolute` for sdar) is recorded in diffrl.json; an sdar directory has one only when it differs."""
     import transformers
 
     if kind not in TINY_KINDS:
@@ -152,11 +154,14 @@ def make_tiny_policy(
     spec = default_spec_fields(kind)
     if block_size is not None:
         spec["block_size"] = block_size
+    sdar_alignment = spec.get("block_alignment")
+    if block_alignment is not None:
+        spec["block_alignment"] = block_alignment
     spec.update(kind=kind, mask_token_id=tokenizer.mask_token_id, pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id)
     if kind == "sdar":
         _rewrite_as_sdar(out_dir, tokenizer.mask_token_id, spec["block_size"])
-    else:
+    if kind != "sdar" or spec.get("block_alignment") != sdar_alignment:
         (out_dir / "diffrl.json").write_text(json.dumps(spec, indent=2) + "\n")
     return out_dir
 

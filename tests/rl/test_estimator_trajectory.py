@@ -56,13 +56,16 @@ def _batch(policy, n_blocks_per_sample, block_size, steps_per_block, seed):
     return EstimatorInput(prompts, responses, keys, step_maps=maps, block_size=block_size)
 
 
-@pytest.mark.parametrize("kind", ["block", "sdar"])
-def test_block_trajectory_matches_naive_and_costs_steps_per_block(tiny_policies, kind):
+# Synthetic step maps here are cut into blocks from the response start: the sdar model (absolute alignment) is
+# scored with the estimator's `response` option (TraceRL's training layout); its own absolute layout is checked
+# against real rollouts in test_trajectory_vs_engine.py and tests/rollout/test_block_alignment.py.
+@pytest.mark.parametrize("kind,alignment", [("block", None), ("sdar", "response")])
+def test_block_trajectory_matches_naive_and_costs_steps_per_block(tiny_policies, kind, alignment):
     policy = tiny_policies[kind]
     bs, spb = policy.spec.block_size, 3
     inp = _batch(policy, [2, 6, 1], bs, spb, seed=0)
     with torch.no_grad():
-        est = trajectory_estimator(policy, inp)
+        est = trajectory_estimator(policy, inp, block_alignment=alignment)
     assert est.forwards == spb  # independent of the number of blocks (6 here)
     for b in range(len(inp)):
         ref = naive_trajectory_logps(policy, inp.prompts[b], inp.responses[b], inp.step_maps[b], bs)

@@ -34,6 +34,12 @@ def test_examples_are_answer_eos_padded_to_blocks(tiny_policies):
     assert make_example([5], [10], spec, response_len=6).response_ids.tolist()[1:] == [spec.eos_token_id] * 5
     with pytest.raises(ValueError, match="response_len"):
         make_example([5], [10, 11, 12], spec, response_len=3)
+    # Absolute alignment (SDAR): prompt + response fill whole blocks counted from the sequence start.
+    sdar = tiny_policies["sdar"].spec
+    assert sdar.block_alignment == "absolute"
+    assert make_example([5, 6, 7], [10, 11, 12], sdar).response_ids.numel() == 5  # 3 + 5 = 2 blocks of 4
+    assert make_example([5, 6, 7, 8], [10, 11, 12], sdar).response_ids.numel() == 4
+    assert make_example([5], [10, 11], sdar).response_ids.numel() == 3
     assert resolve_objective(tiny_policies["block"], "auto") == "block"
     assert resolve_objective(tiny_policies["llada"], "auto") == "random"
     with pytest.raises(ValueError, match="block-causal"):

@@ -24,9 +24,10 @@ def _random_ids(policy, n, seed):
     return torch.randint(10, len(policy.tokenizer), (n,), generator=g)
 
 
-def _full_logits(policy, ids, prompt_len):
+def _full_logits(policy, ids, prompt_len, alignment="response"):
     full = not policy.spec.is_block
-    bias = sequence_bias(prompt_len, ids.numel() - prompt_len, policy.spec.block_size, full=full)
+    bias = sequence_bias(prompt_len, ids.numel() - prompt_len, policy.spec.block_size, full=full,
+                         alignment=alignment)
     with torch.no_grad():
         out = policy.forward(ids[None], torch.arange(ids.numel())[None], bias)
     return out.logits[0]
@@ -105,12 +106,15 @@ def test_training_layout_equals_separate_forwards(tiny_policies, kind):
     for b, (prompt, clean, corrupted) in enumerate(zip(prompts, responses, noisy)):
         p = prompt.numel()
         if spec.is_block:
-            for blk in range(clean.numel() // bs):
-                lo, hi = blk * bs, (blk + 1) * bs
-                seq = torch.cat([prompt, clean[:lo], corrupted[lo:hi]])
-                logits = _full_logits(policy, seq, p)[p + lo: p + hi]
-                ref = torch.log_softmax(logits, -1).gather(-1, clean[lo:hi, None]).squeeze(-1)
-                assert (scores.logprobs[b, lo:hi] - ref).abs().max().item() <= 1e-5
+            # Blocks of the canvas [prompt tail | response] (sdar: absolute alignment, so the tail is in block 0;
+            # tests/rollout/test_block_alignment.py checks both alignments against a naive mask).
+            origin = spec.block_origin(p)
+            for lo in range(-(p - origin), clean.numel(), bs):
+                lo_r, hi = max(lo, 0), min(lo + bs, clean.numel())
+                seq = torch.cat([prompt, clean[:lo_r], corrupted[lo_r:hi]])
+                logits = _full_logits(policy, seq, p, spec.block_alignment)[p + lo_r: p + hi]
+                ref = torch.log_softmax(logits, -1).gather(-1, clean[lo_r:hi, None]).squeeze(-1)
+                assert (scores.logprobs[b, lo_r:hi] - ref).abs().max().item() <= 1e-5
         else:
             seq = torch.cat([prompt, corrupted])
             logits = _full_logits(policy, seq, p)
