@@ -3,7 +3,8 @@
     diffrl train RECIPE [key=value ...]            run on a local Ray cluster (127.0.0.1), started and stopped here
     diffrl submit RECIPE [key=value ...] --address http://HEAD:8265 [--follow]   run as a Ray job on a cluster
     diffrl resume RUN_DIR [key=value ...]          continue from the run's latest checkpoint, exactly
-    diffrl eval CKPT --data FILE [--k N] [--decoding static|dynamic]   accuracy of a checkpoint on a data file
+    diffrl eval CKPT --data FILE [--k N] [--decoding static|dynamic] [--reward auto|recipe|builtin]
+                                                   accuracy of a checkpoint on a data file, scored by reward functions
     diffrl status [RUNS_DIR]                       runs under runs/: state, step, last metrics
 
 Bad input (recipe, data, checkpoint, reward) ends with one line `diffrl: error: ...` naming the field or file and
@@ -109,13 +110,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
     task_kwargs = task_seed = None
     if trained and trained.get("data", {}).get("task") == args.data:  # the held-out split of the task trained on
         task_kwargs, task_seed = trained["data"].get("task_kwargs") or {}, int(trained.get("seed", 0))
+    own = is_own_data(trained, args.data)
+    reward = eval_rewards(trained, args.reward, own)
+    data = (trained or {}).get("data", {})
+    prompt_field = args.prompt_field or (data.get("prompt_field") if own and not data.get("task") else None)
+    answer_field = args.answer_field or (data.get("answer_field") if own and not data.get("task") else None)
     max_tokens = args.max_tokens or (trained or {}).get("rollout", {}).get("max_tokens")
     temperature = args.temperature if args.temperature is not None else (0.0 if args.k == 1 else 1.0)
     run_eval(str(policy_dir), args.data, out=args.out, n=args.k, k=args.k, decoding=args.decoding,
              temperature=temperature, max_tokens=max_tokens, limit=args.limit, seed=args.seed,
-             chat_template=False if args.no_chat_template else None, prompt_field=args.prompt_field,
-             answer_field=args.answer_field, task_kwargs=task_kwargs, task_seed=task_seed, progress=not args.quiet)
+             chat_template=False if args.no_chat_template else None, prompt_field=prompt_field,
+             answer_field=answer_field, task_kwargs=task_kwargs, task_seed=task_seed, progress=not args.quiet,
+             reward=reward, reward_base_dir=policy_dir.parent if reward is not None else None)
     return 0
+
+
+def is_own_data(trained: dict | None, data: str) -> bool:
+    """Whether `--data` is what the run trained on: its toy task's name, or its train / eval file."""
+    section = (trained or {}).get("data") or {}
+    if section.get("task"):
+        return data == section["task"]
+    files = {Path(f).resolve() for f in (section.get("train"), section.get("eval")) if f}
+    return Path(data).resolve() in files
+
+
+def eval_rewards(trained: dict | None, choice: str, own_data: bool) -> list[dict] | None:
+    """The reward specs `diffrl eval` scores with: the run's own `reward` section (custom rewards included) for
+    the run's own data or with `--reward recipe`; None (each item's built-in reward) for other data, for a
+    checkpoint without a recipe, or with `--reward builtin`."""
+    from launch.recipe import RecipeError
+
+    if choice == "builtin":
+        return None
+    specs = (trained or {}).get("reward")
+    if choice == "recipe" and not specs:
+        raise RecipeError("--reward recipe: the checkpoint has no recipe with a reward section (a bare policy "
+                          "directory); use --reward builtin")
+    if choice == "recipe" or (choice == "auto" and own_data and specs):
+        return [{key: spec[key] for key in ("fn", "weight", "kwargs") if key in spec} for spec in specs]
+    return None
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
@@ -228,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-field", default=None, help="default: prompt (or the data's own convention)")
     p.add_argument("--answer-field", default=None, help="default: answer")
     p.add_argument("--no-chat-template", action="store_true")
+    p.add_argument("--reward", choices=("auto", "recipe", "builtin"), default="auto",
+                   help="score with the run's own reward functions (recipe), the built-in reward of each item's "
+                        "kind (builtin), or auto: the run's for the run's own data, else built-in")
     p.add_argument("--limit", type=int, default=None, help="first N rows only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for per-sample results and summary.json")

@@ -25,7 +25,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DataError", "Prompt", "PromptSampler", "load_prompts", "read_rows", "encode_prompt", "shard"]
+__all__ = ["DataError", "Prompt", "PromptSampler", "load_prompts", "read_rows", "encode_prompt", "reward_item",
+           "shard"]
 
 
 class DataError(ValueError):
@@ -42,6 +43,22 @@ class Prompt:
     text: str  # the raw prompt (before the chat template)
     answer: str  # ground truth handed to the reward
     meta: dict[str, Any] = field(default_factory=dict)  # other columns of the row (e.g. tests for code rewards)
+
+
+# What a reward item holds besides the row's own columns; a column of one of these names is shadowed (see
+# rewards/specs.py: the scored text, the reference, the token count, the whole row).
+RESERVED_ITEM_FIELDS = ("prompt", "response", "reference", "response_len", "row")
+
+
+def reward_item(prompt: Prompt, response: str, response_len: int, *, prompt_field: str = "prompt",
+                answer_field: str = "answer") -> dict[str, Any]:
+    """The item a reward scores: prompt text, response, reference answer, the response's token count, every other
+    column of the data row under its own name (e.g. reasoning-gym's `metadata`), and the whole row as `row` (its
+    prompt and answer columns under their own names too), so a third-party scorer can take the row as it made it."""
+    row = {prompt_field: prompt.text, answer_field: prompt.answer, **prompt.meta}
+    columns = {k: v for k, v in prompt.meta.items() if k not in RESERVED_ITEM_FIELDS}
+    return {**columns, "prompt": prompt.text, "response": response, "reference": prompt.answer,
+            "response_len": int(response_len), "row": row}
 
 
 # ------------------------------------------------------------------------------------------------ sampling order

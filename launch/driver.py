@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from launch.data import Prompt, PromptSampler
+from launch.data import Prompt, PromptSampler, reward_item
 from launch.driver_roles import RolloutPool, make_learner, make_reward_service, sampling_params
 from launch.driver_setup import (RunContext, create_placement_group, host, placement_plan, prepare_run,
                                  write_run_status)
 from launch.local_ray import ray_session
-from launch.metrics import MetricsLogger, plot_curves, rewind_metrics, summary_line
+from launch.metrics import MetricsLogger, plot_curves, reward_summary, rewind_metrics, summary_line
 from rl.advantages import group_advantages, wd1_weights
 from rl.checkpoint import Checkpoint, capture_rng, restore_rng, save_checkpoint
 from rl.masking import sample_seed
@@ -202,10 +202,10 @@ class Driver:
             if traj.finish_reason.startswith("error"):
                 traj.extra.update(reward=0.0, reason=traj.finish_reason, reward_metrics={})
                 continue
-            items.append({"prompt": prompt.text, "response": text, "reference": prompt.answer,
-                          "response_len": traj.valid_length})
+            items.append(self._reward_item(prompt, text, traj.valid_length))
             scored.append(traj)
-        for traj, result in zip(scored, self.rewards.score(items) if items else [], strict=True):
+        results = self.rewards.score(items) if items else []
+        for traj, result in zip(scored, results, strict=True):
             traj.extra.update(reward=float(result["score"]), reason=result["reason"], reward_metrics=result["metrics"])
         rewards = torch.tensor([t.extra["reward"] for t in trajectories], dtype=torch.float64)
         reasons: dict[str, int] = {}
@@ -216,7 +216,12 @@ class Driver:
         return {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std(unbiased=False)),
                 "reward/accuracy": reasons.get("correct", 0) / len(trajectories),
                 "rollout/response_len": float(lengths.mean()), "rollout/errors": len(trajectories) - len(scored),
+                **reward_summary(results),
                 **{f"reward/reason/{k}": v for k, v in sorted(reasons.items())}}
+
+    def _reward_item(self, prompt: Prompt, text: str, response_len: int) -> dict:
+        data = self.recipe.data
+        return reward_item(prompt, text, response_len, prompt_field=data.prompt_field, answer_field=data.answer_field)
 
     def advantages(self, trajectories: list[Trajectory], n: int) -> dict:
         alg = self.recipe.algorithm
@@ -250,13 +255,13 @@ class Driver:
                     for p in prompts]
         trajectories = self.rollout.generate(requests)
         tok = self.ctx.tokenizer
-        items = [{"prompt": p.text, "response": tok.decode(t.response_ids[:t.valid_length].tolist(),
-                                                           skip_special_tokens=True),
-                  "reference": p.answer, "response_len": t.valid_length} for p, t in zip(prompts, trajectories, strict=True)]
+        items = [self._reward_item(p, tok.decode(t.response_ids[:t.valid_length].tolist(), skip_special_tokens=True),
+                                   t.valid_length) for p, t in zip(prompts, trajectories, strict=True)]
         results = self.rewards.score(items)
         correct = sum(r["reason"] == "correct" for r in results)
         return {"eval/accuracy": correct / len(results), "eval/reward": sum(r["score"] for r in results) / len(results),
-                "eval/version": self.rollout.version, "eval/num_prompts": len(results)}
+                "eval/version": self.rollout.version, "eval/num_prompts": len(results),
+                **{f"eval/{k.removeprefix('reward/')}": v for k, v in reward_summary(results).items()}}
 
     # ========================================================================================= the two loops
     def fit(self) -> RunResult:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launch.data import Prompt, load_prompts
+from launch.data import Prompt, load_prompts, reward_item
 from launch.recipe import Recipe, check_paths, recipe_from_dict, resolve_kind, save_recipe
 
 log = logging.getLogger(__name__)
@@ -175,11 +175,13 @@ def _tokenizer(policy_dir: Path):
 
 
 def _check_rewards(recipe: Recipe, sample: Prompt, recipe_dir: Path | None) -> list[dict]:
-    """Resolve every reward and call it once on a real row: a typo fails here, not after the first rollout."""
+    """Resolve every reward and call it once on a real row (every column, as the driver will pass them, with an
+    empty response): a typo or a column the data lacks fails here, not after the first rollout."""
     from rewards.specs import validate_reward_specs
 
     specs = [{"fn": s.fn, "weight": s.weight, "kwargs": dict(s.kwargs)} for s in recipe.reward]
-    validate_reward_specs(specs, {"prompt": sample.text, "reference": sample.answer}, base_dir=recipe_dir)
+    row = reward_item(sample, "", 0, prompt_field=recipe.data.prompt_field, answer_field=recipe.data.answer_field)
+    validate_reward_specs(specs, row, base_dir=recipe_dir)
     return specs
 
 

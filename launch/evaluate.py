@@ -3,8 +3,10 @@
     diffrl eval CKPT --data humaneval --data math500.jsonl --n 4 --k 1,4 --decoding dynamic --out evals/x
     run_eval(CKPT, ["humaneval", "math500.jsonl"], n=4, k=(1, 4), decoding="dynamic", out="evals/x")
 
-Data shapes and scorers: see launch/evaluate_data.py (MATH500, GSM8K, AIME, HumanEval, MBPP, LiveCodeBench, the toy
-tasks). Decoding: "static" (low-confidence remasking, `steps_per_block` steps per block; default one token a
+Data shapes: see launch/evaluate_data.py (MATH500, GSM8K, AIME, HumanEval, MBPP, LiveCodeBench, the toy tasks).
+Scoring: reward functions through rewards.scorer.Scorer, as the driver scores rollouts: a recipe's `reward`
+section when given (`diffrl eval RUN` passes the run's own for the run's own data), else the built-in reward of
+each item's kind (`math`, `code`, the toy task's verifier); a sample is correct when its reason is `correct`. Decoding: "static" (low-confidence remasking, `steps_per_block` steps per block; default one token a
 step), "dynamic" (every token above `threshold` per step), or any registered remasking name; `block_size`
 overrides the checkpoint's (block size 1 = autoregressive decoding, the AR baseline).
 
@@ -21,12 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from launch.evaluate_data import EvalSet, load_eval_set
+from launch.evaluate_data import EvalItem, EvalSet, load_eval_set
 from rl.passk import avg_at_n, mean_pass_at_k
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Sample", "run_eval", "evaluate", "policy_responder", "score_samples", "format_table", "parse_ks",
+__all__ = ["Sample", "builtin_rewards", "eval_reward_item", "run_eval", "evaluate", "policy_responder", "score_samples",
+           "format_table", "parse_ks",
            "sampling_params"]
 
 
@@ -121,35 +124,54 @@ def _sample(tokenizer, trajectory) -> Sample:
 
 
 # ------------------------------------------------------------------------------------------------ scoring
-def score_samples(evalset: EvalSet, samples: list[list[Sample]], *, workers: int = 2,
-                  extract: Sequence[str] = ("boxed", "hash", "last_number"), test_timeout_s: float = 5.0,
+def builtin_rewards(item: EvalItem, *, workers: int = 2, test_timeout_s: float = 5.0,
+                    total_timeout_s: float = 30.0) -> list[dict]:
+    """The reward specs for an item when no recipe gives them: the built-in reward of its kind, as a recipe names
+    it (`math` with its default boxed / `####` answers, `code` with every test required, the toy task's own)."""
+    if item.kind == "task":
+        return [{"fn": item.task}]
+    if item.kind == "math":
+        return [{"fn": "math", "kwargs": {"workers": workers}}]
+    if item.kind == "code":
+        return [{"fn": "code", "kwargs": {"score_mode": "all", "test_timeout_s": test_timeout_s,
+                                          "total_timeout_s": total_timeout_s, "workers": workers}}]
+    raise ValueError(f"eval: no built-in reward for item kind {item.kind!r}")
+
+
+def eval_reward_item(item: EvalItem, sample: Sample) -> dict[str, Any]:
+    """What a reward sees, as in training (launch.data.reward_item): the prompt, the response, the reference, the
+    token count, the source row's other columns by name and the whole row as `row`."""
+    from launch.data import RESERVED_ITEM_FIELDS
+
+    columns = {k: v for k, v in item.row.items() if k not in RESERVED_ITEM_FIELDS}
+    return {**columns, "prompt": item.prompt, "response": sample.text, "reference": item.reference,
+            "response_len": sample.tokens, "row": dict(item.row)}
+
+
+def score_samples(evalset: EvalSet, samples: list[list[Sample]], *, reward: Sequence[dict] | None = None,
+                  reward_base_dir: str | Path | None = None, workers: int = 2, test_timeout_s: float = 5.0,
                   total_timeout_s: float = 30.0) -> list[list[dict]]:
-    """Reward results (`{"score", "reason", "metrics"}`) for every sample, by the items' kind."""
+    """Reward results (`{"score", "reason", "metrics", "reasons"}`) for every sample, scored by reward functions
+    through rewards.scorer.Scorer exactly as the driver scores rollouts: the recipe's `reward` specs when given
+    (custom ones included; validated on the first item, so a broken one fails before scoring), else each item's
+    built-in reward (`builtin_rewards`). A sample counts as correct when its reason is `correct`."""
+    from rewards.scorer import Scorer
+
     flat = [(i, j) for i, per_item in enumerate(samples) for j in range(len(per_item))]
-    results: list[dict | None] = [None] * len(flat)
-    by_kind: dict[str, list[int]] = {}
+    groups: dict[str, list[int]] = {}  # items scored by the same specs go through one Scorer, in one batch
+    specs_of: dict[str, list[dict]] = {}
     for pos, (i, _) in enumerate(flat):
-        by_kind.setdefault(evalset.items[i].kind, []).append(pos)
-    for kind, positions in by_kind.items():
-        prompts = [evalset.items[flat[p][0]].prompt for p in positions]
-        responses = [samples[flat[p][0]][flat[p][1]].text for p in positions]
-        refs = [evalset.items[flat[p][0]].reference for p in positions]
-        if kind == "task":
-            from rl.tasks import verify
-
-            scored = [verify(evalset.items[flat[p][0]].task, r, ref) for p, r, ref in zip(positions, responses, refs)]
-        elif kind == "math":
-            from rewards.math_reward import score_batch
-
-            scored = score_batch(prompts, responses, refs, extract=tuple(extract), workers=workers)
-        elif kind == "code":
-            from rewards.code_reward import score_batch
-
-            scored = score_batch(prompts, responses, refs, score_mode="all", test_timeout_s=test_timeout_s,
-                                 total_timeout_s=total_timeout_s, workers=workers)
-        else:
-            raise ValueError(f"eval: no scorer for item kind {kind!r}")
-        for p, result in zip(positions, scored):
+        specs = list(reward) if reward is not None else builtin_rewards(
+            evalset.items[i], workers=workers, test_timeout_s=test_timeout_s, total_timeout_s=total_timeout_s)
+        key = json.dumps(specs, sort_keys=True, default=str)
+        specs_of[key] = specs
+        groups.setdefault(key, []).append(pos)
+    results: list[dict | None] = [None] * len(flat)
+    for key, positions in groups.items():
+        items = [eval_reward_item(evalset.items[flat[p][0]], samples[flat[p][0]][flat[p][1]]) for p in positions]
+        sample_row = items[0] if reward is not None else None
+        scorer = Scorer(specs_of[key], base_dir=reward_base_dir, sample_row=sample_row)
+        for p, result in zip(positions, scorer.score(items), strict=True):
             results[p] = result
     out: list[list[dict]] = [[] for _ in samples]
     for (i, _), result in zip(flat, results):
@@ -256,13 +278,16 @@ def run_eval(checkpoint, data: str | Sequence[str], *, out: str | None = None, n
              prompt_field: str | None = None, answer_field: str | None = None,
              task_kwargs: dict | None = None, task_seed: int | None = None, device: str = "cpu",
              dtype: str = "float32", workers: int = 2, test_timeout_s: float = 5.0, progress: bool = True,
-             print_table: bool = True) -> list[dict]:
+             print_table: bool = True, reward: Sequence[dict] | None = None,
+             reward_base_dir: str | Path | None = None) -> list[dict]:
     """Evaluate `checkpoint` (a directory, or a loaded DiffusionPolicy) on each of `data`; return the summaries.
 
     task_kwargs / task_seed parameterise a built-in toy task's generator, whose test split must be the held-out
     split of the training data: when not given, they are read from the checkpoint's `sft.json` if it trained on
     that task (else the generator's defaults and seed 0). `seed` only seeds the sampling.
     chat_template None: use the tokenizer's chat template when it has one (as recipes' data.chat_template does).
+    reward: reward specs (a recipe's `reward` section) to score every dataset with, file paths resolved against
+    `reward_base_dir`; None: each item's built-in reward (`builtin_rewards`).
     """
     import torch
 
@@ -293,9 +318,12 @@ def run_eval(checkpoint, data: str | Sequence[str], *, out: str | None = None, n
         out_dir.mkdir(parents=True, exist_ok=True)
     summaries = []
     for evalset in evalsets:
-        summary, rows = evaluate(evalset, responder, n=n, k=k, workers=workers, test_timeout_s=test_timeout_s)
+        summary, rows = evaluate(evalset, responder, n=n, k=k, workers=workers, test_timeout_s=test_timeout_s,
+                                 reward=reward, reward_base_dir=reward_base_dir)
         summary.update(checkpoint=str(checkpoint) if isinstance(checkpoint, (str, Path)) else "<in memory>",
-                       decoding=decoding, temperature=temperature, block_size=policy.spec.block_size, seed=seed)
+                       decoding=decoding, temperature=temperature, block_size=policy.spec.block_size, seed=seed,
+                       reward=[spec["fn"] if isinstance(spec, dict) else spec for spec in reward] if reward is not None
+                       else "built-in")
         summaries.append(summary)
         if summary["generation_errors"]:
             first = next(r for row in rows for r in row["finish_reasons"] if r.startswith("error"))

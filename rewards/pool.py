@@ -153,6 +153,13 @@ class TimeoutPool:
     def size(self) -> int:
         return len(self._workers)
 
+    def wait_ready(self) -> None:
+        """Block until every worker has started (a replacement for a killed one included): for callers that time
+        tasks and must not charge an interpreter start-up to them."""
+        with self._lock:
+            for worker in self._workers:
+                worker.wait_ready()
+
     def worker_cpu_s(self) -> float:
         """CPU seconds (user + system) used so far by the live workers, from /proc (benchmarks: per-core rates
         that do not depend on what else the machine is running)."""

@@ -9,7 +9,10 @@ A reward function is one of:
 A dict return has a numeric `score`, optionally a `reason` (str) and a `metrics` dict; any other key must be numeric
 and becomes a logged metric. The kind (one item or batch) comes from the `@reward(batch=True)` decorator when
 present, else from the name (`score_batch`) or the first parameter (`prompts`). Item fields beyond prompt, response
-and reference (e.g. `response_len`) are passed only to functions that name them as parameters.
+and reference are passed only to functions that name them as parameters (a batch function gets a list): every
+other column of the data row under its own name (e.g. `metadata`), `row` (the whole data row as a dict, prompt and
+answer columns included) and `response_len` (the response's token count). A recipe kwarg of the same name wins;
+built-in rewards get `response_len` only.
 
 `fn` in a recipe: a registered name (`math`, `code`, `format`, `length_penalty`, the toy tasks' `arithmetic`,
 `countdown`, `sudoku`, or one added with `register_reward`), `package.module:function`, or `path/to/file.py:function`

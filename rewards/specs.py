@@ -7,6 +7,10 @@
 Anything wrong raises RewardConfigError with ONE line naming the field, e.g.
 `reward[1].fn: module 'my_pkg' has no function 'scor' (did you mean 'score'?)`.
 A bare string or a single mapping is accepted as a one-element list (the recipe shorthand).
+
+Item fields beyond prompt, response and reference reach a function that names them as parameters: the data row's
+other columns (e.g. `metadata`), `row` (the whole data row as one dict) and `response_len` (tokens). Built-in
+rewards get `response_len` only. A parameter without a default that no column provides fails validation here.
 """
 from __future__ import annotations
 
@@ -35,6 +39,12 @@ __all__ = [
 ]
 
 ITEM_FIELDS = ("prompt", "response", "reference")
+# What the driver adds to every item besides the data row's own columns: the response's token count, and the whole
+# data row (every column under its name, prompt and answer included) for rewards that want it as one dict.
+DRIVER_FIELDS = ("response_len", "row")
+# Built-in rewards take their options from the recipe only: a data column named like one of their options
+# (`extract`, `timeout_s`, ...) must not change how they score.
+BUILTIN_ITEM_FIELDS = frozenset({"response_len"})
 _SPEC_KEYS = ("fn", "weight", "kwargs", "name")
 
 
@@ -50,6 +60,7 @@ class RewardSpec:
     kind: str  # "single" | "batch"
     is_async: bool
     extra_fields: frozenset[str] = field(default_factory=frozenset)  # item fields the function names explicitly
+    required_fields: frozenset[str] = field(default_factory=frozenset)  # those of them without a default
 
     def to_dict(self) -> dict[str, Any]:
         """The plain spec again, for an actor in another process to resolve for itself. A name registered with
@@ -116,8 +127,8 @@ def _check_signature(field_: str, spec: dict, fn: Callable, kind: str) -> None:
     except (TypeError, ValueError):
         return  # a C function without introspection: the sample call below still checks it
     positional = ("prompts", "responses", "references") if kind == "batch" else ITEM_FIELDS
-    try:
-        sig.bind(*positional)
+    try:  # partial: a parameter beyond these is filled from the item's fields (a data column) or a recipe kwarg
+        sig.bind_partial(*positional)
     except TypeError:
         raise RewardConfigError(f"{field_}.fn: {_short_signature(fn, sig)} cannot be called as "
                                 f"({', '.join(positional)}, **kwargs); see rewards/registry.py") from None
@@ -149,9 +160,20 @@ def resolve_reward_specs(specs: Any, base_dir: str | Path | None = None) -> list
             name += f"_{i}"
         names.add(name)
         extra = explicit_params(fn) - set(ITEM_FIELDS) - {"prompts", "responses", "references"} - set(spec["kwargs"])
+        if spec["fn"] in BUILTINS or spec["fn"] in BUILTINS.values():
+            extra &= BUILTIN_ITEM_FIELDS
+        required = extra & _without_default(fn)
         resolved.append(RewardSpec(field_, spec["fn"], name, fn, spec["weight"], spec["kwargs"], kind, is_async(fn),
-                                   frozenset(extra)))
+                                   frozenset(extra), frozenset(required)))
     return resolved
+
+
+def _without_default(fn: Callable) -> set[str]:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    return {p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def to_result(value: Any) -> dict[str, Any]:
@@ -218,13 +240,18 @@ def validate_reward_specs(specs: Any, sample_row: dict[str, Any], base_dir: str 
     """resolve_reward_specs, then call each reward on `sample_row` (response defaults to "") and check the return.
 
     Built-ins run for real on the sample (math starts its worker pool, code runs one sandbox)."""
-    row = {"response": "", **sample_row}
+    row = {"response": "", "response_len": 0, **sample_row}
     missing = [k for k in ("prompt", "reference") if k not in row]
     if missing:
         raise RewardConfigError(f"reward: the sample row has no {missing[0]!r} field (fields: {', '.join(row)})")
     resolved = resolve_reward_specs(specs, base_dir)
     for spec in resolved:
         label = spec.fn_name if spec.fn_name in BUILTINS else getattr(spec.fn, "__name__", spec.fn_name)
+        missing = sorted(spec.required_fields - set(row))
+        if missing:
+            columns = sorted(set(row.get("row") or {}) or set(row) - {"response"})
+            raise RewardConfigError(f"{spec.field}.fn: {label!r} takes {missing[0]!r}, which is not a column of the "
+                                    f"data (columns: {', '.join(columns) or 'none'}) nor a recipe kwarg")
         try:
             out = _call_once(spec, row)
         except Exception as exc:  # any failure of the user's function on a valid row is a config error: one line

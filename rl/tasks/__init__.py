@@ -9,9 +9,12 @@
 
 | task | prompt | answer | verifier |
 |---|---|---|---|
-| arithmetic | `37+85=` | `122` | first integer in the response equals the answer |
-| countdown | `3,5,7->22:` | `3*5+7` (a solution) | equation on exactly those numbers, each once, equal to the target |
-| sudoku | `1030002040010300=` | `1432342121434321` | first 16 digits equal the (unique) solution |
+| arithmetic | `37+85=` | `122` | the answer line is exactly an integer equal to the answer |
+| countdown | `3,5,7->22:` | `3*5+7` (a solution) | the answer line is an equation on exactly those numbers, each once, equal to the target |
+| sudoku | `1030002040010300=` | `1432342121434321` | the answer line is 16 digits equal to the (unique) solution |
+
+The answer line is the response's first non-empty line (`rl.tasks.base.answer_line`): what the prompt asks for
+comes first, in the prompt's own format; random text, or a number found further on, never scores.
 
 Recipes name a verifier by its task name, a rewards/ built-in (`reward: [{fn: arithmetic, kwargs: {partial_credit:
 true}}]`), or by module path (`rl.tasks:arithmetic_reward`); `register_rewards` plugs them into another registry.
@@ -59,7 +62,7 @@ def write_task(name: str, out_dir: str, *, seed: int = 0, **kwargs: Any) -> dict
 # Signature of rewards/ functions: fn(prompt, response, reference, **options) -> {"score", "reason", "metrics"}.
 # No catch-all **kwargs: an option a verifier does not take fails at recipe validation instead of being ignored.
 def arithmetic_reward(prompt: str, response: str, reference: Any, *, partial_credit: bool = False) -> dict[str, Any]:
-    """Arithmetic verifier: 1.0 when the first integer of the response equals the reference (see arithmetic.py)."""
+    """Arithmetic verifier: 1.0 when the answer line is an integer equal to the reference (see arithmetic.py)."""
     return _arithmetic_verify(response, reference, partial_credit=partial_credit)
 
 
@@ -69,7 +72,7 @@ def countdown_reward(prompt: str, response: str, reference: Any, *, format_score
 
 
 def sudoku_reward(prompt: str, response: str, reference: Any, *, partial_credit: bool = False) -> dict[str, Any]:
-    """Sudoku verifier: the first 16 digits of the response are the solution (see sudoku.py)."""
+    """Sudoku verifier: the answer line is the solution's 16 digits (see sudoku.py)."""
     return _sudoku_verify(response, reference, partial_credit=partial_credit)
 
 

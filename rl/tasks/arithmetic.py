@@ -5,9 +5,11 @@ among those with that many digits (so 1-digit operands are not vanishingly rare 
 the operators among `+`, `-` (the larger operand first: answers are never negative) and `*`. `12+34` and `34+12`
 are one problem for the split (commutative operators), so the test split holds no swapped copy of a training one.
 
-Verifier: the first integer in the response (an optional minus sign included) must equal the answer. With
-`partial_credit` a wrong number earns 0.5 x the fraction of digits right (aligned on the right), a graded signal
-for a model that is still mostly wrong; a correct answer always scores 1.0.
+Verifier: the response's answer line (its first non-empty line, see `base.answer_line`) must be exactly an integer
+(ASCII digits, an optional minus sign) equal to the answer: `122` and ` 122` score, `122 or 123`, `x=122`,
+`Y=JGDP6&UH<u` (for `2+4=`) are `bad_format`. With `partial_credit` a well-formed wrong number earns 0.5 x the
+fraction of digits right (aligned on the right), a graded signal for a model that is still mostly wrong; a correct
+answer always scores 1.0.
 """
 from __future__ import annotations
 
@@ -16,22 +18,29 @@ from typing import Any, Hashable
 
 import numpy as np
 
-from rl.tasks.base import Task, TaskError, check_int, result
+from rl.tasks.base import Task, TaskError, answer_line, check_int, result
 
-_INT = re.compile(r"-?\d+")
+_INT = re.compile(r"-?[0-9]+")
 OPS = "+-*"
 
 
+def _canonical(number: str) -> str:
+    """An integer's text without leading zeros or a minus on zero: equal texts <=> equal numbers."""
+    digits = number.lstrip("-").lstrip("0") or "0"
+    return "-" + digits if number.startswith("-") and digits != "0" else digits
+
+
 def verify(response: str, reference: Any, *, partial_credit: bool = False, **_: Any) -> dict[str, Any]:
-    """1.0 when the first integer of the response equals the reference number, else 0 (or partial credit)."""
+    """1.0 when the response's answer line is an integer equal to the reference, else 0 (or partial credit)."""
     want = str(reference).strip()
     if not _INT.fullmatch(want):
         return result(0.0, f"error: reference {want[:40]!r} is not an integer")
-    found = _INT.search(response)
-    if found is None:
+    given = answer_line(response)
+    if given is None:
         return result(0.0, "no_answer", correct=0.0)
-    given = found.group(0)
-    if int(given) == int(want):
+    if not _INT.fullmatch(given):
+        return result(0.0, "bad_format", correct=0.0)
+    if _canonical(given) == _canonical(want):  # not int(): a 5000-digit answer line would raise
         return result(1.0, "correct", correct=1.0)
     if not partial_credit:
         return result(0.0, "wrong", correct=0.0)

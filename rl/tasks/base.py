@@ -9,6 +9,11 @@ Rows are plain dicts in the schema of a user's data file, `{"prompt": ..., "answ
 files written here load with `launch.data` (prompt_field "prompt", answer_field "answer") and with the
 evaluation harness, which picks the verifier from the `task` column.
 
+Verifiers read the answer where the prompt asks for it, in the form it asks for (`answer_line`): the first
+non-empty line of the response, which must be exactly an integer (arithmetic), an equation (countdown) or a grid
+(sudoku); anything else is `bad_format` / `malformed` and scores 0. Digits are ASCII only (`\\d` would also take
+Arabic-Indic or fullwidth digits).
+
 A verifier returns the reward result format of `rewards/` (a plain dict, so that `rl` does not import `rewards`):
 `{"score": float, "reason": "correct" | "wrong" | "no_answer" | ..., "metrics": {str: float}}`.
 """
@@ -33,6 +38,20 @@ class TaskError(ValueError):
 def result(score: float, reason: str, **metrics: float) -> dict[str, Any]:
     """The reward result format of rewards/result.py (`make_result`), built without importing rewards/."""
     return {"score": float(score), "reason": reason, "metrics": {k: float(v) for k, v in metrics.items()}}
+
+
+# Where a decoded response's text ends even when the tokenizer kept special tokens (`<|endoftext|>`, `<|im_end|>`).
+_SPECIAL = "<|"
+
+
+def answer_line(response: str) -> str | None:
+    """The answer a toy task's prompt asks for: the response's first non-empty line, stripped, up to any special
+    token. Every task prompt ends where the answer starts (`37+85=`), so the answer is what comes first; text after
+    that line is never searched for something that happens to match (random text must not score)."""
+    for line in response.split(_SPECIAL, 1)[0].splitlines():
+        if line.strip():
+            return line.strip()
+    return None
 
 
 def task_rng(seed: int, tag: int) -> np.random.Generator:

@@ -5,9 +5,11 @@ binary expression with `+ - *` (and `/` when `division` and the division is exac
 integer in 1..`max_target`. The problem's key is (sorted numbers, target), so no test problem reappears in
 training with its numbers reordered.
 
-Verifier (TinyZero / d1 rules): the response's equation, the text before any `=` on its first non-empty line, may
-contain only integers, `+ - * /`, parentheses and spaces; it must use exactly the reference's numbers, each once,
-and evaluate (exactly, in fractions) to the target. The reference is self-contained: a solution expression (its
+Verifier (TinyZero / d1 rules): the response's answer line (its first non-empty line, `base.answer_line`) is an
+expression, optionally followed by `= <target>`: the expression may contain only ASCII integers, `+ - * /`,
+parentheses and spaces; it must use exactly the reference's numbers, each once, and evaluate (exactly, in
+fractions) to the target. A line that claims another value (`3*5+7 = 23`) or has anything else after `=` is
+`malformed`. The reference is self-contained: a solution expression (its
 numbers and value give the problem) or a JSON object `{"numbers": [...], "target": N}` (a user's own file).
 `format_score` is paid for a well-formed equation on the right numbers that misses the target (default 0).
 """
@@ -21,10 +23,11 @@ from typing import Any, Hashable
 
 import numpy as np
 
-from rl.tasks.base import Task, TaskError, check_int, result
+from rl.tasks.base import Task, TaskError, answer_line, check_int, result
 
-_ALLOWED = re.compile(r"^[\d+\-*/() ]+$")
-_NUMBER = re.compile(r"\d+")
+_ALLOWED = re.compile(r"^[0-9+\-*/() ]+$")
+_NUMBER = re.compile(r"[0-9]+")
+_INT = re.compile(r"-?[0-9]+")
 _BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
            ast.Div: lambda a, b: a / b}
 _SYMBOL = {"+": ast.Add, "-": ast.Sub, "*": ast.Mult, "/": ast.Div}
@@ -74,11 +77,17 @@ def parse_reference(reference: Any) -> tuple[list[int], Fraction]:
     return sorted(int(n) for n in _NUMBER.findall(expression)), target
 
 
-def _equation(response: str) -> str | None:
-    for line in response.splitlines():
-        if line.strip():
-            return line.split("=", 1)[0].strip() or None
-    return None
+def _equation(response: str, target: Fraction) -> str | None:
+    """The expression of the answer line, "" when the line is not `expression [= target]`, None when empty."""
+    line = answer_line(response)
+    if line is None:
+        return None
+    expression, equals, claimed = line.partition("=")
+    claimed = claimed.strip()
+    # the length cap first: int() of a 5000-digit string raises (Python's int-from-text limit)
+    if equals and not (len(claimed) <= 30 and _INT.fullmatch(claimed) and Fraction(int(claimed)) == target):
+        return ""
+    return expression.strip()
 
 
 def verify(response: str, reference: Any, *, format_score: float = 0.0, **_: Any) -> dict[str, Any]:
@@ -87,10 +96,10 @@ def verify(response: str, reference: Any, *, format_score: float = 0.0, **_: Any
         numbers, target = parse_reference(reference)
     except ValueError as err:
         return result(0.0, f"error: {err}")
-    equation = _equation(response)
+    equation = _equation(response, target)
     if equation is None:
         return result(0.0, "no_answer", correct=0.0)
-    value = evaluate(equation)
+    value = evaluate(equation) if equation else None
     if value is None:
         return result(0.0, "malformed", correct=0.0)
     if sorted(int(n) for n in _NUMBER.findall(equation)) != numbers:

@@ -5,8 +5,10 @@ then blanks cells in a random order, keeping a blank only while the puzzle still
 it has a number of blanks drawn in `min_blanks..max_blanks`. Puzzles therefore have a unique solution and the
 reference answer is the only right one. The key is the puzzle string (disjoint splits).
 
-Verifier: the first 16 digits of the response (separators and spaces ignored) must equal the solution.
-`partial_credit` pays 0.5 x the fraction of cells right when it is not solved.
+Verifier: the response's answer line (its first non-empty line, `base.answer_line`) must be the 16 cells as ASCII
+digits, optionally separated by spaces, `|` or `,` (`1432342121434321`, `1432|3421|2143|4321`); fewer cells is
+`incomplete`, anything else `bad_format`; it is correct when it equals the solution. `partial_credit` pays
+0.5 x the fraction of cells right for a complete, well-formed grid that is not the solution.
 """
 from __future__ import annotations
 
@@ -17,11 +19,13 @@ from typing import Any, Hashable
 
 import numpy as np
 
-from rl.tasks.base import Task, TaskError, check_int, result
+from rl.tasks.base import Task, TaskError, answer_line, check_int, result
 
 SIZE = 4
 CELLS = SIZE * SIZE
-_DIGIT = re.compile(r"\d")
+_DIGIT = re.compile(r"[0-9]")
+_SEPARATORS = re.compile(r"[ \t|,]")
+_CELLS = re.compile(f"[0-9]{{1,{CELLS}}}")
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,13 +63,17 @@ def is_valid_grid(cells: np.ndarray) -> bool:
 
 
 def verify(response: str, reference: Any, *, partial_credit: bool = False, **_: Any) -> dict[str, Any]:
-    """1.0 when the first 16 digits of the response are the reference solution."""
+    """1.0 when the response's answer line is the reference solution's 16 digits."""
     want = _DIGIT.findall(str(reference))
     if len(want) != CELLS:
         return result(0.0, f"error: reference has {len(want)} digits, not {CELLS}")
-    got = _DIGIT.findall(response)[:CELLS]
-    if not got:
+    line = answer_line(response)
+    if line is None:
         return result(0.0, "no_answer", correct=0.0)
+    cells = _SEPARATORS.sub("", line)
+    if not _CELLS.fullmatch(cells):
+        return result(0.0, "bad_format", correct=0.0)
+    got = list(cells)
     right = sum(a == b for a, b in zip(got, want))
     if right == CELLS:
         return result(1.0, "correct", correct=1.0, cells_right=right)

@@ -93,10 +93,12 @@ def test_shapes_are_detected_and_scored(tmp_path):
     lcb_set = load_eval_set(lcb)
     assert [i.id for i in lcb_set.items] == ["q1"] and len(lcb_set.items[0].reference["tests"]) == 2
 
-    summary, rows = evaluate(load_eval_set(math500), _stub({"a": "so \\boxed{2}", "b": "it is 0.5"}), n=1)
+    summary, rows = evaluate(load_eval_set(math500), _stub({"a": "so \\boxed{2}", "b": "it is \\boxed{0.5}"}), n=1)
     assert summary["avg@1"] == 1.0 and [r["reasons"][0] for r in rows] == ["correct", "correct"]
-    summary, _ = evaluate(load_eval_set(gsm), _stub(lambda item: "The answer is 8."), n=1)
+    summary, _ = evaluate(load_eval_set(gsm), _stub(lambda item: "The answer is 8.\n#### 8"), n=1)
     assert summary["avg@1"] == 0.0 and summary["reasons"] == {"wrong": 1}
+    summary, _ = evaluate(load_eval_set(gsm), _stub(lambda item: "The answer is 7."), n=1)
+    assert summary["reasons"] == {"no_answer": 1}  # the math reward reads boxed / #### answers, not the last number
     code = "```python\ndef add(a, b):\n    return a + b\n```"
     assert evaluate(load_eval_set(mbpp), _stub(lambda item: code), n=1)[0]["avg@1"] == 1.0
     prog = "a, b = map(int, input().split())\nprint(a + b)\n"

@@ -83,8 +83,10 @@ def test_equivalence_table():
 
 
 def test_pathological_answer_is_cut_off_and_the_pool_keeps_serving():
-    # sympy would evaluate 10^(10^9) for minutes; the item gets `timeout`, its neighbours are unaffected
-    responses = ["\\boxed{10^{10^{9}}}", "\\boxed{4}", "\\boxed{9^{9^{9^{9}}}}", "\\boxed{5}"]
+    # sympy would evaluate these for minutes and the answer screen does not catch them (the screen's power towers
+    # are in test_math_adversarial.py); the item gets `timeout`, its neighbours are unaffected
+    responses = ["\\boxed{\\sum_{k=1}^{99999} k^{k}}", "\\boxed{4}", "\\boxed{\\binom{99999}{49999}^{9999}}",
+                 "\\boxed{5}"]
     start = time.monotonic()
     results = score_batch([""] * 4, responses, ["1", "4", "2", "6"], timeout_s=1.0, workers=2)
     assert time.monotonic() - start < 6.0

@@ -70,7 +70,8 @@ def test_arithmetic_format_operands_and_verifier():
     assert arithmetic_reward("", " 122<|endoftext|>", "122")["score"] == 1.0
     assert arithmetic_reward("", "0122", "122")["score"] == 1.0
     assert arithmetic_reward("", "121", "122") == {"score": 0.0, "reason": "wrong", "metrics": {"correct": 0.0}}
-    assert arithmetic_reward("", "abc", "122")["reason"] == "no_answer"
+    assert arithmetic_reward("", "abc", "122")["reason"] == "bad_format"
+    assert arithmetic_reward("", " \n ", "122")["reason"] == "no_answer"
     assert arithmetic_reward("", "132", "122", partial_credit=True)["score"] == pytest.approx(0.5 * 2 / 3)
     assert arithmetic_reward("", "12", "1.5")["reason"].startswith("error")
 
@@ -114,7 +115,8 @@ def test_sudoku_grids_puzzles_and_verifier():
     wrong = sudoku_reward("", "1432342121434312", ref, partial_credit=True)
     assert wrong["reason"] == "wrong" and wrong["score"] == pytest.approx(0.5 * 14 / 16)
     assert sudoku_reward("", "1432", ref)["reason"] == "incomplete"
-    assert sudoku_reward("", "none", ref)["reason"] == "no_answer"
+    assert sudoku_reward("", "none", ref)["reason"] == "bad_format"
+    assert sudoku_reward("", "", ref)["reason"] == "no_answer"
 
 
 def test_sudoku_grid_count_by_brute_force():
