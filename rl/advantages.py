@@ -4,7 +4,7 @@ A batch holds B responses in groups (the G responses to one prompt). Groups are 
 (contiguous groups: sample i belongs to group i // G) or as `group_ids` (B,) of any labels, which also allows
 groups of unequal size (e.g. after a failed generation). Everything is vectorised with scatter over groups.
 
-- "mean_centered": A_i = R_i - mean_g(R)                     (d1, GDPO, CJ-GRPO, wd1, SPG, coupled-GRPO)
+- "mean_centered": A_i = R_i - mean_g(R)               (d1, GDPO, CJ-GRPO, wd1, SPG, coupled-GRPO)
 - "zscore":        A_i = (R_i - mean_g(R)) / (std_g(R) + eps), population std (TraceRL)
 Filters (options, none hard-coded): drop groups whose rewards have zero variance; drop groups whose accuracy
 (fraction of correct responses) is outside [lo, hi] (TraceRL: 0.2, 0.8). `near_length_limit` marks responses that
