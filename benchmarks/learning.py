@@ -11,6 +11,11 @@
     python benchmarks/learning.py --algos tracerl --budget-min 5 --out /tmp/l  # one algorithm, quick
     python benchmarks/learning.py --sft bench/learning/sft --algos gdpo ...    # reuse the SFT checkpoint
     python benchmarks/learning.py --report /tmp/a /tmp/b --out /tmp/all       # merge runs made in parallel
+    python benchmarks/learning.py --sft S --algos gdpo --rl-seeds 0,1,2 ...   # 3 RL seeds: mean and spread
+
+Seeds: --seed fixes the SFT run and the held-out split; --rl-seeds repeats each RL run with those recipe seeds
+(rollout sampling, learner masks and shuffles) from the same SFT checkpoint, runs named `algo#sN`, and a summary
+table gives the mean and spread over them (sample standard deviation, min..max).
 
 Budgets are CPU seconds of the whole process tree (driver, local Ray, every actor) by default: other jobs on a
 shared machine slow a run's wall clock but not its CPU time, so invocations run side by side stay comparable
@@ -72,19 +77,21 @@ def sft_sweep(out: Path, seed: int, eval_items: int) -> list[dict]:
 
 
 _NO_FILTER = {"drop_zero_variance": True, "accuracy_lo": None, "accuracy_hi": None}
+# TraceRL's "within 5 tokens of the limit counts as wrong" was made for 2000-token limits: at this 16-token limit it
+# would fail most correct equations, so it is off here (the loss maths is TraceRL's).
+_TRACERL = {"name": "tracerl", "filter": _NO_FILTER, "length_limit_margin": None}
 # Per algorithm: recipe sections merged over tiny-base (block model, block 4, 4 steps per block, static decoding).
 ALGOS: dict[str, dict] = {
     # TraceRL's published accuracy filter [0.2, 0.8] is off: from an SFT model at ~20%, the groups it drops (one
     # right answer in 8) are the informative ones. Zero-variance groups carry no advantage in any algorithm.
-    "tracerl": {"algorithm": {"name": "tracerl", "filter": _NO_FILTER}, "estimator": {"name": "trajectory"}},
-    "tracerl_value": {"algorithm": {"name": "tracerl", "filter": _NO_FILTER, "value_model": {"lr": 1e-4}},
-                      "estimator": {"name": "trajectory"}},
+    "tracerl": {"algorithm": _TRACERL, "estimator": {"name": "trajectory"}},
+    "tracerl_value": {"algorithm": {**_TRACERL, "value_model": {"lr": 1e-4}}, "estimator": {"name": "trajectory"}},
     "diffu_grpo": {"algorithm": {"name": "diffu_grpo"}, "estimator": {"name": "one_step", "p_mask": 0.15}},
     "gdpo": {"algorithm": {"name": "gdpo"}, "estimator": {"name": "sdmc", "quadrature": "gauss-3"}},
     "cj_grpo": {"algorithm": {"name": "cj_grpo"}, "estimator": {"name": "trajectory"}},
     "coupled_grpo": {"algorithm": {"name": "coupled_grpo"}, "estimator": {"name": "coupled"}},
     "wd1": {"algorithm": {"name": "wd1"}, "estimator": {"name": "one_step"}},
-    "spg": {"algorithm": {"name": "spg"}, "estimator": {"name": "block_elbo"}},
+    "spg": {"algorithm": {"name": "spg"}, "estimator": {"name": "block_random"}},  # SPG's block-wise masks
 }
 # The same batch, optimiser and decoding for every algorithm: what differs is the loss and its estimator.
 # mu = 1 (one pass per rollout batch): under a CPU budget the learner dominates a step (TraceRL: ~0.4 CPU-s rollout,
@@ -108,7 +115,8 @@ def task_sections(task: str) -> dict:
             "rollout": {"max_tokens": setup["max_tokens"]}}
 
 
-def build_recipe(name: str, task: str, sft_dir: Path, out_dir: Path, seed: int, overrides: dict):
+def build_recipe(name: str, task: str, sft_dir: Path, out_dir: Path, seed: int, overrides: dict,
+                 run_name: str | None = None):
     from launch.recipe import recipe_from_dict
     from launch.recipe_io import deep_merge, read_chain
 
@@ -120,7 +128,7 @@ def build_recipe(name: str, task: str, sft_dir: Path, out_dir: Path, seed: int, 
     merged.pop("estimator", None)
     for section in (COMMON, task_sections(task), ALGOS[name.split("@")[0]], overrides):
         merged = deep_merge(merged, json.loads(json.dumps(section)))
-    merged.update(name=name.replace("@", "-"), seed=seed, output_dir=str(out_dir))
+    merged.update(name=(run_name or name).replace("@", "-").replace("#", "-"), seed=seed, output_dir=str(out_dir))
     return recipe_from_dict(merged, source=f"learning benchmark {name}")
 
 
@@ -245,6 +253,37 @@ def table(results: dict, sft: dict) -> str:
     return "\n".join(lines)
 
 
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    mean = sum(xs) / len(xs)
+    sd = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else float("nan")
+    return mean, sd
+
+
+def seed_table(results: dict, sft: dict) -> str:
+    """Per algorithm (runs `algo#sN` grouped), mean and spread over its RL seeds: held-out static accuracy and its
+    gain over the SFT start (mean +- sample sd, min..max), dynamic accuracy and tokens per forward, T=1 avg@4."""
+    groups: dict[str, list[dict]] = {}
+    for name, res in results.items():
+        if "after" in res:
+            groups.setdefault(name.split("#")[0], []).append(res)
+    lines = ["| algorithm | lr | seeds | RL steps (mean) | held-out static, mean +- sd | gain: mean +- sd "
+             "[min..max] | dynamic (tokens/forward) | T=1 avg@4 |", "|---|---|---|---|---|---|---|---|"]
+    for base, runs in groups.items():
+        before = sft["block1" if "@block1" in base else "block4"]["static"]["accuracy"]
+        acc = [100 * r["after"]["static"]["accuracy"] for r in runs]
+        gain = [a - 100 * before for a in acc]
+        (am, asd), (gm, gsd) = _mean_sd(acc), _mean_sd(gain)
+        dyn = _mean_sd([100 * r["after"]["dynamic"]["accuracy"] for r in runs])[0]
+        tpf = _mean_sd([r["after"]["dynamic"]["tokens_per_forward"] for r in runs])[0]
+        avg4 = _mean_sd([100 * r["after"]["sampled"]["avg@4"] for r in runs])[0]
+        lrs = {r.get("overrides", {}).get("learner", {}).get("lr", COMMON["learner"]["lr"]) for r in runs}
+        steps = _mean_sd([float(r["steps"]) for r in runs])[0]
+        lines.append(f"| {base} | {'/'.join(f'{x:g}' for x in sorted(lrs))} | {len(runs)} | {steps:.0f} | "
+                     f"{am:.1f} +- {asd:.1f} | {gm:+.1f} +- {gsd:.1f} [{min(gain):+.1f}..{max(gain):+.1f}] | "
+                     f"{dyn:.1f} ({tpf:.2f}) | {avg4:.1f} |")
+    return "\n".join(lines)
+
+
 def _scores(evaluation: dict) -> dict:
     """An evaluation without its timings (which differ between identical evaluations)."""
     return {mode: {k: v for k, v in figures.items() if not k.endswith("_s")} for mode, figures in evaluation.items()}
@@ -277,7 +316,9 @@ def main() -> None:
                         help="cpu: CPU-minutes of the whole process tree (robust to a shared machine); wall: minutes")
     parser.add_argument("--sft", default=None, help="reuse this SFT checkpoint (block 4)")
     parser.add_argument("--sft-block1", default=None, help="reuse this SFT checkpoint (block 1, the AR baseline)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="SFT run and held-out split")
+    parser.add_argument("--rl-seeds", default=None,
+                        help="comma list of RL seeds: each run repeated per seed as algo#sN (default: --seed, one run)")
     parser.add_argument("--eval-items", type=int, default=200)
     parser.add_argument("--sft-sweep", action="store_true", help="only the SFT starting-point table")
     parser.add_argument("--report", nargs="+", default=None, metavar="DIR",
@@ -302,6 +343,7 @@ def main() -> None:
         (out / "results.json").write_text(json.dumps(merged, indent=1) + "\n")
         plot(merged["runs"], merged["task"], out / "reward_curves.png")
         print(table(merged["runs"], merged["sft"]))
+        print(seed_table(merged["runs"], merged["sft"]))
         return
     if args.sft_sweep:
         print("| task | hidden x layers | params | steps x batch | train s | held-out masked CE | greedy % |\n"
@@ -314,42 +356,49 @@ def main() -> None:
 
         overrides = deep_merge(overrides, json.loads(text))
     sft_dirs = {"block4": Path(args.sft).resolve() if args.sft else make_sft(out / "sft", args.task, args.seed, 4)}
-    runs = [a for a in args.algos.split(",") if a]
+    algos = [a for a in args.algos.split(",") if a]
     if args.ar_algo:
         sft_dirs["block1"] = (Path(args.sft_block1).resolve() if args.sft_block1
                               else make_sft(out / "sft_block1", args.task, args.seed, 1))
-        runs.append(f"{args.ar_algo}@block1")
+        algos.append(f"{args.ar_algo}@block1")
+    if args.rl_seeds is None:
+        runs = [(a, a, args.seed) for a in algos]
+    else:
+        seeds = [int(x) for x in args.rl_seeds.split(",") if x]
+        runs = [(a, f"{a}#s{s}", s) for a in algos for s in seeds]
     results_path = out / "results.json"
     saved = json.loads(results_path.read_text()) if results_path.is_file() else {}
     sft_eval = saved.get("sft") or {k: heldout(d, args.task, args.seed, args.eval_items) for k, d in sft_dirs.items()}
     results = saved.get("runs", {})
-    for name in runs:
+    for name, key, rl_seed in runs:
         ar = name.endswith("@block1")
         sft_dir = sft_dirs["block1" if ar else "block4"]
         extra = json.loads(json.dumps(overrides))
         if ar:
             extra = {**extra, "rollout": {**extra.get("rollout", {}), "block_size": 1, "steps_per_block": 1}}
-        run_dir = out / "runs" / name.replace("@", "-")
+        run_dir = out / "runs" / key.replace("@", "-").replace("#", "-")
         if run_dir.exists():
             import shutil
 
             shutil.rmtree(run_dir)
         try:
-            recipe = build_recipe(name, args.task, sft_dir, run_dir, args.seed, extra)
+            recipe = build_recipe(name, args.task, sft_dir, run_dir, rl_seed, extra, run_name=key)
             res = run_rl(recipe, args.budget_min * 60, args.clock)
             res["after"] = heldout(res["policy"], args.task, args.seed, args.eval_items)
         except Exception as err:  # noqa: BLE001 - one algorithm failing must not lose the others' results
             logging.exception("%s failed", name)
             res = {"error": " ".join(f"{type(err).__name__}: {err}".split())[:300]}
         res["overrides"] = overrides  # kept per run: --report merges invocations made with different --set
-        results[name] = res
+        res["rl_seed"] = rl_seed
+        results[key] = res
         results_path.write_text(json.dumps({"task": args.task, "setup": SETUPS[args.task], "sft": sft_eval,
                                             "runs": results, "budget_min": args.budget_min, "clock": args.clock,
                                             "common": COMMON, "overrides": overrides},
                                            indent=1) + "\n")
         plot(results, args.task, out / "reward_curves.png")
-        print(table({name: res}, sft_eval), flush=True)
+        print(table({key: res}, sft_eval), flush=True)
     print(table(results, sft_eval))
+    print(seed_table(results, sft_eval))
 
 
 if __name__ == "__main__":

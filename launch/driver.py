@@ -33,7 +33,7 @@ from launch.driver_setup import (RunContext, create_placement_group, host, place
                                  write_run_status)
 from launch.local_ray import ray_session
 from launch.metrics import MetricsLogger, plot_curves, reward_summary, rewind_metrics, summary_line
-from rl.advantages import group_advantages, wd1_weights
+from rl.advantages import group_advantages, near_length_limit, wd1_weights
 from rl.checkpoint import Checkpoint, capture_rng, restore_rng, save_checkpoint
 from rl.masking import sample_seed
 from rl.store import store_actor
@@ -234,6 +234,9 @@ class Driver:
         rewards = torch.tensor([trajectories[i].extra["reward"] for i in usable], dtype=torch.float32)
         groups = torch.tensor([i // n for i in usable])
         correct = torch.tensor([trajectories[i].extra["reason"] == "correct" for i in usable])
+        lengths = torch.tensor([trajectories[i].valid_length for i in usable])
+        cut = near_length_limit(lengths, self.recipe.rollout.max_tokens, alg.length_limit_margin)
+        rewards, correct = torch.where(cut, 0.0, rewards), correct & ~cut  # TraceRL: cut-off responses are wrong
         flt = alg.filter
         result = group_advantages(rewards, group_ids=groups, norm=alg.advantage, correct=correct,
                                   drop_zero_variance=flt.drop_zero_variance, accuracy_lo=flt.accuracy_lo,

@@ -83,7 +83,7 @@ def learner_config(recipe: Recipe):
 
     alg, ln = recipe.algorithm, recipe.learner
     optim = OptimConfig(lr=ln.lr, betas=tuple(ln.betas), weight_decay=ln.weight_decay, warmup_steps=ln.warmup_steps,
-                        schedule=ln.schedule,
+                        schedule=ln.schedule, min_lr_ratio=ln.min_lr_ratio,
                         total_steps=recipe.trainer.total_steps * ln.mu if ln.schedule != "constant" else None)
     vm = getattr(alg, "value_model", None)
     value = None if vm is None else ValueConfig(lr=vm.lr, clip=vm.clip, gamma=vm.gamma, lam=vm.lam, trunk="separate")

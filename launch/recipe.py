@@ -169,6 +169,7 @@ class LearnerConfig(Section):
     weight_decay: float | None = Field(None, ge=0)
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # decay floor of cosine/linear as a fraction of lr (DiffuCoder: 0.1)
     grad_clip: float | None = Field(None, ge=0)  # 0: no clipping
     micro_batch_size: int = Field(1, ge=1)
     grad_accum: int | None = Field(None, ge=1)

@@ -28,7 +28,7 @@ ESTIMATORS_FOR: dict[str, tuple[str, ...]] = {
     "tracerl": ("trajectory",),
     "coupled_grpo": ("coupled", "one_step", "random_mask"),
     "wd1": ("one_step", "coupled", "random_mask"),
-    "spg": ("block_elbo", "mc_elbo", "sdmc"),
+    "spg": ("block_random", "block_elbo", "mc_elbo", "sdmc"),
     "random_mask_grpo": ("random_mask", "one_step", "coupled"),
 }
 # Why an algorithm is restricted to those estimators: said in the error.
@@ -43,7 +43,11 @@ PUBLISHED_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
                    "rollout": {"samples_per_prompt": 6, "temperature": 0.9}},
     "gdpo": {"learner": {"lr": 3e-7, "mu": 12}, "rollout": {"samples_per_prompt": 6}},
     "tracerl": {"learner": {"lr": 1e-6, "grad_accum": 32}, "rollout": {"samples_per_prompt": 16, "temperature": 1.0}},
-    "coupled_grpo": {"learner": {"lr": 1e-6, "mu": 2}, "rollout": {"samples_per_prompt": 10}},
+    # DiffuCoder's config_coupled_code.yaml (its cosine schedule with a 0.1 floor is set in the recipe).
+    "coupled_grpo": {"learner": {"lr": 1e-6, "betas": (0.9, 0.99), "weight_decay": 0.1, "grad_clip": 0.2, "mu": 2},
+                     "rollout": {"samples_per_prompt": 10, "temperature": 1.0}},
+    # CJ-GRPO samples at temperature 1.0 (yjyddq/EOSER-ASS-RL train.yaml).
+    "cj_grpo": {"rollout": {"temperature": 1.0}},
     "spg": {"learner": {"mu": 4}},
 }
 GENERIC_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -221,6 +225,14 @@ def _filter(r: Recipe) -> str | None:
     return None
 
 
+def _length_limit(r: Recipe) -> str | None:
+    margin = getattr(r.algorithm, "length_limit_margin", None)
+    if margin is not None and margin >= r.rollout.max_tokens:
+        return (f"algorithm.length_limit_margin: {margin} >= rollout.max_tokens {r.rollout.max_tokens}: every "
+                "response would count as wrong (set it to null for short responses)")
+    return None
+
+
 def _reference_model(r: Recipe) -> str | None:
     beta = getattr(r.algorithm, "beta", 0.0)
     if beta > 0 and getattr(r.algorithm, "kl_reference", "old") == "ref" and not r.learner.reference_model:
@@ -279,6 +291,14 @@ def _trainer(r: Recipe) -> str | None:
     return None
 
 
+def _behaviour_temperature(r: Recipe) -> str | None:
+    temperature = r.rollout.temperature or 1.0
+    if r.trainer.off_policy == "behaviour" and temperature != 1.0 and r.algorithm.logp_temperature == "raw":
+        return (f"algorithm.logp_temperature: 'raw', but trainer.off_policy 'behaviour' reuses log-probs recorded at "
+                f"rollout.temperature {temperature}; set it to 'rollout'")
+    return None
+
+
 def _ray(r: Recipe) -> str | None:
     if r.ray.address is not None:
         for key in ("num_cpus", "object_store_mb"):
@@ -288,9 +308,9 @@ def _ray(r: Recipe) -> str | None:
 
 
 CHECKS: tuple[Check, ...] = (
-    _model_source, _tiny_kind, _model_alignment, _model_block, _max_tokens_blocks, _steps, _threshold, _full_attention_decoding,
-    _group_size, _estimator, _filter, _reference_model, _workers_agree, _backend, _prompts_split, _data_source,
-    _trainer, _ray,
+    _model_source, _tiny_kind, _model_alignment, _model_block, _max_tokens_blocks, _steps, _threshold,
+    _full_attention_decoding, _group_size, _estimator, _filter, _length_limit, _reference_model, _workers_agree,
+    _backend, _prompts_split, _data_source, _trainer, _behaviour_temperature, _ray,
 )
 
 

@@ -48,17 +48,29 @@ class ValueModelConfig(Section):
 
 AdvantageKind = Literal["mean_centered", "zscore"]
 LossAgg = Literal["token_mean", "seq_mean_token_sum", "fixed_length"]
+# Temperature of the learner's log-probs: "raw" logits, as every reference computes them; "rollout": the sampling
+# temperature (the rollout's own distribution: learner and rollout log-probs agree, ratios see the policy that
+# sampled; off-policy behaviour log-probs need it).
+LogpTemperature = Literal["raw", "rollout"]
+SeqLength = Literal["generation", "valid"]  # the L of per-token normalised sequence ELBOs (rl.algorithms)
+
+# Section fields that are not loss parameters (advantages, filters, the value model and reward shaping).
+_NOT_LOSS = {"name", "advantage", "filter", "value_model", "length_limit_margin"}
 
 
 class _GroupRelative(Section):
     name: str  # declared first so that dumps read `name` first; each algorithm narrows it to its Literal
-    advantage: AdvantageKind = "mean_centered"  # A = R - mean(R) (d1, GDPO, CJ-GRPO, wd1, SPG)
+    advantage: AdvantageKind = "mean_centered"  # A = R - mean(R) (d1, GDPO, CJ-GRPO, wd1, SPG, DiffuCoder)
     filter: FilterConfig = FilterConfig()
+    logp_temperature: LogpTemperature = "raw"
+    # A response within this many tokens of rollout.max_tokens counts as wrong (reward 0) before advantages and
+    # filters (TraceRL: 5, as dLLM-RL's reward/rl_reward.py); None: no such rule.
+    length_limit_margin: int | None = Field(None, ge=0)
 
     def loss_params(self) -> dict[str, Any]:
-        """The loss's own parameters, named as rl.algorithms.LossConfig names them (advantage, filter and the
-        value model are not part of the loss)."""
-        return self.model_dump(exclude={"name", "advantage", "filter", "value_model"})
+        """The loss's own parameters, named as rl.algorithms.LossConfig names them (advantage, filter, the value
+        model and the length-limit rule are not part of the loss)."""
+        return self.model_dump(exclude=_NOT_LOSS)
 
 
 class _ClippedPolicyGradient(_GroupRelative):
@@ -68,6 +80,7 @@ class _ClippedPolicyGradient(_GroupRelative):
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     kl_reference: Literal["ref", "old"] = "ref"  # old: KL to the rollout policy (no reference model needed)
     ratio_clamp: float | None = Field(None, gt=0)  # clamp of the log-ratio before exp (TraceRL: 10)
+    kl_log_ratio_clamp: float | None = Field(None, gt=0)  # clamp of k3's exponent (TraceRL: 10)
 
 
 class DiffuGRPO(_ClippedPolicyGradient):
@@ -78,24 +91,28 @@ class DiffuGRPO(_ClippedPolicyGradient):
 
 
 class GDPO(_ClippedPolicyGradient):
-    """Sequence-level ratio exp((ELBO_theta - ELBO_old) / L) on an SDMC ELBO. eps 0.5, beta 0."""
+    """Sequence-level ratio exp((ELBO_theta - ELBO_old) / L) on an SDMC ELBO over the tokens through the first EOS,
+    L the generation length (GDPO's code). eps 0.5, beta 0."""
 
     name: Literal["gdpo"] = "gdpo"
     beta: float = Field(0.0, ge=0)
+    seq_length: SeqLength = "generation"
 
 
 class CJGRPO(_ClippedPolicyGradient):
-    """Ratio per denoising step along the recorded trajectory; per-step token mean, then mean over steps.
-
-    ALGORITHMS.md lists no loss hyperparameters of its own; it builds on d1, whose eps 0.5 / beta 0.04 are kept.
-    """
+    """Ratio per denoising step along the recorded trajectory; every token unmasked at a step (EOS padding
+    included), pooled across the batch per step, then the mean over steps (yjyddq/EOSER-ASS-RL). eps 0.5,
+    beta 0.04 as its train.yaml. token_set "through_eos" is the option that stops at the first EOS."""
 
     name: Literal["cj_grpo"] = "cj_grpo"
+    token_set: Literal["through_eos", "response"] = "response"
+    loss_agg: Literal["step_pooled_mean", "seq_mean_step_mean"] = "step_pooled_mean"  # the latter: per sample
 
 
 class TraceRL(_ClippedPolicyGradient):
-    """Token-level PPO clip along the trajectory. eps 0.2, beta 0.01 k3 against the OLD policy, log-ratio clamped
-    to +-10, z-scored advantages, groups with accuracy outside [0.2, 0.8] dropped."""
+    """Token-level PPO clip along the trajectory. eps 0.2, beta 0.01 k3 against the OLD policy, log-ratio and k3
+    exponent clamped to +-10, z-scored advantages, responses within 5 tokens of the length limit count as wrong,
+    groups with accuracy outside [0.2, 0.8] dropped (dLLM-RL)."""
 
     name: Literal["tracerl"] = "tracerl"
     clip_eps_low: float = Field(0.2, gt=0)
@@ -103,6 +120,8 @@ class TraceRL(_ClippedPolicyGradient):
     beta: float = Field(0.01, ge=0)
     kl_reference: Literal["ref", "old"] = "old"
     ratio_clamp: float | None = Field(10.0, gt=0)
+    kl_log_ratio_clamp: float | None = Field(10.0, gt=0)
+    length_limit_margin: int | None = Field(5, ge=0)
     advantage: AdvantageKind = "zscore"
     filter: TraceRLFilter = TraceRLFilter()
     loss_agg: LossAgg = "token_mean"
@@ -110,19 +129,18 @@ class TraceRL(_ClippedPolicyGradient):
 
 
 class CoupledGRPO(_ClippedPolicyGradient):
-    """DiffuCoder: token-level clip + beta k3 on the coupled estimator. eps 0.5, beta 0.01.
-
-    ALGORITHMS.md gives no advantage normalisation; z-score is that of TRL's GRPO, which DiffuCoder builds on.
-    """
+    """DiffuCoder: token-level clip + beta k3 on the coupled estimator. eps 0.5, beta 0.01, mean-centred advantages
+    (its config_coupled_code.yaml: scale_rewards false); "zscore" is the option that divides by the group std."""
 
     name: Literal["coupled_grpo"] = "coupled_grpo"
     beta: float = Field(0.01, ge=0)
-    advantage: AdvantageKind = "zscore"
+    advantage: AdvantageKind = "mean_centered"
     loss_agg: LossAgg = "token_mean"
 
 
 class WD1(_GroupRelative):
-    """Ratio-free: -sum softmax(A) log pi + sum softmax(-A) log pi on one-step log-probs."""
+    """Ratio-free: -sum softmax(A) log pi + sum softmax(-A) log pi on one-step log-probs, log pi(o) the sum of the
+    sequence's token log-probs (the paper and xiaohangt/wd1)."""
 
     name: Literal["wd1"] = "wd1"
 
@@ -133,6 +151,7 @@ class SPG(_GroupRelative):
     name: Literal["spg"] = "spg"
     beta_e: float = Field(1.5, gt=0)
     mix: Fraction = 0.5
+    seq_length: SeqLength = "valid"  # ELBO / tokens through the first EOS, never / the masked count
 
 
 class RandomMaskGRPO(_ClippedPolicyGradient):
@@ -204,6 +223,17 @@ class BlockElboEstimator(_EstimatorSection):
         return {"num_samples": self.mc_num}
 
 
+class BlockRandomEstimator(_EstimatorSection):
+    """SPG's block-wise random masking (forward_type block_random) over the rollout's blocks."""
+
+    name: Literal["block_random"] = "block_random"
+    mc_num: int = Field(2, ge=1)  # SPG's num_t: masked forwards per sample
+    p_mask: float = Field(0.15, ge=0, lt=1)  # prompt-token masking probability (SPG's p_mask_prompt)
+
+    def params(self) -> dict[str, Any]:
+        return {"num_samples": self.mc_num, "p_mask": self.p_mask}
+
+
 class TrajectoryEstimator(_EstimatorSection):
     name: Literal["trajectory"] = "trajectory"
     shrink: int | None = Field(None, ge=1)  # merge s consecutive steps; None -> 1 (block models), 8 (full attention)
@@ -225,6 +255,6 @@ class RandomMaskEstimator(_EstimatorSection):
 
 EstimatorConfig = Annotated[
     OneStepEstimator | MCElboEstimator | SDMCEstimator | CoupledEstimator | BlockElboEstimator
-    | TrajectoryEstimator | RandomMaskEstimator,
+    | BlockRandomEstimator | TrajectoryEstimator | RandomMaskEstimator,
     Field(discriminator="name"),
 ]

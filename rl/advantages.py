@@ -4,11 +4,12 @@ A batch holds B responses in groups (the G responses to one prompt). Groups are 
 (contiguous groups: sample i belongs to group i // G) or as `group_ids` (B,) of any labels, which also allows
 groups of unequal size (e.g. after a failed generation). Everything is vectorised with scatter over groups.
 
-- "mean_centered": A_i = R_i - mean_g(R)                     (d1, GDPO, CJ-GRPO, wd1, SPG)
+- "mean_centered": A_i = R_i - mean_g(R)               (d1, GDPO, CJ-GRPO, wd1, SPG, coupled-GRPO)
 - "zscore":        A_i = (R_i - mean_g(R)) / (std_g(R) + eps), population std (TraceRL)
 Filters (options, none hard-coded): drop groups whose rewards have zero variance; drop groups whose accuracy
-(fraction of correct responses) is outside [lo, hi] (TraceRL: 0.2, 0.8). Dropped samples get advantage 0 and
-keep=False; the learner removes them (or zeroes their token mask) before computing loss normalisers.
+(fraction of correct responses) is outside [lo, hi] (TraceRL: 0.2, 0.8). `near_length_limit` marks responses that
+TraceRL counts as wrong before both (length >= max_tokens - 5 in dLLM-RL's reward/rl_reward.py).
+Dropped samples get advantage 0 and keep=False; the learner removes them (or zeroes their token mask) before computing loss normalisers.
 """
 from __future__ import annotations
 
@@ -126,6 +127,16 @@ def mean_centered(rewards: torch.Tensor, **options) -> AdvantageResult:
 @ADVANTAGES.register("zscore")
 def zscore(rewards: torch.Tensor, **options) -> AdvantageResult:
     return group_advantages(rewards, norm="zscore", **options)
+
+
+def near_length_limit(lengths: torch.Tensor, max_tokens: int, margin: int | None) -> torch.Tensor:
+    """(B,) bool: responses of at least max_tokens - margin tokens (False everywhere when margin is None). TraceRL
+    treats them as wrong (reward 0, not correct): a response cut off by the limit has no verified answer."""
+    if margin is None:
+        return torch.zeros(lengths.shape, dtype=torch.bool, device=lengths.device)
+    if margin < 0 or max_tokens < 1:
+        raise ValueError(f"near_length_limit: need margin >= 0 and max_tokens >= 1, got {margin}, {max_tokens}")
+    return lengths >= max_tokens - margin
 
 
 def wd1_weights(advantages: torch.Tensor, group_ids: torch.Tensor, *, temperature: float = 1.0,

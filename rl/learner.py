@@ -44,10 +44,10 @@ from typing import Any
 
 import torch
 
-from rl.algorithms import LOSSES, PolicyBatch, PolicyEstimates, loss_normalizer, make_loss_config
+from rl.algorithms import LOSSES, PolicyBatch, PolicyEstimates, make_loss_config
 from rl.estimators import get_estimator
 from rl.estimators.base import EstimatorInput, token_mask_of
-from rl.learner_batch import MetricLog, RolloutBatch, plan_update, rollout_batch, stack_rows
+from rl.learner_batch import MetricLog, RolloutBatch, minibatch_normalizers, plan_update, rollout_batch, stack_rows
 from rl.masking import sample_seed
 from rl.optim import OptimConfig, param_groups
 from rl.value import ValueHead, compute_value_targets, value_loss
@@ -67,7 +67,10 @@ class ValueConfig:
     lam: float = 1.0
     coef: float = 1.0  # weight of the value loss added to the policy loss
     trunk: str = "shared"  # "shared" | "separate" (see module doc)
-    reward_key: str = "reward"  # trajectory.extra key of the outcome reward on the last step
+    # trajectory.extra key of the outcome reward on the last step: "advantage" = the group-normalised, filtered
+    # reward the driver computed (TraceRL: dLLM-RL feeds its z-scored reward to the value model), "reward" = the
+    # raw score (an option).
+    reward_key: str = "advantage"
     returns: str = "mc"  # "mc" (TraceRL) | "gae"
 
     def __post_init__(self) -> None:
@@ -82,7 +85,7 @@ class LearnerConfig:
     estimator: str = "trajectory"  # an estimator in rl.estimators
     estimator_params: dict[str, Any] = field(default_factory=dict)
     reseed_per_inner: bool | None = None  # new masks each inner iteration (d1); None: unless deterministic
-    temperature: float = 1.0  # the rollout's sampling temperature: likelihoods are scored at it
+    temperature: float = 1.0  # the rollout's sampling temperature (scored at it only with logp_temperature=rollout)
     optim: OptimConfig = field(default_factory=OptimConfig)
     grad_clip: float | None = 1.0  # global-norm clip; None or 0: none
     micro_batch_size: int = 1  # samples per forward/backward on one worker
@@ -125,6 +128,11 @@ class Learner:
                              f"rollout's own quantities (got {config.estimator!r})")
         self.reseed = (not deterministic) if config.reseed_per_inner is None else config.reseed_per_inner
         lc = self.loss_config
+        # Log-probs from raw logits (every reference) unless the loss asks for the rollout temperature.
+        self.score_temperature = config.temperature if lc.logp_temperature == "rollout" else 1.0
+        if config.old_logp == "rollout" and self.score_temperature != config.temperature:
+            raise ValueError(f"learner.old_logp: 'rollout' log-probs were recorded at temperature "
+                             f"{config.temperature}; score at it too (algorithm logp_temperature: rollout)")
         need_ref = config.reference_model if config.reference_model is not None else (
             lc.beta > 0 and lc.kl_reference == "ref")
         self.ref_policy = None
@@ -200,7 +208,7 @@ class Learner:
         estimate and a zero-valued term the caller adds to its loss (it ties the padding forwards into backward)."""
         fn = estimator or self.estimator
         with self._autocast():
-            est = fn(policy, inp, seed=self._mask_seed, inner_iter=inner_iter, temperature=self.config.temperature,
+            est = fn(policy, inp, seed=self._mask_seed, inner_iter=inner_iter, temperature=self.score_temperature,
                      return_entropy=self.config.entropy, return_hidden=hidden,
                      **(self.config.estimator_params if params is None else params))
         pad = torch.zeros((), device=self.device)
@@ -228,6 +236,8 @@ class Learner:
                               reward_key=vc.reward_key if vc else "reward")
         if vc is not None and batch.rewards is None:
             raise ValueError(f"value model: every trajectory needs extra[{vc.reward_key!r}]")
+        if self.loss_config.token_set == "response":  # train every decoded token, EOS padding included
+            batch.inp.valid_lengths = None
         self._mask_seed = sample_seed(cfg.seed, "masks", self.updates)
         plan = plan_update(len(batch), mu=cfg.mu, micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum,
                            world_size=self.backend.world_size, rank=self.backend.rank, shuffle=cfg.shuffle,
@@ -237,7 +247,8 @@ class Learner:
         self._set_mode(train=False)
         with torch.no_grad():
             self._before_training(batch, plan, counters)
-        norms, vnorms = self._normalizers(plan)
+        norms, vnorms = minibatch_normalizers(plan, lambda it, i: self._old[(self._mask_iter(it), i)][2],
+                                              self.loss_config, self.backend.all_reduce_sum, self.device)
         t_old = time.perf_counter() - start
         steps = skipped = 0
         grad_norms, lr = [], 0.0
@@ -315,7 +326,9 @@ class Learner:
                     continue
                 # Scored on the very micro-batches training uses; a sample already scored under this mask key
                 # (deterministic estimators, or a sample this rank saw before) keeps its first result.
-                counted = token_mask_of(inp, self.device) & est.token_mask
+                counted = token_mask_of(inp, self.device)
+                if self.loss_config.observed_only:
+                    counted = counted & est.token_mask
                 for r, i in enumerate(micro):
                     n = inp.length(r)
                     self._old.setdefault((key, i), (est.token_logp[r, :n].detach(), est.seq_logp[r].detach(),
@@ -380,21 +393,6 @@ class Learner:
         worst = float(self.backend.all_reduce_max(torch.tensor([worst], dtype=torch.float64, device=self.device)))
         return {"logp_mismatch": float(total[0] / total[1].clamp(min=1)), "logp_mismatch_max": worst}
 
-    def _normalizers(self, plan) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mu, M) global loss normalisers of every minibatch: policy (loss_agg) and value (counted tokens)."""
-        lc = self.loss_config
-        mu, m = len(plan), max(len(mbs) for mbs in plan)
-        local = torch.zeros((2, mu, m), dtype=torch.float64)
-        for it, minibatches in enumerate(plan):
-            key = self._mask_iter(it)
-            for j, micros in enumerate(minibatches):
-                for i in (i for mc in micros for i in mc):
-                    counted = self._old[(key, i)][2][None]
-                    local[0, it, j] += float(loss_normalizer(counted, lc.loss_agg, fixed_length=lc.fixed_length))
-                    local[1, it, j] += float(counted.sum())
-        total = self.backend.all_reduce_sum(local.to(self.device)).cpu()
-        return total[0], total[1]
-
     def _micro_loss(self, batch: RolloutBatch, micro: list[int], key: int, norm: float, vnorm: float):
         inp = batch.inp.select(micro)
         vc = self.config.value
@@ -409,7 +407,8 @@ class Learner:
             adv = torch.stack([batch.advantages[i] for i in micro]).to(dev)
         else:
             adv = stack_rows([batch.advantages[i] for i in micro], width, dev, dtype=torch.float32)
-        pb = PolicyBatch(advantages=adv, token_mask=mask, loss_normalizer=norm,
+        lengths = torch.tensor([inp.length(r) for r in range(len(inp))], device=dev)  # decoded (generation) length
+        pb = PolicyBatch(advantages=adv, token_mask=mask, loss_normalizer=norm, lengths=lengths,
                          step_ids=stack_rows([inp.step_maps[r] for r in range(len(inp))], width, dev,
                                              dtype=torch.long))
         pe = PolicyEstimates(logp=est.token_logp, old_logp=stack_rows([o[0] for o in old], width, dev),

@@ -12,10 +12,12 @@ backward. Every rank computes the same plan from the same batch, so no rank need
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from rl.algorithms import LossConfig, loss_normalizer
 from rl.estimators.base import EstimatorInput
 from rollout.trajectory import Trajectory
 
@@ -98,6 +100,29 @@ def plan_update(num_samples: int, *, mu: int, micro_batch_size: int, grad_accum:
             minibatches.append(micros)
         plan.append(minibatches)
     return plan
+
+
+def minibatch_normalizers(plan, counted_of: Callable[[int, int], torch.Tensor], config: LossConfig,
+                          all_reduce_sum: Callable[[torch.Tensor], torch.Tensor], device
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mu, M) global loss normalisers of every minibatch: policy (config.loss_agg) and value (counted tokens).
+    counted_of(inner_iter, sample) is the sample's counted-token mask. step_pooled_mean counts micro-batches (its
+    loss is a mean over calls); every other aggregation adds up per-sample shares."""
+    mu, m = len(plan), max(len(mbs) for mbs in plan)
+    local = torch.zeros((2, mu, m), dtype=torch.float64)
+    for it, minibatches in enumerate(plan):
+        for j, micros in enumerate(minibatches):
+            for micro in micros:
+                rows = [counted_of(it, i) for i in micro]
+                if config.loss_agg == "step_pooled_mean":
+                    local[0, it, j] += float(any(bool(r.any()) for r in rows))
+                for counted in rows:
+                    if config.loss_agg != "step_pooled_mean":
+                        local[0, it, j] += float(loss_normalizer(counted[None], config.loss_agg,
+                                                                 fixed_length=config.fixed_length))
+                    local[1, it, j] += float(counted.sum())
+    total = all_reduce_sum(local.to(device)).cpu()
+    return total[0], total[1]
 
 
 def stack_rows(rows: list[torch.Tensor], width: int, device, fill: float = 0.0,

@@ -252,11 +252,13 @@ def block_elbo(length: int, generator: torch.Generator, *, block_size: int, num_
 
 
 @MASK_SAMPLERS.register("block_random")
-def block_random(length: int, generator: torch.Generator, *, block_size: int, num_samples: int = 1) -> MaskDraw:
+def block_random(length: int, generator: torch.Generator, *, block_size: int, num_samples: int = 1,
+                 prompt_length: int = 0, p_mask: float = 0.0) -> MaskDraw:
     """SPG-style semi-autoregressive block masking: forward k picks a block b_k (distinct blocks while K <= number
     of blocks), masks l ~ U{1..n_b} of its tokens, masks every later block completely and keeps earlier blocks
     clean; only block b_k's masked tokens count, weight (nb / K) * n_b / l. Unbiased for the sum over blocks of
-    each block's ELBO given clean earlier blocks and fully masked later ones."""
+    each block's ELBO given clean earlier blocks and fully masked later ones. Each prompt token is masked with
+    probability `p_mask` in each forward (SPG's use_mask_prompt, p 0.15), drawn after the response masks."""
     length = _check_length(length)
     block_id, sizes = _blocks(length, block_size)
     nb, k = sizes.numel(), num_samples
@@ -271,7 +273,8 @@ def block_random(length: int, generator: torch.Generator, *, block_size: int, nu
     masks = (in_block & picked) | (block_id[None, :] > chosen[:, None])
     per_mask = nb * n_b.to(_F64) / (counts.to(_F64) * k)
     weights = _weights_on(in_block & picked, per_mask[:, None].expand(-1, length))
-    return MaskDraw(masks, weights, counts.to(_F64) / n_b)
+    prompt_masks = _rand((k, int(prompt_length)), generator) < p_mask if p_mask > 0 else None
+    return MaskDraw(masks, weights, counts.to(_F64) / n_b, prompt_masks)
 
 
 def trajectory_masks(steps: torch.Tensor, *, shrink: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

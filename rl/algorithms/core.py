@@ -14,6 +14,10 @@ averages gradients). Without it a call normalises by its own batch.
   seq_mean_token_mean  sum_i (sum_j l_ij / n_i) / number of sequences
   seq_mean_step_mean   sum_i mean_{steps s of i} (mean_{j in s} l_ij) / number of sequences  (CJ-GRPO; step_ids)
   fixed_length         sum_ij l_ij / (number of sequences * fixed_length)   (a constant per-sequence normaliser)
+  step_pooled_mean     per decoding step s: sum over the call's tokens of step s / their number (pooled across
+                       the samples of the call), then the mean over the steps present; the normaliser counts calls
+                       (micro-batches), so a minibatch's loss is the mean over its micro-batches (CJ-GRPO's
+                       reference pools per device batch; one micro-batch holding the batch pools the whole batch)
 "Number of sequences" counts sequences with at least one counted token. Sequence-level losses (GDPO, SPG) are
 broadcast onto their counted tokens first, so `seq_mean_token_mean` is a plain mean over sequences and
 `token_mean` weights each sequence by its length.
@@ -31,7 +35,11 @@ from rl.value import clipped_value_loss_per_token
 
 LOSSES = Registry("policy loss")
 
-AGG_MODES = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean", "seq_mean_step_mean", "fixed_length")
+AGG_MODES = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean", "seq_mean_step_mean", "fixed_length",
+             "step_pooled_mean")
+TOKEN_SETS = ("through_eos", "response")
+SEQ_LENGTHS = ("generation", "valid")
+LOGP_TEMPERATURES = ("raw", "rollout")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 Metrics = dict[str, torch.Tensor]
@@ -46,7 +54,7 @@ class PolicyBatch:
     token_mask: torch.Tensor  # (B, L) bool: tokens counted in the loss (response up to and including first EOS)
     step_ids: torch.Tensor | None = None  # (B, L) long: decoding step of each token (seq_mean_step_mean)
     rollout_logp: torch.Tensor | None = None  # (B, L): log-probs recorded by the rollout engine (mismatch metric)
-    lengths: torch.Tensor | None = None  # (B,): L in GDPO's exp((ELBO - ELBO_old) / L); default token_mask.sum(1)
+    lengths: torch.Tensor | None = None  # (B,): the generation length of each response (GDPO's L; the learner sets it)
     returns: torch.Tensor | None = None  # (B, L): value targets, when config.value_coef > 0
     loss_normalizer: float | torch.Tensor | None = None  # denominator of the whole batch (see module doc)
 
@@ -78,16 +86,30 @@ class LossConfig:
     kl_reference: str = "ref"  # "ref" | "old": the policy the KL penalty is measured against
     kl_estimator: str = "k3"  # k1: log(pi/t); k2: 0.5 log(pi/t)^2; k3: t/pi - log(t/pi) - 1
     kl_clamp: float | None = None  # clamp the per-token KL estimate to [-c, c]
+    kl_log_ratio_clamp: float | None = None  # clamp log(target/pi) to [-c, c] inside k3's exp (TraceRL: 10)
     loss_agg: str = "token_mean"  # see AGG_MODES
     fixed_length: int | None = None  # per-sequence normaliser of loss_agg="fixed_length"
     length_normalize: bool = True  # GDPO: divide ELBO differences by L; SPG: per-token ELBO / EUBO
+    # GDPO's L / SPG's ELBO divisor: "generation" = the response's decoded length (the fixed generation length,
+    # GDPO's code), "valid" = its tokens through the first EOS. Never the draw-dependent count of masked tokens.
+    seq_length: str = "generation"
+    # Tokens a token-level loss trains: "through_eos" (d1, TraceRL, ...) or "response" = every decoded token,
+    # EOS padding included (CJ-GRPO's reference trains every token unmasked at a step). Read by the learner.
+    token_set: str = "through_eos"
+    # Temperature of the learner's log-probs: "raw" logits (every reference) or the "rollout" temperature (the
+    # sampling distribution itself: consistent with the rollout's recorded log-probs). Read by the learner.
+    logp_temperature: str = "raw"
+    # Count only the tokens the estimator scored (estimates.observed_mask): token-level losses. Sequence-level
+    # losses (GDPO, SPG) set False: their sequences count their tokens through EOS whatever the draw masked.
+    observed_only: bool = True
     beta_e: float = 1.5  # SPG EUBO exponent beta_E
     mix: float = 0.5  # SPG, A <= 0: mix * EUBO + (1 - mix) * ELBO (1: pure EUBO, 0: ELBO)
     value_coef: float = 0.0  # weight of the clipped value loss (shared trunk); 0 = separate value model
     value_clip: float | None = 0.2
 
     def __post_init__(self) -> None:
-        checks = {"loss_agg": AGG_MODES, "kl_estimator": KL_ESTIMATORS, "kl_reference": ("ref", "old")}
+        checks = {"loss_agg": AGG_MODES, "kl_estimator": KL_ESTIMATORS, "kl_reference": ("ref", "old"),
+                  "token_set": TOKEN_SETS, "seq_length": SEQ_LENGTHS, "logp_temperature": LOGP_TEMPERATURES}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"loss config: {name}={getattr(self, name)!r} not in {allowed}")
@@ -123,6 +145,8 @@ def loss_normalizer(token_mask: torch.Tensor, loss_agg: str, *, fixed_length: in
     mask = token_mask.bool()
     if loss_agg == "token_mean":
         return mask.sum().double()
+    if loss_agg == "step_pooled_mean":
+        return mask.any().double()  # one per call (micro-batch) with counted tokens
     seqs = (mask.sum(1) > 0).sum().double()
     if loss_agg == "fixed_length":
         if not fixed_length:
@@ -152,6 +176,17 @@ def aggregate_numerator(per_token: torch.Tensor, token_mask: torch.Tensor, loss_
         counts = x.new_zeros(x.shape[0], steps + 1).scatter_add_(1, col, mask.to(x.dtype))[:, :steps]
         step_mean = sums / counts.clamp(min=1)
         return (step_mean.sum(1) / (counts > 0).sum(1).clamp(min=1)).sum()
+    if loss_agg == "step_pooled_mean":
+        if step_ids is None:
+            raise ValueError("loss_agg='step_pooled_mean' needs batch.step_ids")
+        if step_ids.shape != mask.shape:
+            raise ValueError(f"batch.step_ids shape {tuple(step_ids.shape)} != token_mask {tuple(mask.shape)}")
+        steps = int(step_ids[mask].max()) + 1 if bool(mask.any()) else 0
+        col = torch.where(mask, step_ids.long(), torch.full_like(step_ids, steps, dtype=torch.long)).reshape(-1)
+        sums = x.new_zeros(steps + 1).scatter_add_(0, col, x.reshape(-1))[:steps]
+        counts = x.new_zeros(steps + 1).scatter_add_(0, col, mask.to(x.dtype).reshape(-1))[:steps]
+        present = counts > 0
+        return (sums[present] / counts[present]).sum() / present.sum().clamp(min=1)
     raise ValueError(f"unknown loss_agg '{loss_agg}'; known: {', '.join(AGG_MODES)}")
 
 
@@ -172,16 +207,18 @@ def normalizer_of(batch: PolicyBatch, mask: torch.Tensor, config: LossConfig) ->
 
 # ----------------------------------------------------------------------------------------------- pieces
 def kl_penalty(logp: torch.Tensor, target_logp: torch.Tensor, estimator: str = "k3",
-               clamp: float | None = None) -> torch.Tensor:
+               clamp: float | None = None, log_ratio_clamp: float | None = None) -> torch.Tensor:
     """Per-token estimate of KL(pi || target) from samples of pi: k1 = log(pi/t), k2 = 0.5 log(pi/t)^2,
-    k3 = t/pi - log(t/pi) - 1 (>= 0, unbiased, low variance)."""
+    k3 = t/pi - log(t/pi) - 1 (>= 0, unbiased, low variance). log_ratio_clamp c: k3's exponent log(t/pi) is
+    clamped to [-c, c] inside exp only (TraceRL's code: exp(clamp(d)) - 1 - d)."""
     d = target_logp - logp
     if estimator == "k1":
         kl = -d
     elif estimator == "k2":
         kl = 0.5 * d ** 2
     elif estimator == "k3":
-        kl = torch.exp(d) - d - 1
+        e = d.clamp(-log_ratio_clamp, log_ratio_clamp) if log_ratio_clamp is not None else d
+        kl = torch.exp(e) - d - 1
     else:
         raise ValueError(f"unknown kl_estimator '{estimator}'; known: {', '.join(KL_ESTIMATORS)}")
     return kl.clamp(-clamp, clamp) if clamp is not None else kl
@@ -200,11 +237,11 @@ def token_advantages(advantages: torch.Tensor, shape: torch.Size) -> torch.Tenso
     raise ValueError(f"batch.advantages shape {tuple(advantages.shape)} is neither ({shape[0]},) nor {tuple(shape)}")
 
 
-def counted_mask(batch: PolicyBatch, est: PolicyEstimates) -> torch.Tensor:
+def counted_mask(batch: PolicyBatch, est: PolicyEstimates, observed_only: bool = True) -> torch.Tensor:
     mask = batch.token_mask.bool()
     if mask.dim() != 2:
         raise ValueError(f"batch.token_mask must be (B, L), got shape {tuple(mask.shape)}")
-    if est.observed_mask is not None:
+    if observed_only and est.observed_mask is not None:
         if est.observed_mask.shape != mask.shape:
             raise ValueError(f"estimates.observed_mask shape {tuple(est.observed_mask.shape)} != "
                              f"token_mask {tuple(mask.shape)}")
@@ -236,7 +273,8 @@ def kl_term(est: PolicyEstimates, mask: torch.Tensor, config: LossConfig, loss: 
         target = require(est, "ref_logp", mask.shape, loss)
     else:
         target = est.old_logp if est.old_logp is not None else logp.detach()
-    return safe(kl_penalty(logp, target.detach(), config.kl_estimator, config.kl_clamp), mask)
+    return safe(kl_penalty(logp, target.detach(), config.kl_estimator, config.kl_clamp, config.kl_log_ratio_clamp),
+                mask)
 
 
 def value_term(batch: PolicyBatch, est: PolicyEstimates, mask: torch.Tensor, config: LossConfig, loss: str,

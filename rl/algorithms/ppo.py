@@ -89,9 +89,11 @@ LOSSES.register("coupled_grpo", clip_eps_low=0.5, beta=0.01, kl_reference="ref",
 # eps 0.2, beta 0 are this project's defaults, not published figures.
 LOSSES.register("random_mask_grpo", clip_eps_low=0.2, beta=0.0, loss_agg="token_mean")(
     partial(token_ppo_loss, name="random_mask_grpo"))
-# TraceRL: trajectory estimator; rho = exp(clamp(., -10, 10)), eps 0.2, beta 0.01 k3 against the old policy.
+# TraceRL: trajectory estimator; rho = exp(clamp(., -10, 10)), eps 0.2, beta 0.01 k3 against the old policy with
+# its exponent clamped to +-10 (dLLM-RL train_trado_policy.py).
 LOSSES.register("tracerl", clip_eps_low=0.2, beta=0.01, kl_reference="old", kl_estimator="k3", ratio_clamp=10.0,
-                loss_agg="token_mean")(partial(token_ppo_loss, name="tracerl"))
-# CJ-GRPO: per-step token mean, mean over steps, mean over samples; eps / beta inherited from d1 (its codebase).
+                kl_log_ratio_clamp=10.0, loss_agg="token_mean")(partial(token_ppo_loss, name="tracerl"))
+# CJ-GRPO (yjyddq/EOSER-ASS-RL): every token unmasked at a step, EOS padding included, pooled across the batch per
+# step, then the mean over steps; eps 0.5 / beta 0.04 (k3 to the reference) as its train.yaml.
 LOSSES.register("cj_grpo", clip_eps_low=0.5, beta=0.04, kl_reference="ref", kl_estimator="k3",
-                loss_agg="seq_mean_step_mean")(partial(token_ppo_loss, name="cj_grpo"))
+                loss_agg="step_pooled_mean", token_set="response")(partial(token_ppo_loss, name="cj_grpo"))

@@ -2,6 +2,10 @@
 
 r_i = exp((ELBO_theta(y_i) - ELBO_old(y_i)) / L_i), l_i = -min(r_i A_i, clip(r_i) A_i) [+ beta k3 on the
 length-normalised sequence log-ratio to ref or old]; default aggregation: mean over sequences, -(1/G) sum_g.
+L_i (config.seq_length): "generation" = `batch.lengths`, the response's decoded length (GDPO divides by the fixed
+generation length), or "valid" = its tokens through the first EOS (`batch.token_mask`). Never the number of tokens
+the estimator happened to mask. The ELBOs themselves cover the tokens through the first EOS (the estimators'
+`seq_logp`).
 """
 from __future__ import annotations
 
@@ -27,16 +31,26 @@ from rl.algorithms.core import (
 )
 
 
+def sequence_lengths(batch: PolicyBatch, config: LossConfig, name: str) -> torch.Tensor:
+    """L_i of each sequence (config.seq_length), independent of the estimator's draws."""
+    if config.seq_length == "valid":
+        return batch.token_mask.bool().sum(1)
+    if batch.lengths is None:
+        raise ValueError(f"loss '{name}' with seq_length='generation' needs batch.lengths (the decoded response "
+                         "lengths; the learner sets them)")
+    return batch.lengths
+
+
 @LOSSES.register("gdpo", clip_eps_low=0.5, beta=0.0, kl_reference="ref", kl_estimator="k3",
-                 loss_agg="seq_mean_token_mean")
+                 loss_agg="seq_mean_token_mean", seq_length="generation", observed_only=False)
 def gdpo_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossConfig) -> tuple[torch.Tensor, Metrics]:
     name = "gdpo"
-    mask = counted_mask(batch, est)
+    mask = counted_mask(batch, est, config.observed_only)
     b = mask.shape[0]
     seq = require(est, "seq_logp", (b,), name)
     old = require(est, "seq_old_logp", (b,), name) if est.seq_old_logp is not None else seq
     adv = require(batch, "advantages", (b,), name).detach().to(seq.dtype)
-    lengths = batch.lengths if batch.lengths is not None else mask.sum(1)
+    lengths = sequence_lengths(batch, config, name)
     if lengths.shape != (b,):
         raise ValueError(f"batch.lengths shape {tuple(lengths.shape)} != ({b},)")
     scale = lengths.to(seq.dtype).clamp(min=1) if config.length_normalize else torch.ones_like(seq)

@@ -2,11 +2,15 @@
 when A_i <= 0, the EUBO upper bound mixed with the ELBO, from K masked forwards of the same sample.
 
 With token weights w_kj (MaskDraw.token_weights, e.g. 1/(K t_k) on masked tokens) and log-probs lp_kj:
-  ELBO_i = sum_kj w_kj lp_kj                           (/ n_i counted tokens when length_normalize)
+  ELBO_i = sum_kj w_kj lp_kj over tokens through the first EOS   (/ L_i when length_normalize; L_i per
+                                                       config.seq_length, SPG default "valid": the tokens through
+                                                       the first EOS, never the draw-dependent masked count)
   EUBO_i = sum_j (1/beta_E) log sum_k w_kj exp(beta_E lp_kj)   over tokens masked in some forward
                                                        (/ their number when length_normalize)
   s_i = ELBO_i if A_i > 0 else mix * EUBO_i + (1 - mix) * ELBO_i     (mix = 1: SPG w/ EUBO; 0.5: SPG w/ mixture)
-As in the released code: length-normalised bounds, beta_E 1.5, loss weighted by length (token_mean).
+As in the released code (facebookresearch/SPG): block-wise random masks (estimator `block_random`), length-normalised
+bounds, beta_E 1.5, loss weighted by length (token_mean). The released code divides each forward's sum by that
+forward's masked-token count (a ratio estimate of the same per-token ELBO); see docs/FIDELITY.md.
 """
 from __future__ import annotations
 
@@ -27,11 +31,14 @@ from rl.algorithms.core import (
     require,
     safe,
 )
+from rl.algorithms.sequence import sequence_lengths
 
 
 def spg_bounds(mc_logp: torch.Tensor, mc_weights: torch.Tensor, mask: torch.Tensor, beta: float,
-               length_normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ELBO, EUBO) per sample from (B, K, L) log-probs and token weights and the (B, L) counted mask."""
+               length_normalize: bool = True, lengths: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ELBO, EUBO) per sample from (B, K, L) log-probs and token weights and the (B, L) counted mask; the ELBO is
+    divided by `lengths` (B,) (default: the counted tokens per sample) when length_normalize."""
     w = torch.where(mask[:, None, :], mc_weights.detach().to(mc_logp.dtype), torch.zeros((), dtype=mc_logp.dtype))
     scored = w > 0
     lp = torch.where(scored, mc_logp, torch.zeros((), dtype=mc_logp.dtype))
@@ -43,18 +50,19 @@ def spg_bounds(mc_logp: torch.Tensor, mc_weights: torch.Tensor, mask: torch.Tens
     eubo_tok = torch.where(seen, torch.logsumexp(inner, dim=1) / beta, torch.zeros((), dtype=lp.dtype))
     eubo = eubo_tok.sum(1)
     if length_normalize:
-        elbo = elbo / mask.sum(1).clamp(min=1).to(elbo.dtype)
+        divisor = mask.sum(1) if lengths is None else lengths
+        elbo = elbo / divisor.clamp(min=1).to(elbo.dtype)
         eubo = eubo / seen.sum(1).clamp(min=1).to(eubo.dtype)
     return elbo, eubo
 
 
-@LOSSES.register("spg", beta=0.0, beta_e=1.5, mix=0.5, length_normalize=True,
-                 loss_agg="token_mean")
+@LOSSES.register("spg", beta=0.0, beta_e=1.5, mix=0.5, length_normalize=True, seq_length="valid",
+                 observed_only=False, loss_agg="token_mean")
 def spg_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossConfig) -> tuple[torch.Tensor, Metrics]:
     name = "spg"
     if config.beta != 0:
         raise ValueError("loss 'spg' has no KL term: set beta=0")
-    mask = counted_mask(batch, est)
+    mask = counted_mask(batch, est, config.observed_only)
     b, length = mask.shape
     mc_logp = require(est, "mc_logp", None, name)
     if mc_logp.dim() != 3 or mc_logp.shape[0] != b or mc_logp.shape[2] != length:
@@ -62,7 +70,8 @@ def spg_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossConfig) -> tu
     mc_weights = require(est, "mc_weights", mc_logp.shape, name)
     adv = require(batch, "advantages", (b,), name).detach().to(mc_logp.dtype)
 
-    elbo, eubo = spg_bounds(mc_logp, mc_weights, mask, config.beta_e, config.length_normalize)
+    elbo, eubo = spg_bounds(mc_logp, mc_weights, mask, config.beta_e, config.length_normalize,
+                            sequence_lengths(batch, config, name))
     negative = config.mix * eubo + (1 - config.mix) * elbo
     positive = adv > 0
     surrogate = torch.where(positive, elbo, negative)

@@ -2,8 +2,9 @@
 
 The signed weights w_i = softmax_g(psi A)_i - softmax_g(-psi A)_i come from `rl.advantages.wd1_weights`, computed
 once over the whole batch and passed as `batch.advantages` (so micro-batch splits are exact). log pi(o_i) is the
-one-step estimator's token log-probs, aggregated by `loss_agg` (default: token mean per sequence, mean over
-sequences), optional beta * KL per token.
+one-step estimator's token log-probs summed over each sequence's tokens through the first EOS, as the paper and
+its code (xiaohangt/wd1) do; `loss_agg` default seq_mean_token_sum = that sum, mean over sequences (the weights
+carry the group size, so this is the mean over groups of the paper's group sum). Optional beta * KL per token.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from rl.algorithms.core import (
 from rl.algorithms.ppo import policy_gradient_loss
 
 
-@LOSSES.register("wd1", beta=0.0, loss_agg="seq_mean_token_mean")
+@LOSSES.register("wd1", beta=0.0, loss_agg="seq_mean_token_sum")
 def wd1_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossConfig) -> tuple[torch.Tensor, Metrics]:
     # With the signed weights in place of advantages, wd1 is exactly the plain -A * logp (+ beta KL) objective.
     loss, metrics = policy_gradient_loss(batch, est, config, name="wd1")

@@ -1,15 +1,17 @@
 """Mask-sampling likelihood estimators: one_step (d1), mc_elbo (LLaDA), sdmc (GDPO), coupled (DiffuCoder),
-block_elbo (BD3-LM/SDAR), random_mask (UniGRPO).
+block_elbo (BD3-LM/SDAR), block_random (SPG), random_mask (UniGRPO).
 
 Each draws K masked copies of every response with the sampler of the same name in `rl.masking` (per-sample
 generators: common random numbers), scores the masked positions of all B*K copies in batched forward passes, and
 combines them with the sampler's token weights:
-- `seq_logp`   = sum_k sum_i w_ki log p_ki: the ELBO estimate (the sum of one-step log-probs for one_step);
+- `seq_logp`   = sum_k sum_i w_ki log p_ki over the tokens through the first EOS (`valid_lengths`): the ELBO
+  estimate of the response as the losses define it (the sum of one-step log-probs for one_step);
 - `token_elbo` = the per-token terms of that sum;
 - `token_logp` = the plain log-prob of each token averaged over the copies that masked it, for token-level ratios;
 - `extra["mc_logp"]`, `extra["mc_weights"]` = the per-copy terms (B, K, L), for SPG's upper bound.
 Masks cover the whole decoded response (what the model generated, trailing EOS padding included); `token_mask`
-limits token-level losses to tokens through the first EOS.
+limits token-level losses to tokens through the first EOS, `seq_logp` sums only those (padding after the first EOS
+is context, never a term of the likelihood, as in GDPO's and SPG's code).
 """
 from __future__ import annotations
 
@@ -74,8 +76,9 @@ def score_draws(policy, inp: EstimatorInput, draws: list[MaskDraw], *, temperatu
     token_logp = plain_sum / times_masked.clamp(min=1)
     if return_entropy:
         entropy = entropy / times_masked.clamp(min=1)
+    valid = token_mask_of(inp, device)
     return Estimate(
-        token_logp=token_logp, seq_logp=elbo_terms.sum(-1), token_mask=token_mask_of(inp, device) & seen,
+        token_logp=token_logp, seq_logp=(elbo_terms * valid).sum(-1), token_mask=valid & seen,
         forwards=max(d.num_forwards for d in draws), entropy=entropy, hidden=hidden,
         extra={"token_elbo": elbo_terms, "mc_logp": mc_logp, "mc_weights": mc_weights},
     )
@@ -98,6 +101,11 @@ def _register(name: str, **defaults):
             if not policy.spec.is_block:
                 raise ValueError("estimator 'block_elbo' needs a block-diffusion model (model attention is full)")
             options.setdefault("block_size", inp.block_size or policy.spec.block_size)
+        if name == "block_random":  # SPG: semi-autoregressive blocks of the rollout on a full-attention model
+            options = {**defaults, **options}
+            options.setdefault("block_size", inp.block_size or policy.spec.block_size)
+            return _with_prompt_masks("block_random", policy, inp, seed, inner_iter, options, temperature,
+                                      return_entropy, return_hidden)
         if name == "one_step":
             # d1 masks prompt tokens too; each sample's prompt gets its own draw from the same generator.
             return _one_step(policy, inp, seed, inner_iter, options, temperature, return_entropy, return_hidden)
@@ -133,6 +141,18 @@ def _coupled_with_full_view(policy, inp, seed, inner_iter, options, temperature,
     return est
 
 
+def _with_prompt_masks(sampler_name, policy, inp, seed, inner_iter, options, temperature, return_entropy,
+                       return_hidden) -> Estimate:
+    """A sampler that also masks prompt tokens: each sample's draw gets its own prompt length."""
+    from rl.masking import MASK_SAMPLERS, sample_generator
+
+    sampler = MASK_SAMPLERS.get(sampler_name)
+    draws = [sampler(inp.length(b), sample_generator(seed, inp.sample_keys[b], inner_iter),
+                     prompt_length=inp.prompts[b].numel(), **options) for b in range(len(inp))]
+    return score_draws(policy, inp, draws, temperature=temperature, return_entropy=return_entropy,
+                       return_hidden=return_hidden)
+
+
 def _one_step(policy, inp, seed, inner_iter, options, temperature, return_entropy, return_hidden) -> Estimate:
     from rl.masking import MASK_SAMPLERS, sample_generator
 
@@ -149,4 +169,6 @@ mc_elbo_estimator = _register("mc_elbo", num_samples=4)
 sdmc_estimator = _register("sdmc", rule="gauss", nodes=3)
 coupled_estimator = _register("coupled", num_pairs=1, t_min=0.2, t_max=0.8)
 block_elbo_estimator = _register("block_elbo", num_samples=1)
+# SPG's published masking (forward_type block_random): a random block partly masked, later blocks fully masked.
+block_random_estimator = _register("block_random", num_samples=2, p_mask=0.15)  # SPG: num_t 2, p_mask_prompt 0.15
 random_mask_estimator = _register("random_mask", num_samples=2, t_min=0.1, t_max=0.9)

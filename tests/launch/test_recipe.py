@@ -108,7 +108,7 @@ def test_override_switching_algorithm_drops_old_parameters(tmp_path):
     path = _write(tmp_path / "r.yaml", yaml.safe_dump({**BASE, "algorithm": {"name": "tracerl", "beta": 0.2}}))
     recipe = load_recipe(path, ["algorithm.name=wd1", "estimator.name=one_step"])
     assert recipe.algorithm.name == "wd1" and recipe.estimator.name == "one_step"
-    assert load_recipe(path, ["algorithm=spg", "model.tiny=llada"]).estimator.name == "block_elbo"
+    assert load_recipe(path, ["algorithm=spg", "model.tiny=llada"]).estimator.name == "block_random"  # SPG's masks
 
 
 def test_unknown_override_key_fails_like_a_recipe_key(tmp_path):

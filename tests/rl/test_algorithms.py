@@ -27,9 +27,10 @@ def _inputs(seed=0, token_adv=False):
     return logp, old, ref, adv, mask, steps
 
 
-def _kl(lp, target, kind):
+def _kl(lp, target, kind, exp_clamp=None):
     d = target - lp
-    return {"k1": -d, "k2": 0.5 * d ** 2, "k3": torch.exp(d) - d - 1}[kind]
+    e = d if exp_clamp is None else torch.clamp(d, -exp_clamp, exp_clamp)
+    return {"k1": -d, "k2": 0.5 * d ** 2, "k3": torch.exp(e) - d - 1}[kind]
 
 
 def _aggregate_naive(terms, agg, fixed_length=None):
@@ -50,6 +51,10 @@ def _aggregate_naive(terms, agg, fixed_length=None):
             total = total + sum(sum(x for s, x in t if s == st) / sum(1 for s, _ in t if s == st)
                                 for st in steps) / len(steps)
         return total / len(seqs)
+    if agg == "step_pooled_mean":  # per step: mean over every sample's tokens of that step; mean over steps
+        steps = sorted({s for t in seqs for s, _ in t})
+        return sum(sum(x for t in seqs for s, x in t if s == st) / sum(1 for t in seqs for s, _ in t if s == st)
+                   for st in steps) / len(steps)
     raise AssertionError(agg)
 
 
@@ -68,7 +73,7 @@ def _naive_token_ppo(logp, old, ref, adv, mask, steps, cfg):
             x = -torch.minimum(rho * a, torch.clamp(rho, 1 - cfg.clip_eps_low, 1 + cfg.eps_high) * a)
             if cfg.beta:
                 target = ref[i, j] if cfg.kl_reference == "ref" else old[i, j]
-                x = x + cfg.beta * _kl(logp[i, j], target, cfg.kl_estimator)
+                x = x + cfg.beta * _kl(logp[i, j], target, cfg.kl_estimator, cfg.kl_log_ratio_clamp)
             row.append((int(steps[i, j]), x))
         terms.append(row)
     return _aggregate_naive(terms, cfg.loss_agg, cfg.fixed_length)
@@ -119,7 +124,7 @@ def test_gdpo_matches_naive(beta):
     seq_old, seq_ref = (old * mask).sum(1), (ref * mask).sum(1)
     lengths = mask.sum(1).double()
     cfg = make_loss_config("gdpo", beta=beta)
-    loss, metrics = compute_loss("gdpo", PolicyBatch(advantages=adv, token_mask=mask),
+    loss, metrics = compute_loss("gdpo", PolicyBatch(advantages=adv, token_mask=mask, lengths=lengths),
                                  PolicyEstimates(seq_logp=seq, seq_old_logp=seq_old, seq_ref_logp=seq_ref), cfg)
     expected = _naive_gdpo(seq, seq_old, seq_ref, adv, lengths, cfg)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
@@ -140,7 +145,7 @@ def test_wd1_matches_naive_group_softmax():
         a = adv[idx]
         w_pos, w_neg = torch.softmax(a, 0), torch.softmax(-a, 0)
         for k, i in enumerate(idx):
-            seq_logp = logp[i][mask[i]].mean()  # one-step log pi(o_i), token mean
+            seq_logp = logp[i][mask[i]].sum()  # one-step log pi(o_i): the sum of its token log-probs
             expected = expected - w_pos[k] * seq_logp + w_neg[k] * seq_logp
     expected = expected / 2  # mean over prompts
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
@@ -225,7 +230,7 @@ def test_micro_batches_with_global_normalizer_equal_whole_batch(name, agg):
     logp, old, ref, adv, mask, steps = _inputs(seed=4)
     overrides = {"loss_agg": agg, "fixed_length": 12 if agg == "fixed_length" else None}
     cfg = make_loss_config(name, **overrides)
-    batch = PolicyBatch(advantages=adv, token_mask=mask, step_ids=steps)
+    batch = PolicyBatch(advantages=adv, token_mask=mask, step_ids=steps, lengths=torch.full((B,), float(L)))
     est = _estimates_for(name, logp, old, ref, mask)
     whole, _ = compute_loss(name, batch, est, cfg)
     (g_whole,) = torch.autograd.grad(whole, logp, retain_graph=True)
@@ -242,6 +247,25 @@ def test_micro_batches_with_global_normalizer_equal_whole_batch(name, agg):
     assert torch.allclose(g_split, g_whole, atol=1e-14)
 
 
+def test_step_pooled_mean_over_micro_batches_is_their_mean():
+    """CJ-GRPO's pooling is per call (its reference pools per device batch): with the learner's normaliser (one per
+    micro-batch) the split loss is the mean of the micro-batches' pooled losses."""
+    logp, old, ref, adv, mask, steps = _inputs(seed=4)
+    cfg = make_loss_config("cj_grpo")
+    batch = PolicyBatch(advantages=adv, token_mask=mask, step_ids=steps)
+    est = PolicyEstimates(logp=logp, old_logp=old, ref_logp=ref)
+    splits = [[0, 3], [1], [2, 4, 5]]
+    total = sum(loss_normalizer(mask[s], "step_pooled_mean") for s in splits)
+    assert float(total) == 3
+    alone, parts = [], []
+    for s in splits:
+        alone.append(compute_loss("cj_grpo", _slice(batch, s), _slice(est, s), cfg)[0])
+        b = _slice(batch, s)
+        b.loss_normalizer = total
+        parts.append(compute_loss("cj_grpo", b, _slice(est, s), cfg)[0])
+    assert sum(parts).item() == pytest.approx((sum(alone) / 3).item(), rel=1e-12)
+
+
 RATIO_LOSSES = ["diffu_grpo", "coupled_grpo", "tracerl", "cj_grpo", "random_mask_grpo", "token_ppo"]
 
 
@@ -251,7 +275,7 @@ def test_on_policy_first_step_is_the_plain_policy_gradient(name, kl_reference):
     logp, _, _, adv, mask, steps = _inputs(seed=5, token_adv=name == "tracerl")
     same = logp.detach().clone()
     cfg = make_loss_config(name, kl_reference=kl_reference, beta=0.1)
-    batch = PolicyBatch(advantages=adv, token_mask=mask, step_ids=steps)
+    batch = PolicyBatch(advantages=adv, token_mask=mask, step_ids=steps, lengths=mask.sum(1).double())
     if name == "gdpo":
         seq = (logp * mask).sum(1)
         est = PolicyEstimates(seq_logp=seq, seq_old_logp=seq.detach(), seq_ref_logp=seq.detach())
