@@ -1,0 +1,268 @@
+"""Programs that try to score without computing the answer (issue 11's five kinds), in every test style that applies.
+
+Each program must score 0 (and, for the limit kind, fail each test in about its own limit while the next test still
+runs). Before the out-of-process checker, the minimal filesystem and per-test kernel limits, the ones the commit
+message lists scored 1.0 or escaped a limit.
+
+Styles: "check" = HumanEval `check(candidate)`, "assert" = MBPP one assert per test, "stdio" = stdin/stdout.
+Kinds 1-3 (rigged __eq__, forged verdict, hooks rewriting the tests) have nothing to act on in stdio style: the
+program's only output there is its exit status and stdout, which the trusted parent compares; no test code runs near
+it. Kinds 4 (reading answers) and 5 (limits) apply to all three.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from rewards.code_reward import score_one
+from rewards.sandbox import Limits, detect_isolation
+
+ISO = detect_isolation()
+needs_new_root = pytest.mark.skipif(ISO.mode == "none", reason="mode none cannot hide the host filesystem")
+LIMITS = Limits(test_timeout_s=1.0, total_timeout_s=6.0, memory_mb=256)
+# the answers, as a test file in the checkout would hold them: a program that reads this file can answer
+ANSWERS = {"2 3": 5, "-1 1": 0, "40 2": 42}
+THIS_FILE = str(Path(__file__).resolve())
+CHECK_REF = {"setup": ("def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
+                       "    assert candidate(40, 2) == 42\n"), "tests": ["check(add)"]}
+ASSERT_REF = {"setup": "", "tests": ["assert add(2, 3) == 5", "assert add(-1, 1) == 0", "assert add(40, 2) == 42"]}
+STDIO_REF = {"tests": [{"input": f"{k}\n", "output": f"{v}\n"} for k, v in ANSWERS.items()]}
+REFS = {"check": CHECK_REF, "assert": ASSERT_REF, "stdio": STDIO_REF}
+STDIO_MAIN = "\na, b = map(int, input().split())\nprint(add(a, b))\n"
+
+# ---------------------------------------------------------------------------------------------- kind 1: rigged ==
+RIGGED_INT = """
+class Anything(int):
+    def __eq__(self, other):
+        return True
+    __hash__ = int.__hash__
+def add(a, b):
+    return Anything(0)
+"""
+RIGGED_OBJECT = """
+class Anything:
+    def __eq__(self, other):
+        return True
+    def __ne__(self, other):
+        return False
+def add(a, b):
+    return Anything()
+"""
+RIGGED_LIST = """
+class Anything(list):
+    def __eq__(self, other):
+        return True
+def add(a, b):
+    return Anything()
+"""
+# ---------------------------------------------------------------------------------------------- kind 2: forgery
+FORGE_FRAMES = """
+import sys, os
+frame = sys._getframe()
+while frame is not None:
+    emit = frame.f_locals.get("emit")
+    if callable(emit):
+        for i in range(50):
+            emit(b"test %d ok " % i)
+        emit(b"done")
+        os._exit(0)
+    frame = frame.f_back
+def add(a, b):
+    return 0
+"""
+FORGE_GC = """
+import gc, os
+for obj in gc.get_objects():
+    if callable(obj) and getattr(obj, "__name__", "") == "emit" and getattr(obj, "__defaults__", None):
+        _write, fd, nonce = obj.__defaults__
+        os.write(fd, b"".join(b"%s test %d ok \\n" % (nonce, i) for i in range(50)) + nonce + b" done\\n")
+        os._exit(0)
+def add(a, b):
+    return 0
+"""
+# ---------------------------------------------------------------------------------------------- kind 3: hooks
+# Each hook, when test code starts, either swaps `check` for a no-op or makes `add` return the constant the test
+# expects, read from the test's own code object.
+_REWRITE = """
+def _rewrite(frame):
+    g = frame.f_globals
+    if frame.f_code.co_filename != "<tests>":
+        return
+    g["check"] = lambda candidate: None
+    ints = [c for c in frame.f_code.co_consts if type(c) is int]
+    if ints:
+        g["add"] = lambda *args, _want=ints[-1]: _want
+"""
+HOOK_SETTRACE = _REWRITE + """
+import sys
+def _trace(frame, event, arg):
+    if event == "call":
+        _rewrite(frame)
+    return None
+sys.settrace(_trace)
+def add(a, b):
+    return 0
+"""
+HOOK_SETPROFILE = _REWRITE + """
+import sys
+def _profile(frame, event, arg):
+    if event == "call":
+        _rewrite(frame)
+sys.setprofile(_profile)
+def add(a, b):
+    return 0
+"""
+HOOK_AUDIT = _REWRITE + """
+import sys
+def _audit(event, args):
+    if event == "exec":
+        frame = sys._getframe(1)
+        namespace = frame.f_locals.get("namespace")
+        code = args[0]
+        if isinstance(namespace, dict) and getattr(code, "co_filename", "") == "<tests>":
+            namespace["check"] = lambda candidate: None
+            ints = [c for c in code.co_consts if type(c) is int]
+            if ints:
+                namespace["add"] = lambda *a, _want=ints[-1]: _want
+sys.addaudithook(_audit)
+def add(a, b):
+    return 0
+"""
+# ---------------------------------------------------------------------------------------------- kind 4: read answers
+READ_CHECKOUT = f"""
+import ast
+_source = open({THIS_FILE!r}).read()
+_answers = ast.literal_eval(_source.split("ANSWERS = ", 1)[1].split("\\n", 1)[0])
+def add(a, b):
+    return _answers[f"{{a}} {{b}}"]
+"""
+READ_DATA_FILE = """
+import json
+_answers = {}
+for _line in open(DATA_PATH):
+    _row = json.loads(_line)
+    _answers[_row["input"].strip()] = int(_row["output"])
+def add(a, b):
+    return _answers[f"{a} {b}"]
+"""
+# ---------------------------------------------------------------------------------------------- kind 5: limits
+IGNORE_SIGNALS = """
+import signal
+for _s in range(1, signal.NSIG):
+    try:
+        signal.signal(_s, signal.SIG_IGN)
+    except (OSError, ValueError, RuntimeError):
+        pass
+signal.pthread_sigmask(signal.SIG_BLOCK, range(1, signal.NSIG))
+def add(a, b):
+    while True:
+        try:
+            while True:
+                pass
+        except BaseException:
+            pass
+"""
+DEEP_RECURSION = """
+import sys
+sys.setrecursionlimit(4000)
+def _burn(n):
+    try:
+        _burn(n + 1)
+        _burn(n + 1)
+    except BaseException:
+        _burn(n + 1)
+def add(a, b):
+    while True:
+        try:
+            _burn(0)
+        except BaseException:
+            pass
+"""
+TMPFS_HOG = """
+import os
+def _hog():  # 400 MiB of files (each under the 16 MiB file-size limit) against a 256 MiB memory limit
+    chunk = b"x" * (1 << 20)
+    written = 0
+    for where in ("/dev/shm", "/tmp", "/var/tmp", "."):
+        for i in range(25):
+            if written >= 400:
+                return
+            with open(os.path.join(where, f"hog{i}.bin"), "wb") as out:
+                for _ in range(8):
+                    out.write(chunk)
+            written += 8
+_hog()
+def add(a, b):
+    return a + b
+"""
+
+CASES = {  # id: (kind, program, styles)
+    "rigged_int_subclass": (1, RIGGED_INT, ("check", "assert")),
+    "rigged_object": (1, RIGGED_OBJECT, ("check", "assert")),
+    "rigged_list_subclass": (1, RIGGED_LIST, ("check", "assert")),
+    "forge_via_frames": (2, FORGE_FRAMES, ("check", "assert")),
+    "forge_via_gc": (2, FORGE_GC, ("check", "assert")),
+    "hook_settrace": (3, HOOK_SETTRACE, ("check", "assert")),
+    "hook_setprofile": (3, HOOK_SETPROFILE, ("check", "assert")),
+    "hook_audit": (3, HOOK_AUDIT, ("check", "assert")),
+    "read_checkout": (4, READ_CHECKOUT, ("check", "assert", "stdio")),
+    "read_data_file": (4, READ_DATA_FILE, ("check", "assert", "stdio")),
+    "ignore_all_signals": (5, IGNORE_SIGNALS, ("check", "assert", "stdio")),
+    "deep_recursion": (5, DEEP_RECURSION, ("check", "assert", "stdio")),
+    "tmpfs_beyond_memory": (5, TMPFS_HOG, ("check", "assert", "stdio")),
+}
+PARAMS = [pytest.param(case, style, id=f"{case}-{style}") for case, (_, _, styles) in CASES.items()
+          for style in styles]
+
+
+@pytest.fixture(scope="module")
+def data_file() -> str:
+    """A data file of the test run holding the expected outputs, as a training set on disk would: next to the
+    checkout, not under /tmp (which every sandbox mode with namespaces already replaces)."""
+    folder = Path(tempfile.mkdtemp(prefix=".adversarial-data-", dir=Path(THIS_FILE).parents[2]))
+    folder.chmod(0o755)  # world-readable, as data files usually are
+    path = folder / "train.jsonl"
+    path.write_text("".join(json.dumps(t) + "\n" for t in STDIO_REF["tests"]))
+    yield str(path)
+    shutil.rmtree(folder)
+
+
+def program_for(case: str, style: str, data_file: str) -> str:
+    program = CASES[case][1].replace("DATA_PATH", repr(data_file))
+    return program + STDIO_MAIN if style == "stdio" else program
+
+
+def score(program: str, style: str, limits: Limits = LIMITS) -> dict:
+    start = time.monotonic()
+    result = score_one(f"```python\n{program}\n```", REFS[style], limits=limits)
+    result["wall"] = time.monotonic() - start
+    return result
+
+
+@needs_new_root
+@pytest.mark.parametrize("case, style", PARAMS)
+def test_gaming_program_scores_zero(case, style, data_file):
+    kind = CASES[case][0]
+    result = score(program_for(case, style, data_file), style)
+    assert result["score"] == 0.0, result
+    assert not result["reason"].startswith("error"), result
+    statuses = [s.split(" (")[0] for s in result["reason"].split("[", 1)[1].rstrip("]").split(", ")]
+    tests = len(REFS[style]["tests"]) if style != "check" else 1
+    if kind == 5:
+        # every test had its own limit: none was skipped because an earlier one ate the budget
+        assert "not_run" not in statuses, result
+        assert result["wall"] < tests * (LIMITS.test_timeout_s + 1.5) + 1.5, result
+    if kind == 1:
+        assert statuses[0] == "non_plain_value", result
+
+
+def test_every_kind_has_two_programs_in_every_style_it_applies_to():
+    for kind in range(1, 6):
+        styles = ("check", "assert", "stdio") if kind >= 4 else ("check", "assert")
+        for style in styles:
+            assert sum(k == kind and style in s for k, _, s in CASES.values()) >= 2, (kind, style)
