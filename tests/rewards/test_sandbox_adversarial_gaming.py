@@ -12,7 +12,9 @@ it. Kinds 4 (reading answers) and 5 (limits) apply to all three.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from rewards.code_reward import score_one
-from rewards.sandbox import Limits, detect_isolation
+from rewards.sandbox import Limits, detect_isolation, interpreter_binds
 
 ISO = detect_isolation()
 needs_new_root = pytest.mark.skipif(ISO.mode == "none", reason="mode none cannot hide the host filesystem")
@@ -73,7 +75,7 @@ while frame is not None:
         os._exit(0)
     frame = frame.f_back
 def add(a, b):
-    return 0
+    return -7  # never the right answer
 """
 FORGE_GC = """
 import gc, os
@@ -83,7 +85,7 @@ for obj in gc.get_objects():
         os.write(fd, b"".join(b"%s test %d ok \\n" % (nonce, i) for i in range(50)) + nonce + b" done\\n")
         os._exit(0)
 def add(a, b):
-    return 0
+    return -7  # never the right answer
 """
 # ---------------------------------------------------------------------------------------------- kind 3: hooks
 # Each hook, when test code starts, either swaps `check` for a no-op or makes `add` return the constant the test
@@ -106,7 +108,7 @@ def _trace(frame, event, arg):
     return None
 sys.settrace(_trace)
 def add(a, b):
-    return 0
+    return -7  # never the right answer
 """
 HOOK_SETPROFILE = _REWRITE + """
 import sys
@@ -115,7 +117,7 @@ def _profile(frame, event, arg):
         _rewrite(frame)
 sys.setprofile(_profile)
 def add(a, b):
-    return 0
+    return -7  # never the right answer
 """
 HOOK_AUDIT = _REWRITE + """
 import sys
@@ -131,7 +133,7 @@ def _audit(event, args):
                 namespace["add"] = lambda *a, _want=ints[-1]: _want
 sys.addaudithook(_audit)
 def add(a, b):
-    return 0
+    return -7  # never the right answer
 """
 # ---------------------------------------------------------------------------------------------- kind 4: read answers
 READ_CHECKOUT = f"""
@@ -143,6 +145,7 @@ def add(a, b):
 """
 READ_DATA_FILE = """
 import json
+import os
 _answers = {}
 for _line in open(DATA_PATH):
     _row = json.loads(_line)
@@ -266,3 +269,64 @@ def test_every_kind_has_two_programs_in_every_style_it_applies_to():
         styles = ("check", "assert", "stdio") if kind >= 4 else ("check", "assert")
         for style in styles:
             assert sum(k == kind and style in s for k, _, s in CASES.values()) >= 2, (kind, style)
+
+
+# ---------------------------------------------------------------------------------------------- acceptance checks
+@needs_new_root
+@pytest.mark.parametrize("style", ["check", "stdio"])
+def test_no_host_file_is_readable(style, data_file):
+    """Paths of this very test run: the checkout, the data file, HOME, the interpreter's venv (not its prefix)."""
+    targets = [THIS_FILE, str(Path(THIS_FILE).parents[2] / "pyproject.toml"), data_file, str(Path.home()),
+               os.path.expanduser("~/.bashrc"), "/etc/passwd", "/proc/1/root/etc/passwd", sys.prefix + "/pyvenv.cfg"]
+    # a directory on the way to the interpreter's prefix (e.g. /root for /root/.pyenv/...) exists, holding only that
+    on_the_way = sorted({part for path in interpreter_binds() for part in Path(path).parts[1:]})
+    probe = f"""
+import os
+_seen = []
+for _p in {targets!r}:
+    try:
+        if os.path.isdir(_p):
+            _extra = set(os.listdir(_p)) - set({on_the_way!r})
+            if _extra:
+                _seen.append((_p, _extra))
+        else:
+            with open(_p, "rb") as _f:
+                _seen.append((_p, _f.read(10)))
+    except OSError:
+        pass
+def add(a, b):
+    return a + b + len(_seen) * 1000  # only a leak changes the answer
+"""
+    result = score(probe + (STDIO_MAIN if style == "stdio" else ""), style)
+    assert result["reason"] == "correct", result  # correct answer <=> nothing was readable
+
+
+@needs_new_root
+def test_cpu_limit_per_test_holds_against_a_program_that_ignores_every_signal():
+    """The first test spins with every signal blocked and ignored: it fails in about its own limit (1 s), and the
+    tests after it still run and pass."""
+    program = IGNORE_SIGNALS.replace("def add(a, b):\n", "def add(a, b):\n    if a != 2:\n        return a + b\n")
+    start = time.monotonic()
+    result = score(program, "assert")
+    took = time.monotonic() - start
+    assert result["reason"].startswith("timeout: 2/3 passed [timeout"), result
+    assert took < LIMITS.test_timeout_s + 1.5, took
+
+
+def test_plain_data_rule(tmp_path):
+    """Shapes the proxy carries, and the ones it cannot (their own statuses, never a pass)."""
+    from rewards.code_reward import score_one as one
+    program = ("def ident(x):\n    return x\ndef gen(n):\n    return (i for i in range(n))\n"
+               "def apply(f, x):\n    return f(x)\nclass Box:\n    def __init__(self, v):\n        self.v = v\n"
+               "def mutate(xs):\n    xs.append(1)\n")
+    values = "[None, True, 3, -2**200, 1.5, float('inf'), 2j, 'é', b'\\x00', [1, (2, {3})], {'a': {1: [2]}}]"
+    cases = {
+        f"for v in {values}:\n    assert ident(v) == v and type(ident(v)) is type(v)": "correct",
+        "assert list(gen(3)) == [0, 1, 2]": "non_plain_value",
+        "assert apply(lambda v: v + 1, 1) == 2": "unsupported_test",
+        "assert Box(3).v == 3": "non_plain_value",
+        "xs = []\nmutate(xs)\nassert xs == [1]": "wrong",  # in-place changes do not come back
+    }
+    for test, want in cases.items():
+        got = one(f"```python\n{program}\n```", {"setup": "", "tests": [test]}, limits=LIMITS)
+        assert got["reason"].split(":")[0] == want, (test, got)
