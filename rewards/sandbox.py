@@ -21,6 +21,21 @@ What holds, and who enforces it (`detect_isolation()` picks the strongest mode t
 | wall time per test | OS: the candidate server SIGKILLs the test's process; backstop: this parent SIGKILLs the sandbox and restarts it for the remaining tests | same | same |
 | memory | OS: RLIMIT_AS per process (memory_mb - tmp_mb) + a tmpfs of tmp_mb: the only writable storage is carved out of the budget (a process count cap bounds the sum in mode root) | same, no process count cap | rlimits; host /tmp is writable |
 | output flooding | OS: stdout/stderr are files capped by RLIMIT_FSIZE; the parent reads at most max_output_bytes | same | same |
+
+Plain-data rule: test code and candidate exchange only the types above (exact types, MAX_BYTES/MAX_DEPTH caps in
+jail/plain.py). All 164 HumanEval canonical solutions pass under it. Shapes it cannot express, and what happens:
+a test passing a function, lambda or class instance to the candidate -> `unsupported_test`; a candidate returning a
+generator, iterator, class instance, frozenset, numpy value... -> `non_plain_value`; a candidate that mutates its
+argument in place (the test then inspects the argument) -> the test sees its own unchanged copy (usually `wrong`);
+helpers the prompt defines (HumanEval/32 `poly`, /38 `encode_cyclic`) are the program's and run in the candidate,
+as before. Program-level names the tests use: functions and classes become proxies, modules are imported by name
+in the checker, plain values are copied; anything else is absent (NameError).
+
+Memory: every process of the program has RLIMIT_AS = memory_mb - tmp_mb, and the only writable storage is the
+sandbox's /tmp tmpfs of tmp_mb (default memory_mb / 8, at most 64 MiB; /var/tmp and /dev/shm point to it), so files
+cannot grow memory past the budget. The cgroup memory controller is not used (this project's machines have a cgroup
+v1/v2 hybrid where the unprivileged modes could not use it); a program may hold up to `processes` address spaces in
+mode root (RLIMIT_NPROC on its own uid), which is the remaining gap.
 """
 from __future__ import annotations
 

@@ -151,7 +151,6 @@ def main():
             os.close(result_fd)
             _enter_candidate(job, work)
             _run_stdio(job, work)
-        os.close(result_fd)
         _, status = os.waitpid(child, 0)
         code = os.waitstatus_to_exitcode(status)
         os._exit(128 - code if code < 0 else code)
