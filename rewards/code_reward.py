@@ -2,7 +2,7 @@
 
     score_batch(prompts, responses, references, *, extract="auto", score_mode="fraction", test_timeout_s=5.0,
                 total_timeout_s=30.0, memory_mb=2048, max_tests=None, float_tol=None, workers=os.cpu_count(),
-                allow_host_filesystem=False)
+                allow_host_filesystem=False, trust_prompt_helpers=True)
 
 The program runs in rewards/sandbox.py's sandbox; where this machine cannot hide the host filesystem from it (mode
 "none": no namespaces), score_batch refuses to start unless the recipe sets `allow_host_filesystem: true`.
@@ -10,7 +10,10 @@ The program runs in rewards/sandbox.py's sandbox; where this machine cannot hide
 References (a dict, or the same as JSON text, as datasets often store them):
 - function tests (HumanEval / MBPP): {"setup": "def check(candidate): ...", "tests": ["check(add)"], "prefix": ""}.
   The program is prefix + extracted code (HumanEval completions continue the prompt: prefix = the prompt);
-  each test passes when it runs without an exception. `humaneval_reference(problem)` builds one.
+  each test passes when it runs without an exception. `humaneval_reference(problem)` builds one. The tests run in
+  a checker process and call the program's functions with plain data only (rewards/sandbox.py); with
+  trust_prompt_helpers (default) the helpers the prefix defines in full (HumanEval/32 `poly`) run in the checker,
+  so a response cannot redefine them (False: the program's own definitions are used, as HumanEval's harness does).
 - stdin/stdout tests (LiveCodeBench / CodeContests): {"tests": [{"input": "1 2\\n", "output": "3\\n"}, ...]} or
   {"inputs": [...], "outputs": [...]}. One fresh sandbox per test; the output matches when its whitespace-separated
   tokens equal the expected ones (floats within float_tol when given).
@@ -143,7 +146,8 @@ def _reason(outcomes: list[tuple[str, str]]) -> str:
 
 def score_one(response: str, reference: Any, *, extract: str = "auto", score_mode: str = "fraction",
               limits: Limits = DEFAULT_LIMITS, max_tests: int | None = None,
-              float_tol: float | None = None, allow_host_filesystem: bool = False) -> dict[str, Any]:
+              float_tol: float | None = None, allow_host_filesystem: bool = False,
+              trust_prompt_helpers: bool = True) -> dict[str, Any]:
     """One response, start to finish; every failure is a reason (see the module docstring)."""
     try:
         ref = normalize_reference(reference)
@@ -157,7 +161,8 @@ def score_one(response: str, reference: Any, *, extract: str = "auto", score_mod
     try:
         if ref["kind"] == "function":
             outcomes = run_function_tests(ref["prefix"] + code, ref["setup"], tests, limits,
-                                          allow_host_filesystem=allow_host_filesystem).tests
+                                          allow_host_filesystem=allow_host_filesystem,
+                                          helpers=ref["prefix"] if trust_prompt_helpers else "").tests
         else:
             outcomes = _run_stdio_tests(code, tests, limits, float_tol, score_mode == "all", allow_host_filesystem)
     except SandboxError as exc:
@@ -173,7 +178,7 @@ def score_batch(prompts: Sequence[str], responses: Sequence[str], references: Se
                 extract: str = "auto", score_mode: str = "fraction", test_timeout_s: float = 5.0,
                 total_timeout_s: float = 30.0, memory_mb: int = 2048, max_tests: int | None = None,
                 float_tol: float | None = None, workers: int | None = None,
-                allow_host_filesystem: bool = False) -> list[dict[str, Any]]:
+                allow_host_filesystem: bool = False, trust_prompt_helpers: bool = True) -> list[dict[str, Any]]:
     """Score submissions concurrently: each is a sandboxed process, so threads here only wait on them."""
     require_hidden_host_filesystem(detect_isolation(), allow_host_filesystem)  # refuse before scoring anything
     if score_mode not in ("fraction", "all"):
@@ -182,7 +187,8 @@ def score_batch(prompts: Sequence[str], responses: Sequence[str], references: Se
         raise ValueError(f"extract must be auto, last_block, first_block or raw, got {extract!r}")
     limits = Limits(test_timeout_s=test_timeout_s, total_timeout_s=total_timeout_s, memory_mb=memory_mb)
     kwargs = {"extract": extract, "score_mode": score_mode, "limits": limits, "max_tests": max_tests,
-              "float_tol": float_tol, "allow_host_filesystem": allow_host_filesystem}
+              "float_tol": float_tol, "allow_host_filesystem": allow_host_filesystem,
+              "trust_prompt_helpers": trust_prompt_helpers}
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         results = list(pool.map(lambda pair: score_one(*pair, **kwargs), zip(responses, references)))
     for result in results:

@@ -27,14 +27,16 @@ jail/plain.py). All 164 HumanEval canonical solutions pass under it. Shapes it c
 a test passing a function, lambda or class instance to the candidate -> `unsupported_test`; a candidate returning a
 generator, iterator, class instance, frozenset, numpy value... -> `non_plain_value`; a candidate that mutates its
 argument in place (the test then inspects the argument) -> the test sees its own unchanged copy (usually `wrong`);
-helpers the prompt defines (HumanEval/32 `poly`, /38 `encode_cyclic`) are the program's and run in the candidate,
-as before. Program-level names the tests use: functions and classes become proxies, modules are imported by name
-in the checker, plain values are copied; anything else is absent (NameError).
+helpers the prompt defines in full (HumanEval/32 `poly`, /38 `encode_cyclic`; passed as `helpers`) run in the
+checker, so a program cannot redefine what the tests trust (checker.trusted_helpers). Program-level names the tests
+use: functions and classes become proxies, standard-library modules are imported by name in the checker, plain
+values are copied; a name that would shadow a builtin (a program's own `len`) is not exported; anything else is
+absent (NameError).
 
 Memory: every process of the program has RLIMIT_AS = memory_mb - tmp_mb, and the only writable storage is the
 sandbox's /tmp tmpfs of tmp_mb (default memory_mb / 8, at most 64 MiB; /var/tmp and /dev/shm point to it), so files
-cannot grow memory past the budget. The cgroup memory controller is not used (this project's machines have a cgroup
-v1/v2 hybrid where the unprivileged modes could not use it); a program may hold up to `processes` address spaces in
+cannot grow memory past the budget. The cgroup memory controller is not used: on this project's machines the cgroup
+v2 hierarchy has no memory controller (hybrid mount: memory is on v1), and mode userns could not use one; a program may hold up to `processes` address spaces in
 mode root (RLIMIT_NPROC on its own uid), which is the remaining gap.
 """
 from __future__ import annotations
@@ -332,13 +334,13 @@ def _parse_records(lines: list[str]) -> dict[int, tuple[str, str]]:
 # ----------------------------------------------------------------------------------------------- public API
 def run_function_tests(program: str, setup: str, tests: list[str], limits: Limits = Limits(), *,
                        isolation: Isolation | None = None, python: str = sys.executable,
-                       allow_host_filesystem: bool = False) -> Run:
+                       allow_host_filesystem: bool = False, helpers: str = "") -> Run:
     """exec(program) once in the candidate server; setup and each test (e.g. `check(fn)` or an assert) in the
-    checker: pass = no exception. A test whose sandbox had to be killed (its process stopped answering) costs its
+    checker: pass = no exception. `helpers`: the prompt, whose fully defined helpers run in the checker. A test whose sandbox had to be killed (its process stopped answering) costs its
     own limit: the sandbox restarts for the tests after it while total_timeout_s lasts."""
     iso = isolation or detect_isolation(python)
     require_hidden_host_filesystem(iso, allow_host_filesystem)
-    base_job = {"mode": "function", "program": program, "setup": setup, "tests": list(tests),
+    base_job = {"mode": "function", "program": program, "setup": setup, "tests": list(tests), "helpers": helpers,
                 "test_timeout_s": limits.test_timeout_s, "test_cpu_s": max(1, math.ceil(limits.test_timeout_s)),
                 "candidate_limits": limits.candidate(limits.test_timeout_s + 1), "checker_limits": limits.checker()}
     results: dict[int, tuple[str, str]] = {}
@@ -356,13 +358,15 @@ def run_function_tests(program: str, setup: str, tests: list[str], limits: Limit
         missing = [i for i in range(first, len(tests)) if i not in results]
         if not missing:
             break
-        restart = rc == 3 or "test_deadline" in flags  # the candidate side stopped answering during one test
-        if restart and f"begin {missing[0]}" in lines or rc == 3:
-            if missing[0] not in results:
-                results[missing[0]] = _explain(rc, flags, iso)
-            first = missing[0] + 1
+        # The candidate side stopped answering during one test: the checker recorded it and gave up (exit 3), or
+        # this parent killed the sandbox (no verdict within the test's wall time). Restart after that test.
+        if rc == 3 and missing[0] > first:
+            first = missing[0]
             continue
         results[missing[0]] = _explain(rc, flags, iso)
+        if "test_deadline" in flags or rc == 3:
+            first = missing[0] + 1
+            continue
         break
     missing = [i for i in range(len(tests)) if i not in results]
     for i in missing:

