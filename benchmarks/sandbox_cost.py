@@ -1,7 +1,7 @@
 """Sandboxed CPU per test: today's design against the one before it (621c742), same tests, one run.
 
-    python benchmarks/sandbox_cost.py            # the 164 HumanEval canonical solutions, each run by both
-    python benchmarks/sandbox_cost.py --quick    # 40 of them
+    python benchmarks/sandbox_cost.py            # 164 HumanEval canonical solutions + 41 suites of 20 asserts
+    python benchmarks/sandbox_cost.py --quick    # 40 + 10
 
 The old implementation is loaded from git history into a temporary directory (nothing old stays in the product):
 `git show 621c742:rewards/sandbox.py` and `rewards/_harness.py`. Runs alternate old/new per problem, one at a
@@ -61,29 +61,39 @@ def main() -> None:
                    "now (checker + candidate server, new root)": lambda prog, ref: run_function_tests(
                        prog, ref["setup"], ref["tests"], Limits())}
         old.detect_isolation(), detect_isolation()  # probes, not timed
-        cpu = {k: 0.0 for k in runners}
-        wall = {k: [] for k in runners}
-        tests = 0
-        for problem, ref in zip(problems, refs):
-            program = ref["prefix"] + problem["canonical_solution"]
-            for label, run in runners.items():
-                c0, t0 = cpu_now(), time.perf_counter()
-                result = run(program, ref)
-                wall[label].append(time.perf_counter() - t0)
-                cpu[label] += cpu_now() - c0
-                assert result.passed == len(ref["tests"]), (label, problem["task_id"], result.tests)
-            tests += len(ref["tests"])
+        suites = {f"{len(problems)} HumanEval canonical solutions (1 test each)":
+                  [(ref["prefix"] + p["canonical_solution"], ref) for p, ref in zip(problems, refs)],
+                  f"{len(problems) // 4} MBPP-style suites of 20 asserts":
+                  [("def add(a, b):\n    return a + b\n",
+                    {"setup": "", "tests": [f"assert add({i}, 1) == {i + 1}" for i in range(20)]})]
+                  * (len(problems) // 4)}
+        figures = {name: measure(runners, items) for name, items in suites.items()}
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, Python "
           f"{platform.python_version()}, sandbox mode {detect_isolation().mode}, load average "
           f"{os.getloadavg()[0]:.2f}")
-    print(f"\n| design ({len(problems)} HumanEval canonical solutions, {tests} tests) | CPU ms per test | "
-          f"wall ms per problem (median) |")
-    print("|---|---|---|")
-    base = None
-    for label in runners:
-        per = cpu[label] / tests * 1000
-        base = base or per
-        print(f"| {label} | {per:.1f} ({per / base:.2f}x) | {statistics.median(wall[label]) * 1000:.1f} |")
+    print("\n| tests | design | CPU ms per test | vs before | wall ms per submission (median) |")
+    print("|---|---|---|---|---|")
+    for name, (tests, cpu, wall) in figures.items():
+        base = cpu[next(iter(runners))]
+        for label in runners:
+            print(f"| {name} | {label} | {cpu[label] / tests * 1000:.1f} | {cpu[label] / base:.2f}x | "
+                  f"{statistics.median(wall[label]) * 1000:.1f} |")
+
+
+def measure(runners, items):
+    """(tests, CPU seconds per runner, wall seconds per submission per runner), runners alternating per item."""
+    cpu = {k: 0.0 for k in runners}
+    wall = {k: [] for k in runners}
+    tests = 0
+    for program, ref in items:
+        for label, run in runners.items():
+            c0, t0 = cpu_now(), time.perf_counter()
+            result = run(program, ref)
+            wall[label].append(time.perf_counter() - t0)
+            cpu[label] += cpu_now() - c0
+            assert result.passed == len(ref["tests"]), (label, result.tests)
+        tests += len(ref["tests"])
+    return tests, cpu, wall
 
 
 if __name__ == "__main__":

@@ -161,29 +161,38 @@ def require_hidden_host_filesystem(iso: Isolation, allowed: bool) -> None:
                            f"namespaces here); set {HOST_FS_OPTION}=True (reward kwarg) to run code anyway")
 
 
+_LIBRARY_PROBE = """
+import importlib, json, os, sys
+for name in sys.stdlib_module_names:  # every extension module of the standard library, with the libraries it links
+    if name in ("antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo") or name.startswith("__"):
+        continue
+    try:
+        importlib.import_module(name)
+    except BaseException:  # not built here, or refuses to import without a display/terminal: not needed then
+        continue
+with open("/proc/self/maps") as maps:
+    libs = sorted({line.split()[-1] for line in maps if ".so" in line.rsplit("/", 1)[-1]})
+print(json.dumps([os.path.realpath(sys.base_prefix), libs]))
+"""
+
+
 @functools.cache
 def interpreter_binds(python: str = sys.executable) -> tuple[str, ...]:
-    """What the new root shows of the host: the interpreter's prefix and the directories of its shared libraries."""
-    probe = ("import json, os, sys, sysconfig; print(json.dumps([os.path.realpath(sys.base_prefix), "
-             "os.path.realpath(sysconfig.get_path('platstdlib')), sysconfig.get_config_var('DESTSHARED') or '']))")
-    prefix, stdlib, dynload = json.loads(subprocess.run([python, "-I", "-S", "-c", probe], check=True,
-                                                        capture_output=True, text=True).stdout)
-    binaries = [os.path.realpath(python)]
-    if dynload and os.path.isdir(dynload):
-        binaries += [str(p) for p in Path(dynload).glob("*.so")]
-    libdirs: set[str] = set()
-    if shutil.which("ldd"):
-        out = subprocess.run(["ldd", *binaries], capture_output=True, text=True).stdout
-        libdirs |= {os.path.dirname(m) for m in re.findall(r"=> (/\S+)", out)}
-    with open("/proc/self/maps") as maps:  # what this interpreter itself has loaded (when ldd is missing too)
-        libdirs |= {os.path.dirname(line.split()[-1]) for line in maps if line.rstrip().endswith(".so")
-                    or ".so." in line.split()[-1]}
-    libdirs |= {os.path.realpath(d) for d in libdirs}
-    keep = [prefix, stdlib] + sorted(libdirs)
+    """What the new root shows of the host, read-only: the interpreter's prefix and the directories of the shared
+    libraries its standard library loads (found by importing all of it once in `python -I -S` and reading its
+    memory map), plus /etc/ld.so.cache (a list of library paths) so the loader finds them. Nothing else."""
+    done = subprocess.run([python, "-I", "-S", "-c", _LIBRARY_PROBE], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, cwd="/", timeout=120)
+    if done.returncode != 0:
+        raise SandboxError(f"probing the interpreter's libraries failed: {done.stderr.strip()[-300:]}")
+    prefix, libs = json.loads(done.stdout.strip().splitlines()[-1])
+    keep = {prefix} | {os.path.dirname(lib) for lib in libs if lib.startswith("/")}
     out: list[str] = []
-    for path in sorted(set(keep), key=len):
-        if os.path.isdir(path) and not any(path == k or path.startswith(k + "/") for k in out):
+    for path in sorted(keep, key=len):
+        if os.path.isdir(path) and not any(path == k or path.startswith(k.rstrip("/") + "/") for k in out):
             out.append(path)
+    if os.path.isfile("/etc/ld.so.cache"):
+        out.append("/etc/ld.so.cache")
     return tuple(out)
 
 
@@ -242,25 +251,25 @@ def _launch(job: dict, limits: Limits, wall_s: float, iso: Isolation, python: st
     job = dict(job, uid=uid, namespaces=bool(iso.prefix), drop_caps=iso.mode == "userns", new_root=str(new_root),
                binds=list(interpreter_binds(python)) if iso.prefix else [], tmp_bytes=limits.tmp_bytes)
     (io_dir / "stdin").write_bytes(stdin or b"")
+    secret = {k: job.pop(k) for k in ("setup", "tests", "helpers") if k in job}  # the checker's alone
     job_r, job_w = os.pipe()
+    tests_r, tests_w = os.pipe()
     res_r, res_w = os.pipe()
     start = time.monotonic()
     try:
         with open(io_dir / "stdin", "rb") as fin, open(io_dir / "stdout", "wb") as fout, \
                 open(io_dir / "stderr", "wb") as ferr:
             try:
-                proc = subprocess.Popen([*iso.prefix, python, "-I", "-S", "-B", HARNESS, str(job_r), str(res_w)],
-                                        cwd=work, env=_env("/tmp/work" if iso.prefix else str(work)), stdin=fin,
-                                        stdout=fout, stderr=ferr, pass_fds=(job_r, res_w), start_new_session=True)
+                proc = subprocess.Popen([*iso.prefix, python, "-I", "-S", "-B", HARNESS, str(job_r), str(tests_r),
+                                         str(res_w)], cwd=work, env=_env("/tmp/work" if iso.prefix else str(work)),
+                                        stdin=fin, stdout=fout, stderr=ferr, pass_fds=(job_r, tests_r, res_w),
+                                        start_new_session=True)
             finally:
-                os.close(job_r)
-                os.close(res_w)
-        try:
-            with os.fdopen(job_w, "wb") as pipe:
-                job_w = -1
-                pipe.write(json.dumps(job).encode())
-        except BrokenPipeError:
-            pass  # the harness died before reading its job; reported below as a sandbox failure
+                for fd in (job_r, tests_r, res_w):
+                    os.close(fd)
+        fds, job_w, tests_w = (job_w, tests_w), -1, -1
+        for fd, payload in zip(fds, (job, secret)):  # in this order: the harness forks the candidate in between
+            _send_json(fd, payload)
         records, flags = _read_records(res_r, proc, start + wall_s, job["test_timeout_s"])
         _kill_group(proc)
         returncode = proc.wait()
@@ -268,7 +277,7 @@ def _launch(job: dict, limits: Limits, wall_s: float, iso: Isolation, python: st
         stdout = _read_head(io_dir / "stdout", limits.max_output_bytes + 1)
         stderr = _read_tail(io_dir / "stderr", 4096)
     finally:
-        for fd in (job_w, res_r):
+        for fd in (job_w, tests_w, res_r):
             if fd >= 0:
                 os.close(fd)
         shutil.rmtree(base, ignore_errors=True)
@@ -277,6 +286,15 @@ def _launch(job: dict, limits: Limits, wall_s: float, iso: Isolation, python: st
         raise SandboxError(f"harness did not start (mode {iso.mode}, exit {returncode}): "
                            f"{stderr.decode('utf-8', 'replace').strip()[-500:]}")
     return lines, returncode, stdout, stderr, wall, flags
+
+
+def _send_json(fd: int, payload: dict) -> None:
+    """Write and close; a harness that died before reading is reported by the caller as a sandbox failure."""
+    try:
+        with os.fdopen(fd, "wb") as pipe:
+            pipe.write(json.dumps(payload).encode())
+    except BrokenPipeError:
+        return
 
 
 def _read_head(path: Path, limit: int) -> bytes:

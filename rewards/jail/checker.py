@@ -239,9 +239,12 @@ def run(job, req_fd, rep_fd, emit):
     for index in range(first, len(tests)):
         emit(b"begin %d" % index)
         session = holder[0] = Session(req_fd, rep_fd)
-        plain.send(req_fd, ("begin",))
-        signal.setitimer(signal.ITIMER_REAL, wall + 0.5)
         status, detail = "ok", ""
+        try:
+            plain.send(req_fd, ("begin",))
+        except OSError:  # the candidate server is gone (killed by its own program): every test from here fails
+            session.gone, session.failure = True, ("crashed", "candidate process ended")
+        signal.setitimer(signal.ITIMER_REAL, wall + 0.5)
         try:
             exec(compile(tests[index], "<tests>", "exec"), dict(namespace))
         except BaseException as exc:

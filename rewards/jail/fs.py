@@ -4,6 +4,7 @@ sandbox's mount namespace, before anything untrusted starts).
     /                      tmpfs, read-only once built
     <interpreter prefix>   read-only bind (stdlib, lib-dynload), at its host path
     <library dirs>         read-only binds of the directories holding the interpreter's shared libraries
+    /etc/ld.so.cache       read-only bind (where the loader finds them), when the host has one
     /dev/{null,zero,full,random,urandom}   binds of the host's device nodes
     /proc                  a fresh proc of the sandbox's PID namespace (it sees only sandbox processes)
     /tmp                   tmpfs of `tmp_bytes` (the only writable place), /tmp/work the program's cwd;
@@ -56,10 +57,15 @@ def enter_new_root(new_root, binds, tmp_bytes, work_uid):
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount propagates back to the host
     _mount("tmpfs", new_root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
     for path in binds:
+        target = new_root + path
         if os.path.isdir(path):
-            target = new_root + path
             os.makedirs(target, exist_ok=True)
-            _bind_readonly(path, target)
+        elif os.path.isfile(path):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            open(target, "wb").close()
+        else:
+            continue  # gone since the parent listed it: the interpreter will say what it misses
+        _bind_readonly(path, target)
     os.makedirs(new_root + "/dev")
     for name in DEVICES:
         source = "/dev/" + name

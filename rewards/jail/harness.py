@@ -1,12 +1,14 @@
-"""Entry point of the code sandbox: `python -I -S -B harness.py JOB_FD RESULT_FD`, possibly under
+"""Entry point of the code sandbox: `python -I -S -B harness.py JOB_FD TESTS_FD RESULT_FD`, possibly under
 `unshare --net --mount --pid --fork --kill-child --mount-proc` (see rewards/sandbox.py for what each mode enforces).
 
-As PID 1 of the sandbox it reads the JSON job, imports everything it will need, builds the filesystem view
-(fs.py: after it, no host path but the interpreter's exists) and forks:
+As PID 1 of the sandbox it reads the JSON job (without the tests), imports everything it will need, builds the
+filesystem view (fs.py: after it, no host path but the interpreter's exists) and forks:
 - function tests: the CHECKER (checker.py; holds the tests and RESULT_FD) and the CANDIDATE server (candidate.py;
   holds neither), each confined: rlimits, its own uid (mode root: two different uids) or no capabilities (mode
   userns), no_new_privs, not dumpable (no ptrace, no /proc/PID/mem or fd of each other). They talk over two pipes in
-  plain data only. PID 1 waits for the checker, then leaves: the kernel kills whatever remains in the namespace.
+  plain data only. The candidate is forked BEFORE the tests (setup, test code) are read from TESTS_FD, so not even
+  freed memory of its process holds them. PID 1 waits for the checker, then leaves: the kernel kills whatever
+  remains in the namespace.
 - stdin/stdout tests: one confined child that execs the program with the parent's stdin/stdout files; PID 1 exits
   with its status (128 + signal when killed); the parent compares stdout.
 """
@@ -131,8 +133,8 @@ def _site_builtins():
 
 def main():
     _site_builtins()
-    job_fd, result_fd = int(sys.argv[1]), int(sys.argv[2])
-    job = json.loads(_read_all(job_fd))
+    job_fd, tests_fd, result_fd = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    job = json.loads(_read_all(job_fd))  # everything but the tests: the candidate is forked before they are read
     os.close(job_fd)
     _write = os.write
 
@@ -146,16 +148,28 @@ def main():
     fs._libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     emit(b"start")
     if job["mode"] == "stdio":
+        os.close(tests_fd)
         child = os.fork()
         if child == 0:
             os.close(result_fd)
             _enter_candidate(job, work)
             _run_stdio(job, work)
-        _, status = os.waitpid(child, 0)
+        _, status = os.waitpid(child, 0)  # result_fd stays open until we exit: its EOF tells the parent we are done
         code = os.waitstatus_to_exitcode(status)
         os._exit(128 - code if code < 0 else code)
     req_r, req_w = os.pipe()
     rep_r, rep_w = os.pipe()
+    server_pid = os.fork()
+    if server_pid == 0:  # this process's memory has never held the tests (not even freed): they are read below
+        for fd in (result_fd, tests_fd, req_w, rep_r):
+            os.close(fd)
+        os.dup2(os.open("/dev/null", os.O_RDONLY), 0)
+        program = job.pop("program")
+        _enter_candidate(job, work)
+        candidate.serve(program, req_r, rep_w, job["test_cpu_s"], job["test_timeout_s"])
+    job.pop("program")
+    job.update(json.loads(_read_all(tests_fd)))
+    os.close(tests_fd)
     checker_pid = os.fork()
     if checker_pid == 0:
         os.close(req_r)
@@ -165,16 +179,6 @@ def main():
             os.dup2(null, fd)
         _confine(job, job["checker_limits"], job["uid"] + 1 if job.get("uid") is not None else None)
         os._exit(checker.run(job, req_w, rep_r, emit))
-    server_pid = os.fork()
-    if server_pid == 0:
-        os.close(result_fd)
-        os.close(req_w)
-        os.close(rep_r)
-        os.dup2(os.open("/dev/null", os.O_RDONLY), 0)
-        program = job.pop("program")
-        job.pop("tests"), job.pop("setup"), job.pop("helpers", None)
-        _enter_candidate(job, work)
-        candidate.serve(program, req_r, rep_w, job["test_cpu_s"], job["test_timeout_s"])
     for fd in (req_r, req_w, rep_r, rep_w, result_fd):
         os.close(fd)
     while True:

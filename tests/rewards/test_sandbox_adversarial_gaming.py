@@ -371,3 +371,35 @@ def test_a_server_that_stops_answering_costs_each_test_its_own_limit():
     assert result["reason"].startswith("timeout: 0/3 passed [timeout"), result
     assert "not_run" not in result["reason"], result
     assert took < 3 * (limits.test_timeout_s + 3.0), took
+
+
+MEMORY_SCAN = """
+import ctypes
+def _scan():  # every readable anonymous mapping of this process (heap, arenas), read in place
+    # the marker is never built here (a needle object would be found in memory itself): look for its two halves
+    head, tail = b"zq81", b"marker"
+    found = 0
+    with open("/proc/self/maps") as maps:
+        regions = [line.split() for line in maps]
+    for fields in regions:
+        if not fields[1].startswith("r") or (len(fields) > 5 and fields[5].startswith(("/", "[v"))):
+            continue  # unreadable, a mapped file (the interpreter, libraries), or the vdso/vvar/vsyscall
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        data = ctypes.string_at(start, end - start)
+        at = data.find(head)
+        while at >= 0:
+            found += data[at + 4:at + 10] == tail
+            at = data.find(head, at + 1)
+    return found
+def add(a, b):
+    return a + b + 1000 * _scan()  # only a leak changes the answer
+"""
+
+
+@needs_new_root
+@pytest.mark.parametrize("style", ["check", "assert"])
+def test_the_candidate_process_never_held_the_tests_not_even_in_freed_memory(style):
+    ref = {"check": {"setup": CHECK_REF["setup"] + "# zq81marker\n", "tests": ["check(add)"]},
+           "assert": {"setup": "# zq81marker", "tests": [t + "  # zq81marker" for t in ASSERT_REF["tests"]]}}[style]
+    result = score_one(f"```python\n{MEMORY_SCAN}\n```", ref, limits=LIMITS)
+    assert result["reason"] == "correct", result  # correct answer <=> the marker was nowhere in its memory
