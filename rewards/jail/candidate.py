@@ -12,9 +12,12 @@ Protocol on (req_fd, rep_fd), every message plain data (plain.py):
 Per-test limits: the child's CPU clock starts at zero at the fork and RLIMIT_CPU is set with soft == hard, so the
 kernel SIGKILLs it at the limit whatever signals it blocks or ignores; the server SIGKILLs it at the wall limit.
 Module state made while loading is shared by every test (copy-on-write); state made during a test stays in it.
-Everything here runs after the program could have tampered with this process: the verdict does not depend on it
-(the checker decodes fresh plain values), only the limits do, and those are the kernel's (plus the parent's wall
-clock when a subverted server stops answering).
+Everything here runs after the program could have tampered with this process (trace hooks can even rewrite this
+function's locals): the verdict does not depend on it (the checker decodes fresh plain values), only the limits do,
+and those hold anyway: the harness set this process's hard RLIMIT_CPU to ceil(test limit + 1) before the program
+ran, and without privileges no process here can raise it, so a subverted server or any process it forks gets at
+most that much CPU each; the checker's alarm and the parent's backstop bound the wall time (the parent restarts
+the sandbox for the next test).
 """
 import builtins
 import os

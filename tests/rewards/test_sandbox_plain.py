@@ -75,3 +75,24 @@ def test_mode_none_is_refused_unless_opted_in():
         with pytest.raises(SandboxError, match="allow_host_filesystem=True"):
             call()
         assert call(allow_host_filesystem=True).tests == [("ok", "")]
+
+
+def test_code_reward_refuses_mode_none_at_the_start(monkeypatch):
+    import rewards.code_reward as code_reward
+
+    monkeypatch.setattr(code_reward, "detect_isolation", lambda: Isolation("none", (), drop_uid=False))
+    with pytest.raises(SandboxError, match="allow_host_filesystem=True"):
+        code_reward.score_batch(["p"], ["```python\ndef f():\n    return 1\n```"], [{"tests": ["assert f() == 1"]}])
+    ok = code_reward.score_batch(["p"], ["```python\ndef f():\n    return 1\n```"], [{"tests": ["assert f() == 1"]}],
+                                 allow_host_filesystem=True)
+    assert ok[0]["reason"] == "correct"
+
+
+def test_candidate_recursion_and_module_state():
+    """The program runs as one process per test: it may recurse, and state it keeps between calls persists within a
+    test; every test starts from the state the program had after loading."""
+    program = ("calls = []\ndef fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"
+               "def count():\n    calls.append(1)\n    return len(calls)\n")
+    tests = ["assert fib(20) == 6765", "assert count() == 1 and count() == 2 and count() == 3", "assert count() == 1"]
+    run = run_function_tests(program, "", tests)
+    assert run.tests == [("ok", "")] * 3
