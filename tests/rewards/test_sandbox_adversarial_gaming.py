@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from rewards.code_reward import score_one
-from rewards.sandbox import Limits, detect_isolation, interpreter_binds
+from rewards.sandbox import Limits, detect_isolation, interpreter_binds, run_function_tests, run_stdio
 
 ISO = detect_isolation()
 needs_new_root = pytest.mark.skipif(ISO.mode == "none", reason="mode none cannot hide the host filesystem")
@@ -403,3 +403,31 @@ def test_the_candidate_process_never_held_the_tests_not_even_in_freed_memory(sty
            "assert": {"setup": "# zq81marker", "tests": [t + "  # zq81marker" for t in ASSERT_REF["tests"]]}}[style]
     result = score_one(f"```python\n{MEMORY_SCAN}\n```", ref, limits=LIMITS)
     assert result["reason"] == "correct", result  # correct answer <=> the marker was nowhere in its memory
+
+
+def _userns():
+    from rewards.sandbox import SandboxError, _candidates
+
+    iso = next((c for c in _candidates() if c.mode == "userns"), None)
+    if iso is None:
+        return None
+    try:
+        probe = run_function_tests("x = 1", "", ["assert x == 1"], LIMITS, isolation=iso)
+    except SandboxError:
+        return None
+    return iso if probe.tests == [("ok", "")] else None
+
+
+@pytest.mark.parametrize("case", ["read_checkout", "read_data_file", "hook_audit", "forge_via_gc", "rigged_int_subclass",
+                                  "ignore_all_signals"])
+def test_mode_userns_holds_too(case, data_file):
+    """The same defences without root (user namespace, capabilities dropped, one uid for both processes)."""
+    iso = _userns()
+    if iso is None:
+        pytest.skip("no working user namespaces here")
+    start = time.monotonic()
+    run = run_function_tests(program_for(case, "assert", data_file), "", ASSERT_REF["tests"], LIMITS, isolation=iso)
+    assert run.passed == 0 and "not_run" not in [s for s, _ in run.tests], run.tests
+    assert time.monotonic() - start < 3 * (LIMITS.test_timeout_s + 1.5) + 1.5
+    stdio = run_stdio(program_for(case, "stdio", data_file), "2 3\n", LIMITS, isolation=iso)
+    assert not (stdio.tests == [("ok", "")] and stdio.stdout.split() == [b"5"]), stdio
