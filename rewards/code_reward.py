@@ -1,12 +1,19 @@
 """Code reward: run the program in a response against the reference's tests, in the sandbox (sandbox.py).
 
     score_batch(prompts, responses, references, *, extract="auto", score_mode="fraction", test_timeout_s=5.0,
-                total_timeout_s=30.0, memory_mb=2048, max_tests=None, float_tol=None, workers=os.cpu_count())
+                total_timeout_s=30.0, memory_mb=2048, max_tests=None, float_tol=None, workers=os.cpu_count(),
+                allow_host_filesystem=False, trust_prompt_helpers=True)
+
+The program runs in rewards/sandbox.py's sandbox; where this machine cannot hide the host filesystem from it (mode
+"none": no namespaces), score_batch refuses to start unless the recipe sets `allow_host_filesystem: true`.
 
 References (a dict, or the same as JSON text, as datasets often store them):
 - function tests (HumanEval / MBPP): {"setup": "def check(candidate): ...", "tests": ["check(add)"], "prefix": ""}.
   The program is prefix + extracted code (HumanEval completions continue the prompt: prefix = the prompt);
-  each test passes when it runs without an exception. `humaneval_reference(problem)` builds one.
+  each test passes when it runs without an exception. `humaneval_reference(problem)` builds one. The tests run in
+  a checker process and call the program's functions with plain data only (rewards/sandbox.py); with
+  trust_prompt_helpers (default) the helpers the prefix defines in full (HumanEval/32 `poly`) run in the checker,
+  so a response cannot redefine them (False: the program's own definitions are used, as HumanEval's harness does).
 - stdin/stdout tests (LiveCodeBench / CodeContests): {"tests": [{"input": "1 2\\n", "output": "3\\n"}, ...]} or
   {"inputs": [...], "outputs": [...]}. One fresh sandbox per test; the output matches when its whitespace-separated
   tokens equal the expected ones (floats within float_tol when given).
@@ -14,7 +21,9 @@ References (a dict, or the same as JSON text, as datasets often store them):
 score = passed / total (score_mode "fraction") or 1.0 only when all pass ("all"). The reason is `correct`, or the
 first failing test's status followed by every test's outcome: `wrong: 3/5 passed [ok, ok, wrong (AssertionError),
 timeout, not_run]`. Statuses: ok, wrong, runtime_error, syntax_error, timeout, memory, exited (SystemExit or exit
-before reporting), crashed (signal), output_limit, tampered (forged result records), not_run; `no_code` when the response has no program;
+before reporting), crashed (signal), output_limit, non_plain_value (a function test's candidate returned something
+other than plain data), unsupported_test (the test passes a non-plain argument: see rewards/sandbox.py),
+not_run; `no_code` when the response has no program;
 `error: ...` when the sandbox itself or the reference failed (ours to fix, never the policy's fault).
 """
 from __future__ import annotations
@@ -30,7 +39,14 @@ from typing import Any
 
 from rewards.extract import extract_code
 from rewards.result import error_result, make_result, one_line
-from rewards.sandbox import Limits, SandboxError, run_function_tests, run_stdio
+from rewards.sandbox import (
+    Limits,
+    SandboxError,
+    detect_isolation,
+    require_hidden_host_filesystem,
+    run_function_tests,
+    run_stdio,
+)
 
 __all__ = [
     "humaneval_reference",
@@ -101,7 +117,7 @@ def outputs_match(got: str, expected: str, float_tol: float | None = None) -> bo
 
 # ------------------------------------------------------------------------------------------------ running
 def _run_stdio_tests(program: str, tests: list[dict], limits: Limits, float_tol: float | None,
-                     stop_on_fail: bool) -> list[tuple[str, str]]:
+                     stop_on_fail: bool, allow_host_filesystem: bool) -> list[tuple[str, str]]:
     outcomes: list[tuple[str, str]] = []
     deadline = time.monotonic() + limits.total_timeout_s
     for test in tests:
@@ -109,7 +125,8 @@ def _run_stdio_tests(program: str, tests: list[dict], limits: Limits, float_tol:
         if left <= 0 or (stop_on_fail and outcomes and outcomes[-1][0] != "ok"):
             outcomes.append(("not_run", "total time limit" if left <= 0 else "stopped after a failure"))
             continue
-        run = run_stdio(program, test["input"], limits, timeout_s=min(limits.test_timeout_s, left))
+        run = run_stdio(program, test["input"], limits, timeout_s=min(limits.test_timeout_s, left),
+                        allow_host_filesystem=allow_host_filesystem)
         status, detail = run.tests[0]
         if status == "ok" and not outputs_match(run.stdout.decode("utf-8", "replace"), test["output"], float_tol):
             status, detail = "wrong", f"output {one_line(run.stdout.decode('utf-8', 'replace'), 40)!r}"
@@ -129,7 +146,8 @@ def _reason(outcomes: list[tuple[str, str]]) -> str:
 
 def score_one(response: str, reference: Any, *, extract: str = "auto", score_mode: str = "fraction",
               limits: Limits = DEFAULT_LIMITS, max_tests: int | None = None,
-              float_tol: float | None = None) -> dict[str, Any]:
+              float_tol: float | None = None, allow_host_filesystem: bool = False,
+              trust_prompt_helpers: bool = True) -> dict[str, Any]:
     """One response, start to finish; every failure is a reason (see the module docstring)."""
     try:
         ref = normalize_reference(reference)
@@ -142,9 +160,11 @@ def score_one(response: str, reference: Any, *, extract: str = "auto", score_mod
     start = time.monotonic()
     try:
         if ref["kind"] == "function":
-            outcomes = run_function_tests(ref["prefix"] + code, ref["setup"], tests, limits).tests
+            outcomes = run_function_tests(ref["prefix"] + code, ref["setup"], tests, limits,
+                                          allow_host_filesystem=allow_host_filesystem,
+                                          helpers=ref["prefix"] if trust_prompt_helpers else "").tests
         else:
-            outcomes = _run_stdio_tests(code, tests, limits, float_tol, stop_on_fail=score_mode == "all")
+            outcomes = _run_stdio_tests(code, tests, limits, float_tol, score_mode == "all", allow_host_filesystem)
     except SandboxError as exc:
         return error_result(f"sandbox: {exc}")
     passed = sum(status == "ok" for status, _ in outcomes)
@@ -157,15 +177,18 @@ def score_one(response: str, reference: Any, *, extract: str = "auto", score_mod
 def score_batch(prompts: Sequence[str], responses: Sequence[str], references: Sequence[Any], *,
                 extract: str = "auto", score_mode: str = "fraction", test_timeout_s: float = 5.0,
                 total_timeout_s: float = 30.0, memory_mb: int = 2048, max_tests: int | None = None,
-                float_tol: float | None = None, workers: int | None = None) -> list[dict[str, Any]]:
+                float_tol: float | None = None, workers: int | None = None,
+                allow_host_filesystem: bool = False, trust_prompt_helpers: bool = True) -> list[dict[str, Any]]:
     """Score submissions concurrently: each is a sandboxed process, so threads here only wait on them."""
+    require_hidden_host_filesystem(detect_isolation(), allow_host_filesystem)  # refuse before scoring anything
     if score_mode not in ("fraction", "all"):
         raise ValueError(f"score_mode must be 'fraction' or 'all', got {score_mode!r}")
     if extract not in ("auto", "last_block", "first_block", "raw"):
         raise ValueError(f"extract must be auto, last_block, first_block or raw, got {extract!r}")
     limits = Limits(test_timeout_s=test_timeout_s, total_timeout_s=total_timeout_s, memory_mb=memory_mb)
     kwargs = {"extract": extract, "score_mode": score_mode, "limits": limits, "max_tests": max_tests,
-              "float_tol": float_tol}
+              "float_tol": float_tol, "allow_host_filesystem": allow_host_filesystem,
+              "trust_prompt_helpers": trust_prompt_helpers}
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         results = list(pool.map(lambda pair: score_one(*pair, **kwargs), zip(responses, references)))
     for result in results:
