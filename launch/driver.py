@@ -2,8 +2,9 @@
 
     1. weights v_k  -> rollout workers          (skipped when they already hold v_k)
     2. prompt batch -> n samples each            (seeded per request: the same prompts and samples after a resume)
-    3. responses    -> RewardService             (score, reason, metrics per response)
-    4. rewards      -> group advantages          (filters drop groups; dropped samples do not reach the learner)
+    3. responses    -> RewardService             (score, reason, metrics per response: rl.sample.ScoredSample)
+    4. rewards      -> group advantages          (rl.advantages.ADVANTAGES by name; filters drop groups, dropped
+                                                  samples do not reach the learner)
     5. scored batch -> TrajectoryStore           (Parquet, on disk before the learner runs)
     6. batch        -> learner                   (mu inner iterations over minibatches; a NaN loss skips the step)
     7. metrics, checkpoint every N steps, evaluation every M steps
@@ -33,17 +34,14 @@ from launch.driver_setup import (RunContext, create_placement_group, host, place
                                  write_run_status)
 from launch.local_ray import ray_session
 from launch.metrics import MetricsLogger, plot_curves, reward_summary, rewind_metrics, summary_line
-from rl.advantages import group_advantages, near_length_limit, wd1_weights
+from rl.advantages import advantage_estimator, near_length_limit
 from rl.checkpoint import Checkpoint, capture_rng, restore_rng, save_checkpoint
 from rl.masking import sample_seed
+from rl.sample import ScoredSample
 from rl.store import store_actor
 from rollout.sampling import GenerationRequest
-from rollout.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
-
-# Test hook: make the advantages of this step NaN, so the learner's loss is NaN and the step must be skipped.
-FAULT_NAN_STEP_ENV = "DIFFRL_FAULT_NAN_STEP"
 
 
 @dataclass
@@ -61,7 +59,7 @@ class Batch:
     version: int  # policy version that generated it
     data_position: int  # prompt-stream position after its prompts (the data cursor once it is trained on)
     prompts: list[Prompt]
-    trajectories: list[Trajectory]
+    samples: list[ScoredSample]  # n per prompt, in prompt order (sample i answers prompts[i // n])
     metrics: dict
 
 
@@ -97,7 +95,8 @@ class Driver:
         self.rollout = RolloutPool(r, ctx.base_policy_dir, self.group, plan)
         self.learner = make_learner(r, ctx.init_policy_dir, ctx.base_policy_dir, self.group, plan)
         cpus_free = ray.cluster_resources().get("CPU", 0) - sum(b.get("CPU", 0) for b in plan.bundles)
-        self.rewards = make_reward_service(ctx.reward_specs, ctx.recipe_dir, cpus_free)
+        self.rewards = make_reward_service(ctx.reward_specs, ctx.recipe_dir, cpus_free,
+                                           max_workers=r.resources.reward_workers)
         self.store = store_actor(ctx.store_dir)
         self.sampler = PromptSampler(len(ctx.prompts), seed=r.seed, shuffle=r.data.shuffle)
         self.sampling = sampling_params(r)
@@ -109,7 +108,6 @@ class Driver:
         if resume is not None:
             self._restore(resume)
         self.metrics = MetricsLogger(ctx.run_dir, backends=r.trainer.log, run_name=r.name, config=r.to_dict())
-        self._nan_step = int(os.environ.get(FAULT_NAN_STEP_ENV, "0") or 0)
 
     # ============================================================================================ one RL step
     def train_step(self, step: int) -> dict:
@@ -134,13 +132,15 @@ class Driver:
                     for k, p in enumerate(prompts) for j in range(n)]
         with _timed(timings, "rollout"):
             trajectories = self.rollout.generate(requests)
+        samples = [ScoredSample(t, prompt_index=prompts[i // n].index, sample_index=i % n)
+                   for i, t in enumerate(trajectories)]
         # 3. Score every response against its prompt's answer (failed generations get no reward call).
         with _timed(timings, "reward"):
-            metrics = self.score(prompts, trajectories)
+            metrics = self.score(prompts, samples)
         # 4. Group-relative advantages; filtered groups and failed generations are marked keep=False.
-        metrics.update(self.advantages(trajectories, n))
+        metrics.update(self.advantages(samples, n))
         metrics.update(self.rollout.metrics())
-        return Batch(version, self.sampler.position, prompts, trajectories, metrics)
+        return Batch(version, self.sampler.position, prompts, samples, metrics)
 
     def learn(self, step: int, batch: Batch, timings: dict[str, float], started: float) -> dict:
         """Steps 5-7: persist, update the learner, log, checkpoint, evaluate. `started`: when this step began (in
@@ -148,16 +148,13 @@ class Driver:
         import ray
 
         # 5. On disk before the learner runs: a crash from here on loses nothing that was scored.
-        ray.get(self.store.add.remote(step, batch.trajectories))
+        ray.get(self.store.add.remote(step, batch.samples))
         # 6. The learner trains on the kept samples; the weights after it are version `step`.
-        kept = [t for t in batch.trajectories if t.extra["keep"]]
-        stale = [t for t in kept if t.policy_version < step - 1]
+        kept = [s for s in batch.samples if s.keep]
+        stale = [s for s in kept if s.policy_version < step - 1]
         if stale and self.recipe.trainer.off_policy == "drop":
-            kept = [t for t in kept if t.policy_version >= step - 1]
+            kept = [s for s in kept if s.policy_version >= step - 1]
             self.counters["dropped_stale"] += len(stale)
-        if step == self._nan_step:
-            for t in kept:
-                t.extra["advantage"] = float("nan")
         learner_metrics: dict[str, float] = {}
         with _timed(timings, "learner"):
             if kept:
@@ -191,31 +188,34 @@ class Driver:
         return metrics
 
     # ================================================================================================ stages
-    def score(self, prompts: list[Prompt], trajectories: list[Trajectory]) -> dict:
+    def score(self, prompts: list[Prompt], samples: list[ScoredSample]) -> dict:
+        """Decode each response and score it against its prompt (sample i answers prompts[i // n]); a failed
+        generation gets reward 0 and its finish reason, without a reward call."""
         n = self.recipe.rollout.samples_per_prompt
         tok = self.ctx.tokenizer
         items, scored = [], []
-        for i, traj in enumerate(trajectories):
-            prompt = prompts[i // n]
-            text = tok.decode(traj.response_ids[:traj.valid_length].tolist(), skip_special_tokens=True)
-            traj.extra.update(prompt_index=prompt.index, sample_index=i % n, response_text=text)
+        for i, sample in enumerate(samples):
+            traj = sample.trajectory
+            sample.response_text = tok.decode(traj.response_ids[:traj.valid_length].tolist(),
+                                              skip_special_tokens=True)
             if traj.finish_reason.startswith("error"):
-                traj.extra.update(reward=0.0, reason=traj.finish_reason, reward_metrics={})
+                sample.reward, sample.reason = 0.0, traj.finish_reason
                 continue
-            items.append(self._reward_item(prompt, text, traj.valid_length))
-            scored.append(traj)
+            items.append(self._reward_item(prompts[i // n], sample.response_text, traj.valid_length))
+            scored.append(sample)
         results = self.rewards.score(items) if items else []
-        for traj, result in zip(scored, results, strict=True):
-            traj.extra.update(reward=float(result["score"]), reason=result["reason"], reward_metrics=result["metrics"])
-        rewards = torch.tensor([t.extra["reward"] for t in trajectories], dtype=torch.float64)
+        for sample, result in zip(scored, results, strict=True):
+            sample.reward, sample.reason = float(result["score"]), result["reason"]
+            sample.reward_metrics = result["metrics"]
+        rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
         reasons: dict[str, int] = {}
-        for t in trajectories:
-            category = t.extra["reason"].split(":", 1)[0]
+        for s in samples:
+            category = s.reason.split(":", 1)[0]
             reasons[category] = reasons.get(category, 0) + 1
-        lengths = torch.tensor([float(t.valid_length) for t in trajectories])
+        lengths = torch.tensor([float(s.trajectory.valid_length) for s in samples])
         return {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std(unbiased=False)),
-                "reward/accuracy": reasons.get("correct", 0) / len(trajectories),
-                "rollout/response_len": float(lengths.mean()), "rollout/errors": len(trajectories) - len(scored),
+                "reward/accuracy": reasons.get("correct", 0) / len(samples),
+                "rollout/response_len": float(lengths.mean()), "rollout/errors": len(samples) - len(scored),
                 **reward_summary(results),
                 **{f"reward/reason/{k}": v for k, v in sorted(reasons.items())}}
 
@@ -223,29 +223,28 @@ class Driver:
         data = self.recipe.data
         return reward_item(prompt, text, response_len, prompt_field=data.prompt_field, answer_field=data.answer_field)
 
-    def advantages(self, trajectories: list[Trajectory], n: int) -> dict:
+    def advantages(self, samples: list[ScoredSample], n: int) -> dict:
+        """Group-relative advantages of the usable samples (groups = prompts), by the algorithm's estimator."""
         alg = self.recipe.algorithm
-        usable = [i for i, t in enumerate(trajectories)
-                  if not t.finish_reason.startswith("error") and t.response_length > 0]
-        for t in trajectories:
-            t.extra.update(advantage=0.0, keep=False)
+        usable = [i for i, s in enumerate(samples)
+                  if not s.trajectory.finish_reason.startswith("error") and s.trajectory.response_length > 0]
+        for s in samples:
+            s.advantage, s.keep = 0.0, False
         if not usable:
             return {"adv/frac_samples_kept": 0.0}
-        rewards = torch.tensor([trajectories[i].extra["reward"] for i in usable], dtype=torch.float32)
+        rewards = torch.tensor([samples[i].reward for i in usable], dtype=torch.float32)
         groups = torch.tensor([i // n for i in usable])
-        correct = torch.tensor([trajectories[i].extra["reason"] == "correct" for i in usable])
-        lengths = torch.tensor([trajectories[i].valid_length for i in usable])
+        correct = torch.tensor([samples[i].reason == "correct" for i in usable])
+        lengths = torch.tensor([samples[i].trajectory.valid_length for i in usable])
         cut = near_length_limit(lengths, self.recipe.rollout.max_tokens, alg.length_limit_margin)
         rewards, correct = torch.where(cut, 0.0, rewards), correct & ~cut  # TraceRL: cut-off responses are wrong
         flt = alg.filter
-        result = group_advantages(rewards, group_ids=groups, norm=alg.advantage, correct=correct,
-                                  drop_zero_variance=flt.drop_zero_variance, accuracy_lo=flt.accuracy_lo,
-                                  accuracy_hi=flt.accuracy_hi)
-        adv = result.advantages
-        if alg.name == "wd1":  # wd1 trains on signed softmax weights of the advantages (rl.advantages)
-            adv = torch.where(result.keep, wd1_weights(adv, result.group_ids), torch.zeros_like(adv))
+        estimator = advantage_estimator(alg.name)
+        result = estimator(rewards, group_ids=groups, norm=alg.advantage, correct=correct,
+                           drop_zero_variance=flt.drop_zero_variance, accuracy_lo=flt.accuracy_lo,
+                           accuracy_hi=flt.accuracy_hi)
         for pos, i in enumerate(usable):
-            trajectories[i].extra.update(advantage=float(adv[pos]), keep=bool(result.keep[pos]))
+            samples[i].advantage, samples[i].keep = float(result.advantages[pos]), bool(result.keep[pos])
         return {f"adv/{k}": float(v) for k, v in result.metrics.items()}
 
     def evaluate(self) -> dict:

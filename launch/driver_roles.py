@@ -5,7 +5,7 @@ worker dying mid-step.
     pool.sync(learner, version)                             # learner -> workers, bucket by bucket
     trajectories = pool.generate(requests)                  # sharded; a dead worker is waited for, re-synced, retried
     learner = make_learner(recipe, policy_dir, init_dir, group, plan)   # rl.learner_worker.LearnerGroup
-    rewards = make_reward_service(recipe, specs, base_dir, group_cpus)
+    rewards = make_reward_service(specs, base_dir, cpus_free, max_workers=recipe.resources.reward_workers)
 
 Recipe -> component configs (SamplingParams, engine options, rl.learner.LearnerConfig) are mapped here, once.
 """
@@ -151,14 +151,21 @@ def make_learner(recipe: Recipe, policy_dir, init_dir, group, plan: PlacementPla
 
 
 # ---------------------------------------------------------------------------------------------------- rewards
-def make_reward_service(specs: list[dict], base_dir, cpus_free: float):
-    """Reward workers outside the placement group: one CPU each when the cluster has CPUs left, else a zero-CPU
-    worker (the tiny CPU setup, where the group holds every core)."""
+def make_reward_service(specs: list[dict], base_dir, cpus_free: float, *, max_workers: int = 2):
+    """Reward workers outside the placement group: up to `max_workers` (resources.reward_workers), one CPU each
+    while the cluster has CPUs left, else one zero-CPU worker (the tiny CPU setup, where the group holds every
+    core)."""
     from rewards.service import RewardService
 
-    workers = int(min(2, cpus_free)) if cpus_free >= 1 else 1
-    return RewardService(specs, num_workers=workers, num_cpus_per_worker=1.0 if cpus_free >= 1 else 0.0,
-                         base_dir=base_dir)
+    workers, cpus = reward_workers(cpus_free, max_workers)
+    return RewardService(specs, num_workers=workers, num_cpus_per_worker=cpus, base_dir=base_dir)
+
+
+def reward_workers(cpus_free: float, max_workers: int) -> tuple[int, float]:
+    """(worker count, CPUs each): min(max_workers, free CPUs) one-CPU workers, or one zero-CPU worker."""
+    if max_workers < 1:
+        raise ValueError(f"resources.reward_workers: {max_workers} < 1")
+    return (int(min(max_workers, cpus_free)), 1.0) if cpus_free >= 1 else (1, 0.0)
 
 
 # ------------------------------------------------------------------------------------------------ rollout pool
@@ -208,15 +215,10 @@ class RolloutPool:
         return time.perf_counter() - start
 
     def _send(self, learner, version: int, indices: list[int]) -> None:
-        import ray
+        from rl.weight_sync import push_weights
 
-        calls = []
-        for ref in learner.weight_chunks(SYNC_BUCKET_BYTES, version=version, **self.sync_options):
-            calls += [self.workers[i].update_weights.remote(_Entries(ref), version, final=False) for i in indices]
-        got = ray.get([self.workers[i].update_weights.remote({}, version, final=True) for i in indices] + calls)
-        bad = [v for v in got[:len(indices)] if v != version]
-        if bad:
-            raise RuntimeError(f"weight sync: a rollout worker reports version {bad[0]} after syncing {version}")
+        push_weights(learner.weight_chunks(SYNC_BUCKET_BYTES, version=version, **self.sync_options),
+                     [self.workers[i] for i in indices], version)
 
     def generate(self, requests: Sequence[GenerationRequest], max_attempts: int = ROLLOUT_MAX_RESTARTS + 1
                  ) -> list[Trajectory]:
@@ -282,17 +284,3 @@ class RolloutPool:
         for w in self.workers:
             ray.kill(w, no_restart=True)
         self.workers = []
-
-
-class _Entries:
-    """A chunk ObjectRef passed inside a wrapper so Ray does not resolve it on the way in: the worker resolves it
-    itself (ray.get), so one object is shared by every worker instead of being copied into each call."""
-
-    def __init__(self, ref):
-        self.ref = ref
-
-    def __iter__(self):
-        import ray
-
-        _, entries = ray.get(self.ref)
-        return iter(entries)

@@ -188,6 +188,7 @@ class ResourcesConfig(Section):
     gpus_per_worker: float = Field(1.0, ge=0)  # 0: CPU
     placement: Literal["colocated", "split"] = "split"
     cpus_per_worker: int = Field(1, ge=1)
+    reward_workers: int = Field(2, ge=1)  # reward worker processes at most (one CPU each while the cluster has them)
 
 
 class TrainerConfig(Section):

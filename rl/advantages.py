@@ -19,6 +19,9 @@ import torch
 
 from rl.registry import Registry
 
+# Advantage estimators by name: fn(rewards (B,), *, group_ids | group_size, norm, correct, filter options) ->
+# AdvantageResult. A loss that trains on its own transform of the group advantages registers an estimator under the
+# loss's name (wd1); every other loss uses "group_relative" with the recipe's normalisation (`advantage_estimator`).
 ADVANTAGES = Registry("advantage estimator")
 
 
@@ -119,16 +122,6 @@ def group_advantages(rewards: torch.Tensor, *, group_size: int | None = None, gr
     return AdvantageResult(adv, keep, idx, {k: v.detach() for k, v in metrics.items()})
 
 
-@ADVANTAGES.register("mean_centered")
-def mean_centered(rewards: torch.Tensor, **options) -> AdvantageResult:
-    return group_advantages(rewards, norm="mean_centered", **options)
-
-
-@ADVANTAGES.register("zscore")
-def zscore(rewards: torch.Tensor, **options) -> AdvantageResult:
-    return group_advantages(rewards, norm="zscore", **options)
-
-
 def near_length_limit(lengths: torch.Tensor, max_tokens: int, margin: int | None) -> torch.Tensor:
     """(B,) bool: responses of at least max_tokens - margin tokens (False everywhere when margin is None). TraceRL
     treats them as wrong (reward 0, not correct): a response cut off by the limit has no verified answer."""
@@ -157,3 +150,21 @@ def wd1_weights(advantages: torch.Tensor, group_ids: torch.Tensor, *, temperatur
     if scale_by_group_size:
         w = w * _group_sum(torch.ones_like(a), idx, n)[idx]
     return w.to(torch.float32)
+
+
+ADVANTAGES.register("group_relative")(group_advantages)
+
+
+@ADVANTAGES.register("wd1")
+def wd1_advantages(rewards: torch.Tensor, **options) -> AdvantageResult:
+    """wd1 trains on the signed softmax weights of the group advantages (0 where a filter dropped the group)."""
+    result = group_advantages(rewards, **options)
+    weights = wd1_weights(result.advantages, result.group_ids)
+    result.advantages = torch.where(result.keep, weights, torch.zeros_like(weights))
+    return result
+
+
+def advantage_estimator(loss: str):
+    """The advantage estimator the loss `loss` trains on: its own when registered under its name, else
+    group_relative."""
+    return ADVANTAGES.get(loss if loss in ADVANTAGES else "group_relative")

@@ -1,18 +1,19 @@
 """Learner: one RL update of a diffusion policy from a batch of scored trajectories (plain torch; no Ray).
 
     learner = Learner(policy, LearnerConfig(algorithm="tracerl", estimator="trajectory", mu=1, ...))
-    metrics = learner.update(trajectories)          # extra["advantage"] on each trajectory (set by the driver)
+    metrics = learner.update(samples)               # rl.sample.ScoredSample list, advantages set by the driver
     for version, entries in learner.weight_buckets(64 << 20): engine.update_weights(entries, version, final=False)
 
 One update, top to bottom:
-1. Unpack the trajectories (sample key = request id) and plan inner iterations / minibatches / micro-batches
+1. Unpack the scored samples (sample key = request id) and plan inner iterations / minibatches / micro-batches
    (`rl.learner_batch.plan_update`).
 2. Before any weight changes, under no_grad: OLD log-likelihoods for every inner iteration's mask seed (estimators
    that reseed per inner iteration, as d1 does, get one old pass per iteration; the trajectory estimator is
    deterministic, one pass serves all), REFERENCE log-likelihoods when the KL is measured against a reference
    model (a frozen copy, or the same PEFT model with its adapters disabled when training LoRA), old values and
    the value model's token advantages and returns (TraceRL), and `logp_mismatch` (rollout log-probs vs the
-   learner's, trajectory estimator). Old/ref passes run on exactly the micro-batches training will use, so the
+   learner's, trajectory estimator). Cached per (mask key, sample) as `OldScores` / `RefScores`, per sample as
+   `ValueScores`. Old/ref passes run on exactly the micro-batches training will use, so the
    first on-policy step sees ratio 1 bit for bit.
 3. The global loss normaliser of every minibatch (sum over all its samples on all ranks, `rl.algorithms`), so
    micro-batching and data-parallel splits give the whole-batch gradient.
@@ -40,20 +41,21 @@ import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from rl.algorithms import LOSSES, PolicyBatch, PolicyEstimates, make_loss_config
 from rl.estimators import get_estimator
 from rl.estimators.base import EstimatorInput, token_mask_of
-from rl.learner_batch import MetricLog, RolloutBatch, minibatch_normalizers, plan_update, rollout_batch, stack_rows
+from rl.learner_batch import (VALUE_TARGETS, MetricLog, RolloutBatch, logp_gaps, minibatch_normalizers, plan_update,
+                              rollout_batch, stack_rows)
 from rl.masking import sample_seed
 from rl.optim import OptimConfig, param_groups
 from rl.value import ValueHead, compute_value_targets, value_loss
 from rl.weight_sync import Chunk, SyncStats, lora_weights, merged_weights, stream_weights
 from rollout.models.policy import DiffusionPolicy
-from rollout.trajectory import Trajectory
+from rl.sample import ScoredSample
 
 DETERMINISTIC_ESTIMATORS = ("trajectory",)  # masks do not depend on (seed, inner_iter)
 STATE_FORMAT = 1
@@ -67,7 +69,7 @@ class ValueConfig:
     lam: float = 1.0
     coef: float = 1.0  # weight of the value loss added to the policy loss
     trunk: str = "shared"  # "shared" | "separate" (see module doc)
-    # trajectory.extra key of the outcome reward on the last step: "advantage" = the group-normalised, filtered
+    # ScoredSample field of the outcome reward on the last step: "advantage" = the group-normalised, filtered
     # reward the driver computed (TraceRL: dLLM-RL feeds its z-scored reward to the value model), "reward" = the
     # raw score (an option).
     reward_key: str = "advantage"
@@ -76,6 +78,8 @@ class ValueConfig:
     def __post_init__(self) -> None:
         if self.trunk not in ("shared", "separate"):
             raise ValueError(f"value_model.trunk: {self.trunk!r} (shared | separate)")
+        if self.reward_key not in VALUE_TARGETS:
+            raise ValueError(f"value_model.reward_key: {self.reward_key!r} not in {VALUE_TARGETS}")
 
 
 @dataclass
@@ -104,6 +108,29 @@ class LearnerConfig:
     backend: str = "torch"  # torch | deepspeed
     zero_stage: int = 2
     seed: int = 0
+
+
+class OldScores(NamedTuple):
+    """One sample under one mask key, before any weight change (pi_old)."""
+
+    token_logp: torch.Tensor  # (n,) per-token log-probs of the response's n decoded tokens
+    seq_logp: torch.Tensor  # () the sequence log-likelihood estimate (ELBO for sequence-level losses)
+    counted: torch.Tensor  # (n,) bool: tokens the loss counts (valid ones; observed ones when observed_only)
+
+
+class RefScores(NamedTuple):
+    """One sample under one mask key, scored by the KL reference."""
+
+    token_logp: torch.Tensor  # (n,)
+    seq_logp: torch.Tensor  # ()
+
+
+class ValueScores(NamedTuple):
+    """One sample's value-model results before any weight change (TraceRL)."""
+
+    old_values: torch.Tensor  # (n,) V_j at each token's noisy position
+    advantages: torch.Tensor  # (n,) token advantages A_j (rl.value.compute_value_targets)
+    returns: torch.Tensor  # (n,) value targets R_j
 
 
 class Learner:
@@ -228,14 +255,23 @@ class Learner:
         return self.policy.model.disable_adapter() if self.ref_policy is None else nullcontext()
 
     # ------------------------------------------------------------------------------------------------ update
-    def update(self, trajectories: list[Trajectory]) -> dict[str, float]:
+    # How data-parallel ranks' values of update()'s metrics merge into one (rl.learner_worker.merge_metrics):
+    # forward counts add up, the slowest rank's time counts, figures every rank holds identically (optimizer
+    # state, counters, all-reduced grad norm and mismatch) come from rank 0; every other metric is the mean.
+    METRIC_MERGE = {
+        **dict.fromkeys(("forwards", "forwards_old", "forwards_ref"), "sum"),
+        **dict.fromkeys(("time_s", "time_old_s"), "max"),
+        **dict.fromkeys(("lr", "optimizer_steps", "nan_skipped", "nan_skipped_total", "num_samples", "update",
+                         "grad_norm", "grad_norm_max", "logp_mismatch", "logp_mismatch_max"), "rank0"),
+    }
+
+    def update(self, samples: list[ScoredSample]) -> dict[str, float]:
         """One RL update (mu inner iterations) on a batch; returns metrics (listed in the module doc)."""
         cfg, start = self.config, time.perf_counter()
         vc = cfg.value
-        batch = rollout_batch(trajectories, need_advantage=vc is None,
-                              reward_key=vc.reward_key if vc else "reward")
+        batch = rollout_batch(samples, need_advantage=vc is None, reward_key=vc.reward_key if vc else "reward")
         if vc is not None and batch.rewards is None:
-            raise ValueError(f"value model: every trajectory needs extra[{vc.reward_key!r}]")
+            raise ValueError(f"value model: every sample needs its {vc.reward_key} (ScoredSample.{vc.reward_key})")
         if self.loss_config.token_set == "response":  # train every decoded token, EOS padding included
             batch.inp.valid_lengths = None
         self._mask_seed = sample_seed(cfg.seed, "masks", self.updates)
@@ -247,7 +283,7 @@ class Learner:
         self._set_mode(train=False)
         with torch.no_grad():
             self._before_training(batch, plan, counters)
-        norms, vnorms = minibatch_normalizers(plan, lambda it, i: self._old[(self._mask_iter(it), i)][2],
+        norms, vnorms = minibatch_normalizers(plan, lambda it, i: self._old[(self._mask_iter(it), i)].counted,
                                               self.loss_config, self.backend.all_reduce_sum, self.device)
         t_old = time.perf_counter() - start
         steps = skipped = 0
@@ -297,9 +333,9 @@ class Learner:
         needs, a rank with nothing to do there scoring sample 0 and discarding it."""
         vc = self.config.value
         shared_value = vc is not None and vc.trunk == "shared"
-        self._old: dict[tuple[int, int], tuple] = {}
-        self._ref: dict[tuple[int, int], tuple] = {}
-        self._value: dict[int, tuple] = {}
+        self._old: dict[tuple[int, int], OldScores] = {}  # (mask key, sample index) ->
+        self._ref: dict[tuple[int, int], RefScores] = {}  # (mask key, sample index) ->
+        self._value: dict[int, ValueScores] = {}  # sample index ->
         ref_policy, adapters_off = self._reference()
         for it, minibatches in enumerate(plan):
             key = self._mask_iter(it)
@@ -331,19 +367,20 @@ class Learner:
                     counted = counted & est.token_mask
                 for r, i in enumerate(micro):
                     n = inp.length(r)
-                    self._old.setdefault((key, i), (est.token_logp[r, :n].detach(), est.seq_logp[r].detach(),
-                                                    counted[r, :n].clone()))
+                    self._old.setdefault((key, i), OldScores(est.token_logp[r, :n].detach(), est.seq_logp[r].detach(),
+                                                             counted[r, :n].clone()))
                     if ref is not None:
-                        self._ref.setdefault((key, i), (ref.token_logp[r, :n].detach(), ref.seq_logp[r].detach()))
+                        self._ref.setdefault((key, i), RefScores(ref.token_logp[r, :n].detach(),
+                                                                 ref.seq_logp[r].detach()))
         self._mismatch = self._logp_mismatch(batch, plan, counters)
         if self.config.old_logp == "rollout":
             self._use_behaviour_logp(batch)
 
     def _use_behaviour_logp(self, batch: RolloutBatch) -> None:
         """pi_old := the behaviour policy's recorded log-probs (same tokens, same steps, same temperature)."""
-        for (key, i), (token_logp, _, counted) in list(self._old.items()):
-            recorded = batch.rollout_logp[i][: token_logp.numel()].to(token_logp)
-            self._old[(key, i)] = (recorded, (recorded * counted).sum(), counted)
+        for (key, i), old in list(self._old.items()):
+            recorded = batch.rollout_logp[i][: old.token_logp.numel()].to(old.token_logp)
+            self._old[(key, i)] = OldScores(recorded, (recorded * old.counted).sum(), old.counted)
 
     def _values(self, inp: EstimatorInput, est) -> tuple[torch.Tensor, int, torch.Tensor]:
         """Per-token values (B, L) from the shared trunk's estimate or the separate trunk's own passes."""
@@ -361,7 +398,8 @@ class Learner:
                                         gamma=vc.gamma, lam=vc.lam, returns=vc.returns)
         for r, i in enumerate(micro if keep else []):
             n = inp.length(r)
-            self._value.setdefault(i, (values[r, :n].detach(), targets.advantages[r, :n], targets.returns[r, :n]))
+            self._value.setdefault(i, ValueScores(values[r, :n].detach(), targets.advantages[r, :n],
+                                                  targets.returns[r, :n]))
         return fwd
 
     def _logp_mismatch(self, batch: RolloutBatch, plan, counters: dict) -> dict[str, float]:
@@ -376,17 +414,15 @@ class Learner:
             if not micro and not self.backend.sync_forwards:
                 continue
             if free:
-                rows = [self._old[(0, i)][0] for i in micro]
+                rows = [self._old[(0, i)].token_logp for i in micro]
             else:
                 inp = batch.inp.select(micro or [0])
                 est, _ = self._estimate(self.policy, inp, 0, estimator=get_estimator("trajectory"), params={})
                 counters["forwards_old"] += est.forwards
                 rows = [est.token_logp[r, :inp.length(r)] for r in range(len(micro))]
-            for i, logp in zip(micro, rows):
-                n = batch.inp.valid_length(i)
-                gap = (logp[:n].double().cpu() - batch.rollout_logp[i][:n].double()).abs()
-                gaps.append(gap)
-                worst = max(worst, float(gap.max())) if gap.numel() else worst
+            gap = logp_gaps(rows, [batch.rollout_logp[i] for i in micro], [batch.inp.valid_length(i) for i in micro])
+            gaps.append(gap)
+            worst = max(worst, float(gap.max())) if gap.numel() else worst
         allgap = torch.cat(gaps) if gaps else torch.zeros(0, dtype=torch.float64)
         total = self.backend.all_reduce_sum(torch.tensor([float(allgap.sum()), float(allgap.numel())],
                                                          dtype=torch.float64, device=self.device))
@@ -402,7 +438,7 @@ class Learner:
         mask = token_mask_of(inp, dev)
         old = [self._old[(key, i)] for i in micro]
         if vc is not None:
-            adv = stack_rows([self._value[i][1] for i in micro], width, dev)
+            adv = stack_rows([self._value[i].advantages for i in micro], width, dev)
         elif all(batch.advantages[i].dim() == 0 for i in micro):
             adv = torch.stack([batch.advantages[i] for i in micro]).to(dev)
         else:
@@ -411,23 +447,23 @@ class Learner:
         pb = PolicyBatch(advantages=adv, token_mask=mask, loss_normalizer=norm, lengths=lengths,
                          step_ids=stack_rows([inp.step_maps[r] for r in range(len(inp))], width, dev,
                                              dtype=torch.long))
-        pe = PolicyEstimates(logp=est.token_logp, old_logp=stack_rows([o[0] for o in old], width, dev),
+        pe = PolicyEstimates(logp=est.token_logp, old_logp=stack_rows([o.token_logp for o in old], width, dev),
                              entropy=est.entropy, observed_mask=est.token_mask, seq_logp=est.seq_logp,
-                             seq_old_logp=torch.stack([o[1] for o in old]).to(dev),
+                             seq_old_logp=torch.stack([o.seq_logp for o in old]).to(dev),
                              mc_logp=est.extra.get("mc_logp"), mc_weights=est.extra.get("mc_weights"))
         if self.need_ref:
             ref = [self._ref[(key, i)] for i in micro]
-            pe.ref_logp = stack_rows([r[0] for r in ref], width, dev)
-            pe.seq_ref_logp = torch.stack([r[1] for r in ref]).to(dev)
+            pe.ref_logp = stack_rows([r.token_logp for r in ref], width, dev)
+            pe.seq_ref_logp = torch.stack([r.seq_logp for r in ref]).to(dev)
         loss, metrics = self.loss_fn(pb, pe, self.loss_config)
         loss = loss + pad
         forwards = est.forwards
         if vc is not None:
             values, vfwd, vpad = self._values(inp, est)
             forwards += vfwd
-            old_v = stack_rows([self._value[i][0] for i in micro], width, dev)
-            returns = stack_rows([self._value[i][2] for i in micro], width, dev)
-            counted = stack_rows([self._old[(key, i)][2] for i in micro], width, dev, fill=False, dtype=torch.bool)
+            old_v = stack_rows([self._value[i].old_values for i in micro], width, dev)
+            returns = stack_rows([self._value[i].returns for i in micro], width, dev)
+            counted = stack_rows([o.counted for o in old], width, dev, fill=False, dtype=torch.bool)
             vloss, vmetrics = value_loss(values, old_v, returns, counted, clip=vc.clip, normalizer=vnorm)
             loss = loss + vc.coef * vloss + vpad
             metrics.update(vmetrics)

@@ -19,14 +19,15 @@ import torch
 
 from rl.algorithms import LossConfig, loss_normalizer
 from rl.estimators.base import EstimatorInput
-from rollout.trajectory import Trajectory
+from rl.sample import ScoredSample
 
 
 @dataclass
 class RolloutBatch:
     inp: EstimatorInput  # every sample of the update (sample key = request id)
     advantages: list[torch.Tensor]  # per sample: 0-d (sequence advantage) or (L,) per-token
-    rewards: torch.Tensor | None  # (B,) float: extra[reward_key] (value model targets), when present everywhere
+    rewards: torch.Tensor | None  # (B,) float: each sample's value-model target (ValueConfig.reward_key), when
+    #                                every sample has one
     rollout_logp: list[torch.Tensor]  # (L,) log-probs recorded by the rollout engine
     request_ids: list[str]
 
@@ -34,17 +35,19 @@ class RolloutBatch:
         return len(self.inp)
 
 
-def rollout_batch(trajectories: list[Trajectory], *, need_advantage: bool = True,
+def rollout_batch(samples: list[ScoredSample], *, need_advantage: bool = True,
                   reward_key: str = "reward") -> RolloutBatch:
-    """Check and unpack trajectories; bad input fails with one line naming the trajectory and the field."""
-    if not trajectories:
+    """Check and unpack scored samples; bad input fails with one line naming the trajectory and the field.
+    reward_key: the ScoredSample field ("reward" or "advantage") that `RolloutBatch.rewards` holds."""
+    if not samples:
         raise ValueError("learner.update: empty batch")
     prompts, responses, keys, valid, steps, advs, rewards, logps = [], [], [], [], [], [], [], []
     seen: set[str] = set()
+    trajectories = [s.trajectory for s in samples]
     block_sizes = {int(t.block_size) for t in trajectories}
     if len(block_sizes) > 1:
         raise ValueError(f"learner.update: trajectories with different block sizes {sorted(block_sizes)}")
-    for i, traj in enumerate(trajectories):
+    for i, (sample, traj) in enumerate(zip(samples, trajectories)):
         rid = traj.request_id or f"#{i}"
         traj.validate()
         if traj.response_length == 0:
@@ -52,16 +55,16 @@ def rollout_batch(trajectories: list[Trajectory], *, need_advantage: bool = True
         if traj.request_id in seen:
             raise ValueError(f"trajectory {rid}: duplicate request_id (it seeds the sample's masks)")
         seen.add(traj.request_id)
-        adv = traj.extra.get("advantage")
+        adv = sample.advantage
         if adv is None:
             if need_advantage:
-                raise ValueError(f"trajectory {rid}: extra['advantage'] missing (the driver computes advantages)")
+                raise ValueError(f"trajectory {rid}: advantage missing (the driver computes advantages)")
             adv = 0.0
         adv = torch.as_tensor(adv, dtype=torch.float32).detach().cpu()
         if adv.dim() not in (0, 1) or (adv.dim() == 1 and adv.shape != (traj.response_length,)):
-            raise ValueError(f"trajectory {rid}: extra['advantage'] shape {tuple(adv.shape)} is neither () nor "
+            raise ValueError(f"trajectory {rid}: advantage shape {tuple(adv.shape)} is neither () nor "
                              f"({traj.response_length},)")
-        reward = traj.extra.get(reward_key)
+        reward = value_target(sample, reward_key)
         rewards.append(None if reward is None else float(reward))
         prompts.append(traj.prompt_ids.long())
         responses.append(traj.response_ids.long())
@@ -73,6 +76,17 @@ def rollout_batch(trajectories: list[Trajectory], *, need_advantage: bool = True
     inp = EstimatorInput(prompts, responses, keys, valid, steps, block_sizes.pop())
     reward_t = None if any(r is None for r in rewards) else torch.tensor(rewards, dtype=torch.float32)
     return RolloutBatch(inp, advs, reward_t, logps, keys)
+
+
+VALUE_TARGETS = ("advantage", "reward")  # ScoredSample fields a value model may take as its outcome reward
+
+
+def value_target(sample: ScoredSample, field: str) -> float | None:
+    """The sample's outcome reward for the value model: its (group-normalised) advantage or its raw reward."""
+    if field not in VALUE_TARGETS:
+        raise ValueError(f"value model: reward_key {field!r} not in {VALUE_TARGETS}")
+    value = sample.advantage if field == "advantage" else sample.reward
+    return None if value is None else float(value)
 
 
 def plan_update(num_samples: int, *, mu: int, micro_batch_size: int, grad_accum: int | None, world_size: int = 1,
@@ -123,6 +137,18 @@ def minibatch_normalizers(plan, counted_of: Callable[[int, int], torch.Tensor], 
                     local[1, it, j] += float(counted.sum())
     total = all_reduce_sum(local.to(device)).cpu()
     return total[0], total[1]
+
+
+def logp_gaps(learner_logp: list[torch.Tensor], rollout_logp: list[torch.Tensor], valid_lengths: list[int]
+              ) -> torch.Tensor:
+    """|learner - rollout| log-prob of each sample's first valid_length tokens, concatenated ((N,) float64, CPU):
+    the train/inference mismatch the learner logs as logp_mismatch (mean) / logp_mismatch_max."""
+    if not len(learner_logp) == len(rollout_logp) == len(valid_lengths):
+        raise ValueError(f"logp_gaps: {len(learner_logp)} learner rows, {len(rollout_logp)} rollout rows, "
+                         f"{len(valid_lengths)} lengths")
+    gaps = [(mine[:n].double().cpu() - theirs[:n].double().cpu()).abs()
+            for mine, theirs, n in zip(learner_logp, rollout_logp, valid_lengths)]
+    return torch.cat(gaps) if gaps else torch.zeros(0, dtype=torch.float64)
 
 
 def stack_rows(rows: list[torch.Tensor], width: int, device, fill: float = 0.0,

@@ -3,8 +3,8 @@
     group = LearnerGroup(partial(load_policy, "ckpt/"), config, num_workers=2)   # backend deepspeed for > 1
     group.state_dict() / group.load_state_dict(state) / group.save_policy(dir)   # checkpoints
     metrics = group.update(trajectories)            # every rank gets the whole batch (one object), takes its shard
-    for ref in group.weight_chunks(64 << 20):       # one Ray object per chunk: (version, [(name, tensor), ...])
-        for w in rollout_workers: w.update_weights.remote(ref, ...)
+    push_weights(group.weight_chunks(64 << 20), rollout_workers, version)   # rl.weight_sync: one Ray object per
+                                                    # chunk (version, [(name, tensor), ...]), a bounded number in flight
     group.shutdown()
 
 Ranks join a torch.distributed group (gloo on CPU, nccl on GPU) at tcp://master_addr:port, the port picked free by
@@ -22,13 +22,8 @@ from typing import Any
 import torch
 
 from rl.learner import Learner, LearnerConfig
+from rl.weight_sync import SYNC_MAX_INFLIGHT
 
-# Metrics added over ranks; the rest are averaged over ranks except those every rank holds identically.
-SUM_METRICS = ("forwards", "forwards_old", "forwards_ref")
-RANK0_METRICS = ("lr", "optimizer_steps", "nan_skipped", "nan_skipped_total", "num_samples", "update", "grad_norm",
-                 "grad_norm_max", "logp_mismatch", "logp_mismatch_max", "weight_sync_bytes", "weight_sync_chunks",
-                 "weight_sync_seconds", "weight_sync_bytes_per_s")
-MAX_METRICS = ("time_s", "time_old_s")
 
 
 class LearnerWorker:
@@ -60,11 +55,13 @@ class LearnerWorker:
         self.learner = Learner(policy, self.config, ref_policy=ref, value_policy=value)
         return self.rank
 
-    def update(self, trajectories) -> dict[str, float]:
-        """Learner.update, plus the sender-side figures of the last weight sync (weight_sync_bytes, _chunks,
-        _seconds, _bytes_per_s: time spent producing chunks, CPU copies included) so the driver logs them."""
-        metrics = self.learner.update(trajectories)
-        metrics.update(self.last_sync)
+    def update(self, samples) -> dict[str, float]:
+        """Learner.update, plus (rank 0, which sends them) the sender-side figures of the last weight sync
+        (weight_sync_bytes, _chunks, _seconds, _bytes_per_s: time spent producing chunks, CPU copies included) so
+        the driver logs them. Ranks merge by Learner.METRIC_MERGE; a metric only rank 0 reports is its own."""
+        metrics = self.learner.update(samples)
+        if self.rank == 0:
+            metrics.update(self.last_sync)
         return metrics
 
     def weight_chunks(self, bucket_bytes: int, kwargs: dict) -> Iterator:
@@ -99,46 +96,21 @@ class LearnerWorker:
 
 
 def merge_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """One value per metric from every rank's: the rule Learner.METRIC_MERGE names (default: the mean over the
+    ranks that report it)."""
     out: dict[str, float] = {}
     for key in per_rank[0]:
         values = [m[key] for m in per_rank if key in m]
-        if key in SUM_METRICS:
+        rule = Learner.METRIC_MERGE.get(key, "mean")
+        if rule == "sum":
             out[key] = float(sum(values))
-        elif key in RANK0_METRICS:
+        elif rule == "rank0":
             out[key] = float(per_rank[0][key])
-        elif key in MAX_METRICS:
+        elif rule == "max":
             out[key] = float(max(values))
         else:
             out[key] = float(sum(values) / len(values))
     return out
-
-
-def push_weights(chunk_refs, receivers: list, *, apply: str = "apply_weight_chunk",
-                 finish: str = "finish_weight_update", max_inflight: int = 2) -> dict[str, float]:
-    """Stream chunk ObjectRefs to receiver actors and finish the update on each.
-
-    Receiver contract: `<apply>(chunk) -> (version, bytes)` with chunk = (version, [(name, tensor), ...]) (Ray
-    resolves the ref in the receiver's process: the driver never holds tensors), then `<finish>(version)`. At
-    most `max_inflight` chunks are outstanding per receiver, which bounds object-store use. For TorchEngine:
-    apply = `engine.update_weights(chunk[1], chunk[0], final=False)`, finish = `update_weights([], v, final=True)`.
-    """
-    import ray
-
-    pending: list = []
-    results: list = []
-    for ref in chunk_refs:
-        pending.append([getattr(r, apply).remote(ref) for r in receivers])
-        while len(pending) > max_inflight:
-            results.append(ray.get(pending.pop(0)))
-    results += [ray.get(calls) for calls in pending]
-    if not results:
-        raise ValueError("push_weights: the learner sent no weight chunks")
-    version = int(results[0][0][0])
-    if any(int(v) != version for per_chunk in results for v, _ in per_chunk):
-        raise ValueError("push_weights: chunks of different versions in one update")
-    ray.get([getattr(r, finish).remote(version) for r in receivers])
-    return {"version": float(version), "chunks": float(len(results)),
-            "bytes": float(sum(per_chunk[0][1] for per_chunk in results))}
 
 
 class LearnerGroup:
@@ -167,15 +139,18 @@ class LearnerGroup:
         ray.get([w.setup.remote(master_addr, port) for w in self.workers], timeout=setup_timeout_s)
         self.config = config
 
-    def update(self, trajectories) -> dict[str, float]:
+    def update(self, samples) -> dict[str, float]:
         import ray
 
-        batch = ray.put(list(trajectories))
+        batch = ray.put(list(samples))
         return merge_metrics(ray.get([w.update.remote(batch) for w in self.workers]))
 
-    def weight_chunks(self, bucket_bytes: int, **kwargs) -> Iterator:
-        """ObjectRefs of `(version, entries)` chunks, in order, as rank 0 produces them (a streaming generator)."""
-        streams = [w.weight_chunks.options(num_returns="streaming").remote(bucket_bytes, kwargs)
+    def weight_chunks(self, bucket_bytes: int, *, max_ahead: int = SYNC_MAX_INFLIGHT, **kwargs) -> Iterator:
+        """ObjectRefs of `(version, entries)` chunks, in order, as rank 0 produces them (a streaming generator that
+        runs at most `max_ahead` chunks ahead of the caller: with push_weights' bound, the object store holds a
+        bounded number of chunks)."""
+        streams = [w.weight_chunks.options(num_returns="streaming", _generator_backpressure_num_objects=max_ahead
+                                           ).remote(bucket_bytes, kwargs)
                    for w in self.workers]
         yield from streams[0]
         for other in streams[1:]:  # the other ranks only took part in gathers; wait for them to finish

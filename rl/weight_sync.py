@@ -10,18 +10,24 @@ defined once in rollout/weight_format.py; the receiver, `rollout.weight_receiver
 `TorchEngine.update_weights` applies chunks with. With LoRA only the adapter tensors travel (r * (in + out) per
 projection instead of in * out) and the receiver merges them onto its copy of the frozen base, bit for bit
 `merged_weights` below; an engine with native adapter support (SGLang, vLLM) would load the adapters instead.
+
+`push_weights(chunk_refs, receivers, version)` is the driver's side: the one way chunks (Ray object refs, e.g.
+`LearnerGroup.weight_chunks`) reach the rollout workers, with a bound on the chunks in flight.
 """
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 
 import torch
 
 from rollout.weight_format import Chunk, Entry, SyncStats, is_lora_part, lora_delta, nbytes, slice_name
 
-__all__ = ["Chunk", "Entry", "SyncStats", "chunk_weights", "lora_delta", "lora_modules", "lora_weights",
-           "merged_weights", "nbytes", "plain_name", "stream_weights"]
+__all__ = ["Chunk", "ChunkRef", "Entry", "SyncStats", "chunk_weights", "lora_delta", "lora_modules", "lora_weights",
+           "merged_weights", "nbytes", "plain_name", "push_weights", "stream_weights", "SYNC_MAX_INFLIGHT"]
+
+SYNC_MAX_INFLIGHT = 2  # chunks a receiver may have outstanding: bounds the object store, keeps the pipe full
 
 
 # ------------------------------------------------------------------------------------------------------- sender
@@ -92,6 +98,50 @@ def stream_weights(named: Iterable[Entry], version: int, bucket_bytes: int, *, d
         yield int(version), entries
         start = time.perf_counter()
     stats.seconds += time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------- driver: chunks -> workers
+class ChunkRef:
+    """A chunk's ObjectRef inside a wrapper so Ray does not resolve it on the way in: the receiver resolves it
+    itself (ray.get), so one object is shared by every receiver instead of being copied into each call. Iterating
+    it gives the chunk's (name, tensor) entries."""
+
+    def __init__(self, ref):
+        self.ref = ref
+
+    def __iter__(self):
+        import ray
+
+        _, entries = ray.get(self.ref)
+        return iter(entries)
+
+
+def push_weights(chunk_refs: Iterable, receivers: list, version: int, *,
+                 max_inflight: int = SYNC_MAX_INFLIGHT) -> int:
+    """Stream chunk ObjectRefs to every receiver actor, then complete the update on each; returns the chunk count.
+
+    Receiver contract (rollout.worker.RolloutWorker): `update_weights(entries, version, final=False)` per chunk,
+    then `update_weights({}, version, final=True)`, which checks every parameter arrived and returns the version
+    the receiver now holds. At most `max_inflight` chunks are outstanding per receiver (1: each chunk applied
+    before the next is sent), so the object store holds a bounded number of chunks however large the model."""
+    import ray
+
+    if max_inflight < 1:
+        raise ValueError(f"push_weights: max_inflight must be >= 1, got {max_inflight}")
+    pending: deque[list] = deque()  # per chunk sent: every receiver's call, oldest first
+    chunks = 0
+    for ref in chunk_refs:
+        while len(pending) >= max_inflight:
+            ray.get(pending.popleft())
+        pending.append([r.update_weights.remote(ChunkRef(ref), version, final=False) for r in receivers])
+        chunks += 1
+    while pending:
+        ray.get(pending.popleft())
+    held = ray.get([r.update_weights.remote({}, version, final=True) for r in receivers])
+    wrong = [v for v in held if v != version]
+    if wrong:
+        raise RuntimeError(f"weight sync: a rollout worker reports version {wrong[0]} after syncing {version}")
+    return chunks
 
 
 # ----------------------------------------------------------------------------------------- learner-side names

@@ -45,8 +45,7 @@ class Trajectory:
     block_size: int  # decoding block; where blocks start: sampling["block_alignment"] (rollout/models/masks.py)
     sampling: dict[str, Any] = field(default_factory=dict)  # temperature, top_k, top_p, remasking, steps, seed...
     policy_version: int = 0
-    request_id: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)  # reward, reasons, advantages... filled downstream
+    request_id: str = ""  # what the driver scores it by is in rl.sample.ScoredSample, not here
 
     @property
     def response_length(self) -> int:

@@ -31,7 +31,6 @@ from typing import Any
 import torch
 
 from rl.registry import Registry
-from rl.value import clipped_value_loss_per_token
 
 LOSSES = Registry("policy loss")
 
@@ -53,9 +52,7 @@ class PolicyBatch:
     advantages: torch.Tensor  # (B,) per sample or (B, L) per token (value model); wd1: its signed weights
     token_mask: torch.Tensor  # (B, L) bool: tokens counted in the loss (response up to and including first EOS)
     step_ids: torch.Tensor | None = None  # (B, L) long: decoding step of each token (seq_mean_step_mean)
-    rollout_logp: torch.Tensor | None = None  # (B, L): log-probs recorded by the rollout engine (mismatch metric)
     lengths: torch.Tensor | None = None  # (B,): the generation length of each response (GDPO's L; the learner sets it)
-    returns: torch.Tensor | None = None  # (B, L): value targets, when config.value_coef > 0
     loss_normalizer: float | torch.Tensor | None = None  # denominator of the whole batch (see module doc)
 
 
@@ -73,8 +70,6 @@ class PolicyEstimates:
     seq_ref_logp: torch.Tensor | None = None  # (B,)
     mc_logp: torch.Tensor | None = None  # (B, K, L) token log-probs in each of K masked forwards (SPG)
     mc_weights: torch.Tensor | None = None  # (B, K, L) MaskDraw.token_weights of those forwards (0 = not counted)
-    values: torch.Tensor | None = None  # (B, L) current values (shared-trunk value term)
-    old_values: torch.Tensor | None = None  # (B, L)
 
 
 @dataclass
@@ -104,8 +99,6 @@ class LossConfig:
     observed_only: bool = True
     beta_e: float = 1.5  # SPG EUBO exponent beta_E
     mix: float = 0.5  # SPG, A <= 0: mix * EUBO + (1 - mix) * ELBO (1: pure EUBO, 0: ELBO)
-    value_coef: float = 0.0  # weight of the clipped value loss (shared trunk); 0 = separate value model
-    value_clip: float | None = 0.2
 
     def __post_init__(self) -> None:
         checks = {"loss_agg": AGG_MODES, "kl_estimator": KL_ESTIMATORS, "kl_reference": ("ref", "old"),
@@ -277,17 +270,6 @@ def kl_term(est: PolicyEstimates, mask: torch.Tensor, config: LossConfig, loss: 
                 mask)
 
 
-def value_term(batch: PolicyBatch, est: PolicyEstimates, mask: torch.Tensor, config: LossConfig, loss: str,
-               normalizer: torch.Tensor) -> torch.Tensor | None:
-    if config.value_coef == 0:
-        return None
-    values = require(est, "values", mask.shape, loss)
-    old = require(est, "old_values", mask.shape, loss)
-    returns = require(batch, "returns", mask.shape, loss)
-    per_token, _ = clipped_value_loss_per_token(values, old.detach(), returns.detach(), config.value_clip)
-    return aggregate(safe(per_token, mask), mask, config.loss_agg, normalizer, step_ids=batch.step_ids)
-
-
 # ----------------------------------------------------------------------------------------------- metrics
 def masked_stats(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean, std, max, min) of x over mask (population std); zeros when the mask is empty."""
@@ -303,7 +285,8 @@ def masked_stats(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def common_metrics(batch: PolicyBatch, est: PolicyEstimates, mask: torch.Tensor, adv: torch.Tensor | None
                    ) -> Metrics:
-    """Advantage stats, entropy, train/inference logp mismatch and token counts."""
+    """Advantage stats, entropy and token counts. (The rollout-vs-learner log-prob gap is the learner's
+    `logp_mismatch`, measured once per update on the old pass: rl.learner_batch.logp_gaps.)"""
     out: Metrics = {"num_tokens": mask.sum().double(), "num_seqs": (mask.sum(1) > 0).sum().double()}
     if adv is not None:
         rows = mask.any(1)
@@ -313,11 +296,6 @@ def common_metrics(batch: PolicyBatch, est: PolicyEstimates, mask: torch.Tensor,
             out["adv_mean"], out["adv_std"], out["adv_max"], out["adv_min"] = masked_stats(adv, mask)
     if est.entropy is not None:
         out["entropy"] = masked_stats(est.entropy, mask)[0]
-    learner_old = est.old_logp if est.old_logp is not None else est.logp
-    if batch.rollout_logp is not None and learner_old is not None:
-        gap = (batch.rollout_logp.detach().double() - learner_old.detach().double()).abs()
-        mean, _, mx, _ = masked_stats(gap, mask)
-        out["logp_mismatch"], out["logp_mismatch_max"] = mean, mx
     return out
 
 
@@ -335,7 +313,8 @@ def ratio_metrics(ratio: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, co
 
 
 def finish(parts: dict[str, torch.Tensor | None], metrics: Metrics) -> tuple[torch.Tensor, Metrics]:
-    """Sum the present loss parts ("pg_loss", "kl_loss", "value_loss"); log each, detached."""
+    """Sum the present loss parts ("pg_loss", "kl_loss"); log each, detached. (A value model's loss is added by
+    the learner: rl.value.value_loss.)"""
     present = [v for v in parts.values() if v is not None]
     loss = present[0]
     for part in present[1:]:

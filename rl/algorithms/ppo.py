@@ -3,7 +3,7 @@ TraceRL and CJ-GRPO differ only in which estimator produced the per-token log-pr
 the aggregation over decoding steps. Plus the plain policy gradient, the reference they reduce to on-policy.
 
 Per counted token: rho = exp(clamp(logp - old_logp)), l = -min(rho A, clip(rho, 1 - low, 1 + high) A)
-+ beta * KL(pi || ref or old) (+ value_coef * clipped value loss); then `loss_agg` (see core).
++ beta * KL(pi || ref or old); then `loss_agg` (see core). A value model's loss is the learner's (rl.value).
 """
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ from rl.algorithms.core import (
     require,
     safe,
     token_advantages,
-    value_term,
 )
 
 
@@ -50,14 +49,12 @@ def token_ppo_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossConfig,
     kl = kl_term(est, mask, config, name)
     kl_loss = config.beta * aggregate(kl, mask, config.loss_agg, norm, step_ids=batch.step_ids) \
         if kl is not None else None
-    value_loss = value_term(batch, est, mask, config, name, norm)
-    value_loss = config.value_coef * value_loss if value_loss is not None else None
 
     metrics = common_metrics(batch, est, mask, batch.advantages)
     metrics.update(ratio_metrics(ratio, adv, mask, config))
     if kl is not None:
         metrics["kl"] = masked_stats(kl, mask)[0]
-    return finish({"pg_loss": pg_loss, "kl_loss": kl_loss, "value_loss": value_loss}, metrics)
+    return finish({"pg_loss": pg_loss, "kl_loss": kl_loss}, metrics)
 
 
 def policy_gradient_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossConfig,
@@ -74,7 +71,7 @@ def policy_gradient_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossC
     metrics = common_metrics(batch, est, mask, batch.advantages)
     if kl is not None:
         metrics["kl"] = masked_stats(kl, mask)[0]
-    return finish({"pg_loss": pg_loss, "kl_loss": kl_loss, "value_loss": None}, metrics)
+    return finish({"pg_loss": pg_loss, "kl_loss": kl_loss}, metrics)
 
 
 LOSSES.register("policy_gradient")(policy_gradient_loss)

@@ -79,4 +79,4 @@ def gdpo_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossConfig) -> t
     metrics["elbo_per_token"] = masked_stats(seq / scale, rows)[0]
     if kl_seq is not None:
         metrics["kl"] = masked_stats(kl_seq, rows)[0]
-    return finish({"pg_loss": pg_loss, "kl_loss": kl_loss, "value_loss": None}, metrics)
+    return finish({"pg_loss": pg_loss, "kl_loss": kl_loss}, metrics)

@@ -84,4 +84,4 @@ def spg_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossConfig) -> tu
     metrics["elbo"] = masked_stats(elbo, rows)[0]
     metrics["eubo"] = masked_stats(eubo, rows)[0]
     metrics["frac_positive"] = masked_stats(positive.double(), rows)[0]
-    return finish({"pg_loss": pg_loss, "kl_loss": None, "value_loss": None}, metrics)
+    return finish({"pg_loss": pg_loss, "kl_loss": None}, metrics)

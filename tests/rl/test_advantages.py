@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from rl.advantages import ADVANTAGES, group_advantages, wd1_weights
+from rl.advantages import ADVANTAGES, advantage_estimator, group_advantages, wd1_weights
 
 
 def _naive(rewards: list[float], groups: list[int], norm: str, eps: float = 1e-6) -> list[float]:
@@ -26,7 +26,7 @@ def test_matches_naive_loop_contiguous_groups(norm):
     expected = _naive(rewards.tolist(), [i // 6 for i in range(24)], norm)
     assert torch.allclose(res.advantages, torch.tensor(expected), atol=1e-6)
     assert res.keep.all() and res.group_ids.tolist() == [i // 6 for i in range(24)]
-    assert ADVANTAGES.get(norm)(rewards, group_size=6).advantages.equal(res.advantages)
+    assert ADVANTAGES.get("group_relative")(rewards, group_size=6, norm=norm).advantages.equal(res.advantages)
 
 
 def test_uneven_labelled_groups():
@@ -92,3 +92,15 @@ def test_wd1_weights_match_naive_softmax():
         idx = (groups == g).nonzero().flatten()
         order = adv[idx].argsort()
         assert (raw[idx][order].diff() > 0).all()
+
+
+def test_losses_find_their_advantage_estimator_by_name():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])  # group 1 has zero variance: dropped
+    options = dict(group_ids=groups, norm="mean_centered", drop_zero_variance=True)
+    assert advantage_estimator("tracerl") is group_advantages and advantage_estimator("gdpo") is group_advantages
+    plain = advantage_estimator("tracerl")(rewards, **options)
+    wd1 = advantage_estimator("wd1")(rewards, **options)
+    assert wd1.keep.tolist() == plain.keep.tolist() == [True] * 3 + [False] * 3
+    assert torch.equal(wd1.advantages[:3], wd1_weights(plain.advantages[:3], groups[:3]))
+    assert wd1.advantages[:3].abs().sum() > 0 and wd1.advantages[3:].tolist() == [0.0] * 3

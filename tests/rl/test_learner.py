@@ -12,14 +12,17 @@ import torch
 from rl.estimators import get_estimator
 from rl.estimators.base import EstimatorInput
 from rl.learner import Learner, LearnerConfig, ValueConfig
+from rl.learner_batch import logp_gaps
 from rl.optim import OptimConfig, lr_factor
 from rollout.models.loading import load_policy
+from rl.sample import ScoredSample
 from rollout.trajectory import Trajectory
 
 
 def make_trajectories(policy, n: int, *, seed: int = 0, length: int = 8, advantages=None, prefix: str = "r",
-                      rollout_logp: bool = False) -> list[Trajectory]:
-    """Synthetic block-decoded rollouts: blocks of 4 decoded over 2 steps each, varied prompt and valid lengths."""
+                      rollout_logp: bool = False) -> list[ScoredSample]:
+    """Synthetic block-decoded rollouts (blocks of 4 decoded over 2 steps each, varied prompt and valid lengths),
+    scored: advantage -1/+1 alternating (or `advantages`), reward 0/1."""
     g = torch.Generator().manual_seed(seed)
     block = policy.spec.block_size
     out = []
@@ -30,16 +33,17 @@ def make_trajectories(policy, n: int, *, seed: int = 0, length: int = 8, advanta
         adv = (1.0 if i % 2 else -1.0) if advantages is None else advantages[i]
         out.append(Trajectory(prompt_ids=prompt, response_ids=resp, step_map=steps, logprobs=torch.zeros(length),
                               confidence=torch.zeros(length), valid_length=length - (i % 3), nfe=4,
-                              finish_reason="eos", block_size=block, request_id=f"{prefix}{i}",
-                              extra={"advantage": adv, "reward": float(i % 2)}))
+                              finish_reason="eos", block_size=block, request_id=f"{prefix}{i}"))
+        out[-1] = ScoredSample(out[-1], advantage=adv, reward=float(i % 2))
     if rollout_logp:  # what an exact rollout engine would have recorded
         est = get_estimator("trajectory")(policy, _inp(out))
-        for b, t in enumerate(out):
-            t.logprobs = est.token_logp[b, :length].detach().clone()
+        for b, s in enumerate(out):
+            s.trajectory.logprobs = est.token_logp[b, :length].detach().clone()
     return out
 
 
-def _inp(trajs) -> EstimatorInput:
+def _inp(samples) -> EstimatorInput:
+    trajs = [s.trajectory for s in samples]
     return EstimatorInput([t.prompt_ids for t in trajs], [t.response_ids for t in trajs],
                           [t.request_id for t in trajs], [t.valid_length for t in trajs],
                           [t.step_map for t in trajs], trajs[0].block_size)
@@ -197,11 +201,11 @@ def test_separate_value_trunk(policy):
 def test_bad_batches_fail_with_one_line(policy):
     learner = Learner(policy, LearnerConfig())
     trajs = make_trajectories(policy, 2)
-    del trajs[1].extra["advantage"]
-    with pytest.raises(ValueError, match=r"trajectory r1: extra\['advantage'\] missing"):
+    trajs[1].advantage = None
+    with pytest.raises(ValueError, match=r"trajectory r1: advantage missing"):
         learner.update(trajs)
     trajs = make_trajectories(policy, 2)
-    trajs[1].request_id = "r0"
+    trajs[1].trajectory.request_id = "r0"
     with pytest.raises(ValueError, match="duplicate request_id"):
         learner.update(trajs)
 
@@ -246,3 +250,16 @@ def test_activation_checkpointing_gives_the_same_update(tiny_model_dirs):
         deltas.append({k: v - w0[k] for k, v in weights(pol).items()})
     for k, d in deltas[0].items():
         torch.testing.assert_close(deltas[1][k], d, rtol=1e-4, atol=1e-7)
+
+
+def test_logp_mismatch_counts_each_valid_token_once():
+    """The learner's one train/inference mismatch metric: |learner - rollout| over tokens through valid_length."""
+    mine = [torch.tensor([0.5, -0.5, 0.0], dtype=torch.float64), torch.tensor([0.5, -0.5, 0.3], dtype=torch.float64)]
+    theirs = [mine[0] + torch.tensor([0.1, -0.3, 5.0], dtype=torch.float64),  # the 5.0 lies past valid_length
+              mine[1] + torch.tensor([0.2, 0.0, -0.1], dtype=torch.float64)]
+    gaps = logp_gaps(mine, theirs, [2, 3])
+    assert gaps.numel() == 5
+    assert gaps.mean().item() == pytest.approx((0.1 + 0.3 + 0.2 + 0.0 + 0.1) / 5)
+    assert gaps.max().item() == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="2 learner rows, 1 rollout rows"):
+        logp_gaps(mine, theirs[:1], [2, 3])

@@ -25,8 +25,8 @@ def _config(old_logp: str) -> LearnerConfig:
 def test_behaviour_log_probs_set_the_ratio(tiny_model_dirs):
     policy = load_policy(tiny_model_dirs["block"])
     trajs = learner_tests.make_trajectories(policy, 4, rollout_logp=True)
-    for t in trajs:
-        t.logprobs = t.logprobs - 0.25  # an older policy gave every token e^-0.25 times the probability
+    for s in trajs:
+        s.trajectory.logprobs = s.trajectory.logprobs - 0.25  # an older policy gave every token e^-0.25 times the probability
     behaviour = Learner(policy, _config("rollout")).update(trajs)
     # ratio = pi_theta / pi_behaviour = e^0.25 on every counted token (clip wide open, no KL)
     assert behaviour["ratio_mean"] == pytest.approx(float(torch.exp(torch.tensor(0.25))), rel=1e-4)
@@ -37,8 +37,8 @@ def test_behaviour_log_probs_set_the_ratio(tiny_model_dirs):
 def test_recompute_ignores_the_behaviour_policy(tiny_model_dirs):
     policy = load_policy(tiny_model_dirs["block"])
     trajs = learner_tests.make_trajectories(policy, 4, rollout_logp=True)
-    for t in trajs:
-        t.logprobs = t.logprobs - 0.25
+    for s in trajs:
+        s.trajectory.logprobs = s.trajectory.logprobs - 0.25
     recompute = Learner(policy, _config("recompute")).update(trajs)
     assert recompute["ratio_mean"] == 1.0
 

@@ -17,12 +17,13 @@ from rl.learner import Learner, LearnerConfig, ValueConfig
 from rl.masking import MASK_SAMPLERS, draw_masks, sample_generator
 from rl.optim import OptimConfig, lr_factor
 from rollout.models.loading import load_policy
+from rl.sample import ScoredSample
 from rollout.trajectory import Trajectory
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
-def _trajectories(policy, n, *, length=8, valid=(5, 8, 3, 6), steps=None, extra=None, prefix="s"):
+def _trajectories(policy, n, *, length=8, valid=(5, 8, 3, 6), steps=None, prefix="s"):
     """Rollouts of `length` tokens whose first EOS ends at valid[i] (the rest is EOS padding)."""
     g = torch.Generator().manual_seed(7)
     block = min(4, policy.spec.block_size)  # the rollout's block (LLaDA: semi-autoregressive)
@@ -34,10 +35,14 @@ def _trajectories(policy, n, *, length=8, valid=(5, 8, 3, 6), steps=None, extra=
         out.append(Trajectory(prompt_ids=torch.randint(10, 90, (4 + i % 2,), generator=g), response_ids=resp,
                               step_map=step_map, logprobs=torch.zeros(length), confidence=torch.zeros(length),
                               valid_length=valid[i % len(valid)], nfe=4, finish_reason="eos", block_size=block,
-                              request_id=f"{prefix}{i}",
-                              extra={"advantage": 1.0 if i % 2 else -1.0, "reward": float(i % 2),
-                                     **((extra or {}).get(i, {}))}))
+                              request_id=f"{prefix}{i}"))
     return out
+
+
+def _scored(trajs, fields=None) -> list[ScoredSample]:
+    """The learner's input: advantage +-1 and reward 0/1 alternating, or `fields[i]` for sample i."""
+    return [ScoredSample(t, **{"advantage": 1.0 if i % 2 else -1.0, "reward": float(i % 2), **(fields or {}).get(i, {})})
+            for i, t in enumerate(trajs)]
 
 
 def _one_forward_logp(policy, prompt, response, masked) -> torch.Tensor:
@@ -84,7 +89,7 @@ def test_gdpo_ratio_is_exp_of_elbo_difference_over_generation_length(tiny_model_
         return loss, metrics
 
     learner.loss_fn = capture
-    learner.update(trajs)
+    learner.update(_scored(trajs))
     assert len(seen) == 2
     for got, want, diff in seen:
         assert abs(diff) > 1e-3  # the weights moved: the test can tell divisors apart
@@ -100,10 +105,10 @@ def test_tracerl_value_model_learns_the_group_normalised_reward(tiny_model_dirs)
     mean = sum(raw) / 4
     std = math.sqrt(sum((r - mean) ** 2 for r in raw) / 4)  # population std, as z_score_normalize
     z = [(r - mean) / std for r in raw]
-    trajs = _trajectories(policy, 4, extra={i: {"reward": raw[i], "advantage": z[i]} for i in range(4)})
+    trajs = _trajectories(policy, 4)
     learner = Learner(policy, LearnerConfig(algorithm="tracerl", estimator="trajectory", mu=1, micro_batch_size=4,
                                             value=ValueConfig(), optim=OptimConfig(lr=1e-5)))
-    m = learner.update(trajs)
+    m = learner.update(_scored(trajs, {i: {"reward": raw[i], "advantage": z[i]} for i in range(4)}))
     counts = [t.valid_length for t in trajs]
     expected = sum(n * zi for n, zi in zip(counts, z, strict=True)) / sum(counts)
     assert m["return_mean"] == pytest.approx(expected, abs=1e-6)
@@ -290,7 +295,7 @@ def test_cj_grpo_learner_trains_the_tokens_after_eos_and_samples_at_temperature_
     trajs = _trajectories(policy, 2, length=8, valid=(3, 5), steps=steps)
     learner = Learner(policy, LearnerConfig(algorithm="cj_grpo", estimator="trajectory", mu=1, micro_batch_size=2,
                                             optim=OptimConfig(lr=1e-5)))
-    m = learner.update(trajs)
+    m = learner.update(_scored(trajs))
     assert m["num_tokens"] == 16  # 2 x 8 decoded tokens, not the 3 + 5 through the first EOS
 
 
@@ -307,7 +312,7 @@ def test_learner_logprobs_come_from_raw_logits(tiny_model_dirs):
     with torch.no_grad():
         raw = get_estimator("trajectory")(policy, inp).token_logp  # default temperature 1: logits as they are
         tempered = get_estimator("trajectory")(policy, inp, temperature=0.5).token_logp
-    learner.update(trajs)
+    learner.update(_scored(trajs))
     for i, t in enumerate(trajs):
         old = learner._old[(0, i)][0]
         n = t.valid_length

@@ -1,0 +1,36 @@
+"""ScoredSample: one response on its way from the driver through the store to the learner.
+
+The rollout's `Trajectory` (token ids, step map, log-probs) plus what the driver derives from it: the decoded text,
+the reward and its reason, the group-relative advantage and whether the sample is trained on. Typed fields, so
+nothing between driver, store and learner is looked up by a string key. Filled in order by the driver:
+identity and text (`Driver.score`), reward fields (`Driver.score`), advantage and keep (`Driver.advantages`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from rollout.trajectory import Trajectory
+
+
+@dataclass
+class ScoredSample:
+    trajectory: Trajectory
+    prompt_index: int | None = None  # row of the prompt in the run's training set
+    sample_index: int | None = None  # 0..n-1: which of the prompt's n samples (its place in the group)
+    response_text: str | None = None  # the response through valid_length, decoded without special tokens
+    reward: float | None = None  # the reward's scalar score; 0.0 for a failed generation (never scored)
+    reason: str | None = None  # why: "correct", "wrong...", ...; a failed generation's finish_reason ("error: ...")
+    reward_metrics: dict[str, float] = field(default_factory=dict)  # the reward's extra keys (step metrics)
+    # () float: the sequence's advantage (wd1: its signed weight), or (L,) float per token; None: not computed.
+    advantage: float | torch.Tensor | None = None
+    keep: bool = False  # the sample's group passed the filters and the generation succeeded: trained on
+
+    @property
+    def policy_version(self) -> int:
+        return self.trajectory.policy_version
+
+    @property
+    def request_id(self) -> str:
+        return self.trajectory.request_id
