@@ -1,14 +1,16 @@
-"""Weight sync throughput: bucketed streaming vs one call per parameter, learner actor -> rollout-side actor.
+"""Weight sync throughput on the driver's path: learner actor -> rollout worker actor, bucketed vs one call per
+parameter.
 
-    python benchmarks/weight_sync.py [--repeats 3] [--hidden 512] [--layers 8]
+    python benchmarks/weight_sync.py [--repeats 5] [--hidden 512] [--layers 8]
 
 A Qwen3-shaped policy (hidden 512, 8 layers, 8 heads, ffn 1536: ~27M parameters with the small tokenizer's
-vocabulary, ~110 MB in fp32) sits in a LearnerGroup (torch backend, one LearnerWorker actor). A receiver actor
-holds a fresh copy and applies chunks with rollout.weight_receiver.WeightReceiver (what TorchEngine.update_weights
-uses). Measured end to end from the driver (chunking + CPU copies + object store + apply + the final completeness
-check), on a local Ray on 127.0.0.1:
-- bucketed: `LearnerGroup.weight_chunks(bucket)` streamed with `push_weights` (2 chunks in flight);
-- per-parameter, blocking: one chunk per tensor, each call awaited before the next (the naive loop);
+vocabulary, ~110 MB in fp32) sits in a LearnerGroup (torch backend, one LearnerWorker actor). The receiver is a
+real rollout.worker.RolloutWorker actor (TorchEngine, built from the same checkpoint), and chunks go through
+rl.weight_sync.push_weights, exactly as the driver's RolloutPool.sync sends them. Measured end to end from the
+driver (chunking + CPU copies + object store + apply + the final completeness check), on a local Ray on 127.0.0.1:
+- bucketed: `LearnerGroup.weight_chunks(bucket)` streamed with `push_weights` (at most 2 chunks in flight; 64 MiB is
+  the driver's own bucket, launch.driver_roles.SYNC_BUCKET_BYTES);
+- per-parameter, blocking: one chunk per tensor, each applied before the next is sent (max_inflight 1);
 - per-parameter, pipelined: one chunk per tensor, 2 in flight (isolates per-call overhead from blocking);
 - in-process: chunk + apply with no Ray (the copy cost floor).
 Prints a markdown table (BENCHMARKS.md, "## Weight sync").
@@ -22,27 +24,6 @@ import tempfile
 import time
 from functools import partial
 
-
-
-class BenchReceiver:
-    """Rollout-side stand-in: a policy and a WeightReceiver (what an engine's update_weights does)."""
-
-    def __init__(self, path: str):
-        import torch
-
-        from rollout.models.loading import load_policy
-        from rollout.weight_receiver import WeightReceiver
-
-        torch.set_num_threads(1)
-        self.policy = load_policy(path)
-        self.receiver = WeightReceiver(self.policy.causal_lm)
-
-    def apply_weight_chunk(self, chunk):
-        version, entries = chunk
-        return version, self.receiver.apply(entries, version)
-
-    def finish_weight_update(self, version: int) -> float:
-        return self.receiver.finish(version).bytes
 
 
 def lora_policy(path: str, r: int):
@@ -63,12 +44,14 @@ def main() -> None:
     import ray
     import torch
 
+    from launch.driver_roles import SYNC_BUCKET_BYTES
     from rl.learner import LearnerConfig
-    from rl.learner_worker import LearnerGroup, push_weights
-    from rl.weight_sync import chunk_weights, merged_weights
+    from rl.learner_worker import LearnerGroup
+    from rl.weight_sync import chunk_weights, lora_weights, merged_weights, nbytes, push_weights
     from rollout.models.loading import load_policy
     from rollout.models.tiny import make_tiny_policy
     from rollout.weight_receiver import WeightReceiver
+    from rollout.worker import RolloutWorker
 
     tmp = tempfile.mkdtemp(prefix="wsync_")
     path = make_tiny_policy("block", os.path.join(tmp, "model"), seed=0, hidden_size=args.hidden,
@@ -103,38 +86,39 @@ def main() -> None:
 
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    version = 0
+
+    def push(group, receiver, bucket: int, split: bool, inflight: int) -> tuple[float, int]:
+        nonlocal version
+        version += 1
+        t0 = time.perf_counter()
+        chunks = push_weights(group.weight_chunks(bucket, version=version, split_large=split), [receiver], version,
+                              max_inflight=inflight)
+        return time.perf_counter() - t0, chunks
+
     try:
         group = LearnerGroup(partial(load_policy, path), LearnerConfig(), num_workers=1)
-        receiver = ray.remote(BenchReceiver).options(num_cpus=1).remote(str(path))
-        ray.get(receiver.__ray_ready__.remote())
-        cases = [("Ray, 32 MiB buckets, 2 in flight", 32 << 20, True, 2),
+        receiver = ray.remote(RolloutWorker).options(num_cpus=1).remote(str(path))
+        ray.get(receiver.ready.remote())
+        cases = [(f"Ray, {SYNC_BUCKET_BYTES >> 20} MiB buckets (the driver's), 2 in flight", SYNC_BUCKET_BYTES, True, 2),
+                 ("Ray, 32 MiB buckets, 2 in flight", 32 << 20, True, 2),
                  ("Ray, 8 MiB buckets, 2 in flight", 8 << 20, True, 2),
-                 ("Ray, one call per parameter, blocking", 1, False, 0),
+                 ("Ray, 8 MiB buckets, blocking", 8 << 20, True, 1),
+                 ("Ray, one call per parameter, blocking", 1, False, 1),
                  ("Ray, one call per parameter, 2 in flight", 1, False, 2)]
         for label, bucket, split, inflight in cases:
-            times, chunks = [], 0
-            for _ in range(args.repeats + 1):  # the first run warms the actors up and is discarded
-                t0 = time.perf_counter()
-                out = push_weights(group.weight_chunks(bucket, split_large=split), [receiver],
-                                   max_inflight=inflight)
-                times.append(time.perf_counter() - t0)
-                chunks = int(out["chunks"])
-                assert out["bytes"] == total
-            record(label, times[1:], chunks)
+            runs = [push(group, receiver, bucket, split, inflight) for _ in range(args.repeats + 1)]
+            record(label, [t for t, _ in runs[1:]], runs[-1][1])  # the first run warms the actors up
         group.shutdown()
-        # LoRA (r 16, all projections): many small adapter tensors, the case where per-call overhead dominates.
+        # LoRA (r 16, all projections): many small adapter tensors, the case where per-call overhead dominates. The
+        # worker merges the deltas onto its copy of the base (the driver's lora_delta sync).
+        lora_bytes = sum(nbytes(t) for _, t in lora_weights(lora_policy(str(path), 16).causal_lm))
         group = LearnerGroup(partial(lora_policy, str(path), 16), LearnerConfig(), num_workers=1)
-        lora_bytes = 0
-        for label, bucket, inflight in (("Ray, LoRA r16 deltas, 8 MiB buckets", 8 << 20, 2),
-                                        ("Ray, LoRA r16 deltas, one call per tensor, blocking", 1, 0)):
-            times, chunks = [], 0
-            for _ in range(args.repeats + 1):
-                t0 = time.perf_counter()
-                out = push_weights(group.weight_chunks(bucket, split_large=False), [receiver], max_inflight=inflight)
-                times.append(time.perf_counter() - t0)
-                chunks, lora_bytes = int(out["chunks"]), out["bytes"]
-            times = times[1:]
-            rows.append((label, chunks, statistics.median(times), lora_bytes / statistics.median(times) / 1e6,
+        for label, bucket, inflight in (("Ray, LoRA r16 deltas, 8 MiB buckets, 2 in flight", 8 << 20, 2),
+                                        ("Ray, LoRA r16 deltas, one call per tensor, blocking", 1, 1)):
+            runs = [push(group, receiver, bucket, False, inflight) for _ in range(args.repeats + 1)]
+            times = [t for t, _ in runs[1:]]
+            rows.append((label, runs[-1][1], statistics.median(times), lora_bytes / statistics.median(times) / 1e6,
                          lora_bytes / min(times) / 1e6))
         group.shutdown()
     finally:

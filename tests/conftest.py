@@ -48,3 +48,19 @@ def tiny_policies(tiny_model_dirs):
     from rollout.models.loading import load_policy
 
     return {kind: load_policy(path) for kind, path in tiny_model_dirs.items()}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """An in-process Ray cluster of this machine alone (127.0.0.1, 2 CPUs, 200 MB object store), one per test
+    module; `address="local"` never attaches to another Ray instance running on the box. Yields the ray module."""
+    import ray
+
+    if ray.is_initialized():
+        raise RuntimeError("local_ray: Ray is already initialised in this process (a test left it running)")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 ** 2,
+             _node_ip_address="127.0.0.1", log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+    yield ray
+    ray.shutdown()

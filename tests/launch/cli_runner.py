@@ -28,8 +28,17 @@ def kill_group(pgid: int) -> None:
         pass
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=cwd, env=env or cli_env(), text=True,
+CLI = ["-m", "launch.cli"]  # python arguments that start `diffrl`
+
+
+def nan_fault_cli(step: int) -> list[str]:
+    """python arguments that start `diffrl` with a NaN loss injected at `step` (tests/launch/nan_fault.py)."""
+    return [str(Path(__file__).with_name("nan_fault.py")), str(step)]
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None,
+            entry: list[str] = CLI) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen([sys.executable, *entry, *args], cwd=cwd, env=env or cli_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)

@@ -29,15 +29,16 @@ RECIPE = cli.REPO / "recipes" / "tiny-tracerl.yaml"
 # so the learner sees non-zero advantages from step 1 on.
 OVERRIDES = ["trainer.total_steps=4", "trainer.checkpoint_every=1", "trainer.keep_last=10",
              "data.task_kwargs.num_train=8", "reward.1.fn=format", r"reward.1.kwargs.pattern=\d"]
-NAN_STEP = "3"
+NAN_STEP = 3
+FAULTY_CLI = cli.nan_fault_cli(NAN_STEP)  # `diffrl` with a NaN loss at step 3 (injected from the test side)
 
 
 def env() -> dict:
-    return cli.cli_env(DIFFRL_FAULT_NAN_STEP=NAN_STEP)
+    return cli.cli_env()
 
 
 def diffrl(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    return cli.run_cli(*args, cwd=cwd, timeout=timeout, env=env())
+    return cli.run_cli(*args, cwd=cwd, timeout=timeout, env=env(), entry=FAULTY_CLI)
 
 
 def policy_bytes(ckpt: Path) -> bytes:
@@ -122,7 +123,7 @@ def test_killed_worker_and_driver_then_resume_is_bitwise_equal(run_a, tmp_path):
     run_a_dir, _, sdar = run_a
     run = tmp_path / "B"
     args = ["train", str(RECIPE), f"output_dir={run}", *OVERRIDES, *from_sdar(sdar), "-q"]
-    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=tmp_path, env=env(), text=True,
+    proc = subprocess.Popen([sys.executable, *FAULTY_CLI, *args], cwd=tmp_path, env=env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     killed_worker = None
     try:

@@ -100,10 +100,10 @@ def train_and_measure(sft_dir: Path, out_dir: Path, seed: int = SEED) -> dict:
 
 def negated_advantages(original):
     """Driver.advantages with every advantage negated: the learner then ascends minus the reward."""
-    def advantages(self, trajectories, n):
-        metrics = original(self, trajectories, n)
-        for t in trajectories:
-            t.extra["advantage"] = -t.extra["advantage"]
+    def advantages(self, samples, n):
+        metrics = original(self, samples, n)
+        for s in samples:
+            s.advantage = -s.advantage
         return metrics
 
     return advantages

@@ -45,6 +45,7 @@ def test_humaneval_canonical_solutions_all_pass(humaneval):
     start = time.monotonic()
     results = score_batch([p["prompt"] for p in problems], [p["canonical_solution"] for p in problems], refs,
                           extract="raw", workers=4)
+    assert len(results) == len(problems) > 0
     failures = [(p["task_id"], r["reason"]) for p, r in zip(problems, results) if r["score"] != 1.0]
     assert failures == []
     assert all(r["reason"] == "correct" for r in results)
@@ -56,6 +57,7 @@ def test_humaneval_corrupted_solutions_all_fail(humaneval):
     corrupted = [p["canonical_solution"] + PERTURB.format(f=p["entry_point"]) if i % 2 else "    return None\n"
                  for i, p in enumerate(problems)]
     results = score_batch([""] * len(problems), corrupted, refs, extract="raw", workers=4)
+    assert len(results) == len(problems) > 0
     passing = [p["task_id"] for p, r in zip(problems, results) if r["score"] != 0.0]
     assert passing == []
     assert {r["reason"].split(":")[0] for r in results} <= {"wrong", "runtime_error"}

@@ -74,6 +74,7 @@ TABLE = [
 def test_equivalence_table():
     assert len(TABLE) >= 40
     results = score_batch([""] * len(TABLE), [row[1] for row in TABLE], [row[0] for row in TABLE])
+    assert len(results) == len(TABLE)
     misjudged = [(ref, resp, r["reason"]) for (ref, resp, want), r in zip(TABLE, results)
                  if (r["reason"] == "correct") != want]
     assert misjudged == []

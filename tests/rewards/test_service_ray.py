@@ -1,7 +1,6 @@
 """RewardService on a local Ray cluster (127.0.0.1, 2 CPUs): ordering, built-ins in actors, crashed workers."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -14,23 +13,7 @@ CRASHING = "tests/rewards/crashing_reward.py:score"
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        # address="local": never attach to another Ray instance running on this machine
-        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 ** 2,
-                 _node_ip_address="127.0.0.1", log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def crash_service(ray_local):
+def crash_service(local_ray):
     from rewards.service import RewardService
 
     service = RewardService([{"fn": CRASHING}], num_workers=2, num_cpus_per_worker=0.5, chunk_size=3,
@@ -66,7 +49,7 @@ def test_a_crashed_worker_is_replaced_and_its_items_retried_once(crash_service, 
     assert [r["score"] for r in crash_service.score(items(["ok", "no"]))] == [1.0, 0.0]
 
 
-def test_builtin_math_and_code_rewards_in_actors(ray_local):
+def test_builtin_math_and_code_rewards_in_actors(local_ray):
     from rewards.service import RewardService
 
     code_ref = {"tests": [{"input": "2 3", "output": "5"}]}
@@ -85,7 +68,7 @@ def test_builtin_math_and_code_rewards_in_actors(ray_local):
         code.shutdown()
 
 
-def test_bad_specs_fail_in_the_driver_before_any_actor(ray_local):
+def test_bad_specs_fail_in_the_driver_before_any_actor(local_ray):
     from rewards.service import RewardService
 
     with pytest.raises(RewardConfigError, match=r"^reward\[0\]\.fn: unknown reward 'mth'"):

@@ -112,5 +112,7 @@ def test_sdar_policy_saved_in_sdar_format(tmp_path, tiny_model_dirs):
     ckpt = load_checkpoint(path)
     assert json.loads((ckpt.policy_dir / "config.json").read_text())["model_type"] == "sdar"
     reloaded = load_policy(ckpt.policy_dir)
-    for (name, a), (_, b) in zip(policy.model.state_dict().items(), reloaded.model.state_dict().items()):
-        assert torch.equal(a, b), name
+    saved, loaded = policy.model.state_dict(), reloaded.model.state_dict()
+    assert list(saved) == list(loaded) and saved
+    for name, a in saved.items():
+        assert torch.equal(a, loaded[name]), name

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from functools import partial
 from pathlib import Path
 
@@ -18,19 +17,6 @@ _spec = importlib.util.spec_from_file_location("_learner_tests", Path(__file__).
 _helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_helpers)
 make_trajectories = _helpers.make_trajectories
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
-    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
-    yield ray
-    ray.shutdown()
 
 
 def _config(**overrides) -> LearnerConfig:

@@ -119,6 +119,7 @@ def test_micro_batch_split_equals_whole_batch(tiny_model_dirs, algorithm, estima
         assert m["optimizer_steps"] == 1
         deltas.append({k: v - w0[k] for k, v in weights(pol).items()})
         norms.append(m["grad_norm"])
+    assert len(deltas) == len(norms) > 1
     for other, norm in zip(deltas[1:], norms[1:]):
         assert norm == pytest.approx(norms[0], rel=1e-5)
         for k, d in deltas[0].items():

@@ -61,6 +61,7 @@ def test_batched_loss_equals_per_example_reference(tiny_policies, kind):
         loss, metrics = masked_loss(policy, examples, draws)
         elbo_loss, _ = masked_loss(policy, examples, draws, elbo_weighting=True)
     nll_sum, count, weighted, tokens = 0.0, 0, 0.0, 0
+    assert len(examples) == len(draws) > 0
     for ex, d in zip(examples, draws):  # one example at a time, plain gathers
         noisy = ex.response_ids.masked_fill(d.masks[0], policy.spec.mask_token_id)
         with torch.no_grad():
@@ -104,7 +105,9 @@ def test_sft_lowers_heldout_masked_loss_and_is_deterministic(tmp_path, kind):
     assert result.heldout_after < result.heldout_before - 0.5, (result.heldout_before, result.heldout_after)
     assert len(result.history) == 25 and result.history[0]["lr"] < result.history[2]["lr"]  # warm-up
     assert [h["loss"] for h in result.history] == [h["loss"] for h in runs[1][0].history]
-    for a, b in zip(policy.model.parameters(), runs[1][1].model.parameters()):
+    ours, theirs = list(policy.model.parameters()), list(runs[1][1].model.parameters())
+    assert len(ours) == len(theirs) > 0
+    for a, b in zip(ours, theirs):
         assert torch.equal(a, b)
     # the held-out loss uses fixed masks: evaluating twice gives the same number
     held = _examples(policy, task.rows("test"))

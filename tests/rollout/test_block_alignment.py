@@ -190,6 +190,7 @@ def test_absolute_alignment_decodes_as_sdar_generate(tiny_policies, params, kv_c
     naive = [naive_sdar_generate(policy, p, params, s) for p, s in zip(prompts, seeds)]
     # Mixed prompt lengths in one padded batch (every head 0..3 at once), then each prompt alone.
     batch = _decode(policy, prompts, params, kv_cache, seeds)
+    assert len(batch) == len(naive) == len(prompts) > 0
     for traj, ref, prompt in zip(batch, naive, prompts):
         _assert_matches_naive(traj, ref, prompt.numel())
     for prompt, seed, ref in zip(prompts, seeds, naive):
@@ -269,6 +270,7 @@ def test_training_layout_equals_each_blocks_true_context(tiny_policies, alignmen
     with torch.no_grad():
         scores = policy.score_responses(prompts, responses, noisy)
     checked_partial = 0
+    assert len(prompts) == len(responses) == len(noisy) > 0
     for b, (prompt, clean, corrupted) in enumerate(zip(prompts, responses, noisy)):
         p, n = prompt.numel(), clean.numel()
         # Response positions grouped by their true block; each group scored from its own context.

@@ -45,6 +45,7 @@ def _generate(policy, prompts, params, kv_cache="block", seeds=None):
 
 
 def _assert_same(a, b, logprob_atol=1e-5):
+    assert len(a) == len(b) > 0
     for x, y in zip(a, b):
         assert x.finish_reason == y.finish_reason
         assert torch.equal(x.response_ids, y.response_ids)

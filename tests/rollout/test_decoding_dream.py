@@ -194,6 +194,7 @@ def test_dreams_schedule_is_what_makes_the_difference(dream_dir):
         prompts = _prompts(policy, (3, 9, 5), seed=length + steps)
         ref = naive_sample(policy, prompts, length, steps, "maskgit_plus")
         even = _decode(policy, prompts, length, steps, "low_confidence_static", schedule="uniform")
+        assert len(even) == len(ref) > 0
         differ += sum(int((t.response_ids != r[0]).sum()) for t, r in zip(even, ref))
         total += length * len(prompts)
     print(f"even split vs Dream's _sample: {differ}/{total} tokens differ")
@@ -224,6 +225,7 @@ def test_llada_decoding_equals_lladas_generate(tiny_model_dirs, length, block, s
     prompts = _prompts(policy, (3, 9, 5), seed=length)
     ref = naive_sample(policy, prompts, length, steps, "maskgit_plus", temperature, [11, 12, 13], llada_block=block)
     ours = _decode(policy, prompts, length, steps, "low_confidence_static", temperature, [11, 12, 13])
+    assert len(ours) == len(ref) > 0
     for traj, (tokens, step, logp) in zip(ours, ref):
         assert torch.equal(traj.response_ids, tokens)
         assert torch.equal(traj.step_map, step)

@@ -46,6 +46,7 @@ def _generate(policy, prompts, params, kv_cache="none", seeds=None):
 
 
 def _same(a, b):
+    assert len(a) == len(b) > 0
     return all(torch.equal(x.response_ids, y.response_ids) and torch.equal(x.step_map, y.step_map)
                for x, y in zip(a, b))
 
@@ -59,6 +60,7 @@ def test_caches_are_exact_when_each_block_takes_one_step(full_policies, kind, mo
     reference = _generate(policy, prompts, params)
     cached = _generate(policy, prompts, params, kv_cache=mode)
     assert _same(reference, cached)
+    assert len(reference) == len(cached) > 0
     for x, y in zip(reference, cached):
         assert torch.allclose(x.logprobs, y.logprobs, atol=1e-5)
 
@@ -71,6 +73,7 @@ def test_caches_agree_on_the_first_step_and_approximate_the_rest(full_policies, 
     reference = _generate(policy, prompts, params)
     for mode in ("prefix", "dual"):
         cached = _generate(policy, prompts, params, kv_cache=mode)
+        assert len(reference) == len(cached) > 0
         for x, y in zip(reference, cached):
             first = x.step_map == 0  # the first step of the first block is a full forward in every mode
             assert torch.equal(first, y.step_map == 0)

@@ -43,6 +43,7 @@ def test_bad_requests_fail_alone_with_one_line_each(engine):
     out = engine.generate([good[0]] + [r for r, _ in bad] + [good[1]])
     assert [t.request_id for t in (out[0], out[-1])] == ["r0", "r1"]
     assert all(t.finish_reason in ("eos", "length") and t.response_length > 0 for t in (out[0], out[-1]))
+    assert len(out[1:-1]) == len(bad) > 0
     for traj, (_, message) in zip(out[1:-1], bad):
         assert traj.finish_reason.startswith("error: ") and message in traj.finish_reason
         assert "\n" not in traj.finish_reason and traj.response_length == 0 and traj.nfe == 0
@@ -54,6 +55,7 @@ def test_chunking_and_sorting_do_not_change_results(engine):
     whole = engine.generate(requests)
     engine.max_batch_size = 2
     chunked = engine.generate(requests)
+    assert len(whole) == len(chunked) > 0
     for a, b in zip(whole, chunked):
         assert a.request_id == b.request_id and torch.equal(a.response_ids, b.response_ids)
 
@@ -79,7 +81,9 @@ def test_update_weights_in_buckets_changes_outputs_and_records_the_version(engin
     # Same tokens as an engine built directly on the new weights.
     fresh = TorchEngine.from_dir(tiny_model_dirs["block"])
     fresh.policy.causal_lm.load_state_dict(other_weights)
-    for a, b in zip(after, fresh.generate(requests)):
+    again = fresh.generate(requests)
+    assert len(after) == len(again) > 0
+    for a, b in zip(after, again):
         assert torch.equal(a.response_ids, b.response_ids)
 
 

@@ -103,6 +103,7 @@ def test_training_layout_equals_separate_forwards(tiny_policies, kind):
     noisy = [torch.where(torch.rand(r.shape, generator=g) < 0.5, torch.full_like(r, mask), r) for r in responses]
     with torch.no_grad():
         scores = policy.score_responses(prompts, responses, noisy, return_entropy=True)
+    assert len(prompts) == len(responses) == len(noisy) > 0
     for b, (prompt, clean, corrupted) in enumerate(zip(prompts, responses, noisy)):
         p = prompt.numel()
         if spec.is_block:

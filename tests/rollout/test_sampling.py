@@ -17,6 +17,7 @@ def test_temperature_top_k_top_p_match_a_naive_filter():
     logits = _logits()
     params = SamplingParams(temperature=0.7, top_k=6, top_p=0.8)
     got = processed_logprobs(logits, params)
+    assert len(logits) == len(got) > 0
     for row, logp in zip(logits, got):
         scaled = row / 0.7
         keep = torch.zeros_like(row, dtype=torch.bool)

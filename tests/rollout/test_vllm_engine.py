@@ -75,6 +75,7 @@ def test_greedy_equals_transformers_generate(engine, checkpoints):
     params = SamplingParams(temperature=0, max_tokens=12, stop_at_eos=False)
     out = engine.generate([GenerationRequest(p, params, seed=i, request_id=f"r{i}") for i, p in
                            enumerate(_prompts())])
+    assert len(out) == len(_prompts()) > 0
     for i, (prompt, traj) in enumerate(zip(_prompts(), out)):
         traj.validate()
         assert traj.request_id == f"r{i}" and traj.block_size == 1 and traj.nfe == 12
@@ -91,6 +92,7 @@ def test_sampled_logprobs_match_a_recomputation_and_seeds_fix_samples(engine, ch
     model = load_policy(checkpoints[3]).causal_lm
     requests = [GenerationRequest(p, params, seed=100 + i) for i, p in enumerate(_prompts())]
     first, again = engine.generate(requests), engine.generate(requests[::-1])[::-1]
+    assert len(first) == len(again) == len(requests) > 0
     for a, b in zip(first, again):
         assert torch.equal(a.response_ids, b.response_ids)
         recomputed = _recomputed_logprobs(model, a, params)
@@ -106,6 +108,7 @@ def test_bad_requests_fail_alone(engine):
            (GenerationRequest([11, 10 ** 6], good.sampling), "token ids must lie in")]
     out = engine.generate([good] + [r for r, _ in bad])
     assert out[0].finish_reason in ("eos", "length") and out[0].response_length > 0
+    assert len(out[1:]) == len(bad) > 0
     for traj, (_, message) in zip(out[1:], bad):
         assert traj.finish_reason.startswith("error: ") and message in traj.finish_reason
 

@@ -1,7 +1,6 @@
 """RolloutWorker: plain-object use, metrics, and the Ray actor (generate, streamed weight update, version)."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -30,17 +29,6 @@ def test_worker_without_ray_reports_metrics(tiny_model_dirs):
 
 def test_metrics_of_an_empty_call():
     assert rollout_metrics([], 0.0)["rollout/tokens_per_s"] == 0.0
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 ** 2,
-             _node_ip_address="127.0.0.1", log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.mark.ray
