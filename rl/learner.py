@@ -41,21 +41,21 @@ import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from rl.algorithms import LOSSES, PolicyBatch, PolicyEstimates, make_loss_config
 from rl.estimators import get_estimator
 from rl.estimators.base import EstimatorInput, token_mask_of
-from rl.learner_batch import (VALUE_TARGETS, MetricLog, RolloutBatch, logp_gaps, minibatch_normalizers, plan_update,
-                              rollout_batch, stack_rows)
+from rl.learner_batch import (VALUE_TARGETS, MetricLog, OldScores, RefScores, RolloutBatch, ValueScores, logp_gaps,
+                              minibatch_normalizers, plan_update, rollout_batch, stack_rows)
 from rl.masking import sample_seed
 from rl.optim import OptimConfig, param_groups
+from rl.sample import ScoredSample
 from rl.value import ValueHead, compute_value_targets, value_loss
 from rl.weight_sync import Chunk, SyncStats, lora_weights, merged_weights, stream_weights
 from rollout.models.policy import DiffusionPolicy
-from rl.sample import ScoredSample
 
 DETERMINISTIC_ESTIMATORS = ("trajectory",)  # masks do not depend on (seed, inner_iter)
 STATE_FORMAT = 1
@@ -108,29 +108,6 @@ class LearnerConfig:
     backend: str = "torch"  # torch | deepspeed
     zero_stage: int = 2
     seed: int = 0
-
-
-class OldScores(NamedTuple):
-    """One sample under one mask key, before any weight change (pi_old)."""
-
-    token_logp: torch.Tensor  # (n,) per-token log-probs of the response's n decoded tokens
-    seq_logp: torch.Tensor  # () the sequence log-likelihood estimate (ELBO for sequence-level losses)
-    counted: torch.Tensor  # (n,) bool: tokens the loss counts (valid ones; observed ones when observed_only)
-
-
-class RefScores(NamedTuple):
-    """One sample under one mask key, scored by the KL reference."""
-
-    token_logp: torch.Tensor  # (n,)
-    seq_logp: torch.Tensor  # ()
-
-
-class ValueScores(NamedTuple):
-    """One sample's value-model results before any weight change (TraceRL)."""
-
-    old_values: torch.Tensor  # (n,) V_j at each token's noisy position
-    advantages: torch.Tensor  # (n,) token advantages A_j (rl.value.compute_value_targets)
-    returns: torch.Tensor  # (n,) value targets R_j
 
 
 class Learner:

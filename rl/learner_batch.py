@@ -1,4 +1,4 @@
-"""The learner's view of a rollout batch, and how one update is cut into inner iterations, minibatches, ranks and
+"""The learner's view of a rollout batch (and its cached old / ref / value scores), and how one update is cut into inner iterations, minibatches, ranks and
 micro-batches (pure functions; no model).
 
 Plan of one update over B samples (`plan_update`): for each of the `mu` inner iterations the batch order is
@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -33,6 +34,30 @@ class RolloutBatch:
 
     def __len__(self) -> int:
         return len(self.inp)
+
+
+# The learner's cached scores, computed before any weight change (Learner._before_training).
+class OldScores(NamedTuple):
+    """One sample under one mask key, before any weight change (pi_old)."""
+
+    token_logp: torch.Tensor  # (n,) per-token log-probs of the response's n decoded tokens
+    seq_logp: torch.Tensor  # () the sequence log-likelihood estimate (ELBO for sequence-level losses)
+    counted: torch.Tensor  # (n,) bool: tokens the loss counts (valid ones; observed ones when observed_only)
+
+
+class RefScores(NamedTuple):
+    """One sample under one mask key, scored by the KL reference."""
+
+    token_logp: torch.Tensor  # (n,)
+    seq_logp: torch.Tensor  # ()
+
+
+class ValueScores(NamedTuple):
+    """One sample's value-model results before any weight change (TraceRL)."""
+
+    old_values: torch.Tensor  # (n,) V_j at each token's noisy position
+    advantages: torch.Tensor  # (n,) token advantages A_j (rl.value.compute_value_targets)
+    returns: torch.Tensor  # (n,) value targets R_j
 
 
 def rollout_batch(samples: list[ScoredSample], *, need_advantage: bool = True,

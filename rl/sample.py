@@ -2,8 +2,11 @@
 
 The rollout's `Trajectory` (token ids, step map, log-probs) plus what the driver derives from it: the decoded text,
 the reward and its reason, the group-relative advantage and whether the sample is trained on. Typed fields, so
-nothing between driver, store and learner is looked up by a string key. Filled in order by the driver:
-identity and text (`Driver.score`), reward fields (`Driver.score`), advantage and keep (`Driver.advantages`).
+nothing between driver, store and learner is looked up by a string key. Filled in order by the driver (launch/
+driver.py): prompt and sample index (`make_batch`), text and reward fields (`score`), advantage and keep
+(`advantages`); then written whole to the store (rl.store, one Parquet column per field) and, when kept, trained on
+by the learner (rl.learner_batch.rollout_batch reads the trajectory, the advantage and, for a value model, the
+reward or advantage).
 """
 from __future__ import annotations
 
