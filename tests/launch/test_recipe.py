@@ -234,3 +234,15 @@ def test_importing_the_recipe_layer_stays_light():
             "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_reward_workers_is_a_setting_capped_by_the_free_cpus():
+    from launch.driver_roles import reward_workers
+    from launch.recipe import ResourcesConfig
+
+    assert ResourcesConfig().reward_workers == 2  # the former hard-coded cap is the default
+    assert reward_workers(16, 2) == (2, 1.0) and reward_workers(16, 6) == (6, 1.0)
+    assert reward_workers(3.5, 6) == (3, 1.0)  # one CPU each, never more workers than free CPUs
+    assert reward_workers(0.5, 6) == (1, 0.0)  # no CPU left outside the placement group: one zero-CPU worker
+    with pytest.raises(ValueError, match="resources.reward_workers"):
+        reward_workers(4, 0)

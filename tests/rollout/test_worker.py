@@ -1,6 +1,6 @@
-"""RolloutWorker: plain-object use, metrics, and the Ray actor (generate, streamed weight update, version)."""
+"""RolloutWorker: plain-object use, metrics, the Ray actor (generate, streamed weight update, version), and the
+driver's bounded weight pusher (rl.weight_sync.push_weights)."""
 from __future__ import annotations
-
 
 import pytest
 import torch
@@ -54,3 +54,58 @@ def test_ray_worker_generates_and_takes_new_weights(local_ray, tiny_model_dirs, 
     assert metrics["rollout/requests"] == 3
     ray.get(worker.release.remote())
     ray.kill(worker)
+
+
+class _SlowReceiver:
+    """A rollout worker's update_weights contract, slow, recording when each chunk was applied."""
+
+    def __init__(self):
+        self.applied_at: list[float] = []
+
+    def update_weights(self, weights, version: int, *, final: bool = True) -> int:
+        import time
+
+        if final:
+            return version
+        list(weights)  # resolves the chunk's object, as TorchEngine does
+        time.sleep(0.05)
+        self.applied_at.append(time.monotonic())
+        return -1
+
+    def applied(self) -> list[float]:
+        return self.applied_at
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("max_inflight", [1, 2])
+def test_the_drivers_weight_pusher_bounds_chunks_in_flight(local_ray, max_inflight):
+    """rl.weight_sync.push_weights (what RolloutPool.sync sends with): when it takes chunk k from the learner, at
+    least k - max_inflight chunks have been applied; an unbounded sender would take all 8 at once."""
+    import time
+
+    from rl.weight_sync import push_weights
+
+    ray = local_ray
+    receivers = [ray.remote(_SlowReceiver).options(num_cpus=0).remote() for _ in range(2)]
+    taken_at = []
+
+    def chunks():
+        for k in range(8):
+            taken_at.append(time.monotonic())
+            yield ray.put((5, [(f"w{k}", torch.zeros(4))]))
+
+    assert push_weights(chunks(), receivers, 5, max_inflight=max_inflight) == 8
+    for receiver in receivers:
+        applied = ray.get(receiver.applied.remote())
+        assert len(applied) == len(taken_at) == 8
+        for k, t in enumerate(taken_at):
+            assert sum(a <= t for a in applied) >= k - max_inflight, (k, max_inflight)
+    with pytest.raises(RuntimeError, match="reports version 5 after syncing 6"):
+        push_weights(iter([ray.put((6, []))]), [ray.remote(_WrongVersion).options(num_cpus=0).remote()], 6)
+    with pytest.raises(ValueError, match="max_inflight must be >= 1"):
+        push_weights(iter([]), receivers, 6, max_inflight=0)
+
+
+class _WrongVersion(_SlowReceiver):
+    def update_weights(self, weights, version: int, *, final: bool = True) -> int:
+        return 5
