@@ -95,6 +95,10 @@ class Session:
             name, text = reply[1], reply[2]
             if name == "SystemExit":
                 self.fail("exited", text)
+            if name in ("StopIteration", "StopAsyncIteration"):
+                # PEP 479's rule for calls: raised into the test it would end the test's own iteration silently
+                # (`all(map(candidate, xs))` would be all([]) == True), so it arrives as the RuntimeError it is
+                raise RuntimeError(f"the program raised {text}")
             cls = getattr(builtins, name, None)
             if isinstance(cls, type) and issubclass(cls, Exception):
                 raise cls(text.split(": ", 1)[-1])
