@@ -27,8 +27,8 @@ jail/plain.py). All 164 HumanEval canonical solutions pass under it. Shapes it c
 a test passing a function, lambda or class instance to the candidate -> `unsupported_test`; a candidate returning a
 generator, iterator, class instance, frozenset, numpy value... -> `non_plain_value`; a candidate that mutates its
 argument in place (the test then inspects the argument) -> the test sees its own unchanged copy (usually `wrong`);
-helpers the prompt defines in full (HumanEval/32 `poly`, /38 `encode_cyclic`; passed as `helpers`) run in the
-checker, so a program cannot redefine what the tests trust (checker.trusted_helpers). Program-level names the tests
+helpers the prompt defines in full (HumanEval/32 `poly`, /38 `encode_cyclic`; passed as `helpers`) and the
+constants it assigns run in the checker, so a program cannot redefine what the tests trust (checker.trusted_helpers). Program-level names the tests
 use: functions and classes become proxies, standard-library modules are imported by name in the checker, plain
 values are copied; a name that would shadow a builtin (a program's own `len`) is not exported; anything else is
 absent (NameError).

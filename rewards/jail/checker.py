@@ -181,10 +181,39 @@ def _is_stub(node):
                for stmt in node.body)
 
 
+def _bound_names(node):
+    """Names a top-level import, definition or assignment binds."""
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {node.name}
+    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+    return {n.id for target in targets for n in ast.walk(target) if isinstance(n, ast.Name)}
+
+
+def _trusted_assignment(node, known):
+    """A top-level constant of the prompt (`SHIFT = 5`, `MOD = 10**9 + 7`) that the trusted helpers may read: only
+    plain name targets, and a value that uses nothing but builtins and names the trusted part already bound (so it
+    never calls the program's functions). Otherwise it stays the program's, as before."""
+    if isinstance(node, ast.AnnAssign) and node.value is None:
+        return False
+    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+    if not all(isinstance(n, (ast.Name, ast.Tuple, ast.List, ast.Store)) for t in targets for n in ast.walk(t)):
+        return False
+    if isinstance(node, ast.AugAssign) and node.target.id not in known:
+        return False
+    nodes = list(ast.walk(node.value))
+    local = {n.id for n in nodes if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}  # comprehensions
+    local |= {n.arg for n in nodes if isinstance(n, ast.arg)}  # lambdas
+    used = {n.id for n in nodes if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)} - local
+    return all(name in known or hasattr(builtins, name) for name in used)
+
+
 def trusted_helpers(prompt, tests):
-    """From the prompt (the program's prefix, e.g. HumanEval's), the imports and the functions/classes it defines in
-    full that the test snippets do not call directly (HumanEval/32 `poly`, /38 `encode_cyclic`): they run here, so a
-    program cannot redefine a helper the tests trust. Stubs and the functions under test stay the program's."""
+    """From the prompt (the program's prefix, e.g. HumanEval's), the imports, the functions/classes it defines in
+    full and the constants it assigns (see _trusted_assignment) that the test snippets do not name (HumanEval/32
+    `poly`, /38 `encode_cyclic`): they run here, so a program cannot redefine a helper the tests trust, nor a
+    constant such a helper reads. Stubs and the functions under test stay the program's."""
     if not prompt.strip():
         return ""
     try:
@@ -197,9 +226,19 @@ def trusted_helpers(prompt, tests):
             under_test |= {n.id for n in ast.walk(ast.parse(test)) if isinstance(n, ast.Name)}
         except SyntaxError:
             continue  # reported when the test itself runs
-    keep = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom)) or (
-        isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not _is_stub(node)
-        and node.name not in under_test)]
+    keep, known = [], set()
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            trusted = True
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            trusted = not _is_stub(node) and node.name not in under_test
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            trusted = not (_bound_names(node) & under_test) and _trusted_assignment(node, known)
+        else:
+            trusted = False
+        if trusted:
+            keep.append(node)
+            known |= _bound_names(node)
     return ast.unparse(ast.Module(body=keep, type_ignores=[]))
 
 

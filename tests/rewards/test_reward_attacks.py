@@ -81,3 +81,46 @@ def add(a, b):
     ok = score("import json, decimal, sqlite3\ndef add(a, b):\n    return int(decimal.Decimal(a) + b)\n",
                {"setup": "", "tests": ["assert add(2, 3) == 5"]})
     assert ok["score"] == 1.0, ok
+
+
+# ------------------------------------------------------------------------------- constants of the trusted helpers
+# trust_prompt_helpers ran the prompt's helper functions in the checker but not the prompt's constants, so a helper
+# read the PROGRAM's value of them: a response setting SHIFT = 0 made the trusted encode_shift the identity, and an
+# identity decode_shift passed. Before the fix: 1.0.
+SHIFT_PROMPT = '''SHIFT = 5
+
+
+def encode_shift(s: str):
+    """returns encoded string by shifting every character by SHIFT in the alphabet."""
+    return "".join([chr(((ord(ch) + SHIFT - ord("a")) % 26) + ord("a")) for ch in s])
+
+
+def decode_shift(s: str):
+    """takes as input string encoded with encode_shift function. Returns decoded string."""
+'''
+SHIFT_REF = {"setup": "def check(candidate):\n    for s in ['hello', 'world', 'abcxyz']:\n"
+                      "        assert candidate(encode_shift(s)) == s\n",
+             "tests": ["check(decode_shift)"], "prefix": SHIFT_PROMPT}
+
+
+def test_a_program_cannot_change_the_constants_a_trusted_helper_reads():
+    rigged = "    return s\n\n\nSHIFT = 0\n"
+    right = '    return "".join([chr(((ord(ch) - SHIFT - ord("a")) % 26) + ord("a")) for ch in s])\n'
+    run = lambda body: score_one(body, SHIFT_REF, extract="raw", limits=LIMITS,  # noqa: E731
+                                 allow_host_filesystem=ISO.mode == "none")
+    assert run(rigged)["score"] == 0.0
+    assert run(right)["score"] == 1.0
+
+
+def test_trusted_constants_never_call_the_program():
+    """Only constants built from builtins and what the trusted part already bound: a value calling a stub (which
+    would call the program from the checker before any test began) or reading a program name stays the program's."""
+    from rewards.jail.checker import trusted_helpers
+
+    prompt = ("import math\nA = 3\nB = A * math.pi\nC = f(2)\nD = [x for x in range(A)]\nE = lambda y: y + A\n"
+              "F = undefined_name\nG: int\nx.y = 2\nA += 1\ndef f(q):\n    '''stub'''\n")
+    kept = trusted_helpers(prompt, ["check(f)"]).splitlines()
+    assert kept == ["import math", "A = 3", "B = A * math.pi", "D = [x for x in range(A)]", "E = lambda y: y + A",
+                    "A += 1"]
+    # a constant the tests name is under test: the program's
+    assert "A = 3" not in trusted_helpers("A = 3\n", ["assert A == 3"])
