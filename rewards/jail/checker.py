@@ -156,17 +156,19 @@ _IMPORT_NEVER = {"antigravity", "this", "__hello__", "__phello__", "idlelib", "t
 def _import_exports(namespace, exports, holder):
     """The program's top-level names, as the tests may use them. A name that would shadow a builtin is left out
     (the tests' `len`, `abs`, `sorted` stay the real ones); modules are imported here by name, standard library
-    only (a module is code: the program's own copy never crosses)."""
-    for name, spec in exports.items():
-        if type(name) is not str or type(spec) is not list or not spec or hasattr(builtins, name):
+    only and never a `__main__` (a module is code: the program's own copy never crosses; importing a `__main__` runs a
+    command-line tool in the checker)."""
+    for name, spec in exports.items():  # the program may have forged this dict: check everything again
+        if type(name) is not str or type(spec) is not list or not spec or hasattr(builtins, name) \
+                or name.startswith("__"):  # `__builtins__` would replace the tests' builtins
             continue
         if spec[0] == "call":
             namespace[name] = _proxy(holder, name)
         elif spec[0] == "value" and len(spec) == 2:
             namespace[name] = spec[1]
         elif spec[0] == "module" and len(spec) == 2 and type(spec[1]) is str:
-            top = spec[1].split(".")[0]
-            if top not in sys.stdlib_module_names or top in _IMPORT_NEVER:
+            parts = spec[1].split(".")
+            if parts[0] not in sys.stdlib_module_names or parts[0] in _IMPORT_NEVER or "__main__" in parts:
                 continue  # a module of the program's own making: tests that use it fail with NameError
             try:
                 namespace[name] = importlib.import_module(spec[1])

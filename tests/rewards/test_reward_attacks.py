@@ -124,3 +124,17 @@ def test_trusted_constants_never_call_the_program():
                     "A += 1"]
     # a constant the tests name is under test: the program's
     assert "A = 3" not in trusted_helpers("A = 3\n", ["assert A == 3"])
+
+
+def test_forged_exports_cannot_replace_the_checkers_builtins_or_run_a_main_module():
+    """The exports dict comes from the candidate process, which the program controls (it can patch the server's
+    `_exports`): the checker re-checks it. Hardening: neither scored before (`__builtins__` = {} only breaks tests,
+    `unittest.__main__` only kills the checker), both now never reach the checker's namespace."""
+    from rewards.jail.checker import _import_exports
+
+    namespace = {"__builtins__": __builtins__}
+    exports = {"__builtins__": ["value", {}], "__name__": ["value", "x"], "m": ["module", "unittest.__main__"],
+               "j": ["module", "json"], "k": ["value", 3], "len": ["value", 0]}
+    _import_exports(namespace, exports, [None])
+    assert namespace["__builtins__"] is __builtins__
+    assert sorted(n for n in namespace if not n.startswith("__")) == ["j", "k"]
