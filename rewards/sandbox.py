@@ -357,6 +357,10 @@ def _explain(returncode: int, flags: list[str], iso: Isolation) -> tuple[str, st
     return "exited", f"process ended (exit code {returncode}) before reporting"
 
 
+STATUSES = frozenset({"ok", "wrong", "runtime_error", "syntax_error", "timeout", "memory", "exited", "crashed",
+                      "output_limit", "non_plain_value", "unsupported_test"})  # what the checker writes
+
+
 def _parse_records(lines: list[str]) -> dict[int, tuple[str, str]]:
     results: dict[int, tuple[str, str]] = {}
     for line in lines:
@@ -365,6 +369,8 @@ def _parse_records(lines: list[str]) -> dict[int, tuple[str, str]]:
             index = int(parts[1])
             if index in results:  # the checker writes one record per test: two mean something is badly wrong
                 results[index] = ("tampered", "more than one result record for this test")
+            elif parts[2] not in STATUSES:  # a status the checker never writes: it copied someone else's word
+                results[index] = ("tampered", f"unknown status {parts[2][:40]!r}")
             else:
                 results[index] = (parts[2], parts[3] if len(parts) > 3 else "")
     return results

@@ -19,6 +19,7 @@ import time
 from rewards.jail import plain
 from rewards.jail.candidate import describe
 
+_LOAD_FAILURES = ("syntax_error", "exited", "memory", "output_limit", "runtime_error")  # candidate.run_guarded's
 _SIGNAL_STATUS = {int(signal.SIGKILL): ("timeout", "CPU time limit (SIGKILL)"),
                   int(signal.SIGXCPU): ("timeout", "CPU time limit (SIGXCPU)"),
                   int(signal.SIGXFSZ): ("output_limit", "file size limit (SIGXFSZ)")}
@@ -270,7 +271,11 @@ def run(job, req_fd, rep_fd, emit):
         return fail_all("crashed", "program: malformed load reply")
     _, status, detail, exports = loaded
     if status != "ok":
-        return fail_all(str(status), f"program: {detail}")
+        # the status is the candidate's word: only a failure run_guarded can report is written as one ("ok " would
+        # be read by the parent as a pass of every test)
+        if status not in _LOAD_FAILURES:
+            return fail_all("crashed", "program: malformed load status")
+        return fail_all(status, f"program: {detail}")
     holder = [Session(req_fd, rep_fd)]
     namespace = {"__name__": "__checker__", "__builtins__": builtins}
     _import_exports(namespace, exports, holder)

@@ -138,3 +138,37 @@ def test_forged_exports_cannot_replace_the_checkers_builtins_or_run_a_main_modul
     _import_exports(namespace, exports, [None])
     assert namespace["__builtins__"] is __builtins__
     assert sorted(n for n in namespace if not n.startswith("__")) == ["j", "k"]
+
+
+# ------------------------------------------------------------------------------- a forged load status
+# The checker wrote the candidate's load status verbatim as every test's status; the program wrote its own
+# ("loaded", "ok ", ...) before the server's and exited: the records read "test I ok  program: " and the parent
+# counted a pass per test. Before the fix: 1.0 in both styles.
+FORGE_LOAD_STATUS = """
+import os, sys
+from rewards.jail import plain
+_frame = sys._getframe()
+while _frame is not None and "rep_fd" not in _frame.f_locals:
+    _frame = _frame.f_back
+plain.send(_frame.f_locals["rep_fd"], ("loaded", "ok ", "", {}))
+os._exit(0)
+def add(a, b):
+    return -7  # never the right answer
+"""
+ADD_REFS = {"check": {"setup": "def check(candidate):\n    assert candidate(2, 3) == 5\n", "tests": ["check(add)"]},
+            "assert": {"setup": "", "tests": ["assert add(2, 3) == 5", "assert add(1, 1) == 2"]}}
+
+
+@pytest.mark.parametrize("style", sorted(ADD_REFS))
+def test_a_forged_load_status_is_not_a_pass(style):
+    result = score(FORGE_LOAD_STATUS, ADD_REFS[style])
+    assert result["score"] == 0.0, result
+    assert result["reason"].startswith("crashed"), result
+
+
+def test_the_parent_counts_only_statuses_the_checker_writes():
+    from rewards.sandbox import _parse_records
+
+    records = _parse_records(["test 0 ok ", "test 1 ok\tx", "test 2 okay", "test 3 wrong AssertionError"])
+    assert records == {0: ("ok", ""), 1: ("tampered", "unknown status 'ok\\tx'"),
+                       2: ("tampered", "unknown status 'okay'"), 3: ("wrong", "AssertionError")}
