@@ -425,6 +425,7 @@ def run_function_tests(program: str, setup: str, tests: list[str], limits: Limit
     return run
 
 
+_PROGRAM_FAILURES = ("syntax_error", "exited", "memory", "output_limit", "runtime_error")  # candidate.run_guarded's
 _OWN_CODES = re.compile(rb"\nsandbox-status (\S+) ?([^\n]*)\n?$")
 
 
@@ -443,7 +444,7 @@ def run_stdio(program: str, stdin: str | bytes, limits: Limits = Limits(), timeo
     own = _OWN_CODES.search(stderr)
     if rc == 0 and not flags:
         status = ("ok", "")
-    elif own and rc == 1:
+    elif own and rc == 1 and own.group(1).decode() in _PROGRAM_FAILURES:  # the program can write this line too
         status = (own.group(1).decode(), own.group(2).decode("utf-8", "replace"))
     elif flags or _exit_signal(rc, iso):
         status = _explain(rc, flags, iso)

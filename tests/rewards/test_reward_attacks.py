@@ -172,3 +172,15 @@ def test_the_parent_counts_only_statuses_the_checker_writes():
     records = _parse_records(["test 0 ok ", "test 1 ok\tx", "test 2 okay", "test 3 wrong AssertionError"])
     assert records == {0: ("ok", ""), 1: ("tampered", "unknown status 'ok\\tx'"),
                        2: ("tampered", "unknown status 'okay'"), 3: ("wrong", "AssertionError")}
+
+
+def test_a_stdio_program_cannot_report_an_infrastructure_error_or_a_pass_for_itself():
+    """The harness reports a stdio program's own failure as a `sandbox-status` stderr line, which the program can
+    write too. Before: `error` (counted in reward/errors as the sandbox's fault) and `ok` with exit code 1."""
+    reference = {"tests": [{"input": "", "output": "5\n"}]}
+    for claimed in ("error: sandbox broke", "ok"):
+        program = f"import sys\nprint(5)\nsys.stderr.write('\\nsandbox-status {claimed}\\n')\nsys.stdout.flush()\n" \
+                  "import os\nos._exit(1)\n"
+        result = score(program, reference)
+        assert result["reason"].startswith("exited"), (claimed, result)
+        assert result["score"] == 0.0
