@@ -20,6 +20,7 @@ What holds, and who enforces it (`detect_isolation()` picks the strongest mode t
 | CPU per test | OS: RLIMIT_CPU soft == hard in a process forked at the test (SIGKILL at the limit, nothing to ignore) | same | same |
 | wall time per test | OS: the candidate server SIGKILLs the test's process; backstop: this parent SIGKILLs the sandbox and restarts it for the remaining tests | same | same |
 | memory | OS: RLIMIT_AS per process (memory_mb - tmp_mb) + a tmpfs of tmp_mb: the only writable storage is carved out of the budget (a process count cap bounds the sum in mode root) | same, no process count cap | rlimits; host /tmp is writable |
+| System V / POSIX IPC (shared memory outlives processes, outside RLIMIT_AS once detached) | OS: a private IPC namespace, freed with the sandbox | same | not prevented |
 | output flooding | OS: stdout/stderr are files capped by RLIMIT_FSIZE; the parent reads at most max_output_bytes | same | same |
 
 Plain-data rule: test code and candidate exchange only the types above (exact types, MAX_BYTES/MAX_DEPTH caps in
@@ -62,7 +63,7 @@ __all__ = ["Isolation", "Limits", "Run", "SandboxError", "detect_isolation", "ru
 
 log = logging.getLogger(__name__)
 HARNESS = str(Path(__file__).with_name("jail") / "harness.py")
-_NAMESPACES = ("--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc")
+_NAMESPACES = ("--net", "--mount", "--ipc", "--pid", "--fork", "--kill-child", "--mount-proc")
 _RESULT_CAP = 256 * 1024  # bytes of result records read before the run counts as flooding its result channel
 _BACKSTOP_S = 2.5  # after a test's wall limit, how long the checker may stay silent before the sandbox is killed
 HOST_FS_OPTION = "allow_host_filesystem"

@@ -184,3 +184,41 @@ def test_a_stdio_program_cannot_report_an_infrastructure_error_or_a_pass_for_its
         result = score(program, reference)
         assert result["reason"].startswith("exited"), (claimed, result)
         assert result["score"] == 0.0
+
+
+# ------------------------------------------------------------------------------- System V shared memory
+# Without an IPC namespace a program's System V segments lived in the host's: touched, detached and left behind,
+# they held host memory outside RLIMIT_AS after the sandbox was gone (4 x 64 MiB per submission here, measured).
+_SHM_KEY = 0x5A7E11
+
+
+@needs_new_root
+def test_shared_memory_segments_do_not_outlive_the_sandbox():
+    import ctypes
+
+    program = f"""
+import ctypes
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.shmat.restype = ctypes.c_void_p
+_made = 0
+for _k in range(2):
+    _id = _libc.shmget({_SHM_KEY} + _k, 1 << 20, 0o1600)  # IPC_CREAT, 1 MiB
+    _addr = _libc.shmat(_id, None, 0)
+    if _id >= 0 and _addr not in (None, ctypes.c_void_p(-1).value):
+        ctypes.memset(_addr, 1, 1 << 20)
+        _libc.shmdt(ctypes.c_void_p(_addr))
+        _made += 1
+def made():
+    return _made
+"""
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        result = score(program, {"setup": "", "tests": ["assert made() == 2"]})
+        assert result["score"] == 1.0, result  # the program could make them (inside its own namespace)
+        left = [libc.shmget(_SHM_KEY + k, 0, 0) for k in range(2)]
+        assert left == [-1, -1], f"segments left on the host: {left}"
+    finally:
+        for k in range(2):  # clean up after a failing run
+            shmid = libc.shmget(_SHM_KEY + k, 0, 0)
+            if shmid >= 0:
+                libc.shmctl(shmid, 0, None)  # IPC_RMID
