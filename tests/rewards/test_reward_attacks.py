@@ -222,3 +222,23 @@ def made():
             shmid = libc.shmget(_SHM_KEY + k, 0, 0)
             if shmid >= 0:
                 libc.shmctl(shmid, 0, None)  # IPC_RMID
+
+
+# ------------------------------------------------------------------------------- toy verifiers: sudoku partial credit
+# With partial_credit, the fraction of ALL cells right was paid: echoing the prompt's puzzle (givens + 0 blanks)
+# earned 0.5 x givens / 16 without solving a cell (0.3125 for 10 givens). Now only the blanks count.
+def test_sudoku_partial_credit_does_not_pay_for_copying_the_givens():
+    from rl.tasks import make_task, sudoku_reward
+
+    prompt, solution = "1030302020034001=", "1432342121434321"
+    blanks = [i for i, c in enumerate(prompt[:16]) if c == "0"]
+    assert sudoku_reward(prompt, prompt[:16], solution, partial_credit=True)["score"] == 0.0
+    assert sudoku_reward(prompt, prompt[:8], solution, partial_credit=True)["score"] == 0.0  # incomplete copy
+    one_filled = list(prompt[:16])
+    one_filled[blanks[0]] = solution[blanks[0]]
+    assert sudoku_reward(prompt, "".join(one_filled), solution, partial_credit=True)["score"] == 0.5 / len(blanks)
+    assert sudoku_reward(prompt, solution, solution, partial_credit=True)["score"] == 1.0
+    task = make_task("sudoku", seed=3, num_train=4, num_test=2)
+    for row in task.rows("train"):
+        copied = task.reward(row["prompt"], row["prompt"].rstrip("="), row["answer"], partial_credit=True)
+        assert copied["score"] == 0.0 and copied["reason"] == "wrong", copied
