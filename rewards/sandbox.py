@@ -29,10 +29,11 @@ a test passing a function, lambda or class instance to the candidate -> `unsuppo
 generator, iterator, class instance, frozenset, numpy value... -> `non_plain_value`; a candidate that mutates its
 argument in place (the test then inspects the argument) -> the test sees its own unchanged copy (usually `wrong`);
 helpers the prompt defines in full (HumanEval/32 `poly`, /38 `encode_cyclic`; passed as `helpers`) and the
-constants it assigns run in the checker, so a program cannot redefine what the tests trust (checker.trusted_helpers). Program-level names the tests
-use: functions and classes become proxies, standard-library modules are imported by name in the checker, plain
-values are copied; a name that would shadow a builtin (a program's own `len`) is not exported; anything else is
-absent (NameError).
+constants it assigns run in the checker, so a program cannot redefine what the tests trust (checker.trusted_helpers).
+Program-level names the tests use: functions and classes become proxies, standard-library modules are imported by
+name in the checker, plain values are copied; a name that would shadow a builtin (a program's own `len`) or starts
+with `__` is not exported; anything else is absent (NameError). A program's StopIteration reaches the test as a
+RuntimeError (PEP 479), never as the end of the test's own loop.
 
 Memory: every process of the program has RLIMIT_AS = memory_mb - tmp_mb, and the only writable storage is the
 sandbox's /tmp tmpfs of tmp_mb (default memory_mb / 8, at most 64 MiB; /var/tmp and /dev/shm point to it), so files

@@ -25,7 +25,8 @@ def score(program: str, reference: dict) -> dict:
 RAISES_STOP_ITERATION = "def is_even(x):\n    raise StopIteration\n"
 ITERATING_REFS = {
     "check": {"setup": "def check(candidate):\n    assert all(map(candidate, [2, 4, 6]))\n"
-                       "    for got in map(candidate, [8]):\n        assert got is True\n", "tests": ["check(is_even)"]},
+                       "    for got in map(candidate, [8]):\n        assert got is True\n",
+              "tests": ["check(is_even)"]},
     "assert": {"setup": "", "tests": ["assert all(map(is_even, [2, 4, 6]))", "assert not any(map(is_even, [1, 3]))"]},
 }
 
