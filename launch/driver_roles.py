@@ -86,7 +86,8 @@ def learner_config(recipe: Recipe):
                         schedule=ln.schedule, min_lr_ratio=ln.min_lr_ratio,
                         total_steps=recipe.trainer.total_steps * ln.mu if ln.schedule != "constant" else None)
     vm = getattr(alg, "value_model", None)
-    value = None if vm is None else ValueConfig(lr=vm.lr, clip=vm.clip, gamma=vm.gamma, lam=vm.lam, trunk="separate")
+    value = None if vm is None else ValueConfig(lr=vm.lr, clip=vm.clip, gamma=vm.gamma, lam=vm.lam, trunk=vm.trunk,
+                                               coef=vm.coef)
     reseed = getattr(recipe.estimator, "reseed_per_update", None)
     return LearnerConfig(
         algorithm=alg.name, loss=alg.loss_params(), estimator=recipe.estimator.name,

@@ -233,6 +233,13 @@ def _length_limit(r: Recipe) -> str | None:
     return None
 
 
+def _value_model(r: Recipe) -> str | None:
+    vm = getattr(r.algorithm, "value_model", None)
+    if vm is not None and vm.trunk == "shared" and vm.path is not None:
+        return "algorithm.value_model.path: a shared value trunk is the policy itself; use trunk: separate"
+    return None
+
+
 def _reference_model(r: Recipe) -> str | None:
     beta = getattr(r.algorithm, "beta", 0.0)
     if beta > 0 and getattr(r.algorithm, "kl_reference", "old") == "ref" and not r.learner.reference_model:
@@ -309,8 +316,8 @@ def _ray(r: Recipe) -> str | None:
 
 CHECKS: tuple[Check, ...] = (
     _model_source, _tiny_kind, _model_alignment, _model_block, _max_tokens_blocks, _steps, _threshold,
-    _full_attention_decoding, _group_size, _estimator, _filter, _length_limit, _reference_model, _workers_agree,
-    _backend, _prompts_split, _data_source, _trainer, _behaviour_temperature, _ray,
+    _full_attention_decoding, _group_size, _estimator, _filter, _length_limit, _value_model, _reference_model,
+    _workers_agree, _backend, _prompts_split, _data_source, _trainer, _behaviour_temperature, _ray,
 )
 
 

@@ -43,7 +43,11 @@ class ValueModelConfig(Section):
     clip: float = Field(0.2, gt=0)
     gamma: Fraction = 1.0
     lam: Fraction = 1.0
-    path: str | None = Field(None, min_length=1)  # trunk to start from; None: a copy of the policy
+    # "separate" (TraceRL): a value model of its own, started from `path` or a copy of the policy; "shared": a value
+    # head on the policy's own trunk (no extra forwards), its loss times `coef` added to the policy loss.
+    trunk: Literal["separate", "shared"] = "separate"
+    coef: float = Field(1.0, gt=0)  # shared trunk only
+    path: str | None = Field(None, min_length=1)  # separate trunk to start from; None: a copy of the policy
 
 
 AdvantageKind = Literal["mean_centered", "zscore"]

@@ -64,11 +64,6 @@ class Checkpoint:
     def policy_dir(self) -> Path:
         return self.path / "policy"
 
-    @property
-    def value_model_dir(self) -> Path | None:
-        path = self.path / "value_model"
-        return path if path.is_dir() else None
-
     def learner_state(self, map_location: str = "cpu") -> dict[str, Any] | None:
         path = self.path / "learner.pt"
         if not path.is_file():
