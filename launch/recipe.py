@@ -34,19 +34,11 @@ from launch.recipe_io import (
     origin_of,
     read_chain,
 )
-from launch.recipe_rules import (
-    BLOCK_CAUSAL_KINDS,
-    ESTIMATORS_FOR,
-    FULL_ATTENTION_KINDS,
-    GENERIC_DEFAULTS,
-    PUBLISHED_DEFAULTS,
-    TINY_KINDS,
-)
+from launch.recipe_rules import BLOCK_CAUSAL_KINDS, ESTIMATORS_FOR, FULL_ATTENTION_KINDS, TINY_KINDS
 from launch.recipe_sections import AlgorithmConfig, EstimatorConfig, Section
 
 __all__ = [
-    "BLOCK_CAUSAL_KINDS", "ESTIMATORS_FOR", "FULL_ATTENTION_KINDS", "GENERIC_DEFAULTS", "PUBLISHED_DEFAULTS",
-    "TINY_KINDS", "Recipe", "RecipeError", "check_paths", "load_recipe", "recipe_from_dict", "resolve_kind",
+    "BLOCK_CAUSAL_KINDS", "ESTIMATORS_FOR", "FULL_ATTENTION_KINDS", "TINY_KINDS", "Recipe", "RecipeError", "check_paths", "load_recipe", "recipe_from_dict", "resolve_kind",
     "save_recipe",
 ]
 

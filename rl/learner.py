@@ -50,6 +50,7 @@ from rl.estimators.base import EstimatorInput, token_mask_of
 from rl.learner_batch import MetricLog, RolloutBatch, minibatch_normalizers, plan_update, rollout_batch, stack_rows
 from rl.masking import sample_seed
 from rl.optim import OptimConfig, param_groups
+from rl.published import needs_reference_model
 from rl.value import ValueHead, compute_value_targets, value_loss
 from rl.weight_sync import Chunk, SyncStats, lora_weights, merged_weights, stream_weights
 from rollout.models.policy import DiffusionPolicy
@@ -134,7 +135,7 @@ class Learner:
             raise ValueError(f"learner.old_logp: 'rollout' log-probs were recorded at temperature "
                              f"{config.temperature}; score at it too (algorithm logp_temperature: rollout)")
         need_ref = config.reference_model if config.reference_model is not None else (
-            lc.beta > 0 and lc.kl_reference == "ref")
+            needs_reference_model(lc.beta, lc.kl_reference))
         self.ref_policy = None
         if need_ref and not self.lora:
             if ref_policy is None:
