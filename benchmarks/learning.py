@@ -101,7 +101,7 @@ ALGOS: dict[str, dict] = {
 # run them with --set '{"learner": {"lr": 2e-5}}'.
 COMMON = {
     "rollout": {"block_size": 4, "steps_per_block": 4, "remasking": "low_confidence_static", "temperature": 1.0,
-                "samples_per_prompt": 8, "cache": "kv", "batch_size": 128},
+                "samples_per_prompt": 8, "cache": "block", "batch_size": 128},
     "data": {"chat_template": True, "num_prompts_per_step": 16},
     "learner": {"lr": 1e-4, "grad_clip": 1.0, "micro_batch_size": 64, "grad_accum": 1, "mu": 1, "warmup_steps": 0,
                 "weight_decay": 0.0, "betas": [0.9, 0.999]},

@@ -94,8 +94,9 @@ class Driver:
         r = self.recipe
         plan = placement_plan(r)
         self.group = create_placement_group(plan)
-        self.rollout = RolloutPool(r, ctx.base_policy_dir, self.group, plan)
-        self.learner = make_learner(r, ctx.init_policy_dir, ctx.base_policy_dir, self.group, plan)
+        self.rollout = RolloutPool(r, ctx.initial_policy_dir, self.group, plan)
+        self.learner = make_learner(r, self.group, plan, start_policy_dir=ctx.start_policy_dir,
+                                    initial_policy_dir=ctx.initial_policy_dir)
         cpus_free = ray.cluster_resources().get("CPU", 0) - sum(b.get("CPU", 0) for b in plan.bundles)
         self.rewards = make_reward_service(ctx.reward_specs, ctx.recipe_dir, cpus_free)
         self.store = store_actor(ctx.store_dir)

@@ -43,11 +43,11 @@ class SetupError(ValueError):
 class RunContext:
     recipe: Recipe
     run_dir: Path
-    init_policy_dir: Path  # weights of version 0 (or of the checkpoint being resumed)
+    start_policy_dir: Path  # the weights the learner starts from: the initial policy, or the resumed checkpoint's
     tokenizer: Any
     prompts: list[Prompt]
     eval_prompts: list[Prompt]
-    base_policy_dir: Path  # the run's initial policy (the KL reference, also after a resume)
+    initial_policy_dir: Path  # the run's version-0 policy, also after a resume: KL reference, LoRA base, rollout start
     recipe_dir: Path | None = None  # folder of the recipe file (file-path rewards resolve against it)
     reward_specs: list[dict] = field(default_factory=list)  # plain specs every RewardService actor resolves
 
@@ -150,10 +150,10 @@ def prepare_run(recipe: Recipe, *, resume=None, recipe_dir: Path | None = None) 
     run_dir = Path(recipe.output_dir)
     _check_run_dir(run_dir, resume is not None)
     run_dir.mkdir(parents=True, exist_ok=True)
-    init_dir = _initial_model(recipe, run_dir)
-    recipe = _resolved_kind(recipe, init_dir)
-    policy_dir = resume.policy_dir if resume is not None else init_dir
-    tokenizer = _tokenizer(policy_dir)
+    initial_dir = _initial_model(recipe, run_dir)
+    recipe = _resolved_kind(recipe, initial_dir)
+    start_dir = resume.policy_dir if resume is not None else initial_dir
+    tokenizer = _tokenizer(start_dir)
     prompts = load_prompts(recipe.data, tokenizer, split="train", seed=recipe.seed)
     eval_prompts: list[Prompt] = []
     if recipe.trainer.eval_every:
@@ -161,7 +161,7 @@ def prepare_run(recipe: Recipe, *, resume=None, recipe_dir: Path | None = None) 
     specs = _check_rewards(recipe, prompts[0], recipe_dir)
     if resume is None:
         save_recipe(recipe, run_dir / "recipe.yaml")
-    return RunContext(recipe, run_dir, policy_dir, tokenizer, prompts, eval_prompts, init_dir, recipe_dir, specs)
+    return RunContext(recipe, run_dir, start_dir, tokenizer, prompts, eval_prompts, initial_dir, recipe_dir, specs)
 
 
 def _tokenizer(policy_dir: Path):
@@ -201,7 +201,7 @@ class PlacementPlan:
 
 def placement_plan(recipe: Recipe) -> PlacementPlan:
     res = recipe.resources
-    n_roll, n_learn = res.rollout_workers, res.learner_workers
+    n_roll, n_learn = recipe.rollout.num_workers, recipe.learner.num_workers
     cpu, gpu = float(res.cpus_per_worker), float(res.gpus_per_worker)
     bundle = {"CPU": cpu, **({"GPU": gpu} if gpu else {})}
     if res.placement == "colocated":

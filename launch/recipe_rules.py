@@ -40,7 +40,7 @@ _ESTIMATOR_NEED = {
 
 def derived_defaults(r: Recipe) -> dict[str, Any]:
     """Values for the fields left at None whose default depends on other sections (only those, nothing else)."""
-    fills: dict[str, dict[str, Any]] = {"model": {}, "rollout": {}, "learner": {}, "estimator": {}, "resources": {}}
+    fills: dict[str, dict[str, Any]] = {"model": {}, "rollout": {}, "learner": {}, "estimator": {}}
     top: dict[str, Any] = {}
     if r.output_dir is None:
         top["output_dir"] = f"runs/{r.name}"
@@ -69,10 +69,8 @@ def derived_defaults(r: Recipe) -> dict[str, Any]:
         fills["estimator"]["shrink"] = 1 if kind in BLOCK_CAUSAL_KINDS else 8  # TraceRL: block models / LLaDA
     if r.learner.reference_model is None:
         fills["learner"]["reference_model"] = _needs_reference(r)
-    if r.resources.rollout_workers is None:
-        fills["resources"]["rollout_workers"] = r.rollout.num_workers
-    if r.resources.learner_workers is None:
-        fills["resources"]["learner_workers"] = r.learner.num_workers
+    if r.learner.zero_stage is None and r.learner.backend == "deepspeed":
+        fills["learner"]["zero_stage"] = 2
     top.update({k: v for k, v in fills.items() if v})
     return top
 
@@ -170,8 +168,8 @@ def _full_attention_decoding(r: Recipe) -> str | None:
         return f"rollout.eoser: EOSER rescales confidence, which {ro.remasking!r} remasking does not rank by"
     if ro.eoser is not None and ro.eoser.schedule == "ass" and not ro.ass:
         return "rollout.eoser.schedule: 'ass' follows the ASS step schedule; set rollout.ass: true or use 'linear'"
-    if kind in FULL_ATTENTION_KINDS and ro.cache == "kv":
-        return f"rollout.cache: an exact 'kv' cache needs block-causal attention; a {kind} model uses prefix or dual"
+    if kind in FULL_ATTENTION_KINDS and ro.cache == "block":
+        return f"rollout.cache: the exact 'block' cache needs block-causal attention; a {kind} model uses prefix or dual"
     return None
 
 
@@ -239,22 +237,10 @@ def _reference_model(r: Recipe) -> str | None:
 # ----------------------------------------------------------------------------------------- learner, workers
 def _backend(r: Recipe) -> str | None:
     ln = r.learner
-    if ln.backend == "torch" and ln.zero_stage != 0:
+    if ln.backend == "torch" and ln.zero_stage is not None:
         return f"learner.zero_stage: ZeRO stage {ln.zero_stage} needs learner.backend: deepspeed"
-    if ln.backend == "torch" and ln.activation_checkpointing:
-        return "learner.activation_checkpointing: DeepSpeed only; with backend torch use model.gradient_checkpointing"
     if ln.backend == "torch" and ln.num_workers > 1:
         return f"learner.num_workers: {ln.num_workers} learners need learner.backend: deepspeed (torch is one process)"
-    return None
-
-
-def _workers_agree(r: Recipe) -> str | None:
-    if r.resources.rollout_workers != r.rollout.num_workers:
-        return (f"resources.rollout_workers: {r.resources.rollout_workers} != rollout.num_workers "
-                f"{r.rollout.num_workers} (setting rollout.num_workers is enough)")
-    if r.resources.learner_workers != r.learner.num_workers:
-        return (f"resources.learner_workers: {r.resources.learner_workers} != learner.num_workers "
-                f"{r.learner.num_workers} (setting learner.num_workers is enough)")
     return None
 
 
@@ -305,7 +291,7 @@ def _ray(r: Recipe) -> str | None:
 CHECKS: tuple[Check, ...] = (
     _model_source, _tiny_kind, _model_alignment, _model_block, _max_tokens_blocks, _steps, _threshold,
     _full_attention_decoding, _group_size, _estimator, _filter, _length_limit, _value_model, _reference_model,
-    _workers_agree, _backend, _prompts_split, _data_source, _trainer, _behaviour_temperature, _ray,
+    _backend, _prompts_split, _data_source, _trainer, _behaviour_temperature, _ray,
 )
 
 

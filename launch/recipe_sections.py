@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rl.published import ALGORITHM_DEFAULTS
 
-__all__ = ["AlgorithmConfig", "EstimatorConfig", "Fraction", "Section"]
+__all__ = ["AlgorithmSection", "EstimatorSection", "Fraction", "Section"]
 
 _ALGORITHM_PARTS = ("loss", "group")  # the parts of an entry that an algorithm section holds
 
@@ -55,7 +55,7 @@ Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
 # -------------------------------------------------------------------------------------------------- algorithm
-class FilterConfig(Section):
+class FilterSection(Section):
     """Which groups to drop before the loss: keep groups with accuracy_lo <= accuracy <= accuracy_hi."""
 
     drop_zero_variance: bool = False
@@ -63,11 +63,11 @@ class FilterConfig(Section):
     accuracy_hi: Fraction | None = None
 
 
-class TraceRLFilter(FilterConfig, published=("tracerl", "group")):
+class TraceRLFilter(FilterSection, published=("tracerl", "group")):
     """TraceRL's filter bounds as class defaults, so that a recipe setting one bound keeps the other."""
 
 
-class ValueModelConfig(Section, published=("tracerl", "value_model")):
+class ValueModelSection(Section, published=("tracerl", "value_model")):
     """TraceRL's value model (published, rl/published.py: value lr 5e-6, clip 0.2, gamma = lambda = 1)."""
 
     lr: float = Field(1e-6, gt=0)
@@ -96,7 +96,7 @@ _NOT_LOSS = {"name", "advantage", "filter", "value_model", "length_limit_margin"
 class _GroupRelative(Section):
     name: str  # declared first so that dumps read `name` first; each algorithm narrows it to its Literal
     advantage: AdvantageKind = "mean_centered"  # A = R - mean(R) (d1, GDPO, CJ-GRPO, wd1, SPG, DiffuCoder)
-    filter: FilterConfig = FilterConfig()
+    filter: FilterSection = FilterSection()
     logp_temperature: LogpTemperature = "raw"
     # A response within this many tokens of rollout.max_tokens counts as wrong (reward 0) before advantages and
     # filters (TraceRL: 5, as dLLM-RL's reward/rl_reward.py); None: no such rule.
@@ -151,7 +151,7 @@ class TraceRL(_ClippedPolicyGradient, published="tracerl"):
     name: Literal["tracerl"] = "tracerl"
     filter: TraceRLFilter = TraceRLFilter()
     loss_agg: LossAgg = "token_mean"
-    value_model: ValueModelConfig | None = None
+    value_model: ValueModelSection | None = None
 
 
 class CoupledGRPO(_ClippedPolicyGradient, published="coupled_grpo"):
@@ -186,7 +186,7 @@ class RandomMaskGRPO(_ClippedPolicyGradient, published="random_mask_grpo"):
     loss_agg: LossAgg = "token_mean"
 
 
-AlgorithmConfig = Annotated[
+AlgorithmSection = Annotated[
     DiffuGRPO | GDPO | CJGRPO | TraceRL | CoupledGRPO | WD1 | SPG | RandomMaskGRPO, Field(discriminator="name")
 ]
 
@@ -274,7 +274,7 @@ class RandomMaskEstimator(_EstimatorSection):
         return {"t_min": self.t_min, "t_max": self.t_max, "num_samples": self.mc_num}
 
 
-EstimatorConfig = Annotated[
+EstimatorSection = Annotated[
     OneStepEstimator | MCElboEstimator | SDMCEstimator | CoupledEstimator | BlockElboEstimator
     | BlockRandomEstimator | TrajectoryEstimator | RandomMaskEstimator,
     Field(discriminator="name"),

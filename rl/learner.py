@@ -95,7 +95,7 @@ class LearnerConfig:
     shuffle: bool = True  # reshuffle the batch each inner iteration (explicit generator)
     reference_model: bool | None = None  # None: when the loss has beta > 0 and kl_reference == "ref"
     bf16: bool = False  # torch: autocast bf16 (meant for GPU); deepspeed: bf16 weights, fp32 masters
-    activation_checkpointing: bool = False  # HF gradient checkpointing of the policy (and value trunk)
+    gradient_checkpointing: bool = False  # HF per-layer (activation) checkpointing of the policy (and value trunk)
     value: ValueConfig | None = None
     log_mismatch: bool | None = None  # rollout vs learner logp gap; None: only when free (trajectory estimator)
     # pi_old: "recompute" (learner weights before the update) or "rollout" (the log-probs the rollout recorded, the
@@ -165,7 +165,7 @@ class Learner:
                 modules["value_trunk"] = value_policy.model
                 value_params += list(value_policy.model.named_parameters())
             groups += param_groups(value_params, lr=vc.lr, weight_decay=config.optim.weight_decay, tag="value")
-        if config.activation_checkpointing:
+        if config.gradient_checkpointing:
             for pol in (policy, self.value_policy):
                 if pol is not None:
                     pol.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -193,7 +193,7 @@ class Learner:
 
     def _set_mode(self, train: bool) -> None:
         # Dropout stays off (eval) unless activation checkpointing needs train mode (HF only checkpoints then).
-        self.module.train(train and self.config.activation_checkpointing)
+        self.module.train(train and self.config.gradient_checkpointing)
 
     def _autocast(self):
         if self.config.bf16 and self.config.backend == "torch":

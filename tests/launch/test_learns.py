@@ -39,7 +39,7 @@ OVERRIDES = [
     "name=learns", "model.tiny=null", "model.tiny_vocab=null",
     "data.task_kwargs.digits=1", "data.task_kwargs.num_train=8", "data.task_kwargs.num_test=15",
     "data.num_prompts_per_step=8",
-    "rollout.max_tokens=4", "rollout.samples_per_prompt=8", "rollout.batch_size=64", "rollout.cache=kv",
+    "rollout.max_tokens=4", "rollout.samples_per_prompt=8", "rollout.batch_size=64", "rollout.cache=block",
     # TraceRL's published accuracy filter [0.2, 0.8] is off: from ~25% accuracy the groups with one right answer
     # in 8 are the informative ones. Zero-variance groups carry no advantage anyway.
     "estimator.name=trajectory", "algorithm.filter.accuracy_lo=null", "algorithm.filter.accuracy_hi=null",

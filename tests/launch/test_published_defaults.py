@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from launch.recipe import Recipe, load_recipe, recipe_from_dict
-from launch.recipe_sections import TraceRLFilter, ValueModelConfig
+from launch.recipe_sections import TraceRLFilter, ValueModelSection
 from rl.algorithms import LOSSES, LossConfig, make_loss_config
 from rl.published import ALGORITHM_DEFAULTS, GENERIC, needs_reference_model
 
@@ -52,7 +52,7 @@ def test_recipe_section_defaults_are_the_table(algorithm):
 def test_tracerl_filter_and_value_model_defaults_are_the_table():
     group, value = ALGORITHM_DEFAULTS["tracerl"].group, ALGORITHM_DEFAULTS["tracerl"].value_model
     assert (TraceRLFilter().accuracy_lo, TraceRLFilter().accuracy_hi) == (group["accuracy_lo"], group["accuracy_hi"])
-    assert {k: getattr(ValueModelConfig(), k) for k in value} == dict(value)
+    assert {k: getattr(ValueModelSection(), k) for k in value} == dict(value)
     # a recipe setting one bound keeps the other published one
     assert recipe_from_dict({"name": "t", "model": {"tiny": "sdar"}, "algorithm": {
         "name": "tracerl", "filter": {"accuracy_lo": 0.1}}, "reward": "math", "data": {"task": "arithmetic"},
