@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from rl.atomic_io import atomic_output
 from rollout.decoding.block import decode_blocks_cached
 from rollout.decoding.reference import decode_blocks_uncached
 from rollout.decoding.state import Row
@@ -329,15 +330,14 @@ def train_ar_model(out: Path, toy: dict, seed: int = 0) -> Path:
             optimizer.step()
         losses.append(float(loss.detach()))
     model.eval()
-    tmp_out = out.with_name(f".{out.name}.tmp")
-    model.save_pretrained(str(tmp_out), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp_out))
-    (tmp_out / "ar_sft.json").write_text(json.dumps({
-        "objective": "next-token cross-entropy on answer + EOS", "task": toy["task"],
-        "task_kwargs": toy["task_kwargs"], "size": size, "steps": config.steps, "batch_size": config.batch_size,
-        "lr": config.lr, "seed": seed, "train_wall_s": time.perf_counter() - start,
-        "final_loss_mean_last_20": sum(losses[-20:]) / len(losses[-20:])}, indent=2) + "\n")
-    tmp_out.rename(out)
+    with atomic_output(out) as tmp_out:
+        model.save_pretrained(str(tmp_out), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp_out))
+        (tmp_out / "ar_sft.json").write_text(json.dumps({
+            "objective": "next-token cross-entropy on answer + EOS", "task": toy["task"],
+            "task_kwargs": toy["task_kwargs"], "size": size, "steps": config.steps, "batch_size": config.batch_size,
+            "lr": config.lr, "seed": seed, "train_wall_s": time.perf_counter() - start,
+            "final_loss_mean_last_20": sum(losses[-20:]) / len(losses[-20:])}, indent=2) + "\n")
     return out
 
 

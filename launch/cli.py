@@ -51,10 +51,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())
-
-
 def _unwrap(err: BaseException) -> BaseException:
     """The user error inside a Ray task error (raised in an actor), else err itself."""
     cause = getattr(err, "cause", None)
@@ -319,7 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # user errors become one line; anything else is re-raised with its traceback
         cause = _unwrap(err)
         if isinstance(cause, _user_errors()):
-            print(f"diffrl: error: {_one_line(cause)}", file=sys.stderr)
+            from rollout.errors import one_line
+
+            print(f"diffrl: error: {one_line(cause)}", file=sys.stderr)
             return EXIT_BAD_INPUT
         raise
 

@@ -37,6 +37,7 @@ from rl.advantages import group_advantages, near_length_limit, wd1_weights
 from rl.checkpoint import Checkpoint, capture_rng, restore_rng, save_checkpoint
 from rl.masking import sample_seed
 from rl.store import store_actor
+from rollout.errors import one_line
 from rollout.sampling import GenerationRequest
 from rollout.trajectory import Trajectory
 
@@ -80,7 +81,7 @@ def run_training(recipe, *, resume: Checkpoint | None = None, progress: bool = T
                 driver.close()
     except BaseException as err:
         state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-        write_run_status(ctx.run_dir, status=state, error=" ".join(f"{type(err).__name__}: {err}".split())[:500])
+        write_run_status(ctx.run_dir, status=state, error=one_line(f"{type(err).__name__}: {err}", 500))
         raise
     write_run_status(ctx.run_dir, status="finished", step=result.steps)
     return result

@@ -21,6 +21,7 @@ import torch
 from launch.data import shard
 from launch.driver_setup import PlacementPlan, SetupError
 from launch.recipe import Recipe
+from rollout.errors import one_line
 from rollout.sampling import GenerationRequest, SamplingParams
 from rollout.trajectory import Trajectory
 
@@ -236,7 +237,7 @@ class RolloutPool:
             except RayActorError as err:
                 if attempts[i] >= max_attempts:
                     raise RuntimeError(f"rollout worker {i} died {attempts[i]} times in one step: "
-                                       f"{' '.join(str(err).split())[:200]}") from None
+                                       f"{one_line(err, 200)}") from None
                 log.warning("rollout worker %d died (%s); waiting for Ray to restart it", i, type(err).__name__)
                 self.restarts += 1
                 self._revive(i)

@@ -25,6 +25,8 @@ from typing import Any
 
 from launch.data import Prompt, load_prompts, reward_item
 from launch.recipe import Recipe, check_paths, recipe_from_dict, resolve_kind, save_recipe
+from rl.atomic_io import atomic_output, atomic_write
+from rollout.errors import OneLineError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +34,8 @@ __all__ = ["SetupError", "RunContext", "prepare_run", "placement_plan", "Placeme
            "absolute_recipe"]
 
 
-class SetupError(ValueError):
+class SetupError(OneLineError):
     """A run that cannot start (its directory, model or reward); one line naming the field or file."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
 
 
 @dataclass
@@ -99,9 +98,7 @@ def write_run_status(run_dir: Path, **fields: Any) -> None:
     path = run_dir / "run.json"
     current = json.loads(path.read_text()) if path.is_file() else {}
     current.update(fields, updated=time.time())
-    tmp = path.with_name(f".run.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(current, indent=1, sort_keys=True) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ preparation
@@ -112,10 +109,9 @@ def _initial_model(recipe: Recipe, run_dir: Path) -> Path:
 
     target = run_dir / "model_init"
     if not (target / "config.json").is_file():
-        tmp = run_dir / f".model_init.{os.getpid()}.tmp"
-        make_tiny_policy(recipe.model.tiny, tmp, vocab=recipe.model.tiny_vocab or "small", seed=recipe.seed,
-                         block_size=recipe.model.block_size, block_alignment=recipe.model.block_alignment)
-        os.replace(tmp, target)
+        with atomic_output(target) as tmp:
+            make_tiny_policy(recipe.model.tiny, tmp, vocab=recipe.model.tiny_vocab or "small", seed=recipe.seed,
+                             block_size=recipe.model.block_size, block_alignment=recipe.model.block_alignment)
     return target
 
 
@@ -171,7 +167,7 @@ def _tokenizer(policy_dir: Path):
         return AutoTokenizer.from_pretrained(str(policy_dir))
     except (OSError, ValueError) as err:
         raise SetupError(f"model.path: {policy_dir}: tokenizer failed to load ({type(err).__name__}: "
-                         f"{' '.join(str(err).split())[:200]})") from None
+                         f"{one_line(err, 200)})") from None
 
 
 def _check_rewards(recipe: Recipe, sample: Prompt, recipe_dir: Path | None) -> list[dict]:

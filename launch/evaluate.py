@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from launch.evaluate_data import EvalItem, EvalSet, load_eval_set
+from rl.atomic_io import atomic_write
 from rl.passk import avg_at_n, mean_pass_at_k
 
 log = logging.getLogger(__name__)
@@ -262,11 +263,7 @@ def _task_params(checkpoint, data: str, task_kwargs: dict | None, task_seed: int
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, default=str) + "\n")
-    tmp.replace(path)
+    atomic_write(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
 
 
 def run_eval(checkpoint, data: str | Sequence[str], *, out: str | None = None, n: int = 1,
@@ -332,9 +329,7 @@ def run_eval(checkpoint, data: str | Sequence[str], *, out: str | None = None, n
         if out_dir:
             _write_jsonl(out_dir / f"{evalset.name}.jsonl", rows)
     if out_dir:
-        tmp = out_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summaries, indent=2) + "\n")
-        tmp.replace(out_dir / "summary.json")
+        atomic_write(out_dir / "summary.json", json.dumps(summaries, indent=2) + "\n")
     if print_table:
         print(format_table(summaries))
     return summaries

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -37,6 +36,7 @@ from launch.recipe_io import (
 )
 from launch.recipe_rules import BLOCK_CAUSAL_KINDS, ESTIMATORS_FOR, FULL_ATTENTION_KINDS, TINY_KINDS
 from launch.recipe_sections import AlgorithmSection, EstimatorSection, Section
+from rl.atomic_io import atomic_write  # light: standard library only
 
 __all__ = [
     "BLOCK_CAUSAL_KINDS", "ESTIMATORS_FOR", "FULL_ATTENTION_KINDS", "TINY_KINDS", "Recipe", "RecipeError", "check_paths", "load_recipe", "recipe_from_dict", "resolve_kind",
@@ -290,14 +290,7 @@ def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
     """Write the validated recipe as YAML, atomically (a resume must never read half a recipe)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(recipe.to_yaml())
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(target, recipe.to_yaml())
 
 
 def resolve_kind(recipe: Recipe, kind: str, block_size: int | None = None) -> Recipe:

@@ -17,16 +17,15 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from rollout.errors import OneLineError
+
 # Sections that are discriminated unions on `name`: a different name means a different parameter set, so they are
 # replaced, not merged, when a child recipe (or an override) switches the name.
 TAGGED_SECTIONS = ("algorithm", "estimator")
 
 
-class RecipeError(ValueError):
+class RecipeError(OneLineError):
     """A recipe that cannot run. The message is a single line naming the file and the key path."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(message.split("\n")))
 
 
 # ---------------------------------------------------------------------------------------------------- YAML files

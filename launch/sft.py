@@ -17,11 +17,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
+
+from rl.atomic_io import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -139,13 +139,10 @@ def run_sft(out: str, *, model: str | None = None, tiny: str = "block", hidden_s
     if eval_items > 0:
         summary["eval"] = _greedy_accuracy(policy, task, task_kwargs, heldout_data, eval_items, seed,
                                            chat_template, eval_decoding, progress, prompt_field, answer_field)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{int(time.time() * 1000)}")
-    save_policy(policy, tmp)
-    (tmp / "sft.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    (tmp / "sft_log.jsonl").write_text("\n".join(log_lines) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with atomic_output(out_dir) as tmp:  # the whole checkpoint directory appears at once (or not at all)
+        save_policy(policy, tmp)
+        (tmp / "sft.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        (tmp / "sft_log.jsonl").write_text("\n".join(log_lines) + "\n")
     log.info("sft: wrote %s (%d parameters, held-out masked CE %.3f -> %.3f)", out_dir, summary["parameters"],
              result.heldout_before or float("nan"), result.heldout_after or float("nan"))
     return summary
