@@ -267,12 +267,15 @@ QUICK_TOY = dict(TOY, steps=100, task_kwargs={"num_train": 2000, "num_test": 48}
 
 def train_block_model(out: Path, toy: dict, seed: int = 0) -> Path:
     """diffrl's diffusion SFT (launch.sft.run_sft, block ELBO objective), block 4; reused when already there."""
-    from launch.sft import run_sft
+    from launch.sft import SFTRun, run_sft
+    from rl.sft import SFTConfig
 
     if not (out / "sft.json").is_file():
         _log(f"P3T: diffusion SFT of the block-4 model ({toy['steps']} steps) -> {out}")
-        run_sft(str(out), task=toy["task"], task_kwargs=toy["task_kwargs"], block_size=4, seed=seed, progress=False,
-                overwrite=True, steps=toy["steps"], batch_size=toy["batch_size"], lr=toy["lr"], **toy["size"])
+        run_sft(SFTRun(out=str(out), model={"tiny": "qwen3-block", "block_size": 4}, tiny_size=toy["size"],
+                       data={"task": toy["task"], "task_kwargs": toy["task_kwargs"]}, overwrite=True,
+                       training=SFTConfig(steps=toy["steps"], batch_size=toy["batch_size"], lr=toy["lr"], seed=seed)),
+                progress=False)
     return out
 
 

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from launch.data import Prompt, PromptSampler, reward_item
-from launch.driver_roles import RolloutPool, make_learner, make_reward_service, sampling_params
+from launch.decoding import decode_block, sampling_params
+from launch.driver_roles import RolloutPool, make_learner, make_reward_service
 from launch.driver_setup import (RunContext, create_placement_group, host, placement_plan, prepare_run,
                                  write_run_status)
 from launch.local_ray import ray_session
@@ -102,7 +103,7 @@ class Driver:
         self.rewards = make_reward_service(ctx.reward_specs, ctx.recipe_dir, cpus_free)
         self.store = store_actor(ctx.store_dir)
         self.sampler = PromptSampler(len(ctx.prompts), seed=r.seed, shuffle=r.data.shuffle)
-        self.sampling = sampling_params(r)
+        self.sampling = sampling_params(r.rollout, block_size=decode_block(r))
         self.step = 0  # steps completed == policy version of the learner's weights
         self.counters = {"nan_skipped_steps": 0, "empty_steps": 0, "dropped_stale": 0}
         self._last_saved = 0
@@ -255,7 +256,7 @@ class Driver:
         prompts = self.ctx.eval_prompts
         if self.recipe.trainer.mode == "sync" and self.rollout.version != self.step:
             self.rollout.sync(self.learner, self.step)
-        greedy = sampling_params(self.recipe, greedy=True)
+        greedy = sampling_params(self.recipe.rollout, block_size=decode_block(self.recipe), greedy=True)
         requests = [GenerationRequest(list(p.prompt_ids), greedy, seed=0, request_id=f"eval-p{p.index}")
                     for p in prompts]
         trajectories = self.rollout.generate(requests)

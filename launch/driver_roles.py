@@ -7,7 +7,8 @@ worker dying mid-step.
     learner = make_learner(recipe, group, plan, start_policy_dir=..., initial_policy_dir=...)  # LearnerGroup
     rewards = make_reward_service(recipe, specs, base_dir, group_cpus)
 
-Recipe -> component configs (SamplingParams, engine options, rl.learner.LearnerConfig) are mapped here, once.
+Recipe -> component configs (engine options, rl.learner.LearnerConfig) are mapped here, once; SamplingParams in
+launch/decoding.py (shared with `diffrl eval`).
 """
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ from typing import Any, Sequence
 import torch
 
 from launch.data import shard
+from launch.decoding import decode_block
 from launch.driver_setup import PlacementPlan, SetupError
 from launch.recipe import Recipe
 from rollout.errors import one_line
-from rollout.sampling import GenerationRequest, SamplingParams
+from rollout.sampling import GenerationRequest
 from rollout.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
@@ -32,29 +34,6 @@ SYNC_BUCKET_BYTES = 64 * 1024 * 1024
 
 
 # ------------------------------------------------------------------------------------------- recipe mappings
-def decode_block(recipe: Recipe) -> int:
-    """Tokens per decoding block (rollout.block_size is filled from the model during validation)."""
-    return recipe.rollout.block_size or recipe.model.block_size or recipe.rollout.max_tokens
-
-
-def sampling_params(recipe: Recipe, *, greedy: bool = False) -> SamplingParams:
-    ro = recipe.rollout
-    block = decode_block(recipe)
-    steps_per_block = ro.steps_per_block
-    if ro.steps is not None:
-        steps_per_block = ro.steps // max(1, ro.max_tokens // block)
-    extra: dict[str, Any] = {}
-    if ro.remasking == "low_confidence_dynamic":
-        extra["threshold"] = ro.threshold
-    elif ro.remasking == "entropy_bounded":
-        extra["entropy_bound"] = ro.threshold
-    return SamplingParams(
-        temperature=0.0 if greedy else ro.temperature, top_k=ro.top_k or 0, top_p=ro.top_p,
-        max_tokens=ro.max_tokens, remasking=ro.remasking, steps_per_block=steps_per_block,
-        min_tokens_per_step=ro.min_tokens_per_step, schedule="ass" if ro.ass else None,  # None: the family's
-        eoser_gamma_min=ro.eoser.gamma_min if ro.eoser is not None else None, **extra)
-
-
 def _dtype(recipe: Recipe) -> torch.dtype:
     return getattr(torch, recipe.model.dtype)
 
