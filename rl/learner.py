@@ -50,7 +50,7 @@ from rl.estimators.base import EstimatorInput, token_mask_of
 from rl.learner_batch import MetricLog, RolloutBatch, minibatch_normalizers, plan_update, rollout_batch, stack_rows
 from rl.masking import sample_seed
 from rl.optim import OptimConfig, param_groups
-from rl.published import needs_reference_model
+from rl.published import ALGORITHM_DEFAULTS, needs_reference_model
 from rl.value import ValueHead, compute_value_targets, value_loss
 from rl.weight_sync import Chunk, SyncStats, lora_weights, merged_weights, stream_weights
 from rollout.models.policy import DiffusionPolicy
@@ -58,14 +58,15 @@ from rollout.trajectory import Trajectory
 
 DETERMINISTIC_ESTIMATORS = ("trajectory",)  # masks do not depend on (seed, inner_iter)
 STATE_FORMAT = 1
+_TRACERL_VALUE = ALGORITHM_DEFAULTS["tracerl"].value_model
 
 
 @dataclass
 class ValueConfig:
-    lr: float = 5e-6  # TraceRL's value lr
-    clip: float | None = 0.2
-    gamma: float = 1.0
-    lam: float = 1.0
+    lr: float = _TRACERL_VALUE["lr"]  # TraceRL's published value model (rl/published.py)
+    clip: float | None = _TRACERL_VALUE["clip"]
+    gamma: float = _TRACERL_VALUE["gamma"]
+    lam: float = _TRACERL_VALUE["lam"]
     coef: float = 1.0  # weight of the value loss added to the policy loss
     trunk: str = "shared"  # "shared" | "separate" (see module doc)
     # trajectory.extra key of the outcome reward on the last step: "advantage" = the group-normalised, filtered

@@ -122,3 +122,10 @@ def test_reference_model_rule(algorithm, beta, kl_reference, needed):
     assert recipe.learner.reference_model is needed
     with pytest.raises(ValueError, match="reference_model") if needed else nullcontext():
         recipe_from_dict({**recipe.to_dict(), "learner": {**recipe.to_dict()["learner"], "reference_model": False}})
+
+
+def test_learner_value_config_defaults_are_the_table():
+    from rl.learner import ValueConfig
+
+    assert {k: getattr(ValueConfig(), k) for k in ALGORITHM_DEFAULTS["tracerl"].value_model} == \
+        dict(ALGORITHM_DEFAULTS["tracerl"].value_model)
