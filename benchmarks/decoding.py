@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from rl.atomic_io import atomic_output
 from rollout.decoding.block import decode_blocks_cached
 from rollout.decoding.reference import decode_blocks_uncached
 from rollout.decoding.state import Row
@@ -266,12 +267,15 @@ QUICK_TOY = dict(TOY, steps=100, task_kwargs={"num_train": 2000, "num_test": 48}
 
 def train_block_model(out: Path, toy: dict, seed: int = 0) -> Path:
     """diffrl's diffusion SFT (launch.sft.run_sft, block ELBO objective), block 4; reused when already there."""
-    from launch.sft import run_sft
+    from launch.sft import SFTRun, run_sft
+    from rl.sft import SFTConfig
 
     if not (out / "sft.json").is_file():
         _log(f"P3T: diffusion SFT of the block-4 model ({toy['steps']} steps) -> {out}")
-        run_sft(str(out), task=toy["task"], task_kwargs=toy["task_kwargs"], block_size=4, seed=seed, progress=False,
-                overwrite=True, steps=toy["steps"], batch_size=toy["batch_size"], lr=toy["lr"], **toy["size"])
+        run_sft(SFTRun(out=str(out), model={"tiny": "qwen3-block", "block_size": 4}, tiny_size=toy["size"],
+                       data={"task": toy["task"], "task_kwargs": toy["task_kwargs"]}, overwrite=True,
+                       training=SFTConfig(steps=toy["steps"], batch_size=toy["batch_size"], lr=toy["lr"], seed=seed)),
+                progress=False)
     return out
 
 
@@ -329,15 +333,14 @@ def train_ar_model(out: Path, toy: dict, seed: int = 0) -> Path:
             optimizer.step()
         losses.append(float(loss.detach()))
     model.eval()
-    tmp_out = out.with_name(f".{out.name}.tmp")
-    model.save_pretrained(str(tmp_out), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp_out))
-    (tmp_out / "ar_sft.json").write_text(json.dumps({
-        "objective": "next-token cross-entropy on answer + EOS", "task": toy["task"],
-        "task_kwargs": toy["task_kwargs"], "size": size, "steps": config.steps, "batch_size": config.batch_size,
-        "lr": config.lr, "seed": seed, "train_wall_s": time.perf_counter() - start,
-        "final_loss_mean_last_20": sum(losses[-20:]) / len(losses[-20:])}, indent=2) + "\n")
-    tmp_out.rename(out)
+    with atomic_output(out) as tmp_out:
+        model.save_pretrained(str(tmp_out), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp_out))
+        (tmp_out / "ar_sft.json").write_text(json.dumps({
+            "objective": "next-token cross-entropy on answer + EOS", "task": toy["task"],
+            "task_kwargs": toy["task_kwargs"], "size": size, "steps": config.steps, "batch_size": config.batch_size,
+            "lr": config.lr, "seed": seed, "train_wall_s": time.perf_counter() - start,
+            "final_loss_mean_last_20": sum(losses[-20:]) / len(losses[-20:])}, indent=2) + "\n")
     return out
 
 

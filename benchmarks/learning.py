@@ -56,6 +56,18 @@ SFT_SWEEP = [
 ]
 
 
+def _sft_run(out: Path, task: str, seed: int, *, block_size: int | None = None, eval_items: int = 0, **config):
+    """SETUPS' flat SFT settings -> the typed SFTRun (tiny model size vs training hyper-parameters)."""
+    from launch.sft import SFTRun, TinySize
+    from rl.sft import SFTConfig
+
+    size = {k: v for k, v in config.items() if k in TinySize.model_fields}
+    training = SFTConfig(seed=seed, **{k: v for k, v in config.items() if k not in size})
+    return SFTRun(out=str(out), model={"tiny": "qwen3-block", "block_size": block_size}, tiny_size=size,
+                  data={"task": task, "task_kwargs": SETUPS[task]["task_kwargs"]}, training=training,
+                  eval_items=eval_items, overwrite=True)
+
+
 def sft_sweep(out: Path, seed: int, eval_items: int) -> list[dict]:
     from launch.sft import run_sft
 
@@ -63,8 +75,7 @@ def sft_sweep(out: Path, seed: int, eval_items: int) -> list[dict]:
     for task, size in SFT_SWEEP:
         config = {**SETUPS[task]["sft"], **size}
         name = f"{task}_h{config['hidden_size']}_l{config['num_layers']}_s{config['steps']}"
-        s = run_sft(str(out / "sft_sweep" / name), task=task, task_kwargs=SETUPS[task]["task_kwargs"], seed=seed,
-                    progress=False, overwrite=True, eval_items=eval_items, **config)
+        s = run_sft(_sft_run(out / "sft_sweep" / name, task, seed, eval_items=eval_items, **config), progress=False)
         rows.append({"run": name, "parameters": s["parameters"], "train_s": s["train_wall_s"],
                      "heldout_masked_ce": [s["heldout_masked_ce_before"], s["heldout_masked_ce_after"]],
                      "greedy_accuracy": s["eval"]["accuracy"]})
@@ -101,7 +112,7 @@ ALGOS: dict[str, dict] = {
 # run them with --set '{"learner": {"lr": 2e-5}}'.
 COMMON = {
     "rollout": {"block_size": 4, "steps_per_block": 4, "remasking": "low_confidence_static", "temperature": 1.0,
-                "samples_per_prompt": 8, "cache": "kv", "batch_size": 128},
+                "samples_per_prompt": 8, "cache": "block", "batch_size": 128},
     "data": {"chat_template": True, "num_prompts_per_step": 16},
     "learner": {"lr": 1e-4, "grad_clip": 1.0, "micro_batch_size": 64, "grad_accum": 1, "mu": 1, "warmup_steps": 0,
                 "weight_decay": 0.0, "betas": [0.9, 0.999]},
@@ -184,16 +195,19 @@ def run_rl(recipe, budget_s: float, clock: str = "cpu", log_every: int = 5) -> d
 def heldout(policy_dir: str | Path, task: str, seed: int, limit: int) -> dict:
     """Greedy accuracy on the task's test split, static (1 token per forward) and dynamic (threshold 0.9), and the
     rollout distribution's accuracy (temperature 1, 4 samples per problem)."""
-    from launch.evaluate import run_eval
+    from launch.evaluate import EvalRun, run_eval
 
     out = {}
-    common = dict(task_kwargs=SETUPS[task]["task_kwargs"], task_seed=seed, limit=limit, progress=False,
+    common = dict(data=[task], task_kwargs=SETUPS[task]["task_kwargs"], task_seed=seed, limit=limit,
                   print_table=False, max_tokens=SETUPS[task]["max_tokens"])
     for decoding in ("static", "dynamic"):
-        s = run_eval(str(policy_dir), task, decoding=decoding, threshold=0.9, **common)[0]
+        rollout = {"remasking": f"low_confidence_{decoding}", "threshold": 0.9 if decoding == "dynamic" else None,
+                   "temperature": 0.0, "batch_size": 32}
+        s = run_eval(str(policy_dir), EvalRun(rollout=rollout, **common), progress=False)[0]
         out[decoding] = {"accuracy": s["avg@1"], "tokens_per_forward": s["tokens_per_forward"],
                          "gen_wall_s": s["gen_wall_s"]}
-    s = run_eval(str(policy_dir), task, n=4, k=(1, 4), temperature=1.0, **common)[0]
+    sampled = EvalRun(n=4, k=(1, 4), rollout={"temperature": 1.0, "batch_size": 32}, **common)
+    s = run_eval(str(policy_dir), sampled, progress=False)[0]
     out["sampled"] = {"avg@4": s["avg@4"], "pass@4": s["pass@4"]}
     return out
 
@@ -202,8 +216,7 @@ def make_sft(out: Path, task: str, seed: int, block_size: int) -> Path:
     from launch.sft import run_sft
 
     if not (out / "sft.json").is_file():
-        run_sft(str(out), task=task, task_kwargs=SETUPS[task]["task_kwargs"], block_size=block_size, seed=seed,
-                progress=False, overwrite=True, **SETUPS[task]["sft"])
+        run_sft(_sft_run(out, task, seed, block_size=block_size, **SETUPS[task]["sft"]), progress=False)
     return out
 
 

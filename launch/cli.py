@@ -51,10 +51,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())
-
-
 def _unwrap(err: BaseException) -> BaseException:
     """The user error inside a Ray task error (raised in an actor), else err itself."""
     cause = getattr(err, "cause", None)
@@ -101,28 +97,44 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """A seam over the evaluation harness (launch/evaluate.py): resolve CKPT, take the run's own settings (toy-task
-    split, response budget) from the checkpoint's recipe when there is one, then hand over."""
+    """A seam over the evaluation harness (launch/evaluate.py): resolve CKPT, build the typed EvalRun from the
+    checkpoint's own recipe when there is one (its rollout, model, data and reward sections) and the flags, hand over."""
     from launch.evaluate import run_eval
 
     policy_dir = policy_dir_of(Path(args.checkpoint))
-    trained = _recipe_of(policy_dir)
-    task_kwargs = task_seed = None
-    if trained and trained.get("data", {}).get("task") == args.data:  # the held-out split of the task trained on
-        task_kwargs, task_seed = trained["data"].get("task_kwargs") or {}, int(trained.get("seed", 0))
-    own = is_own_data(trained, args.data)
-    reward = eval_rewards(trained, args.reward, own)
-    data = (trained or {}).get("data", {})
-    prompt_field = args.prompt_field or (data.get("prompt_field") if own and not data.get("task") else None)
-    answer_field = args.answer_field or (data.get("answer_field") if own and not data.get("task") else None)
-    max_tokens = args.max_tokens or (trained or {}).get("rollout", {}).get("max_tokens")
-    temperature = args.temperature if args.temperature is not None else (0.0 if args.k == 1 else 1.0)
-    run_eval(str(policy_dir), args.data, out=args.out, n=args.k, k=args.k, decoding=args.decoding,
-             temperature=temperature, max_tokens=max_tokens, limit=args.limit, seed=args.seed,
-             chat_template=False if args.no_chat_template else None, prompt_field=prompt_field,
-             answer_field=answer_field, task_kwargs=task_kwargs, task_seed=task_seed, progress=not args.quiet,
-             reward=reward, reward_base_dir=policy_dir.parent if reward is not None else None)
+    run_eval(str(policy_dir), eval_run(args, _recipe_of(policy_dir), policy_dir), progress=not args.quiet)
     return 0
+
+
+_DECODING = {"static": "low_confidence_static", "dynamic": "low_confidence_dynamic"}
+
+
+def eval_run(args: argparse.Namespace, trained: dict | None, policy_dir: Path):
+    """The EvalRun of `diffrl eval`: the trained recipe's rollout / model / data / reward sections (EvalRun.
+    from_recipe), then the flags given. Decoding: --decoding, else the recipe's remasking, else static;
+    temperature: --temperature, else greedy for k = 1 and the recipe's (else 1.0) for k > 1; budget: --max-tokens,
+    else the recipe's, else each dataset's; toy tasks: the held-out split of the task trained on."""
+    from launch.evaluate import EvalRun
+
+    own = is_own_data(trained, args.data)
+    data = (trained or {}).get("data") or {}
+    run = EvalRun.from_recipe(trained or {}, [args.data])
+    rollout: dict = {"temperature": args.temperature if args.temperature is not None else (
+        0.0 if args.k == 1 else run.rollout.temperature or 1.0)}
+    if args.decoding is not None or "remasking" not in run.rollout.model_fields_set:
+        rollout["remasking"] = _DECODING[args.decoding or "static"]
+    own_fields = own and not data.get("task")
+    changes: dict = {
+        "rollout": run.rollout.model_copy(update=rollout), "n": args.k, "k": args.k, "limit": args.limit,
+        "seed": args.seed, "out": args.out, "chat_template": False if args.no_chat_template else None,
+        "max_tokens": args.max_tokens or run.max_tokens,
+        "prompt_field": args.prompt_field or (data.get("prompt_field") if own_fields else None),
+        "answer_field": args.answer_field or (data.get("answer_field") if own_fields else None)}
+    if data.get("task") and data.get("task") == args.data:  # the held-out split of the task trained on
+        changes.update(task_kwargs=data.get("task_kwargs") or {}, task_seed=int((trained or {}).get("seed", 0)))
+    reward = eval_rewards(trained, args.reward, own)
+    changes.update(reward=reward, reward_base_dir=str(policy_dir.parent) if reward is not None else None)
+    return EvalRun.model_validate({**run.model_dump(), **changes})
 
 
 def is_own_data(trained: dict | None, data: str) -> bool:
@@ -155,16 +167,46 @@ def cmd_sft(args: argparse.Namespace) -> int:
     """Supervised fine-tuning to a starting checkpoint (launch/sft.py); prints its summary line."""
     from launch.sft import run_sft
 
-    summary = run_sft(
-        args.out, model=args.model, tiny=args.tiny, hidden_size=args.hidden_size, num_layers=args.num_layers,
-        block_size=args.block_size, trust_remote_code=args.trust_remote_code,
-        task=None if args.data else args.task, data=args.data, heldout_data=args.heldout_data,
-        prompt_field=args.prompt_field, answer_field=args.answer_field, steps=args.steps,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed, eval_items=args.eval_items,
-        overwrite=args.overwrite, progress=not args.quiet,
-    )
+    summary = run_sft(sft_run(args), progress=not args.quiet)
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))}))
     return 0
+
+
+def sft_run(args: argparse.Namespace):
+    """The SFTRun of `diffrl sft`: with --recipe, that recipe's model and data sections (and seed), overridden by
+    the flags given; without, a tiny model (--tiny, --hidden-size, ...) on --data or the toy --task."""
+    from launch.recipe import load_recipe
+    from launch.sft import SFTRun
+    from rl.sft import SFTConfig
+
+    training = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
+    size = {"hidden_size": args.hidden_size, "num_layers": args.num_layers}
+    run = SFTRun.from_recipe(load_recipe(args.recipe, args.overrides), args.out) if args.recipe else SFTRun(
+        out=args.out, model={"tiny": _TINY[args.tiny or "block"]}, data={"task": args.task or "arithmetic"})
+    model, data = run.model.model_dump(exclude_unset=False), run.data.model_dump()
+    if args.model is not None:
+        model.update(path=args.model, tiny=None, tiny_vocab=None)
+    elif args.tiny is not None:
+        model.update(path=None, tiny=_TINY[args.tiny])
+    if args.block_size is not None:
+        model["block_size"] = args.block_size
+    model["trust_remote_code"] = model["trust_remote_code"] or args.trust_remote_code
+    if args.data is not None:
+        data.update(train=args.data, task=None, task_kwargs={})
+    elif args.task is not None:
+        data.update(task=args.task, train=None)
+    if args.heldout_data is not None:
+        data["eval"] = args.heldout_data
+    for key in ("prompt_field", "answer_field"):
+        data[key] = getattr(args, key) or data[key]
+    seed = args.seed if args.seed is not None else run.training.seed
+    return SFTRun.model_validate({
+        **run.model_dump(), "model": model, "data": data, "tiny_size": size, "eval_items": args.eval_items,
+        "overwrite": args.overwrite,
+        "training": SFTConfig(**{**{k: v for k, v in training.items() if v is not None}, "seed": seed})})
+
+
+_TINY = {"block": "qwen3-block", "sdar": "sdar", "llada": "llada", "dream": "dream"}
 
 
 def policy_dir_of(path: Path) -> Path:
@@ -255,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a run dir, a checkpoint dir or a policy directory")
     p.add_argument("--data", required=True, help=".jsonl / .json / .parquet file (or a toy task name)")
     p.add_argument("--k", type=int, default=1, help="samples per prompt (pass@k and mean accuracy)")
-    p.add_argument("--decoding", choices=("static", "dynamic"), default="static")
+    p.add_argument("--decoding", choices=("static", "dynamic"), default=None,
+                   help="default: the run recipe's remasking, else static")
     p.add_argument("--max-tokens", type=int, default=None, help="response budget (default: the harness default)")
     p.add_argument("--temperature", type=float, default=None, help="default: 0 (greedy) for k=1, else 1.0")
     p.add_argument("--prompt-field", default=None, help="default: prompt (or the data's own convention)")
@@ -272,21 +315,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sft", help="supervised fine-tuning to a starting checkpoint (diffusion masked CE)")
     p.add_argument("out", help="checkpoint directory to write")
+    p.add_argument("overrides", nargs="*", help="with --recipe: dotted key=value overrides of the recipe")
+    p.add_argument("--recipe", default=None, help="take the model and data sections (and seed) from this recipe")
     p.add_argument("--model", default=None, help="start from this checkpoint (default: a tiny model built offline)")
-    p.add_argument("--tiny", default="block", choices=("block", "sdar", "llada", "dream"))
+    p.add_argument("--tiny", default=None, choices=tuple(_TINY), help="tiny model kind (default: block)")
     p.add_argument("--hidden-size", type=int, default=192)
     p.add_argument("--num-layers", type=int, default=4)
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--task", default="arithmetic", help="toy task (arithmetic | countdown | sudoku)")
+    p.add_argument("--task", default=None, help="toy task (arithmetic | countdown | sudoku; default: arithmetic)")
     p.add_argument("--data", default=None, help=".jsonl / .json / .parquet training file (instead of --task)")
     p.add_argument("--heldout-data", default=None)
-    p.add_argument("--prompt-field", default="prompt")
-    p.add_argument("--answer-field", default="answer")
+    p.add_argument("--prompt-field", default=None, help="default: the recipe's, else prompt")
+    p.add_argument("--answer-field", default=None, help="default: the recipe's, else answer")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="default: the recipe's, else 0")
     p.add_argument("--eval-items", type=int, default=0, help="greedy accuracy on this many held-out items after")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -319,7 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # user errors become one line; anything else is re-raised with its traceback
         cause = _unwrap(err)
         if isinstance(cause, _user_errors()):
-            print(f"diffrl: error: {_one_line(cause)}", file=sys.stderr)
+            from rollout.errors import one_line
+
+            print(f"diffrl: error: {one_line(cause)}", file=sys.stderr)
             return EXIT_BAD_INPUT
         raise
 

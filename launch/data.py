@@ -23,17 +23,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rollout.errors import OneLineError
+
 log = logging.getLogger(__name__)
 
 __all__ = ["DataError", "Prompt", "PromptSampler", "load_prompts", "read_rows", "encode_prompt", "reward_item",
            "shard"]
 
 
-class DataError(ValueError):
+class DataError(OneLineError):
     """A dataset that cannot be used; the message is one line naming the file (or task), row and field."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from launch.data import Prompt, PromptSampler, reward_item
-from launch.driver_roles import RolloutPool, make_learner, make_reward_service, sampling_params
+from launch.decoding import decode_block, sampling_params
+from launch.driver_roles import RolloutPool, make_learner, make_reward_service
 from launch.driver_setup import (RunContext, create_placement_group, host, placement_plan, prepare_run,
                                  write_run_status)
 from launch.local_ray import ray_session
@@ -39,6 +40,7 @@ from rl.checkpoint import Checkpoint, capture_rng, restore_rng, save_checkpoint
 from rl.masking import sample_seed
 from rl.sample import ScoredSample
 from rl.store import store_actor
+from rollout.errors import one_line
 from rollout.sampling import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ def run_training(recipe, *, resume: Checkpoint | None = None, progress: bool = T
                 driver.close()
     except BaseException as err:
         state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-        write_run_status(ctx.run_dir, status=state, error=" ".join(f"{type(err).__name__}: {err}".split())[:500])
+        write_run_status(ctx.run_dir, status=state, error=one_line(f"{type(err).__name__}: {err}", 500))
         raise
     write_run_status(ctx.run_dir, status="finished", step=result.steps)
     return result
@@ -92,14 +94,15 @@ class Driver:
         r = self.recipe
         plan = placement_plan(r)
         self.group = create_placement_group(plan)
-        self.rollout = RolloutPool(r, ctx.base_policy_dir, self.group, plan)
-        self.learner = make_learner(r, ctx.init_policy_dir, ctx.base_policy_dir, self.group, plan)
+        self.rollout = RolloutPool(r, ctx.initial_policy_dir, self.group, plan)
+        self.learner = make_learner(r, self.group, plan, start_policy_dir=ctx.start_policy_dir,
+                                    initial_policy_dir=ctx.initial_policy_dir)
         cpus_free = ray.cluster_resources().get("CPU", 0) - sum(b.get("CPU", 0) for b in plan.bundles)
         self.rewards = make_reward_service(ctx.reward_specs, ctx.recipe_dir, cpus_free,
                                            max_workers=r.resources.reward_workers)
         self.store = store_actor(ctx.store_dir)
         self.sampler = PromptSampler(len(ctx.prompts), seed=r.seed, shuffle=r.data.shuffle)
-        self.sampling = sampling_params(r)
+        self.sampling = sampling_params(r.rollout, block_size=decode_block(r))
         self.step = 0  # steps completed == policy version of the learner's weights
         self.counters = {"nan_skipped_steps": 0, "empty_steps": 0, "dropped_stale": 0}
         self._last_saved = 0
@@ -252,7 +255,7 @@ class Driver:
         prompts = self.ctx.eval_prompts
         if self.recipe.trainer.mode == "sync" and self.rollout.version != self.step:
             self.rollout.sync(self.learner, self.step)
-        greedy = sampling_params(self.recipe, greedy=True)
+        greedy = sampling_params(self.recipe.rollout, block_size=decode_block(self.recipe), greedy=True)
         requests = [GenerationRequest(list(p.prompt_ids), greedy, seed=0, request_id=f"eval-p{p.index}")
                     for p in prompts]
         trajectories = self.rollout.generate(requests)

@@ -1,13 +1,14 @@
 """The driver's view of its actors: how each role is built from the recipe, and the rollout pool that survives a
 worker dying mid-step.
 
-    pool = RolloutPool(recipe, policy_dir, group, plan)    # N RolloutWorker actors, restarted by Ray when they die
+    pool = RolloutPool(recipe, initial_policy_dir, group, plan)   # N RolloutWorker actors, restarted by Ray
     pool.sync(learner, version)                             # learner -> workers, bucket by bucket
     trajectories = pool.generate(requests)                  # sharded; a dead worker is waited for, re-synced, retried
-    learner = make_learner(recipe, policy_dir, init_dir, group, plan)   # rl.learner_worker.LearnerGroup
+    learner = make_learner(recipe, group, plan, start_policy_dir=..., initial_policy_dir=...)  # LearnerGroup
     rewards = make_reward_service(specs, base_dir, cpus_free, max_workers=recipe.resources.reward_workers)
 
-Recipe -> component configs (SamplingParams, engine options, rl.learner.LearnerConfig) are mapped here, once.
+Recipe -> component configs (engine options, rl.learner.LearnerConfig) are mapped here, once; SamplingParams in
+launch/decoding.py (shared with `diffrl eval`).
 """
 from __future__ import annotations
 
@@ -19,48 +20,26 @@ from typing import Any, Sequence
 import torch
 
 from launch.data import shard
+from launch.decoding import decode_block
 from launch.driver_setup import PlacementPlan, SetupError
 from launch.recipe import Recipe
-from rollout.sampling import GenerationRequest, SamplingParams
+from rollout.errors import one_line
+from rollout.sampling import GenerationRequest
 from rollout.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
 
 ROLLOUT_MAX_RESTARTS = 3  # Ray restarts a dead rollout worker this many times per run
 SYNC_BUCKET_BYTES = 64 * 1024 * 1024
-_CACHE = {"none": "none", "prefix": "prefix", "dual": "dual", "kv": "block"}
 
 
 # ------------------------------------------------------------------------------------------- recipe mappings
-def decode_block(recipe: Recipe) -> int:
-    """Tokens per decoding block (rollout.block_size is filled from the model during validation)."""
-    return recipe.rollout.block_size or recipe.model.block_size or recipe.rollout.max_tokens
-
-
-def sampling_params(recipe: Recipe, *, greedy: bool = False) -> SamplingParams:
-    ro = recipe.rollout
-    block = decode_block(recipe)
-    steps_per_block = ro.steps_per_block
-    if ro.steps is not None:
-        steps_per_block = ro.steps // max(1, ro.max_tokens // block)
-    extra: dict[str, Any] = {}
-    if ro.remasking == "low_confidence_dynamic":
-        extra["threshold"] = ro.threshold
-    elif ro.remasking == "entropy_bounded":
-        extra["entropy_bound"] = ro.threshold
-    return SamplingParams(
-        temperature=0.0 if greedy else ro.temperature, top_k=ro.top_k or 0, top_p=ro.top_p,
-        max_tokens=ro.max_tokens, remasking=ro.remasking, steps_per_block=steps_per_block,
-        min_tokens_per_step=ro.min_tokens_per_step, schedule="ass" if ro.ass else None,  # None: the family's
-        eoser_gamma_min=ro.eoser.gamma_min if ro.eoser is not None else None, **extra)
-
-
 def _dtype(recipe: Recipe) -> torch.dtype:
     return getattr(torch, recipe.model.dtype)
 
 
 def engine_options(recipe: Recipe) -> dict[str, Any]:
-    options = {"engine": recipe.rollout.engine, "kv_cache": _CACHE[recipe.rollout.cache],
+    options = {"engine": recipe.rollout.engine, "kv_cache": recipe.rollout.cache,
                "max_batch_size": recipe.rollout.batch_size, "kind": recipe.model.declared_kind,
                "block_size": decode_block(recipe), "dtype": _dtype(recipe),
                "trust_remote_code": recipe.model.trust_remote_code}
@@ -86,7 +65,8 @@ def learner_config(recipe: Recipe):
                         schedule=ln.schedule, min_lr_ratio=ln.min_lr_ratio,
                         total_steps=recipe.trainer.total_steps * ln.mu if ln.schedule != "constant" else None)
     vm = getattr(alg, "value_model", None)
-    value = None if vm is None else ValueConfig(lr=vm.lr, clip=vm.clip, gamma=vm.gamma, lam=vm.lam, trunk="separate")
+    value = None if vm is None else ValueConfig(lr=vm.lr, clip=vm.clip, gamma=vm.gamma, lam=vm.lam, trunk=vm.trunk,
+                                               coef=vm.coef)
     reseed = getattr(recipe.estimator, "reseed_per_update", None)
     return LearnerConfig(
         algorithm=alg.name, loss=alg.loss_params(), estimator=recipe.estimator.name,
@@ -94,8 +74,8 @@ def learner_config(recipe: Recipe):
         temperature=recipe.rollout.temperature or 1.0,  # greedy rollouts record untempered log-probs
         optim=optim, grad_clip=ln.grad_clip or None, micro_batch_size=ln.micro_batch_size, grad_accum=ln.grad_accum,
         mu=ln.mu, reference_model=ln.reference_model, bf16=ln.bf16,
-        activation_checkpointing=recipe.model.gradient_checkpointing or ln.activation_checkpointing,
-        value=value, backend=ln.backend, zero_stage=ln.zero_stage or 2, seed=recipe.seed,
+        gradient_checkpointing=recipe.model.gradient_checkpointing, value=value, backend=ln.backend,
+        **({"zero_stage": ln.zero_stage} if ln.zero_stage is not None else {}), seed=recipe.seed,
         old_logp="rollout" if recipe.trainer.off_policy == "behaviour" else "recompute")
 
 
@@ -130,17 +110,17 @@ def _strategy(group, bundle: int):
 
 
 # --------------------------------------------------------------------------------------------------- learner
-def make_learner(recipe: Recipe, policy_dir, init_dir, group, plan: PlacementPlan):
-    """The learner group on its bundles. The KL reference (when the loss needs one) is the run's initial policy,
-    also after a resume; a value model starts from algorithm.value_model.path or a copy of the policy. A LoRA
-    learner always starts from the initial policy, its frozen base (and the rollout workers' base for LoRA-delta
-    sync): on resume its adapters come from the checkpoint's learner state, not from the merged policy/ there."""
+def make_learner(recipe: Recipe, group, plan: PlacementPlan, *, start_policy_dir, initial_policy_dir):
+    """The learner group on its bundles, its policy loaded from `start_policy_dir` (the initial policy, or the
+    resumed checkpoint's). The KL reference (when the loss needs one) is `initial_policy_dir`, the run's version-0
+    policy, also after a resume; a value model starts from algorithm.value_model.path or a copy of the policy. A
+    LoRA learner always starts from the initial policy, its frozen base (and the rollout workers' base for
+    LoRA-delta sync): on resume its adapters come from the checkpoint's learner state, not from its merged policy/."""
     from rl.learner_worker import LearnerGroup
 
-    if recipe.model.lora is not None:
-        policy_dir = init_dir
+    policy_dir = initial_policy_dir if recipe.model.lora is not None else start_policy_dir
     config = learner_config(recipe)
-    ref_fn = _policy_fn(recipe, init_dir) if config.reference_model else None
+    ref_fn = _policy_fn(recipe, initial_policy_dir) if config.reference_model else None
     vm = getattr(recipe.algorithm, "value_model", None)
     value_fn = _policy_fn(recipe, vm.path) if vm is not None and vm.path else None
     res = plan.learner_resources
@@ -173,7 +153,7 @@ class RolloutPool:
     """RolloutWorker actors; `version` is what every live worker holds. A worker that dies is restarted by Ray
     (max_restarts) from the initial weights: the pool re-syncs it to the current version before retrying."""
 
-    def __init__(self, recipe: Recipe, policy_dir, group, plan: PlacementPlan):
+    def __init__(self, recipe: Recipe, initial_policy_dir, group, plan: PlacementPlan):
         import ray
 
         from rollout.worker import RolloutWorker
@@ -184,7 +164,7 @@ class RolloutPool:
         self.workers = [
             actor.options(num_cpus=res["num_cpus"], num_gpus=res["num_gpus"], max_restarts=ROLLOUT_MAX_RESTARTS,
                           max_task_retries=0, scheduling_strategy=_strategy(group, b)
-                          ).remote(str(policy_dir), **options)
+                          ).remote(str(initial_policy_dir), **options)
             for b in plan.rollout_bundles
         ]
         ray.get([w.ready.remote() for w in self.workers])
@@ -238,7 +218,7 @@ class RolloutPool:
             except RayActorError as err:
                 if attempts[i] >= max_attempts:
                     raise RuntimeError(f"rollout worker {i} died {attempts[i]} times in one step: "
-                                       f"{' '.join(str(err).split())[:200]}") from None
+                                       f"{one_line(err, 200)}") from None
                 log.warning("rollout worker %d died (%s); waiting for Ray to restart it", i, type(err).__name__)
                 self.restarts += 1
                 self._revive(i)

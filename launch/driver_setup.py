@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,8 @@ from typing import Any
 
 from launch.data import Prompt, load_prompts, reward_item
 from launch.recipe import Recipe, check_paths, recipe_from_dict, resolve_kind, save_recipe
+from rl.atomic_io import atomic_output, atomic_write
+from rollout.errors import OneLineError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -32,22 +33,19 @@ __all__ = ["SetupError", "RunContext", "prepare_run", "placement_plan", "Placeme
            "absolute_recipe"]
 
 
-class SetupError(ValueError):
+class SetupError(OneLineError):
     """A run that cannot start (its directory, model or reward); one line naming the field or file."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
 
 
 @dataclass
 class RunContext:
     recipe: Recipe
     run_dir: Path
-    init_policy_dir: Path  # weights of version 0 (or of the checkpoint being resumed)
+    start_policy_dir: Path  # the weights the learner starts from: the initial policy, or the resumed checkpoint's
     tokenizer: Any
     prompts: list[Prompt]
     eval_prompts: list[Prompt]
-    base_policy_dir: Path  # the run's initial policy (the KL reference, also after a resume)
+    initial_policy_dir: Path  # the run's version-0 policy, also after a resume: KL reference, LoRA base, rollout start
     recipe_dir: Path | None = None  # folder of the recipe file (file-path rewards resolve against it)
     reward_specs: list[dict] = field(default_factory=list)  # plain specs every RewardService actor resolves
 
@@ -99,9 +97,7 @@ def write_run_status(run_dir: Path, **fields: Any) -> None:
     path = run_dir / "run.json"
     current = json.loads(path.read_text()) if path.is_file() else {}
     current.update(fields, updated=time.time())
-    tmp = path.with_name(f".run.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(current, indent=1, sort_keys=True) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ preparation
@@ -112,10 +108,9 @@ def _initial_model(recipe: Recipe, run_dir: Path) -> Path:
 
     target = run_dir / "model_init"
     if not (target / "config.json").is_file():
-        tmp = run_dir / f".model_init.{os.getpid()}.tmp"
-        make_tiny_policy(recipe.model.tiny, tmp, vocab=recipe.model.tiny_vocab or "small", seed=recipe.seed,
-                         block_size=recipe.model.block_size, block_alignment=recipe.model.block_alignment)
-        os.replace(tmp, target)
+        with atomic_output(target) as tmp:
+            make_tiny_policy(recipe.model.tiny, tmp, vocab=recipe.model.tiny_vocab or "small", seed=recipe.seed,
+                             block_size=recipe.model.block_size, block_alignment=recipe.model.block_alignment)
     return target
 
 
@@ -150,10 +145,10 @@ def prepare_run(recipe: Recipe, *, resume=None, recipe_dir: Path | None = None) 
     run_dir = Path(recipe.output_dir)
     _check_run_dir(run_dir, resume is not None)
     run_dir.mkdir(parents=True, exist_ok=True)
-    init_dir = _initial_model(recipe, run_dir)
-    recipe = _resolved_kind(recipe, init_dir)
-    policy_dir = resume.policy_dir if resume is not None else init_dir
-    tokenizer = _tokenizer(policy_dir)
+    initial_dir = _initial_model(recipe, run_dir)
+    recipe = _resolved_kind(recipe, initial_dir)
+    start_dir = resume.policy_dir if resume is not None else initial_dir
+    tokenizer = _tokenizer(start_dir)
     prompts = load_prompts(recipe.data, tokenizer, split="train", seed=recipe.seed)
     eval_prompts: list[Prompt] = []
     if recipe.trainer.eval_every:
@@ -161,7 +156,7 @@ def prepare_run(recipe: Recipe, *, resume=None, recipe_dir: Path | None = None) 
     specs = _check_rewards(recipe, prompts[0], recipe_dir)
     if resume is None:
         save_recipe(recipe, run_dir / "recipe.yaml")
-    return RunContext(recipe, run_dir, policy_dir, tokenizer, prompts, eval_prompts, init_dir, recipe_dir, specs)
+    return RunContext(recipe, run_dir, start_dir, tokenizer, prompts, eval_prompts, initial_dir, recipe_dir, specs)
 
 
 def _tokenizer(policy_dir: Path):
@@ -171,7 +166,7 @@ def _tokenizer(policy_dir: Path):
         return AutoTokenizer.from_pretrained(str(policy_dir))
     except (OSError, ValueError) as err:
         raise SetupError(f"model.path: {policy_dir}: tokenizer failed to load ({type(err).__name__}: "
-                         f"{' '.join(str(err).split())[:200]})") from None
+                         f"{one_line(err, 200)})") from None
 
 
 def _check_rewards(recipe: Recipe, sample: Prompt, recipe_dir: Path | None) -> list[dict]:
@@ -201,7 +196,7 @@ class PlacementPlan:
 
 def placement_plan(recipe: Recipe) -> PlacementPlan:
     res = recipe.resources
-    n_roll, n_learn = res.rollout_workers, res.learner_workers
+    n_roll, n_learn = recipe.rollout.num_workers, recipe.learner.num_workers
     cpu, gpu = float(res.cpus_per_worker), float(res.gpus_per_worker)
     bundle = {"CPU": cpu, **({"GPU": gpu} if gpu else {})}
     if res.placement == "colocated":

@@ -1,14 +1,21 @@
 """Evaluate a checkpoint: generate n samples per problem, score them, report avg@n and unbiased pass@k.
 
-    diffrl eval CKPT --data humaneval --data math500.jsonl --n 4 --k 1,4 --decoding dynamic --out evals/x
-    run_eval(CKPT, ["humaneval", "math500.jsonl"], n=4, k=(1, 4), decoding="dynamic", out="evals/x")
+    diffrl eval CKPT --data humaneval --k 4 --decoding dynamic --out evals/x
+    run_eval(CKPT, EvalRun(data=["humaneval", "math500.jsonl"], n=4, k=(1, 4),
+                           rollout={"remasking": "low_confidence_dynamic", "temperature": 1.0}, out="evals/x"))
+
+What it does is one typed record, `EvalRun`, whose decoding is a recipe's rollout section and whose model loading
+options are a recipe's model section: `diffrl eval` builds it from the checkpoint's own recipe (`EvalRun.from_recipe`)
+and the command line.
 
 Data shapes: see launch/evaluate_data.py (MATH500, GSM8K, AIME, HumanEval, MBPP, LiveCodeBench, the toy tasks).
 Scoring: reward functions through rewards.scorer.Scorer, as the driver scores rollouts: a recipe's `reward`
 section when given (`diffrl eval RUN` passes the run's own for the run's own data), else the built-in reward of
-each item's kind (`math`, `code`, the toy task's verifier); a sample is correct when its reason is `correct`. Decoding: "static" (low-confidence remasking, `steps_per_block` steps per block; default one token a
-step), "dynamic" (every token above `threshold` per step), or any registered remasking name; `block_size`
-overrides the checkpoint's (block size 1 = autoregressive decoding, the AR baseline).
+each item's kind (`math`, `code`, the toy task's verifier); a sample is correct when its reason is `correct`.
+Decoding: `rollout.remasking` low_confidence_static (`steps_per_block` steps per block; default one token a step),
+low_confidence_dynamic (every token above `threshold` per step) or any registered remasking name, mapped to
+SamplingParams by launch/decoding.py exactly as training maps them; `model.block_size` overrides the checkpoint's
+(block size 1 = autoregressive decoding, the AR baseline).
 
 Sample j of item `id` decodes with seed `sample_seed(seed, id, j, "eval")`: results depend on the seed, never on
 the batch size or the order of the data. Writes `<out>/<dataset>.jsonl` (one row per problem: responses, scores,
@@ -21,16 +28,20 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
+
+from pydantic import Field, field_validator
 
 from launch.evaluate_data import EvalItem, EvalSet, load_eval_set
+from launch.recipe import ModelSection, Recipe, RewardSection, RolloutSection
+from launch.recipe_sections import Section
+from rl.atomic_io import atomic_write
 from rl.passk import avg_at_n, mean_pass_at_k
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Sample", "builtin_rewards", "eval_reward_item", "run_eval", "evaluate", "policy_responder", "score_samples",
-           "format_table", "parse_ks",
-           "sampling_params"]
+__all__ = ["EvalRun", "Sample", "builtin_rewards", "eval_reward_item", "run_eval", "evaluate", "policy_responder",
+           "score_samples", "format_table", "parse_ks"]
 
 
 @dataclass
@@ -59,35 +70,87 @@ def parse_ks(k: int | str | Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted(set(values)))
 
 
-def sampling_params(*, max_tokens: int, block_size: int, decoding: str = "static", temperature: float = 0.0,
-                    top_p: float = 1.0, top_k: int = 0, steps_per_block: int | None = None,
-                    threshold: float = 0.9):
-    """SamplingParams for a decoding mode; max_tokens is rounded up to a multiple of the block size."""
-    from rollout.sampling import SamplingParams
+class EvalRun(Section):
+    """Everything `diffrl eval` does. `rollout` is a recipe's rollout section: remasking, steps, threshold,
+    temperature, top_k / top_p, EOSER / ASS and batch_size (requests decoded together); its max_tokens and cache are
+    superseded here by `max_tokens` (None: each dataset's own budget) and `cache` ("auto": the model's own).
+    `model` is a recipe's model section, of which a checkpoint directory is loaded with kind, block_size (a decoding
+    block other than the checkpoint's), trust_remote_code and dtype."""
 
-    remasking = {"static": "low_confidence_static", "dynamic": "low_confidence_dynamic"}.get(decoding, decoding)
-    max_tokens = -(-int(max_tokens) // block_size) * block_size
-    return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
-                          remasking=remasking, steps_per_block=steps_per_block, threshold=threshold)
+    data: list[str] = Field(min_length=1)  # dataset names (humaneval, math500, a toy task) or data files
+    n: int = Field(1, ge=1)  # samples per problem
+    k: tuple[int, ...] = (1,)  # pass@k for each k (<= n)
+    rollout: RolloutSection = RolloutSection(temperature=0.0, batch_size=32)
+    max_tokens: int | None = Field(None, ge=1)
+    cache: Literal["auto", "none", "prefix", "dual", "block"] = "auto"
+    model: ModelSection = ModelSection()
+    limit: int | None = Field(None, ge=1)  # first N rows of each dataset only
+    prompt_field: str | None = None  # None: the dataset's own convention
+    answer_field: str | None = None
+    chat_template: bool | None = None  # None: the tokenizer's chat template when it has one
+    task_kwargs: dict[str, Any] | None = None  # toy tasks: generator parameters (None: an SFT checkpoint's own)
+    task_seed: int | None = None
+    reward: list[RewardSection] | None = None  # None: each item's built-in reward
+    reward_base_dir: str | None = None  # where `file.py:func` rewards are resolved
+    workers: int = Field(2, ge=1)  # built-in math / code reward workers
+    test_timeout_s: float = Field(5.0, gt=0)
+    seed: int = Field(0, ge=0)  # sampling seed only
+    device: str = "cpu"
+    out: str | None = None  # folder for per-sample rows and summary.json
+    print_table: bool = True
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_or_more(cls, data: Any) -> Any:
+        return [data] if isinstance(data, str) else data
+
+    @field_validator("k", mode="before")
+    @classmethod
+    def _ks(cls, k: Any) -> tuple[int, ...]:
+        return parse_ks(k)
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe | dict, data: str | list[str], **changes: Any) -> EvalRun:
+        """Decode as the recipe's rollout section, load as its model section (the checkpoint itself is given to
+        run_eval), score with its reward section, seed as it; `changes` replace any field. `recipe` may be a
+        validated Recipe or the plain mapping of a saved recipe.yaml (sections it lacks keep their defaults)."""
+        sections = recipe.to_dict() if isinstance(recipe, Recipe) else recipe
+        fields: dict[str, Any] = {"data": data, "seed": int(sections.get("seed", 0))}
+        if sections.get("rollout") is not None:
+            rollout = RolloutSection.model_validate(sections["rollout"])
+            fields.update(rollout=rollout, max_tokens=rollout.max_tokens)
+            if "cache" in rollout.model_fields_set:
+                fields["cache"] = rollout.cache
+        if sections.get("model") is not None:
+            own = {key: value for key, value in sections["model"].items() if key not in _CHECKPOINT_KEYS}
+            fields["model"] = ModelSection.model_validate(own)
+        if sections.get("reward") is not None:
+            fields["reward"] = sections["reward"]
+        return cls.model_validate({**fields, **changes})
+
+
+# What a recipe's model section says about building a model, not about loading the checkpoint being evaluated.
+_CHECKPOINT_KEYS = ("path", "tiny", "tiny_vocab", "lora", "gradient_checkpointing")
 
 
 # ------------------------------------------------------------------------------------------------ generation
-def policy_responder(policy, *, max_tokens: int | None = None, chat_template: bool | None = None, seed: int = 0,
-                     batch_size: int = 32, kv_cache: str = "auto", progress: bool = True,
-                     **decoding: Any) -> Responder:
-    """A responder generating with `policy` through the rollout engine (cached block diffusion for block models)."""
+def policy_responder(policy, run: EvalRun, *, progress: bool = True) -> Responder:
+    """A responder generating with `policy` through the rollout engine (cached block diffusion for block models),
+    decoding as `run.rollout` says, sample j of item `id` seeded by sample_seed(run.seed, id, j, "eval")."""
     from launch.data import encode_prompt
+    from launch.decoding import sampling_params
     from rl.masking import sample_seed
     from rollout.engine import TorchEngine
     from rollout.sampling import GenerationRequest
 
-    engine = TorchEngine(policy, kv_cache=kv_cache, max_batch_size=batch_size)
+    batch_size, seed = run.rollout.batch_size, run.seed
+    engine = TorchEngine(policy, kv_cache=run.cache, max_batch_size=batch_size)
     tokenizer = policy.tokenizer
-    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template
+    use_chat = bool(getattr(tokenizer, "chat_template", None)) if run.chat_template is None else run.chat_template
 
     def respond(evalset: EvalSet, n: int) -> list[list[Sample]]:
-        params = sampling_params(max_tokens=max_tokens or evalset.max_tokens, block_size=policy.spec.block_size,
-                                 **decoding)
+        params = sampling_params(run.rollout, block_size=policy.spec.block_size,
+                                 max_tokens=run.max_tokens or evalset.max_tokens)
         out: list[list[Sample]] = []
         bar = None
         if progress:
@@ -262,68 +325,49 @@ def _task_params(checkpoint, data: str, task_kwargs: dict | None, task_seed: int
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, default=str) + "\n")
-    tmp.replace(path)
+    atomic_write(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
 
 
-def run_eval(checkpoint, data: str | Sequence[str], *, out: str | None = None, n: int = 1,
-             k: int | str | Sequence[int] = 1, decoding: str = "static", temperature: float = 0.0,
-             top_p: float = 1.0, top_k: int = 0, steps_per_block: int | None = None, threshold: float = 0.9,
-             max_tokens: int | None = None, block_size: int | None = None, kind: str | None = None,
-             trust_remote_code: bool = False, kv_cache: str = "auto", batch_size: int = 32,
-             limit: int | None = None, seed: int = 0, chat_template: bool | None = None,
-             prompt_field: str | None = None, answer_field: str | None = None,
-             task_kwargs: dict | None = None, task_seed: int | None = None, device: str = "cpu",
-             dtype: str = "float32", workers: int = 2, test_timeout_s: float = 5.0, progress: bool = True,
-             print_table: bool = True, reward: Sequence[dict] | None = None,
-             reward_base_dir: str | Path | None = None) -> list[dict]:
-    """Evaluate `checkpoint` (a directory, or a loaded DiffusionPolicy) on each of `data`; return the summaries.
+def run_eval(checkpoint, run: EvalRun, *, progress: bool = True) -> list[dict]:
+    """Evaluate `checkpoint` (a directory, or a loaded DiffusionPolicy) on each of `run.data`; return the summaries.
 
-    task_kwargs / task_seed parameterise a built-in toy task's generator, whose test split must be the held-out
+    run.task_kwargs / task_seed parameterise a built-in toy task's generator, whose test split must be the held-out
     split of the training data: when not given, they are read from the checkpoint's `sft.json` if it trained on
-    that task (else the generator's defaults and seed 0). `seed` only seeds the sampling.
-    chat_template None: use the tokenizer's chat template when it has one (as recipes' data.chat_template does).
-    reward: reward specs (a recipe's `reward` section) to score every dataset with, file paths resolved against
-    `reward_base_dir`; None: each item's built-in reward (`builtin_rewards`).
+    that task (else the generator's defaults and seed 0). `run.seed` only seeds the sampling.
     """
     import torch
 
     from rollout.models.loading import load_policy
 
-    datasets = [data] if isinstance(data, str) else list(data)
-    if not datasets:
-        raise ValueError("--data: nothing to evaluate")
+    model = run.model
     if isinstance(checkpoint, (str, Path)):
-        policy = load_policy(checkpoint, kind=kind, block_size=block_size, dtype=getattr(torch, dtype),
-                             device=device, trust_remote_code=trust_remote_code)
+        policy = load_policy(checkpoint, kind=None if model.kind == "auto" else model.kind,
+                             block_size=model.block_size, dtype=getattr(torch, model.dtype), device=run.device,
+                             trust_remote_code=model.trust_remote_code, block_alignment=model.block_alignment)
     else:
         policy = checkpoint
-        if block_size is not None and block_size != policy.spec.block_size:
+        if model.block_size is not None and model.block_size != policy.spec.block_size:
             raise ValueError("--block-size: pass a checkpoint directory to decode with another block size")
     # Load (and check) every dataset before any generation: bad input fails before minutes of decoding.
     evalsets = []
-    for d in datasets:
-        kwargs, t_seed = _task_params(checkpoint, d, task_kwargs, task_seed)
-        evalsets.append(load_eval_set(d, limit=limit, prompt_field=prompt_field, answer_field=answer_field,
-                                      task_kwargs=kwargs, seed=t_seed))
-    responder = policy_responder(policy, max_tokens=max_tokens, chat_template=chat_template, seed=seed,
-                                 batch_size=batch_size, kv_cache=kv_cache, progress=progress, decoding=decoding,
-                                 temperature=temperature, top_p=top_p, top_k=top_k,
-                                 steps_per_block=steps_per_block, threshold=threshold)
-    out_dir = Path(out) if out else None
+    for d in run.data:
+        kwargs, t_seed = _task_params(checkpoint, d, run.task_kwargs, run.task_seed)
+        evalsets.append(load_eval_set(d, limit=run.limit, prompt_field=run.prompt_field,
+                                      answer_field=run.answer_field, task_kwargs=kwargs, seed=t_seed))
+    responder = policy_responder(policy, run, progress=progress)
+    reward = [spec.model_dump() for spec in run.reward] if run.reward is not None else None
+    out_dir = Path(run.out) if run.out else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
     summaries = []
     for evalset in evalsets:
-        summary, rows = evaluate(evalset, responder, n=n, k=k, workers=workers, test_timeout_s=test_timeout_s,
-                                 reward=reward, reward_base_dir=reward_base_dir)
+        summary, rows = evaluate(evalset, responder, n=run.n, k=run.k, workers=run.workers,
+                                 test_timeout_s=run.test_timeout_s, reward=reward,
+                                 reward_base_dir=run.reward_base_dir)
         summary.update(checkpoint=str(checkpoint) if isinstance(checkpoint, (str, Path)) else "<in memory>",
-                       decoding=decoding, temperature=temperature, block_size=policy.spec.block_size, seed=seed,
-                       reward=[spec["fn"] if isinstance(spec, dict) else spec for spec in reward] if reward is not None
-                       else "built-in")
+                       decoding=run.rollout.remasking, temperature=run.rollout.temperature,
+                       block_size=policy.spec.block_size, seed=run.seed,
+                       reward=[spec["fn"] for spec in reward] if reward is not None else "built-in")
         summaries.append(summary)
         if summary["generation_errors"]:
             first = next(r for row in rows for r in row["finish_reasons"] if r.startswith("error"))
@@ -332,9 +376,7 @@ def run_eval(checkpoint, data: str | Sequence[str], *, out: str | None = None, n
         if out_dir:
             _write_jsonl(out_dir / f"{evalset.name}.jsonl", rows)
     if out_dir:
-        tmp = out_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summaries, indent=2) + "\n")
-        tmp.replace(out_dir / "summary.json")
-    if print_table:
+        atomic_write(out_dir / "summary.json", json.dumps(summaries, indent=2) + "\n")
+    if run.print_table:
         print(format_table(summaries))
     return summaries

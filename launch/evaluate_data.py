@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rollout.errors import OneLineError
+
 log = logging.getLogger(__name__)
 
 TOY_TASKS = ("arithmetic", "countdown", "sudoku")
@@ -40,11 +42,8 @@ CODE_INSTRUCTION = "Complete the following Python function. Answer with the code
 DEFAULT_MAX_TOKENS = {"arithmetic": 8, "countdown": 16, "sudoku": 20, "math": 256, "code": 512}
 
 
-class EvalDataError(ValueError):
+class EvalDataError(OneLineError):
     """A dataset the harness cannot read; one line naming the file, row and field."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
 
 
 @dataclass

@@ -149,9 +149,7 @@ def rewind_metrics(run_dir: str | os.PathLike, step: int) -> int:
     if later:
         with open(Path(run_dir) / "metrics.superseded.jsonl", "a") as handle:
             handle.writelines(json.dumps(r) + "\n" for r in later)
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        os.replace(tmp, path)
+        atomic_write(path, "".join(json.dumps(r) + "\n" for r in keep))
     return len(later)
 
 

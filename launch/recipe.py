@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -33,20 +32,14 @@ from launch.recipe_io import (
     normalize_shorthands,
     origin_of,
     read_chain,
+    retired_setting,
 )
-from launch.recipe_rules import (
-    BLOCK_CAUSAL_KINDS,
-    ESTIMATORS_FOR,
-    FULL_ATTENTION_KINDS,
-    GENERIC_DEFAULTS,
-    PUBLISHED_DEFAULTS,
-    TINY_KINDS,
-)
-from launch.recipe_sections import AlgorithmConfig, EstimatorConfig, Section
+from launch.recipe_rules import BLOCK_CAUSAL_KINDS, ESTIMATORS_FOR, FULL_ATTENTION_KINDS, TINY_KINDS
+from launch.recipe_sections import AlgorithmSection, EstimatorSection, Section
+from rl.atomic_io import atomic_write  # light: standard library only
 
 __all__ = [
-    "BLOCK_CAUSAL_KINDS", "ESTIMATORS_FOR", "FULL_ATTENTION_KINDS", "GENERIC_DEFAULTS", "PUBLISHED_DEFAULTS",
-    "TINY_KINDS", "Recipe", "RecipeError", "check_paths", "load_recipe", "recipe_from_dict", "resolve_kind",
+    "BLOCK_CAUSAL_KINDS", "ESTIMATORS_FOR", "FULL_ATTENTION_KINDS", "TINY_KINDS", "Recipe", "RecipeError", "check_paths", "load_recipe", "recipe_from_dict", "resolve_kind",
     "save_recipe",
 ]
 
@@ -55,14 +48,14 @@ Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
 # ------------------------------------------------------------------------------------------------------ model
-class LoraConfig(Section):
+class LoraSection(Section):
     r: int = Field(128, ge=1)  # d1: r 128 / alpha 64 on all projections
     alpha: float = Field(64.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class ModelConfig(Section):
+class ModelSection(Section):
     path: str | None = Field(None, min_length=1)  # a local HF checkpoint directory (checked by check_paths)
     tiny: Literal["qwen3-block", "sdar", "llada", "dream"] | None = None  # a tiny random model built offline
     tiny_vocab: Literal["small", "qwen"] | None = None  # tiny models only; None -> "small"
@@ -74,8 +67,8 @@ class ModelConfig(Section):
     block_alignment: Literal["absolute", "response"] | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"
     trust_remote_code: bool = False
-    lora: LoraConfig | None = None
-    gradient_checkpointing: bool = False  # HF per-layer checkpointing of the policy (any learner backend)
+    lora: LoraSection | None = None
+    gradient_checkpointing: bool = False  # HF per-layer (activation) checkpointing in the learner, any backend
 
     @property
     def declared_kind(self) -> str | None:
@@ -86,14 +79,14 @@ class ModelConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------------------- rollout
-class EoserConfig(Section):
+class EoserSection(Section):
     """CJ-GRPO's EOS early rejection: scale the confidence of EOS candidates by gamma(step)."""
 
     gamma_min: float | None = Field(None, ge=0, le=1)  # None -> 0.4 (linear) or 0.01 (ass), as published
     schedule: Literal["linear", "ass"] | None = None  # None -> "ass" when rollout.ass, else "linear"
 
 
-class RolloutConfig(Section):
+class RolloutSection(Section):
     block_size: int | None = Field(None, ge=1)  # None: model.block_size, else the kind's (block 4, llada/dream 32)
     steps_per_block: int | None = Field(None, ge=1)  # None (and no steps): one token per step
     steps: int | None = Field(None, ge=1)  # total denoising steps, split evenly over blocks (LLaDA/Dream style)
@@ -106,12 +99,12 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(256, ge=1)
     samples_per_prompt: int | None = Field(None, ge=1)  # G; None -> the algorithm's published value, else 8
-    cache: Literal["none", "prefix", "dual", "kv"] = "none"  # kv: exact, block-causal only; prefix/dual: Fast-dLLM
-    eoser: EoserConfig | None = None
+    cache: Literal["none", "prefix", "dual", "block"] = "none"  # block: exact KV, block-causal only; prefix/dual: Fast-dLLM
+    eoser: EoserSection | None = None
     ass: bool = False  # CJ-GRPO's ascending step-size schedule: log2(max_tokens) steps
     num_workers: int = Field(1, ge=1)  # RolloutWorker actors
     batch_size: int = Field(16, ge=1)  # requests decoded together by one worker
-    engine: Literal["torch", "sglang", "vllm"] = "torch"
+    engine: Literal["torch", "vllm"] = "torch"  # SGLang: a documented seam, not an engine (README)
 
 
 # ------------------------------------------------------------------------------------------- reward and data
@@ -120,7 +113,7 @@ _MODULE_FN = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 _FILE_FN = re.compile(r"^[^:]+\.py:[A-Za-z_]\w*$")
 
 
-class RewardSpec(Section):
+class RewardSection(Section):
     fn: str  # registered name (`math`), `module.path:func` or `path/to/file.py:func`; resolved by rewards/
     weight: float = Field(1.0, allow_inf_nan=False)
     kwargs: dict[str, Any] = {}
@@ -141,7 +134,7 @@ class RewardSpec(Section):
 _DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
-class DataConfig(Section):
+class DataSection(Section):
     train: str | None = None  # .jsonl / .json / .parquet
     task: Literal["arithmetic", "countdown", "sudoku"] | None = None  # generated toy task instead of a file
     task_kwargs: dict[str, Any] = {}  # passed to the toy task generator
@@ -162,7 +155,7 @@ class DataConfig(Section):
 
 
 # --------------------------------------------------------------------------------- learner, resources, trainer
-class LearnerConfig(Section):
+class LearnerSection(Section):
     optimizer: Literal["adamw"] = "adamw"
     lr: float | None = Field(None, gt=0)  # None here and below -> the algorithm's published value, else generic
     betas: tuple[Beta, Beta] | None = None
@@ -176,22 +169,19 @@ class LearnerConfig(Section):
     mu: int | None = Field(None, ge=1)  # inner updates per rollout batch
     num_workers: int = Field(1, ge=1)  # Learner actors (data parallel; > 1 needs deepspeed)
     backend: Literal["torch", "deepspeed"] = "torch"
-    zero_stage: Literal[0, 2, 3] = 0  # DeepSpeed ZeRO stage
+    zero_stage: Literal[2, 3] | None = None  # DeepSpeed ZeRO stage; None -> 2 with backend deepspeed (torch: unused)
     bf16: bool = False  # mixed precision in the learner
-    activation_checkpointing: bool = False  # DeepSpeed activation checkpointing (torch: model.gradient_checkpointing)
     reference_model: bool | None = None  # None -> needed by the algorithm (beta > 0 with kl_reference "ref")
 
 
-class ResourcesConfig(Section):
-    rollout_workers: int | None = Field(None, ge=1)  # None -> rollout.num_workers (they must agree)
-    learner_workers: int | None = Field(None, ge=1)  # None -> learner.num_workers
+class ResourcesSection(Section):
     gpus_per_worker: float = Field(1.0, ge=0)  # 0: CPU
     placement: Literal["colocated", "split"] = "split"
     cpus_per_worker: int = Field(1, ge=1)
     reward_workers: int = Field(2, ge=1)  # reward worker processes at most (one CPU each while the cluster has them)
 
 
-class TrainerConfig(Section):
+class TrainerSection(Section):
     total_steps: int = Field(100, ge=1)
     mode: Literal["sync", "async"] = "sync"
     max_staleness: int = Field(1, ge=0)  # async: how many policy versions a rollout may lag
@@ -205,7 +195,7 @@ class TrainerConfig(Section):
     log: list[Literal["jsonl", "tensorboard", "wandb"]] = ["jsonl"]
 
 
-class RayConfig(Section):
+class RaySection(Section):
     address: str | None = Field(None, min_length=1)  # None: a local cluster on 127.0.0.1
     num_cpus: int | None = Field(None, ge=1)  # local cluster only
     object_store_mb: int | None = Field(None, ge=64)  # local cluster only; None -> the launcher's cap
@@ -216,16 +206,16 @@ class Recipe(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     seed: int = Field(0, ge=0)
     output_dir: str | None = None  # None -> runs/<name>
-    model: ModelConfig
-    rollout: RolloutConfig = RolloutConfig()
-    algorithm: AlgorithmConfig
-    estimator: EstimatorConfig | None = None  # None -> the algorithm's default (ESTIMATORS_FOR[name][0])
-    reward: list[RewardSpec] = Field(min_length=1)
-    data: DataConfig
-    learner: LearnerConfig = LearnerConfig()
-    resources: ResourcesConfig = ResourcesConfig()
-    trainer: TrainerConfig = TrainerConfig()
-    ray: RayConfig = RayConfig()
+    model: ModelSection
+    rollout: RolloutSection = RolloutSection()
+    algorithm: AlgorithmSection
+    estimator: EstimatorSection | None = None  # None -> the algorithm's default (ESTIMATORS_FOR[name][0])
+    reward: list[RewardSection] = Field(min_length=1)
+    data: DataSection
+    learner: LearnerSection = LearnerSection()
+    resources: ResourcesSection = ResourcesSection()
+    trainer: TrainerSection = TrainerSection()
+    ray: RaySection = RaySection()
 
     @model_validator(mode="wrap")
     @classmethod
@@ -233,6 +223,9 @@ class Recipe(Section):
         # Two passes: validate, compute the defaults that depend on other sections from the typed result, validate
         # the completed mapping again; then the cross-section checks see concrete values only.
         if isinstance(data, dict):
+            retired = retired_setting(data)
+            if retired is not None:
+                raise ValueError(retired)
             data = _with_estimator_name(normalize_shorthands(data))
         recipe = handler(data)
         fills = recipe_rules.derived_defaults(recipe)
@@ -298,14 +291,7 @@ def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
     """Write the validated recipe as YAML, atomically (a resume must never read half a recipe)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(recipe.to_yaml())
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(target, recipe.to_yaml())
 
 
 def resolve_kind(recipe: Recipe, kind: str, block_size: int | None = None) -> Recipe:

@@ -17,16 +17,15 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from rollout.errors import OneLineError
+
 # Sections that are discriminated unions on `name`: a different name means a different parameter set, so they are
 # replaced, not merged, when a child recipe (or an override) switches the name.
 TAGGED_SECTIONS = ("algorithm", "estimator")
 
 
-class RecipeError(ValueError):
+class RecipeError(OneLineError):
     """A recipe that cannot run. The message is a single line naming the file and the key path."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(message.split("\n")))
 
 
 # ---------------------------------------------------------------------------------------------------- YAML files
@@ -184,6 +183,37 @@ def _set_path(node: Any, parts: list[str], value: Any, override: str) -> Any:
     out = dict(node) if isinstance(node, dict) else {}
     out[head] = _set_path(out.get(head), rest, value, override)
     return out
+
+
+# ------------------------------------------------------------------------------------ renamed, merged settings
+# Settings a recipe may no longer use, with the one-line hint to what replaced them: (section, key) -> hint, and
+# (section, key, value) -> hint for a value that was renamed.
+RETIRED_KEYS: dict[tuple[str, str], str] = {
+    ("resources", "rollout_workers"): "merged into rollout.num_workers (one setting; remove this key)",
+    ("resources", "learner_workers"): "merged into learner.num_workers (one setting; remove this key)",
+    ("learner", "activation_checkpointing"): "merged into model.gradient_checkpointing (one setting, any backend)",
+}
+RETIRED_VALUES: dict[tuple[str, str, Any], str] = {
+    ("rollout", "cache", "kv"): "'kv' is now called 'block' (the exact KV cache of block-causal models)",
+    ("learner", "zero_stage", 0): "0 no longer means 'unset': leave the key out (backend deepspeed defaults to 2)",
+    ("rollout", "engine", "sglang"): ("there is no SGLang engine: its diffusion path returns no log-probs and no "
+                                      "step map (README, 'SGLang'); use torch"),
+}
+
+
+def retired_setting(data: dict) -> str | None:
+    """`section.key: hint` for the first renamed or merged setting the mapping still uses, else None."""
+    for (section, key), hint in RETIRED_KEYS.items():
+        if isinstance(data.get(section), dict) and key in data[section]:
+            return f"{section}.{key}: {hint}"
+    for (section, key, value), hint in RETIRED_VALUES.items():
+        held = data.get(section).get(key, _ABSENT) if isinstance(data.get(section), dict) else _ABSENT
+        if held is not _ABSENT and type(held) is type(value) and held == value:
+            return f"{section}.{key}: {hint}"
+    return None
+
+
+_ABSENT = object()
 
 
 # ------------------------------------------------------------------------------------- one-line error messages

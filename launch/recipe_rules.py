@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from rl.published import ALGORITHM_DEFAULTS, GENERIC, needs_reference_model  # light: plain data
 from rollout.models.spec import default_spec_fields  # light: dataclasses only; the model layer's block defaults
 
 if TYPE_CHECKING:
@@ -37,28 +38,9 @@ _ESTIMATOR_NEED = {
     "tracerl": "the recorded decoding trajectory",
 }
 
-# Learner/rollout values published with each algorithm (ALGORITHMS.md), used where the recipe leaves None.
-PUBLISHED_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    "diffu_grpo": {"learner": {"lr": 3e-6, "betas": (0.9, 0.99), "weight_decay": 0.1, "grad_clip": 0.2, "mu": 12},
-                   "rollout": {"samples_per_prompt": 6, "temperature": 0.9}},
-    "gdpo": {"learner": {"lr": 3e-7, "mu": 12}, "rollout": {"samples_per_prompt": 6}},
-    "tracerl": {"learner": {"lr": 1e-6, "grad_accum": 32}, "rollout": {"samples_per_prompt": 16, "temperature": 1.0}},
-    # DiffuCoder's config_coupled_code.yaml (its cosine schedule with a 0.1 floor is set in the recipe).
-    "coupled_grpo": {"learner": {"lr": 1e-6, "betas": (0.9, 0.99), "weight_decay": 0.1, "grad_clip": 0.2, "mu": 2},
-                     "rollout": {"samples_per_prompt": 10, "temperature": 1.0}},
-    # CJ-GRPO samples at temperature 1.0 (yjyddq/EOSER-ASS-RL train.yaml).
-    "cj_grpo": {"rollout": {"temperature": 1.0}},
-    "spg": {"learner": {"mu": 4}},
-}
-GENERIC_DEFAULTS: dict[str, dict[str, Any]] = {
-    "learner": {"lr": 1e-6, "betas": (0.9, 0.999), "weight_decay": 0.0, "grad_clip": 1.0, "mu": 1, "grad_accum": 1},
-    "rollout": {"samples_per_prompt": 8, "temperature": 1.0},
-}
-
-
 def derived_defaults(r: Recipe) -> dict[str, Any]:
     """Values for the fields left at None whose default depends on other sections (only those, nothing else)."""
-    fills: dict[str, dict[str, Any]] = {"model": {}, "rollout": {}, "learner": {}, "estimator": {}, "resources": {}}
+    fills: dict[str, dict[str, Any]] = {"model": {}, "rollout": {}, "learner": {}, "estimator": {}}
     top: dict[str, Any] = {}
     if r.output_dir is None:
         top["output_dir"] = f"runs/{r.name}"
@@ -66,12 +48,12 @@ def derived_defaults(r: Recipe) -> dict[str, Any]:
         fills["model"]["tiny_vocab"] = "small"
     if r.model.tiny is not None and r.model.kind == "auto":
         fills["model"]["kind"] = TINY_KINDS[r.model.tiny]
-    published = PUBLISHED_DEFAULTS.get(r.algorithm.name, {})
+    published = ALGORITHM_DEFAULTS[r.algorithm.name]
     for section in ("learner", "rollout"):
         current = getattr(r, section)
-        for key, generic in GENERIC_DEFAULTS[section].items():
+        for key, generic in GENERIC[section].items():
             if getattr(current, key) is None:
-                fills[section][key] = published.get(section, {}).get(key, generic)
+                fills[section][key] = getattr(published, section).get(key, generic)
     kind = r.model.declared_kind
     block = _default_decode_block(r, kind)
     if r.rollout.block_size is None and block is not None:
@@ -86,12 +68,9 @@ def derived_defaults(r: Recipe) -> dict[str, Any]:
     if getattr(r.estimator, "shrink", 0) is None and kind is not None:
         fills["estimator"]["shrink"] = 1 if kind in BLOCK_CAUSAL_KINDS else 8  # TraceRL: block models / LLaDA
     if r.learner.reference_model is None:
-        beta = getattr(r.algorithm, "beta", 0.0)
-        fills["learner"]["reference_model"] = beta > 0 and getattr(r.algorithm, "kl_reference", "old") == "ref"
-    if r.resources.rollout_workers is None:
-        fills["resources"]["rollout_workers"] = r.rollout.num_workers
-    if r.resources.learner_workers is None:
-        fills["resources"]["learner_workers"] = r.learner.num_workers
+        fills["learner"]["reference_model"] = _needs_reference(r)
+    if r.learner.zero_stage is None and r.learner.backend == "deepspeed":
+        fills["learner"]["zero_stage"] = 2
     top.update({k: v for k, v in fills.items() if v})
     return top
 
@@ -189,8 +168,8 @@ def _full_attention_decoding(r: Recipe) -> str | None:
         return f"rollout.eoser: EOSER rescales confidence, which {ro.remasking!r} remasking does not rank by"
     if ro.eoser is not None and ro.eoser.schedule == "ass" and not ro.ass:
         return "rollout.eoser.schedule: 'ass' follows the ASS step schedule; set rollout.ass: true or use 'linear'"
-    if kind in FULL_ATTENTION_KINDS and ro.cache == "kv":
-        return f"rollout.cache: an exact 'kv' cache needs block-causal attention; a {kind} model uses prefix or dual"
+    if kind in FULL_ATTENTION_KINDS and ro.cache == "block":
+        return f"rollout.cache: the exact 'block' cache needs block-causal attention; a {kind} model uses prefix or dual"
     return None
 
 
@@ -233,9 +212,23 @@ def _length_limit(r: Recipe) -> str | None:
     return None
 
 
+def _value_model(r: Recipe) -> str | None:
+    vm = getattr(r.algorithm, "value_model", None)
+    if vm is not None and vm.trunk == "shared" and vm.path is not None:
+        return "algorithm.value_model.path: a shared value trunk is the policy itself; use trunk: separate"
+    return None
+
+
+def _needs_reference(r: Recipe) -> bool:
+    """rl/published.py's rule on the algorithm's loss parameters (the loss registry's default where the section
+    has no such field)."""
+    loss = {**ALGORITHM_DEFAULTS[r.algorithm.name].loss, **r.algorithm.loss_params()}
+    return needs_reference_model(loss.get("beta", 0.0), loss.get("kl_reference", "ref"))
+
+
 def _reference_model(r: Recipe) -> str | None:
     beta = getattr(r.algorithm, "beta", 0.0)
-    if beta > 0 and getattr(r.algorithm, "kl_reference", "old") == "ref" and not r.learner.reference_model:
+    if _needs_reference(r) and not r.learner.reference_model:
         return (f"learner.reference_model: false, but algorithm.beta {beta} > 0 with kl_reference 'ref' needs it "
                 "(or set algorithm.kl_reference: old)")
     return None
@@ -244,22 +237,10 @@ def _reference_model(r: Recipe) -> str | None:
 # ----------------------------------------------------------------------------------------- learner, workers
 def _backend(r: Recipe) -> str | None:
     ln = r.learner
-    if ln.backend == "torch" and ln.zero_stage != 0:
+    if ln.backend == "torch" and ln.zero_stage is not None:
         return f"learner.zero_stage: ZeRO stage {ln.zero_stage} needs learner.backend: deepspeed"
-    if ln.backend == "torch" and ln.activation_checkpointing:
-        return "learner.activation_checkpointing: DeepSpeed only; with backend torch use model.gradient_checkpointing"
     if ln.backend == "torch" and ln.num_workers > 1:
         return f"learner.num_workers: {ln.num_workers} learners need learner.backend: deepspeed (torch is one process)"
-    return None
-
-
-def _workers_agree(r: Recipe) -> str | None:
-    if r.resources.rollout_workers != r.rollout.num_workers:
-        return (f"resources.rollout_workers: {r.resources.rollout_workers} != rollout.num_workers "
-                f"{r.rollout.num_workers} (setting rollout.num_workers is enough)")
-    if r.resources.learner_workers != r.learner.num_workers:
-        return (f"resources.learner_workers: {r.resources.learner_workers} != learner.num_workers "
-                f"{r.learner.num_workers} (setting learner.num_workers is enough)")
     return None
 
 
@@ -309,7 +290,7 @@ def _ray(r: Recipe) -> str | None:
 
 CHECKS: tuple[Check, ...] = (
     _model_source, _tiny_kind, _model_alignment, _model_block, _max_tokens_blocks, _steps, _threshold,
-    _full_attention_decoding, _group_size, _estimator, _filter, _length_limit, _reference_model, _workers_agree,
+    _full_attention_decoding, _group_size, _estimator, _filter, _length_limit, _value_model, _reference_model,
     _backend, _prompts_split, _data_source, _trainer, _behaviour_temperature, _ray,
 )
 

@@ -2,26 +2,60 @@
 
 Each algorithm carries only its own parameters, with its authors' published defaults (shared/ALGORITHMS.md);
 `loss_params()` names them as rl.algorithms.LossConfig does. Each estimator's `params()` gives the keyword options of
-the rl estimator of the same name. launch/recipe.py assembles these into the Recipe; only pydantic is imported here.
+the rl estimator of the same name. launch/recipe.py assembles these into the Recipe; only pydantic and the light
+table rl/published.py are imported here.
+
+Published defaults are not written here: a section declared `published="tracerl"` (or `("tracerl", "group")`)
+takes the default of every field named in that part of rl/published.py's entry from there, the one table the
+loss registry reads too: a default written below for a field that table names is overridden by it.
 """
 from __future__ import annotations
 
+import copy
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["AlgorithmConfig", "EstimatorConfig", "Fraction", "Section"]
+from rl.published import ALGORITHM_DEFAULTS
+
+__all__ = ["AlgorithmSection", "EstimatorSection", "Fraction", "Section"]
+
+_ALGORITHM_PARTS = ("loss", "group")  # the parts of an entry that an algorithm section holds
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __init_subclass__(cls, published: str | tuple[str, ...] | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, published: str | tuple[str, ...] | None = None, **kwargs: Any) -> None:
+        # Called once pydantic has built the class's fields (after __init_subclass__, which cannot change them).
+        super().__pydantic_init_subclass__(**kwargs)
+        if published is not None:
+            name, *parts = (published,) if isinstance(published, str) else published
+            _adopt_published(cls, name, tuple(parts) or _ALGORITHM_PARTS)
+
+
+def _adopt_published(cls: type[Section], algorithm: str, parts: tuple[str, ...]) -> None:
+    """Set the defaults of `cls`'s fields named in `parts` of rl/published.py's entry for `algorithm`."""
+    entry = ALGORITHM_DEFAULTS[algorithm]
+    values = {key: value for part in parts for key, value in getattr(entry, part).items()
+              if key in cls.__pydantic_fields__}
+    for key, value in values.items():
+        field = copy.copy(cls.__pydantic_fields__[key])
+        field.default = value
+        cls.__pydantic_fields__[key] = field
+    if values:
+        cls.model_rebuild(force=True)
 
 
 Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
 # -------------------------------------------------------------------------------------------------- algorithm
-class FilterConfig(Section):
+class FilterSection(Section):
     """Which groups to drop before the loss: keep groups with accuracy_lo <= accuracy <= accuracy_hi."""
 
     drop_zero_variance: bool = False
@@ -29,21 +63,22 @@ class FilterConfig(Section):
     accuracy_hi: Fraction | None = None
 
 
-class TraceRLFilter(FilterConfig):
-    """TraceRL's filter as class defaults, so that a recipe setting one bound keeps the other."""
-
-    accuracy_lo: Fraction | None = 0.2
-    accuracy_hi: Fraction | None = 0.8
+class TraceRLFilter(FilterSection, published=("tracerl", "group")):
+    """TraceRL's filter bounds as class defaults, so that a recipe setting one bound keeps the other."""
 
 
-class ValueModelConfig(Section):
-    """TraceRL's value model (published: value lr 5e-6, clip 0.2, gamma = lambda = 1)."""
+class ValueModelSection(Section, published=("tracerl", "value_model")):
+    """TraceRL's value model (published, rl/published.py: value lr 5e-6, clip 0.2, gamma = lambda = 1)."""
 
-    lr: float = Field(5e-6, gt=0)
-    clip: float = Field(0.2, gt=0)
+    lr: float = Field(1e-6, gt=0)
+    clip: float = Field(1.0, gt=0)
     gamma: Fraction = 1.0
     lam: Fraction = 1.0
-    path: str | None = Field(None, min_length=1)  # trunk to start from; None: a copy of the policy
+    # "separate" (TraceRL): a value model of its own, started from `path` or a copy of the policy; "shared": a value
+    # head on the policy's own trunk (no extra forwards), its loss times `coef` added to the policy loss.
+    trunk: Literal["separate", "shared"] = "separate"
+    coef: float = Field(1.0, gt=0)  # shared trunk only
+    path: str | None = Field(None, min_length=1)  # separate trunk to start from; None: a copy of the policy
 
 
 AdvantageKind = Literal["mean_centered", "zscore"]
@@ -61,7 +96,7 @@ _NOT_LOSS = {"name", "advantage", "filter", "value_model", "length_limit_margin"
 class _GroupRelative(Section):
     name: str  # declared first so that dumps read `name` first; each algorithm narrows it to its Literal
     advantage: AdvantageKind = "mean_centered"  # A = R - mean(R) (d1, GDPO, CJ-GRPO, wd1, SPG, DiffuCoder)
-    filter: FilterConfig = FilterConfig()
+    filter: FilterSection = FilterSection()
     logp_temperature: LogpTemperature = "raw"
     # A response within this many tokens of rollout.max_tokens counts as wrong (reward 0) before advantages and
     # filters (TraceRL: 5, as dLLM-RL's reward/rl_reward.py); None: no such rule.
@@ -74,32 +109,31 @@ class _GroupRelative(Section):
 
 
 class _ClippedPolicyGradient(_GroupRelative):
-    clip_eps_low: float = Field(0.5, gt=0)  # ratio clipped to [1 - low, 1 + high]
-    clip_eps_high: float = Field(0.5, gt=0)
-    beta: float = Field(0.04, ge=0)  # KL coefficient
+    clip_eps_low: float = Field(0.2, gt=0)  # ratio clipped to [1 - low, 1 + high]
+    clip_eps_high: float = Field(0.2, gt=0)
+    beta: float = Field(0.0, ge=0)  # KL coefficient
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     kl_reference: Literal["ref", "old"] = "ref"  # old: KL to the rollout policy (no reference model needed)
     ratio_clamp: float | None = Field(None, gt=0)  # clamp of the log-ratio before exp (TraceRL: 10)
     kl_log_ratio_clamp: float | None = Field(None, gt=0)  # clamp of k3's exponent (TraceRL: 10)
 
 
-class DiffuGRPO(_ClippedPolicyGradient):
+class DiffuGRPO(_ClippedPolicyGradient, published="diffu_grpo"):
     """d1: token-level clipped ratio on one-step log-probs. eps 0.5, beta 0.04 (k3 to the reference)."""
 
     name: Literal["diffu_grpo"] = "diffu_grpo"
     loss_agg: LossAgg = "token_mean"  # d1 divides by the group's total token count
 
 
-class GDPO(_ClippedPolicyGradient):
+class GDPO(_ClippedPolicyGradient, published="gdpo"):
     """Sequence-level ratio exp((ELBO_theta - ELBO_old) / L) on an SDMC ELBO over the tokens through the first EOS,
     L the generation length (GDPO's code). eps 0.5, beta 0."""
 
     name: Literal["gdpo"] = "gdpo"
-    beta: float = Field(0.0, ge=0)
     seq_length: SeqLength = "generation"
 
 
-class CJGRPO(_ClippedPolicyGradient):
+class CJGRPO(_ClippedPolicyGradient, published="cj_grpo"):
     """Ratio per denoising step along the recorded trajectory; every token unmasked at a step (EOS padding
     included), pooled across the batch per step, then the mean over steps (yjyddq/EOSER-ASS-RL). eps 0.5,
     beta 0.04 as its train.yaml. token_set "through_eos" is the option that stops at the first EOS."""
@@ -109,63 +143,50 @@ class CJGRPO(_ClippedPolicyGradient):
     loss_agg: Literal["step_pooled_mean", "seq_mean_step_mean"] = "step_pooled_mean"  # the latter: per sample
 
 
-class TraceRL(_ClippedPolicyGradient):
+class TraceRL(_ClippedPolicyGradient, published="tracerl"):
     """Token-level PPO clip along the trajectory. eps 0.2, beta 0.01 k3 against the OLD policy, log-ratio and k3
     exponent clamped to +-10, z-scored advantages, responses within 5 tokens of the length limit count as wrong,
     groups with accuracy outside [0.2, 0.8] dropped (dLLM-RL)."""
 
     name: Literal["tracerl"] = "tracerl"
-    clip_eps_low: float = Field(0.2, gt=0)
-    clip_eps_high: float = Field(0.2, gt=0)
-    beta: float = Field(0.01, ge=0)
-    kl_reference: Literal["ref", "old"] = "old"
-    ratio_clamp: float | None = Field(10.0, gt=0)
-    kl_log_ratio_clamp: float | None = Field(10.0, gt=0)
-    length_limit_margin: int | None = Field(5, ge=0)
-    advantage: AdvantageKind = "zscore"
     filter: TraceRLFilter = TraceRLFilter()
     loss_agg: LossAgg = "token_mean"
-    value_model: ValueModelConfig | None = None
+    value_model: ValueModelSection | None = None
 
 
-class CoupledGRPO(_ClippedPolicyGradient):
+class CoupledGRPO(_ClippedPolicyGradient, published="coupled_grpo"):
     """DiffuCoder: token-level clip + beta k3 on the coupled estimator. eps 0.5, beta 0.01, mean-centred advantages
     (its config_coupled_code.yaml: scale_rewards false); "zscore" is the option that divides by the group std."""
 
     name: Literal["coupled_grpo"] = "coupled_grpo"
-    beta: float = Field(0.01, ge=0)
-    advantage: AdvantageKind = "mean_centered"
     loss_agg: LossAgg = "token_mean"
 
 
-class WD1(_GroupRelative):
+class WD1(_GroupRelative, published="wd1"):
     """Ratio-free: -sum softmax(A) log pi + sum softmax(-A) log pi on one-step log-probs, log pi(o) the sum of the
     sequence's token log-probs (the paper and xiaohangt/wd1)."""
 
     name: Literal["wd1"] = "wd1"
 
 
-class SPG(_GroupRelative):
+class SPG(_GroupRelative, published="spg"):
     """-A log pi_seq with an ELBO for A > 0 and an EUBO (beta_e 1.5) for A <= 0; mix = weight of the EUBO."""
 
     name: Literal["spg"] = "spg"
-    beta_e: float = Field(1.5, gt=0)
-    mix: Fraction = 0.5
+    beta_e: float = Field(1.0, gt=0)
+    mix: Fraction = 0.0
     seq_length: SeqLength = "valid"  # ELBO / tokens through the first EOS, never / the masked count
 
 
-class RandomMaskGRPO(_ClippedPolicyGradient):
+class RandomMaskGRPO(_ClippedPolicyGradient, published="random_mask_grpo"):
     """UniGRPO-style token-level clip on random-mask log-probs. No published loss defaults in ALGORITHMS.md:
     PPO's eps 0.2 and no KL (so no reference model) unless the recipe says otherwise."""
 
     name: Literal["random_mask_grpo"] = "random_mask_grpo"
-    clip_eps_low: float = Field(0.2, gt=0)
-    clip_eps_high: float = Field(0.2, gt=0)
-    beta: float = Field(0.0, ge=0)
     loss_agg: LossAgg = "token_mean"
 
 
-AlgorithmConfig = Annotated[
+AlgorithmSection = Annotated[
     DiffuGRPO | GDPO | CJGRPO | TraceRL | CoupledGRPO | WD1 | SPG | RandomMaskGRPO, Field(discriminator="name")
 ]
 
@@ -253,7 +274,7 @@ class RandomMaskEstimator(_EstimatorSection):
         return {"t_min": self.t_min, "t_max": self.t_max, "num_samples": self.mc_num}
 
 
-EstimatorConfig = Annotated[
+EstimatorSection = Annotated[
     OneStepEstimator | MCElboEstimator | SDMCEstimator | CoupledEstimator | BlockElboEstimator
     | BlockRandomEstimator | TrajectoryEstimator | RandomMaskEstimator,
     Field(discriminator="name"),

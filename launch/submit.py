@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from rollout.errors import OneLineError, one_line
+
 log = logging.getLogger(__name__)
 
 EXCLUDES = ["runs/", ".venv/", "venv/", ".git/", "**/__pycache__/", "*.egg-info/", ".pytest_cache/", "*.pyc"]
@@ -30,7 +32,7 @@ FORWARDED_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-class SubmitError(ValueError):
+class SubmitError(OneLineError):
     """The job could not be submitted (bad address, recipe outside the project, authentication)."""
 
 
@@ -62,8 +64,7 @@ def _client(address: str):
     try:
         return JobSubmissionClient(address)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        raise SubmitError(f"--address {address}: cannot reach the Ray dashboard ({' '.join(str(err).split())[:300]})"
-                          ) from None
+        raise SubmitError(f"--address {address}: cannot reach the Ray dashboard ({one_line(err, 300)})") from None
 
 
 def submit(recipe_path: str | Path, overrides: Sequence[str], *, address: str, follow: bool = False,
@@ -76,7 +77,7 @@ def submit(recipe_path: str | Path, overrides: Sequence[str], *, address: str, f
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
                                    metadata={"diffrl_recipe": str(recipe_path)})
     except RuntimeError as err:
-        raise SubmitError(f"--address {address}: submission refused ({' '.join(str(err).split())[:300]})") from None
+        raise SubmitError(f"--address {address}: submission refused ({one_line(err, 300)})") from None
     print(f"submitted job {job_id} to {address}", flush=True)
     if follow:
         asyncio.run(_follow(client, job_id))

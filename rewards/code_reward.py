@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from rewards.extract import extract_code
-from rewards.result import error_result, make_result, one_line
+from rewards.result import error_result, make_result
 from rewards.sandbox import (
     Limits,
     SandboxError,
@@ -47,6 +47,7 @@ from rewards.sandbox import (
     run_function_tests,
     run_stdio,
 )
+from rollout.errors import one_line
 
 __all__ = [
     "humaneval_reference",

@@ -44,8 +44,9 @@ from typing import Any
 from rewards.answer_policy import MAX_ANSWER_CHARS, screen_answer
 from rewards.extract import METHODS, after_hash, all_boxed, final_answers, last_boxed
 from rewards.pool import TimeoutPool
-from rewards.result import error_result, make_result, one_line
+from rewards.result import error_result, make_result
 from rewards.shaping import format_ok, length_penalty
+from rollout.errors import one_line
 
 __all__ = ["DEFAULT_EXTRACT", "get_pool", "gold_answer", "judge", "score_batch", "score_item"]
 

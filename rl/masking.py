@@ -201,10 +201,14 @@ def random_mask(length: int, generator: torch.Generator, *, num_samples: int = 1
     return MaskDraw(masks, _weights_on(masks, per_mask[:, None].expand(-1, length)), t)
 
 
-def _blocks(length: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _blocks(length: int, block_size: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block id of each response position and each block's size. `offset` response positions are missing from
+    the first block (under `absolute` alignment the prompt's tail fills them, see rollout/models/masks.py)."""
     if int(block_size) < 1:
         raise ValueError(f"block sampler: block_size {block_size} < 1")
-    block_id = torch.arange(length) // int(block_size)
+    if not 0 <= int(offset) < int(block_size):
+        raise ValueError(f"block sampler: offset {offset} outside [0, block_size {block_size})")
+    block_id = (torch.arange(length) + int(offset)) // int(block_size)
     return block_id, torch.bincount(block_id)
 
 
@@ -218,16 +222,17 @@ def _local_ranks(block_id: torch.Tensor, num_draws: int, generator: torch.Genera
 
 @MASK_SAMPLERS.register("block_elbo")
 def block_elbo(length: int, generator: torch.Generator, *, block_size: int, num_samples: int = 1,
-               count: str = "fixed", share_t: bool = False, stratified: bool = True) -> MaskDraw:
+               count: str = "fixed", share_t: bool = False, stratified: bool = True, offset: int = 0) -> MaskDraw:
     """Block diffusion (BD3-LM / SDAR training): every block masked independently, its own level per block
     (one level for all blocks with share_t); the estimate is the sum over blocks of each block's ELBO given the
     clean earlier blocks (the `[noisy | clean]` training pass). Levels u ~ U[0, 1) stratified across the K
     forwards, with an independent stratum order per block.
     count="fixed": l_b = floor(u n_b) + 1 of the block's n_b tokens masked, weight (n_b / l_b) / K.
     count="bernoulli": tokens masked w.p. u; weight (n_b + 1) / (c_b K) with c_b the block's masked count (the
-      count is uniform on 0..n_b when u is uniform, so this is unbiased with finite variance, unlike 1/u)."""
+      count is uniform on 0..n_b when u is uniform, so this is unbiased with finite variance, unlike 1/u).
+    offset: response positions missing from the first block (the layout's blocks; see `_blocks`)."""
     length = _check_length(length)
-    block_id, sizes = _blocks(length, block_size)
+    block_id, sizes = _blocks(length, block_size, offset)
     nb, k = sizes.numel(), num_samples
     cols = 1 if share_t else nb
     u = _rand((k, cols), generator)
@@ -253,14 +258,15 @@ def block_elbo(length: int, generator: torch.Generator, *, block_size: int, num_
 
 @MASK_SAMPLERS.register("block_random")
 def block_random(length: int, generator: torch.Generator, *, block_size: int, num_samples: int = 1,
-                 prompt_length: int = 0, p_mask: float = 0.0) -> MaskDraw:
+                 prompt_length: int = 0, p_mask: float = 0.0, offset: int = 0) -> MaskDraw:
     """SPG-style semi-autoregressive block masking: forward k picks a block b_k (distinct blocks while K <= number
     of blocks), masks l ~ U{1..n_b} of its tokens, masks every later block completely and keeps earlier blocks
     clean; only block b_k's masked tokens count, weight (nb / K) * n_b / l. Unbiased for the sum over blocks of
     each block's ELBO given clean earlier blocks and fully masked later ones. Each prompt token is masked with
-    probability `p_mask` in each forward (SPG's use_mask_prompt, p 0.15), drawn after the response masks."""
+    probability `p_mask` in each forward (SPG's use_mask_prompt, p 0.15), drawn after the response masks.
+    offset: response positions missing from the first block (the layout's blocks; see `_blocks`)."""
     length = _check_length(length)
-    block_id, sizes = _blocks(length, block_size)
+    block_id, sizes = _blocks(length, block_size, offset)
     nb, k = sizes.numel(), num_samples
     if k <= nb:
         chosen = torch.randperm(nb, generator=generator)[:k]

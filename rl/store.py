@@ -29,7 +29,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from rl.atomic_io import atomic_output, stale_temporaries
 from rl.sample import ScoredSample
+from rollout.errors import OneLineError
 
 __all__ = ["TrajectoryStore", "StoreError", "SCHEMA", "trajectory_row", "store_actor", "read_store"]
 
@@ -57,7 +59,7 @@ SCHEMA = pa.schema([
 ])
 
 
-class StoreError(ValueError):
+class StoreError(OneLineError):
     """A store directory or cursor that does not match (one line naming the file)."""
 
 
@@ -104,7 +106,7 @@ class TrajectoryStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._files: list[str] = sorted((p.name for p in self.root.iterdir() if _FILE.match(p.name)), key=_file_key)
         self._rows = sum(pq.read_metadata(self.root / name).num_rows for name in self._files)
-        for stale in self.root.glob(".*.parquet.tmp"):  # a crash between write and rename
+        for stale in stale_temporaries(self.root, "*.parquet"):  # a crash between write and rename
             stale.unlink()
 
     # ---------------------------------------------------------------------------------------------- writing
@@ -113,13 +115,8 @@ class TrajectoryStore:
         rows = [trajectory_row(step, s) for s in samples]
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
         name = self._next_name(step)
-        tmp = self.root / f".{name}.tmp"
-        with open(tmp, "wb") as handle:
-            pq.write_table(table, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.root / name)
-        _fsync_dir(self.root)
+        with atomic_output(self.root / name) as tmp:
+            pq.write_table(table, tmp)
         self._files.append(name)
         self._rows += len(rows)
         return name
@@ -174,14 +171,6 @@ def _free_name(folder: Path, name: str) -> Path:
         candidate = folder / f"{name}.{n}"
         n += 1
     return candidate
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_store(root: str | os.PathLike):

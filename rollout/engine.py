@@ -2,8 +2,14 @@
 
 A `RolloutEngine` turns `GenerationRequest`s (token ids, sampling params, a seed each) into `Trajectory`s, takes
 new weights in buckets with a version, and can give its memory back between rollouts. `TorchEngine` runs the
-diffrl decoders on any torch device; `VLLMEngine` (rollout/vllm_engine.py) serves autoregressive policies; an
-SGLang backend would implement the same three methods (see `SGLangEngine`).
+diffrl decoders on any torch device; `VLLMEngine` (rollout/vllm_engine.py) serves autoregressive policies.
+
+SGLang is a seam, not a backend: an adapter would subclass `RolloutEngine` (launch `sglang.Engine` on the model
+directory, map GenerationRequest to its sampling params with a seed per request, take weights in the same buckets
+through `update_weights_from_tensor`) and be added to `make_engine`. It waits until SGLang can feed the learner:
+its diffusion path returns token ids only, with no per-token log-probs, no step map (which step unmasked each
+token, needed by the trajectory estimator) and argmax sampling only (no temperature, so no group diversity), while
+a Trajectory must carry all three.
 
 Bad input never fails a batch: each request that cannot be decoded comes back as a Trajectory whose
 finish_reason is "error: <one line>" and whose response is empty; the others decode normally.
@@ -25,7 +31,7 @@ from rollout.trajectory import Trajectory
 from rollout.weight_format import SyncStats
 from rollout.weight_receiver import WeightReceiver
 
-__all__ = ["RolloutEngine", "TorchEngine", "SGLangEngine", "GenerationRequest", "SamplingParams", "make_engine",
+__all__ = ["RolloutEngine", "TorchEngine", "GenerationRequest", "SamplingParams", "make_engine",
            "iter_buckets", "iter_entries"]
 
 DEFAULT_BUCKET_BYTES = 256 * 1024 * 1024
@@ -185,39 +191,15 @@ class TorchEngine(RolloutEngine):
             self.policy.model.to(self._device)
 
 
-class SGLangEngine(RolloutEngine):
-    """Seam for an SGLang backend (paged KV cache, CUDA graphs): not implemented in diffrl yet.
-
-    An implementation would launch `sglang.Engine` on the model directory, map GenerationRequest to SGLang's
-    sampling params (seed per request), rebuild Trajectories from the returned token ids and per-step logprobs,
-    and implement update_weights with SGLang's `update_weights_from_tensor` in the same buckets.
-    """
-
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("engine 'sglang' is not implemented yet; use engine 'torch' (diffusion policies) "
-                                  "or 'vllm' (autoregressive policies)")
-
-    def generate(self, requests):  # pragma: no cover - never constructed
-        raise NotImplementedError
-
-    def update_weights(self, weights, version, *, final=True):  # pragma: no cover
-        raise NotImplementedError
-
-    def release(self):  # pragma: no cover
-        raise NotImplementedError
-
-
 def make_engine(name: str, model_dir: str | Path, **options) -> RolloutEngine:
-    """Registry of engine backends by name: "torch", "vllm", "sglang"."""
+    """Registry of engine backends by name: "torch", "vllm" (SGLang: see the module docstring)."""
     if name == "torch":
         return TorchEngine.from_dir(model_dir, **options)
     if name == "vllm":
         from rollout.vllm_engine import VLLMEngine
 
         return VLLMEngine(model_dir, **options)
-    if name == "sglang":
-        return SGLangEngine(model_dir, **options)
-    raise ValueError(f"rollout.engine: unknown engine {name!r} (expected torch, vllm or sglang)")
+    raise ValueError(f"rollout.engine: unknown engine {name!r} (expected torch or vllm)")
 
 
 def _resolve_cache(spec, kv_cache: str) -> str:

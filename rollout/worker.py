@@ -1,6 +1,7 @@
 """RolloutWorker: a rollout engine behind a thin Ray actor.
 
-The class itself imports no Ray and is tested without it; `remote_worker` wraps it as an actor. Everything that
+The class itself imports no Ray and is tested without it; the driver makes it an actor with
+`ray.remote(RolloutWorker)` (launch/driver_roles.py, with its restart and placement options). Everything that
 crosses the boundary is token ids and tensors (GenerationRequest in, Trajectory out).
 """
 from __future__ import annotations
@@ -61,10 +62,3 @@ def rollout_metrics(trajectories: Sequence[Trajectory], seconds: float) -> dict:
     metrics.update({f"rollout/finish/{reason}": count for reason, count in sorted(reasons.items())})
     return metrics
 
-
-def remote_worker(model_dir: str | Path, *, num_cpus: float = 1, num_gpus: float = 0, **kwargs):
-    """Start a RolloutWorker actor (ray must be initialised); returns its handle."""
-    import ray
-
-    actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(RolloutWorker)
-    return actor.remote(str(model_dir), **kwargs)

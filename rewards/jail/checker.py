@@ -19,6 +19,7 @@ import time
 from rewards.jail import plain
 from rewards.jail.candidate import describe
 
+_LOAD_FAILURES = ("syntax_error", "exited", "memory", "output_limit", "runtime_error")  # candidate.run_guarded's
 _SIGNAL_STATUS = {int(signal.SIGKILL): ("timeout", "CPU time limit (SIGKILL)"),
                   int(signal.SIGXCPU): ("timeout", "CPU time limit (SIGXCPU)"),
                   int(signal.SIGXFSZ): ("output_limit", "file size limit (SIGXFSZ)")}
@@ -95,6 +96,10 @@ class Session:
             name, text = reply[1], reply[2]
             if name == "SystemExit":
                 self.fail("exited", text)
+            if name in ("StopIteration", "StopAsyncIteration"):
+                # PEP 479's rule for calls: raised into the test it would end the test's own iteration silently
+                # (`all(map(candidate, xs))` would be all([]) == True), so it arrives as the RuntimeError it is
+                raise RuntimeError(f"the program raised {text}")
             cls = getattr(builtins, name, None)
             if isinstance(cls, type) and issubclass(cls, Exception):
                 raise cls(text.split(": ", 1)[-1])
@@ -152,17 +157,19 @@ _IMPORT_NEVER = {"antigravity", "this", "__hello__", "__phello__", "idlelib", "t
 def _import_exports(namespace, exports, holder):
     """The program's top-level names, as the tests may use them. A name that would shadow a builtin is left out
     (the tests' `len`, `abs`, `sorted` stay the real ones); modules are imported here by name, standard library
-    only (a module is code: the program's own copy never crosses)."""
-    for name, spec in exports.items():
-        if type(name) is not str or type(spec) is not list or not spec or hasattr(builtins, name):
+    only and never a `__main__` (a module is code: the program's own copy never crosses; importing a `__main__` runs a
+    command-line tool in the checker)."""
+    for name, spec in exports.items():  # the program may have forged this dict: check everything again
+        if type(name) is not str or type(spec) is not list or not spec or hasattr(builtins, name) \
+                or name.startswith("__"):  # `__builtins__` would replace the tests' builtins
             continue
         if spec[0] == "call":
             namespace[name] = _proxy(holder, name)
         elif spec[0] == "value" and len(spec) == 2:
             namespace[name] = spec[1]
         elif spec[0] == "module" and len(spec) == 2 and type(spec[1]) is str:
-            top = spec[1].split(".")[0]
-            if top not in sys.stdlib_module_names or top in _IMPORT_NEVER:
+            parts = spec[1].split(".")
+            if parts[0] not in sys.stdlib_module_names or parts[0] in _IMPORT_NEVER or "__main__" in parts:
                 continue  # a module of the program's own making: tests that use it fail with NameError
             try:
                 namespace[name] = importlib.import_module(spec[1])
@@ -177,10 +184,39 @@ def _is_stub(node):
                for stmt in node.body)
 
 
+def _bound_names(node):
+    """Names a top-level import, definition or assignment binds."""
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {node.name}
+    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+    return {n.id for target in targets for n in ast.walk(target) if isinstance(n, ast.Name)}
+
+
+def _trusted_assignment(node, known):
+    """A top-level constant of the prompt (`SHIFT = 5`, `MOD = 10**9 + 7`) that the trusted helpers may read: only
+    plain name targets, and a value that uses nothing but builtins and names the trusted part already bound (so it
+    never calls the program's functions). Otherwise it stays the program's, as before."""
+    if isinstance(node, ast.AnnAssign) and node.value is None:
+        return False
+    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+    if not all(isinstance(n, (ast.Name, ast.Tuple, ast.List, ast.Store)) for t in targets for n in ast.walk(t)):
+        return False
+    if isinstance(node, ast.AugAssign) and node.target.id not in known:
+        return False
+    nodes = list(ast.walk(node.value))
+    local = {n.id for n in nodes if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}  # comprehensions
+    local |= {n.arg for n in nodes if isinstance(n, ast.arg)}  # lambdas
+    used = {n.id for n in nodes if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)} - local
+    return all(name in known or hasattr(builtins, name) for name in used)
+
+
 def trusted_helpers(prompt, tests):
-    """From the prompt (the program's prefix, e.g. HumanEval's), the imports and the functions/classes it defines in
-    full that the test snippets do not call directly (HumanEval/32 `poly`, /38 `encode_cyclic`): they run here, so a
-    program cannot redefine a helper the tests trust. Stubs and the functions under test stay the program's."""
+    """From the prompt (the program's prefix, e.g. HumanEval's), the imports, the functions/classes it defines in
+    full and the constants it assigns (see _trusted_assignment) that the test snippets do not name (HumanEval/32
+    `poly`, /38 `encode_cyclic`): they run here, so a program cannot redefine a helper the tests trust, nor a
+    constant such a helper reads. Stubs and the functions under test stay the program's."""
     if not prompt.strip():
         return ""
     try:
@@ -193,9 +229,19 @@ def trusted_helpers(prompt, tests):
             under_test |= {n.id for n in ast.walk(ast.parse(test)) if isinstance(n, ast.Name)}
         except SyntaxError:
             continue  # reported when the test itself runs
-    keep = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom)) or (
-        isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not _is_stub(node)
-        and node.name not in under_test)]
+    keep, known = [], set()
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            trusted = True
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            trusted = not _is_stub(node) and node.name not in under_test
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            trusted = not (_bound_names(node) & under_test) and _trusted_assignment(node, known)
+        else:
+            trusted = False
+        if trusted:
+            keep.append(node)
+            known |= _bound_names(node)
     return ast.unparse(ast.Module(body=keep, type_ignores=[]))
 
 
@@ -225,7 +271,11 @@ def run(job, req_fd, rep_fd, emit):
         return fail_all("crashed", "program: malformed load reply")
     _, status, detail, exports = loaded
     if status != "ok":
-        return fail_all(str(status), f"program: {detail}")
+        # the status is the candidate's word: only a failure run_guarded can report is written as one ("ok " would
+        # be read by the parent as a pass of every test)
+        if status not in _LOAD_FAILURES:
+            return fail_all("crashed", "program: malformed load status")
+        return fail_all(status, f"program: {detail}")
     holder = [Session(req_fd, rep_fd)]
     namespace = {"__name__": "__checker__", "__builtins__": builtins}
     _import_exports(namespace, exports, holder)

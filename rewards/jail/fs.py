@@ -2,7 +2,8 @@
 sandbox's mount namespace, before anything untrusted starts).
 
     /                      tmpfs, read-only once built
-    <interpreter prefix>   read-only bind (stdlib, lib-dynload), at its host path
+    <interpreter stdlib>   read-only binds of `sys.path` of `python -I -S` (stdlib, lib-dynload), at their host paths
+    <site-packages>        an empty read-only tmpfs over each site/dist-packages directory inside those binds
     <library dirs>         read-only binds of the directories holding the interpreter's shared libraries
     /etc/ld.so.cache       read-only bind (where the loader finds them), when the host has one
     /dev/{null,zero,full,random,urandom}   binds of the host's device nodes
@@ -52,8 +53,9 @@ def _bind_readonly(source, target):
     _mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | _locked_flags(source))
 
 
-def enter_new_root(new_root, binds, tmp_bytes, work_uid):
-    """Build the view described above on the empty directory `new_root` and make it `/`; cwd becomes /."""
+def enter_new_root(new_root, binds, tmp_bytes, work_uid, hidden=()):
+    """Build the view described above on the empty directory `new_root` and make it `/`; cwd becomes /.
+    `hidden`: directories inside the binds (site-packages) covered by an empty read-only tmpfs."""
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount propagates back to the host
     _mount("tmpfs", new_root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
     for path in binds:
@@ -66,6 +68,9 @@ def enter_new_root(new_root, binds, tmp_bytes, work_uid):
         else:
             continue  # gone since the parent listed it: the interpreter will say what it misses
         _bind_readonly(path, target)
+    for path in hidden:
+        if os.path.isdir(new_root + path):
+            _mount("tmpfs", new_root + path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0555")
     os.makedirs(new_root + "/dev")
     for name in DEVICES:
         source = "/dev/" + name

@@ -1,5 +1,6 @@
 """Entry point of the code sandbox: `python -I -S -B harness.py JOB_FD TESTS_FD RESULT_FD`, possibly under
-`unshare --net --mount --pid --fork --kill-child --mount-proc` (see rewards/sandbox.py for what each mode enforces).
+`unshare --net --mount --ipc --pid --fork --kill-child --mount-proc` (see rewards/sandbox.py for what each mode
+enforces).
 
 As PID 1 of the sandbox it reads the JSON job (without the tests), imports everything it will need, builds the
 filesystem view (fs.py: after it, no host path but the interpreter's exists) and forks:
@@ -143,7 +144,7 @@ def main():
 
     work = os.getcwd()
     if job.get("namespaces"):
-        fs.enter_new_root(job["new_root"], job["binds"], job["tmp_bytes"], job.get("uid"))
+        fs.enter_new_root(job["new_root"], job["binds"], job["tmp_bytes"], job.get("uid"), job.get("hidden", ()))
         work = fs.WORK
     fs._libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     emit(b"start")

@@ -30,6 +30,7 @@ from rl.algorithms.core import (
     safe,
     token_advantages,
 )
+from rl.published import ALGORITHM_DEFAULTS
 
 
 def token_ppo_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossConfig,
@@ -76,21 +77,9 @@ def policy_gradient_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossC
 
 LOSSES.register("policy_gradient")(policy_gradient_loss)
 LOSSES.register("token_ppo")(token_ppo_loss)
-# d1: one-step estimator; eps 0.5, beta 0.04 (k3 to the reference), |o_i|-normalised token sum.
-LOSSES.register("diffu_grpo", clip_eps_low=0.5, beta=0.04, kl_reference="ref", kl_estimator="k3",
-                loss_agg="token_mean")(partial(token_ppo_loss, name="diffu_grpo"))
-# DiffuCoder: coupled estimator; eps 0.5, beta 0.01.
-LOSSES.register("coupled_grpo", clip_eps_low=0.5, beta=0.01, kl_reference="ref", kl_estimator="k3",
-                loss_agg="token_mean")(partial(token_ppo_loss, name="coupled_grpo"))
-# UniGRPO / dLLM-RL random masking: loss on the tokens the estimator masked (estimates.observed_mask).
-# eps 0.2, beta 0 are this project's defaults, not published figures.
-LOSSES.register("random_mask_grpo", clip_eps_low=0.2, beta=0.0, loss_agg="token_mean")(
-    partial(token_ppo_loss, name="random_mask_grpo"))
-# TraceRL: trajectory estimator; rho = exp(clamp(., -10, 10)), eps 0.2, beta 0.01 k3 against the old policy with
-# its exponent clamped to +-10 (dLLM-RL train_trado_policy.py).
-LOSSES.register("tracerl", clip_eps_low=0.2, beta=0.01, kl_reference="old", kl_estimator="k3", ratio_clamp=10.0,
-                kl_log_ratio_clamp=10.0, loss_agg="token_mean")(partial(token_ppo_loss, name="tracerl"))
-# CJ-GRPO (yjyddq/EOSER-ASS-RL): every token unmasked at a step, EOS padding included, pooled across the batch per
-# step, then the mean over steps; eps 0.5 / beta 0.04 (k3 to the reference) as its train.yaml.
-LOSSES.register("cj_grpo", clip_eps_low=0.5, beta=0.04, kl_reference="ref", kl_estimator="k3",
-                loss_agg="step_pooled_mean", token_set="response")(partial(token_ppo_loss, name="cj_grpo"))
+# The token-level clipped losses differ in their estimator and their defaults (rl/published.py): d1 (one-step),
+# DiffuCoder (coupled), UniGRPO-style random masking (the tokens the estimator masked: estimates.observed_mask),
+# TraceRL (trajectory; clamped ratio, KL to the old policy), CJ-GRPO (trajectory; every token unmasked at a step,
+# pooled per step).
+for _name in ("diffu_grpo", "coupled_grpo", "random_mask_grpo", "tracerl", "cj_grpo"):
+    LOSSES.register(_name, **ALGORITHM_DEFAULTS[_name].loss)(partial(token_ppo_loss, name=_name))

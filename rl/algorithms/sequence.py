@@ -29,6 +29,7 @@ from rl.algorithms.core import (
     require,
     safe,
 )
+from rl.published import ALGORITHM_DEFAULTS
 
 
 def sequence_lengths(batch: PolicyBatch, config: LossConfig, name: str) -> torch.Tensor:
@@ -41,8 +42,7 @@ def sequence_lengths(batch: PolicyBatch, config: LossConfig, name: str) -> torch
     return batch.lengths
 
 
-@LOSSES.register("gdpo", clip_eps_low=0.5, beta=0.0, kl_reference="ref", kl_estimator="k3",
-                 loss_agg="seq_mean_token_mean", seq_length="generation", observed_only=False)
+@LOSSES.register("gdpo", **ALGORITHM_DEFAULTS["gdpo"].loss)
 def gdpo_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossConfig) -> tuple[torch.Tensor, Metrics]:
     name = "gdpo"
     mask = counted_mask(batch, est, config.observed_only)

@@ -32,6 +32,7 @@ from rl.algorithms.core import (
     safe,
 )
 from rl.algorithms.sequence import sequence_lengths
+from rl.published import ALGORITHM_DEFAULTS
 
 
 def spg_bounds(mc_logp: torch.Tensor, mc_weights: torch.Tensor, mask: torch.Tensor, beta: float,
@@ -56,8 +57,7 @@ def spg_bounds(mc_logp: torch.Tensor, mc_weights: torch.Tensor, mask: torch.Tens
     return elbo, eubo
 
 
-@LOSSES.register("spg", beta=0.0, beta_e=1.5, mix=0.5, length_normalize=True, seq_length="valid",
-                 observed_only=False, loss_agg="token_mean")
+@LOSSES.register("spg", **ALGORITHM_DEFAULTS["spg"].loss)
 def spg_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossConfig) -> tuple[torch.Tensor, Metrics]:
     name = "spg"
     if config.beta != 0:

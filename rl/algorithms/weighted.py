@@ -21,9 +21,10 @@ from rl.algorithms.core import (
     require,
 )
 from rl.algorithms.ppo import policy_gradient_loss
+from rl.published import ALGORITHM_DEFAULTS
 
 
-@LOSSES.register("wd1", beta=0.0, loss_agg="seq_mean_token_sum")
+@LOSSES.register("wd1", **ALGORITHM_DEFAULTS["wd1"].loss)
 def wd1_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossConfig) -> tuple[torch.Tensor, Metrics]:
     # With the signed weights in place of advantages, wd1 is exactly the plain -A * logp (+ beta KL) objective.
     loss, metrics = policy_gradient_loss(batch, est, config, name="wd1")

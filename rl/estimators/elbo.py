@@ -100,15 +100,21 @@ def _register(name: str, **defaults):
         if name == "block_elbo":
             if not policy.spec.is_block:
                 raise ValueError("estimator 'block_elbo' needs a block-diffusion model (model attention is full)")
+            options = {**defaults, **options}
             options.setdefault("block_size", inp.block_size or policy.spec.block_size)
+            return _per_sample("block_elbo", policy, inp, seed, inner_iter, options, temperature, return_entropy,
+                               return_hidden, lambda b: {"offset": _block_offset(policy, inp, b)})
         if name == "block_random":  # SPG: semi-autoregressive blocks of the rollout on a full-attention model
             options = {**defaults, **options}
             options.setdefault("block_size", inp.block_size or policy.spec.block_size)
-            return _with_prompt_masks("block_random", policy, inp, seed, inner_iter, options, temperature,
-                                      return_entropy, return_hidden)
+            return _per_sample("block_random", policy, inp, seed, inner_iter, options, temperature, return_entropy,
+                               return_hidden, lambda b: {"prompt_length": inp.prompts[b].numel(),
+                                                         "offset": _block_offset(policy, inp, b)})
         if name == "one_step":
             # d1 masks prompt tokens too; each sample's prompt gets its own draw from the same generator.
-            return _one_step(policy, inp, seed, inner_iter, options, temperature, return_entropy, return_hidden)
+            options = {"p_mask": options.get("p_mask", 0.15)}
+            return _per_sample("one_step", policy, inp, seed, inner_iter, options, temperature, return_entropy,
+                               return_hidden, lambda b: {"prompt_length": inp.prompts[b].numel()})
         if name == "coupled" and options.pop("full_mask_view", False):
             return _coupled_with_full_view(policy, inp, seed, inner_iter, {**defaults, **options}, temperature,
                                            return_entropy, return_hidden)
@@ -141,25 +147,22 @@ def _coupled_with_full_view(policy, inp, seed, inner_iter, options, temperature,
     return est
 
 
-def _with_prompt_masks(sampler_name, policy, inp, seed, inner_iter, options, temperature, return_entropy,
-                       return_hidden) -> Estimate:
-    """A sampler that also masks prompt tokens: each sample's draw gets its own prompt length."""
+def _block_offset(policy, inp: EstimatorInput, b: int) -> int:
+    """Response tokens missing from sample b's first layout block: under `absolute` alignment the prompt's tail
+    fills the start of that block (rollout/models/masks.py), so the samplers' blocks must start that much earlier."""
+    prompt_len = inp.prompts[b].numel()
+    return prompt_len - policy.spec.block_origin(prompt_len) if policy.spec.is_block else 0
+
+
+def _per_sample(sampler_name, policy, inp, seed, inner_iter, options, temperature, return_entropy, return_hidden,
+                sample_options) -> Estimate:
+    """A sampler that needs per-sample arguments (prompt length, block offset): `sample_options(b)` adds them to
+    sample b's draw, which still comes from its own generator (common random numbers whatever the batch)."""
     from rl.masking import MASK_SAMPLERS, sample_generator
 
     sampler = MASK_SAMPLERS.get(sampler_name)
     draws = [sampler(inp.length(b), sample_generator(seed, inp.sample_keys[b], inner_iter),
-                     prompt_length=inp.prompts[b].numel(), **options) for b in range(len(inp))]
-    return score_draws(policy, inp, draws, temperature=temperature, return_entropy=return_entropy,
-                       return_hidden=return_hidden)
-
-
-def _one_step(policy, inp, seed, inner_iter, options, temperature, return_entropy, return_hidden) -> Estimate:
-    from rl.masking import MASK_SAMPLERS, sample_generator
-
-    sampler = MASK_SAMPLERS.get("one_step")
-    p_mask = options.get("p_mask", 0.15)
-    draws = [sampler(inp.length(b), sample_generator(seed, inp.sample_keys[b], inner_iter),
-                     prompt_length=inp.prompts[b].numel(), p_mask=p_mask) for b in range(len(inp))]
+                     **options, **sample_options(b)) for b in range(len(inp))]
     return score_draws(policy, inp, draws, temperature=temperature, return_entropy=return_entropy,
                        return_hidden=return_hidden)
 

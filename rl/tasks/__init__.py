@@ -11,7 +11,7 @@
 |---|---|---|---|
 | arithmetic | `37+85=` | `122` | the answer line is exactly an integer equal to the answer |
 | countdown | `3,5,7->22:` | `3*5+7` (a solution) | the answer line is an equation on exactly those numbers, each once, equal to the target |
-| sudoku | `1030002040010300=` | `1432342121434321` | the answer line is 16 digits equal to the (unique) solution |
+| sudoku | `1030302020034001=` | `1432342121434321` | the answer line is 16 digits equal to the (unique) solution |
 
 The answer line is the response's first non-empty line (`rl.tasks.base.answer_line`): what the prompt asks for
 comes first, in the prompt's own format; random text, or a number found further on, never scores.
@@ -73,7 +73,7 @@ def countdown_reward(prompt: str, response: str, reference: Any, *, format_score
 
 def sudoku_reward(prompt: str, response: str, reference: Any, *, partial_credit: bool = False) -> dict[str, Any]:
     """Sudoku verifier: the answer line is the solution's 16 digits (see sudoku.py)."""
-    return _sudoku_verify(response, reference, partial_credit=partial_credit)
+    return _sudoku_verify(response, reference, partial_credit=partial_credit, prompt=prompt)
 
 
 TASK_REWARDS: dict[str, Callable[..., dict[str, Any]]] = {

@@ -24,15 +24,15 @@ from typing import Any, Hashable
 
 import numpy as np
 
+from rl.atomic_io import atomic_output
+from rollout.errors import OneLineError
+
 SPLITS = ("train", "test")
 _SPLIT_ALIASES = {"train": "train", "test": "test", "eval": "test", "validation": "test", "heldout": "test"}
 
 
-class TaskError(ValueError):
+class TaskError(OneLineError):
     """Bad task parameters; the message is one line naming the parameter."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
 
 
 def result(score: float, reason: str, **metrics: float) -> dict[str, Any]:
@@ -142,8 +142,7 @@ class Task:
         paths = {}
         for split in splits:
             path = out_dir / f"{self.name}_{split}.jsonl"
-            tmp = path.with_name(path.name + ".tmp")
-            datasets.Dataset.from_list(self.rows(split)).to_json(str(tmp), lines=True, force_ascii=False)
-            tmp.replace(path)  # never a half-written data file under the final name
+            with atomic_output(path) as tmp:  # never a half-written data file under the final name
+                datasets.Dataset.from_list(self.rows(split)).to_json(str(tmp), lines=True, force_ascii=False)
             paths[split] = path
         return paths

@@ -1,4 +1,4 @@
-"""4x4 Sudoku: prompt `"1030002040010300="` (row-major, 0 = blank), answer `"1432342121434321"`.
+"""4x4 Sudoku: prompt `"1030302020034001="` (row-major, 0 = blank), answer `"1432342121434321"`.
 
 Every digit 1..4 once per row, column and 2x2 box. All 288 valid grids are enumerated once; a puzzle takes one,
 then blanks cells in a random order, keeping a blank only while the puzzle still has exactly one solution, until
@@ -8,7 +8,8 @@ reference answer is the only right one. The key is the puzzle string (disjoint s
 Verifier: the response's answer line (its first non-empty line, `base.answer_line`) must be the 16 cells as ASCII
 digits, optionally separated by spaces, `|` or `,` (`1432342121434321`, `1432|3421|2143|4321`); fewer cells is
 `incomplete`, anything else `bad_format`; it is correct when it equals the solution. `partial_credit` pays
-0.5 x the fraction of cells right for a complete, well-formed grid that is not the solution.
+0.5 x the fraction of the puzzle's blank cells filled right for a well-formed grid that is not the solution (all
+cells when the prompt holds no puzzle): copying the prompt's givens earns nothing.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ CELLS = SIZE * SIZE
 _DIGIT = re.compile(r"[0-9]")
 _SEPARATORS = re.compile(r"[ \t|,]")
 _CELLS = re.compile(f"[0-9]{{1,{CELLS}}}")
+_PUZZLE = re.compile(f"(?<![0-9])([0-4]{{{CELLS}}})=")
 
 
 @functools.lru_cache(maxsize=1)
@@ -62,8 +64,20 @@ def is_valid_grid(cells: np.ndarray) -> bool:
     return all(sorted(g.tolist()) == list(range(1, SIZE + 1)) for g in groups)
 
 
-def verify(response: str, reference: Any, *, partial_credit: bool = False, **_: Any) -> dict[str, Any]:
-    """1.0 when the response's answer line is the reference solution's 16 digits."""
+def puzzle_in(prompt: str, solution: list[str]) -> list[str] | None:
+    """The puzzle's 16 cells from a prompt holding `<16 digits>=` that agrees with the solution, else None."""
+    for match in reversed(list(_PUZZLE.finditer(prompt or ""))):
+        cells = list(match.group(1))
+        if all(c == "0" or c == s for c, s in zip(cells, solution)):
+            return cells
+    return None
+
+
+def verify(response: str, reference: Any, *, partial_credit: bool = False, prompt: str = "",
+           **_: Any) -> dict[str, Any]:
+    """1.0 when the response's answer line is the reference solution's 16 digits. Partial credit counts the BLANK
+    cells of the prompt's puzzle filled right (the givens are in the prompt: copying them solves nothing); without
+    a puzzle in the prompt, every cell."""
     want = _DIGIT.findall(str(reference))
     if len(want) != CELLS:
         return result(0.0, f"error: reference has {len(want)} digits, not {CELLS}")
@@ -78,7 +92,10 @@ def verify(response: str, reference: Any, *, partial_credit: bool = False, **_: 
     if right == CELLS:
         return result(1.0, "correct", correct=1.0, cells_right=right)
     reason = "incomplete" if len(got) < CELLS else "wrong"
-    score = 0.5 * right / CELLS if partial_credit else 0.0
+    puzzle = puzzle_in(prompt, want)
+    graded = range(CELLS) if puzzle is None else [i for i in range(CELLS) if puzzle[i] == "0"]
+    solved = sum(i < len(got) and got[i] == want[i] for i in graded)
+    score = 0.5 * solved / len(graded) if partial_credit and graded else 0.0
     return result(score, reason, correct=0.0, cells_right=right)
 
 
@@ -86,6 +103,9 @@ class SudokuTask(Task):
     name = "sudoku"
     tag = 303
     verify = staticmethod(verify)
+
+    def reward(self, prompt: str, response: str, reference: Any, **options: Any) -> dict[str, Any]:
+        return verify(response, reference, prompt=prompt, **options)  # the puzzle's givens earn no partial credit
 
     def __init__(self, *, seed: int = 0, min_blanks: int = 4, max_blanks: int = 10, num_train: int = 2000,
                  num_test: int = 200):

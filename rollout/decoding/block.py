@@ -26,25 +26,6 @@ from rollout.decoding.state import BlockView, Row, denoise_rows, forward_at, sha
 from rollout.models.masks import PAD_BLOCK, attention_bias
 
 
-class _Batch:
-    """Query slots of one forward: ids, positions, block ids, validity, and where each row's noisy block sits."""
-
-    def __init__(self, size: int, width: int, pad_id: int, device: torch.device):
-        self.ids = torch.full((size, width), pad_id, dtype=torch.long, device=device)
-        self.pos = torch.zeros((size, width), dtype=torch.long, device=device)
-        self.block = torch.full((size, width), PAD_BLOCK, dtype=torch.long, device=device)
-        self.valid = torch.zeros((size, width), dtype=torch.bool, device=device)
-        self.commit = [0] * size  # leading slots whose KV is kept (clean tokens)
-        self.noisy_at = [0] * size  # slot of the current block's first position
-
-    def put(self, i: int, start: int, ids: torch.Tensor, pos: torch.Tensor, block) -> None:
-        end = start + ids.numel()
-        self.ids[i, start:end] = ids
-        self.pos[i, start:end] = pos
-        self.block[i, start:end] = block
-        self.valid[i, start:end] = True
-
-
 def decode_blocks_cached(policy, rows: list[Row], on_step: Callable[[int], None] | None = None) -> None:
     """Decode `rows` in place (each row ends with a finish_reason)."""
     spec = policy.spec

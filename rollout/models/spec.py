@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from rollout.errors import OneLineError
+
 Attention = Literal["block_causal", "full"]
 
 # Model kinds diffrl knows how to drive. "block" is any HF causal LM (Qwen2/Qwen3/Llama) run as a block-diffusion
@@ -18,7 +20,7 @@ STEP_SCHEDULES = {"block": "uniform", "sdar": "uniform", "llada": "uniform", "dr
 CONFIDENCE_SOURCES = {"block": "sampling", "sdar": "sampling", "llada": "model", "dream": "sampling"}
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(OneLineError):
     """A checkpoint directory, tokenizer or model setting is unusable; the message names the file or field."""
 
 

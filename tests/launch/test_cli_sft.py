@@ -18,3 +18,23 @@ def test_sft_writes_a_checkpoint_and_refuses_to_overwrite(tmp_path, capsys):
     assert main(["sft", *args]) == 2  # one-line error, exit status 2
     assert "exists" in capsys.readouterr().err
     assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_sft_from_a_recipe_takes_its_model_data_and_seed(tmp_path, capsys):
+    """`diffrl sft OUT --recipe R key=value`: the recipe's model (kind, vocab) and data sections drive the run."""
+    from pathlib import Path
+
+    from launch.cli import build_parser, sft_run
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "tiny-tracerl.yaml"
+    args = build_parser().parse_args(["sft", str(tmp_path / "x"), "model.tiny=sdar", "data.task=countdown", "seed=7",
+                                      "--recipe", str(recipe), "--steps", "2"])
+    run = sft_run(args)
+    assert (run.model.tiny, run.model.tiny_vocab, run.data.task, run.training.seed) == ("sdar", "small", "countdown", 7)
+    assert (run.training.steps, run.data.chat_template) == (2, True)
+    out = tmp_path / "sft"
+    assert main(["sft", str(out), "--recipe", str(recipe), "model.tiny=sdar", "--hidden-size", "32",
+                 "--num-layers", "1", "--steps", "2", "--batch-size", "4", "-q"]) == 0
+    stored = json.loads((out / "sft.json").read_text())
+    assert load_policy(out).spec.kind == "sdar" and stored["data"]["task"] == "arithmetic"
+    assert stored["model"] == "tiny:sdar" and stored["config"]["seed"] == 0

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from launch.data import DataError, PromptSampler, encode_prompt, load_prompts, read_rows
-from launch.recipe import DataConfig
+from launch.recipe import DataSection
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +52,13 @@ def test_jsonl_and_parquet_with_field_mapping_and_chat_template(tmp_path, tokeni
     _jsonl(tmp_path / "d.jsonl", [{"q": "1+1=", "a": 2, "id": "x"}, {"q": "2+3=", "a": "5", "id": "y"}])
     pq.write_table(pa.table({"q": ["1+1=", "2+3="], "a": ["2", "5"]}), tmp_path / "d.parquet")
     for name in ("d.jsonl", "d.parquet"):
-        cfg = DataConfig(train=str(tmp_path / name), prompt_field="q", answer_field="a")
+        cfg = DataSection(train=str(tmp_path / name), prompt_field="q", answer_field="a")
         prompts = load_prompts(cfg, tokenizer)
         assert [p.answer for p in prompts] == ["2", "5"] and [p.index for p in prompts] == [0, 1]
         text = tokenizer.decode(list(prompts[1].prompt_ids))
         assert text == "<|im_start|>user\n2+3=<|im_end|>\n<|im_start|>assistant\n"
     assert prompts[0].meta == {}  # parquet: no other columns
-    jsonl = load_prompts(DataConfig(train=str(tmp_path / "d.jsonl"), prompt_field="q", answer_field="a"), tokenizer)
+    jsonl = load_prompts(DataSection(train=str(tmp_path / "d.jsonl"), prompt_field="q", answer_field="a"), tokenizer)
     assert jsonl[0].meta == {"id": "x"}
     raw = encode_prompt(tokenizer, "2+3=", chat_template=False)
     assert tokenizer.decode(raw) == "2+3="
@@ -87,20 +87,20 @@ def test_unreadable_and_missing_files(tmp_path):
 
 def test_overlong_prompts_are_left_out(tmp_path, tokenizer):
     _jsonl(tmp_path / "d.jsonl", [{"prompt": "1+1=", "answer": 2}, {"prompt": "9" * 200, "answer": 1}])
-    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), chat_template=False, max_prompt_tokens=50)
+    cfg = DataSection(train=str(tmp_path / "d.jsonl"), chat_template=False, max_prompt_tokens=50)
     assert [p.index for p in load_prompts(cfg, tokenizer)] == [0]
     with pytest.raises(DataError, match="every prompt is longer"):
-        load_prompts(DataConfig(train=str(tmp_path / "d.jsonl"), max_prompt_tokens=2), tokenizer)
+        load_prompts(DataSection(train=str(tmp_path / "d.jsonl"), max_prompt_tokens=2), tokenizer)
 
 
 def test_generated_task_splits(tokenizer):
-    train = load_prompts(DataConfig(task="arithmetic", task_kwargs={"num_train": 10, "num_test": 5}), tokenizer,
+    train = load_prompts(DataSection(task="arithmetic", task_kwargs={"num_train": 10, "num_test": 5}), tokenizer,
                          split="train", seed=3)
-    held_out = load_prompts(DataConfig(task="arithmetic", task_kwargs={"num_train": 10, "num_test": 5}), tokenizer,
+    held_out = load_prompts(DataSection(task="arithmetic", task_kwargs={"num_train": 10, "num_test": 5}), tokenizer,
                             split="eval", seed=3)
     assert len(train) == 10 and len(held_out) == 5
     assert not {p.text for p in train} & {p.text for p in held_out}
     a, b = train[0].text[:-1].split("+")
     assert int(a) + int(b) == int(train[0].answer)
     with pytest.raises(DataError, match="data.task_kwargs"):
-        load_prompts(DataConfig(task="arithmetic", task_kwargs={"bogus": 1}), tokenizer)
+        load_prompts(DataSection(task="arithmetic", task_kwargs={"bogus": 1}), tokenizer)

@@ -7,11 +7,14 @@ import itertools
 import json
 import math
 import pickle
+from pathlib import Path
 import zlib
 
 import pytest
 
-from launch.evaluate import Sample, evaluate, format_table, parse_ks, run_eval, sampling_params
+from launch.decoding import sampling_params
+from launch.evaluate import EvalRun, Sample, evaluate, format_table, parse_ks, run_eval
+from launch.recipe import RolloutSection
 from launch.evaluate_data import EvalDataError, detect_shape, load_eval_set
 from rl.passk import avg_at_n, mean_pass_at_k, pass_at_k
 
@@ -47,9 +50,10 @@ def test_parse_ks_and_sampling_params():
     assert parse_ks("4, 1,4") == (1, 4) and parse_ks(2) == (2,) and parse_ks([8, 1]) == (1, 8)
     with pytest.raises(ValueError):
         parse_ks("0")
-    p = sampling_params(max_tokens=10, block_size=4, decoding="dynamic", threshold=0.8)
+    dynamic = RolloutSection(remasking="low_confidence_dynamic", threshold=0.8, temperature=0.0)
+    p = sampling_params(dynamic, max_tokens=10, block_size=4)
     assert p.max_tokens == 12 and p.remasking == "low_confidence_dynamic" and p.threshold == 0.8
-    assert sampling_params(max_tokens=8, block_size=4).remasking == "low_confidence_static"
+    assert sampling_params(EvalRun(data="x").rollout, max_tokens=8, block_size=4).remasking == "low_confidence_static"
 
 
 # ----------------------------------------------------------------------------------------------- data shapes
@@ -172,9 +176,9 @@ def test_humaneval_subset_runs_the_real_tests():
 
 def test_real_tiny_model_generation_end_to_end(tmp_path, tiny_model_dirs):
     out = tmp_path / "eval"
-    summaries = run_eval(str(tiny_model_dirs["block"]), ["humaneval", "arithmetic"], limit=2, n=2, k="1,2",
-                         temperature=1.0, max_tokens=8, out=str(out), progress=False, print_table=False,
-                         task_kwargs={"num_train": 10, "num_test": 4})
+    run = EvalRun(data=["humaneval", "arithmetic"], limit=2, n=2, k="1,2", rollout={"temperature": 1.0},
+                  max_tokens=8, out=str(out), print_table=False, task_kwargs={"num_train": 10, "num_test": 4})
+    summaries = run_eval(str(tiny_model_dirs["block"]), run, progress=False)
     assert [s["dataset"] for s in summaries] == ["humaneval", "arithmetic"]
     he = summaries[0]
     assert he["items"] == 2 and he["nfe_per_sample"] > 0 and 0 < he["mean_tokens"] <= 8
@@ -186,8 +190,9 @@ def test_real_tiny_model_generation_end_to_end(tmp_path, tiny_model_dirs):
 
 
 def test_generation_is_deterministic_and_batch_independent(tiny_model_dirs):
-    kwargs = dict(limit=6, n=2, k=2, temperature=1.0, decoding="dynamic", threshold=0.5, progress=False,
-                  print_table=False, task_kwargs={"num_train": 10, "num_test": 6}, seed=3)
+    decoding = {"temperature": 1.0, "remasking": "low_confidence_dynamic", "threshold": 0.5}
+    run = EvalRun(data="countdown", limit=6, n=2, k=2, rollout=decoding, print_table=False,
+                  task_kwargs={"num_train": 10, "num_test": 6}, seed=3)
     from rollout.models.loading import load_policy
 
     policy = load_policy(tiny_model_dirs["sdar"])
@@ -196,13 +201,29 @@ def test_generation_is_deterministic_and_batch_independent(tiny_model_dirs):
         import launch.evaluate as ev
 
         rows = []
-        evalset = load_eval_set("countdown", limit=6, seed=3, task_kwargs=kwargs["task_kwargs"])
-        responder = ev.policy_responder(policy, seed=3, batch_size=batch_size, progress=False, decoding="dynamic",
-                                        temperature=1.0, threshold=0.5)
+        evalset = load_eval_set("countdown", limit=6, seed=3, task_kwargs=run.task_kwargs)
+        batched = run.model_copy(update={"rollout": run.rollout.model_copy(update={"batch_size": batch_size})})
+        responder = ev.policy_responder(policy, batched, progress=False)
         _, rows = evaluate(evalset, responder, n=2, k=2)
         seen.append([r["responses"] for r in rows])
     assert seen[0] == seen[1]
-    a = run_eval(policy, "countdown", **kwargs)[0]
-    b = run_eval(policy, "countdown", **kwargs)[0]
+    a = run_eval(policy, run, progress=False)[0]
+    b = run_eval(policy, run, progress=False)[0]
     assert {k: v for k, v in a.items() if "wall" not in k and "per_s" not in k} == \
            {k: v for k, v in b.items() if "wall" not in k and "per_s" not in k}
+
+
+def test_eval_run_from_a_recipe_decodes_as_training_does():
+    """EvalRun.from_recipe: the recipe's rollout section drives decoding through the same mapping as training."""
+    from launch.decoding import decode_block
+    from launch.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "tiny-tracerl.yaml")
+    run = EvalRun.from_recipe(recipe, "arithmetic")
+    assert (run.rollout.remasking, run.cache, run.max_tokens, run.seed) == ("low_confidence_dynamic", "block", 16, 0)
+    assert [spec.fn for spec in run.reward] == ["arithmetic"] and run.model.path is None
+    trained = sampling_params(recipe.rollout, block_size=decode_block(recipe))
+    assert sampling_params(run.rollout, block_size=4, max_tokens=run.max_tokens) == trained
+    assert trained.remasking == "low_confidence_dynamic" and trained.threshold == 0.9 and trained.temperature == 1.0
+    # a saved recipe.yaml read as a plain mapping gives the same run
+    assert EvalRun.from_recipe(recipe.to_dict(), "arithmetic") == run

@@ -11,7 +11,6 @@ import pytest
 import yaml
 
 from launch.recipe import (
-    PUBLISHED_DEFAULTS,
     Recipe,
     RecipeError,
     check_paths,
@@ -20,6 +19,8 @@ from launch.recipe import (
     resolve_kind,
     save_recipe,
 )
+
+from rl.published import ALGORITHM_DEFAULTS
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 BASE = {
@@ -165,9 +166,9 @@ def test_eoser_and_trajectory_defaults_follow_the_schedule_and_kind():
 def test_published_defaults_name_real_fields():
     fields = {"learner": Recipe.model_fields["learner"].annotation.model_fields,
               "rollout": Recipe.model_fields["rollout"].annotation.model_fields}
-    for sections in PUBLISHED_DEFAULTS.values():
-        for section, values in sections.items():
-            assert set(values) <= set(fields[section])
+    for entry in ALGORITHM_DEFAULTS.values():
+        for section in ("learner", "rollout"):
+            assert set(getattr(entry, section)) <= set(fields[section])
 
 
 @pytest.mark.parametrize("algorithm", ["diffu_grpo", "gdpo", "cj_grpo", "tracerl", "coupled_grpo", "wd1", "spg",
@@ -238,9 +239,9 @@ def test_importing_the_recipe_layer_stays_light():
 
 def test_reward_workers_is_a_setting_capped_by_the_free_cpus():
     from launch.driver_roles import reward_workers
-    from launch.recipe import ResourcesConfig
+    from launch.recipe import ResourcesSection
 
-    assert ResourcesConfig().reward_workers == 2  # the former hard-coded cap is the default
+    assert ResourcesSection().reward_workers == 2  # the former hard-coded cap is the default
     assert reward_workers(16, 2) == (2, 1.0) and reward_workers(16, 6) == (6, 1.0)
     assert reward_workers(3.5, 6) == (3, 1.0)  # one CPU each, never more workers than free CPUs
     assert reward_workers(0.5, 6) == (1, 0.0)  # no CPU left outside the placement group: one zero-CPU worker

@@ -73,8 +73,8 @@ BAD = {
                         "trainer.max_staleness: 0 < 1 in async mode (use trainer.mode: sync for on-policy)"),
     "prompts split": (["rollout.num_workers=2", "data.num_prompts_per_step=5"],
                       "data.num_prompts_per_step: 5 is not divisible by 2 rollout workers"),
-    "kv cache full attention": (["model.tiny=llada", "rollout.cache=kv"], ("rollout.cache: an exact 'kv' cache needs "
-                                "block-causal attention; a llada model uses prefix or dual")),
+    "block cache full attention": (["model.tiny=llada", "rollout.cache=block"], ("rollout.cache: the exact 'block' "
+                                   "cache needs block-causal attention; a llada model uses prefix or dual")),
     "section set to null": (["model=null"], "model: expected a mapping, got None"),
     "path and tiny": (["model.path=/x"],
                       "model.path: set exactly one of model.path (a checkpoint directory) and model.tiny"),
@@ -107,8 +107,19 @@ BAD = {
         "not 'sdmc'")),
     "remote ray with local knobs": (["ray.address=auto", "ray.num_cpus=4"],
                                     "ray.num_cpus: only for a local cluster, but ray.address is set"),
-    "workers disagree": (["resources.rollout_workers=2"], ("resources.rollout_workers: 2 != rollout.num_workers 1 "
-                         "(setting rollout.num_workers is enough)")),
+    # renamed and merged settings: one line naming the key and what replaced it
+    "merged rollout workers": (["resources.rollout_workers=2"], ("resources.rollout_workers: merged into "
+                               "rollout.num_workers (one setting; remove this key)")),
+    "merged learner workers": (["resources.learner_workers=1"], ("resources.learner_workers: merged into "
+                               "learner.num_workers (one setting; remove this key)")),
+    "merged checkpointing": (["learner.activation_checkpointing=true"], ("learner.activation_checkpointing: merged "
+                             "into model.gradient_checkpointing (one setting, any backend)")),
+    "renamed kv cache": (["rollout.cache=kv"], ("rollout.cache: 'kv' is now called 'block' (the exact KV cache of "
+                         "block-causal models)")),
+    "zero stage 0": (["learner.zero_stage=0"], ("learner.zero_stage: 0 no longer means 'unset': leave the key out "
+                     "(backend deepspeed defaults to 2)")),
+    "sglang seam": (["rollout.engine=sglang"], ("rollout.engine: there is no SGLang engine: its diffusion path "
+                    "returns no log-probs and no step map (README, 'SGLang'); use torch")),
     "ass with blocks": (["model.tiny=llada", "rollout.ass=true", "rollout.block_size=8"], ("rollout.block_size: 8, "
                         "but ASS decodes the whole response as one block (set it to rollout.max_tokens 16)")),
     "eoser ass schedule without ass": (["model.tiny=llada", "rollout.eoser.schedule=ass"],
@@ -156,6 +167,12 @@ def test_error_in_base_file_names_the_base(tmp_path):
     base = _write(tmp_path, BASE.replace("{max_tokens: 16}", "{max_tokens: 16, temprature: 1.0}"), "base.yaml")
     child = _write(tmp_path, "extends: base.yaml\nname: child\n", "child.yaml")
     assert _error(child) == f"{base}: rollout.temprature: unknown key (did you mean 'temperature'?)"
+
+
+def test_renamed_setting_in_base_file_names_the_base(tmp_path):
+    base = _write(tmp_path, BASE.replace("{max_tokens: 16}", "{max_tokens: 16, cache: kv}"), "base.yaml")
+    child = _write(tmp_path, "extends: base.yaml\nname: child\n", "child.yaml")
+    assert _error(child) == f"{base}: rollout.cache: 'kv' is now called 'block' (the exact KV cache of block-causal models)"
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -43,6 +43,11 @@ TABLE = [
     ("pm for one value", "", "\\boxed{\\pm 3}", "3", 0.0, "candidate_list"),
     ("approximately", "", "\\boxed{3 \\approx 4}", "3", 0.0, "candidate_list"),  # was 1.0
     ("every choice", "", "\\boxed{A, B, C, D}", "B", 0.0, "candidate_list"),
+    # one value that holds several: math-verify does not take a set, an interval or a membership for its element
+    ("set holding the answer", "", "\\boxed{\\{3, 4\\}}", "3", 0.0, "wrong"),
+    ("interval holding the answer", "", "\\boxed{[1, 5]}", "3", 0.0, "wrong"),
+    ("membership in a set", "", "\\boxed{x \\in \\{3, 4\\}}", "3", 0.0, "wrong"),
+    ("or in another language", "", "\\boxed{3 \\text{ oder } 4}", "3", 0.0, "wrong"),
     ("an unmarked hedge is no answer", "", "the answer is 3 or 4 or 5", "3", 0.0, "no_answer"),
     # bombs
     ("power tower", "", "\\boxed{10^{10^{10^{10}}}}", "3", 0.0, "too_complex"),  # was timeout

@@ -58,8 +58,11 @@ def test_builtin_math_and_code_rewards_in_actors(local_ray):
     code = RewardService([{"fn": "code"}], num_workers=1, num_cpus_per_worker=0.5,
                          sample_row={"prompt": "", "response": "print(5)", "reference": code_ref})
     try:
-        math_results = service.score(items(["\\boxed{1/2}", "\\boxed{10^{10^{9}}}", "#### 0.5"], reference="0.5"))
-        assert [r["reason"].split(":")[0] for r in math_results] == ["correct", "timeout", "correct"]
+        # a power tower is screened as too_complex before sympy; this bomb is not and must run into the timeout
+        bomb = "\\boxed{\\binom{99999}{49999}^{9999}}"
+        math_results = service.score(items(["\\boxed{1/2}", bomb, "\\boxed{10^{10^{9}}}", "#### 0.5"],
+                                           reference="0.5"))
+        assert [r["reason"].split(":")[0] for r in math_results] == ["correct", "timeout", "too_complex", "correct"]
         program = "```python\na, b = map(int, input().split())\nprint(a + b)\n```"
         code_results = code.score([{"prompt": "", "response": program, "reference": code_ref}])
         assert code_results[0]["reason"] == "correct"

@@ -32,10 +32,11 @@ def _sharpen(policy, factor):
 def sharp(tmp_path_factory):
     root = tmp_path_factory.mktemp("sharp")
     out = {}
-    for kind, block in (("llada", None), ("block", 3)):
-        path = make_tiny_policy(kind, root / kind, seed=5, hidden_size=32, num_layers=2, num_heads=2,
-                                num_kv_heads=1, intermediate_size=64, block_size=block)
-        out[kind] = _sharpen(load_policy(path), 6.0)
+    for name, kind, block, alignment in (("llada", "llada", None, None), ("block", "block", 3, None),
+                                         ("block_absolute", "block", 3, "absolute")):
+        path = make_tiny_policy(kind, root / name, seed=5, hidden_size=32, num_layers=2, num_heads=2,
+                                num_kv_heads=1, intermediate_size=64, block_size=block, block_alignment=alignment)
+        out[name] = _sharpen(load_policy(path), 6.0)
     return out
 
 
@@ -97,9 +98,12 @@ def test_mc_elbo_is_unbiased(sharp):
     assert est.forwards == 2
 
 
-def test_block_elbo_is_unbiased_for_the_block_elbo(sharp):
-    policy = sharp["block"]
-    prompt, response = _case(policy, 6, seed=2)  # two blocks of 3
+@pytest.mark.parametrize("model", ["block", "block_absolute"])
+def test_block_elbo_is_unbiased_for_the_block_elbo(sharp, model):
+    # response: two blocks of 3; absolute alignment with a 4-token prompt: the prompt's last token opens the first
+    # block, so the layout's response blocks hold 2, 3 and 1 tokens (exact_elbo follows the layout)
+    policy = sharp[model]
+    prompt, response = _case(policy, 6, seed=2)
     exact = exact_elbo(policy, prompt, response)
     with torch.no_grad():
         est = get_estimator("block_elbo")(policy, _many(prompt, response), seed=4, num_samples=1)
@@ -233,3 +237,29 @@ def test_per_copy_terms_reassemble_the_estimate(tiny_policies):
     mc_logp, mc_weights = est.extra["mc_logp"], est.extra["mc_weights"]
     assert mc_logp.shape == (2, 3, 6)
     assert torch.allclose((mc_logp * mc_weights).sum((1, 2)), est.seq_logp, atol=1e-5)
+
+
+@pytest.mark.parametrize("prompt_len", [3, 4, 5])
+def test_block_elbo_masks_follow_the_layout_blocks(sharp, prompt_len):
+    """BD3-LM/SDAR masking: every block of the training layout gets its own level, l_b in 1..n_b of its n_b
+    response tokens masked, each weighted n_b / l_b. Under `absolute` alignment the layout's first block also holds
+    the prompt's tail (here 0, 1 or 2 tokens with block 3), so its response part is shorter."""
+    policy = sharp["block_absolute"]
+    size = policy.spec.block_size
+    head = prompt_len - policy.spec.block_origin(prompt_len)
+    assert head == prompt_len % size
+    response = torch.arange(10, 17)  # 7 tokens
+    edges = sorted({0, *range(size - head if head else size, 7, size), 7})
+    blocks = [range(a, b) for a, b in zip(edges[:-1], edges[1:])]
+    assert sum(len(b) for b in blocks) == 7 and len(blocks) >= 3
+    inp = EstimatorInput([torch.arange(20, 20 + prompt_len)] * 50, [response] * 50, [f"k{i}" for i in range(50)])
+    with torch.no_grad():
+        est = get_estimator("block_elbo")(policy, inp, seed=1, num_samples=1)
+    weights = est.extra["mc_weights"][:, 0, :]  # (50, 7): n_b / l_b on masked tokens, 0 elsewhere
+    assert weights.shape == (50, 7)
+    for block in blocks:
+        w = weights[:, list(block)]
+        counts = (w > 0).sum(1)
+        assert bool((counts >= 1).all()), f"a draw left layout block {list(block)} unmasked"
+        expected = len(block) / counts.clamp(min=1).double()
+        assert torch.allclose(w.double().max(1).values, expected, rtol=1e-6), (block, w)

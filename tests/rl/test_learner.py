@@ -245,7 +245,7 @@ def test_activation_checkpointing_gives_the_same_update(tiny_model_dirs):
     for ckpt in (False, True):
         pol = load_policy(tiny_model_dirs["block"])
         w0 = weights(pol)
-        cfg = LearnerConfig(mu=1, micro_batch_size=2, activation_checkpointing=ckpt, optim=linear_adam(),
+        cfg = LearnerConfig(mu=1, micro_batch_size=2, gradient_checkpointing=ckpt, optim=linear_adam(),
                             grad_clip=None)
         Learner(pol, cfg).update(make_trajectories(pol, 2))
         deltas.append({k: v - w0[k] for k, v in weights(pol).items()})

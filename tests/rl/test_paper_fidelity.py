@@ -153,6 +153,7 @@ def test_coupled_grpo_recipe_and_defaults_are_diffucoders():
     assert (ln.lr, tuple(ln.betas), ln.weight_decay, ln.grad_clip, ln.mu) == (1e-6, (0.9, 0.99), 0.1, 0.2, 2)
     assert (ln.schedule, ln.min_lr_ratio) == ("cosine", 0.1)
     assert (ro.steps, ro.max_tokens, ro.temperature, ro.samples_per_prompt) == (256, 256, 1.0, 10)
+    assert ro.remasking == "entropy"  # DiffuCoder rollouts: diffusion_generate(alg="entropy", alg_temp=0.0)
     assert recipe.data.max_prompt_tokens == 200
     optim = learner_config(recipe).optim
     assert optim.min_lr_ratio == 0.1 and optim.schedule == "cosine"

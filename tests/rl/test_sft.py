@@ -115,12 +115,14 @@ def test_sft_lowers_heldout_masked_loss_and_is_deterministic(tmp_path, kind):
 
 
 def test_run_sft_writes_a_loadable_checkpoint(tmp_path):
-    from launch.sft import run_sft
+    from launch.sft import SFTRun, run_sft
+    from rl.sft import SFTConfig
     from rollout.models.loading import load_policy
 
     out = tmp_path / "ckpt"
-    summary = run_sft(str(out), task="countdown", task_kwargs={"num_train": 64, "num_test": 16}, hidden_size=32,
-                      num_layers=1, num_heads=2, num_kv_heads=1, steps=3, batch_size=8, progress=False)
+    summary = run_sft(SFTRun(out=str(out), data={"task": "countdown", "task_kwargs": {"num_train": 64, "num_test": 16}},
+                             tiny_size={"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1},
+                             training=SFTConfig(steps=3, batch_size=8)), progress=False)
     assert summary["data"]["train_examples"] == 64 and summary["parameters"] > 0
     assert summary["heldout_masked_ce_after"] is not None
     policy = load_policy(out)
@@ -130,17 +132,19 @@ def test_run_sft_writes_a_loadable_checkpoint(tmp_path):
     assert len((out / "sft_log.jsonl").read_text().splitlines()) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary directory left behind
     with pytest.raises(FileExistsError, match="exists"):
-        run_sft(str(out), task="countdown", steps=1, progress=False)
+        run_sft(SFTRun(out=str(out), data={"task": "countdown"}, training=SFTConfig(steps=1)), progress=False)
     with pytest.raises(ValueError, match="exactly one of task"):
-        run_sft(str(tmp_path / "x"), task="countdown", data="a.jsonl", progress=False)
+        run_sft(SFTRun(out=str(tmp_path / "x"), data={"task": "countdown", "train": "a.jsonl"}), progress=False)
 
 
 def test_run_sft_from_a_file_and_a_checkpoint(tmp_path, tiny_model_dirs):
-    from launch.sft import run_sft
+    from launch.sft import SFTRun, run_sft
+    from rl.sft import SFTConfig
 
     rows = make_task("arithmetic", seed=1, num_train=40, num_test=8)
     paths = rows.write(tmp_path / "data")
-    summary = run_sft(str(tmp_path / "ckpt"), model=str(tiny_model_dirs["llada"]), data=str(paths["train"]),
-                      heldout_data=str(paths["test"]), steps=2, batch_size=8, progress=False, eval_items=4)
+    summary = run_sft(SFTRun(out=str(tmp_path / "ckpt"), model={"path": str(tiny_model_dirs["llada"])},
+                             data={"train": str(paths["train"]), "eval": str(paths["test"])},
+                             training=SFTConfig(steps=2, batch_size=8), eval_items=4), progress=False)
     assert summary["kind"] == "llada" and summary["objective"] == "random"
     assert summary["data"]["heldout_examples"] == 8 and summary["eval"]["items"] == 4

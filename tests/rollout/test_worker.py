@@ -8,7 +8,7 @@ import torch
 from rollout.models.loading import load_policy
 from rollout.models.tiny import make_tiny_policy
 from rollout.sampling import GenerationRequest, SamplingParams
-from rollout.worker import RolloutWorker, remote_worker, rollout_metrics
+from rollout.worker import RolloutWorker, rollout_metrics
 
 PARAMS = SamplingParams(temperature=1.0, max_tokens=8)
 
@@ -34,7 +34,7 @@ def test_metrics_of_an_empty_call():
 @pytest.mark.ray
 def test_ray_worker_generates_and_takes_new_weights(local_ray, tiny_model_dirs, tmp_path):
     ray = local_ray
-    worker = remote_worker(tiny_model_dirs["block"], num_cpus=1)
+    worker = ray.remote(num_cpus=1)(RolloutWorker).remote(str(tiny_model_dirs["block"]))  # as the driver does
     assert ray.get(worker.ready.remote())
     before = ray.get(worker.generate.remote(_requests()))
     assert all(t.policy_version == 0 and t.response_length > 0 for t in before)

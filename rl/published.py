@@ -1,0 +1,101 @@
+"""Each algorithm's published defaults, in one table, and the rule for when a run needs a reference model.
+
+The one source of these numbers (shared/ALGORITHMS.md gives the papers and code they were read from):
+- `loss`: the loss registry entry's defaults (`rl.algorithms.LOSSES`, merged by `make_loss_config`); the recipe's
+  algorithm section (launch/recipe_sections.py) takes its field defaults from here too;
+- `learner`, `rollout`: what a recipe's `learner.*` / `rollout.*` left at None becomes (else `GENERIC`);
+- `group`: the group-relative settings outside the loss (advantage, filter bounds, length-limit rule);
+- `value_model`: TraceRL's value model.
+Plain data and no imports beyond the standard library, so that recipe validation (launch/) reads it without torch.
+Layering: rl holds the numbers, launch reads them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+__all__ = ["ALGORITHM_DEFAULTS", "AlgorithmDefaults", "GENERIC", "needs_reference_model"]
+
+
+def _frozen(values: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(values or {}))
+
+
+@dataclass(frozen=True)
+class AlgorithmDefaults:
+    loss: Mapping[str, Any]  # rl.algorithms.LossConfig fields
+    learner: Mapping[str, Any] = field(default_factory=_frozen)  # recipe learner.* (lr, betas, mu, ...)
+    rollout: Mapping[str, Any] = field(default_factory=_frozen)  # recipe rollout.* (samples_per_prompt, temperature)
+    group: Mapping[str, Any] = field(default_factory=_frozen)  # advantage, accuracy_lo/hi, length_limit_margin
+    value_model: Mapping[str, Any] = field(default_factory=_frozen)  # TraceRL: lr, clip, gamma, lam
+    published: bool = True  # False: no published figures; these are the project's own choices
+
+    def __post_init__(self) -> None:
+        for name in ("loss", "learner", "rollout", "group", "value_model"):
+            object.__setattr__(self, name, _frozen(getattr(self, name)))
+
+
+# Group-relative advantage without filtering or length rule: d1, GDPO, CJ-GRPO, wd1, SPG, DiffuCoder.
+_MEAN_CENTERED = {"advantage": "mean_centered", "accuracy_lo": None, "accuracy_hi": None, "length_limit_margin": None}
+
+ALGORITHM_DEFAULTS: Mapping[str, AlgorithmDefaults] = MappingProxyType({
+    # d1: one-step estimator; eps 0.5, beta 0.04 (k3 to the reference), |o_i|-normalised token sum.
+    "diffu_grpo": AlgorithmDefaults(
+        loss={"clip_eps_low": 0.5, "clip_eps_high": 0.5, "beta": 0.04, "kl_reference": "ref", "kl_estimator": "k3",
+              "loss_agg": "token_mean"},
+        learner={"lr": 3e-6, "betas": (0.9, 0.99), "weight_decay": 0.1, "grad_clip": 0.2, "mu": 12},
+        rollout={"samples_per_prompt": 6, "temperature": 0.9}, group=_MEAN_CENTERED),
+    # GDPO: sequence ratio on an SDMC ELBO over the tokens through the first EOS / the generation length; beta 0.
+    "gdpo": AlgorithmDefaults(
+        loss={"clip_eps_low": 0.5, "clip_eps_high": 0.5, "beta": 0.0, "kl_reference": "ref", "kl_estimator": "k3",
+              "loss_agg": "seq_mean_token_mean", "seq_length": "generation", "observed_only": False},
+        learner={"lr": 3e-7, "mu": 12}, rollout={"samples_per_prompt": 6}, group=_MEAN_CENTERED),
+    # CJ-GRPO (yjyddq/EOSER-ASS-RL train.yaml): every token unmasked at a step, EOS padding included, pooled across
+    # the batch per step, then the mean over steps; eps 0.5, beta 0.04 (k3 to the reference); temperature 1.0.
+    "cj_grpo": AlgorithmDefaults(
+        loss={"clip_eps_low": 0.5, "clip_eps_high": 0.5, "beta": 0.04, "kl_reference": "ref", "kl_estimator": "k3",
+              "loss_agg": "step_pooled_mean", "token_set": "response"},
+        rollout={"temperature": 1.0}, group=_MEAN_CENTERED),
+    # TraceRL (dLLM-RL train_trado_policy.py): rho = exp(clamp(., -10, 10)), eps 0.2, beta 0.01 k3 against the OLD
+    # policy with its exponent clamped to +-10; z-scored advantages, groups with accuracy outside [0.2, 0.8]
+    # dropped, responses within 5 tokens of the length limit count as wrong (reward/rl_reward.py).
+    "tracerl": AlgorithmDefaults(
+        loss={"clip_eps_low": 0.2, "clip_eps_high": 0.2, "beta": 0.01, "kl_reference": "old", "kl_estimator": "k3",
+              "ratio_clamp": 10.0, "kl_log_ratio_clamp": 10.0, "loss_agg": "token_mean"},
+        learner={"lr": 1e-6, "grad_accum": 32}, rollout={"samples_per_prompt": 16, "temperature": 1.0},
+        group={"advantage": "zscore", "accuracy_lo": 0.2, "accuracy_hi": 0.8, "length_limit_margin": 5},
+        value_model={"lr": 5e-6, "clip": 0.2, "gamma": 1.0, "lam": 1.0}),
+    # DiffuCoder (config_coupled_code.yaml): coupled estimator; eps 0.5, beta 0.01, mean-centred advantages
+    # (scale_rewards false); its cosine schedule with a 0.1 floor is set in the recipe.
+    "coupled_grpo": AlgorithmDefaults(
+        loss={"clip_eps_low": 0.5, "clip_eps_high": 0.5, "beta": 0.01, "kl_reference": "ref", "kl_estimator": "k3",
+              "loss_agg": "token_mean"},
+        learner={"lr": 1e-6, "betas": (0.9, 0.99), "weight_decay": 0.1, "grad_clip": 0.2, "mu": 2},
+        rollout={"samples_per_prompt": 10, "temperature": 1.0}, group=_MEAN_CENTERED),
+    # wd1 (xiaohangt/wd1): ratio-free weighted log-likelihood, no KL.
+    "wd1": AlgorithmDefaults(loss={"beta": 0.0, "loss_agg": "seq_mean_token_sum"}, group=_MEAN_CENTERED),
+    # SPG: ELBO for A > 0, EUBO (beta_E 1.5) for A <= 0, mixed 0.5; per-token bounds over the tokens through EOS.
+    "spg": AlgorithmDefaults(
+        loss={"beta": 0.0, "beta_e": 1.5, "mix": 0.5, "length_normalize": True, "seq_length": "valid",
+              "observed_only": False, "loss_agg": "token_mean"},
+        learner={"mu": 4}, group=_MEAN_CENTERED),
+    # UniGRPO-style random masking: no published loss figures; PPO's eps 0.2 and no KL (so no reference model).
+    "random_mask_grpo": AlgorithmDefaults(
+        loss={"clip_eps_low": 0.2, "clip_eps_high": 0.2, "beta": 0.0, "kl_reference": "ref", "kl_estimator": "k3",
+              "loss_agg": "token_mean"},
+        group=_MEAN_CENTERED, published=False),
+})
+
+# What a recipe's learner.* / rollout.* left at None becomes when the algorithm publishes no value for it.
+GENERIC: Mapping[str, Mapping[str, Any]] = MappingProxyType({
+    "learner": _frozen({"lr": 1e-6, "betas": (0.9, 0.999), "weight_decay": 0.0, "grad_clip": 1.0, "mu": 1,
+                        "grad_accum": 1}),
+    "rollout": _frozen({"samples_per_prompt": 8, "temperature": 1.0}),
+})
+
+
+def needs_reference_model(beta: float, kl_reference: str) -> bool:
+    """Whether the loss reads a frozen reference policy: a KL penalty (beta > 0) measured against `ref` (against
+    `old`, the rollout policy, it needs none)."""
+    return beta > 0 and kl_reference == "ref"
