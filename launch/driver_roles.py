@@ -248,15 +248,9 @@ class RolloutPool:
     def metrics(self) -> dict[str, float]:
         import ray
 
-        per_worker = ray.get([w.metrics.remote() for w in self.workers])
-        out: dict[str, float] = {}
-        for m in per_worker:
-            for key, value in m.items():
-                out[key] = out.get(key, 0.0) + float(value)
-        for key in ("rollout/tokens_per_forward", "rollout/nfe_mean"):
-            if key in out:
-                out[key] /= len(per_worker)
-        return out
+        from rollout.worker import merge_rollout_metrics
+
+        return merge_rollout_metrics(ray.get([w.metrics.remote() for w in self.workers]))
 
     def shutdown(self) -> None:
         import ray

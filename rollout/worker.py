@@ -52,6 +52,7 @@ def rollout_metrics(trajectories: Sequence[Trajectory], seconds: float) -> dict:
     metrics = {
         "rollout/seconds": seconds,
         "rollout/requests": len(trajectories),
+        "rollout/completed": len(done),
         "rollout/response_tokens": tokens,
         "rollout/tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
         "rollout/nfe_mean": sum(t.nfe for t in done) / len(done) if done else 0.0,
@@ -61,4 +62,23 @@ def rollout_metrics(trajectories: Sequence[Trajectory], seconds: float) -> dict:
     reasons = Counter("error" if t.finish_reason.startswith("error") else t.finish_reason for t in trajectories)
     metrics.update({f"rollout/finish/{reason}": count for reason, count in sorted(reasons.items())})
     return metrics
+
+
+# Per-request means among rollout_metrics: merged across workers weighted by each worker's completed requests;
+# every other rollout metric is a count, a duration or a rate of parallel workers, merged by summing.
+PER_REQUEST_MEANS = ("rollout/nfe_mean", "rollout/tokens_per_forward")
+
+
+def merge_rollout_metrics(per_worker: Sequence[dict]) -> dict[str, float]:
+    """One step's rollout metrics from each worker's `rollout_metrics`."""
+    out: dict[str, float] = {}
+    for m in per_worker:
+        for key, value in m.items():
+            weight = float(m.get("rollout/completed", 1)) if key in PER_REQUEST_MEANS else 1.0
+            out[key] = out.get(key, 0.0) + weight * float(value)
+    completed = sum(float(m.get("rollout/completed", 1)) for m in per_worker)
+    for key in PER_REQUEST_MEANS:
+        if key in out:
+            out[key] = out[key] / completed if completed else 0.0
+    return out
 

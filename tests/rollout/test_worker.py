@@ -8,7 +8,7 @@ import torch
 from rollout.models.loading import load_policy
 from rollout.models.tiny import make_tiny_policy
 from rollout.sampling import GenerationRequest, SamplingParams
-from rollout.worker import RolloutWorker, rollout_metrics
+from rollout.worker import RolloutWorker, merge_rollout_metrics, rollout_metrics
 
 PARAMS = SamplingParams(temperature=1.0, max_tokens=8)
 
@@ -29,6 +29,20 @@ def test_worker_without_ray_reports_metrics(tiny_model_dirs):
 
 def test_metrics_of_an_empty_call():
     assert rollout_metrics([], 0.0)["rollout/tokens_per_s"] == 0.0
+
+
+def test_workers_metrics_merge_per_request_means_by_request_count():
+    # worker A: 3 requests at 2.0 tokens/forward, worker B: 1 request at 4.0 -> the pool's per-request mean is
+    # (3 * 2 + 1 * 4) / 4 = 2.5 (an unweighted mean of the workers would say 3.0); counts and rates add up
+    a = {"rollout/requests": 3, "rollout/completed": 3, "rollout/tokens_per_forward": 2.0, "rollout/nfe_mean": 8.0,
+         "rollout/response_tokens": 48, "rollout/tokens_per_s": 10.0}
+    b = {"rollout/requests": 2, "rollout/completed": 1, "rollout/tokens_per_forward": 4.0, "rollout/nfe_mean": 4.0,
+         "rollout/response_tokens": 16, "rollout/tokens_per_s": 5.0}
+    merged = merge_rollout_metrics([a, b])
+    assert merged["rollout/tokens_per_forward"] == pytest.approx(2.5)
+    assert merged["rollout/nfe_mean"] == pytest.approx(7.0)
+    assert (merged["rollout/requests"], merged["rollout/completed"]) == (5, 4)
+    assert (merged["rollout/response_tokens"], merged["rollout/tokens_per_s"]) == (64, 15.0)
 
 
 @pytest.mark.ray
