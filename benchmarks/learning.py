@@ -275,13 +275,14 @@ def _mean_sd(xs: list[float]) -> tuple[float, float]:
 def seed_table(results: dict, sft: dict) -> str:
     """Per algorithm (runs `algo#sN` grouped), mean and spread over its RL seeds: held-out static accuracy and its
     gain over the SFT start (mean +- sample sd, min..max), dynamic accuracy and tokens per forward, T=1 avg@4."""
-    groups: dict[str, list[dict]] = {}
+    groups: dict[tuple[str, float], list[dict]] = {}  # (algorithm, lr): runs merged from several invocations
     for name, res in results.items():
         if "after" in res:
-            groups.setdefault(name.split("#")[0], []).append(res)
+            lr = res.get("overrides", {}).get("learner", {}).get("lr", COMMON["learner"]["lr"])
+            groups.setdefault((name.split("#")[0], lr), []).append(res)
     lines = ["| algorithm | lr | seeds | RL steps (mean) | held-out static, mean +- sd | gain: mean +- sd "
              "[min..max] | dynamic (tokens/forward) | T=1 avg@4 |", "|---|---|---|---|---|---|---|---|"]
-    for base, runs in groups.items():
+    for (base, lr), runs in groups.items():
         before = sft["block1" if "@block1" in base else "block4"]["static"]["accuracy"]
         acc = [100 * r["after"]["static"]["accuracy"] for r in runs]
         gain = [a - 100 * before for a in acc]
@@ -289,9 +290,8 @@ def seed_table(results: dict, sft: dict) -> str:
         dyn = _mean_sd([100 * r["after"]["dynamic"]["accuracy"] for r in runs])[0]
         tpf = _mean_sd([r["after"]["dynamic"]["tokens_per_forward"] for r in runs])[0]
         avg4 = _mean_sd([100 * r["after"]["sampled"]["avg@4"] for r in runs])[0]
-        lrs = {r.get("overrides", {}).get("learner", {}).get("lr", COMMON["learner"]["lr"]) for r in runs}
         steps = _mean_sd([float(r["steps"]) for r in runs])[0]
-        lines.append(f"| {base} | {'/'.join(f'{x:g}' for x in sorted(lrs))} | {len(runs)} | {steps:.0f} | "
+        lines.append(f"| {base} | {lr:.0e} | {len(runs)} | {steps:.0f} | "
                      f"{am:.1f} +- {asd:.1f} | {gm:+.1f} +- {gsd:.1f} [{min(gain):+.1f}..{max(gain):+.1f}] | "
                      f"{dyn:.1f} ({tpf:.2f}) | {avg4:.1f} |")
     return "\n".join(lines)
