@@ -146,10 +146,11 @@ def test_coupled_grpo_recipe_and_defaults_are_diffucoders():
     from launch.recipe import load_recipe
     from launch.recipe_sections import CoupledGRPO
 
-    assert CoupledGRPO().advantage == "mean_centered"  # scale_rewards: false
+    # src/open_r1/coupled_grpo.py hard-codes leave_one_out = True; scale_rewards: false (no std division).
+    assert CoupledGRPO().advantage == "leave_one_out"
     recipe = load_recipe(RECIPES / "coupled-grpo-dream-code.yaml")
     ln, ro = recipe.learner, recipe.rollout
-    assert recipe.algorithm.advantage == "mean_centered"
+    assert recipe.algorithm.advantage == "leave_one_out"
     assert (ln.lr, tuple(ln.betas), ln.weight_decay, ln.grad_clip, ln.mu) == (1e-6, (0.9, 0.99), 0.1, 0.2, 2)
     assert (ln.schedule, ln.min_lr_ratio) == ("cosine", 0.1)
     assert (ro.steps, ro.max_tokens, ro.temperature, ro.samples_per_prompt) == (256, 256, 1.0, 10)
@@ -162,11 +163,18 @@ def test_coupled_grpo_recipe_and_defaults_are_diffucoders():
     for step in (0, 1, total // 3, total // 2, total - 1, total, total + 5):
         progress = min(1.0, step / total)
         assert lr_factor(step, optim) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-    # Mean-centred advantages: R - mean(R), no std division.
-    rewards = torch.tensor([2.5, 0.0, 0.5, 2.5, 0.0, 1.0, 0.0, 0.0, 2.0, 0.5])
-    adv = group_advantages(rewards, group_size=10, norm=recipe.algorithm.advantage).advantages
-    naive = [float(r) - sum(rewards.tolist()) / 10 for r in rewards]
+    # Leave-one-out advantages: R_i - mean of the OTHER G - 1 rewards of its group, no std division
+    # (= G / (G - 1) x the mean-centred advantage: 10/9 at G 10).
+    rewards = torch.tensor([2.5, 0.0, 0.5, 2.5, 0.0, 1.0, 0.0, 0.0, 2.0, 0.5, 1.0, 0.0, 0.0, 3.0])
+    groups = torch.tensor([0] * 10 + [1] * 4)
+    adv = group_advantages(rewards, group_ids=groups, norm=recipe.algorithm.advantage).advantages
+    naive = []
+    for i in range(len(rewards)):
+        others = [float(rewards[j]) for j in range(len(rewards)) if groups[j] == groups[i] and j != i]
+        naive.append(float(rewards[i]) - sum(others) / len(others))
     assert adv.tolist() == pytest.approx(naive, abs=1e-6)
+    single = group_advantages(torch.tensor([1.0, 2.0]), group_size=1, norm="leave_one_out").advantages
+    assert single.tolist() == [0.0, 0.0]  # a group of one has no other sample to compare with
 
 
 # ------------------------------------------------------------------------------------------------- 4. SPG
