@@ -251,9 +251,13 @@ class BlockRandomEstimator(_EstimatorSection):
     name: Literal["block_random"] = "block_random"
     mc_num: int = Field(2, ge=1)  # SPG's num_t: masked forwards per sample
     p_mask: float = Field(0.15, ge=0, lt=1)  # prompt-token masking probability (SPG's p_mask_prompt)
+    # "released": SPG's code (block among the blocks holding the completion, every masked token through the first
+    # EOS counted, per-forward mean); "block": only the chosen block's masked tokens, weighted to be unbiased for
+    # the semi-autoregressive ELBO (rl/masking.py block_random).
+    weighting: Literal["released", "block"] = "released"
 
     def params(self) -> dict[str, Any]:
-        return {"num_samples": self.mc_num, "p_mask": self.p_mask}
+        return {"num_samples": self.mc_num, "p_mask": self.p_mask, "weighting": self.weighting}
 
 
 class TrajectoryEstimator(_EstimatorSection):
