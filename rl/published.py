@@ -75,13 +75,19 @@ ALGORITHM_DEFAULTS: Mapping[str, AlgorithmDefaults] = MappingProxyType({
         learner={"lr": 1e-6, "betas": (0.9, 0.99), "weight_decay": 0.1, "grad_clip": 0.2, "mu": 2},
         rollout={"samples_per_prompt": 10, "temperature": 1.0},
         group={**_MEAN_CENTERED, "advantage": "leave_one_out"}),
-    # wd1 (xiaohangt/wd1): ratio-free weighted log-likelihood, no KL.
-    "wd1": AlgorithmDefaults(loss={"beta": 0.0, "loss_agg": "seq_mean_token_sum"}, group=_MEAN_CENTERED),
+    # wd1 (xiaohangt/wd1): ratio-free weighted log-likelihood, no KL; d1's optimiser and sampling (wd1/train.yaml,
+    # run/wll_NP_gsm8k.sh NUM_ITER 12; temperature: its config's default 0.9).
+    "wd1": AlgorithmDefaults(loss={"beta": 0.0, "loss_agg": "seq_mean_token_sum"},
+                             learner={"lr": 3e-6, "betas": (0.9, 0.99), "weight_decay": 0.1, "grad_clip": 0.2,
+                                      "mu": 12},
+                             rollout={"samples_per_prompt": 6, "temperature": 0.9}, group=_MEAN_CENTERED),
     # SPG: ELBO for A > 0, EUBO (beta_E 1.5) for A <= 0, mixed 0.5; per-token bounds over the tokens through EOS.
     "spg": AlgorithmDefaults(
         loss={"beta": 0.0, "beta_e": 1.5, "mix": 0.5, "length_normalize": True, "seq_length": "valid",
               "observed_only": False, "loss_agg": "token_mean"},
-        learner={"mu": 4}, group=_MEAN_CENTERED),
+        # spg/slurm_scripts/train.yaml (d1's optimiser) and spg_mix/*.sbatch (NUM_ITER 4, 6 generations).
+        learner={"lr": 3e-6, "betas": (0.9, 0.99), "weight_decay": 0.1, "grad_clip": 0.2, "mu": 4},
+        rollout={"samples_per_prompt": 6, "temperature": 0.9}, group=_MEAN_CENTERED),
     # UniGRPO-style random masking: no published loss figures; PPO's eps 0.2 and no KL (so no reference model).
     "random_mask_grpo": AlgorithmDefaults(
         loss={"clip_eps_low": 0.2, "clip_eps_high": 0.2, "beta": 0.0, "kl_reference": "ref", "kl_estimator": "k3",

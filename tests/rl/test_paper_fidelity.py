@@ -411,6 +411,21 @@ def test_tracerl_clamps_the_k3_exponent_as_dllm_rl():
     assert metrics["kl"].item() == pytest.approx(naive / 3, rel=1e-9)
 
 
+@pytest.mark.parametrize("algorithm,mu", [("wd1", 12), ("spg", 4)])
+def test_wd1_and_spg_recipes_get_their_published_optimiser_and_sampling(algorithm, mu):
+    """xiaohangt/wd1 wd1/train.yaml + run/wll_NP_gsm8k.sh (NUM_ITER 12) and facebookresearch/SPG
+    spg/slurm_scripts/train.yaml + spg_mix/gsm_base_spg_mix_beta1.5_weight0.5.sbatch (NUM_ITER 4): d1's optimiser
+    (lr 3e-6, Adam betas 0.9 / 0.99, weight decay 0.1, max_grad_norm 0.2), 6 generations, temperature 0.9 (their
+    config's default)."""
+    from launch.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict({"name": "t", "model": {"tiny": "llada"}, "algorithm": algorithm, "reward": "math",
+                               "data": {"task": "arithmetic"}, "rollout": {"max_tokens": 16}})
+    ln, ro = recipe.learner, recipe.rollout
+    assert (ln.lr, tuple(ln.betas), ln.weight_decay, ln.grad_clip, ln.mu) == (3e-6, (0.9, 0.99), 0.1, 0.2, mu)
+    assert (ro.samples_per_prompt, ro.temperature) == (6, 0.9)
+
+
 def test_d1_recipe_lora_dropout():
     from launch.recipe import load_recipe
 
