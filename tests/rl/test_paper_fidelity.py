@@ -177,6 +177,28 @@ def test_coupled_grpo_recipe_and_defaults_are_diffucoders():
     assert single.tolist() == [0.0, 0.0]  # a group of one has no other sample to compare with
 
 
+def test_coupled_token_logprob_is_diffucoders_three_view_mix(tiny_model_dirs):
+    """DiffuCoder coupled_grpo.py selective_log_softmax: per token (log p_full + w log p_view) / 2, with view 1 the
+    tokens {u < t} (w = 1/t), view 2 the complement (w = 1/(1-t)), p_view the log-prob in the view masking it."""
+    policy = load_policy(tiny_model_dirs["llada"])
+    trajs = _trajectories(policy, 2, length=8, valid=(5, 8))
+    inp = EstimatorInput([t.prompt_ids for t in trajs], [t.response_ids for t in trajs],
+                         [t.request_id for t in trajs], [t.valid_length for t in trajs], None, 4)
+    with torch.no_grad():
+        est = get_estimator("coupled")(policy, inp, seed=5, t_min=0.2, t_max=0.8, full_mask_view=True)
+    draws = draw_masks("coupled", [8, 8], [t.request_id for t in trajs], base_seed=5, t_min=0.2, t_max=0.8)
+    for b, (traj, draw) in enumerate(zip(trajs, draws, strict=True)):
+        t = float(draw.t[0])
+        first = draw.masks[0]
+        assert 0.2 <= t <= 0.8 and torch.equal(draw.masks[1], ~first)
+        full = _one_forward_logp(policy, traj.prompt_ids, traj.response_ids, torch.ones(8, dtype=torch.bool))
+        view1 = _one_forward_logp(policy, traj.prompt_ids, traj.response_ids, first)
+        view2 = _one_forward_logp(policy, traj.prompt_ids, traj.response_ids, ~first)
+        for j in range(8):
+            mixed = view1[j] / t if first[j] else view2[j] / (1 - t)
+            assert float(est.token_logp[b, j]) == pytest.approx(float((full[j] + mixed) / 2), rel=1e-5, abs=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------- 4. SPG
 def test_spg_elbo_divides_by_the_sequence_length_not_the_masked_count():
     """SPG per-token ELBO: sum_k sum_j w_kj lp_kj over the tokens through the first EOS / their number, whatever
