@@ -81,7 +81,7 @@ class ValueModelSection(Section, published=("tracerl", "value_model")):
     path: str | None = Field(None, min_length=1)  # separate trunk to start from; None: a copy of the policy
 
 
-AdvantageKind = Literal["mean_centered", "zscore"]
+AdvantageKind = Literal["mean_centered", "leave_one_out", "zscore"]
 LossAgg = Literal["token_mean", "seq_mean_token_sum", "fixed_length"]
 # Temperature of the learner's log-probs: "raw" logits, as every reference computes them; "rollout": the sampling
 # temperature (the rollout's own distribution: learner and rollout log-probs agree, ratios see the policy that
@@ -95,7 +95,7 @@ _NOT_LOSS = {"name", "advantage", "filter", "value_model", "length_limit_margin"
 
 class _GroupRelative(Section):
     name: str  # declared first so that dumps read `name` first; each algorithm narrows it to its Literal
-    advantage: AdvantageKind = "mean_centered"  # A = R - mean(R) (d1, GDPO, CJ-GRPO, wd1, SPG, DiffuCoder)
+    advantage: AdvantageKind = "mean_centered"  # A = R - mean(R) (d1, GDPO, CJ-GRPO, wd1, SPG)
     filter: FilterSection = FilterSection()
     logp_temperature: LogpTemperature = "raw"
     # A response within this many tokens of rollout.max_tokens counts as wrong (reward 0) before advantages and
@@ -155,8 +155,9 @@ class TraceRL(_ClippedPolicyGradient, published="tracerl"):
 
 
 class CoupledGRPO(_ClippedPolicyGradient, published="coupled_grpo"):
-    """DiffuCoder: token-level clip + beta k3 on the coupled estimator. eps 0.5, beta 0.01, mean-centred advantages
-    (its config_coupled_code.yaml: scale_rewards false); "zscore" is the option that divides by the group std."""
+    """DiffuCoder: token-level clip + beta k3 on the coupled estimator. eps 0.5, beta 0.01, leave-one-out advantages
+    R_i - mean of the other rewards (coupled_grpo.py: leave_one_out = True; config_coupled_code.yaml: scale_rewards
+    false); "mean_centered" (R - mean) and "zscore" (divided by the group std) are options."""
 
     name: Literal["coupled_grpo"] = "coupled_grpo"
     loss_agg: LossAgg = "token_mean"
@@ -250,9 +251,13 @@ class BlockRandomEstimator(_EstimatorSection):
     name: Literal["block_random"] = "block_random"
     mc_num: int = Field(2, ge=1)  # SPG's num_t: masked forwards per sample
     p_mask: float = Field(0.15, ge=0, lt=1)  # prompt-token masking probability (SPG's p_mask_prompt)
+    # "released": SPG's code (block among the blocks holding the completion, every masked token through the first
+    # EOS counted, per-forward mean); "block": only the chosen block's masked tokens, weighted to be unbiased for
+    # the semi-autoregressive ELBO (rl/masking.py block_random).
+    weighting: Literal["released", "block"] = "released"
 
     def params(self) -> dict[str, Any]:
-        return {"num_samples": self.mc_num, "p_mask": self.p_mask}
+        return {"num_samples": self.mc_num, "p_mask": self.p_mask, "weighting": self.weighting}
 
 
 class TrajectoryEstimator(_EstimatorSection):

@@ -4,7 +4,9 @@ A batch holds B responses in groups (the G responses to one prompt). Groups are 
 (contiguous groups: sample i belongs to group i // G) or as `group_ids` (B,) of any labels, which also allows
 groups of unequal size (e.g. after a failed generation). Everything is vectorised with scatter over groups.
 
-- "mean_centered": A_i = R_i - mean_g(R)               (d1, GDPO, CJ-GRPO, wd1, SPG, coupled-GRPO)
+- "mean_centered": A_i = R_i - mean_g(R)               (d1, GDPO, CJ-GRPO, wd1, SPG)
+- "leave_one_out": A_i = R_i - mean of the other n_g - 1 rewards of the group = n_g / (n_g - 1) (R_i - mean_g(R))
+                   (coupled-GRPO: DiffuCoder's coupled_grpo.py hard-codes leave_one_out = True; 0 in a group of one)
 - "zscore":        A_i = (R_i - mean_g(R)) / (std_g(R) + eps), population std (TraceRL)
 Filters (options, none hard-coded): drop groups whose rewards have zero variance; drop groups whose accuracy
 (fraction of correct responses) is outside [lo, hi] (TraceRL: 0.2, 0.8). `near_length_limit` marks responses that
@@ -69,7 +71,7 @@ def group_advantages(rewards: torch.Tensor, *, group_size: int | None = None, gr
                      success_threshold: float = 0.5, zero_std_tol: float = 1e-8) -> AdvantageResult:
     """Group-relative advantages, a keep mask and metrics.
 
-    norm: "mean_centered" (R - mean), "zscore" ((R - mean) / (std + eps), population std) or "none" (R itself).
+    norm: "mean_centered" (R - mean), "leave_one_out" (R - mean of the others), "zscore" ((R - mean) / (std + eps), population std) or "none" (R itself).
     accuracy_lo / accuracy_hi: keep groups with lo <= accuracy <= hi (either may be None); a response is correct
       where `correct` is True, or (when `correct` is None) where reward >= success_threshold.
     drop_zero_variance: drop groups whose reward std <= zero_std_tol (they carry no group-relative signal).
@@ -79,12 +81,15 @@ def group_advantages(rewards: torch.Tensor, *, group_size: int | None = None, gr
     r = rewards.detach().to(torch.float64)
     if norm == "mean_centered":
         adv = r - mean[idx]
+    elif norm == "leave_one_out":
+        others = count[idx] - 1
+        adv = torch.where(others > 0, (r - mean[idx]) * count[idx] / others.clamp(min=1), torch.zeros_like(r))
     elif norm == "zscore":
         adv = (r - mean[idx]) / (std[idx] + eps)
     elif norm == "none":
         adv = r.clone()
     else:
-        raise ValueError(f"advantages: unknown norm '{norm}' (mean_centered | zscore | none)")
+        raise ValueError(f"advantages: unknown norm '{norm}' (mean_centered | leave_one_out | zscore | none)")
 
     keep_group = torch.ones(n, dtype=torch.bool, device=rewards.device)
     zero_std = std <= zero_std_tol

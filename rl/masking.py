@@ -258,16 +258,29 @@ def block_elbo(length: int, generator: torch.Generator, *, block_size: int, num_
 
 @MASK_SAMPLERS.register("block_random")
 def block_random(length: int, generator: torch.Generator, *, block_size: int, num_samples: int = 1,
-                 prompt_length: int = 0, p_mask: float = 0.0, offset: int = 0) -> MaskDraw:
-    """SPG-style semi-autoregressive block masking: forward k picks a block b_k (distinct blocks while K <= number
-    of blocks), masks l ~ U{1..n_b} of its tokens, masks every later block completely and keeps earlier blocks
-    clean; only block b_k's masked tokens count, weight (nb / K) * n_b / l. Unbiased for the sum over blocks of
-    each block's ELBO given clean earlier blocks and fully masked later ones. Each prompt token is masked with
+                 prompt_length: int = 0, p_mask: float = 0.0, offset: int = 0, weighting: str = "block",
+                 valid_length: int | None = None) -> MaskDraw:
+    """SPG-style semi-autoregressive block masking: forward k picks a block b_k, masks l ~ U{1..n_b} of its
+    tokens, masks every later block completely and keeps earlier blocks clean. Each prompt token is masked with
     probability `p_mask` in each forward (SPG's use_mask_prompt, p 0.15), drawn after the response masks.
-    offset: response positions missing from the first block (the layout's blocks; see `_blocks`)."""
+    offset: response positions missing from the first block (the layout's blocks; see `_blocks`).
+    weighting="block": b_k among all blocks (distinct while K <= number of blocks); only block b_k's masked tokens
+      count, weight (nb / K) * n_b / l: unbiased for the sum over blocks of each block's ELBO given clean earlier
+      blocks and fully masked later ones.
+    weighting="released" (facebookresearch/SPG spg_trainer.py, forward_type block_random): with v = valid_length
+      (the tokens through the first EOS), b_k = randperm(nb)[k] mod (number of blocks holding valid tokens), l ~
+      U{1..n'} over the block's n' valid tokens, every token after the first EOS masked too; EVERY masked valid
+      token counts (later blocks included) with weight v / (K m_k), m_k the masked valid tokens of forward k, so
+      that sum_kj w lp / v = mean_k (mean log-prob of forward k's masked valid tokens), SPG's ELBO, and
+      1 / (K t_k) with t_k = m_k / v is its EUBO weight."""
     length = _check_length(length)
     block_id, sizes = _blocks(length, block_size, offset)
     nb, k = sizes.numel(), num_samples
+    if weighting == "released":
+        return _block_random_released(length, generator, block_id, sizes, k, prompt_length, p_mask,
+                                      length if valid_length is None else int(valid_length))
+    if weighting != "block":
+        raise ValueError(f"block_random: unknown weighting '{weighting}' (block | released)")
     if k <= nb:
         chosen = torch.randperm(nb, generator=generator)[:k]
     else:
@@ -281,6 +294,28 @@ def block_random(length: int, generator: torch.Generator, *, block_size: int, nu
     weights = _weights_on(in_block & picked, per_mask[:, None].expand(-1, length))
     prompt_masks = _rand((k, int(prompt_length)), generator) < p_mask if p_mask > 0 else None
     return MaskDraw(masks, weights, counts.to(_F64) / n_b, prompt_masks)
+
+
+def _block_random_released(length: int, generator: torch.Generator, block_id: torch.Tensor, sizes: torch.Tensor,
+                           k: int, prompt_length: int, p_mask: float, valid: int) -> MaskDraw:
+    """block_random(weighting="released"): see there."""
+    if not 1 <= valid <= length:
+        raise ValueError(f"block_random: valid_length {valid} outside [1, {length}]")
+    nb = sizes.numel()
+    is_valid = torch.arange(length) < valid
+    valid_blocks = int(block_id[valid - 1]) + 1
+    order = torch.randperm(nb, generator=generator)
+    chosen = (order[:k] if k <= nb else torch.randint(nb, (k,), generator=generator)) % valid_blocks
+    n_valid = torch.bincount(block_id[is_valid], minlength=nb)[chosen]  # valid tokens of each chosen block
+    counts = (_rand((k,), generator) * n_valid).floor().long().clamp(max=n_valid - 1) + 1
+    in_block = (block_id[None, :] == chosen[:, None]) & is_valid[None, :]
+    picked = _local_ranks(torch.where(is_valid, block_id, block_id.new_full((), nb)), k, generator) < counts[:, None]
+    masks = (in_block & picked) | (block_id[None, :] > chosen[:, None]) | ~is_valid[None, :]
+    counted = masks & is_valid[None, :]
+    per_forward = valid / (counted.sum(1).to(_F64) * k)
+    weights = _weights_on(counted, per_forward[:, None].expand(-1, length))
+    prompt_masks = _rand((k, int(prompt_length)), generator) < p_mask if p_mask > 0 else None
+    return MaskDraw(masks, weights, counted.sum(1).to(_F64) / valid, prompt_masks)
 
 
 def trajectory_masks(steps: torch.Tensor, *, shrink: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,7 +36,7 @@ class AlgorithmDefaults:
             object.__setattr__(self, name, _frozen(getattr(self, name)))
 
 
-# Group-relative advantage without filtering or length rule: d1, GDPO, CJ-GRPO, wd1, SPG, DiffuCoder.
+# Group-relative advantage without filtering or length rule: d1, GDPO, CJ-GRPO, wd1, SPG (DiffuCoder: leave-one-out).
 _MEAN_CENTERED = {"advantage": "mean_centered", "accuracy_lo": None, "accuracy_hi": None, "length_limit_margin": None}
 
 ALGORITHM_DEFAULTS: Mapping[str, AlgorithmDefaults] = MappingProxyType({
@@ -66,20 +66,28 @@ ALGORITHM_DEFAULTS: Mapping[str, AlgorithmDefaults] = MappingProxyType({
         learner={"lr": 1e-6, "grad_accum": 32}, rollout={"samples_per_prompt": 16, "temperature": 1.0},
         group={"advantage": "zscore", "accuracy_lo": 0.2, "accuracy_hi": 0.8, "length_limit_margin": 5},
         value_model={"lr": 5e-6, "clip": 0.2, "gamma": 1.0, "lam": 1.0}),
-    # DiffuCoder (config_coupled_code.yaml): coupled estimator; eps 0.5, beta 0.01, mean-centred advantages
-    # (scale_rewards false); its cosine schedule with a 0.1 floor is set in the recipe.
+    # DiffuCoder (config_coupled_code.yaml): coupled estimator; eps 0.5, beta 0.01, leave-one-out advantages
+    # R_i - mean of the other G - 1 (coupled_grpo.py hard-codes leave_one_out = True; scale_rewards false: no std);
+    # its cosine schedule with a 0.1 floor is set in the recipe.
     "coupled_grpo": AlgorithmDefaults(
         loss={"clip_eps_low": 0.5, "clip_eps_high": 0.5, "beta": 0.01, "kl_reference": "ref", "kl_estimator": "k3",
               "loss_agg": "token_mean"},
         learner={"lr": 1e-6, "betas": (0.9, 0.99), "weight_decay": 0.1, "grad_clip": 0.2, "mu": 2},
-        rollout={"samples_per_prompt": 10, "temperature": 1.0}, group=_MEAN_CENTERED),
-    # wd1 (xiaohangt/wd1): ratio-free weighted log-likelihood, no KL.
-    "wd1": AlgorithmDefaults(loss={"beta": 0.0, "loss_agg": "seq_mean_token_sum"}, group=_MEAN_CENTERED),
+        rollout={"samples_per_prompt": 10, "temperature": 1.0},
+        group={**_MEAN_CENTERED, "advantage": "leave_one_out"}),
+    # wd1 (xiaohangt/wd1): ratio-free weighted log-likelihood, no KL; d1's optimiser and sampling (wd1/train.yaml,
+    # run/wll_NP_gsm8k.sh NUM_ITER 12; temperature: its config's default 0.9).
+    "wd1": AlgorithmDefaults(loss={"beta": 0.0, "loss_agg": "seq_mean_token_sum"},
+                             learner={"lr": 3e-6, "betas": (0.9, 0.99), "weight_decay": 0.1, "grad_clip": 0.2,
+                                      "mu": 12},
+                             rollout={"samples_per_prompt": 6, "temperature": 0.9}, group=_MEAN_CENTERED),
     # SPG: ELBO for A > 0, EUBO (beta_E 1.5) for A <= 0, mixed 0.5; per-token bounds over the tokens through EOS.
     "spg": AlgorithmDefaults(
         loss={"beta": 0.0, "beta_e": 1.5, "mix": 0.5, "length_normalize": True, "seq_length": "valid",
               "observed_only": False, "loss_agg": "token_mean"},
-        learner={"mu": 4}, group=_MEAN_CENTERED),
+        # spg/slurm_scripts/train.yaml (d1's optimiser) and spg_mix/*.sbatch (NUM_ITER 4, 6 generations).
+        learner={"lr": 3e-6, "betas": (0.9, 0.99), "weight_decay": 0.1, "grad_clip": 0.2, "mu": 4},
+        rollout={"samples_per_prompt": 6, "temperature": 0.9}, group=_MEAN_CENTERED),
     # UniGRPO-style random masking: no published loss figures; PPO's eps 0.2 and no KL (so no reference model).
     "random_mask_grpo": AlgorithmDefaults(
         loss={"clip_eps_low": 0.2, "clip_eps_high": 0.2, "beta": 0.0, "kl_reference": "ref", "kl_estimator": "k3",

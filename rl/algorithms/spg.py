@@ -9,8 +9,8 @@ With token weights w_kj (MaskDraw.token_weights, e.g. 1/(K t_k) on masked tokens
                                                        (/ their number when length_normalize)
   s_i = ELBO_i if A_i > 0 else mix * EUBO_i + (1 - mix) * ELBO_i     (mix = 1: SPG w/ EUBO; 0.5: SPG w/ mixture)
 As in the released code (facebookresearch/SPG): block-wise random masks (estimator `block_random`), length-normalised
-bounds, beta_E 1.5, loss weighted by length (token_mean). The released code divides each forward's sum by that
-forward's masked-token count (a ratio estimate of the same per-token ELBO); see docs/FIDELITY.md.
+bounds, beta_E 1.5, loss weighted by length (token_mean). The released per-forward mean over masked tokens comes from
+the sampler's weights (block_random weighting="released": v / (K m_k)), so ELBO_i / v here is exactly it.
 """
 from __future__ import annotations
 

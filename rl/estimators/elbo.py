@@ -109,7 +109,8 @@ def _register(name: str, **defaults):
             options.setdefault("block_size", inp.block_size or policy.spec.block_size)
             return _per_sample("block_random", policy, inp, seed, inner_iter, options, temperature, return_entropy,
                                return_hidden, lambda b: {"prompt_length": inp.prompts[b].numel(),
-                                                         "offset": _block_offset(policy, inp, b)})
+                                                         "offset": _block_offset(policy, inp, b),
+                                                         "valid_length": inp.valid_length(b)})
         if name == "one_step":
             # d1 masks prompt tokens too; each sample's prompt gets its own draw from the same generator.
             options = {"p_mask": options.get("p_mask", 0.15)}
@@ -172,6 +173,8 @@ mc_elbo_estimator = _register("mc_elbo", num_samples=4)
 sdmc_estimator = _register("sdmc", rule="gauss", nodes=3)
 coupled_estimator = _register("coupled", num_pairs=1, t_min=0.2, t_max=0.8)
 block_elbo_estimator = _register("block_elbo", num_samples=1)
-# SPG's published masking (forward_type block_random): a random block partly masked, later blocks fully masked.
-block_random_estimator = _register("block_random", num_samples=2, p_mask=0.15)  # SPG: num_t 2, p_mask_prompt 0.15
+# SPG's published masking (forward_type block_random): a random block partly masked, later blocks fully masked;
+# weighting "released": every masked token through the first EOS counts, per-forward mean, as SPG's code.
+block_random_estimator = _register("block_random", num_samples=2, p_mask=0.15,  # SPG: num_t 2, p_mask_prompt 0.15
+                                   weighting="released")
 random_mask_estimator = _register("random_mask", num_samples=2, t_min=0.1, t_max=0.9)

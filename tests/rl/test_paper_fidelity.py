@@ -146,10 +146,11 @@ def test_coupled_grpo_recipe_and_defaults_are_diffucoders():
     from launch.recipe import load_recipe
     from launch.recipe_sections import CoupledGRPO
 
-    assert CoupledGRPO().advantage == "mean_centered"  # scale_rewards: false
+    # src/open_r1/coupled_grpo.py hard-codes leave_one_out = True; scale_rewards: false (no std division).
+    assert CoupledGRPO().advantage == "leave_one_out"
     recipe = load_recipe(RECIPES / "coupled-grpo-dream-code.yaml")
     ln, ro = recipe.learner, recipe.rollout
-    assert recipe.algorithm.advantage == "mean_centered"
+    assert recipe.algorithm.advantage == "leave_one_out"
     assert (ln.lr, tuple(ln.betas), ln.weight_decay, ln.grad_clip, ln.mu) == (1e-6, (0.9, 0.99), 0.1, 0.2, 2)
     assert (ln.schedule, ln.min_lr_ratio) == ("cosine", 0.1)
     assert (ro.steps, ro.max_tokens, ro.temperature, ro.samples_per_prompt) == (256, 256, 1.0, 10)
@@ -162,11 +163,40 @@ def test_coupled_grpo_recipe_and_defaults_are_diffucoders():
     for step in (0, 1, total // 3, total // 2, total - 1, total, total + 5):
         progress = min(1.0, step / total)
         assert lr_factor(step, optim) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-    # Mean-centred advantages: R - mean(R), no std division.
-    rewards = torch.tensor([2.5, 0.0, 0.5, 2.5, 0.0, 1.0, 0.0, 0.0, 2.0, 0.5])
-    adv = group_advantages(rewards, group_size=10, norm=recipe.algorithm.advantage).advantages
-    naive = [float(r) - sum(rewards.tolist()) / 10 for r in rewards]
+    # Leave-one-out advantages: R_i - mean of the OTHER G - 1 rewards of its group, no std division
+    # (= G / (G - 1) x the mean-centred advantage: 10/9 at G 10).
+    rewards = torch.tensor([2.5, 0.0, 0.5, 2.5, 0.0, 1.0, 0.0, 0.0, 2.0, 0.5, 1.0, 0.0, 0.0, 3.0])
+    groups = torch.tensor([0] * 10 + [1] * 4)
+    adv = group_advantages(rewards, group_ids=groups, norm=recipe.algorithm.advantage).advantages
+    naive = []
+    for i in range(len(rewards)):
+        others = [float(rewards[j]) for j in range(len(rewards)) if groups[j] == groups[i] and j != i]
+        naive.append(float(rewards[i]) - sum(others) / len(others))
     assert adv.tolist() == pytest.approx(naive, abs=1e-6)
+    single = group_advantages(torch.tensor([1.0, 2.0]), group_size=1, norm="leave_one_out").advantages
+    assert single.tolist() == [0.0, 0.0]  # a group of one has no other sample to compare with
+
+
+def test_coupled_token_logprob_is_diffucoders_three_view_mix(tiny_model_dirs):
+    """DiffuCoder coupled_grpo.py selective_log_softmax: per token (log p_full + w log p_view) / 2, with view 1 the
+    tokens {u < t} (w = 1/t), view 2 the complement (w = 1/(1-t)), p_view the log-prob in the view masking it."""
+    policy = load_policy(tiny_model_dirs["llada"])
+    trajs = _trajectories(policy, 2, length=8, valid=(5, 8))
+    inp = EstimatorInput([t.prompt_ids for t in trajs], [t.response_ids for t in trajs],
+                         [t.request_id for t in trajs], [t.valid_length for t in trajs], None, 4)
+    with torch.no_grad():
+        est = get_estimator("coupled")(policy, inp, seed=5, t_min=0.2, t_max=0.8, full_mask_view=True)
+    draws = draw_masks("coupled", [8, 8], [t.request_id for t in trajs], base_seed=5, t_min=0.2, t_max=0.8)
+    for b, (traj, draw) in enumerate(zip(trajs, draws, strict=True)):
+        t = float(draw.t[0])
+        first = draw.masks[0]
+        assert 0.2 <= t <= 0.8 and torch.equal(draw.masks[1], ~first)
+        full = _one_forward_logp(policy, traj.prompt_ids, traj.response_ids, torch.ones(8, dtype=torch.bool))
+        view1 = _one_forward_logp(policy, traj.prompt_ids, traj.response_ids, first)
+        view2 = _one_forward_logp(policy, traj.prompt_ids, traj.response_ids, ~first)
+        for j in range(8):
+            mixed = view1[j] / t if first[j] else view2[j] / (1 - t)
+            assert float(est.token_logp[b, j]) == pytest.approx(float((full[j] + mixed) / 2), rel=1e-5, abs=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------- 4. SPG
@@ -197,20 +227,19 @@ def test_spg_uses_its_block_random_masks_by_default(tiny_model_dirs):
     from launch.recipe_sections import BlockRandomEstimator
 
     assert ESTIMATORS_FOR["spg"][0] == "block_random"
-    assert BlockRandomEstimator().params() == {"num_samples": 2, "p_mask": 0.15}  # num_t 2, p_mask_prompt 0.15
+    assert BlockRandomEstimator().params() == {"num_samples": 2, "p_mask": 0.15,  # num_t 2, p_mask_prompt 0.15
+                                               "weighting": "released"}
     policy = load_policy(tiny_model_dirs["llada"])
     trajs = _trajectories(policy, 2, length=8, valid=(6, 8))
     inp = EstimatorInput([t.prompt_ids for t in trajs], [t.response_ids for t in trajs],
                          [t.request_id for t in trajs], [t.valid_length for t in trajs], None, 4)
     with torch.no_grad():
         est = get_estimator("block_random")(policy, inp, seed=3, num_samples=2, p_mask=0.15)
-    draws = draw_masks("block_random", [8, 8], [t.request_id for t in trajs], base_seed=3, block_size=4,
-                       num_samples=2, prompt_length=0)  # response masks are drawn first: the same as with prompts
-    for b, (traj, draw) in enumerate(zip(trajs, draws, strict=True)):
-        # The estimator's own prompt masks, recomputed from the sample's generator.
-        full = MASK_SAMPLERS.get("block_random")(8, sample_generator(3, traj.request_id, 0), block_size=4,
-                                                 num_samples=2, prompt_length=traj.prompt_ids.numel(), p_mask=0.15)
-        assert torch.equal(full.masks, draw.masks)
+    for b, traj in enumerate(trajs):
+        # The estimator's own masks, recomputed from the sample's generator.
+        draw = full = MASK_SAMPLERS.get("block_random")(
+            8, sample_generator(3, traj.request_id, 0), block_size=4, num_samples=2,
+            prompt_length=traj.prompt_ids.numel(), p_mask=0.15, weighting="released", valid_length=traj.valid_length)
         total = 0.0
         for q in range(2):
             blocks = torch.arange(8) // 4
@@ -223,6 +252,71 @@ def test_spg_uses_its_block_random_masks_by_default(tiny_model_dirs):
                                             score_mask=[draw.masks[q]]).logprobs[0].double()
             total += sum(float(draw.token_weights[q, i]) * float(lp[i]) for i in range(traj.valid_length))
         assert float(est.seq_logp[b]) == pytest.approx(total, rel=1e-5, abs=1e-5)
+
+
+def _spg_released_surrogate(lp, masks, valid, adv, beta_e=1.5, mix=0.5):
+    """facebookresearch/SPG spg_trainer.py `_get_per_seq_logps` + `compute_loss` for one sample, as plain loops:
+    ELBO = mean over forwards of the mean log-prob of that forward's masked tokens through the first EOS; EUBO =
+    mean over tokens masked somewhere of log(mean_k p^beta m / t_k) / beta, t_k = masked count / valid length;
+    s = ELBO if A > 0 else mix EUBO + (1 - mix) ELBO."""
+    k = len(masks)
+    elbos, t = [], []
+    for q in range(k):
+        idx = [j for j in range(valid) if masks[q][j]]
+        elbos.append(sum(float(lp[q][j]) for j in idx) / len(idx))
+        t.append(len(idx) / valid)
+    elbo = sum(elbos) / k
+    if adv > 0:
+        return elbo
+    terms = []
+    for j in range(valid):
+        avg = sum(math.exp(beta_e * float(lp[q][j])) * bool(masks[q][j]) / t[q] for q in range(k)) / k
+        if avg > 0:
+            terms.append(math.log(avg))
+    return mix * (sum(terms) / len(terms) / beta_e) + (1 - mix) * elbo
+
+
+def test_spg_block_random_masks_and_bounds_match_the_released_code():
+    """SPG's block_random forward process (spg_trainer.py forward_process): block chosen among the blocks holding
+    the completion, l ~ U{1..valid tokens of the block} masked there, later blocks and everything after the first
+    EOS masked, earlier blocks clean; then the released ELBO / EUBO / length-weighted loss on those masks."""
+    g = torch.Generator().manual_seed(4)
+    length, block, k = 12, 4, 2
+    seen_counts: dict[int, set[int]] = {}
+    for trial in range(300):
+        valid = [1, 3, 4, 6, 9, 12][trial % 6]
+        draw = MASK_SAMPLERS.get("block_random")(length, sample_generator(9, f"r{trial}", 0), block_size=block,
+                                                 num_samples=k, weighting="released", valid_length=valid)
+        for q in range(k):
+            m = draw.masks[q].tolist()
+            assert all(m[j] for j in range(valid, length))  # everything after the first EOS is masked
+            chosen = next(j for j in range(valid) if m[j]) // block
+            assert chosen <= (valid - 1) // block  # a block holding completion tokens
+            assert not any(m[j] for j in range(chosen * block))  # earlier blocks clean
+            assert all(m[j] for j in range((chosen + 1) * block, length))  # later blocks fully masked
+            in_block = [j for j in range(chosen * block, min((chosen + 1) * block, valid))]
+            n_masked = sum(m[j] for j in in_block)
+            assert 1 <= n_masked <= len(in_block)
+            seen_counts.setdefault(len(in_block), set()).add(n_masked)
+    for n, counts in seen_counts.items():
+        assert counts == set(range(1, n + 1))  # l ~ U{1..n}: every count occurs
+    # The loss on those masks equals the released formulas.
+    b, valid = 6, torch.tensor([12, 5, 9, 3, 12, 7])
+    draws = [MASK_SAMPLERS.get("block_random")(length, sample_generator(2, f"s{i}", 0), block_size=block,
+                                               num_samples=k, weighting="released", valid_length=int(valid[i]))
+             for i in range(b)]
+    masks = torch.stack([d.masks for d in draws])
+    lp = -torch.rand(b, k, length, generator=g, dtype=torch.float64) * 3
+    adv = torch.tensor([0.8, -0.5, 1.1, -1.2, -0.3, 0.4], dtype=torch.float64)
+    token_mask = torch.arange(length)[None, :] < valid[:, None]
+    loss, _ = compute_loss("spg", PolicyBatch(advantages=adv, token_mask=token_mask),
+                           PolicyEstimates(mc_logp=torch.where(masks, lp, 0.0),
+                                           mc_weights=torch.stack([d.token_weights for d in draws]).double()))
+    num = den = 0.0
+    for i in range(b):
+        s = _spg_released_surrogate(lp[i].tolist(), masks[i].tolist(), int(valid[i]), float(adv[i]))
+        num, den = num - float(adv[i]) * s * int(valid[i]), den + int(valid[i])
+    assert loss.item() == pytest.approx(num / den, rel=1e-6)  # token weights are float32
 
 
 # ------------------------------------------------------------------------------------------------- 5. wd1
@@ -337,6 +431,21 @@ def test_tracerl_clamps_the_k3_exponent_as_dllm_rl():
         d = float(logp[0, j].detach()) - float(old[0, j])
         naive += math.exp(max(-10.0, min(10.0, -d))) - 1 + d
     assert metrics["kl"].item() == pytest.approx(naive / 3, rel=1e-9)
+
+
+@pytest.mark.parametrize("algorithm,mu", [("wd1", 12), ("spg", 4)])
+def test_wd1_and_spg_recipes_get_their_published_optimiser_and_sampling(algorithm, mu):
+    """xiaohangt/wd1 wd1/train.yaml + run/wll_NP_gsm8k.sh (NUM_ITER 12) and facebookresearch/SPG
+    spg/slurm_scripts/train.yaml + spg_mix/gsm_base_spg_mix_beta1.5_weight0.5.sbatch (NUM_ITER 4): d1's optimiser
+    (lr 3e-6, Adam betas 0.9 / 0.99, weight decay 0.1, max_grad_norm 0.2), 6 generations, temperature 0.9 (their
+    config's default)."""
+    from launch.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict({"name": "t", "model": {"tiny": "llada"}, "algorithm": algorithm, "reward": "math",
+                               "data": {"task": "arithmetic"}, "rollout": {"max_tokens": 16}})
+    ln, ro = recipe.learner, recipe.rollout
+    assert (ln.lr, tuple(ln.betas), ln.weight_decay, ln.grad_clip, ln.mu) == (3e-6, (0.9, 0.99), 0.1, 0.2, mu)
+    assert (ro.samples_per_prompt, ro.temperature) == (6, 0.9)
 
 
 def test_d1_recipe_lora_dropout():
