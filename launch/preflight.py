@@ -26,8 +26,8 @@ from pathlib import Path
 
 from rollout.errors import OneLineError, one_line
 
-__all__ = ["PreflightError", "check_run_inputs", "check_checkpoint_dir", "check_safetensors", "scan_data_file", "RunDirClaim",
-           "claim_run_dir", "LOCK_NAME"]
+__all__ = ["PreflightError", "check_run_inputs", "check_checkpoint_dir", "check_safetensors", "scan_data_file",
+           "RunDirClaim", "claim_run_dir", "LOCK_NAME"]
 
 LOCK_NAME = ".lock"
 _MAX_HEADER = 100 * 2**20  # the safetensors format caps its JSON header at 100 MB

@@ -65,7 +65,8 @@ def test_jsonl_and_parquet_with_field_mapping_and_chat_template(tmp_path, tokeni
 
 
 @pytest.mark.parametrize("rows, message", [
-    ([{"prompt": "a", "answer": "1"}, {"prompt": "b"}], r"1 of 2 rows unusable; first at line 2: no answer \(field 'answer'"),
+    ([{"prompt": "a", "answer": "1"}, {"prompt": "b"}],
+     r"1 of 2 rows unusable; first at line 2: no answer \(field 'answer'"),
     ([{"prompt": "a", "answer": "1"}, {"prompt": "", "answer": "2"}], "first at line 2: field 'prompt'"),
     ([{"question": "a", "answer": "1"}], "no column 'prompt' .data.prompt_field"),
     ([{"prompt": "a", "solution": "1"}], "no column 'answer' .data.answer_field"),

@@ -66,7 +66,10 @@ def test_whole_safetensors_passes_and_agrees_with_the_library(tmp_path):
     assert _library_reads(path)
 
 
-@pytest.mark.parametrize("damage", list(_damaged(b"\x10" + b"\0" * 7 + b"{}" * 8)))
+DAMAGES = ("truncated", "trailing bytes", "header cut", "length field only", "header not JSON", "huge header length")
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
 def test_damaged_safetensors_is_named(tmp_path, damage):
     whole = _tensors_file(tmp_path).read_bytes()
     path = tmp_path / "model.safetensors"
