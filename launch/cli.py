@@ -28,6 +28,7 @@ EXIT_BAD_INPUT = 2
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean "bad input": reported as one line, no traceback."""
     from launch.data import DataError
+    from launch.preflight import PreflightError
     from launch.recipe import RecipeError
     from launch.submit import SubmitError
     from rl.checkpoint import CheckpointError
@@ -35,7 +36,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     # FileExistsError: an output directory that would be overwritten (sft, eval) is refused, never clobbered.
     errors: list[type[BaseException]] = [RecipeError, DataError, CheckpointError, StoreError, SubmitError,
-                                         FileExistsError]
+                                         PreflightError, FileExistsError]
     from rollout.models.spec import ModelLoadError
 
     errors.append(ModelLoadError)
@@ -85,8 +86,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from launch.recipe import check_paths, load_recipe
     from launch.submit import submit
 
+    from launch.preflight import check_run_inputs
+
     recipe = load_recipe(args.recipe, args.overrides)  # fail here, not on the cluster
     check_paths(recipe)
+    check_run_inputs(recipe)  # checkpoint and data files whole and parseable, before anything is uploaded
     if not Path(recipe.output_dir).is_absolute():
         print(f"note: output_dir {recipe.output_dir!r} is relative: the run's files stay in the job's working "
               "directory on the head node; set output_dir=/shared/path to keep them", file=sys.stderr)
@@ -228,6 +232,7 @@ def _recipe_of(policy_dir: Path) -> dict | None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from launch.metrics import read_metrics, summary_line
+    from rollout.errors import one_line
 
     root = Path(args.runs_dir)
     runs = sorted(p for p in root.iterdir() if p.is_dir() and (p / "recipe.yaml").is_file()) if root.is_dir() else []
@@ -251,8 +256,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{run.name}: {state}; step {last.get('step', 0)}/{total}; checkpoint {ckpt}")
         if last:
             print("  " + summary_line(int(last.get("step", 0)), total, last))
-        if info.get("error"):
-            print(f"  error: {info['error']}")
+        if info.get("error"):  # one line, escape codes stripped (older runs stored Ray's coloured tracebacks)
+            print(f"  error: {one_line(info['error'], 300)}")
     return 0
 
 

@@ -109,13 +109,20 @@ _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 def read_rows(path: str | Path, prompt_field: str, answer_field: str, *, where: str = "data.train") -> list[dict]:
-    """All rows of a data file as dicts, checked: every row has a non-empty prompt and an answer."""
+    """All rows of a data file as dicts, checked: the file is not empty, every row parses and has a non-empty
+    prompt and an answer (launch/preflight.py scans it first, so a bad file fails naming its line)."""
     path = Path(path)
     fmt = _FORMATS.get(path.suffix)
     if fmt is None:
         raise DataError(f"{where}: {path}: unsupported file type {path.suffix!r} (.jsonl, .json, .parquet)")
     if not path.is_file():
         raise DataError(f"{where}: {path}: no such file")
+    from launch.preflight import PreflightError, scan_data_file
+
+    try:  # empty files, unparseable rows (counted, the first one's line named), missing fields: before datasets
+        scan_data_file(path, prompt_field, answer_field, where=where)
+    except PreflightError as err:
+        raise DataError(str(err)) from None
     import datasets
 
     datasets.disable_progress_bars()

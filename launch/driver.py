@@ -69,21 +69,32 @@ def run_training(recipe, *, resume: Checkpoint | None = None, progress: bool = T
                  recipe_dir: Path | None = None) -> RunResult:
     """Prepare the run (fails early on bad input), start or join Ray, train, record the outcome in run.json."""
     ctx = prepare_run(recipe, resume=resume, recipe_dir=recipe_dir)
-    write_run_status(ctx.run_dir, status="running", pid=os.getpid(), host=host(), name=ctx.recipe.name,
-                     total_steps=ctx.recipe.trainer.total_steps, error=None)
     try:
-        with ray_session(ctx.recipe.ray):
-            driver = Driver(ctx, resume=resume, progress=progress)
-            try:
-                result = driver.fit()
-            finally:
-                driver.close()
-    except BaseException as err:
-        state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-        write_run_status(ctx.run_dir, status=state, error=one_line(f"{type(err).__name__}: {err}", 500))
-        raise
-    write_run_status(ctx.run_dir, status="finished", step=result.steps)
-    return result
+        write_run_status(ctx.run_dir, status="running", pid=os.getpid(), host=host(), name=ctx.recipe.name,
+                         total_steps=ctx.recipe.trainer.total_steps, error=None)
+        try:
+            with ray_session(ctx.recipe.ray):
+                driver = Driver(ctx, resume=resume, progress=progress)
+                try:
+                    result = driver.fit()
+                finally:
+                    driver.close()
+        except BaseException as err:
+            state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            write_run_status(ctx.run_dir, status=state, error=failure_line(err))
+            raise
+        write_run_status(ctx.run_dir, status="finished", step=result.steps)
+        return result
+    finally:
+        ctx.release()
+
+
+def failure_line(err: BaseException, limit: int = 500) -> str:
+    """The one-line cause `diffrl status` shows: the error raised inside a Ray actor rather than Ray's wrapper
+    (whose text is a coloured multi-line traceback), escape codes stripped."""
+    cause = getattr(err, "cause", None)
+    cause = cause if isinstance(cause, BaseException) else err
+    return one_line(f"{type(cause).__name__}: {cause}", limit)
 
 
 class Driver:

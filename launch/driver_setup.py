@@ -6,7 +6,8 @@ and where each actor runs. Kept apart so that launch/driver.py reads as the RL s
 
 Run directory (recipe.output_dir, default runs/NAME):
     recipe.yaml        the validated recipe with its paths made absolute (what `diffrl resume` reads)
-    run.json           state (running / finished / failed), step, pid, times, last error
+    .lock              the run's claim on the directory (an flock held while it runs; launch/preflight.py)
+    run.json           state (running / finished / failed), step, pid, times, last error (one line)
     model_init/        the tiny random model built offline (model.tiny), seeded by the recipe
     metrics.jsonl  tensorboard/  curves.png
     store/             scored trajectories, one Parquet file per step
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from launch.data import Prompt, load_prompts, reward_item
+from launch.preflight import RunDirClaim, check_run_inputs, claim_run_dir
 from launch.recipe import Recipe, check_paths, recipe_from_dict, resolve_kind, save_recipe
 from rl.atomic_io import atomic_output, atomic_write
 from rollout.errors import OneLineError, one_line
@@ -48,6 +50,11 @@ class RunContext:
     initial_policy_dir: Path  # the run's version-0 policy, also after a resume: KL reference, LoRA base, rollout start
     recipe_dir: Path | None = None  # folder of the recipe file (file-path rewards resolve against it)
     reward_specs: list[dict] = field(default_factory=list)  # plain specs every RewardService actor resolves
+    claim: RunDirClaim | None = None  # the exclusive hold on run_dir: released when the run ends
+
+    def release(self) -> None:
+        if self.claim is not None:
+            self.claim.release()
 
     @property
     def checkpoints(self) -> Path:
@@ -101,13 +108,15 @@ def write_run_status(run_dir: Path, **fields: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ preparation
-def _initial_model(recipe: Recipe, run_dir: Path) -> Path:
+def _initial_model(recipe: Recipe, run_dir: Path, claim: RunDirClaim) -> Path:
     if recipe.model.tiny is None:
         return Path(recipe.model.path)
     from rollout.models.tiny import make_tiny_policy
 
     target = run_dir / "model_init"
     if not (target / "config.json").is_file():
+        if not target.exists():
+            claim.created.append(target)  # removed again if preparation fails later
         with atomic_output(target) as tmp:
             make_tiny_policy(recipe.model.tiny, tmp, vocab=recipe.model.tiny_vocab or "small", seed=recipe.seed,
                              block_size=recipe.model.block_size, block_alignment=recipe.model.block_alignment)
@@ -139,24 +148,32 @@ def _check_run_dir(run_dir: Path, resuming: bool) -> None:
 
 
 def prepare_run(recipe: Recipe, *, resume=None, recipe_dir: Path | None = None) -> RunContext:
-    """Validate everything that can be checked before Ray starts; build the tiny model; load the data."""
+    """Validate everything that can be checked before Ray starts; claim the run directory; build the tiny model;
+    load the data. A failure leaves nothing behind: the inputs are checked before anything is written, and what
+    the claim created (the run directory itself, or model_init/ in an existing one) is removed again."""
     recipe = absolute_recipe(recipe, recipe_dir)
     check_paths(recipe)
+    check_run_inputs(recipe, resume)
     run_dir = Path(recipe.output_dir)
-    _check_run_dir(run_dir, resume is not None)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    initial_dir = _initial_model(recipe, run_dir)
-    recipe = _resolved_kind(recipe, initial_dir)
-    start_dir = resume.policy_dir if resume is not None else initial_dir
-    tokenizer = _tokenizer(start_dir)
-    prompts = load_prompts(recipe.data, tokenizer, split="train", seed=recipe.seed)
-    eval_prompts: list[Prompt] = []
-    if recipe.trainer.eval_every:
-        eval_prompts = load_prompts(recipe.data, tokenizer, split="eval", seed=recipe.seed)
-    specs = _check_rewards(recipe, prompts[0], recipe_dir)
-    if resume is None:
-        save_recipe(recipe, run_dir / "recipe.yaml")
-    return RunContext(recipe, run_dir, start_dir, tokenizer, prompts, eval_prompts, initial_dir, recipe_dir, specs)
+    claim = claim_run_dir(run_dir)
+    try:
+        _check_run_dir(run_dir, resume is not None)
+        initial_dir = _initial_model(recipe, run_dir, claim)
+        recipe = _resolved_kind(recipe, initial_dir)
+        start_dir = resume.policy_dir if resume is not None else initial_dir
+        tokenizer = _tokenizer(start_dir)
+        prompts = load_prompts(recipe.data, tokenizer, split="train", seed=recipe.seed)
+        eval_prompts: list[Prompt] = []
+        if recipe.trainer.eval_every:
+            eval_prompts = load_prompts(recipe.data, tokenizer, split="eval", seed=recipe.seed)
+        specs = _check_rewards(recipe, prompts[0], recipe_dir)
+        if resume is None:
+            save_recipe(recipe, run_dir / "recipe.yaml")
+    except BaseException:
+        claim.abandon()
+        raise
+    return RunContext(recipe, run_dir, start_dir, tokenizer, prompts, eval_prompts, initial_dir, recipe_dir, specs,
+                      claim)
 
 
 def _tokenizer(policy_dir: Path):

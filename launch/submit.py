@@ -58,13 +58,31 @@ def build_job(recipe_path: str | Path, overrides: Sequence[str], working_dir: Pa
     return entrypoint, runtime_env
 
 
+AUTH_HINT = ("set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token) to the "
+             "cluster's token")
+
+
+def _refused(address: str, err: BaseException, doing: str) -> SubmitError:
+    """One line for a failed call to the dashboard: authentication (Ray's message is a multi-paragraph
+    AuthenticationError), an unreachable address (requests' errors are OSErrors), or a refusal."""
+    from ray.exceptions import AuthenticationError
+
+    first = one_line(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__, 200)
+    if isinstance(err, AuthenticationError):
+        return SubmitError(f"--address {address}: {first}; {AUTH_HINT}")
+    if isinstance(err, OSError):
+        return SubmitError(f"--address {address}: cannot reach the Ray dashboard ({type(err).__name__}: {first})")
+    return SubmitError(f"--address {address}: {doing} ({first})")
+
+
 def _client(address: str):
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     try:
         return JobSubmissionClient(address)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise SubmitError(f"--address {address}: cannot reach the Ray dashboard ({one_line(err, 300)})") from None
+    except (AuthenticationError, OSError, RuntimeError, ValueError) as err:
+        raise _refused(address, err, "cannot reach the Ray dashboard") from None
 
 
 def submit(recipe_path: str | Path, overrides: Sequence[str], *, address: str, follow: bool = False,
@@ -73,11 +91,13 @@ def submit(recipe_path: str | Path, overrides: Sequence[str], *, address: str, f
     working_dir = working_dir or project_root()
     entrypoint, runtime_env = build_job(recipe_path, overrides, working_dir)
     client = _client(address)
+    from ray.exceptions import AuthenticationError
+
     try:
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
                                    metadata={"diffrl_recipe": str(recipe_path)})
-    except RuntimeError as err:
-        raise SubmitError(f"--address {address}: submission refused ({one_line(err, 300)})") from None
+    except (AuthenticationError, OSError, RuntimeError) as err:
+        raise _refused(address, err, "submission refused") from None
     print(f"submitted job {job_id} to {address}", flush=True)
     if follow:
         asyncio.run(_follow(client, job_id))

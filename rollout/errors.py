@@ -10,15 +10,25 @@ layer (rollout/__init__.py is empty), and nothing here imports back, so every im
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
-__all__ = ["OneLineError", "one_line"]
+__all__ = ["OneLineError", "one_line", "strip_ansi"]
+
+# Terminal escape sequences (colours, cursor moves): Ray's task errors carry them, and a stored or printed one-line
+# error must not (`diffrl status` would show coloured fragments).
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
+
+
+def strip_ansi(text: Any) -> str:
+    """`text` without terminal escape sequences."""
+    return _ANSI.sub("", str(text))
 
 
 def one_line(text: Any, limit: int | None = None) -> str:
-    """`text` with every run of whitespace (newlines included) collapsed to one space, cut to `limit` characters
-    (the last three being "...") when given."""
-    flat = " ".join(str(text).split())
+    """`text` without terminal escape sequences, every run of whitespace (newlines included) collapsed to one
+    space, cut to `limit` characters (the last three being "...") when given."""
+    flat = " ".join(strip_ansi(text).split())
     if limit is None or len(flat) <= limit:
         return flat
     return flat[: max(0, limit - 3)] + "..."

@@ -49,7 +49,7 @@ def test_dataset_row_without_answer(tmp_path, capsys):
     data.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n" + json.dumps({"prompt": "2+2="}) + "\n")
     assert _train(tmp_path, "data.task=null", "data.task_kwargs={}", f"data.train={data}") == 2
     line = _error(capsys)
-    assert f"data.train: {data}: row 1: no answer (field 'answer'" in line
+    assert f"data.train: {data}: 1 of 2 rows unusable; first at line 2: no answer (field 'answer'" in line
 
 
 def test_existing_run_is_never_overwritten(tmp_path, capsys):

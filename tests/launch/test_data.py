@@ -65,8 +65,9 @@ def test_jsonl_and_parquet_with_field_mapping_and_chat_template(tmp_path, tokeni
 
 
 @pytest.mark.parametrize("rows, message", [
-    ([{"prompt": "a", "answer": "1"}, {"prompt": "b"}], r"row 1: no answer \(field 'answer'"),
-    ([{"prompt": "a", "answer": "1"}, {"prompt": "", "answer": "2"}], "row 1: field 'prompt'"),
+    ([{"prompt": "a", "answer": "1"}, {"prompt": "b"}],
+     r"1 of 2 rows unusable; first at line 2: no answer \(field 'answer'"),
+    ([{"prompt": "a", "answer": "1"}, {"prompt": "", "answer": "2"}], "first at line 2: field 'prompt'"),
     ([{"question": "a", "answer": "1"}], "no column 'prompt' .data.prompt_field"),
     ([{"prompt": "a", "solution": "1"}], "no column 'answer' .data.answer_field"),
 ])
@@ -79,7 +80,7 @@ def test_bad_rows_name_file_row_and_field(tmp_path, rows, message):
 
 def test_unreadable_and_missing_files(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"prompt": "a" "answer": 1}\n')
-    with pytest.raises(DataError, match="broken.jsonl: cannot read"):
+    with pytest.raises(DataError, match="broken.jsonl: 1 of 1 rows unusable; first at line 1: not valid JSON"):
         read_rows(tmp_path / "broken.jsonl", "prompt", "answer")
     with pytest.raises(DataError, match="no such file"):
         read_rows(tmp_path / "absent.jsonl", "prompt", "answer")
