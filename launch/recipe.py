@@ -26,13 +26,16 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from launch import recipe_rules
 from launch.recipe_io import (
     RecipeError,
+    absolute_paths,
     apply_override,
     deep_merge,
     format_validation_error,
     normalize_shorthands,
     origin_of,
+    override_base,
     read_chain,
     retired_setting,
+    switch_model_source,
 )
 from launch.recipe_rules import BLOCK_CAUSAL_KINDS, ESTIMATORS_FOR, FULL_ATTENTION_KINDS, TINY_KINDS
 from launch.recipe_sections import AlgorithmSection, EstimatorSection, Section
@@ -271,14 +274,22 @@ def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
 def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
     """Read a recipe file, its `extends` chain (deep-merged, base first) and dotted `key=value` overrides.
 
-    The recipe's name defaults to the file's stem. Errors name the file that sets the offending key.
+    The recipe's name defaults to the file's stem. Errors name the file that sets the offending key. Relative
+    paths: a path in a recipe file is relative to that file's folder, a path in an override to the working
+    directory (recipe_io.absolute_paths); a layer setting model.path or model.tiny replaces the inherited source.
     """
     chain = read_chain(path)
     merged: dict = {}
-    for _, data in chain:
-        merged = deep_merge(merged, data)
+    for file, data in chain:
+        data = absolute_paths(data, file.resolve().parent)
+        merged = deep_merge(switch_model_source(merged, data), data)
     for override in overrides:
+        layer = apply_override({}, override)
+        merged = switch_model_source(merged, layer)
         merged = apply_override(merged, override)
+        base = override_base(override)
+        if base is not None:
+            merged = absolute_paths(merged, base)
     merged.setdefault("name", Path(path).stem)
     try:
         return Recipe.model_validate(merged)

@@ -185,6 +185,64 @@ def _set_path(node: Any, parts: list[str], value: Any, override: str) -> Any:
     return out
 
 
+# ----------------------------------------------------------------------------------------- paths, model source
+# The one rule for relative paths: an input path written in a recipe file (model, data, value model, reward file) is
+# relative to that file's folder (each file of an `extends` chain to its own folder); a path given on the command
+# line is relative to the working directory. load_recipe makes them absolute as it reads each layer, so the
+# validated recipe means the same thing from anywhere. output_dir is where the run goes, not an input: like its
+# default runs/NAME it is relative to the working directory (the driver makes it absolute there).
+PATH_FIELDS = (("model", "path"), ("data", "train"), ("data", "eval"), ("algorithm", "value_model", "path"))
+
+
+def absolute_paths(data: dict, base: Path) -> dict:
+    """`data` (one recipe layer) with its relative local paths joined to `base`: the PATH_FIELDS and the file of
+    each `file.py:func` reward. Anything that is not a non-empty string is left for validation to judge."""
+    out = dict(data)
+    for field in PATH_FIELDS:
+        out = _rebase(out, field, base)
+    reward = out.get("reward")
+    if isinstance(reward, list):
+        specs = []
+        for spec in reward:
+            fn = spec.get("fn") if isinstance(spec, dict) else None
+            where, sep, func = fn.rpartition(":") if isinstance(fn, str) else ("", "", "")
+            if sep and where.endswith(".py") and not Path(where).expanduser().is_absolute():
+                spec = {**spec, "fn": f"{(base / where).resolve()}:{func}"}
+            specs.append(spec)
+        out["reward"] = specs
+    return out
+
+
+def _rebase(node: Any, field: tuple[str, ...], base: Path) -> Any:
+    if not isinstance(node, dict) or field[0] not in node:
+        return node
+    value = node[field[0]]
+    if len(field) > 1:
+        return {**node, field[0]: _rebase(value, field[1:], base)}
+    if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+        return {**node, field[0]: str((base / value).resolve())}
+    return node
+
+
+def override_base(override: str) -> Path | None:
+    """The working directory for an override of a path field (its relative value is taken from there)."""
+    key = override.partition("=")[0].strip()
+    return Path.cwd() if tuple(key.split(".")) in PATH_FIELDS or key.startswith("reward.") else None
+
+
+def switch_model_source(merged: dict, layer: dict) -> dict:
+    """A layer that sets model.path (or model.tiny) replaces the model source it inherits: the other one and the
+    tiny-only model.tiny_vocab are dropped, so `model.path=/ckpt` on a tiny recipe needs nothing else nulled."""
+    model, old = layer.get("model"), merged.get("model")
+    if not (isinstance(model, dict) and isinstance(old, dict)):
+        return merged
+    if model.get("path") is not None and "tiny" not in model:
+        old = {k: v for k, v in old.items() if k not in ("tiny", "tiny_vocab")}
+    elif model.get("tiny") is not None and "path" not in model:
+        old = {k: v for k, v in old.items() if k != "path"}
+    return {**merged, "model": old}
+
+
 # ------------------------------------------------------------------------------------ renamed, merged settings
 # Settings a recipe may no longer use, with the one-line hint to what replaced them: (section, key) -> hint, and
 # (section, key, value) -> hint for a value that was renamed.

@@ -92,7 +92,8 @@ Check = Callable[["Recipe"], "str | None"]
 # ------------------------------------------------------------------------------------------------------ model
 def _model_source(r: Recipe) -> str | None:
     if (r.model.path is None) == (r.model.tiny is None):
-        return "model.path: set exactly one of model.path (a checkpoint directory) and model.tiny"
+        return ("model.path: set exactly one of model.path (a checkpoint directory) and model.tiny (a model.path set "
+                "in a child recipe or on the command line replaces an inherited model.tiny)")
     if r.model.tiny is None and r.model.tiny_vocab is not None:
         return "model.tiny_vocab: only for tiny models (model.tiny)"
     return None
