@@ -76,8 +76,9 @@ BAD = {
     "block cache full attention": (["model.tiny=llada", "rollout.cache=block"], ("rollout.cache: the exact 'block' "
                                    "cache needs block-causal attention; a llada model uses prefix or dual")),
     "section set to null": (["model=null"], "model: expected a mapping, got None"),
-    "path and tiny": (["model.path=/x"],
-                      "model.path: set exactly one of model.path (a checkpoint directory) and model.tiny"),
+    "path and tiny": (["model={path: /x, tiny: sdar}"],  # one layer setting both (model.path=/x alone replaces tiny)
+                      "model.path: set exactly one of model.path (a checkpoint directory) and model.tiny (a "
+                      "model.path set in a child recipe or on the command line replaces an inherited model.tiny)"),
     "tiny kind contradiction": (["model.kind=llada"],
                                 "model.kind: 'llada' contradicts model.tiny 'qwen3-block' ('block')"),
     "block mismatch": (["model.block_size=4", "rollout.block_size=8"], ("rollout.block_size: 8 != model.block_size 4 "
@@ -92,8 +93,8 @@ BAD = {
     "steps over blocks": (["rollout.steps=6"], "rollout.steps: 6 is not divisible by the number of blocks 4"),
     "bad reward fn": (["reward.0.fn=not valid"],
                       "reward.0.fn: 'not valid' is not a registered name, 'module.path:func' or 'file.py:func'"),
-    "bad data file": (["data.task=null", "data.train=x.csv"],
-                      "data.train: 'x.csv' is not a .jsonl, .json, .parquet file"),
+    "bad data file": (["data.task=null", "data.train=/d/x.csv"],
+                      "data.train: '/d/x.csv' is not a .jsonl, .json, .parquet file"),
     "no data": (["data.task=null"],
                 "data.train: set exactly one of data.train (a file) and data.task (a generated toy task)"),
     "eval without data": (["data.task=null", "data.train=x.jsonl", "trainer.eval_every=5"],
