@@ -84,18 +84,22 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from launch.recipe import check_paths, load_recipe
-    from launch.submit import submit
-
     from launch.preflight import check_run_inputs
+    from launch.submit import outside_project, submit, working_directory
 
-    recipe = load_recipe(args.recipe, args.overrides)  # fail here, not on the cluster
-    check_paths(recipe)
-    check_run_inputs(recipe)  # checkpoint and data files whole and parseable, before anything is uploaded
+    project = Path(args.working_dir or Path.cwd()).resolve()  # uploaded as the job's working directory
+    recipe_file = Path(args.recipe).resolve()
+    with working_directory(project):  # overrides' relative paths are read from the project, as on the cluster
+        recipe = load_recipe(recipe_file, args.overrides)  # fail here, not on the cluster
+        check_paths(recipe)
+        check_run_inputs(recipe)  # checkpoint and data files whole and parseable, before anything is uploaded
+    for where in outside_project(recipe, project):
+        print(f"note: {where} is outside the project: the cluster must see it at that path", file=sys.stderr)
     if not Path(recipe.output_dir).is_absolute():
         print(f"note: output_dir {recipe.output_dir!r} is relative: the run's files stay in the job's working "
               "directory on the head node; set output_dir=/shared/path to keep them", file=sys.stderr)
-    job_id, status = submit(args.recipe, args.overrides, address=args.address, follow=args.follow,
-                            wait=args.wait, timeout_s=args.timeout)
+    job_id, status = submit(recipe_file, args.overrides, address=args.address, follow=args.follow,
+                            wait=args.wait, timeout_s=args.timeout, working_dir=project)
     print(job_id)
     return 1 if status in ("FAILED", "STOPPED") else 0
 
@@ -290,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
     p.add_argument("--wait", action="store_true", help="wait for the job to end (without streaming logs)")
     p.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
+    p.add_argument("--working-dir", default=None, help="the project uploaded as the job's working directory "
+                   "(default: the current directory); the recipe must be inside it")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("resume", help="continue a run from its latest checkpoint")

@@ -1,21 +1,26 @@
 """`diffrl submit`: run a recipe as a Ray job on a cluster through the Ray Jobs SDK.
 
-    job_id = submit(recipe_path, overrides, address="http://head:8265", follow=True)
+    job_id = submit(recipe_path, overrides, address="http://head:8265", follow=True, working_dir=Path("."))
 
-The project directory is the job's working_dir (runs/, .venv/, .git/ and caches excluded), so the cluster runs
-this checkout's code: the entrypoint is `python -m launch.cli train <recipe> <overrides>` inside it, which joins
-the cluster (RAY_ADDRESS is set inside a job) instead of starting one. The recipe is validated here first, so a
-bad recipe fails on the laptop, not on the cluster. Token authentication follows Ray's own conventions
-(RAY_AUTH_MODE=token with RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token).
+The job's working_dir is the user's project: the current directory, or `--working-dir DIR` (runs/, .venv/, .git/
+and caches excluded); the recipe must be inside it. diffrl's own packages (launch, rl, rollout, rewards) travel
+with the job as py_modules when the project is not a diffrl checkout itself, so the cluster needs diffrl's
+dependencies, not diffrl. The entrypoint is `python -m launch.cli train <recipe> <overrides>` inside the project,
+which joins the cluster (RAY_ADDRESS is set inside a job) instead of starting one. The recipe is validated here
+first, from the project directory as the cluster will see it, so a bad recipe fails on the laptop, not on the
+cluster. Token authentication follows Ray's own conventions (RAY_AUTH_MODE=token with RAY_AUTH_TOKEN,
+RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token).
 
-Paths in the recipe are read on the cluster: relative ones against the uploaded project, so data files must live
-in the project (or at an absolute path the cluster can see); set output_dir to shared storage to keep the run's
-outputs after the job ends.
+Paths are read on the cluster: relative input paths in the recipe file against the recipe's folder (inside the
+uploaded project), relative paths in overrides against the project; an absolute path must exist on the cluster.
+Set output_dir to shared storage to keep the run's outputs after the job ends.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import shlex
 import sys
 import time
@@ -36,26 +41,57 @@ class SubmitError(OneLineError):
     """The job could not be submitted (bad address, recipe outside the project, authentication)."""
 
 
-def project_root() -> Path:
-    """This checkout: the directory holding pyproject.toml above the launch package."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "pyproject.toml").is_file():
-        raise SubmitError(f"{root}: not a diffrl checkout (no pyproject.toml); run submit from a source checkout")
-    return root
+DIFFRL_PACKAGES = ("launch", "rl", "rollout", "rewards")
+
+
+def diffrl_packages() -> list[Path]:
+    """The directories of diffrl's own packages, wherever diffrl is installed (a checkout or site-packages)."""
+    return [Path(__file__).resolve().parents[1] / name for name in DIFFRL_PACKAGES]
 
 
 def build_job(recipe_path: str | Path, overrides: Sequence[str], working_dir: Path) -> tuple[str, dict]:
     """Entrypoint and runtime env for the recipe; the recipe must be inside working_dir (it is uploaded with it)."""
+    working_dir = Path(working_dir).resolve()
+    if not working_dir.is_dir():
+        raise SubmitError(f"--working-dir {working_dir}: no such directory")
     recipe = Path(recipe_path).resolve()
     try:
         relative = recipe.relative_to(working_dir)
     except ValueError:
-        raise SubmitError(f"{recipe_path}: the recipe must be inside the project {working_dir} "
-                          "(it is uploaded with it as the job's working_dir)") from None
+        raise SubmitError(f"{recipe_path}: the recipe must be inside the project {working_dir} (it is uploaded "
+                          "as the job's working directory; run submit from the project or pass --working-dir)"
+                          ) from None
     entrypoint = " ".join(["python", "-m", "launch.cli", "train", shlex.quote(relative.as_posix()),
                            *(shlex.quote(o) for o in overrides)])
     runtime_env = {"working_dir": str(working_dir), "excludes": list(EXCLUDES), "env_vars": dict(FORWARDED_ENV)}
+    if not (working_dir / "launch" / "cli.py").is_file():  # a user's project: diffrl's code travels with it
+        runtime_env["py_modules"] = [str(p) for p in diffrl_packages()]
     return entrypoint, runtime_env
+
+
+@contextlib.contextmanager
+def working_directory(path: Path):
+    """Run the block with `path` as the working directory (restored after): validation sees the cluster's view."""
+    before = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def outside_project(recipe, project: Path) -> list[str]:
+    """`field path` for each input path of the validated recipe that lies outside the uploaded project."""
+    fields = [("model.path", recipe.model.path), ("data.train", recipe.data.train), ("data.eval", recipe.data.eval)]
+    value_model = getattr(recipe.algorithm, "value_model", None)
+    if value_model is not None:
+        fields.append(("algorithm.value_model.path", value_model.path))
+    fields += [(f"reward.{i}.fn", spec.file) for i, spec in enumerate(recipe.reward)]
+    out = []
+    for name, value in fields:
+        if value is not None and not Path(value).resolve().is_relative_to(project):
+            out.append(f"{name} {value}")
+    return out
 
 
 AUTH_HINT = ("set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token) to the "
@@ -88,7 +124,7 @@ def _client(address: str):
 def submit(recipe_path: str | Path, overrides: Sequence[str], *, address: str, follow: bool = False,
            wait: bool = False, working_dir: Path | None = None, timeout_s: float | None = None) -> tuple[str, str]:
     """Submit the job; returns (job_id, status). With follow, streams its logs until it ends; with wait, polls."""
-    working_dir = working_dir or project_root()
+    working_dir = Path(working_dir or Path.cwd()).resolve()
     entrypoint, runtime_env = build_job(recipe_path, overrides, working_dir)
     client = _client(address)
     from ray.exceptions import AuthenticationError
@@ -98,7 +134,7 @@ def submit(recipe_path: str | Path, overrides: Sequence[str], *, address: str, f
                                    metadata={"diffrl_recipe": str(recipe_path)})
     except (AuthenticationError, OSError, RuntimeError) as err:
         raise _refused(address, err, "submission refused") from None
-    print(f"submitted job {job_id} to {address}", flush=True)
+    print(f"submitted job {job_id} to {address}; working directory uploaded: {working_dir}", flush=True)
     if follow:
         asyncio.run(_follow(client, job_id))
     status = _status(client, job_id)

@@ -101,3 +101,40 @@ def test_submit_rejects_a_bad_recipe_before_contacting_the_cluster(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("diffrl: error: ")
     assert "model.path: /nonexistent/model: no such directory" in done.stderr
+
+
+def test_submit_from_a_users_own_project_outside_the_checkout(ray_head, tmp_path):
+    """A project directory of its own (recipe, data file, reward file, all by relative path) is the job's working
+    directory; diffrl's packages travel with the job; the output says which directory was uploaded."""
+    import yaml
+
+    from launch.recipe import load_recipe
+    from rl.tasks import make_task
+
+    address, env = ray_head
+    project = tmp_path / "my-project"
+    (project / "conf").mkdir(parents=True)
+    (project / "data").mkdir()
+    rows = make_task("arithmetic", seed=0).rows("train")[:16]
+    (project / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (project / "conf" / "my_reward.py").write_text(
+        "def score(prompt, response, reference, task, **kwargs):\n"
+        "    assert task == 'arithmetic'  # a data column, by name\n"
+        "    return float(response.strip().startswith(reference))\n")
+    recipe = load_recipe(REPO / "recipes" / "tiny-tracerl.yaml").to_dict()
+    recipe.pop("output_dir")
+    recipe["name"] = "mine"
+    recipe["data"].update(task=None, task_kwargs={}, train="../data/train.jsonl")  # relative to conf/
+    recipe["reward"] = [{"fn": "my_reward.py:score"}]  # relative to conf/
+    (project / "conf" / "mine.yaml").write_text(yaml.safe_dump(recipe))
+    out_dir = tmp_path / "job-run"
+    args = [sys.executable, "-m", "launch.cli", "submit", "conf/mine.yaml", "--address", address, "--follow",
+            "--timeout", "400", f"output_dir={out_dir}", "trainer.total_steps=2"]
+    done = subprocess.run(args, cwd=project, env=env, capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    assert f"working directory uploaded: {project.resolve()}" in done.stdout
+    assert "SUCCEEDED" in done.stdout and "step 2/2" in done.stdout
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    saved = yaml.safe_load((out_dir / "recipe.yaml").read_text())
+    assert saved["data"]["train"].endswith("/data/train.jsonl") and "my_reward.py:score" in saved["reward"][0]["fn"]
