@@ -134,7 +134,8 @@ def eval_run(args: argparse.Namespace, trained: dict | None, policy_dir: Path):
     own_fields = own and not data.get("task")
     changes: dict = {
         "rollout": run.rollout.model_copy(update=rollout), "n": args.k, "k": args.k, "limit": args.limit,
-        "seed": args.seed, "out": args.out, "chat_template": False if args.no_chat_template else None,
+        "seed": args.seed, "out": args.out, "chat_template": False if args.no_chat_template else run.chat_template,
+        "format": args.format or "prompt",
         "max_tokens": args.max_tokens or run.max_tokens,
         "prompt_field": args.prompt_field or (data.get("prompt_field") if own_fields else None),
         "answer_field": args.answer_field or (data.get("answer_field") if own_fields else None)}
@@ -277,6 +278,8 @@ def _alive(pid) -> bool:
 
 # --------------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from launch.evaluate_data import FORMATS  # light: the standard library only at import
+
     parser = argparse.ArgumentParser(prog="diffrl", description="RL post-training of diffusion language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -312,7 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the run recipe's remasking, else static")
     p.add_argument("--max-tokens", type=int, default=None, help="response budget (default: the harness default)")
     p.add_argument("--temperature", type=float, default=None, help="default: 0 (greedy) for k=1, else 1.0")
-    p.add_argument("--prompt-field", default=None, help="default: prompt (or the data's own convention)")
+    p.add_argument("--prompt-field", default=None, help="default: prompt (as training reads a data file)")
+    p.add_argument("--format", default=None, choices=FORMATS,
+                   help="read a data file in a benchmark's own columns and instruction (gsm8k, math500: question/"
+                        "problem + a \\boxed{} instruction; ...); default: prompt, as training reads it. Never guessed")
     p.add_argument("--answer-field", default=None, help="default: answer")
     p.add_argument("--no-chat-template", action="store_true")
     p.add_argument("--reward", choices=("auto", "recipe", "builtin"), default="auto",

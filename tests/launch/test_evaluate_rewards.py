@@ -44,9 +44,10 @@ def test_random_text_is_not_a_toy_task_answer():
 
 def test_math_uses_the_math_reward_not_the_last_number(tmp_path):
     path = _jsonl(tmp_path / "math500.jsonl", [{"problem": "Half of 1?", "answer": "\\frac{1}{2}", "unique_id": "b"}])
-    summary, rows = evaluate(load_eval_set(path), _stub(lambda item: "it is 0.5"), n=1)
+    summary, rows = evaluate(load_eval_set(path, format="math500"), _stub(lambda item: "it is 0.5"), n=1)
     assert rows[0]["reasons"] == ["no_answer"]  # was correct: the last number of any text counted
-    summary, rows = evaluate(load_eval_set(path), _stub(lambda item: "\\boxed{0.5} or \\boxed{2}"), n=1)
+    summary, rows = evaluate(load_eval_set(path, format="math500"), _stub(lambda item: "\\boxed{0.5} or \\boxed{2}"),
+                             n=1)
     assert rows[0]["reasons"][0].startswith("conflicting")
 
 
