@@ -75,6 +75,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     _remove(tmp)
     try:
         yield tmp
+        _plain_modes(tmp)
         if tmp.is_dir():
             fsync_path(tmp, recursive=True)
             replace_dir(tmp, path)
@@ -85,6 +86,33 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (Linux: /proc/self/status; else the set-and-restore idiom)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _plain_modes(tmp: Path) -> None:
+    """Give every regular file under `tmp` the mode a plain open() would (0o666 minus the umask): writers that go
+    through a private temporary (safetensors, mkstemp: 0600) would otherwise leave a run readable by its owner only,
+    unlike the rest of it. Executable bits and modes already wider are left alone."""
+    if tmp.is_symlink() or not tmp.exists():
+        return
+    plain = 0o666 & ~_umask()
+    for p in [*tmp.rglob("*"), tmp] if tmp.is_dir() else [tmp]:
+        if p.is_file() and not p.is_symlink():
+            mode = p.stat().st_mode & 0o777
+            if mode | plain != mode:
+                p.chmod(mode | plain)
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
