@@ -1,14 +1,17 @@
 """Evaluate a checkpoint: generate n samples per problem, score them, report avg@n and unbiased pass@k.
 
-    diffrl eval CKPT --data humaneval --k 4 --decoding dynamic --out evals/x
-    run_eval(CKPT, EvalRun(data=["humaneval", "math500.jsonl"], n=4, k=(1, 4),
+    diffrl eval CKPT --data humaneval --k 4 --decoding dynamic --out evals/x    # 4 samples each, avg@4, pass@4
+    run_eval(CKPT, EvalRun(data=["humaneval", "math500.jsonl"], n=4, k=(1, 4), format="math500",
                            rollout={"remasking": "low_confidence_dynamic", "temperature": 1.0}, out="evals/x"))
+
+(The CLI has no --n: `--k K` draws K samples per problem; several ks for one n are the Python API's.)
 
 What it does is one typed record, `EvalRun`, whose decoding is a recipe's rollout section and whose model loading
 options are a recipe's model section: `diffrl eval` builds it from the checkpoint's own recipe (`EvalRun.from_recipe`)
 and the command line.
 
-Data shapes: see launch/evaluate_data.py (MATH500, GSM8K, AIME, HumanEval, MBPP, LiveCodeBench, the toy tasks).
+Data: a file is read as training reads it (`prompt`/`answer`, or prompt_field/answer_field); a benchmark's own
+columns and instruction only with `format` (launch/evaluate_data.py: MATH500, GSM8K, HumanEval, MBPP, ...).
 Scoring: reward functions through rewards.scorer.Scorer, as the driver scores rollouts: a recipe's `reward`
 section when given (`diffrl eval RUN` passes the run's own for the run's own data), else the built-in reward of
 each item's kind (`math`, `code`, the toy task's verifier); a sample is correct when its reason is `correct`.
@@ -18,8 +21,9 @@ SamplingParams by launch/decoding.py exactly as training maps them; `model.block
 (block size 1 = autoregressive decoding, the AR baseline).
 
 Sample j of item `id` decodes with seed `sample_seed(seed, id, j, "eval")`: results depend on the seed, never on
-the batch size or the order of the data. Writes `<out>/<dataset>.jsonl` (one row per problem: responses, scores,
-reasons, pass@k) and `<out>/summary.json`, and prints a summary table.
+the batch size or the order of the data. Prints a summary table (avg@n and pass@k in percent); with `out` set
+(`--out`), also writes `<out>/<dataset>.jsonl` (one row per problem: responses, scores, reasons, pass@k) and
+`<out>/summary.json` (the same figures as fractions in [0, 1], its `scale` key says so).
 """
 from __future__ import annotations
 
@@ -263,7 +267,8 @@ def evaluate(evalset: EvalSet, responder: Responder, *, n: int = 1,
     """Generate n samples per item with `responder`, score them; return (summary, per-item rows)."""
     ks = parse_ks(k)
     if max(ks) > n:
-        raise ValueError(f"--k {max(ks)} > --n {n}: pass@k needs at least k samples per problem")
+        raise ValueError(f"k={max(ks)} > n={n}: pass@k needs at least k samples per problem (the CLI's --k K "
+                         "draws K samples and reports pass@K)")
     start = time.perf_counter()
     samples = responder(evalset, n)
     gen_s = time.perf_counter() - start
@@ -289,6 +294,7 @@ def evaluate(evalset: EvalSet, responder: Responder, *, n: int = 1,
     decoded = sum(s.decoded for s in all_samples)
     summary = {
         "dataset": evalset.name, "shape": evalset.shape, "items": len(evalset.items), "n": n,
+        "scale": "avg@n, pass@k and mean_score are fractions in [0, 1] (the printed table shows percent)",
         f"avg@{n}": avg_at_n([n] * len(counts), counts),
         **{f"pass@{kk}": mean_pass_at_k([n] * len(counts), counts, kk) for kk in ks},
         "mean_score": sum(r["score"] for per in scores for r in per) / max(1, len(all_samples)),
@@ -308,7 +314,7 @@ def format_table(summaries: Sequence[dict]) -> str:
         return ""
     metric_keys = sorted({key for s in summaries for key in s if key.startswith(("avg@", "pass@"))},
                          key=lambda key: (not key.startswith("avg@"), int(key.split("@")[1])))
-    header = ["dataset", "items", "n", *metric_keys, "tok/fwd", "tokens", "gen s"]
+    header = ["dataset", "items", "n", *(f"{key} %" for key in metric_keys), "tok/fwd", "tokens", "gen s"]
     lines = [header]
     for s in summaries:
         tpf = s.get("tokens_per_forward")

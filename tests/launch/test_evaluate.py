@@ -165,10 +165,11 @@ def test_toy_task_files_and_builtins_use_the_task_verifier(tmp_path):
     assert summary["avg@3"] == pytest.approx(0.8) and summary["pass@3"] == pytest.approx(0.8)
     assert rows[0]["num_correct"] == 0 and rows[1]["pass@3"] == 1.0
     assert summary["tokens_per_forward"] == 2.0
-    with pytest.raises(ValueError, match="--k 4 > --n 3"):
+    with pytest.raises(ValueError, match="k=4 > n=3"):
         evaluate(built_in, _stub(answers), n=3, k=4)
     table = format_table([summary])
-    assert "avg@3" in table and "pass@3" in table and "80.0" in table
+    assert "avg@3 %" in table and "pass@3 %" in table and "80.0" in table  # percent, labelled
+    assert "fractions in [0, 1]" in summary["scale"] and summary["avg@3"] == pytest.approx(0.8)
 
 
 # ----------------------------------------------------------------------------------------------- HumanEval
