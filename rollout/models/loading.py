@@ -76,13 +76,34 @@ def _check_weights(path: Path) -> None:
         raise ModelLoadError(f"{path}: no weights (*.safetensors or pytorch_model*.bin)")
 
 
+def _tokenizer_config(path: Path) -> dict:
+    """For an SDAR/TraDo checkpoint, the config AutoTokenizer would otherwise read from config.json: a plain
+    Qwen3Config (its model_type `sdar` is unknown to transformers, which warns "a model of type sdar to instantiate
+    a model of type ..." when it parses the file itself). Other checkpoints: nothing, transformers reads its own."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        return {}
+    config = read_json(config_file, "config.json")
+    if config.get("model_type") != "sdar":
+        return {}
+    import transformers
+
+    return {"config": transformers.Qwen3Config(**_qwen3_fields(config))}
+
+
+def _qwen3_fields(config: dict) -> dict:
+    """An SDAR/TraDo config.json as Qwen3Config fields (the weights are Qwen3's, name for name)."""
+    return {k: v for k, v in config.items() if k not in ("auto_map", "architectures", "model_type")}
+
+
 def _load_tokenizer(path: Path, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         raise ModelLoadError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
     try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code,
+                                             **_tokenizer_config(path))
     except (OSError, ValueError, json.JSONDecodeError) as err:
         raise ModelLoadError(f"{path}: tokenizer failed to load ({err.__class__.__name__}: {err})") from None
 
@@ -93,8 +114,7 @@ def _build_model(path: Path, kind: str, config: dict, dtype: torch.dtype, trust_
     has_own_code = "auto_map" in config and kind in ("llada", "dream")
     try:
         if kind == "sdar":
-            qwen3_fields = {k: v for k, v in config.items() if k not in ("auto_map", "architectures", "model_type")}
-            qwen3_config = transformers.Qwen3Config(**qwen3_fields)
+            qwen3_config = transformers.Qwen3Config(**_qwen3_fields(config))
             qwen3_config._attn_implementation = "sdpa"
             return transformers.Qwen3ForCausalLM.from_pretrained(str(path), config=qwen3_config, dtype=dtype), False
         if has_own_code:
