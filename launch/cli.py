@@ -188,8 +188,9 @@ def sft_run(args: argparse.Namespace):
     from launch.sft import SFTRun
     from rl.sft import SFTConfig
 
-    training = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
-    size = {"hidden_size": args.hidden_size, "num_layers": args.num_layers}
+    training = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": args.warmup_steps}
+    size = {"hidden_size": args.hidden_size, "num_layers": args.num_layers, "num_heads": args.num_heads,
+            "num_kv_heads": args.num_kv_heads, "intermediate_size": args.intermediate_size}
     run = SFTRun.from_recipe(load_recipe(args.recipe, args.overrides), args.out) if args.recipe else SFTRun(
         out=args.out, model={"tiny": _TINY[args.tiny or "block"]}, data={"task": args.task or "arithmetic"})
     model, data = run.model.model_dump(exclude_unset=False), run.data.model_dump()
@@ -211,7 +212,7 @@ def sft_run(args: argparse.Namespace):
     seed = args.seed if args.seed is not None else run.training.seed
     return SFTRun.model_validate({
         **run.model_dump(), "model": model, "data": data, "tiny_size": size, "eval_items": args.eval_items,
-        "overwrite": args.overwrite,
+        "eval_decoding": args.eval_decoding, "overwrite": args.overwrite,
         "training": SFTConfig(**{**{k: v for k, v in training.items() if v is not None}, "seed": seed})})
 
 
@@ -336,8 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default=None, help="take the model and data sections (and seed) from this recipe")
     p.add_argument("--model", default=None, help="start from this checkpoint (default: a tiny model built offline)")
     p.add_argument("--tiny", default=None, choices=tuple(_TINY), help="tiny model kind (default: block)")
-    p.add_argument("--hidden-size", type=int, default=192)
+    p.add_argument("--hidden-size", type=int, default=192, help="tiny model size (also --num-layers ...)")
     p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--num-kv-heads", type=int, default=2)
+    p.add_argument("--intermediate-size", type=int, default=None, help="default: 4 x hidden size")
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--task", default=None, help="toy task (arithmetic | countdown | sudoku; default: arithmetic)")
@@ -348,8 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: 20)")
     p.add_argument("--seed", type=int, default=None, help="default: the recipe's, else 0")
     p.add_argument("--eval-items", type=int, default=0, help="greedy accuracy on this many held-out items after")
+    p.add_argument("--eval-decoding", choices=("static", "dynamic"), default="static",
+                   help="decoding of that greedy accuracy")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_sft)

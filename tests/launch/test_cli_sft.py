@@ -38,3 +38,22 @@ def test_sft_from_a_recipe_takes_its_model_data_and_seed(tmp_path, capsys):
     stored = json.loads((out / "sft.json").read_text())
     assert load_policy(out).spec.kind == "sdar" and stored["data"]["task"] == "arithmetic"
     assert stored["model"] == "tiny:sdar" and stored["config"]["seed"] == 0
+
+
+def test_sft_cli_exposes_the_tiny_shape_warmup_and_eval_decoding(tmp_path):
+    """Every option of the Python entry point that shapes the run is a flag; the flags' defaults are its defaults."""
+    from launch.cli import build_parser, sft_run
+    from launch.sft import SFTRun, TinySize, _policy
+    from rl.sft import SFTConfig
+
+    default = sft_run(build_parser().parse_args(["sft", str(tmp_path / "d")]))
+    assert default.tiny_size == TinySize() and default.eval_decoding == SFTRun(out="x").eval_decoding
+    assert default.training.warmup_steps == SFTConfig().warmup_steps
+    run = sft_run(build_parser().parse_args([
+        "sft", str(tmp_path / "x"), "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2",
+        "--num-kv-heads", "1", "--intermediate-size", "48", "--warmup-steps", "0", "--eval-decoding", "dynamic"]))
+    assert run.tiny_size.model_dump() == {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
+                                          "intermediate_size": 48}
+    assert (run.training.warmup_steps, run.eval_decoding) == (0, "dynamic")
+    config = _policy(run, 0).model.config
+    assert (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size) == (2, 1, 48)
