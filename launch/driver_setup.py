@@ -80,8 +80,10 @@ def _absolute(value: str | None, bases: list[Path]) -> str | None:
 
 def absolute_recipe(recipe: Recipe, recipe_dir: Path | None = None) -> Recipe:
     """The recipe with every local path absolute (model, data, value model, reward files, output_dir), so the saved
-    copy means the same thing from any directory. Relative paths are taken from the working directory, reward
-    files also from the recipe's folder (rewards/ resolves them there)."""
+    copy means the same thing from any directory. A recipe read from a file has its input paths absolute already
+    (load_recipe: relative to the file's folder, overrides to the working directory); what is still relative here
+    (output_dir, a recipe built from a mapping) is taken from the working directory, reward files also from
+    `recipe_dir`."""
     cwd = Path.cwd()
     data = recipe.to_dict()
     data["model"]["path"] = _absolute(data["model"]["path"], [cwd])
