@@ -10,9 +10,9 @@ the harness never guesses a format from column names.
 |---|---|---|---|
 | a file, no format (`prompt`) | `prompt` + `answer` (or `prompt_field` / `answer_field`) | math | reward `math` |
 | `humaneval` (built-in) or `--format humaneval` | `task_id`, `prompt`, `test`, `entry_point` | code | function tests |
-| `arithmetic`, `countdown`, `sudoku` (built-in) or `--format task` | `task` + `prompt` + `answer` (rl.tasks files) | task | reward `<task>` |
+| a toy task's name (built-in) or `--format task` | `task` + `prompt` + `answer` (rl.tasks files) | task | `<task>` |
 | `--format mbpp` | `test_list` and `text` (or `prompt`) | code | function tests (asserts) |
-| `--format livecodebench` | `question_content` / `input_output` / `public_test_cases` (LiveCodeBench, APPS) | code | stdin/stdout |
+| `--format livecodebench` | `question_content` / `input_output` / `public_test_cases` (LCB, APPS) | code | stdin/out |
 | `--format math500` | `problem` + `answer` (MATH500, AIME); appends MATH_SUFFIX (`\boxed{}`) | math | reward `math` |
 | `--format gsm8k` | `question` + `answer` (`... #### 72`); appends MATH_SUFFIX | math | idem |
 

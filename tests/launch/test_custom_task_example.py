@@ -41,7 +41,8 @@ def test_reasoning_gym_rows_train_with_the_example_recipe(tmp_path, monkeypatch)
 
     prompts = load_prompts(recipe.data, small_tokenizer(), seed=0)
     first = json.loads((here / "data" / "train.jsonl").read_text().splitlines()[0])
-    assert len(prompts) == 4 and prompts[0].text == first["question"] and prompts[0].meta["metadata"] == first["metadata"]
+    assert len(prompts) == 4 and prompts[0].text == first["question"]
+    assert prompts[0].meta["metadata"] == first["metadata"]
     specs = [s.model_dump() for s in recipe.reward]
     right = reward_item(prompts[0], f"<answer>{first['answer']}</answer>", 3, prompt_field="question")
     validate_reward_specs(specs, right)

@@ -101,7 +101,8 @@ def test_named_formats_are_read_and_scored(tmp_path):
     lcb_set = load_eval_set(lcb, format="livecodebench")
     assert [i.id for i in lcb_set.items] == ["q1"] and len(lcb_set.items[0].reference["tests"]) == 2
 
-    summary, rows = evaluate(load_eval_set(math500, format="math500"), _stub({"a": "so \\boxed{2}", "b": "it is \\boxed{0.5}"}), n=1)
+    answers = _stub({"a": "so \\boxed{2}", "b": "it is \\boxed{0.5}"})
+    summary, rows = evaluate(load_eval_set(math500, format="math500"), answers, n=1)
     assert summary["avg@1"] == 1.0 and [r["reasons"][0] for r in rows] == ["correct", "correct"]
     summary, _ = evaluate(load_eval_set(gsm, format="gsm8k"), _stub(lambda item: "The answer is 8.\n#### 8"), n=1)
     assert summary["avg@1"] == 0.0 and summary["reasons"] == {"wrong": 1}

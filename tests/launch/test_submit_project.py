@@ -42,5 +42,6 @@ def test_inputs_outside_the_project_are_named(tmp_path):
 
     (tmp_path / "p").mkdir()
     recipe = load_recipe(REPO / "recipes" / "tiny-tracerl.yaml",
-                         ["data.task=null", f"data.train={tmp_path / 'p' / 'in.jsonl'}", "data.eval=/elsewhere/e.jsonl"])
+                         ["data.task=null", f"data.train={tmp_path / 'p' / 'in.jsonl'}",
+                          "data.eval=/elsewhere/e.jsonl"])
     assert outside_project(recipe, (tmp_path / "p").resolve()) == ["data.eval /elsewhere/e.jsonl"]
