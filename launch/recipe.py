@@ -32,7 +32,6 @@ from launch.recipe_io import (
     format_validation_error,
     normalize_shorthands,
     origin_of,
-    override_base,
     read_chain,
     retired_setting,
     switch_model_source,
@@ -284,12 +283,9 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recip
         data = absolute_paths(data, file.resolve().parent)
         merged = deep_merge(switch_model_source(merged, data), data)
     for override in overrides:
-        layer = apply_override({}, override)
-        merged = switch_model_source(merged, layer)
-        merged = apply_override(merged, override)
-        base = override_base(override)
-        if base is not None:
-            merged = absolute_paths(merged, base)
+        merged = apply_override(switch_model_source(merged, apply_override({}, override)), override)
+    if overrides:  # what is still relative came from an override (the files' paths are absolute by now)
+        merged = absolute_paths(merged, Path.cwd())
     merged.setdefault("name", Path(path).stem)
     try:
         return Recipe.model_validate(merged)

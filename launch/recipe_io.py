@@ -224,12 +224,6 @@ def _rebase(node: Any, field: tuple[str, ...], base: Path) -> Any:
     return node
 
 
-def override_base(override: str) -> Path | None:
-    """The working directory for an override of a path field (its relative value is taken from there)."""
-    key = override.partition("=")[0].strip()
-    return Path.cwd() if tuple(key.split(".")) in PATH_FIELDS or key.startswith("reward.") else None
-
-
 def switch_model_source(merged: dict, layer: dict) -> dict:
     """A layer that sets model.path (or model.tiny) replaces the model source it inherits: the other one and the
     tiny-only model.tiny_vocab are dropped, so `model.path=/ckpt` on a tiny recipe needs nothing else nulled."""

@@ -39,6 +39,8 @@ reward:
     r = load_recipe(recipe, ["data.eval=held/out.jsonl", "reward.0.fn=other.py:f"])
     assert r.data.eval == str(elsewhere / "held" / "out.jsonl")
     assert r.reward[0].fn == f"{elsewhere / 'other.py'}:f"
+    r = load_recipe(recipe, ["reward=[{fn: o.py:g}, {fn: math}]", "model={path: m}"])  # whole sections too
+    assert [s.fn for s in r.reward] == [f"{elsewhere / 'o.py'}:g", "math"] and r.model.path == str(elsewhere / "m")
     assert r.data.train == str(project / "conf" / "data" / "train.jsonl")  # untouched by the overrides
 
 
