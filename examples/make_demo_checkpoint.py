@@ -1,4 +1,4 @@
-"""Regenerates examples/checkpoints/arith-sft, the starting policy of recipes/demo.yaml (README's first command).
+"""Regenerates examples/checkpoints/arith-sft, the starting policy of recipes/tiny-demo.yaml (README's first command).
 
     PYTHONPATH=. python examples/make_demo_checkpoint.py [OUT]      # ~20 s on 2 CPU cores
 

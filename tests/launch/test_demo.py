@@ -1,4 +1,4 @@
-"""README's first command: recipes/demo.yaml run by `diffrl train` from the repository root, as a user runs it.
+"""README's first command: recipes/tiny-demo.yaml run by `diffrl train` from the repository root, as a user runs it.
 
 One run (module fixture) serves several checks: the reward visibly rises (mean of the last 3 logged steps >= the
 first 3 + 0.15), it finishes within DEMO_LIMIT_S, the closing summary names the run directory, plot, metrics and
@@ -20,7 +20,7 @@ from tests.launch.cli_runner import REPO, metrics, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-DEMO = "recipes/demo.yaml"
+DEMO = "recipes/tiny-demo.yaml"
 DEMO_LIMIT_S = 600  # issue 18: <= 10 minutes on 2 cores; measured ~40 s
 MARGIN = 0.15
 # What the libraries print when they reach the console: Ray's actor-prefixed lines "(LearnerWorker pid=123)",
