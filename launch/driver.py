@@ -288,8 +288,7 @@ class Driver:
         last: dict = {}
         if r.trainer.eval_every and self.step == 0:  # held-out accuracy before training: the summary's "before"
             row = self.metrics.log(0, self.evaluate())
-            _report(None if bar is None else _Quiet(bar), f"step 0/{total} | held-out acc "
-                    f"{row['eval/accuracy']:.2f} (before training)")
+            _say(bar, f"step 0/{total} | held-out acc {row['eval/accuracy']:.2f} (before training)")
         try:
             if r.trainer.mode == "sync":
                 while self.step < total:
@@ -438,16 +437,15 @@ def _bar(total: int, done: int, enabled: bool):
     return tqdm(total=total, initial=done, desc="steps", unit="step", dynamic_ncols=True)
 
 
-class _Quiet:
-    """A progress bar that writes a line without advancing."""
-
-    def __init__(self, bar):
-        self.write, self.update = bar.write, lambda n: None
-
-
 def _report(bar, line: str) -> None:
     if bar is not None:
         bar.update(1)
+    _say(bar, line)
+
+
+def _say(bar, line: str) -> None:
+    """A console line that does not break the progress bar."""
+    if bar is not None:
         bar.write(line)
     else:
         print(line, flush=True)
