@@ -165,7 +165,7 @@ def moving_average(values: list[float], window: int) -> list[float]:
 
 
 PLOT_PANELS = (  # (title, y label, keys drawn in it)
-    ("reward", "mean reward of the step's samples", ("reward/mean",)),
+    ("training reward", "mean reward of the step's samples", ("reward/mean",)),
     ("accuracy", "fraction correct", ("reward/accuracy", "eval/accuracy")),
 )
 _LABELS = {"reward/mean": "training reward", "reward/accuracy": "training accuracy (sampled)",
