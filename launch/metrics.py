@@ -19,7 +19,8 @@ from typing import Any, Iterable, Mapping
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MetricsLogger", "read_metrics", "plot_curves", "closing_summary", "moving_average", "reward_summary", "summary_line", "rewind_metrics"]
+__all__ = ["MetricsLogger", "read_metrics", "plot_curves", "closing_summary", "moving_average", "reward_summary",
+           "summary_line", "rewind_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 # Keys shown in the one-line summary, in this order, when present.
