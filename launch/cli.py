@@ -65,7 +65,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)  # before importing torch/Ray: a bad recipe fails at once
     from launch.driver import run_training
 
-    result = run_training(recipe, progress=not args.quiet, recipe_dir=Path(args.recipe).resolve().parent)
+    result = run_training(recipe, progress=not args.quiet, recipe_dir=Path(args.recipe).resolve().parent,
+                          verbose=args.verbose)
+    if result.ok:
+        from launch.metrics import closing_summary
+
+        print(closing_summary(result.run_dir), flush=True)
     return 0 if result.ok else 1
 
 
@@ -78,7 +83,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(run_dir)
     overrides = [f"output_dir={run_dir}", *args.overrides]
     recipe = load_recipe(ckpt.path / "recipe.yaml", overrides)
-    result = run_training(recipe, resume=ckpt, progress=not args.quiet)
+    result = run_training(recipe, resume=ckpt, progress=not args.quiet, verbose=args.verbose)
+    if result.ok:
+        from launch.metrics import closing_summary
+
+        print(closing_summary(result.run_dir), flush=True)
     return 0 if result.ok else 1
 
 
@@ -278,17 +287,33 @@ def _alive(pid) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------- parser
+VERBOSE_HELP = "debug logging, and the output of Ray, DeepSpeed and transformers (hidden by default)"
+# Set (unless the user set them) when --verbose is not given: inherited by the local Ray cluster's processes.
+QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+             "RAY_DEDUP_LOGS": "1", "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
+
+
+def quiet_environment(verbose: bool, quiet: bool) -> None:
+    """Library chatter off unless --verbose; with -q every tqdm bar off too (TQDM_DISABLE)."""
+    if not verbose:
+        for key, value in QUIET_ENV.items():
+            os.environ.setdefault(key, value)
+    if quiet and not verbose:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from launch.evaluate_data import FORMATS  # light: the standard library only at import
 
     parser = argparse.ArgumentParser(prog="diffrl", description="RL post-training of diffusion language models.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a recipe on a local Ray cluster (127.0.0.1)")
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. trainer.total_steps=10")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("submit", help="run a recipe as a Ray job on a cluster")
@@ -306,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("overrides", nargs="*", help="e.g. trainer.total_steps=20 to train further")
     p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint (or HF policy directory) on a data file")
@@ -378,8 +404,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_environment(args.verbose, getattr(args, "quiet", False))
+    noisy = ("httpx", "urllib3", "filelock", "datasets", "transformers", "matplotlib", "PIL")
+    for name in noisy if args.verbose else (*noisy, "ray", "deepspeed", "DeepSpeed", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING if args.verbose or name in noisy else logging.ERROR)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -66,14 +66,14 @@ class Batch:
 
 
 def run_training(recipe, *, resume: Checkpoint | None = None, progress: bool = True,
-                 recipe_dir: Path | None = None) -> RunResult:
+                 recipe_dir: Path | None = None, verbose: bool = False) -> RunResult:
     """Prepare the run (fails early on bad input), start or join Ray, train, record the outcome in run.json."""
     ctx = prepare_run(recipe, resume=resume, recipe_dir=recipe_dir)
     try:
         write_run_status(ctx.run_dir, status="running", pid=os.getpid(), host=host(), name=ctx.recipe.name,
                          total_steps=ctx.recipe.trainer.total_steps, error=None)
         try:
-            with ray_session(ctx.recipe.ray):
+            with ray_session(ctx.recipe.ray, verbose=verbose):
                 driver = Driver(ctx, resume=resume, progress=progress)
                 try:
                     result = driver.fit()
@@ -190,7 +190,8 @@ class Driver:
                         "learner/samples": len(kept), "data/epoch": batch.data_position // len(self.ctx.prompts),
                         "rollout/restarts": self.rollout.restarts,
                         **{f"counters/{k}": v for k, v in self.counters.items()}})
-        if self.recipe.trainer.eval_every and step % self.recipe.trainer.eval_every == 0:
+        every = self.recipe.trainer.eval_every
+        if every and (step % every == 0 or step == self.recipe.trainer.total_steps):  # always at the end
             metrics.update(self.evaluate())
         metrics["time/step_s"] = time.perf_counter() - started
         metrics["time/last_checkpoint_s"] = self._checkpoint_s
@@ -285,6 +286,9 @@ class Driver:
         total = r.trainer.total_steps
         bar = _bar(total, self.step, self.progress)
         last: dict = {}
+        if r.trainer.eval_every and self.step == 0:  # held-out accuracy before training: the summary's "before"
+            row = self.metrics.log(0, self.evaluate())
+            _say(bar, f"step 0/{total} | held-out acc {row['eval/accuracy']:.2f} (before training)")
         try:
             if r.trainer.mode == "sync":
                 while self.step < total:
@@ -436,6 +440,12 @@ def _bar(total: int, done: int, enabled: bool):
 def _report(bar, line: str) -> None:
     if bar is not None:
         bar.update(1)
+    _say(bar, line)
+
+
+def _say(bar, line: str) -> None:
+    """A console line that does not break the progress bar."""
+    if bar is not None:
         bar.write(line)
     else:
         print(line, flush=True)

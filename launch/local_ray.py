@@ -37,8 +37,11 @@ def _local_env() -> None:
 
 
 @contextlib.contextmanager
-def ray_session(ray_cfg=None, *, num_cpus: int | None = None) -> Iterator[bool]:
-    """Yield True when this call started a local cluster (and will stop it), False when it joined one."""
+def ray_session(ray_cfg=None, *, num_cpus: int | None = None, verbose: bool = True) -> Iterator[bool]:
+    """Yield True when this call started a local cluster (and will stop it), False when it joined one.
+    verbose=False (`diffrl train` without --verbose): the actors' stdout/stderr (Ray, DeepSpeed, transformers
+    chatter) stay in Ray's session logs instead of the console; their errors still reach the driver as
+    exceptions."""
     address = getattr(ray_cfg, "address", None) or os.environ.get("RAY_ADDRESS")
     if not address:
         _local_env()  # before Ray reads its config: the auth mode is fixed at its first use in this process
@@ -49,7 +52,7 @@ def ray_session(ray_cfg=None, *, num_cpus: int | None = None) -> Iterator[bool]:
         return
     if address:
         log.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True)  # a Ray job's log is where its actors' output belongs
         try:
             yield False
         finally:
@@ -62,9 +65,9 @@ def ray_session(ray_cfg=None, *, num_cpus: int | None = None) -> Iterator[bool]:
         include_dashboard=False,
         object_store_memory=store_mb * 1024 * 1024,
         _node_ip_address=LOCAL_IP,
-        log_to_driver=True,
+        log_to_driver=verbose,
         configure_logging=True,
-        logging_level=logging.WARNING,
+        logging_level=logging.WARNING if verbose else logging.ERROR,
     )
     try:
         yield True

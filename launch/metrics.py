@@ -19,7 +19,8 @@ from typing import Any, Iterable, Mapping
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MetricsLogger", "read_metrics", "plot_curves", "reward_summary", "summary_line", "rewind_metrics"]
+__all__ = ["MetricsLogger", "read_metrics", "plot_curves", "closing_summary", "moving_average", "reward_summary",
+           "summary_line", "rewind_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 # Keys shown in the one-line summary, in this order, when present.
@@ -153,16 +154,36 @@ def rewind_metrics(run_dir: str | os.PathLike, step: int) -> int:
     return len(later)
 
 
-def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike,
-                keys: Iterable[str] = ("reward/mean", "reward/accuracy", "eval/accuracy")) -> Path | None:
-    """Reward / accuracy curves against the step, one panel per key present; None when nothing to plot."""
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over the last `window` values (fewer at the start)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+PLOT_PANELS = (  # (title, y label, keys drawn in it)
+    ("training reward", "mean reward of the step's samples", ("reward/mean",)),
+    ("accuracy", "fraction correct", ("reward/accuracy", "eval/accuracy")),
+)
+_LABELS = {"reward/mean": "training reward", "reward/accuracy": "training accuracy (sampled)",
+           "eval/accuracy": "held-out accuracy (greedy)"}
+
+
+def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> Path | None:
+    """Reward and accuracy against the step: each step's value (faint dots) and its moving average (line); held-out
+    accuracy as points with a line. None when nothing to plot."""
     rows = read_metrics(metrics_path)
-    series = {}
-    for key in keys:
-        points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-        if points:
-            series[key] = points
-    if not series:
+    panels = []
+    for title, ylabel, keys in PLOT_PANELS:
+        series = {k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))] for k in keys}
+        series = {k: v for k, v in series.items() if v}
+        if series:
+            panels.append((title, ylabel, series))
+    if not panels:
         return None
     import matplotlib
 
@@ -170,16 +191,59 @@ def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike,
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.2), squeeze=False)
-    for ax, (key, points) in zip(axes[0], series.items()):
-        steps, values = zip(*points)
-        ax.plot(steps, values, marker="o", markersize=3)
-        ax.set_title(key)
-        ax.set_xlabel("step")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    for ax, (title, ylabel, series) in zip(axes[0], panels, strict=True):
+        for i, (key, points) in enumerate(series.items()):
+            steps, values = zip(*points)
+            color = f"C{i}"
+            if key.startswith("eval/"):
+                ax.plot(steps, values, marker="s", color=color, label=_LABELS.get(key, key))
+                continue
+            window = max(1, min(5, len(values) // 4))
+            ax.plot(steps, values, "o", markersize=3, alpha=0.35, color=color)
+            ax.plot(steps, moving_average(list(values), window), color=color,
+                    label=f"{_LABELS.get(key, key)} ({window}-step moving average)")
+        ax.set_title(title)
+        ax.set_xlabel("RL step")
+        ax.set_ylabel(ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     out = Path(out_png)
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float:
+    return sum(float(r[key]) for r in rows) / len(rows)
+
+
+def closing_summary(run_dir: str | os.PathLike, window: int = 3) -> str:
+    """What `diffrl train` prints at the end: where the run is, training reward (mean of the first `window`
+    logged steps -> the last), held-out accuracy before -> after when the run evaluated, and the files to open."""
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir / METRICS_FILE)
+    lines = [f"run finished: {run_dir}"]
+    rewarded = [r for r in rows if isinstance(r.get("reward/mean"), (int, float))]
+    if rewarded:
+        first, last = rewarded[:window], rewarded[-window:]
+        lines.append(f"  training reward: {_mean(first, 'reward/mean'):.3f} -> {_mean(last, 'reward/mean'):.3f} "
+                     f"(mean of steps {first[0]['step']}-{first[-1]['step']} -> "
+                     f"{last[0]['step']}-{last[-1]['step']})")
+    evaluated = [r for r in rows if isinstance(r.get("eval/accuracy"), (int, float))]
+    if len(evaluated) >= 2:
+        before, after = evaluated[0], evaluated[-1]
+        lines.append(f"  held-out accuracy: {before['eval/accuracy']:.2f} (step {before['step']}) -> "
+                     f"{after['eval/accuracy']:.2f} (step {after['step']}), greedy, "
+                     f"{after.get('eval/num_prompts', '?')} problems")
+    plot = run_dir / "curves.png"
+    if plot.is_file():
+        lines.append(f"  plot:       {plot}")
+    lines.append(f"  metrics:    {run_dir / METRICS_FILE}")
+    latest = run_dir / "checkpoints" / "latest"
+    if latest.is_file():
+        lines.append(f"  checkpoint: {run_dir / 'checkpoints' / latest.read_text().strip()}"
+                     f"  (diffrl eval {run_dir} --data ...; diffrl resume {run_dir} trainer.total_steps=N)")
+    return "\n".join(lines)
