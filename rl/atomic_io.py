@@ -91,11 +91,12 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
 def _umask() -> int:
     """The process umask, read without changing it (Linux: /proc/self/status; else the set-and-restore idiom)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:  # no procfs (not Linux): the set-and-restore idiom below
+        lines = []
+    for line in lines:
+        if line.startswith("Umask:"):
+            return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -1,0 +1,64 @@
+"""What a Learner is configured with: the loss, the estimator, the optimiser, batching, the value model.
+
+`rl.learner.Learner` takes a `LearnerConfig`; the recipe's learner/algorithm/estimator sections build it
+(launch/driver_roles.learner_config). Published values come from rl/published.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from rl.learner_batch import VALUE_TARGETS
+from rl.optim import OptimConfig
+from rl.published import ALGORITHM_DEFAULTS
+
+_TRACERL_VALUE = ALGORITHM_DEFAULTS["tracerl"].value_model
+
+
+@dataclass
+class ValueConfig:
+    lr: float = _TRACERL_VALUE["lr"]  # TraceRL's published value model (rl/published.py)
+    clip: float | None = _TRACERL_VALUE["clip"]
+    gamma: float = _TRACERL_VALUE["gamma"]
+    lam: float = _TRACERL_VALUE["lam"]
+    coef: float = 1.0  # weight of the value loss added to the policy loss
+    trunk: str = "shared"  # "shared" | "separate" (see module doc)
+    # ScoredSample field of the outcome reward on the last step: "advantage" = the group-normalised, filtered
+    # reward the driver computed (TraceRL: dLLM-RL feeds its z-scored reward to the value model), "reward" = the
+    # raw score (an option).
+    reward_key: str = "advantage"
+    returns: str = "mc"  # "mc" (TraceRL) | "gae"
+
+    def __post_init__(self) -> None:
+        if self.trunk not in ("shared", "separate"):
+            raise ValueError(f"value_model.trunk: {self.trunk!r} (shared | separate)")
+        if self.reward_key not in VALUE_TARGETS:
+            raise ValueError(f"value_model.reward_key: {self.reward_key!r} not in {VALUE_TARGETS}")
+
+
+@dataclass
+class LearnerConfig:
+    algorithm: str = "tracerl"  # a loss in rl.algorithms.LOSSES
+    loss: dict[str, Any] = field(default_factory=dict)  # LossConfig overrides (published defaults otherwise)
+    estimator: str = "trajectory"  # an estimator in rl.estimators
+    estimator_params: dict[str, Any] = field(default_factory=dict)
+    reseed_per_inner: bool | None = None  # new masks each inner iteration (d1); None: unless deterministic
+    temperature: float = 1.0  # the rollout's sampling temperature (scored at it only with logp_temperature=rollout)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    grad_clip: float | None = 1.0  # global-norm clip; None or 0: none
+    micro_batch_size: int = 1  # samples per forward/backward on one worker
+    grad_accum: int | None = None  # micro-batches per optimizer step per worker; None: whole batch per step
+    mu: int = 1  # inner iterations over the batch
+    shuffle: bool = True  # reshuffle the batch each inner iteration (explicit generator)
+    reference_model: bool | None = None  # None: when the loss has beta > 0 and kl_reference == "ref"
+    bf16: bool = False  # torch: autocast bf16 (meant for GPU); deepspeed: bf16 weights, fp32 masters
+    gradient_checkpointing: bool = False  # HF per-layer (activation) checkpointing of the policy (and value trunk)
+    value: ValueConfig | None = None
+    log_mismatch: bool | None = None  # rollout vs learner logp gap; None: only when free (trajectory estimator)
+    # pi_old: "recompute" (learner weights before the update) or "rollout" (the log-probs the rollout recorded, the
+    # behaviour policy's: correct importance ratios for stale asynchronous data; trajectory estimator only).
+    old_logp: str = "recompute"
+    entropy: bool = False  # compute per-token entropy (metric)
+    backend: str = "torch"  # torch | deepspeed
+    zero_stage: int = 2
+    seed: int = 0
