@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +33,6 @@ from pathlib import Path
 
 import torch
 
-from rl.atomic_io import atomic_output
 from rollout.decoding.block import decode_blocks_cached
 from rollout.decoding.reference import decode_blocks_uncached
 from rollout.decoding.state import Row
@@ -42,6 +40,10 @@ from rollout.engine import TorchEngine
 from rollout.models.loading import load_policy
 from rollout.models.tiny import make_tiny_policy
 from rollout.sampling import GenerationRequest, SamplingParams
+
+# Sibling modules: run as a script, this file's folder is on sys.path.
+from bench_timing import QUIET, log, timed, wait_quiet
+from decoding_trained import QUICK_TOY, TOY, bench_p3_trained
 
 SIZE = dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8, intermediate_size=1536, max_positions=2048)
 QUICK_SIZE = dict(SIZE, num_layers=4)
@@ -115,48 +117,6 @@ def _requests(batch: int, prompt_len: int, params: SamplingParams, seed: int = 0
 
 # The box is shared: other jobs' threads make every OpenMP region of ours wait (10x slowdowns of small forwards).
 # Before each timed run, wait (up to `timeout` s) until others use at most `max_busy` of the CPU.
-QUIET = {"max_busy": 0.25, "timeout": 0.0, "gated": 0, "ungated": 0}
-
-
-def _cpu_busy(seconds: float = 1.0) -> float:
-    """Fraction of all cores busy over `seconds` while this process sleeps (i.e. used by others)."""
-    def snapshot():
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-        return sum(values), values[3] + values[4]  # total, idle + iowait
-
-    total0, idle0 = snapshot()
-    time.sleep(seconds)
-    total1, idle1 = snapshot()
-    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
-
-
-def _wait_quiet() -> None:
-    if QUIET["timeout"] <= 0:
-        return
-    deadline = time.monotonic() + QUIET["timeout"]
-    while time.monotonic() < deadline:
-        if _cpu_busy() <= QUIET["max_busy"]:
-            QUIET["gated"] += 1
-            return
-    QUIET["ungated"] += 1
-
-
-def _timed(fn, repeats: int = 1):
-    """(result, best wall time of `repeats` runs): the best run is the one least disturbed by other load."""
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        _wait_quiet()
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return out, best
-
-
-def _log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.1f}] {message}", file=sys.stderr, flush=True)
-
-
 def _tokens(trajs) -> int:
     return sum(t.response_length for t in trajs)
 
@@ -168,7 +128,7 @@ def uncached_seconds(policy, requests, cached, sample_blocks: int, forwards_per_
     samples = sorted({round(i * (n_blocks - 1) / max(1, sample_blocks - 1)) for i in range(sample_blocks)})
     per_forward = {}
     for block in samples:
-        _log(f"P1 uncached forwards at block {block}/{n_blocks}")
+        log(f"P1 uncached forwards at block {block}/{n_blocks}")
         rows = [Row(i, r, policy.spec, policy.device) for i, r in enumerate(requests)]
         for row, traj in zip(rows, cached):
             end = block * bs
@@ -198,13 +158,13 @@ def bench_p1(policy, batch, prompt_len, gen, sample_blocks, full_uncached, repea
     requests = _requests(batch, prompt_len, params)
     engine = TorchEngine(policy)
     counter = FlopCounter(policy)
-    _log(f"P1 cached: batch {batch}, gen {gen}")
-    cached, t_cached = _timed(lambda: engine.generate(requests), repeats)
+    log(f"P1 cached: batch {batch}, gen {gen}")
+    cached, t_cached = timed(lambda: engine.generate(requests), repeats)
     flops, forwards = counter.flops / repeats, counter.forwards // repeats
     counter.close()
     if full_uncached:
-        _log("P1 uncached (full run)")
-        _, t_uncached = _timed(lambda: TorchEngine(policy, kv_cache="none").generate(requests))
+        log("P1 uncached (full run)")
+        _, t_uncached = timed(lambda: TorchEngine(policy, kv_cache="none").generate(requests))
         how = "full run"
     else:
         t_uncached = uncached_seconds(policy, requests, cached, sample_blocks)
@@ -223,7 +183,7 @@ def _hf_generate(policy, batch, prompt_len, gen) -> float:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, 100, (batch, prompt_len), generator=g)
     with torch.inference_mode():
-        _, seconds = _timed(lambda: model.generate(
+        _, seconds = timed(lambda: model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=gen, min_new_tokens=gen, do_sample=False,
             use_cache=True, pad_token_id=policy.spec.pad_token_id, eos_token_id=None))
     return seconds
@@ -240,12 +200,12 @@ def bench_p3(policy, batches, prompt_len, gen, repeats):
         best = {name: float("inf") for name in ["AR generate", *configs]}
         per_forward = {}
         for rep in range(repeats):  # interleaved, so background load hits every configuration alike
-            _log(f"P3 batch {batch}, round {rep + 1}/{repeats}")
+            log(f"P3 batch {batch}, round {rep + 1}/{repeats}")
             best["AR generate"] = min(best["AR generate"], _hf_generate(policy, batch, prompt_len, gen))
             for name, extra in configs.items():
                 params = SamplingParams(temperature=1.0, max_tokens=gen, stop_at_eos=False, **extra)
                 requests = _requests(batch, prompt_len, params)
-                trajs, seconds = _timed(lambda: TorchEngine(policy).generate(requests))
+                trajs, seconds = timed(lambda: TorchEngine(policy).generate(requests))
                 best[name] = min(best[name], seconds)
                 per_forward[name] = _tokens(trajs) / sum(t.nfe for t in trajs)
         row = {"AR generate tok/s": batch * gen / best["AR generate"]}
@@ -254,193 +214,6 @@ def bench_p3(policy, batches, prompt_len, gen, repeats):
             row[f"{name} tok/forward"] = per_forward[name]
             row[f"{name} vs AR"] = row[f"{name} tok/s"] / row["AR generate tok/s"]
         results[f"batch {batch}"] = row
-    return results
-
-
-# ------------------------------------------------------------------------------------------ P3T: trained toy models
-# The Countdown SFT setup of benchmarks/learning.py (its SETUPS["countdown"]), repeated here so this file stands alone.
-TOY = {"task": "countdown", "task_kwargs": {"num_train": 5000, "num_test": 200}, "max_tokens": 16,
-       "size": {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2}, "steps": 800,
-       "batch_size": 64, "lr": 1e-3}
-QUICK_TOY = dict(TOY, steps=100, task_kwargs={"num_train": 2000, "num_test": 48})
-
-
-def train_block_model(out: Path, toy: dict, seed: int = 0) -> Path:
-    """diffrl's diffusion SFT (launch.sft.run_sft, block ELBO objective), block 4; reused when already there."""
-    from launch.sft import SFTRun, run_sft
-    from rl.sft import SFTConfig
-
-    if not (out / "sft.json").is_file():
-        _log(f"P3T: diffusion SFT of the block-4 model ({toy['steps']} steps) -> {out}")
-        run_sft(SFTRun(out=str(out), model={"tiny": "qwen3-block", "block_size": 4}, tiny_size=toy["size"],
-                       data={"task": toy["task"], "task_kwargs": toy["task_kwargs"]}, overwrite=True,
-                       training=SFTConfig(steps=toy["steps"], batch_size=toy["batch_size"], lr=toy["lr"], seed=seed)),
-                progress=False)
-    return out
-
-
-def train_ar_model(out: Path, toy: dict, seed: int = 0) -> Path:
-    """The AR baseline: the same tiny Qwen3 (same size, same initial weights as run_sft's), trained next-token on
-    the same (prompt, answer + EOS) pairs with the same optimiser, schedule, batch size and steps."""
-    if (out / "ar_sft.json").is_file():
-        return out
-    import transformers
-
-    from launch.data import encode_prompt
-    from rl.optim import apply_lr, clip_grads, make_optimizer, param_groups
-    from rl.sft import SFTConfig
-    from rl.tasks import make_task
-
-    _log(f"P3T: next-token SFT of the same-size causal LM ({toy['steps']} steps) -> {out}")
-    size = dict(toy["size"], intermediate_size=4 * toy["size"]["hidden_size"])  # run_sft's default ffn
-    with tempfile.TemporaryDirectory() as tmp:
-        init = make_tiny_policy("block", Path(tmp) / "init", seed=seed, block_size=4, **size)
-        model = transformers.AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(init)
-    rows = make_task(toy["task"], seed=seed, **toy["task_kwargs"]).rows("train")
-    examples = []
-    for row in rows:
-        prompt = encode_prompt(tokenizer, row["prompt"], chat_template=True)
-        answer = tokenizer(row["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        examples.append((prompt, answer))
-    config = SFTConfig(steps=toy["steps"], batch_size=toy["batch_size"], lr=toy["lr"], seed=seed)
-    optim = config.optim()
-    optimizer = make_optimizer(param_groups(model.named_parameters(), lr=config.lr,
-                                            weight_decay=config.weight_decay), optim)
-    params = [p for p in model.parameters() if p.requires_grad]
-    order_gen, order = torch.Generator().manual_seed(seed), []
-    start, losses = time.perf_counter(), []
-    model.train()
-    for step in range(config.steps):
-        if len(order) < config.batch_size:
-            order += torch.randperm(len(examples), generator=order_gen).tolist()
-        index, order = order[:config.batch_size], order[config.batch_size:]
-        width = max(len(examples[i][0]) + len(examples[i][1]) for i in index)
-        ids = torch.full((len(index), width), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full_like(ids, -100)
-        mask = torch.zeros_like(ids)
-        for b, i in enumerate(index):
-            prompt, answer = examples[i]
-            n = len(prompt) + len(answer)
-            ids[b, :n] = torch.tensor(prompt + answer)
-            labels[b, len(prompt):n] = torch.tensor(answer)
-            mask[b, :n] = 1
-        apply_lr(optimizer, step, optim)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if torch.isfinite(clip_grads(params, config.grad_clip)):
-            optimizer.step()
-        losses.append(float(loss.detach()))
-    model.eval()
-    with atomic_output(out) as tmp_out:
-        model.save_pretrained(str(tmp_out), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp_out))
-        (tmp_out / "ar_sft.json").write_text(json.dumps({
-            "objective": "next-token cross-entropy on answer + EOS", "task": toy["task"],
-            "task_kwargs": toy["task_kwargs"], "size": size, "steps": config.steps, "batch_size": config.batch_size,
-            "lr": config.lr, "seed": seed, "train_wall_s": time.perf_counter() - start,
-            "final_loss_mean_last_20": sum(losses[-20:]) / len(losses[-20:])}, indent=2) + "\n")
-    return out
-
-
-def _hf_generate_batch(model, prompts: list[list[int]], max_new: int, pad: int, eos: int) -> list[list[int]]:
-    """Greedy HF `generate` (KV cache) of a left-padded batch, stopping at EOS; each row cut after its EOS."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p):] = torch.tensor(p)
-        mask[b, width - len(p):] = 1
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False, use_cache=True,
-                         pad_token_id=pad, eos_token_id=eos)
-    rows = []
-    for row in out[:, width:].tolist():
-        rows.append(row[:row.index(eos) + 1] if eos in row else row)
-    return rows
-
-
-def bench_p3_trained(trained: Path, toy: dict, batch: int, thresholds: list[float], repeats: int) -> dict:
-    """P3T (see the module docstring): AR `generate` vs block diffusion (static 1 token/step, dynamic thresholds)."""
-    import transformers
-
-    from launch.data import encode_prompt
-    from launch.evaluate import Sample, score_samples
-    from launch.evaluate_data import load_eval_set
-
-    block_dir = train_block_model(trained / "block4", toy)
-    ar_dir = train_ar_model(trained / "ar", toy)
-    policy = load_policy(block_dir)
-    ar = transformers.AutoModelForCausalLM.from_pretrained(ar_dir, dtype=torch.float32).eval()
-    tok = policy.tokenizer
-    evalset = load_eval_set(toy["task"], task_kwargs=toy["task_kwargs"], seed=0)
-    prompts = [encode_prompt(tok, item.prompt, chat_template=True) for item in evalset.items]
-    chunks = [list(range(i, min(i + batch, len(prompts)))) for i in range(0, len(prompts), batch)]
-    max_tokens, eos, pad = toy["max_tokens"], policy.spec.eos_token_id, policy.spec.pad_token_id
-    configs: dict = {"AR generate": None,
-                     "block static 1 tok/step": SamplingParams(temperature=0, max_tokens=max_tokens,
-                                                               remasking="low_confidence_static")}
-    for t in thresholds:
-        configs[f"block dynamic {t}"] = SamplingParams(temperature=0, max_tokens=max_tokens,
-                                                       remasking="low_confidence_dynamic", threshold=t)
-
-    calls = {"n": 0}  # batch forwards (model calls) of the current run
-    ar.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
-    policy_forward = policy.forward
-
-    def counted_forward(*args, **kwargs):
-        calls["n"] += 1
-        return policy_forward(*args, **kwargs)
-
-    policy.forward = counted_forward
-
-    def run(name):
-        calls["n"] = 0
-        samples = []
-        if configs[name] is None:
-            with torch.inference_mode():
-                for chunk in chunks:
-                    for ids in _hf_generate_batch(ar, [prompts[i] for i in chunk], max_tokens, pad, eos):
-                        text = tok.decode([t for t in ids if t != eos], skip_special_tokens=True)
-                        samples.append(Sample(text, len(ids), len(ids), len(ids), "eos" if eos in ids else "length"))
-            return samples
-        engine = TorchEngine(policy, max_batch_size=batch)
-        for chunk in chunks:
-            for traj in engine.generate([GenerationRequest(prompts[i], configs[name], seed=i) for i in chunk]):
-                text = tok.decode(traj.response_ids[:traj.valid_length].tolist(), skip_special_tokens=True)
-                samples.append(Sample(text, traj.valid_length, traj.response_length, traj.nfe, traj.finish_reason))
-        return samples
-
-    best, out, forwards = {name: float("inf") for name in configs}, {}, {}
-    for rep in range(repeats):  # interleaved, so background load hits every configuration alike
-        _log(f"P3T round {rep + 1}/{repeats}")
-        for name in configs:
-            samples, seconds = _timed(lambda: run(name))
-            best[name] = min(best[name], seconds)
-            out[name], forwards[name] = samples, calls["n"]
-    # AR sanity: left padding in a batch of 16 must not change a prompt's greedy answer.
-    with torch.inference_mode():
-        alone = [_hf_generate_batch(ar, [prompts[i]], max_tokens, pad, eos)[0] for i in range(min(16, len(prompts)))]
-    results = {"items": len(prompts), "batch": batch, "max_tokens": max_tokens,
-               "ar_batch_equals_alone": sum(tok.decode([t for t in a if t != eos], skip_special_tokens=True) == s.text
-                                            for a, s in zip(alone, out["AR generate"])) / len(alone),
-               "sft": {"block4": json.loads((block_dir / "sft.json").read_text()).get("train_wall_s"),
-                       "ar": json.loads((ar_dir / "ar_sft.json").read_text()).get("train_wall_s")}}
-    for name, samples in out.items():
-        scores = score_samples(evalset, [[s] for s in samples])
-        correct = sum(r[0]["reason"].split(":", 1)[0].strip() == "correct" for r in scores)
-        tokens = sum(s.tokens for s in samples)  # answer + EOS
-        decoded = sum(s.decoded for s in samples)  # whole blocks for block decoding
-        nfe = sum(s.nfe for s in samples)
-        results[name] = {"seconds": best[name], "accuracy": correct / len(samples), "tokens_per_s": tokens / best[name],
-                         "tokens_per_forward": decoded / nfe, "answer_tokens_per_forward": tokens / nfe,
-                         "mean_answer_tokens": tokens / len(samples), "batch_forwards": forwards[name],
-                         "ms_per_batch_forward": 1000 * best[name] / forwards[name]}
-    ar_s = best["AR generate"]
-    for name in configs:
-        if name != "AR generate":
-            results[name]["speedup_vs_AR"] = ar_s / best[name]
-            results[name]["tokens_per_s_vs_AR"] = results[name]["tokens_per_s"] / results["AR generate"]["tokens_per_s"]
     return results
 
 
@@ -459,8 +232,8 @@ def bench_full_caches(model_dir: Path, batch: int, prompt_len: int, gen: int, bl
     requests = _requests(batch, prompt_len, params)
     out, results = {}, {}
     for mode in ("none", "prefix", "dual"):
-        _log(f"F1 full attention, kv_cache={mode}")
-        out[mode], seconds = _timed(lambda: TorchEngine(policy, kv_cache=mode).generate(requests), repeats)
+        log(f"F1 full attention, kv_cache={mode}")
+        out[mode], seconds = timed(lambda: TorchEngine(policy, kv_cache=mode).generate(requests), repeats)
         results[f"{mode} tok/s"] = _tokens(out[mode]) / seconds
     for mode in ("prefix", "dual"):
         same = sum(int((a.response_ids == b.response_ids).sum()) for a, b in zip(out["none"], out[mode]))
@@ -521,8 +294,8 @@ def main() -> None:
         warm = SamplingParams(temperature=0, max_tokens=8, stop_at_eos=False)
         TorchEngine(policy).generate(_requests(2, 8, warm))
         if "P6" in only:
-            _log("P6 matmul peak")
-            _wait_quiet()
+            log("P6 matmul peak")
+            wait_quiet()
             figures["matmul_peak_gflop_s"] = matmul_peak(seconds=1.0 if args.quick else 3.0)
         if "P1" in only or "P6" in only:
             figures["P1"] = bench_p1(policy, batch, prompt_len, gen, samples, args.quick, repeats)
