@@ -35,6 +35,7 @@ from launch.driver_setup import (RunContext, create_placement_group, host, place
                                  write_run_status)
 from launch.local_ray import ray_session
 from launch.metrics import MetricsLogger, plot_curves, reward_summary, rewind_metrics, summary_line
+from rewards.result import reason_category
 from rl.advantages import advantage_estimator, near_length_limit
 from rl.checkpoint import Checkpoint, capture_rng, restore_rng, save_checkpoint
 from rl.masking import sample_seed
@@ -225,7 +226,7 @@ class Driver:
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
         reasons: dict[str, int] = {}
         for s in samples:
-            category = s.reason.split(":", 1)[0]
+            category = reason_category(s.reason)
             reasons[category] = reasons.get(category, 0) + 1
         lengths = torch.tensor([float(s.trajectory.valid_length) for s in samples])
         return {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std(unbiased=False)),

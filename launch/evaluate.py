@@ -39,6 +39,7 @@ from pydantic import Field, field_validator
 from launch.evaluate_data import EvalItem, EvalSet, load_eval_set
 from launch.recipe import ModelSection, Recipe, RewardSection, RolloutSection
 from launch.recipe_sections import Section
+from rewards.result import reason_category
 from rl.atomic_io import atomic_write
 from rl.passk import avg_at_n, mean_pass_at_k
 
@@ -259,7 +260,7 @@ def score_samples(evalset: EvalSet, samples: list[list[Sample]], *, reward: Sequ
 
 
 def _correct(result: dict) -> bool:
-    return result["reason"].split(":", 1)[0].strip() == "correct"
+    return reason_category(result["reason"]) == "correct"
 
 
 def evaluate(evalset: EvalSet, responder: Responder, *, n: int = 1,
@@ -280,7 +281,7 @@ def evaluate(evalset: EvalSet, responder: Responder, *, n: int = 1,
         correct = [_correct(r) for r in item_scores]
         counts.append(sum(correct))
         for r in item_scores:
-            category = r["reason"].split(":", 1)[0].strip()
+            category = reason_category(r["reason"])
             reasons[category] = reasons.get(category, 0) + 1
         reference = item.reference if item.kind != "code" else None  # code tests are long: see the data file
         rows.append({"id": item.id, "prompt": item.prompt, "reference": reference,

@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from rewards.result import reason_category
+
 log = logging.getLogger(__name__)
 
 __all__ = ["MetricsLogger", "read_metrics", "plot_curves", "closing_summary", "moving_average", "reward_summary",
@@ -59,7 +61,7 @@ def reward_summary(results: Iterable[Mapping[str, Any]]) -> dict[str, float | in
             name = f"reward/{key}/score" if "/" not in key else f"reward/{key}"
             sums[name] = sums.get(name, 0.0) + float(value)
             counts[name] = counts.get(name, 0) + 1
-    errors = sum(str(r.get("reason", "")).split(":", 1)[0].strip() == "error" for r in results)
+    errors = sum(reason_category(str(r.get("reason", ""))) == "error" for r in results)
     return {"reward/errors": errors, **{k: sums[k] / counts[k] for k in sorted(sums)}}
 
 
