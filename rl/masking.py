@@ -345,11 +345,16 @@ def exact_elbo_weights(length: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def draw_masks(name: str, lengths: Sequence[int], keys: Sequence[str | int | bytes], *, base_seed: int,
-               inner_iter: int = 0, stream: str = "", **options: Any) -> list[MaskDraw]:
+               inner_iter: int = 0, stream: str = "", sample_options: Sequence[dict] | None = None,
+               **options: Any) -> list[MaskDraw]:
     """Sampler `name` applied to each sample with its own generator: sample i's draw depends only on
-    (base_seed, keys[i], inner_iter, stream, lengths[i], options), never on the batch."""
+    (base_seed, keys[i], inner_iter, stream, lengths[i], options, sample_options[i]), never on the batch.
+    `sample_options` adds per-sample arguments (a prompt length, a block offset)."""
     if len(lengths) != len(keys):
         raise ValueError(f"draw_masks: {len(lengths)} lengths but {len(keys)} keys")
+    if sample_options is not None and len(sample_options) != len(keys):
+        raise ValueError(f"draw_masks: {len(sample_options)} sample_options but {len(keys)} keys")
     sampler = MASK_SAMPLERS.get(name)
-    return [sampler(n, sample_generator(base_seed, key, inner_iter, stream), **options)
-            for n, key in zip(lengths, keys)]
+    extra = sample_options if sample_options is not None else [{}] * len(keys)
+    return [sampler(n, sample_generator(base_seed, key, inner_iter, stream), **options, **more)
+            for n, key, more in zip(lengths, keys, extra)]

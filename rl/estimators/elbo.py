@@ -159,11 +159,9 @@ def _per_sample(sampler_name, policy, inp, seed, inner_iter, options, temperatur
                 sample_options) -> Estimate:
     """A sampler that needs per-sample arguments (prompt length, block offset): `sample_options(b)` adds them to
     sample b's draw, which still comes from its own generator (common random numbers whatever the batch)."""
-    from rl.masking import MASK_SAMPLERS, sample_generator
-
-    sampler = MASK_SAMPLERS.get(sampler_name)
-    draws = [sampler(inp.length(b), sample_generator(seed, inp.sample_keys[b], inner_iter),
-                     **options, **sample_options(b)) for b in range(len(inp))]
+    lengths = [inp.length(b) for b in range(len(inp))]
+    draws = draw_masks(sampler_name, lengths, inp.sample_keys, base_seed=seed, inner_iter=inner_iter,
+                       sample_options=[sample_options(b) for b in range(len(inp))], **options)
     return score_draws(policy, inp, draws, temperature=temperature, return_entropy=return_entropy,
                        return_hidden=return_hidden)
 
