@@ -1,4 +1,4 @@
-"""The rollout engine interface (generate / update_weights / release) and its torch implementation.
+"""The rollout engine interface (generate / update_weights / sleep / wake) and its torch implementation.
 
 A `RolloutEngine` turns `GenerationRequest`s (token ids, sampling params, a seed each) into `Trajectory`s, takes
 new weights in buckets with a version, and can give its memory back between rollouts. `TorchEngine` runs the
@@ -10,6 +10,14 @@ through `update_weights_from_tensor`) and be added to `make_engine`. It waits un
 its diffusion path returns token ids only, with no per-token log-probs, no step map (which step unmasked each
 token, needed by the trajectory estimator) and argmax sampling only (no temperature, so no group diversity), while
 a Trajectory must carry all three.
+
+Memory: TorchEngine sizes the rows it decodes at once from `memory_budget` (rollout/memory.py): each row holds
+a KV cache slot of (longest prompt + canvas + one block) columns x kv_bytes_per_token bytes, so at most
+budget // slot rows decode together (and never more than max_batch_size); the others wait and, with cached block
+decoding, take the slot of a row that finishes (continuous batching). The other decoders run batches of that
+many rows. A budget that holds no row at all is an error naming rollout.memory_budget. `memory_metrics()` says
+how full the cache was. Between rollouts `sleep()` frees the weights (to host memory from an accelerator, to a
+temporary file on CPU) and `wake()` restores them bitwise; generate and update_weights wake a sleeping engine.
 
 Bad input never fails a batch: each request that cannot be decoded comes back as a Trajectory whose
 finish_reason is "error: <one line>" and whose response is empty; the others decode normally.
@@ -24,8 +32,10 @@ from typing import Callable
 
 import torch
 
-from rollout.decoding import decode
+from rollout.decoding import cache_columns, decode
+from rollout.decoding.kv_cache import CacheUsage, kv_bytes_per_token
 from rollout.decoding.state import Row, check_request, error_trajectory
+from rollout.memory import WeightSleep, format_bytes, parse_memory_budget
 from rollout.sampling import GenerationRequest, SamplingParams
 from rollout.trajectory import Trajectory
 from rollout.weight_format import SyncStats
@@ -38,7 +48,7 @@ DEFAULT_BUCKET_BYTES = 256 * 1024 * 1024
 
 
 class RolloutEngine(abc.ABC):
-    """generate(requests) -> trajectories; update_weights(weights, version); release()."""
+    """generate(requests) -> trajectories; update_weights(weights, version); sleep() / wake(); release()."""
 
     policy_version: int = 0
 
@@ -58,6 +68,19 @@ class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     def release(self) -> None:
         """Free memory held for generation (device caches, offloaded weights); the next generate restores it."""
+
+    def sleep(self) -> int:
+        """Give the rollout's memory to a colocated learner (weights offloaded or freed, caches freed); returns the
+        bytes freed where known (0 otherwise). The default is release()."""
+        self.release()
+        return 0
+
+    def wake(self) -> None:
+        """Undo sleep(), so that decoding is bitwise what it was before (generate also wakes a sleeping engine)."""
+
+    def memory_metrics(self) -> dict[str, float]:
+        """How full the engine's memory was during the last generate (rollout/ metric names); {} if unknown."""
+        return {}
 
 
 def iter_buckets(weights, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Iterator[dict[str, torch.Tensor]]:
@@ -100,10 +123,12 @@ class TorchEngine(RolloutEngine):
 
     kv_cache: "auto" (cached block decoding for block models, exact no-cache decoding for full attention),
     "none" (uncached reference), "block" (cached block decoding), "prefix" / "dual" (Fast-dLLM, full attention).
+    memory_budget: None (batches of max_batch_size), a fraction of free memory or bytes (module docstring).
     """
 
     def __init__(self, policy, *, kv_cache: str = "auto", max_batch_size: int = 64, progress: bool = False,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, memory_budget: float | int | str | None = None,
+                 spill_dir: str | Path | None = None):
         if max_batch_size < 1:
             raise ValueError(f"engine.max_batch_size must be >= 1, got {max_batch_size}")
         self.policy = policy
@@ -112,6 +137,9 @@ class TorchEngine(RolloutEngine):
             raise ValueError(f"engine.kv_cache: {self.kv_cache!r} needs a transformers-native model; a checkpoint "
                              "with its own modelling code decodes with kv_cache='none'")
         self.max_batch_size = max_batch_size
+        self.memory_budget = parse_memory_budget(memory_budget)
+        self._weights = WeightSleep(policy.model, spill_dir)
+        self._memory: dict[str, float] = {}
         self.progress = progress
         self.bucket_bytes = bucket_bytes
         self.policy_version = 0
@@ -141,7 +169,7 @@ class TorchEngine(RolloutEngine):
 
     # --------------------------------------------------------------------------------------------- generate
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Trajectory]:
-        self._restore()
+        self.wake()
         spec = self.policy.spec
         results: list[Trajectory | None] = [None] * len(requests)
         valid: list[int] = []
@@ -155,22 +183,45 @@ class TorchEngine(RolloutEngine):
         bar = _progress_bar(total, self.progress)
         # Same canvas length together (full attention needs it), short prompts together (less padding).
         valid.sort(key=lambda i: (requests[i].sampling.max_tokens, requests[i].prompt_ids.numel()))
+        rows = [Row(i, requests[i], spec, self._device) for i in valid]
+        usage = CacheUsage()
+        budget = self.memory_budget.resolve(self._device) if self.memory_budget is not None and rows else 0
+        row_bytes = kv_bytes_per_token(self.policy.causal_lm.config, self.policy.dtype) * cache_columns(spec, rows)
+        slots = self._slots(budget, row_bytes) if rows else 0
+        continuous = self.kv_cache == "block"  # rows that finish hand their slot over to waiting rows
         try:
-            for group in _groups(valid, requests, self.max_batch_size, same_length=not spec.is_block):
-                rows = [Row(i, requests[i], spec, self._device) for i in group]
+            for group in ([rows] if continuous and rows else
+                          _groups(rows, slots, same_length=not spec.is_block)):
+                if self.kv_cache == "none":  # no cache: what is in use is the rows of each batch
+                    usage.record(len(group))
                 with torch.inference_mode():
-                    decode(self.policy, rows, self.kv_cache, on_step=bar.update if bar else None)
-                for row in rows:
+                    decode(self.policy, group, self.kv_cache, on_step=bar.update if bar else None,
+                           slots=slots if continuous else None, usage=usage)
+                for row in group:
                     results[row.index] = row.trajectory(self.policy_version, self.kv_cache)
         finally:
             if bar is not None:
                 bar.close()
+        self._memory = _memory_metrics(usage, budget, row_bytes, slots)
         return results  # type: ignore[return-value]
+
+    def _slots(self, budget: int, row_bytes: int) -> int:
+        """Rows decoding at once: max_batch_size, fewer when the memory budget holds fewer cache slots."""
+        if self.memory_budget is None:
+            return self.max_batch_size
+        if budget < row_bytes:
+            raise ValueError(f"rollout.memory_budget: {self.memory_budget.describe()} = {format_bytes(budget)} "
+                             f"holds no request (one needs {format_bytes(row_bytes)} of KV cache)")
+        return min(self.max_batch_size, budget // row_bytes)
+
+    def memory_metrics(self) -> dict[str, float]:
+        return dict(self._memory)
 
     # --------------------------------------------------------------------------------------------- weights
     def update_weights(self, weights, version: int, *, final: bool = True, strict: bool = True) -> None:
         """Apply weights in the wire format of rollout/weight_format.py (full tensors, row slices, LoRA triples)
         with a WeightReceiver kept for the engine's life (it holds the pristine base LoRA deltas merge onto)."""
+        self.wake()
         if self._receiver is None:
             self._receiver = WeightReceiver(self.policy.causal_lm)
         self._receiver.apply(iter_entries(weights), version)
@@ -180,15 +231,24 @@ class TorchEngine(RolloutEngine):
 
     # --------------------------------------------------------------------------------------------- memory
     def release(self) -> None:
-        """Generation keeps no state between calls; on an accelerator the weights move to host memory."""
-        if self._device.type != "cpu":
-            self.policy.model.to("cpu")
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        """Generation keeps no state between calls (the KV cache lives for one generate): release = sleep."""
+        self.sleep()
 
-    def _restore(self) -> None:
-        if self.policy.device != self._device:
-            self.policy.model.to(self._device)
+    def sleep(self) -> int:
+        """Free the weights (accelerator: to host memory; CPU: to a temporary file) and the allocator's cached
+        blocks; returns the bytes freed. The KV cache is already gone (it lives for one generate call)."""
+        return self._weights.sleep()
+
+    def wake(self) -> None:
+        self._weights.wake()
+
+    @property
+    def asleep(self) -> bool:
+        return self._weights.asleep
+
+    def resident_weight_bytes(self) -> int:
+        """Bytes the policy's weights hold on their device now (0 while asleep)."""
+        return self._weights.resident_bytes()
 
 
 def make_engine(name: str, model_dir: str | Path, **options) -> RolloutEngine:
@@ -212,16 +272,28 @@ def _resolve_cache(spec, kv_cache: str) -> str:
     return kv_cache
 
 
-def _groups(indices: list[int], requests, size: int, same_length: bool) -> Iterator[list[int]]:
-    group: list[int] = []
-    for i in indices:
-        if group and (len(group) == size or (same_length and requests[i].sampling.max_tokens
-                                             != requests[group[0]].sampling.max_tokens)):
+def _groups(rows: list[Row], size: int, same_length: bool) -> Iterator[list[Row]]:
+    group: list[Row] = []
+    for row in rows:
+        if group and (len(group) == size or (same_length and row.params.max_tokens != group[0].params.max_tokens)):
             yield group
             group = []
-        group.append(i)
+        group.append(row)
     if group:
         yield group
+
+
+def _memory_metrics(usage: CacheUsage, budget: int, row_bytes: int, slots: int) -> dict[str, float]:
+    """rollout/cache_*: rows in use per forward (peak, mean), what their slots hold in bytes and as a fraction of
+    the budget (of the allocated cache when there is no budget), and the cache allocated."""
+    whole = budget or usage.allocated_bytes
+    fill = (lambda rows: rows * row_bytes / whole) if whole else (lambda rows: 0.0)
+    return {"rollout/memory_budget_bytes": float(budget), "rollout/cache_slots": float(slots),
+            "rollout/cache_allocated_bytes": float(usage.allocated_bytes),
+            "rollout/cache_rows_peak": float(usage.peak_rows), "rollout/cache_rows_mean": usage.mean_rows,
+            "rollout/cache_bytes_peak": float(usage.peak_rows * row_bytes),
+            "rollout/cache_bytes_mean": usage.mean_rows * row_bytes,
+            "rollout/cache_fill_peak": fill(usage.peak_rows), "rollout/cache_fill_mean": fill(usage.mean_rows)}
 
 
 def _progress_bar(total: int, enabled: bool) -> Callable | None:

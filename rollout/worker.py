@@ -27,7 +27,7 @@ class RolloutWorker:
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Trajectory]:
         start = time.perf_counter()
         trajectories = self.engine.generate(list(requests))
-        self._metrics = rollout_metrics(trajectories, time.perf_counter() - start)
+        self._metrics = rollout_metrics(trajectories, time.perf_counter() - start, self.engine.memory_metrics())
         return trajectories
 
     def update_weights(self, weights, version: int, *, final: bool = True) -> int:
@@ -37,6 +37,13 @@ class RolloutWorker:
     def release(self) -> None:
         self.engine.release()
 
+    def sleep(self) -> int:
+        """Free the engine's weights and caches for a colocated learner's update; returns the bytes freed."""
+        return self.engine.sleep()
+
+    def wake(self) -> None:
+        self.engine.wake()
+
     def policy_version(self) -> int:
         return self.engine.policy_version
 
@@ -45,8 +52,9 @@ class RolloutWorker:
         return dict(self._metrics)
 
 
-def rollout_metrics(trajectories: Sequence[Trajectory], seconds: float) -> dict:
-    """tokens/s, NFE, tokens per forward (per request: its tokens over the forwards it took), finish reasons."""
+def rollout_metrics(trajectories: Sequence[Trajectory], seconds: float, memory: dict | None = None) -> dict:
+    """tokens/s, NFE, tokens per forward (per request: its tokens over the forwards it took), finish reasons, and
+    the engine's `memory_metrics()` (how full its KV cache was)."""
     done = [t for t in trajectories if not t.finish_reason.startswith("error")]
     tokens = sum(t.response_length for t in done)
     metrics = {
@@ -61,12 +69,16 @@ def rollout_metrics(trajectories: Sequence[Trajectory], seconds: float) -> dict:
     }
     reasons = Counter("error" if t.finish_reason.startswith("error") else t.finish_reason for t in trajectories)
     metrics.update({f"rollout/finish/{reason}": count for reason, count in sorted(reasons.items())})
+    metrics.update(memory or {})
     return metrics
 
 
 # Per-request means among rollout_metrics: merged across workers weighted by each worker's completed requests;
-# every other rollout metric is a count, a duration or a rate of parallel workers, merged by summing.
+# each worker's cache fill (a fraction of its own budget): the peak is the fullest worker's, the mean the workers'
+# mean; every other rollout metric is a count, bytes, a duration or a rate of parallel workers, merged by summing.
 PER_REQUEST_MEANS = ("rollout/nfe_mean", "rollout/tokens_per_forward")
+PER_WORKER_MAX = ("rollout/cache_fill_peak",)
+PER_WORKER_MEANS = ("rollout/cache_fill_mean",)
 
 
 def merge_rollout_metrics(per_worker: Sequence[dict]) -> dict[str, float]:
@@ -74,11 +86,17 @@ def merge_rollout_metrics(per_worker: Sequence[dict]) -> dict[str, float]:
     out: dict[str, float] = {}
     for m in per_worker:
         for key, value in m.items():
+            if key in PER_WORKER_MAX:
+                out[key] = max(out.get(key, 0.0), float(value))
+                continue
             weight = float(m.get("rollout/completed", 1)) if key in PER_REQUEST_MEANS else 1.0
             out[key] = out.get(key, 0.0) + weight * float(value)
     completed = sum(float(m.get("rollout/completed", 1)) for m in per_worker)
     for key in PER_REQUEST_MEANS:
         if key in out:
             out[key] = out[key] / completed if completed else 0.0
+    for key in PER_WORKER_MEANS:
+        if key in out:
+            out[key] = out[key] / sum(1 for m in per_worker if key in m)
     return out
 

@@ -12,42 +12,60 @@ One forward per denoising step, over only the tokens that change:
 - rows advance independently (dynamic remasking finishes blocks at different steps): the cache keeps one committed
   length per row and the mask says which columns each row sees (see kv_cache.py). When some row needs a commit and
   others do not, the others' query slots are padded;
-- a request that stops (EOS block or budget) leaves the batch at once, so no compute is spent on it.
+- a request that stops (EOS block or budget) leaves the batch at once, so no compute is spent on it, and its
+  cache slot goes to the next waiting request (continuous batching: `slots` rows decode at once, the cache holds
+  exactly that many; a newcomer's prompt is prefilled into its slot by a forward of its own while the others
+  wait mid-decoding, and rows never interact, so a request's tokens do not depend on who shares its batch).
 Logits are computed only at each row's still-masked positions.
 """
 from __future__ import annotations
 
+from collections import deque
 from typing import Callable
 
 import torch
 
-from rollout.decoding.kv_cache import RaggedKVCache
+from rollout.decoding import cache_columns
+from rollout.decoding.kv_cache import CacheUsage, RaggedKVCache, compaction_moves
 from rollout.decoding.state import BlockView, Row, denoise_rows, forward_at, share_state
 from rollout.models.masks import PAD_BLOCK, attention_bias
 
 
-def decode_blocks_cached(policy, rows: list[Row], on_step: Callable[[int], None] | None = None) -> None:
-    """Decode `rows` in place (each row ends with a finish_reason)."""
+def decode_blocks_cached(policy, rows: list[Row], on_step: Callable[[int], None] | None = None,
+                         slots: int | None = None, usage: CacheUsage | None = None) -> None:
+    """Decode `rows` in place (each row ends with a finish_reason). `slots`: rows decoding at once, the cache's
+    row slots (default: all rows). The others wait, in order, and are admitted as rows finish: a forward of their
+    own prefills them into the free slots (their first denoising step), then they decode with the rest.
+    `usage` records how full the cache was (kv_cache.CacheUsage)."""
     spec = policy.spec
     bs, device = spec.block_size, policy.device
     share_state(rows)
+    # One layout for every row, whatever its batch: prompts left-padded to the longest origin of the call.
     width_prompt = max(r.origin for r in rows)
-    capacity = width_prompt + max(r.params.max_tokens for r in rows) + bs
-    cache = RaggedKVCache.for_model(policy.causal_lm.config, len(rows), capacity, policy.dtype, device)
-    key_block = torch.full((len(rows), capacity), PAD_BLOCK, dtype=torch.long, device=device)
-    key_valid = torch.zeros((len(rows), capacity), dtype=torch.bool, device=device)
-    cache_len = [0] * len(rows)
-    pending = [False] * len(rows)  # row's previous block is complete but its clean KV is not in the cache yet
-    first = True
-    while rows:
-        view = BlockView(rows)
-        if first:
-            batch = _prefill_slots(rows, width_prompt, spec, device)
+    capacity = cache_columns(spec, rows)  # width_prompt + longest canvas + one block
+    slots = len(rows) if slots is None else min(slots, len(rows))
+    if slots < 1:
+        raise ValueError(f"decode_blocks_cached: slots must be >= 1, got {slots}")
+    cache = RaggedKVCache.for_model(policy.causal_lm.config, slots, capacity, policy.dtype, device, usage)
+    block_buf = torch.full((slots, capacity), PAD_BLOCK, dtype=torch.long, device=device)
+    valid_buf = torch.zeros((slots, capacity), dtype=torch.bool, device=device)
+    waiting = deque(rows)
+    rows, cache_len, pending = [], [], []  # rows in slots [0, len(rows)); pending: clean KV of the last block due
+    while rows or waiting:
+        if waiting and len(rows) < slots:  # admission: prefill waiting rows into the free slots (their first step)
+            lo, fwd = len(rows), _admit(waiting, slots - len(rows), block_buf, valid_buf, len(rows))
+            rows, cache_len, pending = rows + fwd, cache_len + [0] * len(fwd), pending + [False] * len(fwd)
+            view = BlockView(fwd)
+            batch = _prefill_slots(fwd, width_prompt, spec, device)
         else:
+            lo, fwd = 0, rows
+            view = BlockView(rows)
             batch = _step_slots(rows, view, pending, spec, device)
+        hi = lo + len(fwd)
+        key_block, key_valid = block_buf[lo:hi], valid_buf[lo:hi]  # views: commits below write the buffers
         width = batch.ids.shape[1]
-        offsets = torch.tensor(cache_len, device=device)
-        view_len = cache.prepare(offsets, width)
+        offsets = torch.tensor(cache_len[lo:hi], device=device)
+        view_len = cache.prepare(offsets, width, rows=(lo, hi))
         # Keys this forward sees: the committed columns plus its own slots written at each row's offset.
         cols = offsets[:, None] + torch.arange(width, device=device)
         k_block = key_block[:, :view_len].clone().scatter_(1, cols, batch.block)
@@ -61,27 +79,44 @@ def decode_blocks_cached(policy, rows: list[Row], on_step: Callable[[int], None]
             kept = torch.zeros_like(k_valid).scatter_(1, cols, torch.arange(width, device=device) < commit[:, None])
             key_block[:, :view_len] = torch.where(kept, k_block, key_block[:, :view_len])
             key_valid[:, :view_len] = torch.where(kept, k_valid, key_valid[:, :view_len])
-            cache_len = [n + c for n, c in zip(cache_len, batch.commit)]
-        first = False
-        unmasked = denoise_rows(rows, logits, view)
+            cache_len[lo:hi] = [n + c for n, c in zip(cache_len[lo:hi], batch.commit)]
+        unmasked = denoise_rows(fwd, logits, view)
         done, has_eos = view.status()
-        for i, row in enumerate(rows):
+        for i, row in enumerate(fwd):
             row.nfe += 1
-            pending[i] = False
+            pending[lo + i] = False
             if done[i] and not row.finish_if_done(has_eos[i]):
                 row.next_block()
-                pending[i] = True
+                pending[lo + i] = True
         if on_step is not None:
             on_step(unmasked)
-        keep = [i for i, r in enumerate(rows) if r.finish_reason is None]
-        if len(keep) < len(rows):
-            if keep:
-                index = torch.tensor(keep, device=device)
-                cache.select_rows(index)
-                key_block, key_valid = key_block[index], key_valid[index]
-            rows = [rows[i] for i in keep]
-            cache_len = [cache_len[i] for i in keep]
-            pending = [pending[i] for i in keep]
+        rows, cache_len, pending = _evict(rows, cache_len, pending, cache, block_buf, valid_buf)
+
+
+def _admit(waiting: deque, free: int, block_buf: torch.Tensor, valid_buf: torch.Tensor, lo: int) -> list[Row]:
+    """Take up to `free` waiting rows for slots lo, lo+1, ...; forget those slots' previous keys (their stale KV
+    stays in the cache, finite and masked out)."""
+    new = [waiting.popleft() for _ in range(min(free, len(waiting)))]
+    block_buf[lo:lo + len(new)] = PAD_BLOCK
+    valid_buf[lo:lo + len(new)] = False
+    return new
+
+
+def _evict(rows: list[Row], cache_len: list[int], pending: list[bool], cache: RaggedKVCache,
+           block_buf: torch.Tensor, valid_buf: torch.Tensor) -> tuple[list[Row], list[int], list[bool]]:
+    """Finished rows leave at once: survivors from the end of the slots in use move into their slots, in place
+    (the columns in use only, one row of one layer at a time), so rows in use stay slots [0, n)."""
+    keep = [i for i, r in enumerate(rows) if r.finish_reason is None]
+    if len(keep) == len(rows):
+        return rows, cache_len, pending
+    moves, order = compaction_moves(keep)
+    if moves:
+        columns = max(cache_len[src] for src, _ in moves)
+        cache.move_rows(moves, columns)
+        for src, dst in moves:
+            block_buf[dst].copy_(block_buf[src])
+            valid_buf[dst].copy_(valid_buf[src])
+    return [rows[i] for i in order], [cache_len[i] for i in order], [pending[i] for i in order]
 
 
 class _Batch:

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from rollout.decoding.kv_cache import RaggedKVCache
+from rollout.decoding.kv_cache import CacheUsage, RaggedKVCache
 from rollout.decoding.state import BlockView, Row, denoise_rows, forward_at
 from rollout.models.masks import attention_bias
 
@@ -28,8 +28,9 @@ CACHE_MODES = ("none", "prefix", "dual")
 
 
 def decode_full(policy, rows: list[Row], cache_mode: str = "none",
-                on_step: Callable[[int], None] | None = None) -> None:
-    """Decode `rows` (all with the same max_tokens) to the end of the canvas, in place."""
+                on_step: Callable[[int], None] | None = None, usage: CacheUsage | None = None) -> None:
+    """Decode `rows` (all with the same max_tokens) to the end of the canvas, in place. Rows finish together (at
+    the canvas end), so the cache (prefix/dual) holds exactly len(rows) slots; `usage` records its fill."""
     if cache_mode not in CACHE_MODES:
         raise ValueError(f"kv_cache: unknown full-attention cache mode {cache_mode!r} (expected {CACHE_MODES})")
     lengths = {r.params.max_tokens for r in rows}
@@ -52,7 +53,8 @@ def decode_full(policy, rows: list[Row], cache_mode: str = "none",
     full_bias = attention_bias(pos, pos, valid, full=True)
     cache = None
     if cache_mode != "none":
-        cache = RaggedKVCache.for_model(policy.causal_lm.config, len(rows), width, policy.dtype, device)
+        cache = RaggedKVCache.for_model(policy.causal_lm.config, len(rows), width, policy.dtype, device,
+                                        usage)
     for block in range(length // bs):
         start = width_prompt + block * bs  # canvas column of the block's first token
         window = {"none": (0, width), "prefix": (start - shift, width), "dual": (start - shift, start + bs)}
