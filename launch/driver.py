@@ -171,9 +171,18 @@ class Driver:
             kept = [s for s in kept if s.policy_version >= step - 1]
             self.counters["dropped_stale"] += len(stale)
         learner_metrics: dict[str, float] = {}
+        # Colocated (sync mode): the rollout side sleeps through the update, its memory the learner's meanwhile.
+        asleep = bool(kept) and self.recipe.resources.placement == "colocated" and self.recipe.trainer.mode == "sync"
+        freed = None
         with _timed(timings, "learner"):
-            if kept:
-                learner_metrics = self.learner.update(kept)
+            if asleep:
+                freed = self.rollout.sleep()
+            try:
+                if kept:
+                    learner_metrics = self.learner.update(kept)
+            finally:
+                if asleep:
+                    self.rollout.wake()
         if not kept:
             self.counters["empty_steps"] += 1
         elif learner_metrics.get("optimizer_steps", 1) == 0 and learner_metrics.get("nan_skipped", 0) > 0:
@@ -184,6 +193,8 @@ class Driver:
         # 7. Metrics, checkpoint, evaluation.
         metrics = dict(batch.metrics)
         metrics.update({f"learner/{k}": v for k, v in learner_metrics.items()})
+        if freed is not None:
+            metrics["rollout/sleep_freed_bytes"] = freed
         metrics.update({f"time/{k}_s": v for k, v in timings.items()})
         metrics.update({"version": step, "rollout/version": batch.version,
                         "rollout/staleness": step - 1 - batch.version,

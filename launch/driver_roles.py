@@ -43,6 +43,10 @@ def engine_options(recipe: Recipe) -> dict[str, Any]:
                "max_batch_size": recipe.rollout.batch_size, "kind": recipe.model.declared_kind,
                "block_size": decode_block(recipe), "dtype": _dtype(recipe),
                "trust_remote_code": recipe.model.trust_remote_code}
+    if recipe.rollout.memory_budget is not None:
+        if recipe.rollout.engine != "torch":
+            raise ValueError("rollout.memory_budget: sizes the torch engine's KV cache (vLLM sizes its own)")
+        options["memory_budget"] = recipe.rollout.memory_budget
     if recipe.model.block_alignment is not None:  # else the checkpoint's own (its diffrl.json, or its kind's)
         options["block_alignment"] = recipe.model.block_alignment
     return options
@@ -244,6 +248,17 @@ class RolloutPool:
                 if time.monotonic() > deadline:
                     raise SetupError(f"rollout worker {i}: not back {timeout_s:.0f}s after dying") from None
                 time.sleep(0.5)
+
+    def sleep(self) -> int:
+        """Every worker frees its weights and caches (colocated learner update); returns the bytes freed."""
+        import ray
+
+        return sum(ray.get([w.sleep.remote() for w in self.workers]))
+
+    def wake(self) -> None:
+        import ray
+
+        ray.get([w.wake.remote() for w in self.workers])
 
     def metrics(self) -> dict[str, float]:
         import ray

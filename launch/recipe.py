@@ -105,8 +105,21 @@ class RolloutSection(Section):
     eoser: EoserSection | None = None
     ass: bool = False  # CJ-GRPO's ascending step-size schedule: log2(max_tokens) steps
     num_workers: int = Field(1, ge=1)  # RolloutWorker actors
-    batch_size: int = Field(16, ge=1)  # requests decoded together by one worker
+    batch_size: int = Field(16, ge=1)  # requests decoded together by one worker (at most)
     engine: Literal["torch", "vllm"] = "torch"  # SGLang: a documented seam, not an engine (README)
+    # KV cache memory per worker: a fraction of the memory free at generate time (0.9; on CPU of MemAvailable) or
+    # a size ("24GiB"); fewer rows than batch_size then decode at once (rollout/memory_budget.py). None: no limit.
+    memory_budget: float | str | None = None
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _memory_budget(cls, value):
+        from rollout.memory_budget import parse_memory_budget
+
+        if isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError(f"{value} is ambiguous: write a fraction (0.9) or a size ('24GiB')")
+        parse_memory_budget(value, field="memory_budget")
+        return value
 
 
 # ------------------------------------------------------------------------------------------- reward and data

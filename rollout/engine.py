@@ -11,7 +11,7 @@ its diffusion path returns token ids only, with no per-token log-probs, no step 
 token, needed by the trajectory estimator) and argmax sampling only (no temperature, so no group diversity), while
 a Trajectory must carry all three.
 
-Memory: TorchEngine sizes the rows it decodes at once from `memory_budget` (rollout/memory.py): each row holds
+Memory: TorchEngine sizes the rows it decodes at once from `memory_budget` (rollout/memory_budget.py): each row holds
 a KV cache slot of (longest prompt + canvas + one block) columns x kv_bytes_per_token bytes, so at most
 budget // slot rows decode together (and never more than max_batch_size); the others wait and, with cached block
 decoding, take the slot of a row that finishes (continuous batching). The other decoders run batches of that
@@ -35,7 +35,8 @@ import torch
 from rollout.decoding import cache_columns, decode
 from rollout.decoding.kv_cache import CacheUsage, kv_bytes_per_token
 from rollout.decoding.state import Row, check_request, error_trajectory
-from rollout.memory import WeightSleep, format_bytes, parse_memory_budget
+from rollout.memory_budget import format_bytes, parse_memory_budget
+from rollout.sleep import WeightSleep
 from rollout.sampling import GenerationRequest, SamplingParams
 from rollout.trajectory import Trajectory
 from rollout.weight_format import SyncStats

@@ -217,3 +217,8 @@ class VLLMEngine(RolloutEngine):
         if self._sleep_mode and not self._asleep:
             self.llm.sleep(level=1)
             self._asleep = True
+
+    def wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False

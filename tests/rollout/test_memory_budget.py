@@ -11,7 +11,8 @@ from rollout.decoding import cache_columns
 from rollout.decoding.kv_cache import RaggedKVCache, compaction_moves, kv_bytes_per_token
 from rollout.decoding.state import Row
 from rollout.engine import TorchEngine
-from rollout.memory import WeightSleep, parse_memory_budget
+from rollout.memory_budget import parse_memory_budget
+from rollout.sleep import WeightSleep
 from rollout.models.policy import DiffusionPolicy
 from rollout.sampling import GenerationRequest, SamplingParams
 from rollout.worker import merge_rollout_metrics
@@ -221,3 +222,27 @@ def test_sleep_returns_host_memory_measured_by_rss(tmp_path):
     sleeper.wake()
     assert torch.equal(module.weight, weight) and tied[1].weight is module.weight
     assert tied[1].weight.data_ptr() == module.weight.data_ptr()
+
+
+def test_worker_reports_cache_fill_and_sleeps(tiny_model_dirs):
+    from rollout.worker import RolloutWorker
+
+    worker = RolloutWorker(tiny_model_dirs["block"], kv_cache="block", memory_budget="64KiB")
+    params = SamplingParams(temperature=1.0, max_tokens=8)
+    worker.generate([GenerationRequest(torch.arange(10, 13 + i), params, seed=i) for i in range(4)])
+    m = worker.metrics()
+    assert m["rollout/memory_budget_bytes"] == 64 * 1024 and m["rollout/cache_rows_peak"] >= 1
+    assert 0 < m["rollout/cache_fill_mean"] <= m["rollout/cache_fill_peak"] <= 1
+    assert worker.sleep() > 0 and worker.engine.resident_weight_bytes() == 0
+    worker.wake()
+    assert worker.engine.resident_weight_bytes() > 0
+
+
+def test_recipe_memory_budget_field():
+    from launch.recipe import RolloutSection
+
+    assert RolloutSection(memory_budget="24GiB").memory_budget == "24GiB"
+    assert RolloutSection(memory_budget=0.9).memory_budget == 0.9
+    for bad, message in ((3, "ambiguous"), (1.5, "fraction must lie in"), ("lots", "not a size")):
+        with pytest.raises(ValueError, match=message):
+            RolloutSection(memory_budget=bad)
