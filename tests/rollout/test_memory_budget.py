@@ -73,6 +73,7 @@ def _assert_same(a, b):
 @pytest.mark.parametrize("params,eos_bonus", [
     ({"temperature": 1.0, "remasking": "low_confidence_dynamic", "top_k": 20}, 1.5),
     ({"temperature": 0.0, "remasking": "low_confidence_static", "steps_per_block": 2}, 0.6),
+    ({"temperature": 0.8, "remasking": "random"}, 1.5),  # the remasking choice draws from each row's generator
 ])
 def test_block_engine_under_a_small_budget_admits_as_rows_finish_with_the_same_tokens(tiny_policies, monkeypatch,
                                                                                       params, eos_bonus):
