@@ -14,13 +14,18 @@ from types import SimpleNamespace
 
 import torch
 
-from rollout.decoding.kv_cache import RaggedKVCache, compaction_moves, kv_bytes_per_token
+from rollout.decoding.kv_cache import (
+    RaggedKVCache,
+    compaction_moves,
+    kv_bytes_per_token,
+)
 
 
 def _status(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 

@@ -36,8 +36,8 @@ from rollout.decoding import cache_columns, decode
 from rollout.decoding.kv_cache import CacheUsage, kv_bytes_per_token
 from rollout.decoding.state import Row, check_request, error_trajectory
 from rollout.memory_budget import format_bytes, parse_memory_budget
-from rollout.sleep import WeightSleep
 from rollout.sampling import GenerationRequest, SamplingParams
+from rollout.sleep import WeightSleep
 from rollout.trajectory import Trajectory
 from rollout.weight_format import SyncStats
 from rollout.weight_receiver import WeightReceiver
@@ -128,7 +128,7 @@ class TorchEngine(RolloutEngine):
     """
 
     def __init__(self, policy, *, kv_cache: str = "auto", max_batch_size: int = 64, progress: bool = False,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, memory_budget: float | int | str | None = None,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, memory_budget: float | str | None = None,
                  spill_dir: str | Path | None = None):
         if max_batch_size < 1:
             raise ValueError(f"engine.max_batch_size must be >= 1, got {max_batch_size}")

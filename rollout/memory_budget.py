@@ -4,7 +4,7 @@ Memory budget (recipe `rollout.memory_budget`, engine option `memory_budget`): h
 one generate call may take, as
 - a fraction in (0, 1] of the memory free when generate starts: on an accelerator what
   `torch.cuda.mem_get_info()` reports free on its device (after the weights and anything a colocated learner
-  holds); on CPU the host's `MemAvailable` (/proc/meminfo), the memory the kernel can give without swapping;
+  holds) plus what torch's caching allocator holds unused in this process; on CPU the host's `MemAvailable` (/proc/meminfo), the memory the kernel can give without swapping;
 - or bytes: an int, or a string "512MiB", "2GiB", "1.5GB" (binary and decimal units).
 Activations of a forward are not counted (they are freed layer by layer and are small next to the cache at long
 contexts): leave headroom.
@@ -68,7 +68,9 @@ def free_memory(device) -> int:
 
     device = torch.device(device)
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        # Blocks torch's caching allocator holds unused (e.g. the last rollout's cache) are free to this process.
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0] + cached)
     if device.type != "cpu":
         raise ValueError(f"rollout.memory_budget: a fraction needs the free memory of {device.type}, which is not "
                          "measured here; give bytes (e.g. '8GiB')")

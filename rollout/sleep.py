@@ -53,7 +53,7 @@ class WeightSleep:
             return 0
         groups = _tensors_by_storage(self.module)
         if any(storage.device.type == "cpu" for storage, _ in groups):
-            self._file = tempfile.TemporaryFile(dir=self.spill_dir)
+            self._file = tempfile.TemporaryFile(dir=self.spill_dir)  # noqa: SIM115 (open until wake)
         freed = 0
         with torch.no_grad():
             for storage, tensors in groups:

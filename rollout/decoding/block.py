@@ -37,8 +37,7 @@ def decode_blocks_cached(policy, rows: list[Row], on_step: Callable[[int], None]
     row slots (default: all rows). The others wait, in order, and are admitted as rows finish: a forward of their
     own prefills them into the free slots (their first denoising step), then they decode with the rest.
     `usage` records how full the cache was (kv_cache.CacheUsage)."""
-    spec = policy.spec
-    bs, device = spec.block_size, policy.device
+    spec, device = policy.spec, policy.device
     share_state(rows)
     # One layout for every row, whatever its batch: prompts left-padded to the longest origin of the call.
     width_prompt = max(r.origin for r in rows)

@@ -8,13 +8,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import rollout.decoding.block as block_decoding
 from rollout.decoding import cache_columns
-from rollout.decoding.kv_cache import RaggedKVCache, compaction_moves, kv_bytes_per_token
+from rollout.decoding.kv_cache import (
+    RaggedKVCache,
+    compaction_moves,
+    kv_bytes_per_token,
+)
 from rollout.decoding.state import Row
 from rollout.engine import TorchEngine
 from rollout.memory_budget import parse_memory_budget
-from rollout.sleep import WeightSleep
 from rollout.models.policy import DiffusionPolicy
 from rollout.sampling import GenerationRequest, SamplingParams
+from rollout.sleep import WeightSleep
 from rollout.worker import merge_rollout_metrics
 
 
@@ -203,9 +207,10 @@ def test_engine_sleep_frees_the_weights_and_wake_decodes_bitwise_the_same(tiny_m
 
 
 def _rss_bytes() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
 
 
