@@ -251,14 +251,25 @@ class RolloutPool:
 
     def sleep(self) -> int:
         """Every worker frees its weights and caches (colocated learner update); returns the bytes freed."""
-        import ray
-
-        return sum(ray.get([w.sleep.remote() for w in self.workers]))
+        return sum(self._each("sleep"))
 
     def wake(self) -> None:
-        import ray
+        self._each("wake")
 
-        ray.get([w.wake.remote() for w in self.workers])
+    def _each(self, method: str) -> list:
+        """Call `method` on every worker; one that died meanwhile is left to Ray's restart (it comes back awake with
+        the initial weights, and the next step's sync, due after every update, brings it to the version)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        refs = [getattr(w, method).remote() for w in self.workers]
+        out = []
+        for i, ref in enumerate(refs):
+            try:
+                out.append(ray.get(ref))
+            except RayActorError as err:
+                log.warning("rollout worker %d died during %s (%s); Ray restarts it", i, method, type(err).__name__)
+        return [x for x in out if x is not None]
 
     def metrics(self) -> dict[str, float]:
         import ray
