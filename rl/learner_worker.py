@@ -75,13 +75,13 @@ class LearnerWorker:
     def placement(self) -> dict[str, object]:
         """Where this rank computes: the chosen device and the devices of the policy, the reference model and the
         value model (trunk and head) as built."""
-        from rollout.devices import tensor_devices
+        from rollout.devices import assigned_gpu_ids, tensor_devices
 
         ln = self.learner
         ref = ln.ref_policy.model if ln.ref_policy is not None else None
         value = [m for m in (ln.value_head, ln.value_policy.model if ln.value_policy is not None else None)
                  if m is not None]
-        return {"device": str(self.device), "policy": tensor_devices(ln.policy.model),
+        return {"device": str(self.device), "gpu_ids": assigned_gpu_ids(), "policy": tensor_devices(ln.policy.model),
                 "dtype": str(ln.policy.dtype).removeprefix("torch."),
                 "reference": tensor_devices(ref) if ref is not None else None,
                 "value": tensor_devices(*value) if value else None}

@@ -57,9 +57,9 @@ class RolloutWorker:
         """Where this worker computes: the chosen device, the devices of the engine's weights and of a KV cache
         made the way the decoders make theirs (RaggedKVCache.for_model on the policy's device)."""
         from rollout.decoding.kv_cache import RaggedKVCache
-        from rollout.devices import tensor_devices
+        from rollout.devices import assigned_gpu_ids, tensor_devices
 
-        report: dict[str, object] = {"device": str(self.device)}
+        report: dict[str, object] = {"device": str(self.device), "gpu_ids": assigned_gpu_ids()}
         policy = getattr(self.engine, "policy", None)
         if policy is not None:  # the torch engine
             cache = RaggedKVCache.for_model(policy.causal_lm.config, 1, 1, policy.dtype, policy.device)
