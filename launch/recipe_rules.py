@@ -260,7 +260,8 @@ def _backend(r: Recipe) -> str | None:
 
 def _offload(r: Recipe) -> str | None:
     if r.learner.offload_optimizer and r.learner.backend != "deepspeed":
-        return "learner.offload_optimizer: optimizer offload is DeepSpeed's ZeRO-Offload; set learner.backend: deepspeed"
+        return ("learner.offload_optimizer: optimizer offload is DeepSpeed's ZeRO-Offload; "
+                "set learner.backend: deepspeed")
     return None
 
 

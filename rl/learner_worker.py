@@ -59,13 +59,14 @@ class LearnerWorker:
 
     def setup(self, master_addr: str, port: int) -> int:
         """Join the process group (when world_size > 1 or DeepSpeed) and build the Learner; returns the rank."""
-        if self.world_size > 1 or self.config.backend == "deepspeed":
-            from rl.learner_backend import init_distributed
-
-            init_distributed(self.rank, self.world_size, port, master_addr)
         from rollout.devices import actor_device
 
         self.device = actor_device(self.requested_device)
+        if self.world_size > 1 or self.config.backend == "deepspeed":
+            from rl.learner_backend import init_distributed
+
+            init_distributed(self.rank, self.world_size, port, master_addr,
+                             backend="nccl" if self.device.type == "cuda" else "gloo")
         policy = self.policy_fn(device=self.device)
         ref = self.ref_fn(device=self.device) if self.ref_fn else None
         value = self.value_fn(device=self.device) if self.value_fn else None
@@ -81,7 +82,8 @@ class LearnerWorker:
         ref = ln.ref_policy.model if ln.ref_policy is not None else None
         value = [m for m in (ln.value_head, ln.value_policy.model if ln.value_policy is not None else None)
                  if m is not None]
-        return {"device": str(self.device), "gpu_ids": assigned_gpu_ids(), "policy": tensor_devices(ln.policy.model),
+        return {"device": str(self.device), "gpu_ids": assigned_gpu_ids(),
+                "policy": tensor_devices(ln.policy.model),
                 "dtype": str(ln.policy.dtype).removeprefix("torch."),
                 "reference": tensor_devices(ref) if ref is not None else None,
                 "value": tensor_devices(*value) if value else None}
