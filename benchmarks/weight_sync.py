@@ -26,11 +26,11 @@ from functools import partial
 
 
 
-def lora_policy(path: str, r: int):
+def lora_policy(path: str, r: int, device="cpu"):
     from rollout.models.loading import load_policy
     from rollout.models.lora import apply_lora
 
-    return apply_lora(load_policy(path), r=r, alpha=2 * r)
+    return apply_lora(load_policy(path, device=device), r=r, alpha=2 * r)
 
 
 def main() -> None:

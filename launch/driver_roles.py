@@ -39,16 +39,20 @@ def _dtype(recipe: Recipe) -> torch.dtype:
 
 
 def engine_options(recipe: Recipe) -> dict[str, Any]:
+    """RolloutWorker's keyword options. `device` is the recipe's request ("auto" | "cpu" | "cuda"): the worker
+    resolves it inside its actor (rollout.devices.actor_device), where Ray's GPU assignment is known."""
     options = {"engine": recipe.rollout.engine, "kv_cache": recipe.rollout.cache,
                "max_batch_size": recipe.rollout.batch_size, "kind": recipe.model.declared_kind,
                "block_size": decode_block(recipe), "dtype": _dtype(recipe),
-               "trust_remote_code": recipe.model.trust_remote_code}
+               "trust_remote_code": recipe.model.trust_remote_code, "device": recipe.resources.device}
     if recipe.rollout.memory_budget is not None:
         if recipe.rollout.engine != "torch":
             raise ValueError("rollout.memory_budget: sizes the torch engine's KV cache (vLLM sizes its own)")
         options["memory_budget"] = recipe.rollout.memory_budget
     if recipe.model.block_alignment is not None:  # else the checkpoint's own (its diffrl.json, or its kind's)
         options["block_alignment"] = recipe.model.block_alignment
+    if recipe.model.attn_implementation is not None:
+        options["attn_implementation"] = recipe.model.attn_implementation
     return options
 
 
@@ -77,21 +81,22 @@ def learner_config(recipe: Recipe):
         estimator_params=recipe.estimator.params(), reseed_per_inner=reseed,
         temperature=recipe.rollout.temperature or 1.0,  # greedy rollouts record untempered log-probs
         optim=optim, grad_clip=ln.grad_clip or None, micro_batch_size=ln.micro_batch_size, grad_accum=ln.grad_accum,
-        mu=ln.mu, reference_model=ln.reference_model, bf16=ln.bf16,
+        mu=ln.mu, reference_model=ln.reference_model, bf16=ln.bf16, offload_optimizer=ln.offload_optimizer,
         gradient_checkpointing=recipe.model.gradient_checkpointing, value=value, backend=ln.backend,
         **({"zero_stage": ln.zero_stage} if ln.zero_stage is not None else {}), seed=recipe.seed,
         old_logp="rollout" if recipe.trainer.off_policy == "behaviour" else "recompute")
 
 
 def load_learner_policy(path: str, kind: str | None, block_size: int | None, dtype: str, trust_remote_code: bool,
-                        lora: dict | None, device: str | None = None, seed: int | None = None,
-                        block_alignment: str | None = None):
-    """Module-level (picklable) policy factory run inside each learner actor."""
+                        lora: dict | None, device: str | torch.device = "cpu", seed: int | None = None,
+                        block_alignment: str | None = None, attn_implementation: str | None = None):
+    """Module-level (picklable) policy factory run inside each learner actor; the LearnerWorker passes the device
+    it resolved (rollout.devices.actor_device)."""
     from rollout.models.loading import load_policy
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     policy = load_policy(path, kind=kind, block_size=block_size, dtype=getattr(torch, dtype), device=device,
-                         trust_remote_code=trust_remote_code, block_alignment=block_alignment)
+                         trust_remote_code=trust_remote_code, block_alignment=block_alignment,
+                         attn_implementation=attn_implementation)
     if lora is not None:
         from rollout.models.lora import apply_lora
 
@@ -104,7 +109,8 @@ def _policy_fn(recipe: Recipe, path) -> partial:
     lora = recipe.model.lora.model_dump() if recipe.model.lora is not None else None
     return partial(load_learner_policy, str(path), recipe.model.declared_kind, decode_block(recipe),
                    recipe.model.dtype, recipe.model.trust_remote_code, lora, seed=recipe.seed,
-                   block_alignment=recipe.model.block_alignment)
+                   block_alignment=recipe.model.block_alignment,
+                   attn_implementation=recipe.model.attn_implementation)
 
 
 def _strategy(group, bundle: int):
@@ -131,7 +137,7 @@ def make_learner(recipe: Recipe, group, plan: PlacementPlan, *, start_policy_dir
     options = [{"scheduling_strategy": _strategy(group, b)} for b in plan.learner_bundles]
     return LearnerGroup(_policy_fn(recipe, policy_dir), config, num_workers=len(plan.learner_bundles),
                         ref_fn=ref_fn, value_fn=value_fn, num_cpus_per_worker=res["num_cpus"],
-                        num_gpus_per_worker=res["num_gpus"], actor_options=options)
+                        num_gpus_per_worker=res["num_gpus"], actor_options=options, device=recipe.resources.device)
 
 
 # ---------------------------------------------------------------------------------------------------- rewards

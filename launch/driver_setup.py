@@ -203,7 +203,12 @@ def _check_rewards(recipe: Recipe, sample: Prompt, recipe_dir: Path | None) -> l
 @dataclass(frozen=True)
 class PlacementPlan:
     """One placement group; bundle index per actor. Colocated: rollout worker i and learner i share bundle i
-    (each takes half of its CPU/GPU); split: rollout bundles first, then learner bundles."""
+    (each takes half of its CPU/GPU); split: rollout bundles first, then learner bundles.
+
+    strategy: colocated runs are STRICT_PACK (every bundle on one node): the two sides take turns on the same GPUs
+    and learner rank 0 hands weights to every rollout worker on that node (CUDA IPC needs one node); a colocated run
+    larger than a node fails to place, with one line, instead of silently spreading. Split runs PACK (best effort):
+    learner ranks meet at rank 0's node address and weights travel over the network, so any node will do."""
 
     bundles: list[dict[str, float]]
     rollout_bundles: list[int]
@@ -222,7 +227,7 @@ def placement_plan(recipe: Recipe) -> PlacementPlan:
         n = max(n_roll, n_learn)
         share = {"num_cpus": cpu / 2, "num_gpus": gpu / 2}
         return PlacementPlan([dict(bundle) for _ in range(n)], list(range(n_roll)), list(range(n_learn)),
-                             share, share)
+                             share, share, strategy="STRICT_PACK")
     whole = {"num_cpus": cpu, "num_gpus": gpu}
     return PlacementPlan([dict(bundle) for _ in range(n_roll + n_learn)], list(range(n_roll)),
                          list(range(n_roll, n_roll + n_learn)), whole, whole)
@@ -237,8 +242,10 @@ def create_placement_group(plan: PlacementPlan, timeout_s: float = 120.0):
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:
         total = {k: sum(b.get(k, 0) for b in plan.bundles) for k in ("CPU", "GPU")}
+        where = " on one node (colocated placement)" if plan.strategy == "STRICT_PACK" else ""
         raise SetupError(f"resources: the cluster cannot place {len(plan.bundles)} bundles ({total['CPU']:g} CPU, "
-                         f"{total['GPU']:g} GPU) within {timeout_s:.0f}s; available: {ray.available_resources()}")
+                         f"{total['GPU']:g} GPU){where} within {timeout_s:.0f}s; available: "
+                         f"{ray.available_resources()}")
     return group
 
 

@@ -356,12 +356,15 @@ def run_eval(checkpoint, run: EvalRun, *, progress: bool = True) -> list[dict]:
     """
     import torch
 
+    from rollout.devices import default_dtype
     from rollout.models.loading import load_policy
 
     model = run.model
     if isinstance(checkpoint, (str, Path)):
+        dtype = model.dtype or default_dtype(on_accelerator=run.device != "cpu")
         policy = load_policy(checkpoint, kind=None if model.kind == "auto" else model.kind,
-                             block_size=model.block_size, dtype=getattr(torch, model.dtype), device=run.device,
+                             block_size=model.block_size, dtype=getattr(torch, dtype), device=run.device,
+                             attn_implementation=model.attn_implementation,
                              trust_remote_code=model.trust_remote_code, block_alignment=model.block_alignment)
     else:
         policy = checkpoint

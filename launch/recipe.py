@@ -67,7 +67,11 @@ class ModelSection(Section):
     # the kind's: "absolute" (from the sequence start) for sdar, as SDAR/TraDo were trained and decode; "response"
     # (from the response start) for diffrl's block models. Used by decoding and the training layout alike.
     block_alignment: Literal["absolute", "response"] | None = None
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] | None = None  # None -> bfloat16 on accelerators, float32 on CPU
+    # Attention kernel passed to from_pretrained; None: sdpa (a checkpoint with its own code: its own default).
+    # diffrl's masks are additive float 4D masks, which sdpa, eager and flex_attention honour; flash_attention_2
+    # takes padding masks only (rejected: recipe_rules._attention).
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] | None = None
     trust_remote_code: bool = False
     lora: LoraSection | None = None
     gradient_checkpointing: bool = False  # HF per-layer (activation) checkpointing in the learner, any backend
@@ -101,7 +105,9 @@ class RolloutSection(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(256, ge=1)
     samples_per_prompt: int | None = Field(None, ge=1)  # G; None -> the algorithm's published value, else 8
-    cache: Literal["none", "prefix", "dual", "block"] = "none"  # block: exact KV, block-causal only; prefix/dual: Fast-dLLM
+    # block: exact KV, block-causal only; prefix/dual: Fast-dLLM; auto: block for block-causal models, none for full
+    # attention (both exact). None -> auto on accelerators, none on CPU.
+    cache: Literal["auto", "none", "prefix", "dual", "block"] | None = None
     eoser: EoserSection | None = None
     ass: bool = False  # CJ-GRPO's ascending step-size schedule: log2(max_tokens) steps
     num_workers: int = Field(1, ge=1)  # RolloutWorker actors
@@ -186,11 +192,15 @@ class LearnerSection(Section):
     backend: Literal["torch", "deepspeed"] = "torch"
     zero_stage: Literal[2, 3] | None = None  # DeepSpeed ZeRO stage; None -> 2 with backend deepspeed (torch: unused)
     bf16: bool = False  # mixed precision in the learner
+    offload_optimizer: bool = False  # DeepSpeed ZeRO-Offload: optimizer state and step in host memory
     reference_model: bool | None = None  # None -> needed by the algorithm (beta > 0 with kl_reference "ref")
 
 
 class ResourcesSection(Section):
     gpus_per_worker: float = Field(1.0, ge=0)  # 0: CPU
+    # Where each actor computes (rollout/devices.py, chosen inside the actor): auto = the GPU Ray assigned it, else
+    # the CPU; cuda = a GPU or an error; cpu = the CPU even with GPUs reserved.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     placement: Literal["colocated", "split"] = "split"
     cpus_per_worker: int = Field(1, ge=1)
     reward_workers: int = Field(2, ge=1)  # reward worker processes at most (one CPU each while the cluster has them)

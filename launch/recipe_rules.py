@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from rl.published import ALGORITHM_DEFAULTS, GENERIC, needs_reference_model  # light: plain data
+from rollout.devices import check_request, default_dtype, uses_accelerator  # light: standard library at import
 from rollout.models.spec import default_spec_fields  # light: dataclasses only; the model layer's block defaults
 
 if TYPE_CHECKING:
@@ -48,6 +49,11 @@ def derived_defaults(r: Recipe) -> dict[str, Any]:
         fills["model"]["tiny_vocab"] = "small"
     if r.model.tiny is not None and r.model.kind == "auto":
         fills["model"]["kind"] = TINY_KINDS[r.model.tiny]
+    on_accelerator = uses_accelerator(r.resources.device, r.resources.gpus_per_worker)
+    if r.model.dtype is None:  # bf16 weights on GPUs (the torch learner keeps fp32 masters), fp32 on CPU as ever
+        fills["model"]["dtype"] = default_dtype(on_accelerator)
+    if r.rollout.cache is None:  # the exact cache on GPUs; CPU recipes keep the uncached default
+        fills["rollout"]["cache"] = "auto" if on_accelerator else "none"
     published = ALGORITHM_DEFAULTS[r.algorithm.name]
     for section in ("learner", "rollout"):
         current = getattr(r, section)
@@ -102,6 +108,13 @@ def _model_source(r: Recipe) -> str | None:
 def _tiny_kind(r: Recipe) -> str | None:
     if r.model.tiny and r.model.kind not in ("auto", TINY_KINDS[r.model.tiny]):
         return f"model.kind: {r.model.kind!r} contradicts model.tiny {r.model.tiny!r} ({TINY_KINDS[r.model.tiny]!r})"
+    return None
+
+
+def _attention(r: Recipe) -> str | None:
+    if r.model.attn_implementation == "flash_attention_2":
+        return ("model.attn_implementation: flash_attention_2 takes padding masks only, and diffrl's block-diffusion "
+                "attention needs its additive 4D masks; use sdpa, eager or flex_attention")
     return None
 
 
@@ -245,6 +258,22 @@ def _backend(r: Recipe) -> str | None:
     return None
 
 
+def _offload(r: Recipe) -> str | None:
+    if r.learner.offload_optimizer and r.learner.backend != "deepspeed":
+        return ("learner.offload_optimizer: optimizer offload is DeepSpeed's ZeRO-Offload; "
+                "set learner.backend: deepspeed")
+    return None
+
+
+def _device(r: Recipe) -> str | None:
+    res = r.resources
+    problem = check_request(res.device, res.gpus_per_worker)
+    if problem is None and res.device == "cpu" and res.gpus_per_worker > 0:
+        problem = (f"resources.device: 'cpu', but resources.gpus_per_worker {res.gpus_per_worker:g} reserves GPUs no "
+                   "actor would use; set resources.gpus_per_worker: 0")
+    return problem
+
+
 def _prompts_split(r: Recipe) -> str | None:
     n, workers = r.data.num_prompts_per_step, r.rollout.num_workers
     if n % workers:
@@ -290,9 +319,9 @@ def _ray(r: Recipe) -> str | None:
 
 
 CHECKS: tuple[Check, ...] = (
-    _model_source, _tiny_kind, _model_alignment, _model_block, _max_tokens_blocks, _steps, _threshold,
+    _model_source, _tiny_kind, _attention, _model_alignment, _model_block, _max_tokens_blocks, _steps, _threshold,
     _full_attention_decoding, _group_size, _estimator, _filter, _length_limit, _value_model, _reference_model,
-    _backend, _prompts_split, _data_source, _trainer, _behaviour_temperature, _ray,
+    _backend, _offload, _device, _prompts_split, _data_source, _trainer, _behaviour_temperature, _ray,
 )
 
 

@@ -131,7 +131,8 @@ class Learner:
             from rl.learner_backend import DeepSpeedBackend
 
             self.backend = DeepSpeedBackend(self.module, groups, config.optim, config.grad_clip,
-                                            zero_stage=config.zero_stage, bf16=config.bf16)
+                                            zero_stage=config.zero_stage, bf16=config.bf16,
+                                            offload_optimizer=config.offload_optimizer)
         else:
             raise ValueError(f"learner.backend: {config.backend!r} (torch | deepspeed)")
         self.updates = 0  # update() calls completed (the policy version after the initial one)

@@ -75,7 +75,7 @@ class TorchBackend:
 
 # ------------------------------------------------------------------------------------------- torch.distributed
 def free_port(host: str = "127.0.0.1") -> int:
-    """A currently free TCP port on the loopback interface (rank 0 picks it; the others are told)."""
+    """A currently free TCP port on `host`'s interface (rank 0 picks it on its node; the others are told)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
@@ -109,7 +109,7 @@ class DeepSpeedBackend:
     """ZeRO-2/3 data parallelism over the current torch.distributed group (init_distributed first)."""
 
     def __init__(self, module: torch.nn.Module, groups: list[dict], optim: OptimConfig, grad_clip: float | None,
-                 *, zero_stage: int = 2, bf16: bool = False):
+                 *, zero_stage: int = 2, bf16: bool = False, offload_optimizer: bool = False):
         import deepspeed
         import torch.distributed as dist
 
@@ -132,9 +132,15 @@ class DeepSpeedBackend:
             "zero_optimization": {"stage": zero_stage, "overlap_comm": False, "contiguous_gradients": False},
             "bf16": {"enabled": bool(bf16), "check_grad_overflow": True},
             "zero_allow_untested_optimizer": True,
+            # ZeRO-Offload: the optimizer state and step live in host memory; the step stays our AdamW (its lr
+            # schedule is ours), which DeepSpeed only allows with zero_force_ds_cpu_optimizer off.
+            **({"zero_force_ds_cpu_optimizer": False} if offload_optimizer else {}),
             "steps_per_print": 2**31 - 1,
             "wall_clock_breakdown": False,
         }
+        if offload_optimizer:
+            config["zero_optimization"]["offload_optimizer"] = {"device": "cpu",
+                                                                "pin_memory": torch.cuda.is_available()}
         optimizer = make_optimizer(groups, optim)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
         self.module = self.engine.module

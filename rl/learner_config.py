@@ -61,4 +61,5 @@ class LearnerConfig:
     entropy: bool = False  # compute per-token entropy (metric)
     backend: str = "torch"  # torch | deepspeed
     zero_stage: int = 2
+    offload_optimizer: bool = False  # deepspeed: ZeRO-Offload (optimizer state and step in host memory)
     seed: int = 0

@@ -7,8 +7,10 @@
                                                     # chunk (version, [(name, tensor), ...]), a bounded number in flight
     group.shutdown()
 
-Ranks join a torch.distributed group (gloo on CPU, nccl on GPU) at tcp://master_addr:port, the port picked free by
-rank 0 on its own machine; master_addr is 127.0.0.1 unless the driver names the rank-0 node's address (multi-node).
+Ranks join a torch.distributed group (gloo on CPU, nccl on GPU) at tcp://master_addr:port: rank 0 reports its
+node's address and a port free there (`rendezvous`), so ranks on other nodes reach it; a caller may name the address.
+Each rank resolves its device inside its actor (rollout.devices.actor_device: the GPU Ray assigned, else the CPU)
+and calls `policy_fn(device=...)` (and ref_fn / value_fn) with it.
 Every rank computes the same plan from the same batch and keeps only its share (rl.learner_batch), and the loss
 normalisers are all-reduced, so N ranks give the single-process update. Building blocks are passed as functions
 (`policy_fn`, `ref_fn`, `value_fn`) so each actor loads its own copy where it runs; nothing here imports Ray
@@ -30,10 +32,13 @@ class LearnerWorker:
     """One rank. Plain class: `LearnerGroup` turns it into a Ray actor; tests may drive it directly."""
 
     def __init__(self, rank: int, world_size: int, policy_fn: Callable, config: LearnerConfig, *,
-                 ref_fn: Callable | None = None, value_fn: Callable | None = None, num_threads: int | None = None):
+                 ref_fn: Callable | None = None, value_fn: Callable | None = None, num_threads: int | None = None,
+                 device: str = "auto"):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.rank, self.world_size = rank, world_size
+        self.requested_device = device  # resources.device; resolved in setup(), inside the actor
+        self.device: torch.device | None = None
         self.policy_fn, self.config, self.ref_fn, self.value_fn = policy_fn, config, ref_fn, value_fn
         self.learner: Learner | None = None
         self.last_sync: dict[str, float] = {}
@@ -43,17 +48,45 @@ class LearnerWorker:
 
         return free_port()
 
+    def rendezvous(self) -> tuple[str, int]:
+        """(this node's address as Ray knows it, a port free on it): where the other ranks meet rank 0."""
+        import ray
+
+        from rl.learner_backend import free_port
+
+        address = ray.util.get_node_ip_address()
+        return address, free_port(address)
+
     def setup(self, master_addr: str, port: int) -> int:
         """Join the process group (when world_size > 1 or DeepSpeed) and build the Learner; returns the rank."""
+        from rollout.devices import actor_device
+
+        self.device = actor_device(self.requested_device)
         if self.world_size > 1 or self.config.backend == "deepspeed":
             from rl.learner_backend import init_distributed
 
-            init_distributed(self.rank, self.world_size, port, master_addr)
-        policy = self.policy_fn()
-        ref = self.ref_fn() if self.ref_fn else None
-        value = self.value_fn() if self.value_fn else None
+            init_distributed(self.rank, self.world_size, port, master_addr,
+                             backend="nccl" if self.device.type == "cuda" else "gloo")
+        policy = self.policy_fn(device=self.device)
+        ref = self.ref_fn(device=self.device) if self.ref_fn else None
+        value = self.value_fn(device=self.device) if self.value_fn else None
         self.learner = Learner(policy, self.config, ref_policy=ref, value_policy=value)
         return self.rank
+
+    def placement(self) -> dict[str, object]:
+        """Where this rank computes: the chosen device and the devices of the policy, the reference model and the
+        value model (trunk and head) as built."""
+        from rollout.devices import assigned_gpu_ids, tensor_devices
+
+        ln = self.learner
+        ref = ln.ref_policy.model if ln.ref_policy is not None else None
+        value = [m for m in (ln.value_head, ln.value_policy.model if ln.value_policy is not None else None)
+                 if m is not None]
+        return {"device": str(self.device), "gpu_ids": assigned_gpu_ids(),
+                "policy": tensor_devices(ln.policy.model),
+                "dtype": str(ln.policy.dtype).removeprefix("torch."),
+                "reference": tensor_devices(ref) if ref is not None else None,
+                "value": tensor_devices(*value) if value else None}
 
     def update(self, samples) -> dict[str, float]:
         """Learner.update, plus (rank 0, which sends them) the sender-side figures of the last weight sync
@@ -118,9 +151,11 @@ class LearnerGroup:
 
     def __init__(self, policy_fn: Callable, config: LearnerConfig, *, num_workers: int = 1,
                  ref_fn: Callable | None = None, value_fn: Callable | None = None, num_cpus_per_worker: float = 1,
-                 num_gpus_per_worker: float = 0, master_addr: str = "127.0.0.1", setup_timeout_s: float = 600,
-                 actor_options: list[dict] | None = None):
-        """actor_options: extra Ray actor options per rank (e.g. the driver's placement-group scheduling)."""
+                 num_gpus_per_worker: float = 0, master_addr: str | None = None, setup_timeout_s: float = 600,
+                 actor_options: list[dict] | None = None, device: str = "auto"):
+        """actor_options: extra Ray actor options per rank (e.g. the driver's placement-group scheduling).
+        master_addr: None -> rank 0's node address (LearnerWorker.rendezvous). device: resources.device, resolved
+        by each rank in its actor."""
         import ray
 
         if num_workers < 1:
@@ -132,10 +167,15 @@ class LearnerGroup:
         self.workers = [
             actor.options(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker,
                           **(actor_options[rank] if actor_options else {})).remote(
-                rank, num_workers, policy_fn, config, ref_fn=ref_fn, value_fn=value_fn, num_threads=threads)
+                rank, num_workers, policy_fn, config, ref_fn=ref_fn, value_fn=value_fn, num_threads=threads,
+                device=device)
             for rank in range(num_workers)
         ]
-        port = ray.get(self.workers[0].free_port.remote())
+        if master_addr is None:
+            master_addr, port = ray.get(self.workers[0].rendezvous.remote())
+        else:
+            port = ray.get(self.workers[0].free_port.remote())
+        self.master_addr = master_addr
         ray.get([w.setup.remote(master_addr, port) for w in self.workers], timeout=setup_timeout_s)
         self.config = config
 
@@ -174,6 +214,12 @@ class LearnerGroup:
         import ray
 
         return ray.get([w.policy_state.remote() for w in self.workers])[0]
+
+    def placement(self) -> list[dict[str, object]]:
+        """Every rank's LearnerWorker.placement(), in rank order."""
+        import ray
+
+        return ray.get([w.placement.remote() for w in self.workers])
 
     def save_policy(self, out_dir: str) -> str:
         import ray

@@ -156,7 +156,7 @@ class TorchEngine(RolloutEngine):
     def from_dir(cls, path: str | Path, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype | str = torch.float32, kind: str | None = None, block_size: int | None = None,
                  block_alignment: str | None = None, trust_remote_code: bool = False,
-                 **options) -> "TorchEngine":
+                 attn_implementation: str | None = None, **options) -> "TorchEngine":
         from rollout.models.loading import load_policy
 
         if isinstance(dtype, str):  # recipes and Ray calls name the dtype ("bfloat16")
@@ -165,7 +165,8 @@ class TorchEngine(RolloutEngine):
             dtype = getattr(torch, dtype)
 
         policy = load_policy(path, kind=kind, block_size=block_size, block_alignment=block_alignment, dtype=dtype,
-                             device=device, trust_remote_code=trust_remote_code)
+                             device=device, trust_remote_code=trust_remote_code,
+                             attn_implementation=attn_implementation)
         return cls(policy, **options)
 
     # --------------------------------------------------------------------------------------------- generate

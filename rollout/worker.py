@@ -11,13 +11,22 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
+from rollout.devices import actor_device
 from rollout.engine import RolloutEngine, make_engine
 from rollout.sampling import GenerationRequest
 from rollout.trajectory import Trajectory
 
 
 class RolloutWorker:
-    def __init__(self, model_dir: str | Path, *, engine: str = "torch", progress: bool = False, **engine_options):
+    """device: the recipe's resources.device ("auto" | "cpu" | "cuda"), resolved here, inside the actor, by
+    rollout.devices.actor_device (the GPU Ray assigned, else the CPU); the torch engine loads its model there.
+    vLLM places itself on the GPU Ray assigned."""
+
+    def __init__(self, model_dir: str | Path, *, engine: str = "torch", progress: bool = False,
+                 device: str = "auto", **engine_options):
+        self.device = actor_device(device)
+        if engine == "torch":
+            engine_options["device"] = self.device
         self.engine: RolloutEngine = make_engine(engine, model_dir, progress=progress, **engine_options)
         self._metrics: dict = {}
 
@@ -50,6 +59,21 @@ class RolloutWorker:
     def metrics(self) -> dict:
         """Metrics of the last generate call."""
         return dict(self._metrics)
+
+    def placement(self) -> dict[str, object]:
+        """Where this worker computes: the chosen device, the devices of the engine's weights and of a KV cache
+        made the way the decoders make theirs (RaggedKVCache.for_model on the policy's device)."""
+        from rollout.decoding.kv_cache import RaggedKVCache
+        from rollout.devices import assigned_gpu_ids, tensor_devices
+
+        report: dict[str, object] = {"device": str(self.device), "gpu_ids": assigned_gpu_ids()}
+        policy = getattr(self.engine, "policy", None)
+        if policy is not None:  # the torch engine
+            cache = RaggedKVCache.for_model(policy.causal_lm.config, 1, 1, policy.dtype, policy.device)
+            report.update(model=tensor_devices(policy.model), dtype=str(policy.dtype).removeprefix("torch."),
+                          kv_cache=sorted({str(t.device) for t in cache.keys + cache.values}),
+                          kv_cache_mode=self.engine.kv_cache)
+        return report
 
 
 def rollout_metrics(trajectories: Sequence[Trajectory], seconds: float, memory: dict | None = None) -> dict:

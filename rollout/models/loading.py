@@ -108,14 +108,24 @@ def _load_tokenizer(path: Path, trust_remote_code: bool):
         raise ModelLoadError(f"{path}: tokenizer failed to load ({err.__class__.__name__}: {err})") from None
 
 
-def _build_model(path: Path, kind: str, config: dict, dtype: torch.dtype, trust_remote_code: bool):
+# Attention kernels that honour diffrl's additive float 4D masks (rollout/models/masks.py). flash_attention_2 takes
+# padding masks only: block-diffusion attention under it would be silently wrong, so it is refused.
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
+
+
+def _build_model(path: Path, kind: str, config: dict, dtype: torch.dtype, trust_remote_code: bool,
+                 attn_implementation: str | None = None):
     import transformers
 
+    if attn_implementation is not None and attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ModelLoadError(f"model.attn_implementation: {attn_implementation!r} cannot take diffrl's additive 4D "
+                             f"attention masks (one of {', '.join(ATTENTION_IMPLEMENTATIONS)})")
+    attn = attn_implementation or "sdpa"
     has_own_code = "auto_map" in config and kind in ("llada", "dream")
     try:
         if kind == "sdar":
             qwen3_config = transformers.Qwen3Config(**_qwen3_fields(config))
-            qwen3_config._attn_implementation = "sdpa"
+            qwen3_config._attn_implementation = attn
             return transformers.Qwen3ForCausalLM.from_pretrained(str(path), config=qwen3_config, dtype=dtype), False
         if has_own_code:
             if not trust_remote_code:
@@ -125,9 +135,10 @@ def _build_model(path: Path, kind: str, config: dict, dtype: torch.dtype, trust_
                 )
             auto = transformers.AutoModelForCausalLM if "AutoModelForCausalLM" in config["auto_map"] \
                 else transformers.AutoModel
-            return auto.from_pretrained(str(path), dtype=dtype, trust_remote_code=True), True
+            own = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+            return auto.from_pretrained(str(path), dtype=dtype, trust_remote_code=True, **own), True
         return transformers.AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype, attn_implementation="sdpa"
+            str(path), dtype=dtype, attn_implementation=attn
         ), False
     except (OSError, KeyError, RuntimeError) as err:
         raise ModelLoadError(f"{path}: weights failed to load ({err.__class__.__name__}: {err})") from None
@@ -142,11 +153,13 @@ def load_policy(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
 ) -> DiffusionPolicy:
     """Load a policy from a local directory; every failure is a one-line ModelLoadError naming the file.
 
     `block_size` / `block_alignment` override the checkpoint's (diffrl.json), else the kind's defaults: SDAR/TraDo
     checkpoints count blocks from the sequence start (`absolute`), diffrl's generic block models from the response.
+    `attn_implementation`: one of ATTENTION_IMPLEMENTATIONS (None: sdpa; a model with its own code: its default).
     """
     path = Path(path)
     if not path.is_dir():
@@ -179,7 +192,7 @@ def load_policy(
     vocab_size = int(config.get("vocab_size", 0))
     if vocab_size and spec.mask_token_id >= vocab_size:
         raise ModelLoadError(f"{path / 'config.json'}: mask token id {spec.mask_token_id} >= vocab_size {vocab_size}")
-    model, remote = _build_model(path, kind, config, dtype, trust_remote_code)
+    model, remote = _build_model(path, kind, config, dtype, trust_remote_code, attn_implementation)
     model.to(device)
     model.eval()
     source = {"format": kind, "config": config, "dir": str(path), "remote_code": remote}
