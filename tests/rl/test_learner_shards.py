@@ -110,3 +110,13 @@ def test_format_1_learner_pt_loads_into_one_torch_rank(tiny_model_dirs, tmp_path
         assert all(torch.equal(v, state_b["state"][i][k]) for k, v in s.items())
     with pytest.raises(CheckpointError, match="resumes only a one-rank torch learner, this run has 2"):
         load_legacy_state(b, tmp_path / "learner.pt", 2)
+
+
+def test_no_learner_group_call_returns_learner_state():
+    """The driver cannot fetch optimizer state: the group and its ranks offer no call that returns it (checkpoints go
+    through save_state, whose result test_deepspeed.py walks for tensors)."""
+    from rl.learner_worker import LearnerGroup, LearnerWorker
+
+    for cls in (LearnerGroup, LearnerWorker):
+        assert not hasattr(cls, "state_dict") and not hasattr(cls, "load_state_dict"), cls
+        assert hasattr(cls, "save_state") and hasattr(cls, "load_state")
