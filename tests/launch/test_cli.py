@@ -71,9 +71,10 @@ def _fake_run(tmp_path, tiny_model_dirs) -> Path:
     run = tmp_path / "run"
     recipe = load_recipe(RECIPE, [f"output_dir={run}"])
     policy = load_policy(tiny_model_dirs["block"])
-    save_checkpoint(run / "checkpoints", 2, writers={"policy": lambda d: save_policy(policy, d)},
+    save_checkpoint(run / "checkpoints", 2, writers={"policy": lambda d: save_policy(policy, d),
+                                                     "learner": lambda d: (d / "layout.json").write_text("{}")},
                     state={"version": 2, "data": {"position": 8}, "store": {"files": [], "rows": 0}},
-                    rng=capture_rng(), recipe_yaml=recipe.to_yaml(), learner_state={"format": 1})
+                    rng=capture_rng(), recipe_yaml=recipe.to_yaml())
     (run / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
     return run
 

@@ -46,17 +46,18 @@ def test_save_load_latest_and_keep_last(tmp_path):
     assert not list(root.glob(".tmp-*"))
 
 
-def test_failed_write_leaves_previous_checkpoint_intact(tmp_path):
+@pytest.mark.parametrize("failing, error", [("policy", OSError("disk full")), ("learner", KeyboardInterrupt())])
+def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, failing, error):
     root = tmp_path / "checkpoints"
     _save(root, 1)
 
-    def broken(folder):
-        (folder / "config.json").write_text("{}")
-        raise OSError("disk full")
+    def broken(folder):  # half written (a rank's shard is on disk), then a full disk or Ctrl-C
+        (folder / "rank_00000.pt").write_bytes(b"half")
+        raise error
 
-    with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(root, 2, writers={"policy": broken}, state={"data": {}, "store": {}}, rng=capture_rng(),
-                        recipe_yaml="")
+    writers = {"policy": _fake_policy, "learner": _fake_learner, failing: broken}
+    with pytest.raises(type(error)):
+        save_checkpoint(root, 2, writers=writers, state={"data": {}, "store": {}}, rng=capture_rng(), recipe_yaml="")
     assert [p.name for p in list_checkpoints(root)] == ["step_000001"]
     assert resolve_checkpoint(root).name == "step_000001"
     assert not list(root.glob(".tmp-*"))
