@@ -11,6 +11,7 @@ through the driver; the driver gets file entries (sizes, hashes) and the layout,
 
     files = save_rank_shard(learner, folder, rank, world_size)   # every rank -> its share of the file entries
     check_layout(folder, world_size=2, backend="deepspeed", zero_stage=3)   # the driver, before the ranks load
+    check_resumable(ckpt, world_size=2, backend="deepspeed", zero_stage=3)  # preflight, before Ray starts
     load_rank_shard(learner, folder, rank, world_size)           # every rank, into a freshly built learner
 
 Under DeepSpeed both calls are collective (every rank calls them together). A missing or unreadable shard, or a
@@ -104,6 +105,23 @@ def check_layout(folder: str | Path, *, world_size: int, backend: str, zero_stag
     return layout
 
 
+def check_resumable(ckpt, *, world_size: int, backend: str, zero_stage: int | None) -> None:
+    """Whether a learner of this shape can resume checkpoint `ckpt` (rl.checkpoint.Checkpoint), checked before any
+    learner is built: its shards' layout, or for a format-1 checkpoint's learner.pt a one-rank torch learner."""
+    if ckpt.learner_dir.is_dir():
+        check_layout(ckpt.learner_dir, world_size=world_size, backend=backend, zero_stage=zero_stage)
+    elif ckpt.legacy_learner_file is not None:
+        _check_legacy_fits(ckpt.legacy_learner_file, world_size, backend)
+    else:
+        raise CheckpointError(f"{ckpt.learner_dir}: missing (corrupt checkpoint)")
+
+
+def _check_legacy_fits(path: Path, world_size: int, backend: str) -> None:
+    if world_size != 1 or backend != "torch":
+        raise CheckpointError(f"{path}: learner state of an older diffrl (one file written by the driver); it "
+                              f"resumes only a one-rank torch learner, this run has {world_size} {backend} rank(s)")
+
+
 def _read_shard(path: Path, rank: int, world_size: int) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (corrupt checkpoint)")
@@ -143,10 +161,7 @@ def load_rank_shard(learner, folder: str | Path, rank: int, world_size: int) -> 
 def load_legacy_state(learner, path: str | Path, world_size: int) -> None:
     """A format-1 learner.pt (every rank's state, written by the driver): one-rank torch learners only."""
     path = Path(path)
-    if world_size != 1 or learner.config.backend != "torch":
-        raise CheckpointError(f"{path}: learner state of an older diffrl (one file written by the driver); it "
-                              f"resumes only a one-rank torch learner, this run has {world_size} "
-                              f"{learner.config.backend} rank(s)")
+    _check_legacy_fits(path, world_size, learner.config.backend)
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:

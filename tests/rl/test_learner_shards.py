@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rl.checkpoint import CheckpointError, WrittenFiles, capture_rng, load_checkpoint, save_checkpoint
+from rl.checkpoint import Checkpoint, CheckpointError, WrittenFiles, capture_rng, load_checkpoint, save_checkpoint
 from rl.learner import Learner, LearnerConfig
-from rl.learner_shards import check_layout, load_legacy_state, load_rank_shard, save_rank_shard
+from rl.learner_shards import check_layout, check_resumable, load_legacy_state, load_rank_shard, save_rank_shard
 from rl.optim import OptimConfig
 from rollout.models.loading import load_policy, save_policy
 
@@ -110,6 +110,13 @@ def test_format_1_learner_pt_loads_into_one_torch_rank(tiny_model_dirs, tmp_path
         assert all(torch.equal(v, state_b["state"][i][k]) for k, v in s.items())
     with pytest.raises(CheckpointError, match="resumes only a one-rank torch learner, this run has 2"):
         load_legacy_state(b, tmp_path / "learner.pt", 2)
+    ckpt = Checkpoint(tmp_path, 1, {}, {}, "")  # what preflight checks before Ray starts
+    check_resumable(ckpt, world_size=1, backend="torch", zero_stage=2)
+    with pytest.raises(CheckpointError, match="learner.pt: .* this run has 2 deepspeed rank"):
+        check_resumable(ckpt, world_size=2, backend="deepspeed", zero_stage=2)
+    (tmp_path / "learner.pt").unlink()
+    with pytest.raises(CheckpointError, match="learner: missing"):
+        check_resumable(ckpt, world_size=1, backend="torch", zero_stage=2)
 
 
 def test_no_learner_group_call_returns_learner_state():
