@@ -127,3 +127,26 @@ def test_no_learner_group_call_returns_learner_state():
     for cls in (LearnerGroup, LearnerWorker):
         assert not hasattr(cls, "state_dict") and not hasattr(cls, "load_state_dict"), cls
         assert hasattr(cls, "save_state") and hasattr(cls, "load_state")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_group_checkpoint_returns_entries_and_a_bad_shard_fails_in_one_line(local_ray, tiny_model_dirs, tmp_path):
+    """Through Ray (one torch rank): save_state hands back no tensor; a rank's unreadable shard reaches the caller
+    as that rank's one-line CheckpointError, not Ray's multi-line task error."""
+    from functools import partial
+
+    from rl.learner_worker import LearnerGroup
+
+    group = LearnerGroup(partial(load_policy, tiny_model_dirs["block"]), CONFIG)
+    try:
+        written = group.save_state(str(tmp_path / "learner"))
+        assert tensors_in(written) == [] and written.meta["backend"] == "torch"
+        shard = tmp_path / "learner" / "rank_00000.pt"
+        assert written.files["rank_00000.pt"]["size"] == shard.stat().st_size
+        shard.write_bytes(b"\0" * shard.stat().st_size)
+        with pytest.raises(CheckpointError, match="rank_00000.pt: unreadable learner shard") as info:
+            group.load_state(str(tmp_path / "learner"))
+        assert type(info.value) is CheckpointError and "\n" not in str(info.value)
+    finally:
+        group.shutdown()
