@@ -60,7 +60,8 @@ def _all_ranks_ok(ok: bool, world_size: int) -> bool:
 
     if world_size == 1 or not dist.is_initialized():
         return ok
-    flag = torch.tensor([int(ok)])
+    nccl = dist.get_backend() == "nccl"  # NCCL reduces device tensors only
+    flag = torch.tensor([int(ok)], device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
