@@ -389,10 +389,13 @@ class Driver:
         data = {**self.sampler.state_dict(), "position": data_position}
         state = {"version": step, "data": data, "store": ray.get(self.store.state_dict.remote()),
                  "counters": dict(self.counters)}
+        # The learner ranks write their own shards into the unpublished step directory; what comes back here is
+        # file entries for the manifest and the layout, never tensors.
+        writers = {"policy": lambda d: self.learner.save_policy(str(d)),
+                   "learner": lambda d: self.learner.save_state(str(d))}
         path = save_checkpoint(
-            self.ctx.checkpoints, step, writers={"policy": lambda d: self.learner.save_policy(str(d))}, state=state,
-            rng=capture_rng(), recipe_yaml=self.recipe.to_yaml(), learner_state=self.learner.state_dict(),
-            keep_last=self.recipe.trainer.keep_last)
+            self.ctx.checkpoints, step, writers=writers, state=state, rng=capture_rng(),
+            recipe_yaml=self.recipe.to_yaml(), keep_last=self.recipe.trainer.keep_last)
         self._last_saved = step
         write_run_status(self.ctx.run_dir, step=step, checkpoint=path.name)
         return path
@@ -404,10 +407,12 @@ class Driver:
 
         from rl.checkpoint import CheckpointError
 
-        state = ckpt.learner_state()
-        if state is None:
-            raise CheckpointError(f"{ckpt.path / 'learner.pt'}: missing (corrupt checkpoint)")
-        self.learner.load_state_dict(state)
+        if ckpt.learner_dir.is_dir():
+            self.learner.load_state(str(ckpt.learner_dir))  # each rank reads its own shard
+        elif ckpt.legacy_learner_file is not None:
+            self.learner.load_legacy_state(str(ckpt.legacy_learner_file))  # format 1: one torch rank only
+        else:
+            raise CheckpointError(f"{ckpt.learner_dir}: missing (corrupt checkpoint)")
         self.sampler.load_state_dict(ckpt.state["data"])
         ray.get(self.store.load_state_dict.remote(ckpt.state["store"]))
         restore_rng(ckpt.rng, {})

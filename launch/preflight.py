@@ -246,6 +246,11 @@ def check_run_inputs(recipe, resume=None) -> None:
         check_checkpoint_dir(recipe.model.path, where="model.path", trust_remote_code=recipe.model.trust_remote_code)
     if resume is not None:
         check_checkpoint_dir(resume.policy_dir, where="checkpoint", tokenizer=False)
+        from rl.learner_shards import check_resumable  # learner shards saved by as many ranks of the same kind
+
+        ln = recipe.learner
+        check_resumable(resume, world_size=ln.num_workers, backend=ln.backend,
+                        zero_stage=2 if ln.zero_stage is None else ln.zero_stage)
     value_model = getattr(recipe.algorithm, "value_model", None)
     if value_model is not None and value_model.path:
         check_checkpoint_dir(value_model.path, where="algorithm.value_model.path", tokenizer=False)

@@ -3,18 +3,26 @@
     runs/NAME/checkpoints/
         step_000004/
             policy/            HF directory (save_policy: safetensors, config, tokenizer; TraDo/SDAR format kept)
-            learner.pt         learner state: optimizer, lr-schedule counter, update counters, the value model (head
-                               and trunk) when the algorithm has one, the adapters when training LoRA (policy/ holds
-                               the merged weights; a LoRA run resumes on its initial policy plus these adapters)
-                               (torch.save; tensors and plain types)
+            learner/           one shard per learner rank, each written and read by its rank (rl.learner_shards;
+                               nothing of it passes through the driver): layout.json (world size, backend, ZeRO
+                               stage), rank_00000.pt ... (torch.save of the rank's Learner.state_dict(): update
+                               counters; with the torch backend also the optimizer, the value model and the LoRA
+                               adapters), and with DeepSpeed its own checkpoint of every rank (zero/: optimizer
+                               shard and fp32 masters per rank, module state). A LoRA run resumes on its initial
+                               policy plus the saved adapters (policy/ holds the merged weights).
             rng.json           RNG states: python, numpy, torch globals and every generator the caller names
             state.json         step, weight version, data cursor, store cursor, driver counters
             recipe.yaml        the validated recipe the run was started with
             manifest.json      written last: format, step, every file's size and the SHA-256 of the small ones
+                               (the learner ranks hash their own files and hand the driver only these entries)
         latest                 "step_000004": a pointer file, replaced atomically
 
     path = save_checkpoint(ckpt_root, step, writers={...}, state={...}, rng=..., recipe_yaml=..., keep_last=3)
     ckpt = load_checkpoint(resolve_checkpoint(run_dir))  # -> Checkpoint (validated against its manifest)
+
+Format 1 (before per-rank shards) kept every rank's learner state in one learner.pt that the driver wrote; it
+still loads (Checkpoint.legacy_learner_file) for a one-rank torch-backend learner (what CPU runs use); a DeepSpeed
+one gets a one-line CheckpointError (its optimizer layout was diffrl's own, replaced by DeepSpeed's checkpoint files).
 
 A checkpoint is assembled in a hidden temp directory and renamed into place in one step, so a crash leaves either
 the previous set of checkpoints or the new one, never half of one. A checkpoint that fails its manifest (missing or
@@ -30,7 +38,7 @@ import random
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -40,10 +48,11 @@ import torch
 from rl.atomic_io import atomic_write, fsync_path, replace_dir, stale_temporaries
 from rollout.errors import OneLineError
 
-__all__ = ["CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint", "resolve_checkpoint",
-           "list_checkpoints", "capture_rng", "restore_rng", "FORMAT"]
+__all__ = ["CheckpointError", "Checkpoint", "WrittenFiles", "save_checkpoint", "load_checkpoint",
+           "resolve_checkpoint", "list_checkpoints", "capture_rng", "restore_rng", "file_entry", "FORMAT"]
 
-FORMAT = 1
+FORMAT = 2  # 2: learner/ holds per-rank shards; 1: learner.pt written by the driver (still read, see above)
+READABLE_FORMATS = (1, 2)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _HASH_LIMIT = 64 * 1024 * 1024  # files up to this size are hashed; larger ones (weights) are checked by size
 
@@ -64,14 +73,26 @@ class Checkpoint:
     def policy_dir(self) -> Path:
         return self.path / "policy"
 
-    def learner_state(self, map_location: str = "cpu") -> dict[str, Any] | None:
+    @property
+    def learner_dir(self) -> Path:
+        """The learner ranks' shards (format 2); the ranks read it themselves."""
+        return self.path / "learner"
+
+    @property
+    def legacy_learner_file(self) -> Path | None:
+        """learner.pt of a format-1 checkpoint (the learner state the driver wrote), else None."""
         path = self.path / "learner.pt"
-        if not path.is_file():
-            return None
-        try:
-            return torch.load(path, map_location=map_location, weights_only=True)
-        except (RuntimeError, EOFError, OSError, ValueError) as err:
-            raise CheckpointError(f"{path}: unreadable learner state ({type(err).__name__}: {err})") from None
+        return path if path.is_file() and not self.learner_dir.is_dir() else None
+
+
+@dataclass
+class WrittenFiles:
+    """What a writer that runs in other processes (the learner ranks) wrote into its folder: {path relative to the
+    folder: file_entry(...)}, computed where the files were written, so the driver never reads them; plus small
+    JSON-able facts about them (meta)."""
+
+    files: dict[str, dict[str, Any]]
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------------------- RNG
@@ -139,14 +160,30 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _manifest(root: Path) -> dict[str, dict[str, Any]]:
+def file_entry(path: str | os.PathLike) -> dict[str, Any]:
+    """A manifest entry: the size, and the SHA-256 of files up to the hash limit (larger ones are checked by size)."""
+    size = Path(path).stat().st_size
+    return {"size": size, **({"sha256": _sha256(Path(path))} if size <= _HASH_LIMIT else {})}
+
+
+def _manifest(root: Path, described: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every file's entry; `described` files (written elsewhere, entries computed there) are only stat'ed."""
     files = {}
+    for rel in described:
+        if not (root / rel).is_file():
+            raise CheckpointError(f"{root / rel}: described by its writer but not on disk")
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = str(path.relative_to(root))
         if rel == "manifest.json":
             continue
+        entry = described.get(rel)
+        if entry is None:
+            files[rel] = file_entry(path)
+            continue
         size = path.stat().st_size
-        files[rel] = {"size": size, **({"sha256": _sha256(path)} if size <= _HASH_LIMIT else {})}
+        if size != entry["size"]:
+            raise CheckpointError(f"{path}: {size} bytes on disk, its writer reported {entry['size']}")
+        files[rel] = dict(entry)
     return files
 
 
@@ -162,12 +199,13 @@ def save_checkpoint(
     state: Mapping[str, Any],
     rng: Mapping[str, Any],
     recipe_yaml: str,
-    learner_state: Mapping[str, Any] | None = None,
     keep_last: int = 3,
 ) -> Path:
     """Write checkpoint `step` under ckpt_root and point `latest` at it; returns its path.
 
-    writers: {"policy": fn(dir), ...}: each writes an HF directory into the folder of its name.
+    writers: {"policy": fn(dir), "learner": fn(dir), ...}: each fills the (not yet published) folder of its name,
+    itself or through the processes it drives; one that returns WrittenFiles has its files' manifest entries
+    computed by those processes (its meta is ignored here).
     state: JSON-able (version, data and store cursors, counters). rng: from capture_rng().
     """
     root = Path(ckpt_root)
@@ -181,16 +219,17 @@ def save_checkpoint(
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
     try:
+        described: dict[str, dict[str, Any]] = {}
         for name, write in writers.items():
             (tmp / name).mkdir()
-            write(tmp / name)
-        if learner_state is not None:
-            torch.save(dict(learner_state), tmp / "learner.pt")
+            written = write(tmp / name)
+            if isinstance(written, WrittenFiles):
+                described.update({f"{name}/{rel}": entry for rel, entry in written.files.items()})
         _write_json(tmp / "rng.json", dict(rng))
         _write_json(tmp / "state.json", {"step": int(step), **dict(state)})
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         _write_json(tmp / "manifest.json", {"format": FORMAT, "step": int(step), "time": time.time(),
-                                             "files": _manifest(tmp)})
+                                             "files": _manifest(tmp, described)})
         fsync_path(tmp, recursive=True)
         replace_dir(tmp, final)  # over an existing one: a replayed step after resuming from an older checkpoint
     except BaseException:
@@ -253,8 +292,9 @@ def _read_json(path: Path) -> Any:
 def verify_checkpoint(path: Path, *, hashes: bool = True) -> dict[str, Any]:
     """Check every file against the manifest; returns the manifest."""
     manifest = _read_json(path / "manifest.json")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "files" not in manifest:
-        raise CheckpointError(f"{path / 'manifest.json'}: not a diffrl checkpoint manifest (format {FORMAT})")
+    if not isinstance(manifest, dict) or manifest.get("format") not in READABLE_FORMATS or "files" not in manifest:
+        raise CheckpointError(f"{path / 'manifest.json'}: not a diffrl checkpoint manifest (format "
+                              f"{' or '.join(map(str, READABLE_FORMATS))})")
     for rel, info in manifest["files"].items():
         file = path / rel
         if not file.is_file():

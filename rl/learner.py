@@ -417,12 +417,15 @@ class Learner:
                               split_large=split_large, stats=stats)
 
     def state_dict(self) -> dict[str, Any]:
-        """Optimizer (this rank's shard under ZeRO), counters, the value model and, training LoRA, the adapters:
+        """Counters, the backend's state (torch: the optimizer; DeepSpeed: its layout, the rest being in its own
+        files, rl.learner_shards), and unless the backend's files hold them, the value model and (LoRA) adapters:
         tensors and plain types only (torch.load(weights_only=True) reads it). Full policy weights are saved apart
         (save_policy, LoRA merged). A LoRA learner resumes on its frozen base (the run's initial policy, never the
         merged checkpoint) with these adapters: the same policy, reference (adapters off) and optimizer state."""
         state = {"format": STATE_FORMAT, "updates": self.updates, "optimizer_steps": self.optimizer_steps,
                  "nan_skipped_total": self.nan_skipped_total, "backend": self.backend.state_dict()}
+        if self.backend.owns_module_state:  # DeepSpeed's own files hold the adapters and the value model
+            return state
         if self.lora:
             state["adapter"] = self._adapter_state()
         if self.value_head is not None:
@@ -434,6 +437,9 @@ class Learner:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"learner state: format {state.get('format')!r}, expected {STATE_FORMAT}")
+        if self.backend.owns_module_state:  # the module comes with the backend's files (rl.learner_shards)
+            self._load_counters(state)
+            return
         for key, module in (("value_head", self.value_head),
                             ("value_trunk", self.value_policy.model if self.value_policy else None)):
             if (key in state) != (module is not None):
@@ -445,7 +451,10 @@ class Learner:
                              f"was {'not ' if self.lora else ''}written by a LoRA learner)")
         if self.lora:
             self._load_adapter(state["adapter"])
-        self.backend.load_state_dict(state["backend"])  # after the adapter: ZeRO-3 refreshes from its masters
+        self._load_counters(state)
+
+    def _load_counters(self, state: dict[str, Any]) -> None:
+        self.backend.load_state_dict(state["backend"])
         self.updates = int(state["updates"])
         self.optimizer_steps = int(state["optimizer_steps"])
         self.nan_skipped_total = int(state["nan_skipped_total"])

@@ -7,7 +7,8 @@ Both backends expose the same small interface to `rl.learner.Learner`:
     grad_average               how many ranks' gradients are averaged (the learner divides its loss normaliser by it)
     sync_forwards              True when every rank must run the same number of forward passes (ZeRO-3)
     gathered(params)           context in which ZeRO-3 partitioned params are whole (for weight sync)
-    state_dict() / load_state_dict()
+    state_dict() / load_state_dict()   this rank's state (torch: the optimizer; DeepSpeed: its layout only)
+    save_files(dir) / load_files(dir)   files the rank writes/reads itself beside it (DeepSpeed's checkpoint)
 
 DeepSpeed is imported only when that backend is built. On CPU its shared-memory collective op (a C++ extension
 compiled on first use, ~80 s on 2 cores) is switched off: gloo does the collectives.
@@ -15,7 +16,6 @@ compiled on first use, ~80 s on 2 cores) is switched off: gloo does the collecti
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import socket
 from typing import Any
@@ -71,6 +71,15 @@ class TorchBackend:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+
+    # Checkpoints: everything is in state_dict(), which the rank writes itself (rl.learner_shards).
+    owns_module_state = False
+
+    def save_files(self, folder: str | os.PathLike) -> None:
+        del folder
+
+    def load_files(self, folder: str | os.PathLike) -> None:
+        del folder
 
 
 # ------------------------------------------------------------------------------------------- torch.distributed
@@ -183,49 +192,32 @@ class DeepSpeedBackend:
 
         return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
 
-    def _fp32_partitions(self) -> list[torch.Tensor]:
-        opt = self.optimizer
-        for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
-            if hasattr(opt, attr):
-                return list(getattr(opt, attr))
-        return []
+    # Checkpoints: DeepSpeed's own per-rank files (engine.save_checkpoint / load_checkpoint), written and read by
+    # the rank itself; state_dict() carries only the layout they need to match.
+    checkpoint_tag = "zero"  # DeepSpeed's tag: the folder under the shard directory that holds its files
+    owns_module_state = True  # its files hold the whole module (value model and adapters included)
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's optimizer shard: the client AdamW state over its flat partitions and the fp32 master
-        partitions (restorable with the same world size and ZeRO stage). Tensors and plain types only."""
-        base = getattr(self.optimizer, "optimizer", self.optimizer)
-        if self.zero_stage == 3:  # ZeRO-3 swaps its fp32 groups into the client optimizer only around (de)serialising
-            self.optimizer._set_fp32_optimizer_param_groups()
-            try:
-                opt_state = copy.deepcopy(base.state_dict())
-            finally:
-                self.optimizer._clear_fp32_optimizer_param_groups()
-        else:
-            opt_state = base.state_dict()
-        return {"zero_stage": self.zero_stage, "world_size": self.world_size, "rank": self.rank,
-                "optimizer": opt_state,
-                "fp32_partitions": [t.detach().clone().cpu() for t in self._fp32_partitions()]}
+        """Layout only (no tensors): ZeRO stage, world size, rank. The optimizer shard, fp32 masters and module
+        state are in DeepSpeed's files (save_files)."""
+        return {"zero_stage": self.zero_stage, "world_size": self.world_size, "rank": self.rank}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Check the saved layout against this learner's (load_files then reads DeepSpeed's files)."""
         for key, want in (("zero_stage", self.zero_stage), ("world_size", self.world_size), ("rank", self.rank)):
             if state.get(key) != want:
                 raise ValueError(f"learner state: saved with {key}={state.get(key)}, this learner has {want}")
-        parts = self._fp32_partitions()
-        if len(parts) != len(state["fp32_partitions"]):
-            raise ValueError("learner state: fp32 partition count differs from this learner's")
-        if self.zero_stage == 3:
-            # DeepSpeed's own loader also refreshes the partitioned model weights from the fp32 masters.
-            from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT
 
-            current = self.optimizer._rigid_state_dict()
-            current[OPTIMIZER_STATE_DICT] = state["optimizer"]
-            current[FP32_FLAT_GROUPS] = [t.to(p.device) for t, p in zip(state["fp32_partitions"], parts)]
-            self.optimizer._rigid_load_state_dict(current)
-            return
-        base = getattr(self.optimizer, "optimizer", self.optimizer)
-        base.load_state_dict(state["optimizer"])
-        with torch.no_grad():
-            for dst, src in zip(parts, state["fp32_partitions"]):
-                dst.copy_(src.to(dst.device))
-        # ZeRO-1/2 keep whole model weights on every rank: they come from the checkpoint's HF directory (loaded
-        # before this learner was built); with bf16 they are the rounded masters, so nothing else needs refreshing.
+    def save_files(self, folder: str | os.PathLike) -> None:
+        """Every rank writes its own ZeRO shard (optimizer state and fp32 master partitions; under ZeRO-3 also its
+        module partition) into folder/<tag>/; rank 0 also writes the module state (ZeRO-1/2: whole weights).
+        Collective: all ranks call it. Nothing is copied for the caller."""
+        self.engine.save_checkpoint(str(folder), tag=self.checkpoint_tag, save_latest=False)
+
+    def load_files(self, folder: str | os.PathLike) -> None:
+        """Restore the module, optimizer shard, fp32 masters and step counters from save_files' folder (this
+        engine must be freshly built: ZeRO-3 refreshes its partitioned weights from the masters). Collective."""
+        path, _ = self.engine.load_checkpoint(str(folder), tag=self.checkpoint_tag, load_module_strict=True,
+                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"{folder}/{self.checkpoint_tag}: DeepSpeed found no checkpoint files")

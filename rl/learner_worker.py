@@ -1,7 +1,9 @@
 """Thin Ray wrapper: a group of `LearnerWorker` actors, one `Learner` per rank.
 
     group = LearnerGroup(partial(load_policy, "ckpt/"), config, num_workers=2)   # backend deepspeed for > 1
-    group.state_dict() / group.load_state_dict(state) / group.save_policy(dir)   # checkpoints
+    files = group.save_state(dir) / group.load_state(dir) / group.save_policy(dir)   # checkpoints: each rank
+                                                    # writes/reads its own shard in dir (rl.learner_shards); the
+                                                    # driver gets file entries and the layout, never tensors
     metrics = group.update(trajectories)            # every rank gets the whole batch (one object), takes its shard
     push_weights(group.weight_chunks(64 << 20), rollout_workers, version)   # rl.weight_sync: one Ray object per
                                                     # chunk (version, [(name, tensor), ...]), a bounded number in flight
@@ -18,7 +20,9 @@ until a group is made.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -107,11 +111,21 @@ class LearnerWorker:
                 yield chunk
         self.last_sync = stats.metrics()
 
-    def state_dict(self) -> dict[str, Any]:
-        return self.learner.state_dict()
+    def save_state(self, folder: str) -> dict[str, dict[str, Any]]:
+        """This rank's shard into folder (rl.learner_shards); returns manifest entries only (no tensors)."""
+        from rl.learner_shards import save_rank_shard
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.learner.load_state_dict(state)
+        return save_rank_shard(self.learner, folder, self.rank, self.world_size)
+
+    def load_state(self, folder: str) -> None:
+        from rl.learner_shards import load_rank_shard
+
+        load_rank_shard(self.learner, folder, self.rank, self.world_size)
+
+    def load_legacy_state(self, path: str) -> None:
+        from rl.learner_shards import load_legacy_state
+
+        load_legacy_state(self.learner, path, self.world_size)
 
     def policy_state(self) -> dict[str, torch.Tensor]:
         """Merged plain-named weights (rank 0 returns them; for tests and small models)."""
@@ -126,6 +140,26 @@ class LearnerWorker:
         policy = self.learner.policy
         with self.learner.backend.gathered(policy.model.parameters()):
             return str(save_policy(policy, out_dir)) if self.rank == 0 else None
+
+
+def _get_all(refs: list) -> list:
+    """ray.get of every rank's call; a failure is re-raised as the rank's own one-line error (a rank whose peer
+    failed reports PeerShardError: the peer's error, which names the file, wins)."""
+    import ray
+
+    from rl.learner_shards import PeerShardError
+    from rollout.errors import OneLineError
+
+    results, errors = [], []
+    for ref in refs:
+        try:
+            results.append(ray.get(ref))
+        except ray.exceptions.RayTaskError as err:
+            cause = getattr(err, "cause", None)
+            errors.append(cause if isinstance(cause, OneLineError) else err)
+    if errors:
+        raise min(errors, key=lambda e: isinstance(e, PeerShardError)) from None
+    return results
 
 
 def merge_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
@@ -197,18 +231,29 @@ class LearnerGroup:
             for _ in other:
                 pass
 
-    def state_dict(self) -> dict[str, Any]:
-        import ray
+    def save_state(self, folder: str):
+        """Every rank writes its shard into folder (a path all ranks see, inside the unpublished checkpoint);
+        returns rl.checkpoint.WrittenFiles: the ranks' manifest entries and the layout (plain types only)."""
+        from rl.checkpoint import WrittenFiles
+        from rl.learner_shards import LAYOUT_FILE
 
-        return {"world_size": len(self.workers), "ranks": ray.get([w.state_dict.remote() for w in self.workers])}
+        files: dict[str, dict[str, Any]] = {}
+        for share in _get_all([w.save_state.remote(folder) for w in self.workers]):
+            files.update(share)
+        layout = json.loads((Path(folder) / LAYOUT_FILE).read_text())
+        return WrittenFiles(files=files, meta=layout)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        import ray
+    def load_state(self, folder: str) -> None:
+        """Every rank loads its own shard from folder, once its layout matches this group's."""
+        from rl.learner_shards import check_layout
 
-        if state.get("world_size") != len(self.workers):
-            raise ValueError(f"learner state: saved by {state.get('world_size')} workers, this group has "
-                             f"{len(self.workers)}")
-        ray.get([w.load_state_dict.remote(s) for w, s in zip(self.workers, state["ranks"])])
+        check_layout(folder, world_size=len(self.workers), backend=self.config.backend,
+                     zero_stage=self.config.zero_stage)
+        _get_all([w.load_state.remote(folder) for w in self.workers])
+
+    def load_legacy_state(self, path: str) -> None:
+        """A format-1 checkpoint's learner.pt (rl.checkpoint): read by the one torch rank it fits."""
+        _get_all([w.load_legacy_state.remote(path) for w in self.workers])
 
     def policy_state(self) -> dict[str, torch.Tensor]:
         import ray

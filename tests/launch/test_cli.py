@@ -62,18 +62,22 @@ def test_existing_run_is_never_overwritten(tmp_path, capsys):
     assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
 
 
-def _fake_run(tmp_path, tiny_model_dirs) -> Path:
-    """A run directory with one real checkpoint (tiny policy, recipe, cursors) and a metrics file."""
+def _fake_run(tmp_path, tiny_model_dirs, layout: dict | None = None) -> Path:
+    """A run directory with one real checkpoint (tiny policy, recipe, cursors, the learner shards' layout of one
+    torch rank or `layout`; no shard: nothing gets that far) and a metrics file."""
     from launch.recipe import load_recipe
     from rl.checkpoint import capture_rng, save_checkpoint
     from rollout.models.loading import load_policy, save_policy
 
     run = tmp_path / "run"
     recipe = load_recipe(RECIPE, [f"output_dir={run}"])
+    one_torch_rank = {"format": 1, "world_size": 1, "backend": "torch", "zero_stage": None}
     policy = load_policy(tiny_model_dirs["block"])
-    save_checkpoint(run / "checkpoints", 2, writers={"policy": lambda d: save_policy(policy, d)},
+    save_checkpoint(run / "checkpoints", 2, writers={"policy": lambda d: save_policy(policy, d),
+                                                     "learner": lambda d: (d / "layout.json").write_text(
+                                                         json.dumps(layout or one_torch_rank))},
                     state={"version": 2, "data": {"position": 8}, "store": {"files": [], "rows": 0}},
-                    rng=capture_rng(), recipe_yaml=recipe.to_yaml(), learner_state={"format": 1})
+                    rng=capture_rng(), recipe_yaml=recipe.to_yaml())
     (run / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
     return run
 
@@ -86,6 +90,14 @@ def test_corrupt_checkpoint_on_resume(tmp_path, capsys, tiny_model_dirs):
     assert main(["resume", str(run), "-q"]) == 2
     assert f"{weights}: 100 bytes, manifest says" in _error(capsys)
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_resume_with_another_learner_layout(tmp_path, capsys, tiny_model_dirs):
+    run = _fake_run(tmp_path, tiny_model_dirs, {"format": 1, "world_size": 2, "backend": "deepspeed", "zero_stage": 3})
+    assert main(["resume", str(run), "-q"]) == 2
+    layout = run / "checkpoints" / "step_000002" / "learner" / "layout.json"
+    assert f"{layout}: saved with learner world_size 2, this run has 1" in _error(capsys)
     assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
 
 

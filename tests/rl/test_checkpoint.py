@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from rl.checkpoint import (CheckpointError, capture_rng, list_checkpoints, load_checkpoint, resolve_checkpoint,
-                           restore_rng, save_checkpoint)
+from rl.checkpoint import (CheckpointError, WrittenFiles, capture_rng, file_entry, list_checkpoints, load_checkpoint,
+                           resolve_checkpoint, restore_rng, save_checkpoint)
 
 
 def _fake_policy(folder):
@@ -17,12 +18,18 @@ def _fake_policy(folder):
     (folder / "model.safetensors").write_bytes(bytes(range(256)) * 8)
 
 
+def _fake_learner(folder):
+    """As the learner ranks do: write their shard files and describe them (the driver never reads them)."""
+    torch.save({"optimizer": {"lr": torch.tensor(0.5)}}, folder / "rank_00000.pt")
+    (folder / "layout.json").write_text("{}")
+    return WrittenFiles({name: file_entry(folder / name) for name in ("rank_00000.pt", "layout.json")})
+
+
 def _save(root, step, keep_last=3, **kw):
     return save_checkpoint(
-        root, step, writers={"policy": _fake_policy}, state={"version": step, "data": {"position": step * 4},
-                                                             "store": {"files": [], "rows": 0}},
-        rng=capture_rng(), recipe_yaml="name: x\n", learner_state={"optimizer": {"lr": torch.tensor(0.5)}},
-        keep_last=keep_last, **kw)
+        root, step, writers={"policy": _fake_policy, "learner": _fake_learner},
+        state={"version": step, "data": {"position": step * 4}, "store": {"files": [], "rows": 0}},
+        rng=capture_rng(), recipe_yaml="name: x\n", keep_last=keep_last, **kw)
 
 
 def test_save_load_latest_and_keep_last(tmp_path):
@@ -33,22 +40,24 @@ def test_save_load_latest_and_keep_last(tmp_path):
     assert (root / "latest").read_text().strip() == "step_000004"
     ckpt = load_checkpoint(tmp_path / "run")  # a run dir resolves through `latest`
     assert ckpt.step == 4 and ckpt.state["data"] == {"position": 16} and ckpt.recipe_yaml == "name: x\n"
-    assert ckpt.learner_state()["optimizer"]["lr"].item() == 0.5
+    assert torch.load(ckpt.learner_dir / "rank_00000.pt", weights_only=True)["optimizer"]["lr"].item() == 0.5
+    assert ckpt.legacy_learner_file is None
     assert load_checkpoint(root / "step_000003").step == 3
     assert not list(root.glob(".tmp-*"))
 
 
-def test_failed_write_leaves_previous_checkpoint_intact(tmp_path):
+@pytest.mark.parametrize("failing, error", [("policy", OSError("disk full")), ("learner", KeyboardInterrupt())])
+def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, failing, error):
     root = tmp_path / "checkpoints"
     _save(root, 1)
 
-    def broken(folder):
-        (folder / "config.json").write_text("{}")
-        raise OSError("disk full")
+    def broken(folder):  # half written (a rank's shard is on disk), then a full disk or Ctrl-C
+        (folder / "rank_00000.pt").write_bytes(b"half")
+        raise error
 
-    with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(root, 2, writers={"policy": broken}, state={"data": {}, "store": {}}, rng=capture_rng(),
-                        recipe_yaml="")
+    writers = {"policy": _fake_policy, "learner": _fake_learner, failing: broken}
+    with pytest.raises(type(error)):
+        save_checkpoint(root, 2, writers=writers, state={"data": {}, "store": {}}, rng=capture_rng(), recipe_yaml="")
     assert [p.name for p in list_checkpoints(root)] == ["step_000001"]
     assert resolve_checkpoint(root).name == "step_000001"
     assert not list(root.glob(".tmp-*"))
@@ -66,6 +75,9 @@ def test_rewriting_a_step_replaces_it(tmp_path):
     (lambda p: (p / "policy" / "model.safetensors").write_bytes(b"short"), "model.safetensors: 5 bytes"),
     (lambda p: (p / "policy" / "model.safetensors").write_bytes(bytes(2048)), "SHA-256 differs"),
     (lambda p: (p / "state.json").unlink(), "state.json: missing"),
+    (lambda p: (p / "learner" / "rank_00000.pt").unlink(), "learner/rank_00000.pt: missing"),
+    (lambda p: (p / "learner" / "rank_00000.pt").write_bytes(b"\0" * (p / "learner" / "rank_00000.pt").stat().st_size),
+     "learner/rank_00000.pt: SHA-256 differs"),
     (lambda p: (p / "manifest.json").write_text("{not json"), "manifest.json: corrupt JSON"),
     (lambda p: (p.parent / "latest").write_text("../../etc"), "latest: corrupt pointer"),
     (lambda p: (p.parent / "latest").write_text("step_000099"), "points at step_000099"),
@@ -116,3 +128,45 @@ def test_sdar_policy_saved_in_sdar_format(tmp_path, tiny_model_dirs):
     assert list(saved) == list(loaded) and saved
     for name, a in saved.items():
         assert torch.equal(a, loaded[name]), name
+
+
+def test_described_files_are_not_read_but_must_match_the_disk(tmp_path):
+    def described(folder):  # an entry the driver cannot have computed: a made-up hash
+        (folder / "a.pt").write_bytes(b"12345")
+        return WrittenFiles({"a.pt": {"size": 5, "sha256": "f" * 64}})
+
+    path = save_checkpoint(tmp_path / "checkpoints", 1, writers={"policy": _fake_policy, "learner": described},
+                           state={"data": {}, "store": {}}, rng=capture_rng(), recipe_yaml="")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["format"] == 2 and manifest["files"]["learner/a.pt"] == {"size": 5, "sha256": "f" * 64}
+    assert manifest["files"]["policy/config.json"] == file_entry(path / "policy" / "config.json")
+    with pytest.raises(CheckpointError, match="a.pt: SHA-256 differs"):  # and verified on load like any file
+        load_checkpoint(path)
+
+    def lying(folder):
+        (folder / "a.pt").write_bytes(b"12345")
+        return WrittenFiles({"a.pt": {"size": 4, "sha256": "0" * 64}})
+
+    def phantom(folder):
+        return WrittenFiles({"ghost.pt": {"size": 4}})
+
+    for writer, message in ((lying, "a.pt: 5 bytes on disk, its writer reported 4"),
+                            (phantom, "ghost.pt: described by its writer but not on disk")):
+        with pytest.raises(CheckpointError, match=message):
+            save_checkpoint(tmp_path / "checkpoints", 2, writers={"policy": _fake_policy, "learner": writer},
+                            state={"data": {}, "store": {}}, rng=capture_rng(), recipe_yaml="")
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_000001"]
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_format_1_checkpoint_with_driver_written_learner_pt_still_loads(tmp_path):
+    path = _save(tmp_path / "checkpoints", 1)
+    shutil.rmtree(path / "learner")
+    torch.save({"world_size": 1, "ranks": [{"format": 1}]}, path / "learner.pt")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format"] = 1
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("learner/")}
+    manifest["files"]["learner.pt"] = file_entry(path / "learner.pt")
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    ckpt = load_checkpoint(path)
+    assert ckpt.legacy_learner_file == path / "learner.pt"

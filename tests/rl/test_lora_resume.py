@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from rl.learner import Learner, LearnerConfig
+from rl.learner_shards import load_rank_shard, save_rank_shard
 from rl.optim import OptimConfig
 from rl.weight_sync import merged_weights
 from rollout.models.loading import load_policy, save_policy
@@ -51,11 +52,11 @@ def test_resumed_lora_learner_continues_like_an_uninterrupted_one(tiny_model_dir
     a = _lora_learner(base, init_seed=0)
     first, second = (_helpers.make_trajectories(a.policy, 4, seed=s, prefix=p) for s, p in ((0, "a"), (1, "b")))
     a.update(first)
-    state = _round_trip(a.state_dict())
+    save_rank_shard(a, tmp_path / "learner", 0, 1)  # what the checkpoint's learner/ holds: the rank's own shard
     save_policy(a.policy, tmp_path / "policy")  # what the checkpoint's policy/ holds: merged weights
 
-    b = _lora_learner(base, init_seed=1)  # as the driver resumes: initial policy, fresh adapters, learner state
-    b.load_state_dict(state)
+    b = _lora_learner(base, init_seed=1)  # as the driver resumes: initial policy, fresh adapters, learner shard
+    load_rank_shard(b, tmp_path / "learner", 0, 1)
     _assert_same(_merged(a), _merged(b))
     probe = _helpers.make_trajectories(a.policy, 3, seed=5, prefix="p")
     at_resume = _helpers.seq_logp(a.policy, probe)
