@@ -167,11 +167,14 @@ def synced_exactly(learner, rollout) -> bool:
 
 
 def checkpoint(learner, root: Path) -> Path:
-    from rl.checkpoint import capture_rng, save_checkpoint
+    from rl.checkpoint import WrittenFiles, capture_rng, save_checkpoint
 
-    return save_checkpoint(root / "checkpoints", 1, writers={"policy": lambda d: learner.save_policy(str(d))},
-                           state={"version": 1}, rng=capture_rng(), recipe_yaml="name: gpu-smoke\n",
-                           learner_state={"world_size": 1, "ranks": [learner.state_dict()]}, keep_last=1)
+    def learner_shard(folder) -> WrittenFiles:  # the rank writes its own shard, as under the driver (rl/learner_shards)
+        return WrittenFiles(files=learner.save_state(str(folder)))
+
+    return save_checkpoint(root / "checkpoints", 1,
+                           writers={"policy": lambda d: learner.save_policy(str(d)), "learner": learner_shard},
+                           state={"version": 1}, rng=capture_rng(), recipe_yaml="name: gpu-smoke\n", keep_last=1)
 
 
 def attention_check(model_dir: Path, attn: str, device: torch.device, dtype: torch.dtype) -> float:
