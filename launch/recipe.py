@@ -141,6 +141,9 @@ class DataSection(Section):
     task: Literal["arithmetic", "countdown", "sudoku"] | None = None  # generated toy task instead of a file
     task_kwargs: dict[str, Any] = {}  # passed to the toy task generator
     eval: str | None = None
+    # Held-out prompts that are also training prompts (normalised text; launch/heldout.py): refuse the run, drop
+    # them from the evaluation (logged), or allow them (logged: the eval figure is then not a held-out one).
+    eval_overlap: Literal["refuse", "drop", "allow"] = "refuse"
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     chat_template: bool = True
