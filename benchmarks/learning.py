@@ -32,6 +32,8 @@ import os
 import time
 from pathlib import Path
 
+from launch.budget import tree_cpu_seconds  # the CPU clock of a recipe's trainer.budget (light: psutil only)
+
 REPO = Path(__file__).resolve().parents[1]
 # Toy tasks the benchmark can run: generator parameters, the verifier as reward, the response budget, the SFT run.
 SETUPS = {
@@ -143,23 +145,6 @@ def build_recipe(name: str, task: str, sft_dir: Path, out_dir: Path, seed: int, 
         merged = deep_merge(merged, json.loads(json.dumps(section)))
     merged.update(name=(run_name or name).replace("@", "-").replace("#", "-"), seed=seed, output_dir=str(out_dir))
     return recipe_from_dict(merged, source=f"learning benchmark {name}")
-
-
-def tree_cpu_seconds() -> float:
-    """CPU seconds (user + system) of this process and every live descendant: the local Ray cluster's raylet, GCS
-    and worker processes (rollout, learner, reward actors) are all started below the driver. Unlike wall clock it
-    does not grow when other jobs share the machine, so budgets stay comparable across runs."""
-    import psutil
-
-    total = 0.0
-    me = psutil.Process()
-    for proc in [me, *me.children(recursive=True)]:
-        try:
-            times = proc.cpu_times()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):  # exited between listing and reading: its time is lost
-            continue
-        total += times.user + times.system
-    return total
 
 
 def run_rl(recipe, budget_s: float, clock: str = "cpu", log_every: int = 5) -> dict:

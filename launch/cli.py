@@ -280,6 +280,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{run.name}: {state}; step {last.get('step', 0)}/{total}; checkpoint {ckpt}")
         if last:
             print("  " + summary_line(int(last.get("step", 0)), total, last))
+        if info.get("stop_reason") and state == "finished":
+            print(f"  stopped: {info['stop_reason']}")
         if info.get("error"):  # one line, escape codes stripped (older runs stored Ray's coloured tracebacks)
             print(f"  error: {one_line(info['error'], 300)}")
     return 0

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from launch.budget import RunBudget
 from launch.data import Prompt, PromptSampler, reward_item
 from launch.decoding import decode_block, sampling_params
 from launch.driver_roles import RolloutPool, make_learner, make_reward_service
@@ -53,6 +54,7 @@ class RunResult:
     steps: int
     run_dir: Path
     metrics: dict = field(default_factory=dict)
+    stop_reason: str = ""  # "total_steps: ..." or "budget: ..." (trainer.budget)
 
 
 @dataclass
@@ -84,7 +86,7 @@ def run_training(recipe, *, resume: Checkpoint | None = None, progress: bool = T
             state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
             write_run_status(ctx.run_dir, status=state, error=failure_line(err))
             raise
-        write_run_status(ctx.run_dir, status="finished", step=result.steps)
+        write_run_status(ctx.run_dir, status="finished", step=result.steps, stop_reason=result.stop_reason)
         return result
     finally:
         ctx.release()
@@ -120,6 +122,8 @@ class Driver:
         self._last_saved = 0
         self._checkpoint_s = 0.0  # seconds the last checkpoint took (logged with the next step)
         self.sampler_position = 0  # data cursor of the last batch trained on
+        budget = r.trainer.budget
+        self.budget = RunBudget(budget.minutes, budget.clock) if budget is not None else None
         if resume is not None:
             self._restore(resume)
         self.metrics = MetricsLogger(ctx.run_dir, backends=r.trainer.log, run_name=r.name, config=r.to_dict())
@@ -195,6 +199,8 @@ class Driver:
         if every and (step % every == 0 or step == self.recipe.trainer.total_steps):  # always at the end
             metrics.update(self.evaluate())
         metrics["time/step_s"] = time.perf_counter() - started
+        if self.budget is not None:
+            metrics["budget/spent_min"] = self.budget.spent_s() / 60
         metrics["time/last_checkpoint_s"] = self._checkpoint_s
         self.metrics.log(step, metrics)  # before the checkpoint: a checkpoint never points past the metrics
         if self._checkpoint_due(step):
@@ -287,12 +293,14 @@ class Driver:
         total = r.trainer.total_steps
         bar = _bar(total, self.step, self.progress)
         last: dict = {}
+        if self.budget is not None:
+            self.budget.start()  # counts from here: not the start of Ray and the actors
         if r.trainer.eval_every and self.step == 0:  # held-out accuracy before training: the summary's "before"
             row = self.metrics.log(0, self.evaluate())
             _say(bar, f"step 0/{total} | held-out acc {row['eval/accuracy']:.2f} (before training)")
         try:
             if r.trainer.mode == "sync":
-                while self.step < total:
+                while self.step < total and not self._out_of_budget():
                     last = self.train_step(self.step + 1)
                     _report(bar, summary_line(self.step, total, last))
             else:
@@ -303,7 +311,14 @@ class Driver:
         if self._last_saved != self.step:
             self.save(self.step, self.sampler_position)
         plot_curves(self.ctx.run_dir / "metrics.jsonl", self.ctx.run_dir / "curves.png")
-        return RunResult(True, self.step, self.ctx.run_dir, last)
+        reason = (self.budget.reason(self.step, total) if self.step < total and self.budget is not None
+                  else f"total_steps: {self.step} of {total} steps done")
+        log.info("run stopped: %s", reason)
+        return RunResult(True, self.step, self.ctx.run_dir, last, stop_reason=reason)
+
+    def _out_of_budget(self) -> bool:
+        """trainer.budget spent (checked at step boundaries only: a step is never cut short)."""
+        return self.budget is not None and self.budget.exhausted()
 
     def _fit_async(self, total: int, bar) -> dict:
         """Producer thread: sync + steps 2-4 for the batch of step m, started once the learner reached version
@@ -348,7 +363,7 @@ class Driver:
         producer.start()
         last: dict = {}
         try:
-            while self.step < total:
+            while self.step < total and not self._out_of_budget():
                 started = time.perf_counter()
                 item = ready.get()
                 if item is None:
@@ -377,7 +392,8 @@ class Driver:
 
         data = {**self.sampler.state_dict(), "position": data_position}
         state = {"version": step, "data": data, "store": ray.get(self.store.state_dict.remote()),
-                 "counters": dict(self.counters)}
+                 "counters": dict(self.counters),
+                 **({"budget": self.budget.state_dict()} if self.budget is not None else {})}
         path = save_checkpoint(
             self.ctx.checkpoints, step, writers={"policy": lambda d: self.learner.save_policy(str(d))}, state=state,
             rng=capture_rng(), recipe_yaml=self.recipe.to_yaml(), learner_state=self.learner.state_dict(),
@@ -403,6 +419,8 @@ class Driver:
         self.step = self._last_saved = ckpt.step
         self.sampler_position = self.sampler.position
         self.counters.update(ckpt.state.get("counters", {}))
+        if self.budget is not None:
+            self.budget.restore(ckpt.state.get("budget"))  # what the earlier run spent counts
         self.rollout.version = -1  # never equal to a step: version `step` is synced before the first generation
         moved = rewind_metrics(self.ctx.run_dir, ckpt.step)
         log.info("resumed from %s (step %d; %d later metric rows moved aside)", ckpt.path, ckpt.step, moved)

@@ -228,6 +228,10 @@ def closing_summary(run_dir: str | os.PathLike, window: int = 3) -> str:
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir / METRICS_FILE)
     lines = [f"run finished: {run_dir}"]
+    status = run_dir / "run.json"
+    stop_reason = json.loads(status.read_text()).get("stop_reason") if status.is_file() else None
+    if stop_reason:
+        lines.append(f"  stopped:    {stop_reason}")
     rewarded = [r for r in rows if isinstance(r.get("reward/mean"), (int, float))]
     if rewarded:
         first, last = rewarded[:window], rewarded[-window:]

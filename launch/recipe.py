@@ -186,8 +186,17 @@ class ResourcesSection(Section):
     reward_workers: int = Field(2, ge=1)  # reward worker processes at most (one CPU each while the cluster has them)
 
 
+class BudgetSection(Section):
+    """Stop at the first step boundary past `minutes` of `clock` (launch/budget.py): cpu = CPU time of the driver's
+    process tree (the local Ray cluster and its actors), wall = wall clock. A resume counts what was spent."""
+
+    minutes: float = Field(gt=0, allow_inf_nan=False)
+    clock: Literal["cpu", "wall"] = "cpu"
+
+
 class TrainerSection(Section):
     total_steps: int = Field(100, ge=1)
+    budget: BudgetSection | None = None  # None: total_steps alone ends the run; else whichever comes first
     mode: Literal["sync", "async"] = "sync"
     max_staleness: int = Field(1, ge=0)  # async: how many policy versions a rollout may lag
     # What the learner takes as pi_old for data from an older policy version: "recompute" (the learner's current
