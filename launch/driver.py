@@ -30,6 +30,7 @@ import torch
 
 from launch.budget import RunBudget
 from launch.data import Prompt, PromptSampler, reward_item
+from launch.diagnostics import probe_metrics, probe_requests
 from launch.decoding import decode_block, sampling_params
 from launch.driver_roles import RolloutPool, make_learner, make_reward_service
 from launch.driver_setup import (RunContext, create_placement_group, host, placement_plan, prepare_run,
@@ -270,22 +271,27 @@ class Driver:
         return {f"adv/{k}": float(v) for k, v in result.metrics.items()}
 
     def evaluate(self) -> dict:
-        """Greedy decoding of the held-out prompts with the current weights; accuracy and mean reward."""
-        prompts = self.ctx.eval_prompts
-        if self.recipe.trainer.mode == "sync" and self.rollout.version != self.step:
+        """Greedy decoding of the held-out prompts with the current weights; accuracy and mean reward. With
+        trainer.probe_items, also greedy vs sampled accuracy on a fixed probe set (launch/diagnostics.py)."""
+        prompts, t = self.ctx.eval_prompts, self.recipe.trainer
+        if t.mode == "sync" and self.rollout.version != self.step:
             self.rollout.sync(self.learner, self.step)
         greedy = sampling_params(self.recipe.rollout, block_size=decode_block(self.recipe), greedy=True)
-        requests = [GenerationRequest(list(p.prompt_ids), greedy, seed=0, request_id=f"eval-p{p.index}")
+        requests = [(p, GenerationRequest(list(p.prompt_ids), greedy, seed=0, request_id=f"eval-p{p.index}"))
                     for p in prompts]
-        trajectories = self.rollout.generate(requests)
+        requests += probe_requests(prompts, self.sampling, seed=self.recipe.seed, items=t.probe_items,
+                                   samples=t.probe_samples)
+        trajectories = self.rollout.generate([request for _, request in requests])
         tok = self.ctx.tokenizer
-        items = [self._reward_item(p, tok.decode(t.response_ids[:t.valid_length].tolist(), skip_special_tokens=True),
-                                   t.valid_length) for p, t in zip(prompts, trajectories, strict=True)]
-        results = self.rewards.score(items)
+        items = [self._reward_item(p, tok.decode(tr.response_ids[:tr.valid_length].tolist(), skip_special_tokens=True),
+                                   tr.valid_length) for (p, _), tr in zip(requests, trajectories, strict=True)]
+        scored = self.rewards.score(items)
+        results, probe = scored[:len(prompts)], scored[len(prompts):]
         correct = sum(r["reason"] == "correct" for r in results)
         return {"eval/accuracy": correct / len(results), "eval/reward": sum(r["score"] for r in results) / len(results),
                 "eval/version": self.rollout.version, "eval/num_prompts": len(results),
-                **{f"eval/{k.removeprefix('reward/')}": v for k, v in reward_summary(results).items()}}
+                **{f"eval/{k.removeprefix('reward/')}": v for k, v in reward_summary(results).items()},
+                **probe_metrics(results[:t.probe_items], probe, t.probe_samples)}
 
     # ========================================================================================= the two loops
     def fit(self) -> RunResult:

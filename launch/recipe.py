@@ -176,6 +176,7 @@ class LearnerSection(Section):
     backend: Literal["torch", "deepspeed"] = "torch"
     zero_stage: Literal[2, 3] | None = None  # DeepSpeed ZeRO stage; None -> 2 with backend deepspeed (torch: unused)
     bf16: bool = False  # mixed precision in the learner
+    log_entropy: bool = True  # learner/entropy: mean predictive entropy at the scored tokens (one exp per logit)
     reference_model: bool | None = None  # None -> needed by the algorithm (beta > 0 with kl_reference "ref")
 
 
@@ -206,6 +207,10 @@ class TrainerSection(Section):
     checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
     keep_last: int = Field(3, ge=1)
     eval_every: int = Field(0, ge=0)  # 0: never
+    # Each evaluation also samples the first probe_items held-out prompts probe_samples times (rollout decoding,
+    # fixed seeds): greedy vs sampled accuracy on one fixed set (launch/diagnostics.py). 0: no probe.
+    probe_items: int = Field(32, ge=0)
+    probe_samples: int = Field(4, ge=1)
     log: list[Literal["jsonl", "tensorboard", "wandb"]] = ["jsonl"]
 
 

@@ -68,7 +68,7 @@ def test_tiny_budget_stops_early_and_resume_continues_it(tmp_path, local_ray):
     run = tmp_path / "run"
     # 0.5 s of wall clock: a step takes longer, and the first check right after the start is far below it.
     overrides = [f"output_dir={run}", "trainer.total_steps=3", "trainer.budget.minutes=0.00833",
-                 "trainer.budget.clock=wall", "data.task_kwargs.num_train=8"]
+                 "trainer.budget.clock=wall", "data.task_kwargs.num_train=8", "data.task_kwargs.num_test=6"]
 
     def fit(recipe, resume=None):
         ctx = prepare_run(recipe, resume=resume)
@@ -93,10 +93,17 @@ def test_tiny_budget_stops_early_and_resume_continues_it(tmp_path, local_ray):
     # Resume with the same budget: already spent, no step is taken.
     again = fit(load_recipe(ckpt.path / "recipe.yaml", overrides), resume=ckpt)
     assert again.steps == 1 and again.stop_reason.startswith("budget: ")
-    # A larger budget: the run continues to total_steps and the last checkpoint counts both runs' time.
-    more = [*overrides[:2], "trainer.budget.minutes=30", *overrides[3:]]
+    # A larger budget: the run continues to total_steps and the last checkpoint counts both runs' time; it
+    # evaluates at the end, with the probe's greedy vs sampled accuracy.
+    more = [*overrides[:2], "trainer.budget.minutes=30", *overrides[3:], "trainer.eval_every=3",
+            "trainer.probe_items=2", "trainer.probe_samples=3"]
     ckpt = load_checkpoint(run)
     done = fit(load_recipe(ckpt.path / "recipe.yaml", more), resume=ckpt)
     assert done.steps == 3 and done.stop_reason == "total_steps: 3 of 3 steps done"
     final = load_checkpoint(run)
     assert final.step == 3 and final.state["budget"]["spent_s"] > spent
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["budget/spent_min"] > 0 and r["learner/entropy"] > 0 and "adv/adv_abs_mean" in r for r in rows)
+    assert rows[-1]["eval/probe/num_prompts"] == 2 and rows[-1]["eval/probe/samples"] == 3
+    assert 0 <= rows[-1]["eval/probe/sampled_accuracy"] <= 1 and rows[-1]["eval/num_prompts"] == 6
