@@ -158,7 +158,9 @@ def eval_run(args: argparse.Namespace, trained: dict | None, policy_dir: Path):
         "prompt_field": args.prompt_field or (data.get("prompt_field") if own_fields else None),
         "answer_field": args.answer_field or (data.get("answer_field") if own_fields else None)}
     if data.get("task") and data.get("task") == args.data:  # the held-out split of the task trained on
-        changes.update(task_kwargs=data.get("task_kwargs") or {}, task_seed=int((trained or {}).get("seed", 0)))
+        task_seed = data.get("task_seed")  # data.task_seed, else the run's seed (launch.data.task_seed_of)
+        changes.update(task_kwargs=data.get("task_kwargs") or {},
+                       task_seed=int((trained or {}).get("seed", 0) if task_seed is None else task_seed))
     reward = eval_rewards(trained, args.reward, own)
     changes.update(reward=reward, reward_base_dir=str(policy_dir.parent) if reward is not None else None)
     return EvalRun.model_validate({**run.model_dump(), **changes})

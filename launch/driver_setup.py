@@ -184,7 +184,12 @@ def _held_out(recipe: Recipe, prompts: list[Prompt], eval_prompts: list[Prompt])
     from launch.heldout import check_heldout
 
     where = f"data.eval {recipe.data.eval}" if recipe.data.task is None else f"data.task {recipe.data.task!r} test split"
-    keep = check_heldout([p.text for p in eval_prompts], [("data.train", [p.text for p in prompts])],
+    key = None
+    if recipe.data.task is not None:
+        from rl.tasks import TASKS
+
+        key = TASKS[recipe.data.task].prompt_key  # one problem however its prompt is spelled
+    keep = check_heldout([p.text for p in eval_prompts], [("data.train", [p.text for p in prompts], key)],
                          overlap=recipe.data.eval_overlap, where=where)
     return [eval_prompts[i] for i in keep]
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import unicodedata
 from dataclasses import asdict, dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Hashable, Iterable, Mapping, Sequence
 
 __all__ = ["PairedComparison", "compare_paired", "mcnemar_exact", "sign_test_exact", "paired_bootstrap_ci",
            "normalise_prompt", "overlapping_prompts", "ItemSetMismatch"]
@@ -136,7 +136,14 @@ def normalise_prompt(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
-def overlapping_prompts(train: Iterable[str], heldout: Sequence[str]) -> list[int]:
-    """Indices of `heldout` prompts whose normalised text is also a training prompt."""
-    seen = {normalise_prompt(t) for t in train}
-    return [i for i, text in enumerate(heldout) if normalise_prompt(text) in seen]
+def overlapping_prompts(train: Iterable[str], heldout: Sequence[str],
+                        key: Callable[[str], Hashable | None] | None = None) -> list[int]:
+    """Indices of `heldout` prompts that are also training prompts: the same problem by `key` (e.g. a generated
+    task's canonical problem key: `3,5,7->22:` and `7,3,5->22:` are one problem) where it reads the prompt, else the
+    same normalised text."""
+    def identity(text: str) -> tuple:
+        problem = key(text) if key is not None else None
+        return ("problem", problem) if problem is not None else ("text", normalise_prompt(text))
+
+    seen = {identity(t) for t in train}
+    return [i for i, text in enumerate(heldout) if identity(text) in seen]

@@ -366,7 +366,7 @@ def load_checkpoint_policy(checkpoint, run: EvalRun):
     return checkpoint
 
 
-def checkpoint_training_sources(checkpoint) -> list[tuple[str, list[str]]]:
+def checkpoint_training_sources(checkpoint) -> list[tuple]:
     """What a checkpoint directory says it was trained on (its run's recipe beside it, sft.json); nothing for an
     in-memory policy."""
     from launch.heldout import training_sources
@@ -383,7 +383,7 @@ def checkpoint_training_sources(checkpoint) -> list[tuple[str, list[str]]]:
     return training_sources(recipe, policy_dir)
 
 
-def load_eval_sets(checkpoint, run: EvalRun, sources: Sequence[tuple[str, list[str]]] | None = None) -> list[EvalSet]:
+def load_eval_sets(checkpoint, run: EvalRun, sources: Sequence[tuple] | None = None) -> list[EvalSet]:
     """Every dataset of `run.data`, read and checked before any generation (bad input fails before minutes of
     decoding), with the items the checkpoint trained on refused / dropped / allowed as `run.overlap` says.
     `sources`: the training prompts to check against (default: what `checkpoint`'s directory records)."""

@@ -4,20 +4,24 @@ an explicit choice, never silently scored as "held-out".
     sources = training_sources(recipe_mapping, policy_dir)          # [(where, [prompt text, ...]), ...]
     keep = check_heldout(eval_texts, sources, overlap="refuse", where="--data x.jsonl")
 
-Prompts are compared after `launch.eval_stats.normalise_prompt` (NFKC, case-folded, whitespace collapsed). The
+Prompts are compared after `launch.eval_stats.normalise_prompt` (NFKC, case-folded, whitespace collapsed), and
+against a generated task's training data by problem (`Task.prompt_key`: `3,5,7->22:` and `7,3,5->22:` are one
+countdown problem, `12+34=` and `34+12=` one sum). The
 default is to refuse: a held-out figure computed partly on training items overstates generalisation, and the
 reader of a table has no way to tell. "drop" evaluates the disjoint rest (and says how many were left out);
 "allow" evaluates everything (e.g. a deliberate training-set accuracy) and logs a warning.
 
-Generated toy tasks (rl.tasks) are disjoint by construction (one stream of distinct problem keys, the first
-`num_test` are the test split: rl/tasks/base.py); the check runs on them too, as it costs one generation.
+Generated toy tasks (rl.tasks) are disjoint by construction within one generator seed and num_test (one stream of
+distinct problem keys, the first `num_test` are the test split: rl/tasks/base.py); across seeds they are not (a
+run generating its training problems with another seed trains on about half of the held-out problems of
+countdown's 5000/200 split), which is what the check catches.
 """
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Hashable, Literal, Sequence
 
 from launch.data import DataError
 from launch.eval_stats import overlapping_prompts
@@ -28,6 +32,8 @@ __all__ = ["HeldoutOverlapError", "OVERLAP_CHOICES", "check_heldout", "training_
 
 OVERLAP_CHOICES = ("refuse", "drop", "allow")
 Overlap = Literal["refuse", "drop", "allow"]
+# (where, training prompts, the problem key of a prompt or None: plain normalised text)
+Source = tuple[str, list[str], Callable[[str], Hashable | None] | None]
 
 
 class HeldoutOverlapError(DataError):
@@ -48,20 +54,23 @@ def _file_prompts(path: str, prompt_field: str) -> list[str]:
     return [str(row[prompt_field]) for row in rows if isinstance(row.get(prompt_field), str)]
 
 
-def _data_sources(data: dict, seed: int, origin: str) -> list[tuple[str, list[str]]]:
+def _data_sources(data: dict, seed: int, origin: str) -> list[Source]:
     if data.get("task"):
-        return [(f"{origin} data.task {data['task']!r}",
-                 task_train_prompts(data["task"], data.get("task_kwargs"), int(seed)))]
+        from rl.tasks import TASKS
+
+        task_seed = int(seed if data.get("task_seed") is None else data["task_seed"])
+        return [(f"{origin} data.task {data['task']!r} (seed {task_seed})",
+                 task_train_prompts(data["task"], data.get("task_kwargs"), task_seed), TASKS[data["task"]].prompt_key)]
     train = data.get("train") or data.get("file")
     if train and Path(train).is_file():
-        return [(f"{origin} training file {train}", _file_prompts(train, data.get("prompt_field") or "prompt"))]
+        return [(f"{origin} training file {train}", _file_prompts(train, data.get("prompt_field") or "prompt"), None)]
     return []
 
 
-def training_sources(recipe: dict | None, policy_dir: Path | None) -> list[tuple[str, list[str]]]:
+def training_sources(recipe: dict | None, policy_dir: Path | None) -> list[Source]:
     """What a checkpoint was trained on, as far as its directory tells: the RL run's recipe data section, and the
     SFT data recorded in `sft.json` of the policy directory or of the recipe's starting model."""
-    sources: list[tuple[str, list[str]]] = []
+    sources: list[Source] = []
     if recipe and recipe.get("data"):
         sources += _data_sources(recipe["data"], int(recipe.get("seed", 0)), "the run's")
     sft_dirs = [d for d in (policy_dir, Path(((recipe or {}).get("model") or {}).get("path") or "")) if d]
@@ -74,7 +83,7 @@ def training_sources(recipe: dict | None, policy_dir: Path | None) -> list[tuple
     return sources
 
 
-def check_heldout(eval_texts: Sequence[str], sources: Sequence[tuple[str, list[str]]], *, overlap: Overlap,
+def check_heldout(eval_texts: Sequence[str], sources: Sequence[Source], *, overlap: Overlap,
                   where: str) -> list[int]:
     """Indices of the evaluation items to keep. `overlap`: refuse (raise HeldoutOverlapError when any prompt was
     trained on), drop (keep the others; none left is an error too) or allow (keep all, warn)."""
@@ -82,8 +91,8 @@ def check_heldout(eval_texts: Sequence[str], sources: Sequence[tuple[str, list[s
         raise ValueError(f"overlap: {overlap!r} is not one of {', '.join(OVERLAP_CHOICES)}")
     hits: set[int] = set()
     first: tuple[str, int] | None = None
-    for name, prompts in sources:
-        found = overlapping_prompts(prompts, eval_texts)
+    for name, prompts, key in sources:
+        found = overlapping_prompts(prompts, eval_texts, key)
         if found and first is None:
             first = (name, found[0])
         hits.update(found)

@@ -140,6 +140,10 @@ class DataSection(Section):
     train: str | None = None  # .jsonl / .json / .parquet
     task: Literal["arithmetic", "countdown", "sudoku"] | None = None  # generated toy task instead of a file
     task_kwargs: dict[str, Any] = {}  # passed to the toy task generator
+    # The generator's seed (which problems are train and which held out); None: the recipe's seed. Runs compared
+    # across RL seeds, or RL after an SFT run, must share it, or one run's training problems are another's
+    # held-out ones.
+    task_seed: int | None = Field(None, ge=0)
     eval: str | None = None
     # Held-out prompts that are also training prompts (normalised text; launch/heldout.py): refuse the run, drop
     # them from the evaluation (logged), or allow them (logged: the eval figure is then not a held-out one).

@@ -28,7 +28,9 @@ def test_generated_test_splits_share_no_prompt_with_training(name, kwargs, seed)
     assert len(set(test)) == len(test) and not train & set(test)
     # what the driver trains on / evaluates (launch.data reads tasks through Task.items)
     assert [p for p, _, _ in task.items("eval")] == [r["prompt"] for r in task.rows("test")]
-    assert check_heldout(test, [("train", list(train))], overlap="refuse", where="t") == list(range(len(test)))
+    sources = [("train", [r["prompt"] for r in task.rows("train")], TASKS[name].prompt_key)]
+    assert check_heldout([r["prompt"] for r in task.rows("test")], sources, overlap="refuse",
+                         where="t") == list(range(len(test)))
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
@@ -47,17 +49,72 @@ def test_a_larger_test_split_than_trained_with_is_caught():
     trained = task_train_prompts("arithmetic", {"num_test": 100, "num_train": 500}, 0)
     wider = [r["prompt"] for r in make_task("arithmetic", seed=0, num_test=150, num_train=10).rows("test")]
     with pytest.raises(HeldoutOverlapError, match="50 of 150 evaluation prompts are also in SFT"):
-        check_heldout(wider, [("SFT", trained)], overlap="refuse", where="--data arithmetic")
-    assert check_heldout(wider, [("SFT", trained)], overlap="drop", where="x") == list(range(100))
-    assert check_heldout(wider, [("SFT", trained)], overlap="allow", where="x") == list(range(150))
+        check_heldout(wider, [("SFT", trained, None)], overlap="refuse", where="--data arithmetic")
+    assert check_heldout(wider, [("SFT", trained, None)], overlap="drop", where="x") == list(range(100))
+    assert check_heldout(wider, [("SFT", trained, None)], overlap="allow", where="x") == list(range(150))
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_prompt_key_is_the_generators_problem_key(name):
+    from rl.tasks.base import task_rng
+
+    task = make_task(name, seed=0, **({"digits": 3, "ops": "+-*"} if name == "arithmetic" else {}))
+    rng = task_rng(0, task.tag)
+    for _ in range(200):
+        key, row = task.draw(rng)
+        assert TASKS[name].prompt_key(row["prompt"]) == key
+    assert TASKS[name].prompt_key("What is 2+2?") is None
+
+
+def test_training_on_another_generator_seed_is_caught_by_problem():
+    """An RL run generating countdown with its own seed (1) while its SFT start and the held-out split use seed 0:
+    95 of the 200 held-out problems are training problems of seed 1, 19 of them with the very same prompt text."""
+    from launch.heldout import _data_sources
+
+    kw = {"num_train": 5000, "num_test": 200}
+    held = [r["prompt"] for r in make_task("countdown", seed=0, **kw).rows("test")]
+    (source,) = _data_sources({"task": "countdown", "task_kwargs": kw}, 1, "the run's")
+    with pytest.raises(HeldoutOverlapError, match=r"95 of 200 evaluation prompts are also in the run's data.task "
+                                                  r"'countdown' \(seed 1\)"):
+        check_heldout(held, [source], overlap="refuse", where="--data countdown")
+    assert len(check_heldout(held, [source[:2] + (None,)], overlap="drop", where="x")) == 200 - 19
+    # data.task_seed pins the generator: the same split for every RL seed
+    (pinned,) = _data_sources({"task": "countdown", "task_kwargs": kw, "task_seed": 0}, 1, "the run's")
+    assert check_heldout(held, [pinned], overlap="refuse", where="x") == list(range(200))
+
+
+def test_data_task_seed_decouples_the_split_from_the_run_seed():
+    from launch.data import load_prompts
+    from launch.recipe import load_recipe
+
+    class Chars:  # a tokenizer stand-in: one id per character
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    def train_texts(*overrides):
+        recipe = load_recipe(RECIPE, ["data.chat_template=false", *overrides])
+        return [p.text for p in load_prompts(recipe.data, Chars(), split="train", seed=recipe.seed)]
+
+    assert train_texts("seed=1") != train_texts("seed=0")
+    assert train_texts("seed=1", "data.task_seed=0") == train_texts("seed=0")
+
+
+def test_benchmark_pins_the_task_seed_to_the_sft_run():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_learning", REPO / "benchmarks" / "learning.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    recipe = bench.build_recipe("tracerl", "countdown", REPO, Path("/tmp/x"), 2, {}, run_name="tracerl#s2", data_seed=0)
+    assert recipe.seed == 2 and recipe.data.task_seed == 0
 
 
 def test_overlap_is_found_after_normalisation():
     with pytest.raises(HeldoutOverlapError, match=r"1 of 3 evaluation prompts .* item 2"):
-        check_heldout(["a", "b", "What is 2+2?"], [("data.train", ["what is  2+2?\n"])], overlap="refuse",
+        check_heldout(["a", "b", "What is 2+2?"], [("data.train", ["what is  2+2?\n"], None)], overlap="refuse",
                       where="data.eval")
     with pytest.raises(HeldoutOverlapError, match="nothing left"):
-        check_heldout(["a"], [("data.train", ["A"])], overlap="drop", where="data.eval")
+        check_heldout(["a"], [("data.train", ["A"], None)], overlap="drop", where="data.eval")
 
 
 def _jsonl(path: Path, prompts: list[str]) -> Path:
