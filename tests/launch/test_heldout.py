@@ -170,3 +170,23 @@ def test_eval_refuses_items_of_the_checkpoints_sft_data(tmp_path, capsys, tiny_m
                  "--out", str(out)]) == 0
     rows = [json.loads(line) for line in (out / "held.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["4+4="]
+
+
+def test_driver_checks_the_held_out_split_against_the_starting_models_sft_data(tmp_path, tiny_model_dirs):
+    """RL from an SFT checkpoint whose task split used another generator seed: its held-out problems were SFT
+    training problems; the run is refused before it starts."""
+    import shutil
+
+    from launch.driver_setup import prepare_run
+    from launch.recipe import load_recipe
+
+    sft = tmp_path / "sft"
+    shutil.copytree(tiny_model_dirs["block"], sft)
+    (sft / "sft.json").write_text(json.dumps({"data": {"task": "arithmetic", "task_kwargs": {"num_train": 1500},
+                                                       "task_seed": 1}}))
+    recipe = load_recipe(RECIPE, [f"output_dir={tmp_path / 'run'}", "model.tiny=null", "model.tiny_vocab=null",
+                                  f"model.path={sft}", "model.kind=block", "trainer.eval_every=1"])
+    with pytest.raises(HeldoutOverlapError, match=r"data.task 'arithmetic' test split: \d+ of 200 evaluation prompts "
+                                                  r"are also in SFT .*sft.json\) data.task 'arithmetic' \(seed 1\)"):
+        prepare_run(recipe)
+    assert not (tmp_path / "run").exists()
