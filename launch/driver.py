@@ -319,7 +319,7 @@ class Driver:
         plot_curves(self.ctx.run_dir / "metrics.jsonl", self.ctx.run_dir / "curves.png")
         reason = (self.budget.reason(self.step, total) if self.step < total and self.budget is not None
                   else f"total_steps: {self.step} of {total} steps done")
-        log.info("run stopped: %s", reason)
+        log.debug("run stopped: %s", reason)  # the closing summary and run.json say it to the user
         return RunResult(True, self.step, self.ctx.run_dir, last, stop_reason=reason)
 
     def _out_of_budget(self) -> bool:
