@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from launch.data import task_seed_of
 from launch.recipe import DataSection, ModelSection, Recipe
 from launch.recipe_sections import Section
 from rl.atomic_io import atomic_output
@@ -148,8 +149,6 @@ def run_sft(run: SFTRun, *, progress: bool = True) -> dict:
     out_dir, config, data = Path(run.out), run.training, run.data
     if out_dir.exists() and not run.overwrite:
         raise FileExistsError(f"sft: output directory {out_dir} exists (set overwrite / pass --overwrite)")
-    from launch.data import task_seed_of
-
     train_pairs, heldout_pairs = _rows(data, task_seed_of(data, config.seed))
     policy = _policy(run, config.seed)
     examples = build_examples(policy, train_pairs, chat_template=data.chat_template, response_len=config.response_len)
@@ -185,8 +184,6 @@ def run_sft(run: SFTRun, *, progress: bool = True) -> dict:
 
 def _greedy_accuracy(policy, run: SFTRun, progress: bool) -> dict | None:
     from launch.evaluate import EvalRun, run_eval
-
-    from launch.data import task_seed_of
 
     data, seed = run.data, run.training.seed
     source = data.task if data.task is not None else data.eval
