@@ -97,3 +97,26 @@ def test_cli_refuses_different_item_sets(two_checkpoints, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("diffrl: error: --data arithmetic: ")
     assert "evaluated on different items" in err[0]
+
+
+def test_cli_paired_eval_of_a_run_against_its_start(two_checkpoints, tmp_path, capsys):
+    """`diffrl eval RUN --baseline START`: the run's recipe gives the task split (its held-out items, checked
+    against its training problems) and the reward; the table and paired.json come out."""
+    from launch.recipe import load_recipe
+    from rl.checkpoint import capture_rng, save_checkpoint
+    from rollout.models.loading import load_policy, save_policy
+
+    root = two_checkpoints
+    run = tmp_path / "run"
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "tiny-tracerl.yaml",
+                         [f"output_dir={run}", "data.task_kwargs.num_train=300", "data.task_kwargs.num_test=20"])
+    policy = load_policy(root / "new")
+    save_checkpoint(run / "checkpoints", 2, writers={"policy": lambda d: save_policy(policy, d)},
+                    state={"version": 2, "data": {"position": 8}, "store": {"files": [], "rows": 0}},
+                    rng=capture_rng(), recipe_yaml=recipe.to_yaml(), learner_state={"format": 1})
+    out = tmp_path / "out"
+    assert main(["eval", str(run), "--baseline", str(root / "base"), "--data", "arithmetic", "--max-tokens", "4",
+                 "--out", str(out), "-q"]) == 0
+    record = json.loads((out / "paired.json").read_text())[0]
+    assert record["comparison"]["items"] == 20 and record["summary"]["reward"] == ["arithmetic"]
+    assert "exact two-sided McNemar" in capsys.readouterr().out
