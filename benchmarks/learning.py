@@ -15,7 +15,9 @@
 
 Seeds: --seed fixes the SFT run and the held-out split; --rl-seeds repeats each RL run with those recipe seeds
 (rollout sampling, learner masks and shuffles) from the same SFT checkpoint, runs named `algo#sN`, and a summary
-table gives the mean and spread over them (sample standard deviation, min..max).
+table gives the mean and spread over them (sample standard deviation, min..max) and, per seed, the paired
+comparison with the SFT start on the same held-out items: items fixed / broken and the exact McNemar p-value
+(launch/eval_stats.py), with the count of seeds significant at p < 0.01 (issue 19's bar).
 
 Budgets are CPU seconds of the whole process tree (driver, local Ray, every actor) by default: other jobs on a
 shared machine slow a run's wall clock but not its CPU time, so invocations run side by side stay comparable
@@ -29,6 +31,8 @@ import logging
 import os
 import time
 from pathlib import Path
+
+from launch.budget import tree_cpu_seconds  # the CPU clock of a recipe's trainer.budget (light: psutil only)
 
 REPO = Path(__file__).resolve().parents[1]
 # Toy tasks the benchmark can run: generator parameters, the verifier as reward, the response budget, the SFT run.
@@ -120,14 +124,18 @@ COMMON = {
 }
 
 
-def task_sections(task: str) -> dict:
+def task_sections(task: str, data_seed: int = 0) -> dict:
+    """The task's data, reward and response budget. The generator's seed is the SFT run's (`data_seed`), whatever
+    the RL seed: with the RL seed instead, runs with --rl-seeds 1,2 trained on about half of the held-out problems
+    (countdown 5000/200: 95 and 100 of the 200 test problems are in the seed-1 / seed-2 training splits)."""
     setup = SETUPS[task]
-    return {"data": {"task": task, "task_kwargs": setup["task_kwargs"]}, "reward": [setup["reward"]],
+    return {"data": {"task": task, "task_kwargs": setup["task_kwargs"], "task_seed": data_seed},
+            "reward": [setup["reward"]],
             "rollout": {"max_tokens": setup["max_tokens"]}}
 
 
 def build_recipe(name: str, task: str, sft_dir: Path, out_dir: Path, seed: int, overrides: dict,
-                 run_name: str | None = None):
+                 run_name: str | None = None, data_seed: int = 0):
     from launch.recipe import recipe_from_dict
     from launch.recipe_io import deep_merge, read_chain
 
@@ -137,27 +145,10 @@ def build_recipe(name: str, task: str, sft_dir: Path, out_dir: Path, seed: int, 
     merged["model"] = {"path": str(sft_dir), "kind": "block", "dtype": "float32"}
     merged.pop("algorithm", None)
     merged.pop("estimator", None)
-    for section in (COMMON, task_sections(task), ALGOS[name.split("@")[0]], overrides):
+    for section in (COMMON, task_sections(task, data_seed), ALGOS[name.split("@")[0]], overrides):
         merged = deep_merge(merged, json.loads(json.dumps(section)))
     merged.update(name=(run_name or name).replace("@", "-").replace("#", "-"), seed=seed, output_dir=str(out_dir))
     return recipe_from_dict(merged, source=f"learning benchmark {name}")
-
-
-def tree_cpu_seconds() -> float:
-    """CPU seconds (user + system) of this process and every live descendant: the local Ray cluster's raylet, GCS
-    and worker processes (rollout, learner, reward actors) are all started below the driver. Unlike wall clock it
-    does not grow when other jobs share the machine, so budgets stay comparable across runs."""
-    import psutil
-
-    total = 0.0
-    me = psutil.Process()
-    for proc in [me, *me.children(recursive=True)]:
-        try:
-            times = proc.cpu_times()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):  # exited between listing and reading: its time is lost
-            continue
-        total += times.user + times.system
-    return total
 
 
 def run_rl(recipe, budget_s: float, clock: str = "cpu", log_every: int = 5) -> dict:
@@ -193,9 +184,11 @@ def run_rl(recipe, budget_s: float, clock: str = "cpu", log_every: int = 5) -> d
 
 
 def heldout(policy_dir: str | Path, task: str, seed: int, limit: int) -> dict:
-    """Greedy accuracy on the task's test split, static (1 token per forward) and dynamic (threshold 0.9), and the
-    rollout distribution's accuracy (temperature 1, 4 samples per problem)."""
-    from launch.evaluate import EvalRun, run_eval
+    """Greedy accuracy on the task's test split, static (1 token per forward) and dynamic (threshold 0.9), each
+    with its per-item correctness (`items`: id -> 0/1, for paired comparisons), and the rollout distribution's
+    accuracy (temperature 1, 4 samples per problem). Items the checkpoint trained on are refused (launch/heldout)."""
+    from launch.evaluate import (EvalRun, checkpoint_name, evaluate_sets, load_checkpoint_policy, load_eval_sets,
+                                 run_eval)
 
     out = {}
     common = dict(data=[task], task_kwargs=SETUPS[task]["task_kwargs"], task_seed=seed, limit=limit,
@@ -203,9 +196,11 @@ def heldout(policy_dir: str | Path, task: str, seed: int, limit: int) -> dict:
     for decoding in ("static", "dynamic"):
         rollout = {"remasking": f"low_confidence_{decoding}", "threshold": 0.9 if decoding == "dynamic" else None,
                    "temperature": 0.0, "batch_size": 32}
-        s = run_eval(str(policy_dir), EvalRun(rollout=rollout, **common), progress=False)[0]
+        run = EvalRun(rollout=rollout, **common)
+        ((s, rows),) = evaluate_sets(load_checkpoint_policy(str(policy_dir), run), load_eval_sets(str(policy_dir), run),
+                                     run, checkpoint_name=checkpoint_name(str(policy_dir)), progress=False)
         out[decoding] = {"accuracy": s["avg@1"], "tokens_per_forward": s["tokens_per_forward"],
-                         "gen_wall_s": s["gen_wall_s"]}
+                         "gen_wall_s": s["gen_wall_s"], "items": {r["id"]: r["num_correct"] for r in rows}}
     sampled = EvalRun(n=4, k=(1, 4), rollout={"temperature": 1.0, "batch_size": 32}, **common)
     s = run_eval(str(policy_dir), sampled, progress=False)[0]
     out["sampled"] = {"avg@4": s["avg@4"], "pass@4": s["pass@4"]}
@@ -245,24 +240,44 @@ def plot(results: dict, task: str, path: Path) -> None:
     plt.close(fig)
 
 
-def _row(name: str, steps: str, minutes: str, res: dict, before: float | None) -> str:
+def paired_static(name: str, res: dict, sft: dict):
+    """The paired comparison (launch/eval_stats.py: flips, exact McNemar p, bootstrap CI seeded by the run's RL
+    seed) of a run's static greedy held-out items with its SFT start's on the same items; None for results saved
+    before per-item scores were kept."""
+    from launch.eval_stats import compare_paired
+
+    base = sft["block1" if "@block1" in name else "block4"]["static"].get("items")
+    after = res["after"]["static"].get("items")
+    if not base or not after:
+        return None
+    return compare_paired(base, after, seed=int(res.get("rl_seed", 0)), what=f"run {name}")
+
+
+def _paired_cell(cmp) -> str:
+    return "-" if cmp is None else f"{cmp.fixed} / {cmp.broken}, p = {cmp.p_value:.2g}"
+
+
+def _row(name: str, steps: str, minutes: str, res: dict, before: float | None, paired: str = "-") -> str:
     st, dy, sa = res["static"], res["dynamic"], res["sampled"]
     gain = "-" if before is None else f"{100 * (st['accuracy'] - before):+.1f}"
     return (f"| {name} | {steps} | {minutes} | {100 * st['accuracy']:.1f} | {100 * dy['accuracy']:.1f} "
-            f"({dy['tokens_per_forward']:.2f}) | {100 * sa['avg@4']:.1f} / {100 * sa['pass@4']:.1f} | {gain} |")
+            f"({dy['tokens_per_forward']:.2f}) | {100 * sa['avg@4']:.1f} / {100 * sa['pass@4']:.1f} | {gain} | "
+            f"{paired} |")
 
 
 def table(results: dict, sft: dict) -> str:
     lines = ["| run | RL steps | RL CPU min (wall) | held-out greedy, static | dynamic (tokens/forward) | "
-             "T=1 avg@4 / pass@4 | gain (static) |", "|---|---|---|---|---|---|---|"]
+             "T=1 avg@4 / pass@4 | gain (static) | fixed / broken, exact McNemar p |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, base in sft.items():
         lines.append(_row(f"SFT ({name})", "-", "-", base, None))
     for name, res in results.items():
         if "after" not in res:
-            lines.append(f"| {name} | failed: {res.get('error', '?')[:80]} | | | | | |")
+            lines.append(f"| {name} | failed: {res.get('error', '?')[:80]} | | | | | | |")
             continue
         before = sft["block1" if "@block1" in name else "block4"]["static"]["accuracy"]
-        lines.append(_row(name, str(res["steps"]), f"{res.get('cpu_s', 0) / 60:.1f} ({res['wall_s'] / 60:.1f})", res["after"], before))
+        lines.append(_row(name, str(res["steps"]), f"{res.get('cpu_s', 0) / 60:.1f} ({res['wall_s'] / 60:.1f})",
+                          res["after"], before, _paired_cell(paired_static(name, res, sft))))
     return "\n".join(lines)
 
 
@@ -279,9 +294,10 @@ def seed_table(results: dict, sft: dict) -> str:
     for name, res in results.items():
         if "after" in res:
             lr = res.get("overrides", {}).get("learner", {}).get("lr", COMMON["learner"]["lr"])
-            groups.setdefault((name.split("#")[0], lr), []).append(res)
+            groups.setdefault((name.split("#")[0], lr), []).append({**res, "_name": name})
     lines = ["| algorithm | lr | seeds | RL steps (mean) | held-out static, mean +- sd | gain: mean +- sd "
-             "[min..max] | dynamic (tokens/forward) | T=1 avg@4 |", "|---|---|---|---|---|---|---|---|"]
+             "[min..max] | dynamic (tokens/forward) | T=1 avg@4 | per seed: gain (fixed / broken, exact McNemar p) "
+             "| seeds with p < 0.01 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (base, lr), runs in groups.items():
         before = sft["block1" if "@block1" in base else "block4"]["static"]["accuracy"]
         acc = [100 * r["after"]["static"]["accuracy"] for r in runs]
@@ -291,9 +307,14 @@ def seed_table(results: dict, sft: dict) -> str:
         tpf = _mean_sd([r["after"]["dynamic"]["tokens_per_forward"] for r in runs])[0]
         avg4 = _mean_sd([100 * r["after"]["sampled"]["avg@4"] for r in runs])[0]
         steps = _mean_sd([float(r["steps"]) for r in runs])[0]
+        paired = [paired_static(r["_name"], r, sft) for r in runs]
+        per_seed = "; ".join(f"s{r.get('rl_seed', '?')}: {g:+.1f}" + (f" ({c.fixed} / {c.broken}, p = {c.p_value:.2g})"
+                                                                     if c is not None else "")
+                             for r, g, c in zip(runs, gain, paired))
+        significant = "-" if any(c is None for c in paired) else f"{sum(c.p_value < 0.01 for c in paired)}/{len(runs)}"
         lines.append(f"| {base} | {lr:.0e} | {len(runs)} | {steps:.0f} | "
                      f"{am:.1f} +- {asd:.1f} | {gm:+.1f} +- {gsd:.1f} [{min(gain):+.1f}..{max(gain):+.1f}] | "
-                     f"{dyn:.1f} ({tpf:.2f}) | {avg4:.1f} |")
+                     f"{dyn:.1f} ({tpf:.2f}) | {avg4:.1f} | {per_seed} | {significant} |")
     return "\n".join(lines)
 
 
@@ -395,7 +416,7 @@ def main() -> None:
 
             shutil.rmtree(run_dir)
         try:
-            recipe = build_recipe(name, args.task, sft_dir, run_dir, rl_seed, extra, run_name=key)
+            recipe = build_recipe(name, args.task, sft_dir, run_dir, rl_seed, extra, run_name=key, data_seed=args.seed)
             res = run_rl(recipe, args.budget_min * 60, args.clock)
             res["after"] = heldout(res["policy"], args.task, args.seed, args.eval_items)
         except Exception as err:  # noqa: BLE001 - one algorithm failing must not lose the others' results

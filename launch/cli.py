@@ -5,6 +5,7 @@
     diffrl resume RUN_DIR [key=value ...]          continue from the run's latest checkpoint, exactly
     diffrl eval CKPT --data FILE [--k N] [--decoding static|dynamic] [--reward auto|recipe|builtin]
                                                    accuracy of a checkpoint on a data file, scored by reward functions
+    diffrl eval CKPT --baseline OTHER --data FILE  paired before/after: flips, exact McNemar p, bootstrap CI
     diffrl status [RUNS_DIR]                       runs under runs/: state, step, last metrics
 
 Bad input (recipe, data, checkpoint, reward) ends with one line `diffrl: error: ...` naming the field or file and
@@ -28,6 +29,7 @@ EXIT_BAD_INPUT = 2
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean "bad input": reported as one line, no traceback."""
     from launch.data import DataError
+    from launch.eval_stats import ItemSetMismatch
     from launch.preflight import PreflightError
     from launch.recipe import RecipeError
     from launch.submit import SubmitError
@@ -36,7 +38,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     # FileExistsError: an output directory that would be overwritten (sft, eval) is refused, never clobbered.
     errors: list[type[BaseException]] = [RecipeError, DataError, CheckpointError, StoreError, SubmitError,
-                                         PreflightError, FileExistsError]
+                                         PreflightError, FileExistsError, ItemSetMismatch]
     from rollout.models.spec import ModelLoadError
 
     errors.append(ModelLoadError)
@@ -116,10 +118,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """A seam over the evaluation harness (launch/evaluate.py): resolve CKPT, build the typed EvalRun from the
     checkpoint's own recipe when there is one (its rollout, model, data and reward sections) and the flags, hand over."""
+    policy_dir = policy_dir_of(Path(args.checkpoint))
+    run = eval_run(args, _recipe_of(policy_dir), policy_dir)
+    if args.baseline is not None:  # the same items, decoding and seeds for both: a paired comparison
+        from launch.evaluate_paired import run_paired_eval
+
+        baseline_dir = policy_dir_of(Path(args.baseline))
+        run_paired_eval(str(policy_dir), str(baseline_dir), run, progress=not args.quiet)
+        return 0
     from launch.evaluate import run_eval
 
-    policy_dir = policy_dir_of(Path(args.checkpoint))
-    run_eval(str(policy_dir), eval_run(args, _recipe_of(policy_dir), policy_dir), progress=not args.quiet)
+    run_eval(str(policy_dir), run, progress=not args.quiet)
     return 0
 
 
@@ -144,12 +153,14 @@ def eval_run(args: argparse.Namespace, trained: dict | None, policy_dir: Path):
     changes: dict = {
         "rollout": run.rollout.model_copy(update=rollout), "n": args.k, "k": args.k, "limit": args.limit,
         "seed": args.seed, "out": args.out, "chat_template": False if args.no_chat_template else run.chat_template,
-        "format": args.format or "prompt",
+        "format": args.format or "prompt", "overlap": args.overlap,
         "max_tokens": args.max_tokens or run.max_tokens,
         "prompt_field": args.prompt_field or (data.get("prompt_field") if own_fields else None),
         "answer_field": args.answer_field or (data.get("answer_field") if own_fields else None)}
     if data.get("task") and data.get("task") == args.data:  # the held-out split of the task trained on
-        changes.update(task_kwargs=data.get("task_kwargs") or {}, task_seed=int((trained or {}).get("seed", 0)))
+        task_seed = data.get("task_seed")  # data.task_seed, else the run's seed (launch.data.task_seed_of)
+        changes.update(task_kwargs=data.get("task_kwargs") or {},
+                       task_seed=int((trained or {}).get("seed", 0) if task_seed is None else task_seed))
     reward = eval_rewards(trained, args.reward, own)
     changes.update(reward=reward, reward_base_dir=str(policy_dir.parent) if reward is not None else None)
     return EvalRun.model_validate({**run.model_dump(), **changes})
@@ -271,6 +282,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{run.name}: {state}; step {last.get('step', 0)}/{total}; checkpoint {ckpt}")
         if last:
             print("  " + summary_line(int(last.get("step", 0)), total, last))
+        if info.get("stop_reason") and state == "finished":
+            print(f"  stopped: {info['stop_reason']}")
         if info.get("error"):  # one line, escape codes stripped (older runs stored Ray's coloured tracebacks)
             print(f"  error: {one_line(info['error'], 300)}")
     return 0
@@ -354,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="first N rows only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for per-sample results and summary.json")
+    p.add_argument("--baseline", default=None, metavar="CKPT",
+                   help="also evaluate this checkpoint (e.g. the SFT start) on the same items and seeds: per-item "
+                        "flips, exact McNemar p-value, paired bootstrap CI (writes <out>/paired.json)")
+    p.add_argument("--overlap", choices=("refuse", "drop", "allow"), default="refuse",
+                   help="items whose prompt the checkpoint was trained on (its recipe's data, its SFT data): refuse "
+                        "(default), drop them, or allow them (then not a held-out figure)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
 

@@ -176,8 +176,15 @@ def encode_prompt(tokenizer, text: str, *, chat_template: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def task_seed_of(data_cfg, seed: int) -> int:
+    """The toy-task generator's seed: data.task_seed, else the run's seed."""
+    task_seed = getattr(data_cfg, "task_seed", None)
+    return int(seed if task_seed is None else task_seed)
+
+
 def load_prompts(data_cfg, tokenizer, *, split: str = "train", seed: int = 0) -> list[Prompt]:
-    """The prompts of `split` ("train" or "eval") from the recipe's data section, encoded with `tokenizer`.
+    """The prompts of `split` ("train" or "eval") from the recipe's data section, encoded with `tokenizer`; a toy
+    task is generated with data.task_seed, else `seed`.
 
     Prompts longer than data.max_prompt_tokens are left out (counted in a warning); none left is an error.
     """
@@ -185,7 +192,7 @@ def load_prompts(data_cfg, tokenizer, *, split: str = "train", seed: int = 0) ->
         from rl.tasks import TaskError, make_task
 
         try:
-            items = make_task(data_cfg.task, seed=seed, **data_cfg.task_kwargs).items(split)
+            items = make_task(data_cfg.task, seed=task_seed_of(data_cfg, seed), **data_cfg.task_kwargs).items(split)
         except TaskError as err:
             raise DataError(str(err)) from None
         where = f"data.task {data_cfg.task!r}"

@@ -28,7 +28,9 @@ from pathlib import Path
 
 import torch
 
+from launch.budget import RunBudget
 from launch.data import Prompt, PromptSampler, reward_item
+from launch.diagnostics import probe_metrics, probe_requests
 from launch.decoding import decode_block, sampling_params
 from launch.driver_roles import RolloutPool, make_learner, make_reward_service
 from launch.driver_setup import (RunContext, create_placement_group, host, placement_plan, prepare_run,
@@ -53,6 +55,7 @@ class RunResult:
     steps: int
     run_dir: Path
     metrics: dict = field(default_factory=dict)
+    stop_reason: str = ""  # "total_steps: ..." or "budget: ..." (trainer.budget)
 
 
 @dataclass
@@ -84,7 +87,7 @@ def run_training(recipe, *, resume: Checkpoint | None = None, progress: bool = T
             state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
             write_run_status(ctx.run_dir, status=state, error=failure_line(err))
             raise
-        write_run_status(ctx.run_dir, status="finished", step=result.steps)
+        write_run_status(ctx.run_dir, status="finished", step=result.steps, stop_reason=result.stop_reason)
         return result
     finally:
         ctx.release()
@@ -120,6 +123,8 @@ class Driver:
         self._last_saved = 0
         self._checkpoint_s = 0.0  # seconds the last checkpoint took (logged with the next step)
         self.sampler_position = 0  # data cursor of the last batch trained on
+        budget = r.trainer.budget
+        self.budget = RunBudget(budget.minutes, budget.clock) if budget is not None else None
         if resume is not None:
             self._restore(resume)
         self.metrics = MetricsLogger(ctx.run_dir, backends=r.trainer.log, run_name=r.name, config=r.to_dict())
@@ -206,6 +211,8 @@ class Driver:
         if every and (step % every == 0 or step == self.recipe.trainer.total_steps):  # always at the end
             metrics.update(self.evaluate())
         metrics["time/step_s"] = time.perf_counter() - started
+        if self.budget is not None:
+            metrics["budget/spent_min"] = self.budget.spent_s() / 60
         metrics["time/last_checkpoint_s"] = self._checkpoint_s
         self.metrics.log(step, metrics)  # before the checkpoint: a checkpoint never points past the metrics
         if self._checkpoint_due(step):
@@ -275,22 +282,27 @@ class Driver:
         return {f"adv/{k}": float(v) for k, v in result.metrics.items()}
 
     def evaluate(self) -> dict:
-        """Greedy decoding of the held-out prompts with the current weights; accuracy and mean reward."""
-        prompts = self.ctx.eval_prompts
-        if self.recipe.trainer.mode == "sync" and self.rollout.version != self.step:
+        """Greedy decoding of the held-out prompts with the current weights; accuracy and mean reward. With
+        trainer.probe_items, also greedy vs sampled accuracy on a fixed probe set (launch/diagnostics.py)."""
+        prompts, t = self.ctx.eval_prompts, self.recipe.trainer
+        if t.mode == "sync" and self.rollout.version != self.step:
             self.rollout.sync(self.learner, self.step)
         greedy = sampling_params(self.recipe.rollout, block_size=decode_block(self.recipe), greedy=True)
-        requests = [GenerationRequest(list(p.prompt_ids), greedy, seed=0, request_id=f"eval-p{p.index}")
+        requests = [(p, GenerationRequest(list(p.prompt_ids), greedy, seed=0, request_id=f"eval-p{p.index}"))
                     for p in prompts]
-        trajectories = self.rollout.generate(requests)
+        requests += probe_requests(prompts, self.sampling, seed=self.recipe.seed, items=t.probe_items,
+                                   samples=t.probe_samples)
+        trajectories = self.rollout.generate([request for _, request in requests])
         tok = self.ctx.tokenizer
-        items = [self._reward_item(p, tok.decode(t.response_ids[:t.valid_length].tolist(), skip_special_tokens=True),
-                                   t.valid_length) for p, t in zip(prompts, trajectories, strict=True)]
-        results = self.rewards.score(items)
+        items = [self._reward_item(p, tok.decode(tr.response_ids[:tr.valid_length].tolist(), skip_special_tokens=True),
+                                   tr.valid_length) for (p, _), tr in zip(requests, trajectories, strict=True)]
+        scored = self.rewards.score(items)
+        results, probe = scored[:len(prompts)], scored[len(prompts):]
         correct = sum(r["reason"] == "correct" for r in results)
         return {"eval/accuracy": correct / len(results), "eval/reward": sum(r["score"] for r in results) / len(results),
                 "eval/version": self.rollout.version, "eval/num_prompts": len(results),
-                **{f"eval/{k.removeprefix('reward/')}": v for k, v in reward_summary(results).items()}}
+                **{f"eval/{k.removeprefix('reward/')}": v for k, v in reward_summary(results).items()},
+                **probe_metrics(results[:t.probe_items], probe, t.probe_samples)}
 
     # ========================================================================================= the two loops
     def fit(self) -> RunResult:
@@ -298,12 +310,14 @@ class Driver:
         total = r.trainer.total_steps
         bar = _bar(total, self.step, self.progress)
         last: dict = {}
+        if self.budget is not None:
+            self.budget.start()  # counts from here: not the start of Ray and the actors
         if r.trainer.eval_every and self.step == 0:  # held-out accuracy before training: the summary's "before"
             row = self.metrics.log(0, self.evaluate())
             _say(bar, f"step 0/{total} | held-out acc {row['eval/accuracy']:.2f} (before training)")
         try:
             if r.trainer.mode == "sync":
-                while self.step < total:
+                while self.step < total and not self._out_of_budget():
                     last = self.train_step(self.step + 1)
                     _report(bar, summary_line(self.step, total, last))
             else:
@@ -314,7 +328,14 @@ class Driver:
         if self._last_saved != self.step:
             self.save(self.step, self.sampler_position)
         plot_curves(self.ctx.run_dir / "metrics.jsonl", self.ctx.run_dir / "curves.png")
-        return RunResult(True, self.step, self.ctx.run_dir, last)
+        reason = (self.budget.reason(self.step, total) if self.step < total and self.budget is not None
+                  else f"total_steps: {self.step} of {total} steps done")
+        log.debug("run stopped: %s", reason)  # the closing summary and run.json say it to the user
+        return RunResult(True, self.step, self.ctx.run_dir, last, stop_reason=reason)
+
+    def _out_of_budget(self) -> bool:
+        """trainer.budget spent (checked at step boundaries only: a step is never cut short)."""
+        return self.budget is not None and self.budget.exhausted()
 
     def _fit_async(self, total: int, bar) -> dict:
         """Producer thread: sync + steps 2-4 for the batch of step m, started once the learner reached version
@@ -359,7 +380,7 @@ class Driver:
         producer.start()
         last: dict = {}
         try:
-            while self.step < total:
+            while self.step < total and not self._out_of_budget():
                 started = time.perf_counter()
                 item = ready.get()
                 if item is None:
@@ -388,7 +409,8 @@ class Driver:
 
         data = {**self.sampler.state_dict(), "position": data_position}
         state = {"version": step, "data": data, "store": ray.get(self.store.state_dict.remote()),
-                 "counters": dict(self.counters)}
+                 "counters": dict(self.counters),
+                 **({"budget": self.budget.state_dict()} if self.budget is not None else {})}
         # The learner ranks write their own shards into the unpublished step directory; what comes back here is
         # file entries for the manifest and the layout, never tensors.
         writers = {"policy": lambda d: self.learner.save_policy(str(d)),
@@ -419,6 +441,8 @@ class Driver:
         self.step = self._last_saved = ckpt.step
         self.sampler_position = self.sampler.position
         self.counters.update(ckpt.state.get("counters", {}))
+        if self.budget is not None:
+            self.budget.restore(ckpt.state.get("budget"))  # what the earlier run spent counts
         self.rollout.version = -1  # never equal to a step: version `step` is synced before the first generation
         moved = rewind_metrics(self.ctx.run_dir, ckpt.step)
         log.info("resumed from %s (step %d; %d later metric rows moved aside)", ckpt.path, ckpt.step, moved)

@@ -168,6 +168,7 @@ def prepare_run(recipe: Recipe, *, resume=None, recipe_dir: Path | None = None) 
         eval_prompts: list[Prompt] = []
         if recipe.trainer.eval_every:
             eval_prompts = load_prompts(recipe.data, tokenizer, split="eval", seed=recipe.seed)
+            eval_prompts = _held_out(recipe, prompts, eval_prompts, initial_dir)
         specs = _check_rewards(recipe, prompts[0], recipe_dir)
         if resume is None:
             save_recipe(recipe, run_dir / "recipe.yaml")
@@ -176,6 +177,22 @@ def prepare_run(recipe: Recipe, *, resume=None, recipe_dir: Path | None = None) 
         raise
     return RunContext(recipe, run_dir, start_dir, tokenizer, prompts, eval_prompts, initial_dir, recipe_dir, specs,
                       claim)
+
+
+def _held_out(recipe: Recipe, prompts: list[Prompt], eval_prompts: list[Prompt], initial_dir: Path) -> list[Prompt]:
+    """The evaluation prompts that are neither this run's training prompts nor its starting model's SFT data
+    (`sft.json`), as data.eval_overlap says (launch/heldout.py)."""
+    from launch.heldout import check_heldout, training_sources
+
+    where = f"data.eval {recipe.data.eval}" if recipe.data.task is None else f"data.task {recipe.data.task!r} test split"
+    key = None
+    if recipe.data.task is not None:
+        from rl.tasks import TASKS
+
+        key = TASKS[recipe.data.task].prompt_key  # one problem however its prompt is spelled
+    sources = [("data.train", [p.text for p in prompts], key), *training_sources(None, initial_dir)]
+    keep = check_heldout([p.text for p in eval_prompts], sources, overlap=recipe.data.eval_overlap, where=where)
+    return [eval_prompts[i] for i in keep]
 
 
 def _tokenizer(policy_dir: Path):

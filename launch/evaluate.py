@@ -106,6 +106,9 @@ class EvalRun(Section):
     device: str = "cpu"
     out: str | None = None  # folder for per-sample rows and summary.json
     print_table: bool = True
+    # Items whose prompt the checkpoint was trained on (its run's data, its SFT data; launch/heldout.py): refuse,
+    # drop them, or allow them (a warning says the figure is then not a held-out one).
+    overlap: Literal["refuse", "drop", "allow"] = "refuse"
 
     @field_validator("data", mode="before")
     @classmethod
@@ -347,13 +350,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
 
 
-def run_eval(checkpoint, run: EvalRun, *, progress: bool = True) -> list[dict]:
-    """Evaluate `checkpoint` (a directory, or a loaded DiffusionPolicy) on each of `run.data`; return the summaries.
-
-    run.task_kwargs / task_seed parameterise a built-in toy task's generator, whose test split must be the held-out
-    split of the training data: when not given, they are read from the checkpoint's `sft.json` if it trained on
-    that task (else the generator's defaults and seed 0). `run.seed` only seeds the sampling.
-    """
+def load_checkpoint_policy(checkpoint, run: EvalRun):
+    """A checkpoint directory loaded as `run.model` says, or an in-memory DiffusionPolicy checked against it."""
     import torch
 
     from rollout.devices import default_dtype
@@ -362,42 +360,96 @@ def run_eval(checkpoint, run: EvalRun, *, progress: bool = True) -> list[dict]:
     model = run.model
     if isinstance(checkpoint, (str, Path)):
         dtype = model.dtype or default_dtype(on_accelerator=run.device != "cpu")
-        policy = load_policy(checkpoint, kind=None if model.kind == "auto" else model.kind,
-                             block_size=model.block_size, dtype=getattr(torch, dtype), device=run.device,
-                             attn_implementation=model.attn_implementation,
-                             trust_remote_code=model.trust_remote_code, block_alignment=model.block_alignment)
-    else:
-        policy = checkpoint
-        if model.block_size is not None and model.block_size != policy.spec.block_size:
-            raise ValueError("--block-size: pass a checkpoint directory to decode with another block size")
-    # Load (and check) every dataset before any generation: bad input fails before minutes of decoding.
+        return load_policy(checkpoint, kind=None if model.kind == "auto" else model.kind,
+                           block_size=model.block_size, dtype=getattr(torch, dtype), device=run.device,
+                           attn_implementation=model.attn_implementation,
+                           trust_remote_code=model.trust_remote_code, block_alignment=model.block_alignment)
+    if model.block_size is not None and model.block_size != checkpoint.spec.block_size:
+        raise ValueError("--block-size: pass a checkpoint directory to decode with another block size")
+    return checkpoint
+
+
+def checkpoint_training_sources(checkpoint) -> list[tuple]:
+    """What a checkpoint directory says it was trained on (its run's recipe beside it, sft.json); nothing for an
+    in-memory policy."""
+    from launch.heldout import training_sources
+
+    if not isinstance(checkpoint, (str, Path)):
+        return []
+    policy_dir = Path(checkpoint)
+    recipe_file = policy_dir.parent / "recipe.yaml"
+    recipe = None
+    if policy_dir.name == "policy" and recipe_file.is_file():
+        import yaml
+
+        recipe = yaml.safe_load(recipe_file.read_text())
+    return training_sources(recipe, policy_dir)
+
+
+def load_eval_sets(checkpoint, run: EvalRun, sources: Sequence[tuple] | None = None) -> list[EvalSet]:
+    """Every dataset of `run.data`, read and checked before any generation (bad input fails before minutes of
+    decoding), with the items the checkpoint trained on refused / dropped / allowed as `run.overlap` says.
+    `sources`: the training prompts to check against (default: what `checkpoint`'s directory records)."""
+    from launch.evaluate_data import MATH_SUFFIX
+    from launch.heldout import check_heldout
+
+    sources = checkpoint_training_sources(checkpoint) if sources is None else sources
     evalsets = []
     for d in run.data:
         kwargs, t_seed = _task_params(checkpoint, d, run.task_kwargs, run.task_seed)
-        evalsets.append(load_eval_set(d, limit=run.limit, prompt_field=run.prompt_field, format=run.format,
-                                      answer_field=run.answer_field, task_kwargs=kwargs, seed=t_seed))
+        evalset = load_eval_set(d, limit=run.limit, prompt_field=run.prompt_field, format=run.format,
+                                answer_field=run.answer_field, task_kwargs=kwargs, seed=t_seed)
+        if sources:
+            texts = [item.prompt.removesuffix(MATH_SUFFIX) for item in evalset.items]
+            keep = check_heldout(texts, sources, overlap=run.overlap, where=f"--data {d}")
+            evalset.items = [evalset.items[i] for i in keep]
+        evalsets.append(evalset)
+    return evalsets
+
+
+def evaluate_sets(policy, evalsets: Sequence[EvalSet], run: EvalRun, *, checkpoint_name: str,
+                  progress: bool = True) -> list[tuple[dict, list[dict]]]:
+    """(summary, per-item rows) of each eval set, generated with `policy` and scored as `run` says."""
     responder = policy_responder(policy, run, progress=progress)
     reward = [spec.model_dump() for spec in run.reward] if run.reward is not None else None
-    out_dir = Path(run.out) if run.out else None
-    if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    summaries = []
+    out = []
     for evalset in evalsets:
         summary, rows = evaluate(evalset, responder, n=run.n, k=run.k, workers=run.workers,
                                  test_timeout_s=run.test_timeout_s, reward=reward,
                                  reward_base_dir=run.reward_base_dir)
-        summary.update(checkpoint=str(checkpoint) if isinstance(checkpoint, (str, Path)) else "<in memory>",
-                       decoding=run.rollout.remasking, temperature=run.rollout.temperature,
+        summary.update(checkpoint=checkpoint_name, decoding=run.rollout.remasking, temperature=run.rollout.temperature,
                        block_size=policy.spec.block_size, seed=run.seed,
                        reward=[spec["fn"] for spec in reward] if reward is not None else "built-in")
-        summaries.append(summary)
         if summary["generation_errors"]:
             first = next(r for row in rows for r in row["finish_reasons"] if r.startswith("error"))
             log.warning("eval %s: %d samples failed to generate (first: %s)", evalset.name,
                         summary["generation_errors"], first)
-        if out_dir:
-            _write_jsonl(out_dir / f"{evalset.name}.jsonl", rows)
+        out.append((summary, rows))
+    return out
+
+
+def checkpoint_name(checkpoint) -> str:
+    return str(checkpoint) if isinstance(checkpoint, (str, Path)) else "<in memory>"
+
+
+def run_eval(checkpoint, run: EvalRun, *, progress: bool = True) -> list[dict]:
+    """Evaluate `checkpoint` (a directory, or a loaded DiffusionPolicy) on each of `run.data`; return the summaries.
+
+    run.task_kwargs / task_seed parameterise a built-in toy task's generator, whose test split must be the held-out
+    split of the training data: when not given, they are read from the checkpoint's `sft.json` if it trained on
+    that task (else the generator's defaults and seed 0). `run.seed` only seeds the sampling. Items the checkpoint
+    was trained on are refused unless `run.overlap` says otherwise (launch/heldout.py).
+    """
+    policy = load_checkpoint_policy(checkpoint, run)
+    evalsets = load_eval_sets(checkpoint, run)
+    out_dir = Path(run.out) if run.out else None
     if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    results = evaluate_sets(policy, evalsets, run, checkpoint_name=checkpoint_name(checkpoint), progress=progress)
+    summaries = [summary for summary, _ in results]
+    if out_dir:
+        for evalset, (_, rows) in zip(evalsets, results, strict=True):
+            _write_jsonl(out_dir / f"{evalset.name}.jsonl", rows)
         atomic_write(out_dir / "summary.json", json.dumps(summaries, indent=2) + "\n")
     if run.print_table:
         print(format_table(summaries))

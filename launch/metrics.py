@@ -169,10 +169,15 @@ def moving_average(values: list[float], window: int) -> list[float]:
 
 PLOT_PANELS = (  # (title, y label, keys drawn in it)
     ("training reward", "mean reward of the step's samples", ("reward/mean",)),
-    ("accuracy", "fraction correct", ("reward/accuracy", "eval/accuracy")),
+    ("accuracy", "fraction correct", ("reward/accuracy", "eval/accuracy", "eval/probe/sampled_accuracy")),
+    ("learning signal", "fraction", ("adv/frac_groups_zero_std", "learner/clipfrac")),
+    ("policy entropy", "nats per scored token", ("learner/entropy",)),
 )
 _LABELS = {"reward/mean": "training reward", "reward/accuracy": "training accuracy (sampled)",
-           "eval/accuracy": "held-out accuracy (greedy)"}
+           "eval/accuracy": "held-out accuracy (greedy)",
+           "eval/probe/sampled_accuracy": "probe accuracy (sampled, fixed seeds)",
+           "adv/frac_groups_zero_std": "groups with zero reward variance", "learner/clipfrac": "clipped tokens",
+           "learner/entropy": "policy entropy"}
 
 
 def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> Path | None:
@@ -193,8 +198,12 @@ def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> 
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
-    for ax, (title, ylabel, series) in zip(axes[0], panels, strict=True):
+    cols = min(2, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, ylabel, series) in zip(axes.flat, panels):
         for i, (key, points) in enumerate(series.items()):
             steps, values = zip(*points)
             color = f"C{i}"
@@ -228,6 +237,10 @@ def closing_summary(run_dir: str | os.PathLike, window: int = 3) -> str:
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir / METRICS_FILE)
     lines = [f"run finished: {run_dir}"]
+    status = run_dir / "run.json"
+    stop_reason = json.loads(status.read_text()).get("stop_reason") if status.is_file() else None
+    if stop_reason:
+        lines.append(f"  stopped:    {stop_reason}")
     rewarded = [r for r in rows if isinstance(r.get("reward/mean"), (int, float))]
     if rewarded:
         first, last = rewarded[:window], rewarded[-window:]

@@ -159,7 +159,14 @@ class DataSection(Section):
     train: str | None = None  # .jsonl / .json / .parquet
     task: Literal["arithmetic", "countdown", "sudoku"] | None = None  # generated toy task instead of a file
     task_kwargs: dict[str, Any] = {}  # passed to the toy task generator
+    # The generator's seed (which problems are train and which held out); None: the recipe's seed. Runs compared
+    # across RL seeds, or RL after an SFT run, must share it, or one run's training problems are another's
+    # held-out ones.
+    task_seed: int | None = Field(None, ge=0)
     eval: str | None = None
+    # Held-out prompts that are also training prompts (normalised text; launch/heldout.py): refuse the run, drop
+    # them from the evaluation (logged), or allow them (logged: the eval figure is then not a held-out one).
+    eval_overlap: Literal["refuse", "drop", "allow"] = "refuse"
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     chat_template: bool = True
@@ -193,6 +200,7 @@ class LearnerSection(Section):
     zero_stage: Literal[2, 3] | None = None  # DeepSpeed ZeRO stage; None -> 2 with backend deepspeed (torch: unused)
     bf16: bool = False  # mixed precision in the learner
     offload_optimizer: bool = False  # DeepSpeed ZeRO-Offload: optimizer state and step in host memory
+    log_entropy: bool = True  # learner/entropy: mean predictive entropy at the scored tokens (one exp per logit)
     reference_model: bool | None = None  # None -> needed by the algorithm (beta > 0 with kl_reference "ref")
 
 
@@ -206,8 +214,17 @@ class ResourcesSection(Section):
     reward_workers: int = Field(2, ge=1)  # reward worker processes at most (one CPU each while the cluster has them)
 
 
+class BudgetSection(Section):
+    """Stop at the first step boundary past `minutes` of `clock` (launch/budget.py): cpu = CPU time of the driver's
+    process tree (the local Ray cluster and its actors), wall = wall clock. A resume counts what was spent."""
+
+    minutes: float = Field(gt=0, allow_inf_nan=False)
+    clock: Literal["cpu", "wall"] = "cpu"
+
+
 class TrainerSection(Section):
     total_steps: int = Field(100, ge=1)
+    budget: BudgetSection | None = None  # None: total_steps alone ends the run; else whichever comes first
     mode: Literal["sync", "async"] = "sync"
     max_staleness: int = Field(1, ge=0)  # async: how many policy versions a rollout may lag
     # What the learner takes as pi_old for data from an older policy version: "recompute" (the learner's current
@@ -217,6 +234,10 @@ class TrainerSection(Section):
     checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
     keep_last: int = Field(3, ge=1)
     eval_every: int = Field(0, ge=0)  # 0: never
+    # Each evaluation also samples the first probe_items held-out prompts probe_samples times (rollout decoding,
+    # fixed seeds): greedy vs sampled accuracy on one fixed set (launch/diagnostics.py). 0: no probe.
+    probe_items: int = Field(32, ge=0)
+    probe_samples: int = Field(4, ge=1)
     log: list[Literal["jsonl", "tensorboard", "wandb"]] = ["jsonl"]
 
 

@@ -299,6 +299,9 @@ def _trainer(r: Recipe) -> str | None:
         return f"trainer.max_staleness: {t.max_staleness} < 1 in async mode (use trainer.mode: sync for on-policy)"
     if t.eval_every and r.data.eval is None and r.data.task is None:
         return "trainer.eval_every: no evaluation data (set data.eval)"
+    if t.budget is not None and t.budget.clock == "cpu" and r.ray.address is not None:
+        return ("trainer.budget.clock: cpu counts this machine's process tree, but ray.address joins a cluster "
+                "whose actors run elsewhere; use clock: wall")
     return None
 
 

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from launch.data import task_seed_of
 from launch.recipe import DataSection, ModelSection, Recipe
 from launch.recipe_sections import Section
 from rl.atomic_io import atomic_output
@@ -148,7 +149,7 @@ def run_sft(run: SFTRun, *, progress: bool = True) -> dict:
     out_dir, config, data = Path(run.out), run.training, run.data
     if out_dir.exists() and not run.overwrite:
         raise FileExistsError(f"sft: output directory {out_dir} exists (set overwrite / pass --overwrite)")
-    train_pairs, heldout_pairs = _rows(data, config.seed)
+    train_pairs, heldout_pairs = _rows(data, task_seed_of(data, config.seed))
     policy = _policy(run, config.seed)
     examples = build_examples(policy, train_pairs, chat_template=data.chat_template, response_len=config.response_len)
     heldout = build_examples(policy, heldout_pairs[:run.num_heldout], chat_template=data.chat_template,
@@ -161,7 +162,8 @@ def run_sft(run: SFTRun, *, progress: bool = True) -> dict:
         "model": run.model.path or f"tiny:{run.model.tiny}", "kind": policy.spec.kind,
         "block_size": policy.spec.block_size, "parameters": count_parameters(policy),
         "size": None if run.model.path else run.tiny_size.model_dump(),
-        "data": {"task": data.task, "task_kwargs": data.task_kwargs, "task_seed": config.seed, "file": data.train,
+        "data": {"task": data.task, "task_kwargs": data.task_kwargs, "task_seed": task_seed_of(data, config.seed),
+                 "file": data.train,
                  "heldout_file": data.eval, "train_examples": len(examples), "heldout_examples": len(heldout),
                  "chat_template": data.chat_template},
         "config": dataclasses.asdict(config),
@@ -191,7 +193,8 @@ def _greedy_accuracy(policy, run: SFTRun, progress: bool) -> dict | None:
     custom = data.task is None and (data.prompt_field, data.answer_field) != ("prompt", "answer")
     fields = {"prompt_field": data.prompt_field, "answer_field": data.answer_field} if custom else {}
     remasking = {"static": "low_confidence_static", "dynamic": "low_confidence_dynamic"}[run.eval_decoding]
-    evaluation = EvalRun(data=[source], limit=run.eval_items, seed=seed, task_kwargs=data.task_kwargs, task_seed=seed,
+    evaluation = EvalRun(data=[source], limit=run.eval_items, seed=seed, task_kwargs=data.task_kwargs,
+                         task_seed=task_seed_of(data, seed),
                          chat_template=data.chat_template, print_table=False, **fields,
                          rollout={"remasking": remasking, "temperature": 0.0, "batch_size": 32})
     s = run_eval(policy, evaluation, progress=progress)[0]

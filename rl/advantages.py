@@ -114,6 +114,7 @@ def group_advantages(rewards: torch.Tensor, *, group_size: int | None = None, gr
     metrics = {
         "adv_mean": kept.mean() if kept.numel() else zero,
         "adv_std": kept.std(unbiased=False) if kept.numel() else zero,
+        "adv_abs_mean": kept.abs().mean() if kept.numel() else zero,  # the scale the loss sees, with adv_std
         "adv_max": kept.max() if kept.numel() else zero,
         "adv_min": kept.min() if kept.numel() else zero,
         "reward_mean": r.mean() if r.numel() else zero,

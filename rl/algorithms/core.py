@@ -294,6 +294,7 @@ def common_metrics(batch: PolicyBatch, est: PolicyEstimates, mask: torch.Tensor,
             out["adv_mean"], out["adv_std"], out["adv_max"], out["adv_min"] = masked_stats(adv, rows)
         else:
             out["adv_mean"], out["adv_std"], out["adv_max"], out["adv_min"] = masked_stats(adv, mask)
+        out["adv_abs_mean"] = masked_stats(adv.abs(), rows if adv.dim() == 1 else mask)[0]
     if est.entropy is not None:
         out["entropy"] = masked_stats(est.entropy, mask)[0]
     return out

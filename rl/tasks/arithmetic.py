@@ -21,6 +21,7 @@ import numpy as np
 from rl.tasks.base import Task, TaskError, answer_line, check_int, result
 
 _INT = re.compile(r"-?[0-9]+")
+_PROMPT = re.compile(r"([0-9]+)([-+*])([0-9]+)=")
 OPS = "+-*"
 
 
@@ -79,6 +80,14 @@ class ArithmeticTask(Task):
         n = int(rng.integers(self.min_digits, self.digits + 1))
         lo = 0 if n == 1 else 10 ** (n - 1)
         return int(rng.integers(lo, 10 ** n))
+
+    @staticmethod
+    def prompt_key(prompt: str) -> Hashable | None:
+        match = _PROMPT.fullmatch(prompt.strip())
+        if match is None:
+            return None
+        a, op, b = int(match.group(1)), match.group(2), int(match.group(3))
+        return op, min(a, b), max(a, b)
 
     def draw(self, rng: np.random.Generator) -> tuple[Hashable, dict]:
         op = self.ops[int(rng.integers(len(self.ops)))]

@@ -85,6 +85,12 @@ class Task:
         raise NotImplementedError
 
     @staticmethod
+    def prompt_key(prompt: str) -> Hashable | None:
+        """The canonical key of the problem a prompt of this task states (what `draw` returns with it), or None
+        for text that is not such a prompt: the held-out check compares problems, not spellings."""
+        return None
+
+    @staticmethod
     def verify(response: str, reference: Any, **options: Any) -> dict[str, Any]:
         """Score a response against a reference answer (the task module's module-level verifier)."""
         raise NotImplementedError

@@ -28,6 +28,7 @@ from rl.tasks.base import Task, TaskError, answer_line, check_int, result
 _ALLOWED = re.compile(r"^[0-9+\-*/() ]+$")
 _NUMBER = re.compile(r"[0-9]+")
 _INT = re.compile(r"-?[0-9]+")
+_PROMPT = re.compile(r"([0-9]+(?:,[0-9]+)*)->([0-9]+):")
 _BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
            ast.Div: lambda a, b: a / b}
 _SYMBOL = {"+": ast.Add, "-": ast.Sub, "*": ast.Mult, "/": ast.Div}
@@ -145,6 +146,13 @@ class CountdownTask(Task):
             value = _BINOPS[_SYMBOL[op]](lv, rv)
             terms[i:i + 2] = [(f"{left}{op}{right}", value, prec)]
         return terms[0][0], terms[0][1]
+
+    @staticmethod
+    def prompt_key(prompt: str) -> Hashable | None:
+        match = _PROMPT.fullmatch(prompt.strip())
+        if match is None:
+            return None
+        return tuple(sorted(int(n) for n in match.group(1).split(","))), int(match.group(2))
 
     def draw(self, rng: np.random.Generator) -> tuple[Hashable, dict]:
         while True:

@@ -28,6 +28,7 @@ _DIGIT = re.compile(r"[0-9]")
 _SEPARATORS = re.compile(r"[ \t|,]")
 _CELLS = re.compile(f"[0-9]{{1,{CELLS}}}")
 _PUZZLE = re.compile(f"(?<![0-9])([0-4]{{{CELLS}}})=")
+_KEY = re.compile(f"([0-4]{{{CELLS}}})=")
 
 
 @functools.lru_cache(maxsize=1)
@@ -119,6 +120,11 @@ class SudokuTask(Task):
 
     def params(self) -> dict[str, Any]:
         return {**super().params(), "min_blanks": self.min_blanks, "max_blanks": self.max_blanks}
+
+    @staticmethod
+    def prompt_key(prompt: str) -> Hashable | None:
+        match = _KEY.fullmatch(prompt.strip())
+        return match.group(1) if match else None
 
     def draw(self, rng: np.random.Generator) -> tuple[Hashable, dict]:
         grids = all_grids()

@@ -260,7 +260,8 @@ def token_logprobs(
         logp_all = F.log_softmax(logits, dim=-1)
         logps.append(logp_all.gather(-1, targets[start:start + LOGIT_CHUNK_ROWS, None]).squeeze(-1))
         if with_entropy:
-            ents.append(-(logp_all.exp() * logp_all).sum(-1))
+            with torch.no_grad():  # a metric: no autograd graph holding another (rows x vocab) buffer
+                ents.append(-(logp_all.exp() * logp_all).sum(-1))
     if not logps:
         empty = hidden_rows.new_zeros((0,), dtype=torch.float32)
         return empty, (empty if with_entropy else None)
