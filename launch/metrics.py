@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from rewards.result import reason_category
+from rl.atomic_io import atomic_write
 
 log = logging.getLogger(__name__)
 
