@@ -113,7 +113,7 @@ def test_cli_paired_eval_of_a_run_against_its_start(two_checkpoints, tmp_path, c
     policy = load_policy(root / "new")
     save_checkpoint(run / "checkpoints", 2, writers={"policy": lambda d: save_policy(policy, d)},
                     state={"version": 2, "data": {"position": 8}, "store": {"files": [], "rows": 0}},
-                    rng=capture_rng(), recipe_yaml=recipe.to_yaml(), learner_state={"format": 1})
+                    rng=capture_rng(), recipe_yaml=recipe.to_yaml())
     out = tmp_path / "out"
     assert main(["eval", str(run), "--baseline", str(root / "base"), "--data", "arithmetic", "--max-tokens", "4",
                  "--out", str(out), "-q"]) == 0
