@@ -56,6 +56,19 @@ def sync_options(*, lora: bool, engine: str) -> dict[str, bool]:
     return {"lora_delta": native and lora, "split_large": native}
 
 
+def weight_sync_transport(choice: str, engine: str) -> str:
+    """rollout.weight_sync -> "collective" (a torch.distributed group from learner rank 0 to the workers: gloo on
+    CPU, NCCL on GPU) or "object_store" (chunks through Ray's object store: engines outside the group)."""
+    if choice == "auto":
+        return "collective" if engine == "torch" else "object_store"
+    if choice == "collective" and engine != "torch":
+        raise SetupError(f"rollout.weight_sync: 'collective' needs rollout.engine 'torch' (got {engine!r}); "
+                         "use 'object_store' or 'auto'")
+    if choice not in ("collective", "object_store"):
+        raise SetupError(f"rollout.weight_sync: {choice!r} is not auto, collective or object_store")
+    return choice
+
+
 def learner_config(recipe: Recipe):
     from rl.learner import LearnerConfig, ValueConfig
     from rl.optim import OptimConfig
@@ -169,6 +182,9 @@ class RolloutPool:
         ]
         ray.get([w.ready.remote() for w in self.workers])
         self.sync_options = sync_options(lora=recipe.model.lora is not None, engine=recipe.rollout.engine)
+        self.transport = weight_sync_transport(recipe.rollout.weight_sync, recipe.rollout.engine)
+        self.backend = "nccl" if plan.rollout_resources["num_gpus"] and plan.learner_resources["num_gpus"] else "gloo"
+        self._group = None  # (receiver indices, GroupSpec) of the current sync group; None: form a new one
         self.version = 0  # the workers are built from the run's initial policy (a directory that is never pruned)
         self._learner = None
         self.restarts = 0
@@ -189,16 +205,53 @@ class RolloutPool:
                     raise RuntimeError(f"weight sync: rollout workers keep dying ({type(err).__name__})") from None
                 log.warning("a rollout worker died during weight sync; waiting for its restart")
                 self.restarts += 1
+                self._group = None
                 for i in range(len(self.workers)):
                     self._wait_ready(i)
         self.version = version
         return time.perf_counter() - start
 
     def _send(self, learner, version: int, indices: list[int]) -> None:
+        if self.transport == "collective":
+            self._send_collective(learner, version, indices)
+            return
         from rl.weight_sync import push_weights
 
         push_weights(learner.weight_chunks(SYNC_BUCKET_BYTES, version=version, **self.sync_options),
                      [self.workers[i] for i in indices], version)
+
+    def _group_for(self, learner, indices: list[int]):
+        """The sync group of learner rank 0 and the workers `indices` (rank i+1 for the i-th): kept while the same
+        workers sync and nothing failed; a new group (new id) after a failure, a restart or another member set."""
+        from rollout.weight_collective import GroupSpec, new_group_id
+
+        if self._group is None or self._group[0] != tuple(indices):
+            host, port = learner.sync_endpoint()
+            spec = GroupSpec(host, port, len(indices) + 1, new_group_id(), backend=self.backend)
+            self._group = (tuple(indices), spec)
+        return self._group[1]
+
+    def _send_collective(self, learner, version: int, indices: list[int]) -> None:
+        """learner.send_weights and every receiver's receive_weights run together; all are waited for before an
+        error is raised (a dead worker's RayActorError first: sync() then waits for its restart and retries)."""
+        import ray
+        from ray.exceptions import RayActorError, RayError
+
+        spec = self._group_for(learner, indices)
+        receivers = [self.workers[i].receive_weights.remote(spec, rank, version) for rank, i in enumerate(indices, 1)]
+        senders = learner.send_weights(spec, SYNC_BUCKET_BYTES, version, **self.sync_options)
+        errors, held = [], []
+        for ref in receivers + senders:
+            try:
+                held.append(ray.get(ref))
+            except RayError as err:
+                errors.append(err)
+        if errors:
+            self._group = None  # every member dropped it or will find it gone: the next sync forms a new one
+            raise next((e for e in errors if isinstance(e, RayActorError)), errors[0])
+        wrong = [v for v in held[:len(receivers)] if v != version]
+        if wrong:
+            raise RuntimeError(f"weight sync: a rollout worker reports version {wrong[0]} after syncing {version}")
 
     def generate(self, requests: Sequence[GenerationRequest], max_attempts: int = ROLLOUT_MAX_RESTARTS + 1
                  ) -> list[Trajectory]:
@@ -228,6 +281,7 @@ class RolloutPool:
 
     def _revive(self, i: int) -> None:
         self._wait_ready(i)
+        self._group = None  # the restarted worker is in no group
         if self._learner is not None:  # it came back with the weights it was built from: bring it to `version`
             self._send(self._learner, self.version, [i])
 

@@ -107,6 +107,9 @@ class RolloutSection(Section):
     num_workers: int = Field(1, ge=1)  # RolloutWorker actors
     batch_size: int = Field(16, ge=1)  # requests decoded together by one worker
     engine: Literal["torch", "vllm"] = "torch"  # SGLang: a documented seam, not an engine (README)
+    # learner -> rollout weights: auto = collective (torch.distributed group, gloo/NCCL) for the torch engine,
+    # the Ray object store for other engines; see rl/collective_sync.py
+    weight_sync: Literal["auto", "collective", "object_store"] = "auto"
 
 
 # ------------------------------------------------------------------------------------------- reward and data

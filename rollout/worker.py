@@ -20,6 +20,7 @@ class RolloutWorker:
     def __init__(self, model_dir: str | Path, *, engine: str = "torch", progress: bool = False, **engine_options):
         self.engine: RolloutEngine = make_engine(engine, model_dir, progress=progress, **engine_options)
         self._metrics: dict = {}
+        self._sync_member = None  # membership in the learner's weight-sync group (rollout/weight_collective.py)
 
     def ready(self) -> bool:
         return True
@@ -32,6 +33,22 @@ class RolloutWorker:
 
     def update_weights(self, weights, version: int, *, final: bool = True) -> int:
         self.engine.update_weights(weights, version, final=final)
+        return self.engine.policy_version
+
+    def receive_weights(self, spec, rank: int, version: int) -> int:
+        """Take part in one collective weight sync (group `spec`, this worker's `rank` in it): every bucket goes
+        through the engine's update_weights (its WeightReceiver checks), then the update is completed. Returns
+        the version now held."""
+        import torch
+
+        from rollout.weight_collective import GroupMember, receive_update
+
+        if self._sync_member is None:
+            self._sync_member = GroupMember()
+        device = torch.device("cuda", torch.cuda.current_device()) if spec.backend == "nccl" else "cpu"
+        receive_update(self._sync_member, spec, rank,
+                       lambda entries, v: self.engine.update_weights(entries, v, final=False), device)
+        self.engine.update_weights([], version, final=True)
         return self.engine.policy_version
 
     def release(self) -> None:
