@@ -222,13 +222,17 @@ class RolloutPool:
 
     def _group_for(self, learner, indices: list[int]):
         """The sync group of learner rank 0 and the workers `indices` (rank i+1 for the i-th): kept while the same
-        workers sync and nothing failed; a new group (new id) after a failure, a restart or another member set."""
+        workers sync and nothing failed; a new group (new id) after a failure, another member set, or a restart
+        (a worker Ray restarted while idle reports a new incarnation)."""
+        import ray
+
         from rollout.weight_collective import GroupSpec, new_group_id
 
-        if self._group is None or self._group[0] != tuple(indices):
+        members = (tuple(indices), tuple(ray.get([self.workers[i].incarnation.remote() for i in indices])))
+        if self._group is None or self._group[0] != members:
             host, port = learner.sync_endpoint()
             spec = GroupSpec(host, port, len(indices) + 1, new_group_id(), backend=self.backend)
-            self._group = (tuple(indices), spec)
+            self._group = (members, spec)
         return self._group[1]
 
     def _send_collective(self, learner, version: int, indices: list[int]) -> None:

@@ -7,6 +7,7 @@ crosses the boundary is token ids and tensors (GenerationRequest in, Trajectory 
 from __future__ import annotations
 
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
@@ -21,6 +22,7 @@ class RolloutWorker:
         self.engine: RolloutEngine = make_engine(engine, model_dir, progress=progress, **engine_options)
         self._metrics: dict = {}
         self._sync_member = None  # membership in the learner's weight-sync group (rollout/weight_collective.py)
+        self._incarnation = uuid.uuid4().hex  # a restarted actor is a new member: the driver forms a new group
 
     def ready(self) -> bool:
         return True
@@ -34,6 +36,9 @@ class RolloutWorker:
     def update_weights(self, weights, version: int, *, final: bool = True) -> int:
         self.engine.update_weights(weights, version, final=final)
         return self.engine.policy_version
+
+    def incarnation(self) -> str:
+        return self._incarnation
 
     def receive_weights(self, spec, rank: int, version: int) -> int:
         """Take part in one collective weight sync (group `spec`, this worker's `rank` in it): every bucket goes
