@@ -61,11 +61,11 @@ def weight_sync_transport(choice: str, engine: str) -> str:
     CPU, NCCL on GPU) or "object_store" (chunks through Ray's object store: engines outside the group)."""
     if choice == "auto":
         return "collective" if engine == "torch" else "object_store"
-    if choice == "collective" and engine != "torch":
-        raise SetupError(f"rollout.weight_sync: 'collective' needs rollout.engine 'torch' (got {engine!r}); "
+    if choice in ("collective", "ipc") and engine != "torch":
+        raise SetupError(f"rollout.weight_sync: {choice!r} needs rollout.engine 'torch' (got {engine!r}); "
                          "use 'object_store' or 'auto'")
-    if choice not in ("collective", "object_store"):
-        raise SetupError(f"rollout.weight_sync: {choice!r} is not auto, collective or object_store")
+    if choice not in ("collective", "object_store", "ipc"):
+        raise SetupError(f"rollout.weight_sync: {choice!r} is not auto, collective, object_store or ipc")
     return choice
 
 
@@ -183,11 +183,23 @@ class RolloutPool:
         ray.get([w.ready.remote() for w in self.workers])
         self.sync_options = sync_options(lora=recipe.model.lora is not None, engine=recipe.rollout.engine)
         self.transport = weight_sync_transport(recipe.rollout.weight_sync, recipe.rollout.engine)
-        self.backend = "nccl" if plan.rollout_resources["num_gpus"] and plan.learner_resources["num_gpus"] else "gloo"
+        gpus = bool(plan.rollout_resources["num_gpus"] and plan.learner_resources["num_gpus"])
+        self.backend = "nccl" if gpus else "gloo"
+        if self.transport == "ipc" and not gpus:
+            raise SetupError("rollout.weight_sync: 'ipc' (CUDA IPC handles) needs learner and rollout on GPUs")
         self._group = None  # (receiver indices, GroupSpec) of the current sync group; None: form a new one
         self.version = 0  # the workers are built from the run's initial policy (a directory that is never pruned)
         self._learner = None
         self.restarts = 0
+
+    @classmethod
+    def of_workers(cls, workers: list, *, transport: str, sync_options: dict, backend: str = "gloo"
+                   ) -> "RolloutPool":
+        """A pool over actors made elsewhere (tests, benchmarks/weight_sync.py), holding version 0."""
+        pool = cls.__new__(cls)
+        pool.workers, pool.version, pool._learner, pool.restarts = list(workers), 0, None, 0
+        pool.transport, pool.sync_options, pool.backend, pool._group = transport, dict(sync_options), backend, None
+        return pool
 
     def sync(self, learner, version: int) -> float:
         """Send the learner's weights (version `version`) to every worker; returns seconds spent. A worker that
@@ -214,6 +226,9 @@ class RolloutPool:
     def _send(self, learner, version: int, indices: list[int]) -> None:
         if self.transport == "collective":
             self._send_collective(learner, version, indices)
+            return
+        if self.transport == "ipc":
+            self._send_ipc(learner, version, indices)
             return
         from rl.weight_sync import push_weights
 
@@ -256,6 +271,21 @@ class RolloutPool:
         wrong = [v for v in held[:len(receivers)] if v != version]
         if wrong:
             raise RuntimeError(f"weight sync: a rollout worker reports version {wrong[0]} after syncing {version}")
+
+    def _send_ipc(self, learner, version: int, indices: list[int]) -> None:
+        """Colocated on one GPU (rollout/weight_ipc.py): learner rank 0 packs one bucket at a time into a CUDA
+        buffer, every receiver maps it by IPC handle and applies it, then the next bucket. Not run on CPU."""
+        import ray
+
+        rank0, others = learner.workers[0], learner.workers[1:]
+        gathers = [w.walk_gathers.remote(dict(self.sync_options)) for w in others]
+        ray.get(rank0.ipc_open.remote(SYNC_BUCKET_BYTES, version, dict(self.sync_options)))
+        while (item := ray.get(rank0.ipc_next.remote())) is not None:
+            ray.get([self.workers[i].receive_ipc_bucket.remote(item) for i in indices])
+        ray.get(gathers)
+        held = ray.get([self.workers[i].update_weights.remote({}, version, final=True) for i in indices])
+        if any(v != version for v in held):
+            raise RuntimeError(f"weight sync: a rollout worker reports version {held} after syncing {version}")
 
     def generate(self, requests: Sequence[GenerationRequest], max_attempts: int = ROLLOUT_MAX_RESTARTS + 1
                  ) -> list[Trajectory]:

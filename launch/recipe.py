@@ -108,8 +108,8 @@ class RolloutSection(Section):
     batch_size: int = Field(16, ge=1)  # requests decoded together by one worker
     engine: Literal["torch", "vllm"] = "torch"  # SGLang: a documented seam, not an engine (README)
     # learner -> rollout weights: auto = collective (torch.distributed group, gloo/NCCL) for the torch engine,
-    # the Ray object store for other engines; see rl/collective_sync.py
-    weight_sync: Literal["auto", "collective", "object_store"] = "auto"
+    # the Ray object store for other engines; ipc: CUDA IPC handles, learner and rollout on one GPU (colocated)
+    weight_sync: Literal["auto", "collective", "object_store", "ipc"] = "auto"
 
 
 # ------------------------------------------------------------------------------------------- reward and data

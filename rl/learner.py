@@ -397,7 +397,8 @@ class Learner:
         return loss, metrics, forwards
 
     # ------------------------------------------------------------------------------------------ weights / state
-    def named_weights(self, lora_delta: bool | None = None, *, emit: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    def named_weights(self, lora_delta: bool | None = None, *,
+                      emit: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
         """Plain-named weights for the rollout side: full merged weights, or (training LoRA, lora_delta None/True)
         the adapter triples only (see rl.weight_sync). Under ZeRO-3 every rank must iterate this together: one
         module's parameters are gathered at a time, and ranks that do not send pass emit=False."""

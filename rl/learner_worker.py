@@ -103,6 +103,29 @@ class LearnerWorker:
         self.last_sync = send_over_group(self.learner, self._sync_member, spec, version, bucket_bytes, **kwargs)
         return dict(self.last_sync)
 
+    def ipc_open(self, bucket_bytes: int, version: int, kwargs: dict) -> None:
+        """Rank 0, colocated on one GPU: start a CUDA IPC sync (rollout/weight_ipc.py); ipc_next yields its items.
+        The other ranks call walk_gathers meanwhile (ZeRO-3)."""
+        from rl.weight_sync import plan_pieces
+        from rollout.weight_collective import ALIGN
+        from rollout.weight_ipc import ipc_buckets
+
+        lora_delta = kwargs.pop("lora_delta", None)
+        pieces = plan_pieces(self.learner.named_weights(lora_delta), bucket_bytes, align=ALIGN, **kwargs)
+        self._ipc = ipc_buckets(pieces, version, bucket_bytes, self.learner.device)
+
+    def ipc_next(self) -> dict | None:
+        """The next bucket's IPC item (valid until the next call), None at the end."""
+        item = next(self._ipc, None)
+        if item is None:
+            self._ipc = None
+        return item
+
+    def walk_gathers(self, kwargs: dict) -> None:
+        from rl.collective_sync import walk_gathers
+
+        walk_gathers(self.learner, kwargs.get("lora_delta"))
+
     def state_dict(self) -> dict[str, Any]:
         return self.learner.state_dict()
 

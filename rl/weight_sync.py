@@ -24,8 +24,9 @@ import torch
 
 from rollout.weight_format import Chunk, Entry, SyncStats, is_lora_part, lora_delta, nbytes, slice_name
 
-__all__ = ["Chunk", "ChunkRef", "Entry", "SyncStats", "chunk_weights", "lora_delta", "layered_weights", "lora_modules", "lora_weights",
-           "merged_weights", "nbytes", "plain_name", "plan_pieces", "push_weights", "stream_weights", "SYNC_MAX_INFLIGHT"]
+__all__ = ["Chunk", "ChunkRef", "Entry", "SyncStats", "chunk_weights", "layered_weights", "lora_delta", "lora_modules",
+           "lora_weights", "merged_weights", "nbytes", "plain_name", "plan_pieces", "push_weights", "stream_weights",
+           "SYNC_MAX_INFLIGHT"]
 
 SYNC_MAX_INFLIGHT = 2  # chunks a receiver may have outstanding: bounds the object store, keeps the pipe full
 

@@ -31,7 +31,8 @@ import torch
 
 from rollout.weight_format import Entry, SyncStats
 
-__all__ = ["ALIGN", "BucketSender", "GroupSpec", "SyncStore", "join_group", "receive_buckets"]
+__all__ = ["ALIGN", "BucketSender", "GroupMember", "GroupSpec", "SyncStore", "join_group", "new_group_id",
+           "receive_buckets", "receive_into", "receive_update", "send_pieces"]
 
 ALIGN = 64  # byte alignment of every entry in a flat bucket (any dtype's view of it is then legal)
 DEFAULT_TIMEOUT_S = 120.0  # rendezvous and per-collective limit: a member that died makes the others fail after it
@@ -102,6 +103,22 @@ def join_group(spec: GroupSpec, rank: int, store=None):
 
 
 # ------------------------------------------------------------------------------------------------------ sending
+def wire_tensor(tensor: torch.Tensor, cast: torch.dtype | None) -> torch.Tensor:
+    src = tensor.detach()
+    return src.to(cast) if cast is not None and src.is_floating_point() else src
+
+
+def pack_into(flat: torch.Tensor, used: int, name: str, src: torch.Tensor) -> tuple[list, int]:
+    """Copy `src` into `flat` at the next ALIGN-ed offset after `used` bytes; -> (header entry, bytes used)."""
+    nbytes = src.numel() * src.element_size()
+    offset = -(-used // ALIGN) * ALIGN
+    if offset + nbytes > flat.numel():
+        raise ValueError(f"weight sync: piece {name!r} ({nbytes} bytes) overflows its bucket (plan and buffer "
+                         "disagree)")
+    flat[offset:offset + nbytes].view(src.dtype).view(src.shape).copy_(src)  # blocking: gloo reads from a thread
+    return [name, str(src.dtype).removeprefix("torch."), list(src.shape), offset], offset + nbytes
+
+
 class BucketSender:
     """Rank 0's side: `add(name, tensor, cast)` copies a piece into the current flat bucket at once (so a ZeRO-3
     gather may close right after), `flush()` broadcasts it, `close()` sends the end marker and waits. At most
@@ -135,20 +152,12 @@ class BucketSender:
 
     def add(self, name: str, tensor: torch.Tensor, cast: torch.dtype | None = None) -> None:
         start = time.perf_counter()
-        src = tensor.detach()
-        if cast is not None and src.is_floating_point():
-            src = src.to(cast)
+        src = wire_tensor(tensor, cast)
         nbytes = src.numel() * src.element_size()
-        offset = -(-self._used // ALIGN) * ALIGN
         if self._flat is None:
-            self._flat, offset = self._buffer(nbytes), 0
-        elif offset + nbytes > self._flat.numel():
-            raise ValueError(f"weight sync: piece {name!r} ({nbytes} bytes) overflows its bucket (plan and "
-                             f"buffer disagree)")
-        dst = self._flat[offset:offset + nbytes].view(src.dtype).view(src.shape)
-        dst.copy_(src)  # blocking into host memory: gloo reads the buffer from another thread
-        self._meta.append([name, str(src.dtype).removeprefix("torch."), list(src.shape), offset])
-        self._used = offset + nbytes
+            self._flat = self._buffer(nbytes)
+        entry, self._used = pack_into(self._flat, self._used, name, src)
+        self._meta.append(entry)
         self.stats.bytes += nbytes
         self.stats.tensors += 1
         self.stats.seconds += time.perf_counter() - start
@@ -198,7 +207,8 @@ def send_pieces(group, pieces: Iterable, version: int, bucket_bytes: int, **opti
 
 
 # ---------------------------------------------------------------------------------------------------- receiving
-def _entries(header: dict, flat: torch.Tensor) -> list[Entry]:
+def bucket_entries(header: dict, flat: torch.Tensor) -> list[Entry]:
+    """Typed views of a flat bucket's entries, as its header lists them (bounds and alignment checked)."""
     out = []
     for name, dtype_name, shape, offset in header["entries"]:
         dtype = _DTYPES.get(dtype_name)
@@ -229,7 +239,7 @@ def receive_buckets(group, device: torch.device | str = "cpu") -> Iterator[tuple
         flat = torch.empty(flat_len, dtype=torch.uint8, device=device)
         group.broadcast(flat, 0).wait()
         header = json.loads(head.cpu().numpy().tobytes())
-        yield int(header["version"]), _entries(header, flat)
+        yield int(header["version"]), bucket_entries(header, flat)
 
 
 def receive_into(group, apply: Callable[[list[Entry], int], object], device: torch.device | str = "cpu") -> int:

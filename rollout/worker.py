@@ -56,6 +56,17 @@ class RolloutWorker:
         self.engine.update_weights([], version, final=True)
         return self.engine.policy_version
 
+    def receive_ipc_bucket(self, item: dict) -> None:
+        """One bucket of a colocated CUDA IPC sync (rollout/weight_ipc.py); complete with update_weights({}, v)."""
+        from rollout.weight_ipc import open_bucket, release_bucket
+
+        version, entries = open_bucket(item)
+        try:
+            self.engine.update_weights(entries, version, final=False)
+        finally:
+            del entries
+            release_bucket()
+
     def release(self) -> None:
         self.engine.release()
 

@@ -10,7 +10,6 @@ import importlib.util
 import threading
 from pathlib import Path
 
-import pytest
 import torch
 
 from rl.collective_sync import send_over_group
@@ -176,3 +175,20 @@ def test_zero3_gathers_one_module_at_a_time_and_other_ranks_copy_nothing(tiny_mo
     count = len(opened)
     opened.clear()
     assert list(layered_weights(model, gathered, lora=True, emit=False)) == [] and len(opened) == count
+
+
+def test_transport_choice_and_ipc_refuses_cpu(tiny_model_dirs):
+    import pytest
+
+    from launch.driver_roles import weight_sync_transport
+    from launch.driver_setup import SetupError
+    from rollout.weight_ipc import ipc_buckets
+
+    assert weight_sync_transport("auto", "torch") == "collective"
+    assert weight_sync_transport("auto", "vllm") == "object_store"
+    assert weight_sync_transport("object_store", "torch") == "object_store"
+    with pytest.raises(SetupError, match="rollout.weight_sync: 'collective' needs rollout.engine 'torch'"):
+        weight_sync_transport("collective", "vllm")
+    named = list(merged_weights(load_policy(tiny_model_dirs["block"]).causal_lm))
+    with pytest.raises(ValueError, match="'ipc' needs CUDA tensors"):
+        next(ipc_buckets(plan_pieces(named, 1 << 16, align=ALIGN), 1, 1 << 16, "cpu"))

@@ -26,14 +26,9 @@ def _lora_policy(path):
 
 
 def _pool(workers, *, lora: bool):
-    """A RolloutPool over given actors (the pool's own constructor needs a recipe and a placement group)."""
     from launch.driver_roles import RolloutPool, sync_options
 
-    pool = RolloutPool.__new__(RolloutPool)
-    pool.workers, pool.version, pool._learner, pool.restarts = workers, 0, None, 0
-    pool.sync_options = sync_options(lora=lora, engine="torch")
-    pool.transport, pool.backend, pool._group = "collective", "gloo", None
-    return pool
+    return RolloutPool.of_workers(workers, transport="collective", sync_options=sync_options(lora=lora, engine="torch"))
 
 
 def _weights(ray, worker) -> dict[str, torch.Tensor]:
