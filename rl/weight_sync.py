@@ -11,8 +11,10 @@ defined once in rollout/weight_format.py; the receiver, `rollout.weight_receiver
 projection instead of in * out) and the receiver merges them onto its copy of the frozen base, bit for bit
 `merged_weights` below; an engine with native adapter support (SGLang, vLLM) would load the adapters instead.
 
-`push_weights(chunk_refs, receivers, version)` is the driver's side: the one way chunks (Ray object refs, e.g.
-`LearnerGroup.weight_chunks`) reach the rollout workers, with a bound on the chunks in flight.
+`push_weights(chunk_refs, receivers, version)` is the driver's side of the object-store transport: chunks (Ray
+object refs, e.g. `LearnerGroup.weight_chunks`) reach the rollout workers with a bound on the chunks in flight.
+The collective transport (rl/collective_sync.py, the default for the torch engine) broadcasts the same bucket plan
+(`plan_pieces`) over a gloo/NCCL group instead; both walk `layered_weights` (one module gathered at a time).
 """
 from __future__ import annotations
 
