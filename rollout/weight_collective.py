@@ -270,8 +270,9 @@ class GroupMember:
     def drop(self) -> None:
         self.spec_backend = self.spec.backend if self.spec is not None else None
         group, self.group, self.spec = self.group, None, None
-        if group is not None and self.spec_backend == "nccl":
-            group.abort()  # unblocks peers waiting on a collective; gloo closes its sockets when released
+        abort = getattr(group, "abort", None) if self.spec_backend == "nccl" else None
+        if abort is not None:
+            abort()  # unblocks NCCL peers waiting on a collective; gloo closes its sockets when released
         del group
 
 

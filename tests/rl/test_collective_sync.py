@@ -192,3 +192,46 @@ def test_transport_choice_and_ipc_refuses_cpu(tiny_model_dirs):
     named = list(merged_weights(load_policy(tiny_model_dirs["block"]).causal_lm))
     with pytest.raises(ValueError, match="'ipc' needs CUDA tensors"):
         next(ipc_buckets(plan_pieces(named, 1 << 16, align=ALIGN), 1, 1 << 16, "cpu"))
+
+
+_DYING_RECEIVER = """
+import os, sys
+from rollout.weight_collective import GroupMember, GroupSpec, receive_update
+spec = GroupSpec(sys.argv[1], int(sys.argv[2]), 3, sys.argv[3], timeout_s=30)
+receive_update(GroupMember(), spec, 2, lambda entries, version: os._exit(1))  # dies holding the first bucket
+"""
+
+
+def test_a_receiver_dying_mid_sync_fails_the_others_quickly(tiny_model_dirs, tmp_path):
+    """A member process that dies mid-broadcast closes its sockets: the sender and the live receiver fail well
+    before the group timeout (30 s here), so the driver can form a new group and retry."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import pytest
+
+    path = tiny_model_dirs["block"]
+    learner = Learner(_perturbed(path), LearnerConfig())
+    side = _Side(2)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    dying = subprocess.Popen([sys.executable, "-c", _DYING_RECEIVER, "127.0.0.1", str(side.store.port),
+                              side.spec.group_id], env=env)
+    errors: list = []
+
+    def live() -> None:
+        try:
+            receive_update(side.receivers[0], side.spec, 1, lambda entries, version: None)
+        except RuntimeError as err:
+            errors.append(err)
+
+    thread = threading.Thread(target=live)
+    thread.start()
+    start = time.monotonic()
+    with pytest.raises(RuntimeError):
+        send_over_group(learner, side.sender, side.spec, 1, 4096)  # many small buckets: still sending at death
+    thread.join(timeout=60)
+    assert dying.wait(timeout=30) == 1
+    assert time.monotonic() - start < 20 and len(errors) == 1
+    assert side.sender.group is None and side.receivers[0].group is None  # both dropped: a new group forms next
