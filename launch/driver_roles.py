@@ -56,17 +56,31 @@ def sync_options(*, lora: bool, engine: str) -> dict[str, bool]:
     return {"lora_delta": native and lora, "split_large": native}
 
 
-def weight_sync_transport(choice: str, engine: str) -> str:
+def weight_sync_transport(choice: str, engine: str, *, gpus: bool = False, colocated: bool = False,
+                          shares_learner_gpu: bool = False) -> str:
     """rollout.weight_sync -> "collective" (a torch.distributed group from learner rank 0 to the workers: gloo on
-    CPU, NCCL on GPU) or "object_store" (chunks through Ray's object store: engines outside the group)."""
-    if choice == "auto":
-        return "collective" if engine == "torch" else "object_store"
+    CPU, NCCL on GPU), "ipc" (CUDA IPC handles: every receiver on learner rank 0's GPU) or "object_store" (chunks
+    through Ray's object store: engines outside the group). NCCL refuses two ranks on one GPU, so colocated GPU
+    placement syncs by IPC when the one rollout worker shares learner rank 0's GPU, else through the object store.
+    gpus: learner and rollout actors hold GPUs; shares_learner_gpu: every receiver sits on learner rank 0's."""
+    if choice not in ("auto", "collective", "object_store", "ipc"):
+        raise SetupError(f"rollout.weight_sync: {choice!r} is not auto, collective, object_store or ipc")
     if choice in ("collective", "ipc") and engine != "torch":
         raise SetupError(f"rollout.weight_sync: {choice!r} needs rollout.engine 'torch' (got {engine!r}); "
                          "use 'object_store' or 'auto'")
-    if choice not in ("collective", "object_store", "ipc"):
-        raise SetupError(f"rollout.weight_sync: {choice!r} is not auto, collective, object_store or ipc")
-    return choice
+    if choice == "ipc" and not (gpus and shares_learner_gpu):
+        raise SetupError("rollout.weight_sync: 'ipc' (CUDA IPC handles) needs GPUs and every rollout worker on "
+                         "learner rank 0's GPU (colocated placement, one rollout worker)")
+    if choice == "collective" and gpus and colocated:
+        raise SetupError("rollout.weight_sync: 'collective' over NCCL cannot put two ranks on one GPU (colocated "
+                         "placement): use 'ipc' (one rollout worker), 'object_store' or 'auto'")
+    if choice != "auto":
+        return choice
+    if engine != "torch":
+        return "object_store"
+    if gpus and colocated:
+        return "ipc" if shares_learner_gpu else "object_store"
+    return "collective"
 
 
 def learner_config(recipe: Recipe):
@@ -182,11 +196,12 @@ class RolloutPool:
         ]
         ray.get([w.ready.remote() for w in self.workers])
         self.sync_options = sync_options(lora=recipe.model.lora is not None, engine=recipe.rollout.engine)
-        self.transport = weight_sync_transport(recipe.rollout.weight_sync, recipe.rollout.engine)
         gpus = bool(plan.rollout_resources["num_gpus"] and plan.learner_resources["num_gpus"])
+        colocated = bool(set(plan.rollout_bundles) & set(plan.learner_bundles))
+        shares = plan.rollout_bundles == [plan.learner_bundles[0]]  # one worker, on learner rank 0's bundle
+        self.transport = weight_sync_transport(recipe.rollout.weight_sync, recipe.rollout.engine, gpus=gpus,
+                                               colocated=colocated, shares_learner_gpu=shares)
         self.backend = "nccl" if gpus else "gloo"
-        if self.transport == "ipc" and not gpus:
-            raise SetupError("rollout.weight_sync: 'ipc' (CUDA IPC handles) needs learner and rollout on GPUs")
         self._group = None  # (receiver indices, GroupSpec) of the current sync group; None: form a new one
         self.version = 0  # the workers are built from the run's initial policy (a directory that is never pruned)
         self._learner = None

@@ -107,8 +107,9 @@ class RolloutSection(Section):
     num_workers: int = Field(1, ge=1)  # RolloutWorker actors
     batch_size: int = Field(16, ge=1)  # requests decoded together by one worker
     engine: Literal["torch", "vllm"] = "torch"  # SGLang: a documented seam, not an engine (README)
-    # learner -> rollout weights: auto = collective (torch.distributed group, gloo/NCCL) for the torch engine,
-    # the Ray object store for other engines; ipc: CUDA IPC handles, learner and rollout on one GPU (colocated)
+    # learner -> rollout weights: auto = collective (torch.distributed group, gloo/NCCL) for the torch engine, the
+    # Ray object store for other engines; colocated on GPUs: ipc (CUDA IPC handles) for one worker on learner rank
+    # 0's GPU, else object_store (NCCL refuses two ranks on one GPU). launch/driver_roles.weight_sync_transport
     weight_sync: Literal["auto", "collective", "object_store", "ipc"] = "auto"
 
 

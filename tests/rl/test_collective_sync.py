@@ -189,6 +189,14 @@ def test_transport_choice_and_ipc_refuses_cpu(tiny_model_dirs):
     assert weight_sync_transport("object_store", "torch") == "object_store"
     with pytest.raises(SetupError, match="rollout.weight_sync: 'collective' needs rollout.engine 'torch'"):
         weight_sync_transport("collective", "vllm")
+    # Colocated on GPUs: NCCL refuses two ranks on one GPU -> IPC for one worker on learner rank 0's GPU.
+    assert weight_sync_transport("auto", "torch", gpus=True, colocated=True, shares_learner_gpu=True) == "ipc"
+    assert weight_sync_transport("auto", "torch", gpus=True, colocated=True) == "object_store"
+    assert weight_sync_transport("auto", "torch", gpus=True) == "collective"
+    with pytest.raises(SetupError, match="'collective' over NCCL cannot put two ranks on one GPU"):
+        weight_sync_transport("collective", "torch", gpus=True, colocated=True)
+    with pytest.raises(SetupError, match="'ipc' .* needs GPUs"):
+        weight_sync_transport("ipc", "torch", colocated=True, shares_learner_gpu=True)
     named = list(merged_weights(load_policy(tiny_model_dirs["block"]).causal_lm))
     with pytest.raises(ValueError, match="'ipc' needs CUDA tensors"):
         next(ipc_buckets(plan_pieces(named, 1 << 16, align=ALIGN), 1, 1 << 16, "cpu"))
