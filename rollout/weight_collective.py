@@ -32,7 +32,7 @@ import torch
 from rollout.weight_format import Entry, SyncStats
 
 __all__ = ["ALIGN", "BucketSender", "GroupMember", "GroupSpec", "SyncStore", "join_group", "new_group_id",
-           "receive_buckets", "receive_into", "receive_update", "send_pieces"]
+           "receive_buckets", "receive_update", "send_pieces"]
 
 ALIGN = 64  # byte alignment of every entry in a flat bucket (any dtype's view of it is then legal)
 DEFAULT_TIMEOUT_S = 120.0  # rendezvous and per-collective limit: a member that died makes the others fail after it
@@ -242,15 +242,6 @@ def receive_buckets(group, device: torch.device | str = "cpu") -> Iterator[tuple
         yield int(header["version"]), bucket_entries(header, flat)
 
 
-def receive_into(group, apply: Callable[[list[Entry], int], object], device: torch.device | str = "cpu") -> int:
-    """Feed every bucket to `apply(entries, version)`; returns the number of buckets."""
-    count = 0
-    for version, entries in receive_buckets(group, device):
-        apply(entries, version)
-        count += 1
-    return count
-
-
 class GroupMember:
     """One process's membership in the current sync group, re-formed whenever the driver names a new group id (a
     member restarted, or the last sync failed): the previous group is dropped first, so its sockets close."""
@@ -268,12 +259,10 @@ class GroupMember:
         return self.group
 
     def drop(self) -> None:
-        self.spec_backend = self.spec.backend if self.spec is not None else None
-        group, self.group, self.spec = self.group, None, None
-        abort = getattr(group, "abort", None) if self.spec_backend == "nccl" else None
-        if abort is not None:
-            abort()  # unblocks NCCL peers waiting on a collective; gloo closes its sockets when released
-        del group
+        group, backend = self.group, (self.spec.backend if self.spec is not None else None)
+        self.group, self.spec = None, None
+        if group is not None and backend == "nccl" and hasattr(group, "abort"):
+            group.abort()  # unblocks NCCL peers waiting on a collective; gloo closes its sockets when released
 
 
 def receive_update(member: GroupMember, spec: GroupSpec, rank: int, apply: Callable[[list[Entry], int], object],
