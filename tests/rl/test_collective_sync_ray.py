@@ -36,7 +36,7 @@ def _weights(ray, worker) -> dict[str, torch.Tensor]:
         lambda self: {k: v.detach().clone() for k, v in self.engine.policy.causal_lm.named_parameters()}))
 
 
-@pytest.mark.slow  # ~35-75 s each on 2 shared cores (actor start-up dominates)
+@pytest.mark.slow  # 12-45 s each on 2 shared cores, by load (actor start-up dominates)
 @pytest.mark.ray
 @pytest.mark.parametrize("case", ["torch", "lora", "zero3"])
 def test_learner_to_two_rollout_actors_bitwise(local_ray, tiny_model_dirs, case):
