@@ -1,7 +1,7 @@
 """Weight sync throughput on the driver's path: learner actor -> rollout worker actor, bucketed vs one call per
 parameter.
 
-    python benchmarks/weight_sync.py [--repeats 5] [--hidden 512] [--layers 8]
+    python benchmarks/weight_sync.py [--repeats 5] [--hidden 512] [--layers 8] [--only transports]
 
 A Qwen3-shaped policy (hidden 512, 8 layers, 8 heads, ffn 1536: ~27M parameters with the small tokenizer's
 vocabulary, ~110 MB in fp32) sits in a LearnerGroup (torch backend, one LearnerWorker actor). The receiver is a
@@ -14,6 +14,11 @@ driver (chunking + CPU copies + object store + apply + the final completeness ch
 - per-parameter, pipelined: one chunk per tensor, 2 in flight (isolates per-call overhead from blocking);
 - in-process: chunk + apply with no Ray (the copy cost floor).
 Prints a markdown table (BENCHMARKS.md, "## Weight sync").
+
+Transports (the driver's two paths, same model, same run): `RolloutPool.sync` from the learner actor to two
+RolloutWorker actors through the object store (push_weights) and through the gloo group (rl/collective_sync.py),
+64 MiB buckets (the driver's) and 8 MiB; seconds and MB/s end to end, and the sender's (learner actor's) peak RSS
+during the sync above its RSS before it (sampled every 2 ms in the actor). A second table, "transports".
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--only", choices=["all", "transports"], default="all")
     args = ap.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -62,6 +68,8 @@ def main() -> None:
     total = sum(p.numel() * p.element_size() for p in local.model.parameters())
 
     rows = []
+    if args.only == "transports":
+        return transports(path, total, args.repeats)
 
     def record(label: str, seconds: list[float], chunks: int) -> None:
         best, med = min(seconds), statistics.median(seconds)
@@ -131,6 +139,84 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for label, chunks, med, rate_med, rate_best in rows:
         print(f"| {label} | {chunks} | {med:.3f} | {rate_med:.0f} | {rate_best:.0f} |")
+    transports(path, total, args.repeats)
+
+
+def _start_rss_sampler(_actor) -> int:
+    """Runs inside an actor (__ray_call__): RSS now, and a thread recording the peak from here on."""
+    import threading
+
+    import psutil
+
+    proc = psutil.Process()
+    state = {"peak": proc.memory_info().rss, "run": True}
+
+    def sample():
+        while state["run"]:
+            state["peak"] = max(state["peak"], proc.memory_info().rss)
+            time.sleep(0.002)
+
+    _actor._rss_state = state  # on the actor: each pickled function gets globals of its own
+    threading.Thread(target=sample, daemon=True).start()
+    return state["peak"]
+
+
+def _stop_rss_sampler(_actor) -> int:
+    state = _actor._rss_state
+    state["run"] = False
+    return state["peak"]
+
+
+def transports(path: str, total: int, repeats: int) -> None:
+    """Object store vs collective group, learner actor -> two RolloutWorker actors, as RolloutPool.sync sends."""
+    import ray
+    import torch
+
+    from launch.driver_roles import RolloutPool, sync_options
+    from rl.learner import LearnerConfig
+    from rl.learner_worker import LearnerGroup
+    from rollout.models.loading import load_policy
+    from rollout.worker import RolloutWorker
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2,
+                 _node_ip_address="127.0.0.1",
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    import launch.driver_roles as roles
+
+    rows = []
+    try:
+        group = LearnerGroup(partial(load_policy, path), LearnerConfig(), num_workers=1, num_cpus_per_worker=0.5)
+        workers = [ray.remote(RolloutWorker).options(num_cpus=0.5).remote(str(path)) for _ in range(2)]
+        ray.get([w.ready.remote() for w in workers])
+        sender = group.workers[0]
+        version = 0
+        for transport in ("object_store", "collective"):
+            for bucket in (64 << 20, 8 << 20):
+                roles.SYNC_BUCKET_BYTES = bucket  # the module constant RolloutPool._send reads
+                pool = RolloutPool.of_workers(workers, transport=transport,
+                                              sync_options=sync_options(lora=False, engine="torch"))
+                times, peaks = [], []
+                for run in range(repeats + 1):  # the first run warms up (and forms the group)
+                    version += 1
+                    base = ray.get(sender.__ray_call__.remote(_start_rss_sampler))
+                    seconds = pool.sync(group, version)
+                    peak = ray.get(sender.__ray_call__.remote(_stop_rss_sampler))
+                    if run:
+                        times.append(seconds)
+                        peaks.append(peak - base)
+                med = statistics.median(times)
+                rows.append((transport, bucket >> 20, med, total / med / 1e6, total / min(times) / 1e6,
+                             max(peaks) / 2**20))
+        group.shutdown()
+    finally:
+        ray.shutdown()
+    print(f"\ntransports: learner actor -> 2 RolloutWorker actors, {total / 2**20:.0f} MiB fp32, repeats {repeats}, "
+          f"torch {torch.__version__}, ray {ray.__version__}, {os.cpu_count()} CPUs\n")
+    print("| transport | bucket MiB | median s | MB/s (median) | MB/s (best) | sender peak RSS over start (MiB) |")
+    print("|---|---|---|---|---|---|")
+    for transport, bucket, med, rate, best, rss in rows:
+        print(f"| {transport} | {bucket} | {med:.3f} | {rate:.0f} | {best:.0f} | {rss:.0f} |")
 
 
 if __name__ == "__main__":

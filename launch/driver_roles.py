@@ -64,6 +64,33 @@ def sync_options(*, lora: bool, engine: str) -> dict[str, bool]:
     return {"lora_delta": native and lora, "split_large": native}
 
 
+def weight_sync_transport(choice: str, engine: str, *, gpus: bool = False, colocated: bool = False,
+                          shares_learner_gpu: bool = False) -> str:
+    """rollout.weight_sync -> "collective" (a torch.distributed group from learner rank 0 to the workers: gloo on
+    CPU, NCCL on GPU), "ipc" (CUDA IPC handles: every receiver on learner rank 0's GPU) or "object_store" (chunks
+    through Ray's object store: engines outside the group). NCCL refuses two ranks on one GPU, so colocated GPU
+    placement syncs by IPC when the one rollout worker shares learner rank 0's GPU, else through the object store.
+    gpus: learner and rollout actors hold GPUs; shares_learner_gpu: every receiver sits on learner rank 0's."""
+    if choice not in ("auto", "collective", "object_store", "ipc"):
+        raise SetupError(f"rollout.weight_sync: {choice!r} is not auto, collective, object_store or ipc")
+    if choice in ("collective", "ipc") and engine != "torch":
+        raise SetupError(f"rollout.weight_sync: {choice!r} needs rollout.engine 'torch' (got {engine!r}); "
+                         "use 'object_store' or 'auto'")
+    if choice == "ipc" and not (gpus and shares_learner_gpu):
+        raise SetupError("rollout.weight_sync: 'ipc' (CUDA IPC handles) needs GPUs and every rollout worker on "
+                         "learner rank 0's GPU (colocated placement, one rollout worker)")
+    if choice == "collective" and gpus and colocated:
+        raise SetupError("rollout.weight_sync: 'collective' over NCCL cannot put two ranks on one GPU (colocated "
+                         "placement): use 'ipc' (one rollout worker), 'object_store' or 'auto'")
+    if choice != "auto":
+        return choice
+    if engine != "torch":
+        return "object_store"
+    if gpus and colocated:
+        return "ipc" if shares_learner_gpu else "object_store"
+    return "collective"
+
+
 def learner_config(recipe: Recipe):
     from rl.learner import LearnerConfig, ValueConfig
     from rl.optim import OptimConfig
@@ -180,9 +207,25 @@ class RolloutPool:
         ]
         ray.get([w.ready.remote() for w in self.workers])
         self.sync_options = sync_options(lora=recipe.model.lora is not None, engine=recipe.rollout.engine)
+        gpus = bool(plan.rollout_resources["num_gpus"] and plan.learner_resources["num_gpus"])
+        colocated = bool(set(plan.rollout_bundles) & set(plan.learner_bundles))
+        shares = plan.rollout_bundles == [plan.learner_bundles[0]]  # one worker, on learner rank 0's bundle
+        self.transport = weight_sync_transport(recipe.rollout.weight_sync, recipe.rollout.engine, gpus=gpus,
+                                               colocated=colocated, shares_learner_gpu=shares)
+        self.backend = "nccl" if gpus else "gloo"
+        self._group = None  # (receiver indices, GroupSpec) of the current sync group; None: form a new one
         self.version = 0  # the workers are built from the run's initial policy (a directory that is never pruned)
         self._learner = None
         self.restarts = 0
+
+    @classmethod
+    def of_workers(cls, workers: list, *, transport: str, sync_options: dict, backend: str = "gloo"
+                   ) -> "RolloutPool":
+        """A pool over actors made elsewhere (tests, benchmarks/weight_sync.py), holding version 0."""
+        pool = cls.__new__(cls)
+        pool.workers, pool.version, pool._learner, pool.restarts = list(workers), 0, None, 0
+        pool.transport, pool.sync_options, pool.backend, pool._group = transport, dict(sync_options), backend, None
+        return pool
 
     def sync(self, learner, version: int) -> float:
         """Send the learner's weights (version `version`) to every worker; returns seconds spent. A worker that
@@ -200,16 +243,75 @@ class RolloutPool:
                     raise RuntimeError(f"weight sync: rollout workers keep dying ({type(err).__name__})") from None
                 log.warning("a rollout worker died during weight sync; waiting for its restart")
                 self.restarts += 1
+                self._group = None
                 for i in range(len(self.workers)):
                     self._wait_ready(i)
         self.version = version
         return time.perf_counter() - start
 
     def _send(self, learner, version: int, indices: list[int]) -> None:
+        if self.transport == "collective":
+            self._send_collective(learner, version, indices)
+            return
+        if self.transport == "ipc":
+            self._send_ipc(learner, version, indices)
+            return
         from rl.weight_sync import push_weights
 
         push_weights(learner.weight_chunks(SYNC_BUCKET_BYTES, version=version, **self.sync_options),
                      [self.workers[i] for i in indices], version)
+
+    def _group_for(self, learner, indices: list[int]):
+        """The sync group of learner rank 0 and the workers `indices` (rank i+1 for the i-th): kept while the same
+        workers sync and nothing failed; a new group (new id) after a failure, another member set, or a restart
+        (a worker Ray restarted while idle reports a new incarnation)."""
+        import ray
+
+        from rollout.weight_collective import GroupSpec, new_group_id
+
+        members = (tuple(indices), tuple(ray.get([self.workers[i].incarnation.remote() for i in indices])))
+        if self._group is None or self._group[0] != members:
+            host, port = learner.sync_endpoint()
+            spec = GroupSpec(host, port, len(indices) + 1, new_group_id(), backend=self.backend)
+            self._group = (members, spec)
+        return self._group[1]
+
+    def _send_collective(self, learner, version: int, indices: list[int]) -> None:
+        """learner.send_weights and every receiver's receive_weights run together; all are waited for before an
+        error is raised (a dead worker's RayActorError first: sync() then waits for its restart and retries)."""
+        import ray
+        from ray.exceptions import RayActorError, RayError
+
+        spec = self._group_for(learner, indices)
+        receivers = [self.workers[i].receive_weights.remote(spec, rank, version) for rank, i in enumerate(indices, 1)]
+        senders = learner.send_weights(spec, SYNC_BUCKET_BYTES, version, **self.sync_options)
+        errors, held = [], []
+        for ref in receivers + senders:
+            try:
+                held.append(ray.get(ref))
+            except RayError as err:
+                errors.append(err)
+        if errors:
+            self._group = None  # every member dropped it or will find it gone: the next sync forms a new one
+            raise next((e for e in errors if isinstance(e, RayActorError)), errors[0])
+        wrong = [v for v in held[:len(receivers)] if v != version]
+        if wrong:
+            raise RuntimeError(f"weight sync: a rollout worker reports version {wrong[0]} after syncing {version}")
+
+    def _send_ipc(self, learner, version: int, indices: list[int]) -> None:
+        """Colocated on one GPU (rollout/weight_ipc.py): learner rank 0 packs one bucket at a time into a CUDA
+        buffer, every receiver maps it by IPC handle and applies it, then the next bucket. Not run on CPU."""
+        import ray
+
+        rank0, others = learner.workers[0], learner.workers[1:]
+        gathers = [w.walk_gathers.remote(dict(self.sync_options)) for w in others]
+        ray.get(rank0.ipc_open.remote(SYNC_BUCKET_BYTES, version, dict(self.sync_options)))
+        while (item := ray.get(rank0.ipc_next.remote())) is not None:
+            ray.get([self.workers[i].receive_ipc_bucket.remote(item) for i in indices])
+        ray.get(gathers)
+        held = ray.get([self.workers[i].update_weights.remote({}, version, final=True) for i in indices])
+        if any(v != version for v in held):
+            raise RuntimeError(f"weight sync: a rollout worker reports version {held} after syncing {version}")
 
     def generate(self, requests: Sequence[GenerationRequest], max_attempts: int = ROLLOUT_MAX_RESTARTS + 1
                  ) -> list[Trajectory]:
@@ -239,6 +341,7 @@ class RolloutPool:
 
     def _revive(self, i: int) -> None:
         self._wait_ready(i)
+        self._group = None  # the restarted worker is in no group
         if self._learner is not None:  # it came back with the weights it was built from: bring it to `version`
             self._send(self._learner, self.version, [i])
 

@@ -36,7 +36,12 @@ from launch.recipe_io import (
     retired_setting,
     switch_model_source,
 )
-from launch.recipe_rules import BLOCK_CAUSAL_KINDS, ESTIMATORS_FOR, FULL_ATTENTION_KINDS, TINY_KINDS
+from launch.recipe_rules import (
+    BLOCK_CAUSAL_KINDS,
+    ESTIMATORS_FOR,
+    FULL_ATTENTION_KINDS,
+    TINY_KINDS,
+)
 from launch.recipe_sections import AlgorithmSection, EstimatorSection, Section
 from rl.atomic_io import atomic_write  # light: standard library only
 
@@ -126,6 +131,10 @@ class RolloutSection(Section):
             raise ValueError(f"{value} is ambiguous: write a fraction (0.9) or a size ('24GiB')")
         parse_memory_budget(value, field="memory_budget")
         return value
+    # learner -> rollout weights: auto = collective (torch.distributed group, gloo/NCCL) for the torch engine, the
+    # Ray object store for other engines; colocated on GPUs: ipc (CUDA IPC handles) for one worker on learner rank
+    # 0's GPU, else object_store (NCCL refuses two ranks on one GPU). launch/driver_roles.weight_sync_transport
+    weight_sync: Literal["auto", "collective", "object_store", "ipc"] = "auto"
 
 
 # ------------------------------------------------------------------------------------------- reward and data

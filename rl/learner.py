@@ -55,7 +55,7 @@ from rl.optim import param_groups
 from rl.published import needs_reference_model
 from rl.sample import ScoredSample
 from rl.value import ValueHead, compute_value_targets, value_loss
-from rl.weight_sync import Chunk, SyncStats, lora_weights, merged_weights, stream_weights
+from rl.weight_sync import Chunk, SyncStats, layered_weights, stream_weights
 from rollout.models.policy import DiffusionPolicy
 
 DETERMINISTIC_ESTIMATORS = ("trajectory",)  # masks do not depend on (seed, inner_iter)
@@ -398,14 +398,15 @@ class Learner:
         return loss, metrics, forwards
 
     # ------------------------------------------------------------------------------------------ weights / state
-    def named_weights(self, lora_delta: bool | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    def named_weights(self, lora_delta: bool | None = None, *,
+                      emit: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
         """Plain-named weights for the rollout side: full merged weights, or (training LoRA, lora_delta None/True)
-        the adapter triples only (see rl.weight_sync). Under ZeRO-3 every rank must iterate this together."""
+        the adapter triples only (see rl.weight_sync). Under ZeRO-3 every rank must iterate this together: one
+        module's parameters are gathered at a time, and ranks that do not send pass emit=False."""
         lora = self.lora if lora_delta is None else bool(lora_delta)
         if lora and not self.lora:
             raise ValueError("named_weights: lora_delta=True but the policy has no LoRA adapters")
-        with self.backend.gathered(self.policy.model.parameters()):
-            yield from (lora_weights(self.policy.causal_lm) if lora else merged_weights(self.policy.causal_lm))
+        yield from layered_weights(self.policy.causal_lm, self.backend.gathered, lora=lora, emit=emit)
 
     def weight_buckets(self, bucket_bytes: int, *, version: int | None = None, lora_delta: bool | None = None,
                        dtype: torch.dtype | None = None, split_large: bool = True,

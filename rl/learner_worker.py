@@ -31,7 +31,6 @@ from rl.learner import Learner, LearnerConfig
 from rl.weight_sync import SYNC_MAX_INFLIGHT
 
 
-
 class LearnerWorker:
     """One rank. Plain class: `LearnerGroup` turns it into a Ray actor; tests may drive it directly."""
 
@@ -46,6 +45,8 @@ class LearnerWorker:
         self.policy_fn, self.config, self.ref_fn, self.value_fn = policy_fn, config, ref_fn, value_fn
         self.learner: Learner | None = None
         self.last_sync: dict[str, float] = {}
+        self._sync_store = None  # rank 0: the TCPStore weight-sync groups meet at (rl.collective_sync)
+        self._sync_member = None
 
     def free_port(self) -> int:
         from rl.learner_backend import free_port
@@ -105,11 +106,61 @@ class LearnerWorker:
         """Rank 0 yields the chunks; the other ranks walk the same weights (ZeRO-3 gathers are collective)."""
         from rl.weight_sync import SyncStats
 
+        if self.rank != 0:  # no host copies here: only the gathers
+            from rl.collective_sync import walk_gathers
+
+            walk_gathers(self.learner, kwargs.get("lora_delta"))
+            return
         stats = SyncStats()
-        for chunk in self.learner.weight_buckets(bucket_bytes, stats=stats, **kwargs):
-            if self.rank == 0:
-                yield chunk
+        yield from self.learner.weight_buckets(bucket_bytes, stats=stats, **kwargs)
         self.last_sync = stats.metrics()
+
+    def sync_endpoint(self) -> tuple[str, int]:
+        """Rank 0: (host, port) of the TCPStore weight-sync groups form at (served for this actor's life)."""
+        from rollout.weight_collective import GroupMember, SyncStore
+
+        if self.rank != 0:
+            raise RuntimeError("weight sync: only learner rank 0 serves the sync group's store")
+        if self._sync_store is None:
+            self._sync_store = SyncStore()
+            self._sync_member = GroupMember(self._sync_store.store)
+        return self._sync_store.host, self._sync_store.port
+
+    def send_weights(self, spec, bucket_bytes: int, version: int, kwargs: dict) -> dict[str, float]:
+        """Rank 0 broadcasts the weights to sync group `spec` (rollout/weight_collective.py); the other ranks only
+        take part in the ZeRO-3 gathers. Returns rank 0's sender figures (also logged with the next update)."""
+        from rl.collective_sync import send_over_group, walk_gathers
+
+        if self.rank != 0:
+            walk_gathers(self.learner, kwargs.get("lora_delta"))
+            return {}
+        if self._sync_member is None:
+            raise RuntimeError("weight sync: send_weights before sync_endpoint")
+        self.last_sync = send_over_group(self.learner, self._sync_member, spec, version, bucket_bytes, **kwargs)
+        return dict(self.last_sync)
+
+    def ipc_open(self, bucket_bytes: int, version: int, kwargs: dict) -> None:
+        """Rank 0, colocated on one GPU: start a CUDA IPC sync (rollout/weight_ipc.py); ipc_next yields its items.
+        The other ranks call walk_gathers meanwhile (ZeRO-3)."""
+        from rl.weight_sync import plan_pieces
+        from rollout.weight_collective import ALIGN
+        from rollout.weight_ipc import ipc_buckets
+
+        lora_delta = kwargs.pop("lora_delta", None)
+        pieces = plan_pieces(self.learner.named_weights(lora_delta), bucket_bytes, align=ALIGN, **kwargs)
+        self._ipc = ipc_buckets(pieces, version, bucket_bytes, self.learner.device)
+
+    def ipc_next(self) -> dict | None:
+        """The next bucket's IPC item (valid until the next call), None at the end."""
+        item = next(self._ipc, None)
+        if item is None:
+            self._ipc = None
+        return item
+
+    def walk_gathers(self, kwargs: dict) -> None:
+        from rl.collective_sync import walk_gathers
+
+        walk_gathers(self.learner, kwargs.get("lora_delta"))
 
     def save_state(self, folder: str) -> dict[str, dict[str, Any]]:
         """This rank's shard into folder (rl.learner_shards); returns manifest entries only (no tensors)."""
@@ -230,6 +281,17 @@ class LearnerGroup:
         for other in streams[1:]:  # the other ranks only took part in gathers; wait for them to finish
             for _ in other:
                 pass
+
+    def sync_endpoint(self) -> tuple[str, int]:
+        """(host, port) where weight-sync groups form (learner rank 0's TCPStore)."""
+        import ray
+
+        return ray.get(self.workers[0].sync_endpoint.remote())
+
+    def send_weights(self, spec, bucket_bytes: int, version: int, **kwargs) -> list:
+        """Start one collective weight sync on every rank (rank 0 sends, the others gather); returns the ObjectRefs
+        to wait on together with the receivers' (rank 0's first: its sender figures)."""
+        return [w.send_weights.remote(spec, bucket_bytes, version, kwargs) for w in self.workers]
 
     def save_state(self, folder: str):
         """Every rank writes its shard into folder (a path all ranks see, inside the unpublished checkpoint);

@@ -11,8 +11,10 @@ defined once in rollout/weight_format.py; the receiver, `rollout.weight_receiver
 projection instead of in * out) and the receiver merges them onto its copy of the frozen base, bit for bit
 `merged_weights` below; an engine with native adapter support (SGLang, vLLM) would load the adapters instead.
 
-`push_weights(chunk_refs, receivers, version)` is the driver's side: the one way chunks (Ray object refs, e.g.
-`LearnerGroup.weight_chunks`) reach the rollout workers, with a bound on the chunks in flight.
+`push_weights(chunk_refs, receivers, version)` is the driver's side of the object-store transport: chunks (Ray
+object refs, e.g. `LearnerGroup.weight_chunks`) reach the rollout workers with a bound on the chunks in flight.
+The collective transport (rl/collective_sync.py, the default for the torch engine) broadcasts the same bucket plan
+(`plan_pieces`) over a gloo/NCCL group instead; both walk `layered_weights` (one module gathered at a time).
 """
 from __future__ import annotations
 
@@ -24,8 +26,9 @@ import torch
 
 from rollout.weight_format import Chunk, Entry, SyncStats, is_lora_part, lora_delta, nbytes, slice_name
 
-__all__ = ["Chunk", "ChunkRef", "Entry", "SyncStats", "chunk_weights", "lora_delta", "lora_modules", "lora_weights",
-           "merged_weights", "nbytes", "plain_name", "push_weights", "stream_weights", "SYNC_MAX_INFLIGHT"]
+__all__ = ["Chunk", "ChunkRef", "Entry", "SyncStats", "chunk_weights", "layered_weights", "lora_delta", "lora_modules",
+           "lora_weights", "merged_weights", "nbytes", "plain_name", "plan_pieces", "push_weights", "stream_weights",
+           "SYNC_MAX_INFLIGHT"]
 
 SYNC_MAX_INFLIGHT = 2  # chunks a receiver may have outstanding: bounds the object store, keeps the pipe full
 
@@ -36,53 +39,81 @@ def _cpu_copy(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
 
 
-def chunk_weights(named: Iterable[Entry], bucket_bytes: int, *, dtype: torch.dtype | None = None,
-                  split_large: bool = True) -> Iterator[list[Entry]]:
-    """Group (name, tensor) pairs into lists of at most `bucket_bytes` (CPU copies, cast to `dtype` if given).
+def _wire_itemsize(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.dtype | None, int]:
+    cast = None if name.endswith(".lora_scaling") else dtype  # the scale keeps float64 (exact merge)
+    wire = cast if (cast is not None and tensor.is_floating_point()) else tensor.dtype
+    return cast, torch.empty((), dtype=wire).element_size()
 
-    A tensor that does not fit an empty bucket is cut into row slices `name@start:stop` (split_large=True) or sent
-    alone in an oversized chunk (split_large=False, for receivers that take whole tensors only). LoRA parts always
-    travel whole (the wire format never slices them)."""
-    if bucket_bytes < 1:
-        raise ValueError(f"weight sync: bucket_bytes must be >= 1, got {bucket_bytes}")
-    bucket: list[Entry] = []
-    size = 0
+
+def _padded(n: int, align: int) -> int:
+    return -(-n // align) * align
+
+
+def plan_pieces(named: Iterable[Entry], bucket_bytes: int, *, dtype: torch.dtype | None = None,
+                split_large: bool = True, align: int = 1) -> Iterator[tuple[str, torch.Tensor, torch.dtype | None]
+                                                                   | None]:
+    """The bucket plan, streamed: `(wire name, source view, cast dtype)` per piece, `None` where a bucket ends.
+
+    Each piece counts its bytes rounded up to `align` (the collective path packs pieces at aligned offsets of one
+    flat buffer), and a bucket's pieces add up to at most `bucket_bytes`. A tensor that does not fit an empty
+    bucket is cut into row slices `name@start:stop` (split_large=True) or goes alone in an oversized bucket
+    (split_large=False, for receivers that take whole tensors only). LoRA parts always travel whole. A piece is
+    yielded while `named` has not advanced past its tensor (a ZeRO-3 gather is still open): copy it at once."""
+    if bucket_bytes < 1 or align < 1:
+        raise ValueError(f"weight sync: bucket_bytes and align must be >= 1, got {bucket_bytes}, {align}")
+    size, open_bucket = 0, False
     for name, tensor in named:
         if "@" in name:
             raise ValueError(f"weight sync: parameter name {name!r} contains '@' (reserved for row slices)")
-        cast = None if name.endswith(".lora_scaling") else dtype  # the scale keeps float64 (exact merge)
-        itemsize = torch.empty((), dtype=cast if (cast is not None and tensor.is_floating_point())
-                               else tensor.dtype).element_size()
-        total = tensor.numel() * itemsize
+        cast, itemsize = _wire_itemsize(name, tensor, dtype)
+        total = _padded(tensor.numel() * itemsize, align)
         whole = not split_large or is_lora_part(name)
-        if size + total <= bucket_bytes or (whole and total > bucket_bytes and not bucket):
-            bucket.append((name, _cpu_copy(tensor, cast)))
-            size += total
+        if size + total <= bucket_bytes or (whole and total > bucket_bytes and not open_bucket):
+            yield name, tensor, cast
+            size, open_bucket = size + total, True
             continue
         if total <= bucket_bytes or whole:
-            yield bucket
-            bucket, size = [(name, _cpu_copy(tensor, cast))], total
+            yield None
+            yield name, tensor, cast
+            size, open_bucket = total, True
             continue
         # Larger than a bucket: row slices along dim 0, the first one filling what is left of this bucket.
         if tensor.dim() == 0:
             raise ValueError(f"weight sync: bucket_bytes {bucket_bytes} is smaller than scalar {name!r}")
-        row_bytes = total // tensor.shape[0]
-        if row_bytes > bucket_bytes:
+        rows = tensor.shape[0]
+        row_bytes = tensor.numel() * itemsize // rows
+        if _padded(row_bytes, align) > bucket_bytes:
             raise ValueError(f"weight sync: bucket_bytes {bucket_bytes} is smaller than one row of {name!r} "
                              f"({row_bytes} bytes)")
-        start, rows = 0, tensor.shape[0]
+        start = 0
         while start < rows:
             take = min((bucket_bytes - size) // row_bytes, rows - start)
+            while take > 0 and size + _padded(take * row_bytes, align) > bucket_bytes:
+                take -= 1
             if take == 0:
-                yield bucket
-                bucket, size = [], 0
+                yield None
+                size, open_bucket = 0, False
                 continue
-            piece = _cpu_copy(tensor[start:start + take], cast)
-            bucket.append((slice_name(name, start, start + take), piece))
-            size += take * row_bytes
+            yield slice_name(name, start, start + take), tensor[start:start + take], cast
+            size, open_bucket = size + _padded(take * row_bytes, align), True
             start += take
-    if bucket:
-        yield bucket
+    if open_bucket:
+        yield None
+
+
+def chunk_weights(named: Iterable[Entry], bucket_bytes: int, *, dtype: torch.dtype | None = None,
+                  split_large: bool = True) -> Iterator[list[Entry]]:
+    """Group (name, tensor) pairs into lists of at most `bucket_bytes` (CPU copies, cast to `dtype` if given), cut
+    as `plan_pieces` plans them (the object-store path)."""
+    bucket: list[Entry] = []
+    for piece in plan_pieces(named, bucket_bytes, dtype=dtype, split_large=split_large):
+        if piece is None:
+            if bucket:
+                yield bucket
+            bucket = []
+        else:
+            name, view, cast = piece
+            bucket.append((name, _cpu_copy(view, cast)))
 
 
 def stream_weights(named: Iterable[Entry], version: int, bucket_bytes: int, *, dtype: torch.dtype | None = None,
@@ -186,6 +217,51 @@ def merged_weights(model: torch.nn.Module) -> Iterator[Entry]:
             yield plain_name(name), (param.detach() + delta.to(param.dtype)).detach()
         else:
             yield plain_name(name), param.detach()
+
+
+def _gather_units(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, bool]]:
+    """(path, module, is LoRA layer) in named_modules order: a LoRA-wrapped linear is one unit with everything
+    under it (its base weight and adapters merge together), any other module a unit of its own parameters."""
+    lora = {path for path, _ in lora_modules(model)}
+    inside: tuple[str, ...] = ()
+    for path, module in model.named_modules():
+        if inside and path.startswith(inside):
+            continue
+        if path in lora:
+            inside = inside + (path + ".",)
+        yield path, module, path in lora
+
+
+def layered_weights(model: torch.nn.Module, gathered, *, lora: bool, emit: bool = True) -> Iterator[Entry]:
+    """`merged_weights` (lora False) or the LoRA triples and trainable non-LoRA tensors (lora True), one module at a
+    time inside `gathered(params)` (a ZeRO-3 gather: only one module's parameters are whole at once). With
+    emit=False nothing is yielded, the gathers are only taken part in (ZeRO-3 ranks other than the sender)."""
+    seen: set[int] = set()
+    for path, module, is_lora in _gather_units(model):
+        params = [(n, p) for n, p in module.named_parameters(recurse=is_lora) if id(p) not in seen]
+        if not params:
+            continue
+        seen.update(id(p) for _, p in params)
+        with gathered([p for _, p in params]):
+            if not emit:
+                continue
+            prefix = f"{path}." if path else ""
+            if is_lora and lora:
+                adapter = _adapter(module)
+                yield f"{path}.lora_A", module.lora_A[adapter].weight.detach()
+                yield f"{path}.lora_B", module.lora_B[adapter].weight.detach()
+                yield f"{path}.lora_scaling", torch.tensor(float(module.scaling[adapter]), dtype=torch.float64)
+                continue
+            for name, param in params:
+                if "lora_" in name or (lora and not param.requires_grad):
+                    continue
+                if is_lora and name == "base_layer.weight":
+                    adapter = _adapter(module)
+                    delta = lora_delta(module.lora_B[adapter].weight, module.lora_A[adapter].weight,
+                                       float(module.scaling[adapter]))
+                    yield plain_name(prefix + name), (param.detach() + delta.to(param.dtype)).detach()
+                else:
+                    yield plain_name(prefix + name), param.detach()
 
 
 def lora_weights(model: torch.nn.Module) -> Iterator[Entry]:

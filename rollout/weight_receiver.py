@@ -7,8 +7,10 @@
 Chunks are applied in place as they arrive (no second copy of the model). Row slices are written into their rows
 and the tensor counts as received once every row arrived exactly once. LoRA triples are merged onto a pristine copy
 W0 of each targeted weight, taken before its first merge, so repeated syncs never accumulate rounding: the result
-is bit for bit the learner's merge of the same adapters on the same base. That copy costs the memory of the
-targeted weights; the rollout model must therefore start from the learner's frozen base (the run's initial policy).
+is bit for bit the learner's merge of the same adapters on the same base. That copy lives in host memory (pinned
+when CUDA is present), so on an accelerator it costs no device memory: each merge brings one weight's base over,
+adds the delta on the device and writes the parameter. The rollout model must start from the learner's frozen
+base (the run's initial policy).
 
 Strict checks, each a one-line ValueError naming the tensor: unknown name, wrong shape, a row range outside the
 tensor or overlapping rows already received, a slice of a LoRA part, an entry arriving twice, chunks of another
@@ -29,6 +31,13 @@ from rollout.weight_format import Entry, SyncStats, is_lora_part, lora_delta, nb
 __all__ = ["WeightReceiver"]
 
 
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of `t` in host memory (pinned when CUDA is present, so bringing it back is a fast DMA)."""
+    out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=torch.cuda.is_available())
+    out.copy_(t.detach())
+    return out
+
+
 class WeightReceiver:
     """Applies weight chunks to `model` in place; see the module doc."""
 
@@ -36,7 +45,7 @@ class WeightReceiver:
         self.model = model
         self.strict = strict
         self.version: int | None = None
-        self._base: dict[str, torch.Tensor] = {}  # pristine W0 of every weight a LoRA delta was merged into
+        self._base: dict[str, torch.Tensor] = {}  # pristine W0 (host memory) of every LoRA-merged weight
         self._lora_layout: frozenset[str] | None = None  # weights the first complete LoRA update wrote
         self._reset()
 
@@ -102,7 +111,7 @@ class WeightReceiver:
         self._whole(name)
         target.copy_(tensor)
         if name in self._base:  # a full tensor is the new base of later LoRA deltas
-            self._base[name] = target.detach().clone()
+            self._base[name] = _host_copy(target)
 
     def _apply_rows(self, name: str, start: int, stop: int, tensor: torch.Tensor) -> None:
         if is_lora_part(name):
@@ -146,9 +155,9 @@ class WeightReceiver:
                              "expected a scalar")
         self._whole(weight_name)
         if weight_name not in self._base:
-            self._base[weight_name] = target.detach().clone()
-        base = self._base[weight_name]
-        delta = lora_delta(b.to(base.device), a.to(base.device), float(scaling))
+            self._base[weight_name] = _host_copy(target)
+        base = self._base[weight_name].to(target.device, non_blocking=True)
+        delta = lora_delta(b.to(target.device), a.to(target.device), float(scaling))
         target.copy_(base + delta.to(base.dtype))
 
     # --------------------------------------------------------------------------------------------- finish

@@ -7,6 +7,7 @@ crosses the boundary is token ids and tensors (GenerationRequest in, Trajectory 
 from __future__ import annotations
 
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
@@ -29,6 +30,8 @@ class RolloutWorker:
             engine_options["device"] = self.device
         self.engine: RolloutEngine = make_engine(engine, model_dir, progress=progress, **engine_options)
         self._metrics: dict = {}
+        self._sync_member = None  # membership in the learner's weight-sync group (rollout/weight_collective.py)
+        self._incarnation = uuid.uuid4().hex  # a restarted actor is a new member: the driver forms a new group
 
     def ready(self) -> bool:
         return True
@@ -42,6 +45,36 @@ class RolloutWorker:
     def update_weights(self, weights, version: int, *, final: bool = True) -> int:
         self.engine.update_weights(weights, version, final=final)
         return self.engine.policy_version
+
+    def incarnation(self) -> str:
+        return self._incarnation
+
+    def receive_weights(self, spec, rank: int, version: int) -> int:
+        """Take part in one collective weight sync (group `spec`, this worker's `rank` in it): every bucket goes
+        through the engine's update_weights (its WeightReceiver checks), then the update is completed. Returns
+        the version now held."""
+        import torch
+
+        from rollout.weight_collective import GroupMember, receive_update
+
+        if self._sync_member is None:
+            self._sync_member = GroupMember()
+        device = torch.device("cuda", torch.cuda.current_device()) if spec.backend == "nccl" else "cpu"
+        receive_update(self._sync_member, spec, rank,
+                       lambda entries, v: self.engine.update_weights(entries, v, final=False), device)
+        self.engine.update_weights([], version, final=True)
+        return self.engine.policy_version
+
+    def receive_ipc_bucket(self, item: dict) -> None:
+        """One bucket of a colocated CUDA IPC sync (rollout/weight_ipc.py); complete with update_weights({}, v)."""
+        from rollout.weight_ipc import open_bucket, release_bucket
+
+        version, entries = open_bucket(item)
+        try:
+            self.engine.update_weights(entries, version, final=False)
+        finally:
+            del entries
+            release_bucket()
 
     def release(self) -> None:
         self.engine.release()

@@ -1,0 +1,45 @@
+"""Learner side of weight sync over a collective group (the transport: rollout/weight_collective.py).
+
+Learner rank 0 serves the group's TCPStore and broadcasts the bucket plan of `Learner.named_weights`; under ZeRO-3
+every rank walks the same module-by-module gathers, and only rank 0 copies anything (into its at most
+`max_inflight` flat bucket buffers, on the device the group communicates from: CUDA for NCCL, host memory for
+gloo). The driver (launch/driver_roles.RolloutPool) starts `LearnerWorker.send_weights` on every rank and
+`RolloutWorker.receive_weights` on every receiver together.
+"""
+from __future__ import annotations
+
+import torch
+
+from rl.weight_sync import SYNC_MAX_INFLIGHT, SyncStats, plan_pieces
+from rollout.weight_collective import ALIGN, GroupMember, GroupSpec, send_pieces
+
+__all__ = ["send_over_group", "walk_gathers"]
+
+
+def walk_gathers(learner, lora_delta: bool | None) -> None:
+    """A rank other than 0: take part in the ZeRO-3 gathers of one sync, copy nothing."""
+    for _ in learner.named_weights(lora_delta, emit=False):
+        pass
+
+
+def group_device(spec: GroupSpec, learner) -> torch.device:
+    return learner.device if spec.backend == "nccl" else torch.device("cpu")
+
+
+def send_over_group(learner, member: GroupMember, spec: GroupSpec, version: int, bucket_bytes: int, *,
+                    lora_delta: bool | None = None, dtype: torch.dtype | None = None, split_large: bool = True,
+                    max_inflight: int = SYNC_MAX_INFLIGHT, stats: SyncStats | None = None) -> dict[str, float]:
+    """Rank 0: broadcast `learner`'s weights as version `version` to group `spec`'s receivers; returns the
+    sender's figures (bytes, buckets, seconds, peak bucket buffers)."""
+    stats = stats if stats is not None else SyncStats()
+    group = member.get(spec, 0)
+    try:
+        pieces = plan_pieces(learner.named_weights(lora_delta), bucket_bytes, dtype=dtype, split_large=split_large,
+                             align=ALIGN)
+        sender = send_pieces(group, pieces, version, bucket_bytes, device=group_device(spec, learner),
+                             max_inflight=max_inflight, stats=stats)
+    except BaseException:
+        del group
+        member.drop()  # the receivers see the group close and fail too; the driver forms a new one
+        raise
+    return {**stats.metrics(), "weight_sync_peak_buffers": float(sender.peak_buffers)}
