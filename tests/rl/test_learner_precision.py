@@ -165,3 +165,41 @@ def test_bf16_autocast_over_fp32_weights_close_to_fp32(tiny_model_dirs):
     for a, b in zip(losses[True], losses[False], strict=True):
         assert abs(a - b) <= 0.01 * abs(b) + 1e-5, (losses[True], losses[False])
     assert float(torch.nn.functional.cosine_similarity(deltas[True], deltas[False], dim=0)) >= 0.99
+
+
+# ------------------------------------------------------------------------------------------ reference placement
+def _ref_config(**overrides) -> LearnerConfig:
+    base = {"algorithm": "tracerl", "mu": 2, "micro_batch_size": 2, "optim": OptimConfig(lr=1e-3),
+            "loss": {"beta": 0.01, "kl_reference": "ref"}}
+    return LearnerConfig(**{**base, **overrides})
+
+
+def test_offloaded_reference_gives_identical_reference_logprobs(tiny_model_dirs):
+    path = tiny_model_dirs["block"]
+    runs = {}
+    for offload in (False, True):
+        pol = load_policy(path)
+        learner = Learner(pol, _ref_config(offload_reference=offload))
+        ref = learner.ref_policy.model
+        moves, seen = [], []
+        original_to = ref.to
+        ref.to = lambda device, *a, **k: (moves.append(torch.device(device)), original_to(device, *a, **k))[1]
+        trunk = learner.ref_policy.causal_lm.model  # what DiffusionPolicy.forward calls
+        trunk.register_forward_pre_hook(lambda m, args: seen.append(next(m.parameters()).device))
+        metrics = [learner.update(make_trajectories(pol, 4, seed=s, prefix=f"s{s}")) for s in range(2)]
+        runs[offload] = ({k: v.token_logp for k, v in learner._ref.items()}, metrics,
+                         {k: v.detach().clone() for k, v in pol.model.named_parameters()})
+        assert next(ref.parameters()).device == torch.device("cpu")  # host memory between updates
+        assert seen and all(d == learner.device for d in seen)  # its passes ran on the learner's device
+        # offloaded: one round trip per update (device for the passes, host after); else never moved
+        assert moves == ([learner.device, torch.device("cpu")] * 2 if offload else [])
+    (ref_a, m_a, w_a), (ref_b, m_b, w_b) = runs[False], runs[True]
+    assert ref_a.keys() == ref_b.keys() and all(torch.equal(ref_a[k], ref_b[k]) for k in ref_a)
+    assert m_b[1]["kl"] > 0 and [m["kl"] for m in m_a] == [m["kl"] for m in m_b]
+    assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+
+
+def test_offload_reference_without_a_reference_fails_with_one_line(tiny_model_dirs):
+    pol = load_policy(tiny_model_dirs["block"])
+    with pytest.raises(ValueError, match="learner.offload_reference: nothing to offload, this run has no reference"):
+        Learner(pol, _ref_config(loss={"beta": 0.0}, offload_reference=True))
