@@ -66,3 +66,38 @@ def test_two_workers_zero_equal_single_process(local_ray, tiny_model_dirs, zero_
     streamed = {name: t for _, entries in chunks for name, t in entries}
     assert all(v == 1 for v, _ in chunks) and set(streamed) == set(ds_weights)
     assert all(torch.equal(streamed[n], ds_weights[n]) for n in streamed)
+
+
+def _reference_shard(worker) -> tuple[int, int]:
+    """(elements this rank holds, elements in all) of the learner's reference weights (runs inside the actor)."""
+    params = list(worker.learner.ref_policy.model.parameters())
+    return sum(p.ds_tensor.numel() for p in params), sum(p.ds_numel for p in params)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_zero3_partitioned_reference_equals_the_unpartitioned_one(local_ray, tiny_model_dirs):
+    """KL to the reference on 2 ZeRO-3 ranks, each holding half the reference's weights (an inference-only
+    DeepSpeed engine), equals the single-process learner's with a whole reference."""
+    from rl.learner_worker import LearnerGroup
+
+    path = tiny_model_dirs["block"]
+    single = load_policy(path)
+    trajs = make_trajectories(single, 4)
+    kl = {"loss": {"beta": 0.05, "kl_reference": "ref"}}
+    m_ref = Learner(single, _config(grad_accum=2, **kl)).update(trajs)
+    group = LearnerGroup(partial(load_policy, path), _config(grad_accum=1, backend="deepspeed", zero_stage=3, **kl),
+                         num_workers=2, ref_fn=partial(load_policy, path))
+    try:
+        m_ds = group.update(trajs)
+        shards = local_ray.get([w.__ray_call__.remote(_reference_shard) for w in group.workers])
+        ds_weights = group.policy_state()
+    finally:
+        group.shutdown()
+    total = shards[0][1]
+    assert all(whole == total for _, whole in shards) and sum(held for held, _ in shards) >= total
+    assert all(held <= total // 2 + 64 for held, _ in shards), shards  # each rank: its half (plus padding)
+    assert m_ref["kl"] > 1e-6 and m_ds["forwards_ref"] >= m_ref["forwards_ref"]
+    assert m_ds["kl"] == pytest.approx(m_ref["kl"], rel=1e-4)
+    for name, w in single.causal_lm.named_parameters():  # the KL gradient went through the same reference
+        torch.testing.assert_close(ds_weights[name], w.detach(), rtol=1e-4, atol=1e-6)
