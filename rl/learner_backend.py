@@ -166,6 +166,9 @@ class DeepSpeedBackend:
     def backward(self, loss: torch.Tensor, *, boundary: bool) -> None:
         # A non-finite loss still goes through backward (every rank must run the same reductions); its NaN
         # gradients make the global norm invalid on all ranks and DeepSpeed skips the step and clears them.
+        # What DeepSpeedEngine.forward does first: the learner calls the module directly, never the engine, and
+        # without this ZeRO-3 never advances micro_step_id, so each micro-batch's gradient replaced the last's.
+        self.optimizer.clear_backward_seen_flag()
         self.engine.set_gradient_accumulation_boundary(boundary)
         self.engine.backward(loss, scale_wrt_gas=False)
 

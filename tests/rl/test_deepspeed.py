@@ -128,17 +128,54 @@ for stage in (2, 3):
 """
 
 
-@pytest.mark.slow
-def test_zero_bf16_weights_train_through_fp32_masters(tiny_model_dirs):
-    """bf16 weights under ZeRO-2/3, learner.bf16 on or off: DeepSpeed's fp32 partitions are the masters, and one
-    step at lr 1e-6 moves >= 90% of their elements (one process: a world of one, in a subprocess so this test
-    process never joins a torch.distributed group)."""
+_ACCUMULATION = """
+import sys, torch
+from rollout.models.loading import load_policy
+from rl.learner import Learner, LearnerConfig
+from rl.optim import OptimConfig
+sys.path.insert(0, sys.argv[2])
+from test_learner import make_trajectories
+torch.set_num_threads(1)
+runs = {}
+for backend, stage in (("torch", 2), ("deepspeed", 2), ("deepspeed", 3)):
+    pol = load_policy(sys.argv[1])
+    cfg = LearnerConfig(algorithm="tracerl", mu=2, micro_batch_size=1, backend=backend, zero_stage=stage,
+                        loss={"beta": 0.05, "kl_reference": "ref"}, optim=OptimConfig(lr=1e-3))
+    m = Learner(pol, cfg, ref_policy=load_policy(sys.argv[1])).update(make_trajectories(pol, 4))
+    runs[backend, stage] = m
+    print(backend, stage, m["grad_norm"], m["kl"])
+want = runs["torch", 2]
+for key in (("deepspeed", 2), ("deepspeed", 3)):
+    got = runs[key]
+    assert got["optimizer_steps"] == want["optimizer_steps"] == 2
+    assert abs(got["grad_norm"] - want["grad_norm"]) <= 1e-5 * want["grad_norm"], (key, got, want)
+    assert abs(got["kl"] - want["kl"]) <= 1e-4 * want["kl"], (key, got, want)
+"""
+
+
+def _run_script(script: str, tiny_model_dirs) -> str:
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", _BF16_ZERO, str(tiny_model_dirs["block"]), str(Path(__file__).parent)],
+    out = subprocess.run([sys.executable, "-c", script, str(tiny_model_dirs["block"]), str(Path(__file__).parent)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("moved") == 4, out.stdout
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_zero_accumulates_micro_batch_gradients(tiny_model_dirs):
+    """4 micro-batches per optimizer step: ZeRO-2 and ZeRO-3 give the torch learner's gradient norm and KL. ZeRO-3
+    kept only the last micro-batch's gradient before the backend advanced DeepSpeed's micro-step itself (grad norm
+    1.380 against 2.352). A world of one, in a subprocess so this test process never joins a process group."""
+    assert _run_script(_ACCUMULATION, tiny_model_dirs).count("deepspeed") == 2
+
+
+@pytest.mark.slow
+def test_zero_bf16_weights_train_through_fp32_masters(tiny_model_dirs):
+    """bf16 weights under ZeRO-2/3, learner.bf16 on or off: DeepSpeed's fp32 partitions are the masters, and one
+    step at lr 1e-6 moves >= 90% of their elements (one process: a world of one, in a subprocess so this test
+    process never joins a torch.distributed group)."""
+    assert _run_script(_BF16_ZERO, tiny_model_dirs).count("moved") == 4
