@@ -9,6 +9,7 @@ Both backends expose the same small interface to `rl.learner.Learner`:
     gathered(params)           context in which ZeRO-3 partitioned params are whole (for weight sync)
     state_dict() / load_state_dict()
 
+Low-precision weights: TorchBackend steps fp32 masters (rl.optim.MasterWeights), ZeRO its fp32 partitions.
 DeepSpeed is imported only when that backend is built. On CPU its shared-memory collective op (a C++ extension
 compiled on first use, ~80 s on 2 cores) is switched off: gloo does the collectives.
 """
