@@ -10,7 +10,8 @@ One update, top to bottom:
 2. Before any weight changes, under no_grad: OLD log-likelihoods for every inner iteration's mask seed (estimators
    that reseed per inner iteration, as d1 does, get one old pass per iteration; the trajectory estimator is
    deterministic, one pass serves all), REFERENCE log-likelihoods when the KL is measured against a reference
-   model (a frozen copy, or the same PEFT model with its adapters disabled when training LoRA), old values and
+   model (a frozen copy, or the same PEFT model with its adapters disabled when training LoRA; rl.reference
+   places the copy: in host memory between updates with offload_reference, partitioned under ZeRO-3), old values and
    the value model's token advantages and returns (TraceRL), and `logp_mismatch` (rollout log-probs vs the
    learner's, trajectory estimator). Cached per (mask key, sample) as `OldScores` / `RefScores`, per sample as
    `ValueScores`. Old/ref passes run on exactly the micro-batches training will use, so the
