@@ -108,7 +108,8 @@ def learner_config(recipe: Recipe):
         estimator_params=recipe.estimator.params(), reseed_per_inner=reseed,
         temperature=recipe.rollout.temperature or 1.0,  # greedy rollouts record untempered log-probs
         optim=optim, grad_clip=ln.grad_clip or None, micro_batch_size=ln.micro_batch_size, grad_accum=ln.grad_accum,
-        mu=ln.mu, reference_model=ln.reference_model, bf16=ln.bf16, offload_optimizer=ln.offload_optimizer,
+        mu=ln.mu, reference_model=ln.reference_model, bf16=ln.bf16, offload_reference=ln.offload_reference,
+        offload_optimizer=ln.offload_optimizer,
         entropy=ln.log_entropy,
         gradient_checkpointing=recipe.model.gradient_checkpointing, value=value, backend=ln.backend,
         **({"zero_stage": ln.zero_stage} if ln.zero_stage is not None else {}), seed=recipe.seed,

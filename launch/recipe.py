@@ -207,10 +207,11 @@ class LearnerSection(Section):
     num_workers: int = Field(1, ge=1)  # Learner actors (data parallel; > 1 needs deepspeed)
     backend: Literal["torch", "deepspeed"] = "torch"
     zero_stage: Literal[2, 3] | None = None  # DeepSpeed ZeRO stage; None -> 2 with backend deepspeed (torch: unused)
-    bf16: bool = False  # mixed precision in the learner
+    bf16: bool = False  # mixed precision in the learner (bf16 weights train through fp32 masters either way)
     offload_optimizer: bool = False  # DeepSpeed ZeRO-Offload: optimizer state and step in host memory
     log_entropy: bool = True  # learner/entropy: mean predictive entropy at the scored tokens (one exp per logit)
     reference_model: bool | None = None  # None -> needed by the algorithm (beta > 0 with kl_reference "ref")
+    offload_reference: bool = False  # reference in host memory, on the device only for its passes (rl.reference)
 
 
 class ResourcesSection(Section):

@@ -245,6 +245,10 @@ def _reference_model(r: Recipe) -> str | None:
     if _needs_reference(r) and not r.learner.reference_model:
         return (f"learner.reference_model: false, but algorithm.beta {beta} > 0 with kl_reference 'ref' needs it "
                 "(or set algorithm.kl_reference: old)")
+    if r.learner.offload_reference and (r.model.lora is not None or not (r.learner.reference_model
+                                                                      or _needs_reference(r))):
+        why = "a LoRA run's reference is its base (adapters off)" if r.model.lora else "the run has no reference"
+        return f"learner.offload_reference: true, but {why}"
     return None
 
 

@@ -10,7 +10,8 @@ One update, top to bottom:
 2. Before any weight changes, under no_grad: OLD log-likelihoods for every inner iteration's mask seed (estimators
    that reseed per inner iteration, as d1 does, get one old pass per iteration; the trajectory estimator is
    deterministic, one pass serves all), REFERENCE log-likelihoods when the KL is measured against a reference
-   model (a frozen copy, or the same PEFT model with its adapters disabled when training LoRA), old values and
+   model (a frozen copy, or the same PEFT model with its adapters disabled when training LoRA; rl.reference
+   places the copy: in host memory between updates with offload_reference, partitioned under ZeRO-3), old values and
    the value model's token advantages and returns (TraceRL), and `logp_mismatch` (rollout log-probs vs the
    learner's, trajectory estimator). Cached per (mask key, sample) as `OldScores` / `RefScores`, per sample as
    `ValueScores`. Old/ref passes run on exactly the micro-batches training will use, so the
@@ -53,6 +54,7 @@ from rl.masking import sample_seed
 from rl.learner_config import LearnerConfig, ValueConfig  # noqa: F401 - re-exported: rl.learner.LearnerConfig
 from rl.optim import param_groups
 from rl.published import needs_reference_model
+from rl.reference import place_reference, reference_on_device
 from rl.sample import ScoredSample
 from rl.value import ValueHead, compute_value_targets, value_loss
 from rl.weight_sync import Chunk, SyncStats, layered_weights, stream_weights
@@ -135,6 +137,7 @@ class Learner:
                                             offload_optimizer=config.offload_optimizer)
         else:
             raise ValueError(f"learner.backend: {config.backend!r} (torch | deepspeed)")
+        self._ref_engine = place_reference(self.ref_policy, config, self.backend, need_ref=self.need_ref)
         self.updates = 0  # update() calls completed (the policy version after the initial one)
         self.optimizer_steps = 0  # applied optimizer steps (the lr schedule's counter)
         self.nan_skipped_total = 0
@@ -259,12 +262,23 @@ class Learner:
         Walks the plan's micro-batch slots (the same number on every rank). A slot is scored when some sample in
         it lacks a result under its mask key; under ZeRO-3 (collective forwards) every rank scores a slot any rank
         needs, a rank with nothing to do there scoring sample 0 and discarding it."""
-        vc = self.config.value
-        shared_value = vc is not None and vc.trunk == "shared"
         self._old: dict[tuple[int, int], OldScores] = {}  # (mask key, sample index) ->
         self._ref: dict[tuple[int, int], RefScores] = {}  # (mask key, sample index) ->
         self._value: dict[int, ValueScores] = {}  # sample index ->
         ref_policy, adapters_off = self._reference()
+        offloaded = self.config.offload_reference and self._ref_engine is None
+        ref_module = self.ref_policy.model if self.ref_policy is not None else None
+        with reference_on_device(ref_module, self.device, offload=offloaded):
+            self._score_before_training(batch, plan, counters, ref_policy, adapters_off)
+        self._mismatch = self._logp_mismatch(batch, plan, counters)
+        if self.config.old_logp == "rollout":
+            self._use_behaviour_logp(batch)
+
+    def _score_before_training(self, batch: RolloutBatch, plan, counters: dict, ref_policy, adapters_off) -> None:
+        vc = self.config.value
+        shared_value = vc is not None and vc.trunk == "shared"
+        # A partitioned reference's forwards are collective: every rank runs as many (padded) as the busiest.
+        ref_synced = adapters_off or self._ref_engine is not None
         for it, minibatches in enumerate(plan):
             key = self._mask_iter(it)
             for micro in (mc for mb in minibatches for mc in mb):
@@ -281,7 +295,7 @@ class Learner:
                 ref = None
                 if self.need_ref:
                     with self._ref_context() if adapters_off else nullcontext():
-                        ref, _ = self._estimate(ref_policy, inp, key, synced=adapters_off)
+                        ref, _ = self._estimate(ref_policy, inp, key, synced=ref_synced)
                     counters["forwards_ref"] += ref.forwards
                 counters["forwards_old"] += est.forwards
                 if vc is not None:
@@ -300,9 +314,6 @@ class Learner:
                     if ref is not None:
                         self._ref.setdefault((key, i), RefScores(ref.token_logp[r, :n].detach(),
                                                                  ref.seq_logp[r].detach()))
-        self._mismatch = self._logp_mismatch(batch, plan, counters)
-        if self.config.old_logp == "rollout":
-            self._use_behaviour_logp(batch)
 
     def _use_behaviour_logp(self, batch: RolloutBatch) -> None:
         """pi_old := the behaviour policy's recorded log-probs (same tokens, same steps, same temperature)."""

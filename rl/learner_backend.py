@@ -10,6 +10,7 @@ Both backends expose the same small interface to `rl.learner.Learner`:
     state_dict() / load_state_dict()   this rank's state (torch: the optimizer; DeepSpeed: its layout only)
     save_files(dir) / load_files(dir)   files the rank writes/reads itself beside it (DeepSpeed's checkpoint)
 
+Low-precision weights: TorchBackend steps fp32 masters (rl.optim.MasterWeights), ZeRO its fp32 partitions.
 DeepSpeed is imported only when that backend is built. On CPU its shared-memory collective op (a C++ extension
 compiled on first use, ~80 s on 2 cores) is switched off: gloo does the collectives.
 """
@@ -22,20 +23,28 @@ from typing import Any
 
 import torch
 
-from rl.optim import OptimConfig, apply_lr, clip_grads, make_optimizer
+from rl.optim import MasterWeights, OptimConfig, apply_lr, clip_grads, make_optimizer
 
 
 class TorchBackend:
+    """One process. Low-precision (bf16/fp16) trainable params get fp32 master copies (`rl.optim.MasterWeights`):
+    the optimizer steps the masters and the model params are their round-to-nearest copies, so updates far below a
+    bf16 ulp (lr 1e-6 on O(1) weights) accumulate instead of rounding away. master_weights=False steps the
+    low-precision params in place (measurably stalls; kept for the test that shows it)."""
     rank = 0
     world_size = 1
     grad_average = 1
     sync_forwards = False
 
-    def __init__(self, module: torch.nn.Module, groups: list[dict], optim: OptimConfig, grad_clip: float | None):
+    def __init__(self, module: torch.nn.Module, groups: list[dict], optim: OptimConfig, grad_clip: float | None,
+                 *, master_weights: bool = True):
         self.module = module
         self.optim_config = optim
         self.grad_clip = grad_clip
-        self.optimizer = make_optimizer(groups, optim)
+        self.masters = MasterWeights(groups) if master_weights else None
+        if self.masters is not None and not self.masters.pairs:
+            self.masters = None  # every trainable param is fp32 already: nothing to keep twice
+        self.optimizer = make_optimizer(self.masters.groups if self.masters else groups, optim)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self._bad = False
 
@@ -45,6 +54,8 @@ class TorchBackend:
             self._bad = True  # never let a NaN into the gradients; the step will be skipped
             return
         loss.backward()
+        if self.masters is not None:
+            self.masters.accumulate_grads()  # micro-batch gradients add up in fp32, not in bf16
 
     def step(self, step_index: int) -> tuple[float, bool, float]:
         """-> (grad norm before clipping, whether the step was applied, lr used)."""
@@ -53,7 +64,11 @@ class TorchBackend:
         applied = not self._bad and bool(torch.isfinite(torch.tensor(norm)))
         if applied:
             self.optimizer.step()
+            if self.masters is not None:
+                self.masters.copy_to_model()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.masters is not None:
+            self.masters.zero_model_grads()
         self._bad = False
         return norm, applied, lr
 
@@ -67,9 +82,19 @@ class TorchBackend:
         return contextlib.nullcontext()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict()}
+        """The optimizer's state and, with low-precision params, the fp32 masters (CPU copies, in param order)."""
+        state: dict[str, Any] = {"optimizer": self.optimizer.state_dict()}
+        if self.masters is not None:
+            state["fp32_masters"] = self.masters.state()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if ("fp32_masters" in state) != (self.masters is not None):
+            have = "has" if self.masters is not None else "has no"
+            raise ValueError(f"learner state: fp32_masters {'missing' if self.masters else 'unexpected'} (this "
+                             f"learner {have} low-precision trainable params)")
+        if self.masters is not None:
+            self.masters.load(state["fp32_masters"])  # also refreshes the model params from them
         self.optimizer.load_state_dict(state["optimizer"])
 
     # Checkpoints: everything is in state_dict(), which the rank writes itself (rl.learner_shards).
@@ -157,6 +182,9 @@ class DeepSpeedBackend:
     def backward(self, loss: torch.Tensor, *, boundary: bool) -> None:
         # A non-finite loss still goes through backward (every rank must run the same reductions); its NaN
         # gradients make the global norm invalid on all ranks and DeepSpeed skips the step and clears them.
+        # What DeepSpeedEngine.forward does first: the learner calls the module directly, never the engine, and
+        # without this ZeRO-3 never advances micro_step_id, so each micro-batch's gradient replaced the last's.
+        self.optimizer.clear_backward_seen_flag()
         self.engine.set_gradient_accumulation_boundary(boundary)
         self.engine.backward(loss, scale_wrt_gas=False)
 

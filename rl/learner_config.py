@@ -51,7 +51,13 @@ class LearnerConfig:
     mu: int = 1  # inner iterations over the batch
     shuffle: bool = True  # reshuffle the batch each inner iteration (explicit generator)
     reference_model: bool | None = None  # None: when the loss has beta > 0 and kl_reference == "ref"
-    bf16: bool = False  # torch: autocast bf16 (meant for GPU); deepspeed: bf16 weights, fp32 masters
+    # torch: forwards under torch.autocast(bf16) over the weights as loaded (CPU or GPU; fp32 weights stay fp32);
+    # deepspeed: bf16 mixed precision. Low-precision weights always train through fp32 masters (torch backend:
+    # rl.optim.MasterWeights; ZeRO keeps its own fp32 partitions), with or without this flag.
+    bf16: bool = False
+    # The frozen reference in host memory, on the device only for its passes (rl.reference); under ZeRO-3 the
+    # reference is partitioned over the ranks whatever this says, and this keeps its partitions in host memory.
+    offload_reference: bool = False
     gradient_checkpointing: bool = False  # HF per-layer (activation) checkpointing of the policy (and value trunk)
     value: ValueConfig | None = None
     log_mismatch: bool | None = None  # rollout vs learner logp gap; None: only when free (trajectory estimator)

@@ -112,3 +112,61 @@ def clip_grads(params: list[torch.Tensor], max_norm: float | None) -> torch.Tens
                 if p.grad is not None:
                     p.grad.detach().mul_(coef)
     return total
+
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class MasterWeights:
+    """fp32 master copies of the low-precision params of optimizer groups (mixed-precision training).
+
+    `groups` are the groups as built for the model; `.groups` are the same groups over the masters (fp32 params
+    stay themselves). The optimizer steps the masters; gradients are moved into the masters' fp32 `.grad` after
+    each backward (so micro-batches accumulate in fp32) and the model params become the masters rounded to nearest
+    after each applied step. Only trainable params are in the groups, so a LoRA model keeps masters of its
+    adapters alone."""
+
+    def __init__(self, groups: list[dict]):
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (model param, its fp32 master)
+        self.groups = []
+        for group in groups:
+            params = []
+            for p in group["params"]:
+                if p.dtype in LOW_PRECISION:
+                    master = p.detach().to(torch.float32).clone()
+                    self.pairs.append((p, master))
+                    params.append(master)
+                else:
+                    params.append(p)
+            self.groups.append({**group, "params": params})
+
+    def accumulate_grads(self) -> None:
+        for p, master in self.pairs:
+            if p.grad is None:
+                continue
+            grad = p.grad.detach().to(torch.float32)
+            master.grad = grad if master.grad is None else master.grad.add_(grad)
+            p.grad = None
+
+    def zero_model_grads(self) -> None:
+        for p, _ in self.pairs:
+            p.grad = None
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for p, master in self.pairs:
+            p.copy_(master)  # fp32 -> bf16/fp16 copy_ rounds to nearest (even)
+
+    def state(self) -> list[torch.Tensor]:
+        return [master.detach().cpu().clone() for _, master in self.pairs]
+
+    @torch.no_grad()
+    def load(self, saved: list[torch.Tensor]) -> None:
+        if len(saved) != len(self.pairs):
+            raise ValueError(f"learner state: {len(saved)} fp32 master tensors, this learner has {len(self.pairs)}")
+        for i, ((_, master), t) in enumerate(zip(self.pairs, saved)):
+            if tuple(t.shape) != tuple(master.shape):
+                raise ValueError(f"learner state: fp32 master {i} has shape {tuple(t.shape)}, "
+                                 f"expected {tuple(master.shape)}")
+            master.copy_(t.to(device=master.device, dtype=torch.float32))
+        self.copy_to_model()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from rollout.models.masks import PAD_BLOCK, attention_bias, block_ids, block_origin
 from rollout.models.spec import DiffusionSpec
@@ -250,22 +251,43 @@ def token_logprobs(
     are_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log-softmax of the vocabulary projection of (N, H) hidden rows (or of (N, V) logits when `are_logits`),
-    gathered at (N,) targets, chunked so the (rows x vocab) buffer stays bounded."""
+    gathered at (N,) targets, chunked so the (rows x vocab) buffer stays bounded.
+
+    With gradients on, each chunk runs under non-reentrant activation checkpointing: backward keeps only the
+    chunk's inputs (O(rows x hidden)) and recomputes its logits, instead of every chunk's (rows x vocab) logits
+    and log-softmax (12-24 GB at 8k-16k scored tokens with a 152k vocabulary). The price is one more vocabulary
+    projection per chunk in backward."""
     logps, ents = [], []
+    project = None if are_logits else policy.logits_from_hidden
+    recompute = torch.is_grad_enabled()
     for start in range(0, hidden_rows.shape[0], LOGIT_CHUNK_ROWS):
-        chunk = hidden_rows[start:start + LOGIT_CHUNK_ROWS]
-        logits = (chunk if are_logits else policy.logits_from_hidden(chunk)).float()
-        if temperature != 1.0:
-            logits = logits / temperature
-        logp_all = F.log_softmax(logits, dim=-1)
-        logps.append(logp_all.gather(-1, targets[start:start + LOGIT_CHUNK_ROWS, None]).squeeze(-1))
+        rows = hidden_rows[start:start + LOGIT_CHUNK_ROWS]
+        chunk_targets = targets[start:start + LOGIT_CHUNK_ROWS]
+        if recompute:
+            logp, ent = checkpoint(_chunk_logprobs, project, rows, chunk_targets, temperature, with_entropy,
+                                   use_reentrant=False)
+        else:
+            logp, ent = _chunk_logprobs(project, rows, chunk_targets, temperature, with_entropy)
+        logps.append(logp)
         if with_entropy:
-            with torch.no_grad():  # a metric: no autograd graph holding another (rows x vocab) buffer
-                ents.append(-(logp_all.exp() * logp_all).sum(-1))
+            ents.append(ent)
     if not logps:
         empty = hidden_rows.new_zeros((0,), dtype=torch.float32)
         return empty, (empty if with_entropy else None)
     return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
+
+
+def _chunk_logprobs(project, rows: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool):
+    """(log p(target), entropy or None) of one chunk of hidden rows (projected by `project`) or of logits."""
+    logits = (rows if project is None else project(rows)).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)
+    if not with_entropy:
+        return logp, None
+    with torch.no_grad():  # a metric: no autograd graph holding another (rows x vocab) buffer
+        return logp, -(logp_all.exp() * logp_all).sum(-1)
 
 
 def _forward_params(model) -> set[str]:

@@ -86,6 +86,8 @@ BAD = {
     "reference model off": (["algorithm=diffu_grpo", "learner.reference_model=false"],
                             ("learner.reference_model: false, but algorithm.beta 0.04 > 0 with kl_reference 'ref' "
                             "needs it (or set algorithm.kl_reference: old)")),
+    "offload without reference": (["learner.offload_reference=true"],
+                                  "learner.offload_reference: true, but the run has no reference"),
     "greedy groups": (["rollout.temperature=0"],
                       "rollout.temperature: 0 makes every sample of a group identical (zero advantage); use > 0"),
     "steps twice": (["rollout.steps=4", "rollout.steps_per_block=1"],

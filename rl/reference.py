@@ -1,0 +1,63 @@
+"""Where the frozen KL reference model lives: on the learner's device (default), in host memory between its
+forward passes (`LearnerConfig.offload_reference`), or partitioned over the ranks by DeepSpeed ZeRO-3.
+
+The reference only runs forwards before training (rl.learner: one pass per micro-batch slot, under no_grad), so
+its weights need not sit on the accelerator through the backward passes and optimizer steps:
+- offloaded: kept on the CPU, moved to the learner's device for the reference passes of an update and back after
+  (one host-device round trip of the weights per update, none of its memory held while training);
+- ZeRO-3: an inference-only DeepSpeed engine (no optimizer) partitions its weights as the policy's are, each rank
+  holding 1/world of them and gathering a layer's weights as its forward reaches it. Its forwards are then
+  collective: every rank runs the same number (the learner pads, as for the policy). With offload as well,
+  DeepSpeed keeps the partitions in host memory (offload_param: cpu).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+HOST = torch.device("cpu")
+
+
+def place_reference(ref_policy, config, backend, *, need_ref: bool):
+    """Put the learner's reference where `config` says (see the module doc); returns the ZeRO-3 engine that
+    partitions it, or None. ref_policy None: no separate reference (none needed, or LoRA's adapters-off base)."""
+    if config.offload_reference and ref_policy is None:
+        why = "its reference is its own base (adapters off)" if need_ref else "this run has no reference model"
+        raise ValueError(f"learner.offload_reference: nothing to offload, {why}")
+    if ref_policy is None:
+        return None
+    if config.backend == "deepspeed" and config.zero_stage == 3:
+        return partition_reference(ref_policy.model, world_size=backend.world_size, bf16=config.bf16,
+                                   offload=config.offload_reference)
+    if config.offload_reference:
+        ref_policy.model.to(HOST)
+    return None
+
+
+def partition_reference(module: torch.nn.Module, *, world_size: int, bf16: bool, offload: bool):
+    """Partition a frozen module with ZeRO-3 (no optimizer); returns the engine (keep it alive: it owns the
+    hooks that gather the weights). The module is used as before; its forwards are collective across ranks."""
+    import deepspeed
+
+    zero = {"stage": 3, "overlap_comm": False, "contiguous_gradients": False}
+    if offload:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": world_size, "zero_optimization": zero,
+              "bf16": {"enabled": bool(bf16)}, "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
+    engine, *_ = deepspeed.initialize(model=module, config=config)
+    engine.eval()
+    return engine
+
+
+@contextlib.contextmanager
+def reference_on_device(module: torch.nn.Module | None, device: torch.device, *, offload: bool):
+    """The reference on `device` for the duration (offload: from host memory, back to it after)."""
+    if module is None or not offload:
+        yield
+        return
+    module.to(device)
+    try:
+        yield
+    finally:
+        module.to(HOST)
