@@ -286,7 +286,7 @@ def _chunk_logprobs(project, rows: torch.Tensor, targets: torch.Tensor, temperat
     logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)
     if not with_entropy:
         return logp, None
-    with torch.no_grad():  # a metric: no autograd graph holding another (rows x vocab) buffer
+    with torch.no_grad():  # a metric (learner/entropy): no autograd graph over another (rows x vocab) buffer
         return logp, -(logp_all.exp() * logp_all).sum(-1)
 
 
