@@ -12,11 +12,17 @@ from __future__ import annotations
 
 from typing import Callable
 
+from rollout.decoding import sync_counter
 from rollout.decoding.state import Row
 
 
 def decode(policy, rows: list[Row], kv_cache: str, on_step: Callable[[int], None] | None = None) -> None:
     """Decode `rows` in place with the decoder for the policy's attention layout and `kv_cache` mode."""
+    with sync_counter.counting():  # a no-op unless a test or benchmark counts host syncs
+        return _decode(policy, rows, kv_cache, on_step)
+
+
+def _decode(policy, rows: list[Row], kv_cache: str, on_step: Callable[[int], None] | None) -> None:
     if policy.spec.is_block:
         if policy.spec.logits_shift:
             raise ValueError("model.logits_shift: block decoding of shifted-logit models is not supported")

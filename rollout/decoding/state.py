@@ -11,6 +11,7 @@ import secrets
 
 import torch
 
+from rollout.decoding import sync_counter
 from rollout.decoding.schedules import block_schedule, dream_transfer_probability, eoser_gamma
 from rollout.models.spec import DiffusionSpec
 from rollout.remasking import make_remasking
@@ -281,6 +282,7 @@ def forward_at(policy, input_ids: torch.Tensor, position_ids: torch.Tensor, attn
                rows: torch.Tensor, cols: torch.Tensor, cache=None) -> torch.Tensor:
     """One forward; logits (N, V) only at query positions (rows[i], cols[i]): the vocabulary projection is a large
     share of a small model's cost and only the positions being sampled need it."""
+    sync_counter.note_step()
     if policy.native:
         out = policy.forward(input_ids, position_ids, attn_bias, past_key_values=cache, use_cache=cache is not None,
                              compute_logits=False, return_hidden=True)
