@@ -40,14 +40,16 @@ def decode_blocks_cached(policy, rows: list[Row], on_step: Callable[[int], None]
     pending = [False] * len(rows)  # row's previous block is complete but its clean KV is not in the cache yet
     first = True
     while rows:
-        view = BlockView(rows)
+        # Per-row values the host knows reach the device with the view's one copy (no list -> tensor per use).
+        view = BlockView(rows, extra={"origin": [r.origin for r in rows], "block": [r.block for r in rows],
+                                      "offset": cache_len, "pending": [int(p) for p in pending]})
         if first:
-            batch = _prefill_slots(rows, width_prompt, spec, device)
+            batch = _prefill_slots(rows, view, width_prompt, spec, device)
         else:
             batch = _step_slots(rows, view, pending, spec, device)
         width = batch.ids.shape[1]
-        offsets = torch.tensor(cache_len, device=device)
-        view_len = cache.prepare(offsets, width)
+        offsets = view.col["offset"]
+        view_len = cache.prepare(offsets, width, bounds=(min(cache_len), max(cache_len)))
         # Keys this forward sees: the committed columns plus its own slots written at each row's offset.
         cols = offsets[:, None] + torch.arange(width, device=device)
         k_block = key_block[:, :view_len].clone().scatter_(1, cols, batch.block)
@@ -57,14 +59,14 @@ def decode_blocks_cached(policy, rows: list[Row], on_step: Callable[[int], None]
         logits = forward_at(policy, batch.ids, batch.pos, bias, view.q_row, q_cols, cache)
         if any(batch.commit):
             # The leading `commit` slots of a row stay in the cache: their key columns become permanent.
-            commit = torch.tensor(batch.commit, device=device)
+            commit = batch.commit_t
             kept = torch.zeros_like(k_valid).scatter_(1, cols, torch.arange(width, device=device) < commit[:, None])
             key_block[:, :view_len] = torch.where(kept, k_block, key_block[:, :view_len])
             key_valid[:, :view_len] = torch.where(kept, k_valid, key_valid[:, :view_len])
             cache_len = [n + c for n, c in zip(cache_len, batch.commit)]
         first = False
-        unmasked = denoise_rows(rows, logits, view)
-        done, has_eos = view.status()
+        counts, done, has_eos = view.read_step(denoise_rows(rows, logits, view))  # the step's one host sync
+        unmasked = sum(counts)
         for i, row in enumerate(rows):
             row.nfe += 1
             pending[i] = False
@@ -88,18 +90,19 @@ class _Batch:
     """Query slots of one forward: ids, positions, block ids, validity (R, width); `commit` (per row) leading
     slots whose KV is kept (clean tokens); `noisy_at` (R,) slot of the current block's first position (None: 0)."""
 
-    def __init__(self, ids, pos, block, valid, commit: list[int], noisy_at: torch.Tensor | None):
+    def __init__(self, ids, pos, block, valid, commit: list[int], commit_t: torch.Tensor | None,
+                 noisy_at: torch.Tensor | None):
         self.ids, self.pos, self.block, self.valid = ids, pos, block, valid
-        self.commit, self.noisy_at = commit, noisy_at
+        self.commit, self.commit_t, self.noisy_at = commit, commit_t, noisy_at  # commit_t: (R,) on the device
 
 
-def _prefill_slots(rows: list[Row], width_prompt: int, spec, device) -> _Batch:
+def _prefill_slots(rows: list[Row], view: BlockView, width_prompt: int, spec, device) -> _Batch:
     """[left-padded prompt before its block origin | block 0]: that prefix's KV is committed by the first
     denoising step. Built for all rows at once: a prompt's layout depends only on its own length (positions count
     from its first token, block ids from its origin), so every column's position and block id is a function of
     (column, origin)."""
     bs, size, width = spec.block_size, len(rows), width_prompt + spec.block_size
-    lengths = torch.tensor([r.origin for r in rows], device=device)
+    lengths = view.col["origin"]
     first = width_prompt - lengths  # column of each prompt's first token
     col = torch.arange(width, device=device)
     valid = col[None, :] >= first[:, None]
@@ -107,18 +110,11 @@ def _prefill_slots(rows: list[Row], width_prompt: int, spec, device) -> _Batch:
     block = torch.where(col < width_prompt, -((width_prompt - col + bs - 1) // bs), 0)
     block = torch.where(valid, block[None, :], PAD_BLOCK)
     ids = torch.full((size, width), spec.pad_token_id, dtype=torch.long, device=device)
-    # row-major = prompt order
-    ids[:, :width_prompt][valid[:, :width_prompt]] = torch.cat([r.prompt[:r.origin] for r in rows])
-    ids[:, width_prompt:] = view_tokens_block0(rows, bs)
-    return _Batch(ids, pos, block, valid, [width_prompt] * size,
-                  torch.full((size,), width_prompt, dtype=torch.long, device=device))
-
-
-def view_tokens_block0(rows: list[Row], bs: int) -> torch.Tensor:
-    """(R, bs) first block of every row's canvas (one gather from the shared state)."""
-    shared = rows[0].shared
-    slots = torch.tensor([r.slot for r in rows], device=shared.tokens.device)
-    return shared.tokens[slots, :bs]
+    for i, row in enumerate(rows):  # once per decode; slices at host-known lengths (no boolean-mask write)
+        ids[i, width_prompt - row.origin:width_prompt] = row.prompt[:row.origin]
+    ids[:, width_prompt:] = view.shared.tokens[view.slots, :bs]  # every row's first canvas block
+    full = torch.full((size,), width_prompt, dtype=torch.long, device=device)
+    return _Batch(ids, pos, block, valid, [width_prompt] * size, full, full)
 
 
 def _step_slots(rows: list[Row], view: BlockView, pending: list[bool], spec, device) -> _Batch:
@@ -126,11 +122,11 @@ def _step_slots(rows: list[Row], view: BlockView, pending: list[bool], spec, dev
     built for all rows at once from the shared canvas."""
     bs = spec.block_size
     noisy = view.gather("tokens")
-    pos = torch.tensor([r.origin for r in rows], device=device)[:, None] + view.idx
-    block = torch.tensor([r.block for r in rows], device=device)[:, None].expand(-1, bs)
+    pos = view.col["origin"][:, None] + view.idx
+    block = view.col["block"][:, None].expand(-1, bs)
     if not any(pending):
-        return _Batch(noisy, pos, block, torch.ones_like(noisy, dtype=torch.bool), [0] * len(rows), None)
-    pend = torch.tensor(pending, device=device)[:, None]
+        return _Batch(noisy, pos, block, torch.ones_like(noisy, dtype=torch.bool), [0] * len(rows), None, None)
+    pend = view.col["pending"].bool()[:, None]
     clean = view.shared.tokens[view.slots[:, None], (view.idx - bs).clamp(min=0)]
     pad = torch.full_like(noisy, spec.pad_token_id)
     ids = torch.cat([torch.where(pend, clean, noisy), torch.where(pend, noisy, pad)], dim=1)
@@ -138,4 +134,5 @@ def _step_slots(rows: list[Row], view: BlockView, pending: list[bool], spec, dev
     block = torch.cat([torch.where(pend, block - 1, block), torch.where(pend, block, PAD_BLOCK)], dim=1)
     valid = torch.cat([torch.ones_like(pend).expand(-1, bs), pend.expand(-1, bs)], dim=1)
     commit = [bs if p else 0 for p in pending]
-    return _Batch(ids, pos, block, valid, commit, pend[:, 0].long() * bs)
+    commit_t = pend[:, 0].long() * bs
+    return _Batch(ids, pos, block, valid, commit, commit_t, commit_t)

@@ -37,13 +37,14 @@ class RaggedKVCache:
     def batch(self) -> int:
         return self.keys[0].shape[0]
 
-    def prepare(self, offsets: torch.Tensor, query_len: int, view_len: int | None = None) -> int:
-        """Set where the next forward writes (row r at columns offsets[r] .. +query_len); return the view length."""
-        top = int(offsets.max())
+    def prepare(self, offsets: torch.Tensor, query_len: int, view_len: int | None = None,
+                bounds: tuple[int, int] | None = None) -> int:
+        """Set where the next forward writes (row r at columns offsets[r] .. +query_len); return the view length.
+        `bounds`: (min, max) of offsets when the caller knows them on the host (else read back: a host sync)."""
+        low, top = bounds if bounds is not None else (int(offsets.min()), int(offsets.max()))
         view_len = top + query_len if view_len is None else view_len
         if top + query_len > self.capacity or view_len > self.capacity:
             raise RuntimeError(f"kv cache: {top + query_len} columns needed, capacity {self.capacity}")
-        low = int(offsets.min())
         self._uniform_offset = low if low == top else None
         self._offsets = offsets.to(self.keys[0].device)
         self._view_len = view_len

@@ -11,6 +11,8 @@ Usage (tests, benchmarks/gpu_smoke.py):
         engine.generate(requests)
     counts.syncs, counts.steps, counts.syncs_per_step, counts.h2d_copies, counts.ops
 
+One call is device-dependent: `.to("cpu")` counts only where the tensor lives elsewhere (on a CPU run the decoding
+device *is* the host, and `.to(decoding device)` is a no-op on either); `.cpu()`, `.tolist()` etc. always count.
 Only what runs inside a decoder is counted (`decode()` arms the mode; request checks and building trajectories
 happen outside it). `steps` counts decoding forwards (`note_step`, called by state.forward_at).
 """
@@ -73,8 +75,8 @@ def _classify(name: str, args, kwargs) -> str | None:
         return "sync"
     if name == "where" and len(args) == 1 and not kwargs:
         return "sync"
-    if name == "to" and _names_cpu(args, kwargs):
-        return "sync"
+    if name == "to" and _names_cpu(args, kwargs) and isinstance(args[0], torch.Tensor) and args[0].device.type != "cpu":
+        return "sync"  # only a real copy to the host: `.to(device)` onto the tensor's own device is a no-op
     if name in _H2D_OPS and kwargs.get("device") is not None:
         return "h2d"
     return None
