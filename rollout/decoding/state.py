@@ -114,10 +114,6 @@ class Row:
     def num_blocks(self) -> int:
         return self.params.max_tokens // self.spec.block_size
 
-    @property
-    def block_done(self) -> bool:
-        return bool(self.decoded[self.block_start:self.block_end].all())
-
     # ------------------------------------------------------------------------------------------ one step
     def draw_uniforms(self, n: int, device: torch.device) -> torch.Tensor | None:
         """The sampler's uniforms for this step: one per masked position, from the row's own generator. This is
@@ -212,19 +208,19 @@ def share_state(rows: list[Row]) -> SharedState:
 def host_columns(device: torch.device, ints: dict[str, list[int]],
                  floats: dict[str, list[float]] | None = None) -> dict[str, torch.Tensor]:
     """Per-row values known on the host (slots, block starts, schedule counts, ...) as device tensors: one copy
-    per dtype of one host buffer, pinned and non-blocking on CUDA, instead of one blocking copy per list."""
-    out: dict[str, torch.Tensor] = {}
-    for table, dtype in ((ints, torch.long), (floats or {}, torch.float32)):
-        if not table:
-            continue
-        names = list(table)
-        data = torch.tensor([table[n] for n in names], dtype=dtype)
-        if device.type != "cpu":
-            if device.type == "cuda":
-                data = data.pin_memory()
-            data = data.to(device, non_blocking=True)
-        sync_counter.note_async_copy()
-        out.update({n: data[k] for k, n in enumerate(names)})
+    of one host buffer, pinned and non-blocking on CUDA, instead of one blocking copy per list. Float columns
+    travel as their float32 bit patterns in the same int64 buffer (exact both ways)."""
+    floats = floats or {}
+    rows = [torch.tensor(ints[n], dtype=torch.long) for n in ints] + [
+        torch.tensor(floats[n], dtype=torch.float32).view(torch.int32).long() for n in floats]
+    data = torch.stack(rows)
+    if device.type != "cpu":
+        if device.type == "cuda":
+            data = data.pin_memory()
+        data = data.to(device, non_blocking=True)
+    sync_counter.note_async_copy()
+    out = {n: data[k] for k, n in enumerate(ints)}
+    out.update({n: data[len(ints) + k].to(torch.int32).view(torch.float32) for k, n in enumerate(floats)})
     return out
 
 
@@ -276,7 +272,10 @@ class BlockView:
         """The step's one host sync, after denoise_rows: per row, tokens it unmasked, whether its block is now
         fully decoded, whether the block holds an EOS (response positions only). Updates Row.masked_left."""
         eos = ((self.gather("tokens") == self.rows[0].spec.eos_token_id) & self.response).any(dim=1)
-        counts, eos_flags = torch.stack([unmasked, eos.long()]).tolist()
+        counts, eos_flags, masked = torch.stack([unmasked, eos.long(), self.masked.sum(dim=1)]).tolist()
+        if masked != self.n_masked:  # free to check: read with the same sync; queries were sized from n_masked
+            raise RuntimeError(f"decoding: masked positions per row {masked} disagree with the host's count "
+                               f"{self.n_masked} (a canvas changed outside denoise_rows)")
         done = []
         for row, n in zip(self.rows, counts):
             row.masked_left -= n

@@ -75,7 +75,8 @@ def _classify(name: str, args, kwargs) -> str | None:
         return "sync"
     if name == "where" and len(args) == 1 and not kwargs:
         return "sync"
-    if name == "to" and _names_cpu(args, kwargs) and isinstance(args[0], torch.Tensor) and args[0].device.type != "cpu":
+    on_host = isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu" if args else True
+    if name == "to" and _names_cpu(args, kwargs) and not on_host:
         return "sync"  # only a real copy to the host: `.to(device)` onto the tensor's own device is a no-op
     if name in _H2D_OPS and kwargs.get("device") is not None:
         return "h2d"
