@@ -7,6 +7,10 @@
 | full          | none     | full.py      | semi-autoregressive blocks over a masked canvas, exact          |
 | full          | prefix   | full.py      | Fast-dLLM prefix cache, refreshed once per block                |
 | full          | dual     | full.py      | Fast-dLLM dual cache                                            |
+
+Every decoder keeps the canvas, masks, remasking choices and draws on the device and makes one host sync per
+step (state.BlockView.read_step: tokens unmasked, block done, EOS, per row); per-row values the host knows
+(schedules, slots, lengths) travel in one buffer per step. `sync_counter.count_host_syncs()` counts both.
 """
 from __future__ import annotations
 

@@ -211,9 +211,10 @@ def host_columns(device: torch.device, ints: dict[str, list[int]],
     of one host buffer, pinned and non-blocking on CUDA, instead of one blocking copy per list. Float columns
     travel as their float32 bit patterns in the same int64 buffer (exact both ways)."""
     floats = floats or {}
-    rows = [torch.tensor(ints[n], dtype=torch.long) for n in ints] + [
-        torch.tensor(floats[n], dtype=torch.float32).view(torch.int32).long() for n in floats]
-    data = torch.stack(rows)
+    data = torch.tensor([ints[n] for n in ints], dtype=torch.long)
+    if floats:
+        bits = torch.tensor([floats[n] for n in floats], dtype=torch.float32).view(torch.int32).long()
+        data = torch.cat([data, bits])
     if device.type != "cpu":
         if device.type == "cuda":
             data = data.pin_memory()

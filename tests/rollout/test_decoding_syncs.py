@@ -101,3 +101,16 @@ def test_at_most_one_host_sync_per_decoding_step(sync_policies, kind, cache):
         assert counts.syncs <= counts.steps, (name, counts)
         # per step: the view's one host buffer; block decoding adds one index copy when rows leave the batch
         assert counts.h2d_copies + counts.async_h2d_copies <= counts.steps + len(requests), (name, counts)
+
+
+def test_host_columns_carry_ints_and_float32_values_exactly_in_one_copy():
+    from rollout.decoding.state import host_columns
+
+    floats = [0.1, -2.5e-8, 1.0 / 3.0, float("inf"), 0.0]
+    with count_host_syncs() as counts, sync_counter.counting():
+        cols = host_columns(torch.device("cpu"), {"a": [1, -7, 2**40, 0, 3], "b": [0, 1, 2, 3, 4]},
+                            {"g": floats, "p": [1.0] * 5})
+    assert (counts.syncs, counts.h2d_copies, counts.async_h2d_copies) == (0, 0, 1)
+    assert cols["a"].tolist() == [1, -7, 2**40, 0, 3] and cols["b"].dtype == torch.long
+    assert cols["g"].dtype == torch.float32
+    assert torch.equal(cols["g"], torch.tensor(floats, dtype=torch.float32))  # bitwise: same rounding as before
