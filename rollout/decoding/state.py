@@ -154,21 +154,27 @@ class Row:
 
     # ------------------------------------------------------------------------------------------ result
     def trajectory(self, version: int, decoder: str) -> Trajectory:
-        length = int(self.decoded.sum())
-        if not bool(self.decoded[:length].all()):
+        # Host copies of the canvas: one per field for the whole batch when the rows share one (SharedState.host),
+        # instead of several small device reads per row.
+        shared = getattr(self, "shared", None)
+        field = (lambda name: shared.host(name)[self.slot, :self.params.max_tokens]) if shared is not None else (
+            lambda name: getattr(self, name).cpu())
+        decoded = field("decoded")
+        length = int(decoded.sum())
+        if not bool(decoded[:length].all()):
             raise RuntimeError(f"request {self.request.request_id!r}: decoded positions are not a prefix")
         # Copies, not views: the canvas may be a row of a batch-wide buffer (SharedState), which a trajectory must
         # not keep alive or ship along when it is pickled.
-        own = lambda t: t[self.head:length].to("cpu", copy=True)
-        response = own(self.tokens)
+        own = lambda name: field(name)[self.head:length].clone()
+        response = own("tokens")
         eos = (response == self.spec.eos_token_id).nonzero()
         valid = int(eos[0]) + 1 if eos.numel() else response.numel()
         reason = self.finish_reason or "length"
         if reason == "length" and eos.numel():
             reason = "eos"
         return Trajectory(
-            prompt_ids=self.prompt.cpu(), response_ids=response, step_map=own(self.step_map),
-            logprobs=own(self.logprobs), confidence=own(self.confidence),
+            prompt_ids=self.request.prompt_ids.to("cpu", torch.long).reshape(-1), response_ids=response,
+            step_map=own("step_map"), logprobs=own("logprobs"), confidence=own("confidence"),
             valid_length=valid, nfe=self.nfe, finish_reason=reason, block_size=self.spec.block_size,
             sampling={**self.params.to_dict(), "seed": self.seed, "decoder": decoder,
                       "block_alignment": self.spec.block_alignment},
@@ -195,6 +201,16 @@ class SharedState:
             setattr(self, name, buf)
         for slot, row in enumerate(rows):
             row.slot, row.shared = slot, self
+        self._host: dict[str, torch.Tensor] = {}
+
+    def host(self, name: str) -> torch.Tensor:
+        """A host copy of field `name` (for building trajectories after decoding), made once until `changed`."""
+        if name not in self._host:
+            self._host[name] = getattr(self, name).cpu()
+        return self._host[name]
+
+    def changed(self) -> None:
+        self._host.clear()
 
 
 def share_state(rows: list[Row]) -> SharedState:
@@ -295,6 +311,7 @@ def denoise_rows(rows: list[Row], logits: torch.Tensor, view: BlockView) -> torc
     masked, device = view.masked, logits.device
     counts = view.n_masked
     shared = view.shared
+    shared.changed()
     unmasked = torch.zeros(len(rows), dtype=torch.long, device=device)
     for gid, (params, members) in enumerate(view.groups.items()):
         g_counts = [counts[i] for i in members]
