@@ -22,6 +22,26 @@ from rollout.sampling import SamplingParams
 REMASKING: dict[str, type["RemaskingPolicy"]] = {}
 
 
+@dataclass
+class BlockQueries:
+    """The masked positions of a batch of rows, as the decoder already knows them (so a policy that must work row
+    by row finds each row's positions without reading the mask back on the host): `rows`, `cols` (N,) on the
+    device, row-major in ascending columns; `counts` and `budget` per row on the host."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    counts: list[int]
+    budget: list[int]
+
+    def row_cols(self) -> list[torch.Tensor]:
+        """Each row's masked columns (slices of `cols` at host-known offsets)."""
+        out, start = [], 0
+        for n in self.counts:
+            out.append(self.cols[start:start + n])
+            start += n
+        return out
+
+
 def register_remasking(name: str):
     def wrap(cls):
         if name in REMASKING:
@@ -53,15 +73,15 @@ class RemaskingPolicy:
         raise NotImplementedError
 
     def select_batch(self, confidence: torch.Tensor, entropy: torch.Tensor | None, masked: torch.Tensor,
-                     count: torch.Tensor, generators: list) -> torch.Tensor:
+                     count: torch.Tensor, generators: list, *, queries: BlockQueries) -> torch.Tensor:
         """`select` for several rows at once: (R, bs) confidence (-inf where not masked), entropy (+inf where not
-        masked) and `masked`, count (R,); returns the (R, bs) bool choice. The default loops over rows (for
-        policies that draw random numbers, which must come from each row's own generator in its own order)."""
+        masked) and `masked`, count (R,) on the device, `queries` the same positions and counts as the host knows
+        them; returns the (R, bs) bool choice. The default loops over rows (for policies that draw random numbers,
+        which must come from each row's own generator in its own order); it reads nothing back on the host."""
         chosen = torch.zeros_like(masked)
-        for i in range(masked.shape[0]):
-            cols = masked[i].nonzero().squeeze(-1)
+        for i, cols in enumerate(queries.row_cols()):
             ent = entropy[i, cols] if entropy is not None else None
-            chosen[i, cols[self.select(confidence[i, cols], ent, int(count[i]), generators[i])]] = True
+            chosen[i, cols[self.select(confidence[i, cols], ent, queries.budget[i], generators[i])]] = True
         return chosen
 
 
@@ -80,7 +100,7 @@ class Sequential(RemaskingPolicy):
     def select(self, confidence, entropy, count, generator):
         return torch.arange(min(count, confidence.numel()), device=confidence.device)
 
-    def select_batch(self, confidence, entropy, masked, count, generators):
+    def select_batch(self, confidence, entropy, masked, count, generators, *, queries=None):
         return masked & (masked.cumsum(dim=1) <= count[:, None])
 
 
@@ -91,7 +111,7 @@ class LowConfidenceStatic(RemaskingPolicy):
     def select(self, confidence, entropy, count, generator):
         return torch.topk(confidence, min(count, confidence.numel())).indices
 
-    def select_batch(self, confidence, entropy, masked, count, generators):
+    def select_batch(self, confidence, entropy, masked, count, generators, *, queries=None):
         return masked & (_rank(confidence, descending=True) < count[:, None])
 
 
@@ -108,7 +128,7 @@ class LowConfidenceDynamic(RemaskingPolicy):
             return above
         return torch.topk(confidence, floor).indices
 
-    def select_batch(self, confidence, entropy, masked, count, generators):
+    def select_batch(self, confidence, entropy, masked, count, generators, *, queries=None):
         above = masked & (confidence > self.params.threshold)
         floor = masked.sum(dim=1).clamp(max=self.params.min_tokens_per_step)
         fallback = masked & (_rank(confidence, descending=True) < floor[:, None])
@@ -128,7 +148,7 @@ class EntropyBounded(RemaskingPolicy):
         take = max(within, min(self.params.min_tokens_per_step, entropy.numel()))
         return order[:take]
 
-    def select_batch(self, confidence, entropy, masked, count, generators):
+    def select_batch(self, confidence, entropy, masked, count, generators, *, queries=None):
         order = torch.sort(entropy, dim=1, stable=True).indices
         # Unmasked entries sort last (+inf), so each row's cumulative sum over its masked entries is the same
         # sequence of additions as `select`'s.
@@ -186,13 +206,15 @@ class Origin(RemaskingPolicy):
                        device=generator.device if generator is not None else confidence.device)
         return (u.to(confidence.device) < probability).nonzero().squeeze(-1)
 
-    def select_batch(self, confidence, entropy, masked, count, generators, probability=None):
+    def select_batch(self, confidence, entropy, masked, count, generators, *, queries, probability=None):
         if probability is None:
             raise ValueError("origin remasking needs each row's transfer probability")
+        # The same uniforms as `select` (one per masked position, row by row from each row's generator), compared
+        # in float32 as `select` compares them with a Python float, written without reading anything back.
+        u = torch.cat([torch.rand(n, generator=g, device=g.device if g is not None else masked.device)
+                       .to(masked.device) for n, g in zip(queries.counts, generators)])
         chosen = torch.zeros_like(masked)
-        for i in range(masked.shape[0]):
-            cols = masked[i].nonzero().squeeze(-1)
-            chosen[i, cols[self.select(confidence[i, cols], None, 0, generators[i], float(probability[i]))]] = True
+        chosen[queries.rows, queries.cols] = u < probability.to(u.dtype)[queries.rows]
         return chosen
 
 

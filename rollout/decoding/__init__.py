@@ -7,11 +7,18 @@
 | full          | none     | full.py      | semi-autoregressive blocks over a masked canvas, exact          |
 | full          | prefix   | full.py      | Fast-dLLM prefix cache, refreshed once per block                |
 | full          | dual     | full.py      | Fast-dLLM dual cache                                            |
+
+Every decoder keeps the canvas, masks, remasking choices and draws on the device and makes one host sync per
+step (state.BlockView.read_step: tokens unmasked, block done, EOS, per row); per-row values the host knows
+(schedules, slots, lengths) travel in one buffer per step. `sync_counter.count_host_syncs()` counts both. Under
+a memory budget (`slots`), cached block decoding admits waiting rows into finished rows' slots by a prefill forward
+of their own and evicts in place; both work from what read_step already returned, so that stays one sync per step.
 """
 from __future__ import annotations
 
 from typing import Callable
 
+from rollout.decoding import sync_counter
 from rollout.decoding.state import Row
 
 
@@ -20,6 +27,12 @@ def decode(policy, rows: list[Row], kv_cache: str, on_step: Callable[[int], None
     """Decode `rows` in place with the decoder for the policy's attention layout and `kv_cache` mode.
     `slots`: rows decoding at once (continuous batching, cached block decoding only; the other decoders take the
     rows as one batch); `usage`: a kv_cache.CacheUsage recording how full the KV cache was."""
+    with sync_counter.counting():  # a no-op unless a test or benchmark counts host syncs
+        return _decode(policy, rows, kv_cache, on_step, slots, usage)
+
+
+def _decode(policy, rows: list[Row], kv_cache: str, on_step: Callable[[int], None] | None, slots: int | None,
+            usage) -> None:
     if policy.spec.is_block:
         if policy.spec.logits_shift:
             raise ValueError("model.logits_shift: block decoding of shifted-logit models is not supported")

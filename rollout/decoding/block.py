@@ -36,7 +36,10 @@ def decode_blocks_cached(policy, rows: list[Row], on_step: Callable[[int], None]
     """Decode `rows` in place (each row ends with a finish_reason). `slots`: rows decoding at once, the cache's
     row slots (default: all rows). The others wait, in order, and are admitted as rows finish: a forward of their
     own prefills them into the free slots (their first denoising step), then they decode with the rest.
-    `usage` records how full the cache was (kv_cache.CacheUsage)."""
+    `usage` records how full the cache was (kv_cache.CacheUsage).
+
+    Host syncs: one per forward (BlockView.read_step). Admission and eviction read nothing from the device: which
+    rows finished is known from the previous step's read_step, and slots, offsets and moves are host bookkeeping."""
     spec, device = policy.spec, policy.device
     share_state(rows)
     # One layout for every row, whatever its batch: prompts left-padded to the longest origin of the call.
@@ -51,20 +54,25 @@ def decode_blocks_cached(policy, rows: list[Row], on_step: Callable[[int], None]
     waiting = deque(rows)
     rows, cache_len, pending = [], [], []  # rows in slots [0, len(rows)); pending: clean KV of the last block due
     while rows or waiting:
-        if waiting and len(rows) < slots:  # admission: prefill waiting rows into the free slots (their first step)
+        admitting = bool(waiting) and len(rows) < slots
+        if admitting:  # prefill waiting rows into the free slots (their first step; the others wait)
             lo, fwd = len(rows), _admit(waiting, slots - len(rows), block_buf, valid_buf, len(rows))
             rows, cache_len, pending = rows + fwd, cache_len + [0] * len(fwd), pending + [False] * len(fwd)
-            view = BlockView(fwd)
-            batch = _prefill_slots(fwd, width_prompt, spec, device)
         else:
             lo, fwd = 0, rows
-            view = BlockView(rows)
-            batch = _step_slots(rows, view, pending, spec, device)
         hi = lo + len(fwd)
+        offs = cache_len[lo:hi]
+        # Per-row values the host knows reach the device with the view's one copy (no list -> tensor per use).
+        view = BlockView(fwd, extra={"origin": [r.origin for r in fwd], "block": [r.block for r in fwd],
+                                     "offset": offs, "pending": [int(p) for p in pending[lo:hi]]})
+        if admitting:
+            batch = _prefill_slots(fwd, view, width_prompt, spec, device)
+        else:
+            batch = _step_slots(fwd, view, pending[lo:hi], spec, device)
         key_block, key_valid = block_buf[lo:hi], valid_buf[lo:hi]  # views: commits below write the buffers
         width = batch.ids.shape[1]
-        offsets = torch.tensor(cache_len[lo:hi], device=device)
-        view_len = cache.prepare(offsets, width, rows=(lo, hi))
+        offsets = view.col["offset"]
+        view_len = cache.prepare(offsets, width, rows=(lo, hi), bounds=(min(offs), max(offs)))
         # Keys this forward sees: the committed columns plus its own slots written at each row's offset.
         cols = offsets[:, None] + torch.arange(width, device=device)
         k_block = key_block[:, :view_len].clone().scatter_(1, cols, batch.block)
@@ -74,13 +82,13 @@ def decode_blocks_cached(policy, rows: list[Row], on_step: Callable[[int], None]
         logits = forward_at(policy, batch.ids, batch.pos, bias, view.q_row, q_cols, cache)
         if any(batch.commit):
             # The leading `commit` slots of a row stay in the cache: their key columns become permanent.
-            commit = torch.tensor(batch.commit, device=device)
+            commit = batch.commit_t
             kept = torch.zeros_like(k_valid).scatter_(1, cols, torch.arange(width, device=device) < commit[:, None])
             key_block[:, :view_len] = torch.where(kept, k_block, key_block[:, :view_len])
             key_valid[:, :view_len] = torch.where(kept, k_valid, key_valid[:, :view_len])
-            cache_len[lo:hi] = [n + c for n, c in zip(cache_len[lo:hi], batch.commit)]
-        unmasked = denoise_rows(fwd, logits, view)
-        done, has_eos = view.status()
+            cache_len[lo:hi] = [n + c for n, c in zip(offs, batch.commit)]
+        counts, done, has_eos = view.read_step(denoise_rows(fwd, logits, view))  # the step's one host sync
+        unmasked = sum(counts)
         for i, row in enumerate(fwd):
             row.nfe += 1
             pending[lo + i] = False
@@ -122,18 +130,19 @@ class _Batch:
     """Query slots of one forward: ids, positions, block ids, validity (R, width); `commit` (per row) leading
     slots whose KV is kept (clean tokens); `noisy_at` (R,) slot of the current block's first position (None: 0)."""
 
-    def __init__(self, ids, pos, block, valid, commit: list[int], noisy_at: torch.Tensor | None):
+    def __init__(self, ids, pos, block, valid, commit: list[int], commit_t: torch.Tensor | None,
+                 noisy_at: torch.Tensor | None):
         self.ids, self.pos, self.block, self.valid = ids, pos, block, valid
-        self.commit, self.noisy_at = commit, noisy_at
+        self.commit, self.commit_t, self.noisy_at = commit, commit_t, noisy_at  # commit_t: (R,) on the device
 
 
-def _prefill_slots(rows: list[Row], width_prompt: int, spec, device) -> _Batch:
+def _prefill_slots(rows: list[Row], view: BlockView, width_prompt: int, spec, device) -> _Batch:
     """[left-padded prompt before its block origin | block 0]: that prefix's KV is committed by the first
     denoising step. Built for all rows at once: a prompt's layout depends only on its own length (positions count
     from its first token, block ids from its origin), so every column's position and block id is a function of
     (column, origin)."""
     bs, size, width = spec.block_size, len(rows), width_prompt + spec.block_size
-    lengths = torch.tensor([r.origin for r in rows], device=device)
+    lengths = view.col["origin"]
     first = width_prompt - lengths  # column of each prompt's first token
     col = torch.arange(width, device=device)
     valid = col[None, :] >= first[:, None]
@@ -141,18 +150,11 @@ def _prefill_slots(rows: list[Row], width_prompt: int, spec, device) -> _Batch:
     block = torch.where(col < width_prompt, -((width_prompt - col + bs - 1) // bs), 0)
     block = torch.where(valid, block[None, :], PAD_BLOCK)
     ids = torch.full((size, width), spec.pad_token_id, dtype=torch.long, device=device)
-    # row-major = prompt order
-    ids[:, :width_prompt][valid[:, :width_prompt]] = torch.cat([r.prompt[:r.origin] for r in rows])
-    ids[:, width_prompt:] = view_tokens_block0(rows, bs)
-    return _Batch(ids, pos, block, valid, [width_prompt] * size,
-                  torch.full((size,), width_prompt, dtype=torch.long, device=device))
-
-
-def view_tokens_block0(rows: list[Row], bs: int) -> torch.Tensor:
-    """(R, bs) first block of every row's canvas (one gather from the shared state)."""
-    shared = rows[0].shared
-    slots = torch.tensor([r.slot for r in rows], device=shared.tokens.device)
-    return shared.tokens[slots, :bs]
+    for i, row in enumerate(rows):  # once per admission; slices at host-known lengths (no boolean-mask write)
+        ids[i, width_prompt - row.origin:width_prompt] = row.prompt[:row.origin]
+    ids[:, width_prompt:] = view.shared.tokens[view.slots, :bs]  # every row's first canvas block
+    full = torch.full((size,), width_prompt, dtype=torch.long, device=device)
+    return _Batch(ids, pos, block, valid, [width_prompt] * size, full, full)
 
 
 def _step_slots(rows: list[Row], view: BlockView, pending: list[bool], spec, device) -> _Batch:
@@ -160,11 +162,11 @@ def _step_slots(rows: list[Row], view: BlockView, pending: list[bool], spec, dev
     built for all rows at once from the shared canvas."""
     bs = spec.block_size
     noisy = view.gather("tokens")
-    pos = torch.tensor([r.origin for r in rows], device=device)[:, None] + view.idx
-    block = torch.tensor([r.block for r in rows], device=device)[:, None].expand(-1, bs)
+    pos = view.col["origin"][:, None] + view.idx
+    block = view.col["block"][:, None].expand(-1, bs)
     if not any(pending):
-        return _Batch(noisy, pos, block, torch.ones_like(noisy, dtype=torch.bool), [0] * len(rows), None)
-    pend = torch.tensor(pending, device=device)[:, None]
+        return _Batch(noisy, pos, block, torch.ones_like(noisy, dtype=torch.bool), [0] * len(rows), None, None)
+    pend = view.col["pending"].bool()[:, None]
     clean = view.shared.tokens[view.slots[:, None], (view.idx - bs).clamp(min=0)]
     pad = torch.full_like(noisy, spec.pad_token_id)
     ids = torch.cat([torch.where(pend, clean, noisy), torch.where(pend, noisy, pad)], dim=1)
@@ -172,4 +174,5 @@ def _step_slots(rows: list[Row], view: BlockView, pending: list[bool], spec, dev
     block = torch.cat([torch.where(pend, block - 1, block), torch.where(pend, block, PAD_BLOCK)], dim=1)
     valid = torch.cat([torch.ones_like(pend).expand(-1, bs), pend.expand(-1, bs)], dim=1)
     commit = [bs if p else 0 for p in pending]
-    return _Batch(ids, pos, block, valid, commit, pend[:, 0].long() * bs)
+    commit_t = pend[:, 0].long() * bs
+    return _Batch(ids, pos, block, valid, commit, commit_t, commit_t)

@@ -55,42 +55,43 @@ def decode_full(policy, rows: list[Row], cache_mode: str = "none",
     if cache_mode != "none":
         cache = RaggedKVCache.for_model(policy.causal_lm.config, len(rows), width, policy.dtype, device,
                                         usage)
+    eos_seen = [False] * len(rows)  # per row: some completed block holds an EOS (read with each step's sync)
     for block in range(length // bs):
         start = width_prompt + block * bs  # canvas column of the block's first token
         window = {"none": (0, width), "prefix": (start - shift, width), "dual": (start - shift, start + bs)}
         first = True
         while True:
-            todo = [i for i, r in enumerate(rows) if not r.block_done]
+            todo = [i for i, r in enumerate(rows) if r.masked_left]  # known on the host (BlockView.read_step)
             if not todo:
                 break
-            for i in todo:
-                ids[i, start:start + bs] = rows[i].tokens[rows[i].block_start:rows[i].block_end]
             lo, hi = (0, width) if first else window[cache_mode]
+            # "none": without a cache rows are independent, so only those still decoding this block are forwarded
+            # (batch row k = todo[k]); with a cache every row is (batch row = row).
+            batch_row = list(range(len(todo))) if cache_mode == "none" else todo
+            view = BlockView([rows[i] for i in todo], extra={"row": todo, "batch_row": batch_row})
+            ids[view.col["row"], start:start + bs] = view.gather("tokens")
             if cache_mode == "none":
-                # Without a cache rows are independent: forward only those still decoding this block.
-                sel = torch.tensor(todo, device=device)
+                sel = view.col["row"]
                 batch_ids, batch_pos, bias = ids[sel], pos[sel], full_bias[sel]
-                slot_of = {i: k for k, i in enumerate(todo)}
             else:
-                cache.prepare(torch.full((len(rows),), lo, device=device), hi - lo, view_len=width)
+                cache.prepare(torch.full((len(rows),), lo, device=device), hi - lo, view_len=width, bounds=(lo, lo))
                 batch_ids, batch_pos = ids[:, lo:hi], pos[:, lo:hi]
                 bias = full_bias[:, :, lo:hi, :]
-                slot_of = {i: i for i in todo}
-            view = BlockView([rows[i] for i in todo])
-            q_rows = torch.tensor([slot_of[i] for i in todo], device=device)[view.q_row]
+            q_rows = view.col["batch_row"][view.q_row]
             # Column of response position j is width_prompt + j; its logits come from shift columns earlier.
             q_cols = view.idx[view.q_row, view.q_col] + width_prompt - shift - lo
             logits = forward_at(policy, batch_ids, batch_pos, bias, q_rows, q_cols, cache)
-            unmasked = denoise_rows(view.rows, logits, view)
-            for i in todo:
+            counts, done, has_eos = view.read_step(denoise_rows(view.rows, logits, view))  # the one host sync
+            for k, i in enumerate(todo):
                 rows[i].nfe += 1
+                if done[k] and has_eos[k]:  # a completed block never changes again
+                    eos_seen[i] = True
             if on_step is not None:
-                on_step(unmasked)
+                on_step(sum(counts))
             first = False
         for i, row in enumerate(rows):
             ids[i, start:start + bs] = row.tokens[row.block_start:row.block_end]
             if row.block + 1 < row.num_blocks:
                 row.next_block()
-    for row in rows:
-        has_eos = bool((row.tokens == spec.eos_token_id).any())
-        row.finish_reason = "eos" if has_eos else "length"
+    for i, row in enumerate(rows):
+        row.finish_reason = "eos" if eos_seen[i] else "length"

@@ -94,17 +94,17 @@ class RaggedKVCache:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
     def prepare(self, offsets: torch.Tensor, query_len: int, view_len: int | None = None,
-                rows: tuple[int, int] | None = None) -> int:
+                rows: tuple[int, int] | None = None, bounds: tuple[int, int] | None = None) -> int:
         """Set where the next forward writes (its row i in slot lo + i, at columns offsets[i] .. +query_len; slots
-        [lo, hi) = `rows`, default [0, len(offsets))); return the view length."""
-        lo, hi = rows if rows is not None else (0, int(offsets.numel()))
+        [lo, hi) = `rows`, default [0, len(offsets))); return the view length. `bounds`: (min, max) of offsets
+        when the caller knows them on the host (else read back: a host sync)."""
+        lo, hi = rows if rows is not None else (0, offsets.numel())
         if hi - lo != offsets.numel() or lo < 0 or hi > self.batch:
             raise RuntimeError(f"kv cache: rows [{lo}, {hi}) for {offsets.numel()} offsets, {self.batch} slots")
-        top = int(offsets.max())
+        low, top = bounds if bounds is not None else (int(offsets.min()), int(offsets.max()))
         view_len = top + query_len if view_len is None else view_len
         if top + query_len > self.capacity or view_len > self.capacity:
             raise RuntimeError(f"kv cache: {top + query_len} columns needed, capacity {self.capacity}")
-        low = int(offsets.min())
         self._uniform_offset = low if low == top else None
         self._offsets = offsets.to(self.keys[0].device)
         self._view_len = view_len

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from rollout.decoding.state import BlockView, Row, denoise_rows, forward_at
-from rollout.models.masks import PAD_BLOCK, attention_bias, block_ids
+from rollout.models.masks import PAD_BLOCK, attention_bias
 
 
 def decode_blocks_uncached(policy, rows: list[Row], on_step: Callable[[int], None] | None = None,
@@ -25,30 +25,26 @@ def decode_blocks_uncached(policy, rows: list[Row], on_step: Callable[[int], Non
     while rows and (max_forwards is None or forwards < max_forwards):
         forwards += 1
         width = max(r.origin + r.block_end for r in rows)
+        view = BlockView(rows, extra={"origin": [r.origin for r in rows], "end": [r.block_end for r in rows]})
+        origin = view.col["origin"][:, None]
+        start = width - origin - view.col["end"][:, None]  # (R, 1) left padding
+        rel = torch.arange(width, device=device)[None, :] - start  # position of each column in its row
+        valid = rel >= 0
+        pos = rel.clamp(min=0)
+        block = torch.where(valid, torch.div(rel - origin, bs, rounding_mode="floor"), PAD_BLOCK)  # block_ids
         ids = torch.full((len(rows), width), spec.pad_token_id, dtype=torch.long, device=device)
-        pos = torch.zeros_like(ids)
-        block = torch.full_like(ids, PAD_BLOCK)
-        valid = torch.zeros_like(ids, dtype=torch.bool)
-        view = BlockView(rows)
-        q_offset = []
-        for i, row in enumerate(rows):
+        for i, row in enumerate(rows):  # slices at host-known lengths: device copies, nothing read back
             p, end = row.origin, row.block_end
-            start = width - p - end  # left padding
-            ids[i, start:start + p] = row.prompt[:p]
-            ids[i, start + p:] = row.tokens[:end]  # the canvas: prompt tail (if any), then the response
-            pos[i, start:] = torch.arange(p + end, device=device)
-            block[i, start:] = block_ids(0, p + end, p, bs).to(device)
-            valid[i, start:] = True
-            q_offset.append(start + p + row.block_start)
+            ids[i, width - p - end:width - end] = row.prompt[:p]
+            ids[i, width - end:] = row.tokens[:end]  # the canvas: prompt tail (if any), then the response
         bias = attention_bias(block, block, valid)
-        q_cols = view.q_col + torch.tensor(q_offset, device=device)[view.q_row]
+        q_cols = view.q_col + (start[:, 0] + view.col["origin"] + view.starts)[view.q_row]
         logits = forward_at(policy, ids, pos, bias, view.q_row, q_cols)
-        unmasked = denoise_rows(rows, logits, view)
-        done, has_eos = view.status()
+        counts, done, has_eos = view.read_step(denoise_rows(rows, logits, view))  # the step's one host sync
         for i, row in enumerate(rows):
             row.nfe += 1
             if done[i] and not row.finish_if_done(has_eos[i]):
                 row.next_block()
         if on_step is not None:
-            on_step(unmasked)
+            on_step(sum(counts))
         rows = [r for r in rows if r.finish_reason is None]

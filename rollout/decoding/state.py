@@ -11,9 +11,10 @@ import secrets
 
 import torch
 
+from rollout.decoding import sync_counter
 from rollout.decoding.schedules import block_schedule, dream_transfer_probability, eoser_gamma
 from rollout.models.spec import DiffusionSpec
-from rollout.remasking import make_remasking
+from rollout.remasking import BlockQueries, make_remasking
 from rollout.sampling import GenerationRequest, entropy, processed_logprobs, sample_tokens
 from rollout.trajectory import UNDECODED, Trajectory
 
@@ -81,6 +82,15 @@ class Row:
         self.logprobs = torch.zeros(length, dtype=torch.float32, device=device)
         self.confidence = torch.zeros(length, dtype=torch.float32, device=device)
         self.schedule = block_schedule(self.params, spec.block_size, spec.step_schedule)
+        # Dream's `origin` transfer probability by step in block (host floats, computed once: Dream computes them
+        # with CPU tensors, which a decoding step must not touch)
+        self.transfer_probability: list[float] = []
+        if self.remasking.needs_transfer_probability:
+            steps = self.params.steps_per_block or spec.block_size
+            self.transfer_probability = [dream_transfer_probability(s, steps) for s in range(steps)]
+        # Still-masked positions of the current block, known on the host: every step reads back how many it
+        # unmasked (its one host sync), so the next step can size its queries without asking the device.
+        self.masked_left = spec.block_size - self.head
         self.block = 0
         self.step = 0  # global denoising step of this request
         self.step_in_block = 0
@@ -104,19 +114,31 @@ class Row:
     def num_blocks(self) -> int:
         return self.params.max_tokens // self.spec.block_size
 
-    @property
-    def block_done(self) -> bool:
-        return bool(self.decoded[self.block_start:self.block_end].all())
-
     # ------------------------------------------------------------------------------------------ one step
     def draw_uniforms(self, n: int, device: torch.device) -> torch.Tensor | None:
+        """The sampler's uniforms for this step: one per masked position, from the row's own generator. This is
+        the one launch per row per step that stays: a batched draw would not reproduce each row's stream."""
         if self.params.greedy:
             return None
         return torch.rand(n, 1, generator=self.generator, device=device, dtype=torch.float32)
 
+    def budget(self) -> int:
+        """The schedule's token count for this step (fixed-count policies); past the schedule, all that is left."""
+        return self.schedule[self.step_in_block] if self.step_in_block < len(self.schedule) else self.masked_left
+
+    def eoser_gamma(self) -> float:
+        steps = len(self.schedule)
+        return eoser_gamma(min(self.step_in_block, steps - 1), steps, self.params.eoser_gamma_min,
+                           ass=self.params.schedule == "ass")
+
+    def transfer(self) -> float:
+        table = self.transfer_probability
+        return table[min(self.step_in_block, len(table) - 1)]
+
     def next_block(self) -> None:
         self.block += 1
         self.step_in_block = 0
+        self.masked_left = self.spec.block_size
 
     def finish_if_done(self, has_eos: bool | None = None) -> bool:
         """After a completed block: stop on EOS (when asked) or when the budget is spent; else move on.
@@ -132,21 +154,27 @@ class Row:
 
     # ------------------------------------------------------------------------------------------ result
     def trajectory(self, version: int, decoder: str) -> Trajectory:
-        length = int(self.decoded.sum())
-        if not bool(self.decoded[:length].all()):
+        # Host copies of the canvas: one per field for the whole batch when the rows share one (SharedState.host),
+        # instead of several small device reads per row.
+        shared = getattr(self, "shared", None)
+        field = (lambda name: shared.host(name)[self.slot, :self.params.max_tokens]) if shared is not None else (
+            lambda name: getattr(self, name).cpu())
+        decoded = field("decoded")
+        length = int(decoded.sum())
+        if not bool(decoded[:length].all()):
             raise RuntimeError(f"request {self.request.request_id!r}: decoded positions are not a prefix")
         # Copies, not views: the canvas may be a row of a batch-wide buffer (SharedState), which a trajectory must
         # not keep alive or ship along when it is pickled.
-        own = lambda t: t[self.head:length].to("cpu", copy=True)
-        response = own(self.tokens)
+        own = lambda name: field(name)[self.head:length].clone()
+        response = own("tokens")
         eos = (response == self.spec.eos_token_id).nonzero()
         valid = int(eos[0]) + 1 if eos.numel() else response.numel()
         reason = self.finish_reason or "length"
         if reason == "length" and eos.numel():
             reason = "eos"
         return Trajectory(
-            prompt_ids=self.prompt.cpu(), response_ids=response, step_map=own(self.step_map),
-            logprobs=own(self.logprobs), confidence=own(self.confidence),
+            prompt_ids=self.request.prompt_ids.to("cpu", torch.long).reshape(-1), response_ids=response,
+            step_map=own("step_map"), logprobs=own("logprobs"), confidence=own("confidence"),
             valid_length=valid, nfe=self.nfe, finish_reason=reason, block_size=self.spec.block_size,
             sampling={**self.params.to_dict(), "seed": self.seed, "decoder": decoder,
                       "block_alignment": self.spec.block_alignment},
@@ -173,6 +201,16 @@ class SharedState:
             setattr(self, name, buf)
         for slot, row in enumerate(rows):
             row.slot, row.shared = slot, self
+        self._host: dict[str, torch.Tensor] = {}
+
+    def host(self, name: str) -> torch.Tensor:
+        """A host copy of field `name` (for building trajectories after decoding), made once until `changed`."""
+        if name not in self._host:
+            self._host[name] = getattr(self, name).cpu()
+        return self._host[name]
+
+    def changed(self) -> None:
+        self._host.clear()
 
 
 def share_state(rows: list[Row]) -> SharedState:
@@ -183,97 +221,148 @@ def share_state(rows: list[Row]) -> SharedState:
     return shared
 
 
+def host_columns(device: torch.device, ints: dict[str, list[int]],
+                 floats: dict[str, list[float]] | None = None) -> dict[str, torch.Tensor]:
+    """Per-row values known on the host (slots, block starts, schedule counts, ...) as device tensors: one copy
+    of one host buffer, pinned and non-blocking on CUDA, instead of one blocking copy per list. Float columns
+    travel as their float32 bit patterns in the same int64 buffer (exact both ways)."""
+    floats = floats or {}
+    data = torch.tensor([ints[n] for n in ints], dtype=torch.long)
+    if floats:
+        bits = torch.tensor([floats[n] for n in floats], dtype=torch.float32).view(torch.int32).long()
+        data = torch.cat([data, bits])
+    if device.type != "cpu":
+        if device.type == "cuda":
+            data = data.pin_memory()
+        data = data.to(device, non_blocking=True)
+    sync_counter.note_async_copy()
+    out = {n: data[k] for k, n in enumerate(ints)}
+    out.update({n: data[len(ints) + k].to(torch.int32).view(torch.float32) for k, n in enumerate(floats)})
+    return out
+
+
 class BlockView:
     """The current block of each row, batched: `idx` (R, bs) its response positions, `masked` (R, bs) which are
-    still masked. Queries (logits) are ordered as `masked.nonzero()`: row by row, ascending positions."""
+    still masked. Queries (logits) are ordered as `masked.nonzero()`: row by row, ascending positions.
 
-    def __init__(self, rows: list[Row]):
+    Everything per row that the host knows (slots, starts, the schedule's count, ...) reaches the device in one
+    copy (`col`, with the decoder's own `extra` columns); the number of masked positions per row is known on the
+    host (Row.masked_left), so the queries are found without a host sync. `read_step` is the step's one sync.
+    """
+
+    def __init__(self, rows: list[Row], extra: dict[str, list[int]] | None = None):
         self.rows = rows
         self.shared = share_state(rows)
         device = self.shared.tokens.device
         bs = rows[0].spec.block_size
-        self.slots = torch.tensor([r.slot for r in rows], device=device)
-        self.starts = torch.tensor([r.block_start for r in rows], device=device)
+        self.n_masked = [r.masked_left for r in rows]
+        self.groups: dict = {}  # sampling params -> member rows (processed as one matrix by denoise_rows)
+        for i, row in enumerate(rows):
+            self.groups.setdefault(row.params, []).append(i)
+        ints = {"slot": [r.slot for r in rows], "start": [r.block_start for r in rows],
+                "head": [r.head for r in rows], "step": [r.step for r in rows],
+                "budget": [r.budget() for r in rows], **(extra or {})}
+        if len(self.groups) > 1:
+            group_of, local = [0] * len(rows), [0] * len(rows)
+            for g, members in enumerate(self.groups.values()):
+                for k, i in enumerate(members):
+                    group_of[i], local[i] = g, k
+            ints.update(group=group_of, local=local)
+        floats = {}
+        if any(r.params.eoser_gamma_min is not None for r in rows):
+            floats["gamma"] = [r.eoser_gamma() if r.params.eoser_gamma_min is not None else 1.0 for r in rows]
+        if any(r.transfer_probability for r in rows):
+            floats["probability"] = [r.transfer() if r.transfer_probability else 1.0 for r in rows]
+        self.col = host_columns(device, ints, floats)
+        self.slots, self.starts = self.col["slot"], self.col["start"]
         self.idx = self.starts[:, None] + torch.arange(bs, device=device)
         self.masked = ~self.shared.decoded[self.slots[:, None], self.idx]
-        self.q_row, self.q_col = self.masked.nonzero(as_tuple=True)  # query -> (row, column in block)
-        heads = torch.tensor([r.head for r in rows], device=device)
-        self.response = self.idx >= heads[:, None]  # (R, bs) canvas positions that are response, not prompt tail
+        queries = torch.nonzero_static(self.masked, size=sum(self.n_masked))  # sizes from the host: no sync
+        self.q_row, self.q_col = queries[:, 0], queries[:, 1]  # query -> (row, column in block)
+        self.response = self.idx >= self.col["head"][:, None]  # (R, bs) canvas positions that are response
 
     def gather(self, name: str) -> torch.Tensor:
         """(R, bs) values of a SharedState field over each row's current block."""
         return getattr(self.shared, name)[self.slots[:, None], self.idx]
 
-    def status(self) -> tuple[list[bool], list[bool]]:
-        """Per row: is its block fully decoded, does it hold an EOS (read after denoise_rows)."""
-        done = self.gather("decoded").all(dim=1)
+    def read_step(self, unmasked: torch.Tensor) -> tuple[list[int], list[bool], list[bool]]:
+        """The step's one host sync, after denoise_rows: per row, tokens it unmasked, whether its block is now
+        fully decoded, whether the block holds an EOS (response positions only). Updates Row.masked_left."""
         eos = ((self.gather("tokens") == self.rows[0].spec.eos_token_id) & self.response).any(dim=1)
-        return done.tolist(), eos.tolist()
+        counts, eos_flags, masked = torch.stack([unmasked, eos.long(), self.masked.sum(dim=1)]).tolist()
+        if masked != self.n_masked:  # free to check: read with the same sync; queries were sized from n_masked
+            raise RuntimeError(f"decoding: masked positions per row {masked} disagree with the host's count "
+                               f"{self.n_masked} (a canvas changed outside denoise_rows)")
+        done = []
+        for row, n in zip(self.rows, counts):
+            row.masked_left -= n
+            done.append(row.masked_left == 0)
+        return counts, done, [bool(e) for e in eos_flags]
 
 
-def denoise_rows(rows: list[Row], logits: torch.Tensor, view: BlockView) -> int:
-    """One denoising step for `view.rows` (== rows) from their (sum n_i, V) logits; returns tokens unmasked.
+def denoise_rows(rows: list[Row], logits: torch.Tensor, view: BlockView) -> torch.Tensor:
+    """One denoising step for `view.rows` (== rows) from their (sum n_i, V) logits; returns the (R,) number of
+    tokens each row unmasked, on the device (BlockView.read_step reads it back with the step's other flags).
 
     Rows sharing sampling params are processed as one matrix (sampling, scoring, the remasking choice, the
     writes); each row still draws its uniforms from its own generator, in its own order, so results do not
-    depend on the batch.
+    depend on the batch. Nothing here reads a device value on the host.
     """
     masked, device = view.masked, logits.device
-    counts = masked.sum(dim=1).tolist()
-    groups: dict = {}
-    for i, row in enumerate(rows):
-        groups.setdefault(row.params, []).append(i)
+    counts = view.n_masked
     shared = view.shared
-    unmasked = 0
-    for params, members in groups.items():
-        if len(groups) == 1:
-            g_logits, g_masked, g_slots, g_idx = logits, masked, view.slots, view.idx
-        else:
-            member_t = torch.tensor(members, device=device)
-            in_group = torch.zeros(len(rows), dtype=torch.bool, device=device)
-            in_group[member_t] = True
-            g_logits = logits[in_group[view.q_row]]
-            g_masked, g_slots, g_idx = masked[member_t], view.slots[member_t], view.idx[member_t]
+    shared.changed()
+    unmasked = torch.zeros(len(rows), dtype=torch.long, device=device)
+    for gid, (params, members) in enumerate(view.groups.items()):
+        g_counts = [counts[i] for i in members]
+        if len(view.groups) == 1:
+            member_t = None
+            g_logits, g_q_row, g_q_col = logits, view.q_row, view.q_col
+            pick = lambda t: t
+        else:  # this group's rows and queries; their numbers are known on the host, so no sync
+            member_t = torch.nonzero_static(view.col["group"] == gid, size=len(members)).squeeze(1)
+            q_sel = torch.nonzero_static(view.col["group"][view.q_row] == gid, size=sum(g_counts)).squeeze(1)
+            g_logits, g_q_row, g_q_col = logits[q_sel], view.col["local"][view.q_row[q_sel]], view.q_col[q_sel]
+            pick = lambda t: t[member_t]
+        g_masked, g_slots, g_idx = pick(masked), pick(view.slots), pick(view.idx)
         g_rows = [rows[i] for i in members]
         policy = g_rows[0].remasking
         logp_all = processed_logprobs(g_logits, params)
         uniforms = None
         if not params.greedy:
-            uniforms = torch.cat([r.draw_uniforms(counts[i], device) for i, r in zip(members, g_rows)])
+            uniforms = torch.cat([r.draw_uniforms(n, device) for n, r in zip(g_counts, g_rows)])
         tokens, logp = sample_tokens(logp_all, params, uniforms=uniforms)
         ent = entropy(logp_all) if policy.needs_entropy else None
         confidence = logp.exp()
         if g_rows[0].spec.confidence_source == "model" and not params.greedy:  # LLaDA: untempered probability
             confidence = torch.log_softmax(g_logits.float(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1).exp()
         if params.eoser_gamma_min is not None:
-            gammas = torch.tensor([eoser_gamma(min(r.step_in_block, len(r.schedule) - 1), len(r.schedule),
-                                               params.eoser_gamma_min, ass=params.schedule == "ass")
-                                   for r in g_rows], dtype=confidence.dtype, device=device)
-            q_gamma = gammas[g_masked.nonzero(as_tuple=True)[0]]
+            q_gamma = pick(view.col["gamma"]).to(confidence.dtype)[g_q_row]
             confidence = torch.where(tokens == rows[0].spec.eos_token_id, confidence * q_gamma, confidence)
-        budget = torch.tensor([r.schedule[r.step_in_block] if r.step_in_block < len(r.schedule) else counts[i]
-                               for i, r in zip(members, g_rows)], device=device)
-        dense = lambda q, fill: torch.full(g_masked.shape, fill, dtype=q.dtype, device=device).masked_scatter_(
-            g_masked, q)
+        dense = lambda q, fill: torch.full(g_masked.shape, fill, dtype=q.dtype, device=device).index_put_(
+            (g_q_row, g_q_col), q)
         key_d = dense(policy.selection_key(logp_all, confidence), float("-inf"))
         ent_d = dense(ent, float("inf")) if ent is not None else None
         extra = {}
         if policy.needs_transfer_probability:  # Dream's origin: 1 - s/t of each row's step in its block
-            extra["probability"] = [dream_transfer_probability(r.step_in_block, r.params.steps_per_block
-                                                               or r.spec.block_size) for r in g_rows]
-        chosen = policy.select_batch(key_d, ent_d, g_masked, budget, [r.generator for r in g_rows], **extra)
-        r_sel, c_sel = chosen.nonzero(as_tuple=True)
-        where = (g_slots[r_sel], g_idx[r_sel, c_sel])
-        shared.tokens[where] = dense(tokens, 0)[r_sel, c_sel]
-        shared.decoded[where] = True
-        steps = torch.tensor([r.step for r in g_rows], device=device)
-        shared.step_map[where] = steps[r_sel]
-        shared.logprobs[where] = dense(logp, 0.0)[r_sel, c_sel]
-        shared.confidence[where] = key_d[r_sel, c_sel]  # the score the token was ranked by
+            extra["probability"] = pick(view.col["probability"])
+        queries = BlockQueries(g_q_row, g_q_col, g_counts, [r.budget() for r in g_rows])
+        chosen = policy.select_batch(key_d, ent_d, g_masked, pick(view.col["budget"]),
+                                     [r.generator for r in g_rows], queries=queries, **extra)
+        # Dense writes over each row's block (unchosen positions keep their values): no data-dependent sizes.
+        where = (g_slots[:, None], g_idx)
+        shared.tokens[where] = torch.where(chosen, dense(tokens, 0), shared.tokens[where])
+        shared.decoded[where] = shared.decoded[where] | chosen
+        shared.step_map[where] = torch.where(chosen, pick(view.col["step"])[:, None], shared.step_map[where])
+        shared.logprobs[where] = torch.where(chosen, dense(logp, 0.0), shared.logprobs[where])
+        shared.confidence[where] = torch.where(chosen, key_d, shared.confidence[where])  # the ranking score
+        if member_t is None:
+            unmasked = chosen.sum(dim=1)
+        else:
+            unmasked[member_t] = chosen.sum(dim=1)
         for r in g_rows:
             r.step += 1
             r.step_in_block += 1
-        unmasked += int(r_sel.numel())
     return unmasked
 
 
@@ -281,6 +370,7 @@ def forward_at(policy, input_ids: torch.Tensor, position_ids: torch.Tensor, attn
                rows: torch.Tensor, cols: torch.Tensor, cache=None) -> torch.Tensor:
     """One forward; logits (N, V) only at query positions (rows[i], cols[i]): the vocabulary projection is a large
     share of a small model's cost and only the positions being sampled need it."""
+    sync_counter.note_step()
     if policy.native:
         out = policy.forward(input_ids, position_ids, attn_bias, past_key_values=cache, use_cache=cache is not None,
                              compute_logits=False, return_hidden=True)

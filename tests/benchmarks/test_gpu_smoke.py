@@ -24,7 +24,7 @@ def test_tiny_rl_step_on_cpu(tmp_path, capsys):
     for phase in ("rollout", "learner_update", "weight_sync", "checkpoint"):
         assert figures[f"peak_{phase}_bytes"] >= 0 and phase in printed
     hs = figures["host_syncs_per_step"]
-    assert hs == "n/a" or 0 <= hs <= 1  # hostsync's counter, once merged: at most one per decoding step
+    assert isinstance(hs, float) and 0 < hs <= 1  # hostsync's counter (merged): at most one per decoding step
     assert figures["placement"]["rollout"]["model"] == ["cpu"] and figures["placement"]["learner"]["policy"] == ["cpu"]
     for line in ("rollout tokens/s", "host syncs per step", "weight sync", "checkpoint", "peak memory"):
         assert line in printed
