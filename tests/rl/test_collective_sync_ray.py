@@ -19,10 +19,10 @@ _helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_helpers)
 
 
-def _lora_policy(path):
+def _lora_policy(path, device=None):
     from rollout.models.lora import apply_lora
 
-    return apply_lora(load_policy(path), r=4, alpha=8, seed=0)
+    return apply_lora(load_policy(path, device=device or "cpu"), r=4, alpha=8, seed=0)
 
 
 def _pool(workers, *, lora: bool):

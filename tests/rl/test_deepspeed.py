@@ -138,16 +138,25 @@ from rl.optim import OptimConfig
 sys.path.insert(0, sys.argv[2])
 from test_learner import make_trajectories
 torch.set_num_threads(1)
+
+
+def _fp32_partitions(opt):  # DeepSpeed's fp32 master partitions (ZeRO-1/2 and ZeRO-3 name them differently)
+    for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        if hasattr(opt, attr):
+            return list(getattr(opt, attr))
+    raise AssertionError("no fp32 partitions on this DeepSpeed optimizer")
+
+
 for stage in (2, 3):
     for bf16 in (False, True):
         pol = load_policy(sys.argv[1], dtype=torch.bfloat16)
         learner = Learner(pol, LearnerConfig(algorithm="tracerl", mu=1, bf16=bf16, backend="deepspeed",
                                              zero_stage=stage, optim=OptimConfig(lr=1e-6)))
-        start = [p.detach().clone() for p in learner.backend._fp32_partitions()]
+        start = [p.detach().clone() for p in _fp32_partitions(learner.backend.optimizer)]
         assert start and all(p.dtype == torch.float32 for p in start)
         assert all(torch.equal(p, p.bfloat16().float()) for p in start)  # the masters start as the bf16 weights
         learner.update(make_trajectories(pol, 4))
-        after = learner.backend._fp32_partitions()
+        after = _fp32_partitions(learner.backend.optimizer)
         moved = float(sum(int((a != s).sum()) for a, s in zip(after, start)) / sum(s.numel() for s in start))
         assert pol.dtype == torch.bfloat16
         print(f"zero{stage} bf16={bf16} moved {moved:.4f}")
