@@ -23,7 +23,13 @@ def walk_gathers(learner, lora_delta: bool | None) -> None:
 
 
 def group_device(spec: GroupSpec, learner) -> torch.device:
-    return learner.device if spec.backend == "nccl" else torch.device("cpu")
+    """Where the bucket buffers live: NCCL moves device tensors only (the learner's GPU), gloo host ones."""
+    if spec.backend != "nccl":
+        return torch.device("cpu")
+    device = torch.device(learner.device)
+    if device.type == "cpu":
+        raise RuntimeError("weight sync: an NCCL group needs learner rank 0 on a GPU (it computes on cpu)")
+    return device
 
 
 def send_over_group(learner, member: GroupMember, spec: GroupSpec, version: int, bucket_bytes: int, *,

@@ -98,7 +98,8 @@ def join_group(spec: GroupSpec, rank: int, store=None):
         store = dist.TCPStore(spec.host, spec.port, is_master=False, wait_for_workers=False, timeout=timeout)
     prefixed = dist.PrefixStore(f"diffrl-wsync/{spec.group_id}", store)
     if spec.backend == "nccl":
-        return dist.ProcessGroupNCCL(prefixed, rank, spec.world_size)
+        # The timeout, as for gloo: without it NCCL's default (10 min) is what a member waits on a peer that died.
+        return dist.ProcessGroupNCCL(prefixed, rank, spec.world_size, timeout)
     return dist.ProcessGroupGloo(prefixed, rank, spec.world_size, timeout)
 
 
