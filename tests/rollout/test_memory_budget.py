@@ -169,7 +169,9 @@ def test_memory_budget_parsing():
     assert parse_memory_budget("1.5 GB").bytes == 1_500_000_000
     assert parse_memory_budget(4096).bytes == 4096
     assert parse_memory_budget(0.25).resolve(torch.device("cpu")) > 0  # a quarter of MemAvailable
-    for bad in (0.0, 1.5, -3, "2 parsecs", "0MiB", True, [1]):
+    assert parse_memory_budget("512B").bytes == 512 and parse_memory_budget(2 ** 50).bytes == 2 ** 50
+    for bad in (0.0, 1.5, -3, "2 parsecs", "0MiB", True, [1], float("nan"), float("inf"), 1e30, "-1GiB", "1e30",
+                "0.0", "0.9", "1.5", "512", 10 ** 30, "99999999999TiB", "0.0001B"):
         with pytest.raises(ValueError, match="^rollout.memory_budget: "):
             parse_memory_budget(bad)
 
