@@ -208,6 +208,31 @@ def test_engine_sleep_frees_the_weights_and_wake_decodes_bitwise_the_same(tiny_m
     assert not engine.asleep and all(torch.equal(x.logprobs, y.logprobs) for x, y in zip(before, again))
 
 
+def test_update_weights_while_asleep_lands_and_survives_the_wake(tiny_model_dirs, tmp_path):
+    """sleep -> update_weights (bucket by bucket, as a sync does) -> generate: the new weights are what decodes, not
+    the pre-sleep ones restored by the wake over them; an awake engine given the same update decodes the same."""
+    path = tiny_model_dirs["block"]
+    awake, sleeper = (TorchEngine.from_dir(path, kv_cache="block", spill_dir=tmp_path) for _ in range(2))
+    g = torch.Generator().manual_seed(5)
+    new = {n: p.detach() + 0.05 * torch.randn(p.shape, generator=g)
+           for n, p in awake.policy.causal_lm.named_parameters()}
+    params = SamplingParams(temperature=1.0, max_tokens=12, remasking="low_confidence_dynamic")
+    requests = [GenerationRequest(torch.arange(10, 14 + i), params, seed=i) for i in range(3)]
+    before = sleeper.generate(requests)
+    assert sleeper.sleep() > 0 and sleeper.asleep
+    items = sorted(new.items())
+    for engine in (awake, sleeper):
+        engine.update_weights(items[:5], 7, final=False)
+        engine.update_weights(items[5:], 7, final=True)
+    assert not sleeper.asleep and sleeper.policy_version == awake.policy_version == 7
+    for name, p in sleeper.policy.causal_lm.named_parameters():
+        assert torch.equal(p.detach(), new[name]), name
+    a, b = awake.generate(requests), sleeper.generate(requests)
+    assert all(torch.equal(x.response_ids, y.response_ids) and torch.equal(x.logprobs, y.logprobs)
+               for x, y in zip(a, b, strict=True))
+    assert any(not torch.equal(x.logprobs, y.logprobs) for x, y in zip(before, b))  # the update changed decoding
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/status") as status:
         for line in status:
