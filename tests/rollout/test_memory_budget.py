@@ -113,6 +113,29 @@ def test_block_engine_under_a_small_budget_admits_as_rows_finish_with_the_same_t
     assert max(evictions) == 0 and max(cache_bytes) <= budget
 
 
+def test_every_row_of_the_batch_finishing_at_once_empties_the_slots_for_the_next(tiny_policies, monkeypatch):
+    """EOS ruled out and one schedule: every row stops on its length at the same step, so each eviction empties
+    every slot at once (no survivor to move) and the next rows are admitted into all of them."""
+    policy = EosBiased(tiny_policies["sdar"], eos_bonus=-1e4)
+    params = {"temperature": 0.7, "remasking": "low_confidence_static", "steps_per_block": 2}
+    requests = _requests(policy, (6, 15, 2, 11, 7), (16,) * 5, params)
+    free = TorchEngine(policy, kv_cache="block").generate(requests)
+    assert {t.finish_reason for t in free} == {"length"} and len({t.nfe for t in free}) == 1
+    engine = TorchEngine(policy, kv_cache="block")
+    engine.memory_budget = parse_memory_budget(2 * _slot_bytes(engine, requests) + 100)
+    emptied, original = [], block_decoding._evict
+
+    def watched(rows, *args):
+        out = original(rows, *args)
+        if rows and all(r.finish_reason is not None for r in rows):
+            emptied.append((len(rows), len(out[0])))
+        return out
+
+    monkeypatch.setattr(block_decoding, "_evict", watched)
+    _assert_same(free, engine.generate(requests))
+    assert emptied == [(2, 0), (2, 0), (1, 0)]
+
+
 def test_the_allocation_counter_sees_the_old_per_layer_reallocation():
     cache = RaggedKVCache(3, 4, 2, 8, 16, torch.float32, torch.device("cpu"))
     with AllocationCounter() as counter:
