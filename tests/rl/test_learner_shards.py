@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import pickle
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,9 @@ def test_checkpoint_through_rank_shards_resumes_bitwise(tiny_model_dirs, tmp_pat
     returned: list = []
     ckpt = load_checkpoint(_checkpoint(a, tmp_path / "checkpoints", returned))
     assert tensors_in(returned) == [] and set(returned[0].files) == {"rank_00000.pt", "layout.json"}
+    # Nor the state in another form (bytes of a torch.save, numpy arrays): what crosses is a few entries' worth.
+    shard_bytes = (ckpt.learner_dir / "rank_00000.pt").stat().st_size
+    assert len(pickle.dumps(returned)) < min(4096, shard_bytes // 20), (len(pickle.dumps(returned)), shard_bytes)
     assert check_layout(ckpt.learner_dir, world_size=1, backend="torch", zero_stage=2)["backend"] == "torch"
 
     b = Learner(load_policy(ckpt.policy_dir), CONFIG, ref_policy=ref)  # as the driver resumes
