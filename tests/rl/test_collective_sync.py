@@ -305,3 +305,36 @@ def test_an_nccl_group_gets_the_timeout_and_device_tensors_only(tiny_model_dirs,
     worker.device = torch.device("cpu")
     with pytest.raises(RuntimeError, match="NCCL group needs the rollout worker on a GPU"):
         worker.receive_weights(spec, 1, 0)
+
+
+def test_a_failed_send_still_walks_every_gather_the_other_ranks_wait_in(tiny_model_dirs):
+    """Under ZeRO-3 the other learner ranks walk the same module-by-module gathers while rank 0 sends; when a
+    receiver dies mid-sync rank 0's send fails, and unless rank 0 walks the rest of its gathers the others wait in
+    the next one until the learner group's timeout. Here a group whose 4th broadcast fails stands for the dead
+    receiver, and the learner's weights walk is counted."""
+    import types
+
+    import pytest
+
+    class _Failing(_RecordingGroup):
+        def broadcast(self, tensor, root):
+            if len(self.devices) == 3:
+                raise RuntimeError("connection reset by peer")
+            return super().broadcast(tensor, root)
+
+    named = list(merged_weights(load_policy(tiny_model_dirs["block"]).causal_lm))
+    walked = []
+
+    def named_weights(lora_delta=None):
+        for name, tensor in named:
+            walked.append(name)  # a gather of this module, in step with the other ranks
+            yield name, tensor
+
+    group = _Failing()
+    member = GroupMember()
+    member.get = lambda spec, rank: group
+    learner = types.SimpleNamespace(device=torch.device("cpu"), named_weights=named_weights)
+    spec = GroupSpec("127.0.0.1", 1, 2, new_group_id())
+    with pytest.raises(RuntimeError, match="connection reset"):
+        send_over_group(learner, member, spec, 1, 4096)  # small buckets: the failure comes early
+    assert len(group.devices) == 3 and walked == [n for n, _ in named]
