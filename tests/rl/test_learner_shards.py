@@ -102,6 +102,42 @@ def test_layout_mismatch_and_bad_shards_fail_in_one_line(tiny_model_dirs, tmp_pa
         check_layout(folder, world_size=1, backend="torch", zero_stage=None)
 
 
+@pytest.mark.parametrize("own_ok, peer_ok", [(False, True), (True, False), (True, True)])
+def test_a_rank_that_cannot_write_fails_every_rank_at_once(tiny_model_dirs, tmp_path, monkeypatch, own_ok, peer_ok):
+    """Rank 0 of 2 (the other rank's answer given by a stand-in all_reduce): a full disk on either rank makes both
+    raise after one agreement, instead of the writer raising and its peer waiting in a barrier for the group's
+    timeout (30 min under gloo). The rank that could not write names its file."""
+    import torch.distributed as dist
+
+    from rl.learner_shards import PeerShardError
+
+    learner = Learner(load_policy(tiny_model_dirs["block"]), CONFIG)
+    flags = []
+
+    def all_reduce(flag, op=None):
+        flags.append(int(flag.item()))
+        flag.fill_(min(int(flag.item()), int(peer_ok)))
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda *args: "gloo")
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "barrier", lambda *args, **kwargs: pytest.fail("a bare barrier"))
+    if not own_ok:
+        def full_disk(obj, path, *args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(torch, "save", full_disk)
+    if own_ok and peer_ok:
+        assert save_rank_shard(learner, tmp_path / "learner", 0, 2)  # this rank's share of the entries
+        assert (tmp_path / "learner" / "rank_00000.pt").is_file()
+    else:
+        with pytest.raises(CheckpointError) as info:
+            save_rank_shard(learner, tmp_path / "learner", 0, 2)
+        assert isinstance(info.value, PeerShardError) == own_ok and "\n" not in str(info.value)
+        assert own_ok or "rank_00000.pt: could not be written (No space left on device)" in str(info.value)
+    assert flags == [int(own_ok)]  # exactly one agreement, reached even by the rank that failed
+
+
 def test_format_1_learner_pt_loads_into_one_torch_rank(tiny_model_dirs, tmp_path):
     a = Learner(load_policy(tiny_model_dirs["block"]), CONFIG)
     a.update(_helpers.make_trajectories(a.policy, 4))
