@@ -181,6 +181,11 @@ class BucketSender:
         works, flat = self._inflight.popleft()
         for work in works:
             work.wait()
+        if flat.device.type == "cuda":
+            # NCCL's wait only orders the current stream after the broadcast; wait on the host too, so at most
+            # max_inflight broadcasts are ever enqueued: each one's NCCL timeout (counted from its enqueue) then
+            # covers its own transfer, not every bucket queued before it.
+            torch.cuda.current_stream(flat.device).synchronize()
         self._free.append(flat)
 
     def close(self) -> SyncStats:
