@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from rl.checkpoint import CheckpointError, file_entry
+from rollout.errors import one_line
 
 LAYOUT_FILE = "layout.json"
 SHARD_FORMAT = 1
@@ -77,8 +78,9 @@ def save_rank_shard(learner, folder: str | Path, rank: int, world_size: int) -> 
         torch.save({"rank": int(rank), "world_size": int(world_size), "learner": learner.state_dict()}, path)
         if rank == 0:
             (folder / LAYOUT_FILE).write_text(json.dumps(learner_layout(learner, world_size), sort_keys=True) + "\n")
-    except OSError as err:  # a full disk, a quota: this rank still joins the agreement below, or the others wait
-        error = CheckpointError(f"{path}: could not be written ({err.strerror or err})")
+    except (OSError, RuntimeError) as err:  # a full disk, a quota (torch.save's writer raises RuntimeError): this
+        # rank still joins the agreement below, or the others wait for it
+        error = CheckpointError(f"{path}: could not be written ({type(err).__name__}: {one_line(str(err), 200)})")
     # Every rank's files are complete before any rank lists them, and a rank that could not write fails them all
     # at once (a bare barrier would keep the others waiting for it until the group's timeout).
     if not _all_ranks_ok(error is None, world_size):
