@@ -13,7 +13,7 @@ import torch
 from rl.weight_sync import SYNC_MAX_INFLIGHT, SyncStats, plan_pieces
 from rollout.weight_collective import ALIGN, GroupMember, GroupSpec, send_pieces
 
-__all__ = ["send_over_group", "walk_gathers"]
+__all__ = ["finish_gathers", "send_over_group", "walk_gathers"]
 
 
 def walk_gathers(learner, lora_delta: bool | None) -> None:
@@ -23,7 +23,13 @@ def walk_gathers(learner, lora_delta: bool | None) -> None:
 
 
 def group_device(spec: GroupSpec, learner) -> torch.device:
-    return learner.device if spec.backend == "nccl" else torch.device("cpu")
+    """Where the bucket buffers live: NCCL moves device tensors only (the learner's GPU), gloo host ones."""
+    if spec.backend != "nccl":
+        return torch.device("cpu")
+    device = torch.device(learner.device)
+    if device.type == "cpu":
+        raise RuntimeError("weight sync: an NCCL group needs learner rank 0 on a GPU (it computes on cpu)")
+    return device
 
 
 def send_over_group(learner, member: GroupMember, spec: GroupSpec, version: int, bucket_bytes: int, *,
@@ -32,14 +38,24 @@ def send_over_group(learner, member: GroupMember, spec: GroupSpec, version: int,
     """Rank 0: broadcast `learner`'s weights as version `version` to group `spec`'s receivers; returns the
     sender's figures (bytes, buckets, seconds, peak bucket buffers)."""
     stats = stats if stats is not None else SyncStats()
-    group = member.get(spec, 0)
+    named = learner.named_weights(lora_delta)
     try:
-        pieces = plan_pieces(learner.named_weights(lora_delta), bucket_bytes, dtype=dtype, split_large=split_large,
-                             align=ALIGN)
+        group = member.get(spec, 0)
+        pieces = plan_pieces(named, bucket_bytes, dtype=dtype, split_large=split_large, align=ALIGN)
         sender = send_pieces(group, pieces, version, bucket_bytes, device=group_device(spec, learner),
                              max_inflight=max_inflight, stats=stats)
     except BaseException:
-        del group
+        group = None
         member.drop()  # the receivers see the group close and fail too; the driver forms a new one
+        finish_gathers(named)
         raise
     return {**stats.metrics(), "weight_sync_peak_buffers": float(sender.peak_buffers)}
+
+
+def finish_gathers(named) -> None:
+    """After a failed send: walk what is left of rank 0's `named_weights`, copying nothing. Under ZeRO-3 the other
+    ranks are inside the same module-by-module gathers (walk_gathers) and would otherwise wait in the next one
+    for rank 0 until the learner group's timeout (NCCL's watchdog then ends the process). A generator that failed
+    itself (a gather's own error) is already finished: nothing is walked."""
+    for _ in named:
+        pass

@@ -91,8 +91,10 @@ class TorchBackend:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if ("fp32_masters" in state) != (self.masters is not None):
             have = "has" if self.masters is not None else "has no"
-            raise ValueError(f"learner state: fp32_masters {'missing' if self.masters else 'unexpected'} (this "
-                             f"learner {have} low-precision trainable params)")
+            saved = "fp32 weights" if self.masters is not None else "bf16/fp16 weights (fp32 masters)"
+            raise ValueError(f"learner state: fp32_masters {'missing' if self.masters else 'unexpected'} (saved by a "
+                             f"learner with {saved}, this learner {have} low-precision trainable params; resume "
+                             "with the same model.dtype: unset, it is bfloat16 on GPUs and float32 on CPU)")
         if self.masters is not None:
             self.masters.load(state["fp32_masters"])  # also refreshes the model params from them
         self.optimizer.load_state_dict(state["optimizer"])

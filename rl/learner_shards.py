@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from rl.checkpoint import CheckpointError, file_entry
+from rollout.errors import one_line
 
 LAYOUT_FILE = "layout.json"
 SHARD_FORMAT = 1
@@ -44,13 +45,6 @@ def learner_layout(learner, world_size: int) -> dict[str, Any]:
     backend = learner.config.backend
     return {"format": SHARD_FORMAT, "world_size": int(world_size), "backend": backend,
             "zero_stage": int(learner.config.zero_stage) if backend == "deepspeed" else None}
-
-
-def _barrier(world_size: int) -> None:
-    import torch.distributed as dist
-
-    if world_size > 1 and dist.is_initialized():
-        dist.barrier()
 
 
 def _all_ranks_ok(ok: bool, world_size: int) -> bool:
@@ -79,11 +73,18 @@ def save_rank_shard(learner, folder: str | Path, rank: int, world_size: int) -> 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     learner.backend.save_files(folder)
-    torch.save({"rank": int(rank), "world_size": int(world_size), "learner": learner.state_dict()},
-               folder / shard_name(rank))
-    if rank == 0:
-        (folder / LAYOUT_FILE).write_text(json.dumps(learner_layout(learner, world_size), sort_keys=True) + "\n")
-    _barrier(world_size)  # every rank's files are complete before any rank lists them
+    path, error = folder / shard_name(rank), None
+    try:
+        torch.save({"rank": int(rank), "world_size": int(world_size), "learner": learner.state_dict()}, path)
+        if rank == 0:
+            (folder / LAYOUT_FILE).write_text(json.dumps(learner_layout(learner, world_size), sort_keys=True) + "\n")
+    except (OSError, RuntimeError) as err:  # a full disk, a quota (torch.save's writer raises RuntimeError): this
+        # rank still joins the agreement below, or the others wait for it
+        error = CheckpointError(f"{path}: could not be written ({type(err).__name__}: {one_line(str(err), 200)})")
+    # Every rank's files are complete before any rank lists them, and a rank that could not write fails them all
+    # at once (a bare barrier would keep the others waiting for it until the group's timeout).
+    if not _all_ranks_ok(error is None, world_size):
+        raise error or PeerShardError(f"{folder}: another learner rank could not write its shard")
     return describe_share(folder, rank, world_size)
 
 

@@ -47,6 +47,7 @@ class LearnerWorker:
         self.last_sync: dict[str, float] = {}
         self._sync_store = None  # rank 0: the TCPStore weight-sync groups meet at (rl.collective_sync)
         self._sync_member = None
+        self._ipc = self._ipc_named = None  # rank 0, colocated CUDA IPC sync: its items and its weights walk
 
     def free_port(self) -> int:
         from rl.learner_backend import free_port
@@ -146,15 +147,22 @@ class LearnerWorker:
         from rollout.weight_collective import ALIGN
         from rollout.weight_ipc import ipc_buckets
 
+        from rl.collective_sync import finish_gathers
+
+        unfinished = self._ipc_named
+        if unfinished is not None:  # a sync that failed mid-way: end its gathers with the other ranks' walks first
+            self._ipc = self._ipc_named = None
+            finish_gathers(unfinished)
         lora_delta = kwargs.pop("lora_delta", None)
-        pieces = plan_pieces(self.learner.named_weights(lora_delta), bucket_bytes, align=ALIGN, **kwargs)
+        self._ipc_named = self.learner.named_weights(lora_delta)
+        pieces = plan_pieces(self._ipc_named, bucket_bytes, align=ALIGN, **kwargs)
         self._ipc = ipc_buckets(pieces, version, bucket_bytes, self.learner.device)
 
     def ipc_next(self) -> dict | None:
         """The next bucket's IPC item (valid until the next call), None at the end."""
         item = next(self._ipc, None)
         if item is None:
-            self._ipc = None
+            self._ipc = self._ipc_named = None
         return item
 
     def walk_gathers(self, kwargs: dict) -> None:

@@ -158,7 +158,7 @@ class MasterWeights:
             p.copy_(master)  # fp32 -> bf16/fp16 copy_ rounds to nearest (even)
 
     def state(self) -> list[torch.Tensor]:
-        return [master.detach().cpu().clone() for _, master in self.pairs]
+        return [master.detach().to("cpu", copy=True) for _, master in self.pairs]
 
     @torch.no_grad()
     def load(self, saved: list[torch.Tensor]) -> None:

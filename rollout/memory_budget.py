@@ -5,7 +5,8 @@ one generate call may take, as
 - a fraction in (0, 1] of the memory free when generate starts: on an accelerator what
   `torch.cuda.mem_get_info()` reports free on its device (after the weights and anything a colocated learner
   holds) plus what torch's caching allocator holds unused in this process; on CPU the host's `MemAvailable` (/proc/meminfo), the memory the kernel can give without swapping;
-- or bytes: an int, or a string "512MiB", "2GiB", "1.5GB" (binary and decimal units).
+- or bytes: an int, or a string with a unit "512MiB", "2GiB", "1.5GB" (binary and decimal units; a unit-less
+  string such as "0.9" is refused as ambiguous, and so is anything above 1 PiB).
 Activations of a forward are not counted (they are freed layer by layer and are small next to the cache at long
 contexts): leave headroom.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 _UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
           "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+MAX_BYTES = 2 ** 50  # 1 PiB: no device has more; a larger size is a typo, not a budget
 
 
 @dataclass(frozen=True)
@@ -47,17 +49,20 @@ def parse_memory_budget(value, field: str = "rollout.memory_budget") -> MemoryBu
             raise ValueError(f"{field}: a fraction must lie in (0, 1], got {value}")
         return MemoryBudget(fraction=value)
     if isinstance(value, int):
-        if value < 1:
-            raise ValueError(f"{field}: bytes must be >= 1, got {value}")
+        if not 1 <= value <= MAX_BYTES:
+            raise ValueError(f"{field}: bytes must lie in [1, 2**50], got {value}")
         return MemoryBudget(bytes=value)
     if isinstance(value, str):
         match = _SIZE.match(value)
         unit = match.group(2).lower() if match else None
         if match is None or unit not in _UNITS:
             raise ValueError(f"{field}: {value!r} is not a size like '512MiB', '2GiB' or '1.5GB'")
+        if not unit:  # "0.9" (a quoted fraction?) or "512" (bytes?): ambiguous, as a bare int is in a recipe
+            raise ValueError(f"{field}: {value!r} has no unit: write a size ('512MiB') or a fraction as a number "
+                             "(0.9, unquoted)")
         size = int(float(match.group(1)) * _UNITS[unit])
-        if size < 1:
-            raise ValueError(f"{field}: {value!r} is zero bytes")
+        if not 1 <= size <= MAX_BYTES:
+            raise ValueError(f"{field}: {value!r} is {size} bytes, outside [1, 2**50]")
         return MemoryBudget(bytes=size)
     raise ValueError(f"{field}: expected a fraction in (0, 1] or a size like '2GiB', got {type(value).__name__}")
 

@@ -98,7 +98,8 @@ def join_group(spec: GroupSpec, rank: int, store=None):
         store = dist.TCPStore(spec.host, spec.port, is_master=False, wait_for_workers=False, timeout=timeout)
     prefixed = dist.PrefixStore(f"diffrl-wsync/{spec.group_id}", store)
     if spec.backend == "nccl":
-        return dist.ProcessGroupNCCL(prefixed, rank, spec.world_size)
+        # The timeout, as for gloo: without it NCCL's default (10 min) is what a member waits on a peer that died.
+        return dist.ProcessGroupNCCL(prefixed, rank, spec.world_size, timeout)
     return dist.ProcessGroupGloo(prefixed, rank, spec.world_size, timeout)
 
 
@@ -180,6 +181,11 @@ class BucketSender:
         works, flat = self._inflight.popleft()
         for work in works:
             work.wait()
+        if flat.device.type == "cuda":
+            # NCCL's wait only orders the current stream after the broadcast; wait on the host too, so at most
+            # max_inflight broadcasts are ever enqueued: each one's NCCL timeout (counted from its enqueue) then
+            # covers its own transfer, not every bucket queued before it.
+            torch.cuda.current_stream(flat.device).synchronize()
         self._free.append(flat)
 
     def close(self) -> SyncStats:

@@ -137,7 +137,9 @@ class WeightReceiver:
         pending = self._lora.setdefault(module, {})
         if part in pending:
             raise ValueError(f"weight sync: {name!r} arrived twice in one update")
-        pending[part] = tensor
+        # A part may wait here for the rest of its triple past the end of its bucket, whose buffer the sender may
+        # refill meanwhile (CUDA IPC reuses one buffer): keep a copy, not a view (adapters are small).
+        pending[part] = tensor.clone()
         if len(pending) == 3:
             self._merge(module, pending)
             del self._lora[module]

@@ -59,7 +59,9 @@ class RolloutWorker:
 
         if self._sync_member is None:
             self._sync_member = GroupMember()
-        device = torch.device("cuda", torch.cuda.current_device()) if spec.backend == "nccl" else "cpu"
+        device = self.device if spec.backend == "nccl" else torch.device("cpu")  # NCCL: the worker's own GPU
+        if device.type == "cpu" and spec.backend == "nccl":
+            raise RuntimeError("weight sync: an NCCL group needs the rollout worker on a GPU (it computes on cpu)")
         receive_update(self._sync_member, spec, rank,
                        lambda entries, v: self.engine.update_weights(entries, v, final=False), device)
         self.engine.update_weights([], version, final=True)

@@ -42,7 +42,7 @@ def ass_schedule(length: int) -> list[int]:
 
 def _dream_times(steps: int, eps: float) -> torch.Tensor:
     # float32 on the CPU, as Dream's torch.linspace(1, eps, steps + 1) (default dtype).
-    return torch.linspace(1, eps, steps + 1, dtype=torch.float32)
+    return torch.linspace(1, eps, steps + 1, dtype=torch.float32, device="cpu")
 
 
 def dream_transfer_count(n_masked: int, step: int, steps: int, eps: float = DREAM_EPS) -> int:
@@ -51,7 +51,8 @@ def dream_transfer_count(n_masked: int, step: int, steps: int, eps: float = DREA
         return n_masked
     t = _dream_times(steps, eps)
     ratio = 1 - t[step + 1] / t[step]
-    return int(torch.tensor(n_masked, dtype=torch.float32) * ratio)
+    # float32 as Dream's torch.tensor(n) * ratio; a host scalar by intent (never a device copy, whatever the default)
+    return int(torch.full((), n_masked, dtype=torch.float32, device="cpu") * ratio)
 
 
 def dream_transfer_probability(step: int, steps: int, eps: float = DREAM_EPS) -> float:

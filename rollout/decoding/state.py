@@ -8,6 +8,7 @@ step / log-prob / confidence, batched over rows that share sampling params) and 
 from __future__ import annotations
 
 import secrets
+from array import array
 
 import torch
 
@@ -221,16 +222,24 @@ def share_state(rows: list[Row]) -> SharedState:
     return shared
 
 
+def _host_tensor(values: array, dtype: torch.dtype) -> torch.Tensor:
+    return torch.frombuffer(values, dtype=dtype) if len(values) else torch.zeros(0, dtype=dtype, device="cpu")
+
+
 def host_columns(device: torch.device, ints: dict[str, list[int]],
                  floats: dict[str, list[float]] | None = None) -> dict[str, torch.Tensor]:
     """Per-row values known on the host (slots, block starts, schedule counts, ...) as device tensors: one copy
     of one host buffer, pinned and non-blocking on CUDA, instead of one blocking copy per list. Float columns
     travel as their float32 bit patterns in the same int64 buffer (exact both ways)."""
     floats = floats or {}
-    data = torch.tensor([ints[n] for n in ints], dtype=torch.long)
+    # Host memory by construction (frombuffer over an array): whatever the default device, never a device copy.
+    width = len(next(iter(ints.values())))
+    if any(len(column) != width for column in (*ints.values(), *floats.values())):
+        raise ValueError(f"host_columns: columns of different lengths {[len(c) for c in ints.values()]}")
+    data = _host_tensor(array("q", [v for n in ints for v in ints[n]]), torch.long).view(len(ints), width)
     if floats:
-        bits = torch.tensor([floats[n] for n in floats], dtype=torch.float32).view(torch.int32).long()
-        data = torch.cat([data, bits])
+        bits = _host_tensor(array("f", [v for n in floats for v in floats[n]]), torch.int32)  # float32 bits
+        data = torch.cat([data, bits.long().view(len(floats), width)])
     if device.type != "cpu":
         if device.type == "cuda":
             data = data.pin_memory()

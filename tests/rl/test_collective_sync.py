@@ -243,3 +243,98 @@ def test_a_receiver_dying_mid_sync_fails_the_others_quickly(tiny_model_dirs, tmp
     assert dying.wait(timeout=30) == 1
     assert time.monotonic() - start < 20 and len(errors) == 1
     assert side.sender.group is None and side.receivers[0].group is None  # both dropped: a new group forms next
+
+
+class _RecordingGroup:
+    """A stand-in for a ProcessGroupNCCL: records the device of every tensor broadcast through it."""
+
+    def __init__(self):
+        self.devices: list[str] = []
+
+    def broadcast(self, tensor, root):
+        assert root == 0
+        self.devices.append(str(tensor.device))
+
+        class _Done:
+            def wait(self):
+                return True
+
+        return _Done()
+
+
+def test_an_nccl_group_gets_the_timeout_and_device_tensors_only(tiny_model_dirs, monkeypatch):
+    """What a CPU machine can check of the NCCL path: the group is built with the spec's timeout (NCCL's own default
+    is 10 min of waiting on a dead peer), every tensor the sender broadcasts (sizes, header, buckets) is on the
+    learner's device (a CPU tensor in an NCCL collective is an error), never the host; a CPU learner is refused; the
+    receiver allocates on its worker's device. `meta` stands for the GPU (tensors with a device but no data)."""
+    import datetime
+    import types
+
+    import pytest
+    import torch.distributed as dist
+
+    import rollout.weight_collective as wc
+    from rl.collective_sync import send_over_group
+    from rollout.worker import RolloutWorker
+
+    built = []
+    monkeypatch.setattr(dist, "ProcessGroupNCCL", lambda *args: built.append(args) or _RecordingGroup(),
+                        raising=False)
+    store = SyncStore("127.0.0.1", timeout_s=30)
+    spec = GroupSpec("127.0.0.1", store.port, 3, new_group_id(), backend="nccl", timeout_s=17)
+    member = GroupMember(store.store)
+    group = member.get(spec, 0)
+    assert len(built) == 1 and built[0][1:] == (0, 3, datetime.timedelta(seconds=17))
+
+    named = [(n, t.detach().to("meta")) for n, t in merged_weights(load_policy(tiny_model_dirs["block"]).causal_lm)]
+    learner = types.SimpleNamespace(device=torch.device("meta"), named_weights=lambda lora_delta=None: iter(named))
+    metrics = send_over_group(learner, member, spec, 3, 20_000)
+    assert metrics["weight_sync_chunks"] > 2 and len(group.devices) == 3 * metrics["weight_sync_chunks"] + 1
+    assert set(group.devices) == {"meta"}
+    learner.device = torch.device("cpu")
+    with pytest.raises(RuntimeError, match="NCCL group needs learner rank 0 on a GPU"):
+        send_over_group(learner, GroupMember(store.store), spec, 4, 20_000)
+
+    seen = []
+    monkeypatch.setattr(wc, "receive_update", lambda member, spec, rank, apply, device: seen.append(device) or 0)
+    worker = RolloutWorker(tiny_model_dirs["block"], device="cpu")
+    worker.device = torch.device("meta")  # as if actor_device had chosen the accelerator
+    monkeypatch.setattr(worker.engine, "update_weights", lambda *args, **kwargs: None)  # nothing was received
+    worker.receive_weights(spec, 1, 0)
+    assert seen == [torch.device("meta")]
+    worker.device = torch.device("cpu")
+    with pytest.raises(RuntimeError, match="NCCL group needs the rollout worker on a GPU"):
+        worker.receive_weights(spec, 1, 0)
+
+
+def test_a_failed_send_still_walks_every_gather_the_other_ranks_wait_in(tiny_model_dirs):
+    """Under ZeRO-3 the other learner ranks walk the same module-by-module gathers while rank 0 sends; when a
+    receiver dies mid-sync rank 0's send fails, and unless rank 0 walks the rest of its gathers the others wait in
+    the next one until the learner group's timeout. Here a group whose 4th broadcast fails stands for the dead
+    receiver, and the learner's weights walk is counted."""
+    import types
+
+    import pytest
+
+    class _Failing(_RecordingGroup):
+        def broadcast(self, tensor, root):
+            if len(self.devices) == 3:
+                raise RuntimeError("connection reset by peer")
+            return super().broadcast(tensor, root)
+
+    named = list(merged_weights(load_policy(tiny_model_dirs["block"]).causal_lm))
+    walked = []
+
+    def named_weights(lora_delta=None):
+        for name, tensor in named:
+            walked.append(name)  # a gather of this module, in step with the other ranks
+            yield name, tensor
+
+    group = _Failing()
+    member = GroupMember()
+    member.get = lambda spec, rank: group
+    learner = types.SimpleNamespace(device=torch.device("cpu"), named_weights=named_weights)
+    spec = GroupSpec("127.0.0.1", 1, 2, new_group_id())
+    with pytest.raises(RuntimeError, match="connection reset"):
+        send_over_group(learner, member, spec, 1, 4096)  # small buckets: the failure comes early
+    assert len(group.devices) == 3 and walked == [n for n, _ in named]

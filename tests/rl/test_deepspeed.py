@@ -3,6 +3,7 @@ written by the ranks themselves (no tensor reaches the caller) and a new group r
 from __future__ import annotations
 
 import importlib.util
+import pickle
 from functools import partial
 from pathlib import Path
 
@@ -76,6 +77,7 @@ def test_two_workers_zero_equal_single_process(local_ray, tiny_model_dirs, zero_
         moved = max(moved, float((w.detach() - load_policy(path).causal_lm.state_dict()[name]).abs().max()))
     assert moved > 1e-3
     # The checkpoint call returned file entries and the layout, no tensor; the ranks' ZeRO shards are on disk.
+    assert len(pickle.dumps(written)) < 8192  # nor the state serialized some other way (bytes, numpy)
     assert tensors_in(written) == [] and written.meta == {"format": 1, "world_size": 2, "backend": "deepspeed",
                                                           "zero_stage": zero_stage}
     optim = sorted(f for f in written.files if f.endswith("optim_states.pt"))

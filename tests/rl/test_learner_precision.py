@@ -121,8 +121,10 @@ def test_bf16_masters_resume_bitwise(tiny_model_dirs):
     for (pa, ma), (pb, mb) in zip(a.backend.masters.pairs, b.backend.masters.pairs, strict=True):
         assert torch.equal(ma, mb) and torch.equal(pa, pb)
     fp32 = Learner(_policy(path, torch.float32), cfg)
-    with pytest.raises(ValueError, match="fp32_masters unexpected"):
+    with pytest.raises(ValueError, match=r"fp32_masters unexpected \(.* resume with the same model.dtype"):
         fp32.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"fp32_masters missing \(saved by a learner with fp32 weights"):
+        b.load_state_dict(fp32.state_dict())  # a CPU (float32) run resumed on GPUs (bfloat16 by default)
 
 
 def test_bf16_lora_keeps_masters_of_the_adapters_only(tiny_model_dirs):

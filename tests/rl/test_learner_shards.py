@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import pickle
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,9 @@ def test_checkpoint_through_rank_shards_resumes_bitwise(tiny_model_dirs, tmp_pat
     returned: list = []
     ckpt = load_checkpoint(_checkpoint(a, tmp_path / "checkpoints", returned))
     assert tensors_in(returned) == [] and set(returned[0].files) == {"rank_00000.pt", "layout.json"}
+    # Nor the state in another form (bytes of a torch.save, numpy arrays): what crosses is a few entries' worth.
+    shard_bytes = (ckpt.learner_dir / "rank_00000.pt").stat().st_size
+    assert len(pickle.dumps(returned)) < min(4096, shard_bytes // 20), (len(pickle.dumps(returned)), shard_bytes)
     assert check_layout(ckpt.learner_dir, world_size=1, backend="torch", zero_stage=2)["backend"] == "torch"
 
     b = Learner(load_policy(ckpt.policy_dir), CONFIG, ref_policy=ref)  # as the driver resumes
@@ -96,6 +100,43 @@ def test_layout_mismatch_and_bad_shards_fail_in_one_line(tiny_model_dirs, tmp_pa
     (folder / "layout.json").unlink()
     with pytest.raises(CheckpointError, match="layout.json: missing"):
         check_layout(folder, world_size=1, backend="torch", zero_stage=None)
+
+
+@pytest.mark.parametrize("own_ok, peer_ok", [(False, True), (True, False), (True, True)])
+def test_a_rank_that_cannot_write_fails_every_rank_at_once(tiny_model_dirs, tmp_path, monkeypatch, own_ok, peer_ok):
+    """Rank 0 of 2 (the other rank's answer given by a stand-in all_reduce): a full disk on either rank makes both
+    raise after one agreement, instead of the writer raising and its peer waiting in a barrier for the group's
+    timeout (30 min under gloo). The rank that could not write names its file."""
+    import torch.distributed as dist
+
+    from rl.learner_shards import PeerShardError
+
+    learner = Learner(load_policy(tiny_model_dirs["block"]), CONFIG)
+    flags = []
+
+    def all_reduce(flag, op=None):
+        flags.append(int(flag.item()))
+        flag.fill_(min(int(flag.item()), int(peer_ok)))
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda *args: "gloo")
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "barrier", lambda *args, **kwargs: pytest.fail("a bare barrier"))
+    if not own_ok and not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    if not own_ok:  # a real full disk: torch.save into /dev/full (its writer raises RuntimeError, not OSError)
+        import rl.learner_shards
+
+        monkeypatch.setattr(rl.learner_shards, "shard_name", lambda rank: "/dev/full")
+    if own_ok and peer_ok:
+        assert save_rank_shard(learner, tmp_path / "learner", 0, 2)  # this rank's share of the entries
+        assert (tmp_path / "learner" / "rank_00000.pt").is_file()
+    else:
+        with pytest.raises(CheckpointError) as info:
+            save_rank_shard(learner, tmp_path / "learner", 0, 2)
+        assert isinstance(info.value, PeerShardError) == own_ok and "\n" not in str(info.value)
+        assert own_ok or str(info.value).startswith("/dev/full: could not be written (RuntimeError: ")
+    assert flags == [int(own_ok)]  # exactly one agreement, reached even by the rank that failed
 
 
 def test_format_1_learner_pt_loads_into_one_torch_rank(tiny_model_dirs, tmp_path):

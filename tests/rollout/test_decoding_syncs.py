@@ -111,6 +111,33 @@ def test_at_most_one_host_sync_per_decoding_step(sync_policies, kind, cache):
         assert counts.h2d_copies + counts.async_h2d_copies <= counts.steps + len(requests), (name, counts)
 
 
+@pytest.mark.parametrize("kind,cache", [("sdar", "block"), ("sdar", "none"), ("llada", "prefix"), ("llada", "dual"),
+                                        ("dream", "dual")])
+def test_decoding_creates_no_tensor_without_naming_its_device(sync_policies, monkeypatch, kind, cache):
+    """On a GPU a tensor made without a device (torch.arange(n), torch.tensor(list)) lands on the host, and using
+    it next to device tensors is an error or a blocking copy the counter above cannot see on a CPU run (host and
+    device are one there). Decoding under a `meta` default device turns every such tensor into one that cannot
+    meet the CPU tensors of this run: the decoders must name a device for each tensor they make (host buffers by
+    intent name the CPU)."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def meta_by_default():
+        with torch.device("meta"):
+            yield
+
+    policy = sync_policies[kind]
+    names = [n for n in REMASKING if n != "origin" or kind == "dream"]
+    lengths = (3, 9, 5, 7, 4, 6, 8, 2, 10)  # one request per remasking policy, in one batch
+    requests = [GenerationRequest(torch.arange(10, 10 + n), SamplingParams(temperature=1.0, max_tokens=16,
+                                                                           **REMASKING[name]), seed=i)
+                for i, (n, name) in enumerate(zip(lengths[:len(names)], names, strict=True))]
+    plain = TorchEngine(policy, kv_cache=cache).generate(requests)
+    monkeypatch.setattr(sync_counter, "counting", meta_by_default)
+    strict = TorchEngine(policy, kv_cache=cache).generate(requests)
+    assert all(torch.equal(a.response_ids, b.response_ids) for a, b in zip(plain, strict, strict=True))
+
+
 def test_host_columns_carry_ints_and_float32_values_exactly_in_one_copy():
     from rollout.decoding.state import host_columns
 

@@ -113,6 +113,29 @@ def test_block_engine_under_a_small_budget_admits_as_rows_finish_with_the_same_t
     assert max(evictions) == 0 and max(cache_bytes) <= budget
 
 
+def test_every_row_of_the_batch_finishing_at_once_empties_the_slots_for_the_next(tiny_policies, monkeypatch):
+    """EOS ruled out and one schedule: every row stops on its length at the same step, so each eviction empties
+    every slot at once (no survivor to move) and the next rows are admitted into all of them."""
+    policy = EosBiased(tiny_policies["sdar"], eos_bonus=-1e4)
+    params = {"temperature": 0.7, "remasking": "low_confidence_static", "steps_per_block": 2}
+    requests = _requests(policy, (6, 15, 2, 11, 7), (16,) * 5, params)
+    free = TorchEngine(policy, kv_cache="block").generate(requests)
+    assert {t.finish_reason for t in free} == {"length"} and len({t.nfe for t in free}) == 1
+    engine = TorchEngine(policy, kv_cache="block")
+    engine.memory_budget = parse_memory_budget(2 * _slot_bytes(engine, requests) + 100)
+    emptied, original = [], block_decoding._evict
+
+    def watched(rows, *args):
+        out = original(rows, *args)
+        if rows and all(r.finish_reason is not None for r in rows):
+            emptied.append((len(rows), len(out[0])))
+        return out
+
+    monkeypatch.setattr(block_decoding, "_evict", watched)
+    _assert_same(free, engine.generate(requests))
+    assert emptied == [(2, 0), (2, 0), (1, 0)]
+
+
 def test_the_allocation_counter_sees_the_old_per_layer_reallocation():
     cache = RaggedKVCache(3, 4, 2, 8, 16, torch.float32, torch.device("cpu"))
     with AllocationCounter() as counter:
@@ -169,7 +192,9 @@ def test_memory_budget_parsing():
     assert parse_memory_budget("1.5 GB").bytes == 1_500_000_000
     assert parse_memory_budget(4096).bytes == 4096
     assert parse_memory_budget(0.25).resolve(torch.device("cpu")) > 0  # a quarter of MemAvailable
-    for bad in (0.0, 1.5, -3, "2 parsecs", "0MiB", True, [1]):
+    assert parse_memory_budget("512B").bytes == 512 and parse_memory_budget(2 ** 50).bytes == 2 ** 50
+    for bad in (0.0, 1.5, -3, "2 parsecs", "0MiB", True, [1], float("nan"), float("inf"), 1e30, "-1GiB", "1e30",
+                "0.0", "0.9", "1.5", "512", 10 ** 30, "99999999999TiB", "0.0001B"):
         with pytest.raises(ValueError, match="^rollout.memory_budget: "):
             parse_memory_budget(bad)
 
@@ -204,6 +229,31 @@ def test_engine_sleep_frees_the_weights_and_wake_decodes_bitwise_the_same(tiny_m
     engine.sleep()
     again = engine.generate(requests)  # generate wakes a sleeping engine
     assert not engine.asleep and all(torch.equal(x.logprobs, y.logprobs) for x, y in zip(before, again))
+
+
+def test_update_weights_while_asleep_lands_and_survives_the_wake(tiny_model_dirs, tmp_path):
+    """sleep -> update_weights (bucket by bucket, as a sync does) -> generate: the new weights are what decodes, not
+    the pre-sleep ones restored by the wake over them; an awake engine given the same update decodes the same."""
+    path = tiny_model_dirs["block"]
+    awake, sleeper = (TorchEngine.from_dir(path, kv_cache="block", spill_dir=tmp_path) for _ in range(2))
+    g = torch.Generator().manual_seed(5)
+    new = {n: p.detach() + 0.05 * torch.randn(p.shape, generator=g)
+           for n, p in awake.policy.causal_lm.named_parameters()}
+    params = SamplingParams(temperature=1.0, max_tokens=12, remasking="low_confidence_dynamic")
+    requests = [GenerationRequest(torch.arange(10, 14 + i), params, seed=i) for i in range(3)]
+    before = sleeper.generate(requests)
+    assert sleeper.sleep() > 0 and sleeper.asleep
+    items = sorted(new.items())
+    for engine in (awake, sleeper):
+        engine.update_weights(items[:5], 7, final=False)
+        engine.update_weights(items[5:], 7, final=True)
+    assert not sleeper.asleep and sleeper.policy_version == awake.policy_version == 7
+    for name, p in sleeper.policy.causal_lm.named_parameters():
+        assert torch.equal(p.detach(), new[name]), name
+    a, b = awake.generate(requests), sleeper.generate(requests)
+    assert all(torch.equal(x.response_ids, y.response_ids) and torch.equal(x.logprobs, y.logprobs)
+               for x, y in zip(a, b, strict=True))
+    assert any(not torch.equal(x.logprobs, y.logprobs) for x, y in zip(before, b, strict=True))  # the update did
 
 
 def _rss_bytes() -> int:

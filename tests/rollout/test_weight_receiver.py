@@ -107,6 +107,20 @@ def test_strict_errors_name_the_tensor_and_keep_the_version(engine, target):
     assert engine.policy_version == 2
 
 
+def test_a_lora_part_survives_its_bucket_buffer_being_reused(engine):
+    """A LoRA triple may span buckets, and the CUDA IPC path reuses one bucket buffer for the next bucket: a part
+    waiting for the rest of its triple must not be a view of that buffer (else the merge reads the next bucket)."""
+    base = _params(engine)[f"{PROJ}.weight"].clone()
+    delta = _lora(*base.shape)
+    a_name = f"{PROJ}.lora_A"
+    buffer = delta[a_name].clone()  # the shared bucket buffer, holding lora_A for the first bucket
+    engine.update_weights([(a_name, buffer)], 1, final=False)
+    buffer.zero_()  # the sender packs the next bucket into the same buffer
+    engine.update_weights([(n, t) for n, t in delta.items() if n != a_name], 1, final=True)
+    want = base + lora_delta(delta[f"{PROJ}.lora_B"], delta[a_name], 1.5)
+    assert torch.equal(_params(engine)[f"{PROJ}.weight"], want)
+
+
 def test_lora_updates_are_checked(engine):
     rows, cols = _params(engine)[f"{PROJ}.weight"].shape
     lora = _lora(rows, cols)
