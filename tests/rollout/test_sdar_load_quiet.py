@@ -23,6 +23,8 @@ def test_sdar_checkpoint_loads_without_the_model_type_warning(tmp_path):
     make_tiny_policy("sdar", tmp_path, vocab="small", seed=0)
     collect = _Collect()
     logger = logging.getLogger("transformers")
+    level = logger.level  # the suite's tiny-model fixture quiets transformers to ERROR: hear its warnings here
+    logger.setLevel(logging.WARNING)
     logger.addHandler(collect)
     try:
         policy = load_policy(tmp_path)
@@ -32,6 +34,7 @@ def test_sdar_checkpoint_loads_without_the_model_type_warning(tmp_path):
         theirs = [m for m in collect.messages if "to instantiate a model of type" in m]
     finally:
         logger.removeHandler(collect)
+        logger.setLevel(level)
     assert theirs and not ours  # the warning exists, and our load does not trigger it
     text = "12+30=42 <|MASK|>"
     assert policy.tokenizer(text)["input_ids"] == plain(text)["input_ids"]
