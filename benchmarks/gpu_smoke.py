@@ -11,7 +11,7 @@ generates a batch, a LearnerWorker (torch backend, TraceRL loss on the trajector
 it, the learner's weights go to the rollout engine bucket by bucket (the in-process form of the driver's sync),
 and a checkpoint (policy + learner state) is written with rl.checkpoint.save_checkpoint. Printed: rollout tokens/s,
 peak memory per phase (CUDA: torch.cuda.max_memory_allocated, reset per phase; CPU: peak RSS growth over the
-phase, sampled), weight-sync seconds, host syncs per decoding step (hostsync's counter, `n/a` without it) and
+phase, sampled), weight-sync seconds, host syncs per decoding step (rollout/decoding/sync_counter.py) and
 checkpoint seconds. `--json PATH` writes the same figures.
 """
 from __future__ import annotations
@@ -100,16 +100,6 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def host_sync_counter():
-    """PLUG-IN POINT for host syncs per decoding step: hostsync's counter (rollout/decoding/sync_counter.py,
-    `count_host_syncs()` yielding counts with `.syncs_per_step`), or None where this checkout lacks it."""
-    try:
-        from rollout.decoding.sync_counter import count_host_syncs
-    except ImportError:
-        return None
-    return count_host_syncs
-
-
 # ----------------------------------------------------------------------------------------------------- phases
 def build_model(args, root: Path) -> Path:
     from rollout.models.tiny import make_tiny_policy
@@ -196,6 +186,7 @@ def attention_check(model_dir: Path, attn: str, device: torch.device, dtype: tor
 
 def run(args) -> dict[str, object]:
     from rl.learner_worker import LearnerWorker
+    from rollout.decoding.sync_counter import count_host_syncs
     from rollout.models.loading import load_policy
     from rollout.worker import RolloutWorker
     from rollout.devices import actor_device, default_dtype
@@ -226,13 +217,9 @@ def run(args) -> dict[str, object]:
         tokens = sum(t.response_length for t in trajectories)
         figures.update(rollout_s=seconds, rollout_tokens=tokens, rollout_tokens_per_s=tokens / seconds,
                        nfe_mean=sum(t.nfe for t in trajectories) / len(trajectories))
-        counter = host_sync_counter()
-        if counter is not None:
-            with counter() as counts:
-                rollout.generate(reqs[:min(4, len(reqs))])
-            figures["host_syncs_per_step"] = counts.syncs_per_step
-        else:
-            figures["host_syncs_per_step"] = "n/a"
+        with count_host_syncs() as counts:  # a second, smaller rollout under the counter (it costs a little)
+            rollout.generate(reqs[:min(4, len(reqs))])
+        figures["host_syncs_per_step"] = counts.syncs_per_step
 
         learner = LearnerWorker(0, 1, partial(load_policy, model_dir, dtype=dtype, attn_implementation=args.attn),
                                 learner_config(), device=args.device)
