@@ -187,9 +187,9 @@ def attention_check(model_dir: Path, attn: str, device: torch.device, dtype: tor
 def run(args) -> dict[str, object]:
     from rl.learner_worker import LearnerWorker
     from rollout.decoding.sync_counter import count_host_syncs
+    from rollout.devices import actor_device, default_dtype
     from rollout.models.loading import load_policy
     from rollout.worker import RolloutWorker
-    from rollout.devices import actor_device, default_dtype
 
     device = actor_device(args.device)
     dtype_name = args.dtype or default_dtype(device.type != "cpu")
