@@ -18,7 +18,6 @@ from rollout.engine import TorchEngine
 from rollout.memory_budget import parse_memory_budget
 from rollout.models.policy import DiffusionPolicy
 from rollout.sampling import GenerationRequest, SamplingParams
-from rollout.sleep import WeightSleep
 from rollout.worker import merge_rollout_metrics
 
 
@@ -258,7 +257,6 @@ def test_update_weights_while_asleep_lands_and_survives_the_wake(tiny_model_dirs
 
 _RSS_SCRIPT = """
 import sys, torch
-from rollout.sleep import WeightSleep
 
 
 def rss():
