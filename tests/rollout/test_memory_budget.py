@@ -257,6 +257,7 @@ def test_update_weights_while_asleep_lands_and_survives_the_wake(tiny_model_dirs
 
 _RSS_SCRIPT = """
 import sys, torch
+from rollout.sleep import WeightSleep
 
 
 def rss():
