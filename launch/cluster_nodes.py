@@ -1,31 +1,28 @@
 """Which Ray node each of a run's actors sits on, and the one line a run ends with when a node leaves the cluster.
 
-    where = NodeWatch(alive_nodes())                 # at the driver's start: the nodes of the cluster
-    where.roles = lambda: {"rollout worker 0": node_id, "learner rank 0": node_id, ...}
-    lost = where.lost_nodes(alive_nodes())           # nodes alive at the start and gone now
-    raise NodeLostError(describe_loss(lost, where.roles()))
+    watch = NodeWatch(alive_nodes(), roles=lambda: actor_roles(driver.placement()))   # at the driver's start
+    lost = watch.explain(err)         # when the run fails: "node 7255bc51 (10.0.0.7) left the Ray cluster, with
+                                      # rollout worker 0 on it", or None when every node is still there
+    raise NodeLostError(node_loss_line(lost, step, run_dir)) from err
 
-A rollout worker whose process dies is restarted by Ray on its node and re-synced (launch/driver_roles.RolloutPool).
-A node that dies takes every actor on it, and the run does not carry on without them: learner ranks hold optimizer
-state that exists nowhere else, and a rollout worker whose labelled node is gone has nowhere to be restarted. The
-run ends with one line naming the node and the roles that were on it; `diffrl resume RUN_DIR` continues from the
-last checkpoint once the cluster has such a node again (docs/MULTINODE.md).
+A rollout worker whose process dies is restarted by Ray on its node and re-synced (launch/driver_roles.RolloutPool;
+its wait for the restart raises NodeLostError itself when the worker's node is gone). A node that dies takes every
+actor on it, and the run does not carry on without them: learner ranks hold optimizer state that exists nowhere
+else, and a rollout worker whose labelled node is gone has nowhere to be restarted. The run ends with one line
+naming the node and the roles that were on it; `diffrl resume RUN_DIR` continues from the last checkpoint once the
+cluster has such a node again (docs/MULTINODE.md).
 
 Ray declares a node dead after its health checks fail (Ray's defaults: ~15-30 s after a machine stops answering);
 an actor on it may fail before that, so a Ray error is held for up to `grace_s` while the node list catches up.
 """
 from __future__ import annotations
 
-import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rollout.errors import OneLineError
-
-log = logging.getLogger(__name__)
 
 NODE_DEATH_GRACE_S = 45.0  # Ray's default health checks declare a dead node within ~30 s
 
@@ -69,43 +66,13 @@ def node_loss_line(lost: str, step: int, run_dir: Path) -> str:
 @dataclass
 class NodeWatch:
     """The nodes a run started on and a view of where its actors are (`roles`: role name -> node id, read when
-    asked, so restarted actors count where they are now).
-
-    start(on_loss): on a cluster of several nodes, a daemon thread reads the node list every interval_s and calls
-    on_loss(lost) once when nodes it started with are gone. The driver kills the lost node's rollout workers there
-    for good: Ray would keep them pending a restart on a node that never comes back, and every call to them (a
-    weight sync, a generation) would wait forever instead of failing."""
+    asked, so restarted actors count where they are now)."""
 
     at_start: dict[str, str]
     roles: Callable[[], dict[str, str | None]] = field(default=dict)
-    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
-    _thread: threading.Thread | None = field(default=None, repr=False)
 
     def lost_nodes(self, alive: dict[str, str]) -> dict[str, str]:
         return {node: address for node, address in self.at_start.items() if node not in alive}
-
-    def start(self, on_loss: Callable[[dict[str, str]], None], *, poll: Callable[[], dict[str, str]] = alive_nodes,
-              interval_s: float = 1.0) -> bool:
-        """Watch in the background (only on a cluster of several nodes; returns whether it watches)."""
-        if len(self.at_start) < 2 or self._thread is not None:
-            return False
-
-        def watch() -> None:
-            while not self._stop.wait(interval_s):
-                lost = self.lost_nodes(poll())
-                if lost:
-                    log.warning("Ray nodes left the cluster: %s", describe_loss(lost, self.roles()))
-                    on_loss(lost)
-                    return
-
-        self._thread = threading.Thread(target=watch, name="node-watch", daemon=True)
-        self._thread.start()
-        return True
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
 
     def explain(self, err: BaseException, *, poll: Callable[[], dict[str, str]] = alive_nodes,
                 grace_s: float = NODE_DEATH_GRACE_S, interval_s: float = 0.5) -> str | None:

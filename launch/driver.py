@@ -120,7 +120,6 @@ class Driver:
                                     initial_policy_dir=ctx.initial_policy_dir)
         self.learner_nodes = self.learner.nodes()
         self.watch = NodeWatch(alive_nodes(), roles=lambda: actor_roles(self.placement()))
-        self.watch.start(on_loss=self.rollout.abandon)  # several nodes: calls to a lost node's workers fail fast
         write_run_status(ctx.run_dir, placement=self.placement())
         cpus_free = ray.cluster_resources().get("CPU", 0) - sum(b.get("CPU", 0) for b in plan.bundles)
         self.rewards = make_reward_service(ctx.reward_specs, ctx.recipe_dir, cpus_free,
@@ -466,7 +465,6 @@ class Driver:
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        self.watch.stop()
         self.metrics.close()
         self.rewards.shutdown()
         self.learner.shutdown()

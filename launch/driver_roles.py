@@ -348,17 +348,6 @@ class RolloutPool:
         if self._learner is not None:  # it came back with the weights it was built from: bring it to `version`
             self._send(self._learner, self.version, [i])
 
-    def abandon(self, lost_node_ids) -> list[int]:
-        """Kill for good the workers on nodes that left the cluster (launch.cluster_nodes.NodeWatch): every call to
-        them fails at once and _wait_ready names the lost node, where Ray would keep them pending a restart on a
-        node that never comes back. Returns their indices."""
-        import ray
-
-        gone = [i for i, node in enumerate(self.nodes) if node and node.get("node_id") in lost_node_ids]
-        for i in gone:
-            ray.kill(self.workers[i], no_restart=True)
-        return gone
-
     def _wait_ready(self, i: int, timeout_s: float = 300.0) -> None:
         """Wait for Ray to restart worker i on its node. Its node gone (the worker cannot come back there) ends the
         run at once with launch.cluster_nodes.NodeLostError, without waiting out timeout_s."""

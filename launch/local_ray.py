@@ -59,7 +59,9 @@ def ray_session(ray_cfg=None, *, num_cpus: int | None = None, verbose: bool = Tr
         return
     if address:
         log.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)  # a Ray job's log is where its actors' output belongs
+        # A Ray job's log (`diffrl submit`: RAY_ADDRESS set) is where its actors' output belongs; `diffrl train
+        # --address` at a terminal shows it with --verbose, as a local cluster does.
+        ray.init(address=address, log_to_driver=verbose or bool(os.environ.get("RAY_ADDRESS")))
         try:
             yield False
         finally:
