@@ -9,7 +9,8 @@ learner_node), the run directory on a path both see. `diffrl train --address` jo
    the run carries on (every stored sample carries the version it was trained against).
 3. The rollout node is killed (all its processes, SIGKILL): the run ends with exit status 1 and one line naming the
    lost node and the rollout worker on it, well before any restart timeout.
-4. A fresh rollout node joins; `diffrl resume` finishes the run, its rollout worker on the new node.
+4. `diffrl resume` before the node is back ends at once with one line naming the missing node label; once a fresh
+   rollout node joins, `diffrl resume` finishes the run, its rollout worker on the new node.
 """
 from __future__ import annotations
 
@@ -199,7 +200,14 @@ def test_two_nodes_worker_restart_node_loss_and_resume(two_nodes, tmp_path):
     stopped = _latest_step(run)
     assert lost_at <= stopped < TOTAL_STEPS
 
-    # 4. a fresh rollout node; `diffrl resume` finishes the run there
+    # 4. resumed before the node is back: one line naming the missing label, nothing changed; then a fresh rollout
+    #    node joins and `diffrl resume` finishes the run there
+    early = cli.run_cli("resume", str(run), "--address", cluster.address, "-q", cwd=tmp_path, env=cluster.env,
+                        timeout=120)
+    assert early.returncode == 2, early.stderr[-3000:]
+    assert early.stderr.strip().splitlines()[-1].startswith(
+        "diffrl: error: resources.rollout_node: no node of the Ray cluster advertises the resource 'rollout_node'")
+    assert _latest_step(run) == stopped
     cluster.rollout = cluster.command("add rollout")["rollout"]
     done = cli.run_cli("resume", str(run), "--address", cluster.address, "-q", cwd=tmp_path, env=cluster.env,
                        timeout=240)
