@@ -10,7 +10,8 @@
     diffrl status [RUNS_DIR]                       runs under runs/: state, step, last metrics
 
 Bad input (recipe, data, checkpoint, reward) ends with one line `diffrl: error: ...` naming the field or file and
-exit status 2; a failed run exits 1 (a node lost mid-run: one line `diffrl: error: node lost: ...`). Heavy modules (torch, Ray) are imported only by the command that needs them.
+exit status 2; a failed run exits 1 (a node lost mid-run: one line `diffrl: error: node lost: ...` all the same).
+Heavy modules (torch, Ray) are imported only by the command that needs them.
 """
 from __future__ import annotations
 
