@@ -93,8 +93,8 @@ def _children(pid: int):
         return []
 
 
-def _actor(cluster: TwoNodes, role: str):
-    """(pid, raylet pid) of the process of the `role` actor (e.g. "RolloutWorker"), or None."""
+def _actor(cluster: TwoNodes, role: str) -> tuple[int, int]:
+    """(pid, raylet pid) of the process of the `role` actor (e.g. "RolloutWorker")."""
     import psutil
 
     for node in (cluster.head, cluster.rollout):
@@ -104,7 +104,7 @@ def _actor(cluster: TwoNodes, role: str):
                     return child.pid, node["raylet"]
             except psutil.NoSuchProcess:
                 continue
-    return None
+    raise AssertionError(f"no {role} process under either node's raylet")
 
 
 def _latest_step(run: Path) -> int:
@@ -173,7 +173,7 @@ def test_two_nodes_worker_restart_node_loss_and_resume(two_nodes, tmp_path):
         _wait(lambda: _latest_step(run) >= at + 2, proc, 120, "two checkpoints after the kill",
               tmp_path / "train.err")
         restarted = _actor(cluster, "RolloutWorker")
-        assert restarted is not None and restarted[0] != killed and restarted[1] == cluster.rollout["raylet"]
+        assert restarted[0] != killed and restarted[1] == cluster.rollout["raylet"]
         assert _on_node(_placement(run), "rollout", cluster.rollout["id"])
 
         # 3. the rollout node dies: one line naming it, exit status 1, well before the 300 s restart timeout
