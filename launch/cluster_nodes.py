@@ -17,12 +17,15 @@ an actor on it may fail before that, so a Ray error is held for up to `grace_s` 
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rollout.errors import OneLineError
+from rollout.errors import OneLineError, one_line
+
+log = logging.getLogger(__name__)
 
 NODE_DEATH_GRACE_S = 45.0  # Ray's default health checks declare a dead node within ~30 s
 
@@ -84,7 +87,12 @@ class NodeWatch:
         wait = grace_s if len(self.at_start) > 1 and _lost_with_a_node(err) else 0.0
         deadline = time.monotonic() + wait
         while True:
-            lost = self.lost_nodes(poll())
+            try:
+                lost = self.lost_nodes(poll())
+            except _unreadable_errors() as unreadable:  # the cluster itself is gone (its head, its GCS)
+                log.warning("cannot read the Ray node list (%s): %s stands", one_line(unreadable, 200),
+                            type(err).__name__)
+                return None
             if lost:
                 return describe_loss(lost, self.roles())
             if time.monotonic() >= deadline:
@@ -101,3 +109,10 @@ def _lost_with_a_node(err: BaseException) -> bool:
         return False
     return isinstance(err, (rx.RayActorError, rx.WorkerCrashedError, rx.NodeDiedError, rx.ObjectLostError,
                             rx.LocalRayletDiedError))
+
+
+def _unreadable_errors() -> tuple[type[BaseException], ...]:
+    """What reading the node list raises when the cluster cannot answer."""
+    from ray.exceptions import RayError
+
+    return ConnectionError, TimeoutError, RuntimeError, RayError

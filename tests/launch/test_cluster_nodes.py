@@ -107,6 +107,14 @@ def test_a_lost_node_is_named_whatever_the_error_and_a_node_lost_error_as_it_is(
     assert _watch().explain(err, poll=lambda: pytest.fail("not read")) == str(err)
 
 
+def test_an_unreadable_node_list_leaves_the_error_as_it_is():
+    from ray.exceptions import ActorDiedError, RaySystemError
+
+    def gone():
+        raise RaySystemError("GCS unreachable")
+    assert _watch().explain(ActorDiedError(), poll=gone, grace_s=60) is None
+
+
 def test_describe_loss_and_the_last_line(tmp_path):
     assert describe_loss({OTHER: "10.0.0.2", HEAD: "10.0.0.1"}, {"learner rank 0": HEAD}) == (
         "node aaaaaaaa (10.0.0.1) left the Ray cluster, with learner rank 0 on it; "
