@@ -1,6 +1,7 @@
 """The `diffrl` command.
 
     diffrl train RECIPE [key=value ...]            run on a local Ray cluster (127.0.0.1), started and stopped here
+    diffrl train RECIPE --address HEAD:6379        run on an existing Ray cluster (ray.address; docs/MULTINODE.md)
     diffrl submit RECIPE [key=value ...] --address http://HEAD:8265 [--follow]   run as a Ray job on a cluster
     diffrl resume RUN_DIR [key=value ...]          continue from the run's latest checkpoint, exactly
     diffrl eval CKPT --data FILE [--k N] [--decoding static|dynamic] [--reward auto|recipe|builtin]
@@ -9,7 +10,8 @@
     diffrl status [RUNS_DIR]                       runs under runs/: state, step, last metrics
 
 Bad input (recipe, data, checkpoint, reward) ends with one line `diffrl: error: ...` naming the field or file and
-exit status 2; a failed run exits 1. Heavy modules (torch, Ray) are imported only by the command that needs them.
+exit status 2; a failed run exits 1 (a node lost mid-run: one line `diffrl: error: node lost: ...` all the same).
+Heavy modules (torch, Ray) are imported only by the command that needs them.
 """
 from __future__ import annotations
 
@@ -61,10 +63,18 @@ def _unwrap(err: BaseException) -> BaseException:
 
 
 # ------------------------------------------------------------------------------------------------- commands
+def _with_address(args: argparse.Namespace) -> list[str]:
+    """The overrides, with --address as ray.address (join that cluster instead of starting a local one); the
+    recipe's sizing of a local cluster (ray.num_cpus, ray.object_store_mb) does not apply to it."""
+    if not args.address:
+        return list(args.overrides)
+    return [*args.overrides, f"ray.address={args.address}", "ray.num_cpus=null", "ray.object_store_mb=null"]
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from launch.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)  # before importing torch/Ray: a bad recipe fails at once
+    recipe = load_recipe(args.recipe, _with_address(args))  # before importing torch/Ray: a bad recipe fails at once
     from launch.driver import run_training
 
     result = run_training(recipe, progress=not args.quiet, recipe_dir=Path(args.recipe).resolve().parent,
@@ -83,7 +93,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     ckpt = load_checkpoint(run_dir)
-    overrides = [f"output_dir={run_dir}", *args.overrides]
+    overrides = [f"output_dir={run_dir}", *_with_address(args)]
     recipe = load_recipe(ckpt.path / "recipe.yaml", overrides)
     result = run_training(recipe, resume=ckpt, progress=not args.quiet, verbose=args.verbose)
     if result.ok:
@@ -300,6 +310,8 @@ def _alive(pid) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------- parser
+ADDRESS_HELP = ("join the Ray cluster at HEAD:PORT (the GCS address `ray start --head` prints) instead of starting "
+                "a local one: ray.address=HEAD:PORT, the recipe's ray.num_cpus / ray.object_store_mb dropped")
 VERBOSE_HELP = "debug logging, and the output of Ray, DeepSpeed and transformers (hidden by default)"
 # Set (unless the user set them) when --verbose is not given: inherited by the local Ray cluster's processes.
 QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
@@ -326,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. trainer.total_steps=10")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     p.set_defaults(func=cmd_train)
 
@@ -344,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("overrides", nargs="*", help="e.g. trainer.total_steps=20 to train further")
     p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--address", default=None, help=ADDRESS_HELP + "; a resumed run joins the cluster its recipe "
+                   "names unless given")
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     p.set_defaults(func=cmd_resume)
 
@@ -434,6 +449,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as err:  # user errors become one line; anything else is re-raised with its traceback
         cause = _unwrap(err)
+        from launch.cluster_nodes import NodeLostError
+
+        if isinstance(cause, NodeLostError):  # a failed run, not bad input: exit 1, in one line all the same
+            print(f"diffrl: error: {cause}", file=sys.stderr)
+            return 1
         if isinstance(cause, _user_errors()):
             from rollout.errors import one_line
 

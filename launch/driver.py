@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from launch.budget import RunBudget
+from launch.cluster_nodes import NodeLostError, NodeWatch, actor_roles, alive_nodes, node_loss_line
 from launch.data import Prompt, PromptSampler, reward_item
 from launch.diagnostics import probe_metrics, probe_requests
 from launch.decoding import decode_block, sampling_params
@@ -81,6 +82,11 @@ def run_training(recipe, *, resume: Checkpoint | None = None, progress: bool = T
                 driver = Driver(ctx, resume=resume, progress=progress)
                 try:
                     result = driver.fit()
+                except Exception as err:
+                    lost = driver.watch.explain(err)  # a node that left the cluster: one line naming it
+                    if lost is None:
+                        raise
+                    raise NodeLostError(node_loss_line(lost, driver.step, ctx.run_dir)) from err
                 finally:
                     driver.close()
         except BaseException as err:
@@ -112,6 +118,9 @@ class Driver:
         self.rollout = RolloutPool(r, ctx.initial_policy_dir, self.group, plan)
         self.learner = make_learner(r, self.group, plan, start_policy_dir=ctx.start_policy_dir,
                                     initial_policy_dir=ctx.initial_policy_dir)
+        self.learner_nodes = self.learner.nodes()
+        self.watch = NodeWatch(alive_nodes(), roles=lambda: actor_roles(self.placement()))
+        write_run_status(ctx.run_dir, placement=self.placement())
         cpus_free = ray.cluster_resources().get("CPU", 0) - sum(b.get("CPU", 0) for b in plan.bundles)
         self.rewards = make_reward_service(ctx.reward_specs, ctx.recipe_dir, cpus_free,
                                            max_workers=r.resources.reward_workers)
@@ -419,8 +428,12 @@ class Driver:
             self.ctx.checkpoints, step, writers=writers, state=state, rng=capture_rng(),
             recipe_yaml=self.recipe.to_yaml(), keep_last=self.recipe.trainer.keep_last)
         self._last_saved = step
-        write_run_status(self.ctx.run_dir, step=step, checkpoint=path.name)
+        write_run_status(self.ctx.run_dir, step=step, checkpoint=path.name, placement=self.placement())
         return path
+
+    def placement(self) -> dict[str, list]:
+        """run.json's `placement`: the Ray node of each rollout worker (where it is now) and learner rank."""
+        return {"rollout": list(self.rollout.nodes), "learner": list(self.learner_nodes)}
 
     def _restore(self, ckpt: Checkpoint) -> None:
         """Continue exactly: learner (weights, optimizer, schedule, counters), data cursor, store cursor, RNG states.

@@ -207,6 +207,7 @@ class RolloutPool:
             for b in plan.rollout_bundles
         ]
         ray.get([w.ready.remote() for w in self.workers])
+        self.nodes: list[dict | None] = ray.get([w.node.remote() for w in self.workers])  # each worker's Ray node
         self.sync_options = sync_options(lora=recipe.model.lora is not None, engine=recipe.rollout.engine)
         gpus = bool(plan.rollout_resources["num_gpus"] and plan.learner_resources["num_gpus"])
         colocated = bool(set(plan.rollout_bundles) & set(plan.learner_bundles))
@@ -225,6 +226,7 @@ class RolloutPool:
         """A pool over actors made elsewhere (tests, benchmarks/weight_sync.py), holding version 0."""
         pool = cls.__new__(cls)
         pool.workers, pool.version, pool._learner, pool.restarts = list(workers), 0, None, 0
+        pool.nodes = [None] * len(pool.workers)  # not known: a lost node is not told apart from a slow restart
         pool.transport, pool.sync_options, pool.backend, pool._group = transport, dict(sync_options), backend, None
         return pool
 
@@ -347,18 +349,28 @@ class RolloutPool:
             self._send(self._learner, self.version, [i])
 
     def _wait_ready(self, i: int, timeout_s: float = 300.0) -> None:
+        """Wait for Ray to restart worker i on its node. Its node gone (the worker cannot come back there) ends the
+        run at once with launch.cluster_nodes.NodeLostError, without waiting out timeout_s."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
 
+        from launch.cluster_nodes import NodeLostError, actor_roles, alive_nodes, describe_loss
+
         deadline = time.monotonic() + timeout_s
+        node = self.nodes[i] or {}
         while True:
             try:
-                ray.get(self.workers[i].ready.remote(), timeout=30)
-                return
+                ray.get(self.workers[i].ready.remote(), timeout=5)
+                break
             except (RayActorError, GetTimeoutError):
+                if node.get("node_id") and node["node_id"] not in alive_nodes():
+                    raise NodeLostError(describe_loss({node["node_id"]: node.get("node_ip") or "?"},
+                                                      actor_roles({"rollout": self.nodes}))) from None
                 if time.monotonic() > deadline:
                     raise SetupError(f"rollout worker {i}: not back {timeout_s:.0f}s after dying") from None
                 time.sleep(0.5)
+        if self.nodes[i] is not None:
+            self.nodes[i] = ray.get(self.workers[i].node.remote())
 
     def sleep(self) -> int:
         """Every worker frees its weights and caches (colocated learner update); returns the bytes freed."""
@@ -383,11 +395,9 @@ class RolloutPool:
         return [x for x in out if x is not None]
 
     def metrics(self) -> dict[str, float]:
-        import ray
-
         from rollout.worker import merge_rollout_metrics
 
-        return merge_rollout_metrics(ray.get([w.metrics.remote() for w in self.workers]))
+        return merge_rollout_metrics(self._each("metrics"))  # a worker that died since it generated: left out
 
     def shutdown(self) -> None:
         import ray

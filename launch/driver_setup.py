@@ -217,6 +217,9 @@ def _check_rewards(recipe: Recipe, sample: Prompt, recipe_dir: Path | None) -> l
 
 
 # ------------------------------------------------------------------------------------------------- placement
+NODE_LABEL_SHARE = 0.001  # of a node label each bundle takes: a node advertising 1 unit holds up to 1000 bundles
+
+
 @dataclass(frozen=True)
 class PlacementPlan:
     """One placement group; bundle index per actor. Colocated: rollout worker i and learner i share bundle i
@@ -225,7 +228,10 @@ class PlacementPlan:
     strategy: colocated runs are STRICT_PACK (every bundle on one node): the two sides take turns on the same GPUs
     and learner rank 0 hands weights to every rollout worker on that node (CUDA IPC needs one node); a colocated run
     larger than a node fails to place, with one line, instead of silently spreading. Split runs PACK (best effort):
-    learner ranks meet at rank 0's node address and weights travel over the network, so any node will do."""
+    learner ranks meet at rank 0's node address and weights travel over the network, so any node will do.
+
+    node_labels: role -> the custom resource (resources.rollout_node / learner_node) that marks the nodes the role
+    must run on; each of the role's bundles asks for NODE_LABEL_SHARE of it, so only those nodes can hold it."""
 
     bundles: list[dict[str, float]]
     rollout_bundles: list[int]
@@ -233,6 +239,7 @@ class PlacementPlan:
     rollout_resources: dict[str, float]  # num_cpus / num_gpus of one rollout worker
     learner_resources: dict[str, float]
     strategy: str = "PACK"
+    node_labels: dict[str, str] = field(default_factory=dict)
 
 
 def placement_plan(recipe: Recipe) -> PlacementPlan:
@@ -246,8 +253,24 @@ def placement_plan(recipe: Recipe) -> PlacementPlan:
         return PlacementPlan([dict(bundle) for _ in range(n)], list(range(n_roll)), list(range(n_learn)),
                              share, share, strategy="STRICT_PACK")
     whole = {"num_cpus": cpu, "num_gpus": gpu}
-    return PlacementPlan([dict(bundle) for _ in range(n_roll + n_learn)], list(range(n_roll)),
-                         list(range(n_roll, n_roll + n_learn)), whole, whole)
+    labels = {role: label for role, label in (("rollout", res.rollout_node), ("learner", res.learner_node)) if label}
+
+    def labelled(role: str) -> dict[str, float]:
+        return {**bundle, **({labels[role]: NODE_LABEL_SHARE} if role in labels else {})}
+
+    return PlacementPlan([labelled("rollout") for _ in range(n_roll)] + [labelled("learner") for _ in range(n_learn)],
+                         list(range(n_roll)), list(range(n_roll, n_roll + n_learn)), whole, whole,
+                         node_labels=labels)
+
+
+def missing_node_labels(plan: PlacementPlan, cluster_resources: dict[str, float]) -> str | None:
+    """None, or the one-line problem when no node of the cluster advertises a label the plan needs."""
+    for role, label in plan.node_labels.items():
+        if cluster_resources.get(label, 0) <= 0:
+            return (f"resources.{role}_node: no node of the Ray cluster advertises the resource {label!r}; start the "
+                    f"{role} nodes with `ray start ... --resources='{{\"{label}\": 1}}'` (the cluster has: "
+                    f"{', '.join(sorted(k for k in cluster_resources if not k.startswith('node:'))) or 'nothing'})")
+    return None
 
 
 def create_placement_group(plan: PlacementPlan, timeout_s: float = 120.0):
@@ -255,11 +278,17 @@ def create_placement_group(plan: PlacementPlan, timeout_s: float = 120.0):
     import ray
     from ray.util.placement_group import placement_group
 
+    problem = missing_node_labels(plan, ray.cluster_resources())
+    if problem is not None:
+        raise SetupError(problem)
     group = placement_group(plan.bundles, strategy=plan.strategy)
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:
         total = {k: sum(b.get(k, 0) for b in plan.bundles) for k in ("CPU", "GPU")}
         where = " on one node (colocated placement)" if plan.strategy == "STRICT_PACK" else ""
+        if plan.node_labels:
+            where = " on the labelled nodes (" + ", ".join(f"{role}: {label}" for role, label in
+                                                            plan.node_labels.items()) + ")"
         raise SetupError(f"resources: the cluster cannot place {len(plan.bundles)} bundles ({total['CPU']:g} CPU, "
                          f"{total['GPU']:g} GPU){where} within {timeout_s:.0f}s; available: "
                          f"{ray.available_resources()}")

@@ -3,10 +3,14 @@
     with ray_session(recipe.ray):
         ...  # ray.* available
 
-- Inside a Ray job (`diffrl submit`: RAY_ADDRESS is set) or with `ray.address` in the recipe: connect to it.
+- Inside a Ray job (`diffrl submit`: RAY_ADDRESS is set) or with `ray.address` in the recipe (`--address`): connect
+  to it. An address on 127.0.0.1 (a test cluster of several nodes on this machine) is reached on 127.0.0.1: Ray
+  would otherwise swap it for the machine's network address, where nothing listens.
 - Otherwise: a private local cluster bound to 127.0.0.1 only (no dashboard, object store capped), stopped on
-  exit. It uses token authentication with a fresh random token held in this process's environment (inherited
-  by the cluster's processes), so nothing is written to ~/.ray and nothing on the machine can submit to it.
+  exit; never a cluster already running on the machine (a plain ray.init() joins the one `ray start` last
+  recorded in /tmp/ray). It uses token authentication with a fresh random token held in this process's
+  environment (inherited by the cluster's processes), so nothing is written to ~/.ray and nothing on the machine
+  can submit to it.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from typing import Iterator
 log = logging.getLogger(__name__)
 
 LOCAL_IP = "127.0.0.1"
+LOOPBACK = ("127.0.0.1", "localhost")
 DEFAULT_OBJECT_STORE_MB = 200
 QUIET_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -45,6 +50,8 @@ def ray_session(ray_cfg=None, *, num_cpus: int | None = None, verbose: bool = Tr
     address = getattr(ray_cfg, "address", None) or os.environ.get("RAY_ADDRESS")
     if not address:
         _local_env()  # before Ray reads its config: the auth mode is fixed at its first use in this process
+    elif address.rpartition(":")[0] in LOOPBACK:  # read when Ray is imported: keep 127.0.0.1 as it is
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
@@ -52,7 +59,9 @@ def ray_session(ray_cfg=None, *, num_cpus: int | None = None, verbose: bool = Tr
         return
     if address:
         log.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)  # a Ray job's log is where its actors' output belongs
+        # A Ray job's log (`diffrl submit`: RAY_ADDRESS set) is where its actors' output belongs; `diffrl train
+        # --address` at a terminal shows it with --verbose, as a local cluster does.
+        ray.init(address=address, log_to_driver=verbose or bool(os.environ.get("RAY_ADDRESS")))
         try:
             yield False
         finally:
@@ -61,6 +70,7 @@ def ray_session(ray_cfg=None, *, num_cpus: int | None = None, verbose: bool = Tr
     cpus = num_cpus or getattr(ray_cfg, "num_cpus", None) or os.cpu_count() or 1
     store_mb = getattr(ray_cfg, "object_store_mb", None) or DEFAULT_OBJECT_STORE_MB
     ray.init(
+        address="local",  # a new cluster, never the one `ray start` last recorded on this machine
         num_cpus=cpus,
         include_dashboard=False,
         object_store_memory=store_mb * 1024 * 1024,

@@ -214,12 +214,19 @@ class LearnerSection(Section):
     offload_reference: bool = False  # reference in host memory, on the device only for its passes (rl.reference)
 
 
+NODE_LABEL = r"^[A-Za-z_][A-Za-z0-9_.-]*$"  # a custom Ray resource name
+
+
 class ResourcesSection(Section):
     gpus_per_worker: float = Field(1.0, ge=0)  # 0: CPU
     # Where each actor computes (rollout/devices.py, chosen inside the actor): auto = the GPU Ray assigned it, else
     # the CPU; cuda = a GPU or an error; cpu = the CPU even with GPUs reserved.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     placement: Literal["colocated", "split"] = "split"
+    # Split placement on a multi-node cluster (docs/MULTINODE.md): the custom Ray resource that marks the nodes each
+    # role runs on (`ray start --resources='{"rollout_node": 1}'`); None: any node with room.
+    rollout_node: str | None = Field(None, pattern=NODE_LABEL)
+    learner_node: str | None = Field(None, pattern=NODE_LABEL)
     cpus_per_worker: int = Field(1, ge=1)
     reward_workers: int = Field(2, ge=1)  # reward worker processes at most (one CPU each while the cluster has them)
 

@@ -278,6 +278,24 @@ def _device(r: Recipe) -> str | None:
     return problem
 
 
+RAY_BUILTIN_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
+
+
+def _node_labels(r: Recipe) -> str | None:
+    res = r.resources
+    for role in ("rollout", "learner"):
+        label = getattr(res, f"{role}_node")
+        if label is None:
+            continue
+        if label in RAY_BUILTIN_RESOURCES:
+            return (f"resources.{role}_node: {label!r} is one of Ray's own resources; name a custom resource the "
+                    f"{role} nodes advertise (ray start --resources='{{\"{role}_node\": 1}}')")
+        if res.placement != "split":
+            return (f"resources.{role}_node: only for placement 'split' (colocated runs put both roles in the same "
+                    "bundles, on one node)")
+    return None
+
+
 def _prompts_split(r: Recipe) -> str | None:
     n, workers = r.data.num_prompts_per_step, r.rollout.num_workers
     if n % workers:
@@ -328,7 +346,7 @@ def _ray(r: Recipe) -> str | None:
 CHECKS: tuple[Check, ...] = (
     _model_source, _tiny_kind, _attention, _model_alignment, _model_block, _max_tokens_blocks, _steps, _threshold,
     _full_attention_decoding, _group_size, _estimator, _filter, _length_limit, _value_model, _reference_model,
-    _backend, _offload, _device, _prompts_split, _data_source, _trainer, _behaviour_temperature, _ray,
+    _backend, _offload, _device, _node_labels, _prompts_split, _data_source, _trainer, _behaviour_temperature, _ray,
 )
 
 

@@ -79,16 +79,22 @@ class LearnerWorker:
         self.learner = Learner(policy, self.config, ref_policy=ref, value_policy=value)
         return self.rank
 
+    def node(self) -> dict[str, str | None]:
+        """The Ray node this rank runs on (rollout.devices.actor_node)."""
+        from rollout.devices import actor_node
+
+        return actor_node()
+
     def placement(self) -> dict[str, object]:
-        """Where this rank computes: the chosen device and the devices of the policy, the reference model and the
-        value model (trunk and head) as built."""
-        from rollout.devices import assigned_gpu_ids, tensor_devices
+        """Where this rank computes: its Ray node, the chosen device and the devices of the policy, the reference
+        model and the value model (trunk and head) as built."""
+        from rollout.devices import actor_node, assigned_gpu_ids, tensor_devices
 
         ln = self.learner
         ref = ln.ref_policy.model if ln.ref_policy is not None else None
         value = [m for m in (ln.value_head, ln.value_policy.model if ln.value_policy is not None else None)
                  if m is not None]
-        return {"device": str(self.device), "gpu_ids": assigned_gpu_ids(),
+        return {**actor_node(), "device": str(self.device), "gpu_ids": assigned_gpu_ids(),
                 "policy": tensor_devices(ln.policy.model),
                 "dtype": str(ln.policy.dtype).removeprefix("torch."),
                 "reference": tensor_devices(ref) if ref is not None else None,
@@ -329,6 +335,12 @@ class LearnerGroup:
         import ray
 
         return ray.get([w.policy_state.remote() for w in self.workers])[0]
+
+    def nodes(self) -> list[dict[str, str | None]]:
+        """Every rank's Ray node (LearnerWorker.node), in rank order."""
+        import ray
+
+        return ray.get([w.node.remote() for w in self.workers])
 
     def placement(self) -> list[dict[str, object]]:
         """Every rank's LearnerWorker.placement(), in rank order."""

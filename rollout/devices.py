@@ -27,7 +27,7 @@ from typing import Any
 from rollout.errors import OneLineError
 
 __all__ = ["DEVICES", "ACCELERATOR_ENV", "DeviceError", "choose_device", "actor_device", "assigned_gpu_ids",
-           "accelerator", "uses_accelerator", "default_dtype", "check_request", "tensor_devices"]
+           "accelerator", "uses_accelerator", "default_dtype", "check_request", "tensor_devices", "actor_node"]
 
 DEVICES = ("auto", "cpu", "cuda")
 ACCELERATOR_ENV = "DIFFRL_TEST_ACCELERATOR"
@@ -122,6 +122,18 @@ def actor_device(requested: str = "auto"):
     kind, available = accelerator()
     return torch.device(choose_device(requested, assigned_gpu_ids(), accelerator=kind,
                                       accelerator_available=available))
+
+
+def actor_node() -> dict[str, str | None]:
+    """The Ray node this process runs on: {"node_id", "node_ip"} (both None outside Ray). Two nodes of one machine
+    (a test cluster on 127.0.0.1) share an address, not an id."""
+    try:
+        import ray
+    except ImportError:
+        return {"node_id": None, "node_ip": None}
+    if not ray.is_initialized():
+        return {"node_id": None, "node_ip": None}
+    return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
 
 
 def tensor_devices(*modules) -> list[str]:

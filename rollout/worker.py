@@ -49,6 +49,13 @@ class RolloutWorker:
     def incarnation(self) -> str:
         return self._incarnation
 
+    def node(self) -> dict[str, str | None]:
+        """The Ray node this worker runs on (rollout.devices.actor_node): where the driver expects it after a
+        restart, and what it names when that node is lost."""
+        from rollout.devices import actor_node
+
+        return actor_node()
+
     def receive_weights(self, spec, rank: int, version: int) -> int:
         """Take part in one collective weight sync (group `spec`, this worker's `rank` in it): every bucket goes
         through the engine's update_weights (its WeightReceiver checks), then the update is completed. Returns
@@ -96,12 +103,12 @@ class RolloutWorker:
         return dict(self._metrics)
 
     def placement(self) -> dict[str, object]:
-        """Where this worker computes: the chosen device, the devices of the engine's weights and of a KV cache
-        made the way the decoders make theirs (RaggedKVCache.for_model on the policy's device)."""
+        """Where this worker computes: its Ray node, the chosen device, the devices of the engine's weights and of
+        a KV cache made the way the decoders make theirs (RaggedKVCache.for_model on the policy's device)."""
         from rollout.decoding.kv_cache import RaggedKVCache
-        from rollout.devices import assigned_gpu_ids, tensor_devices
+        from rollout.devices import actor_node, assigned_gpu_ids, tensor_devices
 
-        report: dict[str, object] = {"device": str(self.device), "gpu_ids": assigned_gpu_ids()}
+        report: dict[str, object] = {"device": str(self.device), "gpu_ids": assigned_gpu_ids(), **actor_node()}
         policy = getattr(self.engine, "policy", None)
         if policy is not None:  # the torch engine
             cache = RaggedKVCache.for_model(policy.causal_lm.config, 1, 1, policy.dtype, policy.device)

@@ -73,6 +73,8 @@ def test_each_actor_computes_where_ray_placed_it(ray_with_fake_gpus, tiny_model_
         ranks = learner.placement()
     finally:
         _teardown(ray, group, pool, learner)
+    nodes = {(report.pop("node_id"), report.pop("node_ip")) for report in rollout + ranks}
+    assert nodes == {(ray.get_runtime_context().get_node_id(), "127.0.0.1")}  # this cluster's only node
     gpu_ids = [report.pop("gpu_ids") for report in rollout + ranks]
     assert sorted(map(len, gpu_ids)) == [gpus, gpus] and (not gpus or gpu_ids[0] != gpu_ids[1])  # split: own GPUs
     assert rollout == [{"device": device, "model": [device], "dtype": dtype, "kv_cache": [device],
