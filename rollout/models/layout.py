@@ -131,7 +131,7 @@ def arrange_rows(layouts: list[SampleLayout], *, pad_id: int, full: bool, packed
     blocks = torch.full((num_rows, width), PAD_BLOCK, dtype=torch.long)
     noisy = torch.zeros((num_rows, width), dtype=torch.bool)
     valid = torch.zeros((num_rows, width), dtype=torch.bool)
-    doc = torch.full((num_rows, width), -1, dtype=torch.long)
+    doc = torch.zeros((num_rows, width), dtype=torch.long)
     row_of = torch.zeros(len(layouts), dtype=torch.long)
     start_of = torch.zeros(len(layouts), dtype=torch.long)
     for r, members in enumerate(rows):
@@ -146,5 +146,8 @@ def arrange_rows(layouts: list[SampleLayout], *, pad_id: int, full: bool, packed
             doc[r, at:at + n] = b
             row_of[b], start_of[b] = r, at
             at += n
+        # Padding (never a valid key) joins the row's last document, so a padding query still sees keys, as it did
+        # before documents existed; code that reads key validity off the dense bias keeps working.
+        doc[r, at:] = members[-1]
     mask = MaskLayout(blocks, None if full else noisy, valid, doc, full=full)
     return RowBatch(input_ids, position_ids, mask, row_of, start_of)

@@ -125,7 +125,7 @@ class MaskLayout:
 
     block: block ids (PAD_BLOCK at padding); noisy: the training layout's noisy-copy flags, or None when the layout
     has no noisy copy; valid: real (non-padding) positions; doc: document id of each position (one per packed
-    sample, -1 at padding); full: full attention (block ids ignored)."""
+    sample; padding may carry any id, it is never a valid key); full: full attention (block ids ignored)."""
 
     block: torch.Tensor  # (R, T) long
     noisy: torch.Tensor | None  # (R, T) bool

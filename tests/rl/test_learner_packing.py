@@ -80,3 +80,31 @@ def test_packed_update_equals_padded_update(tiny_model_dirs, algorithm, estimato
     assert m_split["forwards"] > m_pack["forwards"]  # more micro-batches, each its own forwards
     for k, d in padded.items():
         torch.testing.assert_close(split[k], d, rtol=0, atol=1e-6, msg=k)
+
+
+def test_token_budget_plan_same_micro_batch_count_on_every_rank():
+    tokens = [30, 5, 12, 40, 7, 7, 22, 3, 18, 9, 31, 2]
+    plans = [plan_update(len(tokens), mu=2, micro_batch_size=2, grad_accum=3, world_size=2, rank=r, shuffle=True,
+                         seed=5, pack_tokens=32, sample_tokens=tokens) for r in range(2)]
+    again = plan_update(len(tokens), mu=2, micro_batch_size=2, grad_accum=3, world_size=2, rank=0, shuffle=True,
+                        seed=5, pack_tokens=32, sample_tokens=tokens)
+    assert again == plans[0]  # deterministic
+    padded = plan_update(len(tokens), mu=2, micro_batch_size=2, grad_accum=3, world_size=2, rank=0, shuffle=True,
+                         seed=5)
+    for it in range(2):
+        assert len(plans[0][it]) == len(plans[1][it]) == len(padded[it]) == 1  # minibatches still count samples
+        for m in range(len(plans[0][it])):
+            assert len(plans[0][it][m]) == len(plans[1][it][m])  # ZeRO-3: the same number of forwards
+            seen = sorted(i for r in range(2) for micro in plans[r][it][m] for i in micro)
+            assert seen == list(range(len(tokens)))
+            for r in range(2):
+                for micro in plans[r][it][m]:
+                    assert len(micro) == 1 or sum(tokens[i] for i in micro) <= 32
+            assert any(len(micro) > 1 for r in range(2) for micro in plans[r][it][m])
+    with pytest.raises(ValueError, match="sample_tokens"):
+        plan_update(3, mu=1, micro_batch_size=1, grad_accum=None, pack_tokens=8)
+
+
+def test_pooled_step_loss_refuses_packing(tiny_policies):
+    with pytest.raises(ValueError, match="learner.pack_tokens: loss_agg 'step_pooled_mean'"):
+        Learner(tiny_policies["block"], LearnerConfig(algorithm="cj_grpo", estimator="trajectory", pack_tokens=64))
