@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rl.learner import Learner, LearnerConfig
+from rl.learner import Learner, LearnerConfig, ValueConfig
 from rl.learner_batch import plan_update
 from rl.optim import OptimConfig
 from rl.sample import ScoredSample
@@ -80,6 +80,28 @@ def test_packed_update_equals_padded_update(tiny_model_dirs, algorithm, estimato
     assert m_split["forwards"] > m_pack["forwards"]  # more micro-batches, each its own forwards
     for k, d in padded.items():
         torch.testing.assert_close(split[k], d, rtol=0, atol=1e-6, msg=k)
+
+
+def test_packed_update_with_a_value_model_equals_padded(tiny_model_dirs):
+    """TraceRL's value head reads hidden states at each token's noisy position: the same from packed rows."""
+    path = tiny_model_dirs["block"]
+    heads = []
+    for pack in (None, 10**6):
+        policy = load_policy(path)
+        cfg = LearnerConfig(algorithm="tracerl", mu=2, micro_batch_size=len(LENGTHS), pack_tokens=pack,
+                            value=ValueConfig(lr=1e-2), grad_clip=None, optim=OptimConfig(lr=1e-3), shuffle=False)
+        learner = Learner(policy, cfg)
+        metrics = learner.update(mixed_trajectories(policy))
+        heads.append(({k: v.detach().clone() for k, v in learner.value_head.state_dict().items()},
+                      {k: v.detach().clone() for k, v in policy.model.state_dict().items()}, metrics))
+    (head_a, w_a, m_a), (head_b, w_b, m_b) = heads
+    assert m_a["value_loss"] > 0
+    for key in ("value_loss", "value_mean", "return_mean", "loss"):
+        assert m_b[key] == pytest.approx(m_a[key], rel=1e-5, abs=1e-7), key
+    for k in head_a:
+        torch.testing.assert_close(head_b[k], head_a[k], rtol=0, atol=1e-6)
+    for k in w_a:
+        torch.testing.assert_close(w_b[k], w_a[k], rtol=0, atol=1e-6)
 
 
 def test_token_budget_plan_same_micro_batch_count_on_every_rank():
