@@ -203,6 +203,7 @@ class LearnerSection(Section):
     grad_clip: float | None = Field(None, ge=0)  # 0: no clipping
     micro_batch_size: int = Field(1, ge=1)
     pack_tokens: int | None = Field(None, ge=1)  # micro-batches of this many layout tokens, packed rows (rl.learner)
+    pack_row_tokens: int | None = Field(None, ge=1)  # packed row length; None: each forward's longest layout
     grad_accum: int | None = Field(None, ge=1)
     mu: int | None = Field(None, ge=1)  # inner updates per rollout batch
     num_workers: int = Field(1, ge=1)  # Learner actors (data parallel; > 1 needs deepspeed)

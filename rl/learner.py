@@ -60,7 +60,7 @@ from rl.reference import place_reference, reference_on_device
 from rl.sample import ScoredSample
 from rl.value import ValueHead, compute_value_targets, value_loss
 from rl.weight_sync import Chunk, SyncStats, layered_weights, stream_weights
-from rollout.models.layout import layout_length
+from rollout.models.layout import RowPacking, layout_length
 from rollout.models.policy import DiffusionPolicy
 
 DETERMINISTIC_ESTIMATORS = ("trajectory",)  # masks do not depend on (seed, inner_iter)
@@ -171,7 +171,7 @@ class Learner:
         """Run an estimator; under ZeRO-3 every rank then pads to the same number of forwards. Returns the
         estimate and a zero-valued term the caller adds to its loss (it ties the padding forwards into backward)."""
         fn = estimator or self.estimator
-        packing = {} if self.config.pack_tokens is None else {"packed": True}
+        packing = {} if self.config.pack_tokens is None else {"packing": RowPacking(self.config.pack_row_tokens)}
         with self._autocast():
             est = fn(policy, inp, seed=self._mask_seed, inner_iter=inner_iter, temperature=self.score_temperature,
                      return_entropy=self.config.entropy, return_hidden=hidden, **packing,

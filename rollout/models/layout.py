@@ -50,6 +50,24 @@ class RowBatch:
         return int(self.input_ids.shape[0])
 
 
+@dataclass(frozen=True)
+class RowPacking:
+    """How a scoring call packs samples into rows (estimators pass it on to `DiffusionPolicy.score_responses`).
+
+    row_tokens None: rows as long as the call's longest layout, the right size under a dense mask, where a row
+    costs its width squared whatever documents it holds. A kernel that skips other documents' tiles (FlexAttention's
+    BlockMask) makes longer rows free: the learner's pack_tokens then gives one row per micro-batch."""
+
+    row_tokens: int | None = None
+
+
+def score_packing(packing: RowPacking | None) -> dict:
+    """score_responses keywords for `packing` (None: one sample per row)."""
+    if packing is None:
+        return {"packed": False}
+    return {"packed": True, "row_tokens": packing.row_tokens}
+
+
 def alignment_origin(spec: DiffusionSpec, prompt_len: int, alignment: str | None) -> int:
     """Where the first training/decoding block starts: the model's own alignment unless `alignment` overrides it
     (the TraceRL loss's `response` option for an `absolute` model)."""

@@ -44,7 +44,8 @@ def _run(path, cfg: LearnerConfig):
 
     def spy(input_ids, position_ids, attn_bias, **kw):
         rows.append(int(input_ids.shape[0]))
-        # documents per row: position ids restart at 0 at each document's start
+        # position ids restart at 0 at each document's start (and at an absolute-aligned canvas whose origin is 0):
+        # an upper bound on documents per row; with fewer rows than samples, rows are shared
         docs.append(int((position_ids == 0).sum(dim=1).max()))
         return forward(input_ids, position_ids, attn_bias, **kw)
 
@@ -74,6 +75,11 @@ def test_packed_update_equals_padded_update(tiny_model_dirs, algorithm, estimato
     assert set(m_pack) == set(m_pad)
     for key in set(m_pad) - timing:
         assert m_pack[key] == pytest.approx(m_pad[key], rel=1e-5, abs=1e-7), key
+    one_row, m_row, rows_one, docs_one = _run(path, LearnerConfig(micro_batch_size=1, pack_tokens=10**6,
+                                                                  pack_row_tokens=10**6, **base))
+    assert max(rows_one) == 1 and max(docs_one) >= len(LENGTHS)  # every sample in the one row of a forward
+    for k, d in padded.items():
+        torch.testing.assert_close(one_row[k], d, rtol=0, atol=1e-6, msg=k)
     budget = 60 if kind in ("block", "sdar") else 30  # layout tokens: block 2L + P (+ head), full L + P
     split, m_split, _, _ = _run(path, LearnerConfig(pack_tokens=budget, **base))
     assert m_split["optimizer_steps"] == 1
@@ -104,6 +110,36 @@ def test_packed_update_with_a_value_model_equals_padded(tiny_model_dirs):
         torch.testing.assert_close(w_b[k], w_a[k], rtol=0, atol=1e-6)
 
 
+ESTIMATOR_KINDS = [("trajectory", "block", {}), ("trajectory", "sdar", {"block_alignment": "response"}),
+                   ("one_step", "block", {}), ("mc_elbo", "llada", {}), ("sdmc", "dream", {}),
+                   ("coupled", "llada", {"full_mask_view": True}), ("block_elbo", "sdar", {}),
+                   ("block_random", "llada", {}), ("random_mask", "block", {})]
+
+
+@pytest.mark.parametrize("name,kind,options", ESTIMATOR_KINDS, ids=[f"{n}-{k}" for n, k, _ in ESTIMATOR_KINDS])
+def test_every_estimator_gives_the_same_estimate_packed(tiny_policies, name, kind, options):
+    """Packing changes neither an estimator's mask draws (per-sample generators) nor its scores per sample."""
+    from rl.estimators import get_estimator
+    from rl.estimators.base import EstimatorInput
+    from rollout.models.layout import RowPacking
+
+    policy = tiny_policies[kind]
+    trajs = [s.trajectory for s in mixed_trajectories(policy)]
+    inp = EstimatorInput([t.prompt_ids for t in trajs], [t.response_ids for t in trajs],
+                         [t.request_id for t in trajs], [t.valid_length for t in trajs],
+                         [t.step_map for t in trajs], 4)
+    estimator = get_estimator(name)
+    with torch.no_grad():
+        plain = estimator(policy, inp, seed=7, return_entropy=True, **options)
+        packed = estimator(policy, inp, seed=7, return_entropy=True, packing=RowPacking(), **options)
+        one_row = estimator(policy, inp, seed=7, packing=RowPacking(row_tokens=10**6), **options)
+    assert torch.equal(plain.token_mask, packed.token_mask) and plain.forwards == packed.forwards
+    for est in (packed, one_row):
+        torch.testing.assert_close(est.token_logp, plain.token_logp, rtol=0, atol=1e-5)
+        torch.testing.assert_close(est.seq_logp, plain.seq_logp, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(packed.entropy, plain.entropy, rtol=0, atol=1e-5)
+
+
 def test_token_budget_plan_same_micro_batch_count_on_every_rank():
     tokens = [30, 5, 12, 40, 7, 7, 22, 3, 18, 9, 31, 2]
     plans = [plan_update(len(tokens), mu=2, micro_batch_size=2, grad_accum=3, world_size=2, rank=r, shuffle=True,
@@ -125,6 +161,11 @@ def test_token_budget_plan_same_micro_batch_count_on_every_rank():
             assert any(len(micro) > 1 for r in range(2) for micro in plans[r][it][m])
     with pytest.raises(ValueError, match="sample_tokens"):
         plan_update(3, mu=1, micro_batch_size=1, grad_accum=None, pack_tokens=8)
+
+
+def test_pack_row_tokens_needs_pack_tokens(tiny_policies):
+    with pytest.raises(ValueError, match="learner.pack_row_tokens: needs learner.pack_tokens"):
+        Learner(tiny_policies["block"], LearnerConfig(pack_row_tokens=64))
 
 
 def test_pooled_step_loss_refuses_packing(tiny_policies):
