@@ -73,6 +73,9 @@ def main() -> None:
     parser.add_argument("--micro-batch-sizes", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--min-len", type=int, default=64)
     parser.add_argument("--max-len", type=int, default=1024)
+    parser.add_argument("--one-row", action="store_true",
+                        help="also packed with one row per micro-batch (learner.pack_row_tokens = pack_tokens)")
+    parser.add_argument("--estimators", nargs="+", default=["trajectory", "one_step"])
     parser.add_argument("--quick", action="store_true", help="smoke run: 6 samples, responses 8..64, 1 repeat")
     args = parser.parse_args()
     if args.quick:
@@ -88,14 +91,19 @@ def main() -> None:
         print(f"batch: {len(samples)} samples, responses {min(lengths)}..{max(lengths)} (mean "
               f"{sum(lengths) / len(lengths):.0f}), {sum(sizes)} layout tokens; torch threads {args.threads}")
         run_once(path, mixed_batch(2, spec.block_size, 8, 16, seed=1), LearnerConfig(mu=1, micro_batch_size=2))
-        for algorithm, estimator in (("tracerl", "trajectory"), ("diffu_grpo", "one_step")):
+        algorithms = {"trajectory": "tracerl", "one_step": "diffu_grpo"}
+        for algorithm, estimator in ((algorithms[e], e) for e in args.estimators):
             for mbs in args.micro_batch_sizes:
                 budget = mbs * (64 + 2 * args.max_len)  # the padded micro-batch's worst-case footprint
-                runs: dict[str, list[dict]] = {"padded": [], "packed": []}
+                variants = [("padded", None, None), ("packed", budget, None)]
+                if args.one_row:
+                    variants.append(("packed-one-row", budget, budget))
+                runs: dict[str, list[dict]] = {name: [] for name, _, _ in variants}
                 for _ in range(args.repeats):
-                    for name, pack in (("padded", None), ("packed", budget)):
+                    for name, pack, row in variants:
                         cfg = LearnerConfig(algorithm=algorithm, estimator=estimator, mu=1, shuffle=False,
-                                            micro_batch_size=mbs, pack_tokens=pack, optim=OptimConfig(lr=1e-5))
+                                            micro_batch_size=mbs, pack_tokens=pack, pack_row_tokens=row,
+                                            optim=OptimConfig(lr=1e-5))
                         runs[name].append(run_once(path, samples, cfg))
                 cpu = {name: statistics.median(r["cpu"] for r in rs) for name, rs in runs.items()}
                 for name, rs in runs.items():
@@ -105,8 +113,10 @@ def main() -> None:
                     print(f"{algorithm}/{estimator} {name} ({label}): CPU {cpu[name]:.2f} s (runs {times}; wall "
                           f"{wall:.2f} s), {sum(sizes) / cpu[name]:,.0f} tokens/CPU-s, {int(rs[0]['forwards'])} forwards, "
                           f"positions {rs[0]['positions']:,}, attention {rs[0]['attention'] / 1e6:,.0f}M")
-                print(f"{algorithm}/{estimator} micro_batch_size {mbs}: packed / padded tokens/s "
-                      f"{cpu['padded'] / cpu['packed']:.2f}x")
+                for name in runs:
+                    if name != "padded":
+                        print(f"{algorithm}/{estimator} micro_batch_size {mbs}: {name} / padded tokens/s "
+                              f"{cpu['padded'] / cpu[name]:.2f}x")
 
 
 if __name__ == "__main__":
