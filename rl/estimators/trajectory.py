@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 
 from rl.estimators.base import ESTIMATORS, Estimate, EstimatorInput, padded, token_mask_of
-from rollout.models.masks import check_alignment
 from rollout.models.layout import RowPacking, alignment_origin, score_packing
+from rollout.models.masks import check_alignment
 from rollout.trajectory import block_local_steps
 
 

@@ -140,7 +140,7 @@ class MaskLayout:
             if value is not None and tuple(value.shape) != shape:
                 raise ValueError(f"MaskLayout.{name}: shape {tuple(value.shape)} != block's {shape}")
 
-    def to(self, device) -> "MaskLayout":
+    def to(self, device) -> MaskLayout:
         move = lambda x: None if x is None else x.to(device)  # noqa: E731
         return MaskLayout(move(self.block), move(self.noisy), move(self.valid), move(self.doc), self.full)
 

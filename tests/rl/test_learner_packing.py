@@ -75,8 +75,8 @@ def test_packed_update_equals_padded_update(tiny_model_dirs, algorithm, estimato
     assert set(m_pack) == set(m_pad)
     for key in set(m_pad) - timing:
         assert m_pack[key] == pytest.approx(m_pad[key], rel=1e-5, abs=1e-7), key
-    one_row, m_row, rows_one, docs_one = _run(path, LearnerConfig(micro_batch_size=1, pack_tokens=10**6,
-                                                                  pack_row_tokens=10**6, **base))
+    one_row, _, rows_one, docs_one = _run(path, LearnerConfig(micro_batch_size=1, pack_tokens=10**6,
+                                                              pack_row_tokens=10**6, **base))
     assert max(rows_one) == 1 and max(docs_one) >= len(LENGTHS)  # every sample in the one row of a forward
     for k, d in padded.items():
         torch.testing.assert_close(one_row[k], d, rtol=0, atol=1e-6, msg=k)
