@@ -108,6 +108,7 @@ def learner_config(recipe: Recipe):
         estimator_params=recipe.estimator.params(), reseed_per_inner=reseed,
         temperature=recipe.rollout.temperature or 1.0,  # greedy rollouts record untempered log-probs
         optim=optim, grad_clip=ln.grad_clip or None, micro_batch_size=ln.micro_batch_size, grad_accum=ln.grad_accum,
+        pack_tokens=ln.pack_tokens, pack_row_tokens=ln.pack_row_tokens,
         mu=ln.mu, reference_model=ln.reference_model, bf16=ln.bf16, offload_reference=ln.offload_reference,
         offload_optimizer=ln.offload_optimizer,
         entropy=ln.log_entropy,

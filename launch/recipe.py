@@ -202,6 +202,8 @@ class LearnerSection(Section):
     min_lr_ratio: float = Field(0.0, ge=0, le=1)  # decay floor of cosine/linear as a fraction of lr (DiffuCoder: 0.1)
     grad_clip: float | None = Field(None, ge=0)  # 0: no clipping
     micro_batch_size: int = Field(1, ge=1)
+    pack_tokens: int | None = Field(None, ge=1)  # micro-batches of this many layout tokens, packed rows (rl.learner)
+    pack_row_tokens: int | None = Field(None, ge=1)  # packed row length; None: each forward's longest layout
     grad_accum: int | None = Field(None, ge=1)
     mu: int | None = Field(None, ge=1)  # inner updates per rollout batch
     num_workers: int = Field(1, ge=1)  # Learner actors (data parallel; > 1 needs deepspeed)

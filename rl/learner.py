@@ -28,6 +28,8 @@ value_mean / return_mean / value_error (value model), logp_mismatch / logp_misma
 applied steps, before clipping) / grad_norm_max, lr (last step), optimizer_steps, nan_skipped (this update),
 nan_skipped_total, forwards (all passes) / forwards_old / forwards_ref, num_samples, time_s, time_old_s, update.
 Optimizer steps per update: mu * ceil(B / (micro_batch_size * grad_accum * world_size)) (mu when grad_accum is None).
+With `pack_tokens`, micro-batches hold up to that many layout tokens and every scoring forward packs its samples
+into shared rows (rl.learner_batch, rollout.models.layout): the same update, less compute spent on padding.
 
 Value model (TraceRL, `LearnerConfig.value`): a `rl.value.ValueHead` reading the hidden state of each token at its
 noisy position in the trajectory estimator's passes. trunk="shared" (default): the head sits on the policy's own
@@ -51,17 +53,20 @@ from rl.estimators.base import EstimatorInput, token_mask_of
 from rl.learner_batch import (MetricLog, OldScores, RefScores, RolloutBatch, ValueScores, logp_gaps,
                               minibatch_normalizers, plan_update, rollout_batch, stack_rows)
 from rl.masking import sample_seed
-from rl.learner_config import LearnerConfig, ValueConfig  # noqa: F401 - re-exported: rl.learner.LearnerConfig
+from rl.learner_config import LearnerConfig, ValueConfig, check_packing  # noqa: F401 - re-exported: LearnerConfig
 from rl.optim import param_groups
 from rl.published import needs_reference_model
 from rl.reference import place_reference, reference_on_device
 from rl.sample import ScoredSample
 from rl.value import ValueHead, compute_value_targets, value_loss
 from rl.weight_sync import Chunk, SyncStats, layered_weights, stream_weights
+from rollout.models.layout import RowPacking, layout_length
 from rollout.models.policy import DiffusionPolicy
 
 DETERMINISTIC_ESTIMATORS = ("trajectory",)  # masks do not depend on (seed, inner_iter)
 STATE_FORMAT = 1
+
+
 class Learner:
     """Trains `policy` in place.
 
@@ -83,6 +88,7 @@ class Learner:
             raise ValueError("learner.old_logp: 'rollout' needs the trajectory estimator, whose log-probs are the "
                              f"rollout's own quantities (got {config.estimator!r})")
         self.reseed = (not deterministic) if config.reseed_per_inner is None else config.reseed_per_inner
+        check_packing(config, self.loss_config, native=policy.native)
         lc = self.loss_config
         # Log-probs from raw logits (every reference) unless the loss asks for the rollout temperature.
         self.score_temperature = config.temperature if lc.logp_temperature == "rollout" else 1.0
@@ -165,9 +171,10 @@ class Learner:
         """Run an estimator; under ZeRO-3 every rank then pads to the same number of forwards. Returns the
         estimate and a zero-valued term the caller adds to its loss (it ties the padding forwards into backward)."""
         fn = estimator or self.estimator
+        packing = {} if self.config.pack_tokens is None else {"packing": RowPacking(self.config.pack_row_tokens)}
         with self._autocast():
             est = fn(policy, inp, seed=self._mask_seed, inner_iter=inner_iter, temperature=self.score_temperature,
-                     return_entropy=self.config.entropy, return_hidden=hidden,
+                     return_entropy=self.config.entropy, return_hidden=hidden, **packing,
                      **(self.config.estimator_params if params is None else params))
         pad = torch.zeros((), device=self.device)
         if synced and self.backend.sync_forwards:
@@ -206,9 +213,13 @@ class Learner:
         if self.loss_config.token_set == "response":  # train every decoded token, EOS padding included
             batch.inp.valid_lengths = None
         self._mask_seed = sample_seed(cfg.seed, "masks", self.updates)
+        tokens = None if cfg.pack_tokens is None else [
+            layout_length(self.policy.spec, batch.inp.prompts[i].numel(), batch.inp.length(i))
+            for i in range(len(batch))]
         plan = plan_update(len(batch), mu=cfg.mu, micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum,
                            world_size=self.backend.world_size, rank=self.backend.rank, shuffle=cfg.shuffle,
-                           seed=sample_seed(cfg.seed, "shuffle", self.updates))
+                           seed=sample_seed(cfg.seed, "shuffle", self.updates), pack_tokens=cfg.pack_tokens,
+                           sample_tokens=tokens)
         log = MetricLog()
         counters = {"forwards": 0, "forwards_old": 0, "forwards_ref": 0}
         self._set_mode(train=False)

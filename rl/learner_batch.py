@@ -8,6 +8,12 @@ each; rank r takes every world_size-th sample of a minibatch, starting at r, and
 of `micro_batch_size`. Every rank gets the same number of micro-batches per minibatch (a rank with fewer samples
 gets empty ones, which it runs as zero-weight dummies), because data-parallel backends reduce gradients on every
 backward. Every rank computes the same plan from the same batch, so no rank needs to ask another what it holds.
+
+Packed micro-batches (`pack_tokens`): minibatches and ranks' shares are cut as above (so optimizer steps do not
+change), but each rank's share is cut into micro-batches by first-fit-decreasing on the samples' layout lengths,
+`pack_tokens` layout tokens at most per micro-batch (a longer sample alone), instead of `micro_batch_size`
+samples. Every rank computes every rank's bins and pads its own to the most any rank has (empty micro-batches).
+The loss normaliser is a per-minibatch sum over samples, so any cut gives the same gradient.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import torch
 from rl.algorithms import LossConfig, loss_normalizer
 from rl.estimators.base import EstimatorInput
 from rl.sample import ScoredSample
+from rollout.models.layout import first_fit_decreasing
 
 
 @dataclass
@@ -115,12 +122,19 @@ def value_target(sample: ScoredSample, field: str) -> float | None:
 
 
 def plan_update(num_samples: int, *, mu: int, micro_batch_size: int, grad_accum: int | None, world_size: int = 1,
-                rank: int = 0, shuffle: bool = False, seed: int = 0) -> list[list[list[list[int]]]]:
-    """plan[inner_iter][minibatch] = this rank's micro-batches (lists of sample indices, possibly empty)."""
+                rank: int = 0, shuffle: bool = False, seed: int = 0, pack_tokens: int | None = None,
+                sample_tokens: list[int] | None = None) -> list[list[list[list[int]]]]:
+    """plan[inner_iter][minibatch] = this rank's micro-batches (lists of sample indices, possibly empty).
+    pack_tokens: cut micro-batches by layout tokens (`sample_tokens[i]` for sample i) instead of sample count."""
     if mu < 1 or micro_batch_size < 1 or (grad_accum is not None and grad_accum < 1):
         raise ValueError("learner: need mu >= 1, micro_batch_size >= 1, grad_accum >= 1 (or None)")
     if not 0 <= rank < world_size:
         raise ValueError(f"learner: rank {rank} outside world of {world_size}")
+    if pack_tokens is not None:
+        if pack_tokens < 1:
+            raise ValueError(f"learner.pack_tokens: must be >= 1 (or None), got {pack_tokens}")
+        if sample_tokens is None or len(sample_tokens) != num_samples:
+            raise ValueError("learner.pack_tokens: need the layout length of every sample (sample_tokens)")
     mb_size = num_samples if grad_accum is None else micro_batch_size * grad_accum * world_size
     plan = []
     for it in range(mu):
@@ -132,6 +146,12 @@ def plan_update(num_samples: int, *, mu: int, micro_batch_size: int, grad_accum:
         minibatches = []
         for start in range(0, num_samples, mb_size):
             mb = order[start:start + mb_size]
+            if pack_tokens is not None:
+                shares = [packed_micro_batches(mb[r::world_size], sample_tokens, pack_tokens)
+                          for r in range(world_size)]
+                count = max(len(bins) for bins in shares)
+                minibatches.append(shares[rank] + [[] for _ in range(count - len(shares[rank]))])
+                continue
             share = mb[rank::world_size]
             per_rank = -(-len(mb) // world_size)
             count = -(-per_rank // micro_batch_size)
@@ -139,6 +159,13 @@ def plan_update(num_samples: int, *, mu: int, micro_batch_size: int, grad_accum:
             minibatches.append(micros)
         plan.append(minibatches)
     return plan
+
+
+def packed_micro_batches(share: list[int], sample_tokens: list[int], budget: int) -> list[list[int]]:
+    """A rank's share (sample indices, in batch order) cut into micro-batches of at most `budget` layout tokens by
+    first-fit-decreasing (deterministic); each micro-batch lists its samples in share order."""
+    bins = first_fit_decreasing([int(sample_tokens[i]) for i in share], budget)
+    return [[share[j] for j in sorted(members)] for members in bins]
 
 
 def minibatch_normalizers(plan, counted_of: Callable[[int, int], torch.Tensor], config: LossConfig,

@@ -47,6 +47,15 @@ class LearnerConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     grad_clip: float | None = 1.0  # global-norm clip; None or 0: none
     micro_batch_size: int = 1  # samples per forward/backward on one worker
+    # Packed micro-batches: None = micro_batch_size samples per micro-batch, one per row, padded to the longest;
+    # an int = micro-batches of at most this many layout tokens (prompt + 2 x response for block models, prompt +
+    # response for full-attention ones; a longer sample alone), several samples sharing each row of every scoring
+    # forward (rollout/models/layout.py). Same gradient; minibatches (optimizer steps) still count samples.
+    pack_tokens: int | None = None
+    # Row length of packed forwards (rollout.models.layout.RowPacking): None = the forward's longest layout (right
+    # under a dense mask or the chunked kernel, where a row costs its width squared); with a kernel that skips other
+    # documents' tiles (FlexAttention on GPU) set it to pack_tokens: one row per micro-batch, no padding at all.
+    pack_row_tokens: int | None = None
     grad_accum: int | None = None  # micro-batches per optimizer step per worker; None: whole batch per step
     mu: int = 1  # inner iterations over the batch
     shuffle: bool = True  # reshuffle the batch each inner iteration (explicit generator)
@@ -69,3 +78,21 @@ class LearnerConfig:
     zero_stage: int = 2
     offload_optimizer: bool = False  # deepspeed: ZeRO-Offload (optimizer state and step in host memory)
     seed: int = 0
+
+
+def check_packing(config: LearnerConfig, loss_config, *, native: bool) -> None:
+    """learner.pack_tokens is refused (one line) where packing could not give the unpacked update."""
+    if config.pack_tokens is None:
+        if config.pack_row_tokens is not None:
+            raise ValueError("learner.pack_row_tokens: needs learner.pack_tokens (packing is off)")
+        return
+    if config.pack_tokens < 1:
+        raise ValueError(f"learner.pack_tokens: must be >= 1 (or None), got {config.pack_tokens}")
+    if config.pack_row_tokens is not None and config.pack_row_tokens < 1:
+        raise ValueError(f"learner.pack_row_tokens: must be >= 1 (or None), got {config.pack_row_tokens}")
+    if loss_config.loss_agg == "step_pooled_mean":
+        raise ValueError("learner.pack_tokens: loss_agg 'step_pooled_mean' pools tokens per micro-batch, so cutting "
+                         "micro-batches by tokens changes the loss; use micro_batch_size")
+    if not native:
+        raise ValueError("learner.pack_tokens: packed rows need transformers' own model classes (this remote-code "
+                         "model takes only a padding mask)")

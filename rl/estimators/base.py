@@ -4,7 +4,8 @@ An estimator turns a batch of (prompt, response) pairs into log-likelihood estim
 per token (`token_logp`, for token-level losses) and per sequence (`seq_logp`, for GDPO/SPG), plus the bookkeeping
 losses need. Randomness comes only from per-sample generators seeded from (base seed, sample key, inner
 iteration) by `rl.masking.sample_generator`, so the old, reference and current policies of one sample see the
-same masks whatever the batch shape.
+same masks whatever the batch shape. Every estimator also takes `packing` (rollout.models.layout.RowPacking, or None):
+its scoring forwards then lay several samples in one row (the learner's pack_tokens); the estimate is the same.
 """
 from __future__ import annotations
 

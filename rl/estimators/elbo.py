@@ -19,6 +19,7 @@ import torch
 
 from rl.estimators.base import ESTIMATORS, Estimate, EstimatorInput, token_mask_of
 from rl.masking import MaskDraw, draw_masks
+from rollout.models.layout import RowPacking, score_packing
 
 # Masked copies scored per forward call: bounds activation memory on long responses.
 MAX_ROWS_PER_FORWARD = 64
@@ -26,8 +27,9 @@ MAX_ROWS_PER_FORWARD = 64
 
 def score_draws(policy, inp: EstimatorInput, draws: list[MaskDraw], *, temperature: float = 1.0,
                 return_entropy: bool = False, return_hidden: bool = False,
-                max_rows: int = MAX_ROWS_PER_FORWARD) -> Estimate:
-    """Score every masked copy of every sample and combine them with the draws' weights."""
+                max_rows: int = MAX_ROWS_PER_FORWARD, packing: RowPacking | None = None) -> Estimate:
+    """Score every masked copy of every sample and combine them with the draws' weights (packing: several copies
+    share a row, rollout/models/layout.py; the draws and so the scores per copy are the same)."""
     mask_id = policy.spec.mask_token_id
     rows = []  # (sample, copy k)
     for b, draw in enumerate(draws):
@@ -57,7 +59,8 @@ def score_draws(policy, inp: EstimatorInput, draws: list[MaskDraw], *, temperatu
             clean.append(response)
             score.append(masks)
         out = policy.score_responses(prompts, clean, noisy, score_mask=score, temperature=temperature,
-                                     return_entropy=return_entropy, return_hidden=return_hidden)
+                                     return_entropy=return_entropy, return_hidden=return_hidden,
+                                     **score_packing(packing))
         for row, (b, k) in enumerate(chunk):
             n = inp.length(b)
             weights = draws[b].token_weights[k].to(device)
@@ -85,42 +88,43 @@ def score_draws(policy, inp: EstimatorInput, draws: list[MaskDraw], *, temperatu
 
 
 def _estimate(sampler: str, policy, inp: EstimatorInput, seed: int, inner_iter: int, options: dict,
-              temperature: float, return_entropy: bool, return_hidden: bool) -> Estimate:
+              temperature: float, return_entropy: bool, return_hidden: bool, packing: RowPacking | None = None) -> Estimate:
     lengths = [inp.length(b) for b in range(len(inp))]
     draws = draw_masks(sampler, lengths, inp.sample_keys, base_seed=seed, inner_iter=inner_iter, **options)
     return score_draws(policy, inp, draws, temperature=temperature, return_entropy=return_entropy,
-                       return_hidden=return_hidden)
+                       return_hidden=return_hidden, packing=packing)
 
 
 def _register(name: str, **defaults):
     """Register a sampler-backed estimator: its keyword options go to the sampler of the same name."""
 
     def estimator(policy, inp: EstimatorInput, *, seed: int = 0, inner_iter: int = 0, temperature: float = 1.0,
-                  return_entropy: bool = False, return_hidden: bool = False, **options) -> Estimate:
+                  return_entropy: bool = False, return_hidden: bool = False, packing: RowPacking | None = None,
+                  **options) -> Estimate:
         if name == "block_elbo":
             if not policy.spec.is_block:
                 raise ValueError("estimator 'block_elbo' needs a block-diffusion model (model attention is full)")
             options = {**defaults, **options}
             options.setdefault("block_size", inp.block_size or policy.spec.block_size)
             return _per_sample("block_elbo", policy, inp, seed, inner_iter, options, temperature, return_entropy,
-                               return_hidden, lambda b: {"offset": _block_offset(policy, inp, b)})
+                               return_hidden, lambda b: {"offset": _block_offset(policy, inp, b)}, packing)
         if name == "block_random":  # SPG: semi-autoregressive blocks of the rollout on a full-attention model
             options = {**defaults, **options}
             options.setdefault("block_size", inp.block_size or policy.spec.block_size)
             return _per_sample("block_random", policy, inp, seed, inner_iter, options, temperature, return_entropy,
                                return_hidden, lambda b: {"prompt_length": inp.prompts[b].numel(),
                                                          "offset": _block_offset(policy, inp, b),
-                                                         "valid_length": inp.valid_length(b)})
+                                                         "valid_length": inp.valid_length(b)}, packing)
         if name == "one_step":
             # d1 masks prompt tokens too; each sample's prompt gets its own draw from the same generator.
             options = {"p_mask": options.get("p_mask", 0.15)}
             return _per_sample("one_step", policy, inp, seed, inner_iter, options, temperature, return_entropy,
-                               return_hidden, lambda b: {"prompt_length": inp.prompts[b].numel()})
+                               return_hidden, lambda b: {"prompt_length": inp.prompts[b].numel()}, packing)
         if name == "coupled" and options.pop("full_mask_view", False):
             return _coupled_with_full_view(policy, inp, seed, inner_iter, {**defaults, **options}, temperature,
-                                           return_entropy, return_hidden)
+                                           return_entropy, return_hidden, packing)
         return _estimate(name, policy, inp, seed, inner_iter, {**defaults, **options}, temperature,
-                         return_entropy, return_hidden)
+                         return_entropy, return_hidden, packing)
 
     estimator.__name__ = f"{name}_estimator"
     estimator.__doc__ = f"Mask-sampling estimator backed by `rl.masking.{name}`."
@@ -129,7 +133,7 @@ def _register(name: str, **defaults):
 
 
 def _coupled_with_full_view(policy, inp, seed, inner_iter, options, temperature, return_entropy,
-                            return_hidden) -> Estimate:
+                            return_hidden, packing=None) -> Estimate:
     """DiffuCoder's three views: token log p = (log p_full + w log p_partial) / 2, w = 1/t or 1/(1-t).
 
     The coupled sampler's weights are already w/2 (both partial views halved), so the fully masked view enters
@@ -143,7 +147,7 @@ def _coupled_with_full_view(policy, inp, seed, inner_iter, options, temperature,
         weights = torch.cat([draw.token_weights, torch.full((1, n), 0.5)])
         full.append(MaskDraw(masks, weights, torch.cat([draw.t, torch.ones(1, dtype=draw.t.dtype)])))
     est = score_draws(policy, inp, full, temperature=temperature, return_entropy=return_entropy,
-                      return_hidden=return_hidden)
+                      return_hidden=return_hidden, packing=packing)
     est.token_logp = est.extra["token_elbo"]
     return est
 
@@ -156,14 +160,14 @@ def _block_offset(policy, inp: EstimatorInput, b: int) -> int:
 
 
 def _per_sample(sampler_name, policy, inp, seed, inner_iter, options, temperature, return_entropy, return_hidden,
-                sample_options) -> Estimate:
+                sample_options, packing=None) -> Estimate:
     """A sampler that needs per-sample arguments (prompt length, block offset): `sample_options(b)` adds them to
     sample b's draw, which still comes from its own generator (common random numbers whatever the batch)."""
     lengths = [inp.length(b) for b in range(len(inp))]
     draws = draw_masks(sampler_name, lengths, inp.sample_keys, base_seed=seed, inner_iter=inner_iter,
                        sample_options=[sample_options(b) for b in range(len(inp))], **options)
     return score_draws(policy, inp, draws, temperature=temperature, return_entropy=return_entropy,
-                       return_hidden=return_hidden)
+                       return_hidden=return_hidden, packing=packing)
 
 
 one_step_estimator = _register("one_step", p_mask=0.15)

@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 
 from rl.estimators.base import ESTIMATORS, Estimate, EstimatorInput, padded, token_mask_of
+from rollout.models.layout import RowPacking, alignment_origin, score_packing
 from rollout.models.masks import check_alignment
-from rollout.models.policy import alignment_origin
 from rollout.trajectory import block_local_steps
 
 
@@ -49,7 +49,8 @@ def step_groups(inp: EstimatorInput, block_model: bool, block_size: int, shrink:
 @ESTIMATORS.register("trajectory", shrink=1)
 def trajectory_estimator(policy, inp: EstimatorInput, *, seed: int = 0, inner_iter: int = 0, shrink: int = 1,
                          temperature: float = 1.0, return_entropy: bool = False,
-                         return_hidden: bool = False, block_alignment: str | None = None) -> Estimate:
+                         return_hidden: bool = False, block_alignment: str | None = None,
+                         packing: RowPacking | None = None) -> Estimate:
     del seed, inner_iter  # deterministic: the masks are the recorded trajectory itself
     if shrink < 1:
         raise ValueError(f"estimator.shrink: must be >= 1, got {shrink}")
@@ -81,7 +82,7 @@ def trajectory_estimator(policy, inp: EstimatorInput, *, seed: int = 0, inner_it
         out = policy.score_responses(
             [inp.prompts[b] for b in members], [inp.responses[b] for b in members], noisy,
             score_mask=score, temperature=temperature, return_entropy=return_entropy, return_hidden=return_hidden,
-            alignment=block_alignment if spec.is_block else None,
+            alignment=block_alignment if spec.is_block else None, **score_packing(packing),
         )
         forwards += 1
         rows = torch.tensor(members, device=device)

@@ -21,10 +21,19 @@ The training layout `[prompt | clean response | noisy canvas]` adds a second, no
 is "noisy" when it belongs to that copy: a noisy query sees clean keys of strictly earlier blocks (and the prompt),
 and noisy keys only of its own block; clean queries never see noisy keys.
 
+Packing: several samples ("documents") may share one row. Every position then also carries a document id, and a
+query sees a key only within its own document (padding positions are invalid keys whatever their id); position ids
+restart at 0 per document. Per position p of a row: block id b[p], noisy flag n[p], key validity v[p], document
+id d[p]; query q sees key k iff v[k] and d[q] == d[k] and rule(b, n), rule being True (full attention),
+b[k] <= b[q] (block models without a noisy copy) or the training-layout rule above. `MaskLayout` holds these
+per-position tensors: the dense builder here and any linear-memory kernel read the same record.
+
 Masks are additive float tensors (0 = attend, dtype-min = blocked) of shape (B, 1, Q, K): transformers honours
 custom 4D float masks with sdpa and eager, while a bool mask with eager is silently wrong.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -58,13 +67,18 @@ def attention_bias(
     q_noisy: torch.Tensor | None = None,
     k_noisy: torch.Tensor | None = None,
     full: bool = False,
+    q_doc: torch.Tensor | None = None,
+    k_doc: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Additive mask (B, 1, Q, K) from per-position block ids (B, Q) / (B, K) and key validity (B, K).
 
-    full=True gives bidirectional attention over every valid key (LLaDA/Dream). Queries at padding positions
-    still see something (never a fully blocked row), so no NaN can appear; their outputs are ignored.
+    full=True gives bidirectional attention over every valid key (LLaDA/Dream). q_doc / k_doc (document ids of
+    packed rows; both or neither) keep attention inside each document. Queries at padding positions still see
+    something (never a fully blocked row), so no NaN can appear; their outputs are ignored.
     """
+    if (q_doc is None) != (k_doc is None):
+        raise ValueError("attention_bias: give both q_doc and k_doc, or neither")
     valid = k_valid[:, None, :].bool()
     if full:
         allowed = valid.expand(-1, q_block.shape[1], -1)
@@ -80,6 +94,8 @@ def attention_bias(
             noisy_key_seen = kn & qn & (kb == qb)
             allowed = clean_key_seen | noisy_key_seen
         allowed = allowed & valid
+    if q_doc is not None:
+        allowed = allowed & (q_doc[:, :, None] == k_doc[:, None, :])
     # A query row with no visible key (a padding query) attends to everything instead of producing NaN.
     empty_row = ~allowed.any(dim=-1, keepdim=True)
     allowed = allowed | empty_row
@@ -101,3 +117,34 @@ def sequence_bias(prompt_len: int, response_len: int, block_size: int, *, full: 
     blocks = sequence_block_ids(prompt_len, response_len, block_size, alignment)[None]
     valid = torch.ones_like(blocks, dtype=torch.bool)
     return attention_bias(blocks, blocks, valid, full=full, dtype=dtype)
+
+
+@dataclass
+class MaskLayout:
+    """Per-position mask inputs of a batch of rows (R, T): what decides who sees whom (rule in the module doc).
+
+    block: block ids (PAD_BLOCK at padding); noisy: the training layout's noisy-copy flags, or None when the layout
+    has no noisy copy; valid: real (non-padding) positions; doc: document id of each position (one per packed
+    sample; padding may carry any id, it is never a valid key); full: full attention (block ids ignored)."""
+
+    block: torch.Tensor  # (R, T) long
+    noisy: torch.Tensor | None  # (R, T) bool
+    valid: torch.Tensor  # (R, T) bool
+    doc: torch.Tensor  # (R, T) long
+    full: bool = False
+
+    def __post_init__(self) -> None:
+        shape = tuple(self.block.shape)
+        for name in ("noisy", "valid", "doc"):
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != shape:
+                raise ValueError(f"MaskLayout.{name}: shape {tuple(value.shape)} != block's {shape}")
+
+    def to(self, device) -> MaskLayout:
+        move = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return MaskLayout(move(self.block), move(self.noisy), move(self.valid), move(self.doc), self.full)
+
+    def dense_bias(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (R, 1, T, T) additive mask (the reference path)."""
+        return attention_bias(self.block, self.block, self.valid, q_noisy=self.noisy, k_noisy=self.noisy,
+                              full=self.full, q_doc=self.doc, k_doc=self.doc, dtype=dtype)

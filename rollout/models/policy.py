@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from rollout.models.masks import PAD_BLOCK, attention_bias, block_ids, block_origin
+from rollout.models.layout import alignment_origin, arrange_rows, sample_layout  # noqa: F401 (re-exported)
+from rollout.models.masks import MaskLayout
 from rollout.models.spec import DiffusionSpec
 
 # Rows of the vocabulary projection computed at once: bounds the (rows x vocab) logits buffer.
@@ -39,11 +40,18 @@ class ResponseScores:
 
 @dataclass
 class PackedBatch:
-    input_ids: torch.Tensor  # (B, T)
-    position_ids: torch.Tensor  # (B, T)
-    attn_bias: torch.Tensor  # (B, 1, T, T)
-    target_pos: torch.Tensor  # (B, Lmax) index of the hidden state whose logits predict response token i
-    response_pos: torch.Tensor  # (B, Lmax) index of response token i's own (noisy) input position
+    """A batch laid out for scoring in R rows (R = B unless packed); sample b lives in row `row[b]`."""
+
+    input_ids: torch.Tensor  # (R, T)
+    position_ids: torch.Tensor  # (R, T)
+    attn_bias: torch.Tensor  # (R, 1, T, T) dense additive mask, built from `mask`
+    target_pos: torch.Tensor  # (B, Lmax) index in row[b] of the hidden state whose logits predict response token i
+    response_pos: torch.Tensor  # (B, Lmax) index in row[b] of response token i's own (noisy) input position
+    mask: MaskLayout | None = None  # per-position mask inputs (block ids, noisy flags, validity, document ids)
+    row: torch.Tensor | None = None  # (B,) row of each sample (None: row b holds sample b)
+
+    def rows_of(self) -> torch.Tensor:
+        return torch.arange(self.target_pos.shape[0], device=self.target_pos.device) if self.row is None else self.row
 
 
 class DiffusionPolicy:
@@ -144,48 +152,40 @@ class DiffusionPolicy:
     # ------------------------------------------------------------------------------------------ train layout
     def pack(
         self, prompts: list[torch.Tensor], responses: list[torch.Tensor], noisy: list[torch.Tensor],
-        *, alignment: str | None = None,
+        *, alignment: str | None = None, packed: bool = False, row_tokens: int | None = None,
     ) -> PackedBatch:
-        """Lay a batch out for scoring: `[prompt | clean | noisy]` (block) or `[prompt | noisy]` (full), right-padded.
+        """Lay a batch out for scoring: `[prompt | clean | noisy]` (block) or `[prompt | noisy]` (full).
 
         `responses` are the clean tokens (block models condition on their earlier blocks); `noisy` has the same
         length with some positions replaced by the mask token. Prompts may themselves contain mask tokens (d1).
         Blocks follow the model's alignment (spec.block_alignment) unless `alignment` names another.
+        packed=False: one sample per row, right-padded; packed=True: several samples per row (documents),
+        first-fit-decreasing into rows of max(row_tokens, longest layout) tokens (rollout/models/layout.py).
         """
         if not (len(prompts) == len(responses) == len(noisy)):
             raise ValueError("pack: prompts, responses and noisy must have the same batch size")
-        spec, rows = self.spec, []
+        spec, layouts = self.spec, []
         for prompt, clean, corrupted in zip(prompts, responses, noisy):
             if clean.shape != corrupted.shape:
                 raise ValueError(f"pack: noisy response shape {tuple(corrupted.shape)} != {tuple(clean.shape)}")
-            rows.append(_layout_row(prompt, clean, corrupted, spec, alignment))
-        width = max(r["ids"].numel() for r in rows)
+            layouts.append(sample_layout(prompt, clean, corrupted, spec, alignment))
+        rows = arrange_rows(layouts, pad_id=spec.pad_token_id, full=not spec.is_block, packed=packed,
+                            row_tokens=row_tokens)
         max_len = max(c.numel() for c in responses)
-        bsz = len(rows)
-        input_ids = torch.full((bsz, width), spec.pad_token_id, dtype=torch.long)
-        position_ids = torch.zeros((bsz, width), dtype=torch.long)
-        blocks = torch.full((bsz, width), PAD_BLOCK, dtype=torch.long)
-        noisy_flag = torch.zeros((bsz, width), dtype=torch.bool)
-        key_valid = torch.zeros((bsz, width), dtype=torch.bool)
+        bsz = len(layouts)
         target_pos = torch.zeros((bsz, max_len), dtype=torch.long)
         response_pos = torch.zeros((bsz, max_len), dtype=torch.long)
-        for b, row in enumerate(rows):
-            n = row["ids"].numel()
-            input_ids[b, :n] = row["ids"]
-            position_ids[b, :n] = row["pos"]
-            blocks[b, :n] = row["block"]
-            noisy_flag[b, :n] = row["noisy"]
-            key_valid[b, :n] = True
-            length = row["response_pos"].numel()
-            response_pos[b, :length] = row["response_pos"]
-            target_pos[b, :length] = row["response_pos"] - (1 if spec.logits_shift else 0)
-        bias = attention_bias(
-            blocks, blocks, key_valid, q_noisy=noisy_flag, k_noisy=noisy_flag, full=not spec.is_block
-        )
+        shift = 1 if spec.logits_shift else 0
+        for b, lay in enumerate(layouts):
+            length = lay.response_pos.numel()
+            where = lay.response_pos + rows.start[b]
+            response_pos[b, :length] = where
+            target_pos[b, :length] = where - shift
         device = self.device
+        mask = rows.mask.to(device)
         return PackedBatch(
-            input_ids.to(device), position_ids.to(device), bias.to(device),
-            target_pos.to(device), response_pos.to(device),
+            rows.input_ids.to(device), rows.position_ids.to(device), mask.dense_bias(),
+            target_pos.to(device), response_pos.to(device), mask, rows.row.to(device),
         )
 
     def score_responses(
@@ -199,14 +199,20 @@ class DiffusionPolicy:
         return_entropy: bool = False,
         return_hidden: bool = False,
         alignment: str | None = None,
+        packed: bool = False,
+        row_tokens: int | None = None,
     ) -> ResponseScores:
         """log p(responses[b][i] | state) at every response position i where score_mask (default: all) holds.
 
         The full-vocabulary projection runs only on scored positions, in chunks. `alignment` overrides the model's
-        block alignment (block models only; None: the model's own).
+        block alignment (block models only; None: the model's own). packed=True lays several samples in one row
+        (`pack`): the same scores per sample, no compute on padding; needs transformers' own model classes.
         """
-        packed = self.pack(prompts, responses, noisy, alignment=alignment)
-        bsz, max_len = packed.target_pos.shape
+        if packed and not self.native:
+            raise ValueError("score_responses: packed rows need transformers' own model classes (a remote-code "
+                             "model takes only a padding mask, no per-document attention or restarted positions)")
+        laid = self.pack(prompts, responses, noisy, alignment=alignment, packed=packed, row_tokens=row_tokens)
+        bsz, max_len = laid.target_pos.shape
         device = self.device
         valid = torch.zeros((bsz, max_len), dtype=torch.bool, device=device)
         targets = torch.zeros((bsz, max_len), dtype=torch.long, device=device)
@@ -216,17 +222,18 @@ class DiffusionPolicy:
             valid[b, :n] = True if score_mask is None else score_mask[b].to(device).bool()
         native = self.native
         out = self.forward(
-            packed.input_ids, packed.position_ids, packed.attn_bias,
+            laid.input_ids, laid.position_ids, laid.attn_bias,
             return_hidden=native or return_hidden, compute_logits=not native,
         )
         rows, cols = valid.nonzero(as_tuple=True)
+        row_of = laid.rows_of()
         if native:
             # Project only the hidden states of scored positions onto the vocabulary.
-            source = out.hidden[rows, packed.target_pos[rows, cols]]
+            source = out.hidden[row_of[rows], laid.target_pos[rows, cols]]
             logp_rows, ent_rows = token_logprobs(self, source, targets[rows, cols], temperature=temperature,
                                                  with_entropy=return_entropy)
         else:
-            logits = out.logits[rows, packed.target_pos[rows, cols]]
+            logits = out.logits[row_of[rows], laid.target_pos[rows, cols]]
             logp_rows, ent_rows = token_logprobs(self, logits, targets[rows, cols], temperature=temperature,
                                                  with_entropy=return_entropy, are_logits=True)
         logprobs = torch.zeros((bsz, max_len), dtype=logp_rows.dtype, device=device)
@@ -236,8 +243,7 @@ class DiffusionPolicy:
             entropy = torch.zeros_like(logprobs).index_put((rows, cols), ent_rows)
         hidden = None
         if return_hidden:
-            index = packed.response_pos[:, :, None].expand(-1, -1, out.hidden.shape[-1])
-            hidden = torch.gather(out.hidden, 1, index)
+            hidden = out.hidden[row_of[:, None], laid.response_pos]
         return ResponseScores(logprobs, valid, entropy, hidden)
 
 
@@ -299,41 +305,3 @@ def _forward_params(model) -> set[str]:
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (B, T, D) gathered at index (B, K) along T -> (B, K, D)."""
     return torch.gather(x, 1, index[:, :, None].expand(-1, -1, x.shape[-1]))
-
-
-def _layout_row(prompt: torch.Tensor, clean: torch.Tensor, noisy: torch.Tensor, spec: DiffusionSpec,
-                alignment: str | None = None) -> dict:
-    prompt, clean, noisy = prompt.long().cpu(), clean.long().cpu(), noisy.long().cpu()
-    p, length = prompt.numel(), clean.numel()
-    resp_pos = torch.arange(p, p + length)
-    if not spec.is_block:
-        return {
-            "ids": torch.cat([prompt, noisy]),
-            "pos": torch.arange(p + length),
-            "block": torch.zeros(p + length, dtype=torch.long),
-            "noisy": torch.zeros(p + length, dtype=torch.bool),
-            "response_pos": resp_pos,
-        }
-    # `[prompt | clean response | noisy canvas]`. The noisy copy is the canvas (masks.py): under `absolute`
-    # alignment it starts with the prompt's tail, unmasked, because in decoding the tail is computed inside the
-    # first block, its hidden states seeing that block's noisy tokens; the prompt's own copy of the tail is the
-    # clean one (block 0, clean), which later blocks see, as they see the committed block in decoding.
-    origin = alignment_origin(spec, p, alignment)
-    head = p - origin
-    clean_blocks = block_ids(0, p + length, origin, spec.block_size)
-    canvas_pos = torch.arange(origin, p + length)
-    return {
-        "ids": torch.cat([prompt, clean, prompt[origin:], noisy]),
-        "pos": torch.cat([torch.arange(p + length), canvas_pos]),
-        "block": torch.cat([clean_blocks, clean_blocks[origin:]]),
-        "noisy": torch.cat([torch.zeros(p + length, dtype=torch.bool), torch.ones(head + length, dtype=torch.bool)]),
-        "response_pos": torch.arange(p + length + head, p + 2 * length + head),
-    }
-
-
-def alignment_origin(spec: DiffusionSpec, prompt_len: int, alignment: str | None) -> int:
-    """Where the first training/decoding block starts: the model's own alignment unless `alignment` overrides it
-    (the TraceRL loss's `response` option for an `absolute` model)."""
-    if alignment is None:
-        return spec.block_origin(prompt_len)
-    return block_origin(prompt_len, spec.block_size, alignment)

@@ -217,3 +217,27 @@ def test_zero_bf16_weights_train_through_fp32_masters(tiny_model_dirs):
     step at lr 1e-6 moves >= 90% of their elements (one process: a world of one, in a subprocess so this test
     process never joins a torch.distributed group)."""
     assert _run_script(_BF16_ZERO, tiny_model_dirs).count("moved") == 4
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_two_workers_zero3_packed_micro_batches_equal_single_process(local_ray, tiny_model_dirs):
+    """learner.pack_tokens under ZeRO-3: every rank plans every rank's token-budget micro-batches and pads to the
+    most (collective forwards stay in step), and the update equals the single-process padded one."""
+    from rl.learner_worker import LearnerGroup
+
+    path = tiny_model_dirs["block"]
+    single = load_policy(path)
+    trajs = make_trajectories(single, 5)  # layouts of 20-22 tokens: 44 packs two per micro-batch
+    m_ref = Learner(single, _config(grad_accum=2, micro_batch_size=2)).update(trajs)
+    group = LearnerGroup(partial(load_policy, path), _config(grad_accum=1, micro_batch_size=2, backend="deepspeed",
+                                                             zero_stage=3, pack_tokens=44), num_workers=2)
+    try:
+        m_ds = group.update(trajs)
+        ds_weights = group.policy_state()
+    finally:
+        group.shutdown()
+    assert m_ds["optimizer_steps"] == m_ref["optimizer_steps"] and m_ds["nan_skipped"] == 0
+    assert m_ds["grad_norm"] == pytest.approx(m_ref["grad_norm"], rel=1e-4)
+    for name, w in dict(single.causal_lm.named_parameters()).items():
+        torch.testing.assert_close(ds_weights[name], w.detach(), rtol=1e-4, atol=1e-6)

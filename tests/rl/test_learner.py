@@ -109,12 +109,16 @@ def test_mixed_batch_raises_positive_and_lowers_negative(policy):
 def test_micro_batch_split_equals_whole_batch(tiny_model_dirs, algorithm, estimator):
     deltas, norms = [], []
     splits = ((4, None), (1, None), (2, 2), (3, None)) if algorithm == "tracerl" else ((4, None), (1, None))
-    for micro, accum in splits:
+    # packed micro-batches of at most 40 / 64 layout tokens (layouts here are 20-22 tokens: 1-2 / 2-3 samples);
+    # cj_grpo's pooled-step loss depends on the micro-batches themselves, so it refuses packing
+    packs = (None,) * len(splits) + ((40, 64) if algorithm != "cj_grpo" else ())
+    splits += ((1, None),) * (len(packs) - len(splits))
+    for (micro, accum), pack in zip(splits, packs, strict=True):
         pol = load_policy(tiny_model_dirs["block"])
         trajs = make_trajectories(pol, 4)
         w0 = weights(pol)
         cfg = LearnerConfig(algorithm=algorithm, estimator=estimator, mu=1, micro_batch_size=micro,
-                            grad_accum=accum, grad_clip=None, optim=linear_adam(), shuffle=False)
+                            grad_accum=accum, grad_clip=None, optim=linear_adam(), shuffle=False, pack_tokens=pack)
         m = Learner(pol, cfg).update(trajs)
         assert m["optimizer_steps"] == 1
         deltas.append({k: v - w0[k] for k, v in weights(pol).items()})

@@ -1,0 +1,171 @@
+"""Training layouts and how they are laid into rows: one sample per row (padded) or several per row (packed).
+
+A sample's layout is `[prompt | clean response | noisy canvas]` for block models and `[prompt | noisy response]`
+for full-attention ones (rollout/models/masks.py explains the canvas and the mask rule). `arrange_rows` lays a
+batch of layouts into rows:
+- padded: row b holds sample b, right-padded to the longest layout;
+- packed: first-fit-decreasing into rows of `row_tokens` tokens (default: the longest layout, so no row is longer
+  than a padded one and attention never costs more per row), each sample a document of its row: its own document
+  id, position ids restarting at 0, attention kept inside it. Packing only removes padding: every sample sees
+  exactly the keys and positions it sees alone, so its scores are the same up to floating-point summation order.
+The per-position mask inputs come out as a `MaskLayout` (block ids, noisy flags, validity, document ids), from
+which masks.py builds the dense bias and a linear-memory kernel its own block mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rollout.models.masks import PAD_BLOCK, MaskLayout, block_ids, block_origin
+from rollout.models.spec import DiffusionSpec
+
+
+@dataclass
+class SampleLayout:
+    """One sample's training layout (n positions, counted from its own start)."""
+
+    ids: torch.Tensor  # (n,) input token ids
+    pos: torch.Tensor  # (n,) position ids (from 0)
+    block: torch.Tensor  # (n,) block ids (masks.py)
+    noisy: torch.Tensor  # (n,) bool: position of the noisy copy
+    response_pos: torch.Tensor  # (L,) where response token i's own (noisy) input sits in the layout
+
+    def __len__(self) -> int:
+        return int(self.ids.numel())
+
+
+@dataclass
+class RowBatch:
+    """Layouts laid into R rows of T positions; sample b is the document starting at `start[b]` of row `row[b]`."""
+
+    input_ids: torch.Tensor  # (R, T)
+    position_ids: torch.Tensor  # (R, T)
+    mask: MaskLayout  # (R, T) per-position mask inputs
+    row: torch.Tensor  # (B,) long
+    start: torch.Tensor  # (B,) long
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass(frozen=True)
+class RowPacking:
+    """How a scoring call packs samples into rows (estimators pass it on to `DiffusionPolicy.score_responses`).
+
+    row_tokens None: rows as long as the call's longest layout, the right size under a dense mask, where a row
+    costs its width squared whatever documents it holds. A kernel that skips other documents' tiles (FlexAttention's
+    BlockMask) makes longer rows free: the learner's pack_tokens then gives one row per micro-batch."""
+
+    row_tokens: int | None = None
+
+
+def score_packing(packing: RowPacking | None) -> dict:
+    """score_responses keywords for `packing` (None: one sample per row)."""
+    if packing is None:
+        return {"packed": False}
+    return {"packed": True, "row_tokens": packing.row_tokens}
+
+
+def alignment_origin(spec: DiffusionSpec, prompt_len: int, alignment: str | None) -> int:
+    """Where the first training/decoding block starts: the model's own alignment unless `alignment` overrides it
+    (the TraceRL loss's `response` option for an `absolute` model)."""
+    if alignment is None:
+        return spec.block_origin(prompt_len)
+    return block_origin(prompt_len, spec.block_size, alignment)
+
+
+def layout_length(spec: DiffusionSpec, prompt_len: int, response_len: int, alignment: str | None = None) -> int:
+    """Positions of one sample's training layout (what `sample_layout` builds), without building it."""
+    if not spec.is_block:
+        return prompt_len + response_len
+    head = prompt_len - alignment_origin(spec, prompt_len, alignment)
+    return prompt_len + 2 * response_len + head
+
+
+def sample_layout(prompt: torch.Tensor, clean: torch.Tensor, noisy: torch.Tensor, spec: DiffusionSpec,
+                  alignment: str | None = None) -> SampleLayout:
+    prompt, clean, noisy = prompt.long().cpu(), clean.long().cpu(), noisy.long().cpu()
+    p, length = prompt.numel(), clean.numel()
+    if not spec.is_block:
+        return SampleLayout(torch.cat([prompt, noisy]), torch.arange(p + length),
+                            torch.zeros(p + length, dtype=torch.long), torch.zeros(p + length, dtype=torch.bool),
+                            torch.arange(p, p + length))
+    # `[prompt | clean response | noisy canvas]`. The noisy copy is the canvas (masks.py): under `absolute`
+    # alignment it starts with the prompt's tail, unmasked, because in decoding the tail is computed inside the
+    # first block, its hidden states seeing that block's noisy tokens; the prompt's own copy of the tail is the
+    # clean one (block 0, clean), which later blocks see, as they see the committed block in decoding.
+    origin = alignment_origin(spec, p, alignment)
+    head = p - origin
+    clean_blocks = block_ids(0, p + length, origin, spec.block_size)
+    return SampleLayout(
+        ids=torch.cat([prompt, clean, prompt[origin:], noisy]),
+        pos=torch.cat([torch.arange(p + length), torch.arange(origin, p + length)]),
+        block=torch.cat([clean_blocks, clean_blocks[origin:]]),
+        noisy=torch.cat([torch.zeros(p + length, dtype=torch.bool), torch.ones(head + length, dtype=torch.bool)]),
+        response_pos=torch.arange(p + length + head, p + 2 * length + head),
+    )
+
+
+def first_fit_decreasing(sizes: list[int], capacity: int) -> list[list[int]]:
+    """Bins of item indices, each summing to at most `capacity` (an item larger than it gets a bin alone).
+
+    Items in decreasing size (ties: lower index first) go into the first bin with room: deterministic, and
+    at most 11/9 OPT + 1 bins."""
+    if capacity < 1:
+        raise ValueError(f"first_fit_decreasing: capacity must be >= 1, got {capacity}")
+    bins: list[list[int]] = []
+    loads: list[int] = []
+    for i in sorted(range(len(sizes)), key=lambda j: (-sizes[j], j)):
+        for b, load in enumerate(loads):
+            if load + sizes[i] <= capacity:
+                bins[b].append(i)
+                loads[b] += sizes[i]
+                break
+        else:
+            bins.append([i])
+            loads.append(sizes[i])
+    return bins
+
+
+def arrange_rows(layouts: list[SampleLayout], *, pad_id: int, full: bool, packed: bool = False,
+                 row_tokens: int | None = None) -> RowBatch:
+    """Lay sample layouts into rows: one per row (packed=False) or packed first-fit-decreasing into rows of
+    max(row_tokens, longest layout) tokens (row_tokens None: the longest layout). Rows are right-padded to the
+    fullest one."""
+    if not layouts:
+        raise ValueError("arrange_rows: no layouts")
+    sizes = [len(lay) for lay in layouts]
+    if packed:
+        capacity = max(sizes) if row_tokens is None else max(int(row_tokens), max(sizes))
+        rows = first_fit_decreasing(sizes, capacity)
+    else:
+        rows = [[b] for b in range(len(layouts))]
+    width = max(sum(sizes[b] for b in members) for members in rows)
+    num_rows = len(rows)
+    input_ids = torch.full((num_rows, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((num_rows, width), dtype=torch.long)
+    blocks = torch.full((num_rows, width), PAD_BLOCK, dtype=torch.long)
+    noisy = torch.zeros((num_rows, width), dtype=torch.bool)
+    valid = torch.zeros((num_rows, width), dtype=torch.bool)
+    doc = torch.zeros((num_rows, width), dtype=torch.long)
+    row_of = torch.zeros(len(layouts), dtype=torch.long)
+    start_of = torch.zeros(len(layouts), dtype=torch.long)
+    for r, members in enumerate(rows):
+        at = 0
+        for b in members:
+            lay, n = layouts[b], sizes[b]
+            input_ids[r, at:at + n] = lay.ids
+            position_ids[r, at:at + n] = lay.pos
+            blocks[r, at:at + n] = lay.block
+            noisy[r, at:at + n] = lay.noisy
+            valid[r, at:at + n] = True
+            doc[r, at:at + n] = b
+            row_of[b], start_of[b] = r, at
+            at += n
+        # Padding (never a valid key) joins the row's last document, so a padding query still sees keys, as it did
+        # before documents existed; code that reads key validity off the dense bias keeps working.
+        doc[r, at:] = members[-1]
+    mask = MaskLayout(blocks, None if full else noisy, valid, doc, full=full)
+    return RowBatch(input_ids, position_ids, mask, row_of, start_of)
