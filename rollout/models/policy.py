@@ -1,8 +1,10 @@
 """DiffusionPolicy: a Hugging Face model driven as a diffusion LM (block-causal or full attention).
 
 The adapter owns the two forwards everything else is built on:
-- `forward`: raw model call with explicit position ids and an additive 4D mask, optional KV cache, logits
-  computed only at the positions asked for (the full-vocabulary projection is most of a small model's cost);
+- `forward`: raw model call with explicit position ids and an attention mask (a per-position description,
+  attention.AttentionMask, run by the kernel `attention_kernel` selects; or a dense additive 4D tensor), optional KV
+  cache, logits computed only at the positions asked for (the full-vocabulary projection is most of a small
+  model's cost);
 - `score_responses`: log p(response token | noisy state) for a batch, through the training layout
   `[prompt | clean response | noisy response]` for block models or `[prompt | noisy response]` for full-attention
   models, in one forward pass.
@@ -15,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from rollout.models.masks import PAD_BLOCK, attention_bias, block_ids, block_origin
+from rollout.models import attention
+from rollout.models.attention import AttentionMask
+from rollout.models.masks import PAD_BLOCK, block_ids, block_origin
 from rollout.models.spec import DiffusionSpec
 
 # Rows of the vocabulary projection computed at once: bounds the (rows x vocab) logits buffer.
@@ -41,7 +45,7 @@ class ResponseScores:
 class PackedBatch:
     input_ids: torch.Tensor  # (B, T)
     position_ids: torch.Tensor  # (B, T)
-    attn_bias: torch.Tensor  # (B, 1, T, T)
+    attn_bias: AttentionMask  # (B, 1, T, T) as a per-position description (.dense_bias() expands it)
     target_pos: torch.Tensor  # (B, Lmax) index of the hidden state whose logits predict response token i
     response_pos: torch.Tensor  # (B, Lmax) index of response token i's own (noisy) input position
 
@@ -49,12 +53,17 @@ class PackedBatch:
 class DiffusionPolicy:
     """A HF causal-LM-shaped model plus its diffusion spec and tokenizer."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, spec: DiffusionSpec, source: dict | None = None):
+    def __init__(self, model: torch.nn.Module, tokenizer, spec: DiffusionSpec, source: dict | None = None,
+                 attention_kernel: str = "auto"):
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec
         # How the checkpoint was laid out on disk (format, original config, code files), so saving round-trips.
         self.source = dict(source or {})
+        # Which kernel runs masks given as descriptions (attention.KERNELS); may be changed between forwards.
+        self.attention_kernel = attention.check_kernel(attention_kernel)
+        if self.native:  # the layers read descriptions through diffrl's dispatcher (dense tensors: unchanged)
+            attention.install(self.causal_lm)
 
     # ----------------------------------------------------------------------------------------------- modules
     @property
@@ -70,6 +79,11 @@ class DiffusionPolicy:
         """True when the trunk and head are separable (transformers' own classes), so logits can be sparse."""
         lm = self.causal_lm
         return hasattr(lm, "model") and hasattr(lm, "lm_head") and not self.source.get("remote_code", False)
+
+    @property
+    def attn_implementation(self) -> str:
+        """The transformers attention implementation the model was loaded with (sdpa, eager, flex_attention)."""
+        return attention.base_implementation(self.causal_lm.config)
 
     @property
     def device(self) -> torch.device:
@@ -91,7 +105,7 @@ class DiffusionPolicy:
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
-        attn_bias: torch.Tensor,
+        attn_bias: torch.Tensor | AttentionMask,
         *,
         past_key_values=None,
         use_cache: bool = False,
@@ -99,12 +113,13 @@ class DiffusionPolicy:
         return_hidden: bool = False,
         compute_logits: bool = True,
     ) -> ForwardOutput:
-        """One forward pass. `attn_bias` is (B, 1, Q, past + Q); `logits_at` (B, K) indexes the Q positions."""
-        attn_bias = attn_bias.to(dtype=self.dtype)
+        """One forward pass. `attn_bias` is (B, 1, Q, past + Q): an AttentionMask (run by `attention_kernel`) or a
+        dense additive tensor (passed to the model as is); `logits_at` (B, K) indexes the Q positions."""
         if self.native:
+            mask_kwargs = self._mask_kwargs(attn_bias)
             out = self.causal_lm.model(
-                input_ids=input_ids, attention_mask=attn_bias, position_ids=position_ids,
-                past_key_values=past_key_values, use_cache=use_cache,
+                input_ids=input_ids, position_ids=position_ids,
+                past_key_values=past_key_values, use_cache=use_cache, **mask_kwargs,
             )
             hidden = out.last_hidden_state
             cache = out.past_key_values if use_cache else None
@@ -116,6 +131,18 @@ class DiffusionPolicy:
         return self._remote_forward(input_ids, position_ids, attn_bias, past_key_values, use_cache, logits_at,
                                     return_hidden)
 
+    def _mask_kwargs(self, mask: torch.Tensor | AttentionMask) -> dict:
+        """How a mask reaches transformers: a dense tensor as attention_mask; a description as the keyword the
+        dispatcher (attention.py) reads, with the kernel resolved for this forward (dense: expanded here)."""
+        if isinstance(mask, torch.Tensor):
+            return {"attention_mask": mask.to(dtype=self.dtype)}
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.model.parameters())
+        kernel = attention.resolve_kernel(self.attention_kernel, self.device, needs_grad)
+        attention.log_kernel_once(kernel)
+        if kernel == "dense":
+            return {"attention_mask": mask.dense_bias(self.dtype)}
+        return {"attention_mask": None, attention.MASK_KWARG: attention.KernelCall(mask.to(self.device), kernel)}
+
     def _remote_forward(self, input_ids, position_ids, attn_bias, past_key_values, use_cache, logits_at,
                         return_hidden) -> ForwardOutput:
         """Models with their own code (LLaDA, Dream) are full-attention and take at most a 2D padding mask.
@@ -126,7 +153,13 @@ class DiffusionPolicy:
         if self.spec.is_block:
             raise ValueError("model: block-causal decoding needs transformers' own classes, not remote code")
         accepted = _forward_params(self.model)
-        key_valid = (attn_bias[:, 0] == 0).any(dim=1)
+        if isinstance(attn_bias, AttentionMask):
+            if not attn_bias.full or bool((attn_bias.k_doc != attn_bias.k_doc[:, :1]).any()):
+                raise ValueError("model: a model with its own code takes a padding mask only (full attention, one "
+                                 "document per row)")
+            key_valid = attn_bias.k_valid
+        else:
+            key_valid = (attn_bias[:, 0] == 0).any(dim=1)
         kwargs = {"input_ids": input_ids}
         if not bool(key_valid.all()):
             kwargs["attention_mask"] = key_valid.long()
@@ -179,7 +212,7 @@ class DiffusionPolicy:
             length = row["response_pos"].numel()
             response_pos[b, :length] = row["response_pos"]
             target_pos[b, :length] = row["response_pos"] - (1 if spec.logits_shift else 0)
-        bias = attention_bias(
+        bias = AttentionMask.build(
             blocks, blocks, key_valid, q_noisy=noisy_flag, k_noisy=noisy_flag, full=not spec.is_block
         )
         device = self.device
