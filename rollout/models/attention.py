@@ -61,6 +61,7 @@ class AttentionMask:
     q_doc: torch.Tensor  # (B, Q) long
     k_doc: torch.Tensor  # (B, K) long
     full: bool = False
+    documents: bool = False  # document ids were given (a packed batch)
     _memo: dict = field(default_factory=dict, repr=False)  # chunk plans and kept biases of the forward
 
     @classmethod
@@ -77,6 +78,7 @@ class AttentionMask:
         device = q_block.device
         q_noisy = torch.zeros_like(q_block, dtype=torch.bool) if q_noisy is None else q_noisy.bool()
         k_noisy = torch.zeros_like(k_block, dtype=torch.bool) if k_noisy is None else k_noisy.bool()
+        documents = q_doc is not None
         q_doc = torch.zeros_like(q_block) if q_doc is None else q_doc.long()
         k_doc = torch.zeros_like(k_block) if k_doc is None else k_doc.long()
         for name, t, ref in (("q_noisy", q_noisy, q_block), ("q_doc", q_doc, q_block),
@@ -84,7 +86,7 @@ class AttentionMask:
             if t.shape != ref.shape:
                 raise ValueError(f"attention mask: {name} {tuple(t.shape)} != {tuple(ref.shape)}")
         return cls(q_block.long().to(device), k_block.long().to(device), k_valid.bool().to(device),
-                   q_noisy.to(device), k_noisy.to(device), q_doc.to(device), k_doc.to(device), bool(full))
+                   q_noisy.to(device), k_noisy.to(device), q_doc.to(device), k_doc.to(device), bool(full), documents)
 
     # ------------------------------------------------------------------------------------------- geometry
     @property
@@ -97,16 +99,16 @@ class AttentionMask:
         return self.q_block.device
 
     def to(self, device) -> "AttentionMask":
-        return AttentionMask(*(t.to(device) for t in self._tensors()), full=self.full)
+        return AttentionMask(*(t.to(device) for t in self._tensors()), full=self.full, documents=self.documents)
 
     def select_rows(self, index: torch.Tensor) -> "AttentionMask":
         """The batch rows `index` (the dense mask's mask[index])."""
-        return AttentionMask(*(t[index] for t in self._tensors()), full=self.full)
+        return AttentionMask(*(t[index] for t in self._tensors()), full=self.full, documents=self.documents)
 
     def query_window(self, lo: int, hi: int) -> "AttentionMask":
         """Queries lo .. hi-1 against every key (the dense mask's mask[:, :, lo:hi, :])."""
         qb, kb, kv, qn, kn, qd, kd = self._tensors()
-        return AttentionMask(qb[:, lo:hi], kb, kv, qn[:, lo:hi], kn, qd[:, lo:hi], kd, full=self.full)
+        return AttentionMask(qb[:, lo:hi], kb, kv, qn[:, lo:hi], kn, qd[:, lo:hi], kd, full=self.full, documents=self.documents)
 
     def _tensors(self):
         return (self.q_block, self.k_block, self.k_valid, self.q_noisy, self.k_noisy, self.q_doc, self.k_doc)
@@ -280,12 +282,19 @@ def chunk_plan(mask: AttentionMask) -> list[_Chunk]:
         return plan
     bsz, _, q_len, k_len = mask.shape
     rows = max(MIN_ROWS, CHUNK_ELEMENTS // max(1, bsz * k_len))
+    # Trimming reads the chunk's key range back (a host sync per chunk and forward): worth it only when there are
+    # several chunks of a block layout. A single chunk (decoding: a block of queries) or full attention (every
+    # valid key seen) keeps every column and reads nothing back, so decoding steps stay at one host sync.
+    trim = q_len > rows and not mask.full
     plan, kept = [], 0
     for q_lo in range(0, q_len, rows):
         q_hi = min(q_len, q_lo + rows)
         allowed = mask.visible(q_lo, q_hi)
-        seen = allowed.any(dim=1).any(dim=0).nonzero()  # key columns some query of the chunk sees
-        k_lo, k_hi = (int(seen[0]), int(seen[-1]) + 1) if seen.numel() else (0, k_len)
+        k_lo, k_hi = 0, k_len
+        if trim:
+            seen = allowed.any(dim=1).any(dim=0).nonzero()  # key columns some query of the chunk sees
+            if seen.numel():
+                k_lo, k_hi = int(seen[0]), int(seen[-1]) + 1
         chunk = _Chunk(q_lo, q_hi, k_lo, k_hi)
         plan.append(chunk)
         size = bsz * (q_hi - q_lo) * (k_hi - k_lo)

@@ -154,7 +154,7 @@ class DiffusionPolicy:
             raise ValueError("model: block-causal decoding needs transformers' own classes, not remote code")
         accepted = _forward_params(self.model)
         if isinstance(attn_bias, AttentionMask):
-            if not attn_bias.full or bool((attn_bias.k_doc != attn_bias.k_doc[:, :1]).any()):
+            if not attn_bias.full or attn_bias.documents:
                 raise ValueError("model: a model with its own code takes a padding mask only (full attention, one "
                                  "document per row)")
             key_valid = attn_bias.k_valid

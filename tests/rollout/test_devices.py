@@ -83,7 +83,7 @@ def test_attention_kernels_honour_block_diffusion_masks(tiny_model_dirs, attn):
     (benchmarks/gpu_smoke.py --attn flex_attention compares it with sdpa on a GPU)."""
     model_dir = tiny_model_dirs["sdar"]
     policy = load_policy(model_dir, attn_implementation=attn)
-    assert policy.causal_lm.config._attn_implementation == attn
+    assert policy.attn_implementation == attn  # under diffrl's dispatcher (rollout/models/attention.py)
     prompt_len, ids = 5, _models._random_ids(policy, 5 + 8, seed=11)
     ours = _models._full_logits(policy, ids, prompt_len)
     blocks = sequence_block_ids(prompt_len, 8, 4)
