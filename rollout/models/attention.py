@@ -114,12 +114,12 @@ class AttentionMask:
         return (self.q_block, self.k_block, self.k_valid, self.q_noisy, self.k_noisy, self.q_doc, self.k_doc)
 
     # ------------------------------------------------------------------------------------------ the rule
-    def visible(self, q_lo: int = 0, q_hi: int | None = None) -> torch.Tensor:
-        """(B, q_hi - q_lo, K) bool: which keys queries q_lo .. q_hi-1 see."""
-        q = slice(q_lo, q_hi)
-        return visible_pairs(self.q_block[:, q, None], self.k_block[:, None, :], self.q_noisy[:, q, None],
-                             self.k_noisy[:, None, :], self.k_valid[:, None, :], self.q_doc[:, q, None],
-                             self.k_doc[:, None, :], self.full)
+    def visible(self, q_lo: int = 0, q_hi: int | None = None, k_lo: int = 0, k_hi: int | None = None) -> torch.Tensor:
+        """(B, q_hi - q_lo, k_hi - k_lo) bool: which keys k_lo .. k_hi-1 queries q_lo .. q_hi-1 see."""
+        q, k = slice(q_lo, q_hi), slice(k_lo, k_hi)
+        return visible_pairs(self.q_block[:, q, None], self.k_block[:, None, k], self.q_noisy[:, q, None],
+                             self.k_noisy[:, None, k], self.k_valid[:, None, k], self.q_doc[:, q, None],
+                             self.k_doc[:, None, k], self.full)
 
     def dense_bias(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The additive (B, 1, Q, K) mask (0 = attend, dtype-min = blocked), masks.attention_bias's convention."""
@@ -309,7 +309,7 @@ def _chunk_allowed(mask: AttentionMask, chunk: _Chunk) -> torch.Tensor:
     kept = mask._memo.get(chunk)
     if kept is not None:
         return kept
-    return with_empty_rows_open(mask.visible(chunk.q_lo, chunk.q_hi)[:, :, chunk.k_lo:chunk.k_hi])
+    return with_empty_rows_open(mask.visible(chunk.q_lo, chunk.q_hi, chunk.k_lo, chunk.k_hi))
 
 
 def _chunk_attention(query, key, value, mask: AttentionMask, chunk: _Chunk, scaling) -> torch.Tensor:
