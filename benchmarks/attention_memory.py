@@ -9,7 +9,7 @@ of 64 tokens, responses of L tokens with half of them masked, scored through `sc
 unmeasured warm-up call on 32-token responses, so peak RSS is clean:
 - forward: no-grad scoring (old log-probs, reference model); peak RSS above the RSS before it (VmHWM reset first);
 - train: scoring with gradients + backward of the summed log-probs; peak RSS above the RSS before it.
-Time is the best of `--repeats` runs (1 beyond 2k tokens). Dense is skipped where its mask would not fit: an
+Time is the best of `--repeats` runs (1 beyond 2k tokens), on one torch thread. Dense is skipped where its mask would not fit: an
 estimate of 4 x the (B, 1, T, T) fp32 mask above --dense-limit-gib (the dense forward measured ~2x the mask).
 """
 from __future__ import annotations
@@ -45,6 +45,7 @@ def measure(kernel: str, length: int, mode: str, batch: int, prompt: int, repeat
     from rollout.models.loading import load_policy
 
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # the box is shared: one thread keeps timings comparable between kernels
     policy = load_policy(model_dir, attention_kernel=kernel)
     g = torch.Generator().manual_seed(0)
     vocab = len(policy.tokenizer)
@@ -107,7 +108,7 @@ def main() -> None:
     model_dir = make_tiny_policy("sdar", tempfile.mkdtemp() + "/tiny", seed=0,
                                  max_positions=args.prompt + 2 * max(args.lengths) + 64)
     rows = []
-    print(f"# batch {args.batch}, prompt {args.prompt}, tiny sdar model, torch threads {os.cpu_count()} cores")
+    print(f"# batch {args.batch}, prompt {args.prompt}, tiny sdar model, 1 torch thread, {os.cpu_count()} cores")
     print("| response L | T | kernel | forward peak (MiB) | forward (s) | fwd+bwd peak (MiB) | fwd+bwd (s) |")
     print("|---:|---:|---|---:|---:|---:|---:|")
     for length in args.lengths:

@@ -13,8 +13,10 @@ the model's attention layers read that description through transformers' attenti
   Under autograd a chunk whose bias is not kept is recomputed in backward (torch.utils.checkpoint), so no
   (Q x K) bias per layer is saved for backward.
 - "dense": the description expanded to the additive mask (the reference, and an explicit fallback).
-- "auto": flex on CUDA, chunked elsewhere (measured in BENCHMARKS.md: on CPU flex only runs without gradients,
-  compiles for every new shape bucket and pads decoding's few query rows up to a 128-row tile).
+- "auto": flex on CUDA for forwards of at least FLEX_MIN_QUERIES queries (the training layout, uncached decoding),
+  chunked otherwise: a cached decoding step's few queries make a (B, 1, Q, K) mask that is already O(K), and flex
+  would pad them to a 128-row tile. On CPU always chunked (BENCHMARKS.md): FlexAttention has no CPU backward in
+  torch 2.13 and compiles for every new shape bucket.
 
 The visibility rule (shared with masks.attention_bias; ISSUE 13): query q sees key k iff v[k], d[q] == d[k] and
   full:             True
@@ -45,8 +47,10 @@ DISPATCH_PREFIX = "diffrl_"
 # Chunked kernel: elements of one chunk's (B, C, K) mask; the chunk's rows C follow from it (at least MIN_ROWS).
 CHUNK_ELEMENTS = 2 ** 22
 MIN_ROWS = 64
-# Chunk biases kept for the layers of one forward (shared, so autograd saves them once), in elements.
+# Chunk biases kept for the layers of one forward, in elements: every layer reuses the same additive tensors, so
+# autograd saves them once (a bias built per layer would be saved per layer).
 KEEP_ELEMENTS = 2 ** 23
+FLEX_MIN_QUERIES = 128  # auto on CUDA: flex from this many queries on (one FlexAttention tile)
 
 
 @dataclass(frozen=True, eq=False)
@@ -153,11 +157,13 @@ def check_kernel(kernel: str) -> str:
     return kernel
 
 
-def resolve_kernel(kernel: str, device: torch.device, needs_grad: bool) -> str:
-    """The kernel a forward runs: `auto` is flex on CUDA (when FlexAttention imports) and chunked elsewhere."""
+def resolve_kernel(kernel: str, device: torch.device, needs_grad: bool, q_len: int | None = None) -> str:
+    """The kernel a forward of `q_len` queries runs: `auto` is flex on CUDA (when FlexAttention imports) for
+    at least FLEX_MIN_QUERIES queries, chunked otherwise."""
     check_kernel(kernel)
     if kernel == "auto":
-        return "flex" if device.type == "cuda" and flex_available() else "chunked"
+        large = q_len is None or q_len >= FLEX_MIN_QUERIES
+        return "flex" if device.type == "cuda" and large and flex_available() else "chunked"
     if kernel == "flex":
         if not flex_available():
             raise RuntimeError(f"model.attention_kernel: flex needs torch.nn.attention.flex_attention "
@@ -300,20 +306,25 @@ def chunk_plan(mask: AttentionMask) -> list[_Chunk]:
         size = bsz * (q_hi - q_lo) * (k_hi - k_lo)
         if kept + size <= KEEP_ELEMENTS:  # short sequences: every layer reuses the chunk's mask
             kept += size
-            mask._memo[chunk] = with_empty_rows_open(allowed[:, :, k_lo:k_hi])
+            mask._memo[chunk] = with_empty_rows_open(allowed[:, :, k_lo:k_hi])  # bool until the dtype is known
     mask._memo["plan"] = plan
     return plan
 
 
-def _chunk_allowed(mask: AttentionMask, chunk: _Chunk) -> torch.Tensor:
-    kept = mask._memo.get(chunk)
-    if kept is not None:
-        return kept
-    return with_empty_rows_open(mask.visible(chunk.q_lo, chunk.q_hi, chunk.k_lo, chunk.k_hi))
+def _chunk_bias(mask: AttentionMask, chunk: _Chunk, dtype: torch.dtype) -> torch.Tensor:
+    """The chunk's additive (B, 1, C, K') bias: built once per forward for kept chunks, else now."""
+    allowed = mask._memo.get(chunk)
+    if allowed is None:
+        allowed = with_empty_rows_open(mask.visible(chunk.q_lo, chunk.q_hi, chunk.k_lo, chunk.k_hi))
+        return additive(allowed, dtype)[:, None]
+    bias = mask._memo.get((chunk, dtype))
+    if bias is None:
+        bias = mask._memo[(chunk, dtype)] = additive(allowed, dtype)[:, None]
+    return bias
 
 
 def _chunk_attention(query, key, value, mask: AttentionMask, chunk: _Chunk, scaling) -> torch.Tensor:
-    bias = additive(_chunk_allowed(mask, chunk), query.dtype)[:, None]
+    bias = _chunk_bias(mask, chunk, query.dtype)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scaling,
                                           enable_gqa=key.shape[1] != query.shape[1])
 
@@ -324,6 +335,10 @@ def chunked_attention(query, key, value, mask: AttentionMask, scaling) -> torch.
         raise RuntimeError(f"attention: mask {tuple(mask.shape)} for queries {tuple(query.shape)} and keys "
                            f"{tuple(key.shape)}")
     grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    if key.shape[1] != query.shape[1] and query.device.type != "cpu":
+        # Masked GQA sends CUDA SDPA to its math kernel (transformers repeats the KV heads for the same reason).
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     outs = []
     for chunk in chunk_plan(mask):
         q = query[:, :, chunk.q_lo:chunk.q_hi]

@@ -137,7 +137,7 @@ class DiffusionPolicy:
         if isinstance(mask, torch.Tensor):
             return {"attention_mask": mask.to(dtype=self.dtype)}
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.model.parameters())
-        kernel = attention.resolve_kernel(self.attention_kernel, self.device, needs_grad)
+        kernel = attention.resolve_kernel(self.attention_kernel, self.device, needs_grad, q_len=mask.shape[2])
         attention.log_kernel_once(kernel)
         if kernel == "dense":
             return {"attention_mask": mask.dense_bias(self.dtype)}

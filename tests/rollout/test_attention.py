@@ -233,7 +233,8 @@ def test_chunked_kernel_never_builds_a_full_mask(tiny_policies, monkeypatch):
 def test_kernel_selection_is_explicit_and_logged(tiny_policies, caplog):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_kernel("auto", cpu, needs_grad=True) == "chunked"
-    assert resolve_kernel("auto", cuda, needs_grad=True) == "flex"
+    assert resolve_kernel("auto", cuda, needs_grad=True, q_len=4096) == "flex"
+    assert resolve_kernel("auto", cuda, needs_grad=False, q_len=8) == "chunked"  # a cached decoding step
     assert resolve_kernel("flex", cpu, needs_grad=False) == "flex"
     with pytest.raises(RuntimeError, match="model.attention_kernel: flex has no backward on CPU"):
         resolve_kernel("flex", cpu, needs_grad=True)
