@@ -253,3 +253,26 @@ def test_kernel_selection_is_explicit_and_logged(tiny_policies, caplog):
         attention._LOGGED = saved
     lines = [r.getMessage() for r in caplog.records if r.name == "rollout.models.attention"]
     assert lines == ["attention: chunked (exact, O(T) mask state)"]
+
+
+@pytest.mark.slow  # one more FlexAttention compile (the 640 bucket): ~12 s of CPU
+def test_flex_block_mask_over_several_tiles(tiny_policies):
+    """A 5 x 5-tile BlockMask (T = 621, bucket 640): tiles skipped, tiles run whole (no mask_mod) and partial tiles
+    all occur, and the logits still equal the dense path's (the single-tile cases above cannot tell them apart)."""
+    from rollout.models.attention_flex import TILE, build_block_mask, bucket
+
+    policy = tiny_policies["sdar"]
+    prompts, responses, noisy = _batch(policy, seed=2, prompt_lens=(21, 30), response_lens=(300, 280))
+    packed = policy.pack(prompts, responses, noisy)
+    t = packed.input_ids.shape[1]
+    pad = bucket(t)
+    assert pad // TILE == 5
+    blocks = build_block_mask(packed.attn_bias, pad, pad)
+    partial, whole = blocks.kv_num_blocks.sum().item(), blocks.full_kv_num_blocks.sum().item()
+    assert partial > 0 and whole > 0 and partial + whole < 2 * 5 * 5  # some tiles are skipped
+    valid = packed.attn_bias.k_valid
+    with torch.no_grad():
+        ref = policy.forward(packed.input_ids, packed.position_ids, _reference_bias(packed.attn_bias)).logits
+        with _Kernel(policy, "flex"):
+            ours = policy.forward(packed.input_ids, packed.position_ids, packed.attn_bias).logits
+    assert (ours - ref)[valid].abs().max().item() <= TOL
