@@ -121,33 +121,46 @@ class AttentionMask:
     def visible(self, q_lo: int = 0, q_hi: int | None = None, k_lo: int = 0, k_hi: int | None = None) -> torch.Tensor:
         """(B, q_hi - q_lo, k_hi - k_lo) bool: which keys k_lo .. k_hi-1 queries q_lo .. q_hi-1 see."""
         q, k = slice(q_lo, q_hi), slice(k_lo, k_hi)
-        return visible_pairs(self.q_block[:, q, None], self.k_block[:, None, k], self.q_noisy[:, q, None],
-                             self.k_noisy[:, None, k], self.k_valid[:, None, k], self.q_doc[:, q, None],
-                             self.k_doc[:, None, k], self.full)
+        qb, kb = self.q_block[:, q, None], self.k_block[:, None, k]
+        qn, kn = self.q_noisy[:, q, None], self.k_noisy[:, None, k]
+        # visible_pairs, computed in place: at most three (B, C, K) booleans alive instead of eight.
+        allowed = self.q_doc[:, q, None] == self.k_doc[:, None, k]
+        allowed &= self.k_valid[:, None, k]
+        if self.full:
+            return allowed
+        rule = kb < qb
+        rule &= ~kn
+        same = kb == qb
+        same &= qn == kn
+        rule |= same
+        del same
+        allowed &= rule
+        return allowed
 
     def dense_bias(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The additive (B, 1, Q, K) mask (0 = attend, dtype-min = blocked), masks.attention_bias's convention."""
-        return additive(with_empty_rows_open(self.visible()), dtype)[:, None]
+        return additive(open_empty_rows_(self.visible()), dtype)[:, None]
 
 
 def visible_pairs(qb, kb, qn, kn, kv, qd, kd, full: bool) -> torch.Tensor:
-    """The visibility rule on broadcastable per-position tensors (queries on dim -2, keys on dim -1)."""
+    """The visibility rule on broadcastable per-position tensors (queries on dim -2, keys on dim -1), as one
+    expression (FlexAttention's mask_mod). The rule read by block: an earlier block's key is seen when it is clean;
+    a key of the query's own block when both are clean or both noisy; a later block's never."""
     allowed = kv & (qd == kd)
     if full:
         return allowed
-    clean_key_seen = ~kn & ((kb < qb) | ((kb == qb) & ~qn))
-    noisy_key_seen = kn & qn & (kb == qb)
-    return allowed & (clean_key_seen | noisy_key_seen)
+    return allowed & torch.where(kb == qb, kn == qn, (kb < qb) & ~kn)
 
 
-def with_empty_rows_open(allowed: torch.Tensor) -> torch.Tensor:
-    """A query row with no visible key attends everywhere instead of producing NaN (its output is ignored)."""
-    return allowed | ~allowed.any(dim=-1, keepdim=True)
+def open_empty_rows_(allowed: torch.Tensor) -> torch.Tensor:
+    """In place: a query row with no visible key attends everywhere instead of producing NaN (output ignored)."""
+    return allowed.logical_or_(~allowed.any(dim=-1, keepdim=True))
 
 
 def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+    """0 where allowed, dtype-min elsewhere (one allocation)."""
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
 # ---------------------------------------------------------------------------------------- kernel choice
@@ -306,7 +319,7 @@ def chunk_plan(mask: AttentionMask) -> list[_Chunk]:
         size = bsz * (q_hi - q_lo) * (k_hi - k_lo)
         if kept + size <= KEEP_ELEMENTS:  # short sequences: every layer reuses the chunk's mask
             kept += size
-            mask._memo[chunk] = with_empty_rows_open(allowed[:, :, k_lo:k_hi])  # bool until the dtype is known
+            mask._memo[chunk] = open_empty_rows_(allowed[:, :, k_lo:k_hi].clone())  # bool until the dtype is known
     mask._memo["plan"] = plan
     return plan
 
@@ -315,7 +328,7 @@ def _chunk_bias(mask: AttentionMask, chunk: _Chunk, dtype: torch.dtype) -> torch
     """The chunk's additive (B, 1, C, K') bias: built once per forward for kept chunks, else now."""
     allowed = mask._memo.get(chunk)
     if allowed is None:
-        allowed = with_empty_rows_open(mask.visible(chunk.q_lo, chunk.q_hi, chunk.k_lo, chunk.k_hi))
+        allowed = open_empty_rows_(mask.visible(chunk.q_lo, chunk.q_hi, chunk.k_lo, chunk.k_hi))
         return additive(allowed, dtype)[:, None]
     bias = mask._memo.get((chunk, dtype))
     if bias is None:
