@@ -95,6 +95,9 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dense-limit-gib", type=float, default=12.0)
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                        help="run the measurements with glibc's MALLOC_MMAP_THRESHOLD_ fixed (freed blocks above it "
+                             "go back to the OS at once: the peak is then the live memory, not what malloc kept)")
     parser.add_argument("--one", nargs=4, metavar=("KERNEL", "LENGTH", "MODE", "MODEL_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -108,7 +111,9 @@ def main() -> None:
     model_dir = make_tiny_policy("sdar", tempfile.mkdtemp() + "/tiny", seed=0,
                                  max_positions=args.prompt + 2 * max(args.lengths) + 64)
     rows = []
-    print(f"# batch {args.batch}, prompt {args.prompt}, tiny sdar model, 1 torch thread, {os.cpu_count()} cores")
+    malloc = "default" if args.malloc_mmap_threshold is None else f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}"
+    print(f"# batch {args.batch}, prompt {args.prompt}, tiny sdar model, 1 torch thread, {os.cpu_count()} cores, "
+          f"glibc malloc {malloc}")
     print("| response L | T | kernel | forward peak (MiB) | forward (s) | fwd+bwd peak (MiB) | fwd+bwd (s) |")
     print("|---:|---:|---|---:|---:|---:|---:|")
     for length in args.lengths:
@@ -122,7 +127,10 @@ def main() -> None:
             for mode in ("forward", "train"):
                 cmd = [sys.executable, __file__, "--one", kernel, str(length), mode, model_dir, "--batch",
                        str(args.batch), "--prompt", str(args.prompt), "--repeats", str(args.repeats)]
-                done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+                env = dict(os.environ)
+                if args.malloc_mmap_threshold is not None:
+                    env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+                done = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if done.returncode != 0:
                     tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
                     cells += [f"failed (rc {done.returncode}): {tail[:80]}", ""]

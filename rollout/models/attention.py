@@ -45,8 +45,8 @@ KERNELS = ("auto", "dense", "chunked", "flex")
 MASK_KWARG = "diffrl_mask"  # the keyword carrying the AttentionMask from the policy's forward to the layers
 DISPATCH_PREFIX = "diffrl_"
 # Chunked kernel: elements of one chunk's (B, C, K) mask; the chunk's rows C follow from it (at least MIN_ROWS).
-CHUNK_ELEMENTS = 2 ** 22
-MIN_ROWS = 64
+CHUNK_ELEMENTS = 2 ** 20
+MIN_ROWS = 16
 # Chunk biases kept for the layers of one forward, in elements: every layer reuses the same additive tensors, so
 # autograd saves them once (a bias built per layer would be saved per layer).
 KEEP_ELEMENTS = 2 ** 23

@@ -139,9 +139,10 @@ class DiffusionPolicy:
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.model.parameters())
         kernel = attention.resolve_kernel(self.attention_kernel, self.device, needs_grad, q_len=mask.shape[2])
         attention.log_kernel_once(kernel)
+        mask = mask.to(self.device)  # a fresh record: its memo (chunk plans, BlockMask) lives for this forward
         if kernel == "dense":
             return {"attention_mask": mask.dense_bias(self.dtype)}
-        return {"attention_mask": None, attention.MASK_KWARG: attention.KernelCall(mask.to(self.device), kernel)}
+        return {"attention_mask": None, attention.MASK_KWARG: attention.KernelCall(mask, kernel)}
 
     def _remote_forward(self, input_ids, position_ids, attn_bias, past_key_values, use_cache, logits_at,
                         return_hidden) -> ForwardOutput:
