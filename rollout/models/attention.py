@@ -46,7 +46,7 @@ MASK_KWARG = "diffrl_mask"  # the keyword carrying the AttentionMask from the po
 DISPATCH_PREFIX = "diffrl_"
 # Chunked kernel: elements of one chunk's (B, C, K) mask; the chunk's rows C follow from it (at least MIN_ROWS).
 CHUNK_ELEMENTS = 2 ** 20
-MIN_ROWS = 16
+MIN_ROWS = 64
 # Chunk biases kept for the layers of one forward, in elements: every layer reuses the same additive tensors, so
 # autograd saves them once (a bias built per layer would be saved per layer).
 KEEP_ELEMENTS = 2 ** 23
