@@ -352,10 +352,15 @@ def chunked_attention(query, key, value, mask: AttentionMask, scaling) -> torch.
         # Masked GQA sends CUDA SDPA to its math kernel (transformers repeats the KV heads for the same reason).
         groups = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    plan = chunk_plan(mask)
+    # split, not one slice per chunk: its backward writes every chunk's query gradient into one tensor, where each
+    # slice's backward would zero-fill a full (B, H, Q, D) gradient (O(Q^2 / C) traffic per layer).
+    queries = query.split([c.q_hi - c.q_lo for c in plan], dim=2)
     outs = []
-    for chunk in chunk_plan(mask):
-        q = query[:, :, chunk.q_lo:chunk.q_hi]
-        k, v = key[:, :, chunk.k_lo:chunk.k_hi], value[:, :, chunk.k_lo:chunk.k_hi]
+    for chunk, q in zip(plan, queries, strict=True):
+        full_keys = chunk.k_lo == 0 and chunk.k_hi == key.shape[2]
+        k = key if full_keys else key[:, :, chunk.k_lo:chunk.k_hi]
+        v = value if full_keys else value[:, :, chunk.k_lo:chunk.k_hi]
         if grad and chunk not in mask._memo:
             # The chunk's bias is built here, per layer: recompute it (and the chunk) in backward rather than
             # let autograd keep one (C x K') bias per chunk per layer, which would sum to O(T^2) per layer.
