@@ -6,8 +6,9 @@ described per position instead (`AttentionMask`: block ids, noisy flags, key val
 the model's attention layers read that description through transformers' attention interface:
 
 - "flex": PyTorch FlexAttention with a block-sparse `BlockMask` built from the description (attention_flex.py);
-  tiles the mask blocks entirely are skipped. Compiled once per shape bucket. Forward and backward on CUDA; on CPU
-  (torch 2.13) FlexAttention has no backward, so it serves no-grad forwards only (asking for gradients is an error).
+  tiles the mask blocks entirely are skipped. Compiled once per shape bucket (and batch size). Forward and backward
+  on CUDA (not run here: no GPU in the session that wrote it); on CPU (torch 2.13) FlexAttention has no backward, so
+  it serves no-grad forwards only (asking for gradients is a one-line error).
 - "chunked": exact, any device: queries in chunks of C rows, each chunk's (C, K') bias built from the description,
   K' trimmed to the key columns the chunk can see, SDPA on the chunk. Mask memory O(C x K) instead of O(Q x K).
   Under autograd a chunk whose bias is not kept is recomputed in backward (torch.utils.checkpoint), so no
@@ -21,6 +22,7 @@ the model's attention layers read that description through transformers' attenti
 The visibility rule (shared with masks.attention_bias; ISSUE 13): query q sees key k iff v[k], d[q] == d[k] and
   full:             True
   otherwise:        (~n[k] & (b[k] < b[q] | (b[k] == b[q] & ~n[q]))) | (n[k] & n[q] & b[k] == b[q])
+                  = b[k] == b[q] ? n[k] == n[q] : (b[k] < b[q] & ~n[k])   (the form computed here)
 which, with no noisy positions, is b[k] <= b[q] (block-causal). A query row with no visible key (a padding query)
 has its output ignored: dense and chunked let it attend everywhere, flex returns zeros; neither gives NaN.
 
@@ -45,6 +47,7 @@ KERNELS = ("auto", "dense", "chunked", "flex")
 MASK_KWARG = "diffrl_mask"  # the keyword carrying the AttentionMask from the policy's forward to the layers
 DISPATCH_PREFIX = "diffrl_"
 # Chunked kernel: elements of one chunk's (B, C, K) mask; the chunk's rows C follow from it (at least MIN_ROWS).
+# Measured (BENCHMARKS.md): 64-row chunks left glibc holding far less freed memory than 16-row ones.
 CHUNK_ELEMENTS = 2 ** 20
 MIN_ROWS = 64
 # Chunk biases kept for the layers of one forward, in elements: every layer reuses the same additive tensors, so
