@@ -6,9 +6,9 @@
 - One `mask_mod` (the training-layout rule with validity and documents) serves every layout: block-causal masks are
   that rule with no noisy positions, full attention is it with every block id 0. Its code never changes, only the
   tensors it closes over, so the compiled kernel is reused across forwards of the same shapes.
-- Shapes are padded up to buckets (multiples of TILE up to 1024, then eight steps per doubling), so compilation
-  happens once per bucket (and batch size / head geometry / dtype), not once per length. Padded keys are invalid;
-  padded queries are cut off the output. The per-position tensors are padded too, so `mask_mod` never reads past
+- Shapes are padded up to buckets (lengths: multiples of TILE up to 1024, then eight steps per doubling; batch: a
+  power of two), so compilation happens once per bucket (and head geometry / dtype), not once per length or per
+  number of rows still decoding. Padded keys are invalid; padded queries and rows are cut off the output. The per-position tensors are padded too, so `mask_mod` never reads past
   them: transformers' own flex path indexes a dense (B, 1, Q, K) score mask as `mask[b][0][q][kv]` in its
   score_mod, which segfaults the compiled CPU kernel under torch 2.13 (`mask[b, 0, q, kv]` does not; found while
   reproducing "flex_attention crashes on CPU"; diffrl no longer goes through that path).
@@ -31,19 +31,25 @@ def bucket(n: int) -> int:
     return -(-n // step) * step
 
 
-def _padded(mask: AttentionMask, q_pad: int, k_pad: int) -> dict[str, torch.Tensor]:
-    """The description's tensors padded to (B, q_pad) / (B, k_pad), normalised so one rule covers every layout."""
+def batch_bucket(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _padded(mask: AttentionMask, q_pad: int, k_pad: int, b_pad: int) -> dict[str, torch.Tensor]:
+    """The description's tensors padded to (b_pad, q_pad) / (b_pad, k_pad), normalised so one rule covers every
+    layout (padded rows have no valid key)."""
     q_extra, k_extra = q_pad - mask.q_block.shape[1], k_pad - mask.k_block.shape[1]
+    b_extra = b_pad - mask.q_block.shape[0]
     qb, kb = mask.q_block, mask.k_block
     qn, kn = mask.q_noisy, mask.k_noisy
     if mask.full:  # full attention = the general rule with one block and no noisy copy
         qb, kb = torch.zeros_like(qb), torch.zeros_like(kb)
         qn, kn = torch.zeros_like(qn), torch.zeros_like(kn)
     return {
-        "qb": F.pad(qb, (0, q_extra)), "kb": F.pad(kb, (0, k_extra)),
-        "qn": F.pad(qn, (0, q_extra)), "kn": F.pad(kn, (0, k_extra)),
-        "qd": F.pad(mask.q_doc, (0, q_extra)), "kd": F.pad(mask.k_doc, (0, k_extra)),
-        "kv": F.pad(mask.k_valid, (0, k_extra), value=False),
+        "qb": F.pad(qb, (0, q_extra, 0, b_extra)), "kb": F.pad(kb, (0, k_extra, 0, b_extra)),
+        "qn": F.pad(qn, (0, q_extra, 0, b_extra)), "kn": F.pad(kn, (0, k_extra, 0, b_extra)),
+        "qd": F.pad(mask.q_doc, (0, q_extra, 0, b_extra)), "kd": F.pad(mask.k_doc, (0, k_extra, 0, b_extra)),
+        "kv": F.pad(mask.k_valid, (0, k_extra, 0, b_extra), value=False),
     }
 
 
@@ -63,11 +69,12 @@ def _tile_flags(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return count[:, None], order[:, None]
 
 
-def build_block_mask(mask: AttentionMask, q_pad: int, k_pad: int):
+def build_block_mask(mask: AttentionMask, q_pad: int, k_pad: int, b_pad: int | None = None):
     from torch.nn.attention.flex_attention import BlockMask
 
-    t = _padded(mask, q_pad, k_pad)
-    bsz, n_q, n_k = mask.shape[0], q_pad // TILE, k_pad // TILE
+    bsz = mask.shape[0] if b_pad is None else b_pad
+    t = _padded(mask, q_pad, k_pad, bsz)
+    n_q, n_k = q_pad // TILE, k_pad // TILE
     some = torch.zeros((bsz, n_q, n_k), dtype=torch.bool, device=mask.device)
     every = torch.zeros_like(some)
     stripe = max(1, CHUNK_ELEMENTS // max(1, bsz * TILE * k_pad)) * TILE  # query rows per stripe
@@ -90,17 +97,18 @@ def flex_attention_forward(query, key, value, mask: AttentionMask, scaling) -> t
     if tuple(mask.shape) != (query.shape[0], 1, q_len, k_len):
         raise RuntimeError(f"attention: mask {tuple(mask.shape)} for queries {tuple(query.shape)} and keys "
                            f"{tuple(key.shape)}")
-    q_pad, k_pad = bucket(q_len), bucket(k_len)
-    memo_key = ("flex", q_pad, k_pad)
+    bsz = query.shape[0]
+    q_pad, k_pad, b_pad = bucket(q_len), bucket(k_len), batch_bucket(bsz)
+    memo_key = ("flex", q_pad, k_pad, b_pad)
     block_mask = mask._memo.get(memo_key)
     if block_mask is None:  # once per forward: every layer shares it
-        block_mask = mask._memo[memo_key] = build_block_mask(mask, q_pad, k_pad)
-    q = F.pad(query, (0, 0, 0, q_pad - q_len))
-    k = F.pad(key, (0, 0, 0, k_pad - k_len))
-    v = F.pad(value, (0, 0, 0, k_pad - k_len))
+        block_mask = mask._memo[memo_key] = build_block_mask(mask, q_pad, k_pad, b_pad)
+    q = F.pad(query, (0, 0, 0, q_pad - q_len, 0, 0, 0, b_pad - bsz))
+    k = F.pad(key, (0, 0, 0, k_pad - k_len, 0, 0, 0, b_pad - bsz))
+    v = F.pad(value, (0, 0, 0, k_pad - k_len, 0, 0, 0, b_pad - bsz))
     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
         out = _kernel()(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
-    return out[:, :, :q_len]
+    return out[:bsz, :, :q_len]
 
 
 def _kernel():
