@@ -168,12 +168,23 @@ def checkpoint(learner, root: Path) -> Path:
 
 
 def attention_check(model_dir: Path, attn: str, device: torch.device, dtype: torch.dtype) -> float:
-    """Max |log-prob difference| of `attn` against sdpa on one block-diffusion training layout."""
+    """Max |log-prob difference| of `attn` against sdpa on one block-diffusion training layout (dense masks)."""
+    return _logp_difference(model_dir, device, dtype, [dict(attn_implementation="sdpa", attention_kernel="dense"),
+                                                       dict(attn_implementation=attn, attention_kernel="dense")])
+
+
+def kernel_check(model_dir: Path, kernel: str, device: torch.device, dtype: torch.dtype) -> float:
+    """Max |log-prob difference| of a mask kernel (rollout/models/attention.py) against the dense mask."""
+    return _logp_difference(model_dir, device, dtype, [dict(attention_kernel="dense"),
+                                                       dict(attention_kernel=kernel)])
+
+
+def _logp_difference(model_dir: Path, device: torch.device, dtype: torch.dtype, loads: list[dict]) -> float:
     from rollout.models.loading import load_policy
 
     out = []
-    for impl in ("sdpa", attn):
-        policy = load_policy(model_dir, dtype=dtype, device=device, attn_implementation=impl)
+    for load in loads:
+        policy = load_policy(model_dir, dtype=dtype, device=device, **load)
         g = torch.Generator().manual_seed(1)
         prompts = [torch.randint(10, 60, (7,), generator=g), torch.randint(10, 60, (5,), generator=g)]
         responses = [torch.randint(10, 60, (8,), generator=g) for _ in prompts]
@@ -246,6 +257,9 @@ def run(args) -> dict[str, object]:
         del learner, rollout
         if args.attn and args.attn != "sdpa":
             figures[f"attn_{args.attn}_vs_sdpa_max_abs_logp"] = attention_check(model_dir, args.attn, device, dtype)
+        kernels = ("flex", "chunked") if device.type == "cuda" else ("chunked",)  # flex: no CPU backward
+        for kernel in kernels:
+            figures[f"attn_kernel_{kernel}_vs_dense_max_abs_logp"] = kernel_check(model_dir, kernel, device, dtype)
     return figures
 
 

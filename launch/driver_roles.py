@@ -53,6 +53,8 @@ def engine_options(recipe: Recipe) -> dict[str, Any]:
         options["block_alignment"] = recipe.model.block_alignment
     if recipe.model.attn_implementation is not None:
         options["attn_implementation"] = recipe.model.attn_implementation
+    if recipe.model.attention_kernel != "auto":
+        options["attention_kernel"] = recipe.model.attention_kernel
     return options
 
 
@@ -119,14 +121,15 @@ def learner_config(recipe: Recipe):
 
 def load_learner_policy(path: str, kind: str | None, block_size: int | None, dtype: str, trust_remote_code: bool,
                         lora: dict | None, device: str | torch.device = "cpu", seed: int | None = None,
-                        block_alignment: str | None = None, attn_implementation: str | None = None):
+                        block_alignment: str | None = None, attn_implementation: str | None = None,
+                        attention_kernel: str = "auto"):
     """Module-level (picklable) policy factory run inside each learner actor; the LearnerWorker passes the device
     it resolved (rollout.devices.actor_device)."""
     from rollout.models.loading import load_policy
 
     policy = load_policy(path, kind=kind, block_size=block_size, dtype=getattr(torch, dtype), device=device,
                          trust_remote_code=trust_remote_code, block_alignment=block_alignment,
-                         attn_implementation=attn_implementation)
+                         attn_implementation=attn_implementation, attention_kernel=attention_kernel)
     if lora is not None:
         from rollout.models.lora import apply_lora
 
@@ -140,7 +143,8 @@ def _policy_fn(recipe: Recipe, path) -> partial:
     return partial(load_learner_policy, str(path), recipe.model.declared_kind, decode_block(recipe),
                    recipe.model.dtype, recipe.model.trust_remote_code, lora, seed=recipe.seed,
                    block_alignment=recipe.model.block_alignment,
-                   attn_implementation=recipe.model.attn_implementation)
+                   attn_implementation=recipe.model.attn_implementation,
+                   attention_kernel=recipe.model.attention_kernel)
 
 
 def _strategy(group, bundle: int):

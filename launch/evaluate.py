@@ -363,6 +363,7 @@ def load_checkpoint_policy(checkpoint, run: EvalRun):
         return load_policy(checkpoint, kind=None if model.kind == "auto" else model.kind,
                            block_size=model.block_size, dtype=getattr(torch, dtype), device=run.device,
                            attn_implementation=model.attn_implementation,
+                           attention_kernel=model.attention_kernel,
                            trust_remote_code=model.trust_remote_code, block_alignment=model.block_alignment)
     if model.block_size is not None and model.block_size != checkpoint.spec.block_size:
         raise ValueError("--block-size: pass a checkpoint directory to decode with another block size")

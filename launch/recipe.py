@@ -77,6 +77,9 @@ class ModelSection(Section):
     # diffrl's masks are additive float 4D masks, which sdpa, eager and flex_attention honour; flash_attention_2
     # takes padding masks only (rejected: recipe_rules._attention).
     attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] | None = None
+    # How diffrl's block/document masks are run (rollout/models/attention.py): "auto" = FlexAttention BlockMask on
+    # CUDA, the exact chunked kernel elsewhere (both O(T) mask state); "dense" = the (B, 1, T, T) additive mask.
+    attention_kernel: Literal["auto", "dense", "chunked", "flex"] = "auto"
     trust_remote_code: bool = False
     lora: LoraSection | None = None
     gradient_checkpointing: bool = False  # HF per-layer (activation) checkpointing in the learner, any backend

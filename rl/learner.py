@@ -101,7 +101,8 @@ class Learner:
         if need_ref and not self.lora:
             if ref_policy is None:
                 frozen = copy.deepcopy(policy.model)
-                ref_policy = DiffusionPolicy(frozen, policy.tokenizer, policy.spec, policy.source)
+                ref_policy = DiffusionPolicy(frozen, policy.tokenizer, policy.spec, policy.source,
+                                             attention_kernel=policy.attention_kernel)
             ref_policy.model.requires_grad_(False).eval()
             self.ref_policy = ref_policy
         self.need_ref = bool(need_ref)
@@ -120,7 +121,8 @@ class Learner:
                 if value_policy is None:  # a plain copy of the policy (LoRA merged away) is the trunk
                     trunk = copy.deepcopy(policy.model)
                     trunk = trunk.merge_and_unload() if self.lora else trunk
-                    value_policy = DiffusionPolicy(trunk, policy.tokenizer, policy.spec, policy.source)
+                    value_policy = DiffusionPolicy(trunk, policy.tokenizer, policy.spec, policy.source,
+                                                   attention_kernel=policy.attention_kernel)
                 value_policy.model.requires_grad_(True)
                 self.value_policy = value_policy
                 modules["value_trunk"] = value_policy.model

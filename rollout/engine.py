@@ -156,7 +156,8 @@ class TorchEngine(RolloutEngine):
     def from_dir(cls, path: str | Path, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype | str = torch.float32, kind: str | None = None, block_size: int | None = None,
                  block_alignment: str | None = None, trust_remote_code: bool = False,
-                 attn_implementation: str | None = None, **options) -> "TorchEngine":
+                 attn_implementation: str | None = None, attention_kernel: str = "auto",
+                 **options) -> "TorchEngine":
         from rollout.models.loading import load_policy
 
         if isinstance(dtype, str):  # recipes and Ray calls name the dtype ("bfloat16")
@@ -166,7 +167,7 @@ class TorchEngine(RolloutEngine):
 
         policy = load_policy(path, kind=kind, block_size=block_size, block_alignment=block_alignment, dtype=dtype,
                              device=device, trust_remote_code=trust_remote_code,
-                             attn_implementation=attn_implementation)
+                             attn_implementation=attn_implementation, attention_kernel=attention_kernel)
         return cls(policy, **options)
 
     # --------------------------------------------------------------------------------------------- generate

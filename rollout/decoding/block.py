@@ -10,7 +10,8 @@ One forward per denoising step, over only the tokens that change:
   tokens are written to the cache in place and kept; the noisy block's KV lands after them and is overwritten by
   the next step (a "crop" that costs nothing);
 - rows advance independently (dynamic remasking finishes blocks at different steps): the cache keeps one committed
-  length per row and the mask says which columns each row sees (see kv_cache.py). When some row needs a commit and
+  length per row and the mask (per-column block ids and validity, attention.AttentionMask) says which columns each
+  row sees (see kv_cache.py). When some row needs a commit and
   others do not, the others' query slots are padded;
 - a request that stops (EOS block or budget) leaves the batch at once, so no compute is spent on it, and its
   cache slot goes to the next waiting request (continuous batching: `slots` rows decode at once, the cache holds
@@ -28,7 +29,8 @@ import torch
 from rollout.decoding import cache_columns
 from rollout.decoding.kv_cache import CacheUsage, RaggedKVCache, compaction_moves
 from rollout.decoding.state import BlockView, Row, denoise_rows, forward_at, share_state
-from rollout.models.masks import PAD_BLOCK, attention_bias
+from rollout.models.attention import AttentionMask
+from rollout.models.masks import PAD_BLOCK
 
 
 def decode_blocks_cached(policy, rows: list[Row], on_step: Callable[[int], None] | None = None,
@@ -77,7 +79,7 @@ def decode_blocks_cached(policy, rows: list[Row], on_step: Callable[[int], None]
         cols = offsets[:, None] + torch.arange(width, device=device)
         k_block = key_block[:, :view_len].clone().scatter_(1, cols, batch.block)
         k_valid = key_valid[:, :view_len].clone().scatter_(1, cols, batch.valid)
-        bias = attention_bias(batch.block, k_block, k_valid)
+        bias = AttentionMask.build(batch.block, k_block, k_valid)  # O(view) state; the policy's kernel runs it
         q_cols = view.q_col if batch.noisy_at is None else view.q_col + batch.noisy_at[view.q_row]
         logits = forward_at(policy, batch.ids, batch.pos, bias, view.q_row, q_cols, cache)
         if any(batch.commit):

@@ -22,7 +22,7 @@ import torch
 
 from rollout.decoding.kv_cache import CacheUsage, RaggedKVCache
 from rollout.decoding.state import BlockView, Row, denoise_rows, forward_at
-from rollout.models.masks import attention_bias
+from rollout.models.attention import AttentionMask
 
 CACHE_MODES = ("none", "prefix", "dual")
 
@@ -50,7 +50,7 @@ def decode_full(policy, rows: list[Row], cache_mode: str = "none",
         ids[i, pad:width_prompt] = row.prompt
         pos[i, pad:] = torch.arange(width - pad, device=device)
         valid[i, pad:] = True
-    full_bias = attention_bias(pos, pos, valid, full=True)
+    full_mask = AttentionMask.build(pos, pos, valid, full=True)  # per-position: no (rows, 1, W, W) tensor
     cache = None
     if cache_mode != "none":
         cache = RaggedKVCache.for_model(policy.causal_lm.config, len(rows), width, policy.dtype, device,
@@ -72,11 +72,11 @@ def decode_full(policy, rows: list[Row], cache_mode: str = "none",
             ids[view.col["row"], start:start + bs] = view.gather("tokens")
             if cache_mode == "none":
                 sel = view.col["row"]
-                batch_ids, batch_pos, bias = ids[sel], pos[sel], full_bias[sel]
+                batch_ids, batch_pos, bias = ids[sel], pos[sel], full_mask.select_rows(sel)
             else:
                 cache.prepare(torch.full((len(rows),), lo, device=device), hi - lo, view_len=width, bounds=(lo, lo))
                 batch_ids, batch_pos = ids[:, lo:hi], pos[:, lo:hi]
-                bias = full_bias[:, :, lo:hi, :]
+                bias = full_mask.query_window(lo, hi)
             q_rows = view.col["batch_row"][view.q_row]
             # Column of response position j is width_prompt + j; its logits come from shift columns earlier.
             q_cols = view.idx[view.q_row, view.q_col] + width_prompt - shift - lo

@@ -4,8 +4,9 @@ HF attention layers call `cache.update(key, value, layer_idx)` and attend to wha
 writes the new keys of row r at its own column offset and returns one view `[lo:hi, :, :view_len]` of the buffer:
 - nothing is allocated per step (the buffers are sized once for `slots` rows of prompt + response + one block);
 - rows may be at different blocks (dynamic remasking desynchronises them): each row has its own committed length,
-  and the additive attention mask decides which columns of the view a row's queries see. Attention does not care
-  about the order of keys (positions are already rotated into them), so a ragged layout is exact;
+  and the attention mask (per-column block ids and validity: attention.AttentionMask) decides which columns of
+  the view a row's queries see. Attention does not care about the order of keys (positions are already rotated
+  into them), so a ragged layout is exact;
 - "cropping" a noisy block is free: the committed length simply does not advance, the next step overwrites it;
 - a forward covers a contiguous range of slots (`prepare(..., rows=(lo, hi))`): the rows decoding together sit in
   slots [0, n), a newly admitted row is prefilled into a free slot >= n by a forward of its own (continuous

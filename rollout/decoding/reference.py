@@ -12,7 +12,8 @@ from typing import Callable
 import torch
 
 from rollout.decoding.state import BlockView, Row, denoise_rows, forward_at
-from rollout.models.masks import PAD_BLOCK, attention_bias
+from rollout.models.attention import AttentionMask
+from rollout.models.masks import PAD_BLOCK
 
 
 def decode_blocks_uncached(policy, rows: list[Row], on_step: Callable[[int], None] | None = None,
@@ -37,7 +38,7 @@ def decode_blocks_uncached(policy, rows: list[Row], on_step: Callable[[int], Non
             p, end = row.origin, row.block_end
             ids[i, width - p - end:width - end] = row.prompt[:p]
             ids[i, width - end:] = row.tokens[:end]  # the canvas: prompt tail (if any), then the response
-        bias = attention_bias(block, block, valid)
+        bias = AttentionMask.build(block, block, valid)
         q_cols = view.q_col + (start[:, 0] + view.col["origin"] + view.starts)[view.q_row]
         logits = forward_at(policy, ids, pos, bias, view.q_row, q_cols)
         counts, done, has_eos = view.read_step(denoise_rows(rows, logits, view))  # the step's one host sync

@@ -154,13 +154,18 @@ def load_policy(
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    attention_kernel: str = "auto",
 ) -> DiffusionPolicy:
     """Load a policy from a local directory; every failure is a one-line ModelLoadError naming the file.
 
     `block_size` / `block_alignment` override the checkpoint's (diffrl.json), else the kind's defaults: SDAR/TraDo
     checkpoints count blocks from the sequence start (`absolute`), diffrl's generic block models from the response.
     `attn_implementation`: one of ATTENTION_IMPLEMENTATIONS (None: sdpa; a model with its own code: its default).
+    `attention_kernel`: how masks described per position are run (rollout/models/attention.py KERNELS).
     """
+    from rollout.models.attention import check_kernel
+
+    check_kernel(attention_kernel)
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"{path}: checkpoint directory not found")
@@ -196,7 +201,7 @@ def load_policy(
     model.to(device)
     model.eval()
     source = {"format": kind, "config": config, "dir": str(path), "remote_code": remote}
-    return DiffusionPolicy(model, tokenizer, spec, source)
+    return DiffusionPolicy(model, tokenizer, spec, source, attention_kernel=attention_kernel)
 
 
 def save_policy(policy: DiffusionPolicy, out_dir: str | Path) -> Path:

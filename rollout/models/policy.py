@@ -1,8 +1,10 @@
 """DiffusionPolicy: a Hugging Face model driven as a diffusion LM (block-causal or full attention).
 
 The adapter owns the two forwards everything else is built on:
-- `forward`: raw model call with explicit position ids and an additive 4D mask, optional KV cache, logits
-  computed only at the positions asked for (the full-vocabulary projection is most of a small model's cost);
+- `forward`: raw model call with explicit position ids and an attention mask (a per-position description,
+  attention.AttentionMask, run by the kernel `attention_kernel` selects; or a dense additive 4D tensor), optional KV
+  cache, logits computed only at the positions asked for (the full-vocabulary projection is most of a small
+  model's cost);
 - `score_responses`: log p(response token | noisy state) for a batch, through the training layout
   `[prompt | clean response | noisy response]` for block models or `[prompt | noisy response]` for full-attention
   models, in one forward pass.
@@ -15,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from rollout.models import attention
+from rollout.models.attention import AttentionMask
 from rollout.models.layout import alignment_origin, arrange_rows, sample_layout  # noqa: F401 (re-exported)
 from rollout.models.masks import MaskLayout
 from rollout.models.spec import DiffusionSpec
@@ -44,7 +48,7 @@ class PackedBatch:
 
     input_ids: torch.Tensor  # (R, T)
     position_ids: torch.Tensor  # (R, T)
-    attn_bias: torch.Tensor  # (R, 1, T, T) dense additive mask, built from `mask`
+    attn_bias: AttentionMask  # (R, 1, T, T) as a per-position description (.dense_bias())
     target_pos: torch.Tensor  # (B, Lmax) index in row[b] of the hidden state whose logits predict response token i
     response_pos: torch.Tensor  # (B, Lmax) index in row[b] of response token i's own (noisy) input position
     mask: MaskLayout | None = None  # per-position mask inputs (block ids, noisy flags, validity, document ids)
@@ -57,12 +61,17 @@ class PackedBatch:
 class DiffusionPolicy:
     """A HF causal-LM-shaped model plus its diffusion spec and tokenizer."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, spec: DiffusionSpec, source: dict | None = None):
+    def __init__(self, model: torch.nn.Module, tokenizer, spec: DiffusionSpec, source: dict | None = None,
+                 attention_kernel: str = "auto"):
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec
         # How the checkpoint was laid out on disk (format, original config, code files), so saving round-trips.
         self.source = dict(source or {})
+        # Which kernel runs masks given as descriptions (attention.KERNELS); may be changed between forwards.
+        self.attention_kernel = attention.check_kernel(attention_kernel)
+        if self.native:  # the layers read descriptions through diffrl's dispatcher (dense tensors: unchanged)
+            attention.install(self.causal_lm)
 
     # ----------------------------------------------------------------------------------------------- modules
     @property
@@ -78,6 +87,11 @@ class DiffusionPolicy:
         """True when the trunk and head are separable (transformers' own classes), so logits can be sparse."""
         lm = self.causal_lm
         return hasattr(lm, "model") and hasattr(lm, "lm_head") and not self.source.get("remote_code", False)
+
+    @property
+    def attn_implementation(self) -> str:
+        """The transformers attention implementation the model was loaded with (sdpa, eager, flex_attention)."""
+        return attention.base_implementation(self.causal_lm.config)
 
     @property
     def device(self) -> torch.device:
@@ -99,7 +113,7 @@ class DiffusionPolicy:
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
-        attn_bias: torch.Tensor,
+        attn_bias: torch.Tensor | AttentionMask,
         *,
         past_key_values=None,
         use_cache: bool = False,
@@ -107,12 +121,13 @@ class DiffusionPolicy:
         return_hidden: bool = False,
         compute_logits: bool = True,
     ) -> ForwardOutput:
-        """One forward pass. `attn_bias` is (B, 1, Q, past + Q); `logits_at` (B, K) indexes the Q positions."""
-        attn_bias = attn_bias.to(dtype=self.dtype)
+        """One forward pass. `attn_bias` is (B, 1, Q, past + Q): an AttentionMask (run by `attention_kernel`) or a
+        dense additive tensor (passed to the model as is); `logits_at` (B, K) indexes the Q positions."""
         if self.native:
+            mask_kwargs = self._mask_kwargs(attn_bias)
             out = self.causal_lm.model(
-                input_ids=input_ids, attention_mask=attn_bias, position_ids=position_ids,
-                past_key_values=past_key_values, use_cache=use_cache,
+                input_ids=input_ids, position_ids=position_ids,
+                past_key_values=past_key_values, use_cache=use_cache, **mask_kwargs,
             )
             hidden = out.last_hidden_state
             cache = out.past_key_values if use_cache else None
@@ -124,6 +139,19 @@ class DiffusionPolicy:
         return self._remote_forward(input_ids, position_ids, attn_bias, past_key_values, use_cache, logits_at,
                                     return_hidden)
 
+    def _mask_kwargs(self, mask: torch.Tensor | AttentionMask) -> dict:
+        """How a mask reaches transformers: a dense tensor as attention_mask; a description as the keyword the
+        dispatcher (attention.py) reads, with the kernel resolved for this forward (dense: expanded here)."""
+        if isinstance(mask, torch.Tensor):
+            return {"attention_mask": mask.to(dtype=self.dtype)}
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.model.parameters())
+        kernel = attention.resolve_kernel(self.attention_kernel, self.device, needs_grad, q_len=mask.shape[2])
+        attention.log_kernel_once(kernel)
+        mask = mask.to(self.device)  # a fresh record: its memo (chunk plans, BlockMask) lives for this forward
+        if kernel == "dense":
+            return {"attention_mask": mask.dense_bias(self.dtype)}
+        return {"attention_mask": None, attention.MASK_KWARG: attention.KernelCall(mask, kernel)}
+
     def _remote_forward(self, input_ids, position_ids, attn_bias, past_key_values, use_cache, logits_at,
                         return_hidden) -> ForwardOutput:
         """Models with their own code (LLaDA, Dream) are full-attention and take at most a 2D padding mask.
@@ -134,7 +162,13 @@ class DiffusionPolicy:
         if self.spec.is_block:
             raise ValueError("model: block-causal decoding needs transformers' own classes, not remote code")
         accepted = _forward_params(self.model)
-        key_valid = (attn_bias[:, 0] == 0).any(dim=1)
+        if isinstance(attn_bias, AttentionMask):
+            if not attn_bias.full or attn_bias.documents:
+                raise ValueError("model: a model with its own code takes a padding mask only (full attention, one "
+                                 "document per row)")
+            key_valid = attn_bias.k_valid
+        else:
+            key_valid = (attn_bias[:, 0] == 0).any(dim=1)
         kwargs = {"input_ids": input_ids}
         if not bool(key_valid.all()):
             kwargs["attention_mask"] = key_valid.long()
@@ -184,7 +218,7 @@ class DiffusionPolicy:
         device = self.device
         mask = rows.mask.to(device)
         return PackedBatch(
-            rows.input_ids.to(device), rows.position_ids.to(device), mask.dense_bias(),
+            rows.input_ids.to(device), rows.position_ids.to(device), _attention_mask(mask, packed),
             target_pos.to(device), response_pos.to(device), mask, rows.row.to(device),
         )
 
@@ -305,3 +339,12 @@ def _forward_params(model) -> set[str]:
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (B, T, D) gathered at index (B, K) along T -> (B, K, D)."""
     return torch.gather(x, 1, index[:, :, None].expand(-1, -1, x.shape[-1]))
+
+
+def _attention_mask(mask: MaskLayout, packed: bool) -> AttentionMask:
+    """The layout's per-position mask inputs as the attention kernels take them (rollout/models/attention.py).
+    Document ids only for packed rows: one sample per row needs none (and a remote-code model takes that batch)."""
+    noisy = mask.noisy if mask.noisy is not None else torch.zeros_like(mask.valid)
+    docs = {"q_doc": mask.doc, "k_doc": mask.doc} if packed else {}
+    return AttentionMask.build(mask.block, mask.block, mask.valid, q_noisy=noisy, k_noisy=noisy, full=mask.full,
+                               **docs)

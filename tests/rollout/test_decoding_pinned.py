@@ -268,3 +268,32 @@ def test_decoded_tokens_under_a_memory_budget_are_the_pinned_ones(pin_policies, 
         if cache == "block" and policy == "sdar_eos":  # rows stop at different blocks: slots are handed over
             assert len(admitted_late) > before, case
     assert not wrong, f"decoded tokens under a memory budget differ for {len(wrong)} case(s): {wrong}"
+
+
+# The pinned table above runs the policies' default attention kernel ("auto": the chunked kernel on CPU,
+# rollout/models/attention.py). The dense (B, 1, Q, K) mask, the reference, gives the same tokens in every case;
+# FlexAttention (no-grad on CPU) in cases whose choices are not near-tied (its float sums differ by ~5e-7, which
+# can flip the tiny random model's near-tied entropies, as batching does: see the memory-budget test).
+FLEX_CASES = ("block/block/dynamic", "sdar_eos/block/static", "sdar/none/mixed", "llada/prefix/static",
+              "dream/none/random")
+
+
+def _under_kernel(policy, kernel, case):
+    before, policy.attention_kernel = policy.attention_kernel, kernel
+    try:
+        name, cache, params = CASES[case]
+        return _run(policy, cache, [SamplingParams(**p) for p in params])
+    finally:
+        policy.attention_kernel = before
+
+
+def test_the_dense_mask_gives_the_pinned_tokens(pin_policies):
+    wrong = [case for case, (name, _, _) in CASES.items()
+             if _under_kernel(pin_policies[name], "dense", case) != PINNED[case]]
+    assert not wrong, f"decoded tokens under the dense mask differ for {len(wrong)} case(s): {wrong}"
+
+
+@pytest.mark.slow
+def test_flex_attention_gives_the_pinned_tokens(pin_policies):
+    wrong = [case for case in FLEX_CASES if _under_kernel(pin_policies[CASES[case][0]], "flex", case) != PINNED[case]]
+    assert not wrong, f"decoded tokens under FlexAttention differ for {len(wrong)} case(s): {wrong}"

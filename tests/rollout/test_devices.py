@@ -79,11 +79,13 @@ def test_recipe_level_placement():
 def test_attention_kernels_honour_block_diffusion_masks(tiny_model_dirs, attn):
     """Each kernel a recipe may name gives the logits of a plain re-implementation with the block-causal rule
     (diffrl passes additive float masks: transformers' eager kernel adds the mask to the scores, so a bool mask
-    there would be silently wrong). flex_attention is not run here: its CPU kernel crashes under torch 2.13
-    (benchmarks/gpu_smoke.py --attn flex_attention compares it with sdpa on a GPU)."""
+    there would be silently wrong). transformers' flex_attention is not run here: with a dense mask its score_mod
+    indexes `mask[b][0][q][kv]`, which segfaults the compiled CPU kernel under torch 2.13 (benchmarks/gpu_smoke.py
+    --attn flex_attention compares it with sdpa on a GPU). diffrl's own FlexAttention kernel over mask descriptions
+    (model.attention_kernel: flex) runs on CPU without gradients: tests/rollout/test_attention.py."""
     model_dir = tiny_model_dirs["sdar"]
     policy = load_policy(model_dir, attn_implementation=attn)
-    assert policy.causal_lm.config._attn_implementation == attn
+    assert policy.attn_implementation == attn  # under diffrl's dispatcher (rollout/models/attention.py)
     prompt_len, ids = 5, _models._random_ids(policy, 5 + 8, seed=11)
     ours = _models._full_logits(policy, ids, prompt_len)
     blocks = sequence_block_ids(prompt_len, 8, 4)
