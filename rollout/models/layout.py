@@ -8,8 +8,9 @@ batch of layouts into rows:
   than a padded one and attention never costs more per row), each sample a document of its row: its own document
   id, position ids restarting at 0, attention kept inside it. Packing only removes padding: every sample sees
   exactly the keys and positions it sees alone, so its scores are the same up to floating-point summation order.
-The per-position mask inputs come out as a `MaskLayout` (block ids, noisy flags, validity, document ids), from
-which masks.py builds the dense bias and a linear-memory kernel its own block mask.
+The per-position mask inputs come out as an `attention.AttentionMask` (block ids, noisy flags, validity, and document
+ids for packed rows only: one sample per row needs none, and a remote-code model refuses them), which the attention
+kernels run and `.dense_bias()` expands.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rollout.models.masks import PAD_BLOCK, MaskLayout, block_ids, block_origin
+from rollout.models.attention import AttentionMask
+from rollout.models.masks import PAD_BLOCK, block_ids, block_origin
 from rollout.models.spec import DiffusionSpec
 
 
@@ -41,7 +43,7 @@ class RowBatch:
 
     input_ids: torch.Tensor  # (R, T)
     position_ids: torch.Tensor  # (R, T)
-    mask: MaskLayout  # (R, T) per-position mask inputs
+    mask: AttentionMask  # (R, 1, T, T) as per-position mask inputs
     row: torch.Tensor  # (B,) long
     start: torch.Tensor  # (B,) long
 
@@ -167,5 +169,6 @@ def arrange_rows(layouts: list[SampleLayout], *, pad_id: int, full: bool, packed
         # Padding (never a valid key) joins the row's last document, so a padding query still sees keys, as it did
         # before documents existed; code that reads key validity off the dense bias keeps working.
         doc[r, at:] = members[-1]
-    mask = MaskLayout(blocks, None if full else noisy, valid, doc, full=full)
+    docs = {"q_doc": doc, "k_doc": doc} if packed else {}
+    mask = AttentionMask.build(blocks, blocks, valid, q_noisy=noisy, k_noisy=noisy, full=full, **docs)
     return RowBatch(input_ids, position_ids, mask, row_of, start_of)

@@ -25,15 +25,15 @@ Packing: several samples ("documents") may share one row. Every position then al
 query sees a key only within its own document (padding positions are invalid keys whatever their id); position ids
 restart at 0 per document. Per position p of a row: block id b[p], noisy flag n[p], key validity v[p], document
 id d[p]; query q sees key k iff v[k] and d[q] == d[k] and rule(b, n), rule being True (full attention),
-b[k] <= b[q] (block models without a noisy copy) or the training-layout rule above. `MaskLayout` holds these
-per-position tensors: the dense builder here and any linear-memory kernel read the same record.
+b[k] <= b[q] (block models without a noisy copy) or the training-layout rule above. The layout builder
+(layout.arrange_rows) hands these per-position tensors to the attention kernels as one `attention.AttentionMask`;
+`attention_bias` here is the dense rule written independently of those kernels, the reference they are tested
+against.
 
 Masks are additive float tensors (0 = attend, dtype-min = blocked) of shape (B, 1, Q, K): transformers honours
 custom 4D float masks with sdpa and eager, while a bool mask with eager is silently wrong.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
@@ -118,33 +118,3 @@ def sequence_bias(prompt_len: int, response_len: int, block_size: int, *, full: 
     valid = torch.ones_like(blocks, dtype=torch.bool)
     return attention_bias(blocks, blocks, valid, full=full, dtype=dtype)
 
-
-@dataclass
-class MaskLayout:
-    """Per-position mask inputs of a batch of rows (R, T): what decides who sees whom (rule in the module doc).
-
-    block: block ids (PAD_BLOCK at padding); noisy: the training layout's noisy-copy flags, or None when the layout
-    has no noisy copy; valid: real (non-padding) positions; doc: document id of each position (one per packed
-    sample; padding may carry any id, it is never a valid key); full: full attention (block ids ignored)."""
-
-    block: torch.Tensor  # (R, T) long
-    noisy: torch.Tensor | None  # (R, T) bool
-    valid: torch.Tensor  # (R, T) bool
-    doc: torch.Tensor  # (R, T) long
-    full: bool = False
-
-    def __post_init__(self) -> None:
-        shape = tuple(self.block.shape)
-        for name in ("noisy", "valid", "doc"):
-            value = getattr(self, name)
-            if value is not None and tuple(value.shape) != shape:
-                raise ValueError(f"MaskLayout.{name}: shape {tuple(value.shape)} != block's {shape}")
-
-    def to(self, device) -> MaskLayout:
-        move = lambda x: None if x is None else x.to(device)  # noqa: E731
-        return MaskLayout(move(self.block), move(self.noisy), move(self.valid), move(self.doc), self.full)
-
-    def dense_bias(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The (R, 1, T, T) additive mask (the reference path)."""
-        return attention_bias(self.block, self.block, self.valid, q_noisy=self.noisy, k_noisy=self.noisy,
-                              full=self.full, q_doc=self.doc, k_doc=self.doc, dtype=dtype)

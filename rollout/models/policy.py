@@ -20,7 +20,6 @@ from torch.utils.checkpoint import checkpoint
 from rollout.models import attention
 from rollout.models.attention import AttentionMask
 from rollout.models.layout import alignment_origin, arrange_rows, sample_layout  # noqa: F401 (re-exported)
-from rollout.models.masks import MaskLayout
 from rollout.models.spec import DiffusionSpec
 
 # Rows of the vocabulary projection computed at once: bounds the (rows x vocab) logits buffer.
@@ -48,10 +47,9 @@ class PackedBatch:
 
     input_ids: torch.Tensor  # (R, T)
     position_ids: torch.Tensor  # (R, T)
-    attn_bias: AttentionMask  # (R, 1, T, T) as a per-position description (.dense_bias())
+    attn_bias: AttentionMask  # (R, 1, T, T) as per-position mask inputs (block ids, noisy flags, validity, documents)
     target_pos: torch.Tensor  # (B, Lmax) index in row[b] of the hidden state whose logits predict response token i
     response_pos: torch.Tensor  # (B, Lmax) index in row[b] of response token i's own (noisy) input position
-    mask: MaskLayout | None = None  # per-position mask inputs (block ids, noisy flags, validity, document ids)
     row: torch.Tensor | None = None  # (B,) row of each sample (None: row b holds sample b)
 
     def rows_of(self) -> torch.Tensor:
@@ -216,10 +214,9 @@ class DiffusionPolicy:
             response_pos[b, :length] = where
             target_pos[b, :length] = where - shift
         device = self.device
-        mask = rows.mask.to(device)
         return PackedBatch(
-            rows.input_ids.to(device), rows.position_ids.to(device), _attention_mask(mask, packed),
-            target_pos.to(device), response_pos.to(device), mask, rows.row.to(device),
+            rows.input_ids.to(device), rows.position_ids.to(device), rows.mask.to(device),
+            target_pos.to(device), response_pos.to(device), rows.row.to(device),
         )
 
     def score_responses(
@@ -339,12 +336,3 @@ def _forward_params(model) -> set[str]:
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (B, T, D) gathered at index (B, K) along T -> (B, K, D)."""
     return torch.gather(x, 1, index[:, :, None].expand(-1, -1, x.shape[-1]))
-
-
-def _attention_mask(mask: MaskLayout, packed: bool) -> AttentionMask:
-    """The layout's per-position mask inputs as the attention kernels take them (rollout/models/attention.py).
-    Document ids only for packed rows: one sample per row needs none (and a remote-code model takes that batch)."""
-    noisy = mask.noisy if mask.noisy is not None else torch.zeros_like(mask.valid)
-    docs = {"q_doc": mask.doc, "k_doc": mask.doc} if packed else {}
-    return AttentionMask.build(mask.block, mask.block, mask.valid, q_noisy=noisy, k_noisy=noisy, full=mask.full,
-                               **docs)

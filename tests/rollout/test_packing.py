@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from rollout.models.layout import first_fit_decreasing
-from rollout.models.masks import PAD_BLOCK, MaskLayout
+from rollout.models.attention import AttentionMask
+from rollout.models.masks import PAD_BLOCK, attention_bias
 from rollout.models.policy import DiffusionPolicy
 
 
@@ -23,8 +24,10 @@ def naive_visible(b, n, v, d, q: int, k: int, full: bool) -> bool:
     return clean_key or noisy_key
 
 
+@pytest.mark.parametrize("builder", ["reference", "description"])
 @pytest.mark.parametrize("full,with_noisy", [(False, True), (False, False), (True, False)])
-def test_dense_bias_follows_the_document_rule(full, with_noisy):
+def test_dense_bias_follows_the_document_rule(full, with_noisy, builder):
+    """masks.attention_bias (the reference) and the AttentionMask the layout builder makes, against the naive rule."""
     g = torch.Generator().manual_seed(0)
     t = 23
     block = torch.randint(-2, 3, (2, t), generator=g)
@@ -32,7 +35,11 @@ def test_dense_bias_follows_the_document_rule(full, with_noisy):
     valid = torch.rand((2, t), generator=g) < 0.85
     doc = torch.randint(0, 3, (2, t), generator=g)
     block[~valid] = PAD_BLOCK
-    bias = MaskLayout(block, noisy, valid, doc, full=full).dense_bias()
+    if builder == "reference":
+        bias = attention_bias(block, block, valid, q_noisy=noisy, k_noisy=noisy, full=full, q_doc=doc, k_doc=doc)
+    else:  # no noisy flags: all clean, the rule b[k] <= b[q]
+        bias = AttentionMask.build(block, block, valid, q_noisy=noisy, k_noisy=noisy, full=full, q_doc=doc,
+                                   k_doc=doc).dense_bias()
     assert bias.shape == (2, 1, t, t)
     kept_apart = 0  # pairs the block rule alone allows but the documents separate
     for r in range(2):
@@ -72,10 +79,12 @@ def test_packed_layout_documents_and_positions(tiny_policies, kind):
     packed = policy.pack(prompts, responses, noisy, packed=True, row_tokens=48)
     assert packed.input_ids.shape[0] < len(prompts) == padded.input_ids.shape[0]
     assert packed.input_ids.shape[1] <= 48
+    # document ids only where rows are shared (a remote-code model takes the padded batch, refusing documents)
+    assert packed.attn_bias.documents and not padded.attn_bias.documents
     for b in range(len(prompts)):
         pr, r = int(packed.row[b]), int(padded.rows_of()[b])
-        mine = (packed.mask.doc[pr] == b) & packed.mask.valid[pr]
-        n = int(padded.mask.valid[r].sum())
+        mine = (packed.attn_bias.q_doc[pr] == b) & packed.attn_bias.k_valid[pr]
+        n = int(padded.attn_bias.k_valid[r].sum())
         assert int(mine.sum()) == n  # the whole layout, in one contiguous document
         idx = mine.nonzero().squeeze(-1)
         assert int(idx[-1] - idx[0]) + 1 == n
@@ -83,12 +92,12 @@ def test_packed_layout_documents_and_positions(tiny_policies, kind):
         assert torch.equal(packed.input_ids[pr, idx], padded.input_ids[r, :n])
         assert torch.equal(packed.position_ids[pr, idx], padded.position_ids[r, :n])
         assert int(packed.position_ids[pr, idx[0]]) == 0
-        assert torch.equal(packed.mask.block[pr, idx], padded.mask.block[r, :n])
+        assert torch.equal(packed.attn_bias.q_block[pr, idx], padded.attn_bias.q_block[r, :n])
         # response token i's input and logit positions point at the same tokens
         length = responses[b].numel()
         assert torch.equal(packed.input_ids[pr, packed.response_pos[b, :length]],
                            padded.input_ids[r, padded.response_pos[b, :length]])
-    assert int(packed.mask.valid.sum()) == int(padded.mask.valid.sum())  # padding is never a valid key
+    assert int(packed.attn_bias.k_valid.sum()) == int(padded.attn_bias.k_valid.sum())  # padding is never a valid key
 
 
 @pytest.mark.parametrize("kind", ["block", "sdar", "llada", "dream"])
@@ -103,8 +112,8 @@ def test_packed_scoring_equals_unpacked_per_sample(tiny_policies, kind):
         alone = [policy.score_responses([p], [r], [n]) for p, r, n in zip(prompts, responses, noisy)]
         # the document mask is what keeps samples apart: without it, packed scores change
         laid = policy.pack(prompts, responses, noisy, packed=True, row_tokens=48)
-        leaky = MaskLayout(laid.mask.block, laid.mask.noisy, laid.mask.valid, torch.zeros_like(laid.mask.doc),
-                           full=laid.mask.full).dense_bias()
+        m = laid.attn_bias
+        leaky = attention_bias(m.q_block, m.k_block, m.k_valid, q_noisy=m.q_noisy, k_noisy=m.k_noisy, full=m.full)
         leaked = policy.forward(laid.input_ids, laid.position_ids, leaky, return_hidden=True, compute_logits=False)
         clean = policy.forward(laid.input_ids, laid.position_ids, laid.attn_bias, return_hidden=True,
                                compute_logits=False)
