@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rollout.models.layout import first_fit_decreasing
 from rollout.models.attention import AttentionMask
+from rollout.models.layout import first_fit_decreasing
 from rollout.models.masks import PAD_BLOCK, attention_bias
 from rollout.models.policy import DiffusionPolicy
 
