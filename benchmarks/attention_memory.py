@@ -22,20 +22,12 @@ import sys
 import tempfile
 import time
 
+from bench_memory import (  # sibling module: run as a script, benchmarks/ is on sys.path
+    reset_peak,
+    status_bytes,
+)
+
 LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def measure(kernel: str, length: int, mode: str, batch: int, prompt: int, repeats: int, model_dir: str) -> dict:
@@ -72,12 +64,12 @@ def measure(kernel: str, length: int, mode: str, batch: int, prompt: int, repeat
     best, peak = float("inf"), 0
     for _ in range(repeats):
         policy.model.zero_grad(set_to_none=True)
-        base = _status("VmRSS")
-        _reset_peak()
+        base = status_bytes("VmRSS")
+        reset_peak()
         start = time.perf_counter()
         step(data)
         best = min(best, time.perf_counter() - start)
-        peak = max(peak, _status("VmHWM") - base)
+        peak = max(peak, status_bytes("VmHWM") - base)
     return {"kernel": kernel, "length": length, "T": prompt + 2 * length, "mode": mode, "s": round(best, 3),
             "peak_mib": round(peak / 2 ** 20, 1)}
 

@@ -13,29 +13,17 @@ import tempfile
 from types import SimpleNamespace
 
 import torch
+from bench_memory import (  # sibling module: run as a script, benchmarks/ is on sys.path
+    mib,
+    reset_peak,
+    status_bytes,
+)
 
 from rollout.decoding.kv_cache import (
     RaggedKVCache,
     compaction_moves,
     kv_bytes_per_token,
 )
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _mib(n: float) -> str:
-    return f"{n / 2 ** 20:,.0f} MiB"
 
 
 def eviction(gib: float) -> None:
@@ -46,8 +34,8 @@ def eviction(gib: float) -> None:
         for buf in cache.keys + cache.values:
             buf.fill_(1.0)  # touch every page
         keep = [s for s in range(slots) if s != 3]  # one row (slot 3) finished
-        _reset_peak()
-        base = _status("VmRSS")
+        reset_peak()
+        base = status_bytes("VmRSS")
         if name.startswith("index"):
             index = torch.tensor(keep)
             cache.keys = [k.index_select(0, index) for k in cache.keys]
@@ -55,9 +43,9 @@ def eviction(gib: float) -> None:
         else:
             moves, _ = compaction_moves(keep)
             cache.move_rows(moves)
-        peak = _status("VmHWM") - base
-        print(f"eviction, {name}: cache {_mib(cache.nbytes)}, peak RSS above the cache during eviction "
-              f"{_mib(max(peak, 0))}")
+        peak = status_bytes("VmHWM") - base
+        print(f"eviction, {name}: cache {mib(cache.nbytes)}, peak RSS above the cache during eviction "
+              f"{mib(max(peak, 0))}")
         del cache
 
 
@@ -72,16 +60,16 @@ def sleep_wake() -> None:
     params = SamplingParams(temperature=1.0, max_tokens=16)
     requests = [GenerationRequest(torch.arange(10, 20 + i), params, seed=i) for i in range(4)]
     before = engine.generate(requests)
-    rss = _status("VmRSS")
+    rss = status_bytes("VmRSS")
     freed = engine.sleep()
-    asleep = _status("VmRSS")
+    asleep = status_bytes("VmRSS")
     engine.wake()
-    awake = _status("VmRSS")
+    awake = status_bytes("VmRSS")
     after = engine.generate(requests)
     same = all(torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)
                for a, b in zip(before, after, strict=True))
-    print(f"sleep/wake: weights {_mib(freed)}; RSS {_mib(rss)} -> asleep {_mib(asleep)} "
-          f"(-{_mib(rss - asleep)}) -> awake {_mib(awake)}; decoding after wake bitwise equal: {same}")
+    print(f"sleep/wake: weights {mib(freed)}; RSS {mib(rss)} -> asleep {mib(asleep)} "
+          f"(-{mib(rss - asleep)}) -> awake {mib(awake)}; decoding after wake bitwise equal: {same}")
 
 
 def real_shape() -> None:
@@ -90,7 +78,7 @@ def real_shape() -> None:
     per_token = kv_bytes_per_token(config, torch.bfloat16)
     capacity = 1024 + 2000 + 4  # tracerl-trado-math: max prompt 1,024 + 2,000 tokens + one fused block
     row = per_token * capacity
-    print(f"36 layers x 8 KV heads x 128, bf16: {per_token:,} bytes/token, {_mib(row)} per row; batch 128: "
+    print(f"36 layers x 8 KV heads x 128, bf16: {per_token:,} bytes/token, {mib(row)} per row; batch 128: "
           f"{128 * row / 2 ** 30:.1f} GiB; a 40 GiB budget holds {int(40 * 2 ** 30 // row)} rows")
 
 
