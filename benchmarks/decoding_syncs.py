@@ -14,32 +14,25 @@ wall time.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from rollout.decoding import cache_columns
-from rollout.decoding.kv_cache import kv_bytes_per_token
-from rollout.decoding.state import Row
 from rollout.decoding.sync_counter import count_host_syncs
 from rollout.engine import TorchEngine
-from rollout.memory_budget import parse_memory_budget
 from rollout.models.loading import load_policy
 from rollout.models.tiny import make_tiny_policy
 from rollout.sampling import GenerationRequest, SamplingParams
 
-REMASKING = {
-    "static": dict(remasking="low_confidence_static", steps_per_block=2),
-    "dynamic": dict(remasking="low_confidence_dynamic", threshold=0.05),
-    "random": dict(remasking="random", steps_per_block=2),
-    "entropy": dict(remasking="entropy", steps_per_block=2),
-    "topk_margin": dict(remasking="topk_margin", steps_per_block=2),
-    "sequential": dict(remasking="sequential"),
-    "entropy_bounded": dict(remasking="entropy_bounded", entropy_bound=3.0),
-    "eoser": dict(remasking="low_confidence_static", eoser_gamma_min=0.2),
-    "origin": dict(remasking="origin", steps_per_block=4),
-}
+# The cases are the host-sync tests' (tests/rollout/decoding_cases.py): run as a script, only benchmarks/ is on
+# sys.path, so the repository root is added to reach them.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.rollout.decoding_cases import EOSER, EVERY_REMASKING, ORIGIN, budget_for_slots  # noqa: E402
+
+REMASKING = {**EVERY_REMASKING, "eoser": EOSER, "origin": ORIGIN}
 DECODERS = (("sdar", "block"), ("sdar", "none"), ("llada", "none"), ("llada", "prefix"), ("llada", "dual"),
             ("dream", "none"), ("dream", "prefix"), ("dream", "dual"))
 
@@ -54,9 +47,7 @@ def _engine(policy, cache: str, requests, slots: int | None) -> TorchEngine:
     """An engine; with `slots`, under a memory budget holding that many rows of KV cache for `requests`."""
     engine = TorchEngine(policy, kv_cache=cache)
     if slots is not None:
-        rows = [Row(i, r, policy.spec, policy.device) for i, r in enumerate(requests)]
-        per_row = kv_bytes_per_token(policy.causal_lm.config, policy.dtype) * cache_columns(policy.spec, rows)
-        engine.memory_budget = parse_memory_budget(slots * per_row + per_row // 2)
+        engine.memory_budget = budget_for_slots(engine, requests, slots)
     return engine
 
 

@@ -7,8 +7,8 @@ import torch
 from rollout.decoding.schedules import eoser_gamma
 from rollout.engine import TorchEngine
 from rollout.models.loading import load_policy
-from rollout.models.policy import DiffusionPolicy
 from rollout.sampling import GenerationRequest, SamplingParams
+from tests.rollout.decoding_cases import EosBiased
 
 BLOCK = 8
 
@@ -17,17 +17,6 @@ BLOCK = 8
 @pytest.fixture(scope="module")
 def full_policies(tiny_model_dirs):
     return {kind: load_policy(tiny_model_dirs[kind], block_size=BLOCK) for kind in ("llada", "dream")}
-
-
-class EosBiased(DiffusionPolicy):
-    def __init__(self, base: DiffusionPolicy, bonus: float):
-        super().__init__(base.model, base.tokenizer, base.spec, base.source)
-        self.bonus = bonus
-
-    def logits_from_hidden(self, hidden):
-        logits = super().logits_from_hidden(hidden)
-        logits[..., self.spec.eos_token_id] += self.bonus
-        return logits
 
 
 def _prompts(policy, lengths=(3, 9, 14, 5), seed=0):

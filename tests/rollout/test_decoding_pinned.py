@@ -15,29 +15,12 @@ import os
 import pytest
 import torch
 
-from rollout.decoding import cache_columns
-from rollout.decoding.kv_cache import kv_bytes_per_token
-from rollout.decoding.state import Row
 from rollout.engine import TorchEngine
-from rollout.memory_budget import parse_memory_budget
 from rollout.models.loading import load_policy
-from rollout.models.policy import DiffusionPolicy
 from rollout.sampling import GenerationRequest, SamplingParams
+from tests.rollout.decoding_cases import EOSER, EVERY_REMASKING, ORIGIN, EosBiased, budget_for_slots
 
 FULL_BLOCK = 8
-
-
-class EosBiased(DiffusionPolicy):
-    """Pushes logits towards EOS so rows stop at different blocks (rows leave the batch mid-decode)."""
-
-    def __init__(self, base: DiffusionPolicy, bonus: float):
-        super().__init__(base.model, base.tokenizer, base.spec, base.source)
-        self.bonus = bonus
-
-    def logits_from_hidden(self, hidden):
-        logits = super().logits_from_hidden(hidden)
-        logits[..., self.spec.eos_token_id] += self.bonus
-        return logits
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +31,7 @@ def pin_policies(tiny_policies, tiny_model_dirs):
             **full, "llada_eos": EosBiased(full["llada"], 1.0)}
 
 
-REMASKING = {
-    "static": dict(remasking="low_confidence_static", steps_per_block=2),
-    "dynamic": dict(remasking="low_confidence_dynamic", threshold=0.05),
-    "random": dict(remasking="random", steps_per_block=2),
-    "entropy": dict(remasking="entropy", steps_per_block=2),
-    "topk_margin": dict(remasking="topk_margin", steps_per_block=2),
-    "sequential": dict(remasking="sequential"),
-    "entropy_bounded": dict(remasking="entropy_bounded", entropy_bound=3.0),
-    "eoser": dict(remasking="low_confidence_static", eoser_gamma_min=0.2),
-    "eoser_ass": dict(remasking="low_confidence_static", eoser_gamma_min=0.2, schedule="ass"),
-}
+REMASKING = {**EVERY_REMASKING, "eoser": EOSER, "eoser_ass": {**EOSER, "schedule": "ass"}}
 
 
 def _digest(trajectories) -> str:
@@ -70,14 +43,6 @@ def _digest(trajectories) -> str:
     return h.hexdigest()[:16]
 
 
-def _budget_for_slots(engine: TorchEngine, requests: list[GenerationRequest], slots: int):
-    """A memory budget holding exactly `slots` rows of KV cache for these requests (engine._slots' arithmetic)."""
-    spec, device = engine.policy.spec, engine.policy.device
-    rows = [Row(i, r, spec, device) for i, r in enumerate(requests)]
-    per_row = kv_bytes_per_token(engine.policy.causal_lm.config, engine.policy.dtype) * cache_columns(spec, rows)
-    return parse_memory_budget(slots * per_row + per_row // 2)
-
-
 def _run(policy, kv_cache: str, params: list[SamplingParams], lengths=(3, 9, 14, 5), slots: int | None = None) -> str:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, len(policy.tokenizer), (n,), generator=g) for n in lengths]
@@ -85,7 +50,7 @@ def _run(policy, kv_cache: str, params: list[SamplingParams], lengths=(3, 9, 14,
                 for i, p in enumerate(prompts)]
     engine = TorchEngine(policy, kv_cache=kv_cache)
     if slots is not None:
-        engine.memory_budget = _budget_for_slots(engine, requests, slots)
+        engine.memory_budget = budget_for_slots(engine, requests, slots)
     out = engine.generate(requests)
     if slots is not None:
         assert engine.memory_metrics()["rollout/cache_slots"] == slots < len(requests)
@@ -109,7 +74,7 @@ def _cases():
             if policy == "llada_eos":
                 names = ["dynamic", "random"]
             for name in names:
-                extra = REMASKING.get(name, dict(remasking="origin", steps_per_block=4))
+                extra = REMASKING.get(name, ORIGIN)
                 cases[f"{policy}/{cache}/{name}"] = (policy, cache, [dict(temperature=1.0, max_tokens=16, **extra)])
         cases[f"{policy}/none/mixed"] = (policy, "none", [dict(temperature=0.7, top_k=20, max_tokens=16),
                                                           dict(remasking="random", max_tokens=16, steps_per_block=4)])

@@ -14,15 +14,12 @@ import pytest
 import torch
 
 import rollout.decoding.block as block_decoding
-from rollout.decoding import cache_columns, sync_counter
-from rollout.decoding.kv_cache import kv_bytes_per_token
-from rollout.decoding.state import Row
+from rollout.decoding import sync_counter
 from rollout.decoding.sync_counter import count_host_syncs
 from rollout.engine import TorchEngine
-from rollout.memory_budget import parse_memory_budget
 from rollout.models.loading import load_policy
-from rollout.models.policy import DiffusionPolicy
 from rollout.sampling import GenerationRequest, SamplingParams
+from tests.rollout.decoding_cases import EOSER, EVERY_REMASKING, ORIGIN, EosBiased, budget_for_slots
 
 
 def _counted(fn) -> sync_counter.SyncCounts:
@@ -59,28 +56,7 @@ def test_the_counter_ignores_device_side_work_and_counts_copies_and_steps():
     assert outside.syncs == 0
 
 
-class EosBiased(DiffusionPolicy):
-    def __init__(self, base: DiffusionPolicy, bonus: float):
-        super().__init__(base.model, base.tokenizer, base.spec, base.source)
-        self.bonus = bonus
-
-    def logits_from_hidden(self, hidden):
-        logits = super().logits_from_hidden(hidden)
-        logits[..., self.spec.eos_token_id] += self.bonus
-        return logits
-
-
-REMASKING = {
-    "static": dict(remasking="low_confidence_static", steps_per_block=2),
-    "dynamic": dict(remasking="low_confidence_dynamic", threshold=0.05),
-    "random": dict(remasking="random", steps_per_block=2),
-    "entropy": dict(remasking="entropy", steps_per_block=2),
-    "topk_margin": dict(remasking="topk_margin", steps_per_block=2),
-    "sequential": dict(remasking="sequential"),
-    "entropy_bounded": dict(remasking="entropy_bounded", entropy_bound=3.0),
-    "eoser": dict(remasking="low_confidence_static", eoser_gamma_min=0.2, steps_per_block=2),
-    "origin": dict(remasking="origin", steps_per_block=4),
-}
+REMASKING = {**EVERY_REMASKING, "eoser": {**EOSER, "steps_per_block": 2}, "origin": ORIGIN}
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +67,16 @@ def sync_policies(tiny_policies, tiny_model_dirs):
             "dream": full["dream"]}
 
 
+def _requests(policy, name: str, g: torch.Generator) -> list[GenerationRequest]:
+    """Four rows under remasking policy `name` (prompts drawn from `g`) and, as a second parameter group in the same
+    batch (rows are processed per group), one greedy row."""
+    params = SamplingParams(temperature=1.0, max_tokens=16, **REMASKING[name])
+    requests = [GenerationRequest(torch.randint(10, len(policy.tokenizer), (n,), generator=g), params, seed=i)
+                for i, n in enumerate((3, 9, 14, 5))]
+    requests.append(GenerationRequest(torch.arange(10, 17), SamplingParams(temperature=0.0, max_tokens=16), 9))
+    return requests
+
+
 @pytest.mark.parametrize("kind,cache", [("sdar", "block"), ("sdar", "none"), ("llada", "none"),
                                         ("llada", "prefix"), ("llada", "dual"), ("dream", "dual")])
 def test_at_most_one_host_sync_per_decoding_step(sync_policies, kind, cache):
@@ -98,11 +84,7 @@ def test_at_most_one_host_sync_per_decoding_step(sync_policies, kind, cache):
     g = torch.Generator().manual_seed(0)
     names = [n for n in REMASKING if n != "origin" or kind == "dream"]
     for name in names:
-        params = SamplingParams(temperature=1.0, max_tokens=16, **REMASKING[name])
-        requests = [GenerationRequest(torch.randint(10, len(policy.tokenizer), (n,), generator=g), params,
-                                      seed=i) for i, n in enumerate((3, 9, 14, 5))]
-        # a second parameter group in the same batch (rows processed per group)
-        requests.append(GenerationRequest(torch.arange(10, 17), SamplingParams(temperature=0.0, max_tokens=16), 9))
+        requests = _requests(policy, name, g)
         with count_host_syncs() as counts:
             out = TorchEngine(policy, kv_cache=cache).generate(requests)
         assert counts.steps >= max(t.nfe for t in out) > 0
@@ -151,14 +133,6 @@ def test_host_columns_carry_ints_and_float32_values_exactly_in_one_copy():
     assert torch.equal(cols["g"], torch.tensor(floats, dtype=torch.float32))  # bitwise: same rounding as before
 
 
-def _budget_for_slots(engine: TorchEngine, requests: list[GenerationRequest], slots: int):
-    """A memory budget holding exactly `slots` rows of KV cache for these requests (engine._slots' arithmetic)."""
-    spec, device = engine.policy.spec, engine.policy.device
-    rows = [Row(i, r, spec, device) for i, r in enumerate(requests)]
-    per_row = kv_bytes_per_token(engine.policy.causal_lm.config, engine.policy.dtype) * cache_columns(spec, rows)
-    return parse_memory_budget(slots * per_row + per_row // 2)
-
-
 @pytest.mark.parametrize("kind,cache", [("sdar", "block"), ("llada", "prefix")])
 def test_at_most_one_host_sync_per_step_under_a_memory_budget(sync_policies, monkeypatch, kind, cache):
     """2 cache slots for 5 requests. Cached block decoding admits waiting rows into the slots of finished rows (a
@@ -191,14 +165,11 @@ def test_at_most_one_host_sync_per_step_under_a_memory_budget(sync_policies, mon
     g = torch.Generator().manual_seed(0)
     names = [n for n in REMASKING if n != "origin" or kind == "dream"]
     for name in names:
-        params = SamplingParams(temperature=1.0, max_tokens=16, **REMASKING[name])
-        requests = [GenerationRequest(torch.randint(10, len(policy.tokenizer), (n,), generator=g), params,
-                                      seed=i) for i, n in enumerate((3, 9, 14, 5))]
-        requests.append(GenerationRequest(torch.arange(10, 17), SamplingParams(temperature=0.0, max_tokens=16), 9))
+        requests = _requests(policy, name, g)
         # same tokens as one batch (full attention: see test_decoding_pinned, entropy-ranked cases excepted)
         free = TorchEngine(policy, kv_cache=cache).generate(requests) if cache == "block" else None
         engine = TorchEngine(policy, kv_cache=cache)
-        engine.memory_budget = _budget_for_slots(engine, requests, 2)
+        engine.memory_budget = budget_for_slots(engine, requests, 2)
         per_step.clear()
         with count_host_syncs() as counts:
             out = engine.generate(requests)

@@ -7,31 +7,15 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rollout.decoding.block as block_decoding
-from rollout.decoding import cache_columns
 from rollout.decoding.kv_cache import (
     RaggedKVCache,
     compaction_moves,
-    kv_bytes_per_token,
 )
-from rollout.decoding.state import Row
 from rollout.engine import TorchEngine
 from rollout.memory_budget import parse_memory_budget
-from rollout.models.policy import DiffusionPolicy
 from rollout.sampling import GenerationRequest, SamplingParams
 from rollout.worker import merge_rollout_metrics
-
-
-class EosBiased(DiffusionPolicy):
-    """A tiny policy pushed towards EOS, so rows stop at different blocks and leave the batch early."""
-
-    def __init__(self, base: DiffusionPolicy, eos_bonus: float):
-        super().__init__(base.model, base.tokenizer, base.spec, base.source)
-        self.eos_bonus = eos_bonus
-
-    def logits_from_hidden(self, hidden):
-        logits = super().logits_from_hidden(hidden)
-        logits[..., self.spec.eos_token_id] += self.eos_bonus
-        return logits
+from tests.rollout.decoding_cases import EosBiased, slot_bytes
 
 
 class AllocationCounter(TorchDispatchMode):
@@ -58,12 +42,6 @@ def _requests(policy, lengths, max_tokens, params):
             for i, (n, m) in enumerate(zip(lengths, max_tokens))]
 
 
-def _slot_bytes(engine, requests):
-    rows = [Row(i, r, engine.policy.spec, engine.policy.device) for i, r in enumerate(requests)]
-    per_token = kv_bytes_per_token(engine.policy.causal_lm.config, engine.policy.dtype)
-    return per_token * cache_columns(engine.policy.spec, rows)
-
-
 def _assert_same(a, b):
     assert len(a) == len(b) > 0
     for x, y in zip(a, b):
@@ -80,12 +58,12 @@ def _assert_same(a, b):
 ])
 def test_block_engine_under_a_small_budget_admits_as_rows_finish_with_the_same_tokens(tiny_policies, monkeypatch,
                                                                                       params, eos_bonus):
-    policy = EosBiased(tiny_policies["sdar"], eos_bonus=eos_bonus)
+    policy = EosBiased(tiny_policies["sdar"], bonus=eos_bonus)
     requests = _requests(policy, (6, 15, 2, 11, 6, 9, 3), (8, 24, 16, 24, 12, 20, 8), params)
     free = TorchEngine(policy, kv_cache="block").generate(requests)
     assert len({t.nfe for t in free}) > 2, "rows should finish at different steps"
     engine = TorchEngine(policy, kv_cache="block")
-    engine.memory_budget = parse_memory_budget(2 * _slot_bytes(engine, requests) + 100)  # 2 rows, not 3
+    engine.memory_budget = parse_memory_budget(2 * slot_bytes(engine, requests) + 100)  # 2 rows, not 3
     evictions, cache_bytes = [], []
     original = block_decoding._evict
 
@@ -104,7 +82,7 @@ def test_block_engine_under_a_small_budget_admits_as_rows_finish_with_the_same_t
     m = engine.memory_metrics()
     budget = m["rollout/memory_budget_bytes"]
     assert m["rollout/cache_slots"] == 2 and m["rollout/cache_rows_peak"] == 2
-    assert 0 < m["rollout/cache_allocated_bytes"] <= budget < len(requests) * _slot_bytes(engine, requests)
+    assert 0 < m["rollout/cache_allocated_bytes"] <= budget < len(requests) * slot_bytes(engine, requests)
     assert 1 < m["rollout/cache_rows_mean"] <= 2 and 0 < m["rollout/cache_fill_mean"] <= m["rollout/cache_fill_peak"] <= 1
     # Every row but the last two left while others decoded; evictions allocated nothing, so the cache's peak
     # during an eviction is the cache itself, within the budget.
@@ -115,13 +93,13 @@ def test_block_engine_under_a_small_budget_admits_as_rows_finish_with_the_same_t
 def test_every_row_of_the_batch_finishing_at_once_empties_the_slots_for_the_next(tiny_policies, monkeypatch):
     """EOS ruled out and one schedule: every row stops on its length at the same step, so each eviction empties
     every slot at once (no survivor to move) and the next rows are admitted into all of them."""
-    policy = EosBiased(tiny_policies["sdar"], eos_bonus=-1e4)
+    policy = EosBiased(tiny_policies["sdar"], bonus=-1e4)
     params = {"temperature": 0.7, "remasking": "low_confidence_static", "steps_per_block": 2}
     requests = _requests(policy, (6, 15, 2, 11, 7), (16,) * 5, params)
     free = TorchEngine(policy, kv_cache="block").generate(requests)
     assert {t.finish_reason for t in free} == {"length"} and len({t.nfe for t in free}) == 1
     engine = TorchEngine(policy, kv_cache="block")
-    engine.memory_budget = parse_memory_budget(2 * _slot_bytes(engine, requests) + 100)
+    engine.memory_budget = parse_memory_budget(2 * slot_bytes(engine, requests) + 100)
     emptied, original = [], block_decoding._evict
 
     def watched(rows, *args):
@@ -167,7 +145,7 @@ def test_full_attention_engine_under_a_budget_runs_smaller_batches_with_the_same
     requests = _requests(policy, (5, 9, 3, 7, 4), (64, 64, 64, 32, 32), params)  # blocks of 32
     free = TorchEngine(policy, kv_cache=cache).generate(requests)
     engine = TorchEngine(policy, kv_cache=cache)
-    engine.memory_budget = parse_memory_budget(2 * _slot_bytes(engine, requests))
+    engine.memory_budget = parse_memory_budget(2 * slot_bytes(engine, requests))
     budgeted = engine.generate(requests)
     _assert_same(free, budgeted)
     m = engine.memory_metrics()
