@@ -20,6 +20,7 @@ from rollout.engine import TorchEngine
 from rollout.models.loading import load_policy
 from rollout.models.lora import apply_lora
 from rollout.weight_collective import ALIGN, GroupMember, GroupSpec, SyncStore, new_group_id, receive_update
+from tests.rl.weight_helpers import parameters_of, perturbed_policy
 
 _spec = importlib.util.spec_from_file_location("_learner_tests", Path(__file__).with_name("test_learner.py"))
 _helpers = importlib.util.module_from_spec(_spec)
@@ -60,22 +61,9 @@ class _Side:
         return metrics, errors
 
 
-def _perturbed(path, seed=0):
-    policy = load_policy(path)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in policy.model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.01)
-    return policy
-
-
-def _params(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach() for k, v in model.named_parameters()}
-
-
 def test_two_receivers_hold_the_learners_weights_bitwise(tiny_model_dirs):
     path = tiny_model_dirs["block"]
-    learner = Learner(_perturbed(path), LearnerConfig())
+    learner = Learner(perturbed_policy(path), LearnerConfig())
     engines = [TorchEngine.from_dir(path) for _ in range(2)]
     side = _Side(2)
     total = sum(p.numel() * p.element_size() for p in learner.policy.model.parameters())
@@ -83,10 +71,10 @@ def test_two_receivers_hold_the_learners_weights_bitwise(tiny_model_dirs):
     assert errors == [None, None]
     assert metrics["weight_sync_bytes"] == total and metrics["weight_sync_chunks"] >= total // 20_000
     assert metrics["weight_sync_peak_buffers"] == 2  # bounded in flight (max_inflight 2), reused after
-    want = _params(learner.policy.causal_lm)
+    want = parameters_of(learner.policy.causal_lm)
     for engine in engines:
         assert engine.policy_version == 5
-        got = _params(engine.policy.causal_lm)
+        got = parameters_of(engine.policy.causal_lm)
         assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
     # Same group again (no new rendezvous) after the learner's weights changed.
     with torch.no_grad():
@@ -95,10 +83,10 @@ def test_two_receivers_hold_the_learners_weights_bitwise(tiny_model_dirs):
     group = side.sender.group
     _, errors = side.sync(learner, engines, 6, 1 << 20, max_inflight=1)
     assert errors == [None, None] and side.sender.group is group
-    want = _params(learner.policy.causal_lm)
+    want = parameters_of(learner.policy.causal_lm)
     for engine in engines:
         assert engine.policy_version == 6
-        assert all(torch.equal(p, want[n]) for n, p in _params(engine.policy.causal_lm).items())
+        assert all(torch.equal(p, want[n]) for n, p in parameters_of(engine.policy.causal_lm).items())
 
 
 def test_lora_delta_sync_matches_the_learners_merge_over_repeated_syncs(tiny_model_dirs):
@@ -115,7 +103,7 @@ def test_lora_delta_sync_matches_the_learners_merge_over_repeated_syncs(tiny_mod
         merged = dict(learner.named_weights(lora_delta=False))
         for engine in engines:
             assert engine.policy_version == round_ + 1
-            for name, p in _params(engine.policy.causal_lm).items():
+            for name, p in parameters_of(engine.policy.causal_lm).items():
                 assert torch.equal(p, merged[name]), (round_, name)
     base = engines[0]._receiver._base
     assert base and all(t.device.type == "cpu" for t in base.values())
@@ -125,7 +113,7 @@ def test_a_bad_entry_fails_that_update_and_the_group_stays_usable(tiny_model_dir
     from rollout.models.tiny import make_tiny_policy
 
     path = tiny_model_dirs["block"]
-    learner = Learner(_perturbed(path, seed=2), LearnerConfig())
+    learner = Learner(perturbed_policy(path, seed=2), LearnerConfig())
     other = TorchEngine.from_dir(make_tiny_policy("block", tmp_path / "wide", seed=1, hidden_size=48))  # shapes differ
     engine = TorchEngine.from_dir(path)
     side = _Side(2)
@@ -221,7 +209,7 @@ def test_a_receiver_dying_mid_sync_fails_the_others_quickly(tiny_model_dirs, tmp
     import pytest
 
     path = tiny_model_dirs["block"]
-    learner = Learner(_perturbed(path), LearnerConfig())
+    learner = Learner(perturbed_policy(path), LearnerConfig())
     side = _Side(2)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     dying = subprocess.Popen([sys.executable, "-c", _DYING_RECEIVER, "127.0.0.1", str(side.store.port),

@@ -16,28 +16,16 @@ from rollout.engine import TorchEngine
 from rollout.models.loading import load_policy, save_policy
 from rollout.models.lora import apply_lora
 from rollout.weight_receiver import WeightReceiver
+from tests.rl.weight_helpers import parameters_of, perturbed_policy
 
 _spec = importlib.util.spec_from_file_location("_learner_tests", Path(__file__).with_name("test_learner.py"))
 _helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_helpers)
 
 
-def _perturbed(path, seed=0):
-    policy = load_policy(path)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in policy.model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.01)
-    return policy
-
-
-def _params(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach() for k, v in model.named_parameters()}
-
-
 @pytest.mark.parametrize("bucket_bytes", [20_000, 1 << 20])
 def test_buckets_respect_limit_and_round_trip_exactly(tiny_model_dirs, bucket_bytes):
-    src = _perturbed(tiny_model_dirs["block"])
+    src = perturbed_policy(tiny_model_dirs["block"])
     learner = Learner(src, LearnerConfig())
     stats = SyncStats()
     chunks = list(learner.weight_buckets(bucket_bytes, version=7, stats=stats))
@@ -54,14 +42,14 @@ def test_buckets_respect_limit_and_round_trip_exactly(tiny_model_dirs, bucket_by
         receiver.apply(entries, version)
     got = receiver.finish(7)
     assert receiver.version == 7 and got.bytes == total
-    want = _params(src.causal_lm)
-    for name, p in _params(dst.causal_lm).items():
+    want = parameters_of(src.causal_lm)
+    for name, p in parameters_of(dst.causal_lm).items():
         assert torch.equal(p, want[name]), name
 
 
 @pytest.mark.parametrize("split_large", [True, False])
 def test_chunks_feed_torch_engine_update_weights(tiny_model_dirs, split_large):
-    src = _perturbed(tiny_model_dirs["block"], seed=1)
+    src = perturbed_policy(tiny_model_dirs["block"], seed=1)
     engine = TorchEngine(load_policy(tiny_model_dirs["block"]))
     learner = Learner(src, LearnerConfig())
     # split_large: tensors over the bucket arrive as row slices; otherwise oversized tensors travel alone.
@@ -71,8 +59,8 @@ def test_chunks_feed_torch_engine_update_weights(tiny_model_dirs, split_large):
         engine.update_weights(entries, version, final=False)
     engine.update_weights([], 3, final=True)
     assert engine.policy_version == 3
-    want = _params(src.causal_lm)
-    for name, p in _params(engine.policy.causal_lm).items():
+    want = parameters_of(src.causal_lm)
+    for name, p in parameters_of(engine.policy.causal_lm).items():
         assert torch.equal(p, want[name]), name
 
 
@@ -95,7 +83,7 @@ def test_lora_run_rollout_engine_holds_the_learners_merged_weights(tiny_model_di
         engine.update_weights([], learner.updates)
         assert engine.policy_version == learner.updates == round_ + 1
         merged = dict(learner.named_weights(lora_delta=False))
-        for name, p in _params(engine.policy.causal_lm).items():
+        for name, p in parameters_of(engine.policy.causal_lm).items():
             assert torch.equal(p, merged[name]), (round_, name)
     save_policy(policy, tmp_path / "merged")
     from rollout.sampling import GenerationRequest, SamplingParams
@@ -147,14 +135,14 @@ def test_lora_delta_sync_reproduces_merged_weights(tiny_model_dirs, tmp_path):
         receiver.finish(learner.updates)
         assert stats.bytes < full_bytes / 4
         save_policy(policy, tmp_path / f"merged{round_}")  # PEFT's own merge
-        want = _params(load_policy(tmp_path / f"merged{round_}").causal_lm)
-        for name, p in _params(rollout.causal_lm).items():
+        want = parameters_of(load_policy(tmp_path / f"merged{round_}").causal_lm)
+        for name, p in parameters_of(rollout.causal_lm).items():
             assert torch.equal(p, want[name]), (round_, name)
         assert any(not torch.equal(p, q) for p, q in zip(rollout.model.parameters(),
                                                            load_policy(tiny_model_dirs["block"]).model.parameters()))
     # The learner's full-weight view (lora_delta=False) is the same merge.
     merged = dict(learner.named_weights(lora_delta=False))
-    for name, p in _params(rollout.causal_lm).items():
+    for name, p in parameters_of(rollout.causal_lm).items():
         assert torch.equal(p, merged[name]), name
 
 
