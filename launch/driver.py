@@ -4,7 +4,7 @@
     2. prompt batch -> n samples each            (seeded per request: the same prompts and samples after a resume)
     3. responses    -> RewardService             (score, reason, metrics per response: rl.sample.ScoredSample)
     4. rewards      -> group advantages          (rl.advantages.ADVANTAGES by name; filters drop groups, dropped
-                                                  samples do not reach the learner)
+                                                  samples do not reach the learner; 3-4: launch/driver_scoring.py)
     5. scored batch -> TrajectoryStore           (Parquet, on disk before the learner runs)
     6. batch        -> learner                   (mu inner iterations over minibatches; a NaN loss skips the step)
     7. metrics, checkpoint every N steps, evaluation every M steps
@@ -26,20 +26,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from launch.budget import RunBudget
 from launch.cluster_nodes import NodeLostError, NodeWatch, actor_roles, alive_nodes, node_loss_line
-from launch.data import Prompt, PromptSampler, reward_item
+from launch.data import Prompt, PromptSampler
 from launch.diagnostics import probe_metrics, probe_requests
 from launch.decoding import decode_block, sampling_params
 from launch.driver_roles import RolloutPool, make_learner, make_reward_service
+from launch.driver_scoring import assign_advantages, response_item, score_samples
 from launch.driver_setup import (RunContext, create_placement_group, host, placement_plan, prepare_run,
                                  write_run_status)
 from launch.local_ray import ray_session
 from launch.metrics import MetricsLogger, plot_curves, reward_summary, rewind_metrics, summary_line
-from rewards.result import reason_category
-from rl.advantages import advantage_estimator, near_length_limit
 from rl.checkpoint import Checkpoint, capture_rng, restore_rng, save_checkpoint
 from rl.masking import sample_seed
 from rl.sample import ScoredSample
@@ -165,9 +162,10 @@ class Driver:
                    for i, t in enumerate(trajectories)]
         # 3. Score every response against its prompt's answer (failed generations get no reward call).
         with _timed(timings, "reward"):
-            metrics = self.score(prompts, samples)
+            metrics = score_samples(prompts, samples, n=n, tokenizer=self.ctx.tokenizer, rewards=self.rewards,
+                                    data=r.data)
         # 4. Group-relative advantages; filtered groups and failed generations are marked keep=False.
-        metrics.update(self.advantages(samples, n))
+        metrics.update(assign_advantages(samples, n, r.algorithm, max_tokens=r.rollout.max_tokens))
         metrics.update(self.rollout.metrics())
         return Batch(version, self.sampler.position, prompts, samples, metrics)
 
@@ -231,65 +229,6 @@ class Driver:
         return metrics
 
     # ================================================================================================ stages
-    def score(self, prompts: list[Prompt], samples: list[ScoredSample]) -> dict:
-        """Decode each response and score it against its prompt (sample i answers prompts[i // n]); a failed
-        generation gets reward 0 and its finish reason, without a reward call."""
-        n = self.recipe.rollout.samples_per_prompt
-        tok = self.ctx.tokenizer
-        items, scored = [], []
-        for i, sample in enumerate(samples):
-            traj = sample.trajectory
-            sample.response_text = tok.decode(traj.response_ids[:traj.valid_length].tolist(),
-                                              skip_special_tokens=True)
-            if traj.finish_reason.startswith("error"):
-                sample.reward, sample.reason = 0.0, traj.finish_reason
-                continue
-            items.append(self._reward_item(prompts[i // n], sample.response_text, traj.valid_length))
-            scored.append(sample)
-        results = self.rewards.score(items) if items else []
-        for sample, result in zip(scored, results, strict=True):
-            sample.reward, sample.reason = float(result["score"]), result["reason"]
-            sample.reward_metrics = result["metrics"]
-        rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
-        reasons: dict[str, int] = {}
-        for s in samples:
-            category = reason_category(s.reason)
-            reasons[category] = reasons.get(category, 0) + 1
-        lengths = torch.tensor([float(s.trajectory.valid_length) for s in samples])
-        return {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std(unbiased=False)),
-                "reward/accuracy": reasons.get("correct", 0) / len(samples),
-                "rollout/response_len": float(lengths.mean()), "rollout/errors": len(samples) - len(scored),
-                **reward_summary(results),
-                **{f"reward/reason/{k}": v for k, v in sorted(reasons.items())}}
-
-    def _reward_item(self, prompt: Prompt, text: str, response_len: int) -> dict:
-        data = self.recipe.data
-        return reward_item(prompt, text, response_len, prompt_field=data.prompt_field, answer_field=data.answer_field)
-
-    def advantages(self, samples: list[ScoredSample], n: int) -> dict:
-        """Group-relative advantages of the usable samples (groups = prompts), by the algorithm's estimator."""
-        alg = self.recipe.algorithm
-        usable = [i for i, s in enumerate(samples)
-                  if not s.trajectory.finish_reason.startswith("error") and s.trajectory.response_length > 0]
-        for s in samples:
-            s.advantage, s.keep = 0.0, False
-        if not usable:
-            return {"adv/frac_samples_kept": 0.0}
-        rewards = torch.tensor([samples[i].reward for i in usable], dtype=torch.float32)
-        groups = torch.tensor([i // n for i in usable])
-        correct = torch.tensor([samples[i].reason == "correct" for i in usable])
-        lengths = torch.tensor([samples[i].trajectory.valid_length for i in usable])
-        cut = near_length_limit(lengths, self.recipe.rollout.max_tokens, alg.length_limit_margin)
-        rewards, correct = torch.where(cut, 0.0, rewards), correct & ~cut  # TraceRL: cut-off responses are wrong
-        flt = alg.filter
-        estimator = advantage_estimator(alg.name)
-        result = estimator(rewards, group_ids=groups, norm=alg.advantage, correct=correct,
-                           drop_zero_variance=flt.drop_zero_variance, accuracy_lo=flt.accuracy_lo,
-                           accuracy_hi=flt.accuracy_hi)
-        for pos, i in enumerate(usable):
-            samples[i].advantage, samples[i].keep = float(result.advantages[pos]), bool(result.keep[pos])
-        return {f"adv/{k}": float(v) for k, v in result.metrics.items()}
-
     def evaluate(self) -> dict:
         """Greedy decoding of the held-out prompts with the current weights; accuracy and mean reward. With
         trainer.probe_items, also greedy vs sampled accuracy on a fixed probe set (launch/diagnostics.py)."""
@@ -303,8 +242,9 @@ class Driver:
                                    samples=t.probe_samples)
         trajectories = self.rollout.generate([request for _, request in requests])
         tok = self.ctx.tokenizer
-        items = [self._reward_item(p, tok.decode(tr.response_ids[:tr.valid_length].tolist(), skip_special_tokens=True),
-                                   tr.valid_length) for (p, _), tr in zip(requests, trajectories, strict=True)]
+        items = [response_item(p, tok.decode(tr.response_ids[:tr.valid_length].tolist(), skip_special_tokens=True),
+                               tr.valid_length, self.recipe.data)
+                 for (p, _), tr in zip(requests, trajectories, strict=True)]
         scored = self.rewards.score(items)
         results, probe = scored[:len(prompts)], scored[len(prompts):]
         correct = sum(r["reason"] == "correct" for r in results)
