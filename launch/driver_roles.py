@@ -254,8 +254,15 @@ class RolloutPool:
                 self._group = None
                 for i in range(len(self.workers)):
                     self._wait_ready(i)
+                self._discard_partial_updates()
         self.version = version
         return time.perf_counter() - start
+
+    def _discard_partial_updates(self) -> None:
+        """Survivors of a failed sync hold part of its update: drop it so the repeated sync starts whole."""
+        import ray
+
+        ray.get([w.discard_partial_update.remote() for w in self.workers])
 
     def _send(self, learner, version: int, indices: list[int]) -> None:
         if self.transport == "collective":
@@ -359,7 +366,12 @@ class RolloutPool:
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
 
-        from launch.cluster_nodes import NodeLostError, actor_roles, alive_nodes, describe_loss
+        from launch.cluster_nodes import (
+            NodeLostError,
+            actor_roles,
+            alive_nodes,
+            describe_loss,
+        )
 
         deadline = time.monotonic() + timeout_s
         node = self.nodes[i] or {}

@@ -67,6 +67,12 @@ class RolloutEngine(abc.ABC):
         """
 
     @abc.abstractmethod
+    def discard_partial_update(self) -> None:
+        """Drop a weight update begun (final=False chunks) but never finished, e.g. by a sync attempt that failed
+        when a peer died: the retry's first chunk then starts a new update instead of 'arrived twice'. The model
+        keeps whatever the abandoned chunks wrote until the retry overwrites it."""
+
+    @abc.abstractmethod
     def release(self) -> None:
         """Free memory held for generation (device caches, offloaded weights); the next generate restores it."""
 
@@ -231,6 +237,10 @@ class TorchEngine(RolloutEngine):
         if final:
             self.sync_stats = self._receiver.finish(version, strict=strict)
             self.policy_version = int(version)
+
+    def discard_partial_update(self) -> None:
+        if self._receiver is not None:
+            self._receiver.discard()
 
     # --------------------------------------------------------------------------------------------- memory
     def release(self) -> None:

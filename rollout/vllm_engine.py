@@ -200,6 +200,9 @@ class VLLMEngine(RolloutEngine):
             self._discard_staged()
             raise
 
+    def discard_partial_update(self) -> None:
+        self._discard_staged()
+
     def _discard_staged(self) -> None:
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)

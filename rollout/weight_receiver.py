@@ -26,7 +26,14 @@ from collections.abc import Iterable
 
 import torch
 
-from rollout.weight_format import Entry, SyncStats, is_lora_part, lora_delta, nbytes, parse_slice
+from rollout.weight_format import (
+    Entry,
+    SyncStats,
+    is_lora_part,
+    lora_delta,
+    nbytes,
+    parse_slice,
+)
 
 __all__ = ["WeightReceiver"]
 
@@ -47,6 +54,10 @@ class WeightReceiver:
         self.version: int | None = None
         self._base: dict[str, torch.Tensor] = {}  # pristine W0 (host memory) of every LoRA-merged weight
         self._lora_layout: frozenset[str] | None = None  # weights the first complete LoRA update wrote
+        self._reset()
+
+    def discard(self) -> None:
+        """Forget the update in progress (chunks applied, rows and LoRA parts pending); the version stays."""
         self._reset()
 
     def _reset(self) -> None:

@@ -46,6 +46,10 @@ class RolloutWorker:
         self.engine.update_weights(weights, version, final=final)
         return self.engine.policy_version
 
+    def discard_partial_update(self) -> None:
+        """A sync attempt failed somewhere: drop what this worker received of it (the driver retries whole)."""
+        self.engine.discard_partial_update()
+
     def incarnation(self) -> str:
         return self._incarnation
 
@@ -66,6 +70,7 @@ class RolloutWorker:
 
         if self._sync_member is None:
             self._sync_member = GroupMember()
+        self.engine.discard_partial_update()  # a collective update always starts whole (an attempt may have failed)
         device = self.device if spec.backend == "nccl" else torch.device("cpu")  # NCCL: the worker's own GPU
         if device.type == "cpu" and spec.backend == "nccl":
             raise RuntimeError("weight sync: an NCCL group needs the rollout worker on a GPU (it computes on cpu)")

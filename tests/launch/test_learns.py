@@ -10,8 +10,8 @@ by a margin that a broken gradient sign fails.
 3. Training reward, measured identically before and after: 16 samples of each training prompt with fixed per-sample
    seeds, decoded by the run's rollout worker with the run's sampling parameters, scored by the run's reward service.
 
-The companion run is the same with every advantage negated in the driver (`Driver.advantages` monkeypatched): it
-must lose reward by the margin that the real run must gain.
+The companion run is the same with every advantage negated in the driver (`assign_advantages` monkeypatched where
+the driver calls it): it must lose reward by the margin that the real run must gain.
 
 Measured on the shared 2-core box (12 steps each; training reward before -> after):
     seed 0 (pinned): 0.324 -> 0.604 (+0.28); flipped sign: 0.324 -> 0.010 (-0.31)
@@ -103,14 +103,14 @@ def train_and_measure(sft_dir: Path, out_dir: Path, seed: int = SEED) -> dict:
 
 
 def negated_advantages(original):
-    """Driver.advantages with every advantage negated: the learner then ascends minus the reward."""
-    def advantages(self, samples, n):
-        metrics = original(self, samples, n)
+    """launch.driver_scoring.assign_advantages with every advantage negated: the learner ascends minus the reward."""
+    def assign_advantages(samples, n, algorithm, **kwargs):
+        metrics = original(samples, n, algorithm, **kwargs)
         for s in samples:
             s.advantage = -s.advantage
         return metrics
 
-    return advantages
+    return assign_advantages
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +135,8 @@ def test_rl_raises_training_reward_over_sft(sft_dir, local_ray, tmp_path):
 
 
 def test_flipped_advantage_sign_lowers_training_reward(sft_dir, local_ray, tmp_path, monkeypatch):
-    from launch.driver import Driver
+    import launch.driver
 
-    monkeypatch.setattr(Driver, "advantages", negated_advantages(Driver.advantages))
+    monkeypatch.setattr(launch.driver, "assign_advantages", negated_advantages(launch.driver.assign_advantages))
     run = train_and_measure(sft_dir, tmp_path / "run")
     assert run["after"] <= run["before"] - MARGIN, run

@@ -134,3 +134,18 @@ def test_lora_updates_are_checked(engine):
     engine.update_weights({**lora, **{k.replace(PROJ, other): v for k, v in lora.items()}}, 1)
     _one_line_error(lambda: engine.update_weights(lora, 2), f"'{other}.weight'", "earlier LoRA updates")
     assert engine.policy_version == 1
+
+
+def test_a_failed_attempt_is_discarded_before_the_retry(engine, target):
+    """A sync attempt that died half way (a peer lost) leaves part of the update applied; the retry resends it all.
+    Without discarding, its first tensor 'arrived twice'; after discard_partial_update the retry completes."""
+    names = list(target)
+    half = {n: target[n] for n in names[: len(names) // 2]}
+    engine.update_weights(half, 1, final=False)
+    with pytest.raises(ValueError, match="arrived twice"):
+        engine.update_weights(half, 1, final=False)  # what the retry hit before the fix (it also resets)
+    engine.update_weights(half, 1, final=False)
+    engine.discard_partial_update()
+    engine.update_weights(target, 1, final=True)
+    assert engine.policy_version == 1
+    assert all(torch.equal(_params(engine)[n], target[n]) for n in names)
