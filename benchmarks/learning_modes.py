@@ -1,0 +1,57 @@
+"""Which answer shapes does a checkpoint's greedy decode give on the held-out Countdown items? (issue 19)
+
+RL from the tiny SFT model was seen to break the same held-out items across seeds and variants; the broken answers
+were sums of all the numbers ("5+1+11"). This counts, per checkpoint, the greedy answers that are the plain sum of
+the given numbers, how many of the items' targets are that sum, and the accuracy inside and outside those items.
+
+    python benchmarks/learning_modes.py /work/bench/fid/sft CKPT ...
+"""
+from __future__ import annotations
+
+import argparse
+import re
+
+from benchmarks.learning import SETUPS
+
+
+def _is_plain_sum(answer: str, numbers: list[int]) -> bool:
+    parts = answer.strip().split("+")
+    return len(parts) == len(numbers) and all(re.fullmatch(r"\d+", p) for p in parts) and \
+        sorted(int(p) for p in parts) == sorted(numbers)
+
+
+def answer_shapes(ckpt: str, limit: int = 200) -> dict:
+    from launch.evaluate import EvalRun, evaluate_sets, load_checkpoint_policy, load_eval_sets
+    from rl.tasks import make_task
+
+    task = make_task("countdown", seed=0, **SETUPS["countdown"]["task_kwargs"])
+    rows = task.rows("test")[:limit]
+    run = EvalRun(data=["countdown"], rollout={"temperature": 0.0, "batch_size": 64}, limit=limit,
+                  task_kwargs=SETUPS["countdown"]["task_kwargs"], task_seed=0, print_table=False, max_tokens=16,
+                  overlap="allow")
+    (evalset,) = load_eval_sets(ckpt, run, sources=[])
+    ((_, results),) = evaluate_sets(load_checkpoint_policy(ckpt, run), [evalset], run, checkpoint_name=ckpt,
+                                    progress=False)
+    out = {"items": len(rows), "target_is_sum": 0, "answers_plain_sum": 0, "correct": 0,
+           "correct_where_target_is_sum": 0, "correct_elsewhere": 0}
+    for row, res in zip(rows, results):
+        numbers = [int(x) for x in row["prompt"].split("->")[0].split(",")]
+        target = int(row["prompt"].split("->")[1].rstrip(":"))
+        is_sum = sum(numbers) == target
+        out["target_is_sum"] += is_sum
+        out["answers_plain_sum"] += _is_plain_sum(res["responses"][0], numbers)
+        out["correct"] += res["num_correct"]
+        out["correct_where_target_is_sum" if is_sum else "correct_elsewhere"] += res["num_correct"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoints", nargs="+")
+    args = parser.parse_args()
+    for ckpt in args.checkpoints:
+        print(ckpt, answer_shapes(ckpt), flush=True)
+
+
+if __name__ == "__main__":
+    main()

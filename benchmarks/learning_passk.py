@@ -1,0 +1,61 @@
+"""How far can RL sharpen this model? Greedy accuracy and pass@k (temperature-1 sampling, the RL rollouts' decoding)
+of checkpoints on the held-out test split and on as many items of the TRAINING split, for issue 19.
+
+RL with a group-relative advantage mostly converts pass@k into pass@1: a problem none of k samples solves gives no
+gradient, so pass@k of the start bounds what a few hundred steps can teach. Comparing train and test tells whether
+the rollouts see the same difficulty the held-out evaluation does.
+
+    python benchmarks/learning_passk.py /work/bench/fid/sft [CKPT ...] --n 16 --items 200
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from benchmarks.learning import SETUPS
+
+
+def passk_table(ckpt: str, task: str, seed: int, items: int, n: int, ks: tuple[int, ...],
+                splits: tuple[str, ...] = ("test", "train")) -> dict:
+    from launch.evaluate import EvalRun, evaluate_sets, load_checkpoint_policy, load_eval_sets
+    from launch.evaluate_data import items_from_rows
+    from rl.tasks import make_task
+
+    common = dict(data=[task], task_kwargs=SETUPS[task]["task_kwargs"], task_seed=seed, limit=items,
+                  print_table=False, max_tokens=SETUPS[task]["max_tokens"], overlap="allow")
+    runs = {"greedy": EvalRun(rollout={"temperature": 0.0, "batch_size": 64}, **common),
+            "sampled": EvalRun(n=n, k=ks, rollout={"temperature": 1.0, "batch_size": 64}, **common)}
+    policy = load_checkpoint_policy(ckpt, runs["greedy"])
+    out: dict = {}
+    for split in splits:
+        for mode, run in runs.items():
+            (evalset,) = load_eval_sets(ckpt, run, sources=[])
+            if split == "train":  # the same generator's training rows (what the RL rollouts are drawn from)
+                rows = make_task(task, seed=seed, **SETUPS[task]["task_kwargs"]).rows("train")[:items]
+                evalset.items = items_from_rows(rows, "task", task)
+            ((s, _),) = evaluate_sets(policy, [evalset], run, checkpoint_name=ckpt, progress=False)
+            out[f"{split}/{mode}"] = {k: v for k, v in s.items() if k.startswith(("avg@", "pass@"))}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoints", nargs="+")
+    parser.add_argument("--task", default="countdown", choices=sorted(SETUPS))
+    parser.add_argument("--seed", type=int, default=0, help="the task generator's seed (the SFT run's)")
+    parser.add_argument("--items", type=int, default=200)
+    parser.add_argument("--n", type=int, default=16)
+    parser.add_argument("--splits", default="test,train", help="comma list of test, train")
+    args = parser.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ks = tuple(k for k in (1, 2, 4, 8, 16, 32) if k <= args.n)
+    for ckpt in args.checkpoints:
+        res = passk_table(ckpt, args.task, args.seed, args.items, args.n, ks, tuple(args.splits.split(",")))
+        print(json.dumps({"checkpoint": ckpt, **res}), flush=True)
+        for key, figures in res.items():
+            print(f"{ckpt} {key}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in figures.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
