@@ -65,13 +65,10 @@ def new_group_id() -> str:
 
 def node_address() -> str:
     """This node's address as other nodes reach it (Ray's view when inside Ray, else loopback)."""
-    try:
-        import ray
+    import ray  # a dependency of diffrl: only whether this process is inside a Ray session varies
 
-        if ray.is_initialized():
-            return ray.util.get_node_ip_address()
-    except ImportError:
-        pass
+    if ray.is_initialized():
+        return ray.util.get_node_ip_address()
     return socket.gethostbyname("localhost")
 
 
