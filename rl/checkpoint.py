@@ -280,7 +280,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise CheckpointError(f"{path}: no checkpoint yet (no {root / 'latest'})")
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """A checkpoint's JSON file, or a one-line CheckpointError naming it (missing / corrupt)."""
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (corrupt or incomplete checkpoint)")
     try:
@@ -291,7 +292,7 @@ def _read_json(path: Path) -> Any:
 
 def verify_checkpoint(path: Path, *, hashes: bool = True) -> dict[str, Any]:
     """Check every file against the manifest; returns the manifest."""
-    manifest = _read_json(path / "manifest.json")
+    manifest = read_json(path / "manifest.json")
     if not isinstance(manifest, dict) or manifest.get("format") not in READABLE_FORMATS or "files" not in manifest:
         raise CheckpointError(f"{path / 'manifest.json'}: not a diffrl checkpoint manifest (format "
                               f"{' or '.join(map(str, READABLE_FORMATS))})")
@@ -311,8 +312,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Validate a checkpoint directory against its manifest and read its small files."""
     path = resolve_checkpoint(path)
     manifest = verify_checkpoint(path)
-    state = _read_json(path / "state.json")
-    rng = _read_json(path / "rng.json")
+    state = read_json(path / "state.json")
+    rng = read_json(path / "rng.json")
     for key in ("step", "data", "store"):
         if key not in state:
             raise CheckpointError(f"{path / 'state.json'}: no {key!r} entry")

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from rl.checkpoint import CheckpointError, file_entry
+from rl.checkpoint import CheckpointError, file_entry, read_json
 from rollout.errors import one_line
 
 LAYOUT_FILE = "layout.json"
@@ -91,12 +91,7 @@ def save_rank_shard(learner, folder: str | Path, rank: int, world_size: int) -> 
 def check_layout(folder: str | Path, *, world_size: int, backend: str, zero_stage: int | None) -> dict[str, Any]:
     """The saved layout against the learner about to load it: one line naming layout.json on a mismatch."""
     path = Path(folder) / LAYOUT_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (corrupt or incomplete checkpoint)")
-    try:
-        layout = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: corrupt JSON ({err})") from None
+    layout = read_json(path)
     if not isinstance(layout, dict) or layout.get("format") != SHARD_FORMAT:
         raise CheckpointError(f"{path}: not a learner shard layout (format {SHARD_FORMAT})")
     want = {"world_size": world_size, "backend": backend, "zero_stage": zero_stage if backend == "deepspeed" else None}
