@@ -32,11 +32,15 @@ ESTIMATORS_FOR: dict[str, tuple[str, ...]] = {
     "wd1": ("one_step", "coupled", "random_mask"),
     "spg": ("block_random", "block_elbo", "mc_elbo", "sdmc"),
     "random_mask_grpo": ("random_mask", "one_step", "coupled"),
+    "espo": ("espo", "mc_elbo", "sdmc", "block_elbo"),
+    "bgpo": ("mc_elbo", "sdmc", "block_elbo"),
+    "ebpo": ("block_elbo",),
 }
 # Why an algorithm is restricted to those estimators: said in the error.
 _ESTIMATOR_NEED = {
     "gdpo": "a sequence-level ELBO", "spg": "a sequence-level ELBO", "cj_grpo": "the recorded decoding trajectory",
-    "tracerl": "the recorded decoding trajectory",
+    "tracerl": "the recorded decoding trajectory", "espo": "a sequence-level ELBO",
+    "bgpo": "per-draw Monte Carlo ELBO terms", "ebpo": "block-level ELBOs (a block-diffusion model)",
 }
 
 def derived_defaults(r: Recipe) -> dict[str, Any]:

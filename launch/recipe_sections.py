@@ -187,8 +187,34 @@ class RandomMaskGRPO(_ClippedPolicyGradient, published="random_mask_grpo"):
     loss_agg: LossAgg = "token_mean"
 
 
+class ESPO(_ClippedPolicyGradient, published="espo"):
+    """Sequence ratio exp((ELBO - ELBO_old) / L) over every generated token, L the generation length, eps 0.2,
+    beta 1e-3 on the k2 sequence KL 0.5 (ELBO - ELBO_ref)^2 / L (ML-GSAI/ESPO), leave-one-out advantages."""
+
+    name: Literal["espo"] = "espo"
+    seq_length: SeqLength = "generation"
+    token_set: Literal["through_eos", "response"] = "response"  # ESPO's ELBO covers the EOS padding too
+
+
+class BGPO(_GroupRelative, published="bgpo"):
+    """Linear lower bound of the ELBO objective (A (1 + delta_k) for A > 0, A exp(delta_k) otherwise, mean over the
+    Monte Carlo draws), backpropagated one draw at a time (constant memory in the number of draws)."""
+
+    name: Literal["bgpo"] = "bgpo"
+    length_normalize: bool = False  # divide each draw's log-ratio by L (an option)
+    per_draw_backward: bool = True  # False: every draw in one graph (same gradient, memory grows with draws)
+
+
+class EBPO(_ClippedPolicyGradient, published="ebpo"):
+    """LLaDA2.1: sequence ratio exp(sum over blocks of block-ELBO differences) on block models, PPO clip."""
+
+    name: Literal["ebpo"] = "ebpo"
+    length_normalize: bool = False  # divide the log-ratio by L (an option; the paper does not)
+
+
 AlgorithmSection = Annotated[
-    DiffuGRPO | GDPO | CJGRPO | TraceRL | CoupledGRPO | WD1 | SPG | RandomMaskGRPO, Field(discriminator="name")
+    DiffuGRPO | GDPO | CJGRPO | TraceRL | CoupledGRPO | WD1 | SPG | RandomMaskGRPO | ESPO | BGPO | EBPO,
+    Field(discriminator="name")
 ]
 
 
@@ -240,9 +266,21 @@ class CoupledEstimator(_EstimatorSection):
 class BlockElboEstimator(_EstimatorSection):
     name: Literal["block_elbo"] = "block_elbo"
     mc_num: int = Field(1, ge=1)  # noisy copies per sample (each one pass over every block)
+    share_t: bool = False  # one noise level for all blocks of a copy (EBPO's timesteps) instead of one per block
 
     def params(self) -> dict[str, Any]:
-        return {"num_samples": self.mc_num}
+        return {"num_samples": self.mc_num, **({"share_t": True} if self.share_t else {})}
+
+
+class ESPOEstimator(_EstimatorSection):
+    """ESPO's ELBO: x ~ U{0..L} masked tokens (weight (L+1)/x) and, coupled, the complement view (rl/estimators/espo.py)."""
+
+    name: Literal["espo"] = "espo"
+    mc_num: int = Field(2, ge=1)  # ESPO's num_mc (run_gsm8k_llada.sh: 2)
+    coupled: bool = True  # ESPO's reduce_var (published true)
+
+    def params(self) -> dict[str, Any]:
+        return {"num_samples": self.mc_num, "coupled": self.coupled}
 
 
 class BlockRandomEstimator(_EstimatorSection):
@@ -281,6 +319,6 @@ class RandomMaskEstimator(_EstimatorSection):
 
 EstimatorSection = Annotated[
     OneStepEstimator | MCElboEstimator | SDMCEstimator | CoupledEstimator | BlockElboEstimator
-    | BlockRandomEstimator | TrajectoryEstimator | RandomMaskEstimator,
+    | BlockRandomEstimator | TrajectoryEstimator | RandomMaskEstimator | ESPOEstimator,
     Field(discriminator="name"),
 ]

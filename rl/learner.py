@@ -54,6 +54,7 @@ from rl.learner_batch import (MetricLog, OldScores, RefScores, RolloutBatch, Val
                               minibatch_normalizers, plan_update, rollout_batch, stack_rows)
 from rl.masking import sample_seed
 from rl.learner_config import LearnerConfig, ValueConfig, check_packing  # noqa: F401 - re-exported: LearnerConfig
+from rl.learner_draws import check_per_draw, draw_shares_of, merge_draw_metrics, score_draw_by_draw, stacked_shares
 from rl.optim import param_groups
 from rl.published import needs_reference_model
 from rl.reference import place_reference, reference_on_device
@@ -106,6 +107,9 @@ class Learner:
             ref_policy.model.requires_grad_(False).eval()
             self.ref_policy = ref_policy
         self.need_ref = bool(need_ref)
+        self.per_draw = lc.per_draw_backward  # BGPO: forward + backward one Monte Carlo draw at a time
+        if self.per_draw:
+            check_per_draw(config.estimator, self.need_ref, config.value is not None)
         self.value_head = self.value_policy = None
         modules = {"policy": policy.model}
         groups = param_groups(policy.model.named_parameters(), lr=config.optim.lr,
@@ -239,13 +243,19 @@ class Learner:
                 vnorm = vnorms[it, m].item() / self.backend.grad_average
                 for k, micro in enumerate(micros):
                     dummy = not micro
-                    loss, metrics, fwd = self._micro_loss(batch, micro or [0], self._mask_iter(it), norm, vnorm)
-                    counters["forwards"] += fwd
-                    if dummy:
-                        loss = loss * 0.0  # a rank with no sample left still joins the collective backward
-                    else:
-                        log.add(metrics)
-                    self.backend.backward(loss, boundary=k == len(micros) - 1)
+                    draws = self._draw_plan(micro or [0], self._mask_iter(it))
+                    parts = []
+                    for d, draw in enumerate(draws):
+                        loss, metrics, fwd = self._micro_loss(batch, micro or [0], self._mask_iter(it), norm, vnorm,
+                                                              draw=draw)
+                        counters["forwards"] += fwd
+                        if dummy:
+                            loss = loss * 0.0  # a rank with no sample left still joins the collective backward
+                        parts.append(metrics)
+                        # per-draw backward: this draw's graph is freed before the next draw is scored
+                        self.backend.backward(loss, boundary=k == len(micros) - 1 and d == len(draws) - 1)
+                    if not dummy:
+                        log.add(parts[0] if len(parts) == 1 else merge_draw_metrics(parts))
                 gnorm, applied, lr = self.backend.step(self.optimizer_steps)
                 if applied:
                     steps += 1
@@ -304,7 +314,14 @@ class Learner:
                     continue
                 run = micro if need else [0]
                 inp = batch.inp.select(run)
-                est, _ = self._estimate(self.policy, inp, key, hidden=shared_value)
+                shares = None
+                if self.per_draw:  # scored one draw at a time, exactly as training will score them
+                    est, shares = score_draw_by_draw(
+                        lambda d: self._estimate(self.policy, inp, key, params=self._draw_params(d))[0],
+                        token_mask_of(inp, self.device))
+                else:
+                    est, _ = self._estimate(self.policy, inp, key, hidden=shared_value)
+                    shares = draw_shares_of(est, token_mask_of(inp, self.device))
                 ref = None
                 if self.need_ref:
                     with self._ref_context() if adapters_off else nullcontext():
@@ -323,7 +340,8 @@ class Learner:
                 for r, i in enumerate(micro):
                     n = inp.length(r)
                     self._old.setdefault((key, i), OldScores(est.token_logp[r, :n].detach(), est.seq_logp[r].detach(),
-                                                             counted[r, :n].clone()))
+                                                             counted[r, :n].clone(),
+                                                             None if shares is None else shares[r].detach()))
                     if ref is not None:
                         self._ref.setdefault((key, i), RefScores(ref.token_logp[r, :n].detach(),
                                                                  ref.seq_logp[r].detach()))
@@ -381,11 +399,24 @@ class Learner:
         worst = float(self.backend.all_reduce_max(torch.tensor([worst], dtype=torch.float64, device=self.device)))
         return {"logp_mismatch": float(total[0] / total[1].clamp(min=1)), "logp_mismatch_max": worst}
 
-    def _micro_loss(self, batch: RolloutBatch, micro: list[int], key: int, norm: float, vnorm: float):
+    def _draw_params(self, draw: int | None) -> dict:
+        params = dict(self.config.estimator_params)
+        if draw is not None:
+            params["draw_index"] = draw
+        return params
+
+    def _draw_plan(self, micro: list[int], key: int) -> list[int | None]:
+        """The draws scored one forward + backward each: all of them at once ([None]) unless per-draw (BGPO)."""
+        if not self.per_draw:
+            return [None]
+        return list(range(int(self._old[(key, micro[0])].draw_elbos.numel())))
+
+    def _micro_loss(self, batch: RolloutBatch, micro: list[int], key: int, norm: float, vnorm: float,
+                    draw: int | None = None):
         inp = batch.inp.select(micro)
         vc = self.config.value
         shared_value = vc is not None and vc.trunk == "shared"
-        est, pad = self._estimate(self.policy, inp, key, hidden=shared_value)
+        est, pad = self._estimate(self.policy, inp, key, hidden=shared_value, params=self._draw_params(draw))
         width, dev = est.token_logp.shape[1], self.device
         mask = token_mask_of(inp, dev)
         old = [self._old[(key, i)] for i in micro]
@@ -403,6 +434,11 @@ class Learner:
                              entropy=est.entropy, observed_mask=est.token_mask, seq_logp=est.seq_logp,
                              seq_old_logp=torch.stack([o.seq_logp for o in old]).to(dev),
                              mc_logp=est.extra.get("mc_logp"), mc_weights=est.extra.get("mc_weights"))
+        if draw is not None:
+            pe.mc_old_elbo = torch.stack([o.draw_elbos[draw:draw + 1] for o in old]).to(dev)
+            pe.mc_draws = int(old[0].draw_elbos.numel())
+        else:  # every draw in one graph: the old shares of all of them (BGPO with per_draw_backward off)
+            pe.mc_old_elbo = stacked_shares([o.draw_elbos for o in old], dev)
         if self.need_ref:
             ref = [self._ref[(key, i)] for i in micro]
             pe.ref_logp = stack_rows([r.token_logp for r in ref], width, dev)

@@ -50,6 +50,7 @@ class OldScores(NamedTuple):
     token_logp: torch.Tensor  # (n,) per-token log-probs of the response's n decoded tokens
     seq_logp: torch.Tensor  # () the sequence log-likelihood estimate (ELBO for sequence-level losses)
     counted: torch.Tensor  # (n,) bool: tokens the loss counts (valid ones; observed ones when observed_only)
+    draw_elbos: torch.Tensor | None = None  # (K,) each Monte Carlo draw's ELBO share (per-draw backward, BGPO)
 
 
 class RefScores(NamedTuple):

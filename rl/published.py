@@ -88,6 +88,30 @@ ALGORITHM_DEFAULTS: Mapping[str, AlgorithmDefaults] = MappingProxyType({
         # spg/slurm_scripts/train.yaml (d1's optimiser) and spg_mix/*.sbatch (NUM_ITER 4, 6 generations).
         learner={"lr": 3e-6, "betas": (0.9, 0.99), "weight_decay": 0.1, "grad_clip": 0.2, "mu": 4},
         rollout={"samples_per_prompt": 6, "temperature": 0.9}, group=_MEAN_CENTERED),
+    # ESPO (ML-GSAI/ESPO recipes/train.yaml + run_gsm8k_llada.sh): ratio exp((ELBO - ELBO_old) / L) over every
+    # generated token (EOS padding included, L the generation length), eps 0.2, beta 1e-3 on the k2 sequence KL
+    # 0.5 (ELBO - ELBO_ref)^2 / L, mean over sequences; NUM_ITER 8, lr 3e-6, betas (0.9, 0.99), weight decay 0.01,
+    # grad clip 0.2, 6 generations, temperature 1.0, leave-one-out advantages without std scaling.
+    "espo": AlgorithmDefaults(
+        loss={"clip_eps_low": 0.2, "clip_eps_high": 0.2, "beta": 1e-3, "kl_reference": "ref", "kl_estimator": "k2",
+              "loss_agg": "seq_mean_token_mean", "seq_length": "generation", "token_set": "response",
+              "observed_only": False, "length_normalize": True},
+        learner={"lr": 3e-6, "betas": (0.9, 0.99), "weight_decay": 0.01, "grad_clip": 0.2, "mu": 8},
+        rollout={"samples_per_prompt": 6, "temperature": 1.0},
+        group={**_MEAN_CENTERED, "advantage": "leave_one_out"}),
+    # BGPO (THU-KEG/BGPO, 2510.11683): the linear lower bound of the ELBO objective, one Monte Carlo draw per backward;
+    # on-policy (mu 1), no KL. Its code could not be read here (docs/FIDELITY.md): no published figures are claimed.
+    "bgpo": AlgorithmDefaults(
+        loss={"beta": 0.0, "loss_agg": "seq_mean_token_mean", "seq_length": "valid", "observed_only": False,
+              "length_normalize": False, "per_draw_backward": True},
+        learner={"mu": 1}, group=_MEAN_CENTERED, published=False),
+    # EBPO (LLaDA2.1, 2602.08676): sequence ratio exp(sum over blocks of block-ELBO differences), PPO clip; no code
+    # released; the paper gives no loss figures we could read (docs/FIDELITY.md): PPO's eps 0.2, no KL.
+    "ebpo": AlgorithmDefaults(
+        loss={"clip_eps_low": 0.2, "clip_eps_high": 0.2, "beta": 0.0, "kl_reference": "ref", "kl_estimator": "k3",
+              "loss_agg": "seq_mean_token_mean", "seq_length": "valid", "observed_only": False,
+              "length_normalize": False},
+        group=_MEAN_CENTERED, published=False),
     # UniGRPO-style random masking: no published loss figures; PPO's eps 0.2 and no KL (so no reference model).
     "random_mask_grpo": AlgorithmDefaults(
         loss={"clip_eps_low": 0.2, "clip_eps_high": 0.2, "beta": 0.0, "kl_reference": "ref", "kl_estimator": "k3",

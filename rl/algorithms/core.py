@@ -70,6 +70,10 @@ class PolicyEstimates:
     seq_ref_logp: torch.Tensor | None = None  # (B,)
     mc_logp: torch.Tensor | None = None  # (B, K, L) token log-probs in each of K masked forwards (SPG)
     mc_weights: torch.Tensor | None = None  # (B, K, L) MaskDraw.token_weights of those forwards (0 = not counted)
+    # BGPO: the old policy's share of the ELBO from each of those K forwards (B, K), and how many forwards the whole
+    # estimate has (K_total >= K when the learner backpropagates one draw at a time; None: K).
+    mc_old_elbo: torch.Tensor | None = None
+    mc_draws: int | None = None
 
 
 @dataclass
@@ -99,6 +103,9 @@ class LossConfig:
     observed_only: bool = True
     beta_e: float = 1.5  # SPG EUBO exponent beta_E
     mix: float = 0.5  # SPG, A <= 0: mix * EUBO + (1 - mix) * ELBO (1: pure EUBO, 0: ELBO)
+    # The learner runs forward + backward one Monte Carlo draw at a time (BGPO: a loss linear in the draws, so the
+    # gradients accumulate exactly with one draw's graph alive). Read by the learner.
+    per_draw_backward: bool = False
 
     def __post_init__(self) -> None:
         checks = {"loss_agg": AGG_MODES, "kl_estimator": KL_ESTIMATORS, "kl_reference": ("ref", "old"),

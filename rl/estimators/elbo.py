@@ -88,11 +88,33 @@ def score_draws(policy, inp: EstimatorInput, draws: list[MaskDraw], *, temperatu
 
 
 def _estimate(sampler: str, policy, inp: EstimatorInput, seed: int, inner_iter: int, options: dict,
-              temperature: float, return_entropy: bool, return_hidden: bool, packing: RowPacking | None = None) -> Estimate:
+              temperature: float, return_entropy: bool, return_hidden: bool, packing: RowPacking | None = None,
+              draw_index: int | None = None) -> Estimate:
     lengths = [inp.length(b) for b in range(len(inp))]
     draws = draw_masks(sampler, lengths, inp.sample_keys, base_seed=seed, inner_iter=inner_iter, **options)
-    return score_draws(policy, inp, draws, temperature=temperature, return_entropy=return_entropy,
-                       return_hidden=return_hidden, packing=packing)
+    return _score_selected(policy, inp, draws, draw_index, temperature=temperature, return_entropy=return_entropy,
+                           return_hidden=return_hidden, packing=packing)
+
+
+def select_draw(draws: list[MaskDraw], index: int | None) -> list[MaskDraw]:
+    """Each sample's forward `index` alone, its weights unchanged (so the per-draw estimates of one sample add up
+    to its full estimate): BGPO backpropagates one Monte Carlo draw at a time. None: every draw."""
+    if index is None:
+        return draws
+    out = []
+    for draw in draws:
+        if not 0 <= index < draw.num_forwards:
+            raise ValueError(f"estimator: draw_index {index} outside the sample's {draw.num_forwards} draws")
+        pick = slice(index, index + 1)
+        out.append(MaskDraw(draw.masks[pick], draw.token_weights[pick], draw.t[pick],
+                            None if draw.prompt_masks is None else draw.prompt_masks[pick]))
+    return out
+
+
+def _score_selected(policy, inp: EstimatorInput, draws: list[MaskDraw], draw_index: int | None, **kwargs) -> Estimate:
+    est = score_draws(policy, inp, select_draw(draws, draw_index), **kwargs)
+    est.extra["num_draws"] = max(d.num_forwards for d in draws)  # of the whole estimate, even when one is scored
+    return est
 
 
 def _register(name: str, **defaults):
@@ -100,31 +122,36 @@ def _register(name: str, **defaults):
 
     def estimator(policy, inp: EstimatorInput, *, seed: int = 0, inner_iter: int = 0, temperature: float = 1.0,
                   return_entropy: bool = False, return_hidden: bool = False, packing: RowPacking | None = None,
-                  **options) -> Estimate:
+                  draw_index: int | None = None, **options) -> Estimate:
         if name == "block_elbo":
             if not policy.spec.is_block:
                 raise ValueError("estimator 'block_elbo' needs a block-diffusion model (model attention is full)")
             options = {**defaults, **options}
             options.setdefault("block_size", inp.block_size or policy.spec.block_size)
             return _per_sample("block_elbo", policy, inp, seed, inner_iter, options, temperature, return_entropy,
-                               return_hidden, lambda b: {"offset": _block_offset(policy, inp, b)}, packing)
+                               return_hidden, lambda b: {"offset": _block_offset(policy, inp, b)}, packing,
+                               draw_index)
         if name == "block_random":  # SPG: semi-autoregressive blocks of the rollout on a full-attention model
             options = {**defaults, **options}
             options.setdefault("block_size", inp.block_size or policy.spec.block_size)
             return _per_sample("block_random", policy, inp, seed, inner_iter, options, temperature, return_entropy,
                                return_hidden, lambda b: {"prompt_length": inp.prompts[b].numel(),
                                                          "offset": _block_offset(policy, inp, b),
-                                                         "valid_length": inp.valid_length(b)}, packing)
+                                                         "valid_length": inp.valid_length(b)}, packing,
+                               draw_index)
         if name == "one_step":
             # d1 masks prompt tokens too; each sample's prompt gets its own draw from the same generator.
             options = {"p_mask": options.get("p_mask", 0.15)}
             return _per_sample("one_step", policy, inp, seed, inner_iter, options, temperature, return_entropy,
-                               return_hidden, lambda b: {"prompt_length": inp.prompts[b].numel()}, packing)
+                               return_hidden, lambda b: {"prompt_length": inp.prompts[b].numel()}, packing,
+                               draw_index)
         if name == "coupled" and options.pop("full_mask_view", False):
+            if draw_index is not None:
+                raise ValueError("estimator 'coupled' with full_mask_view: no per-draw scoring (draw_index)")
             return _coupled_with_full_view(policy, inp, seed, inner_iter, {**defaults, **options}, temperature,
                                            return_entropy, return_hidden, packing)
         return _estimate(name, policy, inp, seed, inner_iter, {**defaults, **options}, temperature,
-                         return_entropy, return_hidden, packing)
+                         return_entropy, return_hidden, packing, draw_index)
 
     estimator.__name__ = f"{name}_estimator"
     estimator.__doc__ = f"Mask-sampling estimator backed by `rl.masking.{name}`."
@@ -160,14 +187,14 @@ def _block_offset(policy, inp: EstimatorInput, b: int) -> int:
 
 
 def _per_sample(sampler_name, policy, inp, seed, inner_iter, options, temperature, return_entropy, return_hidden,
-                sample_options, packing=None) -> Estimate:
+                sample_options, packing=None, draw_index: int | None = None) -> Estimate:
     """A sampler that needs per-sample arguments (prompt length, block offset): `sample_options(b)` adds them to
     sample b's draw, which still comes from its own generator (common random numbers whatever the batch)."""
     lengths = [inp.length(b) for b in range(len(inp))]
     draws = draw_masks(sampler_name, lengths, inp.sample_keys, base_seed=seed, inner_iter=inner_iter,
                        sample_options=[sample_options(b) for b in range(len(inp))], **options)
-    return score_draws(policy, inp, draws, temperature=temperature, return_entropy=return_entropy,
-                       return_hidden=return_hidden, packing=packing)
+    return _score_selected(policy, inp, draws, draw_index, temperature=temperature, return_entropy=return_entropy,
+                           return_hidden=return_hidden, packing=packing)
 
 
 one_step_estimator = _register("one_step", p_mask=0.15)
