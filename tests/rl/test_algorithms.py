@@ -201,14 +201,14 @@ def test_spg_bounds_for_mask_independent_logprobs():
 
 
 ALL_LOSSES = ["diffu_grpo", "coupled_grpo", "tracerl", "cj_grpo", "random_mask_grpo", "token_ppo", "gdpo", "wd1",
-              "spg", "policy_gradient"]
+              "spg", "policy_gradient", "espo", "ebpo", "bgpo"]
 
 
 def _estimates_for(name, logp, old, ref, mask, k=3, seed=9):
-    if name == "gdpo":
+    if name in ("gdpo", "espo", "ebpo"):
         return PolicyEstimates(seq_logp=(logp * mask).sum(1), seq_old_logp=(old * mask).sum(1),
                                seq_ref_logp=(ref * mask).sum(1))
-    if name == "spg":
+    if name in ("spg", "bgpo"):
         g = torch.Generator().manual_seed(seed)
         w = torch.rand(B, k, L, generator=g, dtype=torch.float64) * (torch.rand(B, k, L, generator=g) < 0.6)
         shift = 0.1 * torch.arange(k, dtype=logp.dtype, device=logp.device)[None, :, None]

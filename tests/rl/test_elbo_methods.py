@@ -48,7 +48,7 @@ def test_espo_loss_equals_the_papers_equations_per_sample():
         a = float(adv[i])
         naive += -min(rho * a, min(max(rho, 0.8), 1.2) * a) + 1e-3 * 0.5 * (float(values[i]) - float(ref[i])) ** 2 / length
         clipped += (a > 0 and rho > 1.2) or (a < 0 and rho < 0.8)
-    assert float(loss) == pytest.approx(naive / len(seq), rel=1e-12)
+    assert loss.item() == pytest.approx(naive / len(seq), rel=1e-12)
     assert float(m["clipfrac"]) == pytest.approx(clipped / len(seq)) and 0 < clipped < len(seq)
     # gradient: d/dELBO_i = -(A_i rho_i / L) [unclipped] + beta (ELBO_i - ELBO_ref_i) / L, / B
     loss.backward()
@@ -78,7 +78,7 @@ def test_ebpo_loss_equals_the_papers_equations_per_sample():
         log_rho = sum(float(w[n]) * (float(cur[i, n, k]) - float(old[i, n, k])) for n in range(steps) for k in range(blocks))
         rho, a = math.exp(log_rho), float(adv[i])
         naive += -min(rho * a, min(max(rho, 0.8), 1.2) * a)
-    assert float(loss) == pytest.approx(naive / b, rel=1e-12)
+    assert loss.item() == pytest.approx(naive / b, rel=1e-12)
     assert float(m["clipfrac"]) > 0  # the case reaches the clip (the comparison covers it)
 
 
@@ -113,7 +113,7 @@ def test_bgpo_loss_equals_the_papers_bound_per_sample_and_is_a_lower_bound():
     est = PolicyEstimates(mc_logp=mc_logp, mc_weights=weights, mc_old_elbo=old)
     loss, _ = compute_loss("bgpo", PolicyBatch(advantages=adv, token_mask=mask), est)
     naive = _naive_bgpo(mc_logp, weights, mask, old, adv)
-    assert float(loss) == pytest.approx(float(naive), rel=1e-12)
+    assert loss.item() == pytest.approx(naive.item(), rel=1e-12)
     grad = torch.autograd.grad(loss, mc_logp)[0]
     naive_grad = torch.autograd.grad(_naive_bgpo(mc_logp, weights, mask, old, adv), mc_logp)[0]
     torch.testing.assert_close(grad, naive_grad, rtol=1e-10, atol=1e-14)
@@ -121,12 +121,12 @@ def test_bgpo_loss_equals_the_papers_bound_per_sample_and_is_a_lower_bound():
     k = mc_logp.shape[1]
     delta = k * ((weights * mc_logp * mask[:, None, :]).sum(-1) - old)
     objective = -(adv * torch.exp(delta.mean(1))).mean()
-    assert float(loss) >= float(objective)
+    assert loss.item() >= objective.item()
     # linear in the draws: the sum of one-draw losses (mc_draws = K) is the whole loss
     parts = sum(compute_loss("bgpo", PolicyBatch(advantages=adv, token_mask=mask), PolicyEstimates(
         mc_logp=mc_logp[:, j:j + 1], mc_weights=weights[:, j:j + 1], mc_old_elbo=old[:, j:j + 1], mc_draws=k))[0]
         for j in range(k))
-    assert float(parts) == pytest.approx(float(loss), rel=1e-12)
+    assert parts.item() == pytest.approx(loss.item(), rel=1e-12)
 
 
 def test_bgpo_equals_the_elbo_objective_in_value_and_gradient_on_policy():
@@ -137,7 +137,7 @@ def test_bgpo_equals_the_elbo_objective_in_value_and_gradient_on_policy():
     k = mc_logp.shape[1]
     delta = k * ((weights * mc_logp * mask[:, None, :]).sum(-1) - on_policy)
     objective = -(adv * torch.exp(delta.mean(1))).mean()
-    assert float(loss) == pytest.approx(float(objective), rel=1e-12)
+    assert loss.item() == pytest.approx(objective.item(), rel=1e-12)
     torch.testing.assert_close(torch.autograd.grad(loss, mc_logp)[0], torch.autograd.grad(objective, mc_logp)[0],
                                rtol=1e-10, atol=1e-14)
     assert float(m["ratio_mean"]) == 1.0 and float(m["clipfrac"]) == 0.0
