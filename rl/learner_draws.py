@@ -52,9 +52,17 @@ def stacked_shares(rows: list[torch.Tensor | None], device) -> torch.Tensor | No
 
 
 def merge_draw_metrics(per_draw: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """One micro-batch's metrics from its draws' metrics: loss parts add up, the rest is the mean over draws."""
+    """One micro-batch's metrics from its draws' metrics: loss parts add up, *_max / *_min are the extremes over the
+    draws, the rest is the mean over draws."""
     out = {}
     for key in per_draw[0]:
         values = torch.stack([torch.as_tensor(m[key], dtype=torch.float64) for m in per_draw])
-        out[key] = values.sum() if key in LOSS_PARTS else values.mean()
+        if key in LOSS_PARTS:
+            out[key] = values.sum()
+        elif key.endswith("_max"):
+            out[key] = values.max()
+        elif key.endswith("_min"):
+            out[key] = values.min()
+        else:
+            out[key] = values.mean()
     return out
