@@ -12,6 +12,7 @@ EXPECTED = {
     "tracerl-trado-math.yaml", "tracerl-trado-math-value.yaml", "tracerl-sdar.yaml", "diffu-grpo-llada-gsm8k.yaml",
     "gdpo-llada-gauss3.yaml", "cj-grpo-llada-eoser-ass.yaml", "coupled-grpo-dream-code.yaml", "tiny-base.yaml",
     "tiny-tracerl.yaml", "tiny-diffu-grpo.yaml", "tiny-gdpo.yaml",
+    "tiny-espo.yaml", "tiny-bgpo.yaml", "tiny-ebpo.yaml", "espo-llada-gsm8k.yaml",
 }
 
 
