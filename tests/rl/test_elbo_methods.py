@@ -306,3 +306,18 @@ def test_bgpo_per_draw_backward_equals_the_whole_bound_at_constant_memory(tiny_m
     # (equal up to the draw-dependent number of masked positions the scorer gathers: well under 1%)
     assert peak_split == pytest.approx(peak_split_2, rel=0.01)
     assert peak_joint > 2.5 * peak_joint_2 and peak_joint > 4 * peak_split
+
+
+def test_per_draw_estimates_add_up_to_the_whole_estimate(tiny_policies):
+    """draw_index scores one forward of each sample with its weights unchanged: the draws' estimates add up to the
+    full estimate (what makes BGPO's per-draw losses add up to the whole bound)."""
+    policy = tiny_policies["llada"]
+    inp = EstimatorInput(*map(list, zip(*[_case(6, s) for s in range(3)])), ["a", "b", "c"])
+    estimator = get_estimator("mc_elbo")
+    with torch.no_grad():
+        whole = estimator(policy, inp, seed=1, num_samples=3)
+        parts = [estimator(policy, inp, seed=1, num_samples=3, draw_index=k) for k in range(3)]
+    assert whole.extra["num_draws"] == 3 and all(p.extra["num_draws"] == 3 and p.forwards == 1 for p in parts)
+    torch.testing.assert_close(sum(p.seq_logp for p in parts), whole.seq_logp, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="draw_index 3 outside"):
+        estimator(policy, inp, seed=1, num_samples=3, draw_index=3)

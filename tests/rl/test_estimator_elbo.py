@@ -169,7 +169,8 @@ def test_coupled_matches_its_exact_expectation(sharp, band):
 
 @pytest.mark.parametrize("name, options", [
     ("one_step", {"p_mask": 0.6}), ("mc_elbo", {"num_samples": 3}), ("sdmc", {}), ("coupled", {}),
-    ("block_elbo", {"num_samples": 2}), ("random_mask", {}),
+    ("block_elbo", {"num_samples": 2}), ("random_mask", {}), ("espo", {"num_samples": 2}),
+    ("block_elbo", {"num_samples": 2, "share_t": True}),
 ])
 def test_common_random_numbers_whatever_the_batch(tiny_policies, name, options):
     policy = tiny_policies["block"]
