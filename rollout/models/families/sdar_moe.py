@@ -256,8 +256,9 @@ def write_tiny(out_dir: Path, qwen3_fields: dict, moe: dict, mask_token_id: int,
                router_std: float = 1.0) -> None:
     """A random-init SDAR-MoE checkpoint in the original format (config.json + per-expert safetensors names).
 
-    The router is drawn with `router_std` (transformers' 0.02 makes every tiny token's routing a near tie, so
-    top-k choices and norm_topk_prob would hardly matter to the tests)."""
+    The router is drawn with `router_std` and the experts with fan-in scaled weights (std 1/sqrt(fan_in)):
+    transformers' 0.02 makes every tiny token's routing a near tie and the experts' output ~1e-3 of the residual,
+    so top-k choices, norm_topk_prob and the expert weights would hardly show in the logits tests compare."""
     import transformers
 
     cfg = transformers.Qwen3MoeConfig(**qwen3_fields, **moe)
@@ -266,7 +267,10 @@ def write_tiny(out_dir: Path, qwen3_fields: dict, moe: dict, mask_token_id: int,
         model = transformers.Qwen3MoeForCausalLM(cfg)
         with torch.no_grad():
             for layer in moe_layers(cfg):
-                model.model.layers[layer].mlp.gate.weight.normal_(0.0, router_std)
+                mlp = model.model.layers[layer].mlp
+                mlp.gate.weight.normal_(0.0, router_std)
+                mlp.experts.gate_up_proj.normal_(0.0, cfg.hidden_size ** -0.5)
+                mlp.experts.down_proj.normal_(0.0, cfg.moe_intermediate_size ** -0.5)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_weights(state, cfg, out_dir)
     config = {**qwen3_fields, **moe, "rope_theta": cfg.rope_parameters["rope_theta"], "rms_norm_eps": cfg.rms_norm_eps,
