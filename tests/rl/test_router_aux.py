@@ -128,7 +128,7 @@ def test_learner_adds_and_logs_it(moe_dir):
     off, w_off = run(0.0)
     on, w_on = run(1.0)
     assert "router_aux_loss" not in off
-    assert torch.isfinite(torch.tensor(on["router_aux_loss"])) and on["router_aux_loss"] >= 1.0
+    assert torch.isfinite(torch.tensor(on["router_aux_loss"])) and on["router_aux_loss"] > 0
     assert all(torch.isfinite(torch.tensor(v)) for v in on.values() if isinstance(v, float))
     assert any(not torch.equal(w_off[n], w_on[n]) for n in w_off)  # the aux gradient reached the routers
     # on the first inner step the policy part is the same: only the routers' update differs in kind
