@@ -80,7 +80,7 @@ def moe_layers(cfg) -> list[int]:
 
 # -------------------------------------------------------------------------------------------- weight names
 def to_native(original: dict[str, torch.Tensor], cfg, where: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """SDAR-MoE tensors (per-expert names) -> Qwen3MoeForCausalLM's state dict (fused experts).
+    """SDAR-MoE tensors (per-expert names) -> Qwen3MoeForCausalLM's state dict (fused experts); empties `original`.
 
     Every per-expert tensor must be present exactly once with its shape; anything else passes through by name and
     is checked against the model by `check_state`."""
@@ -88,7 +88,9 @@ def to_native(original: dict[str, torch.Tensor], cfg, where: str = "checkpoint")
     shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
     moe = set(moe_layers(cfg))
     native, parts = {}, {}
-    for name, tensor in original.items():
+    # Consumes `original` (and each layer's per-expert tensors once fused), so a 30B checkpoint is not held twice.
+    for name in list(original):
+        tensor = original.pop(name)
         match = _EXPERT.match(name)
         if match is None:
             native[name] = tensor
@@ -114,6 +116,9 @@ def to_native(original: dict[str, torch.Tensor], cfg, where: str = "checkpoint")
             down.append(parts[(layer, expert, "down_proj")])
         native[f"{prefix}.gate_up_proj"] = torch.stack(gate_up)
         native[f"{prefix}.down_proj"] = torch.stack(down)
+        del gate_up, down
+        for key in [k for k in parts if k[0] == layer]:
+            del parts[key]
     return native
 
 
