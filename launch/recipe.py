@@ -64,7 +64,7 @@ class LoraSection(Section):
 
 class ModelSection(Section):
     path: str | None = Field(None, min_length=1)  # a local HF checkpoint directory (checked by check_paths)
-    tiny: Literal["qwen3-block", "sdar", "llada", "dream"] | None = None  # a tiny random model built offline
+    tiny: Literal["qwen3-block", "sdar", "sdar-moe", "llada", "dream"] | None = None  # a tiny random model built offline
     tiny_vocab: Literal["small", "qwen"] | None = None  # tiny models only; None -> "small"
     kind: Literal["auto", "block", "sdar", "llada", "dream"] = "auto"  # auto: from tiny, else from config.json
     block_size: int | None = Field(None, ge=1)  # block-causal: training block; full attention: semi-AR block
@@ -217,6 +217,7 @@ class LearnerSection(Section):
     log_entropy: bool = True  # learner/entropy: mean predictive entropy at the scored tokens (one exp per logit)
     reference_model: bool | None = None  # None -> needed by the algorithm (beta > 0 with kl_reference "ref")
     offload_reference: bool = False  # reference in host memory, on the device only for its passes (rl.reference)
+    router_aux_loss_coef: float = Field(0.0, ge=0)  # MoE policies: router load-balancing loss weight (0: off)
 
 
 NODE_LABEL = r"^[A-Za-z_][A-Za-z0-9_.-]*$"  # a custom Ray resource name

@@ -59,6 +59,7 @@ from rl.optim import param_groups
 from rl.published import needs_reference_model
 from rl.reference import place_reference, reference_on_device
 from rl.sample import ScoredSample
+from rl.router_aux import router_aux_for
 from rl.value import ValueHead, compute_value_targets, value_loss
 from rl.weight_sync import Chunk, SyncStats, layered_weights, stream_weights
 from rollout.models.layout import RowPacking, layout_length
@@ -90,6 +91,7 @@ class Learner:
                              f"rollout's own quantities (got {config.estimator!r})")
         self.reseed = (not deterministic) if config.reseed_per_inner is None else config.reseed_per_inner
         check_packing(config, self.loss_config, native=policy.native)
+        self.router_aux = router_aux_for(policy, config.router_aux_loss_coef)  # MoE load balancing (rl.router_aux)
         lc = self.loss_config
         # Log-probs from raw logits (every reference) unless the loss asks for the rollout temperature.
         self.score_temperature = config.temperature if lc.logp_temperature == "rollout" else 1.0
@@ -173,12 +175,13 @@ class Learner:
         return inner_iter if self.reseed else 0
 
     def _estimate(self, policy: DiffusionPolicy, inp: EstimatorInput, inner_iter: int, *, hidden: bool = False,
-                  estimator=None, params=None, synced: bool = True):
+                  estimator=None, params=None, synced: bool = True, routes: bool = False):
         """Run an estimator; under ZeRO-3 every rank then pads to the same number of forwards. Returns the
         estimate and a zero-valued term the caller adds to its loss (it ties the padding forwards into backward)."""
         fn = estimator or self.estimator
         packing = {} if self.config.pack_tokens is None else {"packing": RowPacking(self.config.pack_row_tokens)}
-        with self._autocast():
+        recording = self.router_aux.recording() if routes and self.router_aux is not None else nullcontext()
+        with self._autocast(), recording:
             est = fn(policy, inp, seed=self._mask_seed, inner_iter=inner_iter, temperature=self.score_temperature,
                      return_entropy=self.config.entropy, return_hidden=hidden, **packing,
                      **(self.config.estimator_params if params is None else params))
@@ -241,13 +244,17 @@ class Learner:
             for m, micros in enumerate(minibatches):
                 norm = norms[it, m].item() / self.backend.grad_average
                 vnorm = vnorms[it, m].item() / self.backend.grad_average
+                # The router aux loss is a mean over this rank's minibatch (the backend averages ranks' gradients).
+                in_minibatch = max(1, sum(len(mc) for mc in micros))
                 for k, micro in enumerate(micros):
                     dummy = not micro
                     draws = self._draw_plan(micro or [0], self._mask_iter(it))
                     parts = []
                     for d, draw in enumerate(draws):
+                        # the router aux loss is spread over the draws so a micro-batch adds it once in total
                         loss, metrics, fwd = self._micro_loss(batch, micro or [0], self._mask_iter(it), norm, vnorm,
-                                                              draw=draw)
+                                                              draw=draw,
+                                                              aux_share=len(micro) / in_minibatch / len(draws))
                         counters["forwards"] += fwd
                         if dummy:
                             loss = loss * 0.0  # a rank with no sample left still joins the collective backward
@@ -412,11 +419,12 @@ class Learner:
         return list(range(int(self._old[(key, micro[0])].draw_elbos.numel())))
 
     def _micro_loss(self, batch: RolloutBatch, micro: list[int], key: int, norm: float, vnorm: float,
-                    draw: int | None = None):
+                    draw: int | None = None, aux_share: float = 1.0):
         inp = batch.inp.select(micro)
         vc = self.config.value
         shared_value = vc is not None and vc.trunk == "shared"
-        est, pad = self._estimate(self.policy, inp, key, hidden=shared_value, params=self._draw_params(draw))
+        est, pad = self._estimate(self.policy, inp, key, hidden=shared_value, params=self._draw_params(draw),
+                                  routes=True)
         width, dev = est.token_logp.shape[1], self.device
         mask = token_mask_of(inp, dev)
         old = [self._old[(key, i)] for i in micro]
@@ -445,6 +453,10 @@ class Learner:
             pe.seq_ref_logp = torch.stack([r.seq_logp for r in ref]).to(dev)
         loss, metrics = self.loss_fn(pb, pe, self.loss_config)
         loss = loss + pad
+        if self.router_aux is not None:  # this micro-batch's share of the minibatch's mean aux loss
+            aux = self.router_aux.take()
+            loss = loss + self.config.router_aux_loss_coef * aux_share * aux
+            metrics["router_aux_loss"] = float(aux.detach())
         forwards = est.forwards
         if vc is not None:
             values, vfwd, vpad = self._values(inp, est)

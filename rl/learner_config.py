@@ -74,6 +74,9 @@ class LearnerConfig:
     # behaviour policy's: correct importance ratios for stale asynchronous data; trajectory estimator only).
     old_logp: str = "recompute"
     entropy: bool = False  # compute per-token entropy (metric)
+    # Mixture-of-experts policies: coef x the router load-balancing loss (rl/router_aux.py) joins the policy loss;
+    # 0 = off (the default; SDAR's published MoE training sets none).
+    router_aux_loss_coef: float = 0.0
     backend: str = "torch"  # torch | deepspeed
     zero_stage: int = 2
     offload_optimizer: bool = False  # deepspeed: ZeRO-Offload (optimizer state and step in host memory)

@@ -6,6 +6,8 @@ Formats:
 - SDAR / TraDo (`model_type: sdar`): the weights are Qwen3's, name for name, so they load onto
   `Qwen3ForCausalLM` without `trust_remote_code`. Saving writes `model_type: sdar` and the original config back,
   with any code files (`*.py`) the source directory had, so the original tooling loads what we save.
+- SDAR-MoE (`model_type: sdar_moe`, SDAR-30B-A3B): Qwen3-MoE weights with per-expert names, mapped onto
+  `Qwen3MoeForCausalLM` and back by rollout/models/families/sdar_moe.py; kind `sdar` (SDAR's decoding).
 - LLaDA / Dream with their own modelling code: loaded through `trust_remote_code` from the local directory, only
   when the recipe allows it (`model.trust_remote_code: true`).
 """
@@ -17,16 +19,17 @@ from pathlib import Path
 
 import torch
 
+from rollout.models.families import sdar_moe
 from rollout.models.policy import DiffusionPolicy
 from rollout.models.spec import KINDS, DiffusionSpec, ModelLoadError, default_spec_fields
 
 SIDECAR = "diffrl.json"
 MASK_TOKEN_NAMES = ("<|MASK|>", "<|mask|>", "<mask>", "[MASK]", "<|mdm_mask|>")
-_MODEL_TYPE_KIND = {"sdar": "sdar", "llada": "llada", "dream": "dream"}
+_MODEL_TYPE_KIND = {"sdar": "sdar", "sdar_moe": "sdar", "llada": "llada", "dream": "dream"}
 _BLOCK_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 # Checkpoints whose own tokenizer is Qwen2Tokenizer: TraDo/SDAR, Dream, and Qwen2/Qwen3 run as block models.
 QWEN_FAMILY_KINDS = ("sdar", "dream")
-QWEN_MODEL_TYPES = ("qwen2", "qwen3", "sdar", "dream")
+QWEN_MODEL_TYPES = ("qwen2", "qwen3", "sdar", "sdar_moe", "dream")
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -84,6 +87,8 @@ def _tokenizer_config(path: Path) -> dict:
     if not config_file.is_file():
         return {}
     config = read_json(config_file, "config.json")
+    if sdar_moe.is_sdar_moe(config):
+        return {"config": sdar_moe.qwen3_moe_config(config, config_file)}
     if config.get("model_type") != "sdar":
         return {}
     import transformers
@@ -123,6 +128,8 @@ def _build_model(path: Path, kind: str, config: dict, dtype: torch.dtype, trust_
     attn = attn_implementation or "sdpa"
     has_own_code = "auto_map" in config and kind in ("llada", "dream")
     try:
+        if sdar_moe.is_sdar_moe(config):
+            return sdar_moe.build_model(path, config, dtype, attn), False
         if kind == "sdar":
             qwen3_config = transformers.Qwen3Config(**_qwen3_fields(config))
             qwen3_config._attn_implementation = attn
@@ -200,7 +207,7 @@ def load_policy(
     model, remote = _build_model(path, kind, config, dtype, trust_remote_code, attn_implementation)
     model.to(device)
     model.eval()
-    source = {"format": kind, "config": config, "dir": str(path), "remote_code": remote}
+    source = {"format": sdar_moe.MODEL_TYPE if sdar_moe.is_sdar_moe(config) else kind, "config": config, "dir": str(path), "remote_code": remote}
     return DiffusionPolicy(model, tokenizer, spec, source, attention_kernel=attention_kernel)
 
 
@@ -220,7 +227,10 @@ def save_policy(policy: DiffusionPolicy, out_dir: str | Path) -> Path:
     try:
         state = {k: v.detach().to("cpu").contiguous() for k, v in lm.state_dict().items() if "lora_" not in k}
         state = {_strip_peft_prefix(k): v for k, v in state.items()}
-        lm.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
+        if policy.source.get("format") == sdar_moe.MODEL_TYPE:  # per-expert names, as SDAR-MoE ships them
+            sdar_moe.save_weights(state, lm.config, out_dir)
+        else:
+            lm.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
     finally:
         if peft is not None:
             peft.unmerge_adapter()
@@ -234,6 +244,9 @@ def save_policy(policy: DiffusionPolicy, out_dir: str | Path) -> Path:
     save_tokenizer(policy.tokenizer, out_dir, qwen_family=qwen)
     if policy.source.get("format") == "sdar":
         _write_sdar_config(policy, out_dir)
+    elif policy.source.get("format") == sdar_moe.MODEL_TYPE:
+        sdar_moe.write_config(policy.source.get("config") or {}, lm.config, policy.spec.block_size,
+                              policy.source.get("dir"), out_dir)
     sidecar = policy.spec.to_dict()
     (out_dir / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
     return out_dir

