@@ -15,7 +15,7 @@ reward: [{fn: math}]
 data: {task: arithmetic}
 rollout: {max_tokens: 16}
 """
-TRACERL_NAMES = "diffu_grpo, gdpo, cj_grpo, tracerl, coupled_grpo, wd1, spg, random_mask_grpo"
+TRACERL_NAMES = "diffu_grpo, gdpo, cj_grpo, tracerl, coupled_grpo, wd1, spg, random_mask_grpo, vrpo, dtrpo"
 
 
 def _write(tmp_path, text: str, name: str = "r.yaml"):
