@@ -92,7 +92,8 @@ def _train(recipe, run_dir: Path, initial_dir: Path, pairs, progress: bool) -> d
     policy = load_learner_policy(str(initial_dir), m.declared_kind, decode_block(recipe), m.dtype,
                                  m.trust_remote_code, lora, seed=recipe.seed, block_alignment=m.block_alignment,
                                  attn_implementation=m.attn_implementation, attention_kernel=m.attention_kernel)
-    learner = PreferenceLearner(policy, learner_config(recipe), antithetic=recipe.algorithm.antithetic)
+    learner = PreferenceLearner(policy, learner_config(recipe), antithetic=recipe.algorithm.antithetic,
+                                reference_logp=getattr(recipe.algorithm, "reference_logp", "model"))
     sampler = PromptSampler(len(pairs), seed=recipe.seed, shuffle=recipe.data.shuffle)
     t = recipe.trainer
     logger = MetricsLogger(run_dir, backends=t.log, run_name=recipe.name, config=recipe.to_dict())

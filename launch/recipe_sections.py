@@ -214,6 +214,9 @@ class DTRPO(_Preference, published="dtrpo"):
 
     name: Literal["dtrpo"] = "dtrpo"
     min_margin: float = Field(0.0, ge=0)
+    # "model": the frozen reference scores the re-masked states; "stored": the log-probs the rollout recorded are
+    # the reference's (data decoded by version 0 at temperature 1; checked), no reference forward at all.
+    reference_logp: Literal["model", "stored"] = "model"
 
 
 AlgorithmSection = Annotated[

@@ -15,6 +15,12 @@ micro-batch and has no old policy:
    (timesteps, mask sets; for dTRPO the drawn steps) of the policy's estimate of the same row, because both are
    drawn from the row's own generator seeded by (update seed, request id, inner iteration). `antithetic=False`
    draws the reference's masks from an independent seed (the variance comparison of the paper; an option only).
+4. `reference_logp="stored"` (dTRPO's offline data, an option): the reference's per-token log-probs are the ones
+   the rollout recorded (`Trajectory.logprobs`), valid when the data were decoded by the reference itself (stored
+   policy version 0, temperature 1, no top-k/top-p: checked per trajectory) and the estimator scores each token in
+   the context it was decoded in (`remasked_step`, `trajectory`): then B_ref = sum of the estimator's weights times
+   the recorded log-probs of the tokens it scored, and no reference model is loaded or run (the policy's one
+   forward is the only one).
 Data-parallel ranks are not supported here yet (one process); the torch backend's bf16 masters, grad clipping and
 NaN skipping apply as in the RL learner.
 """
@@ -39,6 +45,8 @@ from rollout.models.policy import DiffusionPolicy
 __all__ = ["PreferenceLearner", "PREFERENCE_ALGORITHMS", "pair_plan"]
 
 PREFERENCE_ALGORITHMS = ("vrpo", "dtrpo")
+REFERENCE_LOGP = ("model", "stored")
+STORED_REFERENCE_ESTIMATORS = ("remasked_step", "trajectory")  # score each token in its decoding context
 
 
 def pair_plan(num_pairs: int, *, mu: int, pairs_per_micro: int, grad_accum: int | None, shuffle: bool,
@@ -61,6 +69,35 @@ def pair_plan(num_pairs: int, *, mu: int, pairs_per_micro: int, grad_accum: int 
     return plan
 
 
+def check_stored_reference(samples) -> None:
+    """One line naming the first trajectory whose recorded log-probs are not the reference's own raw ones."""
+    for s in samples:
+        t, sp = s.trajectory, s.trajectory.sampling
+        why = None
+        if t.policy_version != 0:
+            why = f"was decoded by policy version {t.policy_version}, not the reference (version 0)"
+        elif float(sp.get("temperature", 1.0)) != 1.0 or int(sp.get("top_k", 0) or 0) != 0 \
+                or float(sp.get("top_p", 1.0)) != 1.0:
+            why = (f"was sampled at temperature {sp.get('temperature')}, top_k {sp.get('top_k')}, top_p "
+                   f"{sp.get('top_p')}: its log-probs are not the raw ones")
+        if why is not None:
+            raise ValueError(f"algorithm.reference_logp 'stored': trajectory {t.request_id} {why}; use 'model'")
+
+
+def stored_reference(est, recorded: list[torch.Tensor]) -> torch.Tensor:
+    """B_ref from recorded log-probs: the estimator's per-token weights (remasked_step: S_b on the scored tokens;
+    trajectory: 1 on every token) times the recorded log-prob, over the counted tokens."""
+    weights = est.extra.get("remask_weights")
+    if weights is None:
+        weights = torch.ones_like(est.token_logp)
+    out = []
+    for r, logp in enumerate(recorded):
+        n = logp.numel()
+        w = torch.where(est.token_mask[r, :n], weights[r, :n], torch.zeros_like(weights[r, :n]))
+        out.append((w * logp.to(w)).sum())
+    return torch.stack(out)
+
+
 def rows_of(pairs: list[int]) -> list[int]:
     return [r for p in pairs for r in (2 * p, 2 * p + 1)]
 
@@ -69,15 +106,22 @@ class PreferenceLearner(Learner):
     """Learner for DPO-style losses over preference pairs (module doc)."""
 
     def __init__(self, policy: DiffusionPolicy, config: LearnerConfig, *, ref_policy: DiffusionPolicy | None = None,
-                 antithetic: bool = True):
+                 antithetic: bool = True, reference_logp: str = "model"):
         if config.algorithm not in PREFERENCE_ALGORITHMS:
             raise ValueError(f"preference learner: algorithm {config.algorithm!r} is not a preference loss "
                              f"({', '.join(PREFERENCE_ALGORITHMS)})")
         if config.value is not None:
             raise ValueError("preference learner: no value model (DPO has no advantages to estimate)")
-        if config.reference_model is False:
+        if reference_logp not in REFERENCE_LOGP:
+            raise ValueError(f"preference learner: reference_logp {reference_logp!r} not in {REFERENCE_LOGP}")
+        if reference_logp == "stored" and config.estimator not in STORED_REFERENCE_ESTIMATORS:
+            raise ValueError(f"preference learner: reference_logp 'stored' needs an estimator that scores tokens in "
+                             f"their decoding context ({', '.join(STORED_REFERENCE_ESTIMATORS)}), not "
+                             f"{config.estimator!r}")
+        if reference_logp == "model" and config.reference_model is False:
             raise ValueError("preference learner: DPO needs the reference model (learner.reference_model: false)")
-        config.reference_model = True
+        config.reference_model = reference_logp == "model"
+        self.reference_logp = reference_logp
         super().__init__(policy, config, ref_policy=ref_policy)
         if self.backend.world_size != 1:
             raise ValueError("preference learner: one process only for now (learner.num_workers: 1)")
@@ -104,7 +148,11 @@ class PreferenceLearner(Learner):
                          shuffle=cfg.shuffle, seed=sample_seed(cfg.seed, "shuffle", self.updates))
         counters = {"forwards": 0, "forwards_ref": 0}
         self._set_mode(train=False)
-        ref_seq = self._reference_scores(batch.inp, plan, ref_seed, counters)
+        if self.reference_logp == "stored":
+            check_stored_reference(samples)
+            ref_seq = {}
+        else:
+            ref_seq = self._reference_scores(batch.inp, plan, ref_seed, counters)
         t_ref = time.perf_counter() - start
         log, grad_norms, steps, skipped, lr = MetricLog(), [], 0, 0, 0.0
         self._set_mode(train=True)
@@ -119,9 +167,11 @@ class PreferenceLearner(Learner):
                     counters["forwards"] += est.forwards
                     pb = PolicyBatch(advantages=torch.tensor([1.0, -1.0] * len(micro), device=self.device),
                                      token_mask=est.token_mask, loss_normalizer=norm)
-                    pe = PolicyEstimates(seq_logp=est.seq_logp,
-                                         seq_ref_logp=torch.stack([ref_seq[(key, r)] for r in rows]).to(self.device),
-                                         entropy=est.entropy)
+                    if self.reference_logp == "stored":
+                        ref = stored_reference(est, [batch.rollout_logp[r] for r in rows])
+                    else:
+                        ref = torch.stack([ref_seq[(key, r)] for r in rows]).to(self.device)
+                    pe = PolicyEstimates(seq_logp=est.seq_logp, seq_ref_logp=ref, entropy=est.entropy)
                     loss, metrics = self.loss_fn(pb, pe, self.loss_config)
                     log.add(metrics)
                     self.backend.backward(loss, boundary=k == len(micros) - 1)

@@ -58,3 +58,14 @@ def test_dtrpo_three_steps_offline_from_a_tiny_runs_store(tmp_path):
     assert all(r["learner/forwards_ref"] == 1 for r in rows)  # one re-masked forward per micro-batch
     assert all(r["learner/data_version_mean"] == 0 for r in rows)  # the store's step-1 rollouts: version 0
     assert not (run / "store").exists()  # an offline run rolls nothing out
+    # The store's rollouts were decoded by version 0 (the reference) at temperature 1: their recorded log-probs
+    # stand in for the reference's forward (no reference model loaded); step 1 starts at the reference up to the
+    # rollout-vs-learner numerical gap.
+    stored = tmp_path / "dtrpo-stored"
+    done = cli.run_cli("train", str(cli.REPO / "recipes" / "tiny-dtrpo.yaml"), f"output_dir={stored}",
+                       f"data.trajectories={source}", "trainer.total_steps=1", "data.pairs_per_step=1",
+                       "algorithm.reference_logp=stored", "-q", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = cli.metrics(stored)[0]
+    assert row["learner/forwards_ref"] == 0 and abs(row["learner/reward_margin"]) < 1e-4, row
+    assert row["learner/pair_loss"] == pytest.approx(rows[0]["learner/pair_loss"], abs=1e-4)

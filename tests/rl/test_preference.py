@@ -255,3 +255,54 @@ def test_store_without_preferences_is_a_one_line_error(tmp_path):
         pairs_from_store(tmp_path / "store", block_size=4)
     with pytest.raises(StoreError, match="no step_"):
         pairs_from_store(tmp_path / "empty", block_size=4)
+
+
+def _recorded_by(policy, pairs):
+    """Set every trajectory's recorded log-probs to what an exact rollout of `policy` would have recorded."""
+    from rl.estimators.trajectory import trajectory_estimator
+
+    trajs = [t for p in pairs for t in (p.chosen, p.rejected)]
+    inp = EstimatorInput([t.prompt_ids for t in trajs], [t.response_ids for t in trajs],
+                         [t.request_id for t in trajs], step_maps=[t.step_map for t in trajs],
+                         block_size=trajs[0].block_size)
+    with torch.no_grad():
+        est = trajectory_estimator(policy, inp)
+    for b, t in enumerate(trajs):
+        t.logprobs = est.token_logp[b, : t.response_length].detach().clone()
+
+
+def test_dtrpo_stored_reference_equals_the_reference_model(tiny_model_dirs):
+    """reference_logp 'stored': the recorded log-probs of data the reference decoded stand in for the reference's
+    forward; the update (weights after it) equals the one with the reference model, with no reference forward."""
+    results = {}
+    for source in ("model", "stored"):
+        policy = load_policy(tiny_model_dirs["block"])
+        pairs = pairs_for(policy, 3, length=8)
+        _recorded_by(policy, pairs)
+        learner = PreferenceLearner(policy, LearnerConfig(algorithm="dtrpo", estimator="remasked_step",
+                                                          micro_batch_size=2, optim=OptimConfig(lr=1e-2),
+                                                          shuffle=False), reference_logp=source)
+        m = learner.update(pairs)
+        results[source] = (m, {k: v.clone() for k, v in policy.model.state_dict().items()}, learner)
+    (m_model, w_model, _), (m_stored, w_stored, learner) = results["model"], results["stored"]
+    assert learner.ref_policy is None and m_stored["forwards_ref"] == 0 and m_model["forwards_ref"] == 2
+    assert abs(m_stored["reward_margin"]) < 1e-6
+    assert m_stored["pair_loss"] == pytest.approx(m_model["pair_loss"], abs=1e-6)
+    moved = [k for k in w_model if not torch.equal(w_model[k], w_stored[k])]
+    assert all(torch.allclose(w_model[k], w_stored[k], atol=1e-6) for k in w_model), moved
+
+
+def test_stored_reference_refuses_data_it_cannot_stand_for(tiny_model_dirs):
+    policy = load_policy(tiny_model_dirs["block"])
+    learner = PreferenceLearner(policy, LearnerConfig(algorithm="dtrpo", estimator="remasked_step",
+                                                      micro_batch_size=2), reference_logp="stored")
+    pairs = pairs_for(policy, 1, length=8)
+    pairs[0].rejected.policy_version = 3
+    with pytest.raises(ValueError, match="w0|l0"):
+        learner.update(pairs)
+    pairs = pairs_for(policy, 1, length=8)
+    pairs[0].chosen.sampling = {"temperature": 0.7}
+    with pytest.raises(ValueError, match="temperature 0.7"):
+        learner.update(pairs)
+    with pytest.raises(ValueError, match="decoding context"):
+        PreferenceLearner(policy, LearnerConfig(algorithm="vrpo", estimator="mc_elbo"), reference_logp="stored")
