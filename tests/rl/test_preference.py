@@ -179,22 +179,26 @@ def test_antithetic_sampling_lowers_the_variance_of_the_preference_score(llada):
     assert var[True] > 0  # the policy differs from the reference: not a trivially zero score
 
 
-def test_vrpo_elbo_exact_mean_is_the_exact_elbo(llada):
-    """n = 4 timesteps with one mask each on a 4-token response: the estimator's exact mean (every stratum's mask
+@pytest.mark.parametrize("stratified", [False, True])
+def test_vrpo_elbo_exact_mean_is_the_exact_elbo(llada, stratified):
+    """n = 4 timesteps with one mask each on a 4-token response: the estimator's exact mean (each timestep's mask
     sizes, each mask set of that size uniformly, by enumeration) equals the exact ELBO; its Monte Carlo mean agrees
     within 4 standard errors."""
     g = torch.Generator().manual_seed(11)
     prompt, response = torch.randint(10, 90, (3,), generator=g), torch.randint(10, 90, (4,), generator=g)
     length, n = 4, 4
     table = masked_logps(llada, prompt, response, range(length))
-    # stratum k draws u in [k/n, (k+1)/n): l = floor(u L) + 1, each l of the stratum with probability 1 / (L/n)
-    draws = [(l, length / (l * n), n / length) for k in range(n) for l in range(k * length // n + 1,
-                                                                                 (k + 1) * length // n + 1)]
+    if stratified:  # timestep k draws u in [k/n, (k+1)/n): l = floor(u L) + 1, each l of its stratum equally likely
+        draws = [(l, length / (l * n), n / length) for k in range(n)
+                 for l in range(k * length // n + 1, (k + 1) * length // n + 1)]
+    else:  # every timestep draws l uniformly on 1..L, weight L / (l n)
+        draws = [(l, length / (l * n), 1 / length) for _ in range(n) for l in range(1, length + 1)]
     exact = exact_elbo(llada, prompt, response)
     assert exact_expectation(table, length, draws) == pytest.approx(exact, abs=1e-6)
     inp = EstimatorInput([prompt], [response], ["x"])
     with torch.no_grad():
-        values = torch.tensor([float(mc_elbo_estimator(llada, inp, seed=s, num_samples=n).seq_logp[0])
+        values = torch.tensor([float(mc_elbo_estimator(llada, inp, seed=s, num_samples=n,
+                                                       stratified=stratified).seq_logp[0])
                                for s in range(200)], dtype=torch.float64)
     assert abs(values.mean().item() - exact) < 4 * values.std().item() / math.sqrt(len(values)) + 1e-6
     assert values.std().item() > 0
