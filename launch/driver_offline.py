@@ -23,8 +23,16 @@ from pathlib import Path
 from launch.data import PromptSampler
 from launch.decoding import decode_block
 from launch.driver_roles import learner_config, load_learner_policy
-from launch.driver_setup import (SetupError, _check_run_dir, _initial_model, _resolved_kind, _tokenizer,
-                                 absolute_recipe, host, write_run_status)
+from launch.driver_setup import (
+    SetupError,
+    _check_run_dir,
+    _initial_model,
+    _resolved_kind,
+    _tokenizer,
+    absolute_recipe,
+    host,
+    write_run_status,
+)
 from launch.metrics import MetricsLogger
 from launch.preference_data import offline_pairs
 from launch.preflight import check_run_inputs, claim_run_dir

@@ -42,7 +42,7 @@ from rl.reference import reference_on_device
 from rollout.models.layout import RowPacking
 from rollout.models.policy import DiffusionPolicy
 
-__all__ = ["PreferenceLearner", "PREFERENCE_ALGORITHMS", "pair_plan"]
+__all__ = ["PREFERENCE_ALGORITHMS", "PreferenceLearner", "pair_plan"]
 
 PREFERENCE_ALGORITHMS = ("vrpo", "dtrpo")
 REFERENCE_LOGP = ("model", "stored")

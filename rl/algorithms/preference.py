@@ -24,7 +24,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rl.algorithms.core import LOSSES, LossConfig, Metrics, PolicyBatch, PolicyEstimates, finish, require
+from rl.algorithms.core import (
+    LOSSES,
+    LossConfig,
+    Metrics,
+    PolicyBatch,
+    PolicyEstimates,
+    finish,
+    require,
+)
 from rl.published import ALGORITHM_DEFAULTS
 
 __all__ = ["dpo_loss", "pair_rows"]

@@ -22,7 +22,13 @@ from __future__ import annotations
 
 import torch
 
-from rl.estimators.base import ESTIMATORS, Estimate, EstimatorInput, padded, token_mask_of
+from rl.estimators.base import (
+    ESTIMATORS,
+    Estimate,
+    EstimatorInput,
+    padded,
+    token_mask_of,
+)
 from rl.masking import sample_generator
 from rollout.models.layout import RowPacking, alignment_origin, score_packing
 from rollout.models.masks import check_alignment

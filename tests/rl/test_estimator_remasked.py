@@ -14,7 +14,12 @@ import pytest
 import torch
 
 from rl.estimators.base import EstimatorInput
-from rl.estimators.remasked import RemaskDraw, draw_remask, remasked_step_estimator, score_remasked
+from rl.estimators.remasked import (
+    RemaskDraw,
+    draw_remask,
+    remasked_step_estimator,
+    score_remasked,
+)
 from rollout.trajectory import block_local_steps
 
 # The naive per-step recomputation and synthetic step maps of the trajectory estimator's own test.

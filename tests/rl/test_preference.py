@@ -105,8 +105,8 @@ def pairs_for(policy, n: int, seed: int = 0, length: int = 6) -> list[Preference
 
 
 def vrpo_config(**kw) -> LearnerConfig:
-    base = dict(algorithm="vrpo", estimator="mc_elbo", estimator_params={"num_samples": 2}, micro_batch_size=2,
-                optim=OptimConfig(lr=1e-3), grad_clip=None, shuffle=False)
+    base = {"algorithm": "vrpo", "estimator": "mc_elbo", "estimator_params": {"num_samples": 2},
+            "micro_batch_size": 2, "optim": OptimConfig(lr=1e-3), "grad_clip": None, "shuffle": False}
     base.update(kw)
     return LearnerConfig(**base)
 
