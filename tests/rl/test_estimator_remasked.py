@@ -108,3 +108,42 @@ def test_draw_covers_every_step_uniformly():
         draw = draw_remask(step_map, torch.Generator().manual_seed(s), block_size=4)
         counts[torch.arange(2), draw.chosen] += 1
     assert bool((counts > 150).all()), counts
+
+
+def test_absolute_alignment_blocks_hold_the_prompt_tail(tiny_policies):
+    """SDAR-style `absolute` blocks: the first training block also holds the prompt's tail, so it has fewer
+    response tokens; the draws follow the model's own blocks and stay unbiased for the trajectory estimator's
+    log-likelihood (which handles the same layout, checked against rollouts in test_trajectory_vs_engine.py)."""
+    from rl.estimators.remasked import block_ids_of
+    from rl.estimators.trajectory import trajectory_estimator
+
+    policy = tiny_policies["sdar"]
+    bs = policy.spec.block_size
+    g = torch.Generator().manual_seed(4)
+    prompt = torch.randint(10, 90, (bs + 1,), generator=g)  # one prompt token in the first response block
+    head = prompt.numel() - policy.spec.block_origin(prompt.numel())
+    assert head == 1
+    sizes = [bs - head, bs, 2]  # response blocks: 3, 4 and a last partial one
+    steps, base = [], 0
+    for size in sizes:  # each block decoded over 2 steps (both used), blocks in order
+        local = torch.cat([torch.tensor([0, 1]), torch.randint(0, 2, (size - 2,), generator=g)])
+        steps.append(base + local[torch.randperm(size, generator=g)])
+        base += 2
+    step_map = torch.cat(steps)
+    response = torch.randint(10, 90, (step_map.numel(),), generator=g)
+    inp = EstimatorInput([prompt], [response], ["abs"], step_maps=[step_map], block_size=bs)
+    with torch.no_grad():
+        target = float(trajectory_estimator(policy, inp).seq_logp[0])
+        local = block_local_steps(step_map, bs, head)
+        blocks = block_ids_of(step_map.numel(), bs, head)
+        assert blocks.tolist() == [0] * 3 + [1] * 4 + [2] * 2
+        values = [float(score_remasked(policy, inp, [RemaskDraw(local, blocks, torch.tensor(c))]).seq_logp[0])
+                  for c in itertools.product(range(2), repeat=3)]
+        drawn = remasked_step_estimator(policy, inp, seed=1)
+    assert sum(values) / len(values) == pytest.approx(target, abs=1e-4)
+    # the registered estimator draws on the same blocks: one scored step per block, weight 2 each
+    scored = drawn.token_mask[0]
+    for b in range(3):
+        in_block = blocks == b
+        assert len(set(local[in_block & scored].tolist())) == 1
+    assert torch.equal(drawn.extra["remask_weights"][0][scored], torch.full((int(scored.sum()),), 2.0))
