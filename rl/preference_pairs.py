@@ -78,6 +78,9 @@ def pairs_from_store(root: str | os.PathLike, *, block_size: int, min_margin: fl
     table = read_store(root)
     groups: dict[tuple[int, int], list[tuple[int, dict]]] = {}
     for i, row in enumerate(table):
+        if row.get("prompt_index") is None or row.get("step") is None:
+            raise StoreError(f"store {root}: row {i} ({row.get('request_id')}): no step / prompt_index, so its group "
+                             "is unknown (not a store the driver wrote)")
         if _usable(row):
             groups.setdefault((int(row["step"]), int(row["prompt_index"])), []).append((i, row))
     pairs = []

@@ -259,6 +259,11 @@ def test_store_without_preferences_is_a_one_line_error(tmp_path):
         pairs_from_store(tmp_path / "store", block_size=4)
     with pytest.raises(StoreError, match="no step_"):
         pairs_from_store(tmp_path / "empty", block_size=4)
+    samples = _stored(tmp_path / "other", [[1.0, 0.0]])
+    samples[0].prompt_index = None
+    TrajectoryStore(tmp_path / "other").add(4, samples)
+    with pytest.raises(StoreError, match="row 2 .*prompt_index"):
+        pairs_from_store(tmp_path / "other", block_size=4)
 
 
 def _recorded_by(policy, pairs):
