@@ -69,7 +69,12 @@ class Batch:
 
 def run_training(recipe, *, resume: Checkpoint | None = None, progress: bool = True,
                  recipe_dir: Path | None = None, verbose: bool = False) -> RunResult:
-    """Prepare the run (fails early on bad input), start or join Ray, train, record the outcome in run.json."""
+    """Prepare the run (fails early on bad input), start or join Ray, train, record the outcome in run.json.
+    trainer.mode offline (preference pairs, no rollout and no Ray) runs in launch/driver_offline.py."""
+    if recipe.trainer.mode == "offline":
+        from launch.driver_offline import run_offline
+
+        return run_offline(recipe, resume=resume, progress=progress, recipe_dir=recipe_dir)
     ctx = prepare_run(recipe, resume=resume, recipe_dir=recipe_dir)
     try:
         write_run_status(ctx.run_dir, status="running", pid=os.getpid(), host=host(), name=ctx.recipe.name,

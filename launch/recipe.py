@@ -185,6 +185,13 @@ class DataSection(Section):
     max_prompt_tokens: int = Field(512, ge=1)
     shuffle: bool = True
     num_prompts_per_step: int = Field(8, ge=1)
+    # trainer.mode offline (launch/driver_offline.py): preference pairs from a jsonl file (prompt / chosen /
+    # rejected fields) or from a run's trajectory store (runs/NAME or runs/NAME/store), pairs_per_step per step.
+    preferences: str | None = None
+    trajectories: str | None = None
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    pairs_per_step: int = Field(8, ge=1)
 
     @field_validator("train", "eval")
     @classmethod
@@ -248,7 +255,7 @@ class BudgetSection(Section):
 class TrainerSection(Section):
     total_steps: int = Field(100, ge=1)
     budget: BudgetSection | None = None  # None: total_steps alone ends the run; else whichever comes first
-    mode: Literal["sync", "async"] = "sync"
+    mode: Literal["sync", "async", "offline"] = "sync"  # offline: preference pairs, no rollout (driver_offline)
     max_staleness: int = Field(1, ge=0)  # async: how many policy versions a rollout may lag
     # What the learner takes as pi_old for data from an older policy version: "recompute" (the learner's current
     # weights: stale data treated as on-policy), "behaviour" (the rollout's recorded log-probs: a true importance
@@ -392,6 +399,7 @@ def check_paths(recipe: Recipe, base_dir: str | os.PathLike | None = None) -> No
         ("model.path", recipe.model.path, True),
         ("data.train", recipe.data.train, False),
         ("data.eval", recipe.data.eval, False),
+        ("data.preferences", recipe.data.preferences, False),
     ]
     value_model = getattr(recipe.algorithm, "value_model", None)
     if value_model is not None:

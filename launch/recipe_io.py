@@ -191,7 +191,8 @@ def _set_path(node: Any, parts: list[str], value: Any, override: str) -> Any:
 # line is relative to the working directory. load_recipe makes them absolute as it reads each layer, so the
 # validated recipe means the same thing from anywhere. output_dir is where the run goes, not an input: like its
 # default runs/NAME it is relative to the working directory (the driver makes it absolute there).
-PATH_FIELDS = (("model", "path"), ("data", "train"), ("data", "eval"), ("algorithm", "value_model", "path"))
+PATH_FIELDS = (("model", "path"), ("data", "train"), ("data", "eval"), ("data", "preferences"),
+               ("algorithm", "value_model", "path"))
 
 
 def absolute_paths(data: dict, base: Path) -> dict:

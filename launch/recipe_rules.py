@@ -35,13 +35,18 @@ ESTIMATORS_FOR: dict[str, tuple[str, ...]] = {
     "espo": ("espo", "mc_elbo", "sdmc", "block_elbo"),
     "bgpo": ("mc_elbo", "sdmc", "block_elbo"),
     "ebpo": ("block_elbo",),
+    "vrpo": ("mc_elbo", "sdmc", "block_elbo"),
+    "dtrpo": ("remasked_step", "trajectory"),
 }
 # Why an algorithm is restricted to those estimators: said in the error.
 _ESTIMATOR_NEED = {
     "gdpo": "a sequence-level ELBO", "spg": "a sequence-level ELBO", "cj_grpo": "the recorded decoding trajectory",
     "tracerl": "the recorded decoding trajectory", "espo": "a sequence-level ELBO",
     "bgpo": "per-draw Monte Carlo ELBO terms", "ebpo": "block-level ELBOs (a block-diffusion model)",
+    "vrpo": "a sequence-level ELBO", "dtrpo": "the recorded decoding trajectory",
 }
+PREFERENCE_ALGORITHMS = ("vrpo", "dtrpo")  # DPO over pairs: trained offline (launch/driver_offline.py)
+
 
 def derived_defaults(r: Recipe) -> dict[str, Any]:
     """Values for the fields left at None whose default depends on other sections (only those, nothing else)."""
@@ -309,10 +314,39 @@ def _prompts_split(r: Recipe) -> str | None:
 
 # ------------------------------------------------------------------------------------------ data, trainer, ray
 def _data_source(r: Recipe) -> str | None:
+    offline = _offline_data(r)
+    if offline is not None or r.trainer.mode == "offline":
+        return offline
     if (r.data.train is None) == (r.data.task is None):
         return "data.train: set exactly one of data.train (a file) and data.task (a generated toy task)"
     if r.data.task_kwargs and r.data.task is None:
         return "data.task_kwargs: only for a generated toy task (data.task)"
+    return None
+
+
+def _offline_data(r: Recipe) -> str | None:
+    """Preference algorithms train offline from pairs (data.preferences: VRPO's jsonl; data.trajectories: a run's
+    store for dTRPO), and only they do; an offline run reads no prompt source."""
+    d, preference = r.data, r.algorithm.name in PREFERENCE_ALGORITHMS
+    if r.trainer.mode != "offline":
+        if preference:
+            return f"trainer.mode: {r.algorithm.name} trains from stored pairs, set trainer.mode: offline"
+        if d.preferences is not None or d.trajectories is not None:
+            return "data.preferences / data.trajectories: only read by trainer.mode: offline"
+        return None
+    if not preference:
+        return (f"trainer.mode: offline trains a preference algorithm ({', '.join(PREFERENCE_ALGORITHMS)}), "
+                f"not {r.algorithm.name}")
+    if d.train is not None or d.task is not None:
+        return "data.task: not read in trainer.mode offline (pairs come from data.preferences or data.trajectories); set it to null"
+    if r.algorithm.name == "dtrpo" and d.trajectories is None:
+        return "data.trajectories: dtrpo trains from a run's trajectory store (runs/NAME or runs/NAME/store)"
+    if r.algorithm.name == "vrpo" and (d.preferences is None) == (d.trajectories is None):
+        return "data.preferences: vrpo needs exactly one of data.preferences (jsonl) and data.trajectories"
+    if r.algorithm.name == "dtrpo" and d.preferences is not None:
+        return "data.preferences: dtrpo needs recorded trajectories (data.trajectories), not text pairs"
+    if r.trainer.eval_every:
+        return "trainer.eval_every: no evaluation in trainer.mode offline (no rollout workers); set it to 0"
     return None
 
 

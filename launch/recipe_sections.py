@@ -212,8 +212,40 @@ class EBPO(_ClippedPolicyGradient, published="ebpo"):
     length_normalize: bool = False  # divide the log-ratio by L (an option; the paper does not)
 
 
+class _Preference(Section):
+    """DPO over preference pairs (rl/algorithms/preference.py), trained with trainer.mode: offline (no rollout)."""
+
+    name: str
+    beta: float = Field(0.1, gt=0)  # DPO's beta (the implicit reward's scale), not a KL coefficient
+    # The reference's estimate of a response reuses the policy's masks / re-masked state (VRPO's antithetic
+    # sampling); false draws them independently (an option, to compare).
+    antithetic: bool = True
+
+    def loss_params(self) -> dict[str, Any]:
+        return {"beta": self.beta}
+
+
+class VRPO(_Preference, published="vrpo"):
+    """LLaDA 1.5: DPO on ELBO estimates, budget n = estimator.mc_num timesteps with one mask each (the optimal
+    allocation), antithetic policy / reference masks. Pairs: data.preferences (jsonl: prompt, chosen, rejected)."""
+
+    name: Literal["vrpo"] = "vrpo"
+
+
+class DTRPO(_Preference, published="dtrpo"):
+    """dTRPO: DPO on trajectory log-likelihoods from one forward of a re-masked final state (estimator
+    remasked_step), offline from a run's trajectory store (data.trajectories): best vs worst response of each
+    stored group whose rewards differ by more than min_margin."""
+
+    name: Literal["dtrpo"] = "dtrpo"
+    min_margin: float = Field(0.0, ge=0)
+    # "model": the frozen reference scores the re-masked states; "stored": the log-probs the rollout recorded are
+    # the reference's (data decoded by version 0 at temperature 1; checked), no reference forward at all.
+    reference_logp: Literal["model", "stored"] = "model"
+
+
 AlgorithmSection = Annotated[
-    DiffuGRPO | GDPO | CJGRPO | TraceRL | CoupledGRPO | WD1 | SPG | RandomMaskGRPO | ESPO | BGPO | EBPO,
+    DiffuGRPO | GDPO | CJGRPO | TraceRL | CoupledGRPO | WD1 | SPG | RandomMaskGRPO | ESPO | BGPO | EBPO | VRPO | DTRPO,
     Field(discriminator="name")
 ]
 
@@ -317,8 +349,16 @@ class RandomMaskEstimator(_EstimatorSection):
         return {"t_min": self.t_min, "t_max": self.t_max, "num_samples": self.mc_num}
 
 
+class RemaskedStepEstimator(_EstimatorSection):
+    """dTRPO: one drawn decoding step per block, its re-masked final state scored in one forward
+    (rl/estimators/remasked.py)."""
+
+    name: Literal["remasked_step"] = "remasked_step"
+    block_alignment: Literal["model", "absolute", "response"] = "model"
+
+
 EstimatorSection = Annotated[
     OneStepEstimator | MCElboEstimator | SDMCEstimator | CoupledEstimator | BlockElboEstimator
-    | BlockRandomEstimator | TrajectoryEstimator | RandomMaskEstimator | ESPOEstimator,
+    | BlockRandomEstimator | TrajectoryEstimator | RandomMaskEstimator | ESPOEstimator | RemaskedStepEstimator,
     Field(discriminator="name"),
 ]

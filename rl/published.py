@@ -112,6 +112,14 @@ ALGORITHM_DEFAULTS: Mapping[str, AlgorithmDefaults] = MappingProxyType({
               "loss_agg": "seq_mean_token_mean", "seq_length": "valid", "observed_only": False,
               "length_normalize": False},
         group=_MEAN_CENTERED, published=False),
+    # Preference methods (DPO on diffusion likelihoods; rl/algorithms/preference.py): `beta` is DPO's beta and the
+    # reference is the frozen initial policy. VRPO (LLaDA 1.5, 2505.19223): the DPO-E loss, budget n = n_t x n_yt
+    # with n_t = n, n_yt = 1, antithetic policy/reference masks (project page ml-gsai.github.io/LLaDA-1.5-Demo);
+    # its numbers (beta, lr, n) were not read from the paper here: DPO's usual beta 0.1 and the project's choices.
+    "vrpo": AlgorithmDefaults(loss={"beta": 0.1, "kl_reference": "ref"}, learner={"mu": 1}, published=False),
+    # dTRPO (2603.18806, ICML'26): DPO on one-forward re-masked trajectory estimates, offline pairs from stored
+    # rollouts; only the abstract and project page were readable here (no code snapshot): numbers are ours.
+    "dtrpo": AlgorithmDefaults(loss={"beta": 0.1, "kl_reference": "ref"}, learner={"mu": 1}, published=False),
     # UniGRPO-style random masking: no published loss figures; PPO's eps 0.2 and no KL (so no reference model).
     "random_mask_grpo": AlgorithmDefaults(
         loss={"clip_eps_low": 0.2, "clip_eps_high": 0.2, "beta": 0.0, "kl_reference": "ref", "kl_estimator": "k3",

@@ -15,7 +15,8 @@ reward: [{fn: math}]
 data: {task: arithmetic}
 rollout: {max_tokens: 16}
 """
-TRACERL_NAMES = "diffu_grpo, gdpo, cj_grpo, tracerl, coupled_grpo, wd1, spg, random_mask_grpo, espo, bgpo, ebpo"
+TRACERL_NAMES = ("diffu_grpo, gdpo, cj_grpo, tracerl, coupled_grpo, wd1, spg, random_mask_grpo, espo, bgpo, ebpo, "
+                 "vrpo, dtrpo")
 
 
 def _write(tmp_path, text: str, name: str = "r.yaml"):
