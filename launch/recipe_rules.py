@@ -18,9 +18,9 @@ from rollout.models.spec import default_spec_fields  # light: dataclasses only; 
 if TYPE_CHECKING:
     from launch.recipe import Recipe
 
-BLOCK_CAUSAL_KINDS = frozenset({"block", "sdar"})  # TraDo/SDAR, Qwen converted to block diffusion
+BLOCK_CAUSAL_KINDS = frozenset({"block", "sdar", "llada2"})  # TraDo/SDAR, Qwen converted to block diffusion
 FULL_ATTENTION_KINDS = frozenset({"llada", "dream"})
-TINY_KINDS = {"qwen3-block": "block", "sdar": "sdar", "llada": "llada", "dream": "dream"}
+TINY_KINDS = {"qwen3-block": "block", "sdar": "sdar", "llada": "llada", "dream": "dream", "llada2": "llada2"}
 
 # Estimators each algorithm can train with; the first is its default (filled in when the recipe omits it).
 ESTIMATORS_FOR: dict[str, tuple[str, ...]] = {

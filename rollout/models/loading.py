@@ -22,7 +22,7 @@ from rollout.models.spec import KINDS, DiffusionSpec, ModelLoadError, default_sp
 
 SIDECAR = "diffrl.json"
 MASK_TOKEN_NAMES = ("<|MASK|>", "<|mask|>", "<mask>", "[MASK]", "<|mdm_mask|>")
-_MODEL_TYPE_KIND = {"sdar": "sdar", "llada": "llada", "dream": "dream"}
+_MODEL_TYPE_KIND = {"sdar": "sdar", "llada": "llada", "dream": "dream", "llada2_moe": "llada2"}
 _BLOCK_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 # Checkpoints whose own tokenizer is Qwen2Tokenizer: TraDo/SDAR, Dream, and Qwen2/Qwen3 run as block models.
 QWEN_FAMILY_KINDS = ("sdar", "dream")
@@ -84,6 +84,10 @@ def _tokenizer_config(path: Path) -> dict:
     if not config_file.is_file():
         return {}
     config = read_json(config_file, "config.json")
+    if config.get("model_type") == "llada2_moe":
+        from rollout.models.families.llada2_checkpoint import tokenizer_kwargs
+
+        return tokenizer_kwargs(config, path)
     if config.get("model_type") != "sdar":
         return {}
     import transformers
@@ -122,6 +126,10 @@ def _build_model(path: Path, kind: str, config: dict, dtype: torch.dtype, trust_
                              f"attention masks (one of {', '.join(ATTENTION_IMPLEMENTATIONS)})")
     attn = attn_implementation or "sdpa"
     has_own_code = "auto_map" in config and kind in ("llada", "dream")
+    if kind == "llada2":  # diffrl's own modelling code, never the checkpoint's (families/llada2.py)
+        from rollout.models.families.llada2_checkpoint import load_llada2
+
+        return load_llada2(path, config, dtype, attn), False
     try:
         if kind == "sdar":
             qwen3_config = transformers.Qwen3Config(**_qwen3_fields(config))
@@ -234,6 +242,10 @@ def save_policy(policy: DiffusionPolicy, out_dir: str | Path) -> Path:
     save_tokenizer(policy.tokenizer, out_dir, qwen_family=qwen)
     if policy.source.get("format") == "sdar":
         _write_sdar_config(policy, out_dir)
+    if policy.source.get("format") == "llada2":
+        from rollout.models.families.llada2_checkpoint import write_llada2_config
+
+        write_llada2_config(policy, out_dir)
     sidecar = policy.spec.to_dict()
     (out_dir / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
     return out_dir

@@ -33,7 +33,7 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-TINY_KINDS = ("block", "qwen3-block", "sdar", "llada", "dream")
+TINY_KINDS = ("block", "qwen3-block", "sdar", "llada", "dream", "llada2")
 
 
 def _byte_level_alphabet() -> dict[int, str]:
@@ -127,6 +127,11 @@ def make_tiny_policy(
 
     if kind not in TINY_KINDS:
         raise ValueError(f"make_tiny_policy: unknown kind {kind!r} (expected one of {', '.join(TINY_KINDS)})")
+    if kind == "llada2":  # its own builder: MoE sizes, the released format (families/llada2_checkpoint.py)
+        from rollout.models.families.llada2_checkpoint import make_tiny_llada2
+
+        return make_tiny_llada2(out_dir, vocab="ling" if vocab == "qwen" else vocab, seed=seed,
+                                block_size=block_size, block_alignment=block_alignment)
     kind = "block" if kind == "qwen3-block" else kind
     _check_sizes(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
                  intermediate_size=intermediate_size, max_positions=max_positions, block_size=block_size)
