@@ -118,10 +118,13 @@ def make_tiny_llada2(out_dir: str | Path, *, vocab: str = "small", seed: int = 0
                      num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 64,
                      num_experts: int = 8, experts_per_token: int = 2, n_group: int = 4, topk_group: int = 2,
                      moe_intermediate_size: int = 16, max_positions: int = 1024, expert_bias_scale: float = 0.1,
+                     initializer_range: float = 0.25,
                      block_size: int | None = None, block_alignment: str | None = None) -> Path:
     """A random-init LLaDA2 checkpoint in the released format: one dense first layer (first_k_dense_replace 1),
     then MoE layers with a shared expert, group-limited routing and a non-zero expert bias (so routing on
     biased scores and weighing by unbiased ones are both exercised), partial rotary 0.5, qk-norm.
+    initializer_range 0.25 (not the released 0.02) gives a random model peaked predictions, so confidences are not
+    near-ties and decoding comparisons test the rule rather than float rounding.
     vocab "small": the character tokenizer (ids < 128); "ling": the released special ids (157184 rows).
     Only `block_size` / `block_alignment` other than LLaDA2's (32, absolute) write a diffrl.json."""
     from rollout.models.families.llada2 import LLaDA2MoeConfig, LLaDA2MoeModelLM
@@ -144,7 +147,7 @@ def make_tiny_llada2(out_dir: str | Path, *, vocab: str = "small", seed: int = 0
         partial_rotary_factor=0.5, num_experts=num_experts, num_shared_experts=1,
         num_experts_per_tok=experts_per_token, n_group=n_group, topk_group=topk_group,
         moe_intermediate_size=moe_intermediate_size, first_k_dense_replace=1, routed_scaling_factor=2.5,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        initializer_range=initializer_range, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     from rollout.models.families.llada2 import check_config
 
     problem = check_config(config)
