@@ -76,7 +76,7 @@ def _check_weights(path: Path) -> None:
         raise ModelLoadError(f"{path}: no weights (*.safetensors or pytorch_model*.bin)")
 
 
-def _tokenizer_config(path: Path) -> dict:
+def tokenizer_config(path: Path) -> dict:
     """For an SDAR/TraDo checkpoint, the config AutoTokenizer would otherwise read from config.json: a plain
     Qwen3Config (its model_type `sdar` is unknown to transformers, which warns "a model of type sdar to instantiate
     a model of type ..." when it parses the file itself). Other checkpoints: nothing, transformers reads its own."""
@@ -107,7 +107,7 @@ def _load_tokenizer(path: Path, trust_remote_code: bool):
         raise ModelLoadError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code,
-                                             **_tokenizer_config(path))
+                                             **tokenizer_config(path))
     except (OSError, ValueError, json.JSONDecodeError) as err:
         raise ModelLoadError(f"{path}: tokenizer failed to load ({err.__class__.__name__}: {err})") from None
 
