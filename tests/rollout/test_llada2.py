@@ -215,7 +215,9 @@ def test_bad_checkpoints_fail_with_one_line_naming_the_problem(tmp_path, ckpt):
 
     for name, change, field in [("groups", {"n_group": 3}, "n_group"), ("size", {"hidden_size": None}, "hidden_size"),
                                 ("tied", {"tie_word_embeddings": True}, "tie_word_embeddings"),
-                                ("rope", {"rope_scaling": {"rope_type": "yarn", "factor": 4}}, "rope_scaling")]:
+                                ("rope", {"rope_scaling": {"rope_type": "yarn", "factor": 4}}, "rope_scaling"),
+                                ("softmax", {"score_function": "softmax"}, "score_function"),
+                                ("norm_head", {"norm_head": True}, "norm_head")]:
         bad = _broken(ckpt, tmp_path, name)
         config = json.loads((bad / "config.json").read_text())
         config.update(change)
@@ -241,3 +243,33 @@ def test_threshold_schedule_rule_matches_llada2s_on_every_count():
         above = [i for i in idx if conf[0, i] > 0.5]
         want = above if len(above) >= count else sorted(idx, key=lambda i: -float(conf[0, i]))[:count]
         assert sorted(chosen.nonzero().squeeze(-1).tolist()) == sorted(want), trial
+
+
+def test_training_forward_kernels_and_activation_checkpointing_agree(ckpt):
+    """The learner's scoring: gradients reach routed experts and the router, are the same with HF activation
+    checkpointing (what the real recipe enables), and FlexAttention's forward equals the chunked kernel."""
+    pol = load_policy(ckpt)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 90, (n,), generator=g) for n in (37, 6)]
+    responses = [torch.randint(3, 90, (40,), generator=g) for _ in prompts]
+    noisy = [torch.where(torch.rand(40, generator=g) < 0.5, pol.spec.mask_token_id, r) for r in responses]
+
+    def grads():
+        pol.model.zero_grad()
+        pol.score_responses(prompts, responses, noisy).logprobs.sum().backward()
+        return {n: p.grad.clone() for n, p in pol.model.named_parameters() if p.grad is not None}
+
+    pol.model.train()
+    plain = grads()
+    assert any(".mlp.experts." in n for n in plain) and any(n.endswith("mlp.gate.weight") for n in plain)
+    pol.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys()
+    assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)
+    pol.model.eval()
+    with torch.no_grad():
+        pol.attention_kernel = "chunked"
+        chunked = pol.score_responses(prompts, responses, noisy).logprobs
+        pol.attention_kernel = "flex"
+        flex = pol.score_responses(prompts, responses, noisy).logprobs
+    assert (chunked - flex).abs().max() < 1e-5

@@ -100,6 +100,21 @@ def check_config(config: LLaDA2MoeConfig) -> str | None:
     rope_dim = int(config.head_dim * config.partial_rotary_factor)
     if rope_dim < 2 or rope_dim % 2:
         return f"partial_rotary_factor: head_dim {config.head_dim} x {config.partial_rotary_factor} must be an even dim >= 2"
+    # Fields where the released modelling code and SGLang's read the weights differently (or the former ignores
+    # them): only the values on which they agree are accepted.
+    disagreements = (
+        ("score_function", lambda v: v in (None, "sigmoid"), "only sigmoid routing"),
+        ("moe_router_enable_expert_bias", lambda v: v in (None, True), "routing always has an expert bias"),
+        ("norm_topk_prob", lambda v: v in (None, True), "chosen experts' weights are always renormalised"),
+        ("norm_head", lambda v: not v, "lm_head is used as stored"),
+        ("moe_shared_expert_intermediate_size", lambda v: v in (None, config.moe_intermediate_size),
+         "shared experts have moe_intermediate_size * num_shared_experts"),
+        ("use_bias", lambda v: not v or config.use_qkv_bias, "use_bias without use_qkv_bias is read two ways"),
+    )
+    for name, ok, why in disagreements:
+        value = getattr(config, name, None)
+        if not ok(value):
+            return f"{name}: {value!r} is not supported ({why})"
     if config.hidden_act != "silu":
         return f"hidden_act: {config.hidden_act!r} (LLaDA2 uses silu)"
     if config.num_experts:
