@@ -273,3 +273,15 @@ def test_training_forward_kernels_and_activation_checkpointing_agree(ckpt):
         pol.attention_kernel = "flex"
         flex = pol.score_responses(prompts, responses, noisy).logprobs
     assert (chunked - flex).abs().max() < 1e-5
+
+
+def test_host_syncs_per_decoding_step(policy):
+    """The decoders' one read per step, plus one per MoE layer (the expert group sizes; docs/FIDELITY.md)."""
+    from rollout.decoding.sync_counter import count_host_syncs
+
+    moe_layers = sum(1 for layer in policy.causal_lm.model.layers if hasattr(layer.mlp, "gate"))
+    params = SamplingParams(temperature=1.0, max_tokens=64, remasking="threshold_schedule", threshold=0.3,
+                            steps_per_block=16)
+    with count_host_syncs() as counts:
+        _generate(policy, PROMPTS, params, "block", seeds=[1, 2, 3])
+    assert counts.steps > 0 and counts.syncs == counts.steps * (1 + moe_layers), counts.ops

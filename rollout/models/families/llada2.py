@@ -212,12 +212,17 @@ class LLaDA2MoeSparseMoeBlock(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         chosen, weights = self.gate(flat)
-        out = torch.zeros_like(flat, dtype=torch.float32)
-        # Only the experts some token chose run (one host read per layer: which experts are in use).
-        for e in torch.unique(chosen).tolist():
-            token, slot = (chosen == e).nonzero(as_tuple=True)
-            y = self.experts[e](flat[token]).float() * weights[token, slot, None]
-            out = out.index_add(0, token, y)
+        # (token, slot) pairs grouped by expert; each expert runs once on its rows. One host read per layer (the
+        # group sizes); a grouped GEMM would remove it on GPUs.
+        expert_of = chosen.reshape(-1)
+        order = expert_of.argsort(stable=True)
+        token_of = order // chosen.shape[1]
+        counts = torch.zeros(len(self.experts), dtype=torch.long, device=x.device).scatter_add_(
+            0, expert_of, torch.ones_like(expert_of)).tolist()
+        rows = flat[token_of].split(counts)
+        outs = [self.experts[e](part) for e, part in enumerate(rows) if counts[e]]
+        y = torch.cat(outs).float() * weights.reshape(-1)[order, None]
+        out = torch.zeros_like(flat, dtype=torch.float32).index_add(0, token_of, y)
         out = out.to(x.dtype).view(shape)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
