@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -337,8 +337,10 @@ class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
                                        past_key_values=past_key_values if use_cache else None)
 
 
-class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
-    """The trunk (`model`) and the vocabulary head (`lm_head`): logits at position i predict token i (no shift)."""
+class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel, GenerationMixin):
+    """The trunk (`model`) and the vocabulary head (`lm_head`): logits at position i predict token i (no shift).
+    GenerationMixin only for what PEFT's causal-LM wrapper expects; HF's autoregressive `generate` is meaningless
+    for a diffusion model and diffrl never calls it."""
 
     def __init__(self, config: LLaDA2MoeConfig):
         super().__init__(config)
