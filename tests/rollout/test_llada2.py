@@ -58,7 +58,10 @@ def test_released_format_and_spec(ckpt, policy):
     assert policy.native  # diffrl's dispatcher runs its attention (linear-memory kernels)
 
 
-def test_forward_equals_the_naive_equations(policy, reference):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_forward_equals_the_naive_equations(ckpt, policy, reference, attn):
+    if attn != "sdpa":
+        policy = load_policy(ckpt, attn_implementation=attn)
     g = torch.Generator().manual_seed(0)
     length, block = 19, 4
     ids = torch.randint(3, 100, (1, length), generator=g)
