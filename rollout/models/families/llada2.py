@@ -301,7 +301,10 @@ class LLaDA2MoePreTrainedModel(PreTrainedModel):
 class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
     def __init__(self, config: LLaDA2MoeConfig):
         super().__init__(config)
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        # As released: the pad token's row (LLaDA2's pad is its eos, 156892) gets no gradient.
+        pad = config.pad_token_id
+        pad = pad if isinstance(pad, int) and 0 <= pad < config.vocab_size else None
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=pad)
         self.layers = nn.ModuleList(LLaDA2MoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = LLaDA2MoeRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rope_dim = int(config.head_dim * config.partial_rotary_factor)
