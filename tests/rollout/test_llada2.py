@@ -216,6 +216,19 @@ def test_bad_checkpoints_fail_with_one_line_naming_the_problem(tmp_path, ckpt):
     with pytest.raises(ModelLoadError, match="word_embeddings"):
         load_policy(renamed)
 
+    resized = _broken(ckpt, tmp_path, "resized")
+    config = json.loads((resized / "config.json").read_text())
+    config["moe_intermediate_size"] += 8
+    (resized / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors: model\.layers\.1\.mlp\.experts\.0\.gate_proj"
+                                             r"\.weight has shape \[16, 32\], config\.json implies \[24, 32\]"):
+        load_policy(resized)
+
+    garbage = _broken(ckpt, tmp_path, "garbage")
+    (garbage / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ModelLoadError, match="model.safetensors: unreadable safetensors"):
+        load_policy(garbage)
+
     for name, change, field in [("groups", {"n_group": 3}, "n_group"), ("size", {"hidden_size": None}, "hidden_size"),
                                 ("tied", {"tie_word_embeddings": True}, "tie_word_embeddings"),
                                 ("rope", {"rope_scaling": {"rope_type": "yarn", "factor": 4}}, "rope_scaling"),

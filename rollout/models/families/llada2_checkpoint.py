@@ -48,11 +48,46 @@ def llada2_config(config: dict, path: Path):
     return cfg
 
 
+def check_tensors(path: Path, cfg) -> None:
+    """Every tensor the config implies is in the safetensors with its shape, and nothing else is: refused with one
+    line naming the tensor (and file), before transformers loads anything."""
+    from safetensors import SafetensorError, safe_open
+
+    from rollout.models.families.llada2 import LLaDA2MoeModelLM
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{path}: LLaDA2 weights must be safetensors (no *.safetensors)")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in LLaDA2MoeModelLM(cfg).state_dict().items()}
+    found: dict[str, tuple[tuple[int, ...], Path]] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    found[name] = (tuple(f.get_slice(name).get_shape()), file)
+        except (SafetensorError, OSError) as err:
+            raise ModelLoadError(f"{file}: unreadable safetensors ({err})") from None
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise ModelLoadError(f"{path}: LLaDA2 safetensors missing keys: {missing[0]}"
+                             + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+    unexpected = sorted(set(found) - set(expected))
+    if unexpected:
+        raise ModelLoadError(f"{found[unexpected[0]][1]}: unexpected tensor {unexpected[0]} for this config.json"
+                             + (f" (+{len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for name, shape in expected.items():
+        if found[name][0] != shape:
+            raise ModelLoadError(f"{found[name][1]}: {name} has shape {list(found[name][0])}, config.json implies "
+                                 f"{list(shape)}")
+
+
 def load_llada2(path: Path, config: dict, dtype: torch.dtype, attn: str):
     """The released weights onto LLaDA2MoeModelLM; every missing, unexpected or mis-shaped tensor is an error."""
     from rollout.models.families.llada2 import LLaDA2MoeModelLM
 
     cfg = llada2_config(config, path)
+    check_tensors(path, cfg)
     try:
         model, info = LLaDA2MoeModelLM.from_pretrained(str(path), config=cfg, dtype=dtype, attn_implementation=attn,
                                                        output_loading_info=True)
