@@ -6,6 +6,8 @@ Formats:
 - SDAR / TraDo (`model_type: sdar`): the weights are Qwen3's, name for name, so they load onto
   `Qwen3ForCausalLM` without `trust_remote_code`. Saving writes `model_type: sdar` and the original config back,
   with any code files (`*.py`) the source directory had, so the original tooling loads what we save.
+- LLaDA2 (`model_type: llada2_moe`): the released weights, name for name, on diffrl's own modelling code
+  (rollout/models/families/llada2.py; the checkpoint's code is never run); saved back in the released format.
 - LLaDA / Dream with their own modelling code: loaded through `trust_remote_code` from the local directory, only
   when the recipe allows it (`model.trust_remote_code: true`).
 """
@@ -79,7 +81,8 @@ def _check_weights(path: Path) -> None:
 def tokenizer_config(path: Path) -> dict:
     """For an SDAR/TraDo checkpoint, the config AutoTokenizer would otherwise read from config.json: a plain
     Qwen3Config (its model_type `sdar` is unknown to transformers, which warns "a model of type sdar to instantiate
-    a model of type ..." when it parses the file itself). Other checkpoints: nothing, transformers reads its own."""
+    a model of type ..." when it parses the file itself); for LLaDA2 (`llada2_moe`, also unknown, with an auto_map
+    that would ask to run the checkpoint's code) diffrl's own config. Other checkpoints: nothing."""
     config_file = path / "config.json"
     if not config_file.is_file():
         return {}
