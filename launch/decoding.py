@@ -34,6 +34,8 @@ def sampling_params(rollout: RolloutSection, *, block_size: int, max_tokens: int
     extra: dict[str, Any] = {}
     if rollout.remasking == "low_confidence_dynamic":
         extra["threshold"] = rollout.threshold if rollout.threshold is not None else DYNAMIC_THRESHOLD
+    elif rollout.remasking == "threshold_schedule":  # LLaDA2's rule; its generate's default threshold 0.95
+        extra["threshold"] = rollout.threshold if rollout.threshold is not None else 0.95
     elif rollout.remasking == "entropy_bounded":
         extra["entropy_bound"] = rollout.threshold
     temperature = rollout.temperature if rollout.temperature is not None else 1.0

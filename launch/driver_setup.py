@@ -198,9 +198,12 @@ def _held_out(recipe: Recipe, prompts: list[Prompt], eval_prompts: list[Prompt],
 def _tokenizer(policy_dir: Path):
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(str(policy_dir))
-    except (OSError, ValueError) as err:
+    from rollout.models.loading import tokenizer_config
+    from rollout.models.spec import ModelLoadError
+
+    try:  # tokenizer_config: the parsed config of checkpoints transformers does not know (SDAR, LLaDA2)
+        return AutoTokenizer.from_pretrained(str(policy_dir), **tokenizer_config(policy_dir))
+    except (OSError, ValueError, ModelLoadError) as err:
         raise SetupError(f"model.path: {policy_dir}: tokenizer failed to load ({type(err).__name__}: "
                          f"{one_line(err, 200)})") from None
 

@@ -64,9 +64,9 @@ class LoraSection(Section):
 
 class ModelSection(Section):
     path: str | None = Field(None, min_length=1)  # a local HF checkpoint directory (checked by check_paths)
-    tiny: Literal["qwen3-block", "sdar", "sdar-moe", "llada", "dream"] | None = None  # a tiny random model built offline
+    tiny: Literal["qwen3-block", "sdar", "sdar-moe", "llada", "dream", "llada2"] | None = None  # a tiny random model built offline
     tiny_vocab: Literal["small", "qwen"] | None = None  # tiny models only; None -> "small"
-    kind: Literal["auto", "block", "sdar", "llada", "dream"] = "auto"  # auto: from tiny, else from config.json
+    kind: Literal["auto", "block", "sdar", "llada", "dream", "llada2"] = "auto"  # auto: from tiny, else from config.json
     block_size: int | None = Field(None, ge=1)  # block-causal: training block; full attention: semi-AR block
     # Where blocks start (block-causal models; rollout/models/masks.py): None = the checkpoint's (diffrl.json), else
     # the kind's: "absolute" (from the sequence start) for sdar, as SDAR/TraDo were trained and decode; "response"
@@ -105,7 +105,7 @@ class RolloutSection(Section):
     steps_per_block: int | None = Field(None, ge=1)  # None (and no steps): one token per step
     steps: int | None = Field(None, ge=1)  # total denoising steps, split evenly over blocks (LLaDA/Dream style)
     remasking: Literal["sequential", "low_confidence_static", "low_confidence_dynamic", "entropy_bounded",
-                       "random", "topk_margin", "entropy", "origin"] = "low_confidence_static"  # last 3: Dream's
+                       "random", "topk_margin", "entropy", "origin", "threshold_schedule"] = "low_confidence_static"  # last 3: Dream's
     threshold: float | None = None  # dynamic: confidence in (0, 1] (None -> 0.9); entropy_bounded: entropy bound
     min_tokens_per_step: int = Field(1, ge=1)
     temperature: float | None = Field(None, ge=0)  # None -> the algorithm's published value, else 1.0

@@ -18,9 +18,10 @@ from rollout.models.spec import default_spec_fields  # light: dataclasses only; 
 if TYPE_CHECKING:
     from launch.recipe import Recipe
 
-BLOCK_CAUSAL_KINDS = frozenset({"block", "sdar"})  # TraDo/SDAR, Qwen converted to block diffusion
+BLOCK_CAUSAL_KINDS = frozenset({"block", "sdar", "llada2"})  # TraDo/SDAR, Qwen converted to block diffusion
 FULL_ATTENTION_KINDS = frozenset({"llada", "dream"})
-TINY_KINDS = {"qwen3-block": "block", "sdar": "sdar", "sdar-moe": "sdar", "llada": "llada", "dream": "dream"}
+TINY_KINDS = {"qwen3-block": "block", "sdar": "sdar", "sdar-moe": "sdar", "llada": "llada", "dream": "dream",
+              "llada2": "llada2"}
 
 # Estimators each algorithm can train with; the first is its default (filled in when the recipe omits it).
 ESTIMATORS_FOR: dict[str, tuple[str, ...]] = {
@@ -75,6 +76,8 @@ def derived_defaults(r: Recipe) -> dict[str, Any]:
         fills["rollout"]["block_size"] = block
     if r.rollout.threshold is None and r.rollout.remasking == "low_confidence_dynamic":
         fills["rollout"]["threshold"] = 0.9  # TraDo's dynamic decoding threshold
+    if r.rollout.threshold is None and r.rollout.remasking == "threshold_schedule":
+        fills["rollout"]["threshold"] = 0.95  # LLaDA2's generate default
     eoser = r.rollout.eoser
     if eoser is not None and (eoser.schedule is None or eoser.gamma_min is None):
         schedule = eoser.schedule or ("ass" if r.rollout.ass else "linear")
@@ -169,12 +172,14 @@ def _steps(r: Recipe) -> str | None:
 
 def _threshold(r: Recipe) -> str | None:
     ro = r.rollout
-    if ro.remasking == "low_confidence_dynamic" and not 0 < ro.threshold <= 1:
-        return f"rollout.threshold: {ro.threshold} outside (0, 1] (a confidence, for low_confidence_dynamic)"
+    if ro.remasking in ("low_confidence_dynamic", "threshold_schedule") and not 0 < ro.threshold <= 1:
+        return f"rollout.threshold: {ro.threshold} outside (0, 1] (a confidence, for {ro.remasking})"
     if ro.remasking == "entropy_bounded" and (ro.threshold is None or ro.threshold <= 0):
         return "rollout.threshold: entropy_bounded remasking needs a positive entropy bound"
-    if ro.threshold is not None and ro.remasking not in ("low_confidence_dynamic", "entropy_bounded"):
-        return f"rollout.threshold: unused by {ro.remasking!r} remasking (low_confidence_dynamic, entropy_bounded)"
+    if ro.threshold is not None and ro.remasking not in ("low_confidence_dynamic", "entropy_bounded",
+                                                         "threshold_schedule"):
+        return (f"rollout.threshold: unused by {ro.remasking!r} remasking (low_confidence_dynamic, entropy_bounded, "
+                "threshold_schedule)")
     return None
 
 

@@ -135,6 +135,25 @@ class LowConfidenceDynamic(RemaskingPolicy):
         return torch.where((above.sum(dim=1) >= floor)[:, None], above, fallback)
 
 
+@register_remasking("threshold_schedule")
+class ThresholdSchedule(RemaskingPolicy):
+    """LLaDA2's generate: every position whose confidence exceeds the threshold when there are at least the step's
+    scheduled count of them, else the scheduled count most confident (the schedule: steps_per_block's even split)."""
+
+    fixed_count = False
+
+    def select(self, confidence, entropy, count, generator):
+        above = (confidence > self.params.threshold).nonzero().squeeze(-1)
+        if above.numel() >= count:
+            return above
+        return torch.topk(confidence, min(count, confidence.numel())).indices
+
+    def select_batch(self, confidence, entropy, masked, count, generators, *, queries=None):
+        above = masked & (confidence > self.params.threshold)
+        fallback = masked & (_rank(confidence, descending=True) < count[:, None])
+        return torch.where((above.sum(dim=1) >= count)[:, None], above, fallback)
+
+
 @register_remasking("entropy_bounded")
 class EntropyBounded(RemaskingPolicy):
     """Lowest-entropy positions first, as many as keep the summed entropy within the bound (EB-sampler)."""

@@ -8,6 +8,8 @@ Formats:
   with any code files (`*.py`) the source directory had, so the original tooling loads what we save.
 - SDAR-MoE (`model_type: sdar_moe`, SDAR-30B-A3B): Qwen3-MoE weights with per-expert names, mapped onto
   `Qwen3MoeForCausalLM` and back by rollout/models/families/sdar_moe.py; kind `sdar` (SDAR's decoding).
+- LLaDA2 (`model_type: llada2_moe`): the released weights, name for name, on diffrl's own modelling code
+  (rollout/models/families/llada2.py; the checkpoint's code is never run); saved back in the released format.
 - LLaDA / Dream with their own modelling code: loaded through `trust_remote_code` from the local directory, only
   when the recipe allows it (`model.trust_remote_code: true`).
 """
@@ -25,7 +27,7 @@ from rollout.models.spec import KINDS, DiffusionSpec, ModelLoadError, default_sp
 
 SIDECAR = "diffrl.json"
 MASK_TOKEN_NAMES = ("<|MASK|>", "<|mask|>", "<mask>", "[MASK]", "<|mdm_mask|>")
-_MODEL_TYPE_KIND = {"sdar": "sdar", "sdar_moe": "sdar", "llada": "llada", "dream": "dream"}
+_MODEL_TYPE_KIND = {"sdar": "sdar", "sdar_moe": "sdar", "llada": "llada", "dream": "dream", "llada2_moe": "llada2"}
 _BLOCK_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 # Checkpoints whose own tokenizer is Qwen2Tokenizer: TraDo/SDAR, Dream, and Qwen2/Qwen3 run as block models.
 QWEN_FAMILY_KINDS = ("sdar", "dream")
@@ -79,16 +81,21 @@ def _check_weights(path: Path) -> None:
         raise ModelLoadError(f"{path}: no weights (*.safetensors or pytorch_model*.bin)")
 
 
-def _tokenizer_config(path: Path) -> dict:
+def tokenizer_config(path: Path) -> dict:
     """For an SDAR/TraDo checkpoint, the config AutoTokenizer would otherwise read from config.json: a plain
     Qwen3Config (its model_type `sdar` is unknown to transformers, which warns "a model of type sdar to instantiate
-    a model of type ..." when it parses the file itself). Other checkpoints: nothing, transformers reads its own."""
+    a model of type ..." when it parses the file itself); for LLaDA2 (`llada2_moe`, also unknown, with an auto_map
+    that would ask to run the checkpoint's code) diffrl's own config. Other checkpoints: nothing."""
     config_file = path / "config.json"
     if not config_file.is_file():
         return {}
     config = read_json(config_file, "config.json")
     if sdar_moe.is_sdar_moe(config):
         return {"config": sdar_moe.qwen3_moe_config(config, config_file)}
+    if config.get("model_type") == "llada2_moe":
+        from rollout.models.families.llada2_checkpoint import tokenizer_kwargs
+
+        return tokenizer_kwargs(config, path)
     if config.get("model_type") != "sdar":
         return {}
     import transformers
@@ -108,7 +115,7 @@ def _load_tokenizer(path: Path, trust_remote_code: bool):
         raise ModelLoadError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code,
-                                             **_tokenizer_config(path))
+                                             **tokenizer_config(path))
     except (OSError, ValueError, json.JSONDecodeError) as err:
         raise ModelLoadError(f"{path}: tokenizer failed to load ({err.__class__.__name__}: {err})") from None
 
@@ -127,6 +134,10 @@ def _build_model(path: Path, kind: str, config: dict, dtype: torch.dtype, trust_
                              f"attention masks (one of {', '.join(ATTENTION_IMPLEMENTATIONS)})")
     attn = attn_implementation or "sdpa"
     has_own_code = "auto_map" in config and kind in ("llada", "dream")
+    if kind == "llada2":  # diffrl's own modelling code, never the checkpoint's (families/llada2.py)
+        from rollout.models.families.llada2_checkpoint import load_llada2
+
+        return load_llada2(path, config, dtype, attn), False
     try:
         if sdar_moe.is_sdar_moe(config):
             return sdar_moe.build_model(path, config, dtype, attn), False
@@ -247,6 +258,10 @@ def save_policy(policy: DiffusionPolicy, out_dir: str | Path) -> Path:
     elif policy.source.get("format") == sdar_moe.MODEL_TYPE:
         sdar_moe.write_config(policy.source.get("config") or {}, lm.config, policy.spec.block_size,
                               policy.source.get("dir"), out_dir)
+    elif policy.source.get("format") == "llada2":
+        from rollout.models.families.llada2_checkpoint import write_llada2_config
+
+        write_llada2_config(policy, out_dir)
     sidecar = policy.spec.to_dict()
     (out_dir / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
     return out_dir

@@ -10,14 +10,17 @@ Attention = Literal["block_causal", "full"]
 
 # Model kinds diffrl knows how to drive. "block" is any HF causal LM (Qwen2/Qwen3/Llama) run as a block-diffusion
 # model; "sdar" is a TraDo/SDAR checkpoint (Qwen3 weights, model_type "sdar"); "llada" and "dream" are
-# full-attention masked diffusion models, Dream predicting token i from position i-1.
-KINDS = ("block", "sdar", "llada", "dream")
+# full-attention masked diffusion models, Dream predicting token i from position i-1; "llada2" is inclusionAI's
+# LLaDA2.0/2.1 MoE block-diffusion model (its own modelling code: rollout/models/families/llada2.py).
+KINDS = ("block", "sdar", "llada", "dream", "llada2")
 # Tokens unmasked per step, by family (rollout/decoding/schedules.py): LLaDA's even split, Dream's own schedule.
-STEP_SCHEDULES = {"block": "uniform", "sdar": "uniform", "llada": "uniform", "dream": "dream"}
+STEP_SCHEDULES = {"block": "uniform", "sdar": "uniform", "llada": "uniform", "dream": "dream", "llada2": "uniform"}
 # What a sampled token's confidence is, by family: "model", its probability under the untempered, unfiltered
 # model (LLaDA's generate, Fast-dLLM, CJ-GRPO's trainers), or "sampling", under the distribution it was sampled
 # from (Dream's _sample). Equal at temperature 1 without top-k/top-p, and when greedy.
-CONFIDENCE_SOURCES = {"block": "sampling", "sdar": "sampling", "llada": "model", "dream": "sampling"}
+# LLaDA2's generate ranks by the probability under its tempered, filtered sampling distribution.
+CONFIDENCE_SOURCES = {"block": "sampling", "sdar": "sampling", "llada": "model", "dream": "sampling",
+                      "llada2": "sampling"}
 
 
 class ModelLoadError(OneLineError):
@@ -101,6 +104,8 @@ def default_spec_fields(kind: str) -> dict:
         return {"attention": "block_causal", "logits_shift": False, "block_size": 4, "block_alignment": "absolute"}
     if kind == "block":  # diffrl's own block models (from AR checkpoints): blocks from the response start
         return {"attention": "block_causal", "logits_shift": False, "block_size": 4, "block_alignment": "response"}
+    if kind == "llada2":  # LLaDA2's generate: block 32, blocks counted from the sequence start
+        return {"attention": "block_causal", "logits_shift": False, "block_size": 32, "block_alignment": "absolute"}
     if kind == "llada":
         return {"attention": "full", "logits_shift": False, "block_size": 32}
     if kind == "dream":

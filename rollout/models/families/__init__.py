@@ -1,0 +1,1 @@
+"""Model families diffrl runs with its own modelling code (no native transformers class matches their weights)."""
