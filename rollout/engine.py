@@ -174,6 +174,10 @@ class TorchEngine(RolloutEngine):
         policy = load_policy(path, kind=kind, block_size=block_size, block_alignment=block_alignment, dtype=dtype,
                              device=device, trust_remote_code=trust_remote_code,
                              attn_implementation=attn_implementation, attention_kernel=attention_kernel)
+        if policy.spec.kind == "diffusion_gemma":  # its own sampler (rollout/models/families/)
+            from rollout.models.families.diffusion_gemma_engine import DiffusionGemmaEngine
+
+            return DiffusionGemmaEngine(policy, **options)
         return cls(policy, **options)
 
     # --------------------------------------------------------------------------------------------- generate

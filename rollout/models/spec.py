@@ -11,7 +11,7 @@ Attention = Literal["block_causal", "full"]
 # Model kinds diffrl knows how to drive. "block" is any HF causal LM (Qwen2/Qwen3/Llama) run as a block-diffusion
 # model; "sdar" is a TraDo/SDAR checkpoint (Qwen3 weights, model_type "sdar"); "llada" and "dream" are
 # full-attention masked diffusion models, Dream predicting token i from position i-1.
-KINDS = ("block", "sdar", "llada", "dream")
+KINDS = ("block", "sdar", "llada", "dream", "diffusion_gemma")  # the last: rollout/models/families/diffusion_gemma.py
 # Tokens unmasked per step, by family (rollout/decoding/schedules.py): LLaDA's even split, Dream's own schedule.
 STEP_SCHEDULES = {"block": "uniform", "sdar": "uniform", "llada": "uniform", "dream": "dream"}
 # What a sampled token's confidence is, by family: "model", its probability under the untempered, unfiltered
@@ -105,4 +105,6 @@ def default_spec_fields(kind: str) -> dict:
         return {"attention": "full", "logits_shift": False, "block_size": 32}
     if kind == "dream":
         return {"attention": "full", "logits_shift": True, "block_size": 32}
+    if kind == "diffusion_gemma":  # the released model's canvas (its config.json's canvas_length)
+        return {"attention": "full", "logits_shift": False, "block_size": 256}
     raise ModelLoadError(f"model.kind: unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
