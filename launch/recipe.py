@@ -66,7 +66,7 @@ class ModelSection(Section):
     path: str | None = Field(None, min_length=1)  # a local HF checkpoint directory (checked by check_paths)
     tiny: Literal["qwen3-block", "sdar", "llada", "dream"] | None = None  # a tiny random model built offline
     tiny_vocab: Literal["small", "qwen"] | None = None  # tiny models only; None -> "small"
-    kind: Literal["auto", "block", "sdar", "llada", "dream"] = "auto"  # auto: from tiny, else from config.json
+    kind: Literal["auto", "block", "sdar", "llada", "dream", "diffusion_gemma"] = "auto"  # auto: tiny, else config.json
     block_size: int | None = Field(None, ge=1)  # block-causal: training block; full attention: semi-AR block
     # Where blocks start (block-causal models; rollout/models/masks.py): None = the checkpoint's (diffrl.json), else
     # the kind's: "absolute" (from the sequence start) for sdar, as SDAR/TraDo were trained and decode; "response"

@@ -25,9 +25,9 @@ TINY_KINDS = {"qwen3-block": "block", "sdar": "sdar", "llada": "llada", "dream":
 # Estimators each algorithm can train with; the first is its default (filled in when the recipe omits it).
 ESTIMATORS_FOR: dict[str, tuple[str, ...]] = {
     "diffu_grpo": ("one_step", "coupled", "random_mask"),
-    "gdpo": ("sdmc", "mc_elbo", "block_elbo"),
+    "gdpo": ("sdmc", "mc_elbo", "block_elbo", "canvas_trace"),
     "cj_grpo": ("trajectory",),
-    "tracerl": ("trajectory",),
+    "tracerl": ("trajectory", "canvas_trace"),
     "coupled_grpo": ("coupled", "one_step", "random_mask"),
     "wd1": ("one_step", "coupled", "random_mask"),
     "spg": ("block_random", "block_elbo", "mc_elbo", "sdmc"),
@@ -205,6 +205,10 @@ def _estimator(r: Recipe) -> str | None:
         need = _ESTIMATOR_NEED.get(r.algorithm.name, "token-level log-probs")
         return (f"estimator.name: {r.algorithm.name} needs {need}: one of {', '.join(allowed)}, "
                 f"not {r.estimator.name!r}")
+    if (r.estimator.name == "canvas_trace") != (r.model.declared_kind == "diffusion_gemma") \
+            and r.model.declared_kind is not None:
+        return ("estimator.name: DiffusionGemma rollouts are scored by 'canvas_trace' (recorded canvases), and "
+                "'canvas_trace' scores DiffusionGemma rollouts only")
     t_min, t_max = getattr(r.estimator, "t_min", 0.0), getattr(r.estimator, "t_max", 1.0)
     if t_min >= t_max:
         return f"estimator.t_min: {t_min} >= estimator.t_max {t_max}"
