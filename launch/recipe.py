@@ -64,7 +64,7 @@ class LoraSection(Section):
 
 class ModelSection(Section):
     path: str | None = Field(None, min_length=1)  # a local HF checkpoint directory (checked by check_paths)
-    tiny: Literal["qwen3-block", "sdar", "llada", "dream"] | None = None  # a tiny random model built offline
+    tiny: Literal["qwen3-block", "sdar", "llada", "dream", "diffusion-gemma"] | None = None  # built offline
     tiny_vocab: Literal["small", "qwen"] | None = None  # tiny models only; None -> "small"
     kind: Literal["auto", "block", "sdar", "llada", "dream", "diffusion_gemma"] = "auto"  # auto: tiny, else config.json
     block_size: int | None = Field(None, ge=1)  # block-causal: training block; full attention: semi-AR block

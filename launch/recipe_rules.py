@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 BLOCK_CAUSAL_KINDS = frozenset({"block", "sdar"})  # TraDo/SDAR, Qwen converted to block diffusion
 FULL_ATTENTION_KINDS = frozenset({"llada", "dream"})
-TINY_KINDS = {"qwen3-block": "block", "sdar": "sdar", "llada": "llada", "dream": "dream"}
+TINY_KINDS = {"qwen3-block": "block", "sdar": "sdar", "llada": "llada", "dream": "dream",
+              "diffusion-gemma": "diffusion_gemma"}
 
 # Estimators each algorithm can train with; the first is its default (filled in when the recipe omits it).
 ESTIMATORS_FOR: dict[str, tuple[str, ...]] = {

@@ -33,7 +33,7 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-TINY_KINDS = ("block", "qwen3-block", "sdar", "llada", "dream")
+TINY_KINDS = ("block", "qwen3-block", "sdar", "llada", "dream", "diffusion-gemma")
 
 
 def _byte_level_alphabet() -> dict[int, str]:
@@ -127,6 +127,12 @@ def make_tiny_policy(
 
     if kind not in TINY_KINDS:
         raise ValueError(f"make_tiny_policy: unknown kind {kind!r} (expected one of {', '.join(TINY_KINDS)})")
+    if kind == "diffusion-gemma":  # encoder-decoder with its own config (rollout/models/families/diffusion_gemma.py)
+        from rollout.models.families.diffusion_gemma import make_tiny_diffusion_gemma
+
+        if vocab != "small" or block_size not in (None, 8):
+            raise ValueError("make_tiny_policy: the tiny DiffusionGemma has the small vocabulary and canvas 8")
+        return make_tiny_diffusion_gemma(out_dir, seed=seed)
     kind = "block" if kind == "qwen3-block" else kind
     _check_sizes(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
                  intermediate_size=intermediate_size, max_positions=max_positions, block_size=block_size)
