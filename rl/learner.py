@@ -101,8 +101,8 @@ class Learner:
         if need_ref and not self.lora:
             if ref_policy is None:
                 frozen = copy.deepcopy(policy.model)
-                ref_policy = DiffusionPolicy(frozen, policy.tokenizer, policy.spec, policy.source,
-                                             attention_kernel=policy.attention_kernel)
+                ref_policy = policy.with_model(frozen) if hasattr(policy, "with_model") else DiffusionPolicy(
+                    frozen, policy.tokenizer, policy.spec, policy.source, attention_kernel=policy.attention_kernel)
             ref_policy.model.requires_grad_(False).eval()
             self.ref_policy = ref_policy
         self.need_ref = bool(need_ref)

@@ -148,3 +148,29 @@ def test_positive_advantage_raises_sequence_likelihood(tiny_dir):
     with torch.no_grad():
         after = float(get_estimator("canvas_trace")(policy, inp).seq_logp[0])
     assert after > before
+
+
+def test_kl_to_a_frozen_reference_copy(tiny_dir):
+    policy = load_policy(tiny_dir)
+    trajs = rollouts(policy, prompts=PROMPTS[:2])
+    samples = [ScoredSample(t, advantage=(1.0 if i else -1.0), reward=float(i)) for i, t in enumerate(trajs)]
+    learner = Learner(policy, LearnerConfig(algorithm="gdpo", estimator="canvas_trace", mu=1, micro_batch_size=2,
+                                            loss={"beta": 0.04, "kl_reference": "ref"}, optim=OptimConfig(lr=1e-3)))
+    m = learner.update(samples)
+    assert m["forwards_ref"] > 0 and m["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert type(learner.ref_policy) is type(policy) and learner.ref_policy.model is not policy.model
+
+
+def test_self_conditioning_gradient_option_backpropagates_through_the_chain(tiny_dir):
+    policy = load_policy(tiny_dir)
+    traj = rollouts(policy, prompts=PROMPTS[:1], steps=3, max_tokens=8)[0]
+    # a weight the first step's logits depend on (the self-conditioning block reads zeros at a canvas's first step)
+    own = policy.model.model.decoder.layers[1].self_attn.o_proj.weight
+    grads = []
+    for through in (False, True):
+        policy.model.zero_grad()
+        est = get_estimator("canvas_trace")(policy, estimator_input([traj]), self_conditioning_grad=through)
+        est.token_logp.sum().backward()
+        grads.append(own.grad.clone())
+    # same value either way; the chain adds gradient through the previous step's logits
+    assert not torch.allclose(grads[0], grads[1])

@@ -181,6 +181,9 @@ def test_engine_row_decodes_the_same_alone_and_in_a_batch(tiny_dir):
         # per position: the summed action log-probs (the estimator's per-token quantity)
         per_block = [(trace.action_logprobs[trace.block == k]).sum(0) for k in range(2)]
         assert torch.allclose(traj.logprobs, torch.cat(per_block))
+    # temperature 0 (the driver's greedy evaluation) runs the released sampler with the request's seed
+    greedy = engine.generate([GenerationRequest(tok.encode("12+30="), replace(params, temperature=0.0), seed=1)])[0]
+    assert torch.equal(greedy.response_ids, batch[1].response_ids)
     bad = engine.generate([GenerationRequest(tok.encode("1="), SamplingParams(max_tokens=16), seed=0)])[0]
     assert bad.finish_reason.startswith("error: ") and "entropy_bounded" in bad.finish_reason
 

@@ -74,6 +74,10 @@ class DiffusionGemmaPolicy:
         self.spec = spec
         self.source = dict(source or {})
 
+    def with_model(self, model: torch.nn.Module) -> "DiffusionGemmaPolicy":
+        """The same policy around another copy of the weights (the learner's frozen KL reference)."""
+        return DiffusionGemmaPolicy(model, self.tokenizer, self.spec, self.source)
+
     @property
     def causal_lm(self) -> torch.nn.Module:
         model = self.model

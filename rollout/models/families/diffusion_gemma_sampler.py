@@ -63,11 +63,13 @@ class SamplerSettings:
     def with_params(self, params) -> "SamplerSettings":
         """Apply a request's SamplingParams: remasking must be 'entropy_bounded' (its entropy_bound is used),
         steps_per_block sets max_denoising_steps; temperature 1 (the schedule is the sampler's temperature), no
-        top-k / top-p (the sampler has none)."""
+        top-k / top-p (the sampler has none). Temperature 0 (the driver's greedy evaluation) runs the same sampler
+        with the request's seed: the released model has no greedy mode (its generate always samples), and an
+        argmax-only variant would be a decoder nobody published."""
         if params.remasking != "entropy_bounded":
             raise ValueError(f"sampling.remasking: DiffusionGemma decodes with its entropy-bounded sampler "
                              f"('entropy_bounded'), got {params.remasking!r}")
-        if params.temperature != 1.0 or params.top_k or params.top_p != 1.0:
+        if params.temperature not in (0.0, 1.0) or params.top_k or params.top_p != 1.0:
             raise ValueError("sampling.temperature: DiffusionGemma's temperature is its t_max -> t_min schedule "
                              "(generation_config.json); set temperature 1, top_k 0, top_p 1")
         steps = params.steps_per_block or self.max_denoising_steps
