@@ -210,6 +210,8 @@ def _estimator(r: Recipe) -> str | None:
             and r.model.declared_kind is not None:
         return ("estimator.name: DiffusionGemma rollouts are scored by 'canvas_trace' (recorded canvases), and "
                 "'canvas_trace' scores DiffusionGemma rollouts only")
+    if r.estimator.name == "canvas_trace" and getattr(r.algorithm, "value_model", None) is not None:
+        return "algorithm.value_model: not available with the canvas_trace estimator (no per-action hidden states)"
     t_min, t_max = getattr(r.estimator, "t_min", 0.0), getattr(r.estimator, "t_max", 1.0)
     if t_min >= t_max:
         return f"estimator.t_min: {t_min} >= estimator.t_max {t_max}"
