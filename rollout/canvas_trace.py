@@ -98,7 +98,7 @@ class CanvasTrace:
         tensors = load(data)
         header_len = struct.unpack("<Q", data[:8])[0]  # safetensors: u64 header length, JSON header (metadata)
         meta = json.loads(data[8:8 + header_len]).get("__metadata__", {})
-        as_float = lambda v: None if v == "None" else float(v)  # noqa: E731
+        as_float = lambda v: None if v == "None" else float(v)
         return cls(tensors["canvases"].long(), tensors["accepted"].bool(), tensors["block"].long(),
                    tensors["remaining"].long(), tensors["action_logprobs"].float(), int(meta["prompt_offset"]),
                    int(meta["max_denoising_steps"]), as_float(meta["t_min"]), as_float(meta["t_max"]))

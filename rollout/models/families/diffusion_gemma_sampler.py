@@ -53,8 +53,12 @@ class SamplerSettings:
     @classmethod
     def from_generation_config(cls, gc) -> "SamplerSettings":
         """The checkpoint's DiffusionGemmaGenerationConfig, unset fields filled with transformers' defaults."""
-        defaults = gc._get_default_generation_params()
-        pick = lambda name: getattr(gc, name, None) if getattr(gc, name, None) is not None else defaults[name]  # noqa
+        defaults = gc._get_default_generation_params()  # what generate itself fills unset fields with
+
+        def pick(name):
+            value = getattr(gc, name, None)
+            return defaults[name] if value is None else value
+
         sampler = pick("sampler_config")
         return cls(max_denoising_steps=int(pick("max_denoising_steps")), entropy_bound=float(sampler.entropy_bound),
                    t_min=pick("t_min"), t_max=pick("t_max"), stability_threshold=pick("stability_threshold"),
