@@ -41,3 +41,22 @@ def test_canvas_trace_estimator_pairs_with_diffusion_gemma_only(recipe, override
 def test_no_value_model_with_canvas_trace():
     with pytest.raises(RecipeError, match="value_model"):
         load_recipe(RECIPES + "tiny-tracerl-diffusion-gemma.yaml", ["algorithm.value_model.lr=1e-5"])
+
+
+def test_preflight_and_load_need_no_mask_token(tmp_path):
+    """DiffusionGemma's canvas starts from random tokens: a tokenizer without a mask token is fine."""
+    import json
+
+    from launch.preflight import check_checkpoint_dir
+    from rollout.models.families.diffusion_gemma import make_tiny_diffusion_gemma
+    from rollout.models.loading import load_policy
+
+    ckpt = make_tiny_diffusion_gemma(tmp_path / "tiny")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        text = (ckpt / name).read_text().replace("<|mask|>", "<|unused|>")
+        data = json.loads(text)
+        data.pop("mask_token", None)
+        (ckpt / name).write_text(json.dumps(data))
+    check_checkpoint_dir(ckpt)
+    policy = load_policy(ckpt)
+    assert policy.tokenizer.mask_token is None and policy.spec.canvas_length == 8
