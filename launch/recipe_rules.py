@@ -212,6 +212,11 @@ def _estimator(r: Recipe) -> str | None:
                 "'canvas_trace' scores DiffusionGemma rollouts only")
     if r.estimator.name == "canvas_trace" and getattr(r.algorithm, "value_model", None) is not None:
         return "algorithm.value_model: not available with the canvas_trace estimator (no per-action hidden states)"
+    if r.model.declared_kind == "diffusion_gemma" and r.model.lora is not None:
+        return ("model.lora: not available for DiffusionGemma (PEFT would give the tied encoder and decoder layers "
+                "separate adapters)")
+    if r.model.declared_kind == "diffusion_gemma" and r.learner.backend == "deepspeed" and r.learner.zero_stage == 3:
+        return "learner.zero_stage: 3 pads forwards with diffrl's causal-LM scoring layout; use 2 for DiffusionGemma"
     t_min, t_max = getattr(r.estimator, "t_min", 0.0), getattr(r.estimator, "t_max", 1.0)
     if t_min >= t_max:
         return f"estimator.t_min: {t_min} >= estimator.t_max {t_max}"

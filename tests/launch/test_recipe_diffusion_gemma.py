@@ -38,9 +38,12 @@ def test_canvas_trace_estimator_pairs_with_diffusion_gemma_only(recipe, override
         load_recipe(RECIPES + recipe, [override])
 
 
-def test_no_value_model_with_canvas_trace():
-    with pytest.raises(RecipeError, match="value_model"):
-        load_recipe(RECIPES + "tiny-tracerl-diffusion-gemma.yaml", ["algorithm.value_model.lr=1e-5"])
+@pytest.mark.parametrize("override,field", [("algorithm.value_model.lr=1e-5", "value_model"),
+                                            ("model.lora.r=8", "model.lora"),
+                                            ("learner.zero_stage=3", "zero_stage")])
+def test_refused_combinations(override, field):
+    with pytest.raises(RecipeError, match=field):
+        load_recipe(RECIPES + "tracerl-diffusion-gemma.yaml", [override])
 
 
 def test_preflight_and_load_need_no_mask_token(tmp_path):

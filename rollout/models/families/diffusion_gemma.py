@@ -128,7 +128,7 @@ class DiffusionGemmaPolicy:
     def denoise(self, canvas: torch.Tensor, self_conditioning: torch.Tensor | None, masks, cache,
                 position_ids: torch.Tensor) -> torch.Tensor:
         """Raw (soft-capped, float32) logits (B, C, V) of one denoising step on `canvas`, read-only on `cache`."""
-        out = self.model(decoder_input_ids=canvas, self_conditioning_logits=self_conditioning,
+        out = self.causal_lm(decoder_input_ids=canvas, self_conditioning_logits=self_conditioning,
                          decoder_attention_mask=masks, past_key_values=cache, decoder_position_ids=position_ids)
         return out.logits
 
