@@ -326,7 +326,7 @@ def _data_source(r: Recipe) -> str | None:
 
 def _trainer(r: Recipe) -> str | None:
     t = r.trainer
-    if t.off_policy == "behaviour" and r.estimator.name != "trajectory":
+    if t.off_policy == "behaviour" and r.estimator.name not in ("trajectory", "canvas_trace"):
         return (f"trainer.off_policy: 'behaviour' needs estimator 'trajectory' (the rollout records trajectory "
                 f"log-probs), not {r.estimator.name!r}")
     if t.mode == "async" and t.max_staleness < 1:

@@ -174,3 +174,15 @@ def test_self_conditioning_gradient_option_backpropagates_through_the_chain(tiny
         grads.append(own.grad.clone())
     # same value either way; the chain adds gradient through the previous step's logits
     assert not torch.allclose(grads[0], grads[1])
+
+
+def test_behaviour_logprobs_as_pi_old(tiny_dir):
+    """old_logp='rollout' (off-policy 'behaviour'): pi_old is the rollout's recorded log-probs; on policy the
+    ratio is 1 because the replay recomputes them."""
+    policy = load_policy(tiny_dir)
+    trajs = rollouts(policy, prompts=PROMPTS[:2])
+    samples = [ScoredSample(t, advantage=(1.0 if i else -1.0), reward=float(i)) for i, t in enumerate(trajs)]
+    learner = Learner(policy, LearnerConfig(algorithm="tracerl", estimator="canvas_trace", mu=1, micro_batch_size=2,
+                                            old_logp="rollout", optim=OptimConfig(lr=1e-3)))
+    m = learner.update(samples)
+    assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and m["clipfrac"] == 0.0
