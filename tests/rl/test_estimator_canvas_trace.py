@@ -77,7 +77,9 @@ def test_recomputes_rollout_logprobs_and_equals_naive_replay(tiny_dir):
     assert {t.canvas_trace.prompt_offset for t in trajs} == {0, 4, 6}  # padded batch: offsets must be honoured
     assert any(int(t.canvas_trace.actions().sum(1).max()) > 1 for t in trajs)  # several actions in one step
     with torch.no_grad():
-        est = get_estimator("canvas_trace")(policy, estimator_input(trajs))
+        est = get_estimator("canvas_trace")(policy, estimator_input(trajs), return_entropy=True)
+    acted = est.token_logp != 0
+    assert bool((est.entropy[acted] > 0).all()) and bool((est.entropy[~acted] == 0).all())
     for b, traj in enumerate(trajs):
         assert (est.token_logp[b, :traj.response_length] - traj.logprobs).abs().max() < 1e-5
         with torch.no_grad():
