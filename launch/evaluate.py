@@ -161,11 +161,11 @@ def policy_responder(policy, run: EvalRun, *, progress: bool = True) -> Responde
     decoding as `run.rollout` says, sample j of item `id` seeded by sample_seed(run.seed, id, j, "eval")."""
     from launch.decoding import sampling_params
     from rl.masking import sample_seed
-    from rollout.engine import TorchEngine
+    from rollout.engine import engine_for
     from rollout.sampling import GenerationRequest
 
     batch_size, seed = run.rollout.batch_size, run.seed
-    engine = TorchEngine(policy, kv_cache=run.cache, max_batch_size=batch_size)
+    engine = engine_for(policy, kv_cache=run.cache, max_batch_size=batch_size)
     tokenizer = policy.tokenizer
     use_chat = bool(getattr(tokenizer, "chat_template", None)) if run.chat_template is None else run.chat_template
 

@@ -128,6 +128,8 @@ def _check_tokenizer(path: Path, config: dict, sidecar: dict, trust_remote_code:
 
     try:
         tok = _load_tokenizer(path, trust_remote_code)
+        if str(config.get("model_type", "")) == "diffusion_gemma":
+            return  # no mask token: its canvas starts from random tokens (rollout/models/families/diffusion_gemma.py)
         find_mask_token_id(tok, config, sidecar, path)
     except ModelLoadError as err:
         raise PreflightError(str(err)) from None

@@ -64,9 +64,10 @@ class LoraSection(Section):
 
 class ModelSection(Section):
     path: str | None = Field(None, min_length=1)  # a local HF checkpoint directory (checked by check_paths)
-    tiny: Literal["qwen3-block", "sdar", "sdar-moe", "llada", "dream", "llada2"] | None = None  # a tiny random model built offline
+    tiny: Literal["qwen3-block", "sdar", "sdar-moe", "llada", "dream", "llada2", "diffusion-gemma"] | None = None  # built offline
     tiny_vocab: Literal["small", "qwen"] | None = None  # tiny models only; None -> "small"
-    kind: Literal["auto", "block", "sdar", "llada", "dream", "llada2"] = "auto"  # auto: from tiny, else from config.json
+    # auto: from tiny, else from config.json
+    kind: Literal["auto", "block", "sdar", "llada", "dream", "llada2", "diffusion_gemma"] = "auto"
     block_size: int | None = Field(None, ge=1)  # block-causal: training block; full attention: semi-AR block
     # Where blocks start (block-causal models; rollout/models/masks.py): None = the checkpoint's (diffrl.json), else
     # the kind's: "absolute" (from the sequence start) for sdar, as SDAR/TraDo were trained and decode; "response"

@@ -21,14 +21,14 @@ if TYPE_CHECKING:
 BLOCK_CAUSAL_KINDS = frozenset({"block", "sdar", "llada2"})  # TraDo/SDAR, Qwen converted to block diffusion
 FULL_ATTENTION_KINDS = frozenset({"llada", "dream"})
 TINY_KINDS = {"qwen3-block": "block", "sdar": "sdar", "sdar-moe": "sdar", "llada": "llada", "dream": "dream",
-              "llada2": "llada2"}
+              "llada2": "llada2", "diffusion-gemma": "diffusion_gemma"}
 
 # Estimators each algorithm can train with; the first is its default (filled in when the recipe omits it).
 ESTIMATORS_FOR: dict[str, tuple[str, ...]] = {
     "diffu_grpo": ("one_step", "coupled", "random_mask"),
-    "gdpo": ("sdmc", "mc_elbo", "block_elbo"),
+    "gdpo": ("sdmc", "mc_elbo", "block_elbo", "canvas_trace"),
     "cj_grpo": ("trajectory",),
-    "tracerl": ("trajectory",),
+    "tracerl": ("trajectory", "canvas_trace"),
     "coupled_grpo": ("coupled", "one_step", "random_mask"),
     "wd1": ("one_step", "coupled", "random_mask"),
     "spg": ("block_random", "block_elbo", "mc_elbo", "sdmc"),
@@ -219,6 +219,17 @@ def _estimator(r: Recipe) -> str | None:
         need = _ESTIMATOR_NEED.get(r.algorithm.name, "token-level log-probs")
         return (f"estimator.name: {r.algorithm.name} needs {need}: one of {', '.join(allowed)}, "
                 f"not {r.estimator.name!r}")
+    if (r.estimator.name == "canvas_trace") != (r.model.declared_kind == "diffusion_gemma") \
+            and r.model.declared_kind is not None:
+        return ("estimator.name: DiffusionGemma rollouts are scored by 'canvas_trace' (recorded canvases), and "
+                "'canvas_trace' scores DiffusionGemma rollouts only")
+    if r.estimator.name == "canvas_trace" and getattr(r.algorithm, "value_model", None) is not None:
+        return "algorithm.value_model: not available with the canvas_trace estimator (no per-action hidden states)"
+    if r.model.declared_kind == "diffusion_gemma" and r.model.lora is not None:
+        return ("model.lora: not available for DiffusionGemma (PEFT would give the tied encoder and decoder layers "
+                "separate adapters)")
+    if r.model.declared_kind == "diffusion_gemma" and r.learner.backend == "deepspeed" and r.learner.zero_stage == 3:
+        return "learner.zero_stage: 3 pads forwards with diffrl's causal-LM scoring layout; use 2 for DiffusionGemma"
     t_min, t_max = getattr(r.estimator, "t_min", 0.0), getattr(r.estimator, "t_max", 1.0)
     if t_min >= t_max:
         return f"estimator.t_min: {t_min} >= estimator.t_max {t_max}"
@@ -357,7 +368,7 @@ def _offline_data(r: Recipe) -> str | None:
 
 def _trainer(r: Recipe) -> str | None:
     t = r.trainer
-    if t.off_policy == "behaviour" and r.estimator.name != "trajectory":
+    if t.off_policy == "behaviour" and r.estimator.name not in ("trajectory", "canvas_trace"):
         return (f"trainer.off_policy: 'behaviour' needs estimator 'trajectory' (the rollout records trajectory "
                 f"log-probs), not {r.estimator.name!r}")
     if t.mode == "async" and t.max_staleness < 1:

@@ -339,6 +339,13 @@ class TrajectoryEstimator(_EstimatorSection):
     block_alignment: Literal["model", "absolute", "response"] = "model"
 
 
+class CanvasTraceEstimator(_EstimatorSection):
+    """DiffusionGemma: replay of the recorded canvases (rl/estimators/canvas_trace.py)."""
+
+    name: Literal["canvas_trace"] = "canvas_trace"
+    self_conditioning_grad: bool = False  # False: stop-gradient through the self-conditioning logits
+
+
 class RandomMaskEstimator(_EstimatorSection):
     name: Literal["random_mask"] = "random_mask"
     t_min: Fraction = 0.1  # mask ratio ~ U[0.1, 0.9] (dLLM-RL)
@@ -359,6 +366,7 @@ class RemaskedStepEstimator(_EstimatorSection):
 
 EstimatorSection = Annotated[
     OneStepEstimator | MCElboEstimator | SDMCEstimator | CoupledEstimator | BlockElboEstimator
-    | BlockRandomEstimator | TrajectoryEstimator | RandomMaskEstimator | ESPOEstimator | RemaskedStepEstimator,
+    | BlockRandomEstimator | TrajectoryEstimator | RandomMaskEstimator | ESPOEstimator | RemaskedStepEstimator
+    | CanvasTraceEstimator,
     Field(discriminator="name"),
 ]

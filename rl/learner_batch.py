@@ -106,7 +106,9 @@ def rollout_batch(samples: list[ScoredSample], *, need_advantage: bool = True,
         steps.append(traj.step_map.long())
         advs.append(adv)
         logps.append(traj.logprobs.float())
-    inp = EstimatorInput(prompts, responses, keys, valid, steps, block_sizes.pop())
+    traces = [t.canvas_trace for t in trajectories]
+    inp = EstimatorInput(prompts, responses, keys, valid, steps, block_sizes.pop(),
+                         traces if any(t is not None for t in traces) else None)
     reward_t = None if any(r is None for r in rewards) else torch.tensor(rewards, dtype=torch.float32)
     return RolloutBatch(inp, advs, reward_t, logps, keys)
 

@@ -56,6 +56,7 @@ SCHEMA = pa.schema([
     ("advantage", pa.float32()),
     ("reward_metrics", pa.string()),  # JSON object
     ("sampling", pa.string()),  # JSON object
+    ("canvas_trace", pa.binary()),  # rollout.canvas_trace.CanvasTrace.to_bytes() (DiffusionGemma), else null
 ])
 
 
@@ -95,6 +96,7 @@ def trajectory_row(step: int, sample: ScoredSample) -> dict[str, Any]:
         "advantage": None if advantage is None else float(advantage),
         "reward_metrics": _json(sample.reward_metrics),
         "sampling": _json(traj.sampling),
+        "canvas_trace": None if traj.canvas_trace is None else traj.canvas_trace.to_bytes(),
     }
 
 

@@ -174,7 +174,7 @@ class TorchEngine(RolloutEngine):
         policy = load_policy(path, kind=kind, block_size=block_size, block_alignment=block_alignment, dtype=dtype,
                              device=device, trust_remote_code=trust_remote_code,
                              attn_implementation=attn_implementation, attention_kernel=attention_kernel)
-        return cls(policy, **options)
+        return engine_for(policy, **options) if cls is TorchEngine else cls(policy, **options)
 
     # --------------------------------------------------------------------------------------------- generate
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Trajectory]:
@@ -262,6 +262,15 @@ class TorchEngine(RolloutEngine):
     def resident_weight_bytes(self) -> int:
         """Bytes the policy's weights hold on their device now (0 while asleep)."""
         return self._weights.resident_bytes()
+
+
+def engine_for(policy, **options) -> TorchEngine:
+    """The torch engine that decodes `policy`: TorchEngine, or a family's own (DiffusionGemma's sampler)."""
+    if policy.spec.kind == "diffusion_gemma":
+        from rollout.models.families.diffusion_gemma_engine import DiffusionGemmaEngine
+
+        return DiffusionGemmaEngine(policy, **options)
+    return TorchEngine(policy, **options)
 
 
 def make_engine(name: str, model_dir: str | Path, **options) -> RolloutEngine:

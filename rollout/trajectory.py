@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from rollout.canvas_trace import CanvasTrace
+
 # A response token that has not been decoded yet has no step; never stored in a finished trajectory.
 UNDECODED = -1
 
@@ -46,6 +48,8 @@ class Trajectory:
     sampling: dict[str, Any] = field(default_factory=dict)  # temperature, top_k, top_p, remasking, steps, seed...
     policy_version: int = 0
     request_id: str = ""  # what the driver scores it by is in rl.sample.ScoredSample, not here
+    # Re-noising canvas samplers (DiffusionGemma): every canvas each step read and what it accepted (canvas_trace.py)
+    canvas_trace: CanvasTrace | None = None
 
     @property
     def response_length(self) -> int:
@@ -88,3 +92,5 @@ class Trajectory:
             raise ValueError(f"trajectory.valid_length: {self.valid_length} outside [0, {n}]")
         if self.block_size < 1:
             raise ValueError(f"trajectory.block_size: {self.block_size} < 1")
+        if self.canvas_trace is not None:
+            self.canvas_trace.validate(n)

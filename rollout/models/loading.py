@@ -27,7 +27,8 @@ from rollout.models.spec import KINDS, DiffusionSpec, ModelLoadError, default_sp
 
 SIDECAR = "diffrl.json"
 MASK_TOKEN_NAMES = ("<|MASK|>", "<|mask|>", "<mask>", "[MASK]", "<|mdm_mask|>")
-_MODEL_TYPE_KIND = {"sdar": "sdar", "sdar_moe": "sdar", "llada": "llada", "dream": "dream", "llada2_moe": "llada2"}
+_MODEL_TYPE_KIND = {"sdar": "sdar", "sdar_moe": "sdar", "llada": "llada", "dream": "dream", "llada2_moe": "llada2",
+                    "diffusion_gemma": "diffusion_gemma"}
 _BLOCK_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 # Checkpoints whose own tokenizer is Qwen2Tokenizer: TraDo/SDAR, Dream, and Qwen2/Qwen3 run as block models.
 QWEN_FAMILY_KINDS = ("sdar", "dream")
@@ -191,6 +192,11 @@ def load_policy(
     sidecar = read_json(path / SIDECAR, SIDECAR) if (path / SIDECAR).exists() else {}
     _check_weights(path)
     kind = detect_kind(config, sidecar, kind, path)
+    if kind == "diffusion_gemma":  # encoder-decoder, no mask token: its own policy (rollout/models/families/)
+        from rollout.models.families.diffusion_gemma import load_diffusion_gemma
+
+        return load_diffusion_gemma(path, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                                    block_size=block_size)
     tokenizer = _load_tokenizer(path, trust_remote_code)
     fields = default_spec_fields(kind)
     if kind == "sdar" and config.get("block_size") is not None:  # SDAR/TraDo configs carry their block size

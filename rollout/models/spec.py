@@ -11,8 +11,9 @@ Attention = Literal["block_causal", "full"]
 # Model kinds diffrl knows how to drive. "block" is any HF causal LM (Qwen2/Qwen3/Llama) run as a block-diffusion
 # model; "sdar" is a TraDo/SDAR checkpoint (Qwen3 weights, model_type "sdar"); "llada" and "dream" are
 # full-attention masked diffusion models, Dream predicting token i from position i-1; "llada2" is inclusionAI's
-# LLaDA2.0/2.1 MoE block-diffusion model (its own modelling code: rollout/models/families/llada2.py).
-KINDS = ("block", "sdar", "llada", "dream", "llada2")
+# LLaDA2.0/2.1 MoE block-diffusion model (its own modelling code: rollout/models/families/llada2.py);
+# "diffusion_gemma" is transformers' DiffusionGemma (rollout/models/families/diffusion_gemma.py).
+KINDS = ("block", "sdar", "llada", "dream", "llada2", "diffusion_gemma")
 # Tokens unmasked per step, by family (rollout/decoding/schedules.py): LLaDA's even split, Dream's own schedule.
 STEP_SCHEDULES = {"block": "uniform", "sdar": "uniform", "llada": "uniform", "dream": "dream", "llada2": "uniform"}
 # What a sampled token's confidence is, by family: "model", its probability under the untempered, unfiltered
@@ -110,4 +111,6 @@ def default_spec_fields(kind: str) -> dict:
         return {"attention": "full", "logits_shift": False, "block_size": 32}
     if kind == "dream":
         return {"attention": "full", "logits_shift": True, "block_size": 32}
+    if kind == "diffusion_gemma":  # the released model's canvas (its config.json's canvas_length)
+        return {"attention": "full", "logits_shift": False, "block_size": 256}
     raise ModelLoadError(f"model.kind: unknown kind {kind!r} (expected one of {', '.join(KINDS)})")

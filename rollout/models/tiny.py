@@ -37,7 +37,7 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-TINY_KINDS = ("block", "qwen3-block", "sdar", "sdar-moe", "llada", "dream", "llada2")
+TINY_KINDS = ("block", "qwen3-block", "sdar", "sdar-moe", "llada", "dream", "llada2", "diffusion-gemma")
 
 
 def _byte_level_alphabet() -> dict[int, str]:
@@ -142,6 +142,12 @@ def make_tiny_policy(
 
         return make_tiny_llada2(out_dir, vocab="ling" if vocab == "qwen" else vocab, seed=seed,
                                 block_size=block_size, block_alignment=block_alignment)
+    if kind == "diffusion-gemma":  # encoder-decoder with its own config (rollout/models/families/diffusion_gemma.py)
+        from rollout.models.families.diffusion_gemma import make_tiny_diffusion_gemma
+
+        if vocab != "small" or block_size not in (None, 8):
+            raise ValueError("make_tiny_policy: the tiny DiffusionGemma has the small vocabulary and canvas 8")
+        return make_tiny_diffusion_gemma(out_dir, seed=seed)
     kind = "block" if kind == "qwen3-block" else kind
     moe = kind == "sdar-moe"
     _check_sizes(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,

@@ -62,10 +62,10 @@ BAD = {
     "group of one": (["rollout.samples_per_prompt=1"],
                      "rollout.samples_per_prompt: 1 < 2: tracerl's group-relative advantage needs a group"),
     "gdpo token-level": (["algorithm=gdpo", "estimator=one_step", "model.tiny=llada"],
-                         ("estimator.name: gdpo needs a sequence-level ELBO: one of sdmc, mc_elbo, block_elbo, "
+                         ("estimator.name: gdpo needs a sequence-level ELBO: one of sdmc, mc_elbo, block_elbo, canvas_trace, "
                          "not 'one_step'")),
     "tracerl without trajectory": (["estimator=sdmc"], ("estimator.name: tracerl needs the recorded decoding "
-                                                       "trajectory: one of trajectory, not 'sdmc'")),
+                                                       "trajectory: one of trajectory, canvas_trace, not 'sdmc'")),
     "two torch learners": (["learner.num_workers=2"],
                            "learner.num_workers: 2 learners need learner.backend: deepspeed (torch is one process)"),
     "dynamic threshold": (["rollout.remasking=low_confidence_dynamic", "rollout.threshold=1.5"],

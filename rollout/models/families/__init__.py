@@ -1,1 +1,2 @@
-"""Model families diffrl runs with its own modelling code (no native transformers class matches their weights)."""
+"""Model families with their own modules (imported lazily): those whose weights no native transformers class
+matches (LLaDA2), and those that do not fit DiffusionPolicy's causal-LM mould (DiffusionGemma)."""
