@@ -32,11 +32,12 @@ ESTIMATORS_FOR: dict[str, tuple[str, ...]] = {
     "wd1": ("one_step", "coupled", "random_mask"),
     "spg": ("block_random", "block_elbo", "mc_elbo", "sdmc"),
     "random_mask_grpo": ("random_mask", "one_step", "coupled"),
+    "justgrpo": ("ar_exact",),
 }
 # Why an algorithm is restricted to those estimators: said in the error.
 _ESTIMATOR_NEED = {
     "gdpo": "a sequence-level ELBO", "spg": "a sequence-level ELBO", "cj_grpo": "the recorded decoding trajectory",
-    "tracerl": "the recorded decoding trajectory",
+    "tracerl": "the recorded decoding trajectory", "justgrpo": "exact left-to-right log-probs",
 }
 
 def derived_defaults(r: Recipe) -> dict[str, Any]:
@@ -211,6 +212,14 @@ def _estimator(r: Recipe) -> str | None:
     return None
 
 
+def _ar_order(r: Recipe) -> str | None:
+    """The exact AR likelihood scores left-to-right rollouts only (and only they, one token a step)."""
+    if r.estimator.name == "ar_exact" and r.rollout.remasking != "left_to_right":
+        return (f"rollout.remasking: estimator ar_exact scores AR-order rollouts: use left_to_right, "
+                f"not {r.rollout.remasking!r}")
+    return None
+
+
 def _filter(r: Recipe) -> str | None:
     f = getattr(r.algorithm, "filter", None)
     if f is not None and f.accuracy_lo is not None and f.accuracy_hi is not None and f.accuracy_lo > f.accuracy_hi:
@@ -345,7 +354,8 @@ def _ray(r: Recipe) -> str | None:
 
 CHECKS: tuple[Check, ...] = (
     _model_source, _tiny_kind, _attention, _model_alignment, _model_block, _max_tokens_blocks, _steps, _threshold,
-    _full_attention_decoding, _group_size, _estimator, _filter, _length_limit, _value_model, _reference_model,
+    _full_attention_decoding, _group_size, _estimator, _ar_order, _filter, _length_limit, _value_model,
+    _reference_model,
     _backend, _offload, _device, _node_labels, _prompts_split, _data_source, _trainer, _behaviour_temperature, _ray,
 )
 

@@ -187,8 +187,20 @@ class RandomMaskGRPO(_ClippedPolicyGradient, published="random_mask_grpo"):
     loss_agg: LossAgg = "token_mean"
 
 
+class JustGRPO(_ClippedPolicyGradient, published="justgrpo"):
+    """Plain GRPO in AR order with exact log-probs (LeapLabTHU/JustGRPO): eps 0.2, no KL, every generated position
+    (EOS padding included) over gen_length x the samples with A != 0, A = (R - mean) / (unbiased std + 1e-4).
+    Needs rollout.remasking left_to_right (and stop_at_eos false, as its rollouts) and estimator ar_exact."""
+
+    name: Literal["justgrpo"] = "justgrpo"
+    advantage: Literal["zscore"] = "zscore"  # its own z-score (rl/algorithms/justgrpo.py)
+    token_set: Literal["through_eos", "response"] = "response"
+    loss_agg: Literal["seq_mean_token_mean", "token_mean"] = "seq_mean_token_mean"
+
+
 AlgorithmSection = Annotated[
-    DiffuGRPO | GDPO | CJGRPO | TraceRL | CoupledGRPO | WD1 | SPG | RandomMaskGRPO, Field(discriminator="name")
+    DiffuGRPO | GDPO | CJGRPO | TraceRL | CoupledGRPO | WD1 | SPG | RandomMaskGRPO | JustGRPO,
+    Field(discriminator="name")
 ]
 
 
@@ -279,8 +291,15 @@ class RandomMaskEstimator(_EstimatorSection):
         return {"t_min": self.t_min, "t_max": self.t_max, "num_samples": self.mc_num}
 
 
+class ArExactEstimator(_EstimatorSection):
+    """Exact left-to-right log-probs of AR-order rollouts (JustGRPO; rl/estimators/ar.py)."""
+
+    name: Literal["ar_exact"] = "ar_exact"
+    check_order: bool = True  # refuse a sample whose step map is not left to right
+
+
 EstimatorSection = Annotated[
     OneStepEstimator | MCElboEstimator | SDMCEstimator | CoupledEstimator | BlockElboEstimator
-    | BlockRandomEstimator | TrajectoryEstimator | RandomMaskEstimator,
+    | BlockRandomEstimator | TrajectoryEstimator | RandomMaskEstimator | ArExactEstimator,
     Field(discriminator="name"),
 ]

@@ -63,7 +63,7 @@ from rl.weight_sync import Chunk, SyncStats, layered_weights, stream_weights
 from rollout.models.layout import RowPacking, layout_length
 from rollout.models.policy import DiffusionPolicy
 
-DETERMINISTIC_ESTIMATORS = ("trajectory",)  # masks do not depend on (seed, inner_iter)
+DETERMINISTIC_ESTIMATORS = ("trajectory", "ar_exact")  # masks do not depend on (seed, inner_iter)
 STATE_FORMAT = 1
 
 
@@ -84,7 +84,7 @@ class Learner:
         deterministic = config.estimator in DETERMINISTIC_ESTIMATORS
         if config.old_logp not in ("recompute", "rollout"):
             raise ValueError(f"learner.old_logp: unknown source {config.old_logp!r} (recompute | rollout)")
-        if config.old_logp == "rollout" and config.estimator != "trajectory":
+        if config.old_logp == "rollout" and config.estimator not in DETERMINISTIC_ESTIMATORS:
             raise ValueError("learner.old_logp: 'rollout' needs the trajectory estimator, whose log-probs are the "
                              f"rollout's own quantities (got {config.estimator!r})")
         self.reseed = (not deterministic) if config.reseed_per_inner is None else config.reseed_per_inner
@@ -358,7 +358,7 @@ class Learner:
         """Mean / max |rollout logp - learner logp| over counted tokens, each sample once (inner iteration 0's
         shares), trajectory estimator: the old pass itself when that is the estimator, else extra passes."""
         want = self.config.log_mismatch
-        free = self.config.estimator == "trajectory"
+        free = self.config.estimator in DETERMINISTIC_ESTIMATORS  # their old pass scores the rollout tokens
         if want is False or (want is None and not free):
             return {}
         gaps, worst = [], 0.0
