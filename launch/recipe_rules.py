@@ -33,6 +33,7 @@ ESTIMATORS_FOR: dict[str, tuple[str, ...]] = {
     "spg": ("block_random", "block_elbo", "mc_elbo", "sdmc"),
     "random_mask_grpo": ("random_mask", "one_step", "coupled"),
     "justgrpo": ("ar_exact",),
+    "igpo": ("one_step", "random_mask", "coupled"),  # not the trajectory ones: a hint has no decoding step
 }
 # Why an algorithm is restricted to those estimators: said in the error.
 _ESTIMATOR_NEED = {
@@ -220,6 +221,20 @@ def _ar_order(r: Recipe) -> str | None:
     return None
 
 
+def _inpaint(r: Recipe) -> str | None:
+    ip = getattr(r.algorithm, "inpaint", None)
+    if ip is None:
+        return None
+    if ip.ratio_low > ip.ratio_high:
+        return f"algorithm.inpaint.ratio_low: {ip.ratio_low} > algorithm.inpaint.ratio_high {ip.ratio_high}"
+    if ip.min_chunk > ip.max_chunk:
+        return f"algorithm.inpaint.min_chunk: {ip.min_chunk} > algorithm.inpaint.max_chunk {ip.max_chunk}"
+    if ip.free_tail >= r.rollout.max_tokens:
+        return (f"algorithm.inpaint.free_tail: {ip.free_tail} >= rollout.max_tokens {r.rollout.max_tokens}: no "
+                "position could ever hold a hint")
+    return None
+
+
 def _filter(r: Recipe) -> str | None:
     f = getattr(r.algorithm, "filter", None)
     if f is not None and f.accuracy_lo is not None and f.accuracy_hi is not None and f.accuracy_lo > f.accuracy_hi:
@@ -354,7 +369,7 @@ def _ray(r: Recipe) -> str | None:
 
 CHECKS: tuple[Check, ...] = (
     _model_source, _tiny_kind, _attention, _model_alignment, _model_block, _max_tokens_blocks, _steps, _threshold,
-    _full_attention_decoding, _group_size, _estimator, _ar_order, _filter, _length_limit, _value_model,
+    _full_attention_decoding, _group_size, _estimator, _ar_order, _inpaint, _filter, _length_limit, _value_model,
     _reference_model,
     _backend, _offload, _device, _node_labels, _prompts_split, _data_source, _trainer, _behaviour_temperature, _ray,
 )

@@ -105,7 +105,9 @@ def rollout_batch(samples: list[ScoredSample], *, need_advantage: bool = True,
         steps.append(traj.step_map.long())
         advs.append(adv)
         logps.append(traj.logprobs.float())
-    inp = EstimatorInput(prompts, responses, keys, valid, steps, block_sizes.pop())
+    prefilled = [t.prefilled.bool() if t.prefilled is not None else None for t in trajectories]
+    inp = EstimatorInput(prompts, responses, keys, valid, steps, block_sizes.pop(),
+                         frozen=prefilled if any(p is not None for p in prefilled) else None)
     reward_t = None if any(r is None for r in rewards) else torch.tensor(rewards, dtype=torch.float32)
     return RolloutBatch(inp, advs, reward_t, logps, keys)
 

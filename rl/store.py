@@ -56,6 +56,7 @@ SCHEMA = pa.schema([
     ("advantage", pa.float32()),
     ("reward_metrics", pa.string()),  # JSON object
     ("sampling", pa.string()),  # JSON object
+    ("prefilled", pa.list_(pa.int32())),  # response positions pre-filled by the driver (IGPO); null: none
 ])
 
 
@@ -95,6 +96,7 @@ def trajectory_row(step: int, sample: ScoredSample) -> dict[str, Any]:
         "advantage": None if advantage is None else float(advantage),
         "reward_metrics": _json(sample.reward_metrics),
         "sampling": _json(traj.sampling),
+        "prefilled": None if traj.prefilled is None else _ints(traj.prefilled.nonzero().reshape(-1)),
     }
 
 

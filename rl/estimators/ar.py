@@ -44,6 +44,6 @@ def ar_exact_estimator(policy, inp: EstimatorInput, *, seed: int = 0, inner_iter
     if check_order:
         check_ar_order(inp)
     ar = EstimatorInput(inp.prompts, inp.responses, inp.sample_keys, inp.valid_lengths,
-                        [ar_step_map(inp.length(b)) for b in range(len(inp))], inp.block_size)
+                        [ar_step_map(inp.length(b)) for b in range(len(inp))], inp.block_size, inp.frozen)
     return trajectory_estimator(policy, ar, shrink=1, temperature=temperature, return_entropy=return_entropy,
                                 return_hidden=return_hidden, packing=packing)
