@@ -42,3 +42,17 @@ def test_justgrpo_three_steps(tmp_path):
         assert r["learner/clipfrac"] == 0.0
         # only samples with A != 0 are trained (JustGRPO's valid_samples)
         assert r["learner/samples"] == round(r["adv/frac_samples_kept"] * 16)
+
+
+def test_igpo_three_steps(tmp_path):
+    """A random-init model answers every arithmetic prompt wrong, so every group is inpainted (the hint: the row's
+    answer, tiny-igpo's reference_field) and regenerated each step."""
+    rows = train(tmp_path, "tiny-igpo.yaml")
+    for r in rows:
+        assert r["igpo/groups_triggered"] >= r["igpo/groups_inpainted"] > 0
+        assert 0.0 <= r["igpo/hinted_accuracy"] <= 1.0 and r["igpo/samples_replaced"] >= 0
+        assert r["time/igpo_s"] > 0
+    trained = [r for r in rows if r.get("learner/samples", 0) > 0]
+    assert trained, "no step reached the learner"
+    for r in trained:
+        assert r["learner/clipfrac"] >= 0.0 and math.isfinite(r["learner/loss"])

@@ -127,6 +127,7 @@ def naive_ar_with_hint(policy, prompt, prefill, length, seed, temperature):
     canvas = torch.where(prefill >= 0, prefill, torch.full_like(prefill, spec.mask_token_id))[:length]
     decoded = (prefill >= 0)[:length].clone()  # not `canvas != mask`: a random model may sample the mask id
     gen = torch.Generator().manual_seed(seed)
+    logps = torch.zeros(length)
     for t in range(length):
         if prefill[t] >= 0:
             continue
@@ -140,8 +141,9 @@ def naive_ar_with_hint(policy, prompt, prefill, length, seed, temperature):
         u = torch.rand(masked, 1, generator=gen)[0, 0].double()
         cdf = logp.double().exp().cumsum(-1)
         canvas[t] = int((cdf <= u * cdf[-1]).sum())
+        logps[t] = logp[canvas[t]]
         decoded[t] = True
-    return canvas
+    return canvas, logps
 
 
 @pytest.mark.parametrize("kind, cache", [("block", "block"), ("llada", "none"), ("dream", "none")])
@@ -150,8 +152,9 @@ def test_the_rest_of_the_canvas_decodes_as_usual(policies, kind, cache):
     requests = [r for r in requests_with_hints(remasking="left_to_right") if r.prefill is not None]
     trajectories = TorchEngine(policy, kv_cache=cache).generate(requests)
     for req, traj in zip(requests, trajectories, strict=True):
-        want = naive_ar_with_hint(policy, req.prompt_ids, req.prefill, 12, req.seed, 1.1)
+        want, logps = naive_ar_with_hint(policy, req.prompt_ids, req.prefill, 12, req.seed, 1.1)
         assert traj.response_ids.tolist() == want.tolist()
+        assert (traj.logprobs - logps).abs().max().item() <= 1e-5  # the hints were in the context
 
 
 def test_a_hint_past_the_eos_block_is_cut_with_the_response(policies):
