@@ -229,10 +229,7 @@ def _inpaint(r: Recipe) -> str | None:
         return f"algorithm.inpaint.ratio_low: {ip.ratio_low} > algorithm.inpaint.ratio_high {ip.ratio_high}"
     if ip.min_chunk > ip.max_chunk:
         return f"algorithm.inpaint.min_chunk: {ip.min_chunk} > algorithm.inpaint.max_chunk {ip.max_chunk}"
-    if ip.free_tail >= r.rollout.max_tokens:
-        return (f"algorithm.inpaint.free_tail: {ip.free_tail} >= rollout.max_tokens {r.rollout.max_tokens}: no "
-                "position could ever hold a hint")
-    return None
+    return None  # free_tail >= max_tokens is allowed: no hint then (IGPO regenerates the group unhinted)
 
 
 def _filter(r: Recipe) -> str | None:
