@@ -310,7 +310,8 @@ def test_rescue_swaps_correct_hinted_samples_into_all_wrong_groups(policies):
     prompts = [Prompt(k, (11 + k, 12, 13), f"q{k}", str(k), {"reference_trace": "abcdefgh"}) for k in range(3)]
     requests = [GenerationRequest(list(p.prompt_ids), sampling, seed=10 * k + j, request_id=f"p{k}-s{j}")
                 for k, p in enumerate(prompts) for j in range(n)]
-    samples = [ScoredSample(t, prompt_index=k // n, sample_index=k % n) for k, t in enumerate(engine.generate(requests))]
+    samples = [ScoredSample(t, prompt_index=k // n, sample_index=k % n)
+               for k, t in enumerate(engine.generate(requests))]
     for k, s in enumerate(samples):  # group 1 has a correct answer: left alone
         s.reward, s.reason = (1.0, "correct") if k == 4 else (0.0, "wrong")
     before = [s.trajectory for s in samples]
