@@ -372,7 +372,9 @@ class Learner:
                 est, _ = self._estimate(self.policy, inp, 0, estimator=get_estimator("trajectory"), params={})
                 counters["forwards_old"] += est.forwards
                 rows = [est.token_logp[r, :inp.length(r)] for r in range(len(micro))]
-            gap = logp_gaps(rows, [batch.rollout_logp[i] for i in micro], [batch.inp.valid_length(i) for i in micro])
+            frozen = None if batch.inp.frozen is None else [batch.inp.frozen[i] for i in micro]
+            gap = logp_gaps(rows, [batch.rollout_logp[i] for i in micro], [batch.inp.valid_length(i) for i in micro],
+                            frozen)
             gaps.append(gap)
             worst = max(worst, float(gap.max())) if gap.numel() else worst
         allgap = torch.cat(gaps) if gaps else torch.zeros(0, dtype=torch.float64)

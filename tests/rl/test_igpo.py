@@ -234,6 +234,14 @@ def naive_igpo_loss(logp, old, ref, adv, counted, eps=0.2, beta=0.01) -> float:
     return total / n
 
 
+def test_logp_mismatch_leaves_hints_out():
+    from rl.learner_batch import logp_gaps
+
+    gaps = logp_gaps([torch.tensor([-1.0, -2.0, -3.0])], [torch.tensor([-1.5, 0.0, -3.0])], [3],
+                     [torch.tensor([False, True, False])])
+    assert gaps.tolist() == [0.5, 0.0]
+
+
 def test_loss_equals_naive_d1_objective_without_hint_tokens():
     g = torch.Generator().manual_seed(2)
     b, length = 4, 10
