@@ -227,6 +227,9 @@ class IGPO(_ClippedPolicyGradient, published="igpo"):
     token_set: Literal["through_eos", "response"] = "response"
     loss_agg: LossAgg = "token_mean"
     inpaint: InpaintSection = InpaintSection()
+    # Share of each sample's hint tokens trained on after all, those of highest entropy under the old policy (the
+    # released code: 0.2); 0 (default, issue 15): hints are never trained on as the policy's choice.
+    hint_entropy_keep: Fraction = 0.0
 
 
 AlgorithmSection = Annotated[

@@ -141,3 +141,32 @@ def replacements(correct_hinted: list[bool], max_replacements: int,
         pick = torch.randperm(len(correct), generator=generator)[:max_replacements].tolist()
         correct = [correct[p] for p in pick]
     return list(enumerate(correct))
+
+
+def thaw_high_entropy(hints: torch.Tensor, entropy: torch.Tensor, keep: float) -> torch.Tensor:
+    """IGPO's entropy filter (trainer_igpo.py, entropy_clipping_ratio_inpaint): of one sample's hint positions
+    `hints` (L,) bool, the max(1, int(n * keep)) of highest `entropy` (L,) are trained on after all; returns the
+    hints still left out. keep 0: all of them."""
+    if keep <= 0 or not bool(hints.any()):
+        return hints
+    where = hints.nonzero().squeeze(1)
+    top = torch.topk(entropy[where].float(), max(1, int(where.numel() * keep))).indices
+    left = hints.clone()
+    left[where[top]] = False
+    return left
+
+
+def thaw_hints(whole, inp, micro: list[int], entropy: torch.Tensor, keep: float, thawed: set[str]) -> None:
+    """The learner's hook for `thaw_high_entropy`, at each sample's first old pass: `whole` the update's
+    EstimatorInput, `inp` the micro-batch's (rows = `micro`), `entropy` (rows, L) under the old policy; the hints
+    left out are written to both inputs (so every later pass and the loss normaliser see them); `thawed` holds the
+    sample keys already done."""
+    if inp.frozen is None:
+        return
+    for r, i in enumerate(micro):
+        hints, key = inp.frozen[r], whole.sample_keys[i]
+        if hints is None or key in thawed:
+            continue
+        left = thaw_high_entropy(hints.bool(), entropy[r, :hints.numel()].detach().cpu(), keep)
+        inp.frozen[r] = whole.frozen[i] = left
+        thawed.add(key)

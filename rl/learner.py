@@ -52,6 +52,7 @@ from rl.estimators import get_estimator
 from rl.estimators.base import EstimatorInput, token_mask_of
 from rl.learner_batch import (MetricLog, OldScores, RefScores, RolloutBatch, ValueScores, logp_gaps,
                               minibatch_normalizers, plan_update, rollout_batch, stack_rows)
+from rl.inpainting import thaw_hints
 from rl.masking import sample_seed
 from rl.learner_config import LearnerConfig, ValueConfig, check_packing  # noqa: F401 - re-exported: LearnerConfig
 from rl.optim import param_groups
@@ -79,6 +80,7 @@ class Learner:
         self.policy, self.config = policy, config
         self.loss_fn = LOSSES.get(config.algorithm)
         self.loss_config = make_loss_config(config.algorithm, **config.loss)
+        self._thaw_hints = self.loss_config.hint_entropy_keep > 0  # IGPO: entropy-filtered hints trained on
         self.estimator = get_estimator(config.estimator)
         self.lora = hasattr(policy.model, "disable_adapter")
         deterministic = config.estimator in DETERMINISTIC_ESTIMATORS
@@ -176,7 +178,7 @@ class Learner:
         packing = {} if self.config.pack_tokens is None else {"packing": RowPacking(self.config.pack_row_tokens)}
         with self._autocast():
             est = fn(policy, inp, seed=self._mask_seed, inner_iter=inner_iter, temperature=self.score_temperature,
-                     return_entropy=self.config.entropy, return_hidden=hidden, **packing,
+                     return_entropy=self.config.entropy or self._thaw_hints, return_hidden=hidden, **packing,
                      **(self.config.estimator_params if params is None else params))
         pad = torch.zeros((), device=self.device)
         if synced and self.backend.sync_forwards:
@@ -215,6 +217,7 @@ class Learner:
         if self.loss_config.token_set == "response":  # train every decoded token, EOS padding included
             batch.inp.valid_lengths = None
         self._mask_seed = sample_seed(cfg.seed, "masks", self.updates)
+        self._thawed: set[str] = set()  # samples whose hints the entropy filter has seen (IGPO)
         tokens = None if cfg.pack_tokens is None else [
             layout_length(self.policy.spec, batch.inp.prompts[i].numel(), batch.inp.length(i))
             for i in range(len(batch))]
@@ -315,6 +318,8 @@ class Learner:
                     counters["forwards_old"] += self._value_targets(batch, run, inp, est, keep=need)
                 if not need:
                     continue
+                if self._thaw_hints:  # IGPO's entropy filter, at each sample's first old pass
+                    thaw_hints(batch.inp, inp, micro, est.entropy, self.loss_config.hint_entropy_keep, self._thawed)
                 # Scored on the very micro-batches training uses; a sample already scored under this mask key
                 # (deterministic estimators, or a sample this rank saw before) keeps its first result.
                 counted = token_mask_of(inp, self.device)

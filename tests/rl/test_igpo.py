@@ -366,3 +366,35 @@ def test_store_round_trips_prefilled_positions(tmp_path, policies):
         want = None if s.trajectory.prefilled is None else s.trajectory.prefilled.nonzero().reshape(-1).tolist()
         assert row["prefilled"] == want
     assert any(r["prefilled"] for r in rows) and any(r["prefilled"] is None for r in rows)
+
+
+def test_entropy_filter_keeps_the_highest_entropy_hints():
+    from rl.inpainting import thaw_high_entropy
+
+    hints = torch.tensor([True, False, True, True, True, True, False, True, True, True, True, True])
+    entropy = torch.tensor([0.1, 9.0, 0.5, 3.0, 0.2, 2.0, 8.0, 0.3, 1.0, 4.0, 0.0, 0.4])
+    left = thaw_high_entropy(hints, entropy, 0.2)  # 10 hints: the int(10 * 0.2) = 2 of highest entropy (4.0, 3.0)
+    assert (hints & ~left).nonzero().squeeze(1).tolist() == [3, 9] and not bool((left & ~hints).any())
+    assert thaw_high_entropy(hints, entropy, 0.01).logical_xor(hints).sum() == 1  # at least one
+    assert torch.equal(thaw_high_entropy(hints, entropy, 0.0), hints)
+
+
+def test_learner_trains_the_entropy_filtered_share_of_hints(tiny_model_dirs):
+    """hint_entropy_keep 0.2 (IGPO's code): exactly max(1, int(0.2 n)) hint tokens of each hinted sample join the
+    counted tokens; 0 (default): none."""
+    from rollout.models.loading import load_policy
+
+    def tokens(keep):
+        policy = load_policy(tiny_model_dirs["llada"], block_size=4)
+        samples = hinted_samples(policy)
+        learner = Learner(policy, LearnerConfig(algorithm="igpo", estimator="one_step", mu=1, micro_batch_size=3,
+                                                estimator_params={"p_mask": 0}, loss={"hint_entropy_keep": keep},
+                                                optim=OptimConfig(lr=1e-4)))
+        m = learner.update(samples)
+        assert m["ratio_mean"] == 1.0 and m["clipfrac"] == 0.0
+        return m["num_tokens"], samples  # counted tokens of the one micro-batch (all 3 samples)
+
+    base, samples = tokens(0.0)
+    kept, _ = tokens(0.2)
+    hinted = [int(s.trajectory.prefilled.sum()) for s in samples if s.trajectory.prefilled is not None]
+    assert hinted and kept - base == pytest.approx(sum(max(1, int(0.2 * n)) for n in hinted if n))
