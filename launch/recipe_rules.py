@@ -229,6 +229,9 @@ def _inpaint(r: Recipe) -> str | None:
         return f"algorithm.inpaint.ratio_low: {ip.ratio_low} > algorithm.inpaint.ratio_high {ip.ratio_high}"
     if ip.min_chunk > ip.max_chunk:
         return f"algorithm.inpaint.min_chunk: {ip.min_chunk} > algorithm.inpaint.max_chunk {ip.max_chunk}"
+    if r.rollout.engine != "torch":
+        return (f"rollout.engine: IGPO pre-fills response positions, which only the torch engine does "
+                f"(not {r.rollout.engine!r})")
     return None  # free_tail >= max_tokens is allowed: no hint then (IGPO regenerates the group unhinted)
 
 

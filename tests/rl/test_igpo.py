@@ -11,6 +11,7 @@ group rescue and the reference-trace column.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -398,3 +399,15 @@ def test_learner_trains_the_entropy_filtered_share_of_hints(tiny_model_dirs):
     kept, _ = tokens(0.2)
     hinted = [int(s.trajectory.prefilled.sum()) for s in samples if s.trajectory.prefilled is not None]
     assert hinted and kept - base == pytest.approx(sum(max(1, int(0.2 * n)) for n in hinted if n))
+
+
+def test_recipe_rules_for_igpo():
+    from launch.recipe import load_recipe
+    from launch.recipe_io import RecipeError
+
+    base = Path(__file__).resolve().parents[2] / "recipes" / "tiny-igpo.yaml"
+    assert load_recipe(base).algorithm.inpaint.reference_field == "answer"
+    with pytest.raises(RecipeError, match="algorithm.inpaint.ratio_low: 0.7 > algorithm.inpaint.ratio_high 0.6"):
+        load_recipe(base, overrides=["algorithm.inpaint.ratio_low=0.7"])
+    with pytest.raises(RecipeError, match="estimator.name: igpo needs"):
+        load_recipe(base, overrides=["estimator.name=trajectory"])

@@ -182,3 +182,18 @@ def test_on_policy_first_step_ratio_one_clip_zero(tiny_model_dirs, kind):
     assert m["ratio_mean"] == 1.0 and m["ratio_max"] == 1.0 and m["ratio_min"] == 1.0 and m["clipfrac"] == 0.0
     assert m["logp_mismatch"] < 1e-5 and m["optimizer_steps"] == 1 and math.isfinite(m["grad_norm"])
     assert m["num_tokens"] > 0
+
+
+def test_recipe_rules_for_justgrpo():
+    from pathlib import Path
+
+    from launch.recipe import load_recipe
+    from launch.recipe_io import RecipeError
+
+    base = Path(__file__).resolve().parents[2] / "recipes" / "tiny-justgrpo.yaml"
+    r = load_recipe(base)
+    assert (r.rollout.remasking, r.rollout.stop_at_eos, r.estimator.name) == ("left_to_right", False, "ar_exact")
+    with pytest.raises(RecipeError, match="rollout.remasking: estimator ar_exact scores AR-order rollouts"):
+        load_recipe(base, overrides=["rollout.remasking=low_confidence_static"])
+    with pytest.raises(RecipeError, match="estimator.name: justgrpo needs exact left-to-right log-probs"):
+        load_recipe(base, overrides=["estimator.name=one_step"])
