@@ -98,9 +98,9 @@ def test_prefilled_positions_are_never_sampled_nor_remasked(policies, kind, cach
         if req.prefill is None:
             assert traj.prefilled is None
             continue
-        head = req.prompt_ids.numel() - (policy.spec.block_origin(req.prompt_ids.numel()) if policy.spec.is_block
-                                         else req.prompt_ids.numel())
-        want = req.prefill[:traj.response_length] if head == 0 else req.prefill[:traj.response_length]
+        # response position r is prefill[r] (SDAR: after the prompt's tail in block 0; what passes the canvas
+        # end, max_tokens - head, is dropped)
+        want = req.prefill[:traj.response_length]
         on = want >= 0
         assert torch.equal(traj.prefilled, on)
         assert torch.equal(traj.response_ids[on], want[on])
