@@ -169,10 +169,23 @@ class Driver:
         with _timed(timings, "reward"):
             metrics = score_samples(prompts, samples, n=n, tokenizer=self.ctx.tokenizer, rewards=self.rewards,
                                     data=r.data)
+        if r.algorithm.name == "igpo":  # 3b. IGPO: hints into the groups with no correct response, regenerated
+            with _timed(timings, "igpo"):
+                metrics.update(self._igpo(prompts, samples, requests))
         # 4. Group-relative advantages; filtered groups and failed generations are marked keep=False.
         metrics.update(assign_advantages(samples, n, r.algorithm, max_tokens=r.rollout.max_tokens))
         metrics.update(self.rollout.metrics())
         return Batch(version, self.sampler.position, prompts, samples, metrics)
+
+    def _igpo(self, prompts: list[Prompt], samples: list[ScoredSample], requests: list[GenerationRequest]) -> dict:
+        from launch.igpo import rescue_groups
+
+        r, tok = self.recipe, self.ctx.tokenizer
+        score = lambda hinted_prompts, hinted: score_samples(  # noqa: E731
+            hinted_prompts, hinted, n=1, tokenizer=tok, rewards=self.rewards, data=r.data)
+        return rescue_groups(prompts, samples, requests, n=r.rollout.samples_per_prompt,
+                             cfg=r.algorithm.inpaint.config(), field=r.algorithm.inpaint.reference_field,
+                             seed=r.seed, tokenizer=tok, generate=self.rollout.generate, score=score)
 
     def learn(self, step: int, batch: Batch, timings: dict[str, float], started: float) -> dict:
         """Steps 5-7: persist, update the learner, log, checkpoint, evaluate. `started`: when this step began (in

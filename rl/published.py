@@ -125,6 +125,23 @@ ALGORITHM_DEFAULTS: Mapping[str, AlgorithmDefaults] = MappingProxyType({
         loss={"clip_eps_low": 0.2, "clip_eps_high": 0.2, "beta": 0.0, "kl_reference": "ref", "kl_estimator": "k3",
               "loss_agg": "token_mean"},
         group=_MEAN_CENTERED, published=False),
+    # JustGRPO (LeapLabTHU/JustGRPO grpo.py, train.py): AR-order rollouts, exact log-probs; eps 0.2, no KL, every
+    # generated position (EOS padding included) / (gen_length * samples with A != 0); AdamW lr 5e-6, betas
+    # (0.9, 0.999), no weight decay, grad clip 1.0, one inner step; 16 samples (8 x repeat_times 2) at T = 1.
+    "justgrpo": AlgorithmDefaults(
+        loss={"clip_eps_low": 0.2, "clip_eps_high": 0.2, "beta": 0.0, "kl_reference": "ref", "kl_estimator": "k3",
+              "loss_agg": "seq_mean_token_mean", "token_set": "response"},
+        learner={"lr": 5e-6, "betas": (0.9, 0.999), "weight_decay": 0.0, "grad_clip": 1.0, "mu": 1},
+        rollout={"samples_per_prompt": 16, "temperature": 1.0},
+        group={"advantage": "zscore", "accuracy_lo": None, "accuracy_hi": None, "length_limit_margin": None}),
+    # IGPO (facebookresearch/igpo run_igpo.sh + train.yaml): d1's clipped token loss (eps 0.2 / 0.2, beta 0.01 k3
+    # to the reference) over every completion position but pre-filled hints, / their count; A = R - mean; AdamW lr
+    # 5e-7, betas (0.9, 0.99), weight decay 0.1, grad clip 0.2, mu 4; 8 samples at temperature 1.2.
+    "igpo": AlgorithmDefaults(
+        loss={"clip_eps_low": 0.2, "clip_eps_high": 0.2, "beta": 0.01, "kl_reference": "ref", "kl_estimator": "k3",
+              "loss_agg": "token_mean", "token_set": "response"},
+        learner={"lr": 5e-7, "betas": (0.9, 0.99), "weight_decay": 0.1, "grad_clip": 0.2, "mu": 4},
+        rollout={"samples_per_prompt": 8, "temperature": 1.2}, group=_MEAN_CENTERED),
 })
 
 # What a recipe's learner.* / rollout.* left at None becomes when the algorithm publishes no value for it.

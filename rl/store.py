@@ -57,6 +57,7 @@ SCHEMA = pa.schema([
     ("reward_metrics", pa.string()),  # JSON object
     ("sampling", pa.string()),  # JSON object
     ("canvas_trace", pa.binary()),  # rollout.canvas_trace.CanvasTrace.to_bytes() (DiffusionGemma), else null
+    ("prefilled", pa.list_(pa.int32())),  # response positions pre-filled by the driver (IGPO); null: none
 ])
 
 
@@ -97,6 +98,7 @@ def trajectory_row(step: int, sample: ScoredSample) -> dict[str, Any]:
         "reward_metrics": _json(sample.reward_metrics),
         "sampling": _json(traj.sampling),
         "canvas_trace": None if traj.canvas_trace is None else traj.canvas_trace.to_bytes(),
+        "prefilled": None if traj.prefilled is None else _ints(traj.prefilled.nonzero().reshape(-1)),
     }
 
 

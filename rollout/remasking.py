@@ -104,6 +104,21 @@ class Sequential(RemaskingPolicy):
         return masked & (masked.cumsum(dim=1) <= count[:, None])
 
 
+@register_remasking("left_to_right")
+class LeftToRight(RemaskingPolicy):
+    """AR order (JustGRPO): exactly one token per step, the leftmost masked position, whatever the step schedule,
+    so every token is sampled from the model's distribution at that position given the decoded prefix and the
+    masks after it (the rest of the canvas, within the model's attention)."""
+
+    fixed_count = False  # never the schedule's count: always one
+
+    def select(self, confidence, entropy, count, generator):
+        return torch.arange(min(1, confidence.numel()), device=confidence.device)
+
+    def select_batch(self, confidence, entropy, masked, count, generators, *, queries=None):
+        return masked & (masked.cumsum(dim=1) == 1)
+
+
 @register_remasking("low_confidence_static")
 class LowConfidenceStatic(RemaskingPolicy):
     """The `count` most confident positions (LLaDA's low_confidence remasking)."""

@@ -140,10 +140,16 @@ class GenerationRequest:
     sampling: SamplingParams = SamplingParams()
     seed: int | None = None  # None: a fresh seed from the OS, recorded in the trajectory
     request_id: str = ""
+    # Pre-filled response positions (IGPO's inpainting): (n,) token ids over the first n response positions, -1
+    # where the decoder samples. A pre-filled token is in the canvas from the start, never sampled nor remasked,
+    # and marked in Trajectory.prefilled. None: none (decoding is exactly what it was without the field).
+    prefill: torch.Tensor | list[int] | None = None
 
     def __post_init__(self) -> None:
         # Shape/content problems are reported per request by the decoder, never raised here.
         if not isinstance(self.prompt_ids, torch.Tensor):
             self.prompt_ids = torch.tensor(list(self.prompt_ids), dtype=torch.long)
+        if self.prefill is not None and not isinstance(self.prefill, torch.Tensor):
+            self.prefill = torch.tensor(list(self.prefill), dtype=torch.long)
         if isinstance(self.sampling, dict):
             self.sampling = SamplingParams.from_dict(self.sampling)

@@ -14,6 +14,9 @@ from rollout.canvas_trace import CanvasTrace
 
 # A response token that has not been decoded yet has no step; never stored in a finished trajectory.
 UNDECODED = -1
+# The step of a pre-filled token (GenerationRequest.prefill): in the canvas before step 0, so every recorded state
+# (state_before_step) shows it; its log-prob and confidence are 0 (never sampled).
+PREFILLED = -2
 
 
 def block_local_steps(step_map: torch.Tensor, block_size: int, head: int = 0) -> torch.Tensor:
@@ -50,6 +53,7 @@ class Trajectory:
     request_id: str = ""  # what the driver scores it by is in rl.sample.ScoredSample, not here
     # Re-noising canvas samplers (DiffusionGemma): every canvas each step read and what it accepted (canvas_trace.py)
     canvas_trace: CanvasTrace | None = None
+    prefilled: torch.Tensor | None = None  # (L,) bool: pre-filled positions (IGPO's inpainting); None: none
 
     @property
     def response_length(self) -> int:
@@ -86,7 +90,14 @@ class Trajectory:
             value = getattr(self, name)
             if value.shape != (n,):
                 raise ValueError(f"trajectory.{name}: shape {tuple(value.shape)} != response shape ({n},)")
-        if n and int(self.step_map.min()) < 0:
+        sampled = self.step_map
+        if self.prefilled is not None:
+            if self.prefilled.shape != (n,):
+                raise ValueError(f"trajectory.prefilled: shape {tuple(self.prefilled.shape)} != response shape ({n},)")
+            if bool((self.step_map[self.prefilled.bool()] != PREFILLED).any()):
+                raise ValueError(f"trajectory.step_map: a pre-filled position has a step other than {PREFILLED}")
+            sampled = self.step_map[~self.prefilled.bool()]
+        if sampled.numel() and int(sampled.min()) < 0:
             raise ValueError("trajectory.step_map: a response token was never unmasked")
         if not 0 <= self.valid_length <= n:
             raise ValueError(f"trajectory.valid_length: {self.valid_length} outside [0, {n}]")

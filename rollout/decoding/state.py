@@ -17,7 +17,7 @@ from rollout.decoding.schedules import block_schedule, dream_transfer_probabilit
 from rollout.models.spec import DiffusionSpec
 from rollout.remasking import BlockQueries, make_remasking
 from rollout.sampling import GenerationRequest, entropy, processed_logprobs, sample_tokens
-from rollout.trajectory import UNDECODED, Trajectory
+from rollout.trajectory import PREFILLED, UNDECODED, Trajectory
 
 
 def check_request(request: GenerationRequest, spec: DiffusionSpec, max_positions: int | None,
@@ -40,6 +40,20 @@ def check_request(request: GenerationRequest, spec: DiffusionSpec, max_positions
         return f"prompt token ids must lie in [0, {vocab_size})"
     if params.steps_per_block is not None and params.steps_per_block > spec.block_size:
         return f"steps_per_block {params.steps_per_block} > block size {spec.block_size}"
+    return _prefill_problem(request.prefill, params.max_tokens, spec, vocab_size)
+
+
+def _prefill_problem(prefill: torch.Tensor | None, max_tokens: int, spec: DiffusionSpec,
+                     vocab_size: int) -> str | None:
+    if prefill is None:
+        return None
+    if prefill.dim() != 1 or prefill.numel() > max_tokens:
+        return f"prefill must be 1-D with at most max_tokens {max_tokens} entries, got shape {tuple(prefill.shape)}"
+    filled = prefill[prefill >= 0]
+    if bool((prefill < -1).any()) or (filled.numel() and int(filled.max()) >= vocab_size):
+        return f"prefill token ids must lie in [0, {vocab_size}) (-1: sampled)"
+    if bool((filled == spec.mask_token_id).any()):
+        return f"prefill contains the mask token (id {spec.mask_token_id})"
     return None
 
 
@@ -92,11 +106,32 @@ class Row:
         # Still-masked positions of the current block, known on the host: every step reads back how many it
         # unmasked (its one host sync), so the next step can size its queries without asking the device.
         self.masked_left = spec.block_size - self.head
+        self.prefilled: torch.Tensor | None = None  # (max_tokens,) bool on the host, canvas positions
+        self._prefilled_per_block: list[int] = []
+        if request.prefill is not None:
+            self._prefill(request.prefill, device)
         self.block = 0
         self.step = 0  # global denoising step of this request
         self.step_in_block = 0
         self.nfe = 0
         self.finish_reason: str | None = None
+
+    def _prefill(self, prefill: torch.Tensor, device: torch.device) -> None:
+        """Write the pre-filled tokens into the canvas (response position r is canvas position head + r; entries
+        past the canvas are ignored): decoded from the start, so no step ever samples or remasks them."""
+        length = self.params.max_tokens
+        fill = prefill.detach().to("cpu", torch.long)[:length - self.head]
+        where = torch.zeros(length, dtype=torch.bool)
+        where[self.head:self.head + fill.numel()] = fill >= 0
+        positions = where.nonzero().squeeze(1)
+        values = fill[positions - self.head]
+        positions, values = positions.to(device), values.to(device)
+        self.tokens[positions] = values
+        self.decoded[positions] = True
+        self.step_map[positions] = PREFILLED
+        self.prefilled = where
+        self._prefilled_per_block = where.view(-1, self.spec.block_size).sum(dim=1).tolist()
+        self.masked_left -= self._prefilled_per_block[0]
 
     # ------------------------------------------------------------------------------------------ geometry
     @property
@@ -140,6 +175,8 @@ class Row:
         self.block += 1
         self.step_in_block = 0
         self.masked_left = self.spec.block_size
+        if self._prefilled_per_block:
+            self.masked_left -= self._prefilled_per_block[self.block]
 
     def finish_if_done(self, has_eos: bool | None = None) -> bool:
         """After a completed block: stop on EOS (when asked) or when the budget is spent; else move on.
@@ -161,8 +198,10 @@ class Row:
         field = (lambda name: shared.host(name)[self.slot, :self.params.max_tokens]) if shared is not None else (
             lambda name: getattr(self, name).cpu())
         decoded = field("decoded")
-        length = int(decoded.sum())
-        if not bool(decoded[:length].all()):
+        # Pre-filled tokens of blocks never reached (a stop at EOS) are not part of the response.
+        length = int(decoded.sum()) if self.prefilled is None else self.block_end
+        if not bool(decoded[:length].all()) or (self.prefilled is not None and int(decoded.sum()) != length + int(
+                self.prefilled[length:].sum())):
             raise RuntimeError(f"request {self.request.request_id!r}: decoded positions are not a prefix")
         # Copies, not views: the canvas may be a row of a batch-wide buffer (SharedState), which a trajectory must
         # not keep alive or ship along when it is pickled.
@@ -180,6 +219,7 @@ class Row:
             sampling={**self.params.to_dict(), "seed": self.seed, "decoder": decoder,
                       "block_alignment": self.spec.block_alignment},
             policy_version=version, request_id=self.request.request_id,
+            prefilled=None if self.prefilled is None else self.prefilled[self.head:length].clone(),
         )
 
 
