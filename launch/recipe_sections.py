@@ -187,8 +187,18 @@ class RandomMaskGRPO(_ClippedPolicyGradient, published="random_mask_grpo"):
     loss_agg: LossAgg = "token_mean"
 
 
+class AGRPO(_ClippedPolicyGradient, published="agrpo"):
+    """AGRPO: token-level clip on individual denoising steps drawn with importance weights (estimator
+    sampled_steps), every token of a drawn step counted, summed per sequence. eps 0.2, beta 0 (probablyabot/agrpo)."""
+
+    name: Literal["agrpo"] = "agrpo"
+    token_set: Literal["through_eos", "response"] = "response"
+    loss_agg: LossAgg = "seq_mean_token_sum"
+
+
 AlgorithmSection = Annotated[
-    DiffuGRPO | GDPO | CJGRPO | TraceRL | CoupledGRPO | WD1 | SPG | RandomMaskGRPO, Field(discriminator="name")
+    DiffuGRPO | GDPO | CJGRPO | TraceRL | CoupledGRPO | WD1 | SPG | RandomMaskGRPO | AGRPO,
+    Field(discriminator="name")
 ]
 
 
@@ -279,8 +289,21 @@ class RandomMaskEstimator(_EstimatorSection):
         return {"t_min": self.t_min, "t_max": self.t_max, "num_samples": self.mc_num}
 
 
+class SampledStepsEstimator(_EstimatorSection):
+    """AGRPO's timestep estimator: mc_num denoising steps of the recorded trajectory drawn per sample, importance
+    weighted so the estimate of the per-step objective is unbiased (rl/estimators/sampled_steps.py)."""
+
+    name: Literal["sampled_steps"] = "sampled_steps"
+    mc_num: int = Field(24, ge=1)  # AGRPO train.yaml mc_samples
+    low_discrepancy: bool = True  # stratified uniforms (per sample; AGRPO stratifies over the batch)
+    objective: Literal["mean", "sum"] = "mean"  # mean over steps (AGRPO) or their sum
+
+    def params(self) -> dict[str, Any]:
+        return {"num_samples": self.mc_num, "low_discrepancy": self.low_discrepancy, "objective": self.objective}
+
+
 EstimatorSection = Annotated[
     OneStepEstimator | MCElboEstimator | SDMCEstimator | CoupledEstimator | BlockElboEstimator
-    | BlockRandomEstimator | TrajectoryEstimator | RandomMaskEstimator,
+    | BlockRandomEstimator | TrajectoryEstimator | RandomMaskEstimator | SampledStepsEstimator,
     Field(discriminator="name"),
 ]

@@ -402,7 +402,8 @@ class Learner:
         pe = PolicyEstimates(logp=est.token_logp, old_logp=stack_rows([o.token_logp for o in old], width, dev),
                              entropy=est.entropy, observed_mask=est.token_mask, seq_logp=est.seq_logp,
                              seq_old_logp=torch.stack([o.seq_logp for o in old]).to(dev),
-                             mc_logp=est.extra.get("mc_logp"), mc_weights=est.extra.get("mc_weights"))
+                             mc_logp=est.extra.get("mc_logp"), mc_weights=est.extra.get("mc_weights"),
+                             token_weight=est.extra.get("token_weight"))
         if self.need_ref:
             ref = [self._ref[(key, i)] for i in micro]
             pe.ref_logp = stack_rows([r.token_logp for r in ref], width, dev)

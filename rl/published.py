@@ -88,6 +88,14 @@ ALGORITHM_DEFAULTS: Mapping[str, AlgorithmDefaults] = MappingProxyType({
         # spg/slurm_scripts/train.yaml (d1's optimiser) and spg_mix/*.sbatch (NUM_ITER 4, 6 generations).
         learner={"lr": 3e-6, "betas": (0.9, 0.99), "weight_decay": 0.1, "grad_clip": 0.2, "mu": 4},
         rollout={"samples_per_prompt": 6, "temperature": 0.9}, group=_MEAN_CENTERED),
+    # AGRPO (probablyabot/agrpo train.yaml @98f1182): eps 0.2, beta 0, every token of a drawn step (EOS included),
+    # summed and averaged over sequences; log-probs at the sampling temperature; R - mean advantages (no std);
+    # lr 5e-6, betas (0.9, 0.99), wd 0.01, clip 1.0, one inner iteration; 8 samples at temperature 0.6.
+    "agrpo": AlgorithmDefaults(
+        loss={"clip_eps_low": 0.2, "clip_eps_high": 0.2, "beta": 0.0, "kl_reference": "ref", "kl_estimator": "k3",
+              "loss_agg": "seq_mean_token_sum", "token_set": "response", "logp_temperature": "rollout"},
+        learner={"lr": 5e-6, "betas": (0.9, 0.99), "weight_decay": 0.01, "grad_clip": 1.0, "mu": 1},
+        rollout={"samples_per_prompt": 8, "temperature": 0.6}, group=_MEAN_CENTERED),
     # UniGRPO-style random masking: no published loss figures; PPO's eps 0.2 and no KL (so no reference model).
     "random_mask_grpo": AlgorithmDefaults(
         loss={"clip_eps_low": 0.2, "clip_eps_high": 0.2, "beta": 0.0, "kl_reference": "ref", "kl_estimator": "k3",

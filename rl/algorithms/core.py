@@ -70,6 +70,7 @@ class PolicyEstimates:
     seq_ref_logp: torch.Tensor | None = None  # (B,)
     mc_logp: torch.Tensor | None = None  # (B, K, L) token log-probs in each of K masked forwards (SPG)
     mc_weights: torch.Tensor | None = None  # (B, K, L) MaskDraw.token_weights of those forwards (0 = not counted)
+    token_weight: torch.Tensor | None = None  # (B, L) per-token estimator weight (AGRPO's sampled steps)
 
 
 @dataclass
