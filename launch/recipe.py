@@ -105,7 +105,8 @@ class RolloutSection(Section):
     steps_per_block: int | None = Field(None, ge=1)  # None (and no steps): one token per step
     steps: int | None = Field(None, ge=1)  # total denoising steps, split evenly over blocks (LLaDA/Dream style)
     remasking: Literal["sequential", "low_confidence_static", "low_confidence_dynamic", "entropy_bounded",
-                       "random", "topk_margin", "entropy", "origin"] = "low_confidence_static"  # last 3: Dream's
+                       "random", "topk_margin", "entropy", "origin", "rcr"] = "low_confidence_static"
+    # topk_margin, entropy, origin: Dream's; rcr: MDPO's running-confidence remasking
     threshold: float | None = None  # dynamic: confidence in (0, 1] (None -> 0.9); entropy_bounded: entropy bound
     min_tokens_per_step: int = Field(1, ge=1)
     temperature: float | None = Field(None, ge=0)  # None -> the algorithm's published value, else 1.0

@@ -35,6 +35,9 @@ class SamplingParams:
     schedule: str | None = None
     eoser_gamma_min: float | None = None  # EOSER: scale EOS confidence by gamma(s) starting at this; None = off
     stop_at_eos: bool = True  # block decoding stops after the block that holds an EOS
+    # Record, per denoising step, the canvas before it, the step's sampled tokens at every masked position of the
+    # block and their probabilities (Trajectory.step_states / step_predictions / step_confidence; MDPO).
+    record_steps: bool = False
 
     def __post_init__(self) -> None:
         problems = []

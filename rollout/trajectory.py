@@ -46,6 +46,13 @@ class Trajectory:
     sampling: dict[str, Any] = field(default_factory=dict)  # temperature, top_k, top_p, remasking, steps, seed...
     policy_version: int = 0
     request_id: str = ""  # what the driver scores it by is in rl.sample.ScoredSample, not here
+    # Per denoising step s (sampling["record_steps"]; None otherwise), each (S, L): the response canvas just before
+    # step s (mask id where masked), the canvas with step s's sampled token at every masked position of its block
+    # (MDPO's intermediate answer), and those tokens' sampling probabilities (0 elsewhere). Needed where the step
+    # map cannot replay the decoding (a remasking policy that masks decoded tokens again, e.g. RCR).
+    step_states: torch.Tensor | None = None
+    step_predictions: torch.Tensor | None = None
+    step_confidence: torch.Tensor | None = None
 
     @property
     def response_length(self) -> int:
@@ -88,3 +95,11 @@ class Trajectory:
             raise ValueError(f"trajectory.valid_length: {self.valid_length} outside [0, {n}]")
         if self.block_size < 1:
             raise ValueError(f"trajectory.block_size: {self.block_size} < 1")
+        records = [self.step_states, self.step_predictions, self.step_confidence]
+        if any(r is not None for r in records):
+            if any(r is None for r in records):
+                raise ValueError("trajectory.step_states: step_states, step_predictions and step_confidence go "
+                                 "together")
+            for name, value in zip(("step_states", "step_predictions", "step_confidence"), records):
+                if value.dim() != 2 or value.shape[1] != n or value.shape[0] != records[0].shape[0]:
+                    raise ValueError(f"trajectory.{name}: shape {tuple(value.shape)} is not (steps, {n})")

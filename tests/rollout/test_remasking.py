@@ -20,7 +20,7 @@ def _select(name, count=2, entropy=None, seed=0, **params):
 
 def test_registry_names():
     assert set(REMASKING) == {"sequential", "low_confidence_static", "low_confidence_dynamic", "entropy_bounded",
-                              "random", "topk_margin", "entropy", "origin"}
+                              "random", "topk_margin", "entropy", "origin", "rcr"}
 
 
 def test_sequential_and_static_take_exactly_the_count():
