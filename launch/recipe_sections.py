@@ -196,8 +196,22 @@ class AGRPO(_ClippedPolicyGradient, published="agrpo"):
     loss_agg: LossAgg = "seq_mean_token_sum"
 
 
+class MDPO(_ClippedPolicyGradient, published="mdpo"):
+    """MDPO: the clipped token loss on intermediate denoising states, per-step rewards of each step's decoded
+    prediction turned into per-step advantages (rl/step_samples.py); each rollout trains on its `train_steps` steps
+    of largest |advantage|. eps 0.2, beta 0 (k2 when on) (autonomousvision/mdpo)."""
+
+    name: Literal["mdpo"] = "mdpo"
+    token_set: Literal["response"] = "response"
+    loss_agg: Literal["seq_mean_token_mean"] = "seq_mean_token_mean"
+    train_steps: int = Field(16, ge=1)  # the reference's sample_train_steps
+
+    def loss_params(self) -> dict[str, Any]:
+        return self.model_dump(exclude=_NOT_LOSS | {"train_steps"})
+
+
 AlgorithmSection = Annotated[
-    DiffuGRPO | GDPO | CJGRPO | TraceRL | CoupledGRPO | WD1 | SPG | RandomMaskGRPO | AGRPO,
+    DiffuGRPO | GDPO | CJGRPO | TraceRL | CoupledGRPO | WD1 | SPG | RandomMaskGRPO | AGRPO | MDPO,
     Field(discriminator="name")
 ]
 
@@ -302,8 +316,15 @@ class SampledStepsEstimator(_EstimatorSection):
         return {"num_samples": self.mc_num, "low_discrepancy": self.low_discrepancy, "objective": self.objective}
 
 
+class IntermediateStateEstimator(_EstimatorSection):
+    """MDPO: log-probs of each trained step's prediction given the recorded state before the step."""
+
+    name: Literal["intermediate_state"] = "intermediate_state"
+
+
 EstimatorSection = Annotated[
     OneStepEstimator | MCElboEstimator | SDMCEstimator | CoupledEstimator | BlockElboEstimator
-    | BlockRandomEstimator | TrajectoryEstimator | RandomMaskEstimator | SampledStepsEstimator,
+    | BlockRandomEstimator | TrajectoryEstimator | RandomMaskEstimator | SampledStepsEstimator
+    | IntermediateStateEstimator,
     Field(discriminator="name"),
 ]

@@ -96,6 +96,14 @@ ALGORITHM_DEFAULTS: Mapping[str, AlgorithmDefaults] = MappingProxyType({
               "loss_agg": "seq_mean_token_sum", "token_set": "response", "logp_temperature": "rollout"},
         learner={"lr": 5e-6, "betas": (0.9, 0.99), "weight_decay": 0.01, "grad_clip": 1.0, "mu": 1},
         rollout={"samples_per_prompt": 8, "temperature": 0.6}, group=_MEAN_CENTERED),
+    # MDPO (autonomousvision/mdpo recipes/LLaDA-Instruct/mdpo/config_demo.yaml @e6ae439): eps 0.2 (TRL's default),
+    # beta 0 (k2 when on), intermediate states' masked tokens averaged per (sample, step), log-probs at the sampling
+    # temperature; lr 1e-5 constant, one inner iteration, G 4, temperature 0.1; 16 trained steps per sample.
+    "mdpo": AlgorithmDefaults(
+        loss={"clip_eps_low": 0.2, "clip_eps_high": 0.2, "beta": 0.0, "kl_reference": "ref", "kl_estimator": "k2",
+              "loss_agg": "seq_mean_token_mean", "token_set": "response", "logp_temperature": "rollout"},
+        learner={"lr": 1e-5, "mu": 1}, rollout={"samples_per_prompt": 4, "temperature": 0.1},
+        group={**_MEAN_CENTERED, "train_steps": 16}),
     # UniGRPO-style random masking: no published loss figures; PPO's eps 0.2 and no KL (so no reference model).
     "random_mask_grpo": AlgorithmDefaults(
         loss={"clip_eps_low": 0.2, "clip_eps_high": 0.2, "beta": 0.0, "kl_reference": "ref", "kl_estimator": "k3",

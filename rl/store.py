@@ -56,6 +56,11 @@ SCHEMA = pa.schema([
     ("advantage", pa.float32()),
     ("reward_metrics", pa.string()),  # JSON object
     ("sampling", pa.string()),  # JSON object
+    # Per denoising step, when the rollout recorded them (Trajectory.step_*; MDPO): (S, L) each, else null.
+    ("step_states", pa.list_(pa.list_(pa.int32()))),
+    ("step_predictions", pa.list_(pa.list_(pa.int32()))),
+    ("step_confidence", pa.list_(pa.list_(pa.float32()))),
+    ("step_rewards", pa.list_(pa.float64())),  # ScoredSample.step_rewards
 ])
 
 
@@ -95,7 +100,16 @@ def trajectory_row(step: int, sample: ScoredSample) -> dict[str, Any]:
         "advantage": None if advantage is None else float(advantage),
         "reward_metrics": _json(sample.reward_metrics),
         "sampling": _json(traj.sampling),
+        "step_states": _rows(traj.step_states),
+        "step_predictions": _rows(traj.step_predictions),
+        "step_confidence": _rows(traj.step_confidence),
+        "step_rewards": None if sample.step_rewards is None else [float(x) for x in sample.step_rewards.tolist()],
     }
+
+
+def _rows(t: torch.Tensor | None) -> list[list] | None:
+    """A 2-D tensor as nested lists (null when absent)."""
+    return None if t is None else t.tolist()
 
 
 class TrajectoryStore:

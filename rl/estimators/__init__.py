@@ -3,7 +3,7 @@
 
 def get_estimator(name: str):
     """The registered estimator `name` (importing the modules registers them; they load no model)."""
-    from rl.estimators import elbo, sampled_steps, trajectory  # noqa: F401  (registration side effect)
+    from rl.estimators import elbo, intermediate, sampled_steps, trajectory  # noqa: F401  (registration side effect)
     from rl.estimators.base import ESTIMATORS
 
     return ESTIMATORS.get(name)

@@ -174,13 +174,16 @@ class Row:
         reason = self.finish_reason or "length"
         if reason == "length" and eos.numel():
             reason = "eos"
-        records = self.step_arrays(field("tokens"), length) if self.params.record_steps else {}
+        records = {}
+        if self.params.record_steps:  # the mask id comes along: readers of the states need it
+            records = self.step_arrays(field("tokens"), length)
         return Trajectory(
             prompt_ids=self.request.prompt_ids.to("cpu", torch.long).reshape(-1), response_ids=response,
             step_map=own("step_map"), logprobs=own("logprobs"), confidence=own("confidence"),
             valid_length=valid, nfe=self.nfe, finish_reason=reason, block_size=self.spec.block_size,
             sampling={**self.params.to_dict(), "seed": self.seed, "decoder": decoder,
-                      "block_alignment": self.spec.block_alignment},
+                      "block_alignment": self.spec.block_alignment,
+                      **({"mask_token_id": self.spec.mask_token_id} if self.params.record_steps else {})},
             policy_version=version, request_id=self.request.request_id, **records,
         )
 

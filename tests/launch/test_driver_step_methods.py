@@ -18,7 +18,7 @@ OVERRIDES = ["trainer.total_steps=3", "data.task_kwargs.num_train=8", "reward.1.
              r"reward.1.kwargs.pattern=\d", "-q"]
 
 
-@pytest.mark.parametrize("recipe", ["tiny-agrpo"])
+@pytest.mark.parametrize("recipe", ["tiny-agrpo", "tiny-mdpo"])
 def test_three_steps_with_finite_metrics(tmp_path, recipe):
     run = tmp_path / recipe
     done = cli.run_cli("train", str(cli.REPO / "recipes" / f"{recipe}.yaml"), f"output_dir={run}", *OVERRIDES,
@@ -30,3 +30,6 @@ def test_three_steps_with_finite_metrics(tmp_path, recipe):
         for key in ("learner/loss", "learner/grad_norm", "learner/ratio_mean"):
             assert key in row and math.isfinite(row[key]), (key, row.get(key))
         assert row["learner/optimizer_steps"] >= 1
+        if recipe == "tiny-mdpo":  # one learner sample per trained step (train_steps 4), a reward per step
+            assert row["learner/num_samples"] == 4 * row["learner/samples"] > 0
+            assert row["reward/step_calls"] >= 8 * row["learner/samples"]
