@@ -34,6 +34,7 @@ from launch.decoding import decode_block, sampling_params
 from launch.driver_roles import RolloutPool, make_learner, make_reward_service
 from launch.driver_scoring import assign_advantages, response_item, score_samples
 from launch.driver_steps import assign_step_advantages, learner_samples, score_steps, with_step_records
+from launch.driver_tree import with_tree_branches
 from launch.driver_setup import (RunContext, create_placement_group, host, placement_plan, prepare_run,
                                  write_run_status)
 from launch.local_ray import ray_session
@@ -157,6 +158,7 @@ class Driver:
                                       seed=sample_seed(r.seed, f"{start + k}:{j}", stream="rollout"),
                                       request_id=f"d{start + k}-p{p.index}-s{j}")
                     for k, p in enumerate(prompts) for j in range(n)]
+        requests = with_tree_branches(requests, r.algorithm, n, self.sampling, decode_block(r))  # d-TreeRPO
         with _timed(timings, "rollout"):
             trajectories = self.rollout.generate(requests)
         samples = [ScoredSample(t, prompt_index=prompts[i // n].index, sample_index=i % n)

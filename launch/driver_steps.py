@@ -14,6 +14,7 @@ from dataclasses import replace
 import torch
 
 from launch.driver_scoring import response_item
+from launch.driver_tree import is_tree_method, tree_samples
 from rl.sample import ScoredSample
 from rl.step_samples import intermediate_sample, mdpo_step_advantages, padded_step_rewards, select_steps
 from rollout.sampling import SamplingParams
@@ -84,7 +85,10 @@ def assign_step_advantages(samples: list[ScoredSample], n: int, algorithm) -> di
 
 
 def learner_samples(kept: list[ScoredSample], algorithm) -> list[ScoredSample]:
-    """What the learner trains on: the kept samples, or (step methods) one sample per trained step of each."""
+    """What the learner trains on: the kept samples, or (step methods) one sample per trained step of each, or
+    (tree methods) one sample per edge of each prompt's tree (launch/driver_tree.py)."""
+    if is_tree_method(algorithm):
+        return tree_samples(kept, algorithm)
     if not trains_on_steps(algorithm):
         return kept
     out = []

@@ -34,12 +34,13 @@ ESTIMATORS_FOR: dict[str, tuple[str, ...]] = {
     "random_mask_grpo": ("random_mask", "one_step", "coupled"),
     "agrpo": ("sampled_steps",),
     "mdpo": ("intermediate_state",),
+    "dtreerpo": ("intermediate_state",),
 }
 # Why an algorithm is restricted to those estimators: said in the error.
 _ESTIMATOR_NEED = {
     "gdpo": "a sequence-level ELBO", "spg": "a sequence-level ELBO", "cj_grpo": "the recorded decoding trajectory",
     "tracerl": "the recorded decoding trajectory", "agrpo": "steps drawn from the recorded decoding trajectory",
-    "mdpo": "the recorded intermediate states",
+    "mdpo": "the recorded intermediate states", "dtreerpo": "the tree's intermediate states",
 }
 
 def derived_defaults(r: Recipe) -> dict[str, Any]:

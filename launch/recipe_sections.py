@@ -210,8 +210,26 @@ class MDPO(_ClippedPolicyGradient, published="mdpo"):
         return self.model_dump(exclude=_NOT_LOSS | {"train_steps"})
 
 
+class DTreeRPO(_ClippedPolicyGradient, published="dtreerpo"):
+    """d-TreeRPO: tree rollouts (num_tree_samples root children, tree_branch_factor branches per inner node,
+    tree_contraction_factor levels), node values averaged bottom-up from leaf rewards, each edge trained with its
+    child's value minus its siblings' mean. eps 0.4, beta 0.01 (THU-BPM/d-TreeRPO). rollout.samples_per_prompt must
+    be the number of leaves."""
+
+    name: Literal["dtreerpo"] = "dtreerpo"
+    token_set: Literal["response"] = "response"
+    loss_agg: Literal["seq_mean_token_mean"] = "seq_mean_token_mean"
+    num_tree_samples: int = Field(4, ge=1)
+    tree_branch_factor: int = Field(4, ge=1)
+    tree_contraction_factor: int = Field(2, ge=1)
+
+    def loss_params(self) -> dict[str, Any]:
+        return self.model_dump(exclude=_NOT_LOSS | {"num_tree_samples", "tree_branch_factor",
+                                                    "tree_contraction_factor"})
+
+
 AlgorithmSection = Annotated[
-    DiffuGRPO | GDPO | CJGRPO | TraceRL | CoupledGRPO | WD1 | SPG | RandomMaskGRPO | AGRPO | MDPO,
+    DiffuGRPO | GDPO | CJGRPO | TraceRL | CoupledGRPO | WD1 | SPG | RandomMaskGRPO | AGRPO | MDPO | DTreeRPO,
     Field(discriminator="name")
 ]
 

@@ -143,6 +143,10 @@ class GenerationRequest:
     sampling: SamplingParams = SamplingParams()
     seed: int | None = None  # None: a fresh seed from the OS, recorded in the trajectory
     request_id: str = ""
+    # Tree rollouts (d-TreeRPO): (global step, seed) pairs; at that step the request's generator restarts from that
+    # seed. Requests with the same seed and the same pairs up to a step decode identically until it (the shared
+    # prefix of a branch), then diverge.
+    branch_seeds: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         # Shape/content problems are reported per request by the decoder, never raised here.

@@ -2,7 +2,7 @@
 
 Importing this package registers every loss; it imports only torch.
 """
-from rl.algorithms import agrpo, mdpo, ppo, sequence, spg, weighted  # noqa: F401  (registration)
+from rl.algorithms import agrpo, dtreerpo, mdpo, ppo, sequence, spg, weighted  # noqa: F401  (registration)
 from rl.algorithms.core import (
     AGG_MODES,
     LOSSES,

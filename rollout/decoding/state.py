@@ -98,6 +98,7 @@ class Row:
         self.nfe = 0
         self.finish_reason: str | None = None
         self.step_records: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # record_steps
+        self.branch_seeds = dict(request.branch_seeds)  # global step -> seed the generator restarts from
 
     # ------------------------------------------------------------------------------------------ geometry
     @property
@@ -175,7 +176,7 @@ class Row:
         if reason == "length" and eos.numel():
             reason = "eos"
         records = {}
-        if self.params.record_steps:  # the mask id comes along: readers of the states need it
+        if self.params.record_steps:  # the mask and EOS ids come along (sampling): readers of the states need them
             records = self.step_arrays(field("tokens"), length)
         return Trajectory(
             prompt_ids=self.request.prompt_ids.to("cpu", torch.long).reshape(-1), response_ids=response,
@@ -183,7 +184,10 @@ class Row:
             valid_length=valid, nfe=self.nfe, finish_reason=reason, block_size=self.spec.block_size,
             sampling={**self.params.to_dict(), "seed": self.seed, "decoder": decoder,
                       "block_alignment": self.spec.block_alignment,
-                      **({"mask_token_id": self.spec.mask_token_id} if self.params.record_steps else {})},
+                      **({"mask_token_id": self.spec.mask_token_id, "eos_token_id": self.spec.eos_token_id}
+                         if self.params.record_steps or self.request.branch_seeds else {}),
+                      **({"branch_seeds": [list(b) for b in self.request.branch_seeds]}
+                         if self.request.branch_seeds else {})},
             policy_version=version, request_id=self.request.request_id, **records,
         )
 
@@ -359,6 +363,9 @@ def denoise_rows(rows: list[Row], logits: torch.Tensor, view: BlockView) -> torc
         g_rows = [rows[i] for i in members]
         policy = g_rows[0].remasking
         logp_all = processed_logprobs(g_logits, params)
+        for r in g_rows:  # tree rollouts: a branch takes its own random stream from its branch step on
+            if r.step in r.branch_seeds:
+                r.generator.manual_seed(r.branch_seeds[r.step])
         uniforms = None
         if not params.greedy:
             uniforms = torch.cat([r.draw_uniforms(n, device) for n, r in zip(g_counts, g_rows)])

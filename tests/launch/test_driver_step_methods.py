@@ -1,4 +1,4 @@
-"""Three RL steps of each per-step method (AGRPO, MDPO) through `diffrl train` on the tiny model: finite metrics."""
+"""Three RL steps of each per-step method (AGRPO, MDPO, d-TreeRPO) through `diffrl train` on the tiny model: finite metrics."""
 from __future__ import annotations
 
 import importlib.util
@@ -18,7 +18,7 @@ OVERRIDES = ["trainer.total_steps=3", "data.task_kwargs.num_train=8", "reward.1.
              r"reward.1.kwargs.pattern=\d", "-q"]
 
 
-@pytest.mark.parametrize("recipe", ["tiny-agrpo", "tiny-mdpo"])
+@pytest.mark.parametrize("recipe", ["tiny-agrpo", "tiny-mdpo", "tiny-dtreerpo"])
 def test_three_steps_with_finite_metrics(tmp_path, recipe):
     run = tmp_path / recipe
     done = cli.run_cli("train", str(cli.REPO / "recipes" / f"{recipe}.yaml"), f"output_dir={run}", *OVERRIDES,
@@ -33,3 +33,5 @@ def test_three_steps_with_finite_metrics(tmp_path, recipe):
         if recipe == "tiny-mdpo":  # one learner sample per trained step (train_steps 4), a reward per step
             assert row["learner/num_samples"] == 4 * row["learner/samples"] > 0
             assert row["reward/step_calls"] >= 8 * row["learner/samples"]
+        if recipe == "tiny-dtreerpo":  # trees of 4 leaves: at most 2 + 4 edges per 4 leaves (edges may be empty)
+            assert row["learner/samples"] == 16 and 0 < row["learner/num_samples"] <= 24
