@@ -14,7 +14,6 @@ import torch
 from rl.masking import sample_seed
 from rl.sample import ScoredSample
 from rl.tree import Path, TreeShape, local_advantages, node_values, transition_codes
-from rollout.remasking import REMASKING
 from rollout.sampling import GenerationRequest, SamplingParams
 from rollout.trajectory import Trajectory
 
@@ -27,6 +26,8 @@ def is_tree_method(algorithm) -> bool:
 
 def tree_shape(algorithm, sampling: SamplingParams, block_size: int) -> TreeShape:
     """The recipe's tree over a full decode: T = steps per block x blocks (fixed-count remasking only)."""
+    from rollout.remasking import REMASKING  # here: importing it before rollout.sampling is circular
+
     if not REMASKING[sampling.remasking].fixed_count:
         raise ValueError(f"algorithm.name: dtreerpo branches at fixed denoising steps; rollout.remasking "
                          f"{sampling.remasking!r} decides its own step count (use a fixed-count policy)")
