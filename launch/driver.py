@@ -125,7 +125,7 @@ class Driver:
                                            max_workers=r.resources.reward_workers)
         self.store = store_actor(ctx.store_dir)
         self.sampler = PromptSampler(len(ctx.prompts), seed=r.seed, shuffle=r.data.shuffle)
-        self.sampling = with_step_records(sampling_params(r.rollout, block_size=decode_block(r)), r.algorithm)
+        self.sampling = with_step_records(sampling_params(r.rollout, block_size=decode_block(r)), r)
         self.step = 0  # steps completed == policy version of the learner's weights
         self.counters = {"nan_skipped_steps": 0, "empty_steps": 0, "dropped_stale": 0}
         self._last_saved = 0

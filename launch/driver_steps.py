@@ -1,6 +1,6 @@
 """Per-step rewards for methods that train on intermediate denoising states (MDPO), between the driver's stages:
 
-    sampling = with_step_records(sampling, recipe.algorithm)          # the rollout records every step
+    sampling = with_step_records(sampling, recipe)                    # the rollout records every step
     metrics.update(score_steps(prompts, samples, n=n, ...))           # after score_samples: r_t per step
     metrics.update(assign_step_advantages(samples, n, recipe.algorithm))  # after assign_advantages
     kept = learner_samples(kept, recipe.algorithm)                    # before learner.update: one per trained step
@@ -26,8 +26,14 @@ def trains_on_steps(algorithm) -> bool:
     return algorithm.name in STEP_METHODS
 
 
-def with_step_records(params: SamplingParams, algorithm) -> SamplingParams:
-    return replace(params, record_steps=True) if trains_on_steps(algorithm) else params
+def with_step_records(params: SamplingParams, recipe) -> SamplingParams:
+    """The rollout's params with what the recipe's method reads from the trajectories recorded: every step's
+    states (MDPO), per-token entropies (AGRPO's entropy proposal over steps)."""
+    if trains_on_steps(recipe.algorithm):
+        params = replace(params, record_steps=True)
+    if getattr(recipe.estimator, "proposal", None) == "entropy":
+        params = replace(params, record_entropy=True)
+    return params
 
 
 def prediction_text(traj, step: int, tokenizer) -> tuple[str, int]:

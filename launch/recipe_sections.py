@@ -329,9 +329,13 @@ class SampledStepsEstimator(_EstimatorSection):
     mc_num: int = Field(24, ge=1)  # AGRPO train.yaml mc_samples
     low_discrepancy: bool = True  # stratified uniforms (per sample; AGRPO stratifies over the batch)
     objective: Literal["mean", "sum"] = "mean"  # mean over steps (AGRPO) or their sum
+    # q(t): uniform (agrpo_config's default) or in proportion to the rollout's summed token entropies per step
+    # (AGRPO's train.yaml; the rollout then records them)
+    proposal: Literal["uniform", "entropy"] = "uniform"
 
     def params(self) -> dict[str, Any]:
-        return {"num_samples": self.mc_num, "low_discrepancy": self.low_discrepancy, "objective": self.objective}
+        return {"num_samples": self.mc_num, "low_discrepancy": self.low_discrepancy, "objective": self.objective,
+                "proposal": self.proposal}
 
 
 class IntermediateStateEstimator(_EstimatorSection):

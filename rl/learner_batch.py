@@ -105,7 +105,9 @@ def rollout_batch(samples: list[ScoredSample], *, need_advantage: bool = True,
         steps.append(traj.step_map.long())
         advs.append(adv)
         logps.append(traj.logprobs.float())
-    inp = EstimatorInput(prompts, responses, keys, valid, steps, block_sizes.pop())
+    entropies = [t.token_entropy for t in trajectories]  # AGRPO's entropy proposal, when every rollout has one
+    inp = EstimatorInput(prompts, responses, keys, valid, steps, block_sizes.pop(),
+                         None if any(e is None for e in entropies) else [e.float() for e in entropies])
     reward_t = None if any(r is None for r in rewards) else torch.tensor(rewards, dtype=torch.float32)
     return RolloutBatch(inp, advs, reward_t, logps, keys)
 

@@ -61,6 +61,7 @@ SCHEMA = pa.schema([
     ("step_predictions", pa.list_(pa.list_(pa.int32()))),
     ("step_confidence", pa.list_(pa.list_(pa.float32()))),
     ("step_rewards", pa.list_(pa.float64())),  # ScoredSample.step_rewards
+    ("token_entropy", pa.list_(pa.float32())),  # Trajectory.token_entropy (AGRPO's entropy proposal), else null
 ])
 
 
@@ -104,6 +105,7 @@ def trajectory_row(step: int, sample: ScoredSample) -> dict[str, Any]:
         "step_predictions": _rows(traj.step_predictions),
         "step_confidence": _rows(traj.step_confidence),
         "step_rewards": None if sample.step_rewards is None else [float(x) for x in sample.step_rewards.tolist()],
+        "token_entropy": None if traj.token_entropy is None else [float(x) for x in traj.token_entropy.tolist()],
     }
 
 

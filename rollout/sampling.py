@@ -38,6 +38,9 @@ class SamplingParams:
     # Record, per denoising step, the canvas before it, the step's sampled tokens at every masked position of the
     # block and their probabilities (Trajectory.step_states / step_predictions / step_confidence; MDPO).
     record_steps: bool = False
+    # Record each token's sampling-distribution entropy at the step it was drawn (Trajectory.token_entropy; AGRPO's
+    # entropy proposal over steps).
+    record_entropy: bool = False
 
     def __post_init__(self) -> None:
         problems = []

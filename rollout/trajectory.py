@@ -53,6 +53,8 @@ class Trajectory:
     step_states: torch.Tensor | None = None
     step_predictions: torch.Tensor | None = None
     step_confidence: torch.Tensor | None = None
+    # (L,) entropy of the distribution each token was sampled from (sampling["record_entropy"]; None otherwise)
+    token_entropy: torch.Tensor | None = None
 
     @property
     def response_length(self) -> int:
@@ -95,6 +97,8 @@ class Trajectory:
             raise ValueError(f"trajectory.valid_length: {self.valid_length} outside [0, {n}]")
         if self.block_size < 1:
             raise ValueError(f"trajectory.block_size: {self.block_size} < 1")
+        if self.token_entropy is not None and self.token_entropy.shape != (n,):
+            raise ValueError(f"trajectory.token_entropy: shape {tuple(self.token_entropy.shape)} != ({n},)")
         records = [self.step_states, self.step_predictions, self.step_confidence]
         if any(r is not None for r in records):
             if any(r is None for r in records):

@@ -27,6 +27,7 @@ class EstimatorInput:
     valid_lengths: list[int] | None = None  # tokens that count (through the first EOS); default: all
     step_maps: list[torch.Tensor] | None = None  # (L_b,) decoding step per token (trajectory estimator)
     block_size: int | None = None  # the rollout's block size (trajectory estimator); default: policy's
+    token_entropies: list[torch.Tensor] | None = None  # (L_b,) rollout sampling entropy per token (AGRPO)
 
     def __len__(self) -> int:
         return len(self.responses)
@@ -40,7 +41,8 @@ class EstimatorInput:
     def select(self, index: list[int]) -> "EstimatorInput":
         pick = lambda xs: None if xs is None else [xs[i] for i in index]  # noqa: E731
         return EstimatorInput(pick(self.prompts), pick(self.responses), pick(self.sample_keys),
-                              pick(self.valid_lengths), pick(self.step_maps), self.block_size)
+                              pick(self.valid_lengths), pick(self.step_maps), self.block_size,
+                              pick(self.token_entropies))
 
 
 @dataclass

@@ -6,7 +6,9 @@ over those steps of the step's summed token loss,
     J = 1/(T+1) * sum_{t=0}^{T} sum_{j unmasked at t} l_j,
 and it estimates J from K steps t_k drawn from a proposal q over {0..T}:
     J_hat = 1/K * sum_k w(t_k) * sum_{j unmasked at t_k} l_j,    w(t) = (1/(T+1)) / q(t),
-so E[J_hat] = J (unbiased; uniform q gives w = 1). T is the last step that unmasked a non-EOS token (steps that
+so E[J_hat] = J (unbiased; uniform q gives w = 1). Proposals: "uniform", or "entropy" (AGRPO's published
+train.yaml): q(t) proportional to 1e-8 + the summed rollout sampling entropies of the tokens unmasked at t
+(Trajectory.token_entropy, recorded with sampling.record_entropy), drawn by inverse CDF. T is the last step that unmasked a non-EOS token (steps that
 only wrote EOS padding are never drawn); every token of a drawn step counts, EOS included (agrpo_trainer.py).
 `objective="sum"` targets sum_t instead of the mean (w = 1 / q(t)).
 
@@ -27,7 +29,7 @@ from rl.masking import sample_generator
 from rollout.models.layout import RowPacking, score_packing
 
 OBJECTIVES = ("mean", "sum")
-PROPOSALS = ("uniform",)
+PROPOSALS = ("uniform", "entropy")
 
 
 def last_content_step(step_map: torch.Tensor, response: torch.Tensor, eos_token_id: int | None) -> int:
@@ -64,15 +66,36 @@ def token_weights(step_map: torch.Tensor, steps: torch.Tensor, weights: torch.Te
     return (hit.double() * weights.double()[:, None]).sum(0) / steps.numel()
 
 
+def entropy_proposal(step_map: torch.Tensor, token_entropy: torch.Tensor, last_step: int) -> torch.Tensor:
+    """(T+1,) q(t) proportional to 1e-8 + the summed entropies of the tokens unmasked at step t (agrpo_trainer.py)."""
+    mass = torch.full((last_step + 1,), 1e-8, dtype=torch.float64)
+    keep = step_map <= last_step
+    mass.index_add_(0, step_map[keep].long(), token_entropy[keep].double())
+    return mass / mass.sum()
+
+
+def inverse_cdf_steps(u: torch.Tensor, proposal: torch.Tensor) -> torch.Tensor:
+    """Steps t with cdf(t-1) < u <= cdf(t) (torch.searchsorted, left), never past the last step."""
+    return torch.searchsorted(proposal.cumsum(0), u).clamp(max=proposal.numel() - 1)
+
+
 def draw_steps(step_map: torch.Tensor, response: torch.Tensor, eos_token_id: int | None, generator: torch.Generator,
-               num_samples: int, *, low_discrepancy: bool, objective: str, proposal: str = "uniform"
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               num_samples: int, *, low_discrepancy: bool, objective: str, proposal: str = "uniform",
+               token_entropy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(steps (K,), importance weights (K,)) for one sample."""
     if proposal not in PROPOSALS:
         raise ValueError(f"estimator.proposal: {proposal!r} not in {PROPOSALS}")
     last = last_content_step(step_map, response, eos_token_id)
-    steps = uniform_steps(draw_uniforms(generator, num_samples, low_discrepancy), last)
-    q = torch.full((last + 1,), 1.0 / (last + 1), dtype=torch.float64)
+    u = draw_uniforms(generator, num_samples, low_discrepancy)
+    if proposal == "entropy":
+        if token_entropy is None:
+            raise ValueError("estimator.proposal: 'entropy' needs the rollout's token entropies "
+                             "(sampling.record_entropy)")
+        q = entropy_proposal(step_map, token_entropy, last)
+        steps = inverse_cdf_steps(u, q)
+    else:
+        q = torch.full((last + 1,), 1.0 / (last + 1), dtype=torch.float64)
+        steps = uniform_steps(u, last)
     return steps, step_importance_weight(steps, q, objective)
 
 
@@ -110,7 +133,7 @@ def score_at_steps(policy, inp: EstimatorInput, steps: list[torch.Tensor], *, te
     return token_logp, entropy, forwards
 
 
-@ESTIMATORS.register("sampled_steps", num_samples=24, low_discrepancy=True, objective="mean")
+@ESTIMATORS.register("sampled_steps", num_samples=24, low_discrepancy=True, objective="mean", proposal="uniform")
 def sampled_steps_estimator(policy, inp: EstimatorInput, *, seed: int = 0, inner_iter: int = 0,
                             num_samples: int = 24, low_discrepancy: bool = True, objective: str = "mean",
                             proposal: str = "uniform", temperature: float = 1.0, return_entropy: bool = False,
@@ -129,8 +152,9 @@ def sampled_steps_estimator(policy, inp: EstimatorInput, *, seed: int = 0, inner
             raise ValueError(f"estimator 'sampled_steps': sample {b} step map length {step_map.numel()} "
                              f"!= response length {inp.length(b)} (or empty)")
         gen = sample_generator(seed, inp.sample_keys[b], inner_iter, stream="agrpo_steps")
-        s, iw = draw_steps(step_map, inp.responses[b].cpu(), eos, gen, num_samples,
-                           low_discrepancy=low_discrepancy, objective=objective, proposal=proposal)
+        entropy_b = inp.token_entropies[b].cpu() if inp.token_entropies is not None else None
+        s, iw = draw_steps(step_map, inp.responses[b].cpu(), eos, gen, num_samples, low_discrepancy=low_discrepancy,
+                           objective=objective, proposal=proposal, token_entropy=entropy_b)
         steps.append(s)
         weights.append(token_weights(step_map, s, iw))
     token_logp, entropy, forwards = score_at_steps(policy, inp, steps, temperature=temperature,

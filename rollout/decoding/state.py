@@ -82,6 +82,7 @@ class Row:
         self.step_map = torch.full((length,), UNDECODED, dtype=torch.long, device=device)
         self.logprobs = torch.zeros(length, dtype=torch.float32, device=device)
         self.confidence = torch.zeros(length, dtype=torch.float32, device=device)
+        self.token_entropy = torch.zeros(length, dtype=torch.float32, device=device)  # record_entropy only
         self.schedule = block_schedule(self.params, spec.block_size, spec.step_schedule)
         # Dream's `origin` transfer probability by step in block (host floats, computed once: Dream computes them
         # with CPU tensors, which a decoding step must not touch)
@@ -175,9 +176,9 @@ class Row:
         reason = self.finish_reason or "length"
         if reason == "length" and eos.numel():
             reason = "eos"
-        records = {}
+        records = {"token_entropy": own("token_entropy")} if self.params.record_entropy else {}
         if self.params.record_steps:  # the mask and EOS ids come along (sampling): readers of the states need them
-            records = self.step_arrays(field("tokens"), length)
+            records.update(self.step_arrays(field("tokens"), length))
         return Trajectory(
             prompt_ids=self.request.prompt_ids.to("cpu", torch.long).reshape(-1), response_ids=response,
             step_map=own("step_map"), logprobs=own("logprobs"), confidence=own("confidence"),
@@ -214,7 +215,7 @@ class SharedState:
     row (`row.slot`), so the per-step work (which positions are masked, what to keep, the writes) is a handful of
     batched ops instead of a dozen small ops per row, while Row.trajectory and the rest still see plain tensors."""
 
-    FIELDS = ("tokens", "decoded", "step_map", "logprobs", "confidence")
+    FIELDS = ("tokens", "decoded", "step_map", "logprobs", "confidence", "token_entropy")
 
     def __init__(self, rows: list[Row]):
         length = max(r.params.max_tokens for r in rows)
@@ -370,7 +371,7 @@ def denoise_rows(rows: list[Row], logits: torch.Tensor, view: BlockView) -> torc
         if not params.greedy:
             uniforms = torch.cat([r.draw_uniforms(n, device) for n, r in zip(g_counts, g_rows)])
         tokens, logp = sample_tokens(logp_all, params, uniforms=uniforms)
-        ent = entropy(logp_all) if policy.needs_entropy else None
+        ent = entropy(logp_all) if policy.needs_entropy or params.record_entropy else None
         confidence = logp.exp()
         if g_rows[0].spec.confidence_source == "model" and not params.greedy:  # LLaDA: untempered probability
             confidence = torch.log_softmax(g_logits.float(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1).exp()
@@ -402,6 +403,8 @@ def denoise_rows(rows: list[Row], logits: torch.Tensor, view: BlockView) -> torc
         shared.step_map[where] = torch.where(chosen, pick(view.col["step"])[:, None], shared.step_map[where])
         shared.logprobs[where] = torch.where(chosen, dense(logp, 0.0), shared.logprobs[where])
         shared.confidence[where] = torch.where(chosen, key_d, shared.confidence[where])  # the ranking score
+        if params.record_entropy:  # the sampling distribution's entropy where each token was drawn (AGRPO)
+            shared.token_entropy[where] = torch.where(chosen, dense(ent, 0.0), shared.token_entropy[where])
         net = chosen.sum(dim=1)
         if remask is not None:
             mask_id = g_rows[0].spec.mask_token_id
@@ -412,6 +415,7 @@ def denoise_rows(rows: list[Row], logits: torch.Tensor, view: BlockView) -> torc
                                                  shared.step_map[where])
             shared.logprobs[where] = torch.where(remask, 0.0, shared.logprobs[where])
             shared.confidence[where] = torch.where(remask, 0.0, shared.confidence[where])
+            shared.token_entropy[where] = torch.where(remask, 0.0, shared.token_entropy[where])
             net = net - remask.sum(dim=1)
         if member_t is None:
             unmasked = net

@@ -14,6 +14,8 @@ from rl.estimators.base import EstimatorInput
 from rl.estimators.sampled_steps import (
     draw_steps,
     draw_uniforms,
+    entropy_proposal,
+    inverse_cdf_steps,
     last_content_step,
     sampled_steps_estimator,
     score_at_steps,
@@ -50,6 +52,61 @@ def test_expected_estimate_is_the_per_step_objective_by_exact_enumeration(object
     full = sum(loss[steps == t].sum() for t in range(last + 1))  # EOS-only step 4 is outside the objective
     target = full / (last + 1) if objective == "mean" else full
     assert torch.allclose(expected, target, atol=1e-12)
+
+
+@pytest.mark.parametrize("objective", ["mean", "sum"])
+def test_entropy_proposal_estimate_is_unbiased_by_exact_enumeration(objective):
+    steps, response = tiny_trajectory()
+    entropy = torch.tensor([0.5, 2.0, 1.0, 0.0, 0.25, 3.0, 9.0, 9.0], dtype=torch.float64)
+    last = last_content_step(steps, response, EOS)
+    q = entropy_proposal(steps, entropy, last)
+    # the reference's q: 1e-8 + summed entropies of the step's tokens, steps after T dropped, normalised
+    raw = torch.tensor([0.5, 3.0, 0.25, 3.0], dtype=torch.float64) + 1e-8
+    assert torch.allclose(q, raw / raw.sum())
+    loss = torch.randn(steps.numel(), generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    k = 2
+    expected = torch.zeros((), dtype=torch.float64)
+    for draw in itertools.product(range(last + 1), repeat=k):
+        draw = torch.tensor(draw)
+        iw = (1.0 / (last + 1) if objective == "mean" else 1.0) / q[draw]
+        expected += (token_weights(steps, draw, iw) * loss).sum() * q[draw].prod()
+    full = sum(loss[steps == t].sum() for t in range(last + 1))
+    assert torch.allclose(expected, full / (last + 1) if objective == "mean" else full, atol=1e-10)
+
+
+def test_inverse_cdf_maps_uniforms_to_the_proposal():
+    q = torch.tensor([0.1, 0.0, 0.6, 0.3], dtype=torch.float64)
+    u = (torch.arange(100000, dtype=torch.float64) + 0.5) / 100000  # a fine grid over [0, 1)
+    freq = torch.bincount(inverse_cdf_steps(u, q), minlength=4).double() / u.numel()
+    assert torch.allclose(freq, q, atol=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    steps, response = tiny_trajectory()
+    drawn, iw = draw_steps(steps, response, EOS, gen, 16, low_discrepancy=True, objective="mean", proposal="entropy",
+                           token_entropy=torch.ones(8))
+    q = entropy_proposal(steps, torch.ones(8), 3)
+    assert torch.allclose(iw, 0.25 / q[drawn].double())
+    with pytest.raises(ValueError, match="record_entropy"):
+        draw_steps(steps, response, EOS, gen, 4, low_discrepancy=True, objective="mean", proposal="entropy")
+
+
+def test_rollout_records_the_sampling_entropy_of_each_token(tiny_policies):
+    from rl.estimators.trajectory import trajectory_estimator
+    from rollout.engine import TorchEngine
+    from rollout.sampling import GenerationRequest, SamplingParams
+
+    policy = tiny_policies["block"]
+    params = SamplingParams(temperature=1.0, max_tokens=8, remasking="random", steps_per_block=2,
+                            record_entropy=True, stop_at_eos=False)
+    trajs = TorchEngine(policy, kv_cache="block").generate(
+        [GenerationRequest(torch.tensor([12, 13, 14]), params, seed=s, request_id=str(s)) for s in range(2)])
+    inp = EstimatorInput([t.prompt_ids for t in trajs], [t.response_ids for t in trajs], ["a", "b"],
+                         step_maps=[t.step_map for t in trajs], block_size=trajs[0].block_size)
+    with torch.no_grad():
+        est = trajectory_estimator(policy, inp, return_entropy=True)
+    for b, t in enumerate(trajs):
+        t.validate()
+        assert t.token_entropy is not None and bool((t.token_entropy > 0).all())
+        assert torch.allclose(t.token_entropy, est.entropy[b, :t.response_length], atol=1e-4)
 
 
 def test_draw_steps_weights_match_the_objective_and_never_draw_eos_only_steps():
@@ -175,13 +232,18 @@ def test_loss_equals_naive_per_sample_reimplementation(beta):
     assert float(m["clipfrac"]) > 0  # the random old log-probs do clip: the naive one agreed on which
 
 
-def test_on_policy_first_step_ratio_one_clip_zero(tiny_model_dirs):
+@pytest.mark.parametrize("proposal", ["uniform", "entropy"])
+def test_on_policy_first_step_ratio_one_clip_zero(tiny_model_dirs, proposal):
     from rollout.models.loading import load_policy
 
     policy = load_policy(tiny_model_dirs["block"])
     samples = make_trajectories(policy, 4)
+    g = torch.Generator().manual_seed(1)
+    for s in samples:  # what a rollout with record_entropy carries
+        s.trajectory.token_entropy = torch.rand(s.trajectory.response_length, generator=g) * 3
     learner = Learner(policy, LearnerConfig(algorithm="agrpo", estimator="sampled_steps", mu=1, micro_batch_size=2,
-                                            temperature=0.6, estimator_params={"num_samples": 3},
+                                            temperature=0.6,
+                                            estimator_params={"num_samples": 3, "proposal": proposal},
                                             optim=OptimConfig(lr=1e-4)))
     m = learner.update(samples)
     assert m["ratio_mean"] == 1.0 and m["ratio_max"] == 1.0 and m["ratio_min"] == 1.0
