@@ -15,7 +15,7 @@ reward: [{fn: math}]
 data: {task: arithmetic}
 rollout: {max_tokens: 16}
 """
-TRACERL_NAMES = "diffu_grpo, gdpo, cj_grpo, tracerl, coupled_grpo, wd1, spg, random_mask_grpo"
+TRACERL_NAMES = "diffu_grpo, gdpo, cj_grpo, tracerl, coupled_grpo, wd1, spg, random_mask_grpo, agrpo, mdpo, dtreerpo"
 
 
 def _write(tmp_path, text: str, name: str = "r.yaml"):
@@ -40,7 +40,8 @@ BAD = {
                            f"algorithm.name: 'tracrl' is not one of {TRACERL_NAMES} (did you mean 'tracerl'?)"),
     "misspelt choice": (["rollout.remasking=low_confidence_dynamc"],
                         ("rollout.remasking: 'low_confidence_dynamc' is not one of sequential, low_confidence_static, "
-                        "low_confidence_dynamic, entropy_bounded, random, topk_margin, entropy, origin (did you mean "
+                        "low_confidence_dynamic, entropy_bounded, random, topk_margin, entropy, origin, rcr (did you "
+                        "mean "
                         "'low_confidence_dynamic'?)")),
     "other algorithm's key": (["algorithm=gdpo", "algorithm.value_model={}", "model.tiny=llada"],
                               "algorithm.value_model: unknown key for gdpo (used by tracerl)"),
