@@ -63,7 +63,7 @@ from rl.weight_sync import Chunk, SyncStats, layered_weights, stream_weights
 from rollout.models.layout import RowPacking, layout_length
 from rollout.models.policy import DiffusionPolicy
 
-DETERMINISTIC_ESTIMATORS = ("trajectory",)  # masks do not depend on (seed, inner_iter)
+DETERMINISTIC_ESTIMATORS = ("trajectory", "intermediate_state")  # masks do not depend on (seed, inner_iter)
 STATE_FORMAT = 1
 
 

@@ -196,3 +196,19 @@ def test_on_policy_first_step_ratio_one_clip_zero(tiny_model_dirs):
     m = learner.update(edges)
     assert m["ratio_mean"] == 1.0 and m["ratio_max"] == 1.0 and m["ratio_min"] == 1.0
     assert m["clipfrac"] == 0.0 and m["kl"] == 0.0 and m["optimizer_steps"] == 1 and math.isfinite(m["grad_norm"])
+
+
+def test_several_inner_iterations_score_the_old_policy_once(tiny_model_dirs):
+    """The intermediate-state estimator draws nothing: mu inner iterations share one old pass."""
+    from rollout.models.loading import load_policy
+
+    policy = load_policy(tiny_model_dirs["llada"])
+    trajs, n = _leaves(policy)
+    leaves = [ScoredSample(t, prompt_index=0, sample_index=i, reward=float(i % 2), keep=True)
+              for i, t in enumerate(trajs[:n])]
+    edges = tree_samples(leaves, TREE)
+    learner = Learner(policy, LearnerConfig(algorithm="dtreerpo", estimator="intermediate_state", mu=3,
+                                            micro_batch_size=len(edges), reference_model=False,
+                                            loss={"beta": 0.0}, optim=OptimConfig(lr=1e-4)))
+    m = learner.update(edges)
+    assert m["forwards_old"] == 1 and m["optimizer_steps"] == 3
