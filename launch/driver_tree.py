@@ -13,7 +13,7 @@ import torch
 
 from rl.masking import sample_seed
 from rl.sample import ScoredSample
-from rl.tree import Path, TreeShape, local_advantages, node_values, transition_codes
+from rl.tree import TreeShape, local_advantages, node_values, transition_codes
 from rollout.sampling import GenerationRequest, SamplingParams
 from rollout.trajectory import Trajectory
 
@@ -51,10 +51,16 @@ def with_tree_branches(requests: list[GenerationRequest], algorithm, n: int, sam
     out = []
     for i, request in enumerate(requests):
         base, path = requests[i - i % n].seed, leaves[i % n]
-        seed_of = lambda prefix: sample_seed(base, "tree:" + ".".join(map(str, prefix)))  # noqa: E731
-        out.append(replace(request, seed=seed_of(path[:1]),
-                           branch_seeds=tuple((steps[k], seed_of(path[:k + 2])) for k in range(len(steps)))))
+        out.append(replace(request, seed=node_seed(base, path[:1]),
+                           branch_seeds=tuple((steps[k], node_seed(base, path[:k + 2])) for k in range(len(steps)))))
     return out
+
+
+def node_seed(base: int | None, prefix: tuple[int, ...]) -> int:
+    """The seed of the tree node at `prefix` (child index per level) under the prompt's base seed."""
+    if base is None:
+        raise ValueError("tree rollouts: every request needs a seed (the driver's per-sample seeds)")
+    return sample_seed(base, "tree:" + ".".join(map(str, prefix)))
 
 
 def _tree_key(sample: ScoredSample) -> str:

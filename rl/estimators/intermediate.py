@@ -1,7 +1,7 @@
 """Intermediate-state estimator (MDPO's trained steps, d-TreeRPO's tree edges): log p(target token | recorded
-intermediate state) at the state's masked positions, one forward per batch. The state comes encoded in the step map (rl/step_samples.py): 0 = visible
-(the response token is in the input), 1 = masked and scored (the response holds the target), 2 = masked, not
-scored. Deterministic: nothing is drawn.
+intermediate state) at the state's masked positions, one forward per batch. The state comes encoded in the step
+map (rl/step_samples.py): 0 = visible (the response token is in the input), 1 = masked and scored (the response
+holds the target), 2 = masked, not scored. Deterministic: nothing is drawn.
 """
 from __future__ import annotations
 

@@ -8,8 +8,9 @@ and it estimates J from K steps t_k drawn from a proposal q over {0..T}:
     J_hat = 1/K * sum_k w(t_k) * sum_{j unmasked at t_k} l_j,    w(t) = (1/(T+1)) / q(t),
 so E[J_hat] = J (unbiased; uniform q gives w = 1). Proposals: "uniform", or "entropy" (AGRPO's published
 train.yaml): q(t) proportional to 1e-8 + the summed rollout sampling entropies of the tokens unmasked at t
-(Trajectory.token_entropy, recorded with sampling.record_entropy), drawn by inverse CDF. T is the last step that unmasked a non-EOS token (steps that
-only wrote EOS padding are never drawn); every token of a drawn step counts, EOS included (agrpo_trainer.py).
+(Trajectory.token_entropy, recorded with sampling.record_entropy), drawn by inverse CDF. T is the last step that
+unmasked a non-EOS token (steps that only wrote EOS padding are never drawn); every token of a drawn step counts,
+EOS included (agrpo_trainer.py).
 `objective="sum"` targets sum_t instead of the mean (w = 1 / q(t)).
 
 The estimate is returned as per-token log-probs at the drawn steps (0 elsewhere) and per-token weights

@@ -1,4 +1,5 @@
-"""Three RL steps of each per-step method (AGRPO, MDPO, d-TreeRPO) through `diffrl train` on the tiny model: finite metrics."""
+"""Three RL steps of each per-step method (AGRPO, MDPO, d-TreeRPO) through `diffrl train` on the tiny model:
+finite metrics."""
 from __future__ import annotations
 
 import importlib.util

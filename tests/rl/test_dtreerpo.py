@@ -141,7 +141,7 @@ def test_edge_samples_encode_parent_and_child_states(tiny_policies):
             parent = torch.full_like(leaf.response_ids, mask_id)
         assert torch.equal(e.trajectory.step_map, transition_codes(parent, e.trajectory.response_ids, mask_id,
                                                                    policy.spec.eos_token_id))
-    values, adv = naive_tree_advantages({(j // 3, j % 3): float(j % 2) for j in range(n)})
+    _, adv = naive_tree_advantages({(j // 3, j % 3): float(j % 2) for j in range(n)})
     for node, e in by_node.items():
         assert math.isclose(e.advantage, adv[tuple(int(x) for x in node.split("."))], abs_tol=1e-12)
     assert len(tree_samples(leaves, TREE)) == len(edges)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 from launch.driver_steps import assign_step_advantages, learner_samples, prediction_text, score_steps
@@ -200,7 +199,7 @@ def test_driver_scores_every_step_and_trains_on_the_chosen_ones(tiny_policies, m
     metrics = score_steps([None], samples, n=4, tokenizer=_Tok(), rewards=rewards, data=None, algorithm=algorithm)
     assert metrics["reward/step_calls"] == sum(t.step_states.shape[0] for t in trajs) == len(rewards.items)
     traj = trajs[0]
-    text, count = prediction_text(traj, 0, _Tok())
+    _, count = prediction_text(traj, 0, _Tok())
     kept = [i for i in traj.step_predictions[0].tolist() if i != policy.spec.mask_token_id]
     assert count == (kept.index(1) + 1 if 1 in kept else len(kept))
     assign_step_advantages(samples, 4, algorithm)
