@@ -215,6 +215,21 @@ def _estimator(r: Recipe) -> str | None:
     return None
 
 
+def _tree(r: Recipe) -> str | None:
+    """d-TreeRPO: the prompt's samples are its tree's leaves, branching at fixed denoising steps."""
+    a = r.algorithm
+    if not hasattr(a, "tree_branch_factor"):
+        return None
+    leaves = a.num_tree_samples * a.tree_branch_factor ** (a.tree_contraction_factor - 1)
+    if r.rollout.samples_per_prompt != leaves:
+        return (f"rollout.samples_per_prompt: {r.rollout.samples_per_prompt}, but the tree has {leaves} leaves "
+                f"(num_tree_samples x tree_branch_factor^(tree_contraction_factor - 1))")
+    if r.rollout.remasking in ("low_confidence_dynamic", "entropy_bounded", "origin"):
+        return (f"rollout.remasking: {r.rollout.remasking!r} decides its own step count; d-TreeRPO branches at "
+                "fixed steps")
+    return None
+
+
 def _filter(r: Recipe) -> str | None:
     f = getattr(r.algorithm, "filter", None)
     if f is not None and f.accuracy_lo is not None and f.accuracy_hi is not None and f.accuracy_lo > f.accuracy_hi:
@@ -349,7 +364,7 @@ def _ray(r: Recipe) -> str | None:
 
 CHECKS: tuple[Check, ...] = (
     _model_source, _tiny_kind, _attention, _model_alignment, _model_block, _max_tokens_blocks, _steps, _threshold,
-    _full_attention_decoding, _group_size, _estimator, _filter, _length_limit, _value_model, _reference_model,
+    _full_attention_decoding, _group_size, _estimator, _tree, _filter, _length_limit, _value_model, _reference_model,
     _backend, _offload, _device, _node_labels, _prompts_split, _data_source, _trainer, _behaviour_temperature, _ray,
 )
 

@@ -50,3 +50,12 @@ def test_tiny_recipes_use_the_methods():
                                        ("tiny-dtreerpo", "dtreerpo", "intermediate_state")):
         r = load_recipe(RECIPES / f"{name}.yaml")
         assert (r.algorithm.name, r.estimator.name) == (algorithm, estimator)
+
+
+def test_a_tree_recipe_needs_one_sample_per_leaf_and_fixed_steps():
+    import pytest
+
+    with pytest.raises(ValueError, match="samples_per_prompt: 8, but the tree has 4 leaves"):
+        load_recipe(RECIPES / "tiny-dtreerpo.yaml", ["rollout.samples_per_prompt=8"])
+    with pytest.raises(ValueError, match="decides its own step count"):
+        load_recipe(RECIPES / "tiny-dtreerpo.yaml", ["rollout.remasking=low_confidence_dynamic"])
