@@ -108,7 +108,9 @@ class RolloutSection(Section):
     # Dream's: topk_margin, entropy, origin; left_to_right: AR order, one token a step (JustGRPO)
     remasking: Literal["sequential", "low_confidence_static", "low_confidence_dynamic", "entropy_bounded",
                        "random", "topk_margin", "entropy", "origin", "threshold_schedule",
-                       "left_to_right"] = "low_confidence_static"  # last 3: Dream's
+                       "left_to_right", "rcr"] = "low_confidence_static"
+    # topk_margin, entropy, origin: Dream's; threshold_schedule: LLaDA2's; left_to_right: JustGRPO's AR order;
+    # rcr: MDPO's running-confidence remasking
     threshold: float | None = None  # dynamic: confidence in (0, 1] (None -> 0.9); entropy_bounded: entropy bound
     min_tokens_per_step: int = Field(1, ge=1)
     temperature: float | None = Field(None, ge=0)  # None -> the algorithm's published value, else 1.0

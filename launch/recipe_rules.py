@@ -40,6 +40,9 @@ ESTIMATORS_FOR: dict[str, tuple[str, ...]] = {
     "dtrpo": ("remasked_step", "trajectory"),
     "justgrpo": ("ar_exact",),
     "igpo": ("one_step", "random_mask", "coupled"),  # not the trajectory ones: a hint has no decoding step
+    "agrpo": ("sampled_steps",),
+    "mdpo": ("intermediate_state",),
+    "dtreerpo": ("intermediate_state",),
 }
 # Why an algorithm is restricted to those estimators: said in the error.
 _ESTIMATOR_NEED = {
@@ -48,6 +51,8 @@ _ESTIMATOR_NEED = {
     "bgpo": "per-draw Monte Carlo ELBO terms", "ebpo": "block-level ELBOs (a block-diffusion model)",
     "vrpo": "a sequence-level ELBO", "dtrpo": "the recorded decoding trajectory",
     "justgrpo": "exact left-to-right log-probs",
+    "agrpo": "steps drawn from the recorded decoding trajectory",
+    "mdpo": "the recorded intermediate states", "dtreerpo": "the tree's intermediate states",
 }
 PREFERENCE_ALGORITHMS = ("vrpo", "dtrpo")  # DPO over pairs: trained offline (launch/driver_offline.py)
 
@@ -261,6 +266,21 @@ def _inpaint(r: Recipe) -> str | None:
     return None  # free_tail >= max_tokens is allowed: no hint then (IGPO regenerates the group unhinted)
 
 
+def _tree(r: Recipe) -> str | None:
+    """d-TreeRPO: the prompt's samples are its tree's leaves, branching at fixed denoising steps."""
+    a = r.algorithm
+    if not hasattr(a, "tree_branch_factor"):
+        return None
+    leaves = a.num_tree_samples * a.tree_branch_factor ** (a.tree_contraction_factor - 1)
+    if r.rollout.samples_per_prompt != leaves:
+        return (f"rollout.samples_per_prompt: {r.rollout.samples_per_prompt}, but the tree has {leaves} leaves "
+                f"(num_tree_samples x tree_branch_factor^(tree_contraction_factor - 1))")
+    if r.rollout.remasking in ("low_confidence_dynamic", "entropy_bounded", "origin"):
+        return (f"rollout.remasking: {r.rollout.remasking!r} decides its own step count; d-TreeRPO branches at "
+                "fixed steps")
+    return None
+
+
 def _filter(r: Recipe) -> str | None:
     f = getattr(r.algorithm, "filter", None)
     if f is not None and f.accuracy_lo is not None and f.accuracy_hi is not None and f.accuracy_lo > f.accuracy_hi:
@@ -424,8 +444,8 @@ def _ray(r: Recipe) -> str | None:
 
 CHECKS: tuple[Check, ...] = (
     _model_source, _tiny_kind, _attention, _model_alignment, _model_block, _max_tokens_blocks, _steps, _threshold,
-    _full_attention_decoding, _group_size, _estimator, _ar_order, _inpaint, _filter, _length_limit, _value_model,
-    _reference_model,
+    _full_attention_decoding, _group_size, _estimator, _ar_order, _inpaint, _tree, _filter, _length_limit,
+    _value_model, _reference_model,
     _backend, _offload, _device, _node_labels, _prompts_split, _data_source, _trainer, _behaviour_temperature, _ray,
 )
 

@@ -289,9 +289,50 @@ class IGPO(_ClippedPolicyGradient, published="igpo"):
     hint_entropy_keep: Fraction = 0.0
 
 
+class AGRPO(_ClippedPolicyGradient, published="agrpo"):
+    """AGRPO: token-level clip on individual denoising steps drawn with importance weights (estimator
+    sampled_steps), every token of a drawn step counted, summed per sequence. eps 0.2, beta 0 (probablyabot/agrpo)."""
+
+    name: Literal["agrpo"] = "agrpo"
+    token_set: Literal["through_eos", "response"] = "response"
+    loss_agg: LossAgg = "seq_mean_token_sum"
+
+
+class MDPO(_ClippedPolicyGradient, published="mdpo"):
+    """MDPO: the clipped token loss on intermediate denoising states, per-step rewards of each step's decoded
+    prediction turned into per-step advantages (rl/step_samples.py); each rollout trains on its `train_steps` steps
+    of largest |advantage|. eps 0.2, beta 0 (k2 when on) (autonomousvision/mdpo)."""
+
+    name: Literal["mdpo"] = "mdpo"
+    token_set: Literal["response"] = "response"
+    loss_agg: Literal["seq_mean_token_mean"] = "seq_mean_token_mean"
+    train_steps: int = Field(16, ge=1)  # the reference's sample_train_steps
+
+    def loss_params(self) -> dict[str, Any]:
+        return self.model_dump(exclude=_NOT_LOSS | {"train_steps"})
+
+
+class DTreeRPO(_ClippedPolicyGradient, published="dtreerpo"):
+    """d-TreeRPO: tree rollouts (num_tree_samples root children, tree_branch_factor branches per inner node,
+    tree_contraction_factor levels), node values averaged bottom-up from leaf rewards, each edge trained with its
+    child's value minus its siblings' mean. eps 0.4, beta 0.01 (THU-BPM/d-TreeRPO). rollout.samples_per_prompt must
+    be the number of leaves."""
+
+    name: Literal["dtreerpo"] = "dtreerpo"
+    token_set: Literal["response"] = "response"
+    loss_agg: Literal["seq_mean_token_mean"] = "seq_mean_token_mean"
+    num_tree_samples: int = Field(4, ge=1)
+    tree_branch_factor: int = Field(4, ge=1)
+    tree_contraction_factor: int = Field(2, ge=1)
+
+    def loss_params(self) -> dict[str, Any]:
+        return self.model_dump(exclude=_NOT_LOSS | {"num_tree_samples", "tree_branch_factor",
+                                                    "tree_contraction_factor"})
+
+
 AlgorithmSection = Annotated[
     DiffuGRPO | GDPO | CJGRPO | TraceRL | CoupledGRPO | WD1 | SPG | RandomMaskGRPO | ESPO | BGPO | EBPO | VRPO | DTRPO
-    | JustGRPO | IGPO,
+    | JustGRPO | IGPO | AGRPO | MDPO | DTreeRPO,
     Field(discriminator="name")
 ]
 
@@ -417,9 +458,32 @@ class ArExactEstimator(_EstimatorSection):
     check_order: bool = True  # refuse a sample whose step map is not left to right
 
 
+class SampledStepsEstimator(_EstimatorSection):
+    """AGRPO's timestep estimator: mc_num denoising steps of the recorded trajectory drawn per sample, importance
+    weighted so the estimate of the per-step objective is unbiased (rl/estimators/sampled_steps.py)."""
+
+    name: Literal["sampled_steps"] = "sampled_steps"
+    mc_num: int = Field(24, ge=1)  # AGRPO train.yaml mc_samples
+    low_discrepancy: bool = True  # stratified uniforms (per sample; AGRPO stratifies over the batch)
+    objective: Literal["mean", "sum"] = "mean"  # mean over steps (AGRPO) or their sum
+    # q(t): uniform (agrpo_config's default) or in proportion to the rollout's summed token entropies per step
+    # (AGRPO's train.yaml; the rollout then records them)
+    proposal: Literal["uniform", "entropy"] = "uniform"
+
+    def params(self) -> dict[str, Any]:
+        return {"num_samples": self.mc_num, "low_discrepancy": self.low_discrepancy, "objective": self.objective,
+                "proposal": self.proposal}
+
+
+class IntermediateStateEstimator(_EstimatorSection):
+    """MDPO: log-probs of each trained step's prediction given the recorded state before the step."""
+
+    name: Literal["intermediate_state"] = "intermediate_state"
+
+
 EstimatorSection = Annotated[
     OneStepEstimator | MCElboEstimator | SDMCEstimator | CoupledEstimator | BlockElboEstimator
     | BlockRandomEstimator | TrajectoryEstimator | RandomMaskEstimator | ESPOEstimator | RemaskedStepEstimator
-    | CanvasTraceEstimator | ArExactEstimator,
+    | CanvasTraceEstimator | ArExactEstimator | SampledStepsEstimator | IntermediateStateEstimator,
     Field(discriminator="name"),
 ]

@@ -66,7 +66,7 @@ from rl.weight_sync import Chunk, SyncStats, layered_weights, stream_weights
 from rollout.models.layout import RowPacking, layout_length
 from rollout.models.policy import DiffusionPolicy
 
-DETERMINISTIC_ESTIMATORS = ("trajectory", "canvas_trace", "ar_exact")  # masks do not depend on (seed, inner_iter)
+DETERMINISTIC_ESTIMATORS = ("trajectory", "canvas_trace", "ar_exact", "intermediate_state")  # masks: not (seed, iter)
 STATE_FORMAT = 1
 
 
@@ -448,7 +448,8 @@ class Learner:
         pe = PolicyEstimates(logp=est.token_logp, old_logp=stack_rows([o.token_logp for o in old], width, dev),
                              entropy=est.entropy, observed_mask=est.token_mask, seq_logp=est.seq_logp,
                              seq_old_logp=torch.stack([o.seq_logp for o in old]).to(dev),
-                             mc_logp=est.extra.get("mc_logp"), mc_weights=est.extra.get("mc_weights"))
+                             mc_logp=est.extra.get("mc_logp"), mc_weights=est.extra.get("mc_weights"),
+                             token_weight=est.extra.get("token_weight"))
         if draw is not None:
             pe.mc_old_elbo = torch.stack([o.draw_elbos[draw:draw + 1] for o in old]).to(dev)
             pe.mc_draws = int(old[0].draw_elbos.numel())

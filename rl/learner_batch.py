@@ -108,9 +108,11 @@ def rollout_batch(samples: list[ScoredSample], *, need_advantage: bool = True,
         logps.append(traj.logprobs.float())
     traces = [t.canvas_trace for t in trajectories]
     prefilled = [t.prefilled.bool() if t.prefilled is not None else None for t in trajectories]
+    entropies = [t.token_entropy for t in trajectories]  # AGRPO's entropy proposal, when every rollout has one
     inp = EstimatorInput(prompts, responses, keys, valid, steps, block_sizes.pop(),
                          traces if any(t is not None for t in traces) else None,
-                         frozen=prefilled if any(p is not None for p in prefilled) else None)
+                         frozen=prefilled if any(p is not None for p in prefilled) else None,
+                         token_entropies=None if any(e is None for e in entropies) else [e.float() for e in entropies])
     reward_t = None if any(r is None for r in rewards) else torch.tensor(rewards, dtype=torch.float32)
     return RolloutBatch(inp, advs, reward_t, logps, keys)
 

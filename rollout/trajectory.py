@@ -54,6 +54,15 @@ class Trajectory:
     # Re-noising canvas samplers (DiffusionGemma): every canvas each step read and what it accepted (canvas_trace.py)
     canvas_trace: CanvasTrace | None = None
     prefilled: torch.Tensor | None = None  # (L,) bool: pre-filled positions (IGPO's inpainting); None: none
+    # Per denoising step s (sampling["record_steps"]; None otherwise), each (S, L): the response canvas just before
+    # step s (mask id where masked), the canvas with step s's sampled token at every masked position of its block
+    # (MDPO's intermediate answer), and those tokens' sampling probabilities (0 elsewhere). Needed where the step
+    # map cannot replay the decoding (a remasking policy that masks decoded tokens again, e.g. RCR).
+    step_states: torch.Tensor | None = None
+    step_predictions: torch.Tensor | None = None
+    step_confidence: torch.Tensor | None = None
+    # (L,) entropy of the distribution each token was sampled from (sampling["record_entropy"]; None otherwise)
+    token_entropy: torch.Tensor | None = None
 
     @property
     def response_length(self) -> int:
@@ -105,3 +114,13 @@ class Trajectory:
             raise ValueError(f"trajectory.block_size: {self.block_size} < 1")
         if self.canvas_trace is not None:
             self.canvas_trace.validate(n)
+        if self.token_entropy is not None and self.token_entropy.shape != (n,):
+            raise ValueError(f"trajectory.token_entropy: shape {tuple(self.token_entropy.shape)} != ({n},)")
+        records = [self.step_states, self.step_predictions, self.step_confidence]
+        if any(r is not None for r in records):
+            if any(r is None for r in records):
+                raise ValueError("trajectory.step_states: step_states, step_predictions and step_confidence go "
+                                 "together")
+            for name, value in zip(("step_states", "step_predictions", "step_confidence"), records):
+                if value.dim() != 2 or value.shape[1] != n or value.shape[0] != records[0].shape[0]:
+                    raise ValueError(f"trajectory.{name}: shape {tuple(value.shape)} is not (steps, {n})")

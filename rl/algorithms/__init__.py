@@ -3,7 +3,7 @@
 Importing this package registers every loss; it imports only torch.
 """
 from rl.algorithms import (  # noqa: F401  (registration)
-    bgpo, ebpo, espo, igpo, justgrpo, ppo, preference, sequence, spg, weighted)
+    agrpo, bgpo, dtreerpo, ebpo, espo, igpo, justgrpo, mdpo, ppo, preference, sequence, spg, weighted)
 from rl.algorithms.core import (
     AGG_MODES,
     LOSSES,

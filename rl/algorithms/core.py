@@ -74,6 +74,7 @@ class PolicyEstimates:
     # estimate has (K_total >= K when the learner backpropagates one draw at a time; None: K).
     mc_old_elbo: torch.Tensor | None = None
     mc_draws: int | None = None
+    token_weight: torch.Tensor | None = None  # (B, L) per-token estimator weight (AGRPO's sampled steps)
 
 
 @dataclass

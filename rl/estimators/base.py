@@ -31,6 +31,7 @@ class EstimatorInput:
     # (L_b,) bool or None per sample: positions never counted by a loss (IGPO's pre-filled hints: tokens the
     # policy did not choose); None: none
     frozen: list[torch.Tensor | None] | None = None
+    token_entropies: list[torch.Tensor] | None = None  # (L_b,) rollout sampling entropy per token (AGRPO)
 
     def __len__(self) -> int:
         return len(self.responses)
@@ -45,7 +46,7 @@ class EstimatorInput:
         pick = lambda xs: None if xs is None else [xs[i] for i in index]  # noqa: E731
         return EstimatorInput(pick(self.prompts), pick(self.responses), pick(self.sample_keys),
                               pick(self.valid_lengths), pick(self.step_maps), self.block_size,
-                              pick(self.canvas_traces), pick(self.frozen))
+                              pick(self.canvas_traces), pick(self.frozen), pick(self.token_entropies))
 
 
 @dataclass

@@ -21,7 +21,7 @@ def _select(name, count=2, entropy=None, seed=0, **params):
 def test_registry_names():
     assert set(REMASKING) == {"sequential", "low_confidence_static", "low_confidence_dynamic", "entropy_bounded",
                               "random", "topk_margin", "entropy", "origin", "threshold_schedule",
-                              "left_to_right"}
+                              "left_to_right", "rcr"}
 
 
 def test_left_to_right_takes_the_leftmost_masked_position_whatever_the_count():
