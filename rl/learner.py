@@ -41,41 +41,40 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator
 from contextlib import nullcontext
-from typing import Any
 
 import torch
 
 from rl.algorithms import LOSSES, PolicyBatch, PolicyEstimates, make_loss_config
 from rl.estimators import get_estimator
 from rl.estimators.base import EstimatorInput, token_mask_of
-from rl.learner_batch import (MetricLog, OldScores, RefScores, RolloutBatch, ValueScores, logp_gaps,
-                              minibatch_normalizers, plan_update, rollout_batch, stack_rows)
+from rl.learner_batch import (MetricLog, OldScores, RefScores, RolloutBatch, StepTally, ValueScores,
+                              logp_gaps, minibatch_normalizers, plan_update, rollout_batch, stack_rows)
 from rl.inpainting import thaw_hints
 from rl.masking import sample_seed
 from rl.learner_config import LearnerConfig, ValueConfig, check_packing  # noqa: F401 - re-exported: LearnerConfig
 from rl.learner_draws import check_per_draw, draw_shares_of, merge_draw_metrics, score_draw_by_draw, stacked_shares
+from rl.learner_state import STATE_FORMAT, LearnerStateMixin  # noqa: F401 - re-exported: STATE_FORMAT
 from rl.optim import param_groups
 from rl.published import needs_reference_model
 from rl.reference import place_reference, reference_on_device
 from rl.sample import ScoredSample
 from rl.router_aux import router_aux_for
 from rl.value import ValueHead, compute_value_targets, value_loss
-from rl.weight_sync import Chunk, SyncStats, layered_weights, stream_weights
 from rollout.models.layout import RowPacking, layout_length
 from rollout.models.policy import DiffusionPolicy
 
 DETERMINISTIC_ESTIMATORS = ("trajectory", "canvas_trace", "ar_exact", "intermediate_state")  # masks: not (seed, iter)
-STATE_FORMAT = 1
 
 
-class Learner:
+class Learner(LearnerStateMixin):
     """Trains `policy` in place.
 
     ref_policy: the frozen reference (default: a copy of `policy` as given; on resume pass the run's initial
       checkpoint, not the trained policy). Not used when training LoRA (adapters off is the reference).
-    value_policy: trunk of a separate value model (default: a copy of `policy`)."""
+    value_policy: trunk of a separate value model (default: a copy of `policy`).
+    Weight streaming and checkpoint state (named_weights, weight_buckets, state_dict, load_state_dict) come from
+    rl.learner_state."""
 
     def __init__(self, policy: DiffusionPolicy, config: LearnerConfig, *, ref_policy: DiffusionPolicy | None = None,
                  value_policy: DiffusionPolicy | None = None):
@@ -240,8 +239,7 @@ class Learner:
         norms, vnorms = minibatch_normalizers(plan, lambda it, i: self._old[(self._mask_iter(it), i)].counted,
                                               self.loss_config, self.backend.all_reduce_sum, self.device)
         t_old = time.perf_counter() - start
-        steps = skipped = 0
-        grad_norms, lr = [], 0.0
+        tally = StepTally()
         self._set_mode(train=True)
         for it, minibatches in enumerate(plan):
             for m, micros in enumerate(minibatches):
@@ -266,28 +264,31 @@ class Learner:
                         self.backend.backward(loss, boundary=k == len(micros) - 1 and d == len(draws) - 1)
                     if not dummy:
                         log.add(parts[0] if len(parts) == 1 else merge_draw_metrics(parts))
-                gnorm, applied, lr = self.backend.step(self.optimizer_steps)
-                if applied:
-                    steps += 1
-                    self.optimizer_steps += 1
-                    grad_norms.append(gnorm)
-                else:
-                    skipped += 1
-        self._set_mode(train=False)
-        self.updates += 1
-        self.nan_skipped_total += skipped
+                self._optimizer_step(tally)
         out = log.means()
-        out.update({
-            "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
-            "grad_norm_max": max(grad_norms) if grad_norms else float("nan"),
-            "lr": lr, "optimizer_steps": float(steps), "nan_skipped": float(skipped),
-            "nan_skipped_total": float(self.nan_skipped_total), "num_samples": float(len(batch)),
-            "time_s": time.perf_counter() - start, "time_old_s": t_old, "update": float(self.updates),
-            **{k: float(v) for k, v in counters.items()},
-        })
+        out.update(self._finish_update(tally, len(batch)))
+        out.update({"time_s": time.perf_counter() - start, "time_old_s": t_old,
+                    **{k: float(v) for k, v in counters.items()}})
         out["forwards"] += out["forwards_old"] + out["forwards_ref"]
         out.update(self._mismatch)
         return out
+
+    def _optimizer_step(self, tally: StepTally) -> None:
+        """The optimizer step ending a minibatch; a non-finite loss or gradient skips it (the weights stay)."""
+        gnorm, applied, tally.lr = self.backend.step(self.optimizer_steps)
+        if applied:
+            self.optimizer_steps += 1
+            tally.grad_norms.append(gnorm)
+        else:
+            tally.skipped += 1
+
+    def _finish_update(self, tally: StepTally, num_samples: int) -> dict[str, float]:
+        """Close an update (eval mode, counters); the metrics every update reports of its steps."""
+        self._set_mode(train=False)
+        self.updates += 1
+        self.nan_skipped_total += tally.skipped
+        return {**tally.metrics(), "nan_skipped_total": float(self.nan_skipped_total),
+                "num_samples": float(num_samples), "update": float(self.updates)}
 
     def _before_training(self, batch: RolloutBatch, plan, counters: dict) -> None:
         """Old / ref log-likelihoods, old values and value targets, mismatch: all before any weight change.
@@ -476,88 +477,3 @@ class Learner:
             loss = loss + vc.coef * vloss + vpad
             metrics.update(vmetrics)
         return loss, metrics, forwards
-
-    # ------------------------------------------------------------------------------------------ weights / state
-    def named_weights(self, lora_delta: bool | None = None, *,
-                      emit: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-        """Plain-named weights for the rollout side: full merged weights, or (training LoRA, lora_delta None/True)
-        the adapter triples only (see rl.weight_sync). Under ZeRO-3 every rank must iterate this together: one
-        module's parameters are gathered at a time, and ranks that do not send pass emit=False."""
-        lora = self.lora if lora_delta is None else bool(lora_delta)
-        if lora and not self.lora:
-            raise ValueError("named_weights: lora_delta=True but the policy has no LoRA adapters")
-        yield from layered_weights(self.policy.causal_lm, self.backend.gathered, lora=lora, emit=emit)
-
-    def weight_buckets(self, bucket_bytes: int, *, version: int | None = None, lora_delta: bool | None = None,
-                       dtype: torch.dtype | None = None, split_large: bool = True,
-                       stats: SyncStats | None = None) -> Iterator[Chunk]:
-        """`(version, [(name, tensor), ...])` chunks of at most bucket_bytes (rl.weight_sync.stream_weights);
-        version defaults to the number of updates done."""
-        version = self.updates if version is None else version
-        return stream_weights(self.named_weights(lora_delta), version, bucket_bytes, dtype=dtype,
-                              split_large=split_large, stats=stats)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Counters, the backend's state (torch: the optimizer; DeepSpeed: its layout, the rest being in its own
-        files, rl.learner_shards), and unless the backend's files hold them, the value model and (LoRA) adapters:
-        tensors and plain types only (torch.load(weights_only=True) reads it). Full policy weights are saved apart
-        (save_policy, LoRA merged). A LoRA learner resumes on its frozen base (the run's initial policy, never the
-        merged checkpoint) with these adapters: the same policy, reference (adapters off) and optimizer state."""
-        state = {"format": STATE_FORMAT, "updates": self.updates, "optimizer_steps": self.optimizer_steps,
-                 "nan_skipped_total": self.nan_skipped_total, "backend": self.backend.state_dict()}
-        if self.backend.owns_module_state:  # DeepSpeed's own files hold the adapters and the value model
-            return state
-        if self.lora:
-            state["adapter"] = self._adapter_state()
-        if self.value_head is not None:
-            state["value_head"] = {k: v.detach().cpu().clone() for k, v in self.value_head.state_dict().items()}
-        if self.value_policy is not None:
-            state["value_trunk"] = {k: v.detach().cpu().clone() for k, v in self.value_policy.model.state_dict().items()}
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"learner state: format {state.get('format')!r}, expected {STATE_FORMAT}")
-        if self.backend.owns_module_state:  # the module comes with the backend's files (rl.learner_shards)
-            self._load_counters(state)
-            return
-        for key, module in (("value_head", self.value_head),
-                            ("value_trunk", self.value_policy.model if self.value_policy else None)):
-            if (key in state) != (module is not None):
-                raise ValueError(f"learner state: {key} {'missing' if module is not None else 'unexpected'}")
-            if module is not None:
-                module.load_state_dict(state[key])
-        if ("adapter" in state) != self.lora:
-            raise ValueError(f"learner state: adapter {'missing' if self.lora else 'unexpected'} (the checkpoint "
-                             f"was {'not ' if self.lora else ''}written by a LoRA learner)")
-        if self.lora:
-            self._load_adapter(state["adapter"])
-        self._load_counters(state)
-
-    def _load_counters(self, state: dict[str, Any]) -> None:
-        self.backend.load_state_dict(state["backend"])
-        self.updates = int(state["updates"])
-        self.optimizer_steps = int(state["optimizer_steps"])
-        self.nan_skipped_total = int(state["nan_skipped_total"])
-
-    def _trainable(self) -> dict[str, torch.nn.Parameter]:
-        return {name: p for name, p in self.policy.model.named_parameters() if p.requires_grad}
-
-    def _adapter_state(self) -> dict[str, torch.Tensor]:
-        """Every trainable policy tensor of a LoRA learner (the adapters, and modules PEFT trains whole)."""
-        params = self._trainable()
-        with self.backend.gathered(params.values()):
-            return {name: p.detach().cpu().clone() for name, p in params.items()}
-
-    def _load_adapter(self, saved: dict[str, torch.Tensor]) -> None:
-        params = self._trainable()
-        odd = sorted(set(params) ^ set(saved))
-        if odd:
-            where = "missing from the checkpoint" if odd[0] in params else "not in this LoRA model"
-            raise ValueError(f"learner state: adapter tensor {odd[0]!r} {where}")
-        with self.backend.gathered(params.values()), torch.no_grad():
-            for name, p in params.items():
-                if tuple(saved[name].shape) != tuple(p.shape):
-                    raise ValueError(f"learner state: adapter tensor {name!r} has shape {tuple(saved[name].shape)}, "
-                                     f"this LoRA model expects {tuple(p.shape)}")
-                p.copy_(saved[name].to(device=p.device, dtype=p.dtype))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -245,3 +245,18 @@ class MetricLog:
 
     def means(self) -> dict[str, float]:
         return {name: self.sums[name] / self.counts[name] for name in self.sums}
+
+
+@dataclass
+class StepTally:
+    """An update's optimizer steps so far: the grad norm of each applied step (so their count), the steps skipped on a
+    non-finite loss or gradient, and the last step's lr."""
+    grad_norms: list[float] = field(default_factory=list)
+    skipped: int = 0
+    lr: float = 0.0
+
+    def metrics(self) -> dict[str, float]:
+        norms = self.grad_norms
+        return {"grad_norm": sum(norms) / len(norms) if norms else float("nan"),
+                "grad_norm_max": max(norms) if norms else float("nan"),
+                "lr": self.lr, "optimizer_steps": float(len(norms)), "nan_skipped": float(self.skipped)}

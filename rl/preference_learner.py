@@ -34,7 +34,7 @@ import torch
 from rl.algorithms import PolicyBatch, PolicyEstimates
 from rl.estimators.base import EstimatorInput
 from rl.learner import Learner
-from rl.learner_batch import MetricLog, rollout_batch
+from rl.learner_batch import MetricLog, StepTally, rollout_batch
 from rl.learner_config import LearnerConfig
 from rl.masking import sample_seed
 from rl.preference_pairs import PreferencePair, pair_samples
@@ -154,7 +154,7 @@ class PreferenceLearner(Learner):
         else:
             ref_seq = self._reference_scores(batch.inp, plan, ref_seed, counters)
         t_ref = time.perf_counter() - start
-        log, grad_norms, steps, skipped, lr = MetricLog(), [], 0, 0, 0.0
+        log, tally = MetricLog(), StepTally()
         self._set_mode(train=True)
         for it, minibatches in enumerate(plan):
             key = self._mask_iter(it)
@@ -175,25 +175,13 @@ class PreferenceLearner(Learner):
                     loss, metrics = self.loss_fn(pb, pe, self.loss_config)
                     log.add(metrics)
                     self.backend.backward(loss, boundary=k == len(micros) - 1)
-                gnorm, applied, lr = self.backend.step(self.optimizer_steps)
-                if applied:
-                    steps += 1
-                    self.optimizer_steps += 1
-                    grad_norms.append(gnorm)
-                else:
-                    skipped += 1
-        self._set_mode(train=False)
-        self.updates += 1
-        self.nan_skipped_total += skipped
+                self._optimizer_step(tally)
         out = log.means()
+        out.update(self._finish_update(tally, len(samples)))
         versions = [float(s.trajectory.policy_version) for s in samples]
         out.update({
-            "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
-            "grad_norm_max": max(grad_norms) if grad_norms else float("nan"),
-            "lr": lr, "optimizer_steps": float(steps), "nan_skipped": float(skipped),
-            "nan_skipped_total": float(self.nan_skipped_total), "num_samples": float(len(samples)),
             "data_version_mean": sum(versions) / len(versions),
-            "time_s": time.perf_counter() - start, "time_ref_s": t_ref, "update": float(self.updates),
+            "time_s": time.perf_counter() - start, "time_ref_s": t_ref,
             "forwards": float(counters["forwards"] + counters["forwards_ref"]),
             "forwards_ref": float(counters["forwards_ref"]),
         })
