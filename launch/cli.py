@@ -246,7 +246,9 @@ def sft_run(args: argparse.Namespace):
         "training": SFTConfig(**{**{k: v for k, v in training.items() if v is not None}, "seed": seed})})
 
 
-_TINY = {"block": "qwen3-block", "sdar": "sdar", "llada": "llada", "dream": "dream"}
+# `diffrl sft --tiny` kinds: every recipe model.tiny but diffusion-gemma (no SFT layout for its canvas decoder).
+_TINY = {"block": "qwen3-block", "sdar": "sdar", "sdar-moe": "sdar-moe", "llada": "llada", "dream": "dream",
+         "llada2": "llada2"}
 
 
 def policy_dir_of(path: Path) -> Path:

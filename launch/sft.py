@@ -26,7 +26,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from launch.data import task_seed_of
-from launch.recipe import DataSection, ModelSection, Recipe
+from launch.recipe import DataSection, ModelSection, Recipe, RecipeError
 from launch.recipe_sections import Section
 from rl.atomic_io import atomic_output
 from rl.sft import SFTConfig
@@ -151,6 +151,8 @@ def run_sft(run: SFTRun, *, progress: bool = True) -> dict:
         raise FileExistsError(f"sft: output directory {out_dir} exists (set overwrite / pass --overwrite)")
     train_pairs, heldout_pairs = _rows(data, task_seed_of(data, config.seed))
     policy = _policy(run, config.seed)
+    if policy.spec.kind == "diffusion_gemma":  # its canvas decoder has no [prompt | clean | noisy] SFT layout
+        raise RecipeError("sft: model: DiffusionGemma checkpoints are not supported by diffrl sft")
     examples = build_examples(policy, train_pairs, chat_template=data.chat_template, response_len=config.response_len)
     heldout = build_examples(policy, heldout_pairs[:run.num_heldout], chat_template=data.chat_template,
                              response_len=examples[0].response_ids.numel() if not policy.spec.is_block else None)
