@@ -59,18 +59,21 @@ def test_sft_cli_exposes_the_tiny_shape_warmup_and_eval_decoding(tmp_path):
     assert (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size) == (2, 1, 48)
 
 
-def test_sft_tiny_kinds_are_the_recipes_but_diffusion_gemma(tmp_path, capsys):
+def test_sft_tiny_kinds_are_the_recipes_but_diffusion_gemma(tmp_path):
     """`--tiny` offers every recipe `model.tiny` kind SFT can train; DiffusionGemma (no SFT layout for its canvas
-    decoder) is refused in one line, not with a traceback."""
-    from pathlib import Path
+    decoder) is refused with a one-line RecipeError, not a traceback, and nothing is written."""
     from typing import get_args
 
+    import pytest
+
     from launch.cli import _TINY
-    from launch.recipe import ModelSection
+    from launch.recipe import ModelSection, RecipeError
+    from launch.sft import SFTRun, run_sft
 
     recipe_kinds = set(get_args(get_args(ModelSection.model_fields["tiny"].annotation)[0]))
     assert set(_TINY.values()) == recipe_kinds - {"diffusion-gemma"}
-    recipe = Path(__file__).resolve().parents[2] / "recipes" / "tiny-tracerl.yaml"
-    assert main(["sft", str(tmp_path / "g"), "--recipe", str(recipe), "model.tiny=diffusion-gemma",
-                 "--hidden-size", "32", "--num-layers", "1", "--steps", "1", "-q"]) == 2
-    assert "DiffusionGemma" in capsys.readouterr().err and not (tmp_path / "g").exists()
+    run = SFTRun(out=str(tmp_path / "g"), model={"tiny": "diffusion-gemma"},
+                 tiny_size={"hidden_size": 32, "num_layers": 1}, training={"steps": 1})
+    with pytest.raises(RecipeError, match="DiffusionGemma"):
+        run_sft(run, progress=False)
+    assert not (tmp_path / "g").exists()
