@@ -8,16 +8,22 @@ import pytest
 from launch.recipe import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+# Every shipped recipe, by name: one added or removed without this list changing fails the test below.
 EXPECTED = {
-    "tracerl-trado-math.yaml", "tracerl-trado-math-value.yaml", "tracerl-sdar.yaml", "diffu-grpo-llada-gsm8k.yaml",
-    "gdpo-llada-gauss3.yaml", "cj-grpo-llada-eoser-ass.yaml", "coupled-grpo-dream-code.yaml", "tiny-base.yaml",
-    "tiny-tracerl.yaml", "tiny-diffu-grpo.yaml", "tiny-gdpo.yaml",
-    "tiny-espo.yaml", "tiny-bgpo.yaml", "tiny-ebpo.yaml", "espo-llada-gsm8k.yaml",
+    "agrpo-llada-gsm8k.yaml", "cj-grpo-llada-eoser-ass.yaml", "coupled-grpo-dream-code.yaml",
+    "diffu-grpo-llada-gsm8k.yaml", "dtreerpo-llada-gsm8k.yaml", "dtrpo-sdar.yaml", "espo-llada-gsm8k.yaml",
+    "gdpo-llada-gauss3.yaml", "igpo-llada-math.yaml", "justgrpo-llada-gsm8k.yaml", "mdpo-llada-math.yaml",
+    "tiny-agrpo.yaml", "tiny-base.yaml", "tiny-bgpo.yaml", "tiny-demo.yaml", "tiny-diffu-grpo.yaml",
+    "tiny-dtreerpo.yaml", "tiny-dtrpo.yaml", "tiny-ebpo.yaml", "tiny-espo.yaml", "tiny-gdpo.yaml", "tiny-igpo.yaml",
+    "tiny-justgrpo.yaml", "tiny-mdpo.yaml", "tiny-tracerl-diffusion-gemma.yaml", "tiny-tracerl-llada2.yaml",
+    "tiny-tracerl-sdar-moe.yaml", "tiny-tracerl.yaml", "tiny-vrpo.yaml", "tracerl-diffusion-gemma.yaml",
+    "tracerl-llada2.yaml", "tracerl-sdar-moe.yaml", "tracerl-sdar.yaml", "tracerl-trado-math-value.yaml",
+    "tracerl-trado-math.yaml", "vrpo-llada.yaml",
 }
 
 
 def test_the_expected_recipes_exist():
-    assert EXPECTED <= {p.name for p in RECIPES.glob("*.yaml")}
+    assert EXPECTED == {p.name for p in RECIPES.glob("*.yaml")}
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in RECIPES.glob("*.yaml")))
