@@ -17,10 +17,11 @@ from __future__ import annotations
 import torch
 
 from rl.algorithms.core import LOSSES, LossConfig, Metrics, PolicyBatch, PolicyEstimates
-from rl.algorithms.espo import sequence_clipped_loss
+from rl.algorithms.espo import sequence_kl
+from rl.algorithms.sequence import sequence_clipped_loss
 from rl.published import ALGORITHM_DEFAULTS
 
 
 @LOSSES.register("ebpo", **ALGORITHM_DEFAULTS["ebpo"].loss)
 def ebpo_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossConfig) -> tuple[torch.Tensor, Metrics]:
-    return sequence_clipped_loss(batch, est, config, "ebpo")
+    return sequence_clipped_loss(batch, est, config, "ebpo", kl_fn=sequence_kl)

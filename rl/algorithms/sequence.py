@@ -9,6 +9,8 @@ the estimator happened to mask. The ELBOs themselves cover the tokens through th
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from rl.algorithms.core import (
@@ -42,9 +44,19 @@ def sequence_lengths(batch: PolicyBatch, config: LossConfig, name: str) -> torch
     return batch.lengths
 
 
-@LOSSES.register("gdpo", **ALGORITHM_DEFAULTS["gdpo"].loss)
-def gdpo_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossConfig) -> tuple[torch.Tensor, Metrics]:
-    name = "gdpo"
+SequenceKL = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, str], torch.Tensor]  # (seq, target, L, estimator)
+
+
+def length_normalized_kl(seq: torch.Tensor, target: torch.Tensor, scale: torch.Tensor, estimator: str) -> torch.Tensor:
+    """GDPO's sequence KL: the estimator on the length-normalised ELBOs, ELBO / L."""
+    return kl_penalty(seq / scale, target / scale, estimator)
+
+
+def sequence_clipped_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossConfig, name: str,
+                          kl_fn: SequenceKL) -> tuple[torch.Tensor, Metrics]:
+    """Clipped surrogate on one sequence-level ratio exp((ELBO - ELBO_old) / L) (L = 1 without length_normalize),
+    broadcast onto the sequence's counted tokens, plus beta * kl_fn(ELBO, ELBO_ref or old, L, estimator) clamped to
+    kl_clamp. GDPO, ESPO and EBPO differ only in kl_fn and their defaults."""
     mask = counted_mask(batch, est, config.observed_only)
     b = mask.shape[0]
     seq = require(est, "seq_logp", (b,), name)
@@ -61,16 +73,18 @@ def gdpo_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossConfig) -> t
         log_ratio = log_ratio.clamp(-config.ratio_clamp, config.ratio_clamp)
     ratio = torch.exp(log_ratio)
     pg_seq = safe(clipped_surrogate(ratio, adv, config.clip_eps_low, config.eps_high), rows)
-
     norm = normalizer_of(batch, mask, config)
-    per_token = pg_seq[:, None].expand(mask.shape)
-    pg_loss = aggregate(per_token, mask, config.loss_agg, norm, step_ids=batch.step_ids)
+    pg_loss = aggregate(pg_seq[:, None].expand(mask.shape), mask, config.loss_agg, norm, step_ids=batch.step_ids)
+
     kl_loss, kl_seq = None, None
     if config.beta != 0:
         target = est.seq_ref_logp if config.kl_reference == "ref" else old
         if target is None:
-            raise ValueError("loss 'gdpo' with kl_reference='ref' needs estimates.seq_ref_logp")
-        kl_seq = safe(kl_penalty(seq / scale, target.detach() / scale, config.kl_estimator, config.kl_clamp), rows)
+            raise ValueError(f"loss '{name}' with kl_reference='ref' needs estimates.seq_ref_logp")
+        kl_seq = kl_fn(seq, target.detach(), scale, config.kl_estimator)
+        if config.kl_clamp is not None:
+            kl_seq = kl_seq.clamp(-config.kl_clamp, config.kl_clamp)
+        kl_seq = safe(kl_seq, rows)
         kl_loss = config.beta * aggregate(kl_seq[:, None].expand(mask.shape), mask, config.loss_agg, norm,
                                           step_ids=batch.step_ids)
 
@@ -80,3 +94,8 @@ def gdpo_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossConfig) -> t
     if kl_seq is not None:
         metrics["kl"] = masked_stats(kl_seq, rows)[0]
     return finish({"pg_loss": pg_loss, "kl_loss": kl_loss}, metrics)
+
+
+@LOSSES.register("gdpo", **ALGORITHM_DEFAULTS["gdpo"].loss)
+def gdpo_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossConfig) -> tuple[torch.Tensor, Metrics]:
+    return sequence_clipped_loss(batch, est, config, "gdpo", kl_fn=length_normalized_kl)
