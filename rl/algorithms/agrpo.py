@@ -23,7 +23,8 @@ from rl.algorithms.core import (
     common_metrics,
     counted_mask,
     finish,
-    kl_penalty,
+    importance_ratio,
+    kl_term,
     masked_stats,
     normalizer_of,
     ratio_metrics,
@@ -43,18 +44,12 @@ def agrpo_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossConfig) -> 
     old = require(est, "old_logp", mask.shape, name) if est.old_logp is not None else logp.detach()
     mask = mask & (weight > 0)
     adv = token_advantages(batch.advantages.detach(), mask.shape).to(logp.dtype)
-    log_ratio = safe(logp - old.detach(), mask)
-    if config.ratio_clamp is not None:
-        log_ratio = log_ratio.clamp(-config.ratio_clamp, config.ratio_clamp)
-    ratio = torch.exp(log_ratio)
+    ratio = importance_ratio(safe(logp - old.detach(), mask), config)
     norm = normalizer_of(batch, mask, config)
     pg = safe(clipped_surrogate(ratio, adv, config.clip_eps_low, config.eps_high) * weight, mask)
     pg_loss = aggregate(pg, mask, config.loss_agg, norm, step_ids=batch.step_ids)
-    kl_loss, kl = None, None
-    if config.beta != 0:
-        target = require(est, "ref_logp", mask.shape, name) if config.kl_reference == "ref" else old
-        kl = safe(kl_penalty(logp, target.detach(), config.kl_estimator, config.kl_clamp,
-                             config.kl_log_ratio_clamp), mask)
+    kl_loss, kl = None, kl_term(est, mask, config, name)
+    if kl is not None:
         kl_loss = config.beta * aggregate(safe(kl * ratio * weight, mask), mask, config.loss_agg, norm,
                                           step_ids=batch.step_ids)
     metrics = common_metrics(batch, est, mask, batch.advantages)

@@ -230,6 +230,13 @@ def kl_penalty(logp: torch.Tensor, target_logp: torch.Tensor, estimator: str = "
     return kl.clamp(-clamp, clamp) if clamp is not None else kl
 
 
+def importance_ratio(log_ratio: torch.Tensor, config: LossConfig) -> torch.Tensor:
+    """exp(log_ratio), the log-ratio first clamped to [-ratio_clamp, ratio_clamp] when the config sets one."""
+    if config.ratio_clamp is not None:
+        log_ratio = log_ratio.clamp(-config.ratio_clamp, config.ratio_clamp)
+    return torch.exp(log_ratio)
+
+
 def clipped_surrogate(ratio: torch.Tensor, adv: torch.Tensor, eps_low: float, eps_high: float) -> torch.Tensor:
     """-min(rho A, clip(rho, 1 - low, 1 + high) A), elementwise."""
     return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - eps_low, 1 + eps_high))

@@ -22,6 +22,7 @@ from rl.algorithms.core import (
     common_metrics,
     counted_mask,
     finish,
+    importance_ratio,
     kl_term,
     masked_stats,
     normalizer_of,
@@ -39,10 +40,7 @@ def token_ppo_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossConfig,
     logp = require(est, "logp", mask.shape, name)
     old = require(est, "old_logp", mask.shape, name) if est.old_logp is not None else logp
     adv = token_advantages(batch.advantages.detach(), mask.shape).to(logp.dtype)
-    log_ratio = safe(logp - old.detach(), mask)
-    if config.ratio_clamp is not None:
-        log_ratio = log_ratio.clamp(-config.ratio_clamp, config.ratio_clamp)
-    ratio = torch.exp(log_ratio)
+    ratio = importance_ratio(safe(logp - old.detach(), mask), config)
     pg = safe(clipped_surrogate(ratio, adv, config.clip_eps_low, config.eps_high), mask)
 
     norm = normalizer_of(batch, mask, config)

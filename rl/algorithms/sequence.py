@@ -24,6 +24,7 @@ from rl.algorithms.core import (
     common_metrics,
     counted_mask,
     finish,
+    importance_ratio,
     kl_penalty,
     masked_stats,
     normalizer_of,
@@ -68,10 +69,7 @@ def sequence_clipped_loss(batch: PolicyBatch, est: PolicyEstimates, config: Loss
     scale = lengths.to(seq.dtype).clamp(min=1) if config.length_normalize else torch.ones_like(seq)
     rows = mask.any(1)
 
-    log_ratio = safe((seq - old.detach()) / scale, rows)
-    if config.ratio_clamp is not None:
-        log_ratio = log_ratio.clamp(-config.ratio_clamp, config.ratio_clamp)
-    ratio = torch.exp(log_ratio)
+    ratio = importance_ratio(safe((seq - old.detach()) / scale, rows), config)
     pg_seq = safe(clipped_surrogate(ratio, adv, config.clip_eps_low, config.eps_high), rows)
     norm = normalizer_of(batch, mask, config)
     pg_loss = aggregate(pg_seq[:, None].expand(mask.shape), mask, config.loss_agg, norm, step_ids=batch.step_ids)
