@@ -136,15 +136,26 @@ class TorchEngine(RolloutEngine):
     def __init__(self, policy, *, kv_cache: str = "auto", max_batch_size: int = 64, progress: bool = False,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, memory_budget: float | str | None = None,
                  spill_dir: str | Path | None = None):
-        if max_batch_size < 1:
-            raise ValueError(f"engine.max_batch_size must be >= 1, got {max_batch_size}")
-        self.policy = policy
+        self._init_state(policy, max_batch_size=max_batch_size, progress=progress, bucket_bytes=bucket_bytes,
+                         spill_dir=spill_dir)
         self.kv_cache = _resolve_cache(policy.spec, kv_cache)
         if self.kv_cache != "none" and not policy.native:
             raise ValueError(f"engine.kv_cache: {self.kv_cache!r} needs a transformers-native model; a checkpoint "
                              "with its own modelling code decodes with kv_cache='none'")
-        self.max_batch_size = max_batch_size
         self.memory_budget = parse_memory_budget(memory_budget)
+        config = policy.causal_lm.config
+        self.max_positions = getattr(config, "max_position_embeddings", None)
+        self.vocab_size = int(getattr(config, "vocab_size", 0) or policy.logits_from_hidden(
+            torch.zeros(1, policy.hidden_size, device=policy.device, dtype=policy.dtype)).shape[-1])
+
+    def _init_state(self, policy, *, max_batch_size: int, progress: bool, bucket_bytes: int,
+                    spill_dir: str | Path | None) -> None:
+        """What every torch engine (and its subclasses, e.g. DiffusionGemma's) holds: the policy, the batch limit,
+        the weights' sleep state and the weight-sync state."""
+        if max_batch_size < 1:
+            raise ValueError(f"engine.max_batch_size must be >= 1, got {max_batch_size}")
+        self.policy = policy
+        self.max_batch_size = max_batch_size
         self._weights = WeightSleep(policy.model, spill_dir)
         self._memory: dict[str, float] = {}
         self.progress = progress
@@ -153,10 +164,6 @@ class TorchEngine(RolloutEngine):
         self._device = policy.device
         self._receiver: WeightReceiver | None = None  # made at the first update_weights
         self.sync_stats: SyncStats | None = None  # receiver-side figures of the last weight update
-        config = policy.causal_lm.config
-        self.max_positions = getattr(config, "max_position_embeddings", None)
-        self.vocab_size = int(getattr(config, "vocab_size", 0) or policy.logits_from_hidden(
-            torch.zeros(1, policy.hidden_size, device=policy.device, dtype=policy.dtype)).shape[-1])
 
     @classmethod
     def from_dir(cls, path: str | Path, *, device: str | torch.device = "cpu",

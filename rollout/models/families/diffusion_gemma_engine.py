@@ -24,7 +24,6 @@ from rollout.decoding.state import error_trajectory
 from rollout.engine import TorchEngine
 from rollout.models.families.diffusion_gemma_sampler import DecodedRow, SamplerSettings, decode_rows
 from rollout.sampling import GenerationRequest
-from rollout.sleep import WeightSleep
 from rollout.trajectory import Trajectory
 
 
@@ -36,20 +35,10 @@ class DiffusionGemmaEngine(TorchEngine):
                              f"{kv_cache!r}")
         if memory_budget is not None:
             raise ValueError("rollout.memory_budget: not supported for DiffusionGemma (batches of max_batch_size)")
-        if max_batch_size < 1:
-            raise ValueError(f"engine.max_batch_size must be >= 1, got {max_batch_size}")
-        self.policy = policy
+        self._init_state(policy, max_batch_size=max_batch_size, progress=progress, bucket_bytes=bucket_bytes,
+                         spill_dir=spill_dir)
         self.kv_cache = "encoder"
-        self.max_batch_size = max_batch_size
         self.memory_budget = None
-        self._weights = WeightSleep(policy.model, spill_dir)
-        self._memory: dict[str, float] = {}
-        self.progress = progress
-        self.bucket_bytes = bucket_bytes
-        self.policy_version = 0
-        self._device = policy.device
-        self._receiver = None
-        self.sync_stats = None
         self.max_positions = int(policy.causal_lm.config.text_config.max_position_embeddings)
         self.vocab_size = policy.spec.vocab_size
         self.settings = SamplerSettings.from_generation_config(policy.causal_lm.generation_config)
