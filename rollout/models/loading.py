@@ -16,11 +16,11 @@ Formats:
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
+from rollout.models.checkpoint_files import write_config_and_code
 from rollout.models.families import sdar_moe
 from rollout.models.policy import DiffusionPolicy
 from rollout.models.spec import KINDS, DiffusionSpec, ModelLoadError, default_spec_fields
@@ -337,8 +337,4 @@ def _write_sdar_config(policy: DiffusionPolicy, out_dir: Path) -> None:
     config["model_type"] = "sdar"
     config["block_size"] = policy.spec.block_size  # SDAR configs record the block the weights decode with
     config.setdefault("architectures", ["SDARForCausalLM"])
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    src = policy.source.get("dir")
-    if src and Path(src).resolve() != out_dir.resolve():
-        for code in Path(src).glob("*.py"):
-            shutil.copy2(code, out_dir / code.name)
+    write_config_and_code(config, out_dir, policy.source.get("dir"))

@@ -11,11 +11,11 @@ any code files the source directory had) so the original tooling loads what diff
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
+from rollout.models.checkpoint_files import write_config_and_code
 from rollout.models.spec import ModelLoadError
 
 # Keys of config.json that say which code reads it, not what the model is.
@@ -115,11 +115,7 @@ def write_llada2_config(policy, out_dir: Path) -> None:
     config["model_type"] = "llada2_moe"
     config["architectures"] = ["LLaDA2MoeModelLM"]
     config.setdefault("auto_map", dict(AUTO_MAP))
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    src = policy.source.get("dir")
-    if src and Path(src).resolve() != out_dir.resolve():
-        for code in Path(src).glob("*.py"):
-            shutil.copy2(code, out_dir / code.name)
+    write_config_and_code(config, out_dir, policy.source.get("dir"))
 
 
 # ------------------------------------------------------------------------------------------------ tiny checkpoints

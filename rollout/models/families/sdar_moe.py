@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
 
+from rollout.models.checkpoint_files import write_config_and_code
 from rollout.models.spec import ModelLoadError
 
 MODEL_TYPE = "sdar_moe"
@@ -249,11 +249,7 @@ def write_config(source_config: dict, model_cfg, block_size: int, source_dir: st
     config["block_size"] = block_size
     config.setdefault("architectures", [ARCHITECTURE])
     config.setdefault("auto_map", dict(AUTO_MAP))
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if source_dir and Path(source_dir).resolve() != out_dir.resolve():
-        for code in list(Path(source_dir).glob("*.py")) + [Path(source_dir) / "generation_config.json"]:
-            if code.is_file():
-                shutil.copy2(code, out_dir / code.name)
+    write_config_and_code(config, out_dir, source_dir, also=("generation_config.json",))
 
 
 # ------------------------------------------------------------------------------------------------- tiny
