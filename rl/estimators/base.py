@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from rl.registry import Registry
+from rollout.models.masks import check_alignment
 
 ESTIMATORS = Registry("estimator")
 
@@ -59,6 +60,14 @@ class Estimate:
     entropy: torch.Tensor | None = None  # (B, Lmax) predictive entropy where scored
     hidden: torch.Tensor | None = None  # (B, Lmax, H) hidden state at each noisy response position
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def block_alignment_option(block_alignment: str | None) -> str | None:
+    """An estimator's `block_alignment` option: None or "model" (the model's own alignment) -> None, anything else
+    checked (absolute | response)."""
+    if block_alignment is None or block_alignment == "model":
+        return None
+    return check_alignment(block_alignment)
 
 
 def padded(rows: list[torch.Tensor], width: int, fill=0, dtype=None) -> torch.Tensor:

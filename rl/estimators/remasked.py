@@ -26,12 +26,12 @@ from rl.estimators.base import (
     ESTIMATORS,
     Estimate,
     EstimatorInput,
+    block_alignment_option,
     padded,
     token_mask_of,
 )
 from rl.masking import sample_generator
 from rollout.models.layout import RowPacking, alignment_origin, score_packing
-from rollout.models.masks import check_alignment
 from rollout.trajectory import block_local_steps
 
 __all__ = ["RemaskDraw", "block_ids_of", "draw_remask", "remasked_step_estimator", "score_remasked"]
@@ -130,10 +130,7 @@ def remasked_step_estimator(policy, inp: EstimatorInput, *, seed: int = 0, inner
     """dTRPO's one-forward trajectory estimate (module doc); needs the rollout's step maps."""
     if inp.step_maps is None:
         raise ValueError("estimator 'remasked_step' needs step maps (rollout trajectories), none were given")
-    if block_alignment == "model":
-        block_alignment = None
-    if block_alignment is not None:
-        check_alignment(block_alignment)
+    block_alignment = block_alignment_option(block_alignment)
     spec = policy.spec
     block_size = (inp.block_size or spec.block_size) if spec.is_block else None
     draws = []

@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from rl.estimators.base import ESTIMATORS, Estimate, EstimatorInput, padded, token_mask_of
+from rl.estimators.base import ESTIMATORS, Estimate, EstimatorInput, block_alignment_option, padded, token_mask_of
 from rollout.models.layout import RowPacking, alignment_origin, score_packing
-from rollout.models.masks import check_alignment
 from rollout.trajectory import block_local_steps
 
 
@@ -54,10 +53,7 @@ def trajectory_estimator(policy, inp: EstimatorInput, *, seed: int = 0, inner_it
     del seed, inner_iter  # deterministic: the masks are the recorded trajectory itself
     if shrink < 1:
         raise ValueError(f"estimator.shrink: must be >= 1, got {shrink}")
-    if block_alignment == "model":
-        block_alignment = None
-    if block_alignment is not None:
-        check_alignment(block_alignment)
+    block_alignment = block_alignment_option(block_alignment)
     spec = policy.spec
     block_size = inp.block_size or spec.block_size
     heads = None
