@@ -25,18 +25,15 @@ from launch.decoding import decode_block
 from launch.driver_roles import learner_config, load_learner_policy
 from launch.driver_setup import (
     SetupError,
-    _check_run_dir,
-    _initial_model,
-    _resolved_kind,
     _tokenizer,
     absolute_recipe,
+    claim_run,
     host,
     write_run_status,
 )
 from launch.metrics import MetricsLogger
 from launch.preference_data import offline_pairs
-from launch.preflight import check_run_inputs, claim_run_dir
-from launch.recipe import check_paths, save_recipe
+from launch.recipe import save_recipe
 from rl.checkpoint import capture_rng, save_checkpoint
 
 __all__ = ["run_offline"]
@@ -54,14 +51,8 @@ def run_offline(recipe, *, resume=None, progress: bool = True, recipe_dir: Path 
     resolved = {key: str(Path(value).expanduser().resolve()) for key in ("preferences", "trajectories")
                 if (value := getattr(data, key)) is not None}
     recipe = recipe.model_copy(update={"data": data.model_copy(update=resolved)})
-    check_paths(recipe)
-    check_run_inputs(recipe, None)
-    run_dir = Path(recipe.output_dir)
-    claim = claim_run_dir(run_dir)
+    recipe, run_dir, claim, initial_dir = claim_run(recipe)
     try:
-        _check_run_dir(run_dir, False)
-        initial_dir = _initial_model(recipe, run_dir, claim)
-        recipe = _resolved_kind(recipe, initial_dir)
         tokenizer = _tokenizer(initial_dir)
         block = decode_block(recipe)
         pairs = offline_pairs(recipe.data, tokenizer, block_size=block,

@@ -31,8 +31,8 @@ from rollout.errors import OneLineError, one_line
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SetupError", "RunContext", "prepare_run", "placement_plan", "PlacementPlan", "write_run_status",
-           "absolute_recipe"]
+__all__ = ["SetupError", "RunContext", "claim_run", "prepare_run", "placement_plan", "PlacementPlan",
+           "write_run_status", "absolute_recipe"]
 
 
 class SetupError(OneLineError):
@@ -149,11 +149,11 @@ def _check_run_dir(run_dir: Path, resuming: bool) -> None:
                          f"`diffrl resume {run_dir}` or pick another name/output_dir")
 
 
-def prepare_run(recipe: Recipe, *, resume=None, recipe_dir: Path | None = None) -> RunContext:
-    """Validate everything that can be checked before Ray starts; claim the run directory; build the tiny model;
-    load the data. A failure leaves nothing behind: the inputs are checked before anything is written, and what
-    the claim created (the run directory itself, or model_init/ in an existing one) is removed again."""
-    recipe = absolute_recipe(recipe, recipe_dir)
+def claim_run(recipe: Recipe, resume=None) -> tuple[Recipe, Path, RunDirClaim, Path]:
+    """The start every run shares (RL and offline): the inputs checked before anything is written, the run
+    directory claimed and checked, the initial model built or linked, the model kind resolved from it. Returns
+    (recipe with its kind, run directory, claim, initial model directory); on a failure the claim is abandoned (what
+    it created removed) before the error propagates. Later failures are the caller's to abandon."""
     check_paths(recipe)
     check_run_inputs(recipe, resume)
     run_dir = Path(recipe.output_dir)
@@ -161,7 +161,18 @@ def prepare_run(recipe: Recipe, *, resume=None, recipe_dir: Path | None = None) 
     try:
         _check_run_dir(run_dir, resume is not None)
         initial_dir = _initial_model(recipe, run_dir, claim)
-        recipe = _resolved_kind(recipe, initial_dir)
+        return _resolved_kind(recipe, initial_dir), run_dir, claim, initial_dir
+    except BaseException:
+        claim.abandon()
+        raise
+
+
+def prepare_run(recipe: Recipe, *, resume=None, recipe_dir: Path | None = None) -> RunContext:
+    """Validate everything that can be checked before Ray starts; claim the run directory; build the tiny model;
+    load the data. A failure leaves nothing behind: the inputs are checked before anything is written, and what
+    the claim created (the run directory itself, or model_init/ in an existing one) is removed again."""
+    recipe, run_dir, claim, initial_dir = claim_run(absolute_recipe(recipe, recipe_dir), resume)
+    try:
         start_dir = resume.policy_dir if resume is not None else initial_dir
         tokenizer = _tokenizer(start_dir)
         prompts = load_prompts(recipe.data, tokenizer, split="train", seed=recipe.seed)
