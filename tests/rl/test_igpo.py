@@ -358,6 +358,17 @@ def test_reference_trace_column(tmp_path):
         check_reference_traces([good], "trace")
 
 
+def test_reference_trace_with_a_special_token_fails_before_training(policies):
+    # "<|mask|>" in the text encodes to the mask id: the engine would refuse that hint at every rescue
+    tok = policies["llada"].tokenizer
+    mask = tok.convert_ids_to_tokens(policies["llada"].spec.mask_token_id)
+    good = Prompt(0, (1,), "q", "4", {"reference_trace": "2+2=4"})
+    check_reference_traces([good], "reference_trace", tok)
+    bad = Prompt(3, (1,), "q", "4", {"reference_trace": f"2+2 {mask} 4"})
+    with pytest.raises(DataError, match=r"data row 3: column 'reference_trace' .*special token '<\|mask\|>'"):
+        check_reference_traces([good, bad], "reference_trace", tok)
+
+
 def test_store_round_trips_prefilled_positions(tmp_path, policies):
     samples = hinted_samples(policies["block"])
     store = TrajectoryStore(tmp_path)
