@@ -63,7 +63,7 @@ def test_espo_loss_equals_the_papers_equations_per_sample():
 @pytest.mark.parametrize("name", ["espo", "ebpo"])
 def test_sequence_clip_sides_are_not_swapped(name):
     # asymmetric clip (eps_low 0.1, eps_high 0.5): a swap of the two sides changes which samples clip
-    seq, old, ref, adv, lengths, mask = _random_seq_case(b=12, seed=3)
+    seq, old, _, adv, lengths, mask = _random_seq_case(b=12, seed=3)
     cfg = make_loss_config(name, clip_eps_low=0.1, clip_eps_high=0.5, beta=0.0)
     batch = PolicyBatch(advantages=adv, token_mask=mask, lengths=torch.full_like(lengths, mask.shape[1]))
     loss, _ = compute_loss(name, batch, PolicyEstimates(seq_logp=seq, seq_old_logp=old), cfg)
