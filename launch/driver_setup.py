@@ -179,7 +179,7 @@ def prepare_run(recipe: Recipe, *, resume=None, recipe_dir: Path | None = None) 
         if recipe.algorithm.name == "igpo":  # its reference traces, checked before anything starts
             from launch.igpo import check_reference_traces
 
-            check_reference_traces(prompts, recipe.algorithm.inpaint.reference_field)
+            check_reference_traces(prompts, recipe.algorithm.inpaint.reference_field, tokenizer)
         eval_prompts: list[Prompt] = []
         if recipe.trainer.eval_every:
             eval_prompts = load_prompts(recipe.data, tokenizer, split="eval", seed=recipe.seed)

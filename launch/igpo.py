@@ -27,12 +27,25 @@ def reference_trace(prompt: Prompt, field: str) -> str | None:
     return value
 
 
-def check_reference_traces(prompts: list[Prompt], field: str) -> None:
-    """Fail before training when a row's trace is malformed or no row has one (IGPO would never inpaint)."""
+def check_reference_traces(prompts: list[Prompt], field: str, tokenizer=None) -> None:
+    """Fail before training when a row's trace is malformed or no row has one (IGPO would never inpaint). With the
+    `tokenizer`, a trace whose text encodes to a special token (its mask token: the engine refuses the hint at every
+    rescue, so the group is silently never rescued; its EOS: the hinted response ends inside the hint) fails too."""
     traces = [reference_trace(p, field) for p in prompts]  # every row checked: a malformed one fails here
     if all(t is None for t in traces):
         raise DataError(f"algorithm.inpaint.reference_field: no data row has a {field!r} column (IGPO inpaints "
                         "reference reasoning traces from it)")
+    if tokenizer is None:
+        return
+    special = set(tokenizer.all_special_ids)
+    for prompt, trace in zip(prompts, traces, strict=True):
+        if trace is None:
+            continue
+        bad = next((t for t in tokenizer(trace, add_special_tokens=False)["input_ids"] if t in special), None)
+        if bad is not None:
+            raise DataError(f"data row {prompt.index}: column {field!r} (algorithm.inpaint.reference_field) encodes "
+                            f"to the special token {tokenizer.convert_ids_to_tokens(bad)!r} (id {bad}): a hint must be "
+                            "plain text")
 
 
 def inpainted_requests(requests: list[GenerationRequest], trace_ids: list[int], cfg: InpaintConfig, *,

@@ -56,11 +56,15 @@ def load_preference_file(path: str | Path, tokenizer, *, block_size: int, chat_t
     if eos is None:
         raise DataError(f"data.preferences: {path}: the tokenizer has no EOS token to end responses with")
     pairs = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            where = f"{path}: row {line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{where}: not UTF-8 (byte {err.start})") from None
             if not line.strip():
                 continue
-            where = f"{path}: row {line_no}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:

@@ -13,6 +13,7 @@ updates old the data are against the policy being trained (logged as staleness).
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,9 @@ def pair_samples(pairs: list[PreferencePair]) -> list[ScoredSample]:
 
 def trajectory_of_row(row: dict, *, block_size: int, where: str) -> Trajectory:
     """A stored row back as the Trajectory the rollout produced (confidence is not stored: zeros)."""
+    if row.get("prefilled"):
+        raise StoreError(f"{where}: stored trajectory {row.get('request_id')} has pre-filled (IGPO hint) tokens: "
+                         "not the policy's own trajectory, so not preference data")
     try:
         response = torch.tensor(row["response_ids"], dtype=torch.long)
         traj = Trajectory(
@@ -81,6 +85,9 @@ def pairs_from_store(root: str | os.PathLike, *, block_size: int, min_margin: fl
         if row.get("prompt_index") is None or row.get("step") is None:
             raise StoreError(f"store {root}: row {i} ({row.get('request_id')}): no step / prompt_index, so its group "
                              "is unknown (not a store the driver wrote)")
+        if row.get("reward") is not None and not math.isfinite(float(row["reward"])):
+            raise StoreError(f"store {root}: row {i} ({row.get('request_id')}): reward {row['reward']} is not finite "
+                             "(a NaN would pair a response with itself)")
         if _usable(row):
             groups.setdefault((int(row["step"]), int(row["prompt_index"])), []).append((i, row))
     pairs = []

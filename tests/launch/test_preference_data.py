@@ -56,6 +56,13 @@ def test_bad_rows_are_one_line_errors(tmp_path, tokenizer, line, needle):
     assert needle in str(err.value) and "\n" not in str(err.value) and str(path) in str(err.value)
 
 
+def test_a_row_that_is_not_utf8_is_a_one_line_error(tmp_path, tokenizer):
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "\xff\xfe", "chosen": "b"}\n')
+    with pytest.raises(DataError, match=r"row 2: not UTF-8"):
+        load_preference_file(path, tokenizer, block_size=4)
+
+
 def test_long_prompt_and_missing_file(tmp_path, tokenizer):
     path = _write(tmp_path, [json.dumps({"prompt": "word " * 50, "chosen": "b", "rejected": "c"})])
     with pytest.raises(DataError, match="row 1: field 'prompt' is .* > data.max_prompt_tokens 8"):

@@ -212,3 +212,55 @@ def test_several_inner_iterations_score_the_old_policy_once(tiny_model_dirs):
                                             loss={"beta": 0.0}, optim=OptimConfig(lr=1e-4)))
     m = learner.update(edges)
     assert m["forwards_old"] == 1 and m["optimizer_steps"] == 3
+
+
+def test_three_level_tree_shares_each_nodes_prefix_through_its_own_branch_step(tiny_policies):
+    # contraction 3 over T = 8 steps: branch points at steps 2 and 5; leaf (i, j, k) must agree with (i, j, k')
+    # before step 5 and with (i, j', .) only before step 2 (a seed of the whole leaf path at every branch step
+    # would make siblings diverge at step 2 already)
+    policy = tiny_policies["llada"]
+    tree = SimpleNamespace(name="dtreerpo", num_tree_samples=1, tree_branch_factor=2, tree_contraction_factor=3)
+    params = SamplingParams(temperature=1.0, max_tokens=2 * policy.spec.block_size, steps_per_block=4,
+                            remasking="low_confidence_static", stop_at_eos=False)
+    shape = TreeShape(8, 3, 1, 2)
+    assert shape.branch_steps() == [2, 5] and shape.num_leaves == 4
+    requests = [GenerationRequest(torch.tensor([12, 13, 14]), params, seed=7, request_id=f"d0-p0-s{j}")
+                for j in range(4)]
+    trajs = TorchEngine(policy).generate(with_tree_branches(requests, tree, 4, params, policy.spec.block_size))
+    mask_id = policy.spec.mask_token_id
+    paths = shape.leaves()
+    for a in range(4):
+        for b in range(a + 1, 4):
+            shared = 0 if paths[a][1] != paths[b][1] else 1  # levels shared below the root child
+            for step, same in ((2, True), (5, shared == 1), (8, False)):
+                equal = torch.equal(trajs[a].state_before_step(step, mask_id), trajs[b].state_before_step(step, mask_id))
+                assert equal == same, (paths[a], paths[b], step)
+
+
+def test_edge_estimate_is_a_plain_forward_of_the_whole_parent_state(tiny_policies):
+    # every position masked in the parent state stays masked in the scoring input, scored or not
+    from rl.estimators.intermediate import intermediate_state_estimator
+    from rl.step_samples import SCORED
+    from rollout.models.masks import sequence_bias
+
+    policy = tiny_policies["llada"]
+    trajs, n = _leaves(policy)
+    leaves = [ScoredSample(t, prompt_index=0, sample_index=j, reward=float(j % 2), keep=True)
+              for j, t in enumerate(trajs[:n])]
+    edge = next(e for e in edge_samples(leaves, TREE) if e.request_id.rsplit("-node", 1)[1].count(".") == 1)
+    leaf = leaves[[f"{c}.{g}" for c in range(2) for g in range(3)].index(edge.request_id.rsplit("-node", 1)[1])]
+    mask_id = policy.spec.mask_token_id
+    parent = leaf.trajectory.state_before_step(4, mask_id)
+    code = edge.trajectory.step_map
+    assert bool((code == 2).any()), "the case needs masked positions the edge does not train"
+    inp = EstimatorInput([edge.trajectory.prompt_ids], [edge.trajectory.response_ids], ["e"], step_maps=[code])
+    with torch.no_grad():
+        est = intermediate_state_estimator(policy, inp)
+        seq = torch.cat([edge.trajectory.prompt_ids, parent])
+        p = edge.trajectory.prompt_ids.numel()
+        bias = sequence_bias(p, parent.numel(), policy.spec.block_size, full=True)
+        logits = policy.forward(seq[None], torch.arange(seq.numel())[None], bias).logits[0]
+    want = torch.log_softmax(logits[p:], -1).gather(-1, edge.trajectory.response_ids[:, None]).squeeze(-1)
+    scored = code == SCORED
+    assert torch.equal(est.token_mask[0, :scored.numel()], scored)
+    assert torch.allclose(est.token_logp[0][scored], want[scored], atol=1e-5)

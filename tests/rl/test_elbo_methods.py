@@ -60,6 +60,23 @@ def test_espo_loss_equals_the_papers_equations_per_sample():
         assert float(seq.grad[i]) == pytest.approx(expect, rel=1e-9, abs=1e-15)
 
 
+@pytest.mark.parametrize("name", ["espo", "ebpo"])
+def test_sequence_clip_sides_are_not_swapped(name):
+    # asymmetric clip (eps_low 0.1, eps_high 0.5): a swap of the two sides changes which samples clip
+    seq, old, _, adv, lengths, mask = _random_seq_case(b=12, seed=3)
+    cfg = make_loss_config(name, clip_eps_low=0.1, clip_eps_high=0.5, beta=0.0)
+    batch = PolicyBatch(advantages=adv, token_mask=mask, lengths=torch.full_like(lengths, mask.shape[1]))
+    loss, _ = compute_loss(name, batch, PolicyEstimates(seq_logp=seq, seq_old_logp=old), cfg)
+    length = mask.shape[1] if name == "espo" else 1  # ESPO per-token normalised, EBPO's ratio as the paper writes it
+    naive, swapped = 0.0, 0.0
+    for i in range(len(seq)):
+        rho, a = math.exp((float(seq[i]) - float(old[i])) / length), float(adv[i])
+        naive += -min(rho * a, min(max(rho, 0.9), 1.5) * a)
+        swapped += -min(rho * a, min(max(rho, 0.5), 1.1) * a)
+    assert loss.item() == pytest.approx(naive / len(seq), rel=1e-12)
+    assert abs(naive - swapped) / len(seq) > 1e-3  # the case tells the two sides apart
+
+
 def test_ebpo_loss_equals_the_papers_equations_per_sample():
     # log rho_i = sum_n w_n sum_b (log p_theta(y^b | z_tn, y^<b) - log p_old(...)) from random block terms
     g = torch.Generator().manual_seed(1)

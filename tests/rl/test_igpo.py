@@ -348,6 +348,17 @@ def test_rescue_swaps_correct_hinted_samples_into_all_wrong_groups(policies):
     assert all(samples[k].trajectory is before[k] for k in range(n, 2 * n))
 
 
+def test_group_ratios_are_drawn_in_range_and_sorted_ascending():
+    # the reference sorts the group's inpainting ratios, so sample j of a group gets the j-th smallest
+    from rl.inpainting import inpaint_ratios
+
+    cfg = InpaintConfig()
+    for seed in range(5):
+        ratios = inpaint_ratios(8, cfg, torch.Generator().manual_seed(seed))
+        assert len(ratios) == 8 and all(cfg.ratio_low <= r <= cfg.ratio_high for r in ratios)
+        assert ratios == sorted(ratios) and len(set(ratios)) == 8
+
+
 def test_reference_trace_column(tmp_path):
     good = Prompt(0, (1,), "q", "4", {"reference_trace": "2+2=4"})
     assert reference_trace(good, "reference_trace") == "2+2=4" and reference_trace(good, "answer") == "4"
@@ -356,6 +367,17 @@ def test_reference_trace_column(tmp_path):
         check_reference_traces([good, Prompt(7, (1,), "q", "4", {"reference_trace": ["a"]})], "reference_trace")
     with pytest.raises(DataError, match="no data row has a 'trace' column"):
         check_reference_traces([good], "trace")
+
+
+def test_reference_trace_with_a_special_token_fails_before_training(policies):
+    # "<|mask|>" in the text encodes to the mask id: the engine would refuse that hint at every rescue
+    tok = policies["llada"].tokenizer
+    mask = tok.convert_ids_to_tokens(policies["llada"].spec.mask_token_id)
+    good = Prompt(0, (1,), "q", "4", {"reference_trace": "2+2=4"})
+    check_reference_traces([good], "reference_trace", tok)
+    bad = Prompt(3, (1,), "q", "4", {"reference_trace": f"2+2 {mask} 4"})
+    with pytest.raises(DataError, match=r"data row 3: column 'reference_trace' .*special token '<\|mask\|>'"):
+        check_reference_traces([good, bad], "reference_trace", tok)
 
 
 def test_store_round_trips_prefilled_positions(tmp_path, policies):

@@ -264,6 +264,9 @@ def test_store_without_preferences_is_a_one_line_error(tmp_path):
     TrajectoryStore(tmp_path / "other").add(4, samples)
     with pytest.raises(StoreError, match="row 2 .*prompt_index"):
         pairs_from_store(tmp_path / "other", block_size=4)
+    _stored(tmp_path / "nan", [[float("nan"), 1.0, 0.0]])  # max/min over a NaN picked one row as both sides
+    with pytest.raises(StoreError, match="row 0 .*p0s0.*not finite"):
+        pairs_from_store(tmp_path / "nan", block_size=4)
 
 
 def _recorded_by(policy, pairs):
@@ -315,3 +318,18 @@ def test_stored_reference_refuses_data_it_cannot_stand_for(tiny_model_dirs):
         learner.update(pairs)
     with pytest.raises(ValueError, match="decoding context"):
         PreferenceLearner(policy, LearnerConfig(algorithm="vrpo", estimator="mc_elbo"), reference_logp="stored")
+
+
+def test_store_rows_with_prefilled_hints_are_refused(tmp_path):
+    from rollout.trajectory import PREFILLED
+
+    samples = []
+    for j, reward in enumerate([1.0, 0.0]):
+        t = Trajectory(prompt_ids=torch.tensor([5, 6]), response_ids=torch.tensor([11, 12, 13, 14]),
+                       step_map=torch.tensor([PREFILLED, 0, 1, 1]), logprobs=torch.tensor([0.0, -1, -1, -1]),
+                       confidence=torch.zeros(4), valid_length=4, nfe=2, finish_reason="eos", block_size=4,
+                       request_id=f"s{j}", prefilled=torch.tensor([True, False, False, False]))
+        samples.append(ScoredSample(t, prompt_index=0, sample_index=j, reward=reward, reason="x"))
+    TrajectoryStore(tmp_path).add(1, samples)
+    with pytest.raises(StoreError, match="s0 has pre-filled"):
+        pairs_from_store(tmp_path, block_size=4)
