@@ -170,5 +170,6 @@ def arrange_rows(layouts: list[SampleLayout], *, pad_id: int, full: bool, packed
         # before documents existed; code that reads key validity off the dense bias keeps working.
         doc[r, at:] = members[-1]
     docs = {"q_doc": doc, "k_doc": doc} if packed else {}
-    mask = AttentionMask.build(blocks, blocks, valid, q_noisy=noisy, k_noisy=noisy, full=full, **docs)
+    # q_valid: padding queries' outputs are never read; the chunked kernel skips them.
+    mask = AttentionMask.build(blocks, blocks, valid, q_noisy=noisy, k_noisy=noisy, full=full, q_valid=valid, **docs)
     return RowBatch(input_ids, position_ids, mask, row_of, start_of)
