@@ -15,9 +15,10 @@ Plans (computed once per forward from the description, then shared by every laye
 
 Execution: the chunk's (B', 1, C, K') additive bias is built from the description (kept across layers while they
 fit in KEEP_ELEMENTS), its keys/values are the segments (a view for one, a copy for several) and SDPA runs it.
-Under autograd, a forward whose biases are not all kept runs as one autograd Function (`_Recomputed`): the forward
-saves only query, key and value; the backward recomputes each chunk, takes its gradients with SDPA's own backward
-and adds them into one query/key/value gradient each, in place. Autograd over per-chunk slices would instead
+Under autograd (more than one chunk) the whole forward is one autograd Function (`_ChunkedFunction`): on CPU it
+saves query, key, value, the output and each chunk's log-sum-exp, and its backward runs the CPU flash-attention
+backward per chunk (the op SDPA's own autograd calls); elsewhere it saves query, key and value and recomputes each
+chunk. Either way the chunks' gradients are added into one query/key/value gradient each, in place. Autograd over per-chunk slices would instead
 allocate a zero-filled full-size key/value gradient per chunk and layer (the superlinear peak RSS of BENCHMARKS.md:
 glibc kept those 1-4 MiB buffers), and checkpointing per chunk would save a bias per chunk and layer.
 """
@@ -134,12 +135,13 @@ def row_chunks(mask: AttentionMask, b: int, rows: int) -> list[tuple[int, int, t
 
 
 def keys_seen(mask: AttentionMask, b: int, q_lo: int, q_hi: int) -> torch.Tensor:
-    """(K,) bool: a superset of the keys some query q_lo .. q_hi-1 of row b sees (exact when the queries share one
-    document), from the rule in O(K + C): a clean query of block j sees clean keys of blocks <= j; a noisy one
-    clean keys of blocks < j and noisy keys of block j."""
+    """(K,) bool: a superset of the keys some query q_lo .. q_hi-1 of row b sees, from the rule in O(K + C): a
+    clean query of block j sees clean keys of blocks <= j; a noisy one clean keys of blocks < j and noisy keys of
+    block j. Documents and noisy blocks are taken as the chunk's [min, max] ranges (exact for the chunks
+    `row_chunks` cuts: one document, consecutive blocks); a superset only costs masked columns."""
     qb, qn, qd = mask.q_block[b, q_lo:q_hi], mask.q_noisy[b, q_lo:q_hi], mask.q_doc[b, q_lo:q_hi]
-    kb, kn = mask.k_block[b], mask.k_noisy[b]
-    seen = mask.k_valid[b] & torch.isin(mask.k_doc[b], qd.unique())
+    kb, kn, kd = mask.k_block[b], mask.k_noisy[b], mask.k_doc[b]
+    seen = mask.k_valid[b] & (kd >= qd.min()) & (kd <= qd.max())
     if mask.full:
         return seen
     rule = torch.zeros_like(seen)
@@ -147,8 +149,9 @@ def keys_seen(mask: AttentionMask, b: int, q_lo: int, q_hi: int) -> torch.Tensor
     if clean_blocks.numel():
         rule |= ~kn & (kb <= clean_blocks.max())
     if noisy_blocks.numel():
-        rule |= ~kn & (kb < noisy_blocks.max())
-        rule |= kn & torch.isin(kb, noisy_blocks.unique())
+        low, high = noisy_blocks.min(), noisy_blocks.max()
+        rule |= ~kn & (kb < high)
+        rule |= kn & (kb >= low) & (kb <= high)
     return seen & rule
 
 
@@ -222,30 +225,64 @@ def add_segments_(total: torch.Tensor, part: torch.Tensor, chunk: Chunk) -> None
         at += hi - lo
 
 
-class _Recomputed(torch.autograd.Function):
-    """Chunked attention whose backward recomputes each chunk and accumulates gradients in place (module doc)."""
+def _flash_cpu_ops():
+    """PyTorch's CPU flash-attention forward (output and log-sum-exp) and backward ops, which SDPA itself runs on CPU
+    for these inputs; None where this torch has none (the chunked backward then recomputes each chunk)."""
+    ops = torch.ops.aten
+    if hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu") and hasattr(
+            ops, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+        return ops._scaled_dot_product_flash_attention_for_cpu, ops._scaled_dot_product_flash_attention_for_cpu_backward
+    return None
+
+
+FLASH_CPU = _flash_cpu_ops()
+FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class _ChunkedFunction(torch.autograd.Function):
+    """Chunked attention with one backward for all chunks, gradients accumulated in place (module doc).
+
+    On CPU the forward runs each chunk through the flash-attention op and keeps its (B', H, C) log-sum-exp, so the
+    backward calls the op's backward directly (what SDPA's autograd would do, per chunk); elsewhere the backward
+    recomputes each chunk and takes SDPA's gradients."""
 
     @staticmethod
     def forward(ctx, query, key, value, mask, plan, scaling):
-        ctx.save_for_backward(query, key, value)
         ctx.mask, ctx.plan, ctx.scaling = mask, plan, scaling
-        return run_plan(query, key, value, mask, plan, scaling)
+        ctx.flash = FLASH_CPU is not None and query.device.type == "cpu" and query.dtype in FLASH_DTYPES
+        if not ctx.flash:
+            ctx.save_for_backward(query, key, value)
+            return run_plan(query, key, value, mask, plan, scaling)
+        out, ctx.lse = query.new_zeros(query.shape), []
+        for chunk in plan:
+            bias = chunk_bias(mask, chunk, query.dtype)
+            o, lse = FLASH_CPU[0](query[chunk.rows, :, chunk.q_lo:chunk.q_hi], gather_keys(key, chunk),
+                                  gather_keys(value, chunk), attn_mask=bias, scale=scaling)
+            out[chunk.rows, :, chunk.q_lo:chunk.q_hi] = o
+            ctx.lse.append(lse)
+        ctx.save_for_backward(query, key, value, out)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value = ctx.saved_tensors
+        query, key, value = ctx.saved_tensors[:3]
         grad_q, grad_k, grad_v = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
-        for chunk in ctx.plan:
-            q = query[chunk.rows, :, chunk.q_lo:chunk.q_hi].detach().requires_grad_()
-            k = gather_keys(key, chunk).detach().requires_grad_()
-            v = gather_keys(value, chunk).detach().requires_grad_()
-            with torch.enable_grad():
-                out = attend(q, k, v, ctx.mask, chunk, ctx.scaling)
-            dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out[chunk.rows, :, chunk.q_lo:chunk.q_hi])
-            grad_q[chunk.rows, :, chunk.q_lo:chunk.q_hi] += dq
+        for i, chunk in enumerate(ctx.plan):
+            rows, span = chunk.rows, slice(chunk.q_lo, chunk.q_hi)
+            q, k, v = query[rows, :, span], gather_keys(key, chunk), gather_keys(value, chunk)
+            grad = grad_out[rows, :, span]
+            if ctx.flash:
+                bias = chunk_bias(ctx.mask, chunk, query.dtype)
+                dq, dk, dv = FLASH_CPU[1](grad, q, k, v, ctx.saved_tensors[3][rows, :, span], ctx.lse[i], 0.0, False,
+                                          attn_mask=bias, scale=ctx.scaling)
+            else:
+                q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+                with torch.enable_grad():
+                    out = attend(q, k, v, ctx.mask, chunk, ctx.scaling)
+                dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+            grad_q[rows, :, span] += dq
             add_segments_(grad_k, dk, chunk)
             add_segments_(grad_v, dv, chunk)
-            del out, dq, dk, dv
         return grad_q, grad_k, grad_v, None, None, None
 
 
@@ -262,6 +299,6 @@ def chunked_attention(query, key, value, mask: AttentionMask, scaling) -> torch.
     plan = chunk_plan(mask)
     if len(plan) == 1 and plan[0] == Chunk(None, 0, query.shape[2], ((0, key.shape[2]),)):
         return attend(query, key, value, mask, plan[0], scaling)  # one chunk (a decoding step): no copies
-    if grad and any(chunk not in mask._memo for chunk in plan):
-        return _Recomputed.apply(query, key, value, mask, plan, scaling)
-    return run_plan(query, key, value, mask, plan, scaling)  # no grad, or short: autograd keeps the kept biases
+    if grad:
+        return _ChunkedFunction.apply(query, key, value, mask, plan, scaling)
+    return run_plan(query, key, value, mask, plan, scaling)
