@@ -11,7 +11,7 @@ threads); wall time is printed too. The last lines compare each packed variant's
 setting (the honest comparison: padded micro-batches of 1 have no padding at all). tokens/s = the batch's real layout tokens (prompt + clean response + noisy
 canvas per sample) per CPU second. "positions" = the (row x width) positions every forward computed, padding
 included; "attention" = sum over forwards of rows x width^2, what a dense attention mask costs.
-The model is the tiny block model (rollout.models.tiny; hidden 64, 2 layers) with 4096 positions.
+The model is the tiny block model (rollout.models.tiny; hidden 64 or `--hidden`, 2 layers) with 4096 positions.
 """
 from __future__ import annotations
 
@@ -76,20 +76,24 @@ def main() -> None:
     parser.add_argument("--one-row", action="store_true",
                         help="also packed with one row per micro-batch (learner.pack_row_tokens = pack_tokens)")
     parser.add_argument("--estimators", nargs="+", default=["trajectory", "one_step"])
+    parser.add_argument("--hidden", type=int, default=64,
+                        help="model width (intermediate 2x): wider models spend more on linear layers, less on attention")
     parser.add_argument("--quick", action="store_true", help="smoke run: 6 samples, responses 8..64, 1 repeat")
     args = parser.parse_args()
     if args.quick:
         args.samples, args.repeats, args.min_len, args.max_len = 6, 1, 8, 64
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        path = make_tiny_policy("block", Path(tmp) / "block", seed=1, max_positions=4096)
+        path = make_tiny_policy("block", Path(tmp) / "block", seed=1, max_positions=4096, hidden_size=args.hidden,
+                                intermediate_size=2 * args.hidden)
         spec = load_policy(path).spec
         samples = mixed_batch(args.samples, spec.block_size, args.min_len, args.max_len)
         sizes = [layout_length(spec, s.trajectory.prompt_ids.numel(), s.trajectory.response_length)
                  for s in samples]
         lengths = [s.trajectory.response_length for s in samples]
         print(f"batch: {len(samples)} samples, responses {min(lengths)}..{max(lengths)} (mean "
-              f"{sum(lengths) / len(lengths):.0f}), {sum(sizes)} layout tokens; torch threads {args.threads}")
+              f"{sum(lengths) / len(lengths):.0f}), {sum(sizes)} layout tokens; torch threads {args.threads}; "
+              f"hidden {args.hidden}")
         run_once(path, mixed_batch(2, spec.block_size, 8, 16, seed=1), LearnerConfig(mu=1, micro_batch_size=2))
         algorithms = {"trajectory": "tracerl", "one_step": "diffu_grpo"}
         for algorithm, estimator in ((algorithms[e], e) for e in args.estimators):
