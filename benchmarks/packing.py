@@ -10,7 +10,8 @@ The machine is shared, so the figure is the process's CPU time (best of `--repea
 threads); wall time is printed too. The last lines compare each packed variant's best setting with the best padded
 setting (the honest comparison: padded micro-batches of 1 have no padding at all). tokens/s = the batch's real layout tokens (prompt + clean response + noisy
 canvas per sample) per CPU second. "positions" = the (row x width) positions every forward computed, padding
-included; "attention" = sum over forwards of rows x width^2, what a dense attention mask costs.
+included; "attention" = sum over forwards of rows x width^2, what a dense attention mask costs; "chunked area" = sum
+over forwards of the chunked kernel's query x key pairs (rollout/models/attention_chunked.py), what it computes.
 The model is the tiny block model (rollout.models.tiny; hidden 64 or `--hidden`, 2 layers) with 4096 positions.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from rl.learner import Learner, LearnerConfig
 from rl.optim import OptimConfig
 from rl.sample import ScoredSample
+from rollout.models import attention_chunked
 from rollout.models.layout import layout_length
 from rollout.models.loading import load_policy
 from rollout.models.tiny import make_tiny_policy
@@ -58,11 +60,24 @@ def run_once(path: Path, samples, cfg: LearnerConfig) -> dict:
         return forward(input_ids, *args, **kw)
 
     policy.forward = counting
+    areas = []
+    plan = attention_chunked.document_plan
+
+    def measured_plan(mask, rows):  # the chunked kernel's area: sum over chunks of rows x queries x key columns
+        chunks = plan(mask, rows)
+        areas.append(sum((mask.shape[0] if c.row is None else 1) * (c.q_hi - c.q_lo) * c.width for c in chunks))
+        return chunks
+
     learner = Learner(policy, cfg)
-    wall, cpu = time.perf_counter(), time.process_time()
-    metrics = learner.update(samples)
-    return {"cpu": time.process_time() - cpu, "wall": time.perf_counter() - wall, "forwards": metrics["forwards"],
-            "positions": sum(r * w for r, w in shapes), "attention": sum(r * w * w for r, w in shapes)}
+    attention_chunked.document_plan = measured_plan
+    try:
+        wall, cpu = time.perf_counter(), time.process_time()
+        metrics = learner.update(samples)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    finally:
+        attention_chunked.document_plan = plan
+    return {"cpu": cpu, "wall": wall, "forwards": metrics["forwards"], "positions": sum(r * w for r, w in shapes),
+            "attention": sum(r * w * w for r, w in shapes), "area": sum(areas)}
 
 
 def main() -> None:
@@ -117,7 +132,8 @@ def main() -> None:
                     label = f"micro_batch_size {mbs}" if name == "padded" else f"pack_tokens {budget}"
                     print(f"{algorithm}/{estimator} {name} ({label}): CPU {cpu[name]:.2f} s (runs {times}; wall "
                           f"{wall:.2f} s), {sum(sizes) / cpu[name]:,.0f} tokens/CPU-s, {int(rs[0]['forwards'])} forwards, "
-                          f"positions {rs[0]['positions']:,}, attention {rs[0]['attention'] / 1e6:,.0f}M", flush=True)
+                          f"positions {rs[0]['positions']:,}, attention {rs[0]['attention'] / 1e6:,.0f}M, chunked area "
+                          f"{rs[0]['area'] / 1e6:,.1f}M", flush=True)
                     if name not in best or cpu[name] < best[name][0]:
                         best[name] = (cpu[name], label)
                 for name in runs:

@@ -57,8 +57,9 @@ class RowPacking:
     """How a scoring call packs samples into rows (estimators pass it on to `DiffusionPolicy.score_responses`).
 
     row_tokens None: rows as long as the call's longest layout, the right size under a dense mask, where a row
-    costs its width squared whatever documents it holds. A kernel that skips other documents' tiles (FlexAttention's
-    BlockMask) makes longer rows free: the learner's pack_tokens then gives one row per micro-batch."""
+    costs its width squared whatever documents it holds. The kernels that skip other documents' keys (the chunked
+    kernel's document-aware plan, FlexAttention's BlockMask) make longer rows free: a packed row costs the sum of
+    its documents, and row_tokens = the learner's pack_tokens gives one row per micro-batch, no padding at all."""
 
     row_tokens: int | None = None
 
