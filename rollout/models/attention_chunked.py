@@ -121,27 +121,38 @@ def row_chunks(mask: AttentionMask, b: int, rows: int) -> list[tuple[int, int, t
         change |= valid[1:] != valid[:-1]
     cuts = [0] + (change.nonzero().flatten() + 1).tolist() + [q_len]
     used = None if valid is None else valid[torch.tensor(cuts[:-1], device=valid.device)].tolist()
+    firsts = doc[torch.tensor(cuts[:-1], device=doc.device)].tolist()
+    spans: dict[int, tuple[int, int] | None] = {}  # document -> the key columns from its first to its last
     out = []
     for i, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:])):
         if used is not None and not used[i]:
             continue
+        if firsts[i] not in spans:
+            cols = (mask.k_doc[b] == firsts[i]).nonzero().flatten()
+            spans[firsts[i]] = (int(cols[0]), int(cols[-1]) + 1) if cols.numel() else None
+        if spans[firsts[i]] is None:
+            continue
+        k_lo, k_hi = spans[firsts[i]]  # keys_seen reads only these: O(document) per chunk, not O(row)
         pieces = -(-(hi - lo) // rows)
         bounds = [lo + (hi - lo) * j // pieces for j in range(pieces + 1)]
         for q_lo, q_hi in zip(bounds[:-1], bounds[1:]):
-            segments = key_segments(keys_seen(mask, b, q_lo, q_hi))
+            segments = key_segments(keys_seen(mask, b, q_lo, q_hi, k_lo, k_hi), offset=k_lo)
             if segments:
                 out.append((q_lo, q_hi, segments))
     return out
 
 
-def keys_seen(mask: AttentionMask, b: int, q_lo: int, q_hi: int) -> torch.Tensor:
-    """(K,) bool: a superset of the keys some query q_lo .. q_hi-1 of row b sees, from the rule in O(K + C): a
+def keys_seen(mask: AttentionMask, b: int, q_lo: int, q_hi: int, k_lo: int = 0, k_hi: int | None = None
+              ) -> torch.Tensor:
+    """(k_hi - k_lo,) bool: a superset of the keys k_lo .. k_hi-1 some query q_lo .. q_hi-1 of row b sees, from the
+    rule in O(K + C): a
     clean query of block j sees clean keys of blocks <= j; a noisy one clean keys of blocks < j and noisy keys of
     block j. Documents and noisy blocks are taken as the chunk's [min, max] ranges (exact for the chunks
     `row_chunks` cuts: one document, consecutive blocks); a superset only costs masked columns."""
     qb, qn, qd = mask.q_block[b, q_lo:q_hi], mask.q_noisy[b, q_lo:q_hi], mask.q_doc[b, q_lo:q_hi]
-    kb, kn, kd = mask.k_block[b], mask.k_noisy[b], mask.k_doc[b]
-    seen = mask.k_valid[b] & (kd >= qd.min()) & (kd <= qd.max())
+    k = slice(k_lo, k_hi)
+    kb, kn, kd = mask.k_block[b, k], mask.k_noisy[b, k], mask.k_doc[b, k]
+    seen = mask.k_valid[b, k] & (kd >= qd.min()) & (kd <= qd.max())
     if mask.full:
         return seen
     rule = torch.zeros_like(seen)
@@ -155,8 +166,9 @@ def keys_seen(mask: AttentionMask, b: int, q_lo: int, q_hi: int) -> torch.Tensor
     return seen & rule
 
 
-def key_segments(seen: torch.Tensor) -> tuple[tuple[int, int], ...]:
-    """Runs of True in `seen` as (lo, hi) column ranges, gaps under MIN_GAP joined, at most MAX_SEGMENTS."""
+def key_segments(seen: torch.Tensor, offset: int = 0) -> tuple[tuple[int, int], ...]:
+    """Runs of True in `seen` as (offset + lo, offset + hi) column ranges, gaps under MIN_GAP joined, at most
+    MAX_SEGMENTS."""
     idx = seen.nonzero().flatten()
     if idx.numel() == 0:
         return ()
@@ -170,7 +182,7 @@ def key_segments(seen: torch.Tensor) -> tuple[tuple[int, int], ...]:
         if gaps[i] >= MIN_GAP and len(runs) <= MAX_SEGMENTS:
             break
         runs[i][1] = runs.pop(i + 1)[1]
-    return tuple((lo, hi) for lo, hi in runs)
+    return tuple((offset + lo, offset + hi) for lo, hi in runs)
 
 
 # ------------------------------------------------------------------------------------------------ biases
