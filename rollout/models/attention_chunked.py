@@ -38,6 +38,9 @@ MIN_ROWS = 64
 # Chunk biases kept for the layers of one forward, in elements: every layer reuses the same additive tensors, so
 # autograd saves them once (a bias built per layer would be saved per layer).
 KEEP_ELEMENTS = 2 ** 23
+# Document-aware chunks have at most this many queries (measured best, BENCHMARKS.md): a chunk computes the union of
+# what its queries see, ~rows^2 / 2 masked pairs more than they need (a short row's CHUNK_ELEMENTS allows ~800 rows).
+DOCUMENT_ROWS = 64
 # Key segments of one chunk: runs of visible keys closer than MIN_GAP columns are joined (the gap is masked, not
 # cut: a cut costs a copy of the keys), and at most MAX_SEGMENTS remain (the narrowest gaps joined first).
 MIN_GAP = 32
@@ -73,7 +76,8 @@ def chunk_plan(mask: AttentionMask) -> list[Chunk]:
     plan = mask._memo.get("plan")
     if plan is None:
         aware = mask.documents or mask.q_valid is not None
-        plan = document_plan(mask, chunk_rows(mask)) if aware else contiguous_plan(mask, chunk_rows(mask))
+        rows = chunk_rows(mask)
+        plan = document_plan(mask, min(rows, DOCUMENT_ROWS)) if aware else contiguous_plan(mask, rows)
         kept = 0
         for chunk in plan:
             size = (mask.shape[0] if chunk.row is None else 1) * (chunk.q_hi - chunk.q_lo) * chunk.width
