@@ -12,9 +12,10 @@ the model's attention layers read that description through transformers' attenti
 - "chunked": exact, any device (attention_chunked.py): queries in chunks cut at document and clean/noisy
   boundaries, each chunk against only the key segments it can see (its document; in the training layout a noisy
   chunk sees the clean prefix up to its block plus its own noisy blocks), its (C, K') bias built from the
-  description. Mask memory O(C x K'); a packed row costs about the sum of its documents. Under autograd, large
-  forwards run as one autograd Function that recomputes each chunk in backward and accumulates the key/value
-  gradients in place, so no (Q x K) bias is saved and no per-chunk full-size gradient is allocated.
+  description. Mask memory O(C x K'); a packed row costs about the sum of its documents. Under autograd the chunks
+  run as one autograd Function (CPU: flash-attention forward/backward per chunk from a saved log-sum-exp; elsewhere
+  each chunk recomputed in backward) that adds the chunks' gradients in place, so no (Q x K) bias is saved and no
+  per-chunk full-size gradient is allocated.
 - "dense": the description expanded to the additive mask (the reference, and an explicit fallback).
 - "auto": flex on CUDA for forwards of at least FLEX_MIN_QUERIES queries (the training layout, uncached decoding),
   chunked otherwise: a cached decoding step's few queries make a (B, 1, Q, K) mask that is already O(K), and flex
@@ -26,7 +27,8 @@ The visibility rule (shared with masks.attention_bias; ISSUE 13): query q sees k
   otherwise:        (~n[k] & (b[k] < b[q] | (b[k] == b[q] & ~n[q]))) | (n[k] & n[q] & b[k] == b[q])
                   = b[k] == b[q] ? n[k] == n[q] : (b[k] < b[q] & ~n[k])   (the form computed here)
 which, with no noisy positions, is b[k] <= b[q] (block-causal). A query row with no visible key (a padding query)
-has its output ignored: dense lets it attend everywhere, chunked and flex return zeros; none gives NaN. Queries
+has its output ignored: dense (and the chunked kernel's decoding plan) let it attend everywhere, the chunked
+document-aware plan gives it zeros or its chunk's keys, flex returns zeros; none gives NaN. Queries
 marked invalid (`q_valid` False: padding of the training layout, which `layout.arrange_rows` marks) are not computed
 by the chunked kernel's document-aware plan either (output 0); every consumer ignores padding outputs.
 
