@@ -6,16 +6,17 @@ One learner update (old pass + training pass + optimizer step) on the same batch
 alternating padded (`micro_batch_size` samples per micro-batch, one per row, padded to the longest) and packed
 (`pack_tokens` = the padded micro-batch's worst-case footprint, samples sharing rows) runs, for micro_batch_size
 4 and 16 and two estimators (TraceRL's trajectory estimator; diffu-GRPO's one_step, with its reference pass).
-The machine is shared, so the figure is the process's CPU time (median of `--repeats`, torch on `--threads`
-threads); wall time is printed too. tokens/s = the batch's real layout tokens (prompt + clean response + noisy
+The machine is shared, so the figure is the process's CPU time (best of `--repeats`, torch on `--threads`
+threads); wall time is printed too. The last lines compare each packed variant's best setting with the best padded
+setting (the honest comparison: padded micro-batches of 1 have no padding at all). tokens/s = the batch's real layout tokens (prompt + clean response + noisy
 canvas per sample) per CPU second. "positions" = the (row x width) positions every forward computed, padding
-included; "attention" = sum over forwards of rows x width^2, what a dense attention mask costs.
-The model is the tiny block model (rollout.models.tiny; hidden 64, 2 layers) with 4096 positions.
+included; "attention" = sum over forwards of rows x width^2, what a dense attention mask costs; "chunked area" = sum
+over forwards of the chunked kernel's query x key pairs (rollout/models/attention_chunked.py), what it computes.
+The model is the tiny block model (rollout.models.tiny; hidden 64 or `--hidden`, 2 layers) with 4096 positions.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 from rl.learner import Learner, LearnerConfig
 from rl.optim import OptimConfig
 from rl.sample import ScoredSample
+from rollout.models import attention_chunked
 from rollout.models.layout import layout_length
 from rollout.models.loading import load_policy
 from rollout.models.tiny import make_tiny_policy
@@ -58,11 +60,24 @@ def run_once(path: Path, samples, cfg: LearnerConfig) -> dict:
         return forward(input_ids, *args, **kw)
 
     policy.forward = counting
+    areas = []
+    plan = attention_chunked.document_plan
+
+    def measured_plan(mask, rows):  # the chunked kernel's area: sum over chunks of rows x queries x key columns
+        chunks = plan(mask, rows)
+        areas.append(sum((mask.shape[0] if c.row is None else 1) * (c.q_hi - c.q_lo) * c.width for c in chunks))
+        return chunks
+
     learner = Learner(policy, cfg)
-    wall, cpu = time.perf_counter(), time.process_time()
-    metrics = learner.update(samples)
-    return {"cpu": time.process_time() - cpu, "wall": time.perf_counter() - wall, "forwards": metrics["forwards"],
-            "positions": sum(r * w for r, w in shapes), "attention": sum(r * w * w for r, w in shapes)}
+    attention_chunked.document_plan = measured_plan
+    try:
+        wall, cpu = time.perf_counter(), time.process_time()
+        metrics = learner.update(samples)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    finally:
+        attention_chunked.document_plan = plan
+    return {"cpu": cpu, "wall": wall, "forwards": metrics["forwards"], "positions": sum(r * w for r, w in shapes),
+            "attention": sum(r * w * w for r, w in shapes), "area": sum(areas)}
 
 
 def main() -> None:
@@ -76,23 +91,28 @@ def main() -> None:
     parser.add_argument("--one-row", action="store_true",
                         help="also packed with one row per micro-batch (learner.pack_row_tokens = pack_tokens)")
     parser.add_argument("--estimators", nargs="+", default=["trajectory", "one_step"])
+    parser.add_argument("--hidden", type=int, default=64,
+                        help="model width (intermediate 2x): wider models spend more on linear layers, less on attention")
     parser.add_argument("--quick", action="store_true", help="smoke run: 6 samples, responses 8..64, 1 repeat")
     args = parser.parse_args()
     if args.quick:
         args.samples, args.repeats, args.min_len, args.max_len = 6, 1, 8, 64
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        path = make_tiny_policy("block", Path(tmp) / "block", seed=1, max_positions=4096)
+        path = make_tiny_policy("block", Path(tmp) / "block", seed=1, max_positions=4096, hidden_size=args.hidden,
+                                intermediate_size=2 * args.hidden)
         spec = load_policy(path).spec
         samples = mixed_batch(args.samples, spec.block_size, args.min_len, args.max_len)
         sizes = [layout_length(spec, s.trajectory.prompt_ids.numel(), s.trajectory.response_length)
                  for s in samples]
         lengths = [s.trajectory.response_length for s in samples]
         print(f"batch: {len(samples)} samples, responses {min(lengths)}..{max(lengths)} (mean "
-              f"{sum(lengths) / len(lengths):.0f}), {sum(sizes)} layout tokens; torch threads {args.threads}")
+              f"{sum(lengths) / len(lengths):.0f}), {sum(sizes)} layout tokens; torch threads {args.threads}; "
+              f"hidden {args.hidden}")
         run_once(path, mixed_batch(2, spec.block_size, 8, 16, seed=1), LearnerConfig(mu=1, micro_batch_size=2))
         algorithms = {"trajectory": "tracerl", "one_step": "diffu_grpo"}
         for algorithm, estimator in ((algorithms[e], e) for e in args.estimators):
+            best: dict[str, tuple[float, str]] = {}  # variant -> (lowest CPU s, its setting)
             for mbs in args.micro_batch_sizes:
                 budget = mbs * (64 + 2 * args.max_len)  # the padded micro-batch's worst-case footprint
                 variants = [("padded", None, None), ("packed", budget, None)]
@@ -105,19 +125,26 @@ def main() -> None:
                                             micro_batch_size=mbs, pack_tokens=pack, pack_row_tokens=row,
                                             optim=OptimConfig(lr=1e-5))
                         runs[name].append(run_once(path, samples, cfg))
-                cpu = {name: statistics.median(r["cpu"] for r in rs) for name, rs in runs.items()}
+                cpu = {name: min(r["cpu"] for r in rs) for name, rs in runs.items()}
                 for name, rs in runs.items():
                     times = ", ".join(f"{r['cpu']:.2f}" for r in rs)
-                    wall = statistics.median(r["wall"] for r in rs)
+                    wall = min(r["wall"] for r in rs)
                     label = f"micro_batch_size {mbs}" if name == "padded" else f"pack_tokens {budget}"
                     print(f"{algorithm}/{estimator} {name} ({label}): CPU {cpu[name]:.2f} s (runs {times}; wall "
                           f"{wall:.2f} s), {sum(sizes) / cpu[name]:,.0f} tokens/CPU-s, {int(rs[0]['forwards'])} forwards, "
-                          f"positions {rs[0]['positions']:,}, attention {rs[0]['attention'] / 1e6:,.0f}M")
+                          f"positions {rs[0]['positions']:,}, attention {rs[0]['attention'] / 1e6:,.0f}M, chunked area "
+                          f"{rs[0]['area'] / 1e6:,.1f}M", flush=True)
+                    if name not in best or cpu[name] < best[name][0]:
+                        best[name] = (cpu[name], label)
                 for name in runs:
                     if name != "padded":
                         print(f"{algorithm}/{estimator} micro_batch_size {mbs}: {name} / padded tokens/s "
                               f"{cpu['padded'] / cpu[name]:.2f}x")
-
+            padded_cpu, padded_label = best["padded"]
+            for name, (value, label) in best.items():
+                if name != "padded":
+                    print(f"{algorithm}/{estimator} best {name} ({label}) / best padded ({padded_label}) tokens/s "
+                          f"{padded_cpu / value:.2f}x")
 
 if __name__ == "__main__":
     main()

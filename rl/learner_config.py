@@ -53,8 +53,8 @@ class LearnerConfig:
     # forward (rollout/models/layout.py). Same gradient; minibatches (optimizer steps) still count samples.
     pack_tokens: int | None = None
     # Row length of packed forwards (rollout.models.layout.RowPacking): None = the forward's longest layout (right
-    # under a dense mask or the chunked kernel, where a row costs its width squared); with a kernel that skips other
-    # documents' tiles (FlexAttention on GPU) set it to pack_tokens: one row per micro-batch, no padding at all.
+    # under a dense mask, where a row costs its width squared); the chunked kernel (CPU) and FlexAttention (GPU) skip
+    # other documents' keys, so set it to pack_tokens there: one row per micro-batch, no padding (BENCHMARKS.md).
     pack_row_tokens: int | None = None
     grad_accum: int | None = None  # micro-batches per optimizer step per worker; None: whole batch per step
     mu: int = 1  # inner iterations over the batch

@@ -9,10 +9,13 @@ the model's attention layers read that description through transformers' attenti
   tiles the mask blocks entirely are skipped. Compiled once per shape bucket (and batch size). Forward and backward
   on CUDA (not run here: no GPU in the session that wrote it); on CPU (torch 2.13) FlexAttention has no backward, so
   it serves no-grad forwards only (asking for gradients is a one-line error).
-- "chunked": exact, any device: queries in chunks of C rows, each chunk's (C, K') bias built from the description,
-  K' trimmed to the key columns the chunk can see, SDPA on the chunk. Mask memory O(C x K) instead of O(Q x K).
-  Under autograd a chunk whose bias is not kept is recomputed in backward (torch.utils.checkpoint), so no
-  (Q x K) bias per layer is saved for backward.
+- "chunked": exact, any device (attention_chunked.py): queries in chunks cut at document and clean/noisy
+  boundaries, each chunk against only the key segments it can see (its document; in the training layout a noisy
+  chunk sees the clean prefix up to its block plus its own noisy blocks), its (C, K') bias built from the
+  description. Mask memory O(C x K'); a packed row costs about the sum of its documents. Under autograd the chunks
+  run as one autograd Function (CPU: flash-attention forward/backward per chunk from a saved log-sum-exp; elsewhere
+  each chunk recomputed in backward) that adds the chunks' gradients in place, so no (Q x K) bias is saved and no
+  per-chunk full-size gradient is allocated.
 - "dense": the description expanded to the additive mask (the reference, and an explicit fallback).
 - "auto": flex on CUDA for forwards of at least FLEX_MIN_QUERIES queries (the training layout, uncached decoding),
   chunked otherwise: a cached decoding step's few queries make a (B, 1, Q, K) mask that is already O(K), and flex
@@ -24,7 +27,10 @@ The visibility rule (shared with masks.attention_bias; ISSUE 13): query q sees k
   otherwise:        (~n[k] & (b[k] < b[q] | (b[k] == b[q] & ~n[q]))) | (n[k] & n[q] & b[k] == b[q])
                   = b[k] == b[q] ? n[k] == n[q] : (b[k] < b[q] & ~n[k])   (the form computed here)
 which, with no noisy positions, is b[k] <= b[q] (block-causal). A query row with no visible key (a padding query)
-has its output ignored: dense and chunked let it attend everywhere, flex returns zeros; neither gives NaN.
+has its output ignored: dense (and the chunked kernel's decoding plan) let it attend everywhere, the chunked
+document-aware plan gives it zeros or its chunk's keys, flex returns zeros; none gives NaN. Queries
+marked invalid (`q_valid` False: padding of the training layout, which `layout.arrange_rows` marks) are not computed
+by the chunked kernel's document-aware plan either (output 0); every consumer ignores padding outputs.
 
 How the description reaches the layers: the policy passes it as the keyword `diffrl_mask` (transformers forwards
 extra keywords from the model's forward down to the attention function) with attention_mask=None, and the model's
@@ -39,20 +45,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger(__name__)
 
 KERNELS = ("auto", "dense", "chunked", "flex")
 MASK_KWARG = "diffrl_mask"  # the keyword carrying the AttentionMask from the policy's forward to the layers
 DISPATCH_PREFIX = "diffrl_"
-# Chunked kernel: elements of one chunk's (B, C, K) mask; the chunk's rows C follow from it (at least MIN_ROWS).
-# Measured (BENCHMARKS.md): 64-row chunks left glibc holding far less freed memory than 16-row ones.
-CHUNK_ELEMENTS = 2 ** 20
-MIN_ROWS = 64
-# Chunk biases kept for the layers of one forward, in elements: every layer reuses the same additive tensors, so
-# autograd saves them once (a bias built per layer would be saved per layer).
-KEEP_ELEMENTS = 2 ** 23
 FLEX_MIN_QUERIES = 128  # auto on CUDA: flex from this many queries on (one FlexAttention tile)
 
 
@@ -69,14 +67,16 @@ class AttentionMask:
     k_doc: torch.Tensor  # (B, K) long
     full: bool = False
     documents: bool = False  # document ids were given (a packed batch)
+    q_valid: torch.Tensor | None = None  # (B, Q) bool: queries whose output is used (None: every query)
     _memo: dict = field(default_factory=dict, repr=False)  # chunk plans and kept biases of the forward
 
     @classmethod
     def build(cls, q_block: torch.Tensor, k_block: torch.Tensor, k_valid: torch.Tensor, *,
               q_noisy: torch.Tensor | None = None, k_noisy: torch.Tensor | None = None,
               q_doc: torch.Tensor | None = None, k_doc: torch.Tensor | None = None,
-              full: bool = False) -> "AttentionMask":
-        """Missing noisy flags are all False, missing document ids all 0 (one document per row)."""
+              full: bool = False, q_valid: torch.Tensor | None = None) -> "AttentionMask":
+        """Missing noisy flags are all False, missing document ids all 0 (one document per row); q_valid None: every
+        query's output is used."""
         if q_block.dim() != 2 or k_block.dim() != 2 or k_valid.shape != k_block.shape:
             raise ValueError(f"attention mask: q_block {tuple(q_block.shape)}, k_block {tuple(k_block.shape)}, "
                              f"k_valid {tuple(k_valid.shape)} must be (B, Q), (B, K), (B, K)")
@@ -88,12 +88,16 @@ class AttentionMask:
         documents = q_doc is not None
         q_doc = torch.zeros_like(q_block) if q_doc is None else q_doc.long()
         k_doc = torch.zeros_like(k_block) if k_doc is None else k_doc.long()
+        if q_valid is not None:
+            q_valid = q_valid.bool().to(device)
         for name, t, ref in (("q_noisy", q_noisy, q_block), ("q_doc", q_doc, q_block),
+                             ("q_valid", q_block if q_valid is None else q_valid, q_block),
                              ("k_noisy", k_noisy, k_block), ("k_doc", k_doc, k_block)):
             if t.shape != ref.shape:
                 raise ValueError(f"attention mask: {name} {tuple(t.shape)} != {tuple(ref.shape)}")
         return cls(q_block.long().to(device), k_block.long().to(device), k_valid.bool().to(device),
-                   q_noisy.to(device), k_noisy.to(device), q_doc.to(device), k_doc.to(device), bool(full), documents)
+                   q_noisy.to(device), k_noisy.to(device), q_doc.to(device), k_doc.to(device), bool(full), documents,
+                   q_valid)
 
     # ------------------------------------------------------------------------------------------- geometry
     @property
@@ -106,29 +110,37 @@ class AttentionMask:
         return self.q_block.device
 
     def to(self, device) -> "AttentionMask":
-        return AttentionMask(*(t.to(device) for t in self._tensors()), full=self.full, documents=self.documents)
+        q_valid = None if self.q_valid is None else self.q_valid.to(device)
+        return self._with(*(t.to(device) for t in self._tensors()), q_valid=q_valid)
 
     def select_rows(self, index: torch.Tensor) -> "AttentionMask":
         """The batch rows `index` (the dense mask's mask[index])."""
-        return AttentionMask(*(t[index] for t in self._tensors()), full=self.full, documents=self.documents)
+        q_valid = None if self.q_valid is None else self.q_valid[index]
+        return self._with(*(t[index] for t in self._tensors()), q_valid=q_valid)
 
     def query_window(self, lo: int, hi: int) -> "AttentionMask":
         """Queries lo .. hi-1 against every key (the dense mask's mask[:, :, lo:hi, :])."""
         qb, kb, kv, qn, kn, qd, kd = self._tensors()
-        return AttentionMask(qb[:, lo:hi], kb, kv, qn[:, lo:hi], kn, qd[:, lo:hi], kd, full=self.full, documents=self.documents)
+        q_valid = None if self.q_valid is None else self.q_valid[:, lo:hi]
+        return self._with(qb[:, lo:hi], kb, kv, qn[:, lo:hi], kn, qd[:, lo:hi], kd, q_valid=q_valid)
 
     def _tensors(self):
         return (self.q_block, self.k_block, self.k_valid, self.q_noisy, self.k_noisy, self.q_doc, self.k_doc)
 
+    def _with(self, *tensors, q_valid) -> "AttentionMask":
+        return AttentionMask(*tensors, full=self.full, documents=self.documents, q_valid=q_valid)
+
     # ------------------------------------------------------------------------------------------ the rule
-    def visible(self, q_lo: int = 0, q_hi: int | None = None, k_lo: int = 0, k_hi: int | None = None) -> torch.Tensor:
-        """(B, q_hi - q_lo, k_hi - k_lo) bool: which keys k_lo .. k_hi-1 queries q_lo .. q_hi-1 see."""
+    def visible(self, q_lo: int = 0, q_hi: int | None = None, k_lo: int = 0, k_hi: int | None = None,
+                rows: slice = slice(None)) -> torch.Tensor:
+        """(B', q_hi - q_lo, k_hi - k_lo) bool: which keys k_lo .. k_hi-1 queries q_lo .. q_hi-1 of batch rows
+        `rows` see."""
         q, k = slice(q_lo, q_hi), slice(k_lo, k_hi)
-        qb, kb = self.q_block[:, q, None], self.k_block[:, None, k]
-        qn, kn = self.q_noisy[:, q, None], self.k_noisy[:, None, k]
+        qb, kb = self.q_block[rows, q, None], self.k_block[rows, None, k]
+        qn, kn = self.q_noisy[rows, q, None], self.k_noisy[rows, None, k]
         # visible_pairs, computed in place: at most three (B, C, K) booleans alive instead of eight.
-        allowed = self.q_doc[:, q, None] == self.k_doc[:, None, k]
-        allowed &= self.k_valid[:, None, k]
+        allowed = self.q_doc[rows, q, None] == self.k_doc[rows, None, k]
+        allowed &= self.k_valid[rows, None, k]
         if self.full:
             return allowed
         rule = kb < qb
@@ -265,6 +277,8 @@ def run_kernel(kernel: str, query, key, value, mask: AttentionMask, scaling) -> 
 
         out = flex_attention_forward(query, key, value, mask, scaling)
     elif kernel == "chunked":
+        from rollout.models.attention_chunked import chunked_attention
+
         out = chunked_attention(query, key, value, mask, scaling)
     elif kernel == "dense":
         bias = mask.dense_bias(query.dtype)
@@ -288,86 +302,3 @@ def eager_attention(module, query, key, value, attention_mask, scaling=None, dro
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
-# -------------------------------------------------------------------------------------- chunked kernel
-@dataclass(frozen=True)
-class _Chunk:
-    q_lo: int
-    q_hi: int
-    k_lo: int
-    k_hi: int
-
-
-def chunk_plan(mask: AttentionMask) -> list[_Chunk]:
-    """Query chunks and the key columns each can see (computed once per forward, then shared by the layers)."""
-    plan = mask._memo.get("plan")
-    if plan is not None:
-        return plan
-    bsz, _, q_len, k_len = mask.shape
-    rows = max(MIN_ROWS, CHUNK_ELEMENTS // max(1, bsz * k_len))
-    # Trimming reads the chunk's key range back (a host sync per chunk and forward): worth it only when there are
-    # several chunks of a block layout. A single chunk (decoding: a block of queries) or full attention (every
-    # valid key seen) keeps every column and reads nothing back, so decoding steps stay at one host sync.
-    trim = q_len > rows and not mask.full
-    plan, kept = [], 0
-    for q_lo in range(0, q_len, rows):
-        q_hi = min(q_len, q_lo + rows)
-        allowed = mask.visible(q_lo, q_hi)
-        k_lo, k_hi = 0, k_len
-        if trim:
-            seen = allowed.any(dim=1).any(dim=0).nonzero()  # key columns some query of the chunk sees
-            if seen.numel():
-                k_lo, k_hi = int(seen[0]), int(seen[-1]) + 1
-        chunk = _Chunk(q_lo, q_hi, k_lo, k_hi)
-        plan.append(chunk)
-        size = bsz * (q_hi - q_lo) * (k_hi - k_lo)
-        if kept + size <= KEEP_ELEMENTS:  # short sequences: every layer reuses the chunk's mask
-            kept += size
-            mask._memo[chunk] = open_empty_rows_(allowed[:, :, k_lo:k_hi].clone())  # bool until the dtype is known
-    mask._memo["plan"] = plan
-    return plan
-
-
-def _chunk_bias(mask: AttentionMask, chunk: _Chunk, dtype: torch.dtype) -> torch.Tensor:
-    """The chunk's additive (B, 1, C, K') bias: built once per forward for kept chunks, else now."""
-    allowed = mask._memo.get(chunk)
-    if allowed is None:
-        allowed = open_empty_rows_(mask.visible(chunk.q_lo, chunk.q_hi, chunk.k_lo, chunk.k_hi))
-        return additive(allowed, dtype)[:, None]
-    bias = mask._memo.get((chunk, dtype))
-    if bias is None:
-        bias = mask._memo[(chunk, dtype)] = additive(allowed, dtype)[:, None]
-    return bias
-
-
-def _chunk_attention(query, key, value, mask: AttentionMask, chunk: _Chunk, scaling) -> torch.Tensor:
-    bias = _chunk_bias(mask, chunk, query.dtype)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scaling,
-                                          enable_gqa=key.shape[1] != query.shape[1])
-
-
-def chunked_attention(query, key, value, mask: AttentionMask, scaling) -> torch.Tensor:
-    """Exact attention under `mask`, chunk by chunk: (B, H, Q, D) -> (B, H, Q, D)."""
-    if tuple(mask.shape) != (query.shape[0], 1, query.shape[2], key.shape[2]):
-        raise RuntimeError(f"attention: mask {tuple(mask.shape)} for queries {tuple(query.shape)} and keys "
-                           f"{tuple(key.shape)}")
-    grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-    if key.shape[1] != query.shape[1] and query.device.type != "cpu":
-        # Masked GQA sends CUDA SDPA to its math kernel (transformers repeats the KV heads for the same reason).
-        groups = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    plan = chunk_plan(mask)
-    # split, not one slice per chunk: its backward writes every chunk's query gradient into one tensor, where each
-    # slice's backward would zero-fill a full (B, H, Q, D) gradient (O(Q^2 / C) traffic per layer).
-    queries = query.split([c.q_hi - c.q_lo for c in plan], dim=2)
-    outs = []
-    for chunk, q in zip(plan, queries, strict=True):
-        full_keys = chunk.k_lo == 0 and chunk.k_hi == key.shape[2]
-        k = key if full_keys else key[:, :, chunk.k_lo:chunk.k_hi]
-        v = value if full_keys else value[:, :, chunk.k_lo:chunk.k_hi]
-        if grad and chunk not in mask._memo:
-            # The chunk's bias is built here, per layer: recompute it (and the chunk) in backward rather than
-            # let autograd keep one (C x K') bias per chunk per layer, which would sum to O(T^2) per layer.
-            outs.append(checkpoint(_chunk_attention, q, k, v, mask, chunk, scaling, use_reentrant=False))
-        else:
-            outs.append(_chunk_attention(q, k, v, mask, chunk, scaling))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rollout.models.attention import CHUNK_ELEMENTS, AttentionMask, visible_pairs
+from rollout.models.attention import AttentionMask, visible_pairs
+from rollout.models.attention_chunked import CHUNK_ELEMENTS
 
 TILE = 128
 RECOMPILE_LIMIT = 64  # distinct shape buckets x geometries one process may compile (torch's default is 8)

@@ -57,8 +57,9 @@ class RowPacking:
     """How a scoring call packs samples into rows (estimators pass it on to `DiffusionPolicy.score_responses`).
 
     row_tokens None: rows as long as the call's longest layout, the right size under a dense mask, where a row
-    costs its width squared whatever documents it holds. A kernel that skips other documents' tiles (FlexAttention's
-    BlockMask) makes longer rows free: the learner's pack_tokens then gives one row per micro-batch."""
+    costs its width squared whatever documents it holds. The kernels that skip other documents' keys (the chunked
+    kernel's document-aware plan, FlexAttention's BlockMask) make longer rows free: a packed row costs the sum of
+    its documents, and row_tokens = the learner's pack_tokens gives one row per micro-batch, no padding at all."""
 
     row_tokens: int | None = None
 
@@ -170,5 +171,6 @@ def arrange_rows(layouts: list[SampleLayout], *, pad_id: int, full: bool, packed
         # before documents existed; code that reads key validity off the dense bias keeps working.
         doc[r, at:] = members[-1]
     docs = {"q_doc": doc, "k_doc": doc} if packed else {}
-    mask = AttentionMask.build(blocks, blocks, valid, q_noisy=noisy, k_noisy=noisy, full=full, **docs)
+    # q_valid: padding queries' outputs are never read; the chunked kernel skips them.
+    mask = AttentionMask.build(blocks, blocks, valid, q_noisy=noisy, k_noisy=noisy, full=full, q_valid=valid, **docs)
     return RowBatch(input_ids, position_ids, mask, row_of, start_of)

@@ -12,7 +12,7 @@ import logging
 import pytest
 import torch
 
-from rollout.models import attention
+from rollout.models import attention, attention_chunked
 from rollout.models.attention import AttentionMask, resolve_kernel
 from rollout.models.masks import attention_bias
 
@@ -61,9 +61,9 @@ def chunking(request, monkeypatch):
     """The chunked kernel as configured, and with 4-row chunks whose biases are never kept (key ranges trimmed,
     each chunk rebuilt per layer and, under autograd, recomputed in backward)."""
     if request.param == "small_chunks":
-        monkeypatch.setattr(attention, "MIN_ROWS", 4)
-        monkeypatch.setattr(attention, "CHUNK_ELEMENTS", 1)
-        monkeypatch.setattr(attention, "KEEP_ELEMENTS", 0)
+        monkeypatch.setattr(attention_chunked, "MIN_ROWS", 4)
+        monkeypatch.setattr(attention_chunked, "CHUNK_ELEMENTS", 1)
+        monkeypatch.setattr(attention_chunked, "KEEP_ELEMENTS", 0)
     return request.param
 
 
@@ -213,12 +213,12 @@ def test_packed_documents_score_as_if_alone(tiny_policies, kind, kernel, chunkin
 def test_chunked_kernel_never_builds_a_full_mask(tiny_policies, monkeypatch):
     """With 16-row chunks, no bias the chunked kernel builds has more than 16 query rows (nor the full key width
     for a trimmed chunk of the block layout), while the dense path would build (B, 1, T, T)."""
-    monkeypatch.setattr(attention, "MIN_ROWS", 16)
-    monkeypatch.setattr(attention, "CHUNK_ELEMENTS", 1)
-    monkeypatch.setattr(attention, "KEEP_ELEMENTS", 0)
+    monkeypatch.setattr(attention_chunked, "MIN_ROWS", 16)
+    monkeypatch.setattr(attention_chunked, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(attention_chunked, "KEEP_ELEMENTS", 0)
     shapes = []
-    real = attention.additive
-    monkeypatch.setattr(attention, "additive", lambda allowed, dtype: shapes.append(allowed.shape) or
+    real = attention_chunked.additive
+    monkeypatch.setattr(attention_chunked, "additive", lambda allowed, dtype: shapes.append(allowed.shape) or
                         real(allowed, dtype))
     policy = tiny_policies["sdar"]
     prompts, responses, noisy = _batch(policy, response_lens=(40, 33))
