@@ -281,7 +281,8 @@ class _ChunkedFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value = ctx.saved_tensors[:3]
+        saved = ctx.saved_tensors  # unpacked once: activation checkpointing refuses a second unpack
+        query, key, value = saved[:3]
         grad_q, grad_k, grad_v = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
         for i, chunk in enumerate(ctx.plan):
             rows, span = chunk.rows, slice(chunk.q_lo, chunk.q_hi)
@@ -289,7 +290,7 @@ class _ChunkedFunction(torch.autograd.Function):
             grad = grad_out[rows, :, span]
             if ctx.flash:
                 bias = chunk_bias(ctx.mask, chunk, query.dtype)
-                dq, dk, dv = FLASH_CPU[1](grad, q, k, v, ctx.saved_tensors[3][rows, :, span], ctx.lse[i], 0.0, False,
+                dq, dk, dv = FLASH_CPU[1](grad, q, k, v, saved[3][rows, :, span], ctx.lse[i], 0.0, False,
                                           attn_mask=bias, scale=ctx.scaling)
             else:
                 q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
