@@ -195,6 +195,11 @@ def make_tiny_llada2(out_dir: str | Path, *, vocab: str = "small", seed: int = 0
             for name, buf in model.named_buffers():
                 if name.endswith("expert_bias"):
                     buf.copy_(torch.randn(buf.shape) * expert_bias_scale)
+            # RMSNorm weights away from 1: with unit weights a per-head qk-norm commutes with the rotary rotation
+            # (so its order would not show in the logits) and swapped norm names would load unnoticed.
+            for name, param in model.named_parameters():
+                if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                    param.copy_(1.0 + 0.5 * torch.randn(param.shape))
     model.save_pretrained(str(out_dir), safe_serialization=True)
     save_tokenizer(tokenizer, out_dir, qwen_family=False)
     fields = config.to_dict()
