@@ -96,10 +96,12 @@ DECODES = [  # (temperature, threshold, steps per block): published 0.95 / 32, a
     (0.0, 0.95, 32),
     (0.0, 0.27, 8),
     (1.0, 0.3, 16),
+    (0.7, 0.5, 16),  # confidence is the probability under the tempered distribution, not the model's
 ]
 
 
-@pytest.mark.parametrize("temperature, threshold, steps", DECODES, ids=["greedy-published", "greedy-low", "sampled"])
+@pytest.mark.parametrize("temperature, threshold, steps", DECODES,
+                         ids=["greedy-published", "greedy-low", "sampled", "sampled-tempered"])
 def test_decode_equals_the_published_generate(ckpt, policy, reference, temperature, threshold, steps):
     params = SamplingParams(temperature=temperature, max_tokens=64, remasking="threshold_schedule",
                             threshold=threshold, steps_per_block=steps)
