@@ -236,6 +236,11 @@ def _estimator(r: Recipe) -> str | None:
     if r.model.declared_kind == "diffusion_gemma" and r.model.lora is not None:
         return ("model.lora: not available for DiffusionGemma (PEFT would give the tied encoder and decoder layers "
                 "separate adapters)")
+    if r.model.declared_kind == "llada2" and r.model.lora is not None:
+        absent = [m for m in r.model.lora.target_modules if m in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        if absent:  # PEFT only fails when no name matches: the MLPs would match and attention go unadapted
+            return (f"model.lora.target_modules: LLaDA2 has no {', '.join(absent)} (its attention is "
+                    "query_key_value and dense); name [query_key_value, dense, gate_proj, up_proj, down_proj]")
     if r.model.declared_kind == "diffusion_gemma" and r.learner.backend == "deepspeed" and r.learner.zero_stage == 3:
         return "learner.zero_stage: 3 pads forwards with diffrl's causal-LM scoring layout; use 2 for DiffusionGemma"
     t_min, t_max = getattr(r.estimator, "t_min", 0.0), getattr(r.estimator, "t_max", 1.0)

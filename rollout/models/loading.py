@@ -117,6 +117,8 @@ def _load_tokenizer(path: Path, trust_remote_code: bool):
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code,
                                              **tokenizer_config(path))
+    except ModelLoadError:  # the config the tokenizer is handed was refused (names config.json and the field)
+        raise
     except (OSError, ValueError, json.JSONDecodeError) as err:
         raise ModelLoadError(f"{path}: tokenizer failed to load ({err.__class__.__name__}: {err})") from None
 

@@ -96,10 +96,12 @@ DECODES = [  # (temperature, threshold, steps per block): published 0.95 / 32, a
     (0.0, 0.95, 32),
     (0.0, 0.27, 8),
     (1.0, 0.3, 16),
+    (0.7, 0.5, 16),  # confidence is the probability under the tempered distribution, not the model's
 ]
 
 
-@pytest.mark.parametrize("temperature, threshold, steps", DECODES, ids=["greedy-published", "greedy-low", "sampled"])
+@pytest.mark.parametrize("temperature, threshold, steps", DECODES,
+                         ids=["greedy-published", "greedy-low", "sampled", "sampled-tempered"])
 def test_decode_equals_the_published_generate(ckpt, policy, reference, temperature, threshold, steps):
     params = SamplingParams(temperature=temperature, max_tokens=64, remasking="threshold_schedule",
                             threshold=threshold, steps_per_block=steps)
@@ -305,3 +307,18 @@ def test_host_syncs_per_decoding_step(policy):
     with count_host_syncs() as counts:
         _generate(policy, PROMPTS, params, "block", seeds=[1, 2, 3])
     assert counts.steps > 0 and counts.syncs == counts.steps * (1 + moe_layers), counts.ops
+
+
+def test_lora_with_qwen_attention_names_is_refused_at_recipe_validation():
+    """The recipe's default LoRA targets are Qwen/Llama names: on LLaDA2 PEFT would match only the MLPs and leave
+    attention without adapters, silently. Refused in one line before anything starts; LLaDA2's names pass."""
+    from launch.recipe import RecipeError, load_recipe
+
+    recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "tiny-tracerl-llada2.yaml")
+    with pytest.raises(RecipeError, match=r"model\.lora\.target_modules: LLaDA2 has no q_proj, k_proj, v_proj, "
+                                          r"o_proj") as err:
+        load_recipe(recipe, ["model.lora.r=8"])
+    assert "\n" not in str(err.value)
+    ok = load_recipe(recipe, ["model.lora.r=8",
+                              "model.lora.target_modules=[query_key_value,dense,gate_proj,up_proj,down_proj]"])
+    assert ok.model.lora.target_modules[0] == "query_key_value"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from rollout.models.families.config_checks import check_counts, check_numbers, config_errors, tensor_names
 from rollout.models.spec import ModelLoadError
 
 KIND = "diffusion_gemma"
@@ -170,22 +171,46 @@ def load_diffusion_gemma(path: str | Path, *, dtype: torch.dtype = torch.float32
     from rollout.models.loading import _load_tokenizer
 
     path = Path(path)
+    config = json.loads((path / "config.json").read_text())  # read (and found to be JSON) by load_policy
+    check_config_sizes(config, path)
     tokenizer = _load_tokenizer(path, False)
-    try:
-        model = DiffusionGemmaForBlockDiffusion.from_pretrained(str(path), dtype=dtype,
-                                                                attn_implementation=attn_implementation or "sdpa")
-    except (OSError, KeyError, RuntimeError, ValueError) as err:
-        raise ModelLoadError(f"{path}: DiffusionGemma weights failed to load ({err.__class__.__name__}: "
-                             f"{err})") from None
+    with config_errors(path / "config.json", "DiffusionGemma"):
+        try:
+            model = DiffusionGemmaForBlockDiffusion.from_pretrained(str(path), dtype=dtype,
+                                                                    attn_implementation=attn_implementation or "sdpa")
+        except OSError as err:
+            raise ModelLoadError(f"{path}: DiffusionGemma weights failed to load ({err.__class__.__name__}: "
+                                 f"{err})") from None
     model.to(device)
     model.eval()
-    config = json.loads((path / "config.json").read_text())
     spec = spec_from_model(model, tokenizer)
     if block_size is not None and block_size != spec.canvas_length:
         raise ModelLoadError(f"model.block_size: {block_size} != the checkpoint's canvas_length {spec.canvas_length} "
                              f"({path / 'config.json'}); DiffusionGemma decodes whole canvases")
     return DiffusionGemmaPolicy(model, tokenizer, spec,
                                 {"format": KIND, "config": config, "dir": str(path), "remote_code": False})
+
+
+def check_config_sizes(config: dict, path: Path) -> None:
+    """The sizes transformers would build, bounded by the weights (layers) and the positions (canvas_length)
+    before anything is built: one line naming config.json and the field."""
+    config_file = path / "config.json"
+    text, vision = config.get("text_config"), config.get("vision_config")
+    if not isinstance(text, dict):
+        raise ModelLoadError(f"{config_file}: text_config must be an object, got {text!r}")
+    check_numbers(config, config_file, positive_ints=("canvas_length",))
+    check_numbers(text, config_file, positive_ints=("num_hidden_layers", "max_position_embeddings", "vocab_size",
+                                                    "hidden_size"), prefix="text_config.")
+    canvas, positions = config.get("canvas_length"), text.get("max_position_embeddings")
+    if canvas is not None and positions is not None and canvas > positions:
+        raise ModelLoadError(f"{config_file}: canvas_length {canvas} exceeds text_config.max_position_embeddings "
+                             f"{positions}")
+    counts = {"text_config.num_hidden_layers": (text.get("num_hidden_layers", 0),
+                                                r"^model\.decoder\.layers\.(\d+)\.")}
+    if isinstance(vision, dict):
+        counts["vision_config.num_hidden_layers"] = (vision.get("num_hidden_layers", 0),
+                                                     r"^model\.encoder\.vision_tower\.encoder\.layers\.(\d+)\.")
+    check_counts(tensor_names(path), config_file, counts)
 
 
 # The released checkpoint's generation_config.json (google/diffusiongemma-26B-A4B-it, as transformers 5.23's

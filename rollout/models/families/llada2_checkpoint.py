@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from rollout.models.checkpoint_files import write_config_and_code
+from rollout.models.families.config_checks import check_counts, check_numbers, config_errors, tensor_names
 from rollout.models.spec import ModelLoadError
 
 # Keys of config.json that say which code reads it, not what the model is.
@@ -28,21 +29,29 @@ AUTO_MAP = {
 EOS_ID, MASK_ID = 156892, 156895  # the released tokenizer's <|endoftext|> and <|mask|>
 LING_VOCAB_SIZE = 157184
 _REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+_POSITIVE_INTS = ("intermediate_size", "num_key_value_heads", "moe_intermediate_size", "num_experts_per_tok", "n_group",
+                  "topk_group", "max_position_embeddings")
+_NON_NEGATIVE_INTS = ("head_dim", "num_experts", "num_shared_experts", "first_k_dense_replace")  # head_dim 0: unset
+_POSITIVE_FLOATS = ("rope_theta", "rms_norm_eps", "partial_rotary_factor", "routed_scaling_factor")
 
 
 def llada2_config(config: dict, path: Path):
     """A config.json dict as LLaDA2MoeConfig, refused with a one-line error naming the field it cannot honour."""
     from rollout.models.families.llada2 import LLaDA2MoeConfig, check_config
 
+    config_file = path / "config.json"
     for key in _REQUIRED:
         value = config.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ModelLoadError(f"{path / 'config.json'}: {key} must be a positive integer, got {value!r}")
-    try:
+            raise ModelLoadError(f"{config_file}: {key} must be a positive integer, got {value!r}")
+    check_numbers(config, config_file, positive_ints=_POSITIVE_INTS, non_negative_ints=_NON_NEGATIVE_INTS,
+                  positive_floats=_POSITIVE_FLOATS, optional=("head_dim", "num_key_value_heads", "num_experts",
+                                                              "num_shared_experts"))
+    if config.get("rope_scaling") is not None and not isinstance(config["rope_scaling"], dict):
+        raise ModelLoadError(f"{config_file}: rope_scaling must be an object or null, got {config['rope_scaling']!r}")
+    with config_errors(config_file, "LLaDA2"):
         cfg = LLaDA2MoeConfig(**{k: v for k, v in config.items() if k not in _CODE_KEYS})
-    except (TypeError, ValueError) as err:
-        raise ModelLoadError(f"{path / 'config.json'}: not a LLaDA2 config ({err})") from None
-    problem = check_config(cfg)
+        problem = check_config(cfg)
     if problem:
         raise ModelLoadError(f"{path / 'config.json'}: {problem}")
     return cfg
@@ -58,7 +67,12 @@ def check_tensors(path: Path, cfg) -> None:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{path}: LLaDA2 weights must be safetensors (no *.safetensors)")
-    with torch.device("meta"):
+    # No more layers / experts than the weights hold: a huge count would never finish building, even on meta.
+    counts = {"num_hidden_layers": (cfg.num_hidden_layers, r"^model\.layers\.(\d+)\.")}
+    if cfg.num_experts and cfg.num_hidden_layers > cfg.first_k_dense_replace:
+        counts["num_experts"] = (cfg.num_experts, r"^model\.layers\.\d+\.mlp\.experts\.(\d+)\.")
+    check_counts(tensor_names(path), path / "config.json", counts)
+    with torch.device("meta"), config_errors(path / "config.json", "LLaDA2"):
         expected = {k: tuple(v.shape) for k, v in LLaDA2MoeModelLM(cfg).state_dict().items()}
     found: dict[str, tuple[tuple[int, ...], Path]] = {}
     for file in files:
@@ -191,6 +205,11 @@ def make_tiny_llada2(out_dir: str | Path, *, vocab: str = "small", seed: int = 0
             for name, buf in model.named_buffers():
                 if name.endswith("expert_bias"):
                     buf.copy_(torch.randn(buf.shape) * expert_bias_scale)
+            # RMSNorm weights away from 1: with unit weights a per-head qk-norm commutes with the rotary rotation
+            # (so its order would not show in the logits) and swapped norm names would load unnoticed.
+            for name, param in model.named_parameters():
+                if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                    param.copy_(1.0 + 0.5 * torch.randn(param.shape))
     model.save_pretrained(str(out_dir), safe_serialization=True)
     save_tokenizer(tokenizer, out_dir, qwen_family=False)
     fields = config.to_dict()

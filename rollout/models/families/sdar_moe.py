@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from rollout.models.checkpoint_files import write_config_and_code
+from rollout.models.families.config_checks import check_counts, check_numbers, config_errors, tensor_names
 from rollout.models.spec import ModelLoadError
 
 MODEL_TYPE = "sdar_moe"
@@ -39,6 +40,9 @@ AUTO_MAP = {
 # Fields whose transformers default differs from, or cannot stand in for, the checkpoint's own: required in
 # config.json (Qwen3MoeConfig defaults norm_topk_prob to False, Qwen3-30B-A3B and SDAR-30B-A3B set it to true).
 REQUIRED_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob")
+_POSITIVE_INTS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "vocab_size", "hidden_size",
+                  "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                  "decoder_sparse_step", "max_position_embeddings")
 _NOT_QWEN3_MOE = ("auto_map", "architectures", "model_type")
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
@@ -56,19 +60,16 @@ def qwen3_moe_config(config: dict, config_file: Path):
     for name in REQUIRED_FIELDS:
         if config.get(name) is None:
             raise ModelLoadError(f"{config_file}: {name} missing (an SDAR-MoE config names its MoE layout)")
-    for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
-        if not isinstance(config[name], int) or isinstance(config[name], bool) or config[name] < 1:
-            raise ModelLoadError(f"{config_file}: {name} must be a positive integer, got {config[name]!r}")
+    check_numbers(config, config_file, positive_ints=_POSITIVE_INTS, positive_floats=("rope_theta", "rms_norm_eps"),
+                  optional=("head_dim",))
     if config["num_experts_per_tok"] > config["num_experts"]:
         raise ModelLoadError(f"{config_file}: num_experts_per_tok {config['num_experts_per_tok']} > num_experts "
                              f"{config['num_experts']}")
     if not isinstance(config["norm_topk_prob"], bool):
         raise ModelLoadError(f"{config_file}: norm_topk_prob must be true or false, got {config['norm_topk_prob']!r}")
     fields = {k: v for k, v in config.items() if k not in _NOT_QWEN3_MOE}
-    try:
+    with config_errors(config_file, "Qwen3-MoE (SDAR-MoE)"):
         return transformers.Qwen3MoeConfig(**fields)
-    except (TypeError, ValueError) as err:
-        raise ModelLoadError(f"{config_file}: not a Qwen3-MoE layout ({err.__class__.__name__}: {err})") from None
 
 
 def moe_layers(cfg) -> list[int]:
@@ -187,9 +188,17 @@ def build_model(path: Path, config: dict, dtype: torch.dtype, attn: str):
     """Qwen3MoeForCausalLM with the checkpoint's weights, mapped and checked (no trust_remote_code)."""
     import transformers
 
-    cfg = qwen3_moe_config(config, path / "config.json")
+    config_file = path / "config.json"
+    cfg = qwen3_moe_config(config, config_file)
     cfg._attn_implementation = attn
-    with torch.device("meta"):  # no random init of billions of parameters only to overwrite them
+    # The config may not ask for more layers / experts than the weights hold (a huge count would never finish
+    # building, even on the meta device).
+    counts = {"num_hidden_layers": (cfg.num_hidden_layers, r"^model\.layers\.(\d+)\.")}
+    with config_errors(config_file, "Qwen3-MoE (SDAR-MoE)"):
+        if moe_layers(cfg):
+            counts["num_experts"] = (cfg.num_experts, r"^model\.layers\.\d+\.mlp\.experts\.(\d+)\.")
+    check_counts(tensor_names(path), config_file, counts)
+    with torch.device("meta"), config_errors(config_file, "Qwen3-MoE (SDAR-MoE)"):  # no random init
         model = transformers.Qwen3MoeForCausalLM(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state = to_native(read_weights(path), cfg, where=str(path))
