@@ -303,11 +303,22 @@ class _ChunkedFunction(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None, None, None
 
 
+def same_dtype(query, key, value):
+    """Under autocast, qk-norm hands attention fp32 queries/keys beside bf16 values; SDPA's autocast rule casts all
+    three to the autocast dtype, and so do we (the flash ops below are below autocast and refuse mixed dtypes)."""
+    if query.dtype == key.dtype == value.dtype:
+        return query, key, value
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+    return query.to(dtype), key.to(dtype), value.to(dtype)
+
+
 def chunked_attention(query, key, value, mask: AttentionMask, scaling) -> torch.Tensor:
     """Exact attention under `mask`, chunk by chunk: (B, H, Q, D) -> (B, H, Q, D)."""
     if tuple(mask.shape) != (query.shape[0], 1, query.shape[2], key.shape[2]):
         raise RuntimeError(f"attention: mask {tuple(mask.shape)} for queries {tuple(query.shape)} and keys "
                            f"{tuple(key.shape)}")
+    query, key, value = same_dtype(query, key, value)
     grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     if key.shape[1] != query.shape[1] and query.device.type != "cpu":
         # Masked GQA sends CUDA SDPA to its math kernel (transformers repeats the KV heads for the same reason).
