@@ -43,4 +43,5 @@ def sampling_params(rollout: RolloutSection, *, block_size: int, max_tokens: int
         temperature=0.0 if greedy else temperature, top_k=rollout.top_k or 0, top_p=rollout.top_p,
         max_tokens=budget, remasking=rollout.remasking, steps_per_block=steps_per_block,
         min_tokens_per_step=rollout.min_tokens_per_step, schedule="ass" if rollout.ass else None,  # None: the family's
-        eoser_gamma_min=rollout.eoser.gamma_min if rollout.eoser is not None else None, **extra)
+        eoser_gamma_min=rollout.eoser.gamma_min if rollout.eoser is not None else None,
+        stop_at_eos=rollout.stop_at_eos, **extra)

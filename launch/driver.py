@@ -33,6 +33,8 @@ from launch.diagnostics import probe_metrics, probe_requests
 from launch.decoding import decode_block, sampling_params
 from launch.driver_roles import RolloutPool, make_learner, make_reward_service
 from launch.driver_scoring import assign_advantages, response_item, score_samples
+from launch.driver_steps import assign_step_advantages, learner_samples, score_steps, with_step_records
+from launch.driver_tree import with_tree_branches
 from launch.driver_setup import (RunContext, create_placement_group, host, placement_plan, prepare_run,
                                  write_run_status)
 from launch.local_ray import ray_session
@@ -128,7 +130,7 @@ class Driver:
                                            max_workers=r.resources.reward_workers)
         self.store = store_actor(ctx.store_dir)
         self.sampler = PromptSampler(len(ctx.prompts), seed=r.seed, shuffle=r.data.shuffle)
-        self.sampling = sampling_params(r.rollout, block_size=decode_block(r))
+        self.sampling = with_step_records(sampling_params(r.rollout, block_size=decode_block(r)), r)
         self.step = 0  # steps completed == policy version of the learner's weights
         self.counters = {"nan_skipped_steps": 0, "empty_steps": 0, "dropped_stale": 0}
         self._last_saved = 0
@@ -161,6 +163,7 @@ class Driver:
                                       seed=sample_seed(r.seed, f"{start + k}:{j}", stream="rollout"),
                                       request_id=f"d{start + k}-p{p.index}-s{j}")
                     for k, p in enumerate(prompts) for j in range(n)]
+        requests = with_tree_branches(requests, r.algorithm, n, self.sampling, decode_block(r))  # d-TreeRPO
         with _timed(timings, "rollout"):
             trajectories = self.rollout.generate(requests)
         samples = [ScoredSample(t, prompt_index=prompts[i // n].index, sample_index=i % n)
@@ -169,10 +172,26 @@ class Driver:
         with _timed(timings, "reward"):
             metrics = score_samples(prompts, samples, n=n, tokenizer=self.ctx.tokenizer, rewards=self.rewards,
                                     data=r.data)
+            metrics.update(score_steps(prompts, samples, n=n, tokenizer=self.ctx.tokenizer, rewards=self.rewards,
+                                       data=r.data, algorithm=r.algorithm))  # MDPO: a reward per denoising step
+        if r.algorithm.name == "igpo":  # 3b. IGPO: hints into the groups with no correct response, regenerated
+            with _timed(timings, "igpo"):
+                metrics.update(self._igpo(prompts, samples, requests))
         # 4. Group-relative advantages; filtered groups and failed generations are marked keep=False.
         metrics.update(assign_advantages(samples, n, r.algorithm, max_tokens=r.rollout.max_tokens))
+        metrics.update(assign_step_advantages(samples, n, r.algorithm))
         metrics.update(self.rollout.metrics())
         return Batch(version, self.sampler.position, prompts, samples, metrics)
+
+    def _igpo(self, prompts: list[Prompt], samples: list[ScoredSample], requests: list[GenerationRequest]) -> dict:
+        from launch.igpo import rescue_groups
+
+        r, tok = self.recipe, self.ctx.tokenizer
+        score = lambda hinted_prompts, hinted: score_samples(  # noqa: E731
+            hinted_prompts, hinted, n=1, tokenizer=tok, rewards=self.rewards, data=r.data)
+        return rescue_groups(prompts, samples, requests, n=r.rollout.samples_per_prompt,
+                             cfg=r.algorithm.inpaint.config(), field=r.algorithm.inpaint.reference_field,
+                             seed=r.seed, tokenizer=tok, generate=self.rollout.generate, score=score)
 
     def learn(self, step: int, batch: Batch, timings: dict[str, float], started: float) -> dict:
         """Steps 5-7: persist, update the learner, log, checkpoint, evaluate. `started`: when this step began (in
@@ -196,7 +215,7 @@ class Driver:
                 freed = self.rollout.sleep()
             try:
                 if kept:
-                    learner_metrics = self.learner.update(kept)
+                    learner_metrics = self.learner.update(learner_samples(kept, self.recipe.algorithm))
             finally:
                 if asleep:
                     self.rollout.wake()

@@ -165,6 +165,10 @@ def prepare_run(recipe: Recipe, *, resume=None, recipe_dir: Path | None = None) 
         start_dir = resume.policy_dir if resume is not None else initial_dir
         tokenizer = _tokenizer(start_dir)
         prompts = load_prompts(recipe.data, tokenizer, split="train", seed=recipe.seed)
+        if recipe.algorithm.name == "igpo":  # its reference traces, checked before anything starts
+            from launch.igpo import check_reference_traces
+
+            check_reference_traces(prompts, recipe.algorithm.inpaint.reference_field)
         eval_prompts: list[Prompt] = []
         if recipe.trainer.eval_every:
             eval_prompts = load_prompts(recipe.data, tokenizer, split="eval", seed=recipe.seed)

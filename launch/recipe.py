@@ -105,8 +105,12 @@ class RolloutSection(Section):
     block_size: int | None = Field(None, ge=1)  # None: model.block_size, else the kind's (block 4, llada/dream 32)
     steps_per_block: int | None = Field(None, ge=1)  # None (and no steps): one token per step
     steps: int | None = Field(None, ge=1)  # total denoising steps, split evenly over blocks (LLaDA/Dream style)
+    # Dream's: topk_margin, entropy, origin; left_to_right: AR order, one token a step (JustGRPO)
     remasking: Literal["sequential", "low_confidence_static", "low_confidence_dynamic", "entropy_bounded",
-                       "random", "topk_margin", "entropy", "origin", "threshold_schedule"] = "low_confidence_static"  # last 3: Dream's
+                       "random", "topk_margin", "entropy", "origin", "threshold_schedule",
+                       "left_to_right", "rcr"] = "low_confidence_static"
+    # topk_margin, entropy, origin: Dream's; threshold_schedule: LLaDA2's; left_to_right: JustGRPO's AR order;
+    # rcr: MDPO's running-confidence remasking
     threshold: float | None = None  # dynamic: confidence in (0, 1] (None -> 0.9); entropy_bounded: entropy bound
     min_tokens_per_step: int = Field(1, ge=1)
     temperature: float | None = Field(None, ge=0)  # None -> the algorithm's published value, else 1.0
@@ -119,6 +123,8 @@ class RolloutSection(Section):
     cache: Literal["auto", "none", "prefix", "dual", "block"] | None = None
     eoser: EoserSection | None = None
     ass: bool = False  # CJ-GRPO's ascending step-size schedule: log2(max_tokens) steps
+    # False: decode the whole max_tokens canvas even after an EOS (JustGRPO trains every generated position)
+    stop_at_eos: bool = True
     num_workers: int = Field(1, ge=1)  # RolloutWorker actors
     batch_size: int = Field(16, ge=1)  # requests decoded together by one worker (at most)
     engine: Literal["torch", "vllm"] = "torch"  # SGLang: a documented seam, not an engine (README)

@@ -38,6 +38,11 @@ ESTIMATORS_FOR: dict[str, tuple[str, ...]] = {
     "ebpo": ("block_elbo",),
     "vrpo": ("mc_elbo", "sdmc", "block_elbo"),
     "dtrpo": ("remasked_step", "trajectory"),
+    "justgrpo": ("ar_exact",),
+    "igpo": ("one_step", "random_mask", "coupled"),  # not the trajectory ones: a hint has no decoding step
+    "agrpo": ("sampled_steps",),
+    "mdpo": ("intermediate_state",),
+    "dtreerpo": ("intermediate_state",),
 }
 # Why an algorithm is restricted to those estimators: said in the error.
 _ESTIMATOR_NEED = {
@@ -45,6 +50,9 @@ _ESTIMATOR_NEED = {
     "tracerl": "the recorded decoding trajectory", "espo": "a sequence-level ELBO",
     "bgpo": "per-draw Monte Carlo ELBO terms", "ebpo": "block-level ELBOs (a block-diffusion model)",
     "vrpo": "a sequence-level ELBO", "dtrpo": "the recorded decoding trajectory",
+    "justgrpo": "exact left-to-right log-probs",
+    "agrpo": "steps drawn from the recorded decoding trajectory",
+    "mdpo": "the recorded intermediate states", "dtreerpo": "the tree's intermediate states",
 }
 PREFERENCE_ALGORITHMS = ("vrpo", "dtrpo")  # DPO over pairs: trained offline (launch/driver_offline.py)
 
@@ -236,6 +244,43 @@ def _estimator(r: Recipe) -> str | None:
     return None
 
 
+def _ar_order(r: Recipe) -> str | None:
+    """The exact AR likelihood scores left-to-right rollouts only (and only they, one token a step)."""
+    if r.estimator.name == "ar_exact" and r.rollout.remasking != "left_to_right":
+        return (f"rollout.remasking: estimator ar_exact scores AR-order rollouts: use left_to_right, "
+                f"not {r.rollout.remasking!r}")
+    return None
+
+
+def _inpaint(r: Recipe) -> str | None:
+    ip = getattr(r.algorithm, "inpaint", None)
+    if ip is None:
+        return None
+    if ip.ratio_low > ip.ratio_high:
+        return f"algorithm.inpaint.ratio_low: {ip.ratio_low} > algorithm.inpaint.ratio_high {ip.ratio_high}"
+    if ip.min_chunk > ip.max_chunk:
+        return f"algorithm.inpaint.min_chunk: {ip.min_chunk} > algorithm.inpaint.max_chunk {ip.max_chunk}"
+    if r.rollout.engine != "torch":
+        return (f"rollout.engine: IGPO pre-fills response positions, which only the torch engine does "
+                f"(not {r.rollout.engine!r})")
+    return None  # free_tail >= max_tokens is allowed: no hint then (IGPO regenerates the group unhinted)
+
+
+def _tree(r: Recipe) -> str | None:
+    """d-TreeRPO: the prompt's samples are its tree's leaves, branching at fixed denoising steps."""
+    a = r.algorithm
+    if not hasattr(a, "tree_branch_factor"):
+        return None
+    leaves = a.num_tree_samples * a.tree_branch_factor ** (a.tree_contraction_factor - 1)
+    if r.rollout.samples_per_prompt != leaves:
+        return (f"rollout.samples_per_prompt: {r.rollout.samples_per_prompt}, but the tree has {leaves} leaves "
+                f"(num_tree_samples x tree_branch_factor^(tree_contraction_factor - 1))")
+    if r.rollout.remasking in ("low_confidence_dynamic", "entropy_bounded", "origin"):
+        return (f"rollout.remasking: {r.rollout.remasking!r} decides its own step count; d-TreeRPO branches at "
+                "fixed steps")
+    return None
+
+
 def _filter(r: Recipe) -> str | None:
     f = getattr(r.algorithm, "filter", None)
     if f is not None and f.accuracy_lo is not None and f.accuracy_hi is not None and f.accuracy_lo > f.accuracy_hi:
@@ -399,7 +444,8 @@ def _ray(r: Recipe) -> str | None:
 
 CHECKS: tuple[Check, ...] = (
     _model_source, _tiny_kind, _attention, _model_alignment, _model_block, _max_tokens_blocks, _steps, _threshold,
-    _full_attention_decoding, _group_size, _estimator, _filter, _length_limit, _value_model, _reference_model,
+    _full_attention_decoding, _group_size, _estimator, _ar_order, _inpaint, _tree, _filter, _length_limit,
+    _value_model, _reference_model,
     _backend, _offload, _device, _node_labels, _prompts_split, _data_source, _trainer, _behaviour_temperature, _ray,
 )
 

@@ -90,7 +90,7 @@ LogpTemperature = Literal["raw", "rollout"]
 SeqLength = Literal["generation", "valid"]  # the L of per-token normalised sequence ELBOs (rl.algorithms)
 
 # Section fields that are not loss parameters (advantages, filters, the value model and reward shaping).
-_NOT_LOSS = {"name", "advantage", "filter", "value_model", "length_limit_margin"}
+_NOT_LOSS = {"name", "advantage", "filter", "value_model", "length_limit_margin", "inpaint"}
 
 
 class _GroupRelative(Section):
@@ -244,8 +244,95 @@ class DTRPO(_Preference, published="dtrpo"):
     reference_logp: Literal["model", "stored"] = "model"
 
 
+class JustGRPO(_ClippedPolicyGradient, published="justgrpo"):
+    """Plain GRPO in AR order with exact log-probs (LeapLabTHU/JustGRPO): eps 0.2, no KL, every generated position
+    (EOS padding included) over gen_length x the samples with A != 0, A = (R - mean) / (unbiased std + 1e-4).
+    Needs rollout.remasking left_to_right (and stop_at_eos false, as its rollouts) and estimator ar_exact."""
+
+    name: Literal["justgrpo"] = "justgrpo"
+    advantage: Literal["zscore"] = "zscore"  # its own z-score (rl/algorithms/justgrpo.py)
+    token_set: Literal["through_eos", "response"] = "response"
+    loss_agg: Literal["seq_mean_token_mean", "token_mean"] = "seq_mean_token_mean"
+
+
+class InpaintSection(Section):
+    """IGPO's hints (rl/inpainting.py; defaults of the released run, facebookresearch/igpo run_igpo.sh)."""
+
+    reference_field: str = Field("reference_trace", min_length=1)  # data column of the trace; "answer": the answer
+    trigger: Literal["all_wrong", "zero_advantage"] = "all_wrong"  # groups with no correct response (IGPO)
+    ratio_low: Fraction = 0.2  # inpainting ratio eta ~ U[low, high] per sample
+    ratio_high: Fraction = 0.6
+    min_chunk: int = Field(5, ge=1)  # trace chunk sizes U{min..max}
+    max_chunk: int = Field(10, ge=1)
+    max_spacing: int = Field(100, ge=0)
+    free_tail: int = Field(30, ge=0)  # last canvas positions never pre-filled
+    max_replacements: int = Field(4, ge=1)  # correct hinted samples swapped into a group
+
+    def config(self):
+        from rl.inpainting import InpaintConfig
+
+        return InpaintConfig(**self.model_dump(exclude={"reference_field"}))
+
+
+class IGPO(_ClippedPolicyGradient, published="igpo"):
+    """d1's token-level clip on one-step log-probs (eps 0.2, beta 0.01 k3 to the reference, A = R - mean, every
+    completion position) plus inpainting: groups with no correct response are regenerated with parts of the row's
+    reference trace pre-filled, and correct regenerations replace up to 4 of the group's samples; pre-filled tokens
+    are never counted in the loss."""
+
+    name: Literal["igpo"] = "igpo"
+    token_set: Literal["through_eos", "response"] = "response"
+    loss_agg: LossAgg = "token_mean"
+    inpaint: InpaintSection = InpaintSection()
+    # Share of each sample's hint tokens trained on after all, those of highest entropy under the old policy (the
+    # released code: 0.2); 0 (default, issue 15): hints are never trained on as the policy's choice.
+    hint_entropy_keep: Fraction = 0.0
+
+
+class AGRPO(_ClippedPolicyGradient, published="agrpo"):
+    """AGRPO: token-level clip on individual denoising steps drawn with importance weights (estimator
+    sampled_steps), every token of a drawn step counted, summed per sequence. eps 0.2, beta 0 (probablyabot/agrpo)."""
+
+    name: Literal["agrpo"] = "agrpo"
+    token_set: Literal["through_eos", "response"] = "response"
+    loss_agg: LossAgg = "seq_mean_token_sum"
+
+
+class MDPO(_ClippedPolicyGradient, published="mdpo"):
+    """MDPO: the clipped token loss on intermediate denoising states, per-step rewards of each step's decoded
+    prediction turned into per-step advantages (rl/step_samples.py); each rollout trains on its `train_steps` steps
+    of largest |advantage|. eps 0.2, beta 0 (k2 when on) (autonomousvision/mdpo)."""
+
+    name: Literal["mdpo"] = "mdpo"
+    token_set: Literal["response"] = "response"
+    loss_agg: Literal["seq_mean_token_mean"] = "seq_mean_token_mean"
+    train_steps: int = Field(16, ge=1)  # the reference's sample_train_steps
+
+    def loss_params(self) -> dict[str, Any]:
+        return self.model_dump(exclude=_NOT_LOSS | {"train_steps"})
+
+
+class DTreeRPO(_ClippedPolicyGradient, published="dtreerpo"):
+    """d-TreeRPO: tree rollouts (num_tree_samples root children, tree_branch_factor branches per inner node,
+    tree_contraction_factor levels), node values averaged bottom-up from leaf rewards, each edge trained with its
+    child's value minus its siblings' mean. eps 0.4, beta 0.01 (THU-BPM/d-TreeRPO). rollout.samples_per_prompt must
+    be the number of leaves."""
+
+    name: Literal["dtreerpo"] = "dtreerpo"
+    token_set: Literal["response"] = "response"
+    loss_agg: Literal["seq_mean_token_mean"] = "seq_mean_token_mean"
+    num_tree_samples: int = Field(4, ge=1)
+    tree_branch_factor: int = Field(4, ge=1)
+    tree_contraction_factor: int = Field(2, ge=1)
+
+    def loss_params(self) -> dict[str, Any]:
+        return self.model_dump(exclude=_NOT_LOSS | {"num_tree_samples", "tree_branch_factor",
+                                                    "tree_contraction_factor"})
+
+
 AlgorithmSection = Annotated[
-    DiffuGRPO | GDPO | CJGRPO | TraceRL | CoupledGRPO | WD1 | SPG | RandomMaskGRPO | ESPO | BGPO | EBPO | VRPO | DTRPO,
+    DiffuGRPO | GDPO | CJGRPO | TraceRL | CoupledGRPO | WD1 | SPG | RandomMaskGRPO | ESPO | BGPO | EBPO | VRPO | DTRPO
+    | JustGRPO | IGPO | AGRPO | MDPO | DTreeRPO,
     Field(discriminator="name")
 ]
 
@@ -364,9 +451,39 @@ class RemaskedStepEstimator(_EstimatorSection):
     block_alignment: Literal["model", "absolute", "response"] = "model"
 
 
+class ArExactEstimator(_EstimatorSection):
+    """Exact left-to-right log-probs of AR-order rollouts (JustGRPO; rl/estimators/ar.py)."""
+
+    name: Literal["ar_exact"] = "ar_exact"
+    check_order: bool = True  # refuse a sample whose step map is not left to right
+
+
+class SampledStepsEstimator(_EstimatorSection):
+    """AGRPO's timestep estimator: mc_num denoising steps of the recorded trajectory drawn per sample, importance
+    weighted so the estimate of the per-step objective is unbiased (rl/estimators/sampled_steps.py)."""
+
+    name: Literal["sampled_steps"] = "sampled_steps"
+    mc_num: int = Field(24, ge=1)  # AGRPO train.yaml mc_samples
+    low_discrepancy: bool = True  # stratified uniforms (per sample; AGRPO stratifies over the batch)
+    objective: Literal["mean", "sum"] = "mean"  # mean over steps (AGRPO) or their sum
+    # q(t): uniform (agrpo_config's default) or in proportion to the rollout's summed token entropies per step
+    # (AGRPO's train.yaml; the rollout then records them)
+    proposal: Literal["uniform", "entropy"] = "uniform"
+
+    def params(self) -> dict[str, Any]:
+        return {"num_samples": self.mc_num, "low_discrepancy": self.low_discrepancy, "objective": self.objective,
+                "proposal": self.proposal}
+
+
+class IntermediateStateEstimator(_EstimatorSection):
+    """MDPO: log-probs of each trained step's prediction given the recorded state before the step."""
+
+    name: Literal["intermediate_state"] = "intermediate_state"
+
+
 EstimatorSection = Annotated[
     OneStepEstimator | MCElboEstimator | SDMCEstimator | CoupledEstimator | BlockElboEstimator
     | BlockRandomEstimator | TrajectoryEstimator | RandomMaskEstimator | ESPOEstimator | RemaskedStepEstimator
-    | CanvasTraceEstimator,
+    | CanvasTraceEstimator | ArExactEstimator | SampledStepsEstimator | IntermediateStateEstimator,
     Field(discriminator="name"),
 ]

@@ -173,4 +173,6 @@ def wd1_advantages(rewards: torch.Tensor, **options) -> AdvantageResult:
 def advantage_estimator(loss: str):
     """The advantage estimator the loss `loss` trains on: its own when registered under its name, else
     group_relative."""
+    import rl.algorithms  # noqa: F401  (registers the loss-specific estimators, e.g. justgrpo)
+
     return ADVANTAGES.get(loss if loss in ADVANTAGES else "group_relative")

@@ -52,6 +52,7 @@ from rl.estimators import get_estimator
 from rl.estimators.base import EstimatorInput, token_mask_of
 from rl.learner_batch import (MetricLog, OldScores, RefScores, RolloutBatch, ValueScores, logp_gaps,
                               minibatch_normalizers, plan_update, rollout_batch, stack_rows)
+from rl.inpainting import thaw_hints
 from rl.masking import sample_seed
 from rl.learner_config import LearnerConfig, ValueConfig, check_packing  # noqa: F401 - re-exported: LearnerConfig
 from rl.learner_draws import check_per_draw, draw_shares_of, merge_draw_metrics, score_draw_by_draw, stacked_shares
@@ -65,7 +66,7 @@ from rl.weight_sync import Chunk, SyncStats, layered_weights, stream_weights
 from rollout.models.layout import RowPacking, layout_length
 from rollout.models.policy import DiffusionPolicy
 
-DETERMINISTIC_ESTIMATORS = ("trajectory", "canvas_trace")  # masks do not depend on (seed, inner_iter)
+DETERMINISTIC_ESTIMATORS = ("trajectory", "canvas_trace", "ar_exact", "intermediate_state")  # masks: not (seed, iter)
 STATE_FORMAT = 1
 
 
@@ -81,6 +82,7 @@ class Learner:
         self.policy, self.config = policy, config
         self.loss_fn = LOSSES.get(config.algorithm)
         self.loss_config = make_loss_config(config.algorithm, **config.loss)
+        self._thaw_hints = self.loss_config.hint_entropy_keep > 0  # IGPO: entropy-filtered hints trained on
         self.estimator = get_estimator(config.estimator)
         self.lora = hasattr(policy.model, "disable_adapter")
         deterministic = config.estimator in DETERMINISTIC_ESTIMATORS
@@ -183,7 +185,7 @@ class Learner:
         recording = self.router_aux.recording() if routes and self.router_aux is not None else nullcontext()
         with self._autocast(), recording:
             est = fn(policy, inp, seed=self._mask_seed, inner_iter=inner_iter, temperature=self.score_temperature,
-                     return_entropy=self.config.entropy, return_hidden=hidden, **packing,
+                     return_entropy=self.config.entropy or self._thaw_hints, return_hidden=hidden, **packing,
                      **(self.config.estimator_params if params is None else params))
         pad = torch.zeros((), device=self.device)
         if synced and self.backend.sync_forwards:
@@ -222,6 +224,7 @@ class Learner:
         if self.loss_config.token_set == "response":  # train every decoded token, EOS padding included
             batch.inp.valid_lengths = None
         self._mask_seed = sample_seed(cfg.seed, "masks", self.updates)
+        self._thawed: set[str] = set()  # samples whose hints the entropy filter has seen (IGPO)
         tokens = None if cfg.pack_tokens is None else [
             layout_length(self.policy.spec, batch.inp.prompts[i].numel(), batch.inp.length(i))
             for i in range(len(batch))]
@@ -339,6 +342,8 @@ class Learner:
                     counters["forwards_old"] += self._value_targets(batch, run, inp, est, keep=need)
                 if not need:
                     continue
+                if self._thaw_hints:  # IGPO's entropy filter, at each sample's first old pass
+                    thaw_hints(batch.inp, inp, micro, est.entropy, self.loss_config.hint_entropy_keep, self._thawed)
                 # Scored on the very micro-batches training uses; a sample already scored under this mask key
                 # (deterministic estimators, or a sample this rank saw before) keeps its first result.
                 counted = token_mask_of(inp, self.device)
@@ -397,7 +402,9 @@ class Learner:
                 est, _ = self._estimate(self.policy, inp, 0, estimator=get_estimator("trajectory"), params={})
                 counters["forwards_old"] += est.forwards
                 rows = [est.token_logp[r, :inp.length(r)] for r in range(len(micro))]
-            gap = logp_gaps(rows, [batch.rollout_logp[i] for i in micro], [batch.inp.valid_length(i) for i in micro])
+            frozen = None if batch.inp.frozen is None else [batch.inp.frozen[i] for i in micro]
+            gap = logp_gaps(rows, [batch.rollout_logp[i] for i in micro], [batch.inp.valid_length(i) for i in micro],
+                            frozen)
             gaps.append(gap)
             worst = max(worst, float(gap.max())) if gap.numel() else worst
         allgap = torch.cat(gaps) if gaps else torch.zeros(0, dtype=torch.float64)
@@ -441,7 +448,8 @@ class Learner:
         pe = PolicyEstimates(logp=est.token_logp, old_logp=stack_rows([o.token_logp for o in old], width, dev),
                              entropy=est.entropy, observed_mask=est.token_mask, seq_logp=est.seq_logp,
                              seq_old_logp=torch.stack([o.seq_logp for o in old]).to(dev),
-                             mc_logp=est.extra.get("mc_logp"), mc_weights=est.extra.get("mc_weights"))
+                             mc_logp=est.extra.get("mc_logp"), mc_weights=est.extra.get("mc_weights"),
+                             token_weight=est.extra.get("token_weight"))
         if draw is not None:
             pe.mc_old_elbo = torch.stack([o.draw_elbos[draw:draw + 1] for o in old]).to(dev)
             pe.mc_draws = int(old[0].draw_elbos.numel())

@@ -107,8 +107,12 @@ def rollout_batch(samples: list[ScoredSample], *, need_advantage: bool = True,
         advs.append(adv)
         logps.append(traj.logprobs.float())
     traces = [t.canvas_trace for t in trajectories]
+    prefilled = [t.prefilled.bool() if t.prefilled is not None else None for t in trajectories]
+    entropies = [t.token_entropy for t in trajectories]  # AGRPO's entropy proposal, when every rollout has one
     inp = EstimatorInput(prompts, responses, keys, valid, steps, block_sizes.pop(),
-                         traces if any(t is not None for t in traces) else None)
+                         traces if any(t is not None for t in traces) else None,
+                         frozen=prefilled if any(p is not None for p in prefilled) else None,
+                         token_entropies=None if any(e is None for e in entropies) else [e.float() for e in entropies])
     reward_t = None if any(r is None for r in rewards) else torch.tensor(rewards, dtype=torch.float32)
     return RolloutBatch(inp, advs, reward_t, logps, keys)
 
@@ -194,15 +198,18 @@ def minibatch_normalizers(plan, counted_of: Callable[[int, int], torch.Tensor], 
     return total[0], total[1]
 
 
-def logp_gaps(learner_logp: list[torch.Tensor], rollout_logp: list[torch.Tensor], valid_lengths: list[int]
-              ) -> torch.Tensor:
+def logp_gaps(learner_logp: list[torch.Tensor], rollout_logp: list[torch.Tensor], valid_lengths: list[int],
+              frozen: list[torch.Tensor | None] | None = None) -> torch.Tensor:
     """|learner - rollout| log-prob of each sample's first valid_length tokens, concatenated ((N,) float64, CPU):
-    the train/inference mismatch the learner logs as logp_mismatch (mean) / logp_mismatch_max."""
+    the train/inference mismatch the learner logs as logp_mismatch (mean) / logp_mismatch_max. `frozen`: per
+    sample, positions left out (pre-filled hints: never sampled, so no rollout log-prob to compare)."""
     if not len(learner_logp) == len(rollout_logp) == len(valid_lengths):
         raise ValueError(f"logp_gaps: {len(learner_logp)} learner rows, {len(rollout_logp)} rollout rows, "
                          f"{len(valid_lengths)} lengths")
     gaps = [(mine[:n].double().cpu() - theirs[:n].double().cpu()).abs()
             for mine, theirs, n in zip(learner_logp, rollout_logp, valid_lengths)]
+    if frozen is not None:
+        gaps = [g if skip is None else g[~skip[:g.numel()].cpu().bool()] for g, skip in zip(gaps, frozen)]
     return torch.cat(gaps) if gaps else torch.zeros(0, dtype=torch.float64)
 
 

@@ -120,11 +120,54 @@ ALGORITHM_DEFAULTS: Mapping[str, AlgorithmDefaults] = MappingProxyType({
     # dTRPO (2603.18806, ICML'26): DPO on one-forward re-masked trajectory estimates, offline pairs from stored
     # rollouts; only the abstract and project page were readable here (no code snapshot): numbers are ours.
     "dtrpo": AlgorithmDefaults(loss={"beta": 0.1, "kl_reference": "ref"}, learner={"mu": 1}, published=False),
+    # AGRPO (probablyabot/agrpo train.yaml @98f1182): eps 0.2, beta 0, every token of a drawn step (EOS included),
+    # summed and averaged over sequences; log-probs at the sampling temperature; R - mean advantages (no std);
+    # lr 5e-6, betas (0.9, 0.99), wd 0.01, clip 1.0, one inner iteration; 8 samples at temperature 0.6.
+    "agrpo": AlgorithmDefaults(
+        loss={"clip_eps_low": 0.2, "clip_eps_high": 0.2, "beta": 0.0, "kl_reference": "ref", "kl_estimator": "k3",
+              "loss_agg": "seq_mean_token_sum", "token_set": "response", "logp_temperature": "rollout"},
+        learner={"lr": 5e-6, "betas": (0.9, 0.99), "weight_decay": 0.01, "grad_clip": 1.0, "mu": 1},
+        rollout={"samples_per_prompt": 8, "temperature": 0.6}, group=_MEAN_CENTERED),
+    # MDPO (autonomousvision/mdpo recipes/LLaDA-Instruct/mdpo/config_demo.yaml @e6ae439): eps 0.2 (TRL's default),
+    # beta 0 (k2 when on), intermediate states' masked tokens averaged per (sample, step), log-probs at the sampling
+    # temperature; lr 1e-5 constant, one inner iteration, G 4, temperature 0.1; 16 trained steps per sample.
+    "mdpo": AlgorithmDefaults(
+        loss={"clip_eps_low": 0.2, "clip_eps_high": 0.2, "beta": 0.0, "kl_reference": "ref", "kl_estimator": "k2",
+              "loss_agg": "seq_mean_token_mean", "token_set": "response", "logp_temperature": "rollout"},
+        learner={"lr": 1e-5, "mu": 1}, rollout={"samples_per_prompt": 4, "temperature": 0.1},
+        group={**_MEAN_CENTERED, "train_steps": 16}),
+    # d-TreeRPO (THU-BPM/d-TreeRPO dtreerpo/slurm_scripts/dtreerpo.yaml @3eb6f21): eps 0.4, beta 0.01 (k3 to the
+    # reference), per-edge token mean then mean over edges, raw-logit log-probs; d1's optimiser with lr 3e-5, 12
+    # inner iterations; a tree of 4 root children x 4 branches over 2 levels = 16 leaves; temperature 0.9 (its
+    # config default).
+    "dtreerpo": AlgorithmDefaults(
+        loss={"clip_eps_low": 0.4, "clip_eps_high": 0.4, "beta": 0.01, "kl_reference": "ref", "kl_estimator": "k3",
+              "loss_agg": "seq_mean_token_mean", "token_set": "response"},
+        learner={"lr": 3e-5, "betas": (0.9, 0.99), "weight_decay": 0.1, "grad_clip": 0.2, "mu": 12},
+        rollout={"samples_per_prompt": 16, "temperature": 0.9},
+        group={**_MEAN_CENTERED, "num_tree_samples": 4, "tree_branch_factor": 4, "tree_contraction_factor": 2}),
     # UniGRPO-style random masking: no published loss figures; PPO's eps 0.2 and no KL (so no reference model).
     "random_mask_grpo": AlgorithmDefaults(
         loss={"clip_eps_low": 0.2, "clip_eps_high": 0.2, "beta": 0.0, "kl_reference": "ref", "kl_estimator": "k3",
               "loss_agg": "token_mean"},
         group=_MEAN_CENTERED, published=False),
+    # JustGRPO (LeapLabTHU/JustGRPO grpo.py, train.py): AR-order rollouts, exact log-probs; eps 0.2, no KL, every
+    # generated position (EOS padding included) / (gen_length * samples with A != 0); AdamW lr 5e-6, betas
+    # (0.9, 0.999), no weight decay, grad clip 1.0, one inner step; 16 samples (8 x repeat_times 2) at T = 1.
+    "justgrpo": AlgorithmDefaults(
+        loss={"clip_eps_low": 0.2, "clip_eps_high": 0.2, "beta": 0.0, "kl_reference": "ref", "kl_estimator": "k3",
+              "loss_agg": "seq_mean_token_mean", "token_set": "response"},
+        learner={"lr": 5e-6, "betas": (0.9, 0.999), "weight_decay": 0.0, "grad_clip": 1.0, "mu": 1},
+        rollout={"samples_per_prompt": 16, "temperature": 1.0},
+        group={"advantage": "zscore", "accuracy_lo": None, "accuracy_hi": None, "length_limit_margin": None}),
+    # IGPO (facebookresearch/igpo run_igpo.sh + train.yaml): d1's clipped token loss (eps 0.2 / 0.2, beta 0.01 k3
+    # to the reference) over every completion position but pre-filled hints, / their count; A = R - mean; AdamW lr
+    # 5e-7, betas (0.9, 0.99), weight decay 0.1, grad clip 0.2, mu 4; 8 samples at temperature 1.2.
+    "igpo": AlgorithmDefaults(
+        loss={"clip_eps_low": 0.2, "clip_eps_high": 0.2, "beta": 0.01, "kl_reference": "ref", "kl_estimator": "k3",
+              "loss_agg": "token_mean", "token_set": "response"},
+        learner={"lr": 5e-7, "betas": (0.9, 0.99), "weight_decay": 0.1, "grad_clip": 0.2, "mu": 4},
+        rollout={"samples_per_prompt": 8, "temperature": 1.2}, group=_MEAN_CENTERED),
 })
 
 # What a recipe's learner.* / rollout.* left at None becomes when the algorithm publishes no value for it.

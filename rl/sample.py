@@ -29,6 +29,10 @@ class ScoredSample:
     # () float: the sequence's advantage (wd1: its signed weight), or (L,) float per token; None: not computed.
     advantage: float | torch.Tensor | None = None
     keep: bool = False  # the sample's group passed the filters and the generation succeeded: trained on
+    # Methods that train on intermediate states (MDPO, launch/driver_steps.py): (S,) the reward of each denoising
+    # step's decoded prediction, and the per-step advantages derived from them; None otherwise.
+    step_rewards: torch.Tensor | None = None
+    step_advantages: torch.Tensor | None = None
 
     @property
     def policy_version(self) -> int:

@@ -57,6 +57,13 @@ SCHEMA = pa.schema([
     ("reward_metrics", pa.string()),  # JSON object
     ("sampling", pa.string()),  # JSON object
     ("canvas_trace", pa.binary()),  # rollout.canvas_trace.CanvasTrace.to_bytes() (DiffusionGemma), else null
+    ("prefilled", pa.list_(pa.int32())),  # response positions pre-filled by the driver (IGPO); null: none
+    # Per denoising step, when the rollout recorded them (Trajectory.step_*; MDPO): (S, L) each, else null.
+    ("step_states", pa.list_(pa.list_(pa.int32()))),
+    ("step_predictions", pa.list_(pa.list_(pa.int32()))),
+    ("step_confidence", pa.list_(pa.list_(pa.float32()))),
+    ("step_rewards", pa.list_(pa.float64())),  # ScoredSample.step_rewards
+    ("token_entropy", pa.list_(pa.float32())),  # Trajectory.token_entropy (AGRPO's entropy proposal), else null
 ])
 
 
@@ -97,7 +104,18 @@ def trajectory_row(step: int, sample: ScoredSample) -> dict[str, Any]:
         "reward_metrics": _json(sample.reward_metrics),
         "sampling": _json(traj.sampling),
         "canvas_trace": None if traj.canvas_trace is None else traj.canvas_trace.to_bytes(),
+        "prefilled": None if traj.prefilled is None else _ints(traj.prefilled.nonzero().reshape(-1)),
+        "step_states": _rows(traj.step_states),
+        "step_predictions": _rows(traj.step_predictions),
+        "step_confidence": _rows(traj.step_confidence),
+        "step_rewards": None if sample.step_rewards is None else [float(x) for x in sample.step_rewards.tolist()],
+        "token_entropy": None if traj.token_entropy is None else [float(x) for x in traj.token_entropy.tolist()],
     }
+
+
+def _rows(t: torch.Tensor | None) -> list[list] | None:
+    """A 2-D tensor as nested lists (null when absent)."""
+    return None if t is None else t.tolist()
 
 
 class TrajectoryStore:

@@ -62,6 +62,7 @@ class RemaskingPolicy:
     needs_entropy = False
     needs_transfer_probability = False  # select_batch takes `probability` (R,): Dream's 1 - s/t per row
     ranks_by_confidence = True  # the ranking key is the sampled token's probability (what EOSER rescales)
+    revisits_decoded = False  # may mask again positions decoded at earlier steps of the block (RCR: keep_batch)
 
     def selection_key(self, logp_all: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
         """(n,) score each masked position is ranked by (higher first), from the (n, V) log-probs of the sampling
@@ -102,6 +103,21 @@ class Sequential(RemaskingPolicy):
 
     def select_batch(self, confidence, entropy, masked, count, generators, *, queries=None):
         return masked & (masked.cumsum(dim=1) <= count[:, None])
+
+
+@register_remasking("left_to_right")
+class LeftToRight(RemaskingPolicy):
+    """AR order (JustGRPO): exactly one token per step, the leftmost masked position, whatever the step schedule,
+    so every token is sampled from the model's distribution at that position given the decoded prefix and the
+    masks after it (the rest of the canvas, within the model's attention)."""
+
+    fixed_count = False  # never the schedule's count: always one
+
+    def select(self, confidence, entropy, count, generator):
+        return torch.arange(min(1, confidence.numel()), device=confidence.device)
+
+    def select_batch(self, confidence, entropy, masked, count, generators, *, queries=None):
+        return masked & (masked.cumsum(dim=1) == 1)
 
 
 @register_remasking("low_confidence_static")
@@ -235,6 +251,28 @@ class Origin(RemaskingPolicy):
         chosen = torch.zeros_like(masked)
         chosen[queries.rows, queries.cols] = u < probability.to(u.dtype)[queries.rows]
         return chosen
+
+
+@register_remasking("rcr")
+class RunningConfidence(LowConfidenceStatic):
+    """MDPO's running-confidence remasking (RCR, autonomousvision/mdpo src/mdlm_generation_utils.py): every masked
+    position of the block is sampled at each step and, with the block's already decoded positions, ranked by its
+    running confidence (the score of its token when it was last sampled); the block then keeps the schedule's
+    cumulative count of top-ranked positions decoded and masks the rest again, so an early low-confidence token
+    can be revised later. Within the current block only (the reference ranks the whole canvas; MDPO's published
+    setting decodes one block). The choice is made by `keep_batch`; `select` alone cannot express a remask."""
+
+    revisits_decoded = True
+
+    def keep_batch(self, key: torch.Tensor, running: torch.Tensor, masked: torch.Tensor, fixed: torch.Tensor,
+                   count: torch.Tensor) -> torch.Tensor:
+        """(R, bs) positions decoded after the step: the top (decoded before + count) by running confidence, where
+        `key` (-inf where not masked) scores the new samples, `running` the decoded positions, `fixed` positions
+        (prompt tail in the block) always stay."""
+        score = torch.where(masked, key, running)
+        score = torch.where(fixed, torch.full_like(score, float("inf")), score)
+        keep = (~masked).sum(dim=1) + count
+        return _rank(score, descending=True) < keep[:, None]
 
 
 def make_remasking(params: SamplingParams) -> RemaskingPolicy:

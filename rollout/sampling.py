@@ -35,6 +35,12 @@ class SamplingParams:
     schedule: str | None = None
     eoser_gamma_min: float | None = None  # EOSER: scale EOS confidence by gamma(s) starting at this; None = off
     stop_at_eos: bool = True  # block decoding stops after the block that holds an EOS
+    # Record, per denoising step, the canvas before it, the step's sampled tokens at every masked position of the
+    # block and their probabilities (Trajectory.step_states / step_predictions / step_confidence; MDPO).
+    record_steps: bool = False
+    # Record each token's sampling-distribution entropy at the step it was drawn (Trajectory.token_entropy; AGRPO's
+    # entropy proposal over steps).
+    record_entropy: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -140,10 +146,20 @@ class GenerationRequest:
     sampling: SamplingParams = SamplingParams()
     seed: int | None = None  # None: a fresh seed from the OS, recorded in the trajectory
     request_id: str = ""
+    # Pre-filled response positions (IGPO's inpainting): (n,) token ids over the first n response positions, -1
+    # where the decoder samples. A pre-filled token is in the canvas from the start, never sampled nor remasked,
+    # and marked in Trajectory.prefilled. None: none (decoding is exactly what it was without the field).
+    prefill: torch.Tensor | list[int] | None = None
+    # Tree rollouts (d-TreeRPO): (global step, seed) pairs; at that step the request's generator restarts from that
+    # seed. Requests with the same seed and the same pairs up to a step decode identically until it (the shared
+    # prefix of a branch), then diverge.
+    branch_seeds: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         # Shape/content problems are reported per request by the decoder, never raised here.
         if not isinstance(self.prompt_ids, torch.Tensor):
             self.prompt_ids = torch.tensor(list(self.prompt_ids), dtype=torch.long)
+        if self.prefill is not None and not isinstance(self.prefill, torch.Tensor):
+            self.prefill = torch.tensor(list(self.prefill), dtype=torch.long)
         if isinstance(self.sampling, dict):
             self.sampling = SamplingParams.from_dict(self.sampling)

@@ -14,6 +14,9 @@ from rollout.canvas_trace import CanvasTrace
 
 # A response token that has not been decoded yet has no step; never stored in a finished trajectory.
 UNDECODED = -1
+# The step of a pre-filled token (GenerationRequest.prefill): in the canvas before step 0, so every recorded state
+# (state_before_step) shows it; its log-prob and confidence are 0 (never sampled).
+PREFILLED = -2
 
 
 def block_local_steps(step_map: torch.Tensor, block_size: int, head: int = 0) -> torch.Tensor:
@@ -50,6 +53,16 @@ class Trajectory:
     request_id: str = ""  # what the driver scores it by is in rl.sample.ScoredSample, not here
     # Re-noising canvas samplers (DiffusionGemma): every canvas each step read and what it accepted (canvas_trace.py)
     canvas_trace: CanvasTrace | None = None
+    prefilled: torch.Tensor | None = None  # (L,) bool: pre-filled positions (IGPO's inpainting); None: none
+    # Per denoising step s (sampling["record_steps"]; None otherwise), each (S, L): the response canvas just before
+    # step s (mask id where masked), the canvas with step s's sampled token at every masked position of its block
+    # (MDPO's intermediate answer), and those tokens' sampling probabilities (0 elsewhere). Needed where the step
+    # map cannot replay the decoding (a remasking policy that masks decoded tokens again, e.g. RCR).
+    step_states: torch.Tensor | None = None
+    step_predictions: torch.Tensor | None = None
+    step_confidence: torch.Tensor | None = None
+    # (L,) entropy of the distribution each token was sampled from (sampling["record_entropy"]; None otherwise)
+    token_entropy: torch.Tensor | None = None
 
     @property
     def response_length(self) -> int:
@@ -86,7 +99,14 @@ class Trajectory:
             value = getattr(self, name)
             if value.shape != (n,):
                 raise ValueError(f"trajectory.{name}: shape {tuple(value.shape)} != response shape ({n},)")
-        if n and int(self.step_map.min()) < 0:
+        sampled = self.step_map
+        if self.prefilled is not None:
+            if self.prefilled.shape != (n,):
+                raise ValueError(f"trajectory.prefilled: shape {tuple(self.prefilled.shape)} != response shape ({n},)")
+            if bool((self.step_map[self.prefilled.bool()] != PREFILLED).any()):
+                raise ValueError(f"trajectory.step_map: a pre-filled position has a step other than {PREFILLED}")
+            sampled = self.step_map[~self.prefilled.bool()]
+        if sampled.numel() and int(sampled.min()) < 0:
             raise ValueError("trajectory.step_map: a response token was never unmasked")
         if not 0 <= self.valid_length <= n:
             raise ValueError(f"trajectory.valid_length: {self.valid_length} outside [0, {n}]")
@@ -94,3 +114,13 @@ class Trajectory:
             raise ValueError(f"trajectory.block_size: {self.block_size} < 1")
         if self.canvas_trace is not None:
             self.canvas_trace.validate(n)
+        if self.token_entropy is not None and self.token_entropy.shape != (n,):
+            raise ValueError(f"trajectory.token_entropy: shape {tuple(self.token_entropy.shape)} != ({n},)")
+        records = [self.step_states, self.step_predictions, self.step_confidence]
+        if any(r is not None for r in records):
+            if any(r is None for r in records):
+                raise ValueError("trajectory.step_states: step_states, step_predictions and step_confidence go "
+                                 "together")
+            for name, value in zip(("step_states", "step_predictions", "step_confidence"), records):
+                if value.dim() != 2 or value.shape[1] != n or value.shape[0] != records[0].shape[0]:
+                    raise ValueError(f"trajectory.{name}: shape {tuple(value.shape)} is not (steps, {n})")

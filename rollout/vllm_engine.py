@@ -107,6 +107,10 @@ class VLLMEngine(RolloutEngine):
     # --------------------------------------------------------------------------------------------- generate
     def _problem(self, request: GenerationRequest) -> str | None:
         prompt, s = request.prompt_ids, request.sampling
+        if request.prefill is not None:  # an autoregressive engine cannot hold tokens ahead of the one it samples
+            return "prefill (pre-filled response positions) needs a diffusion engine (rollout.engine: torch)"
+        if request.branch_seeds or s.record_steps or s.record_entropy:  # diffusion-step features: diffrl's engine
+            return "branch_seeds / record_steps / record_entropy need diffrl's own engine (rollout.engine: torch)"
         if prompt.dim() != 1:
             return f"prompt_ids must be 1-D, got shape {tuple(prompt.shape)}"
         if prompt.numel() == 0:

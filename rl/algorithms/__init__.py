@@ -2,7 +2,8 @@
 
 Importing this package registers every loss; it imports only torch.
 """
-from rl.algorithms import bgpo, ebpo, espo, ppo, preference, sequence, spg, weighted  # noqa: F401  (registration)
+from rl.algorithms import (  # noqa: F401  (registration)
+    agrpo, bgpo, dtreerpo, ebpo, espo, igpo, justgrpo, mdpo, ppo, preference, sequence, spg, weighted)
 from rl.algorithms.core import (
     AGG_MODES,
     LOSSES,

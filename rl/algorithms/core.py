@@ -74,6 +74,7 @@ class PolicyEstimates:
     # estimate has (K_total >= K when the learner backpropagates one draw at a time; None: K).
     mc_old_elbo: torch.Tensor | None = None
     mc_draws: int | None = None
+    token_weight: torch.Tensor | None = None  # (B, L) per-token estimator weight (AGRPO's sampled steps)
 
 
 @dataclass
@@ -106,6 +107,9 @@ class LossConfig:
     # The learner runs forward + backward one Monte Carlo draw at a time (BGPO: a loss linear in the draws, so the
     # gradients accumulate exactly with one draw's graph alive). Read by the learner.
     per_draw_backward: bool = False
+    # IGPO: share of a sample's pre-filled hint tokens trained on after all, those of highest entropy under the old
+    # policy (its code: 0.2); 0 = hints never counted. Read by the learner (rl.inpainting.thaw_high_entropy).
+    hint_entropy_keep: float = 0.0
 
     def __post_init__(self) -> None:
         checks = {"loss_agg": AGG_MODES, "kl_estimator": KL_ESTIMATORS, "kl_reference": ("ref", "old"),
@@ -117,6 +121,8 @@ class LossConfig:
             raise ValueError("loss config: loss_agg='fixed_length' needs fixed_length > 0")
         if not 0.0 <= self.mix <= 1.0 or self.beta_e <= 0:
             raise ValueError(f"loss config: need 0 <= mix <= 1 and beta_e > 0, got mix={self.mix}, beta_e={self.beta_e}")
+        if not 0.0 <= self.hint_entropy_keep <= 1.0:
+            raise ValueError(f"loss config: hint_entropy_keep must be in [0, 1], got {self.hint_entropy_keep}")
         if self.clip_eps_low < 0 or (self.clip_eps_high is not None and self.clip_eps_high < 0):
             raise ValueError("loss config: clip_eps_low / clip_eps_high must be >= 0")
 

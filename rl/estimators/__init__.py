@@ -3,7 +3,8 @@
 
 def get_estimator(name: str):
     """The registered estimator `name` (importing the modules registers them; they load no model)."""
-    from rl.estimators import canvas_trace, elbo, espo, remasked, trajectory  # noqa: F401  (registration side effect)
+    from rl.estimators import (  # noqa: F401  (registration side effect)
+        ar, canvas_trace, elbo, espo, intermediate, remasked, sampled_steps, trajectory)
     from rl.estimators.base import ESTIMATORS
 
     return ESTIMATORS.get(name)

@@ -28,6 +28,10 @@ class EstimatorInput:
     step_maps: list[torch.Tensor] | None = None  # (L_b,) decoding step per token (trajectory estimator)
     block_size: int | None = None  # the rollout's block size (trajectory estimator); default: policy's
     canvas_traces: list | None = None  # rollout.canvas_trace.CanvasTrace per sample (canvas_trace estimator)
+    # (L_b,) bool or None per sample: positions never counted by a loss (IGPO's pre-filled hints: tokens the
+    # policy did not choose); None: none
+    frozen: list[torch.Tensor | None] | None = None
+    token_entropies: list[torch.Tensor] | None = None  # (L_b,) rollout sampling entropy per token (AGRPO)
 
     def __len__(self) -> int:
         return len(self.responses)
@@ -42,7 +46,7 @@ class EstimatorInput:
         pick = lambda xs: None if xs is None else [xs[i] for i in index]  # noqa: E731
         return EstimatorInput(pick(self.prompts), pick(self.responses), pick(self.sample_keys),
                               pick(self.valid_lengths), pick(self.step_maps), self.block_size,
-                              pick(self.canvas_traces))
+                              pick(self.canvas_traces), pick(self.frozen), pick(self.token_entropies))
 
 
 @dataclass
@@ -69,4 +73,7 @@ def token_mask_of(inp: EstimatorInput, device=None) -> torch.Tensor:
     mask = torch.zeros((len(inp), width), dtype=torch.bool, device=device)
     for b in range(len(inp)):
         mask[b, : inp.valid_length(b)] = True
+        if inp.frozen is not None and inp.frozen[b] is not None:
+            frozen = inp.frozen[b].to(device=mask.device, dtype=torch.bool)
+            mask[b, : frozen.numel()] &= ~frozen
     return mask

@@ -48,6 +48,8 @@ def decode_full(policy, rows: list[Row], cache_mode: str = "none",
     for i, row in enumerate(rows):
         pad = width_prompt - row.prompt_len
         ids[i, pad:width_prompt] = row.prompt
+        if row.prefilled is not None:  # pre-filled tokens are in the canvas from the start, later blocks too
+            ids[i, width_prompt:] = row.tokens
         pos[i, pad:] = torch.arange(width - pad, device=device)
         valid[i, pad:] = True
     full_mask = AttentionMask.build(pos, pos, valid, full=True)  # per-position: no (rows, 1, W, W) tensor

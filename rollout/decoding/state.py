@@ -17,7 +17,7 @@ from rollout.decoding.schedules import block_schedule, dream_transfer_probabilit
 from rollout.models.spec import DiffusionSpec
 from rollout.remasking import BlockQueries, make_remasking
 from rollout.sampling import GenerationRequest, entropy, processed_logprobs, sample_tokens
-from rollout.trajectory import UNDECODED, Trajectory
+from rollout.trajectory import PREFILLED, UNDECODED, Trajectory
 
 
 def check_request(request: GenerationRequest, spec: DiffusionSpec, max_positions: int | None,
@@ -40,6 +40,20 @@ def check_request(request: GenerationRequest, spec: DiffusionSpec, max_positions
         return f"prompt token ids must lie in [0, {vocab_size})"
     if params.steps_per_block is not None and params.steps_per_block > spec.block_size:
         return f"steps_per_block {params.steps_per_block} > block size {spec.block_size}"
+    return _prefill_problem(request.prefill, params.max_tokens, spec, vocab_size)
+
+
+def _prefill_problem(prefill: torch.Tensor | None, max_tokens: int, spec: DiffusionSpec,
+                     vocab_size: int) -> str | None:
+    if prefill is None:
+        return None
+    if prefill.dim() != 1 or prefill.numel() > max_tokens:
+        return f"prefill must be 1-D with at most max_tokens {max_tokens} entries, got shape {tuple(prefill.shape)}"
+    filled = prefill[prefill >= 0]
+    if bool((prefill < -1).any()) or (filled.numel() and int(filled.max()) >= vocab_size):
+        return f"prefill token ids must lie in [0, {vocab_size}) (-1: sampled)"
+    if bool((filled == spec.mask_token_id).any()):
+        return f"prefill contains the mask token (id {spec.mask_token_id})"
     return None
 
 
@@ -82,6 +96,7 @@ class Row:
         self.step_map = torch.full((length,), UNDECODED, dtype=torch.long, device=device)
         self.logprobs = torch.zeros(length, dtype=torch.float32, device=device)
         self.confidence = torch.zeros(length, dtype=torch.float32, device=device)
+        self.token_entropy = torch.zeros(length, dtype=torch.float32, device=device)  # record_entropy only
         self.schedule = block_schedule(self.params, spec.block_size, spec.step_schedule)
         # Dream's `origin` transfer probability by step in block (host floats, computed once: Dream computes them
         # with CPU tensors, which a decoding step must not touch)
@@ -92,11 +107,34 @@ class Row:
         # Still-masked positions of the current block, known on the host: every step reads back how many it
         # unmasked (its one host sync), so the next step can size its queries without asking the device.
         self.masked_left = spec.block_size - self.head
+        self.prefilled: torch.Tensor | None = None  # (max_tokens,) bool on the host, canvas positions
+        self._prefilled_per_block: list[int] = []
+        if request.prefill is not None:
+            self._prefill(request.prefill, device)
         self.block = 0
         self.step = 0  # global denoising step of this request
         self.step_in_block = 0
         self.nfe = 0
         self.finish_reason: str | None = None
+        self.step_records: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # record_steps
+        self.branch_seeds = dict(request.branch_seeds)  # global step -> seed the generator restarts from
+
+    def _prefill(self, prefill: torch.Tensor, device: torch.device) -> None:
+        """Write the pre-filled tokens into the canvas (response position r is canvas position head + r; entries
+        past the canvas are ignored): decoded from the start, so no step ever samples or remasks them."""
+        length = self.params.max_tokens
+        fill = prefill.detach().to("cpu", torch.long)[:length - self.head]
+        where = torch.zeros(length, dtype=torch.bool)
+        where[self.head:self.head + fill.numel()] = fill >= 0
+        positions = where.nonzero().squeeze(1)
+        values = fill[positions - self.head]
+        positions, values = positions.to(device), values.to(device)
+        self.tokens[positions] = values
+        self.decoded[positions] = True
+        self.step_map[positions] = PREFILLED
+        self.prefilled = where
+        self._prefilled_per_block = where.view(-1, self.spec.block_size).sum(dim=1).tolist()
+        self.masked_left -= self._prefilled_per_block[0]
 
     # ------------------------------------------------------------------------------------------ geometry
     @property
@@ -140,6 +178,8 @@ class Row:
         self.block += 1
         self.step_in_block = 0
         self.masked_left = self.spec.block_size
+        if self._prefilled_per_block:
+            self.masked_left -= self._prefilled_per_block[self.block]
 
     def finish_if_done(self, has_eos: bool | None = None) -> bool:
         """After a completed block: stop on EOS (when asked) or when the budget is spent; else move on.
@@ -161,8 +201,10 @@ class Row:
         field = (lambda name: shared.host(name)[self.slot, :self.params.max_tokens]) if shared is not None else (
             lambda name: getattr(self, name).cpu())
         decoded = field("decoded")
-        length = int(decoded.sum())
-        if not bool(decoded[:length].all()):
+        # Pre-filled tokens of blocks never reached (a stop at EOS) are not part of the response.
+        length = int(decoded.sum()) if self.prefilled is None else self.block_end
+        if not bool(decoded[:length].all()) or (self.prefilled is not None and int(decoded.sum()) != length + int(
+                self.prefilled[length:].sum())):
             raise RuntimeError(f"request {self.request.request_id!r}: decoded positions are not a prefix")
         # Copies, not views: the canvas may be a row of a batch-wide buffer (SharedState), which a trajectory must
         # not keep alive or ship along when it is pickled.
@@ -173,14 +215,39 @@ class Row:
         reason = self.finish_reason or "length"
         if reason == "length" and eos.numel():
             reason = "eos"
+        records = {"token_entropy": own("token_entropy")} if self.params.record_entropy else {}
+        if self.params.record_steps:  # the mask and EOS ids come along (sampling): readers of the states need them
+            records.update(self.step_arrays(field("tokens"), length))
         return Trajectory(
             prompt_ids=self.request.prompt_ids.to("cpu", torch.long).reshape(-1), response_ids=response,
             step_map=own("step_map"), logprobs=own("logprobs"), confidence=own("confidence"),
             valid_length=valid, nfe=self.nfe, finish_reason=reason, block_size=self.spec.block_size,
             sampling={**self.params.to_dict(), "seed": self.seed, "decoder": decoder,
-                      "block_alignment": self.spec.block_alignment},
-            policy_version=version, request_id=self.request.request_id,
+                      "block_alignment": self.spec.block_alignment,
+                      **({"mask_token_id": self.spec.mask_token_id, "eos_token_id": self.spec.eos_token_id}
+                         if self.params.record_steps or self.request.branch_seeds else {}),
+                      **({"branch_seeds": [list(b) for b in self.request.branch_seeds]}
+                         if self.request.branch_seeds else {})},
+            policy_version=version, request_id=self.request.request_id, **records,
+            prefilled=None if self.prefilled is None else self.prefilled[self.head:length].clone(),
         )
+
+    def step_arrays(self, final: torch.Tensor, length: int) -> dict[str, torch.Tensor]:
+        """The recorded steps as (S, response length) arrays: blocks before a step's block hold their final tokens
+        (decoding never returns to a finished block), blocks after it are masks."""
+        bs, mask_id = self.spec.block_size, self.spec.mask_token_id
+        steps = len(self.step_records)
+        states = final[None, :].repeat(steps, 1) if steps else torch.zeros((0, final.numel()), dtype=torch.long)
+        predictions, confidence = states.clone(), torch.zeros(states.shape, dtype=torch.float32)
+        for s, (start, block, prediction, probability) in enumerate(self.step_records):
+            states[s, start + bs:] = mask_id
+            predictions[s, start + bs:] = mask_id
+            states[s, start:start + bs] = block.cpu()
+            predictions[s, start:start + bs] = prediction.cpu()
+            confidence[s, start:start + bs] = probability.cpu().float()
+        cut = slice(self.head, length)
+        return {"step_states": states[:, cut].clone(), "step_predictions": predictions[:, cut].clone(),
+                "step_confidence": confidence[:, cut].clone()}
 
 
 class SharedState:
@@ -188,7 +255,7 @@ class SharedState:
     row (`row.slot`), so the per-step work (which positions are masked, what to keep, the writes) is a handful of
     batched ops instead of a dozen small ops per row, while Row.trajectory and the rest still see plain tensors."""
 
-    FIELDS = ("tokens", "decoded", "step_map", "logprobs", "confidence")
+    FIELDS = ("tokens", "decoded", "step_map", "logprobs", "confidence", "token_entropy")
 
     def __init__(self, rows: list[Row]):
         length = max(r.params.max_tokens for r in rows)
@@ -337,11 +404,14 @@ def denoise_rows(rows: list[Row], logits: torch.Tensor, view: BlockView) -> torc
         g_rows = [rows[i] for i in members]
         policy = g_rows[0].remasking
         logp_all = processed_logprobs(g_logits, params)
+        for r in g_rows:  # tree rollouts: a branch takes its own random stream from its branch step on
+            if r.step in r.branch_seeds:
+                r.generator.manual_seed(r.branch_seeds[r.step])
         uniforms = None
         if not params.greedy:
             uniforms = torch.cat([r.draw_uniforms(n, device) for n, r in zip(g_counts, g_rows)])
         tokens, logp = sample_tokens(logp_all, params, uniforms=uniforms)
-        ent = entropy(logp_all) if policy.needs_entropy else None
+        ent = entropy(logp_all) if policy.needs_entropy or params.record_entropy else None
         confidence = logp.exp()
         if g_rows[0].spec.confidence_source == "model" and not params.greedy:  # LLaDA: untempered probability
             confidence = torch.log_softmax(g_logits.float(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1).exp()
@@ -356,23 +426,55 @@ def denoise_rows(rows: list[Row], logits: torch.Tensor, view: BlockView) -> torc
         if policy.needs_transfer_probability:  # Dream's origin: 1 - s/t of each row's step in its block
             extra["probability"] = pick(view.col["probability"])
         queries = BlockQueries(g_q_row, g_q_col, g_counts, [r.budget() for r in g_rows])
-        chosen = policy.select_batch(key_d, ent_d, g_masked, pick(view.col["budget"]),
-                                     [r.generator for r in g_rows], queries=queries, **extra)
-        # Dense writes over each row's block (unchosen positions keep their values): no data-dependent sizes.
         where = (g_slots[:, None], g_idx)
+        if params.record_steps:
+            record_step(g_rows, shared.tokens[where], dense(tokens, 0), dense(logp.exp(), 0.0), g_masked)
+        if policy.revisits_decoded:  # RCR: the block's decoded tokens compete with the new samples
+            decided = policy.keep_batch(key_d, shared.confidence[where], g_masked, ~pick(view.response),
+                                        pick(view.col["budget"]))
+            chosen, remask = decided & g_masked, ~decided & ~g_masked
+        else:
+            chosen = policy.select_batch(key_d, ent_d, g_masked, pick(view.col["budget"]),
+                                         [r.generator for r in g_rows], queries=queries, **extra)
+            remask = None
+        # Dense writes over each row's block (unchosen positions keep their values): no data-dependent sizes.
         shared.tokens[where] = torch.where(chosen, dense(tokens, 0), shared.tokens[where])
         shared.decoded[where] = shared.decoded[where] | chosen
         shared.step_map[where] = torch.where(chosen, pick(view.col["step"])[:, None], shared.step_map[where])
         shared.logprobs[where] = torch.where(chosen, dense(logp, 0.0), shared.logprobs[where])
         shared.confidence[where] = torch.where(chosen, key_d, shared.confidence[where])  # the ranking score
+        if params.record_entropy:  # the sampling distribution's entropy where each token was drawn (AGRPO)
+            shared.token_entropy[where] = torch.where(chosen, dense(ent, 0.0), shared.token_entropy[where])
+        net = chosen.sum(dim=1)
+        if remask is not None:
+            mask_id = g_rows[0].spec.mask_token_id
+            shared.tokens[where] = torch.where(remask, torch.full_like(shared.tokens[where], mask_id),
+                                               shared.tokens[where])
+            shared.decoded[where] = shared.decoded[where] & ~remask
+            shared.step_map[where] = torch.where(remask, torch.full_like(shared.step_map[where], UNDECODED),
+                                                 shared.step_map[where])
+            shared.logprobs[where] = torch.where(remask, 0.0, shared.logprobs[where])
+            shared.confidence[where] = torch.where(remask, 0.0, shared.confidence[where])
+            shared.token_entropy[where] = torch.where(remask, 0.0, shared.token_entropy[where])
+            net = net - remask.sum(dim=1)
         if member_t is None:
-            unmasked = chosen.sum(dim=1)
+            unmasked = net
         else:
-            unmasked[member_t] = chosen.sum(dim=1)
+            unmasked[member_t] = net
         for r in g_rows:
             r.step += 1
             r.step_in_block += 1
     return unmasked
+
+
+def record_step(rows: list[Row], block_tokens: torch.Tensor, sampled: torch.Tensor, probability: torch.Tensor,
+                masked: torch.Tensor) -> None:
+    """Keep, per row, its block before this step, the step's prediction (sampled tokens at every masked position)
+    and their probabilities (SamplingParams.record_steps); Row.trajectory lays them over the whole response."""
+    prediction = torch.where(masked, sampled, block_tokens)
+    probability = torch.where(masked, probability, torch.zeros_like(probability))
+    for i, row in enumerate(rows):
+        row.step_records.append((row.block_start, block_tokens[i].clone(), prediction[i], probability[i]))
 
 
 def forward_at(policy, input_ids: torch.Tensor, position_ids: torch.Tensor, attn_bias: torch.Tensor,

@@ -65,7 +65,9 @@ def test_tracerl_filter_and_value_model_defaults_are_the_table():
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_left_unset_learner_and_rollout_values_become_published_then_generic(algorithm):
-    recipe = _minimal(algorithm, rollout={"max_tokens": 16, "remasking": "random"})
+    # JustGRPO's exact AR estimator scores left-to-right rollouts only (recipe rule)
+    remasking = "left_to_right" if algorithm == "justgrpo" else "random"
+    recipe = _minimal(algorithm, rollout={"max_tokens": 16, "remasking": remasking})
     entry = ALGORITHM_DEFAULTS[algorithm]
     for section in ("learner", "rollout"):
         for key, generic in GENERIC[section].items():

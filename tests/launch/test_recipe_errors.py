@@ -16,7 +16,7 @@ data: {task: arithmetic}
 rollout: {max_tokens: 16}
 """
 TRACERL_NAMES = ("diffu_grpo, gdpo, cj_grpo, tracerl, coupled_grpo, wd1, spg, random_mask_grpo, espo, bgpo, ebpo, "
-                 "vrpo, dtrpo")
+                 "vrpo, dtrpo, justgrpo, igpo, agrpo, mdpo, dtreerpo")
 
 
 def _write(tmp_path, text: str, name: str = "r.yaml"):
@@ -42,7 +42,7 @@ BAD = {
     "misspelt choice": (["rollout.remasking=low_confidence_dynamc"],
                         ("rollout.remasking: 'low_confidence_dynamc' is not one of sequential, low_confidence_static, "
                         "low_confidence_dynamic, entropy_bounded, random, topk_margin, entropy, origin, "
-                        "threshold_schedule (did you mean 'low_confidence_dynamic'?)")),
+                        "threshold_schedule, left_to_right, rcr (did you mean 'low_confidence_dynamic'?)")),
     "other algorithm's key": (["algorithm=gdpo", "algorithm.value_model={}", "model.tiny=llada"],
                               "algorithm.value_model: unknown key for gdpo (used by tracerl)"),
     "wrong type": (["learner.lr=abc"],

@@ -81,3 +81,22 @@ def test_write_is_atomic_and_stale_temp_files_are_cleaned(tmp_path):
     assert pq.read_metadata(tmp_path / name).num_rows == 1
     assert not list(tmp_path.glob(".*"))
 
+
+
+def test_step_records_round_trip(tmp_path):
+    """MDPO's optional per-step fields and AGRPO's token entropies: written when present (null otherwise), read
+    back equal."""
+    sample = _traj(0, 0)
+    t = sample.trajectory
+    t.step_states = torch.tensor([[2, 2, 2, 2], [10, 2, 12, 2]])
+    t.step_predictions = torch.tensor([[10, 11, 12, 13], [10, 11, 12, 13]])
+    t.step_confidence = torch.tensor([[0.5, 0.25, 0.125, 1.0], [0.0, 0.25, 0.0, 1.0]])
+    sample.step_rewards = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    t.token_entropy = torch.tensor([0.5, 1.5, 2.0, 0.25])
+    store = TrajectoryStore(tmp_path)
+    store.add(1, [sample, _traj(0, 1)])
+    ds = read_store(tmp_path)
+    assert ds["step_states"][0] == t.step_states.tolist() and ds["step_predictions"][0] == t.step_predictions.tolist()
+    assert ds["step_confidence"][0] == t.step_confidence.tolist() and ds["step_rewards"][0] == [0.0, 1.0]
+    assert ds["token_entropy"][0] == t.token_entropy.tolist()
+    assert ds["step_states"][1] is None and ds["step_rewards"][1] is None and ds["token_entropy"][1] is None

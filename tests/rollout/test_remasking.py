@@ -20,7 +20,16 @@ def _select(name, count=2, entropy=None, seed=0, **params):
 
 def test_registry_names():
     assert set(REMASKING) == {"sequential", "low_confidence_static", "low_confidence_dynamic", "entropy_bounded",
-                              "random", "topk_margin", "entropy", "origin", "threshold_schedule"}
+                              "random", "topk_margin", "entropy", "origin", "threshold_schedule",
+                              "left_to_right", "rcr"}
+
+
+def test_left_to_right_takes_the_leftmost_masked_position_whatever_the_count():
+    assert _select("left_to_right", 1) == [0] and _select("left_to_right", 4) == [0]
+    policy = make_remasking(SamplingParams(remasking="left_to_right"))
+    masked = torch.tensor([[False, True, True, False], [True, False, True, True], [False, False, False, False]])
+    chosen = policy.select_batch(None, None, masked, torch.tensor([3, 3, 3]), [None] * 3)
+    assert chosen.tolist() == [[False, True, False, False], [True, False, False, False], [False] * 4]
 
 
 def test_sequential_and_static_take_exactly_the_count():
