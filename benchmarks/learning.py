@@ -115,6 +115,24 @@ ALGOS: dict[str, dict] = {
     "espo": {"algorithm": {"name": "espo"}, "estimator": {"name": "espo", "mc_num": 2}},  # coupled ELBO, k2 KL
     "bgpo": {"algorithm": {"name": "bgpo"}, "estimator": {"name": "mc_elbo", "mc_num": 8}},  # per-draw backward
     "ebpo": {"algorithm": {"name": "ebpo"}, "estimator": {"name": "block_elbo", "mc_num": 2, "share_t": True}},
+    # AGRPO: 4 denoising steps per sample drawn by the rollout's token entropies (its tiny recipe; AGRPO: 24).
+    "agrpo": {"algorithm": {"name": "agrpo"}, "estimator": {"name": "sampled_steps", "mc_num": 4,
+                                                             "proposal": "entropy"}},
+    # MDPO: per-step rewards of each recorded intermediate state, the 4 steps of largest |advantage| trained (its
+    # tiny recipe; MDPO: 16 of 128).
+    "mdpo": {"algorithm": {"name": "mdpo", "train_steps": 4}, "estimator": {"name": "intermediate_state"}},
+    # d-TreeRPO: 4 root children x 2 branches = the 8 samples per prompt (its tiny recipe: 2 x 2; published 4 x 4).
+    "dtreerpo": {"algorithm": {"name": "dtreerpo", "num_tree_samples": 4, "tree_branch_factor": 2,
+                               "tree_contraction_factor": 2}, "estimator": {"name": "intermediate_state"}},
+    # JustGRPO: AR-order rollouts (one token a step, left to right, the whole canvas) and exact AR log-probs: its
+    # decoding is the method, so it replaces COMMON's.
+    "justgrpo": {"algorithm": {"name": "justgrpo"}, "estimator": {"name": "ar_exact"},
+                 "rollout": {"remasking": "left_to_right", "stop_at_eos": False}},
+    # IGPO: all-wrong groups regenerated with the row's answer inpainted as the hint (the toy task has no reasoning
+    # traces; its tiny recipe's chunks), the one-step estimator with the prompt never masked.
+    "igpo": {"algorithm": {"name": "igpo", "inpaint": {"reference_field": "answer", "min_chunk": 1, "max_chunk": 2,
+                                                       "free_tail": 4}},
+             "estimator": {"name": "one_step", "p_mask": 0.0}},
 }
 # The same batch, optimiser and decoding for every algorithm: what differs is the loss and its estimator.
 # mu = 1 (one pass per rollout batch): under a CPU budget the learner dominates a step (TraceRL: ~0.4 CPU-s rollout,
