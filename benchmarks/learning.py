@@ -34,6 +34,8 @@ from pathlib import Path
 
 from launch.budget import tree_cpu_seconds  # the CPU clock of a recipe's trainer.budget (light: psutil only)
 
+from benchmarks.learning_offline import OFFLINE_ALGOS
+
 REPO = Path(__file__).resolve().parents[1]
 # Toy tasks the benchmark can run: generator parameters, the verifier as reward, the response budget, the SFT run.
 SETUPS = {
@@ -107,6 +109,30 @@ ALGOS: dict[str, dict] = {
     "coupled_grpo": {"algorithm": {"name": "coupled_grpo"}, "estimator": {"name": "coupled"}},
     "wd1": {"algorithm": {"name": "wd1"}, "estimator": {"name": "one_step"}},
     "spg": {"algorithm": {"name": "spg"}, "estimator": {"name": "block_random"}},  # SPG's block-wise masks
+    # Issue 15's methods, estimators as in their tiny recipes; mu stays COMMON's 1 (their recipes' 2, ESPO's
+    # published 8, would halve the rollouts a CPU budget buys; at mu 1 every ratio is 1 and clipping is inert, as
+    # for the algorithms above).
+    "espo": {"algorithm": {"name": "espo"}, "estimator": {"name": "espo", "mc_num": 2}},  # coupled ELBO, k2 KL
+    "bgpo": {"algorithm": {"name": "bgpo"}, "estimator": {"name": "mc_elbo", "mc_num": 8}},  # per-draw backward
+    "ebpo": {"algorithm": {"name": "ebpo"}, "estimator": {"name": "block_elbo", "mc_num": 2, "share_t": True}},
+    # AGRPO: 4 denoising steps per sample drawn by the rollout's token entropies (its tiny recipe; AGRPO: 24).
+    "agrpo": {"algorithm": {"name": "agrpo"}, "estimator": {"name": "sampled_steps", "mc_num": 4,
+                                                             "proposal": "entropy"}},
+    # MDPO: per-step rewards of each recorded intermediate state, the 4 steps of largest |advantage| trained (its
+    # tiny recipe; MDPO: 16 of 128).
+    "mdpo": {"algorithm": {"name": "mdpo", "train_steps": 4}, "estimator": {"name": "intermediate_state"}},
+    # d-TreeRPO: 4 root children x 2 branches = the 8 samples per prompt (its tiny recipe: 2 x 2; published 4 x 4).
+    "dtreerpo": {"algorithm": {"name": "dtreerpo", "num_tree_samples": 4, "tree_branch_factor": 2,
+                               "tree_contraction_factor": 2}, "estimator": {"name": "intermediate_state"}},
+    # JustGRPO: AR-order rollouts (one token a step, left to right, the whole canvas) and exact AR log-probs: its
+    # decoding is the method, so it replaces COMMON's.
+    "justgrpo": {"algorithm": {"name": "justgrpo"}, "estimator": {"name": "ar_exact"},
+                 "rollout": {"remasking": "left_to_right", "stop_at_eos": False}},
+    # IGPO: all-wrong groups regenerated with the row's answer inpainted as the hint (the toy task has no reasoning
+    # traces; its tiny recipe's chunks), the one-step estimator with the prompt never masked.
+    "igpo": {"algorithm": {"name": "igpo", "inpaint": {"reference_field": "answer", "min_chunk": 1, "max_chunk": 2,
+                                                       "free_tail": 4}},
+             "estimator": {"name": "one_step", "p_mask": 0.0}},
 }
 # The same batch, optimiser and decoding for every algorithm: what differs is the loss and its estimator.
 # mu = 1 (one pass per rollout batch): under a CPU budget the learner dominates a step (TraceRL: ~0.4 CPU-s rollout,
@@ -224,7 +250,7 @@ def plot(results: dict, task: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(11, 5))
     for i, (name, res) in enumerate(results.items()):
         curve = res.get("curve") or []
-        if not curve:
+        if not curve or "accuracy" not in curve[0]:  # offline runs (VRPO, dTRPO) roll nothing out while training
             continue
         xs = [c.get("cpu_s", c["wall_s"]) / 60 for c in curve]
         k = 20  # moving average over 20 steps (one step: 16 prompts x 8 samples, too noisy alone)
@@ -339,11 +365,37 @@ def merge_results(dirs: list[Path]) -> dict:
     return merged
 
 
+def _offline_run(name: str, key: str, rl_seed: int, args, sft_dir: Path, out: Path, overrides: dict,
+                 rollouts: dict[int, dict]) -> dict:
+    """An offline method (benchmarks/learning_offline.py): the seed's SFT rollouts (made once per seed per
+    invocation, --offline-data-min CPU-minutes, charged to every method trained on them), then the rest of the
+    budget training on their best-vs-worst pairs."""
+    from benchmarks.learning_offline import rollout_store, run_offline_method
+
+    if args.clock != "cpu" or not 0 < args.offline_data_min < args.budget_min:
+        raise SystemExit("offline methods: --clock cpu and 0 < --offline-data-min < --budget-min")
+    if rl_seed not in rollouts:
+        data_dir = out / "runs" / f"rollouts-s{rl_seed}"
+        if data_dir.exists():
+            import shutil
+
+            shutil.rmtree(data_dir)
+        # The online runs' sampling and prompt stream for this seed (the tracerl recipe: only its rollout is used).
+        recipe = build_recipe("tracerl", args.task, sft_dir, data_dir, rl_seed, {}, run_name=f"rollouts#s{rl_seed}",
+                              data_seed=args.seed)
+        rollouts[rl_seed] = rollout_store(recipe, args.offline_data_min * 60)
+        logging.info("rollouts s%d: %s", rl_seed, {k: v for k, v in rollouts[rl_seed].items() if k != "store"})
+    run_dir = out / "runs" / key.replace("#", "-")
+    return run_offline_method(name, rollouts[rl_seed], sft_dir, run_dir, rl_seed,
+                              args.budget_min - args.offline_data_min, overrides, key)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench/learning")
     parser.add_argument("--task", default="countdown", choices=sorted(SETUPS))
-    parser.add_argument("--algos", default=",".join(ALGOS), help=f"comma list of {', '.join(ALGOS)}")
+    parser.add_argument("--algos", default=",".join(ALGOS),
+                        help=f"comma list of {', '.join(ALGOS)}, or the offline {', '.join(OFFLINE_ALGOS)}")
     parser.add_argument("--ar-algo", default="tracerl", help="algorithm for the block-size-1 baseline ('' = skip)")
     parser.add_argument("--budget-min", type=float, default=20.0, help="RL minutes per algorithm (see --clock)")
     parser.add_argument("--clock", default="cpu", choices=("cpu", "wall"),
@@ -353,6 +405,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="SFT run and held-out split")
     parser.add_argument("--rl-seeds", default=None,
                         help="comma list of RL seeds: each run repeated per seed as algo#sN (default: --seed, one run)")
+    parser.add_argument("--offline-data-min", type=float, default=1.0,
+                        help="offline methods: minutes of --budget-min spent rolling out the SFT model for their pairs "
+                             "(benchmarks/learning_offline.py); the rest trains")
     parser.add_argument("--eval-items", type=int, default=200)
     parser.add_argument("--sft-sweep", action="store_true", help="only the SFT starting-point table")
     parser.add_argument("--report", nargs="+", default=None, metavar="DIR",
@@ -404,6 +459,7 @@ def main() -> None:
     saved = json.loads(results_path.read_text()) if results_path.is_file() else {}
     sft_eval = saved.get("sft") or {k: heldout(d, args.task, args.seed, args.eval_items) for k, d in sft_dirs.items()}
     results = saved.get("runs", {})
+    rollouts: dict[int, dict] = {}  # offline methods: the SFT model's scored rollouts per RL seed, shared
     for name, key, rl_seed in runs:
         ar = name.endswith("@block1")
         sft_dir = sft_dirs["block1" if ar else "block4"]
@@ -416,8 +472,12 @@ def main() -> None:
 
             shutil.rmtree(run_dir)
         try:
-            recipe = build_recipe(name, args.task, sft_dir, run_dir, rl_seed, extra, run_name=key, data_seed=args.seed)
-            res = run_rl(recipe, args.budget_min * 60, args.clock)
+            if name in OFFLINE_ALGOS:
+                res = _offline_run(name, key, rl_seed, args, sft_dir, out, extra, rollouts)
+            else:
+                recipe = build_recipe(name, args.task, sft_dir, run_dir, rl_seed, extra, run_name=key,
+                                      data_seed=args.seed)
+                res = run_rl(recipe, args.budget_min * 60, args.clock)
             res["after"] = heldout(res["policy"], args.task, args.seed, args.eval_items)
         except Exception as err:  # noqa: BLE001 - one algorithm failing must not lose the others' results
             logging.exception("%s failed", name)

@@ -69,3 +69,21 @@ def test_dtrpo_three_steps_offline_from_a_tiny_runs_store(tmp_path):
     row = cli.metrics(stored)[0]
     assert row["learner/forwards_ref"] == 0 and abs(row["learner/reward_margin"]) < 1e-4, row
     assert row["learner/pair_loss"] == pytest.approx(rows[0]["learner/pair_loss"], abs=1e-4)
+
+
+def test_offline_run_stops_at_its_budget_with_a_checkpoint(tmp_path):
+    """trainer.budget ends an offline run as it ends an online one: at the first step boundary past it (here a
+    wall budget spent by the first update), with a checkpoint of that step and the budget as the stop reason."""
+    from launch.driver_offline import run_offline
+    from launch.recipe import load_recipe
+
+    run = tmp_path / "vrpo-budget"
+    recipe = load_recipe(cli.REPO / "recipes" / "tiny-vrpo.yaml",
+                         [f"output_dir={run}", "trainer.total_steps=50", "estimator.mc_num=2",
+                          "trainer.budget={minutes: 1.0e-6, clock: wall}"])
+    result = run_offline(recipe, progress=False, recipe_dir=cli.REPO / "recipes")
+    assert result.steps == 1 and result.stop_reason.startswith("budget: ")
+    assert [r["step"] for r in cli.metrics(run)] == [1]
+    assert (run / "checkpoints" / "step_000001" / "policy").is_dir()
+    status = json.loads((run / "run.json").read_text())
+    assert status["status"] == "finished" and status["step"] == 1 and status["stop_reason"].startswith("budget")

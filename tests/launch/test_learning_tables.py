@@ -50,3 +50,25 @@ def test_tables_without_per_item_scores_still_print():
     runs = {"gdpo#s0": {"after": old, "steps": 1, "rl_seed": 0, "wall_s": 1, "cpu_s": 1}}
     row = next(line for line in bench.seed_table(runs, {"block4": old}).splitlines() if line.startswith("| gdpo"))
     assert row.rstrip().endswith("| s0: +0.0 | - |")
+
+
+def test_every_benchmark_algorithm_builds_a_valid_recipe(tmp_path):
+    """Each ALGOS row (online) and OFFLINE_ALGOS row (trainer.mode offline on a store) merges into a recipe the
+    schema and the recipe rules accept, with the method's own algorithm and estimator and the common learner."""
+    from launch.recipe_rules import problems
+
+    bench = _learning()
+    from benchmarks.learning_offline import OFFLINE_ALGOS, offline_recipe
+
+    lr = {"learner": {"lr": 2e-5}}
+    for name, sections in bench.ALGOS.items():
+        recipe = bench.build_recipe(name, "countdown", tmp_path / "sft", tmp_path / name, 0, lr)
+        assert recipe.algorithm.name == sections["algorithm"]["name"] and recipe.learner.lr == 2e-5, name
+        assert recipe.estimator.name == sections["estimator"]["name"] and recipe.data.task_seed == 0, name
+        assert problems(recipe) == [], name
+    for name, sections in OFFLINE_ALGOS.items():
+        recipe = offline_recipe(name, tmp_path / "sft", tmp_path / name, str(tmp_path / "store"), 1, 2.0, lr, name)
+        assert recipe.trainer.mode == "offline" and recipe.trainer.budget.minutes == 2.0, name
+        assert recipe.data.task is None and recipe.data.trajectories == str(tmp_path / "store"), name
+        assert recipe.estimator.name == sections["estimator"]["name"] and recipe.learner.lr == 2e-5, name
+        assert problems(recipe) == [], name
