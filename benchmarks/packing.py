@@ -13,6 +13,11 @@ canvas per sample) per CPU second. "positions" = the (row x width) positions eve
 included; "attention" = sum over forwards of rows x width^2, what a dense attention mask costs; "chunked area" = sum
 over forwards of the chunked kernel's query x key pairs (rollout/models/attention_chunked.py), what it computes.
 The model is the tiny block model (rollout.models.tiny; hidden 64 or `--hidden`, 2 layers) with 4096 positions.
+
+On a GPU (`--device cuda`): seconds are wall seconds between CUDA synchronisations (best of `--repeats`), the model
+is `--hidden` wide with `--layers` layers (`--sdar-1.7b`: SDAR-1.7B's geometry, small vocabulary), weights in
+`--dtype`, and the attention kernel is the one the learner's `auto` resolves to there (FlexAttention for long
+training forwards); a first unmeasured pass per setting compiles FlexAttention's shape buckets.
 """
 from __future__ import annotations
 
@@ -49,9 +54,10 @@ def mixed_batch(n: int, block: int, lo: int, hi: int, seed: int = 0) -> list[Sco
     return out
 
 
-def run_once(path: Path, samples, cfg: LearnerConfig) -> dict:
-    """One update on a fresh policy: CPU and wall seconds, positions and dense-attention cost of its forwards."""
-    policy = load_policy(path)
+def run_once(path: Path, samples, cfg: LearnerConfig, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """One update on a fresh policy: CPU and wall seconds, positions and dense-attention cost of its forwards
+    (on CUDA "cpu" holds the synchronised wall seconds: the figure compared)."""
+    policy = load_policy(path, device=device, dtype=dtype)
     shapes = []
     forward = policy.forward
 
@@ -70,14 +76,25 @@ def run_once(path: Path, samples, cfg: LearnerConfig) -> dict:
 
     learner = Learner(policy, cfg)
     attention_chunked.document_plan = measured_plan
+    cuda = torch.device(device).type == "cuda"
     try:
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         wall, cpu = time.perf_counter(), time.process_time()
         metrics = learner.update(samples)
+        if cuda:
+            torch.cuda.synchronize()
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     finally:
         attention_chunked.document_plan = plan
+    peak = torch.cuda.max_memory_allocated() if cuda else 0
+    del learner, policy
+    if cuda:
+        cpu = wall
+        torch.cuda.empty_cache()
     return {"cpu": cpu, "wall": wall, "forwards": metrics["forwards"], "positions": sum(r * w for r, w in shapes),
-            "attention": sum(r * w * w for r, w in shapes), "area": sum(areas)}
+            "attention": sum(r * w * w for r, w in shapes), "area": sum(areas), "peak": peak}
 
 
 def main() -> None:
@@ -93,14 +110,27 @@ def main() -> None:
     parser.add_argument("--estimators", nargs="+", default=["trajectory", "one_step"])
     parser.add_argument("--hidden", type=int, default=64,
                         help="model width (intermediate 2x): wider models spend more on linear layers, less on attention")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4, help="attention heads (KV heads: half)")
+    parser.add_argument("--intermediate", type=int, default=None, help="MLP width (default 2 x hidden)")
+    parser.add_argument("--sdar-1.7b", dest="sdar", action="store_true",
+                        help="SDAR-1.7B's geometry: hidden 2048, 28 layers, 16 heads, 8 KV heads, MLP 6144")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--checkpointing", action="store_true", help="learner.gradient_checkpointing")
     parser.add_argument("--quick", action="store_true", help="smoke run: 6 samples, responses 8..64, 1 repeat")
     args = parser.parse_args()
+    if args.sdar:
+        args.hidden, args.layers, args.heads, args.intermediate = 2048, 28, 16, 6144
+    dtype = getattr(torch, args.dtype)
+    unit = "GPU-s" if args.device == "cuda" else "CPU-s"
     if args.quick:
         args.samples, args.repeats, args.min_len, args.max_len = 6, 1, 8, 64
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         path = make_tiny_policy("block", Path(tmp) / "block", seed=1, max_positions=4096, hidden_size=args.hidden,
-                                intermediate_size=2 * args.hidden)
+                                intermediate_size=args.intermediate or 2 * args.hidden, num_layers=args.layers,
+                                num_heads=args.heads, num_kv_heads=max(1, args.heads // 2))
         spec = load_policy(path).spec
         samples = mixed_batch(args.samples, spec.block_size, args.min_len, args.max_len)
         sizes = [layout_length(spec, s.trajectory.prompt_ids.numel(), s.trajectory.response_length)
@@ -123,15 +153,18 @@ def main() -> None:
                     for name, pack, row in variants:
                         cfg = LearnerConfig(algorithm=algorithm, estimator=estimator, mu=1, shuffle=False,
                                             micro_batch_size=mbs, pack_tokens=pack, pack_row_tokens=row,
-                                            optim=OptimConfig(lr=1e-5))
-                        runs[name].append(run_once(path, samples, cfg))
+                                            optim=OptimConfig(lr=1e-5), gradient_checkpointing=args.checkpointing)
+                        if args.device == "cuda" and not runs[name]:  # compile this setting's shape buckets
+                            run_once(path, samples, cfg, args.device, dtype)
+                        runs[name].append(run_once(path, samples, cfg, args.device, dtype))
                 cpu = {name: min(r["cpu"] for r in rs) for name, rs in runs.items()}
                 for name, rs in runs.items():
                     times = ", ".join(f"{r['cpu']:.2f}" for r in rs)
                     wall = min(r["wall"] for r in rs)
                     label = f"micro_batch_size {mbs}" if name == "padded" else f"pack_tokens {budget}"
-                    print(f"{algorithm}/{estimator} {name} ({label}): CPU {cpu[name]:.2f} s (runs {times}; wall "
-                          f"{wall:.2f} s), {sum(sizes) / cpu[name]:,.0f} tokens/CPU-s, {int(rs[0]['forwards'])} forwards, "
+                    peak = f", peak {rs[0]['peak'] / 2**30:.2f} GiB" if args.device == "cuda" else ""
+                    print(f"{algorithm}/{estimator} {name} ({label}): {unit[:3]} {cpu[name]:.2f} s (runs {times}; wall "
+                          f"{wall:.2f} s{peak}), {sum(sizes) / cpu[name]:,.0f} tokens/{unit}, {int(rs[0]['forwards'])} forwards, "
                           f"positions {rs[0]['positions']:,}, attention {rs[0]['attention'] / 1e6:,.0f}M, chunked area "
                           f"{rs[0]['area'] / 1e6:,.1f}M", flush=True)
                     if name not in best or cpu[name] < best[name][0]:
