@@ -287,6 +287,10 @@ class IGPO(_ClippedPolicyGradient, published="igpo"):
     # Share of each sample's hint tokens trained on after all, those of highest entropy under the old policy (the
     # released code: 0.2); 0 (default, issue 15): hints are never trained on as the policy's choice.
     hint_entropy_keep: Fraction = 0.0
+    # GSPO's sequence ratio (rl/algorithms/igpo.py): "response" = the released run's use_gspo (every response
+    # position, hints included, / generation length); "counted" = over the counted tokens only; "off" = d1's token
+    # ratio (default).
+    sequence_ratio: Literal["off", "response", "counted"] = "off"
 
 
 class AGRPO(_ClippedPolicyGradient, published="agrpo"):

@@ -40,6 +40,7 @@ TOKEN_SETS = ("through_eos", "response")
 SEQ_LENGTHS = ("generation", "valid")
 LOGP_TEMPERATURES = ("raw", "rollout")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+SEQUENCE_RATIOS = ("off", "response", "counted")
 
 Metrics = dict[str, torch.Tensor]
 LossFn = Callable[["PolicyBatch", "PolicyEstimates", "LossConfig"], tuple[torch.Tensor, Metrics]]
@@ -110,10 +111,16 @@ class LossConfig:
     # IGPO: share of a sample's pre-filled hint tokens trained on after all, those of highest entropy under the old
     # policy (its code: 0.2); 0 = hints never counted. Read by the learner (rl.inpainting.thaw_high_entropy).
     hint_entropy_keep: float = 0.0
+    # IGPO's GSPO option (rl/algorithms/igpo.py): "off" = d1's token-level ratio; "response" = one ratio per
+    # sequence, exp(sum over every response position, hints included, of (logp - old_logp) / generation length),
+    # the released run's use_gspo; "counted" = the same over the counted tokens only / their number (hints never
+    # enter the ratio). Clipped per sequence, broadcast onto the counted tokens; the KL stays per token.
+    sequence_ratio: str = "off"
 
     def __post_init__(self) -> None:
         checks = {"loss_agg": AGG_MODES, "kl_estimator": KL_ESTIMATORS, "kl_reference": ("ref", "old"),
-                  "token_set": TOKEN_SETS, "seq_length": SEQ_LENGTHS, "logp_temperature": LOGP_TEMPERATURES}
+                  "token_set": TOKEN_SETS, "seq_length": SEQ_LENGTHS, "logp_temperature": LOGP_TEMPERATURES,
+                  "sequence_ratio": SEQUENCE_RATIOS}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"loss config: {name}={getattr(self, name)!r} not in {allowed}")
