@@ -112,7 +112,7 @@ def learner_config(recipe: Recipe):
         optim=optim, grad_clip=ln.grad_clip or None, micro_batch_size=ln.micro_batch_size, grad_accum=ln.grad_accum,
         pack_tokens=ln.pack_tokens, pack_row_tokens=ln.pack_row_tokens,
         mu=ln.mu, reference_model=ln.reference_model, bf16=ln.bf16, offload_reference=ln.offload_reference,
-        offload_optimizer=ln.offload_optimizer,
+        ref_sync_steps=ln.ref_sync_steps, ref_sync_alpha=ln.ref_sync_alpha, offload_optimizer=ln.offload_optimizer,
         entropy=ln.log_entropy, router_aux_loss_coef=ln.router_aux_loss_coef,
         gradient_checkpointing=recipe.model.gradient_checkpointing, value=value, backend=ln.backend,
         **({"zero_stage": ln.zero_stage} if ln.zero_stage is not None else {}), seed=recipe.seed,

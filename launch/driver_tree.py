@@ -108,5 +108,6 @@ def edge_samples(leaves: list[ScoredSample], algorithm) -> list[ScoredSample]:
             request_id=f"{_tree_key(rep)}-node{'.'.join(map(str, node))}",
         )
         out.append(ScoredSample(edge, prompt_index=rep.prompt_index, sample_index=rep.sample_index,
-                                reward=values[node], reason=rep.reason, advantage=float(adv), keep=True))
+                                reward=values[node], reason=rep.reason, advantage=float(adv), keep=True,
+                                sibling_group=f"{_tree_key(rep)}-node{'.'.join(map(str, node[:-1]))}"))
     return out

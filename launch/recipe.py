@@ -231,6 +231,10 @@ class LearnerSection(Section):
     log_entropy: bool = True  # learner/entropy: mean predictive entropy at the scored tokens (one exp per logit)
     reference_model: bool | None = None  # None -> needed by the algorithm (beta > 0 with kl_reference "ref")
     offload_reference: bool = False  # reference in host memory, on the device only for its passes (rl.reference)
+    # Reference re-sync every N optimizer steps, ref <- alpha policy + (1 - alpha) ref (TRL's sync_ref_model /
+    # ref_model_sync_steps / ref_model_mixup_alpha, default 0.6); 0: the reference stays the initial policy.
+    ref_sync_steps: int = Field(0, ge=0)
+    ref_sync_alpha: float = Field(0.6, gt=0, le=1)
     router_aux_loss_coef: float = Field(0.0, ge=0)  # MoE policies: router load-balancing loss weight (0: off)
 
 

@@ -324,6 +324,13 @@ def _reference_model(r: Recipe) -> str | None:
                                                                       or _needs_reference(r))):
         why = "a LoRA run's reference is its base (adapters off)" if r.model.lora else "the run has no reference"
         return f"learner.offload_reference: true, but {why}"
+    if r.learner.ref_sync_steps and (r.model.lora is not None or not (r.learner.reference_model
+                                                                      or _needs_reference(r))):
+        why = ("a LoRA run's reference is its base (adapters off), nothing to re-sync (TRL's sync does nothing there "
+               "either)") if r.model.lora else "the run has no reference"
+        return f"learner.ref_sync_steps: {r.learner.ref_sync_steps}, but {why}"
+    if r.learner.ref_sync_steps and r.learner.zero_stage == 3:
+        return "learner.ref_sync_steps: not built for ZeRO-3's partitioned reference"
     return None
 
 

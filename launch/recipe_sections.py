@@ -287,6 +287,10 @@ class IGPO(_ClippedPolicyGradient, published="igpo"):
     # Share of each sample's hint tokens trained on after all, those of highest entropy under the old policy (the
     # released code: 0.2); 0 (default, issue 15): hints are never trained on as the policy's choice.
     hint_entropy_keep: Fraction = 0.0
+    # GSPO's sequence ratio (rl/algorithms/igpo.py): "response" = the released run's use_gspo (every response
+    # position, hints included, / generation length); "counted" = over the counted tokens only; "off" = d1's token
+    # ratio (default).
+    sequence_ratio: Literal["off", "response", "counted"] = "off"
 
 
 class AGRPO(_ClippedPolicyGradient, published="agrpo"):
@@ -324,6 +328,14 @@ class DTreeRPO(_ClippedPolicyGradient, published="dtreerpo"):
     num_tree_samples: int = Field(4, ge=1)
     tree_branch_factor: int = Field(4, ge=1)
     tree_contraction_factor: int = Field(2, ge=1)
+    # Self-distillation toward the positive siblings' tokens (rl/algorithms/dtreerpo.py): lambda(t) = lambda_max
+    # (e^{gamma t/T} - 1) / (e^gamma - 1), tau(t) = tau_max (1 - t/T)^beta, T = distill_total_steps (published:
+    # 3e-3, 2, 2, 0.7, 30000); distill_lambda_max 0 turns it off.
+    distill_lambda_max: float = Field(3e-3, ge=0)
+    distill_gamma: float = 2.0
+    distill_tau_max: float = Field(2.0, gt=0)
+    distill_beta: float = 0.7
+    distill_total_steps: int = Field(30000, ge=1)
 
     def loss_params(self) -> dict[str, Any]:
         return self.model_dump(exclude=_NOT_LOSS | {"num_tree_samples", "tree_branch_factor",

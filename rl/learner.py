@@ -50,6 +50,7 @@ from rl.estimators import get_estimator
 from rl.estimators.base import EstimatorInput, token_mask_of
 from rl.learner_batch import (MetricLog, OldScores, RefScores, RolloutBatch, StepTally, ValueScores,
                               logp_gaps, minibatch_normalizers, plan_update, rollout_batch, stack_rows)
+from rl.algorithms.dtreerpo import DistillTerms, distill_schedule, distill_terms
 from rl.inpainting import thaw_hints
 from rl.masking import sample_seed
 from rl.learner_config import LearnerConfig, ValueConfig, check_packing  # noqa: F401 - re-exported: LearnerConfig
@@ -57,7 +58,7 @@ from rl.learner_draws import check_per_draw, draw_shares_of, merge_draw_metrics,
 from rl.learner_state import STATE_FORMAT, LearnerStateMixin  # noqa: F401 - re-exported: STATE_FORMAT
 from rl.optim import param_groups
 from rl.published import needs_reference_model
-from rl.reference import place_reference, reference_on_device
+from rl.reference import check_ref_sync, place_reference, reference_on_device, sync_reference
 from rl.sample import ScoredSample
 from rl.router_aux import router_aux_for
 from rl.value import ValueHead, compute_value_targets, value_loss
@@ -153,6 +154,8 @@ class Learner(LearnerStateMixin):
         else:
             raise ValueError(f"learner.backend: {config.backend!r} (torch | deepspeed)")
         self._ref_engine = place_reference(self.ref_policy, config, self.backend, need_ref=self.need_ref)
+        check_ref_sync(config, self.ref_policy, self.lora, self._ref_engine)
+        self.ref_syncs = 0  # reference re-syncs done (learner.ref_sync_steps); saved with the reference (state)
         self.updates = 0  # update() calls completed (the policy version after the initial one)
         self.optimizer_steps = 0  # applied optimizer steps (the lr schedule's counter)
         self.nan_skipped_total = 0
@@ -247,6 +250,7 @@ class Learner(LearnerStateMixin):
                 vnorm = vnorms[it, m].item() / self.backend.grad_average
                 # The router aux loss is a mean over this rank's minibatch (the backend averages ranks' gradients).
                 in_minibatch = max(1, sum(len(mc) for mc in micros))
+                distill = self._distill_terms(batch, self._mask_iter(it), micros)  # d-TreeRPO, at this step's t
                 for k, micro in enumerate(micros):
                     dummy = not micro
                     draws = self._draw_plan(micro or [0], self._mask_iter(it))
@@ -254,7 +258,7 @@ class Learner(LearnerStateMixin):
                     for d, draw in enumerate(draws):
                         # the router aux loss is spread over the draws so a micro-batch adds it once in total
                         loss, metrics, fwd = self._micro_loss(batch, micro or [0], self._mask_iter(it), norm, vnorm,
-                                                              draw=draw,
+                                                              draw=draw, distill=distill,
                                                               aux_share=len(micro) / in_minibatch / len(draws))
                         counters["forwards"] += fwd
                         if dummy:
@@ -273,12 +277,29 @@ class Learner(LearnerStateMixin):
         out.update(self._mismatch)
         return out
 
+    def _distill_terms(self, batch: RolloutBatch, key: int, micros: list[list[int]]):
+        """d-TreeRPO's self-distillation at the coming optimizer step t: per sample (c, log q) over the whole batch's
+        sibling groups, lambda(t), and the minibatch's global sum of c (rl/algorithms/dtreerpo.py); None when off."""
+        lc = self.loss_config
+        if lc.distill_lambda_max == 0 or batch.sibling_groups is None:
+            return None
+        lam, tau = distill_schedule(self.optimizer_steps, lc)
+        coef, log_q = distill_terms(batch.sibling_groups, [float(a) for a in batch.advantages], batch.inp.responses,
+                                    [self._old[(key, i)].counted for i in range(len(batch))], tau)
+        local = sum(float(coef[i].sum()) for mc in micros for i in mc)
+        total = self.backend.all_reduce_sum(torch.tensor([local], dtype=torch.float64, device=self.device))
+        return coef, log_q, lam, float(total[0]) / self.backend.grad_average
+
     def _optimizer_step(self, tally: StepTally) -> None:
         """The optimizer step ending a minibatch; a non-finite loss or gradient skips it (the weights stay)."""
         gnorm, applied, tally.lr = self.backend.step(self.optimizer_steps)
         if applied:
             self.optimizer_steps += 1
             tally.grad_norms.append(gnorm)
+            if self.config.ref_sync_steps and self.optimizer_steps % self.config.ref_sync_steps == 0:
+                sync_reference(self.policy.model, self.ref_policy.model, self.config.ref_sync_alpha,
+                               self.backend.gathered)
+                self.ref_syncs += 1
         else:
             tally.skipped += 1
 
@@ -427,7 +448,7 @@ class Learner(LearnerStateMixin):
         return list(range(int(self._old[(key, micro[0])].draw_elbos.numel())))
 
     def _micro_loss(self, batch: RolloutBatch, micro: list[int], key: int, norm: float, vnorm: float,
-                    draw: int | None = None, aux_share: float = 1.0):
+                    draw: int | None = None, aux_share: float = 1.0, distill=None):
         inp = batch.inp.select(micro)
         vc = self.config.value
         shared_value = vc is not None and vc.trunk == "shared"
@@ -446,6 +467,10 @@ class Learner(LearnerStateMixin):
         pb = PolicyBatch(advantages=adv, token_mask=mask, loss_normalizer=norm, lengths=lengths,
                          step_ids=stack_rows([inp.step_maps[r] for r in range(len(inp))], width, dev,
                                              dtype=torch.long))
+        if distill is not None:
+            coef, log_q, lam, total = distill
+            pb.distill = DistillTerms(stack_rows([coef[i] for i in micro], width, dev, dtype=torch.float32),
+                                      stack_rows([log_q[i] for i in micro], width, dev, dtype=torch.float32), lam, total)
         pe = PolicyEstimates(logp=est.token_logp, old_logp=stack_rows([o.token_logp for o in old], width, dev),
                              entropy=est.entropy, observed_mask=est.token_mask, seq_logp=est.seq_logp,
                              seq_old_logp=torch.stack([o.seq_logp for o in old]).to(dev),

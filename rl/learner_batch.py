@@ -38,6 +38,7 @@ class RolloutBatch:
     #                                every sample has one
     rollout_logp: list[torch.Tensor]  # (L,) log-probs recorded by the rollout engine
     request_ids: list[str]
+    sibling_groups: list[str | None] | None = None  # d-TreeRPO edges' parent nodes (ScoredSample.sibling_group)
 
     def __len__(self) -> int:
         return len(self.inp)
@@ -114,7 +115,9 @@ def rollout_batch(samples: list[ScoredSample], *, need_advantage: bool = True,
                          frozen=prefilled if any(p is not None for p in prefilled) else None,
                          token_entropies=None if any(e is None for e in entropies) else [e.float() for e in entropies])
     reward_t = None if any(r is None for r in rewards) else torch.tensor(rewards, dtype=torch.float32)
-    return RolloutBatch(inp, advs, reward_t, logps, keys)
+    groups = [s.sibling_group for s in samples]
+    return RolloutBatch(inp, advs, reward_t, logps, keys,
+                        sibling_groups=groups if any(g is not None for g in groups) else None)
 
 
 VALUE_TARGETS = ("advantage", "reward")  # ScoredSample fields a value model may take as its outcome reward

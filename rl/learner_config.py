@@ -67,6 +67,12 @@ class LearnerConfig:
     # The frozen reference in host memory, on the device only for its passes (rl.reference); under ZeRO-3 the
     # reference is partitioned over the ranks whatever this says, and this keeps its partitions in host memory.
     offload_reference: bool = False
+    # Re-sync the KL reference to the policy every N applied optimizer steps (TRL's SyncRefModelCallback, TR-DPO):
+    # ref <- alpha * policy + (1 - alpha) * ref, parameters only; 0 = never (the reference stays the initial policy).
+    # alpha 1 replaces the reference by the policy; TRL's default ref_model_mixup_alpha is 0.6. Needs a separate
+    # reference model (not LoRA's adapters-off base, which TRL leaves unsynced too), not partitioned by ZeRO-3.
+    ref_sync_steps: int = 0
+    ref_sync_alpha: float = 0.6
     gradient_checkpointing: bool = False  # HF per-layer (activation) checkpointing of the policy (and value trunk)
     value: ValueConfig | None = None
     log_mismatch: bool | None = None  # rollout vs learner logp gap; None: only when free (trajectory estimator)

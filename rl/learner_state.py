@@ -47,6 +47,9 @@ class LearnerStateMixin:
         merged checkpoint) with these adapters: the same policy, reference (adapters off) and optimizer state."""
         state = {"format": STATE_FORMAT, "updates": self.updates, "optimizer_steps": self.optimizer_steps,
                  "nan_skipped_total": self.nan_skipped_total, "backend": self.backend.state_dict()}
+        if self.ref_syncs:  # a re-synced reference is no longer the initial checkpoint a resume loads it from
+            state["ref_syncs"] = self.ref_syncs
+            state["reference"] = {k: v.detach().cpu().clone() for k, v in self.ref_policy.model.named_parameters()}
         if self.backend.owns_module_state:  # DeepSpeed's own files hold the adapters and the value model
             return state
         if self.lora:
@@ -60,6 +63,7 @@ class LearnerStateMixin:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"learner state: format {state.get('format')!r}, expected {STATE_FORMAT}")
+        self._load_reference(state)
         if self.backend.owns_module_state:  # the module comes with the backend's files (rl.learner_shards)
             self._load_counters(state)
             return
@@ -75,6 +79,26 @@ class LearnerStateMixin:
         if self.lora:
             self._load_adapter(state["adapter"])
         self._load_counters(state)
+
+    def _load_reference(self, state: dict[str, Any]) -> None:
+        """A re-synced reference's weights (learner.ref_sync_steps), bit for bit."""
+        if "reference" not in state:
+            self.ref_syncs = 0
+            return
+        if self.ref_policy is None:
+            raise ValueError("learner state: holds a re-synced reference, but this learner has no reference model")
+        params = dict(self.ref_policy.model.named_parameters())
+        saved = state["reference"]
+        odd = sorted(set(params) ^ set(saved))
+        if odd:
+            raise ValueError(f"learner state: reference tensor {odd[0]!r} is not in both the checkpoint and the model")
+        with torch.no_grad():
+            for name, p in params.items():
+                if tuple(saved[name].shape) != tuple(p.shape):
+                    raise ValueError(f"learner state: reference tensor {name!r} has shape {tuple(saved[name].shape)}"
+                                     f", the model expects {tuple(p.shape)}")
+                p.copy_(saved[name].to(device=p.device, dtype=p.dtype))
+        self.ref_syncs = int(state["ref_syncs"])
 
     def _load_counters(self, state: dict[str, Any]) -> None:
         self.backend.load_state_dict(state["backend"])

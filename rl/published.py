@@ -139,10 +139,11 @@ ALGORITHM_DEFAULTS: Mapping[str, AlgorithmDefaults] = MappingProxyType({
     # d-TreeRPO (THU-BPM/d-TreeRPO dtreerpo/slurm_scripts/dtreerpo.yaml @3eb6f21): eps 0.4, beta 0.01 (k3 to the
     # reference), per-edge token mean then mean over edges, raw-logit log-probs; d1's optimiser with lr 3e-5, 12
     # inner iterations; a tree of 4 root children x 4 branches over 2 levels = 16 leaves; temperature 0.9 (its
-    # config default).
+    # config default); self-distillation lambda_max 3e-3, gamma 2, tau_max 2, beta 0.7 over max_steps 30000.
     "dtreerpo": AlgorithmDefaults(
         loss={"clip_eps_low": 0.4, "clip_eps_high": 0.4, "beta": 0.01, "kl_reference": "ref", "kl_estimator": "k3",
-              "loss_agg": "seq_mean_token_mean", "token_set": "response"},
+              "loss_agg": "seq_mean_token_mean", "token_set": "response", "distill_lambda_max": 3e-3,
+              "distill_gamma": 2.0, "distill_tau_max": 2.0, "distill_beta": 0.7, "distill_total_steps": 30000},
         learner={"lr": 3e-5, "betas": (0.9, 0.99), "weight_decay": 0.1, "grad_clip": 0.2, "mu": 12},
         rollout={"samples_per_prompt": 16, "temperature": 0.9},
         group={**_MEAN_CENTERED, "num_tree_samples": 4, "tree_branch_factor": 4, "tree_contraction_factor": 2}),

@@ -61,3 +61,38 @@ def reference_on_device(module: torch.nn.Module | None, device: torch.device, *,
         yield
     finally:
         module.to(HOST)
+
+
+def check_ref_sync(config, ref_policy, lora: bool, ref_engine) -> None:
+    """learner.ref_sync_steps / ref_sync_alpha: refused (one line) where there is no separate reference to sync."""
+    steps, alpha = config.ref_sync_steps, config.ref_sync_alpha
+    if steps < 0 or not 0.0 < alpha <= 1.0:
+        raise ValueError(f"learner.ref_sync_steps / ref_sync_alpha: need steps >= 0 and 0 < alpha <= 1, got "
+                         f"{steps}, {alpha}")
+    if not steps:
+        return
+    if lora:
+        raise ValueError("learner.ref_sync_steps: a LoRA policy's reference is its own base with the adapters off; "
+                         "there is no reference model to re-sync (TRL's SyncRefModelCallback does nothing there)")
+    if ref_policy is None:
+        raise ValueError("learner.ref_sync_steps: this run has no reference model (no KL to a reference)")
+    if ref_engine is not None:
+        raise ValueError("learner.ref_sync_steps: not built for a ZeRO-3 partitioned reference")
+
+
+@torch.no_grad()
+def sync_reference(policy: torch.nn.Module, reference: torch.nn.Module, alpha: float, gathered) -> None:
+    """ref <- alpha * policy + (1 - alpha) * ref for every parameter (alpha 1: a copy); `gathered` is the
+    backend's context that makes the policy's parameters whole (ZeRO-3; a no-op otherwise)."""
+    ref_params = dict(reference.named_parameters())
+    pol_params = dict(policy.named_parameters())
+    if set(ref_params) != set(pol_params):
+        odd = sorted(set(ref_params) ^ set(pol_params))[0]
+        raise ValueError(f"reference sync: parameter {odd!r} is not in both the policy and the reference")
+    with gathered(list(pol_params.values())):
+        for name, ref in ref_params.items():
+            new = pol_params[name].detach().to(device=ref.device, dtype=ref.dtype)
+            if alpha == 1.0:
+                ref.copy_(new)
+            else:
+                ref.mul_(1.0 - alpha).add_(new, alpha=alpha)

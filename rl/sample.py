@@ -33,6 +33,9 @@ class ScoredSample:
     # step's decoded prediction, and the per-step advantages derived from them; None otherwise.
     step_rewards: torch.Tensor | None = None
     step_advantages: torch.Tensor | None = None
+    # d-TreeRPO's tree edges (launch/driver_tree.py): the parent node this edge leaves; edges sharing it are
+    # siblings (the self-distillation groups). None otherwise; not stored (edges are built just before training).
+    sibling_group: str | None = None
 
     @property
     def policy_version(self) -> int:

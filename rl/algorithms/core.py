@@ -40,6 +40,7 @@ TOKEN_SETS = ("through_eos", "response")
 SEQ_LENGTHS = ("generation", "valid")
 LOGP_TEMPERATURES = ("raw", "rollout")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+SEQUENCE_RATIOS = ("off", "response", "counted")
 
 Metrics = dict[str, torch.Tensor]
 LossFn = Callable[["PolicyBatch", "PolicyEstimates", "LossConfig"], tuple[torch.Tensor, Metrics]]
@@ -54,6 +55,7 @@ class PolicyBatch:
     step_ids: torch.Tensor | None = None  # (B, L) long: decoding step of each token (seq_mean_step_mean)
     lengths: torch.Tensor | None = None  # (B,): the generation length of each response (GDPO's L; the learner sets it)
     loss_normalizer: float | torch.Tensor | None = None  # denominator of the whole batch (see module doc)
+    distill: Any = None  # d-TreeRPO: rl.algorithms.dtreerpo.DistillTerms of this micro-batch (the learner's)
 
 
 @dataclass
@@ -110,10 +112,24 @@ class LossConfig:
     # IGPO: share of a sample's pre-filled hint tokens trained on after all, those of highest entropy under the old
     # policy (its code: 0.2); 0 = hints never counted. Read by the learner (rl.inpainting.thaw_high_entropy).
     hint_entropy_keep: float = 0.0
+    # IGPO's GSPO option (rl/algorithms/igpo.py): "off" = d1's token-level ratio; "response" = one ratio per
+    # sequence, exp(sum over every response position, hints included, of (logp - old_logp) / generation length),
+    # the released run's use_gspo; "counted" = the same over the counted tokens only / their number (hints never
+    # enter the ratio). Clipped per sequence, broadcast onto the counted tokens; the KL stays per token.
+    sequence_ratio: str = "off"
+    # d-TreeRPO's self-distillation (rl/algorithms/dtreerpo.py): lambda(t) = lambda_max (e^{gamma t/T} - 1) /
+    # (e^gamma - 1), tau(t) = tau_max (1 - t/T)^beta, T = distill_total_steps; lambda_max 0 = off. Read by the
+    # learner (it builds the per-token terms at each optimizer step) and the dtreerpo loss.
+    distill_lambda_max: float = 0.0
+    distill_gamma: float = 2.0
+    distill_tau_max: float = 2.0
+    distill_beta: float = 0.7
+    distill_total_steps: int = 30000
 
     def __post_init__(self) -> None:
         checks = {"loss_agg": AGG_MODES, "kl_estimator": KL_ESTIMATORS, "kl_reference": ("ref", "old"),
-                  "token_set": TOKEN_SETS, "seq_length": SEQ_LENGTHS, "logp_temperature": LOGP_TEMPERATURES}
+                  "token_set": TOKEN_SETS, "seq_length": SEQ_LENGTHS, "logp_temperature": LOGP_TEMPERATURES,
+                  "sequence_ratio": SEQUENCE_RATIOS}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"loss config: {name}={getattr(self, name)!r} not in {allowed}")
@@ -123,6 +139,8 @@ class LossConfig:
             raise ValueError(f"loss config: need 0 <= mix <= 1 and beta_e > 0, got mix={self.mix}, beta_e={self.beta_e}")
         if not 0.0 <= self.hint_entropy_keep <= 1.0:
             raise ValueError(f"loss config: hint_entropy_keep must be in [0, 1], got {self.hint_entropy_keep}")
+        if self.distill_lambda_max < 0 or self.distill_tau_max <= 0 or self.distill_total_steps < 1:
+            raise ValueError("loss config: need distill_lambda_max >= 0, distill_tau_max > 0, distill_total_steps >= 1")
         if self.clip_eps_low < 0 or (self.clip_eps_high is not None and self.clip_eps_high < 0):
             raise ValueError("loss config: clip_eps_low / clip_eps_high must be >= 0")
 

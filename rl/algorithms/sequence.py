@@ -26,6 +26,7 @@ from rl.algorithms.core import (
     finish,
     importance_ratio,
     kl_penalty,
+    kl_term,
     masked_stats,
     normalizer_of,
     ratio_metrics,
@@ -54,10 +55,11 @@ def length_normalized_kl(seq: torch.Tensor, target: torch.Tensor, scale: torch.T
 
 
 def sequence_clipped_loss(batch: PolicyBatch, est: PolicyEstimates, config: LossConfig, name: str,
-                          kl_fn: SequenceKL) -> tuple[torch.Tensor, Metrics]:
+                          kl_fn: SequenceKL | None) -> tuple[torch.Tensor, Metrics]:
     """Clipped surrogate on one sequence-level ratio exp((ELBO - ELBO_old) / L) (L = 1 without length_normalize),
     broadcast onto the sequence's counted tokens, plus beta * kl_fn(ELBO, ELBO_ref or old, L, estimator) clamped to
-    kl_clamp. GDPO, ESPO and EBPO differ only in kl_fn and their defaults."""
+    kl_clamp. GDPO, ESPO and EBPO differ only in kl_fn and their defaults. kl_fn None: the KL is per token
+    (core.kl_term on estimates.logp over the counted tokens), as IGPO's GSPO option keeps d1's token k3."""
     mask = counted_mask(batch, est, config.observed_only)
     b = mask.shape[0]
     seq = require(est, "seq_logp", (b,), name)
@@ -75,7 +77,10 @@ def sequence_clipped_loss(batch: PolicyBatch, est: PolicyEstimates, config: Loss
     pg_loss = aggregate(pg_seq[:, None].expand(mask.shape), mask, config.loss_agg, norm, step_ids=batch.step_ids)
 
     kl_loss, kl_seq = None, None
-    if config.beta != 0:
+    if config.beta != 0 and kl_fn is None:
+        kl_tok = kl_term(est, mask, config, name)
+        kl_loss = config.beta * aggregate(kl_tok, mask, config.loss_agg, norm, step_ids=batch.step_ids)
+    elif config.beta != 0:
         target = est.seq_ref_logp if config.kl_reference == "ref" else old
         if target is None:
             raise ValueError(f"loss '{name}' with kl_reference='ref' needs estimates.seq_ref_logp")
@@ -91,6 +96,8 @@ def sequence_clipped_loss(batch: PolicyBatch, est: PolicyEstimates, config: Loss
     metrics["elbo_per_token"] = masked_stats(seq / scale, rows)[0]
     if kl_seq is not None:
         metrics["kl"] = masked_stats(kl_seq, rows)[0]
+    elif kl_loss is not None:
+        metrics["kl"] = masked_stats(kl_tok, mask)[0]
     return finish({"pg_loss": pg_loss, "kl_loss": kl_loss}, metrics)
 
 
