@@ -68,6 +68,16 @@ from rollout.models.policy import DiffusionPolicy
 DETERMINISTIC_ESTIMATORS = ("trajectory", "canvas_trace", "ar_exact", "intermediate_state")  # masks: not (seed, iter)
 
 
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing (non-reentrant): transformers >= 5.23 names it activation_checkpointing_enable (the
+    old name warns on every call and goes in v6); remote-code models may only have the old one."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 class Learner(LearnerStateMixin):
     """Trains `policy` in place.
 
@@ -139,7 +149,7 @@ class Learner(LearnerStateMixin):
         if config.gradient_checkpointing:
             for pol in (policy, self.value_policy):
                 if pol is not None:
-                    pol.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                    enable_checkpointing(pol.causal_lm)
         self.module = torch.nn.ModuleDict(modules)
         if config.backend == "torch":
             from rl.learner_backend import TorchBackend

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from rl.learner import enable_checkpointing
 from rollout.engine import TorchEngine
 from rollout.models.attention import AttentionMask
 from rollout.models.families.llada2 import block_causal_bias
@@ -284,7 +285,7 @@ def test_training_forward_kernels_and_activation_checkpointing_agree(ckpt):
     assert any(".mlp.experts." in n for n in plain) and any(n.endswith("mlp.gate.weight") for n in plain)
     embedding = plain["model.word_embeddings.weight"]
     assert embedding[pad].abs().max() == 0 and embedding[responses[0][5]].abs().max() > 0
-    pol.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(pol.causal_lm)  # as the learner does
     checkpointed = grads()
     assert plain.keys() == checkpointed.keys()
     assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)
