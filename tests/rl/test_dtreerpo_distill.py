@@ -100,9 +100,10 @@ def test_schedule_is_the_reference_formulas():
     assert tau == pytest.approx(2.0 * 0.75 ** 0.7)
 
 
-def _edges(policy):
+def _edges(policy, rewards=None):
     trajs, n = _leaves(policy)
-    leaves = [ScoredSample(t, prompt_index=i // n, sample_index=i % n, reward=float(i % 3 == 0) + 0.1 * (i % 4),
+    leaves = [ScoredSample(t, prompt_index=i // n, sample_index=i % n,
+                           reward=float(i % 3 == 0) + 0.1 * (i % 4) if rewards is None else rewards[i % n],
                            keep=True) for i, t in enumerate(trajs)]
     return tree_samples(leaves, TREE)
 
@@ -181,19 +182,25 @@ def test_sibling_groups_are_one_parent_of_one_prompt(tiny_model_dirs):
             assert (a.sibling_group == b.sibling_group) == same, (a.trajectory.request_id, b.trajectory.request_id)
 
 
-def test_learner_distillation_value_is_the_reference_loop(tiny_model_dirs):
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_learner_distillation_value_is_the_reference_loop(tiny_model_dirs, ranks):
     """Through the learner, on-policy (first inner step): its distill_loss equals the reference's loop over the
     groups, with each sibling's log-prob of its token under the parent state (the learner's old pass) as
-    log p(u | parent); two siblings that chose the same token read the same log-prob (they share the parent)."""
+    log p(u | parent); two siblings that chose the same token read the same log-prob (they share the parent).
+    ranks 2: two data-parallel ranks holding the same batch, simulated (sums over ranks double, gradients are
+    averaged): each rank's term is still the mean over its pairs."""
     from rollout.models.loading import load_policy
 
     policy = load_policy(tiny_model_dirs["llada"])
-    edges = _edges(policy)
+    edges = _edges(policy, rewards=[1.0, 0.8, 0.1, 0.9, 0.2, 0.75])  # two positive siblings under each root child
     learner = Learner(policy, LearnerConfig(
         algorithm="dtreerpo", estimator="intermediate_state", mu=1, micro_batch_size=64, shuffle=False,
         reference_model=False, optim=OptimConfig(lr=1e-6),
         loss={"beta": 0.0, "distill_lambda_max": 1.0, "distill_total_steps": 10}))
     learner.optimizer_steps = 5
+    if ranks > 1:
+        learner.backend.all_reduce_sum = lambda t: t * ranks
+        learner.backend.grad_average = ranks
     m = learner.update(edges)
     keys = {key for key, _ in learner._old}
     assert len(keys) == 1 and len(learner._old) == len(edges)
@@ -204,6 +211,10 @@ def test_learner_distillation_value_is_the_reference_loop(tiny_model_dirs):
     tokens = torch.stack([e.trajectory.response_ids for e in edges])
     active = torch.stack([o.counted.cpu() for o in old])
     assert bool(active.any()) and not bool(active.all())
+    # some (group, position) pairs merge two positive siblings (W_j, q_j over more than one edge)
+    shared = [(g, j) for g in set(groups) for j in range(tokens.shape[1])
+              if sum(1 for k in range(len(edges)) if groups[k] == g and adv[k] > 0 and active[k, j]) > 1]
+    assert len(shared) > 10
     vocab = int(tokens.max()) + 1
     parent = {g: torch.full((tokens.shape[1], vocab), float("nan"), dtype=torch.float64) for g in set(groups)}
     for k, g in enumerate(groups):
