@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from rl.published import ALGORITHM_DEFAULTS
 
@@ -332,10 +332,17 @@ class DTreeRPO(_ClippedPolicyGradient, published="dtreerpo"):
     # (e^{gamma t/T} - 1) / (e^gamma - 1), tau(t) = tau_max (1 - t/T)^beta, T = distill_total_steps (published:
     # 3e-3, 2, 2, 0.7, 30000); distill_lambda_max 0 turns it off.
     distill_lambda_max: float = Field(3e-3, ge=0)
-    distill_gamma: float = 2.0
+    distill_gamma: float = 2.0  # any sign (the ramp's curvature), not 0 (lambda's denominator e^gamma - 1)
     distill_tau_max: float = Field(2.0, gt=0)
-    distill_beta: float = 0.7
+    distill_beta: float = Field(0.7, ge=0)  # < 0: tau(T) would be 0 raised to a negative power
     distill_total_steps: int = Field(30000, ge=1)
+
+    @field_validator("distill_gamma")
+    @classmethod
+    def _gamma_not_zero(cls, gamma: float) -> float:
+        if gamma == 0:
+            raise ValueError("must not be 0 (lambda(t) divides by e^gamma - 1)")
+        return gamma
 
     def loss_params(self) -> dict[str, Any]:
         return self.model_dump(exclude=_NOT_LOSS | {"num_tree_samples", "tree_branch_factor",

@@ -139,8 +139,12 @@ class LossConfig:
             raise ValueError(f"loss config: need 0 <= mix <= 1 and beta_e > 0, got mix={self.mix}, beta_e={self.beta_e}")
         if not 0.0 <= self.hint_entropy_keep <= 1.0:
             raise ValueError(f"loss config: hint_entropy_keep must be in [0, 1], got {self.hint_entropy_keep}")
-        if self.distill_lambda_max < 0 or self.distill_tau_max <= 0 or self.distill_total_steps < 1:
-            raise ValueError("loss config: need distill_lambda_max >= 0, distill_tau_max > 0, distill_total_steps >= 1")
+        if (self.distill_lambda_max < 0 or self.distill_tau_max <= 0 or self.distill_total_steps < 1
+                or self.distill_gamma == 0 or self.distill_beta < 0):
+            raise ValueError("loss config: need distill_lambda_max >= 0, distill_tau_max > 0, distill_total_steps >= 1, "
+                             f"distill_gamma != 0, distill_beta >= 0; got {self.distill_lambda_max}, "
+                             f"{self.distill_tau_max}, {self.distill_total_steps}, {self.distill_gamma}, "
+                             f"{self.distill_beta}")
         if self.clip_eps_low < 0 or (self.clip_eps_high is not None and self.clip_eps_high < 0):
             raise ValueError("loss config: clip_eps_low / clip_eps_high must be >= 0")
 

@@ -100,9 +100,10 @@ def test_schedule_is_the_reference_formulas():
     assert tau == pytest.approx(2.0 * 0.75 ** 0.7)
 
 
-def _edges(policy):
+def _edges(policy, rewards=None):
     trajs, n = _leaves(policy)
-    leaves = [ScoredSample(t, prompt_index=i // n, sample_index=i % n, reward=float(i % 3 == 0) + 0.1 * (i % 4),
+    leaves = [ScoredSample(t, prompt_index=i // n, sample_index=i % n,
+                           reward=float(i % 3 == 0) + 0.1 * (i % 4) if rewards is None else rewards[i % n],
                            keep=True) for i, t in enumerate(trajs)]
     return tree_samples(leaves, TREE)
 
@@ -135,3 +136,115 @@ def test_learner_update_is_the_same_with_siblings_split_over_micro_batches(tiny_
     for k in whole:
         torch.testing.assert_close(split[k], whole[k], rtol=0, atol=1e-6, msg=k)
     assert max(float((whole[k] - off[k]).abs().max()) for k in whole) > 1e-4  # the term moves the weights
+
+
+def test_schedule_holds_after_the_last_step():
+    """t > T (a run longer than max_steps): lambda stays lambda_max and tau its floor, as the reference clamps."""
+    config = make_loss_config("dtreerpo")
+    assert distill_schedule(45000, config) == distill_schedule(30000, config)
+    assert distill_schedule(45000, config)[0] == pytest.approx(3e-3, rel=1e-12)
+
+
+def test_end_of_schedule_weights_that_underflow_stay_finite():
+    """At t = T, tau = 1e-6: softmax(A / tau) gives some positive siblings a weight of exactly 0. Their q is 0, and
+    the reference's log(q + 1e-8) keeps the term finite (0 x finite), as ours must; the value is the reference's."""
+    tokens = torch.tensor([[3, 4, 5], [3, 1, 2], [0, 4, 2]])
+    active = torch.ones(3, 3, dtype=torch.bool)
+    groups, adv = ["a", "a", "a"], [0.9, 0.5, 0.1]
+    config = make_loss_config("dtreerpo", beta=0.0)
+    _, tau = distill_schedule(config.distill_total_steps, config)
+    coef, log_q = distill_terms(groups, adv, list(tokens), list(active), tau)
+    assert float(coef[1].abs().sum()) == 0.0 and bool(torch.isfinite(torch.stack(log_q)).all())
+    logits = torch.randn(1, 3, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    parent = {"a": torch.log_softmax(logits[0], -1)}
+    logp = torch.stack([parent["a"].gather(1, tokens[k][:, None])[:, 0] for k in range(3)])
+    terms = DistillTerms(torch.stack(coef), torch.stack(log_q), 1.0, float(sum(c.sum() for c in coef)))
+    batch = PolicyBatch(advantages=torch.tensor(adv, dtype=torch.float64), token_mask=active, distill=terms)
+    loss, metrics = compute_loss("dtreerpo", batch, PolicyEstimates(logp=logp, old_logp=logp), config)
+    assert math.isfinite(loss.item())
+    want = naive_self_distillation(groups, adv, tokens, active, parent, tau)
+    assert float(metrics["distill_loss"]) == pytest.approx(float(want), rel=1e-6)  # its 1e-8 in W_j: module doc
+
+
+def test_sibling_groups_are_one_parent_of_one_prompt(tiny_model_dirs):
+    """Edges are siblings exactly when they leave the same node of the same prompt's tree (the reference's group
+    key: parent node and batch index); two prompts' trees never share a group."""
+    from rollout.models.loading import load_policy
+
+    edges = _edges(load_policy(tiny_model_dirs["llada"]))
+    prompts = {e.prompt_index for e in edges}
+    assert len(prompts) == 2
+    for a in edges:
+        node_a = a.trajectory.request_id.rsplit("-node", 1)[1].split(".")
+        for b in edges:
+            node_b = b.trajectory.request_id.rsplit("-node", 1)[1].split(".")
+            same = a.prompt_index == b.prompt_index and node_a[:-1] == node_b[:-1]
+            assert (a.sibling_group == b.sibling_group) == same, (a.trajectory.request_id, b.trajectory.request_id)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_learner_distillation_value_is_the_reference_loop(tiny_model_dirs, ranks):
+    """Through the learner, on-policy (first inner step): its distill_loss equals the reference's loop over the
+    groups, with each sibling's log-prob of its token under the parent state (the learner's old pass) as
+    log p(u | parent); two siblings that chose the same token read the same log-prob (they share the parent).
+    ranks 2: two data-parallel ranks holding the same batch, simulated (sums over ranks double, gradients are
+    averaged): each rank's term is still the mean over its pairs."""
+    from rollout.models.loading import load_policy
+
+    policy = load_policy(tiny_model_dirs["llada"])
+    edges = _edges(policy, rewards=[1.0, 0.8, 0.1, 0.9, 0.2, 0.75])  # two positive siblings under each root child
+    learner = Learner(policy, LearnerConfig(
+        algorithm="dtreerpo", estimator="intermediate_state", mu=1, micro_batch_size=64, shuffle=False,
+        reference_model=False, optim=OptimConfig(lr=1e-6),
+        loss={"beta": 0.0, "distill_lambda_max": 1.0, "distill_total_steps": 10}))
+    learner.optimizer_steps = 5
+    if ranks > 1:
+        learner.backend.all_reduce_sum = lambda t: t * ranks
+        learner.backend.grad_average = ranks
+    m = learner.update(edges)
+    keys = {key for key, _ in learner._old}
+    assert len(keys) == 1 and len(learner._old) == len(edges)
+    key = keys.pop()
+    old = [learner._old[(key, i)] for i in range(len(edges))]
+    groups = [e.sibling_group for e in edges]
+    adv = [float(e.advantage) for e in edges]
+    tokens = torch.stack([e.trajectory.response_ids for e in edges])
+    active = torch.stack([o.counted.cpu() for o in old])
+    assert bool(active.any()) and not bool(active.all())
+    # some (group, position) pairs merge two positive siblings (W_j, q_j over more than one edge)
+    shared = [(g, j) for g in set(groups) for j in range(tokens.shape[1])
+              if sum(1 for k in range(len(edges)) if groups[k] == g and adv[k] > 0 and active[k, j]) > 1]
+    assert len(shared) > 10
+    vocab = int(tokens.max()) + 1
+    parent = {g: torch.full((tokens.shape[1], vocab), float("nan"), dtype=torch.float64) for g in set(groups)}
+    for k, g in enumerate(groups):
+        for j in torch.nonzero(active[k])[:, 0].tolist():
+            lp, u = float(old[k].token_logp[j]), int(tokens[k, j])
+            if not math.isnan(parent[g][j, u]):
+                assert lp == pytest.approx(float(parent[g][j, u]), abs=1e-5)
+            parent[g][j, u] = lp
+    _, tau = distill_schedule(5, learner.loss_config)
+    want = naive_self_distillation(groups, adv, tokens, active, parent, tau)
+    assert m["distill_loss"] == pytest.approx(float(want), rel=1e-5)
+
+
+@pytest.mark.parametrize("override,field", [("algorithm.distill_gamma=0", "algorithm.distill_gamma"),
+                                            ("algorithm.distill_beta=-0.5", "algorithm.distill_beta"),
+                                            ("algorithm.distill_tau_max=0", "algorithm.distill_tau_max"),
+                                            ("algorithm.distill_lambda_max=-1", "algorithm.distill_lambda_max"),
+                                            ("algorithm.distill_total_steps=0", "algorithm.distill_total_steps")])
+def test_recipe_schedule_values_out_of_range_are_one_line_errors(override, field):
+    """Values whose schedule cannot be computed (gamma 0: lambda's 0/0; beta < 0: 0 to a negative power at t = T)
+    are refused when the recipe loads, naming the field, not at the first optimizer step."""
+    from pathlib import Path
+
+    from launch.recipe import load_recipe
+    from launch.recipe_io import RecipeError
+
+    root = Path(__file__).resolve().parents[2] / "recipes"
+    with pytest.raises(RecipeError) as err:
+        load_recipe(root / "tiny-dtreerpo.yaml", overrides=[override])
+    assert field in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="distill_gamma != 0, distill_beta >= 0"):
+        make_loss_config("dtreerpo", **{override.split("=")[0].split(".")[1]: float(override.split("=")[1])})
+    assert distill_schedule(10**6, make_loss_config("dtreerpo", distill_gamma=-1.5))[0] == pytest.approx(3e-3)

@@ -123,3 +123,63 @@ def test_recipe_sets_the_released_gspo_ratio():
     root = Path(__file__).resolve().parents[2] / "recipes"
     assert load_recipe(root / "igpo-llada-math.yaml").algorithm.sequence_ratio == "response"
     assert load_recipe(root / "tiny-igpo.yaml").algorithm.sequence_ratio == "off"
+
+
+def naive_token_ppo(logp, old, ref, adv, counted, eps=0.2, beta=0.01):
+    """d1's token-level loss written per token: -min(r A, clip(r) A) + beta k3, r = exp(logp - old), token mean."""
+    total, n = 0.0, 0
+    for i in range(len(adv)):
+        for t in range(logp.shape[1]):
+            if counted[i][t]:
+                r = torch.exp(logp[i, t] - old[i, t])
+                d = ref[i, t] - logp[i, t]
+                total = total - torch.minimum(r * adv[i], torch.clamp(r, 1 - eps, 1 + eps) * adv[i])
+                total = total + beta * (torch.exp(d) - d - 1)
+                n += 1
+    return total / n
+
+
+def test_off_is_the_token_level_ratio():
+    """sequence_ratio off (the default) keeps d1's per-token ratio, off-policy too (where the two differ)."""
+    inp, mask, logp, old, ref, adv, lengths = random_case(5)
+    logp, old, ref = logp.detach().double(), old.double(), ref.double()
+    config = make_loss_config("igpo")
+    loss, _ = compute_loss("igpo", PolicyBatch(advantages=adv, token_mask=mask, lengths=lengths),
+                           PolicyEstimates(logp=logp, old_logp=old, ref_logp=ref), config)
+    want = naive_token_ppo(logp, old, ref, adv, mask.tolist())
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    counted_loss, _ = compute_loss("igpo", PolicyBatch(advantages=adv, token_mask=mask, lengths=lengths),
+                                   PolicyEstimates(logp=logp, old_logp=old, ref_logp=ref),
+                                   make_loss_config("igpo", sequence_ratio="counted"))
+    assert abs(counted_loss.item() - loss.item()) > 1e-4  # the case tells the two apart
+
+
+def test_counted_ratio_reads_only_observed_tokens():
+    """An estimator that leaves some valid tokens unobserved (observed_mask): "counted" averages the log-ratios over
+    the tokens the loss counts (valid and observed), dividing by their number, not the valid ones'."""
+    inp, mask, logp, old, ref, adv, lengths = random_case(7)
+    g = torch.Generator().manual_seed(1)
+    logp, old, ref = logp.detach().double(), old.double(), ref.double()
+    observed = torch.rand(mask.shape, generator=g) < 0.7
+    counted = mask & observed
+    assert bool(counted.any(1).all()) and not torch.equal(counted, mask)
+    loss, _ = compute_loss("igpo", PolicyBatch(advantages=adv, token_mask=mask, lengths=lengths),
+                           PolicyEstimates(logp=logp, old_logp=old, ref_logp=ref, observed_mask=observed),
+                           make_loss_config("igpo", sequence_ratio="counted"))
+    c = counted.tolist()
+    positions = [[t for t in range(mask.shape[1]) if c[i][t]] for i in range(len(adv))]
+    want = naive_gspo(logp, old, ref, adv, c, positions)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("value", ["tokens", "Response", "sequence"])
+def test_recipe_misspelled_sequence_ratio_is_a_one_line_error(value):
+    from pathlib import Path
+
+    from launch.recipe import load_recipe
+    from launch.recipe_io import RecipeError
+
+    root = Path(__file__).resolve().parents[2] / "recipes"
+    with pytest.raises(RecipeError) as err:
+        load_recipe(root / "tiny-igpo.yaml", overrides=[f"algorithm.sequence_ratio={value}"])
+    assert "algorithm.sequence_ratio" in str(err.value) and "\n" not in str(err.value)

@@ -109,3 +109,69 @@ def test_recipe_rules():
         load_recipe(root / "tiny-bgpo.yaml", overrides=["learner.ref_sync_steps=64"])
     with pytest.raises(RecipeError, match="LoRA run's reference is its base"):
         load_recipe(root / "igpo-llada-math.yaml", overrides=["learner.ref_sync_steps=64"])
+
+
+def test_skipped_step_never_syncs(setup, monkeypatch):
+    """A non-finite step is skipped (no optimizer step): it must not count toward, nor trigger, a re-sync, even when
+    the applied-step count already sits on a sync boundary."""
+    from rl.learner_batch import StepTally
+
+    path, _ = setup
+    learner = make_learner(path, 0.6)
+    ref0 = weights(learner.ref_policy.model)
+    learner.optimizer_steps = 2  # on the boundary of ref_sync_steps=2, already synced there
+    monkeypatch.setattr(learner.backend, "step", lambda t: (float("nan"), False, 0.0))
+    learner._optimizer_step(StepTally())
+    assert learner.optimizer_steps == 2 and learner.ref_syncs == 0
+    assert all(torch.equal(v, ref0[k]) for k, v in weights(learner.ref_policy.model).items())
+    monkeypatch.setattr(learner.backend, "step", lambda t: (1.0, True, 0.0))
+    learner._optimizer_step(StepTally())  # step 3: no sync
+    assert learner.ref_syncs == 0
+    learner._optimizer_step(StepTally())  # step 4: sync
+    assert learner.optimizer_steps == 4 and learner.ref_syncs == 1
+
+
+def test_resume_restores_the_saved_reference_not_the_initial_one(setup):
+    """The state of a re-synced run carries the reference; loading it replaces the fresh learner's (initial)
+    reference bit for bit, and a state whose reference was never synced leaves it alone."""
+    path, samples = setup
+    run = make_learner(path, 1.0)
+    run.update(samples)
+    run.update(samples)  # synced: reference = policy after step 2
+    state = copy.deepcopy(run.state_dict())
+    fresh = make_learner(path, 1.0)
+    initial = weights(fresh.ref_policy.model)
+    assert any(not torch.equal(v, initial[k]) for k, v in weights(run.ref_policy.model).items())
+    fresh.load_state_dict(state)
+    assert fresh.ref_syncs == 1
+    want = weights(run.ref_policy.model)
+    assert all(torch.equal(v, want[k]) for k, v in weights(fresh.ref_policy.model).items())
+
+
+@pytest.mark.parametrize("steps,alpha", [(-1, 0.6), (2, 0.0), (2, -0.5), (2, 1.5)])
+def test_out_of_range_values_refused(steps, alpha):
+    with pytest.raises(ValueError, match="ref_sync_steps / ref_sync_alpha"):
+        check_ref_sync(LearnerConfig(ref_sync_steps=steps, ref_sync_alpha=alpha), object(), False, None)
+
+
+@pytest.mark.parametrize("override,field", [("learner.ref_sync_steps=-1", "learner.ref_sync_steps"),
+                                            ("learner.ref_sync_alpha=0", "learner.ref_sync_alpha"),
+                                            ("learner.ref_sync_alpha=1.5", "learner.ref_sync_alpha")])
+def test_recipe_out_of_range_is_a_one_line_error_naming_the_field(override, field):
+    from launch.recipe import load_recipe
+    from launch.recipe_io import RecipeError
+
+    root = Path(__file__).resolve().parents[2] / "recipes"
+    with pytest.raises(RecipeError) as err:
+        load_recipe(root / "tiny-espo.yaml", overrides=[override])
+    assert field in str(err.value) and "\n" not in str(err.value)
+
+
+def test_recipe_refuses_sync_under_zero3():
+    from launch.recipe import load_recipe
+    from launch.recipe_io import RecipeError
+
+    root = Path(__file__).resolve().parents[2] / "recipes"
+    with pytest.raises(RecipeError, match="ref_sync_steps: not built for ZeRO-3"):
+        load_recipe(root / "tiny-espo.yaml", overrides=["learner.ref_sync_steps=64", "learner.backend=deepspeed",
+                                                        "learner.zero_stage=3"])
