@@ -73,3 +73,18 @@ def train_in_process(recipe: Path, *overrides: str):
     result = run_training(loaded, progress=False, recipe_dir=Path(recipe).resolve().parent)
     assert result.ok, result
     return result
+
+
+def resume_in_process(run_dir: Path, *overrides: str):
+    """`diffrl resume RUN_DIR OVERRIDES` in this process, as launch/cli.py's cmd_resume does it (the latest
+    checkpoint, its recipe.yaml with output_dir and the overrides), on the module's Ray (see train_in_process).
+    The CLI path itself is covered by tests/launch/test_driver.py."""
+    from launch.driver import run_training
+    from launch.recipe import load_recipe
+    from rl.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(Path(run_dir))
+    recipe = load_recipe(ckpt.path / "recipe.yaml", [f"output_dir={run_dir}", *overrides])
+    result = run_training(recipe, resume=ckpt, progress=False)
+    assert result.ok, result
+    return result

@@ -1,5 +1,6 @@
-"""ESPO, BGPO, EBPO end to end: three RL steps of each tiny recipe through the driver (run_training in process, on
-one local Ray on 127.0.0.1 shared by the module), every logged metric finite, the policy weights changed, and the method's own quantities in the metrics."""
+"""ESPO, BGPO, EBPO end to end: three RL steps of each tiny recipe through the driver (run_training in process, on one
+local Ray on 127.0.0.1 shared by the module), every logged metric finite, the policy weights changed, and the method's
+own quantities in the metrics."""
 from __future__ import annotations
 
 import importlib.util

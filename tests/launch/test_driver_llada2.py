@@ -1,6 +1,7 @@
-"""Three RL steps on a tiny LLaDA2 through the driver (run_training in process, one local Ray shared by the module): TraceRL with the trajectory
-estimator (recipes/tiny-tracerl-llada2.yaml) and GDPO on the block ELBO. Each run must change the weights, keep
-every logged metric finite, and leave checkpoints in the released LLaDA2 format that load back."""
+"""Three RL steps on a tiny LLaDA2 through the driver (run_training in process, one local Ray shared by the module):
+TraceRL with the trajectory estimator (recipes/tiny-tracerl-llada2.yaml) and GDPO on the block ELBO. Each run must
+change the weights, keep every logged metric finite, and leave checkpoints in the released LLaDA2 format that load back.
+"""
 from __future__ import annotations
 
 import importlib.util
