@@ -53,3 +53,38 @@ def metrics(run: Path) -> list[dict]:
 
 def policy_bytes(run: Path, step: int) -> bytes:
     return (run / "checkpoints" / f"step_{step:06d}" / "policy" / "model.safetensors").read_bytes()
+
+
+def train_in_process(recipe: Path, *overrides: str):
+    """`diffrl train RECIPE OVERRIDES` without the subprocess: the same load_recipe + run_training the CLI calls
+    (recipe_dir: the recipe's folder, as the CLI passes it), run in this process on the Ray already started by
+    the module's `local_ray` fixture (the driver joins it: no Ray start and no torch import per run, ~10-15 s
+    each on 2 cores). The CLI path itself is covered by tests/launch/test_driver.py and test_cli.py.
+    An offline run (trainer.mode offline) needs no Ray. Returns the RunResult; a failed run raises with its
+    traceback."""
+    import ray
+
+    from launch.driver import run_training
+    from launch.recipe import load_recipe
+
+    loaded = load_recipe(recipe, list(overrides))
+    if loaded.trainer.mode != "offline" and not ray.is_initialized():  # an offline run needs no Ray
+        raise RuntimeError("train_in_process: start Ray first (the local_ray fixture)")
+    result = run_training(loaded, progress=False, recipe_dir=Path(recipe).resolve().parent)
+    assert result.ok, result
+    return result
+
+
+def resume_in_process(run_dir: Path, *overrides: str):
+    """`diffrl resume RUN_DIR OVERRIDES` in this process, as launch/cli.py's cmd_resume does it (the latest
+    checkpoint, its recipe.yaml with output_dir and the overrides), on the module's Ray (see train_in_process).
+    The CLI path itself is covered by tests/launch/test_driver.py."""
+    from launch.driver import run_training
+    from launch.recipe import load_recipe
+    from rl.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(Path(run_dir))
+    recipe = load_recipe(ckpt.path / "recipe.yaml", [f"output_dir={run_dir}", *overrides])
+    result = run_training(recipe, resume=ckpt, progress=False)
+    assert result.ok, result
+    return result

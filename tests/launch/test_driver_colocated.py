@@ -1,6 +1,6 @@
-"""End to end, colocated placement (tiny recipe, local Ray on 127.0.0.1): the rollout workers sleep through the
-learner update (their weights freed, reported as rollout/sleep_freed_bytes) and wake after it; the engine's KV
-cache fill under rollout.memory_budget reaches the step metrics."""
+"""End to end, colocated placement (tiny recipe, run_training in process on the module's local Ray at 127.0.0.1): the
+rollout workers sleep through the learner update (their weights freed, reported as rollout/sleep_freed_bytes) and wake
+after it; the engine's KV cache fill under rollout.memory_budget reaches the step metrics."""
 from __future__ import annotations
 
 import importlib.util
@@ -16,13 +16,13 @@ _spec.loader.exec_module(cli)
 
 RECIPE = cli.REPO / "recipes" / "tiny-tracerl.yaml"
 OVERRIDES = ["trainer.total_steps=2", "resources.placement=colocated", "rollout.memory_budget=200KiB",
-             "data.task_kwargs.num_train=8", "reward.1.fn=format", r"reward.1.kwargs.pattern=\d", "-q"]
+             "data.task_kwargs.num_train=8", "reward.1.fn=format", r"reward.1.kwargs.pattern=\d"]
 
 
-def test_colocated_rollout_sleeps_through_the_update_and_reports_cache_fill(tmp_path):
+def test_colocated_rollout_sleeps_through_the_update_and_reports_cache_fill(local_ray, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     run = tmp_path / "colocated"
-    done = cli.run_cli("train", str(RECIPE), f"output_dir={run}", *OVERRIDES, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert cli.train_in_process(RECIPE, f"output_dir={run}", *OVERRIDES).steps == 2
     rows = cli.metrics(run)
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:

@@ -1,7 +1,8 @@
-"""End to end, a LoRA run (tiny recipe, local Ray on 127.0.0.1): the rollout workers get only the adapters (LoRA-delta
-weight sync, merged onto their copy of the initial policy), and a run stopped after step 1 and resumed (`diffrl
-resume`) continues exactly like an uninterrupted one: same samples, rewards, losses and merged weights at steps 2-3.
-The resumed learner is rebuilt on the initial policy with the checkpoint's adapters and optimizer state."""
+"""End to end, a LoRA run (tiny recipe, run_training in process on the module's local Ray at 127.0.0.1): the rollout
+workers get only the adapters (LoRA-delta weight sync, merged onto their copy of the initial policy), and a run stopped
+after step 1 and resumed (`diffrl resume`, in process) continues exactly like an uninterrupted one: same samples,
+rewards, losses and merged weights at steps 2-3. The resumed learner is rebuilt on the initial policy with the
+checkpoint's adapters and optimizer state."""
 from __future__ import annotations
 
 import importlib.util
@@ -18,18 +19,14 @@ _spec.loader.exec_module(cli)
 RECIPE = cli.REPO / "recipes" / "tiny-tracerl.yaml"
 # A digit-format reward gives a random-init model a dense signal; lr 1e-3 so that r-4 adapters visibly move.
 OVERRIDES = ["model.lora={r: 4, alpha: 8}", "learner.lr=1e-3", "trainer.checkpoint_every=1", "trainer.keep_last=10",
-             "data.task_kwargs.num_train=8", "reward.1.fn=format", r"reward.1.kwargs.pattern=\d", "-q"]
+             "data.task_kwargs.num_train=8", "reward.1.fn=format", r"reward.1.kwargs.pattern=\d"]
 
 
-def test_lora_run_syncs_adapters_and_resumes_exactly(tmp_path):
-    full = cli.run_cli("train", str(RECIPE), f"output_dir={tmp_path / 'A'}", "trainer.total_steps=3", *OVERRIDES,
-                       cwd=tmp_path)
-    assert full.returncode == 0, full.stderr[-3000:]
-    first = cli.run_cli("train", str(RECIPE), f"output_dir={tmp_path / 'B'}", "trainer.total_steps=1", *OVERRIDES,
-                        cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
-    resumed = cli.run_cli("resume", str(tmp_path / "B"), "trainer.total_steps=3", "-q", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+def test_lora_run_syncs_adapters_and_resumes_exactly(local_ray, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.train_in_process(RECIPE, f"output_dir={tmp_path / 'A'}", "trainer.total_steps=3", *OVERRIDES).steps == 3
+    assert cli.train_in_process(RECIPE, f"output_dir={tmp_path / 'B'}", "trainer.total_steps=1", *OVERRIDES).steps == 1
+    assert cli.resume_in_process(tmp_path / "B", "trainer.total_steps=3").steps == 3
 
     a, b = cli.metrics(tmp_path / "A"), cli.metrics(tmp_path / "B")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]

@@ -1,5 +1,6 @@
-"""End to end, trainer.mode offline through `diffrl train` (subprocesses): VRPO on the tiny preference file and
-dTRPO from the trajectory store a short tiny TraceRL run wrote (that run on a local Ray at 127.0.0.1). Three steps
+"""End to end, trainer.mode offline through the driver (run_training in process, as `diffrl train` calls it): VRPO
+on the tiny preference file and dTRPO from the trajectory store a short tiny TraceRL run wrote (that run on the
+module's local Ray at 127.0.0.1). Three steps
 each: finite metrics, the first step exactly at the reference (margin 0, loss log 2), weights changed."""
 from __future__ import annotations
 
@@ -33,27 +34,27 @@ def _check_three_steps(run: Path) -> list[dict]:
     return rows
 
 
-def test_vrpo_three_steps_on_the_tiny_preference_file(tmp_path):
+def test_vrpo_three_steps_on_the_tiny_preference_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     run = tmp_path / "vrpo"
-    done = cli.run_cli("train", str(cli.REPO / "recipes" / "tiny-vrpo.yaml"), f"output_dir={run}",
-                       "trainer.total_steps=3", "estimator.mc_num=2", "-q", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = cli.train_in_process(cli.REPO / "recipes" / "tiny-vrpo.yaml", f"output_dir={run}",
+                                "trainer.total_steps=3", "estimator.mc_num=2")
+    assert done.steps == 3
     rows = _check_three_steps(run)
     assert all(r["learner/forwards_ref"] == 4 for r in rows)  # 2 micro-batches x n = 2 masked forwards
 
 
 @pytest.mark.ray
-def test_dtrpo_three_steps_offline_from_a_tiny_runs_store(tmp_path):
+def test_dtrpo_three_steps_offline_from_a_tiny_runs_store(local_ray, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     source = tmp_path / "tracerl"
-    done = cli.run_cli("train", str(cli.REPO / "recipes" / "tiny-tracerl.yaml"), f"output_dir={source}",
-                       "trainer.total_steps=1", "reward.1.fn=format", r"reward.1.kwargs.pattern=\d", "-q",
-                       cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = cli.train_in_process(cli.REPO / "recipes" / "tiny-tracerl.yaml", f"output_dir={source}",
+                                "trainer.total_steps=1", "reward.1.fn=format", r"reward.1.kwargs.pattern=\d")
+    assert done.steps == 1
     run = tmp_path / "dtrpo"
-    done = cli.run_cli("train", str(cli.REPO / "recipes" / "tiny-dtrpo.yaml"), f"output_dir={run}",
-                       f"data.trajectories={source}", "trainer.total_steps=3", "data.pairs_per_step=1", "-q",
-                       cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = cli.train_in_process(cli.REPO / "recipes" / "tiny-dtrpo.yaml", f"output_dir={run}",
+                                f"data.trajectories={source}", "trainer.total_steps=3", "data.pairs_per_step=1")
+    assert done.steps == 3
     rows = _check_three_steps(run)
     assert all(r["learner/forwards_ref"] == 1 for r in rows)  # one re-masked forward per micro-batch
     assert all(r["learner/data_version_mean"] == 0 for r in rows)  # the store's step-1 rollouts: version 0
@@ -62,10 +63,10 @@ def test_dtrpo_three_steps_offline_from_a_tiny_runs_store(tmp_path):
     # stand in for the reference's forward (no reference model loaded); step 1 starts at the reference up to the
     # rollout-vs-learner numerical gap.
     stored = tmp_path / "dtrpo-stored"
-    done = cli.run_cli("train", str(cli.REPO / "recipes" / "tiny-dtrpo.yaml"), f"output_dir={stored}",
-                       f"data.trajectories={source}", "trainer.total_steps=1", "data.pairs_per_step=1",
-                       "algorithm.reference_logp=stored", "-q", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = cli.train_in_process(cli.REPO / "recipes" / "tiny-dtrpo.yaml", f"output_dir={stored}",
+                                f"data.trajectories={source}", "trainer.total_steps=1", "data.pairs_per_step=1",
+                                "algorithm.reference_logp=stored")
+    assert done.steps == 1
     row = cli.metrics(stored)[0]
     assert row["learner/forwards_ref"] == 0 and abs(row["learner/reward_margin"]) < 1e-4, row
     assert row["learner/pair_loss"] == pytest.approx(rows[0]["learner/pair_loss"], abs=1e-4)

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "tiny-tracerl-sdar-moe.yaml"
 
 
-def test_three_tracerl_steps_on_sdar_moe(tmp_path):
+def test_three_tracerl_steps_on_sdar_moe(local_ray, tmp_path):
     from launch.driver import run_training
     from launch.recipe import load_recipe
 

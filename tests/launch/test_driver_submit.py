@@ -35,8 +35,10 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
+    """One head for the module's jobs (a cluster start and stop is ~7 s on 2 shared cores); each job brings its
+    own working directory and output_dir, and the driver kills its actors when the job ends."""
     ports = dict(zip(PORTS, _free_ports(len(PORTS))))
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0",
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", HF_HUB_OFFLINE="1",
