@@ -41,7 +41,12 @@ REPO = Path(__file__).resolve().parents[1]
 SETUPS = {
     # Countdown: many equations reach a target, the SFT data shows one: the verifier rewards any, which RL can use.
     # format_score pays 0.1 for a well-formed equation on the given numbers (TinyZero's shaping).
-    "countdown": {"task_kwargs": {"num_train": 5000, "num_test": 200}, "max_tokens": 16,
+    # Shortcut-free (issue 19): targets equal to the plain sum or product of the numbers are redrawn (with them,
+    # 19.5% of training and 25% of the first 200 held-out targets were the sum, and every TraceRL gain was that
+    # shortcut); 600 held-out items so that a ~6-point paired gain can reach p < 0.01. The tables before
+    # 2026-11-30 used {"num_train": 5000, "num_test": 200}: --task-kwargs reproduces them.
+    "countdown": {"task_kwargs": {"num_train": 5000, "num_test": 600, "reject_shortcuts": ["sum", "product"]},
+                  "max_tokens": 16,
                   "reward": {"fn": "rl.tasks:countdown_reward", "kwargs": {"format_score": 0.1}},
                   "sft": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, steps=800, batch_size=64,
                               lr=1e-3)},
@@ -408,7 +413,10 @@ def main() -> None:
     parser.add_argument("--offline-data-min", type=float, default=1.0,
                         help="offline methods: minutes of --budget-min spent rolling out the SFT model for their pairs "
                              "(benchmarks/learning_offline.py); the rest trains")
-    parser.add_argument("--eval-items", type=int, default=200)
+    parser.add_argument("--eval-items", type=int, default=None, help="first N held-out items (default: all)")
+    parser.add_argument("--task-kwargs", default=None,
+                        help="JSON replacing the task's generator parameters (SFT, RL and held-out alike), e.g. the "
+                             "older countdown tables' '{\"num_train\": 5000, \"num_test\": 200}'")
     parser.add_argument("--sft-sweep", action="store_true", help="only the SFT starting-point table")
     parser.add_argument("--report", nargs="+", default=None, metavar="DIR",
                         help="only merge the results.json of runs made in parallel (same task and SFT) into --out: "
@@ -416,6 +424,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="recipe override for every run, JSON: "
                         "'{\"learner\": {\"lr\": 1e-4}}'")
     args = parser.parse_args()
+    if args.task_kwargs is not None:
+        SETUPS[args.task]["task_kwargs"] = json.loads(args.task_kwargs)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "datasets", "httpx", "filelock", "launch.driver", "launch.driver_roles"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -437,7 +447,7 @@ def main() -> None:
     if args.sft_sweep:
         print("| task | hidden x layers | params | steps x batch | train s | held-out masked CE | greedy % |\n"
               "|---|---|---|---|---|---|---|", flush=True)
-        sft_sweep(out, args.seed, args.eval_items)
+        sft_sweep(out, args.seed, args.eval_items or 200)
         return
     overrides: dict = {}
     for text in args.set:
