@@ -55,7 +55,25 @@ SETUPS = {
                    "reward": {"fn": "rl.tasks:arithmetic_reward", "kwargs": {"partial_credit": True}},
                    "sft": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, steps=400, batch_size=64,
                                lr=1e-3)},
+    # A third-party task: reasoning-gym's Countdown, its problems and scorer (benchmarks/learning_rg.py); data files
+    # written on first use (`files`: set by main from --out / --sft), the same model, SFT and response budget.
+    "rg_countdown": {"file_task": {"num_train": 5000, "num_test": 600}, "max_tokens": 16,
+                     "reward": {"fn": "benchmarks.learning_rg:score"},
+                     "sft": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, steps=800, batch_size=64,
+                                 lr=1e-3)},
 }
+
+
+def _data(task: str, data_seed: int | None = None) -> dict:
+    """The data section of a task: a generated toy task, or the data files of a file task (SETUPS `files`)."""
+    setup = SETUPS[task]
+    if "file_task" in setup:
+        files = setup.get("files")
+        if not files:
+            raise SystemExit(f"{task}: its data files are not written yet (main writes them)")
+        return {"task": None, "task_kwargs": {}, "train": files["train"], "eval": files["test"]}
+    return {"task": task, "task_kwargs": setup["task_kwargs"],
+            **({} if data_seed is None else {"task_seed": data_seed})}
 
 # --sft-sweep: starting points (size x steps) with their held-out greedy accuracy and training time.
 SFT_SWEEP = [
@@ -75,7 +93,7 @@ def _sft_run(out: Path, task: str, seed: int, *, block_size: int | None = None, 
     size = {k: v for k, v in config.items() if k in TinySize.model_fields}
     training = SFTConfig(seed=seed, **{k: v for k, v in config.items() if k not in size})
     return SFTRun(out=str(out), model={"tiny": "qwen3-block", "block_size": block_size}, tiny_size=size,
-                  data={"task": task, "task_kwargs": SETUPS[task]["task_kwargs"]}, training=training,
+                  data=_data(task), training=training,
                   eval_items=eval_items, overwrite=True)
 
 
@@ -160,7 +178,7 @@ def task_sections(task: str, data_seed: int = 0) -> dict:
     the RL seed: with the RL seed instead, runs with --rl-seeds 1,2 trained on about half of the held-out problems
     (countdown 5000/200: 95 and 100 of the 200 test problems are in the seed-1 / seed-2 training splits)."""
     setup = SETUPS[task]
-    return {"data": {"task": task, "task_kwargs": setup["task_kwargs"], "task_seed": data_seed},
+    return {"data": _data(task, data_seed),
             "reward": [setup["reward"]],
             "rollout": {"max_tokens": setup["max_tokens"]}}
 
@@ -222,8 +240,12 @@ def heldout(policy_dir: str | Path, task: str, seed: int, limit: int) -> dict:
                                  run_eval)
 
     out = {}
-    common = dict(data=[task], task_kwargs=SETUPS[task]["task_kwargs"], task_seed=seed, limit=limit,
-                  print_table=False, max_tokens=SETUPS[task]["max_tokens"])
+    setup = SETUPS[task]
+    if "file_task" in setup:  # its test file, scored by the task's own reward (the recipe's)
+        where = dict(data=[setup["files"]["test"]], reward=[setup["reward"]])
+    else:
+        where = dict(data=[task], task_kwargs=setup["task_kwargs"], task_seed=seed)
+    common = dict(**where, limit=limit, print_table=False, max_tokens=setup["max_tokens"])
     for decoding in ("static", "dynamic"):
         rollout = {"remasking": f"low_confidence_{decoding}", "threshold": 0.9 if decoding == "dynamic" else None,
                    "temperature": 0.0, "batch_size": 32}
@@ -437,6 +459,12 @@ def main() -> None:
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if "file_task" in SETUPS[args.task]:  # written once beside the SFT checkpoint, shared by runs reusing it
+        from benchmarks.learning_rg import make_data
+
+        data_dir = (Path(args.sft).resolve().parent if args.sft else out) / f"{args.task}_data"
+        files = make_data(data_dir, **SETUPS[args.task]["file_task"])
+        SETUPS[args.task]["files"] = {split: str(path) for split, path in files.items()}
     if args.report:
         merged = merge_results([Path(d) for d in args.report])
         (out / "results.json").write_text(json.dumps(merged, indent=1) + "\n")

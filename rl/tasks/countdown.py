@@ -28,8 +28,9 @@ from __future__ import annotations
 import ast
 import json
 import re
+from collections.abc import Hashable
 from fractions import Fraction
-from typing import Any, Hashable
+from typing import Any
 
 import numpy as np
 

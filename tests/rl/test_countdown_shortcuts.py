@@ -7,12 +7,10 @@ import math
 
 import pytest
 
-from rl.tasks import TaskError, make_task
-from rl.tasks.countdown import SHORTCUT_RULES, evaluate, shortcut_hits
-
 from benchmarks.learning import SETUPS
 from launch.heldout import HeldoutOverlapError, check_heldout, task_train_prompts
-from rl.tasks import TASKS
+from rl.tasks import TASKS, TaskError, make_task
+from rl.tasks.countdown import SHORTCUT_RULES, evaluate, shortcut_hits
 
 
 def _problem(row: dict) -> tuple[list[int], int]:
