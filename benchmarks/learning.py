@@ -497,6 +497,13 @@ def main() -> None:
     saved = json.loads(results_path.read_text()) if results_path.is_file() else {}
     sft_eval = saved.get("sft") or {k: heldout(d, args.task, args.seed, args.eval_items) for k, d in sft_dirs.items()}
     results = saved.get("runs", {})
+
+    def save() -> None:
+        results_path.write_text(json.dumps({"task": args.task, "setup": SETUPS[args.task], "sft": sft_eval,
+                                            "runs": results, "budget_min": args.budget_min, "clock": args.clock,
+                                            "common": COMMON, "overrides": overrides}, indent=1) + "\n")
+
+    save()  # the SFT evaluation at once: invocations started later from the same SFT reuse it (copy results.json)
     rollouts: dict[int, dict] = {}  # offline methods: the SFT model's scored rollouts per RL seed, shared
     for name, key, rl_seed in runs:
         ar = name.endswith("@block1")
@@ -523,10 +530,7 @@ def main() -> None:
         res["overrides"] = overrides  # kept per run: --report merges invocations made with different --set
         res["rl_seed"] = rl_seed
         results[key] = res
-        results_path.write_text(json.dumps({"task": args.task, "setup": SETUPS[args.task], "sft": sft_eval,
-                                            "runs": results, "budget_min": args.budget_min, "clock": args.clock,
-                                            "common": COMMON, "overrides": overrides},
-                                           indent=1) + "\n")
+        save()
         plot(results, args.task, out / "reward_curves.png")
         print(table({key: res}, sft_eval), flush=True)
     print(table(results, sft_eval))
