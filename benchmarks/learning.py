@@ -12,6 +12,7 @@
     python benchmarks/learning.py --sft bench/learning/sft --algos gdpo ...    # reuse the SFT checkpoint
     python benchmarks/learning.py --report /tmp/a /tmp/b --out /tmp/all       # merge runs made in parallel
     python benchmarks/learning.py --sft S --algos gdpo --rl-seeds 0,1,2 ...   # 3 RL seeds: mean and spread
+    python benchmarks/learning.py --task rg_countdown --algos tracerl ...    # reasoning-gym's Countdown, its scorer
 
 Seeds: --seed fixes the SFT run and the held-out split; --rl-seeds repeats each RL run with those recipe seeds
 (rollout sampling, learner masks and shuffles) from the same SFT checkpoint, runs named `algo#sN`, and a summary
