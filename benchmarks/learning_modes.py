@@ -38,8 +38,30 @@ def answer_template(answer: str, numbers: list[int]) -> str | None:
     return re.sub(r"\d+", lambda m: by_value[int(m.group())].pop(0), answer.strip())
 
 
+# Distinct (L, M, S) triples: two templates are the same rule (`L+M-S`, `M+L-S`) when they agree on all of them.
+_PROBE_TRIPLES = ((17, 11, 4), (19, 7, 3), (13, 12, 2), (20, 9, 5), (16, 6, 1), (18, 14, 8))
+
+
+def template_rule(template: str) -> tuple | None:
+    """The rule a three-number template computes, as its values on _PROBE_TRIPLES (None: not a +-*/ template)."""
+    from rl.tasks.countdown import evaluate
+
+    values = []
+    for triple in _PROBE_TRIPLES:
+        text = template
+        for name, value in zip("LMS", triple):
+            text = text.replace(name, str(value))
+        values.append(evaluate(text))
+    return None if any(v is None for v in values) else tuple(values)
+
+
 def answer_shapes(ckpt: str, limit: int | None = None) -> dict:
-    from launch.evaluate import EvalRun, evaluate_sets, load_checkpoint_policy, load_eval_sets
+    from launch.evaluate import (
+        EvalRun,
+        evaluate_sets,
+        load_checkpoint_policy,
+        load_eval_sets,
+    )
     from rl.tasks import make_task
 
     task = make_task("countdown", seed=0, **SETUPS["countdown"]["task_kwargs"])
@@ -67,8 +89,14 @@ def answer_shapes(ckpt: str, limit: int | None = None) -> dict:
             count = templates.setdefault(template, [0, 0])
             count[0] += 1
             count[1] += res["num_correct"]
-    top = sorted(templates.items(), key=lambda kv: -kv[1][0])[:3]
-    out["top_templates"] = {t: {"answers": n, "right": k} for t, (n, k) in top}
+    rules: dict[tuple | str, list] = {}  # rule -> [its most used spelling, answers, right ones]
+    for template, (n, k) in sorted(templates.items(), key=lambda kv: -kv[1][0]):
+        rule = template_rule(template) if len(numbers) == 3 else None
+        entry = rules.setdefault(rule if rule is not None else template, [template, 0, 0])
+        entry[1] += n
+        entry[2] += k
+    top = sorted(rules.values(), key=lambda e: -e[1])[:3]
+    out["top_rules"] = {t: {"answers": n, "right": k} for t, n, k in top}
     return out
 
 

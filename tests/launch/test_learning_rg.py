@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("reasoning_gym")
 
-from benchmarks.learning_rg import _key, make_data, score  # noqa: E402
+from benchmarks.learning_rg import _key, make_data, score
 
 
 def _rows(path):
