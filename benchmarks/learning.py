@@ -12,6 +12,7 @@
     python benchmarks/learning.py --sft bench/learning/sft --algos gdpo ...    # reuse the SFT checkpoint
     python benchmarks/learning.py --report /tmp/a /tmp/b --out /tmp/all       # merge runs made in parallel
     python benchmarks/learning.py --sft S --algos gdpo --rl-seeds 0,1,2 ...   # 3 RL seeds: mean and spread
+    python benchmarks/learning.py --task rg_countdown --algos tracerl ...    # reasoning-gym's Countdown, its scorer
 
 Seeds: --seed fixes the SFT run and the held-out split; --rl-seeds repeats each RL run with those recipe seeds
 (rollout sampling, learner masks and shuffles) from the same SFT checkpoint, runs named `algo#sN`, and a summary
@@ -35,31 +36,9 @@ from pathlib import Path
 from launch.budget import tree_cpu_seconds  # the CPU clock of a recipe's trainer.budget (light: psutil only)
 
 from benchmarks.learning_offline import OFFLINE_ALGOS
+from benchmarks.learning_setups import SETUPS, SFT_SWEEP, _data  # SETUPS also re-exported (learning_modes, tests)
 
 REPO = Path(__file__).resolve().parents[1]
-# Toy tasks the benchmark can run: generator parameters, the verifier as reward, the response budget, the SFT run.
-SETUPS = {
-    # Countdown: many equations reach a target, the SFT data shows one: the verifier rewards any, which RL can use.
-    # format_score pays 0.1 for a well-formed equation on the given numbers (TinyZero's shaping).
-    "countdown": {"task_kwargs": {"num_train": 5000, "num_test": 200}, "max_tokens": 16,
-                  "reward": {"fn": "rl.tasks:countdown_reward", "kwargs": {"format_score": 0.1}},
-                  "sft": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, steps=800, batch_size=64,
-                              lr=1e-3)},
-    # Arithmetic: partial credit (0.5 x fraction of digits right) densifies the signal; accuracy is exact match.
-    "arithmetic": {"task_kwargs": {"digits": 2, "num_train": 2000, "num_test": 200}, "max_tokens": 8,
-                   "reward": {"fn": "rl.tasks:arithmetic_reward", "kwargs": {"partial_credit": True}},
-                   "sft": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, steps=400, batch_size=64,
-                               lr=1e-3)},
-}
-
-# --sft-sweep: starting points (size x steps) with their held-out greedy accuracy and training time.
-SFT_SWEEP = [
-    ("arithmetic", dict(hidden_size=128, num_layers=2, steps=400)),
-    ("arithmetic", dict(hidden_size=128, num_layers=2, steps=800)),
-    ("arithmetic", dict(hidden_size=256, num_layers=2, steps=400)),
-    ("arithmetic", dict(hidden_size=192, num_layers=4, steps=400)),
-    ("countdown", dict(hidden_size=128, num_layers=2, steps=800)),
-]
 
 
 def _sft_run(out: Path, task: str, seed: int, *, block_size: int | None = None, eval_items: int = 0, **config):
@@ -70,7 +49,7 @@ def _sft_run(out: Path, task: str, seed: int, *, block_size: int | None = None, 
     size = {k: v for k, v in config.items() if k in TinySize.model_fields}
     training = SFTConfig(seed=seed, **{k: v for k, v in config.items() if k not in size})
     return SFTRun(out=str(out), model={"tiny": "qwen3-block", "block_size": block_size}, tiny_size=size,
-                  data={"task": task, "task_kwargs": SETUPS[task]["task_kwargs"]}, training=training,
+                  data=_data(task), training=training,
                   eval_items=eval_items, overwrite=True)
 
 
@@ -155,7 +134,7 @@ def task_sections(task: str, data_seed: int = 0) -> dict:
     the RL seed: with the RL seed instead, runs with --rl-seeds 1,2 trained on about half of the held-out problems
     (countdown 5000/200: 95 and 100 of the 200 test problems are in the seed-1 / seed-2 training splits)."""
     setup = SETUPS[task]
-    return {"data": {"task": task, "task_kwargs": setup["task_kwargs"], "task_seed": data_seed},
+    return {"data": _data(task, data_seed),
             "reward": [setup["reward"]],
             "rollout": {"max_tokens": setup["max_tokens"]}}
 
@@ -217,8 +196,12 @@ def heldout(policy_dir: str | Path, task: str, seed: int, limit: int) -> dict:
                                  run_eval)
 
     out = {}
-    common = dict(data=[task], task_kwargs=SETUPS[task]["task_kwargs"], task_seed=seed, limit=limit,
-                  print_table=False, max_tokens=SETUPS[task]["max_tokens"])
+    setup = SETUPS[task]
+    if "file_task" in setup:  # its test file, scored by the task's own reward (the recipe's)
+        where = dict(data=[setup["files"]["test"]], reward=[setup["reward"]])
+    else:
+        where = dict(data=[task], task_kwargs=setup["task_kwargs"], task_seed=seed)
+    common = dict(**where, limit=limit, print_table=False, max_tokens=setup["max_tokens"])
     for decoding in ("static", "dynamic"):
         rollout = {"remasking": f"low_confidence_{decoding}", "threshold": 0.9 if decoding == "dynamic" else None,
                    "temperature": 0.0, "batch_size": 32}
@@ -408,7 +391,10 @@ def main() -> None:
     parser.add_argument("--offline-data-min", type=float, default=1.0,
                         help="offline methods: minutes of --budget-min spent rolling out the SFT model for their pairs "
                              "(benchmarks/learning_offline.py); the rest trains")
-    parser.add_argument("--eval-items", type=int, default=200)
+    parser.add_argument("--eval-items", type=int, default=None, help="first N held-out items (default: all)")
+    parser.add_argument("--task-kwargs", default=None,
+                        help="JSON replacing the task's generator parameters (SFT, RL and held-out alike), e.g. the "
+                             "older countdown tables' '{\"num_train\": 5000, \"num_test\": 200}'")
     parser.add_argument("--sft-sweep", action="store_true", help="only the SFT starting-point table")
     parser.add_argument("--report", nargs="+", default=None, metavar="DIR",
                         help="only merge the results.json of runs made in parallel (same task and SFT) into --out: "
@@ -416,6 +402,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="recipe override for every run, JSON: "
                         "'{\"learner\": {\"lr\": 1e-4}}'")
     args = parser.parse_args()
+    if args.task_kwargs is not None:
+        SETUPS[args.task]["task_kwargs"] = json.loads(args.task_kwargs)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "datasets", "httpx", "filelock", "launch.driver", "launch.driver_roles"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -427,6 +415,12 @@ def main() -> None:
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if "file_task" in SETUPS[args.task]:  # written once beside the SFT checkpoint, shared by runs reusing it
+        from benchmarks.learning_rg import make_data
+
+        data_dir = (Path(args.sft).resolve().parent if args.sft else out) / f"{args.task}_data"
+        files = make_data(data_dir, **SETUPS[args.task]["file_task"])
+        SETUPS[args.task]["files"] = {split: str(path) for split, path in files.items()}
     if args.report:
         merged = merge_results([Path(d) for d in args.report])
         (out / "results.json").write_text(json.dumps(merged, indent=1) + "\n")
@@ -437,7 +431,7 @@ def main() -> None:
     if args.sft_sweep:
         print("| task | hidden x layers | params | steps x batch | train s | held-out masked CE | greedy % |\n"
               "|---|---|---|---|---|---|---|", flush=True)
-        sft_sweep(out, args.seed, args.eval_items)
+        sft_sweep(out, args.seed, args.eval_items or 200)
         return
     overrides: dict = {}
     for text in args.set:
@@ -459,6 +453,13 @@ def main() -> None:
     saved = json.loads(results_path.read_text()) if results_path.is_file() else {}
     sft_eval = saved.get("sft") or {k: heldout(d, args.task, args.seed, args.eval_items) for k, d in sft_dirs.items()}
     results = saved.get("runs", {})
+
+    def save() -> None:
+        results_path.write_text(json.dumps({"task": args.task, "setup": SETUPS[args.task], "sft": sft_eval,
+                                            "runs": results, "budget_min": args.budget_min, "clock": args.clock,
+                                            "common": COMMON, "overrides": overrides}, indent=1) + "\n")
+
+    save()  # the SFT evaluation at once: invocations started later from the same SFT reuse it (copy results.json)
     rollouts: dict[int, dict] = {}  # offline methods: the SFT model's scored rollouts per RL seed, shared
     for name, key, rl_seed in runs:
         ar = name.endswith("@block1")
@@ -485,10 +486,7 @@ def main() -> None:
         res["overrides"] = overrides  # kept per run: --report merges invocations made with different --set
         res["rl_seed"] = rl_seed
         results[key] = res
-        results_path.write_text(json.dumps({"task": args.task, "setup": SETUPS[args.task], "sft": sft_eval,
-                                            "runs": results, "budget_min": args.budget_min, "clock": args.clock,
-                                            "common": COMMON, "overrides": overrides},
-                                           indent=1) + "\n")
+        save()
         plot(results, args.task, out / "reward_curves.png")
         print(table({key: res}, sft_eval), flush=True)
     print(table(results, sft_eval))

@@ -12,14 +12,25 @@ fractions) to the target. A line that claims another value (`3*5+7 = 23`) or has
 `malformed`. The reference is self-contained: a solution expression (its
 numbers and value give the problem) or a JSON object `{"numbers": [...], "target": N}` (a user's own file).
 `format_score` is paid for a well-formed equation on the right numbers that misses the target (default 0).
+
+Shortcuts (`reject_shortcuts`): a problem whose target one fixed rule reaches without any search is answered by
+that rule whatever the problem, and RL learns the rule instead of the task (issue 19: 19.5% of the default
+generator's targets are the plain sum of the numbers; TraceRL turned a model answering "sum" on 45 of 200 held-out
+items into one doing so on 80, all its gain). Named rules, each a set of values reachable from the numbers alone:
+`sum` (all numbers added), `product` (all multiplied): the two answers that need neither an operator choice nor
+an order; `additive` (any signs: every target reachable with + and - alone, the sum included). A drawn problem
+whose target is in a listed rule's set is redrawn. No rule set removes every one-template answer: with three
+numbers the ~19 distinct templates over sorted roles (e.g. largest + smallest - middle) each cover a share
+(BENCHMARKS.md ## Learning, issue 19 shortcut-free task).
 """
 from __future__ import annotations
 
 import ast
 import json
 import re
+from collections.abc import Hashable
 from fractions import Fraction
-from typing import Any, Hashable
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +44,26 @@ _BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: l
            ast.Div: lambda a, b: a / b}
 _SYMBOL = {"+": ast.Add, "-": ast.Sub, "*": ast.Mult, "/": ast.Div}
 MAX_EXPRESSION_CHARS = 200
+
+
+def _signed_sums(numbers: list[int]) -> set[int]:
+    sums = {0}
+    for n in numbers:
+        sums = {s + n for s in sums} | {s - n for s in sums}
+    return sums
+
+
+# Shortcut rules: numbers -> the targets the rule reaches (see the module docstring).
+SHORTCUT_RULES = {
+    "sum": lambda numbers: {sum(numbers)},
+    "product": lambda numbers: {int(np.prod(numbers, dtype=object))},
+    "additive": _signed_sums,
+}
+
+
+def shortcut_hits(numbers: list[int], target: int, rules: tuple[str, ...] = tuple(SHORTCUT_RULES)) -> list[str]:
+    """The named shortcut rules that reach `target` from `numbers`."""
+    return [name for name in rules if target in SHORTCUT_RULES[name](list(numbers))]
 
 
 def evaluate(expression: str) -> Fraction | None:
@@ -116,7 +147,8 @@ class CountdownTask(Task):
     verify = staticmethod(verify)
 
     def __init__(self, *, seed: int = 0, num_numbers: int = 3, max_number: int = 20, max_target: int = 100,
-                 division: bool = False, num_train: int = 2000, num_test: int = 200):
+                 division: bool = False, num_train: int = 2000, num_test: int = 200,
+                 reject_shortcuts: list[str] | tuple[str, ...] = ()):
         super().__init__(seed=seed, num_train=num_train, num_test=num_test)
         self.num_numbers = check_int("num_numbers", num_numbers, 2, 6)
         self.max_number = check_int("max_number", max_number, 1, 999)
@@ -124,10 +156,16 @@ class CountdownTask(Task):
         if not isinstance(division, bool):
             raise TaskError(f"data.task_kwargs.division: expected true or false, got {division!r}")
         self.division = division
+        if isinstance(reject_shortcuts, str) or not isinstance(reject_shortcuts, (list, tuple)) or any(
+                rule not in SHORTCUT_RULES for rule in reject_shortcuts):
+            raise TaskError(f"data.task_kwargs.reject_shortcuts: expected a list of {', '.join(SHORTCUT_RULES)}, "
+                            f"got {reject_shortcuts!r}")
+        self.reject_shortcuts = tuple(dict.fromkeys(reject_shortcuts))
 
     def params(self) -> dict[str, Any]:
         return {**super().params(), "num_numbers": self.num_numbers, "max_number": self.max_number,
-                "max_target": self.max_target, "division": self.division}
+                "max_target": self.max_target, "division": self.division,
+                "reject_shortcuts": list(self.reject_shortcuts)}
 
     def _combine(self, rng: np.random.Generator, terms: list[tuple[str, Fraction, int]]) -> tuple[str, Fraction]:
         """Join the terms (text, value, precedence) into one expression by random binary merges."""
@@ -158,7 +196,8 @@ class CountdownTask(Task):
         while True:
             numbers = [int(n) for n in rng.integers(1, self.max_number + 1, size=self.num_numbers)]
             text, value = self._combine(rng, [(str(n), Fraction(n), 3) for n in numbers])
-            if value.denominator == 1 and 1 <= value <= self.max_target:
+            if value.denominator == 1 and 1 <= value <= self.max_target and not (
+                    self.reject_shortcuts and shortcut_hits(numbers, int(value), self.reject_shortcuts)):
                 break
         target = int(value)
         shown = ",".join(str(numbers[i]) for i in rng.permutation(len(numbers)))  # not in the solution's order
