@@ -17,15 +17,13 @@ import torch
 CUDA = torch.device(os.environ.get("DIFFRL_GPU_TESTS_ON", "cuda"))
 pytestmark = pytest.mark.skipif(CUDA.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
 
-from rl.learner import Learner, LearnerConfig  # noqa: E402
-from rl.optim import OptimConfig  # noqa: E402
-from rl.sample import ScoredSample  # noqa: E402
-from rollout.engine import TorchEngine  # noqa: E402
-from rollout.models.attention import AttentionMask  # noqa: E402
-from rollout.models.loading import load_policy  # noqa: E402
-from rollout.models.masks import attention_bias  # noqa: E402
-from rollout.sampling import GenerationRequest, SamplingParams  # noqa: E402
-from rollout.trajectory import Trajectory  # noqa: E402
+from rl.learner import Learner, LearnerConfig
+from rl.optim import OptimConfig
+from rollout.engine import TorchEngine
+from rollout.models.loading import load_policy
+from rollout.sampling import GenerationRequest, SamplingParams
+from tests.rl.test_learner_packing import mixed_trajectories
+from tests.rollout.test_attention import _batch, _Kernel, _reference_bias
 
 TOL = 1e-5
 
@@ -46,30 +44,6 @@ def cuda_policies(tiny_model_dirs):
     return {kind: load_policy(path, device=CUDA) for kind, path in tiny_model_dirs.items()}
 
 
-class _Kernel:
-    def __init__(self, policy, kernel):
-        self.policy, self.kernel = policy, kernel
-
-    def __enter__(self):
-        self.before, self.policy.attention_kernel = self.policy.attention_kernel, self.kernel
-
-    def __exit__(self, *exc):
-        self.policy.attention_kernel = self.before
-
-
-def _batch(policy, seed, prompt_lens=(7, 5), response_lens=(9, 14)):
-    g = torch.Generator().manual_seed(seed)
-    ids = lambda n: torch.randint(10, len(policy.tokenizer), (n,), generator=g)  # noqa: E731
-    prompts, responses = [ids(n) for n in prompt_lens], [ids(n) for n in response_lens]
-    noisy = [torch.where(torch.rand(r.numel(), generator=g) < 0.5, policy.spec.mask_token_id, r) for r in responses]
-    return prompts, responses, noisy
-
-
-def _dense(mask: AttentionMask) -> torch.Tensor:
-    return attention_bias(mask.q_block, mask.k_block, mask.k_valid, q_noisy=mask.q_noisy, k_noisy=mask.k_noisy,
-                          full=mask.full)
-
-
 @pytest.mark.parametrize("kind", ["block", "sdar", "llada", "dream"])
 @pytest.mark.parametrize("kernel", ["flex", "chunked"])
 def test_kernels_equal_dense_on_cuda(cuda_policies, kind, kernel):
@@ -80,7 +54,7 @@ def test_kernels_equal_dense_on_cuda(cuda_policies, kind, kernel):
         packed = policy.pack(prompts, responses, noisy, alignment=alignment)
         valid = packed.attn_bias.k_valid
         with torch.no_grad():
-            ref = policy.forward(packed.input_ids, packed.position_ids, _dense(packed.attn_bias)).logits
+            ref = policy.forward(packed.input_ids, packed.position_ids, _reference_bias(packed.attn_bias)).logits
             with _Kernel(policy, kernel):
                 ours = policy.forward(packed.input_ids, packed.position_ids, packed.attn_bias).logits
                 scores = policy.score_responses(prompts, responses, noisy, alignment=alignment)
@@ -117,35 +91,22 @@ def test_auto_kernel_is_flex_for_long_training_forwards_on_cuda(cuda_policies):
     assert resolve_kernel("auto", CUDA, needs_grad=True, q_len=4096) == "flex"
 
 
-def _mixed_samples(seed=0, lengths=(4, 16, 8, 4, 12, 4)):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i, length in enumerate(lengths):
-        resp = torch.randint(10, 90, (length,), generator=g)
-        steps = torch.cat([torch.randperm(4, generator=g) % 2 + 2 * b for b in range(length // 4)])
-        prompt = torch.randint(10, 90, (3 + (5 * i) % 7,), generator=g)
-        traj = Trajectory(prompt_ids=prompt, response_ids=resp, step_map=steps, logprobs=torch.zeros(length),
-                          confidence=torch.zeros(length), valid_length=length - (i % 3), nfe=4,
-                          finish_reason="eos", block_size=4, request_id=f"m{i}")
-        out.append(ScoredSample(traj, advantage=0.5 + i if i % 2 else -1.0 - 0.25 * i, reward=float(i % 2)))
-    return out
-
-
 def _update(path, device, kernel, **cfg):
     """One learner update (linear-in-gradient AdamW: weight deltas ~ the gradient); returns CPU weight deltas."""
     policy = load_policy(path, device=device, attention_kernel=kernel)
     w0 = {k: v.detach().clone() for k, v in policy.model.state_dict().items()}
     config = LearnerConfig(mu=1, shuffle=False, optim=OptimConfig(lr=1e4, eps=1e4, betas=(0.9, 0.999)), **cfg)
-    metrics = Learner(policy, config).update(_mixed_samples())
+    metrics = Learner(policy, config).update(mixed_trajectories(policy))
     return {k: (v.detach() - w0[k]).float().cpu() for k, v in policy.model.state_dict().items()}, metrics
 
 
 @pytest.mark.parametrize("algorithm,estimator,kind,kernel", [
-    ("tracerl", "trajectory", "sdar", "flex"), ("tracerl", "trajectory", "block", "chunked"), ("tracerl", "trajectory", "sdar", "chunked"),
+    ("tracerl", "trajectory", "sdar", "flex"), ("tracerl", "trajectory", "block", "chunked"),
+    ("tracerl", "trajectory", "sdar", "chunked"),
     ("diffu_grpo", "one_step", "llada", "flex"), ("gdpo", "block_elbo", "sdar", "flex")])
 def test_learner_update_on_cuda_equals_cpu(tiny_model_dirs, algorithm, estimator, kind, kernel):
     """The same update (packed and padded) on CUDA and on CPU: equal weight deltas (fp32)."""
-    cfg = dict(algorithm=algorithm, estimator=estimator, micro_batch_size=2, seed=0)
+    cfg = {"algorithm": algorithm, "estimator": estimator, "micro_batch_size": 2, "seed": 0}
     cpu, cpu_m = _update(tiny_model_dirs[kind], "cpu", "chunked", **cfg)
     for pack in (None, 96):
         gpu, gpu_m = _update(tiny_model_dirs[kind], CUDA, kernel, pack_tokens=pack, **cfg)
