@@ -18,7 +18,7 @@ EXPECTED = {
     "tiny-justgrpo.yaml", "tiny-mdpo.yaml", "tiny-tracerl-diffusion-gemma.yaml", "tiny-tracerl-llada2.yaml",
     "tiny-tracerl-sdar-moe.yaml", "tiny-tracerl.yaml", "tiny-vrpo.yaml", "tracerl-diffusion-gemma.yaml",
     "tracerl-llada2.yaml", "tracerl-sdar-moe.yaml", "tracerl-sdar.yaml", "tracerl-trado-math-value.yaml",
-    "tracerl-trado-math.yaml", "vrpo-llada.yaml",
+    "tracerl-trado-math.yaml", "vrpo-llada.yaml", "tracerl-countdown.yaml",
 }
 
 
@@ -72,3 +72,17 @@ def test_coupled_and_tiny_recipes():
         assert tiny.algorithm.name == algorithm and tiny.model.tiny is not None
         assert tiny.resources.gpus_per_worker == 0 and tiny.trainer.total_steps <= 3
         assert tiny.data.task == "arithmetic"
+
+
+def test_countdown_recipe_is_the_benchmark_setting(tmp_path):
+    """recipes/tracerl-countdown.yaml says it is what benchmarks/learning.py measures (BENCHMARKS.md, issue 19):
+    every section that decides the learning figure equals the benchmark's own recipe at lr 3e-5."""
+    from benchmarks.learning import build_recipe
+
+    shipped = load_recipe(RECIPES / "tracerl-countdown.yaml")
+    bench = build_recipe("tracerl", "countdown", tmp_path / "sft", tmp_path / "out", seed=0,
+                         overrides={"learner": {"lr": 3e-5}})
+    for section in ("rollout", "algorithm", "estimator", "reward", "data", "learner"):
+        assert getattr(shipped, section) == getattr(bench, section), section
+    assert (shipped.model.kind, shipped.model.block_size, shipped.model.dtype) == ("block", 4, "float32")
+    assert (shipped.trainer.budget.minutes, shipped.trainer.budget.clock) == (20, "cpu")
