@@ -375,10 +375,13 @@ class OneStepEstimator(_EstimatorSection):
 class MCElboEstimator(_EstimatorSection):
     name: Literal["mc_elbo"] = "mc_elbo"
     mc_num: int = Field(128, ge=1)  # LLaDA's evaluation value; lower it for training
-    stratified: bool = True  # masked-token counts l stratified across the MC batch
+    stratified: bool = True  # masked-token counts l (or times t) stratified across the MC batch
+    # "count": l ~ U{1..L} tokens masked, weight L/l (LLaDA's eval); "time": t ~ U(0,1], Bernoulli(t) masks, 1/t
+    # (the ELBO as LLaDA 1.5 writes it: VRPO's recipes). Both unbiased for the same ELBO (rl/masking.py mc_elbo).
+    form: Literal["count", "time"] = "count"
 
     def params(self) -> dict[str, Any]:
-        return {"num_samples": self.mc_num, "stratified": self.stratified}
+        return {"num_samples": self.mc_num, "stratified": self.stratified, "form": self.form}
 
 
 class SDMCEstimator(_EstimatorSection):

@@ -98,13 +98,27 @@ def one_step(length: int, generator: torch.Generator, *, prompt_length: int = 0,
 
 
 @MASK_SAMPLERS.register("mc_elbo")
-def mc_elbo(length: int, generator: torch.Generator, *, num_samples: int = 1, stratified: bool = True) -> MaskDraw:
-    """LLaDA: forward k masks exactly l_k of L tokens, weight (L / l_k) / K; l_k = floor(u_k L) + 1 with u_k
-    stratified over [0, 1) across the K forwards (u_k = (k + U) / K), so l is uniform on 1..L on average."""
+def mc_elbo(length: int, generator: torch.Generator, *, num_samples: int = 1, stratified: bool = True,
+            form: str = "count") -> MaskDraw:
+    """The masked-diffusion ELBO by Monte Carlo, K = num_samples forwards, in one of its two unbiased forms.
+
+    form="count" (LLaDA's likelihood evaluation): forward k masks exactly l_k of L tokens, weight (L / l_k) / K;
+    l_k = floor(u_k L) + 1, so l is uniform on 1..L.
+    form="time" (the ELBO as LLaDA 1.5 / VRPO write it, B = E_{t~U[0,1]} E_{y_t~q(.|t,y)} (1/t) sum_i 1[y_t^i = M]
+    log p(y^i | y_t)): forward k draws t_k = 1 - u_k in (0, 1] and masks each token independently with
+    probability t_k, weight 1 / (t_k K) (a forward that masks nothing scores nothing).
+    `stratified`: u_k = (k + U_k) / K across the K forwards (one stratum each); false: u_k i.i.d. uniform."""
     length = _check_length(length)
     u = _rand((num_samples,), generator)
     if stratified:
         u = (torch.arange(num_samples, dtype=_F64) + u) / num_samples
+    if form == "time":
+        t = 1.0 - u  # (0, 1]: 1/t stays finite
+        masks = _rand((num_samples, length), generator) < t[:, None]
+        per_token = (1.0 / (t * num_samples))[:, None].expand(-1, length)
+        return MaskDraw(masks, _weights_on(masks, per_token), t)
+    if form != "count":
+        raise ValueError(f"mc_elbo: unknown form '{form}' (count | time)")
     counts = (u * length).floor().long().clamp(max=length - 1) + 1
     masks = _exact_count_masks(counts, length, generator)
     per_token = (length / (counts.to(_F64) * num_samples))[:, None].expand(-1, length)

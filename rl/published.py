@@ -100,11 +100,13 @@ ALGORITHM_DEFAULTS: Mapping[str, AlgorithmDefaults] = MappingProxyType({
         rollout={"samples_per_prompt": 6, "temperature": 1.0},
         group={**_MEAN_CENTERED, "advantage": "leave_one_out"}),
     # BGPO (THU-KEG/BGPO, 2510.11683): the linear lower bound of the ELBO objective, one Monte Carlo draw per backward;
-    # on-policy (mu 1), no KL. Its code could not be read here (docs/FIDELITY.md): no published figures are claimed.
+    # on-policy (mu 1), no KL. lr 5e-7: the authors' model card (huggingface THU-KEG/LLaDA-8B-BGPO-code: lr 5e-7,
+    # batch 16, MC sample size n_t 16, 512 tokens, 512 steps, block 32). The paper's method section and code could
+    # not be read here (docs/FIDELITY.md), so the loss is not claimed as published.
     "bgpo": AlgorithmDefaults(
         loss={"beta": 0.0, "loss_agg": "seq_mean_token_mean", "seq_length": "valid", "observed_only": False,
               "length_normalize": False, "per_draw_backward": True},
-        learner={"mu": 1}, group=_MEAN_CENTERED, published=False),
+        learner={"lr": 5e-7, "mu": 1}, group=_MEAN_CENTERED, published=False),
     # EBPO (LLaDA2.1, 2602.08676): sequence ratio exp(sum over blocks of block-ELBO differences), PPO clip; no code
     # released; the paper gives no loss figures we could read (docs/FIDELITY.md): PPO's eps 0.2, no KL.
     "ebpo": AlgorithmDefaults(
@@ -114,8 +116,9 @@ ALGORITHM_DEFAULTS: Mapping[str, AlgorithmDefaults] = MappingProxyType({
         group=_MEAN_CENTERED, published=False),
     # Preference methods (DPO on diffusion likelihoods; rl/algorithms/preference.py): `beta` is DPO's beta and the
     # reference is the frozen initial policy. VRPO (LLaDA 1.5, 2505.19223): the DPO-E loss, budget n = n_t x n_yt
-    # with n_t = n, n_yt = 1, antithetic policy/reference masks (project page ml-gsai.github.io/LLaDA-1.5-Demo);
-    # its numbers (beta, lr, n) were not read from the paper here: DPO's usual beta 0.1 and the project's choices.
+    # with n_t = n, n_yt = 1, antithetic policy/reference masks, the ELBO in the paper's time form (recipes:
+    # estimator mc_elbo form time; project page ml-gsai.github.io/LLaDA-1.5-Demo and a review quoting the paper's
+    # estimator, docs/FIDELITY.md); its numbers (beta, lr, n) were not read: DPO's usual beta 0.1 and ours.
     "vrpo": AlgorithmDefaults(loss={"beta": 0.1, "kl_reference": "ref"}, learner={"mu": 1}, published=False),
     # dTRPO (2603.18806, ICML'26): DPO on one-forward re-masked trajectory estimates, offline pairs from stored
     # rollouts; only the abstract and project page were readable here (no code snapshot): numbers are ours.

@@ -77,8 +77,12 @@ def test_sequence_clip_sides_are_not_swapped(name):
     assert abs(naive - swapped) / len(seq) > 1e-3  # the case tells the two sides apart
 
 
-def test_ebpo_loss_equals_the_papers_equations_per_sample():
-    # log rho_i = sum_n w_n sum_b (log p_theta(y^b | z_tn, y^<b) - log p_old(...)) from random block terms
+@pytest.mark.parametrize("eps_low, eps_high", [(0.2, 0.2), (0.2, 0.28)])
+def test_ebpo_loss_equals_the_papers_equations_per_sample(eps_low, eps_high):
+    """LLaDA2.1 tech report (inclusionAI/LLaDA2.X @ a798329, llada2_1_tech_report.pdf, Sec. 3.2), written per
+    sample: Eq. (4) J = E[min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)] with Eq. (5)
+    log r(y|x) = sum_n w_n sum_b (log p_theta(y^b | z_n, x; M) - log p_old(y^b | z_n, x; M)), z_n = y_tn (+) y_0
+    the block-causal composite input; here the block terms are random numbers, one per (timestep n, block b)."""
     g = torch.Generator().manual_seed(1)
     b, steps, blocks = 5, 3, 4
     w = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
@@ -89,12 +93,13 @@ def test_ebpo_loss_equals_the_papers_equations_per_sample():
     seq = (w[None, :, None] * cur).sum((1, 2))
     seq_old = (w[None, :, None] * old).sum((1, 2))
     loss, m = compute_loss("ebpo", PolicyBatch(advantages=adv, token_mask=mask),
-                           PolicyEstimates(seq_logp=seq, seq_old_logp=seq_old))
+                           PolicyEstimates(seq_logp=seq, seq_old_logp=seq_old),
+                           make_loss_config("ebpo", clip_eps_low=eps_low, clip_eps_high=eps_high))
     naive = 0.0
     for i in range(b):
         log_rho = sum(float(w[n]) * (float(cur[i, n, k]) - float(old[i, n, k])) for n in range(steps) for k in range(blocks))
         rho, a = math.exp(log_rho), float(adv[i])
-        naive += -min(rho * a, min(max(rho, 0.8), 1.2) * a)
+        naive += -min(rho * a, min(max(rho, 1 - eps_low), 1 + eps_high) * a)
     assert loss.item() == pytest.approx(naive / b, rel=1e-12)
     assert float(m["clipfrac"]) > 0  # the case reaches the clip (the comparison covers it)
 
