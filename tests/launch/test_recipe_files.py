@@ -18,7 +18,7 @@ EXPECTED = {
     "tiny-justgrpo.yaml", "tiny-mdpo.yaml", "tiny-tracerl-diffusion-gemma.yaml", "tiny-tracerl-llada2.yaml",
     "tiny-tracerl-sdar-moe.yaml", "tiny-tracerl.yaml", "tiny-vrpo.yaml", "tracerl-diffusion-gemma.yaml",
     "tracerl-llada2.yaml", "tracerl-sdar-moe.yaml", "tracerl-sdar.yaml", "tracerl-trado-math-value.yaml",
-    "tracerl-trado-math.yaml", "vrpo-llada.yaml", "tracerl-countdown.yaml",
+    "tracerl-trado-math.yaml", "vrpo-llada.yaml", "tiny-tracerl-countdown.yaml",
 }
 
 
@@ -75,11 +75,11 @@ def test_coupled_and_tiny_recipes():
 
 
 def test_countdown_recipe_is_the_benchmark_setting(tmp_path):
-    """recipes/tracerl-countdown.yaml says it is what benchmarks/learning.py measures (BENCHMARKS.md, issue 19):
+    """recipes/tiny-tracerl-countdown.yaml says it is what benchmarks/learning.py measures (BENCHMARKS.md, issue 19):
     every section that decides the learning figure equals the benchmark's own recipe at lr 3e-5."""
     from benchmarks.learning import build_recipe
 
-    shipped = load_recipe(RECIPES / "tracerl-countdown.yaml")
+    shipped = load_recipe(RECIPES / "tiny-tracerl-countdown.yaml")
     bench = build_recipe("tracerl", "countdown", tmp_path / "sft", tmp_path / "out", seed=0,
                          overrides={"learner": {"lr": 3e-5}})
     for section in ("rollout", "algorithm", "estimator", "reward", "data", "learner"):
