@@ -75,13 +75,13 @@ def test_coupled_and_tiny_recipes():
 
 
 def test_countdown_recipe_is_the_benchmark_setting(tmp_path):
-    """recipes/tiny-tracerl-countdown.yaml says it is what benchmarks/learning.py measures (BENCHMARKS.md, issue 19):
-    every section that decides the learning figure equals the benchmark's own recipe at lr 3e-5."""
+    """recipes/tiny-tracerl-countdown.yaml says it is what benchmarks/learning.py measured (BENCHMARKS.md, issue 19):
+    every section that decides the learning figure equals the benchmark's own recipe at lr 3e-5 and T = 0.7."""
     from benchmarks.learning import build_recipe
 
     shipped = load_recipe(RECIPES / "tiny-tracerl-countdown.yaml")
     bench = build_recipe("tracerl", "countdown", tmp_path / "sft", tmp_path / "out", seed=0,
-                         overrides={"learner": {"lr": 3e-5}})
+                         overrides={"learner": {"lr": 3e-5}, "rollout": {"temperature": 0.7}})
     for section in ("rollout", "algorithm", "estimator", "reward", "data", "learner"):
         assert getattr(shipped, section) == getattr(bench, section), section
     assert (shipped.model.kind, shipped.model.block_size, shipped.model.dtype) == ("block", 4, "float32")
