@@ -5,7 +5,7 @@
 
 Every section forbids unknown keys. `algorithm` and `estimator` are unions discriminated by `name`: each algorithm
 is its own class carrying only its parameters, with its authors' published defaults (shared/ALGORITHMS.md); those
-classes live in launch/recipe_sections.py.
+classes live in launch/recipe_sections.py, the estimators in launch/recipe_estimators.py.
 A field left at None that has a published or derived default (learner.lr, rollout.samples_per_prompt,
 estimator, output_dir...) is filled in during validation, so a validated Recipe is concrete and `to_dict()`
 reloads to an equal Recipe. Those defaults and the checks rejecting impossible combinations live in
@@ -24,6 +24,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from launch import recipe_rules
+from launch.recipe_estimators import EstimatorSection
 from launch.recipe_io import (
     RecipeError,
     absolute_paths,
@@ -42,7 +43,7 @@ from launch.recipe_rules import (
     FULL_ATTENTION_KINDS,
     TINY_KINDS,
 )
-from launch.recipe_sections import AlgorithmSection, EstimatorSection, Section
+from launch.recipe_sections import AlgorithmSection, Section
 from rl.atomic_io import atomic_write  # light: standard library only
 
 __all__ = [

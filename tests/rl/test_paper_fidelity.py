@@ -224,7 +224,7 @@ def test_spg_elbo_divides_by_the_sequence_length_not_the_masked_count():
 
 def test_spg_uses_its_block_random_masks_by_default(tiny_model_dirs):
     from launch.recipe_rules import ESTIMATORS_FOR
-    from launch.recipe_sections import BlockRandomEstimator
+    from launch.recipe_estimators import BlockRandomEstimator
 
     assert ESTIMATORS_FOR["spg"][0] == "block_random"
     assert BlockRandomEstimator().params() == {"num_samples": 2, "p_mask": 0.15,  # num_t 2, p_mask_prompt 0.15

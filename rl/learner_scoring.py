@@ -1,0 +1,147 @@
+"""The learner's scoring before any weight change (rl.learner.Learner, step 2 of an update): old and reference
+log-likelihoods per (mask key, sample), the value model's old values and targets, and the rollout-vs-learner
+log-prob mismatch. A mixin of `Learner`: it reads the learner's policy, estimator, backend and config through `self`
+and fills `self._old`, `self._ref`, `self._value` and `self._mismatch`, which the training passes then read."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from rl.estimators import get_estimator
+from rl.estimators.base import EstimatorInput, token_mask_of
+from rl.inpainting import thaw_hints
+from rl.learner_batch import (
+    OldScores,
+    RefScores,
+    RolloutBatch,
+    ValueScores,
+    logp_gaps,
+    stack_rows,
+)
+from rl.learner_draws import draw_shares_of, score_draw_by_draw
+from rl.reference import reference_on_device
+from rl.value import compute_value_targets
+
+DETERMINISTIC_ESTIMATORS = ("trajectory", "canvas_trace", "ar_exact", "intermediate_state")  # masks: not (seed, iter)
+
+
+class BeforeTrainingMixin:
+    """Learner methods that score a batch under no_grad before the update's first optimizer step."""
+
+    def _before_training(self, batch: RolloutBatch, plan, counters: dict) -> None:
+        """Old / ref log-likelihoods, old values and value targets, mismatch: all before any weight change.
+
+        Walks the plan's micro-batch slots (the same number on every rank). A slot is scored when some sample in
+        it lacks a result under its mask key; under ZeRO-3 (collective forwards) every rank scores a slot any rank
+        needs, a rank with nothing to do there scoring sample 0 and discarding it."""
+        self._old: dict[tuple[int, int], OldScores] = {}  # (mask key, sample index) ->
+        self._ref: dict[tuple[int, int], RefScores] = {}  # (mask key, sample index) ->
+        self._value: dict[int, ValueScores] = {}  # sample index ->
+        ref_policy, adapters_off = self._reference()
+        offloaded = self.config.offload_reference and self._ref_engine is None
+        ref_module = self.ref_policy.model if self.ref_policy is not None else None
+        with reference_on_device(ref_module, self.device, offload=offloaded):
+            self._score_before_training(batch, plan, counters, ref_policy, adapters_off)
+        self._mismatch = self._logp_mismatch(batch, plan, counters)
+        if self.config.old_logp == "rollout":
+            self._use_behaviour_logp(batch)
+
+    def _score_before_training(self, batch: RolloutBatch, plan, counters: dict, ref_policy, adapters_off) -> None:
+        vc = self.config.value
+        shared_value = vc is not None and vc.trunk == "shared"
+        # A partitioned reference's forwards are collective: every rank runs as many (padded) as the busiest.
+        ref_synced = adapters_off or self._ref_engine is not None
+        for it, minibatches in enumerate(plan):
+            key = self._mask_iter(it)
+            for micro in (mc for mb in minibatches for mc in mb):
+                need = bool(micro) and (any((key, i) not in self._old for i in micro)
+                                        or (vc is not None and any(i not in self._value for i in micro)))
+                if self.backend.sync_forwards:
+                    if not bool(self.backend.all_reduce_max(torch.tensor([int(need)], device=self.device))):
+                        continue
+                elif not need:
+                    continue
+                run = micro if need else [0]
+                inp = batch.inp.select(run)
+                shares = None
+                if self.per_draw:  # scored one draw at a time, exactly as training will score them
+                    est, shares = score_draw_by_draw(
+                        lambda d: self._estimate(self.policy, inp, key, params=self._draw_params(d))[0],
+                        token_mask_of(inp, self.device))
+                else:
+                    est, _ = self._estimate(self.policy, inp, key, hidden=shared_value)
+                    shares = draw_shares_of(est, token_mask_of(inp, self.device))
+                ref = None
+                if self.need_ref:
+                    with self._ref_context() if adapters_off else nullcontext():
+                        ref, _ = self._estimate(ref_policy, inp, key, synced=ref_synced)
+                    counters["forwards_ref"] += ref.forwards
+                counters["forwards_old"] += est.forwards
+                if vc is not None:
+                    counters["forwards_old"] += self._value_targets(batch, run, inp, est, keep=need)
+                if not need:
+                    continue
+                if self._thaw_hints:  # IGPO's entropy filter, at each sample's first old pass
+                    thaw_hints(batch.inp, inp, micro, est.entropy, self.loss_config.hint_entropy_keep, self._thawed)
+                # Scored on the very micro-batches training uses; a sample already scored under this mask key
+                # (deterministic estimators, or a sample this rank saw before) keeps its first result.
+                counted = token_mask_of(inp, self.device)
+                if self.loss_config.observed_only:
+                    counted = counted & est.token_mask
+                for r, i in enumerate(micro):
+                    n = inp.length(r)
+                    self._old.setdefault((key, i), OldScores(est.token_logp[r, :n].detach(), est.seq_logp[r].detach(),
+                                                             counted[r, :n].clone(),
+                                                             None if shares is None else shares[r].detach()))
+                    if ref is not None:
+                        self._ref.setdefault((key, i), RefScores(ref.token_logp[r, :n].detach(),
+                                                                 ref.seq_logp[r].detach()))
+
+    def _use_behaviour_logp(self, batch: RolloutBatch) -> None:
+        """pi_old := the behaviour policy's recorded log-probs (same tokens, same steps, same temperature)."""
+        for (key, i), old in list(self._old.items()):
+            recorded = batch.rollout_logp[i][: old.token_logp.numel()].to(old.token_logp)
+            self._old[(key, i)] = OldScores(recorded, (recorded * old.counted).sum(), old.counted)
+
+    def _value_targets(self, batch: RolloutBatch, micro: list[int], inp: EstimatorInput, est, *, keep: bool) -> int:
+        vc = self.config.value
+        values, fwd, _ = self._values(inp, est)
+        mask = token_mask_of(inp, self.device)
+        steps = stack_rows([inp.step_maps[r] for r in range(len(inp))], mask.shape[1], self.device, dtype=torch.long)
+        targets = compute_value_targets(values.detach(), steps, mask, batch.rewards[micro].to(self.device),
+                                        gamma=vc.gamma, lam=vc.lam, returns=vc.returns)
+        for r, i in enumerate(micro if keep else []):
+            n = inp.length(r)
+            self._value.setdefault(i, ValueScores(values[r, :n].detach(), targets.advantages[r, :n],
+                                                  targets.returns[r, :n]))
+        return fwd
+
+    def _logp_mismatch(self, batch: RolloutBatch, plan, counters: dict) -> dict[str, float]:
+        """Mean / max |rollout logp - learner logp| over counted tokens, each sample once (inner iteration 0's
+        shares), trajectory estimator: the old pass itself when that is the estimator, else extra passes."""
+        want = self.config.log_mismatch
+        free = self.config.estimator in DETERMINISTIC_ESTIMATORS  # the old pass recomputes the rollout's logps
+        if want is False or (want is None and not free):
+            return {}
+        gaps, worst = [], 0.0
+        for micro in (mc for mb in plan[0] for mc in mb):
+            if not micro and not self.backend.sync_forwards:
+                continue
+            if free:
+                rows = [self._old[(0, i)].token_logp for i in micro]
+            else:
+                inp = batch.inp.select(micro or [0])
+                est, _ = self._estimate(self.policy, inp, 0, estimator=get_estimator("trajectory"), params={})
+                counters["forwards_old"] += est.forwards
+                rows = [est.token_logp[r, :inp.length(r)] for r in range(len(micro))]
+            frozen = None if batch.inp.frozen is None else [batch.inp.frozen[i] for i in micro]
+            gap = logp_gaps(rows, [batch.rollout_logp[i] for i in micro], [batch.inp.valid_length(i) for i in micro],
+                            frozen)
+            gaps.append(gap)
+            worst = max(worst, float(gap.max())) if gap.numel() else worst
+        allgap = torch.cat(gaps) if gaps else torch.zeros(0, dtype=torch.float64)
+        total = self.backend.all_reduce_sum(torch.tensor([float(allgap.sum()), float(allgap.numel())],
+                                                         dtype=torch.float64, device=self.device))
+        worst = float(self.backend.all_reduce_max(torch.tensor([worst], dtype=torch.float64, device=self.device)))
+        return {"logp_mismatch": float(total[0] / total[1].clamp(min=1)), "logp_mismatch_max": worst}
