@@ -6,10 +6,15 @@ gradient, so pass@k of the start bounds what a few hundred steps can teach. Comp
 the rollouts see the same difficulty the held-out evaluation does.
 
     python benchmarks/learning_passk.py /work/bench/fid/sft [CKPT ...] --n 16 --items 200
+    python benchmarks/learning_passk.py --chance --items 300     # Countdown: pass@k of guessing uniformly
+
+Countdown's answer space is small (~150 expressions of three numbers), so a large-k pass rate is mostly reach by
+chance: `--chance` prints what a uniform pick among all of them scores, the floor to read the model's pass@k against.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 
@@ -39,9 +44,34 @@ def passk_table(ckpt: str, task: str, seed: int, items: int, n: int, ks: tuple[i
     return out
 
 
+def countdown_expressions(numbers: list[int], ops: str = "+-*") -> set[str]:
+    """Every expression using each of three numbers once: all orders, two operators, both bracketings."""
+    out: set[str] = set()
+    for a, b, c in itertools.permutations(numbers):
+        for o1, o2 in itertools.product(ops, repeat=2):
+            out |= {f"{a}{o1}{b}{o2}{c}", f"({a}{o1}{b}){o2}{c}", f"{a}{o1}({b}{o2}{c})"}
+    return out
+
+
+def chance_passk(seed: int, items: int, ks: tuple[int, ...], split: str = "test") -> dict[str, float]:
+    """pass@k of k independent uniform picks among an item's expressions, averaged over the split's first items
+    (the benchmark's Countdown: three numbers, + - *, checked by the task's own verifier)."""
+    from rl.tasks import make_task
+
+    task = make_task("countdown", seed=seed, **SETUPS["countdown"]["task_kwargs"])
+    hit_rates = []
+    for row in task.rows(split)[:items]:
+        numbers = [int(x) for x in row["prompt"].split("->")[0].split(",")]
+        exprs = countdown_expressions(numbers)
+        hits = sum(task.reward(row["prompt"], e, row["answer"])["score"] == 1.0 for e in exprs)
+        hit_rates.append(hits / len(exprs))
+    return {f"pass@{k}": sum(1 - (1 - h) ** k for h in hit_rates) / len(hit_rates) for k in ks}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoints", nargs="+")
+    parser.add_argument("checkpoints", nargs="*")
+    parser.add_argument("--chance", action="store_true", help="Countdown: the uniform-guess pass@k instead")
     parser.add_argument("--task", default="countdown", choices=sorted(SETUPS))
     parser.add_argument("--seed", type=int, default=0, help="the task generator's seed (the SFT run's)")
     parser.add_argument("--items", type=int, default=200)
@@ -50,6 +80,11 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ks = tuple(k for k in (1, 2, 4, 8, 16, 32) if k <= args.n)
+    if args.chance:
+        for split in args.splits.split(","):
+            res = chance_passk(args.seed, args.items, ks, split)
+            print(f"uniform guess {split}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in res.items()), flush=True)
+        return
     for ckpt in args.checkpoints:
         res = passk_table(ckpt, args.task, args.seed, args.items, args.n, ks, tuple(args.splits.split(",")))
         print(json.dumps({"checkpoint": ckpt, **res}), flush=True)
