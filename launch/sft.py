@@ -139,6 +139,17 @@ def _policy(run: SFTRun, seed: int):
         return load_policy(path, device=run.device)
 
 
+def numerics_record() -> dict[str, Any]:
+    """What a bitwise rerun must match besides the seed: the same seed on another torch thread count (or CPU kernel
+    set) rounds reductions differently, and over a few hundred SFT steps that becomes a different model (measured on
+    the Countdown SFT: 60 steps twice on one thread give identical bits, on two threads other bits; 800 steps rerun on
+    a new machine with one thread score 32.2% held-out greedy where the recorded run scored 31.2%)."""
+    import torch
+
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def run_sft(run: SFTRun, *, progress: bool = True) -> dict:
     """Fine-tune and write the checkpoint to `run.out`; return the summary also stored in `run.out/sft.json`."""
     import torch
@@ -172,6 +183,7 @@ def run_sft(run: SFTRun, *, progress: bool = True) -> dict:
         "objective": resolve_objective(policy, config.objective),
         "heldout_masked_ce_before": result.heldout_before, "heldout_masked_ce_after": result.heldout_after,
         "final_train_loss": result.history[-1]["loss"], "train_wall_s": result.wall_s,
+        "numerics": numerics_record(),
     }
     if run.eval_items > 0:
         summary["eval"] = _greedy_accuracy(policy, run, progress)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from launch.cli import main
 from rollout.models.loading import load_policy
 
@@ -38,6 +40,8 @@ def test_sft_from_a_recipe_takes_its_model_data_and_seed(tmp_path, capsys):
     stored = json.loads((out / "sft.json").read_text())
     assert load_policy(out).spec.kind == "sdar" and stored["data"]["task"] == "arithmetic"
     assert stored["model"] == "tiny:sdar" and stored["config"]["seed"] == 0
+    # the thread count is part of what reproduces the bits (float reductions round by it), so it is recorded
+    assert stored["numerics"]["threads"] == torch.get_num_threads() and stored["numerics"]["torch"] == torch.__version__
 
 
 def test_sft_cli_exposes_the_tiny_shape_warmup_and_eval_decoding(tmp_path):
