@@ -26,6 +26,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from launch.data import task_seed_of
+from launch.numerics import numerics_record
 from launch.recipe import DataSection, ModelSection, Recipe, RecipeError
 from launch.recipe_sections import Section
 from rl.atomic_io import atomic_output
@@ -137,17 +138,6 @@ def _policy(run: SFTRun, seed: int):
         path = make_tiny_policy(model.tiny, Path(tmp) / "init", vocab=model.tiny_vocab or "small", seed=seed,
                                 block_size=model.block_size, **size)
         return load_policy(path, device=run.device)
-
-
-def numerics_record() -> dict[str, Any]:
-    """What a bitwise rerun must match besides the seed: the same seed on another torch thread count (or CPU kernel
-    set) rounds reductions differently, and over a few hundred SFT steps that becomes a different model (measured on
-    the Countdown SFT: 60 steps twice on one thread give identical bits, on two threads other bits; 800 steps rerun on
-    a new machine with one thread score 32.2% held-out greedy where the recorded run scored 31.2%)."""
-    import torch
-
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def run_sft(run: SFTRun, *, progress: bool = True) -> dict:
