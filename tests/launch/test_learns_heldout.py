@@ -63,8 +63,7 @@ def overrides() -> list[str]:
         "name=learns-heldout", "model.tiny=null", "model.tiny_vocab=null",
         f"data.task={TASK_NAME}", "data.task_seed=0", "data.chat_template=false", "data.num_prompts_per_step=16",
         *[f"data.task_kwargs.{k}={v}" for k, v in TASK.items() if k != "reject_shortcuts"],
-        *([f"data.task_kwargs.reject_shortcuts=[{','.join(TASK['reject_shortcuts'])}]"]
-          if TASK.get("reject_shortcuts") else []),
+        f"data.task_kwargs.reject_shortcuts=[{','.join(TASK['reject_shortcuts'])}]",
         f"reward=[{REWARD}]", f"rollout.max_tokens={MAX_TOKENS}",
         "rollout.samples_per_prompt=8", "rollout.batch_size=128", "rollout.cache=block",
         "estimator.name=trajectory", "algorithm.filter.accuracy_lo=null", "algorithm.filter.accuracy_hi=null",
