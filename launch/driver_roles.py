@@ -116,7 +116,8 @@ def learner_config(recipe: Recipe):
         entropy=ln.log_entropy, router_aux_loss_coef=ln.router_aux_loss_coef,
         gradient_checkpointing=recipe.model.gradient_checkpointing, value=value, backend=ln.backend,
         **({"zero_stage": ln.zero_stage} if ln.zero_stage is not None else {}), seed=recipe.seed,
-        old_logp="rollout" if recipe.trainer.off_policy == "behaviour" else "recompute")
+        old_logp="rollout" if recipe.trainer.off_policy == "behaviour" else "recompute",
+        fuse_on_policy_old_logp=ln.fuse_on_policy_old_logp)
 
 
 def load_learner_policy(path: str, kind: str | None, block_size: int | None, dtype: str, trust_remote_code: bool,

@@ -15,7 +15,9 @@ One update, top to bottom:
    the value model's token advantages and returns (TraceRL), and `logp_mismatch` (rollout log-probs vs the
    learner's, trajectory estimator). Cached per (mask key, sample) as `OldScores` / `RefScores`, per sample as
    `ValueScores`. Old/ref passes run on exactly the micro-batches training will use, so the
-   first on-policy step sees ratio 1 bit for bit. (Step 2 lives in rl/learner_scoring.py.)
+   first on-policy step sees ratio 1 bit for bit. (Step 2 lives in rl/learner_scoring.py.) On-policy updates
+   (mu 1, one minibatch; `fuse_on_policy_old_logp`) skip the separate OLD pass: step 4's forwards record pi_old
+   (detached) as they go, the same update bit for bit with one scoring forward per sample fewer.
 3. The global loss normaliser of every minibatch (sum over all its samples on all ranks, `rl.algorithms`), so
    micro-batching and data-parallel splits give the whole-batch gradient.
 4. mu inner iterations: per minibatch, micro-batch backward passes with gradient accumulation, then one optimizer
@@ -262,7 +264,7 @@ class Learner(LearnerStateMixin, BeforeTrainingMixin):
         self._set_mode(train=False)
         with torch.no_grad():
             self._before_training(batch, plan, counters)
-        norms, vnorms = minibatch_normalizers(plan, lambda it, i: self._old[(self._mask_iter(it), i)].counted,
+        norms, vnorms = minibatch_normalizers(plan, lambda it, i: self._counted(self._mask_iter(it), i),
                                               self.loss_config, self.backend.all_reduce_sum, self.device)
         t_old = time.perf_counter() - start
         tally = StepTally()
@@ -292,6 +294,8 @@ class Learner(LearnerStateMixin, BeforeTrainingMixin):
                     if not dummy:
                         log.add(parts[0] if len(parts) == 1 else merge_draw_metrics(parts))
                 self._optimizer_step(tally)
+        if self._mismatch is None:  # fused on-policy update: the training forwards recorded the old log-probs
+            self._mismatch = self._logp_mismatch(batch, plan, counters)
         out = log.means()
         out.update(self._finish_update(tally, len(batch)))
         out.update({"time_s": time.perf_counter() - start, "time_old_s": t_old,
@@ -362,6 +366,8 @@ class Learner(LearnerStateMixin, BeforeTrainingMixin):
                                   routes=True)
         width, dev = est.token_logp.shape[1], self.device
         mask = token_mask_of(inp, dev)
+        if self._fused:
+            self._record_fused_old(inp, micro, key, est)
         old = [self._old[(key, i)] for i in micro]
         if vc is not None:
             adv = stack_rows([self._value[i].advantages for i in micro], width, dev)

@@ -24,6 +24,20 @@ from rl.reference import reference_on_device
 from rl.value import compute_value_targets
 
 DETERMINISTIC_ESTIMATORS = ("trajectory", "canvas_trace", "ar_exact", "intermediate_state")  # masks: not (seed, iter)
+# Estimators that score every valid token: with observed_only the counted tokens are then known without a forward.
+FULLY_OBSERVED_ESTIMATORS = ("trajectory", "canvas_trace")
+
+
+def fuses_old_logp(config, loss_config, plan, *, per_draw: bool, thaw_hints: bool) -> bool:
+    """Whether pi_old's log-probs come from the training forward (LearnerConfig.fuse_on_policy_old_logp): one inner
+    iteration of one minibatch (no weight changes before any sample is scored), recomputed log-probs (not the
+    rollout's), and nothing that needs pi_old before the first backward: a value model (its targets), per-draw
+    backward (draw shares), IGPO's hint filter, d-TreeRPO's distillation (whole-batch sums), or counted tokens only
+    the estimator's forward knows (observed_only with an estimator that scores a subset)."""
+    return (config.fuse_on_policy_old_logp and config.old_logp == "recompute" and len(plan) == 1
+            and len(plan[0]) == 1 and config.value is None and not per_draw and not thaw_hints
+            and loss_config.distill_lambda_max == 0
+            and (not loss_config.observed_only or config.estimator in FULLY_OBSERVED_ESTIMATORS))
 
 
 class BeforeTrainingMixin:
@@ -38,14 +52,46 @@ class BeforeTrainingMixin:
         self._old: dict[tuple[int, int], OldScores] = {}  # (mask key, sample index) ->
         self._ref: dict[tuple[int, int], RefScores] = {}  # (mask key, sample index) ->
         self._value: dict[int, ValueScores] = {}  # sample index ->
+        self._fused = fuses_old_logp(self.config, self.loss_config, plan, per_draw=self.per_draw,
+                                     thaw_hints=self._thaw_hints)
+        # fused: the counted tokens (the loss normalisers need them before training) without a forward; every
+        # sample, as a rank left without one scores sample 0 in its collective forwards (ZeRO-3)
+        self._counted_ahead = {i: token_mask_of(batch.inp.select([i]), self.device)[0, :batch.inp.length(i)]
+                               for i in range(len(batch))} if self._fused else {}
         ref_policy, adapters_off = self._reference()
         offloaded = self.config.offload_reference and self._ref_engine is None
         ref_module = self.ref_policy.model if self.ref_policy is not None else None
-        with reference_on_device(ref_module, self.device, offload=offloaded):
-            self._score_before_training(batch, plan, counters, ref_policy, adapters_off)
-        self._mismatch = self._logp_mismatch(batch, plan, counters)
+        if not self._fused or self.need_ref:
+            with reference_on_device(ref_module, self.device, offload=offloaded):
+                self._score_before_training(batch, plan, counters, ref_policy, adapters_off)
+        # fused + free: the mismatch reads the old log-probs, which the training forwards record (rl.learner)
+        self._mismatch = None if self._fused and self._mismatch_is_free else self._logp_mismatch(batch, plan, counters)
         if self.config.old_logp == "rollout":
             self._use_behaviour_logp(batch)
+
+    @property
+    def _mismatch_is_free(self) -> bool:
+        return self.config.estimator in DETERMINISTIC_ESTIMATORS  # the old pass recomputes the rollout's logps
+
+    def _counted(self, key: int, i: int) -> torch.Tensor:
+        """Sample i's counted-token mask under mask key `key` (before training: fused updates score no old pass)."""
+        return self._counted_ahead[i] if self._fused else self._old[(key, i)].counted
+
+    def _record_fused_old(self, inp: EstimatorInput, micro: list[int], key: int, est) -> None:
+        """Fused on-policy update: pi_old := the training forward's own estimate, detached (the weights have not
+        changed yet: one minibatch, one optimizer step). Checks the estimate counts the tokens assumed ahead."""
+        counted = token_mask_of(inp, self.device)
+        if self.loss_config.observed_only:
+            counted = counted & est.token_mask
+        shares = draw_shares_of(est, token_mask_of(inp, self.device))
+        for r, i in enumerate(micro):
+            n = inp.length(r)
+            if not torch.equal(counted[r, :n], self._counted_ahead[i]):
+                raise RuntimeError(f"learner.fuse_on_policy_old_logp: estimator {self.config.estimator!r} left "
+                                   "valid tokens unscored; set learner.fuse_on_policy_old_logp: false")
+            self._old.setdefault((key, i), OldScores(est.token_logp[r, :n].detach(), est.seq_logp[r].detach(),
+                                                     self._counted_ahead[i],
+                                                     None if shares is None else shares[r].detach()))
 
     def _score_before_training(self, batch: RolloutBatch, plan, counters: dict, ref_policy, adapters_off) -> None:
         vc = self.config.value
@@ -55,7 +101,7 @@ class BeforeTrainingMixin:
         for it, minibatches in enumerate(plan):
             key = self._mask_iter(it)
             for micro in (mc for mb in minibatches for mc in mb):
-                need = bool(micro) and (any((key, i) not in self._old for i in micro)
+                need = bool(micro) and (any((key, i) not in (self._ref if self._fused else self._old) for i in micro)
                                         or (vc is not None and any(i not in self._value for i in micro)))
                 if self.backend.sync_forwards:
                     if not bool(self.backend.all_reduce_max(torch.tensor([int(need)], device=self.device))):
@@ -64,6 +110,10 @@ class BeforeTrainingMixin:
                     continue
                 run = micro if need else [0]
                 inp = batch.inp.select(run)
+                if self._fused:  # the reference alone: pi_old comes from the training forwards
+                    self._score_reference(inp, micro if need else [], key, counters, ref_policy, adapters_off,
+                                          ref_synced)
+                    continue
                 shares = None
                 if self.per_draw:  # scored one draw at a time, exactly as training will score them
                     est, shares = score_draw_by_draw(
@@ -72,11 +122,7 @@ class BeforeTrainingMixin:
                 else:
                     est, _ = self._estimate(self.policy, inp, key, hidden=shared_value)
                     shares = draw_shares_of(est, token_mask_of(inp, self.device))
-                ref = None
-                if self.need_ref:
-                    with self._ref_context() if adapters_off else nullcontext():
-                        ref, _ = self._estimate(ref_policy, inp, key, synced=ref_synced)
-                    counters["forwards_ref"] += ref.forwards
+                self._score_reference(inp, micro if need else [], key, counters, ref_policy, adapters_off, ref_synced)
                 counters["forwards_old"] += est.forwards
                 if vc is not None:
                     counters["forwards_old"] += self._value_targets(batch, run, inp, est, keep=need)
@@ -94,9 +140,19 @@ class BeforeTrainingMixin:
                     self._old.setdefault((key, i), OldScores(est.token_logp[r, :n].detach(), est.seq_logp[r].detach(),
                                                              counted[r, :n].clone(),
                                                              None if shares is None else shares[r].detach()))
-                    if ref is not None:
-                        self._ref.setdefault((key, i), RefScores(ref.token_logp[r, :n].detach(),
-                                                                 ref.seq_logp[r].detach()))
+
+    def _score_reference(self, inp: EstimatorInput, micro: list[int], key: int, counters: dict, ref_policy,
+                         adapters_off: bool, ref_synced: bool) -> None:
+        """Reference log-likelihoods of `inp` (scored samples `micro`; [] for a collective forward whose result is
+        discarded); nothing when no reference is measured."""
+        if not self.need_ref:
+            return
+        with self._ref_context() if adapters_off else nullcontext():
+            ref, _ = self._estimate(ref_policy, inp, key, synced=ref_synced)
+        counters["forwards_ref"] += ref.forwards
+        for r, i in enumerate(micro):
+            n = inp.length(r)
+            self._ref.setdefault((key, i), RefScores(ref.token_logp[r, :n].detach(), ref.seq_logp[r].detach()))
 
     def _use_behaviour_logp(self, batch: RolloutBatch) -> None:
         """pi_old := the behaviour policy's recorded log-probs (same tokens, same steps, same temperature)."""
@@ -121,7 +177,7 @@ class BeforeTrainingMixin:
         """Mean / max |rollout logp - learner logp| over counted tokens, each sample once (inner iteration 0's
         shares), trajectory estimator: the old pass itself when that is the estimator, else extra passes."""
         want = self.config.log_mismatch
-        free = self.config.estimator in DETERMINISTIC_ESTIMATORS  # the old pass recomputes the rollout's logps
+        free = self._mismatch_is_free
         if want is False or (want is None and not free):
             return {}
         gaps, worst = [], 0.0

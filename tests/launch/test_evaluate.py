@@ -6,6 +6,7 @@ import base64
 import itertools
 import json
 import math
+import os
 import pickle
 from pathlib import Path
 import zlib
@@ -139,14 +140,14 @@ def test_question_answer_files_are_read_as_training_reads_them(tmp_path):
 
 
 def test_compressed_tests_cannot_run_code(tmp_path):
-    class Evil:
+    class Evil:  # os.system, not a builtin: Ray replaces builtins.print in any process that ran ray.init
         def __reduce__(self):
-            return (print, ("pwned",))
+            return (os.system, ("echo pwned",))
 
     evil = base64.b64encode(zlib.compress(pickle.dumps(Evil()))).decode()
     path = _jsonl(tmp_path / "lcb.jsonl", [{"question_content": "x", "public_test_cases": "[]",
                                             "private_test_cases": evil}])
-    with pytest.raises(pickle.UnpicklingError, match="refusing to load builtins.print"):
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load posix.system"):
         load_eval_set(path, format="livecodebench")
 
 
