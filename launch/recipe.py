@@ -237,8 +237,8 @@ class LearnerSection(Section):
     ref_sync_steps: int = Field(0, ge=0)
     ref_sync_alpha: float = Field(0.6, gt=0, le=1)
     router_aux_loss_coef: float = Field(0.0, ge=0)  # MoE policies: router load-balancing loss weight (0: off)
-    # mu = 1 and one optimizer step per update: pi_old's log-probs from the training forward (same update, one
-    # forward per sample fewer; rl.learner_config); false: always a separate no-grad pass before training.
+    # Samples trained before an update's first optimizer step take pi_old's log-probs from their training forward
+    # (the same update, one forward per such sample fewer; rl.learner_config); false: a separate pass for all.
     fuse_on_policy_old_logp: bool = True
 
 

@@ -15,9 +15,10 @@ One update, top to bottom:
    the value model's token advantages and returns (TraceRL), and `logp_mismatch` (rollout log-probs vs the
    learner's, trajectory estimator). Cached per (mask key, sample) as `OldScores` / `RefScores`, per sample as
    `ValueScores`. Old/ref passes run on exactly the micro-batches training will use, so the
-   first on-policy step sees ratio 1 bit for bit. (Step 2 lives in rl/learner_scoring.py.) On-policy updates
-   (mu 1, one minibatch; `fuse_on_policy_old_logp`) skip the separate OLD pass: step 4's forwards record pi_old
-   (detached) as they go, the same update bit for bit with one scoring forward per sample fewer.
+   first on-policy step sees ratio 1 bit for bit. (Step 2 lives in rl/learner_scoring.py.) Samples trained before
+   the first optimizer step (the first minibatch of the first inner iteration; with mu 1 and one minibatch, all
+   of them) skip the OLD pass (`fuse_on_policy_old_logp`): their training forward in step 4 records pi_old
+   (detached), the same update bit for bit with one scoring forward per such sample fewer.
 3. The global loss normaliser of every minibatch (sum over all its samples on all ranks, `rl.algorithms`), so
    micro-batching and data-parallel splits give the whole-batch gradient.
 4. mu inner iterations: per minibatch, micro-batch backward passes with gradient accumulation, then one optimizer
@@ -366,8 +367,7 @@ class Learner(LearnerStateMixin, BeforeTrainingMixin):
                                   routes=True)
         width, dev = est.token_logp.shape[1], self.device
         mask = token_mask_of(inp, dev)
-        if self._fused:
-            self._record_fused_old(inp, micro, key, est)
+        self._record_fused_old(inp, micro, key, est)  # samples whose pi_old is this forward (before any step)
         old = [self._old[(key, i)] for i in micro]
         if vc is not None:
             adv = stack_rows([self._value[i].advantages for i in micro], width, dev)

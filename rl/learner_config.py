@@ -79,11 +79,11 @@ class LearnerConfig:
     # pi_old: "recompute" (learner weights before the update) or "rollout" (the log-probs the rollout recorded, the
     # behaviour policy's: correct importance ratios for stale asynchronous data; trajectory estimator only).
     old_logp: str = "recompute"
-    # On-policy updates (mu = 1, one optimizer step per update): pi_old is the very policy being trained, so
-    # "recompute" takes its log-probs from the training forward itself (detached) instead of a separate no-grad pass
-    # over the batch: the same update bit for bit (tests/rl/test_learner_on_policy.py), one scoring forward per
-    # sample fewer; verl's actor does the same when on-policy. The separate pass stays wherever something needs
-    # pi_old before the first backward (rl.learner_scoring.fuses_old_logp says which).
+    # Samples trained before the update's first optimizer step (all of them when mu = 1 with one minibatch, verl's
+    # "on-policy" case; else the first minibatch) are scored by the policy being trained, so "recompute" takes their
+    # pi_old from the training forward itself (detached) instead of a separate no-grad pass: the same update bit for
+    # bit (tests/rl/test_learner_on_policy.py), one scoring forward per such sample fewer. The separate pass stays
+    # wherever something needs pi_old before the first backward (rl.learner_scoring.fuses_old_logp says which).
     fuse_on_policy_old_logp: bool = True
     entropy: bool = False  # compute per-token entropy (metric)
     # Mixture-of-experts policies: coef x the router load-balancing loss (rl/router_aux.py) joins the policy loss;

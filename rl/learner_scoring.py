@@ -28,15 +28,14 @@ DETERMINISTIC_ESTIMATORS = ("trajectory", "canvas_trace", "ar_exact", "intermedi
 FULLY_OBSERVED_ESTIMATORS = ("trajectory", "canvas_trace")
 
 
-def fuses_old_logp(config, loss_config, plan, *, per_draw: bool, thaw_hints: bool) -> bool:
-    """Whether pi_old's log-probs come from the training forward (LearnerConfig.fuse_on_policy_old_logp): one inner
-    iteration of one minibatch (no weight changes before any sample is scored), recomputed log-probs (not the
-    rollout's), and nothing that needs pi_old before the first backward: a value model (its targets), per-draw
-    backward (draw shares), IGPO's hint filter, d-TreeRPO's distillation (whole-batch sums), or counted tokens only
-    the estimator's forward knows (observed_only with an estimator that scores a subset)."""
-    return (config.fuse_on_policy_old_logp and config.old_logp == "recompute" and len(plan) == 1
-            and len(plan[0]) == 1 and config.value is None and not per_draw and not thaw_hints
-            and loss_config.distill_lambda_max == 0
+def fuses_old_logp(config, loss_config, *, per_draw: bool, thaw_hints: bool) -> bool:
+    """Whether samples trained before the update's first optimizer step may take pi_old from their training forward
+    (LearnerConfig.fuse_on_policy_old_logp): recomputed log-probs (not the rollout's) and nothing that needs pi_old
+    before the first backward: a value model (its targets), per-draw backward (draw shares), IGPO's hint filter,
+    d-TreeRPO's distillation (whole-batch sums), or counted tokens only the estimator's forward knows (observed_only
+    with an estimator that scores a subset)."""
+    return (config.fuse_on_policy_old_logp and config.old_logp == "recompute" and config.value is None
+            and not per_draw and not thaw_hints and loss_config.distill_lambda_max == 0
             and (not loss_config.observed_only or config.estimator in FULLY_OBSERVED_ESTIMATORS))
 
 
@@ -48,23 +47,26 @@ class BeforeTrainingMixin:
 
         Walks the plan's micro-batch slots (the same number on every rank). A slot is scored when some sample in
         it lacks a result under its mask key; under ZeRO-3 (collective forwards) every rank scores a slot any rank
-        needs, a rank with nothing to do there scoring sample 0 and discarding it."""
+        needs, a rank with nothing to do there scoring sample 0 and discarding it.
+
+        Fused samples (`self._fused`: those of the first minibatch of inner iteration 0, when fuses_old_logp) get
+        no old pass: their training forward comes before any weight change, so it records pi_old itself
+        (`_record_fused_old`); with mu 1 and one minibatch that is every sample."""
         self._old: dict[tuple[int, int], OldScores] = {}  # (mask key, sample index) ->
         self._ref: dict[tuple[int, int], RefScores] = {}  # (mask key, sample index) ->
         self._value: dict[int, ValueScores] = {}  # sample index ->
-        self._fused = fuses_old_logp(self.config, self.loss_config, plan, per_draw=self.per_draw,
-                                     thaw_hints=self._thaw_hints)
-        # fused: the counted tokens (the loss normalisers need them before training) without a forward; every
-        # sample, as a rank left without one scores sample 0 in its collective forwards (ZeRO-3)
+        fuse = fuses_old_logp(self.config, self.loss_config, per_draw=self.per_draw, thaw_hints=self._thaw_hints)
+        self._fused_key = self._mask_iter(0)
+        self._fused = {i for micro in plan[0][0] for i in micro} if fuse and plan and plan[0] else set()
+        # their counted tokens without a forward: the loss normalisers need them before training
         self._counted_ahead = {i: token_mask_of(batch.inp.select([i]), self.device)[0, :batch.inp.length(i)]
-                               for i in range(len(batch))} if self._fused else {}
+                               for i in self._fused}
         ref_policy, adapters_off = self._reference()
         offloaded = self.config.offload_reference and self._ref_engine is None
         ref_module = self.ref_policy.model if self.ref_policy is not None else None
-        if not self._fused or self.need_ref:
-            with reference_on_device(ref_module, self.device, offload=offloaded):
-                self._score_before_training(batch, plan, counters, ref_policy, adapters_off)
-        # fused + free: the mismatch reads the old log-probs, which the training forwards record (rl.learner)
+        with reference_on_device(ref_module, self.device, offload=offloaded):
+            self._score_before_training(batch, plan, counters, ref_policy, adapters_off)
+        # fused + free: the mismatch reads old log-probs that the training forwards record (rl.learner)
         self._mismatch = None if self._fused and self._mismatch_is_free else self._logp_mismatch(batch, plan, counters)
         if self.config.old_logp == "rollout":
             self._use_behaviour_logp(batch)
@@ -73,25 +75,30 @@ class BeforeTrainingMixin:
     def _mismatch_is_free(self) -> bool:
         return self.config.estimator in DETERMINISTIC_ESTIMATORS  # the old pass recomputes the rollout's logps
 
+    def _is_fused(self, key: int, i: int) -> bool:
+        return key == self._fused_key and i in self._fused
+
     def _counted(self, key: int, i: int) -> torch.Tensor:
-        """Sample i's counted-token mask under mask key `key` (before training: fused updates score no old pass)."""
-        return self._counted_ahead[i] if self._fused else self._old[(key, i)].counted
+        """Sample i's counted-token mask under mask key `key`, known before training."""
+        return self._counted_ahead[i] if self._is_fused(key, i) else self._old[(key, i)].counted
 
     def _record_fused_old(self, inp: EstimatorInput, micro: list[int], key: int, est) -> None:
-        """Fused on-policy update: pi_old := the training forward's own estimate, detached (the weights have not
-        changed yet: one minibatch, one optimizer step). Checks the estimate counts the tokens assumed ahead."""
+        """pi_old of the fused samples in `micro` := this training forward's own estimate, detached (no weight has
+        changed yet). Checks that the estimate counts the tokens the normalisers assumed ahead."""
+        todo = [(r, i) for r, i in enumerate(micro) if self._is_fused(key, i) and (key, i) not in self._old]
+        if not todo:
+            return
         counted = token_mask_of(inp, self.device)
         if self.loss_config.observed_only:
             counted = counted & est.token_mask
         shares = draw_shares_of(est, token_mask_of(inp, self.device))
-        for r, i in enumerate(micro):
+        for r, i in todo:
             n = inp.length(r)
             if not torch.equal(counted[r, :n], self._counted_ahead[i]):
                 raise RuntimeError(f"learner.fuse_on_policy_old_logp: estimator {self.config.estimator!r} left "
                                    "valid tokens unscored; set learner.fuse_on_policy_old_logp: false")
-            self._old.setdefault((key, i), OldScores(est.token_logp[r, :n].detach(), est.seq_logp[r].detach(),
-                                                     self._counted_ahead[i],
-                                                     None if shares is None else shares[r].detach()))
+            self._old[(key, i)] = OldScores(est.token_logp[r, :n].detach(), est.seq_logp[r].detach(),
+                                            self._counted_ahead[i], None if shares is None else shares[r].detach())
 
     def _score_before_training(self, batch: RolloutBatch, plan, counters: dict, ref_policy, adapters_off) -> None:
         vc = self.config.value
@@ -101,45 +108,56 @@ class BeforeTrainingMixin:
         for it, minibatches in enumerate(plan):
             key = self._mask_iter(it)
             for micro in (mc for mb in minibatches for mc in mb):
-                need = bool(micro) and (any((key, i) not in (self._ref if self._fused else self._old) for i in micro)
-                                        or (vc is not None and any(i not in self._value for i in micro)))
-                if self.backend.sync_forwards:
-                    if not bool(self.backend.all_reduce_max(torch.tensor([int(need)], device=self.device))):
-                        continue
-                elif not need:
+                need_old = bool(micro) and (
+                    any((key, i) not in self._old and not self._is_fused(key, i) for i in micro)
+                    or (vc is not None and any(i not in self._value for i in micro)))
+                need_ref = bool(micro) and self.need_ref and any((key, i) not in self._ref for i in micro)
+                run_old, run_ref = need_old, need_ref
+                if self.backend.sync_forwards:  # collective forwards: run where any rank needs them
+                    flags = self.backend.all_reduce_max(torch.tensor([int(need_old), int(need_ref)],
+                                                                     device=self.device))
+                    run_old, run_ref = bool(flags[0]), bool(flags[1])
+                if not (run_old or run_ref):
                     continue
-                run = micro if need else [0]
+                run = micro if need_old or need_ref else [0]
                 inp = batch.inp.select(run)
-                if self._fused:  # the reference alone: pi_old comes from the training forwards
-                    self._score_reference(inp, micro if need else [], key, counters, ref_policy, adapters_off,
+                if run_old:
+                    self._score_old(batch, run, inp, key, counters, shared_value, keep=need_old)
+                if run_ref:
+                    self._score_reference(inp, micro if need_ref else [], key, counters, ref_policy, adapters_off,
                                           ref_synced)
-                    continue
-                shares = None
-                if self.per_draw:  # scored one draw at a time, exactly as training will score them
-                    est, shares = score_draw_by_draw(
-                        lambda d: self._estimate(self.policy, inp, key, params=self._draw_params(d))[0],
-                        token_mask_of(inp, self.device))
-                else:
-                    est, _ = self._estimate(self.policy, inp, key, hidden=shared_value)
-                    shares = draw_shares_of(est, token_mask_of(inp, self.device))
-                self._score_reference(inp, micro if need else [], key, counters, ref_policy, adapters_off, ref_synced)
-                counters["forwards_old"] += est.forwards
-                if vc is not None:
-                    counters["forwards_old"] += self._value_targets(batch, run, inp, est, keep=need)
-                if not need:
-                    continue
-                if self._thaw_hints:  # IGPO's entropy filter, at each sample's first old pass
-                    thaw_hints(batch.inp, inp, micro, est.entropy, self.loss_config.hint_entropy_keep, self._thawed)
-                # Scored on the very micro-batches training uses; a sample already scored under this mask key
-                # (deterministic estimators, or a sample this rank saw before) keeps its first result.
-                counted = token_mask_of(inp, self.device)
-                if self.loss_config.observed_only:
-                    counted = counted & est.token_mask
-                for r, i in enumerate(micro):
-                    n = inp.length(r)
-                    self._old.setdefault((key, i), OldScores(est.token_logp[r, :n].detach(), est.seq_logp[r].detach(),
-                                                             counted[r, :n].clone(),
-                                                             None if shares is None else shares[r].detach()))
+
+    def _score_old(self, batch: RolloutBatch, run: list[int], inp: EstimatorInput, key: int, counters: dict,
+                   shared_value: bool, *, keep: bool) -> None:
+        """pi_old (and the value model's old values and targets) of the samples `run` (their inputs `inp`); kept
+        unless `keep` is False (a collective forward another rank needs)."""
+        vc = self.config.value
+        micro = run if keep else []
+        shares = None
+        if self.per_draw:  # scored one draw at a time, exactly as training will score them
+            est, shares = score_draw_by_draw(
+                lambda d: self._estimate(self.policy, inp, key, params=self._draw_params(d))[0],
+                token_mask_of(inp, self.device))
+        else:
+            est, _ = self._estimate(self.policy, inp, key, hidden=shared_value)
+            shares = draw_shares_of(est, token_mask_of(inp, self.device))
+        counters["forwards_old"] += est.forwards
+        if vc is not None:
+            counters["forwards_old"] += self._value_targets(batch, run, inp, est, keep=keep)
+        if not micro:
+            return
+        if self._thaw_hints:  # IGPO's entropy filter, at each sample's first old pass
+            thaw_hints(batch.inp, inp, micro, est.entropy, self.loss_config.hint_entropy_keep, self._thawed)
+        # Scored on the very micro-batches training uses; a sample already scored under this mask key
+        # (deterministic estimators, or a sample this rank saw before) keeps its first result.
+        counted = token_mask_of(inp, self.device)
+        if self.loss_config.observed_only:
+            counted = counted & est.token_mask
+        for r, i in enumerate(micro):
+            n = inp.length(r)
+            self._old.setdefault((key, i), OldScores(est.token_logp[r, :n].detach(), est.seq_logp[r].detach(),
+                                                     counted[r, :n].clone(),
+                                                     None if shares is None else shares[r].detach()))
 
     def _score_reference(self, inp: EstimatorInput, micro: list[int], key: int, counters: dict, ref_policy,
                          adapters_off: bool, ref_synced: bool) -> None:
