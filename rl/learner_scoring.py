@@ -88,10 +88,9 @@ class BeforeTrainingMixin:
         todo = [(r, i) for r, i in enumerate(micro) if self._is_fused(key, i) and (key, i) not in self._old]
         if not todo:
             return
-        counted = token_mask_of(inp, self.device)
-        if self.loss_config.observed_only:
-            counted = counted & est.token_mask
-        shares = draw_shares_of(est, token_mask_of(inp, self.device))
+        valid = token_mask_of(inp, self.device)
+        counted = valid & est.token_mask if self.loss_config.observed_only else valid
+        shares = draw_shares_of(est, valid)
         for r, i in todo:
             n = inp.length(r)
             if not torch.equal(counted[r, :n], self._counted_ahead[i]):
