@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from packing import mixed_batch, run_once  # noqa: E402  (benchmarks/ is not a package)
+from packing import mixed_batch, run_once  # benchmarks/ is not a package
 
-from rl.learner import LearnerConfig  # noqa: E402
-from rl.optim import OptimConfig  # noqa: E402
-from rollout.models.tiny import make_tiny_policy  # noqa: E402
+from rl.learner import LearnerConfig
+from rl.optim import OptimConfig
+from rollout.models.tiny import make_tiny_policy
 
 SETTINGS = {  # name -> LearnerConfig fields (micro-batches of 4 samples)
     "trajectory, 1 minibatch": {"algorithm": "tracerl", "estimator": "trajectory"},

@@ -161,9 +161,7 @@ class BeforeTrainingMixin:
     def _score_reference(self, inp: EstimatorInput, micro: list[int], key: int, counters: dict, ref_policy,
                          adapters_off: bool, ref_synced: bool) -> None:
         """Reference log-likelihoods of `inp` (scored samples `micro`; [] for a collective forward whose result is
-        discarded); nothing when no reference is measured."""
-        if not self.need_ref:
-            return
+        discarded)."""
         with self._ref_context() if adapters_off else nullcontext():
             ref, _ = self._estimate(ref_policy, inp, key, synced=ref_synced)
         counters["forwards_ref"] += ref.forwards

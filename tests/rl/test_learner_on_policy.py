@@ -1,7 +1,7 @@
-"""Fused on-policy updates (LearnerConfig.fuse_on_policy_old_logp): with mu = 1 and one optimizer step per update,
-pi_old's log-probs come from the training forward itself instead of a separate no-grad pass. The update must be
-the very one the separate pass gives, bit for bit, with one scoring forward per sample fewer; everything that needs
-pi_old before the first backward must keep the separate pass."""
+"""pi_old from the training forward (LearnerConfig.fuse_on_policy_old_logp): samples trained before an update's
+first optimizer step (all of them with mu = 1 and one minibatch) take pi_old's log-probs from their training forward
+instead of a separate no-grad pass. The update must be the very one the separate pass gives, bit for bit, with one
+scoring forward per such sample fewer; everything that needs pi_old before the first backward keeps the pass."""
 from __future__ import annotations
 
 import dataclasses
@@ -27,8 +27,8 @@ def _two_updates(model_dir, cfg: LearnerConfig):
     return learner, weights(policy), first, second
 
 
-# (algorithm, estimator, learner overrides, loss overrides, samples fused, old pass left): the trajectory estimator (TraceRL, its
-# KL to the old policy) on-policy, with a reference KL (its separate pass stays), with two minibatches (the first
+# (algorithm, estimator, learner overrides, loss overrides, samples fused, old pass left): the trajectory
+# estimator (TraceRL, its KL to the old policy) on-policy, with a reference KL (its separate pass stays), with two minibatches (the first
 # fused), with two inner iterations (the second reuses the first's pi_old: deterministic masks); a random-mask ELBO
 # estimator with observed_only off (EBPO: the training forward draws the old pass's masks), also reseeded per inner
 # iteration (the second iteration's masks need their own old pass); CJ-GRPO's response token set, step-pooled
