@@ -36,7 +36,8 @@ from pathlib import Path
 from launch.budget import tree_cpu_seconds  # the CPU clock of a recipe's trainer.budget (light: psutil only)
 
 from benchmarks.learning_offline import OFFLINE_ALGOS
-from benchmarks.learning_setups import SETUPS, SFT_SWEEP, _data  # SETUPS also re-exported (learning_modes, tests)
+# SETUPS also re-exported (learning_modes, tests)
+from benchmarks.learning_setups import SETUPS, SFT_SWEEP, _data, generator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -200,7 +201,7 @@ def heldout(policy_dir: str | Path, task: str, seed: int, limit: int) -> dict:
     if "file_task" in setup:  # its test file, scored by the task's own reward (the recipe's)
         where = dict(data=[setup["files"]["test"]], reward=[setup["reward"]])
     else:
-        where = dict(data=[task], task_kwargs=setup["task_kwargs"], task_seed=seed)
+        where = dict(data=[generator(task)], task_kwargs=setup["task_kwargs"], task_seed=seed)
     common = dict(**where, limit=limit, print_table=False, max_tokens=setup["max_tokens"])
     for decoding in ("static", "dynamic"):
         rollout = {"remasking": f"low_confidence_{decoding}", "threshold": 0.9 if decoding == "dynamic" else None,

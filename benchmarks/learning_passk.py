@@ -18,7 +18,7 @@ import itertools
 import json
 import os
 
-from benchmarks.learning import SETUPS
+from benchmarks.learning import SETUPS, generator
 
 
 def passk_table(ckpt: str, task: str, seed: int, items: int, n: int, ks: tuple[int, ...],
@@ -27,7 +27,7 @@ def passk_table(ckpt: str, task: str, seed: int, items: int, n: int, ks: tuple[i
     from launch.evaluate_data import items_from_rows
     from rl.tasks import make_task
 
-    common = dict(data=[task], task_kwargs=SETUPS[task]["task_kwargs"], task_seed=seed, limit=items,
+    common = dict(data=[generator(task)], task_kwargs=SETUPS[task]["task_kwargs"], task_seed=seed, limit=items,
                   print_table=False, max_tokens=SETUPS[task]["max_tokens"], overlap="allow")
     runs = {"greedy": EvalRun(rollout={"temperature": 0.0, "batch_size": 64}, **common),
             "sampled": EvalRun(n=n, k=ks, rollout={"temperature": 1.0, "batch_size": 64}, **common)}
@@ -37,8 +37,8 @@ def passk_table(ckpt: str, task: str, seed: int, items: int, n: int, ks: tuple[i
         for mode, run in runs.items():
             (evalset,) = load_eval_sets(ckpt, run, sources=[])
             if split == "train":  # the same generator's training rows (what the RL rollouts are drawn from)
-                rows = make_task(task, seed=seed, **SETUPS[task]["task_kwargs"]).rows("train")[:items]
-                evalset.items = items_from_rows(rows, "task", task)
+                rows = make_task(generator(task), seed=seed, **SETUPS[task]["task_kwargs"]).rows("train")[:items]
+                evalset.items = items_from_rows(rows, "task", generator(task))
             ((s, _),) = evaluate_sets(policy, [evalset], run, checkpoint_name=ckpt, progress=False)
             out[f"{split}/{mode}"] = {k: v for k, v in s.items() if k.startswith(("avg@", "pass@"))}
     return out

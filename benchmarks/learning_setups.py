@@ -15,6 +15,17 @@ SETUPS = {
                   "reward": {"fn": "rl.tasks:countdown_reward", "kwargs": {"format_score": 0.1}},
                   "sft": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, steps=800, batch_size=64,
                               lr=1e-3)},
+    # The same problems and held-out items with worked answers (`answer_format: steps`, `19-9=10,10+3=13`): the model
+    # writes each intermediate result instead of doing the arithmetic silently (issue 19: the 0.53M model's implicit
+    # arithmetic looked like the cap on what RL could sharpen). Answers are 11-20 characters (mean 14.7), hence 24
+    # tokens. `generator` names the rl.tasks generator where the setup's name is not one.
+    "countdown_steps": {"generator": "countdown",
+                        "task_kwargs": {"num_train": 5000, "num_test": 600, "reject_shortcuts": ["sum", "product"],
+                                        "answer_format": "steps"},
+                        "max_tokens": 24,
+                        "reward": {"fn": "rl.tasks:countdown_reward", "kwargs": {"format_score": 0.1}},
+                        "sft": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, steps=800,
+                                    batch_size=64, lr=1e-3)},
     # Arithmetic: partial credit (0.5 x fraction of digits right) densifies the signal; accuracy is exact match.
     "arithmetic": {"task_kwargs": {"digits": 2, "num_train": 2000, "num_test": 200}, "max_tokens": 8,
                    "reward": {"fn": "rl.tasks:arithmetic_reward", "kwargs": {"partial_credit": True}},
@@ -29,6 +40,11 @@ SETUPS = {
 }
 
 
+def generator(task: str) -> str:
+    """The rl.tasks generator of a generated setup (its own name unless it names another)."""
+    return SETUPS[task].get("generator", task)
+
+
 def _data(task: str, data_seed: int | None = None) -> dict:
     """The data section of a task: a generated toy task, or the data files of a file task (SETUPS `files`)."""
     setup = SETUPS[task]
@@ -37,7 +53,7 @@ def _data(task: str, data_seed: int | None = None) -> dict:
         if not files:
             raise SystemExit(f"{task}: its data files are not written yet (main writes them)")
         return {"task": None, "task_kwargs": {}, "train": files["train"], "eval": files["test"]}
-    return {"task": task, "task_kwargs": setup["task_kwargs"],
+    return {"task": generator(task), "task_kwargs": setup["task_kwargs"],
             **({} if data_seed is None else {"task_seed": data_seed})}
 
 # --sft-sweep: starting points (size x steps) with their held-out greedy accuracy and training time.

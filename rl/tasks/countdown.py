@@ -13,6 +13,14 @@ fractions) to the target. A line that claims another value (`3*5+7 = 23`) or has
 numbers and value give the problem) or a JSON object `{"numbers": [...], "target": N}` (a user's own file).
 `format_score` is paid for a well-formed equation on the right numbers that misses the target (default 0).
 
+Worked answers (`answer_format: steps`): the SFT answer writes each intermediate result, one binary step at a time,
+`19-9=10,10+3=13` instead of `19-9+3`, so a model need not do the arithmetic silently. The verifier accepts such a
+chain in either format (it is a derivation like any other): every step `a op b = c` must be true (exactly, in
+fractions), each operand must be a given number or an earlier step's result not used yet, there must be exactly
+one step fewer than numbers (so every number is used once), and the last result is the answer. A false step is
+`false_step` and scores 0 (no format credit: a chain that lies about its arithmetic is not well formed). The problems
+and their keys are the same in both formats: only the shown solution differs.
+
 Shortcuts (`reject_shortcuts`): a problem whose target one fixed rule reaches without any search is answered by
 that rule whatever the problem, and RL learns the rule instead of the task (issue 19: 19.5% of the default
 generator's targets are the plain sum of the numbers; TraceRL turned a model answering "sum" on 45 of 200 held-out
@@ -28,6 +36,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+from collections import Counter
 from collections.abc import Hashable
 from fractions import Fraction
 from typing import Any
@@ -40,6 +49,8 @@ _ALLOWED = re.compile(r"^[0-9+\-*/() ]+$")
 _NUMBER = re.compile(r"[0-9]+")
 _INT = re.compile(r"-?[0-9]+")
 _PROMPT = re.compile(r"([0-9]+(?:,[0-9]+)*)->([0-9]+):")
+_STEP = re.compile(r"(-?[0-9]+)([+\-*/])(-?[0-9]+)=(-?[0-9]+)")
+ANSWER_FORMATS = ("expression", "steps")
 _BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
            ast.Div: lambda a, b: a / b}
 _SYMBOL = {"+": ast.Add, "-": ast.Sub, "*": ast.Mult, "/": ast.Div}
@@ -89,6 +100,57 @@ def evaluate(expression: str) -> Fraction | None:
         return None
 
 
+def parse_chain(line: str) -> list[tuple[int, str, int, int]] | None:
+    """The steps `(a, op, b, c)` of a worked answer `a op b=c,c op d=e` (spaces ignored), or None when the line is
+    not a chain of at least one such step. Says nothing about whether the steps are true (see `chain_value`)."""
+    text = line.replace(" ", "")
+    if len(text) > MAX_EXPRESSION_CHARS or "," not in text and text.count("=") != 1:
+        return None
+    steps = []
+    for part in text.split(","):
+        match = _STEP.fullmatch(part)
+        if match is None:
+            return None
+        a, op, b, c = match.groups()
+        steps.append((int(a), op, int(b), int(c)))
+    return steps
+
+
+def _step_true(a: int, op: str, b: int, c: int) -> bool:
+    if op == "/" and b == 0:
+        return False
+    return _BINOPS[_SYMBOL[op]](Fraction(a), Fraction(b)) == c
+
+
+def chain_value(steps: list[tuple[int, str, int, int]], numbers: list[int]) -> tuple[str, int | None]:
+    """("ok", last result) when every step is true and the chain uses exactly `numbers`, each once (every operand
+    is a number or an earlier result not yet used, one step fewer than numbers); else (reason, None).
+    Equal values are interchangeable, so the pool is a multiset of values: which of two equal 7s an operand
+    consumes does not change what remains."""
+    if not all(_step_true(*step) for step in steps):
+        return "false_step", None
+    if len(steps) != len(numbers) - 1:
+        return "wrong_numbers", None
+    pool = Counter(numbers)
+    for a, _, b, c in steps:
+        for operand in (a, b):
+            if pool[operand] <= 0:
+                return "wrong_numbers", None
+            pool[operand] -= 1
+        pool[c] += 1
+    return "ok", steps[-1][3]
+
+
+def chain_numbers(steps: list[tuple[int, str, int, int]]) -> list[int]:
+    """The given numbers of a worked solution: its operands less the intermediate results (as multisets; the same
+    whichever equal value an operand is taken to be)."""
+    operands = Counter(x for a, _, b, _ in steps for x in (a, b))
+    operands.subtract(Counter(c for *_, c in steps[:-1]))
+    if any(count < 0 for count in operands.values()):
+        raise ValueError("reference chain uses a result it never computes")
+    return sorted(operands.elements())
+
+
 def parse_reference(reference: Any) -> tuple[list[int], Fraction]:
     """(numbers, target) from a solution expression or a `{"numbers": [...], "target": N}` object / JSON string."""
     ref = reference
@@ -103,6 +165,11 @@ def parse_reference(reference: Any) -> tuple[list[int], Fraction]:
             raise ValueError("reference object needs integer list 'numbers' and integer 'target'")
         return sorted(numbers), Fraction(target)
     expression = str(ref).strip()
+    steps = parse_chain(expression) if ("," in expression or expression.count("=") == 1) else None
+    if steps is not None:
+        if not all(_step_true(*step) for step in steps):
+            raise ValueError(f"reference {expression[:40]!r} has a false step")
+        return chain_numbers(steps), Fraction(steps[-1][3])
     target = evaluate(expression)
     if target is None:
         raise ValueError(f"reference {expression[:40]!r} is not an arithmetic expression")
@@ -128,6 +195,15 @@ def verify(response: str, reference: Any, *, format_score: float = 0.0, **_: Any
         numbers, target = parse_reference(reference)
     except ValueError as err:
         return result(0.0, f"error: {err}")
+    line = answer_line(response)
+    steps = parse_chain(line) if line is not None and "," in line else None
+    if steps is not None:  # a worked answer
+        reason, value = chain_value(steps, numbers)
+        if value is None:
+            return result(0.0, reason, correct=0.0)
+        if value == target:
+            return result(1.0, "correct", correct=1.0)
+        return result(float(format_score), "wrong", correct=0.0)
     equation = _equation(response, target)
     if equation is None:
         return result(0.0, "no_answer", correct=0.0)
@@ -148,7 +224,7 @@ class CountdownTask(Task):
 
     def __init__(self, *, seed: int = 0, num_numbers: int = 3, max_number: int = 20, max_target: int = 100,
                  division: bool = False, num_train: int = 2000, num_test: int = 200,
-                 reject_shortcuts: list[str] | tuple[str, ...] = ()):
+                 reject_shortcuts: list[str] | tuple[str, ...] = (), answer_format: str = "expression"):
         super().__init__(seed=seed, num_train=num_train, num_test=num_test)
         self.num_numbers = check_int("num_numbers", num_numbers, 2, 6)
         self.max_number = check_int("max_number", max_number, 1, 999)
@@ -161,15 +237,22 @@ class CountdownTask(Task):
             raise TaskError(f"data.task_kwargs.reject_shortcuts: expected a list of {', '.join(SHORTCUT_RULES)}, "
                             f"got {reject_shortcuts!r}")
         self.reject_shortcuts = tuple(dict.fromkeys(reject_shortcuts))
+        if answer_format not in ANSWER_FORMATS:
+            raise TaskError(f"data.task_kwargs.answer_format: expected one of {', '.join(ANSWER_FORMATS)}, "
+                            f"got {answer_format!r}")
+        self.answer_format = answer_format
 
     def params(self) -> dict[str, Any]:
         return {**super().params(), "num_numbers": self.num_numbers, "max_number": self.max_number,
                 "max_target": self.max_target, "division": self.division,
-                "reject_shortcuts": list(self.reject_shortcuts)}
+                "reject_shortcuts": list(self.reject_shortcuts), "answer_format": self.answer_format}
 
-    def _combine(self, rng: np.random.Generator, terms: list[tuple[str, Fraction, int]]) -> tuple[str, Fraction]:
-        """Join the terms (text, value, precedence) into one expression by random binary merges."""
+    def _combine(self, rng: np.random.Generator,
+                 terms: list[tuple[str, Fraction, int]]) -> tuple[str, Fraction, list[str]]:
+        """Join the terms (text, value, precedence) into one expression by random binary merges; also the worked
+        steps (`a op b=c`, in merge order: every operand is computed before it is used)."""
         ops = "+-*/" if self.division else "+-*"
+        steps = []
         while len(terms) > 1:
             i = int(rng.integers(len(terms) - 1))
             (lt, lv, lp), (rt, rv, rp) = terms[i], terms[i + 1]
@@ -182,8 +265,9 @@ class CountdownTask(Task):
             left = f"({lt})" if lp < prec else lt
             right = f"({rt})" if rp < prec or (rp == prec and op in "-/") else rt
             value = _BINOPS[_SYMBOL[op]](lv, rv)
+            steps.append(f"{lv}{op}{rv}={value}")  # Fraction prints an integer value as the integer
             terms[i:i + 2] = [(f"{left}{op}{right}", value, prec)]
-        return terms[0][0], terms[0][1]
+        return terms[0][0], terms[0][1], steps
 
     @staticmethod
     def prompt_key(prompt: str) -> Hashable | None:
@@ -195,10 +279,11 @@ class CountdownTask(Task):
     def draw(self, rng: np.random.Generator) -> tuple[Hashable, dict]:
         while True:
             numbers = [int(n) for n in rng.integers(1, self.max_number + 1, size=self.num_numbers)]
-            text, value = self._combine(rng, [(str(n), Fraction(n), 3) for n in numbers])
+            text, value, steps = self._combine(rng, [(str(n), Fraction(n), 3) for n in numbers])
             if value.denominator == 1 and 1 <= value <= self.max_target and not (
                     self.reject_shortcuts and shortcut_hits(numbers, int(value), self.reject_shortcuts)):
                 break
         target = int(value)
         shown = ",".join(str(numbers[i]) for i in rng.permutation(len(numbers)))  # not in the solution's order
-        return (tuple(sorted(numbers)), target), {"prompt": f"{shown}->{target}:", "answer": text}
+        answer = ",".join(steps) if self.answer_format == "steps" else text
+        return (tuple(sorted(numbers)), target), {"prompt": f"{shown}->{target}:", "answer": answer}
