@@ -11,6 +11,7 @@
 |---|---|---|---|
 | arithmetic | `37+85=` | `122` | the answer line is exactly an integer equal to the answer |
 | countdown | `3,5,7->22:` | `3*5+7` (a solution) | the answer line is an equation on exactly those numbers, each once, equal to the target |
+| countdown, `answer_format: steps` | `3,5,7->22:` | `3*5=15,15+7=22` | or a chain of true steps using those numbers (and its own results) once each |
 | sudoku | `1030302020034001=` | `1432342121434321` | the answer line is 16 digits equal to the (unique) solution |
 
 The answer line is the response's first non-empty line (`rl.tasks.base.answer_line`): what the prompt asks for

@@ -19,6 +19,7 @@ EXPECTED = {
     "tiny-tracerl-sdar-moe.yaml", "tiny-tracerl.yaml", "tiny-vrpo.yaml", "tracerl-diffusion-gemma.yaml",
     "tracerl-llada2.yaml", "tracerl-sdar-moe.yaml", "tracerl-sdar.yaml", "tracerl-trado-math-value.yaml",
     "tracerl-trado-math.yaml", "vrpo-llada.yaml", "tiny-tracerl-countdown.yaml",
+    "tiny-tracerl-countdown-steps.yaml",
 }
 
 
@@ -74,13 +75,16 @@ def test_coupled_and_tiny_recipes():
         assert tiny.data.task == "arithmetic"
 
 
-def test_countdown_recipe_is_the_benchmark_setting(tmp_path):
-    """recipes/tiny-tracerl-countdown.yaml says it is what benchmarks/learning.py measured (BENCHMARKS.md, issue 19):
-    every section that decides the learning figure equals the benchmark's own recipe at lr 3e-5 and T = 0.7."""
+@pytest.mark.parametrize("recipe,task", [("tiny-tracerl-countdown.yaml", "countdown"),
+                                         ("tiny-tracerl-countdown-steps.yaml", "countdown_steps")])
+def test_countdown_recipe_is_the_benchmark_setting(tmp_path, recipe, task):
+    """recipes/tiny-tracerl-countdown(-steps).yaml say they are what benchmarks/learning.py measured (BENCHMARKS.md,
+    issue 19): every section that decides the learning figure equals the benchmark's own recipe at lr 3e-5 and
+    T = 0.7 (worked answers: the countdown_steps setup)."""
     from benchmarks.learning import build_recipe
 
-    shipped = load_recipe(RECIPES / "tiny-tracerl-countdown.yaml")
-    bench = build_recipe("tracerl", "countdown", tmp_path / "sft", tmp_path / "out", seed=0,
+    shipped = load_recipe(RECIPES / recipe)
+    bench = build_recipe("tracerl", task, tmp_path / "sft", tmp_path / "out", seed=0,
                          overrides={"learner": {"lr": 3e-5}, "rollout": {"temperature": 0.7}})
     for section in ("rollout", "algorithm", "estimator", "reward", "data", "learner"):
         assert getattr(shipped, section) == getattr(bench, section), section
