@@ -245,3 +245,17 @@ def test_eval_run_from_a_recipe_decodes_as_training_does():
     assert trained.remasking == "low_confidence_dynamic" and trained.threshold == 0.9 and trained.temperature == 1.0
     # a saved recipe.yaml read as a plain mapping gives the same run
     assert EvalRun.from_recipe(recipe.to_dict(), "arithmetic") == run
+
+
+def test_a_task_file_read_without_its_format_warns(tmp_path, caplog):
+    """An rl.tasks file names its verifier; read as prompt / answer (the default) it is scored by the math reward,
+    which calls every toy answer `no_answer`: the harness says so and names --format task."""
+    rows = [{"prompt": "3,4,7->14:", "answer": "3+4=7,7+7=14", "task": "countdown"}]
+    path = _jsonl(tmp_path / "countdown_test.jsonl", rows)
+    with caplog.at_level("WARNING", logger="launch.evaluate_data"):
+        assert load_eval_set(path).items[0].kind == "math"
+    assert "--format task" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="launch.evaluate_data"):
+        assert load_eval_set(path, format="task").items[0].kind == "task"
+    assert "--format task" not in caplog.text
