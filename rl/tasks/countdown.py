@@ -165,7 +165,7 @@ def parse_reference(reference: Any) -> tuple[list[int], Fraction]:
             raise ValueError("reference object needs integer list 'numbers' and integer 'target'")
         return sorted(numbers), Fraction(target)
     expression = str(ref).strip()
-    steps = parse_chain(expression) if ("," in expression or expression.count("=") == 1) else None
+    steps = parse_chain(expression)
     if steps is not None:
         if not all(_step_true(*step) for step in steps):
             raise ValueError(f"reference {expression[:40]!r} has a false step")
