@@ -176,11 +176,8 @@ def parse_reference(reference: Any) -> tuple[list[int], Fraction]:
     return sorted(int(n) for n in _NUMBER.findall(expression)), target
 
 
-def _equation(response: str, target: Fraction) -> str | None:
-    """The expression of the answer line, "" when the line is not `expression [= target]`, None when empty."""
-    line = answer_line(response)
-    if line is None:
-        return None
+def _equation(line: str, target: Fraction) -> str:
+    """The expression of an answer line, "" when the line is not `expression [= target]`."""
     expression, equals, claimed = line.partition("=")
     claimed = claimed.strip()
     # the length cap first: int() of a 5000-digit string raises (Python's int-from-text limit)
@@ -196,7 +193,9 @@ def verify(response: str, reference: Any, *, format_score: float = 0.0, **_: Any
     except ValueError as err:
         return result(0.0, f"error: {err}")
     line = answer_line(response)
-    steps = parse_chain(line) if line is not None and "," in line else None
+    if line is None:
+        return result(0.0, "no_answer", correct=0.0)
+    steps = parse_chain(line) if "," in line else None
     if steps is not None:  # a worked answer
         reason, value = chain_value(steps, numbers)
         if value is None:
@@ -204,9 +203,7 @@ def verify(response: str, reference: Any, *, format_score: float = 0.0, **_: Any
         if value == target:
             return result(1.0, "correct", correct=1.0)
         return result(float(format_score), "wrong", correct=0.0)
-    equation = _equation(response, target)
-    if equation is None:
-        return result(0.0, "no_answer", correct=0.0)
+    equation = _equation(line, target)
     value = evaluate(equation) if equation else None
     if value is None:
         return result(0.0, "malformed", correct=0.0)
