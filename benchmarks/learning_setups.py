@@ -26,6 +26,17 @@ SETUPS = {
                         "reward": {"fn": "rl.tasks:countdown_reward", "kwargs": {"format_score": 0.1}},
                         "sft": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, steps=800,
                                     batch_size=64, lr=1e-3)},
+    # The same problems with search answers (`answer_format: search`): half the SFT answers first try a dead end and
+    # reject it with `;` (`3+11=14,9+14=23;3*11=33,33+9=42`), so the model learns to finish a bad first step honestly
+    # and try again instead of forcing the last step onto the target (issue 19). Answers are 11-39 characters (mean
+    # 23.0), hence 40 tokens.
+    "countdown_search": {"generator": "countdown",
+                         "task_kwargs": {"num_train": 5000, "num_test": 600, "reject_shortcuts": ["sum", "product"],
+                                         "answer_format": "search"},
+                         "max_tokens": 40,
+                         "reward": {"fn": "rl.tasks:countdown_reward", "kwargs": {"format_score": 0.1}},
+                         "sft": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, steps=800,
+                                     batch_size=64, lr=1e-3)},
     # Arithmetic: partial credit (0.5 x fraction of digits right) densifies the signal; accuracy is exact match.
     "arithmetic": {"task_kwargs": {"digits": 2, "num_train": 2000, "num_test": 200}, "max_tokens": 8,
                    "reward": {"fn": "rl.tasks:arithmetic_reward", "kwargs": {"partial_credit": True}},

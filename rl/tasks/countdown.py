@@ -19,7 +19,16 @@ chain in either format (it is a derivation like any other): every step `a op b =
 fractions), each operand must be a given number or an earlier step's result not used yet, there must be exactly
 one step fewer than numbers (so every number is used once), and the last result is the answer. A false step is
 `false_step` and scores 0 (no format credit: a chain that lies about its arithmetic is not well formed). The problems
-and their keys are the same in both formats: only the shown solution differs.
+and their keys are the same in every format: only the shown solution differs.
+
+Search answers (`answer_format: search`): worked answers where about half of the SFT answers first try a dead end,
+written out truly and rejected with `;`: `19-3=16,16+10=26;19-9=10,10+3=13`. A worked-answer model that picks a first
+step with no way on forces its last step onto the target (`16+10=13`, a lie the verifier refuses: issue 19, 248-306
+of ~300 misses); this format shows it how to finish honestly and try again. The dead end is a true first step that
+no chain of true steps can complete to the target (checked by search), its last step the reachable value closest
+to the target. The verifier reads the attempts separated by `;`: every one must be a true chain on the given
+numbers (a false step anywhere scores 0), and the last one is the answer; earlier ones earn nothing, so trying
+more costs response length and buys no credit.
 
 Shortcuts (`reject_shortcuts`): a problem whose target one fixed rule reaches without any search is answered by
 that rule whatever the problem, and RL learns the rule instead of the task (issue 19: 19.5% of the default
@@ -34,11 +43,13 @@ numbers the ~19 distinct templates over sorted roles (e.g. largest + smallest - 
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 import re
 from collections import Counter
 from collections.abc import Hashable
 from fractions import Fraction
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -50,7 +61,9 @@ _NUMBER = re.compile(r"[0-9]+")
 _INT = re.compile(r"-?[0-9]+")
 _PROMPT = re.compile(r"([0-9]+(?:,[0-9]+)*)->([0-9]+):")
 _STEP = re.compile(r"(-?[0-9]+)([+\-*/])(-?[0-9]+)=(-?[0-9]+)")
-ANSWER_FORMATS = ("expression", "steps")
+ANSWER_FORMATS = ("expression", "steps", "search")
+SEARCH_REJECTED_SHARE = 0.5  # share of search-format answers that open with a rejected dead end
+SEARCH_MAX_NUMBERS = 4  # the dead-end check searches every completion: cheap up to four numbers
 _BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
            ast.Div: lambda a, b: a / b}
 _SYMBOL = {"+": ast.Add, "-": ast.Sub, "*": ast.Mult, "/": ast.Div}
@@ -141,6 +154,53 @@ def chain_value(steps: list[tuple[int, str, int, int]], numbers: list[int]) -> t
     return "ok", steps[-1][3]
 
 
+def _step_results(a: Fraction, b: Fraction, ops: str = "+-*/") -> list[tuple[str, Fraction, Fraction, Fraction]]:
+    """The true integer steps `(op, x, y, x op y)` over two values, both orders (what a chain may write next)."""
+    steps = []
+    for x, y in ((a, b), (b, a)):
+        for op in ops:
+            if op == "/" and y == 0:
+                continue
+            value = _BINOPS[_SYMBOL[op]](x, y)
+            if value.denominator == 1:
+                steps.append((op, x, y, value))
+    return steps
+
+
+@lru_cache(maxsize=65536)
+def reachable(pool: tuple[Fraction, ...], target: Fraction) -> bool:
+    """Whether some chain of true integer steps over all of `pool` (sorted) ends at `target`."""
+    if len(pool) == 1:
+        return pool[0] == target
+    for i, j in itertools.combinations(range(len(pool)), 2):
+        rest = pool[:i] + pool[i + 1:j] + pool[j + 1:]
+        if any(reachable(tuple(sorted(rest + (value,))), target) for *_, value in _step_results(pool[i], pool[j])):
+            return True
+    return False
+
+
+def dead_end(rng: np.random.Generator, numbers: list[int], target: int, ops: str) -> list[str] | None:
+    """A true chain on `numbers` a solver would try and reject: its first step leaves a pool no chain completes to
+    `target` (for two numbers, any step that misses), later steps drawn at random, the last one the value closest
+    to `target`. None when 20 draws find no such first step."""
+    for _ in range(20):
+        pool, steps = [Fraction(n) for n in numbers], []
+        while len(pool) > 2:
+            i, j = (int(k) for k in rng.choice(len(pool), size=2, replace=False))
+            options = _step_results(pool[i], pool[j], ops)
+            op, x, y, value = options[int(rng.integers(len(options)))]
+            pool = [v for k, v in enumerate(pool) if k not in (i, j)] + [value]
+            if not steps and reachable(tuple(sorted(pool)), Fraction(target)):
+                break  # this first step can still reach the target: not a dead end
+            steps.append(f"{x}{op}{y}={value}")
+        else:
+            misses = [s for s in _step_results(pool[0], pool[1], ops) if s[3] != target]
+            if misses:
+                op, x, y, value = min(misses, key=lambda s: abs(s[3] - target))
+                return steps + [f"{x}{op}{y}={value}"]
+    return None
+
+
 def chain_numbers(steps: list[tuple[int, str, int, int]]) -> list[int]:
     """The given numbers of a worked solution: its operands less the intermediate results (as multisets; the same
     whichever equal value an operand is taken to be)."""
@@ -164,7 +224,7 @@ def parse_reference(reference: Any) -> tuple[list[int], Fraction]:
         if not isinstance(numbers, list) or not all(isinstance(n, int) for n in numbers) or not isinstance(target, int):
             raise ValueError("reference object needs integer list 'numbers' and integer 'target'")
         return sorted(numbers), Fraction(target)
-    expression = str(ref).strip()
+    expression = str(ref).strip().rpartition(";")[2]  # a search answer: its last attempt is the solution
     steps = parse_chain(expression)
     if steps is not None:
         if not all(_step_true(*step) for step in steps):
@@ -195,11 +255,14 @@ def verify(response: str, reference: Any, *, format_score: float = 0.0, **_: Any
     line = answer_line(response)
     if line is None:
         return result(0.0, "no_answer", correct=0.0)
-    steps = parse_chain(line) if "," in line else None
-    if steps is not None:  # a worked answer
-        reason, value = chain_value(steps, numbers)
-        if value is None:
-            return result(0.0, reason, correct=0.0)
+    chains = [parse_chain(part) for part in line.split(";")] if "," in line or ";" in line else []
+    if ";" in line and (len(line) > MAX_EXPRESSION_CHARS or None in chains):
+        return result(0.0, "malformed", correct=0.0)
+    if chains and None not in chains:  # a worked answer: one chain, or attempts of which the last is the answer
+        for steps in chains:
+            reason, value = chain_value(steps, numbers)
+            if value is None:
+                return result(0.0, reason, correct=0.0)
         if value == target:
             return result(1.0, "correct", correct=1.0)
         return result(float(format_score), "wrong", correct=0.0)
@@ -237,6 +300,9 @@ class CountdownTask(Task):
         if answer_format not in ANSWER_FORMATS:
             raise TaskError(f"data.task_kwargs.answer_format: expected one of {', '.join(ANSWER_FORMATS)}, "
                             f"got {answer_format!r}")
+        if answer_format == "search" and self.num_numbers > SEARCH_MAX_NUMBERS:
+            raise TaskError(f"data.task_kwargs.num_numbers: answer_format search takes at most {SEARCH_MAX_NUMBERS} "
+                            f"numbers, got {self.num_numbers}")
         self.answer_format = answer_format
 
     def params(self) -> dict[str, Any]:
@@ -282,5 +348,11 @@ class CountdownTask(Task):
                 break
         target = int(value)
         shown = ",".join(str(numbers[i]) for i in rng.permutation(len(numbers)))  # not in the solution's order
-        answer = ",".join(steps) if self.answer_format == "steps" else text
+        answer = ",".join(steps) if self.answer_format in ("steps", "search") else text
+        if self.answer_format == "search":
+            # The dead end's own generator, seeded by the problem: drawing from `rng` would change every later problem.
+            side = np.random.Generator(np.random.PCG64([self.seed, self.tag, target, *sorted(numbers)]))
+            rejected = dead_end(side, numbers, target, "+-*/" if self.division else "+-*") \
+                if side.random() < SEARCH_REJECTED_SHARE else None
+            answer = f"{','.join(rejected)};{answer}" if rejected else answer
         return (tuple(sorted(numbers)), target), {"prompt": f"{shown}->{target}:", "answer": answer}
