@@ -2,6 +2,18 @@
 reward, the response budget and the SFT run of each; the --sft-sweep starting points."""
 from __future__ import annotations
 
+
+def _countdown_answers(answer_format: str, max_tokens: int) -> dict:
+    """The countdown setup's problems and held-out items answered in another `answer_format` (rl.tasks Countdown);
+    `generator` names the rl.tasks generator where the setup's name is not one."""
+    return {"generator": "countdown",
+            "task_kwargs": {"num_train": 5000, "num_test": 600, "reject_shortcuts": ["sum", "product"],
+                            "answer_format": answer_format},
+            "max_tokens": max_tokens,
+            "reward": {"fn": "rl.tasks:countdown_reward", "kwargs": {"format_score": 0.1}},
+            "sft": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, steps=800, batch_size=64, lr=1e-3)}
+
+
 # Toy tasks the benchmark can run: generator parameters, the verifier as reward, the response budget, the SFT run.
 SETUPS = {
     # Countdown: many equations reach a target, the SFT data shows one: the verifier rewards any, which RL can use.
@@ -18,25 +30,13 @@ SETUPS = {
     # The same problems and held-out items with worked answers (`answer_format: steps`, `19-9=10,10+3=13`): the model
     # writes each intermediate result instead of doing the arithmetic silently (issue 19: the 0.53M model's implicit
     # arithmetic looked like the cap on what RL could sharpen). Answers are 11-20 characters (mean 14.7), hence 24
-    # tokens. `generator` names the rl.tasks generator where the setup's name is not one.
-    "countdown_steps": {"generator": "countdown",
-                        "task_kwargs": {"num_train": 5000, "num_test": 600, "reject_shortcuts": ["sum", "product"],
-                                        "answer_format": "steps"},
-                        "max_tokens": 24,
-                        "reward": {"fn": "rl.tasks:countdown_reward", "kwargs": {"format_score": 0.1}},
-                        "sft": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, steps=800,
-                                    batch_size=64, lr=1e-3)},
+    # tokens.
+    "countdown_steps": _countdown_answers("steps", max_tokens=24),
     # The same problems with search answers (`answer_format: search`): half the SFT answers first try a dead end and
     # reject it with `;` (`3+11=14,9+14=23;3*11=33,33+9=42`), so the model learns to finish a bad first step honestly
     # and try again instead of forcing the last step onto the target (issue 19). Answers are 11-39 characters (mean
-    # 23.0), hence 40 tokens.
-    "countdown_search": {"generator": "countdown",
-                         "task_kwargs": {"num_train": 5000, "num_test": 600, "reject_shortcuts": ["sum", "product"],
-                                         "answer_format": "search"},
-                         "max_tokens": 40,
-                         "reward": {"fn": "rl.tasks:countdown_reward", "kwargs": {"format_score": 0.1}},
-                         "sft": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, steps=800,
-                                     batch_size=64, lr=1e-3)},
+    # 23.0), hence 40 tokens. A negative result (BENCHMARKS.md ## Learning): RL prunes the retries.
+    "countdown_search": _countdown_answers("search", max_tokens=40),
     # Arithmetic: partial credit (0.5 x fraction of digits right) densifies the signal; accuracy is exact match.
     "arithmetic": {"task_kwargs": {"digits": 2, "num_train": 2000, "num_test": 200}, "max_tokens": 8,
                    "reward": {"fn": "rl.tasks:arithmetic_reward", "kwargs": {"partial_credit": True}},
