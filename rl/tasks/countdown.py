@@ -25,9 +25,9 @@ Search answers (`answer_format: search`): worked answers where about half of the
 written out truly and rejected with `;`: `19-3=16,16+10=26;19-9=10,10+3=13`. A worked-answer model that picks a first
 step with no way on forces its last step onto the target (`16+10=13`, a lie the verifier refuses: issue 19, 306 of
 the 341 misses at the SFT start); this format shows it how to finish honestly and try again. Measured, it does not
-help: the SFT model's retries are mostly forced too, and RL prunes them (BENCHMARKS.md ## Learning). The dead end is a true first step that
-no chain of true steps can complete to the target (checked by search), its last step the reachable value closest
-to the target. The verifier reads the attempts separated by `;`: every one must be a true chain on the given
+help: the SFT model's retries are mostly forced too, and RL prunes them (BENCHMARKS.md ## Learning). The dead end
+is a true first step that no chain of true steps can complete to the target (checked by search), its last step the
+reachable value closest to the target. The verifier reads the attempts separated by `;`: every one must be a true chain on the given
 numbers (a false step anywhere scores 0), and the last one is the answer; earlier ones earn nothing, so trying
 more costs response length and buys no credit.
 
