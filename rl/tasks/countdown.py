@@ -27,9 +27,9 @@ step with no way on forces its last step onto the target (`16+10=13`, a lie the 
 the 341 misses at the SFT start); this format shows it how to finish honestly and try again. Measured, it does not
 help: the SFT model's retries are mostly forced too, and RL prunes them (BENCHMARKS.md ## Learning). The dead end
 is a true first step that no chain of true steps can complete to the target (checked by search), its last step the
-reachable value closest to the target. The verifier reads the attempts separated by `;`: every one must be a true chain on the given
-numbers (a false step anywhere scores 0), and the last one is the answer; earlier ones earn nothing, so trying
-more costs response length and buys no credit.
+reachable value closest to the target. The verifier reads the attempts separated by `;`: every one must be a true
+chain on the given numbers (a false step anywhere scores 0), and the last one is the answer; earlier ones earn
+nothing, so trying more costs response length and buys no credit.
 
 Shortcuts (`reject_shortcuts`): a problem whose target one fixed rule reaches without any search is answered by
 that rule whatever the problem, and RL learns the rule instead of the task (issue 19: 19.5% of the default
