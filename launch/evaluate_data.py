@@ -216,13 +216,13 @@ def load_eval_set(data: str, *, limit: int | None = None, prompt_field: str | No
         if format not in FORMATS:
             raise EvalDataError(f"--format {format!r}: not one of {', '.join(FORMATS)}")
         shape = _SHAPE_OF_FORMAT.get(format, format)
-        if shape == "prompt_answer" and rows and rows[0].get("task") in TOY_TASKS:
-            # rl.tasks files carry their verifier's name; read as prompt / answer they are scored by the math
-            # reward, which finds no \boxed{} answer in a toy task's response and calls every one `no_answer`
-            log.warning("--data %s: its rows name a toy task (%r) but are read as prompt / answer and scored by the "
-                        "math reward; pass --format task to score them with the task's own verifier", path,
-                        rows[0]["task"])
         if shape == "prompt_answer":
+            if rows and rows[0].get("task") in TOY_TASKS:
+                # rl.tasks files carry their verifier's name; read as prompt / answer they are scored by the math
+                # reward, which finds no \boxed{} answer in a toy task's response and calls every one `no_answer`
+                log.warning("--data %s: its rows name a toy task (%r) but are read as prompt / answer and scored by "
+                            "the math reward; pass --format task to score them with the task's own verifier", path,
+                            rows[0]["task"])
             wanted = [f for f in (prompt_field or "prompt", answer_field or "answer") if f not in rows[0]]
             if wanted:
                 raise EvalDataError(
