@@ -67,9 +67,10 @@ def arithmetic_reward(prompt: str, response: str, reference: Any, *, partial_cre
     return _arithmetic_verify(response, reference, partial_credit=partial_credit)
 
 
-def countdown_reward(prompt: str, response: str, reference: Any, *, format_score: float = 0.0) -> dict[str, Any]:
+def countdown_reward(prompt: str, response: str, reference: Any, *, format_score: float = 0.0,
+                     step_credit: float = 0.0) -> dict[str, Any]:
     """Countdown verifier: an equation on exactly the reference's numbers reaching its target (see countdown.py)."""
-    return _countdown_verify(response, reference, format_score=format_score)
+    return _countdown_verify(response, reference, format_score=format_score, step_credit=step_credit)
 
 
 def sudoku_reward(prompt: str, response: str, reference: Any, *, partial_credit: bool = False) -> dict[str, Any]:

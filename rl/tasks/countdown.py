@@ -31,6 +31,13 @@ reachable value closest to the target. The verifier reads the attempts separated
 chain on the given numbers (a false step anywhere scores 0), and the last one is the answer; earlier ones earn
 nothing, so trying more costs response length and buys no credit.
 
+Step credit (`step_credit`, default 0: off): a process reward for worked answers, measured for issue 19. The worked-answer
+model's misses are a first step with no way on, or a right first step and a botched last one (BENCHMARKS.md). A
+wrong answer that is one chain of one step fewer than numbers earns `step_credit` x k / (numbers - 2), where k counts
+its leading steps before the last that are true and leave values from which the target is still reachable, when
+every operand of the chain is a given number or an earlier result not used yet (a whole attempt); a right answer earns 1 and `step_credit` < 1, so solving always pays more than any partial
+chain. Search answers (several attempts) and bare expressions earn none.
+
 Shortcuts (`reject_shortcuts`): a problem whose target one fixed rule reaches without any search is answered by
 that rule whatever the problem, and RL learns the rule instead of the task (issue 19: 19.5% of the default
 generator's targets are the plain sum of the numbers; TraceRL turned a model answering "sum" on 45 of 200 held-out
@@ -202,6 +209,27 @@ def dead_end(rng: np.random.Generator, numbers: list[int], target: int, ops: str
     return None
 
 
+def on_course_steps(steps: list[tuple[int, str, int, int]], numbers: list[int], target: Fraction) -> int:
+    """How many of a worked answer's steps before its last keep it on course: each true and leaving values from
+    which some chain of true steps still reaches `target` (`reachable`), counted from the first step until one is
+    not. 0 unless the chain is a whole attempt on the given numbers: one step fewer than numbers, every operand a
+    given number or an earlier (written) result not used yet. The last step is not counted: it either reaches the
+    target (the answer is right) or it does not."""
+    if len(steps) != len(numbers) - 1:
+        return 0
+    pool, on_course = Counter(Fraction(n) for n in numbers), 0
+    for k, (a, op, b, c) in enumerate(steps):
+        for operand in (Fraction(a), Fraction(b)):
+            if pool[operand] <= 0:
+                return 0
+            pool[operand] -= 1
+        pool[Fraction(c)] += 1
+        if k == on_course and k < len(steps) - 1 and _step_true(a, op, b, c) \
+                and reachable(tuple(sorted(pool.elements())), target):
+            on_course += 1
+    return on_course
+
+
 def chain_numbers(steps: list[tuple[int, str, int, int]]) -> list[int]:
     """The given numbers of a worked solution: its operands less the intermediate results (as multisets; the same
     whichever equal value an operand is taken to be)."""
@@ -247,8 +275,13 @@ def _equation(line: str, target: Fraction) -> str:
     return expression.strip()
 
 
-def verify(response: str, reference: Any, *, format_score: float = 0.0, **_: Any) -> dict[str, Any]:
-    """1.0 for an equation using exactly the reference's numbers (each once) that evaluates to its target."""
+def verify(response: str, reference: Any, *, format_score: float = 0.0, step_credit: float = 0.0,
+           **_: Any) -> dict[str, Any]:
+    """1.0 for an equation using exactly the reference's numbers (each once) that evaluates to its target.
+    step_credit: a wrong single-chain worked answer earns step_credit x (on-course steps / steps before the last)
+    when that beats what it earns otherwise (module doc, "Step credit")."""
+    if not 0.0 <= step_credit < 1.0:
+        raise ValueError(f"countdown reward: step_credit must be in [0, 1), got {step_credit}")
     try:
         numbers, target = parse_reference(reference)
     except ValueError as err:
@@ -263,10 +296,15 @@ def verify(response: str, reference: Any, *, format_score: float = 0.0, **_: Any
         for steps in chains:
             reason, value = chain_value(steps, numbers)
             if value is None:
-                return result(0.0, reason, correct=0.0)
+                break
         if value == target:
             return result(1.0, "correct", correct=1.0)
-        return result(float(format_score), "wrong", correct=0.0)
+        score = 0.0 if value is None else float(format_score)
+        if step_credit and len(chains) == 1 and len(numbers) > 2:
+            on_course = on_course_steps(chains[0], numbers, target)
+            score = max(score, step_credit * on_course / (len(numbers) - 2))
+            return result(score, reason if value is None else "wrong", correct=0.0, on_course=on_course)
+        return result(score, reason if value is None else "wrong", correct=0.0)
     equation = _equation(line, target)
     value = evaluate(equation) if equation else None
     if value is None:
