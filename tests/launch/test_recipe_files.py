@@ -75,17 +75,22 @@ def test_coupled_and_tiny_recipes():
         assert tiny.data.task == "arithmetic"
 
 
-@pytest.mark.parametrize("recipe,task", [("tiny-tracerl-countdown.yaml", "countdown"),
-                                         ("tiny-tracerl-countdown-steps.yaml", "countdown_steps")])
-def test_countdown_recipe_is_the_benchmark_setting(tmp_path, recipe, task):
+# The worked-answer recipe's group shape: 2 samples x 64 prompts (BENCHMARKS.md, issue 19).
+PAIRS = {"rollout": {"samples_per_prompt": 2}, "data": {"num_prompts_per_step": 64}}
+
+
+@pytest.mark.parametrize("recipe,task,shape", [("tiny-tracerl-countdown.yaml", "countdown", {}),
+                                               ("tiny-tracerl-countdown-steps.yaml", "countdown_steps", PAIRS)])
+def test_countdown_recipe_is_the_benchmark_setting(tmp_path, recipe, task, shape):
     """recipes/tiny-tracerl-countdown(-steps).yaml say they are what benchmarks/learning.py measured (BENCHMARKS.md,
     issue 19): every section that decides the learning figure equals the benchmark's own recipe at lr 3e-5 and
-    T = 0.7 (worked answers: the countdown_steps setup)."""
+    T = 0.7 (worked answers: the countdown_steps setup, in groups of 2 x 64 prompts)."""
     from benchmarks.learning import build_recipe
 
     shipped = load_recipe(RECIPES / recipe)
     bench = build_recipe("tracerl", task, tmp_path / "sft", tmp_path / "out", seed=0,
-                         overrides={"learner": {"lr": 3e-5}, "rollout": {"temperature": 0.7}})
+                         overrides={"learner": {"lr": 3e-5}, "rollout": {"temperature": 0.7, **shape.get("rollout", {})},
+                                    **{k: v for k, v in shape.items() if k != "rollout"}})
     for section in ("rollout", "algorithm", "estimator", "reward", "data", "learner"):
         assert getattr(shipped, section) == getattr(bench, section), section
     assert (shipped.model.kind, shipped.model.block_size, shipped.model.dtype) == ("block", 4, "float32")
