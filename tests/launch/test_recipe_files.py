@@ -89,7 +89,8 @@ def test_countdown_recipe_is_the_benchmark_setting(tmp_path, recipe, task, shape
 
     shipped = load_recipe(RECIPES / recipe)
     bench = build_recipe("tracerl", task, tmp_path / "sft", tmp_path / "out", seed=0,
-                         overrides={"learner": {"lr": 3e-5}, "rollout": {"temperature": 0.7, **shape.get("rollout", {})},
+                         overrides={"learner": {"lr": 3e-5},
+                                    "rollout": {"temperature": 0.7, **shape.get("rollout", {})},
                                     **{k: v for k, v in shape.items() if k != "rollout"}})
     for section in ("rollout", "algorithm", "estimator", "reward", "data", "learner"):
         assert getattr(shipped, section) == getattr(bench, section), section
