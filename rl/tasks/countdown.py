@@ -33,12 +33,12 @@ nothing, so trying more costs response length and buys no credit.
 
 Step credit (`step_credit`, default 0: off): a process reward for worked answers, measured for issue 19. The
 worked-answer model's misses are a first step with no way on, or a right first step and a botched last one
-(BENCHMARKS.md). A wrong answer that is one chain of one step fewer than numbers earns `step_credit` x k / (numbers
-- 2), where k counts its leading steps before the last that are true and leave values from which the target is still
-reachable, when every operand of the chain is a given number or an earlier result not used yet (a whole attempt); a
-right answer earns 1 and `step_credit` < 1, so solving always pays more than any partial chain. Search answers
-(several attempts) and bare expressions earn none. Measured, it does not help: 0.5 gained +7.9 +- 3.2 over 3 seeds
-against +10.2 +- 0.9 without it (BENCHMARKS.md ## Learning).
+(BENCHMARKS.md). A wrong answer that is one chain of one step fewer than numbers earns `step_credit` x k /
+(numbers - 2), where k counts its leading steps before the last that are true and leave values from which the
+target is still reachable, when every operand of the chain is a given number or an earlier result not used yet (a
+whole attempt); a right answer earns 1 and `step_credit` < 1, so solving always pays more than any partial chain.
+Search answers (several attempts) and bare expressions earn none. Measured, it does not help: 0.5 gained +7.9 (sd
+3.2) over 3 seeds against +10.2 (sd 0.9) without it (BENCHMARKS.md ## Learning).
 
 Shortcuts (`reject_shortcuts`): a problem whose target one fixed rule reaches without any search is answered by
 that rule whatever the problem, and RL learns the rule instead of the task (issue 19: 19.5% of the default
@@ -301,12 +301,12 @@ def verify(response: str, reference: Any, *, format_score: float = 0.0, step_cre
                 break
         if value == target:
             return result(1.0, "correct", correct=1.0)
-        score = 0.0 if value is None else float(format_score)
+        score, why = (0.0, reason) if value is None else (float(format_score), "wrong")
         if step_credit and len(chains) == 1 and len(numbers) > 2:
             on_course = on_course_steps(chains[0], numbers, target)
             score = max(score, step_credit * on_course / (len(numbers) - 2))
-            return result(score, reason if value is None else "wrong", correct=0.0, on_course=on_course)
-        return result(score, reason if value is None else "wrong", correct=0.0)
+            return result(score, why, correct=0.0, on_course=on_course)
+        return result(score, why, correct=0.0)
     equation = _equation(line, target)
     value = evaluate(equation) if equation else None
     if value is None:
