@@ -152,16 +152,23 @@ def chain_value(steps: list[tuple[int, str, int, int]], numbers: list[int]) -> t
     consumes does not change what remains."""
     if not all(_step_true(*step) for step in steps):
         return "false_step", None
-    if len(steps) != len(numbers) - 1:
+    if len(steps) != len(numbers) - 1 or None in _pools(steps, numbers):
         return "wrong_numbers", None
-    pool = Counter(numbers)
+    return "ok", steps[-1][3]
+
+
+def _pools(steps: list[tuple[int, str, int, int]], numbers: list[int]) -> list[Counter | None]:
+    """The values left after each step (its operands taken from `numbers` and earlier written results, its result
+    added), a multiset; the list ends with None at the first step whose operand is not available."""
+    pool, after = Counter(numbers), []
     for a, _, b, c in steps:
         for operand in (a, b):
             if pool[operand] <= 0:
-                return "wrong_numbers", None
+                return after + [None]
             pool[operand] -= 1
         pool[c] += 1
-    return "ok", steps[-1][3]
+        after.append(pool.copy())
+    return after
 
 
 def _step_results(a: Fraction, b: Fraction, ops: str = "+-*/") -> list[tuple[str, Fraction, Fraction, Fraction]]:
@@ -217,18 +224,14 @@ def on_course_steps(steps: list[tuple[int, str, int, int]], numbers: list[int], 
     not. 0 unless the chain is a whole attempt on the given numbers: one step fewer than numbers, every operand a
     given number or an earlier (written) result not used yet. The last step is not counted: it either reaches the
     target (the answer is right) or it does not."""
-    if len(steps) != len(numbers) - 1:
+    pools = _pools(steps, numbers)
+    if len(steps) != len(numbers) - 1 or None in pools:
         return 0
-    pool, on_course = Counter(Fraction(n) for n in numbers), 0
-    for k, (a, op, b, c) in enumerate(steps):
-        for operand in (Fraction(a), Fraction(b)):
-            if pool[operand] <= 0:
-                return 0
-            pool[operand] -= 1
-        pool[Fraction(c)] += 1
-        if k == on_course and k < len(steps) - 1 and _step_true(a, op, b, c) \
-                and reachable(tuple(sorted(pool.elements())), target):
-            on_course += 1
+    on_course = 0
+    for step, pool in zip(steps[:-1], pools):
+        if not (_step_true(*step) and reachable(tuple(sorted(Fraction(v) for v in pool.elements())), target)):
+            break
+        on_course += 1
     return on_course
 
 
