@@ -159,7 +159,7 @@ def build_recipe(name: str, task: str, sft_dir: Path, out_dir: Path, seed: int, 
 
 def run_rl(recipe, budget_s: float, clock: str = "cpu", log_every: int = 5) -> dict:
     """The driver, step after step, until `budget_s` seconds of `clock` (cpu: CPU seconds of the whole process
-    tree; wall: wall clock) are spent; returns the curve and the final policy dir."""
+    tree; wall: wall clock) are spent or trainer.total_steps are done; returns the curve and the final policy dir."""
     from launch.driver import Driver
     from launch.driver_setup import prepare_run
     from launch.local_ray import ray_session
@@ -172,7 +172,8 @@ def run_rl(recipe, budget_s: float, clock: str = "cpu", log_every: int = 5) -> d
         start, cpu_start = time.perf_counter(), tree_cpu_seconds()
         spent = (lambda: tree_cpu_seconds() - cpu_start) if clock == "cpu" else (lambda: time.perf_counter() - start)
         try:
-            while spent() < budget_s:
+            # A recipe's trainer.total_steps still ends the run first (a step-based lr schedule spans it).
+            while spent() < budget_s and driver.step < ctx.recipe.trainer.total_steps:
                 metrics = driver.train_step(driver.step + 1)
                 curve.append({"step": driver.step, "wall_s": time.perf_counter() - start,
                               "cpu_s": tree_cpu_seconds() - cpu_start,
