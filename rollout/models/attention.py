@@ -78,8 +78,8 @@ class AttentionMask:
               q_noisy: torch.Tensor | None = None, k_noisy: torch.Tensor | None = None,
               q_doc: torch.Tensor | None = None, k_doc: torch.Tensor | None = None,
               full: bool = False, q_valid: torch.Tensor | None = None) -> "AttentionMask":
-        """Missing copy indices are all 0 (clean), missing document ids all 0 (one document per row); q_valid None: every
-        query's output is used."""
+        """Missing copy indices are all 0 (clean), missing document ids all 0 (one document per row); q_valid None:
+        every query's output is used."""
         if q_block.dim() != 2 or k_block.dim() != 2 or k_valid.shape != k_block.shape:
             raise ValueError(f"attention mask: q_block {tuple(q_block.shape)}, k_block {tuple(k_block.shape)}, "
                              f"k_valid {tuple(k_valid.shape)} must be (B, Q), (B, K), (B, K)")

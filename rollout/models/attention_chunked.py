@@ -4,13 +4,13 @@ chunk against only the key segments it can see.
 Plans (computed once per forward from the description, then shared by every layer; `chunk_plan`):
 - document-aware (a mask with document ids or query validity: every training-layout forward, `layout.arrange_rows`):
   each batch row's queries are cut where the document, the copy index (clean / noisy copy c) or the query validity
-  changes, then
-  into chunks of at most `rows` queries. A chunk's key set is the union of what its queries see, computed in O(K)
-  from the rule (`keys_seen`), and cut into contiguous segments: in the training layout `[prompt | clean | noisy]`
-  a clean chunk sees its document's clean prefix up to its last block (one segment), a noisy chunk that prefix up
+  changes, then into chunks of at most `rows` queries. A chunk's key set is the union of what its queries see,
+  computed in O(K) from the rule (`keys_seen`), and cut into contiguous segments: in the training layout
+  `[prompt | clean | noisy]` (or its several noisy copies) a clean chunk sees its document's clean prefix up to its last block (one segment), a noisy chunk that prefix up
   to its block plus its own noisy blocks in its own copy (two), never another document or copy. A packed row
   therefore costs about the sum of its documents' costs, and a padded row about its own sample's (invalid
-  queries, the padding, are skipped: output 0; no consumer reads it). Rows whose plans are equal run batched; otherwise row by row.
+  queries, the padding, are skipped: output 0; no consumer reads it). Rows whose plans are equal run batched;
+  otherwise row by row.
 - contiguous (no documents, no query validity: decoding): chunks of `rows` queries of all rows, each trimmed to the
   contiguous key range its queries see (a single chunk keeps every key: one host sync per decoding step).
 

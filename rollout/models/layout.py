@@ -1,17 +1,17 @@
 """Training layouts and how they are laid into rows: one sample per row (padded) or several per row (packed).
 
 A sample's layout is `[prompt | clean response | noisy canvas]` for block models and `[prompt | noisy response]`
-for full-attention ones; a block model's layout may also hold several noisy canvases behind one clean part
-(`copies_layout`: the trajectory estimator's passes in one forward) (rollout/models/masks.py explains the canvas and the mask rule). `arrange_rows` lays a
-batch of layouts into rows:
+for full-attention ones (rollout/models/masks.py explains the canvas and the mask rule); a block model's layout may
+also hold several noisy canvases behind one clean part (`copies_layout`: the trajectory estimator's passes in one
+forward). `arrange_rows` lays a batch of layouts into rows:
 - padded: row b holds sample b, right-padded to the longest layout;
 - packed: first-fit-decreasing into rows of `row_tokens` tokens (default: the longest layout, so no row is longer
   than a padded one and attention never costs more per row), each sample a document of its row: its own document
   id, position ids restarting at 0, attention kept inside it. Packing only removes padding: every sample sees
   exactly the keys and positions it sees alone, so its scores are the same up to floating-point summation order.
-The per-position mask inputs come out as an `attention.AttentionMask` (block ids, copy indices, validity, and document
-ids for packed rows only: one sample per row needs none, and a remote-code model refuses them), which the attention
-kernels run and `.dense_bias()` expands.
+The per-position mask inputs come out as an `attention.AttentionMask` (block ids, copy indices, validity, and
+document ids for packed rows only: one sample per row needs none, and a remote-code model refuses them), which the
+attention kernels run and `.dense_bias()` expands.
 """
 from __future__ import annotations
 

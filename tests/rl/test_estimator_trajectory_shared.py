@@ -45,7 +45,7 @@ def _batch(policy, dynamic: bool, seed: int) -> EstimatorInput:
         prompts.append(torch.randint(10, vocab, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g))
         responses.append(torch.randint(10, vocab, (n_blocks * bs,), generator=g))
         make = dynamic_step_map if dynamic else static_step_map
-        maps.append(make(n_blocks, bs, 4 if not dynamic else 4, g))
+        maps.append(make(n_blocks, bs, 4, g))
     if dynamic:  # a sample decoded in one step per block: it has fewer groups than the others
         maps[2] = torch.arange(responses[2].numel()) // bs
     return EstimatorInput(prompts, responses, [f"s{i}" for i in range(len(prompts))], step_maps=maps, block_size=bs)
@@ -79,7 +79,7 @@ def test_one_forward_equals_one_forward_per_pass(tiny_policies, kind, alignment,
                                                  packed):
     policy = _policy(tiny_policies, kind, logits_shift)
     inp = _batch(policy, dynamic, seed=3 * shrink + dynamic)
-    kw = dict(shrink=shrink, block_alignment=alignment, packing=RowPacking(None) if packed else None)
+    kw = {"shrink": shrink, "block_alignment": alignment, "packing": RowPacking(None) if packed else None}
     shared, shared_grads = _run(policy, inp, True, **kw)
     passes, pass_grads = _run(policy, inp, False, **kw)
     assert shared.forwards == 1 and passes.forwards > 1

@@ -222,7 +222,7 @@ def test_one_forward_over_copies_equals_one_forward_per_copy(tiny_policies, kind
         noisy.append(canvases)
         masks.append([owner == c for c in range(copies)])
     for packed in (False, True):
-        kw = dict(alignment=alignment, packed=packed, row_tokens=None, return_entropy=True, return_hidden=True)
+        kw = {"alignment": alignment, "packed": packed, "return_entropy": True, "return_hidden": True}
         with torch.no_grad():
             one = policy.score_trajectory_copies(prompts, responses, noisy, masks, **kw)
             ref_logp = torch.zeros_like(one.logprobs)
