@@ -101,6 +101,9 @@ class TrajectoryEstimator(_EstimatorSection):
     # is recomputed exactly); "response" = TraceRL's released training code (blocks from the response start, a
     # train/inference mismatch for SDAR/TraDo); "absolute" = from the sequence start.
     block_alignment: Literal["model", "absolute", "response"] = "model"
+    # Block models: score every decoding-step group in one forward whose noisy canvases share one clean part
+    # (the same log-probs and gradient as one forward per group); false: one forward per group.
+    shared_clean: bool = True
 
 
 class CanvasTraceEstimator(_EstimatorSection):

@@ -9,6 +9,13 @@ A response therefore costs ceil(steps_per_block / s) forwards, however many bloc
 rank of the token's step among its block's distinct steps (`Trajectory.block_local_steps`), so dynamic decoding
 that takes fewer steps in some blocks needs no special case.
 
+Shared clean part (block models, `shared_clean=True`, the default): the passes differ only in their noisy canvas,
+while the prompt and clean response are the same in each, and clean states never see noisy keys. So the G passes
+are one forward over `[prompt | clean | noisy canvas 1 | ... | noisy canvas G]` (layout.copies_layout), each
+copy seeing the clean part as before and noisy keys only of its own block in its own copy: the same scores and the
+same gradient as G forwards, with the clean part computed once (`forwards` = 1). A sample gets a copy only for the
+groups it has. `shared_clean=False` keeps one forward per group.
+
 Full-attention models: the state before global step s masks the whole rest of the canvas, so each group of s
 global steps is one forward; samples are batched per group.
 
@@ -45,11 +52,30 @@ def step_groups(inp: EstimatorInput, block_model: bool, block_size: int, shrink:
     return groups
 
 
-@ESTIMATORS.register("trajectory", shrink=1)
+def group_state(response: torch.Tensor, group: torch.Tensor, g: int, mask_id: int) -> torch.Tensor:
+    """The state before pass g: every token of group g or later masked."""
+    state = response.clone()
+    state[group >= g] = mask_id
+    return state
+
+
+def group_states(inp: EstimatorInput, groups: list[torch.Tensor], mask_id: int
+                 ) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+    """Per sample, the states of the passes it has (groups with at least one token), and per state the tokens it
+    scores: what the per-pass loop would feed sample b in those passes."""
+    states, scored = [], []
+    for response, group in zip(inp.responses, groups):
+        present = torch.unique(group).tolist()
+        states.append([group_state(response, group, g, mask_id) for g in present])
+        scored.append([group == g for g in present])
+    return states, scored
+
+
+@ESTIMATORS.register("trajectory", shrink=1, shared_clean=True)
 def trajectory_estimator(policy, inp: EstimatorInput, *, seed: int = 0, inner_iter: int = 0, shrink: int = 1,
                          temperature: float = 1.0, return_entropy: bool = False,
                          return_hidden: bool = False, block_alignment: str | None = None,
-                         packing: RowPacking | None = None) -> Estimate:
+                         packing: RowPacking | None = None, shared_clean: bool = True) -> Estimate:
     del seed, inner_iter  # deterministic: the masks are the recorded trajectory itself
     if shrink < 1:
         raise ValueError(f"estimator.shrink: must be >= 1, got {shrink}")
@@ -65,15 +91,31 @@ def trajectory_estimator(policy, inp: EstimatorInput, *, seed: int = 0, inner_it
     token_logp = torch.zeros((len(inp), width), device=device)
     entropy = torch.zeros_like(token_logp) if return_entropy else None
     hidden = torch.zeros((len(inp), width, policy.hidden_size), device=device) if return_hidden else None
+    mask = token_mask_of(inp, device)
+    step_ids = padded([g.to(torch.long) for g in groups], width, fill=-1).to(device)
+    if spec.is_block and shared_clean:
+        out = policy.score_trajectory_copies(
+            inp.prompts, inp.responses, *group_states(inp, groups, spec.mask_token_id),
+            temperature=temperature, return_entropy=return_entropy, return_hidden=return_hidden,
+            alignment=block_alignment, **score_packing(packing),
+        )
+        n = out.logprobs.shape[1]
+        token_logp[:, :n] = out.logprobs
+        if return_entropy:
+            entropy[:, :n] = out.entropy
+        if return_hidden:
+            hidden[:, :n] = out.hidden
+        return Estimate(
+            token_logp=token_logp, seq_logp=(token_logp * mask).sum(-1), token_mask=mask, forwards=1,
+            step_ids=step_ids, entropy=entropy, hidden=hidden, extra={"token_elbo": token_logp},
+        )
     num_groups = max(int(g.max()) + 1 for g in groups)
     forwards = 0
     for g in range(num_groups):
         members = [b for b in range(len(inp)) if bool((groups[b] == g).any())]
         noisy, score = [], []
         for b in members:
-            state = inp.responses[b].clone()
-            state[groups[b] >= g] = spec.mask_token_id
-            noisy.append(state)
+            noisy.append(group_state(inp.responses[b], groups[b], g, spec.mask_token_id))
             score.append(groups[b] == g)
         out = policy.score_responses(
             [inp.prompts[b] for b in members], [inp.responses[b] for b in members], noisy,
@@ -90,8 +132,6 @@ def trajectory_estimator(policy, inp: EstimatorInput, *, seed: int = 0, inner_it
         if return_hidden:
             sel = out.valid[:, :, None]
             hidden[rows, :n] = torch.where(sel, out.hidden, hidden[rows, :n])
-    mask = token_mask_of(inp, device)
-    step_ids = padded([g.to(torch.long) for g in groups], width, fill=-1).to(device)
     return Estimate(
         token_logp=token_logp, seq_logp=(token_logp * mask).sum(-1), token_mask=mask, forwards=forwards,
         step_ids=step_ids, entropy=entropy, hidden=hidden, extra={"token_elbo": token_logp},

@@ -2,7 +2,7 @@
 
 Every diffrl forward used to build a dense additive (B, 1, Q, K) float mask (masks.attention_bias): at 4k-token
 responses the training layout's mask alone is ~0.5 GB, and it grows with the square of the length. Here the mask is
-described per position instead (`AttentionMask`: block ids, noisy flags, key validity, document ids, `full`), and
+described per position instead (`AttentionMask`: block ids, copy indices, key validity, document ids, `full`), and
 the model's attention layers read that description through transformers' attention interface:
 
 - "flex": PyTorch FlexAttention with a block-sparse `BlockMask` built from the description (attention_flex.py);
@@ -22,10 +22,11 @@ the model's attention layers read that description through transformers' attenti
   would pad them to a 128-row tile. On CPU always chunked (BENCHMARKS.md): FlexAttention has no CPU backward in
   torch 2.13 and compiles for every new shape bucket.
 
-The visibility rule (shared with masks.attention_bias; ISSUE 13): query q sees key k iff v[k], d[q] == d[k] and
+The visibility rule (shared with masks.attention_bias; ISSUE 13), n[p] being the position's copy index (0: clean,
+c >= 1: noisy copy c; the single-copy training layout has only 0 and 1): query q sees key k iff v[k], d[q] == d[k] and
   full:             True
-  otherwise:        (~n[k] & (b[k] < b[q] | (b[k] == b[q] & ~n[q]))) | (n[k] & n[q] & b[k] == b[q])
-                  = b[k] == b[q] ? n[k] == n[q] : (b[k] < b[q] & ~n[k])   (the form computed here)
+  otherwise:        (n[k] == 0 & (b[k] < b[q] | (b[k] == b[q] & n[q] == 0))) | (n[k] > 0 & n[q] == n[k] & b[k] == b[q])
+                  = b[k] == b[q] ? n[k] == n[q] : (b[k] < b[q] & n[k] == 0)   (the form computed here)
 which, with no noisy positions, is b[k] <= b[q] (block-causal). A query row with no visible key (a padding query)
 has its output ignored: dense (and the chunked kernel's decoding plan) let it attend everywhere, the chunked
 document-aware plan gives it zeros or its chunk's keys, flex returns zeros; none gives NaN. Queries
@@ -61,8 +62,10 @@ class AttentionMask:
     q_block: torch.Tensor  # (B, Q) long
     k_block: torch.Tensor  # (B, K) long
     k_valid: torch.Tensor  # (B, K) bool
-    q_noisy: torch.Tensor  # (B, Q) bool
-    k_noisy: torch.Tensor  # (B, K) bool
+    # Copy index of each position (masks.py): 0 clean, c >= 1 noisy copy c. Given as bool (True = copy 1, the
+    # single-copy layout) or integers; stored as long.
+    q_noisy: torch.Tensor  # (B, Q) long
+    k_noisy: torch.Tensor  # (B, K) long
     q_doc: torch.Tensor  # (B, Q) long
     k_doc: torch.Tensor  # (B, K) long
     full: bool = False
@@ -75,16 +78,16 @@ class AttentionMask:
               q_noisy: torch.Tensor | None = None, k_noisy: torch.Tensor | None = None,
               q_doc: torch.Tensor | None = None, k_doc: torch.Tensor | None = None,
               full: bool = False, q_valid: torch.Tensor | None = None) -> "AttentionMask":
-        """Missing noisy flags are all False, missing document ids all 0 (one document per row); q_valid None: every
-        query's output is used."""
+        """Missing copy indices are all 0 (clean), missing document ids all 0 (one document per row); q_valid None:
+        every query's output is used."""
         if q_block.dim() != 2 or k_block.dim() != 2 or k_valid.shape != k_block.shape:
             raise ValueError(f"attention mask: q_block {tuple(q_block.shape)}, k_block {tuple(k_block.shape)}, "
                              f"k_valid {tuple(k_valid.shape)} must be (B, Q), (B, K), (B, K)")
         if (q_noisy is None) != (k_noisy is None) or (q_doc is None) != (k_doc is None):
             raise ValueError("attention mask: noisy flags and document ids come in (query, key) pairs")
         device = q_block.device
-        q_noisy = torch.zeros_like(q_block, dtype=torch.bool) if q_noisy is None else q_noisy.bool()
-        k_noisy = torch.zeros_like(k_block, dtype=torch.bool) if k_noisy is None else k_noisy.bool()
+        q_noisy = torch.zeros_like(q_block) if q_noisy is None else copy_index(q_noisy)
+        k_noisy = torch.zeros_like(k_block) if k_noisy is None else copy_index(k_noisy)
         documents = q_doc is not None
         q_doc = torch.zeros_like(q_block) if q_doc is None else q_doc.long()
         k_doc = torch.zeros_like(k_block) if k_doc is None else k_doc.long()
@@ -144,7 +147,7 @@ class AttentionMask:
         if self.full:
             return allowed
         rule = kb < qb
-        rule &= ~kn
+        rule &= kn == 0
         same = kb == qb
         same &= qn == kn
         rule |= same
@@ -157,14 +160,24 @@ class AttentionMask:
         return additive(open_empty_rows_(self.visible()), dtype)[:, None]
 
 
+def copy_index(flags: torch.Tensor) -> torch.Tensor:
+    """Copy indices as long: a bool noisy flag is copy 1 (every single-copy caller), integers are kept."""
+    if flags.dtype == torch.bool:
+        return flags.long()
+    if flags.is_floating_point() or (flags.numel() and bool((flags < 0).any())):
+        raise ValueError("attention mask: copy indices are integers >= 0 (0 clean, c >= 1 noisy copy c)")
+    return flags.long()
+
+
 def visible_pairs(qb, kb, qn, kn, kv, qd, kd, full: bool) -> torch.Tensor:
     """The visibility rule on broadcastable per-position tensors (queries on dim -2, keys on dim -1), as one
     expression (FlexAttention's mask_mod). The rule read by block: an earlier block's key is seen when it is clean;
-    a key of the query's own block when both are clean or both noisy; a later block's never."""
+    a key of the query's own block when both have the same copy index (both clean, or both of the same noisy
+    copy); a later block's never."""
     allowed = kv & (qd == kd)
     if full:
         return allowed
-    return allowed & torch.where(kb == qb, kn == qn, (kb < qb) & ~kn)
+    return allowed & torch.where(kb == qb, kn == qn, (kb < qb) & (kn == 0))
 
 
 def open_empty_rows_(allowed: torch.Tensor) -> torch.Tensor:

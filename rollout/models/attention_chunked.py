@@ -3,13 +3,14 @@ chunk against only the key segments it can see.
 
 Plans (computed once per forward from the description, then shared by every layer; `chunk_plan`):
 - document-aware (a mask with document ids or query validity: every training-layout forward, `layout.arrange_rows`):
-  each batch row's queries are cut where the document, the clean/noisy flag or the query validity changes, then
-  into chunks of at most `rows` queries. A chunk's key set is the union of what its queries see, computed in O(K)
-  from the rule (`keys_seen`), and cut into contiguous segments: in the training layout `[prompt | clean | noisy]`
-  a clean chunk sees its document's clean prefix up to its last block (one segment), a noisy chunk that prefix up
-  to its block plus its own noisy blocks (two), never another document. A packed row therefore costs about the sum
-  of its documents' costs, and a padded row about its own sample's (invalid queries, the padding, are skipped:
-  output 0; no consumer reads it). Rows whose plans are equal run batched; otherwise row by row.
+  each batch row's queries are cut where the document, the copy index (clean / noisy copy c) or the query validity
+  changes, then into chunks of at most `rows` queries. A chunk's key set is the union of what its queries see,
+  computed in O(K) from the rule (`keys_seen`), and cut into contiguous segments: in the training layout
+  `[prompt | clean | noisy]` (or its several noisy copies) a clean chunk sees its document's clean prefix up to its last block (one segment), a noisy chunk that prefix up
+  to its block plus its own noisy blocks in its own copy (two), never another document or copy. A packed row
+  therefore costs about the sum of its documents' costs, and a padded row about its own sample's (invalid
+  queries, the padding, are skipped: output 0; no consumer reads it). Rows whose plans are equal run batched;
+  otherwise row by row.
 - contiguous (no documents, no query validity: decoding): chunks of `rows` queries of all rows, each trimmed to the
   contiguous key range its queries see (a single chunk keeps every key: one host sync per decoding step).
 
@@ -108,7 +109,7 @@ def contiguous_plan(mask: AttentionMask, rows: int) -> list[Chunk]:
 
 
 def document_plan(mask: AttentionMask, rows: int) -> list[Chunk]:
-    """Chunks cut at document / clean-noisy / validity changes, each against the key segments it sees."""
+    """Chunks cut at document / copy / validity changes, each against the key segments it sees."""
     per_row = [row_chunks(mask, b, rows) for b in range(mask.shape[0])]
     if all(chunks == per_row[0] for chunks in per_row[1:]):
         return [Chunk(None, lo, hi, segments) for lo, hi, segments in per_row[0]]
@@ -150,9 +151,10 @@ def keys_seen(mask: AttentionMask, b: int, q_lo: int, q_hi: int, k_lo: int = 0, 
               ) -> torch.Tensor:
     """(k_hi - k_lo,) bool: a superset of the keys k_lo .. k_hi-1 some query q_lo .. q_hi-1 of row b sees, from the
     rule in O(K + C): a
-    clean query of block j sees clean keys of blocks <= j; a noisy one clean keys of blocks < j and noisy keys of
-    block j. Documents and noisy blocks are taken as the chunk's [min, max] ranges (exact for the chunks
-    `row_chunks` cuts: one document, consecutive blocks); a superset only costs masked columns."""
+    clean query of block j sees clean keys of blocks <= j; a query of noisy copy c clean keys of blocks < j and
+    the noisy keys of block j in copy c. Documents, noisy blocks and copies are taken as the chunk's [min, max]
+    ranges (exact for the chunks `row_chunks` cuts: one document, one copy, consecutive blocks); a superset only
+    costs masked columns."""
     qb, qn, qd = mask.q_block[b, q_lo:q_hi], mask.q_noisy[b, q_lo:q_hi], mask.q_doc[b, q_lo:q_hi]
     k = slice(k_lo, k_hi)
     kb, kn, kd = mask.k_block[b, k], mask.k_noisy[b, k], mask.k_doc[b, k]
@@ -160,13 +162,15 @@ def keys_seen(mask: AttentionMask, b: int, q_lo: int, q_hi: int, k_lo: int = 0, 
     if mask.full:
         return seen
     rule = torch.zeros_like(seen)
-    clean_blocks, noisy_blocks = qb[~qn], qb[qn]
+    q_clean, k_clean = qn == 0, kn == 0
+    clean_blocks, noisy_blocks, copies = qb[q_clean], qb[~q_clean], qn[~q_clean]
     if clean_blocks.numel():
-        rule |= ~kn & (kb <= clean_blocks.max())
+        rule |= k_clean & (kb <= clean_blocks.max())
     if noisy_blocks.numel():
         low, high = noisy_blocks.min(), noisy_blocks.max()
-        rule |= ~kn & (kb < high)
-        rule |= kn & (kb >= low) & (kb <= high)
+        rule |= k_clean & (kb < high)
+        # Only the noisy keys of the chunk's own copies (one copy: `row_chunks` cuts where the copy changes).
+        rule |= ~k_clean & (kn >= copies.min()) & (kn <= copies.max()) & (kb >= low) & (kb <= high)
     return seen & rule
 
 

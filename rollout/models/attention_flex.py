@@ -3,9 +3,9 @@
 - The BlockMask is built tile by tile (TILE x TILE) from the description, a stripe of query rows at a time, so
   building it never holds more than one stripe's (B, S, K) booleans: tiles no query sees are skipped by the
   kernel, tiles every query sees run without calling the mask function, the rest evaluate `mask_mod` per element.
-- One `mask_mod` (the training-layout rule with validity and documents) serves every layout: block-causal masks are
-  that rule with no noisy positions, full attention is it with every block id 0. Its code never changes, only the
-  tensors it closes over, so the compiled kernel is reused across forwards of the same shapes.
+- One `mask_mod` (the training-layout rule with validity, documents and copy indices) serves every layout:
+  block-causal masks are that rule with no noisy positions, full attention is it with every block id 0. Its code
+  never changes, only the tensors it closes over, so the compiled kernel is reused across forwards of the same shapes.
 - Shapes are padded up to buckets (lengths: multiples of TILE up to 1024, then eight steps per doubling; batch: a
   power of two), so compilation happens once per bucket (and head geometry / dtype), not once per length or per
   number of rows still decoding. Padded keys are invalid; padded queries and rows are cut off the output. The per-position tensors are padded too, so `mask_mod` never reads past

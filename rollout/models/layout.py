@@ -1,16 +1,17 @@
 """Training layouts and how they are laid into rows: one sample per row (padded) or several per row (packed).
 
 A sample's layout is `[prompt | clean response | noisy canvas]` for block models and `[prompt | noisy response]`
-for full-attention ones (rollout/models/masks.py explains the canvas and the mask rule). `arrange_rows` lays a
-batch of layouts into rows:
+for full-attention ones (rollout/models/masks.py explains the canvas and the mask rule); a block model's layout may
+also hold several noisy canvases behind one clean part (`copies_layout`: the trajectory estimator's passes in one
+forward). `arrange_rows` lays a batch of layouts into rows:
 - padded: row b holds sample b, right-padded to the longest layout;
 - packed: first-fit-decreasing into rows of `row_tokens` tokens (default: the longest layout, so no row is longer
   than a padded one and attention never costs more per row), each sample a document of its row: its own document
   id, position ids restarting at 0, attention kept inside it. Packing only removes padding: every sample sees
   exactly the keys and positions it sees alone, so its scores are the same up to floating-point summation order.
-The per-position mask inputs come out as an `attention.AttentionMask` (block ids, noisy flags, validity, and document
-ids for packed rows only: one sample per row needs none, and a remote-code model refuses them), which the attention
-kernels run and `.dense_bias()` expands.
+The per-position mask inputs come out as an `attention.AttentionMask` (block ids, copy indices, validity, and
+document ids for packed rows only: one sample per row needs none, and a remote-code model refuses them), which the
+attention kernels run and `.dense_bias()` expands.
 """
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ class SampleLayout:
     ids: torch.Tensor  # (n,) input token ids
     pos: torch.Tensor  # (n,) position ids (from 0)
     block: torch.Tensor  # (n,) block ids (masks.py)
-    noisy: torch.Tensor  # (n,) bool: position of the noisy copy
-    response_pos: torch.Tensor  # (L,) where response token i's own (noisy) input sits in the layout
+    noisy: torch.Tensor  # (n,) long copy index: 0 clean, c >= 1 position of noisy copy c (masks.py)
+    response_pos: torch.Tensor  # (L,) where response token i's own (noisy) input sits; (C, L) per copy
+    target_pos: torch.Tensor  # like response_pos: the position whose logits predict token i (spec.logits_shift)
 
     def __len__(self) -> int:
         return int(self.ids.numel())
@@ -79,35 +81,73 @@ def alignment_origin(spec: DiffusionSpec, prompt_len: int, alignment: str | None
     return block_origin(prompt_len, spec.block_size, alignment)
 
 
-def layout_length(spec: DiffusionSpec, prompt_len: int, response_len: int, alignment: str | None = None) -> int:
-    """Positions of one sample's training layout (what `sample_layout` builds), without building it."""
+def layout_length(spec: DiffusionSpec, prompt_len: int, response_len: int, alignment: str | None = None,
+                  copies: int = 1) -> int:
+    """Positions of one sample's training layout (what `sample_layout`, or `copies_layout` with `copies` noisy
+    canvases, builds), without building it."""
     if not spec.is_block:
         return prompt_len + response_len
     head = prompt_len - alignment_origin(spec, prompt_len, alignment)
-    return prompt_len + 2 * response_len + head
+    return prompt_len + response_len + copies * (response_len + head)
 
 
 def sample_layout(prompt: torch.Tensor, clean: torch.Tensor, noisy: torch.Tensor, spec: DiffusionSpec,
                   alignment: str | None = None) -> SampleLayout:
-    prompt, clean, noisy = prompt.long().cpu(), clean.long().cpu(), noisy.long().cpu()
-    p, length = prompt.numel(), clean.numel()
+    """One sample's layout with one noisy canvas: `[prompt | clean | noisy]` (block) or `[prompt | noisy]` (full);
+    response_pos / target_pos are (L,)."""
     if not spec.is_block:
+        prompt, noisy = prompt.long().cpu(), noisy.long().cpu()
+        p, length = prompt.numel(), noisy.numel()
+        where = torch.arange(p, p + length)
         return SampleLayout(torch.cat([prompt, noisy]), torch.arange(p + length),
-                            torch.zeros(p + length, dtype=torch.long), torch.zeros(p + length, dtype=torch.bool),
-                            torch.arange(p, p + length))
-    # `[prompt | clean response | noisy canvas]`. The noisy copy is the canvas (masks.py): under `absolute`
-    # alignment it starts with the prompt's tail, unmasked, because in decoding the tail is computed inside the
-    # first block, its hidden states seeing that block's noisy tokens; the prompt's own copy of the tail is the
-    # clean one (block 0, clean), which later blocks see, as they see the committed block in decoding.
+                            torch.zeros(p + length, dtype=torch.long), torch.zeros(p + length, dtype=torch.long),
+                            where, where - int(spec.logits_shift))
+    lay = copies_layout(prompt, clean, [noisy], spec, alignment)
+    lay.response_pos, lay.target_pos = lay.response_pos[0], lay.target_pos[0]
+    return lay
+
+
+def copies_layout(prompt: torch.Tensor, clean: torch.Tensor, noisy: list[torch.Tensor], spec: DiffusionSpec,
+                  alignment: str | None = None) -> SampleLayout:
+    """A block model's layout with C >= 1 noisy canvases sharing one clean part:
+    `[prompt | clean response | noisy canvas 1 | ... | noisy canvas C]`, copy c's positions carrying copy index c.
+    Each copy has exactly the tokens, position ids and block ids the single-copy layout gives that canvas, and the
+    mask (masks.py) lets it see exactly what it would see alone, so every score is the same as C separate
+    single-copy forwards (the trajectory estimator's passes) while the prompt and clean response are computed once.
+    response_pos / target_pos are (C, L)."""
+    if not spec.is_block:
+        raise ValueError("copies_layout: several noisy canvases share a clean part only in block models' layout")
+    if not noisy:
+        raise ValueError("copies_layout: at least one noisy canvas")
+    prompt, clean = prompt.long().cpu(), clean.long().cpu()
+    p, length = prompt.numel(), clean.numel()
+    for canvas in noisy:
+        if canvas.numel() != length:
+            raise ValueError(f"copies_layout: noisy canvas length {canvas.numel()} != response length {length}")
+    # Each noisy copy is the canvas (masks.py): under `absolute` alignment it starts with the prompt's tail,
+    # unmasked, because in decoding the tail is computed inside the first block, its hidden states seeing that
+    # block's noisy tokens; the prompt's own copy of the tail is the clean one (block 0, clean), which later blocks
+    # see, as they see the committed block in decoding.
     origin = alignment_origin(spec, p, alignment)
     head = p - origin
-    clean_blocks = block_ids(0, p + length, origin, spec.block_size)
+    clean_len, copy_len = p + length, head + length
+    clean_blocks = block_ids(0, clean_len, origin, spec.block_size)
+    copies = len(noisy)
+    starts = clean_len + copy_len * torch.arange(copies)  # where copy c (0-based here) begins
+    response_pos = starts[:, None] + head + torch.arange(length)
+    # logits_shift: token i is predicted from the input before it. Inside a copy that is the previous canvas
+    # position; before a copy's first position (head 0) the single-copy layout reads the position before its noisy
+    # copy, the clean response's last token (shared, so the same for every copy here).
+    rel = head + torch.arange(length) - int(spec.logits_shift)  # offset from the copy's start
+    target_pos = torch.where(rel >= 0, starts[:, None] + rel, clean_len + rel)
     return SampleLayout(
-        ids=torch.cat([prompt, clean, prompt[origin:], noisy]),
-        pos=torch.cat([torch.arange(p + length), torch.arange(origin, p + length)]),
-        block=torch.cat([clean_blocks, clean_blocks[origin:]]),
-        noisy=torch.cat([torch.zeros(p + length, dtype=torch.bool), torch.ones(head + length, dtype=torch.bool)]),
-        response_pos=torch.arange(p + length + head, p + 2 * length + head),
+        ids=torch.cat([prompt, clean] + [torch.cat([prompt[origin:], c.long().cpu()]) for c in noisy]),
+        pos=torch.cat([torch.arange(clean_len)] + [torch.arange(origin, clean_len)] * copies),
+        block=torch.cat([clean_blocks] + [clean_blocks[origin:]] * copies),
+        noisy=torch.cat([torch.zeros(clean_len, dtype=torch.long)]
+                        + [torch.full((copy_len,), c + 1, dtype=torch.long) for c in range(copies)]),
+        response_pos=response_pos,
+        target_pos=target_pos,
     )
 
 
@@ -150,7 +190,7 @@ def arrange_rows(layouts: list[SampleLayout], *, pad_id: int, full: bool, packed
     input_ids = torch.full((num_rows, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((num_rows, width), dtype=torch.long)
     blocks = torch.full((num_rows, width), PAD_BLOCK, dtype=torch.long)
-    noisy = torch.zeros((num_rows, width), dtype=torch.bool)
+    noisy = torch.zeros((num_rows, width), dtype=torch.long)  # copy indices (0: clean, and padding)
     valid = torch.zeros((num_rows, width), dtype=torch.bool)
     doc = torch.zeros((num_rows, width), dtype=torch.long)
     row_of = torch.zeros(len(layouts), dtype=torch.long)

@@ -19,11 +19,16 @@ A query sees a key when the key's block is earlier, or the same block (bidirecti
 
 The training layout `[prompt | clean response | noisy canvas]` adds a second, noisy copy of the canvas. A position
 is "noisy" when it belongs to that copy: a noisy query sees clean keys of strictly earlier blocks (and the prompt),
-and noisy keys only of its own block; clean queries never see noisy keys.
+and noisy keys only of its own block; clean queries never see noisy keys. The shared-clean layout
+`[prompt | clean response | noisy canvas 1 | ... | noisy canvas G]` (the trajectory estimator's G passes in one
+forward) numbers the copies: each position has a copy index n (0 clean, c >= 1 noisy copy c; the single-copy layout
+has only 0 and 1), and a noisy key is seen only by noisy queries of its own block AND its own copy. Clean states
+never see a noisy key, so they are the same however many copies follow, and each copy sees exactly what it would
+see alone.
 
 Packing: several samples ("documents") may share one row. Every position then also carries a document id, and a
 query sees a key only within its own document (padding positions are invalid keys whatever their id); position ids
-restart at 0 per document. Per position p of a row: block id b[p], noisy flag n[p], key validity v[p], document
+restart at 0 per document. Per position p of a row: block id b[p], copy index n[p], key validity v[p], document
 id d[p]; query q sees key k iff v[k] and d[q] == d[k] and rule(b, n), rule being True (full attention),
 b[k] <= b[q] (block models without a noisy copy) or the training-layout rule above. The layout builder
 (layout.arrange_rows) hands these per-position tensors to the attention kernels as one `attention.AttentionMask`;
@@ -88,10 +93,13 @@ def attention_bias(
         if q_noisy is None:
             allowed = kb <= qb
         else:
-            qn = q_noisy[:, :, None].bool()
-            kn = k_noisy[:, None, :].bool()
-            clean_key_seen = ~kn & ((kb < qb) | ((kb == qb) & ~qn))
-            noisy_key_seen = kn & qn & (kb == qb)
+            # Copy indices (a bool flag is copy 1): a clean key is seen from later blocks, and from its own block by
+            # clean queries; a noisy key only from its own block by queries of the same noisy copy.
+            qn = q_noisy[:, :, None].long()
+            kn = k_noisy[:, None, :].long()
+            key_clean = kn == 0
+            clean_key_seen = key_clean & ((kb < qb) | ((kb == qb) & (qn == 0)))
+            noisy_key_seen = ~key_clean & (qn == kn) & (kb == qb)
             allowed = clean_key_seen | noisy_key_seen
         allowed = allowed & valid
     if q_doc is not None:

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from rollout.models import attention
 from rollout.models.attention import AttentionMask
-from rollout.models.layout import alignment_origin, arrange_rows, sample_layout  # noqa: F401 (re-exported)
+from rollout.models.layout import alignment_origin, arrange_rows, copies_layout, sample_layout  # noqa: F401
 from rollout.models.spec import DiffusionSpec
 
 # Rows of the vocabulary projection computed at once: bounds the (rows x vocab) logits buffer.
@@ -48,8 +48,9 @@ class PackedBatch:
     input_ids: torch.Tensor  # (R, T)
     position_ids: torch.Tensor  # (R, T)
     attn_bias: AttentionMask  # (R, 1, T, T) as per-position mask inputs (block ids, noisy flags, validity, documents)
-    target_pos: torch.Tensor  # (B, Lmax) index in row[b] of the hidden state whose logits predict response token i
-    response_pos: torch.Tensor  # (B, Lmax) index in row[b] of response token i's own (noisy) input position
+    # `pack`: (B, Lmax); `pack_copies`: (B, Cmax, Lmax), one row of positions per noisy copy.
+    target_pos: torch.Tensor  # index in row[b] of the hidden state whose logits predict response token i
+    response_pos: torch.Tensor  # index in row[b] of response token i's own (noisy) input position
     row: torch.Tensor | None = None  # (B,) row of each sample (None: row b holds sample b)
 
     def rows_of(self) -> torch.Tensor:
@@ -196,23 +197,42 @@ class DiffusionPolicy:
         """
         if not (len(prompts) == len(responses) == len(noisy)):
             raise ValueError("pack: prompts, responses and noisy must have the same batch size")
-        spec, layouts = self.spec, []
+        layouts = []
         for prompt, clean, corrupted in zip(prompts, responses, noisy):
             if clean.shape != corrupted.shape:
                 raise ValueError(f"pack: noisy response shape {tuple(corrupted.shape)} != {tuple(clean.shape)}")
-            layouts.append(sample_layout(prompt, clean, corrupted, spec, alignment))
-        rows = arrange_rows(layouts, pad_id=spec.pad_token_id, full=not spec.is_block, packed=packed,
+            lay = sample_layout(prompt, clean, corrupted, self.spec, alignment)
+            lay.response_pos, lay.target_pos = lay.response_pos[None], lay.target_pos[None]  # one copy
+            layouts.append(lay)
+        laid = self._arrange(layouts, responses, packed, row_tokens)
+        laid.target_pos, laid.response_pos = laid.target_pos[:, 0], laid.response_pos[:, 0]
+        return laid
+
+    def pack_copies(
+        self, prompts: list[torch.Tensor], responses: list[torch.Tensor], noisy: list[list[torch.Tensor]],
+        *, alignment: str | None = None, packed: bool = False, row_tokens: int | None = None,
+    ) -> PackedBatch:
+        """`pack` with several noisy canvases per sample sharing its clean part (block models only):
+        `[prompt | clean | noisy 1 | ... | noisy C_b]` (layout.copies_layout). target_pos / response_pos are
+        (B, Cmax, Lmax): copy c of sample b in [:, c] (copies a sample lacks point at position 0, never read)."""
+        if not (len(prompts) == len(responses) == len(noisy)):
+            raise ValueError("pack_copies: prompts, responses and noisy must have the same batch size")
+        layouts = [copies_layout(prompt, clean, list(canvases), self.spec, alignment)
+                   for prompt, clean, canvases in zip(prompts, responses, noisy)]
+        return self._arrange(layouts, responses, packed, row_tokens)
+
+    def _arrange(self, layouts, responses, packed: bool, row_tokens: int | None) -> PackedBatch:
+        """Layouts with (C_b, L_b) positions laid into rows; positions made row indices, (B, Cmax, Lmax)."""
+        rows = arrange_rows(layouts, pad_id=self.spec.pad_token_id, full=not self.spec.is_block, packed=packed,
                             row_tokens=row_tokens)
         max_len = max(c.numel() for c in responses)
-        bsz = len(layouts)
-        target_pos = torch.zeros((bsz, max_len), dtype=torch.long)
-        response_pos = torch.zeros((bsz, max_len), dtype=torch.long)
-        shift = 1 if spec.logits_shift else 0
+        copies = max(lay.response_pos.shape[0] for lay in layouts)
+        target_pos = torch.zeros((len(layouts), copies, max_len), dtype=torch.long)
+        response_pos = torch.zeros_like(target_pos)
         for b, lay in enumerate(layouts):
-            length = lay.response_pos.numel()
-            where = lay.response_pos + rows.start[b]
-            response_pos[b, :length] = where
-            target_pos[b, :length] = where - shift
+            c, length = lay.response_pos.shape
+            response_pos[b, :c, :length] = lay.response_pos + rows.start[b]
+            target_pos[b, :c, :length] = lay.target_pos + rows.start[b]
         device = self.device
         return PackedBatch(
             rows.input_ids.to(device), rows.position_ids.to(device), rows.mask.to(device),
@@ -239,43 +259,92 @@ class DiffusionPolicy:
         block alignment (block models only; None: the model's own). packed=True lays several samples in one row
         (`pack`): the same scores per sample, no compute on padding; needs transformers' own model classes.
         """
-        if packed and not self.native:
-            raise ValueError("score_responses: packed rows need transformers' own model classes (a remote-code "
-                             "model takes only a padding mask, no per-document attention or restarted positions)")
+        self._check_packed(packed, "score_responses")
         laid = self.pack(prompts, responses, noisy, alignment=alignment, packed=packed, row_tokens=row_tokens)
-        bsz, max_len = laid.target_pos.shape
+        masks = None if score_mask is None else [m[None] for m in score_mask]
+        laid.target_pos, laid.response_pos = laid.target_pos[:, None], laid.response_pos[:, None]
+        scores, _, hidden = self._score_laid(laid, responses, masks, temperature, return_entropy, return_hidden)
+        if return_hidden:  # every response position's hidden state, scored or not (the single copy's)
+            scores.hidden = hidden[laid.rows_of()[:, None], laid.response_pos[:, 0]]
+        return scores
+
+    def score_trajectory_copies(
+        self,
+        prompts: list[torch.Tensor],
+        responses: list[torch.Tensor],
+        noisy: list[list[torch.Tensor]],
+        score_masks: list[list[torch.Tensor]],
+        *,
+        temperature: float = 1.0,
+        return_entropy: bool = False,
+        return_hidden: bool = False,
+        alignment: str | None = None,
+        packed: bool = False,
+        row_tokens: int | None = None,
+    ) -> ResponseScores:
+        """Several noisy states per sample scored in ONE forward (block models; `pack_copies`): token i of sample b
+        is scored from copy c where score_masks[b][c][i] holds, each token by at most one copy. The same scores as
+        one `score_responses` call per copy (the copies see exactly what they would see alone), the shared prompt
+        and clean response computed once. hidden: a scored token's from the copy that scores it, 0 elsewhere."""
+        self._check_packed(packed, "score_trajectory_copies")
+        if len(score_masks) != len(noisy) or any(len(m) != len(n) for m, n in zip(score_masks, noisy)):
+            raise ValueError("score_trajectory_copies: one score mask per noisy canvas")
+        laid = self.pack_copies(prompts, responses, noisy, alignment=alignment, packed=packed, row_tokens=row_tokens)
+        masks = [torch.stack([m.bool().cpu() for m in sample]) for sample in score_masks]
+        if any(bool((m.sum(0) > 1).any()) for m in masks):
+            raise ValueError("score_trajectory_copies: a token is scored by more than one copy")
+        scores, selected, hidden = self._score_laid(laid, responses, masks, temperature, return_entropy,
+                                                    return_hidden)
+        if return_hidden:  # each scored token's hidden state in the copy that scores it
+            b_idx, c_idx, cols = selected.nonzero(as_tuple=True)
+            own = hidden[laid.rows_of()[b_idx], laid.response_pos[b_idx, c_idx, cols]]
+            scores.hidden = hidden.new_zeros((*scores.valid.shape, hidden.shape[-1])).index_put((b_idx, cols), own)
+        return scores
+
+    def _check_packed(self, packed: bool, name: str) -> None:
+        if packed and not self.native:
+            raise ValueError(f"{name}: packed rows need transformers' own model classes (a remote-code model takes "
+                             "only a padding mask, no per-document attention or restarted positions)")
+
+    def _score_laid(self, laid: PackedBatch, responses, masks: list[torch.Tensor] | None, temperature: float,
+                    return_entropy: bool, return_hidden: bool):
+        """One forward over `laid` ((B, C, L) positions): log p of response token i at each (b, c, i) masks[b]
+        (C_b, L_b) selects (None: every token of copy 0). Returns (scores without hidden, the (B, C, L) selection,
+        the forward's (R, T, H) last hidden states when return_hidden: the callers pick their positions)."""
+        bsz, copies, max_len = laid.target_pos.shape
         device = self.device
-        valid = torch.zeros((bsz, max_len), dtype=torch.bool, device=device)
+        selected = torch.zeros((bsz, copies, max_len), dtype=torch.bool)
         targets = torch.zeros((bsz, max_len), dtype=torch.long, device=device)
         for b, clean in enumerate(responses):
             n = clean.numel()
             targets[b, :n] = clean.to(device)
-            valid[b, :n] = True if score_mask is None else score_mask[b].to(device).bool()
+            if masks is None:
+                selected[b, 0, :n] = True
+            else:
+                selected[b, :masks[b].shape[0], :n] = masks[b].bool().cpu()
+        selected = selected.to(device)
         native = self.native
         out = self.forward(
             laid.input_ids, laid.position_ids, laid.attn_bias,
             return_hidden=native or return_hidden, compute_logits=not native,
         )
-        rows, cols = valid.nonzero(as_tuple=True)
+        b_idx, c_idx, cols = selected.nonzero(as_tuple=True)
         row_of = laid.rows_of()
+        where = laid.target_pos[b_idx, c_idx, cols]
         if native:
             # Project only the hidden states of scored positions onto the vocabulary.
-            source = out.hidden[row_of[rows], laid.target_pos[rows, cols]]
-            logp_rows, ent_rows = token_logprobs(self, source, targets[rows, cols], temperature=temperature,
-                                                 with_entropy=return_entropy)
+            logp_rows, ent_rows = token_logprobs(self, out.hidden[row_of[b_idx], where], targets[b_idx, cols],
+                                                 temperature=temperature, with_entropy=return_entropy)
         else:
-            logits = out.logits[row_of[rows], laid.target_pos[rows, cols]]
-            logp_rows, ent_rows = token_logprobs(self, logits, targets[rows, cols], temperature=temperature,
-                                                 with_entropy=return_entropy, are_logits=True)
+            logp_rows, ent_rows = token_logprobs(self, out.logits[row_of[b_idx], where], targets[b_idx, cols],
+                                                 temperature=temperature, with_entropy=return_entropy,
+                                                 are_logits=True)
         logprobs = torch.zeros((bsz, max_len), dtype=logp_rows.dtype, device=device)
-        logprobs = logprobs.index_put((rows, cols), logp_rows)
+        logprobs = logprobs.index_put((b_idx, cols), logp_rows)
         entropy = None
         if return_entropy:
-            entropy = torch.zeros_like(logprobs).index_put((rows, cols), ent_rows)
-        hidden = None
-        if return_hidden:
-            hidden = out.hidden[row_of[:, None], laid.response_pos]
-        return ResponseScores(logprobs, valid, entropy, hidden)
+            entropy = torch.zeros_like(logprobs).index_put((b_idx, cols), ent_rows)
+        return ResponseScores(logprobs, selected.any(dim=1), entropy), selected, (out.hidden if return_hidden else None)
 
 
 def token_logprobs(

@@ -59,14 +59,16 @@ def _batch(policy, n_blocks_per_sample, block_size, steps_per_block, seed):
 # Synthetic step maps here are cut into blocks from the response start: the sdar model (absolute alignment) is
 # scored with the estimator's `response` option (TraceRL's training layout); its own absolute layout is checked
 # against real rollouts in test_trajectory_vs_engine.py and tests/rollout/test_block_alignment.py.
+@pytest.mark.parametrize("shared_clean", [True, False])
 @pytest.mark.parametrize("kind,alignment", [("block", None), ("sdar", "response")])
-def test_block_trajectory_matches_naive_and_costs_steps_per_block(tiny_policies, kind, alignment):
+def test_block_trajectory_matches_naive_and_costs_steps_per_block(tiny_policies, kind, alignment, shared_clean):
     policy = tiny_policies[kind]
     bs, spb = policy.spec.block_size, 3
     inp = _batch(policy, [2, 6, 1], bs, spb, seed=0)
     with torch.no_grad():
-        est = trajectory_estimator(policy, inp, block_alignment=alignment)
-    assert est.forwards == spb  # independent of the number of blocks (6 here)
+        est = trajectory_estimator(policy, inp, block_alignment=alignment, shared_clean=shared_clean)
+    # Independent of the number of blocks (6 here): one forward per step group, or one in all (shared clean part).
+    assert est.forwards == (1 if shared_clean else spb)
     for b in range(len(inp)):
         ref = naive_trajectory_logps(policy, inp.prompts[b], inp.responses[b], inp.step_maps[b], bs)
         assert torch.allclose(est.token_logp[b, : ref.numel()], ref, atol=1e-5)
@@ -75,16 +77,17 @@ def test_block_trajectory_matches_naive_and_costs_steps_per_block(tiny_policies,
 
 def test_forward_count_does_not_grow_with_blocks(tiny_policies):
     policy = tiny_policies["block"]
-    few = trajectory_estimator(policy, _batch(policy, [1], 4, 4, seed=1))
-    many = trajectory_estimator(policy, _batch(policy, [16], 4, 4, seed=1))
-    assert few.forwards == many.forwards == 4
+    for shared_clean, forwards in ((False, 4), (True, 1)):
+        few = trajectory_estimator(policy, _batch(policy, [1], 4, 4, seed=1), shared_clean=shared_clean)
+        many = trajectory_estimator(policy, _batch(policy, [16], 4, 4, seed=1), shared_clean=shared_clean)
+        assert few.forwards == many.forwards == forwards
 
 
 def test_shrink_merges_consecutive_steps(tiny_policies):
     policy = tiny_policies["block"]
     inp = _batch(policy, [3], 4, 4, seed=2)
     with torch.no_grad():
-        est = trajectory_estimator(policy, inp, shrink=2)
+        est = trajectory_estimator(policy, inp, shrink=2, shared_clean=False)
     assert est.forwards == 2
     # Group g is scored from the state before its first step: tokens of local steps 0-1 see no step-1 tokens.
     local = torch.stack([inp.step_maps[0][i] % 4 for i in range(12)])
