@@ -51,7 +51,7 @@ import torch
 from rl.algorithms import LOSSES, PolicyBatch, PolicyEstimates, make_loss_config
 from rl.algorithms.dtreerpo import DistillTerms, distill_schedule, distill_terms
 from rl.estimators import get_estimator
-from rl.estimators.base import EstimatorInput, token_mask_of
+from rl.estimators.base import EstimatorInput, layout_tokens, token_mask_of
 from rl.learner_batch import (
     MetricLog,
     RolloutBatch,
@@ -80,7 +80,7 @@ from rl.reference import (
 from rl.router_aux import router_aux_for
 from rl.sample import ScoredSample
 from rl.value import ValueHead, value_loss
-from rollout.models.layout import RowPacking, layout_length
+from rollout.models.layout import RowPacking
 from rollout.models.policy import DiffusionPolicy
 
 
@@ -253,9 +253,8 @@ class Learner(LearnerStateMixin, BeforeTrainingMixin):
             batch.inp.valid_lengths = None
         self._mask_seed = sample_seed(cfg.seed, "masks", self.updates)
         self._thawed: set[str] = set()  # samples whose hints the entropy filter has seen (IGPO)
-        tokens = None if cfg.pack_tokens is None else [
-            layout_length(self.policy.spec, batch.inp.prompts[i].numel(), batch.inp.length(i))
-            for i in range(len(batch))]
+        tokens = None if cfg.pack_tokens is None else layout_tokens(self.estimator, self.policy.spec, batch.inp,
+                                                                    cfg.estimator_params)
         plan = plan_update(len(batch), mu=cfg.mu, micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum,
                            world_size=self.backend.world_size, rank=self.backend.rank, shuffle=cfg.shuffle,
                            seed=sample_seed(cfg.seed, "shuffle", self.updates), pack_tokens=cfg.pack_tokens,

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from rl.registry import Registry
+from rollout.models.layout import layout_length
 from rollout.models.masks import check_alignment
 
 ESTIMATORS = Registry("estimator")
@@ -86,3 +87,13 @@ def token_mask_of(inp: EstimatorInput, device=None) -> torch.Tensor:
             frozen = inp.frozen[b].to(device=mask.device, dtype=torch.bool)
             mask[b, : frozen.numel()] &= ~frozen
     return mask
+
+
+def layout_tokens(estimator, spec, inp: EstimatorInput, params: dict[str, Any]) -> list[int]:
+    """Per sample, the positions of the longest layout `estimator` scores it in: its own count where it lays
+    several noisy canvases in one forward (an estimator's `layout_tokens` attribute, e.g. the trajectory
+    estimator's one-forward path), else one `[prompt | clean | noisy]` layout."""
+    own = getattr(estimator, "layout_tokens", None)
+    if own is not None:
+        return own(spec, inp, **params)
+    return [layout_length(spec, inp.prompts[b].numel(), inp.length(b)) for b in range(len(inp))]

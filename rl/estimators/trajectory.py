@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from rl.estimators.base import ESTIMATORS, Estimate, EstimatorInput, block_alignment_option, padded, token_mask_of
-from rollout.models.layout import RowPacking, alignment_origin, score_packing
+from rollout.models.layout import RowPacking, alignment_origin, layout_length, score_packing
 from rollout.trajectory import block_local_steps
 
 
@@ -71,21 +71,39 @@ def group_states(inp: EstimatorInput, groups: list[torch.Tensor], mask_id: int
     return states, scored
 
 
+def sample_groups(spec, inp: EstimatorInput, shrink: int, block_alignment: str | None
+                  ) -> tuple[list[torch.Tensor], str | None]:
+    """Per sample, the pass group of each token (`step_groups` under the model's or the asked block alignment),
+    and that alignment."""
+    if shrink < 1:
+        raise ValueError(f"estimator.shrink: must be >= 1, got {shrink}")
+    block_alignment = block_alignment_option(block_alignment)
+    heads = None
+    if spec.is_block:
+        heads = [p.numel() - alignment_origin(spec, p.numel(), block_alignment) for p in inp.prompts]
+    return step_groups(inp, spec.is_block, inp.block_size or spec.block_size, shrink, heads), block_alignment
+
+
+def layout_tokens(spec, inp: EstimatorInput, *, shrink: int = 1, shared_clean: bool = True,
+                  block_alignment: str | None = None) -> list[int]:
+    """Per sample, the positions of the layout a scoring forward lays it in (the learner's token budget,
+    `learner.pack_tokens`): one noisy canvas per step group the sample has under the one-forward path, one
+    canvas per forward otherwise."""
+    groups, alignment = sample_groups(spec, inp, shrink, block_alignment)
+    one_forward = spec.is_block and shared_clean
+    return [layout_length(spec, inp.prompts[b].numel(), inp.length(b), alignment,
+                          copies=int(torch.unique(groups[b]).numel()) if one_forward else 1)
+            for b in range(len(inp))]
+
+
 @ESTIMATORS.register("trajectory", shrink=1, shared_clean=True)
 def trajectory_estimator(policy, inp: EstimatorInput, *, seed: int = 0, inner_iter: int = 0, shrink: int = 1,
                          temperature: float = 1.0, return_entropy: bool = False,
                          return_hidden: bool = False, block_alignment: str | None = None,
                          packing: RowPacking | None = None, shared_clean: bool = True) -> Estimate:
     del seed, inner_iter  # deterministic: the masks are the recorded trajectory itself
-    if shrink < 1:
-        raise ValueError(f"estimator.shrink: must be >= 1, got {shrink}")
-    block_alignment = block_alignment_option(block_alignment)
     spec = policy.spec
-    block_size = inp.block_size or spec.block_size
-    heads = None
-    if spec.is_block:
-        heads = [p.numel() - alignment_origin(spec, p.numel(), block_alignment) for p in inp.prompts]
-    groups = step_groups(inp, spec.is_block, block_size, shrink, heads)
+    groups, block_alignment = sample_groups(spec, inp, shrink, block_alignment)
     width = max(inp.length(b) for b in range(len(inp)))
     device = policy.device
     token_logp = torch.zeros((len(inp), width), device=device)
@@ -136,3 +154,7 @@ def trajectory_estimator(policy, inp: EstimatorInput, *, seed: int = 0, inner_it
         token_logp=token_logp, seq_logp=(token_logp * mask).sum(-1), token_mask=mask, forwards=forwards,
         step_ids=step_ids, entropy=entropy, hidden=hidden, extra={"token_elbo": token_logp},
     )
+
+
+# The learner plans its token-budget micro-batches with this (rl.estimators.base.layout_tokens).
+trajectory_estimator.layout_tokens = layout_tokens

@@ -173,3 +173,44 @@ def test_pack_row_tokens_needs_pack_tokens(tiny_policies):
 def test_pooled_step_loss_refuses_packing(tiny_policies):
     with pytest.raises(ValueError, match="learner.pack_tokens: loss_agg 'step_pooled_mean'"):
         Learner(tiny_policies["block"], LearnerConfig(algorithm="cj_grpo", estimator="trajectory", pack_tokens=64))
+
+
+@pytest.mark.parametrize("name,kind,options", [("trajectory", "block", {}), ("trajectory", "sdar", {}),
+                                               ("trajectory", "block", {"shared_clean": False}),
+                                               ("trajectory", "block", {"shrink": 2}),
+                                               ("one_step", "block", {}), ("block_elbo", "sdar", {})])
+def test_token_budget_counts_the_layout_each_forward_lays_out(tiny_policies, name, kind, options):
+    """learner.pack_tokens plans micro-batches by each sample's layout size: what `layout_tokens` says must be the
+    longest row a sample scored alone occupies in any of its forwards (the trajectory estimator's one forward
+    holds a noisy canvas per step group: about twice the single-canvas layout here)."""
+    from rl.estimators import get_estimator
+    from rl.estimators.base import EstimatorInput, layout_tokens
+
+    policy = tiny_policies[kind]
+    estimator = get_estimator(name)
+    params = {**({"shrink": 1, "shared_clean": True} if name == "trajectory" else {}), **options}
+    trajs = [s.trajectory for s in mixed_trajectories(policy)]
+    inp = EstimatorInput([t.prompt_ids for t in trajs], [t.response_ids for t in trajs],
+                         [t.request_id for t in trajs], [t.valid_length for t in trajs],
+                         [t.step_map for t in trajs], 4)
+    counted = layout_tokens(estimator, policy.spec, inp, params)
+    forward, widths = policy.forward, []
+
+    def spy(input_ids, position_ids, attn_bias, **kw):
+        widths.append(int(input_ids.shape[1]))
+        return forward(input_ids, position_ids, attn_bias, **kw)
+
+    policy.forward = spy
+    try:
+        for b in range(len(inp)):
+            widths.clear()
+            alone = EstimatorInput([inp.prompts[b]], [inp.responses[b]], [inp.sample_keys[b]],
+                                   [inp.valid_lengths[b]], [inp.step_maps[b]], 4)
+            with torch.no_grad():
+                estimator(policy, alone, seed=7, **params)
+            assert counted[b] == max(widths), (b, counted[b], widths)
+    finally:
+        policy.forward = forward
+    if name == "trajectory" and params["shared_clean"] and params["shrink"] == 1:  # 2 steps per block: 2 copies
+        single = layout_tokens(get_estimator("one_step"), policy.spec, inp, {})
+        assert all(c > s for c, s in zip(counted, single))
