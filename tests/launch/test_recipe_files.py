@@ -75,8 +75,12 @@ def test_coupled_and_tiny_recipes():
         assert tiny.data.task == "arithmetic"
 
 
-# The worked-answer recipe's group shape: 2 samples x 64 prompts (BENCHMARKS.md, issue 19).
-PAIRS = {"rollout": {"samples_per_prompt": 2}, "data": {"num_prompts_per_step": 64}}
+# The worked-answer recipe: 2 samples x 64 prompts at temperature 1, RL on 10,000 training problems (the SFT's 5,000
+# and 5,000 it never saw; the same 600 held-out items) (BENCHMARKS.md, issue 19).
+PAIRS = {"rollout": {"samples_per_prompt": 2, "temperature": 1.0},
+         "data": {"num_prompts_per_step": 64,
+                  "task_kwargs": {"num_train": 10000, "num_test": 600, "reject_shortcuts": ["sum", "product"],
+                                  "answer_format": "steps"}}}
 
 
 @pytest.mark.parametrize("recipe,task,shape", [("tiny-tracerl-countdown.yaml", "countdown", {}),
@@ -84,7 +88,7 @@ PAIRS = {"rollout": {"samples_per_prompt": 2}, "data": {"num_prompts_per_step": 
 def test_countdown_recipe_is_the_benchmark_setting(tmp_path, recipe, task, shape):
     """recipes/tiny-tracerl-countdown(-steps).yaml say they are what benchmarks/learning.py measured (BENCHMARKS.md,
     issue 19): every section that decides the learning figure equals the benchmark's own recipe at lr 3e-5 and
-    T = 0.7 (worked answers: the countdown_steps setup, in groups of 2 x 64 prompts)."""
+    T = 0.7 (worked answers: the countdown_steps setup in groups of 2 x 64 prompts at T = 1 on 10,000 problems)."""
     from benchmarks.learning import build_recipe
 
     shipped = load_recipe(RECIPES / recipe)
