@@ -101,8 +101,9 @@ def test_learner_recomputes_recorded_ar_log_probs(ar_policies, kind):
         assert n > 0
         assert (est.token_logp[b, :n] - t.logprobs).abs().max().item() <= 1e-5
         assert float(est.seq_logp[b]) == pytest.approx(float(t.logprobs.sum()), abs=1e-4)
-    expected = policy.spec.block_size if policy.spec.is_block else max(t.response_length for t in trajectories)
-    assert est.forwards == expected  # one per position (block models: per position within a block)
+    # full attention: one forward per position; block models: one forward, a canvas per position within a block
+    expected = 1 if policy.spec.is_block else max(t.response_length for t in trajectories)
+    assert est.forwards == expected
 
 
 def test_ar_exact_refuses_a_trajectory_not_decoded_left_to_right(ar_policies):

@@ -178,7 +178,8 @@ def test_pooled_step_loss_refuses_packing(tiny_policies):
 @pytest.mark.parametrize("name,kind,options", [("trajectory", "block", {}), ("trajectory", "sdar", {}),
                                                ("trajectory", "block", {"shared_clean": False}),
                                                ("trajectory", "block", {"shrink": 2}),
-                                               ("one_step", "block", {}), ("block_elbo", "sdar", {})])
+                                               ("one_step", "block", {}), ("block_elbo", "sdar", {}),
+                                               ("ar_exact", "block", {"check_order": False})])
 def test_token_budget_counts_the_layout_each_forward_lays_out(tiny_policies, name, kind, options):
     """learner.pack_tokens plans micro-batches by each sample's layout size: what `layout_tokens` says must be the
     longest row a sample scored alone occupies in any of its forwards (the trajectory estimator's one forward
