@@ -6,8 +6,9 @@ Plans (computed once per forward from the description, then shared by every laye
   each batch row's queries are cut where the document, the copy index (clean / noisy copy c) or the query validity
   changes, then into chunks of at most `rows` queries. A chunk's key set is the union of what its queries see,
   computed in O(K) from the rule (`keys_seen`), and cut into contiguous segments: in the training layout
-  `[prompt | clean | noisy]` (or its several noisy copies) a clean chunk sees its document's clean prefix up to its last block (one segment), a noisy chunk that prefix up
-  to its block plus its own noisy blocks in its own copy (two), never another document or copy. A packed row
+  `[prompt | clean | noisy]` (or its several noisy copies) a clean chunk sees its document's clean prefix up to its
+  last block (one segment), a noisy chunk that prefix up to its block plus its own noisy blocks in its own copy
+  (two), never another document or copy. A packed row
   therefore costs about the sum of its documents' costs, and a padded row about its own sample's (invalid
   queries, the padding, are skipped: output 0; no consumer reads it). Rows whose plans are equal run batched;
   otherwise row by row.
